@@ -1,0 +1,198 @@
+//! The one public error type of the HTTP API: stable codes (DESIGN.md §4), one JSON shape
+//! `{"error": {"code", "message", ...details}}`, and the one place where internal errors are
+//! turned into answers.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Map, Value};
+
+use crate::preauth::StoreError;
+use crate::telemetry;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ApiError {
+    /// 400: names the offending field.
+    InvalidRequest { field: String, message: String },
+    /// 401: missing or wrong API key.
+    Unauthorized,
+    /// 402: pre-authorization failed.
+    InsufficientFunds { available: String, shortfall: String, currency: String },
+    /// 403: another merchant's payment, or an admin route without the admin key.
+    Forbidden(String),
+    /// 404.
+    NotFound(String),
+    /// 409: the key was used with another request; never retry with this key.
+    IdempotencyConflict,
+    /// 409: the first request with this key is still running; retry later.
+    IdempotencyInFlight,
+    /// 409: the merchant order id belongs to a live payment.
+    DuplicateOrder { payment_id: String },
+    /// 422: the resource is not in a state that allows this.
+    InvalidState { message: String, status: Option<String> },
+    /// 503: a dependency is unreachable or the gateway is overloaded or draining; fail closed.
+    Unavailable { reason: &'static str, payment_id: Option<String> },
+}
+
+/// Seconds a client should wait before retrying an in-flight or unavailable request.
+const RETRY_AFTER_SECONDS: &str = "1";
+
+impl ApiError {
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError::InvalidRequest {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::InsufficientFunds { .. } => StatusCode::PAYMENT_REQUIRED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::IdempotencyConflict
+            | ApiError::IdempotencyInFlight
+            | ApiError::DuplicateOrder { .. } => StatusCode::CONFLICT,
+            ApiError::InvalidState { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::InvalidRequest { .. } => "invalid_request",
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::InsufficientFunds { .. } => "insufficient_funds",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::IdempotencyConflict => "idempotency_conflict",
+            ApiError::IdempotencyInFlight => "idempotency_in_flight",
+            ApiError::DuplicateOrder { .. } => "duplicate_order",
+            ApiError::InvalidState { .. } => "invalid_state",
+            ApiError::Unavailable { .. } => "unavailable",
+        }
+    }
+
+    fn body(&self) -> Value {
+        let mut error = Map::new();
+        error.insert("code".into(), self.code().into());
+        let message = match self {
+            ApiError::InvalidRequest { field, message } => {
+                error.insert("field".into(), field.clone().into());
+                format!("{field} {message}")
+            }
+            ApiError::Unauthorized => "missing or invalid API key".into(),
+            ApiError::InsufficientFunds {
+                available,
+                shortfall,
+                currency,
+            } => {
+                error.insert("available".into(), available.clone().into());
+                error.insert("shortfall".into(), shortfall.clone().into());
+                error.insert("currency".into(), currency.clone().into());
+                "the account cannot cover this amount".into()
+            }
+            ApiError::Forbidden(message) | ApiError::NotFound(message) => message.clone(),
+            ApiError::IdempotencyConflict => {
+                "this Idempotency-Key was already used with a different request; use a new key"
+                    .into()
+            }
+            ApiError::IdempotencyInFlight => {
+                "the first request with this Idempotency-Key is still being processed; retry later"
+                    .into()
+            }
+            ApiError::DuplicateOrder { payment_id } => {
+                error.insert("payment_id".into(), payment_id.clone().into());
+                "merchant_order_id already belongs to a live payment".into()
+            }
+            ApiError::InvalidState { message, status } => {
+                if let Some(status) = status {
+                    error.insert("status".into(), status.clone().into());
+                }
+                message.clone()
+            }
+            ApiError::Unavailable { reason, payment_id } => {
+                error.insert("reason".into(), (*reason).into());
+                if let Some(id) = payment_id {
+                    error.insert("payment_id".into(), id.clone().into());
+                }
+                "the gateway cannot process this request right now; retry later".into()
+            }
+        };
+        error.insert("message".into(), message.into());
+        json!({ "error": error })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status(), axum::Json(self.body())).into_response();
+        if matches!(
+            self,
+            ApiError::IdempotencyInFlight | ApiError::Unavailable { .. }
+        ) {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECONDS),
+            );
+        }
+        response
+    }
+}
+
+/// Every store failure fails closed: 503, nothing authorized. Logged here, once.
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> Self {
+        let kind = match &err {
+            StoreError::Unavailable(_) => "unavailable",
+            StoreError::Timeout(_) => "timeout",
+            StoreError::Corrupt(_) => "corrupt",
+            StoreError::TagCollision(_) => "tag_collision",
+            StoreError::Misconfigured(_) => "misconfigured",
+        };
+        telemetry::store_error(kind);
+        match &err {
+            StoreError::Unavailable(_) | StoreError::Timeout(_) => {
+                tracing::warn!(error = %err, "balance store unavailable")
+            }
+            _ => tracing::error!(error = %err, "balance store failure"),
+        }
+        ApiError::Unavailable {
+            reason: "balance_store_unavailable",
+            payment_id: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_and_statuses_are_stable() {
+        let cases = [
+            (ApiError::invalid("amount", "bad"), 400, "invalid_request"),
+            (ApiError::Unauthorized, 401, "unauthorized"),
+            (ApiError::Forbidden("x".into()), 403, "forbidden"),
+            (ApiError::NotFound("x".into()), 404, "not_found"),
+            (ApiError::IdempotencyConflict, 409, "idempotency_conflict"),
+            (ApiError::IdempotencyInFlight, 409, "idempotency_in_flight"),
+            (ApiError::DuplicateOrder { payment_id: "p".into() }, 409, "duplicate_order"),
+            (ApiError::InvalidState { message: "x".into(), status: None }, 422, "invalid_state"),
+            (ApiError::Unavailable { reason: "r", payment_id: None }, 503, "unavailable"),
+        ];
+        for (error, status, code) in cases {
+            assert_eq!(error.status().as_u16(), status);
+            assert_eq!(error.code(), code);
+            assert_eq!(error.body()["error"]["code"], code);
+        }
+    }
+
+    #[test]
+    fn invalid_request_names_the_field() {
+        let body = ApiError::invalid("amount", "must be greater than zero").body();
+        assert_eq!(body["error"]["field"], "amount");
+        assert_eq!(body["error"]["message"], "amount must be greater than zero");
+    }
+}

@@ -1,0 +1,167 @@
+//! Parsing requests at the edge: the JSON body (bounded, an object, no unknown fields), typed
+//! field access that names the field in every refusal, and the `Idempotency-Key` header.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{FromRequest, Request};
+use axum::http::HeaderMap;
+use serde_json::{Map, Value};
+
+use super::error::ApiError;
+use super::AppState;
+use crate::ids::IdempotencyKey;
+
+/// A request body that is a JSON object of at most `server.max_body_bytes`.
+pub struct JsonObject(pub Map<String, Value>);
+
+impl FromRequest<Arc<AppState>> for JsonObject {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request<Body>, state: &Arc<AppState>) -> Result<Self, ApiError> {
+        let limit = state.config.settings.server.max_body_bytes;
+        let bytes = axum::body::to_bytes(req.into_body(), limit)
+            .await
+            .map_err(|_| {
+                ApiError::invalid("body", format!("must be at most {limit} bytes of JSON"))
+            })?;
+        match serde_json::from_slice::<Value>(&bytes) {
+            Ok(Value::Object(map)) => Ok(JsonObject(map)),
+            Ok(_) => Err(ApiError::invalid("body", "must be a JSON object")),
+            Err(e) => Err(ApiError::invalid("body", format!("is not valid JSON ({e})"))),
+        }
+    }
+}
+
+impl JsonObject {
+    /// Refuses any field not in `allowed`: a misspelt optional field must not be ignored.
+    pub fn only(&self, allowed: &[&str]) -> Result<(), ApiError> {
+        match self.0.keys().find(|k| !allowed.contains(&k.as_str())) {
+            Some(unknown) => Err(ApiError::invalid(unknown.clone(), "is not a known field")),
+            None => Ok(()),
+        }
+    }
+
+    pub fn str(&self, field: &str) -> Result<Option<&str>, ApiError> {
+        match self.0.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(ApiError::invalid(field, "must be a string")),
+        }
+    }
+
+    pub fn required_str(&self, field: &str) -> Result<&str, ApiError> {
+        self.str(field)?
+            .ok_or_else(|| ApiError::invalid(field, "is required"))
+    }
+
+    /// A string of at most `max_chars` characters.
+    pub fn bounded_str(&self, field: &str, max_chars: usize) -> Result<Option<&str>, ApiError> {
+        let value = self.str(field)?;
+        if let Some(s) = value {
+            if s.chars().count() > max_chars {
+                return Err(ApiError::invalid(
+                    field,
+                    format!("must be at most {max_chars} characters"),
+                ));
+            }
+        }
+        Ok(value)
+    }
+
+    pub fn u64(&self, field: &str) -> Result<Option<u64>, ApiError> {
+        match self.0.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| ApiError::invalid(field, "must be a non-negative integer")),
+            Some(_) => Err(ApiError::invalid(field, "must be an integer")),
+        }
+    }
+
+    pub fn object(&self, field: &str) -> Result<Option<&Map<String, Value>>, ApiError> {
+        match self.0.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Object(map)) => Ok(Some(map)),
+            Some(_) => Err(ApiError::invalid(field, "must be an object")),
+        }
+    }
+}
+
+pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+
+/// The `Idempotency-Key` header, parsed; `None` when absent.
+pub fn idempotency_key(
+    headers: &HeaderMap,
+    max_chars: usize,
+) -> Result<Option<IdempotencyKey>, ApiError> {
+    let Some(value) = headers.get(IDEMPOTENCY_HEADER) else {
+        return Ok(None);
+    };
+    let text = value
+        .to_str()
+        .map_err(|_| ApiError::invalid("Idempotency-Key", "must be visible ASCII"))?;
+    IdempotencyKey::parse(text, max_chars)
+        .map(Some)
+        .map_err(|e| ApiError::invalid("Idempotency-Key", e.to_string()))
+}
+
+/// The `Idempotency-Key` header of a POST, which must carry one.
+pub fn required_idempotency_key(
+    headers: &HeaderMap,
+    max_chars: usize,
+) -> Result<IdempotencyKey, ApiError> {
+    idempotency_key(headers, max_chars)?
+        .ok_or_else(|| ApiError::invalid("Idempotency-Key", "header is required on this request"))
+}
+
+/// RFC 3339 in UTC with second precision, e.g. `2026-11-26T12:00:00Z`.
+pub fn rfc3339(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil-from-days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_matches_known_instants() {
+        // Independent vectors: `date -u -d @0`, `date -u -d @951782400` (a leap day),
+        // `date -u -d @1795694400`.
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_795_694_400_999), "2026-11-26T12:00:00Z");
+    }
+}
+
+/// The digest an idempotency record keeps: the route and the *normalized* request (parsed
+/// values, keys sorted), so whitespace or key order never makes a retry look different, while
+/// any change of meaning does.
+pub fn request_hash(route: &str, normalized: &Value) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(route.as_bytes());
+    hasher.update(b"\n");
+    // serde_json's Map is ordered by key: the serialization is canonical.
+    hasher.update(normalized.to_string().as_bytes());
+    hex::encode(&hasher.finalize()[..16])
+}

@@ -1,0 +1,116 @@
+//! The HTTP surface: routes, authentication, request limits, the JSON error model.
+//! Each route's handler reads top to bottom: parse and check at the edge, one store call,
+//! map the outcome.
+
+pub mod accounts;
+pub mod auth;
+pub mod error;
+pub mod extract;
+pub mod health;
+pub mod payments;
+mod render;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::sync::Semaphore;
+
+use crate::config::Config;
+use crate::preauth::{BalanceStore, OpContext};
+use crate::telemetry;
+use auth::Authenticator;
+use error::ApiError;
+
+/// What every handler shares.
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub store: Arc<dyn BalanceStore>,
+    pub auth: Authenticator,
+    pub metrics: PrometheusHandle,
+    /// Set on shutdown: `/readyz` turns not-ready so load balancers stop sending traffic.
+    pub draining: AtomicBool,
+    /// Bounds the requests served at once (`server.max_in_flight_requests`).
+    in_flight: Semaphore,
+}
+
+impl AppState {
+    pub fn new(config: Arc<Config>, store: Arc<dyn BalanceStore>) -> Self {
+        Self {
+            auth: Authenticator::new(&config),
+            in_flight: Semaphore::new(config.settings.server.max_in_flight_requests),
+            metrics: telemetry::prometheus(),
+            draining: AtomicBool::new(false),
+            store,
+            config,
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// The context of one store operation, at this instant.
+    pub fn op(&self) -> OpContext {
+        OpContext {
+            now_ms: telemetry::now_ms(),
+            lazy_release_max: self.config.settings.preauth.lazy_release_max,
+        }
+    }
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route(
+            "/v1/accounts/{id}",
+            put(accounts::put_account).get(accounts::get_account),
+        )
+        .route("/v1/accounts/{id}/adjustments", post(accounts::post_adjustment))
+        .route(
+            "/v1/payments",
+            post(payments::create_payment).get(payments::find_payment),
+        )
+        .route("/v1/payments/{id}", get(payments::get_payment))
+        .route("/v1/payments/{id}/cancel", post(payments::cancel_payment))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .layer(middleware::from_fn_with_state(state.clone(), admit_and_measure))
+        .with_state(state)
+}
+
+/// Sheds load beyond `server.max_in_flight_requests` with an immediate 503 (never an unbounded
+/// queue), and records every request's route, status and latency.
+async fn admit_and_measure(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let method = request.method().as_str().to_owned();
+    let response = match state.in_flight.try_acquire() {
+        Ok(_permit) => next.run(request).await,
+        Err(_) => {
+            telemetry::request_shed();
+            ApiError::Unavailable {
+                reason: "overloaded",
+                payment_id: None,
+            }
+            .into_response()
+        }
+    };
+    telemetry::http_request(&route, &method, response.status().as_u16(), started.elapsed());
+    response
+}

@@ -1,0 +1,41 @@
+//! The JSON resources (DESIGN.md §4): amounts as decimal strings with exactly the currency's
+//! digits, timestamps as RFC 3339 UTC.
+
+use serde_json::{json, Value};
+
+use super::extract::rfc3339;
+use crate::money::format_minor;
+use crate::preauth::{AccountSnapshot, PaymentRecord};
+
+pub fn account(id: &str, a: &AccountSnapshot) -> Value {
+    json!({
+        "id": id,
+        "currency": a.currency.code(),
+        "balance": format_minor(a.balance, a.currency),
+        "held": format_minor(a.held, a.currency),
+        "credit_limit": format_minor(a.credit_limit, a.currency),
+        "available": format_minor(a.available(), a.currency),
+    })
+}
+
+pub fn payment(p: &PaymentRecord) -> Value {
+    let d = &p.doc;
+    json!({
+        "id": d.id,
+        "merchant_order_id": d.merchant_order_id,
+        "account_id": d.account_id,
+        "amount": format_minor(d.amount_minor, d.currency),
+        "currency": d.currency.code(),
+        "method": d.method,
+        "purpose": d.purpose,
+        "status": p.status,
+        "created_at": rfc3339(d.created_at_ms),
+        "expires_at": rfc3339(d.expires_at_ms),
+        "action": null,
+        "attempts": [],
+        "refunds": [],
+        "description": d.description,
+        "notify_url": d.notify_url,
+        "metadata": d.metadata,
+    })
+}

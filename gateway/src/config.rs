@@ -1,0 +1,645 @@
+//! Typed configuration: a TOML file (or the embedded sandbox file), then environment
+//! overrides `GATEWAY__SECTION__KEY=value` (`__` separates levels; matching is
+//! case-insensitive and treats `-` as `_`, so `GATEWAY__MERCHANTS__ALPHA__WEBHOOK_URL`
+//! reaches `[merchants.alpha] webhook_url`). Everything is validated at start, every problem
+//! reported with the name of its field; unknown fields are errors, so a typo never silently
+//! falls back to a default.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::ids::MerchantId;
+use crate::money::{Amount, Currency};
+use crate::preauth::MAX_SAFE_MINOR;
+use crate::secret::{KeyDigest, Secret};
+
+/// The sandbox configuration, embedded so `gateway serve --sandbox` runs from any directory.
+pub const SANDBOX_TOML: &str = include_str!("../../config/sandbox.toml");
+
+/// The prefix of environment overrides.
+pub const ENV_PREFIX: &str = "GATEWAY__";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Where the gateway keeps its files (settlement database, sandbox keys: later issues).
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub server: ServerSettings,
+    #[serde(default)]
+    pub redis: RedisSettings,
+    #[serde(default)]
+    pub preauth: PreauthSettings,
+    #[serde(default)]
+    pub payments: PaymentSettings,
+    pub limits: LimitSettings,
+    pub admin: AdminSettings,
+    pub merchants: BTreeMap<String, MerchantSettings>,
+    #[serde(default)]
+    pub telemetry: TelemetrySettings,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./data/sandbox")
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    pub listen: String,
+    /// How long in-flight requests may run after a shutdown signal.
+    pub shutdown_grace_ms: u64,
+    /// Requests served at once; beyond it the gateway answers 503 at once (load shedding).
+    pub max_in_flight_requests: usize,
+    pub max_body_bytes: usize,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            shutdown_grace_ms: 10_000,
+            max_in_flight_requests: 4_096,
+            max_body_bytes: 16 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisSettings {
+    /// `redis://…`; empty selects the in-process store (sandbox only).
+    pub url: Secret,
+    /// Multiplexed connections, used round-robin.
+    pub connections: usize,
+    pub connect_timeout_ms: u64,
+    pub command_timeout_ms: u64,
+    pub reconnect_retries: usize,
+    pub reconnect_max_delay_ms: u64,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self {
+            url: Secret::new(""),
+            connections: 2,
+            connect_timeout_ms: 1_000,
+            command_timeout_ms: 1_000,
+            reconnect_retries: 2,
+            reconnect_max_delay_ms: 1_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PreauthSettings {
+    pub idempotency_retention_seconds: u64,
+    /// A hold outlives its payment's `expires_at` by this much, so a channel never takes money
+    /// after the hold is gone.
+    pub hold_grace_seconds: u64,
+    /// Expired holds released inside one operation at most.
+    pub lazy_release_max: u32,
+    pub sweep_interval_ms: u64,
+    pub sweep_accounts_per_tick: usize,
+}
+
+impl Default for PreauthSettings {
+    fn default() -> Self {
+        Self {
+            idempotency_retention_seconds: 86_400,
+            hold_grace_seconds: 300,
+            lazy_release_max: 16,
+            sweep_interval_ms: 1_000,
+            sweep_accounts_per_tick: 500,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PaymentSettings {
+    pub default_expires_in_seconds: u64,
+    pub min_expires_in_seconds: u64,
+    pub max_expires_in_seconds: u64,
+}
+
+impl Default for PaymentSettings {
+    fn default() -> Self {
+        Self {
+            default_expires_in_seconds: 900,
+            min_expires_in_seconds: 60,
+            max_expires_in_seconds: 86_400,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSettings {
+    #[serde(default = "default_255")]
+    pub max_idempotency_key_chars: usize,
+    #[serde(default = "default_64")]
+    pub max_merchant_order_id_chars: usize,
+    #[serde(default = "default_256")]
+    pub max_description_chars: usize,
+    #[serde(default = "default_512")]
+    pub max_notify_url_chars: usize,
+    #[serde(default = "default_20")]
+    pub max_metadata_keys: usize,
+    #[serde(default = "default_40")]
+    pub max_metadata_key_chars: usize,
+    #[serde(default = "default_500")]
+    pub max_metadata_value_chars: usize,
+    #[serde(default = "default_256")]
+    pub max_reason_chars: usize,
+    /// Per currency (ISO code → decimal string); the currencies listed are the ones accepted.
+    pub max_payment_amount: BTreeMap<String, String>,
+    pub max_adjustment_amount: BTreeMap<String, String>,
+    pub max_credit_limit: BTreeMap<String, String>,
+}
+
+fn default_20() -> usize {
+    20
+}
+fn default_40() -> usize {
+    40
+}
+fn default_64() -> usize {
+    64
+}
+fn default_255() -> usize {
+    255
+}
+fn default_256() -> usize {
+    256
+}
+fn default_500() -> usize {
+    500
+}
+fn default_512() -> usize {
+    512
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSettings {
+    /// SHA-256 (hex) of each accepted admin key; several during a rotation.
+    pub api_key_sha256: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MerchantSettings {
+    /// SHA-256 (hex) of each accepted API key; several during a rotation.
+    pub api_key_sha256: Vec<String>,
+    #[serde(default)]
+    pub webhook_url: Option<String>,
+    pub webhook_secret: Secret,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetrySettings {
+    /// `text` or `json`.
+    pub log_format: String,
+    /// A tracing filter (`info`, `gateway=debug,info`); `RUST_LOG` wins when set.
+    pub log_filter: String,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        Self {
+            log_format: "text".into(),
+            log_filter: "info".into(),
+        }
+    }
+}
+
+/// One problem with the configuration, naming its field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+/// Every problem found, so an operator fixes them in one go.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError(pub Vec<FieldError>);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "invalid configuration:")?;
+        for e in &self.0 {
+            writeln!(f, "  {}: {}", e.field, e.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigError {
+    fn one(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self(vec![FieldError {
+            field: field.into(),
+            message: message.into(),
+        }])
+    }
+}
+
+/// Per-currency limits in minor units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CurrencyLimits {
+    pub max_payment_minor: i64,
+    pub max_adjustment_minor: i64,
+    pub max_credit_limit_minor: i64,
+}
+
+/// A merchant as the gateway uses it.
+#[derive(Debug, Clone)]
+pub struct Merchant {
+    pub id: MerchantId,
+    pub key_digests: Vec<KeyDigest>,
+    pub webhook_url: Option<String>,
+    pub webhook_secret: Secret,
+}
+
+/// Configuration checked and turned into the types the gateway runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub settings: Settings,
+    pub listen: SocketAddr,
+    pub currencies: HashMap<Currency, CurrencyLimits>,
+    pub merchants: Vec<Merchant>,
+    pub admin_key_digests: Vec<KeyDigest>,
+}
+
+impl Config {
+    /// The in-process store is used when no Redis URL is configured.
+    pub fn uses_redis(&self) -> bool {
+        !self.settings.redis.url.expose().is_empty()
+    }
+}
+
+/// Reads `file` (or the embedded sandbox configuration when `None`), applies the environment
+/// overrides in `env`, and validates.
+pub fn load(
+    file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Config, ConfigError> {
+    let (text, origin) = match file {
+        Some(path) => (
+            std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::one(path.display().to_string(), format!("cannot read: {e}"))
+            })?,
+            path.display().to_string(),
+        ),
+        None => (SANDBOX_TOML.to_owned(), "embedded sandbox.toml".to_owned()),
+    };
+    from_toml(&text, &origin, env)
+}
+
+/// Parses TOML text, applies environment overrides, validates.
+pub fn from_toml(
+    text: &str,
+    origin: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Config, ConfigError> {
+    let mut table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigError::one(origin, e.to_string()))?;
+    let mut overrides: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(name, _)| name.starts_with(ENV_PREFIX))
+        .collect();
+    overrides.sort();
+    for (name, value) in overrides {
+        apply_override(&mut table, &name, &value)?;
+    }
+    let settings: Settings = toml::Value::Table(table)
+        .try_into()
+        .map_err(|e: toml::de::Error| ConfigError::one(origin, e.message().to_owned()))?;
+    validate(settings)
+}
+
+fn normalize(segment: &str) -> String {
+    segment.to_ascii_lowercase().replace('-', "_")
+}
+
+/// Sets one `GATEWAY__A__B=value` override into `table`.
+fn apply_override(table: &mut toml::Table, name: &str, value: &str) -> Result<(), ConfigError> {
+    let path: Vec<&str> = name[ENV_PREFIX.len()..].split("__").collect();
+    if path.iter().any(|segment| segment.is_empty()) {
+        return Err(ConfigError::one(name, "malformed override name"));
+    }
+    let mut current = table;
+    for (i, segment) in path.iter().enumerate() {
+        let wanted = normalize(segment);
+        let existing = current.keys().find(|k| normalize(k) == wanted).cloned();
+        let key = existing.unwrap_or(wanted);
+        if i + 1 == path.len() {
+            let parsed = parse_override(current.get(&key), value)
+                .map_err(|message| ConfigError::one(name, message))?;
+            current.insert(key, parsed);
+            return Ok(());
+        }
+        let next = current
+            .entry(key)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        current = next
+            .as_table_mut()
+            .ok_or_else(|| ConfigError::one(name, format!("{segment} is not a section")))?;
+    }
+    unreachable!("the loop returns at the last segment")
+}
+
+/// An override keeps the type of the value it replaces; a new value is read as TOML when it
+/// parses as a number, boolean or array, else as a string.
+fn parse_override(existing: Option<&toml::Value>, raw: &str) -> Result<toml::Value, String> {
+    let as_toml = || -> Option<toml::Value> {
+        let table: toml::Table = format!("v = {raw}").parse().ok()?;
+        table.get("v").cloned()
+    };
+    match existing {
+        Some(toml::Value::String(_)) => Ok(toml::Value::String(raw.to_owned())),
+        Some(toml::Value::Integer(_)) => raw
+            .parse()
+            .map(toml::Value::Integer)
+            .map_err(|_| format!("expected an integer, got {raw:?}")),
+        Some(toml::Value::Boolean(_)) => raw
+            .parse()
+            .map(toml::Value::Boolean)
+            .map_err(|_| format!("expected true or false, got {raw:?}")),
+        Some(toml::Value::Array(_)) => match as_toml() {
+            Some(value @ toml::Value::Array(_)) => Ok(value),
+            _ => Err(format!("expected a TOML array like [\"a\", \"b\"], got {raw:?}")),
+        },
+        Some(toml::Value::Table(_)) => Err("is a section, not a value".into()),
+        _ => Ok(match as_toml() {
+            Some(value @ (toml::Value::Integer(_) | toml::Value::Boolean(_) | toml::Value::Array(_))) => value,
+            _ => toml::Value::String(raw.to_owned()),
+        }),
+    }
+}
+
+struct Checker(Vec<FieldError>);
+
+impl Checker {
+    fn fail(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.0.push(FieldError {
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+
+    fn range<T: PartialOrd + std::fmt::Display + Copy>(&mut self, field: &str, value: T, min: T, max: T) {
+        if value < min || value > max {
+            self.fail(field, format!("must be between {min} and {max}, got {value}"));
+        }
+    }
+
+    fn digests(&mut self, field: &str, hexes: &[String]) -> Vec<KeyDigest> {
+        if hexes.is_empty() {
+            self.fail(field, "needs at least one key digest");
+        }
+        hexes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, hex)| {
+                let digest = KeyDigest::from_hex(hex);
+                if digest.is_none() {
+                    self.fail(format!("{field}[{i}]"), "must be 64 hex characters (SHA-256 of the key)");
+                }
+                digest
+            })
+            .collect()
+    }
+}
+
+fn validate(settings: Settings) -> Result<Config, ConfigError> {
+    let mut c = Checker(Vec::new());
+    let s = &settings;
+
+    if s.data_dir.as_os_str().is_empty() {
+        c.fail("data_dir", "must not be empty");
+    }
+    let listen = s.server.listen.parse::<SocketAddr>().unwrap_or_else(|e| {
+        c.fail("server.listen", format!("must be IP:PORT ({e})"));
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    });
+    c.range("server.shutdown_grace_ms", s.server.shutdown_grace_ms, 1, 600_000);
+    c.range("server.max_in_flight_requests", s.server.max_in_flight_requests, 1, 1_000_000);
+    c.range("server.max_body_bytes", s.server.max_body_bytes, 1_024, 1 << 20);
+
+    let url = s.redis.url.expose();
+    if !url.is_empty() && !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        c.fail("redis.url", "must start with redis:// or rediss://, or be empty for the in-process store");
+    }
+    c.range("redis.connections", s.redis.connections, 1, 64);
+    c.range("redis.connect_timeout_ms", s.redis.connect_timeout_ms, 1, 60_000);
+    c.range("redis.command_timeout_ms", s.redis.command_timeout_ms, 1, 60_000);
+    c.range("redis.reconnect_retries", s.redis.reconnect_retries, 0, 100);
+    c.range("redis.reconnect_max_delay_ms", s.redis.reconnect_max_delay_ms, 1, 60_000);
+
+    c.range("preauth.idempotency_retention_seconds", s.preauth.idempotency_retention_seconds, 60, 30 * 86_400);
+    c.range("preauth.hold_grace_seconds", s.preauth.hold_grace_seconds, 0, 86_400);
+    c.range("preauth.lazy_release_max", s.preauth.lazy_release_max, 1, 1_000);
+    c.range("preauth.sweep_interval_ms", s.preauth.sweep_interval_ms, 10, 60_000);
+    c.range("preauth.sweep_accounts_per_tick", s.preauth.sweep_accounts_per_tick, 1, 100_000);
+
+    let p = &s.payments;
+    c.range("payments.min_expires_in_seconds", p.min_expires_in_seconds, 1, 30 * 86_400);
+    c.range("payments.max_expires_in_seconds", p.max_expires_in_seconds, p.min_expires_in_seconds, 30 * 86_400);
+    c.range("payments.default_expires_in_seconds", p.default_expires_in_seconds, p.min_expires_in_seconds, p.max_expires_in_seconds);
+
+    let l = &s.limits;
+    c.range("limits.max_idempotency_key_chars", l.max_idempotency_key_chars, 1, 255);
+    c.range("limits.max_merchant_order_id_chars", l.max_merchant_order_id_chars, 1, 64);
+    c.range("limits.max_description_chars", l.max_description_chars, 1, 4_096);
+    c.range("limits.max_notify_url_chars", l.max_notify_url_chars, 1, 2_048);
+    c.range("limits.max_metadata_keys", l.max_metadata_keys, 0, 100);
+    c.range("limits.max_metadata_key_chars", l.max_metadata_key_chars, 1, 256);
+    c.range("limits.max_metadata_value_chars", l.max_metadata_value_chars, 1, 4_096);
+    c.range("limits.max_reason_chars", l.max_reason_chars, 1, 4_096);
+
+    let mut currencies = HashMap::new();
+    let limit_of = |c: &mut Checker, map: &BTreeMap<String, String>, name: &str, code: &str, currency: Currency| -> i64 {
+        let field = format!("limits.{name}.{code}");
+        let Some(text) = map.get(code) else {
+            c.fail(field, "missing: every currency needs all three limits");
+            return 0;
+        };
+        match Amount::parse(text, currency) {
+            Ok(amount) if amount.minor() <= MAX_SAFE_MINOR => amount.minor(),
+            Ok(_) => {
+                c.fail(field, "is above the largest amount the store keeps exactly (2^53 - 1 minor units)");
+                0
+            }
+            Err(e) => {
+                c.fail(field, format!("{text:?} {e}"));
+                0
+            }
+        }
+    };
+    if l.max_payment_amount.is_empty() {
+        c.fail("limits.max_payment_amount", "needs at least one currency");
+    }
+    for code in l.max_payment_amount.keys().chain(l.max_adjustment_amount.keys()).chain(l.max_credit_limit.keys()) {
+        let Ok(currency) = Currency::parse(code) else {
+            c.fail(format!("limits.*.{code}"), "unknown currency (CNY, HKD, USD, JPY)");
+            continue;
+        };
+        if currencies.contains_key(&currency) {
+            continue;
+        }
+        let limits = CurrencyLimits {
+            max_payment_minor: limit_of(&mut c, &l.max_payment_amount, "max_payment_amount", code, currency),
+            max_adjustment_minor: limit_of(&mut c, &l.max_adjustment_amount, "max_adjustment_amount", code, currency),
+            max_credit_limit_minor: limit_of(&mut c, &l.max_credit_limit, "max_credit_limit", code, currency),
+        };
+        currencies.insert(currency, limits);
+    }
+
+    let admin_key_digests = c.digests("admin.api_key_sha256", &s.admin.api_key_sha256);
+    let mut merchants = Vec::new();
+    if s.merchants.is_empty() {
+        c.fail("merchants", "needs at least one merchant");
+    }
+    for (name, m) in &s.merchants {
+        let field = format!("merchants.{name}");
+        let id = match MerchantId::parse(name) {
+            Ok(id) => id,
+            Err(e) => {
+                c.fail(&field, format!("merchant id {e}"));
+                continue;
+            }
+        };
+        let key_digests = c.digests(&format!("{field}.api_key_sha256"), &m.api_key_sha256);
+        if let Some(url) = &m.webhook_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                c.fail(format!("{field}.webhook_url"), "must be an http:// or https:// URL");
+            }
+        }
+        if m.webhook_secret.expose().len() < 8 {
+            c.fail(format!("{field}.webhook_secret"), "must be at least 8 characters");
+        }
+        merchants.push(Merchant {
+            id,
+            key_digests,
+            webhook_url: m.webhook_url.clone(),
+            webhook_secret: m.webhook_secret.clone(),
+        });
+    }
+    // One key, one principal: a digest shared by two merchants (or a merchant and the admin)
+    // would make authentication ambiguous.
+    let mut seen = HashMap::new();
+    let principals = std::iter::once(("admin".to_owned(), &admin_key_digests))
+        .chain(merchants.iter().map(|m| (format!("merchants.{}", m.id), &m.key_digests)));
+    for (owner, digests) in principals {
+        for digest in digests {
+            if let Some(other) = seen.insert(digest.to_hex(), owner.clone()) {
+                if other != owner {
+                    c.fail(format!("{owner}.api_key_sha256"), format!("the same key is also configured for {other}"));
+                }
+            }
+        }
+    }
+
+    if !matches!(s.telemetry.log_format.as_str(), "text" | "json") {
+        c.fail("telemetry.log_format", "must be \"text\" or \"json\"");
+    }
+    if s.telemetry.log_filter.parse::<tracing_subscriber::EnvFilter>().is_err() {
+        c.fail("telemetry.log_filter", "is not a valid tracing filter");
+    }
+
+    if !c.0.is_empty() {
+        return Err(ConfigError(c.0));
+    }
+    Ok(Config {
+        listen,
+        currencies,
+        merchants,
+        admin_key_digests,
+        settings,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn the_embedded_sandbox_configuration_is_valid() {
+        let config = load(None, Vec::new()).expect("sandbox.toml validates");
+        assert!(!config.uses_redis());
+        assert_eq!(config.merchants.len(), 2);
+        assert!(config.currencies.contains_key(&Currency::Cny));
+        let alpha = config.merchants.iter().find(|m| m.id.as_str() == "alpha").unwrap();
+        assert!(alpha.key_digests[0].ct_eq(&KeyDigest::of("sk_test_alpha")));
+        assert!(config.admin_key_digests[0].ct_eq(&KeyDigest::of("sk_test_admin")));
+    }
+
+    #[test]
+    fn environment_overrides_reach_nested_and_hyphenated_fields() {
+        let config = load(
+            None,
+            env(&[
+                ("GATEWAY__REDIS__URL", "redis://127.0.0.1:6390"),
+                ("GATEWAY__SERVER__MAX_BODY_BYTES", "4096"),
+                ("GATEWAY__MERCHANTS__ALPHA__WEBHOOK_URL", "http://127.0.0.1:9/hook"),
+                ("GATEWAY__DATA_DIR", "/tmp/elsewhere"),
+                ("OTHER__REDIS__URL", "ignored"),
+            ]),
+        )
+        .unwrap();
+        assert!(config.uses_redis());
+        assert_eq!(config.settings.redis.url.expose(), "redis://127.0.0.1:6390");
+        assert_eq!(config.settings.server.max_body_bytes, 4096);
+        assert_eq!(config.settings.data_dir, PathBuf::from("/tmp/elsewhere"));
+        let alpha = config.merchants.iter().find(|m| m.id.as_str() == "alpha").unwrap();
+        assert_eq!(alpha.webhook_url.as_deref(), Some("http://127.0.0.1:9/hook"));
+    }
+
+    #[test]
+    fn errors_name_every_bad_field() {
+        let err = load(
+            None,
+            env(&[
+                ("GATEWAY__SERVER__MAX_BODY_BYTES", "10"),
+                ("GATEWAY__REDIS__URL", "http://nope"),
+                ("GATEWAY__LIMITS__MAX_PAYMENT_AMOUNT__CNY", "-1"),
+            ]),
+        )
+        .unwrap_err();
+        let fields: Vec<&str> = err.0.iter().map(|e| e.field.as_str()).collect();
+        assert!(fields.contains(&"server.max_body_bytes"), "{err}");
+        assert!(fields.contains(&"redis.url"), "{err}");
+        assert!(fields.contains(&"limits.max_payment_amount.CNY"), "{err}");
+    }
+
+    #[test]
+    fn type_errors_and_unknown_fields_are_refused() {
+        let err = load(None, env(&[("GATEWAY__SERVER__MAX_BODY_BYTES", "lots")])).unwrap_err();
+        assert_eq!(err.0[0].field, "GATEWAY__SERVER__MAX_BODY_BYTES");
+        let err = load(None, env(&[("GATEWAY__SERVER__MAX_BODDY_BYTES", "1")])).unwrap_err();
+        assert!(err.to_string().contains("max_boddy_bytes"), "{err}");
+    }
+
+    #[test]
+    fn a_key_shared_by_two_principals_is_refused() {
+        let alpha = KeyDigest::of("sk_test_alpha").to_hex();
+        let err = load(
+            None,
+            env(&[("GATEWAY__ADMIN__API_KEY_SHA256", &format!("[\"{alpha}\"]"))]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("also configured"), "{err}");
+    }
+}

@@ -1,0 +1,12 @@
+//! The payment gateway library: everything `main.rs` runs, and everything the integration
+//! tests and benchmarks drive directly. See DESIGN.md §2 for the module map.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod config;
+pub mod ids;
+pub mod money;
+pub mod preauth;
+pub mod secret;
+pub mod startup;
+pub mod telemetry;

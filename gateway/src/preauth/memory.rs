@@ -1,0 +1,461 @@
+//! The in-process backend: the sandbox default. Same layout and semantics as the Redis
+//! scripts (see `scripts/common.lua`), one mutex-protected state per scope tag, so two scopes
+//! never contend and every operation is atomic for its scope.
+
+use std::collections::{BTreeSet, HashMap};
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+
+use super::{
+    AccountKey, AccountSnapshot, AdjustOutcome, AdjustRequest, AuthorizeOutcome,
+    AuthorizeRequest, BalanceStore, Direction, IdempotencyClaim, OpContext, PaymentDoc,
+    PaymentRecord, PaymentStatus, Scope, StoreError, StoredOutcome, TransitionOutcome,
+    UpsertOutcome, MAX_SAFE_MINOR,
+};
+use crate::ids::{MerchantOrderId, PaymentId, ScopeTag};
+use crate::money::Currency;
+
+#[derive(Debug)]
+struct AccountRow {
+    merchant: String,
+    account: String,
+    currency: Currency,
+    balance: i64,
+    held: i64,
+    credit_limit: i64,
+    seq: u64,
+}
+
+impl AccountRow {
+    fn snapshot(&self) -> AccountSnapshot {
+        AccountSnapshot {
+            currency: self.currency,
+            balance: self.balance,
+            held: self.held,
+            credit_limit: self.credit_limit,
+            seq: self.seq,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct IdempotencyRow {
+    request_hash: String,
+    outcome: StoredOutcome,
+    expires_at_ms: u64,
+}
+
+#[derive(Debug, Default)]
+struct ScopeState {
+    account: Option<AccountRow>,
+    /// (expiry ms, payment id) of every live hold.
+    holds: BTreeSet<(u64, String)>,
+    /// payment id -> (amount, expiry ms) of every live hold.
+    hold_amounts: HashMap<String, (i64, u64)>,
+    statuses: HashMap<String, PaymentStatus>,
+    docs: HashMap<String, PaymentDoc>,
+    orders: HashMap<String, String>,
+    idempotency: HashMap<String, IdempotencyRow>,
+}
+
+enum IdempotencyCheck {
+    New,
+    Conflict,
+    Replay(StoredOutcome),
+}
+
+impl ScopeState {
+    fn check_account(&self, key: &AccountKey, currency: Option<Currency>) -> Result<(), Reject> {
+        let row = self.account.as_ref().ok_or(Reject::NotFound)?;
+        if row.merchant != key.merchant.as_str() || row.account != key.account.as_str() {
+            return Err(Reject::Collision);
+        }
+        match currency {
+            Some(currency) if currency != row.currency => Err(Reject::Currency(row.currency)),
+            _ => Ok(()),
+        }
+    }
+
+    fn check_idempotency(&mut self, claim: &IdempotencyClaim, now_ms: u64) -> IdempotencyCheck {
+        let key = claim.key.as_str();
+        match self.idempotency.get(key) {
+            Some(row) if row.expires_at_ms <= now_ms => {
+                self.idempotency.remove(key);
+                IdempotencyCheck::New
+            }
+            Some(row) if row.request_hash != claim.request_hash => IdempotencyCheck::Conflict,
+            Some(row) => IdempotencyCheck::Replay(row.outcome.clone()),
+            None => IdempotencyCheck::New,
+        }
+    }
+
+    fn record_idempotency(&mut self, claim: &IdempotencyClaim, outcome: StoredOutcome, now_ms: u64) {
+        let row = IdempotencyRow {
+            request_hash: claim.request_hash.clone(),
+            outcome,
+            expires_at_ms: now_ms.saturating_add(claim.retention_seconds.saturating_mul(1000)),
+        };
+        self.idempotency.insert(claim.key.as_str().to_owned(), row);
+    }
+
+    /// The same as `release_expired` in common.lua.
+    fn release_expired(&mut self, now_ms: u64, limit: u32) -> u64 {
+        let mut released = 0;
+        while released < u64::from(limit) {
+            let Some((expiry, pid)) = self.holds.first().cloned() else {
+                break;
+            };
+            if expiry > now_ms {
+                break;
+            }
+            self.holds.remove(&(expiry, pid.clone()));
+            if let Some((amount, _)) = self.hold_amounts.remove(&pid) {
+                if let Some(row) = self.account.as_mut() {
+                    row.held -= amount;
+                    debug_assert!(row.held >= 0, "held went negative releasing {pid}");
+                }
+            }
+            if let Some(status) = self.statuses.get_mut(&pid) {
+                if *status == PaymentStatus::Pending {
+                    *status = PaymentStatus::Expired;
+                }
+            }
+            released += 1;
+        }
+        released
+    }
+
+    fn remove_hold(&mut self, pid: &str) -> i64 {
+        match self.hold_amounts.remove(pid) {
+            Some((amount, expiry)) => {
+                self.holds.remove(&(expiry, pid.to_owned()));
+                amount
+            }
+            None => 0,
+        }
+    }
+
+    fn record(&self, pid: &str) -> Option<PaymentRecord> {
+        let status = *self.statuses.get(pid)?;
+        let doc = self.docs.get(pid)?.clone();
+        let held_minor = self.hold_amounts.get(pid).map_or(0, |(amount, _)| *amount);
+        Some(PaymentRecord {
+            doc,
+            status,
+            held_minor,
+        })
+    }
+
+    fn purge_idempotency(&mut self, now_ms: u64) {
+        self.idempotency.retain(|_, row| row.expires_at_ms > now_ms);
+    }
+}
+
+enum Reject {
+    NotFound,
+    Collision,
+    Currency(Currency),
+}
+
+/// The in-process balance store.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    scopes: DashMap<ScopeTag, ScopeState>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+fn collision(tag: ScopeTag) -> StoreError {
+    StoreError::TagCollision(tag.to_string())
+}
+
+#[async_trait]
+impl BalanceStore for MemoryStore {
+    async fn upsert_account(
+        &self,
+        key: &AccountKey,
+        currency: Currency,
+        credit_limit: i64,
+        ctx: OpContext,
+    ) -> Result<UpsertOutcome, StoreError> {
+        let mut state = self.scopes.entry(key.tag).or_default();
+        let Some(row) = state.account.as_mut() else {
+            let row = AccountRow {
+                merchant: key.merchant.as_str().to_owned(),
+                account: key.account.as_str().to_owned(),
+                currency,
+                balance: 0,
+                held: 0,
+                credit_limit,
+                seq: 0,
+            };
+            let snapshot = row.snapshot();
+            state.account = Some(row);
+            return Ok(UpsertOutcome::Created(snapshot));
+        };
+        if row.merchant != key.merchant.as_str() || row.account != key.account.as_str() {
+            return Err(collision(key.tag));
+        }
+        if row.currency != currency {
+            return Ok(UpsertOutcome::CurrencyMismatch(row.currency));
+        }
+        if row.balance.checked_add(credit_limit).is_none_or(|sum| sum > MAX_SAFE_MINOR) {
+            return Ok(UpsertOutcome::OutOfRange);
+        }
+        row.credit_limit = credit_limit;
+        state.release_expired(ctx.now_ms, ctx.lazy_release_max);
+        let snapshot = state.account.as_ref().map(AccountRow::snapshot);
+        Ok(UpsertOutcome::Updated(snapshot.expect("the account exists")))
+    }
+
+    async fn read_account(
+        &self,
+        key: &AccountKey,
+        ctx: OpContext,
+    ) -> Result<Option<AccountSnapshot>, StoreError> {
+        let Some(mut state) = self.scopes.get_mut(&key.tag) else {
+            return Ok(None);
+        };
+        match state.check_account(key, None) {
+            Ok(()) => {}
+            Err(Reject::Collision) => return Err(collision(key.tag)),
+            Err(_) => return Ok(None),
+        }
+        state.release_expired(ctx.now_ms, ctx.lazy_release_max);
+        Ok(state.account.as_ref().map(AccountRow::snapshot))
+    }
+
+    async fn authorize(
+        &self,
+        req: &AuthorizeRequest,
+        ctx: OpContext,
+    ) -> Result<AuthorizeOutcome, StoreError> {
+        let tag = req.scope.tag();
+        let mut state = self.scopes.entry(tag).or_default();
+        match state.check_idempotency(&req.idempotency, ctx.now_ms) {
+            IdempotencyCheck::New => {}
+            IdempotencyCheck::Conflict => return Ok(AuthorizeOutcome::IdempotencyConflict),
+            IdempotencyCheck::Replay(outcome) => return Ok(AuthorizeOutcome::Replay(outcome)),
+        }
+        if let Scope::Account(key) = &req.scope {
+            match state.check_account(key, Some(req.doc.currency)) {
+                Ok(()) => {}
+                Err(Reject::NotFound) => return Ok(AuthorizeOutcome::AccountNotFound),
+                Err(Reject::Collision) => return Err(collision(tag)),
+                Err(Reject::Currency(c)) => return Ok(AuthorizeOutcome::CurrencyMismatch(c)),
+            }
+            state.release_expired(ctx.now_ms, ctx.lazy_release_max);
+        }
+        if let Some(existing) = state.orders.get(req.order_id.as_str()) {
+            if state.statuses.get(existing).is_some_and(|s| s.is_live()) {
+                let id = PaymentId::parse(existing)
+                    .ok_or_else(|| StoreError::Corrupt(format!("payment id {existing:?}")))?;
+                return Ok(AuthorizeOutcome::DuplicateOrder(id));
+            }
+        }
+
+        let pid = req.doc.id.clone();
+        let amount = req.doc.amount_minor;
+        let mut status = PaymentStatus::Pending;
+        if let (Some(hold), Some(row)) = (req.hold, state.account.as_mut()) {
+            let available = row.snapshot().available();
+            if available < amount {
+                let outcome = StoredOutcome::InsufficientFunds {
+                    available,
+                    shortfall: amount - available,
+                };
+                state.record_idempotency(&req.idempotency, outcome, ctx.now_ms);
+                return Ok(AuthorizeOutcome::InsufficientFunds {
+                    available,
+                    shortfall: amount - available,
+                });
+            }
+            if hold.capture_now {
+                row.balance -= amount;
+                row.seq += 1;
+                status = PaymentStatus::Succeeded;
+            } else {
+                row.held += amount;
+                state.holds.insert((hold.expires_at_ms, pid.clone()));
+                state
+                    .hold_amounts
+                    .insert(pid.clone(), (amount, hold.expires_at_ms));
+            }
+        }
+        state.statuses.insert(pid.clone(), status);
+        state.docs.insert(pid.clone(), req.doc.clone());
+        state
+            .orders
+            .insert(req.order_id.as_str().to_owned(), pid.clone());
+        let id = PaymentId::parse(&pid)
+            .ok_or_else(|| StoreError::Corrupt(format!("payment id {pid:?}")))?;
+        state.record_idempotency(&req.idempotency, StoredOutcome::Payment(id), ctx.now_ms);
+        let payment = state.record(&pid).expect("just written");
+        let account = state.account.as_ref().map(AccountRow::snapshot);
+        Ok(AuthorizeOutcome::Created { payment, account })
+    }
+
+    async fn capture(
+        &self,
+        payment: &PaymentId,
+        _ctx: OpContext,
+    ) -> Result<TransitionOutcome, StoreError> {
+        let Some(mut state) = self.scopes.get_mut(&payment.tag()) else {
+            return Ok(TransitionOutcome::NotFound);
+        };
+        let pid = payment.as_str();
+        match state.statuses.get(pid) {
+            None => return Ok(TransitionOutcome::NotFound),
+            Some(PaymentStatus::Pending) => {}
+            Some(other) => return Ok(TransitionOutcome::NotPending(*other)),
+        }
+        if !state.hold_amounts.contains_key(pid) {
+            return Err(StoreError::Corrupt(format!("capture of {pid} without a hold")));
+        }
+        let amount = state.remove_hold(pid);
+        let row = state
+            .account
+            .as_mut()
+            .ok_or_else(|| StoreError::Corrupt(format!("hold of {pid} without an account")))?;
+        row.balance -= amount;
+        row.held -= amount;
+        row.seq += 1;
+        debug_assert!(row.held >= 0);
+        state
+            .statuses
+            .insert(pid.to_owned(), PaymentStatus::Succeeded);
+        Ok(TransitionOutcome::Done(state.record(pid).expect("exists")))
+    }
+
+    async fn release(
+        &self,
+        payment: &PaymentId,
+        to: PaymentStatus,
+        _ctx: OpContext,
+    ) -> Result<TransitionOutcome, StoreError> {
+        debug_assert!(!to.is_live(), "release ends a payment: {to}");
+        let Some(mut state) = self.scopes.get_mut(&payment.tag()) else {
+            return Ok(TransitionOutcome::NotFound);
+        };
+        let pid = payment.as_str();
+        match state.statuses.get(pid) {
+            None => return Ok(TransitionOutcome::NotFound),
+            Some(PaymentStatus::Pending) => {}
+            Some(other) => return Ok(TransitionOutcome::NotPending(*other)),
+        }
+        let amount = state.remove_hold(pid);
+        if amount > 0 {
+            if let Some(row) = state.account.as_mut() {
+                row.held -= amount;
+                debug_assert!(row.held >= 0);
+            }
+        }
+        state.statuses.insert(pid.to_owned(), to);
+        Ok(TransitionOutcome::Done(state.record(pid).expect("exists")))
+    }
+
+    async fn adjust(
+        &self,
+        req: &AdjustRequest,
+        ctx: OpContext,
+    ) -> Result<AdjustOutcome, StoreError> {
+        let mut state = self.scopes.entry(req.account.tag).or_default();
+        match state.check_idempotency(&req.idempotency, ctx.now_ms) {
+            IdempotencyCheck::New => {}
+            IdempotencyCheck::Conflict => return Ok(AdjustOutcome::IdempotencyConflict),
+            IdempotencyCheck::Replay(outcome) => return Ok(AdjustOutcome::Replay(outcome)),
+        }
+        match state.check_account(&req.account, Some(req.currency)) {
+            Ok(()) => {}
+            Err(Reject::NotFound) => return Ok(AdjustOutcome::AccountNotFound),
+            Err(Reject::Collision) => return Err(collision(req.account.tag)),
+            Err(Reject::Currency(c)) => return Ok(AdjustOutcome::CurrencyMismatch(c)),
+        }
+        state.release_expired(ctx.now_ms, ctx.lazy_release_max);
+        let row = state.account.as_ref().expect("checked");
+        let amount = req.amount_minor;
+        let delta = match req.direction {
+            Direction::Credit => amount,
+            Direction::Debit => {
+                let available = row.snapshot().available();
+                if available < amount {
+                    let outcome = StoredOutcome::InsufficientFunds {
+                        available,
+                        shortfall: amount - available,
+                    };
+                    state.record_idempotency(&req.idempotency, outcome, ctx.now_ms);
+                    return Ok(AdjustOutcome::InsufficientFunds {
+                        available,
+                        shortfall: amount - available,
+                    });
+                }
+                -amount
+            }
+        };
+        let new_balance = row.balance + delta;
+        if new_balance + row.credit_limit > MAX_SAFE_MINOR || new_balance < -MAX_SAFE_MINOR {
+            return Ok(AdjustOutcome::OutOfRange);
+        }
+        let row = state.account.as_mut().expect("checked");
+        row.balance = new_balance;
+        row.seq += 1;
+        let snapshot = row.snapshot();
+        state.record_idempotency(
+            &req.idempotency,
+            StoredOutcome::Adjustment(req.doc.clone()),
+            ctx.now_ms,
+        );
+        Ok(AdjustOutcome::Applied(snapshot))
+    }
+
+    async fn payment(&self, id: &PaymentId) -> Result<Option<PaymentRecord>, StoreError> {
+        Ok(self
+            .scopes
+            .get(&id.tag())
+            .and_then(|state| state.record(id.as_str())))
+    }
+
+    async fn live_payment_by_order(
+        &self,
+        scope: &Scope,
+        order_id: &MerchantOrderId,
+    ) -> Result<Option<PaymentRecord>, StoreError> {
+        let Some(state) = self.scopes.get(&scope.tag()) else {
+            return Ok(None);
+        };
+        Ok(state
+            .orders
+            .get(order_id.as_str())
+            .and_then(|pid| state.record(pid))
+            .filter(|record| record.status.is_live()))
+    }
+
+    async fn sweep_expired(&self, ctx: OpContext, budget: usize) -> Result<u64, StoreError> {
+        let mut released = 0;
+        let mut visited = 0;
+        for mut state in self.scopes.iter_mut() {
+            if visited >= budget {
+                break;
+            }
+            let due = state
+                .holds
+                .first()
+                .is_some_and(|(expiry, _)| *expiry <= ctx.now_ms);
+            if due {
+                visited += 1;
+                released += state.release_expired(ctx.now_ms, ctx.lazy_release_max);
+            }
+            state.purge_idempotency(ctx.now_ms);
+        }
+        Ok(released)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,448 @@
+//! Pre-authorization: accounts, holds, the hot payment state and idempotency records.
+//!
+//! [`BalanceStore`] is the one interface the API uses; it has a Redis backend (production:
+//! every operation is one Lua script, one round trip, single-slot) and an in-process backend
+//! (the sandbox default). Both keep the same invariants, checked by one conformance suite
+//! (`gateway/tests/api/conformance.rs`):
+//! - `held` equals the sum of the account's live holds; `available = balance + credit_limit −
+//!   held`; a hold is created only when `available ≥ amount`, in the same atomic step;
+//! - a hold is captured or released exactly once; an expired hold is released explicitly
+//!   (lazily inside every account operation, and by the sweeper), never by a key vanishing;
+//! - one idempotency record per scoped key, holding the request hash and the first outcome;
+//! - at most one live payment per scoped merchant order id.
+//!
+//! All amounts here are minor units. Redis runs Lua with doubles, so every value the store
+//! keeps is bounded by [`MAX_SAFE_MINOR`] (2^53 − 1 fen ≈ 90 trillion CNY), checked on the way
+//! in, which keeps the scripts' arithmetic exact.
+
+pub mod memory;
+pub mod redis;
+mod sweeper;
+
+use std::fmt;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{AccountId, AdjustmentId, IdempotencyKey, MerchantId, MerchantOrderId, PaymentId, ScopeTag};
+use crate::money::Currency;
+
+pub use sweeper::spawn_sweeper;
+
+/// The largest magnitude of any stored value (balance, credit limit, balance + credit limit,
+/// amounts): 2^53 − 1, the largest integer a Lua number holds exactly.
+pub const MAX_SAFE_MINOR: i64 = 9_007_199_254_740_991;
+
+/// A prepaid account's identity and the scope tag its keys live under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountKey {
+    pub merchant: MerchantId,
+    pub account: AccountId,
+    pub tag: ScopeTag,
+}
+
+impl AccountKey {
+    pub fn new(merchant: MerchantId, account: AccountId) -> Self {
+        let tag = ScopeTag::account(&merchant, &account);
+        Self {
+            merchant,
+            account,
+            tag,
+        }
+    }
+}
+
+/// Where a payment's records live: with its account, or with its merchant when it has none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    Account(AccountKey),
+    Merchant { merchant: MerchantId, tag: ScopeTag },
+}
+
+impl Scope {
+    pub fn merchant(merchant: MerchantId) -> Self {
+        let tag = ScopeTag::merchant(&merchant);
+        Scope::Merchant { merchant, tag }
+    }
+    pub fn tag(&self) -> ScopeTag {
+        match self {
+            Scope::Account(key) => key.tag,
+            Scope::Merchant { tag, .. } => *tag,
+        }
+    }
+    pub fn merchant_id(&self) -> &MerchantId {
+        match self {
+            Scope::Account(key) => &key.merchant,
+            Scope::Merchant { merchant, .. } => merchant,
+        }
+    }
+    pub fn account_id(&self) -> Option<&AccountId> {
+        match self {
+            Scope::Account(key) => Some(&key.account),
+            Scope::Merchant { .. } => None,
+        }
+    }
+}
+
+/// An account as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AccountSnapshot {
+    pub currency: Currency,
+    pub balance: i64,
+    pub held: i64,
+    pub credit_limit: i64,
+    /// Incremented by every balance movement (capture, adjustment): lets the settlement store
+    /// detect a Redis that rolled back.
+    pub seq: u64,
+}
+
+impl AccountSnapshot {
+    /// `balance + credit_limit − held`; exact because every term is bounded by MAX_SAFE_MINOR.
+    pub fn available(&self) -> i64 {
+        let available = self.balance + self.credit_limit - self.held;
+        debug_assert!(self.held >= 0, "held is never negative: {self:?}");
+        available
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PaymentStatus {
+    Pending,
+    Succeeded,
+    Failed,
+    Canceled,
+    Expired,
+    PartiallyRefunded,
+    Refunded,
+}
+
+impl PaymentStatus {
+    pub const ALL: [PaymentStatus; 7] = [
+        PaymentStatus::Pending,
+        PaymentStatus::Succeeded,
+        PaymentStatus::Failed,
+        PaymentStatus::Canceled,
+        PaymentStatus::Expired,
+        PaymentStatus::PartiallyRefunded,
+        PaymentStatus::Refunded,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PaymentStatus::Pending => "pending",
+            PaymentStatus::Succeeded => "succeeded",
+            PaymentStatus::Failed => "failed",
+            PaymentStatus::Canceled => "canceled",
+            PaymentStatus::Expired => "expired",
+            PaymentStatus::PartiallyRefunded => "partially_refunded",
+            PaymentStatus::Refunded => "refunded",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|status| status.as_str() == s)
+    }
+
+    /// A live payment keeps its merchant order id; a failed, canceled or expired one frees it.
+    pub fn is_live(self) -> bool {
+        !matches!(
+            self,
+            PaymentStatus::Failed | PaymentStatus::Canceled | PaymentStatus::Expired
+        )
+    }
+}
+
+impl fmt::Display for PaymentStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How the customer pays (DESIGN.md §3's table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    Balance,
+    Supplier,
+    Alipay,
+    Wechatpay,
+}
+
+impl Method {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "balance" => Some(Method::Balance),
+            "supplier" => Some(Method::Supplier),
+            "alipay" => Some(Method::Alipay),
+            "wechatpay" => Some(Method::Wechatpay),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Purpose {
+    Charge,
+    Topup,
+}
+
+/// The parts of a payment fixed at creation. Stored once, as JSON, never rewritten.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PaymentDoc {
+    pub id: String,
+    pub merchant_id: String,
+    pub account_id: Option<String>,
+    pub merchant_order_id: String,
+    pub amount_minor: i64,
+    pub currency: Currency,
+    pub method: Method,
+    pub purpose: Purpose,
+    pub created_at_ms: u64,
+    pub expires_at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// A payment as stored: its fixed document, its status and its live hold.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PaymentRecord {
+    pub doc: PaymentDoc,
+    pub status: PaymentStatus,
+    /// The amount still held for this payment (0 once captured or released, or without one).
+    pub held_minor: i64,
+}
+
+/// What an idempotency record says was answered the first time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoredOutcome {
+    /// `201` with this payment.
+    Payment(PaymentId),
+    /// `201` with this adjustment (its document kept with the record).
+    Adjustment(String),
+    /// `402 insufficient_funds` with these details.
+    InsufficientFunds { available: i64, shortfall: i64 },
+}
+
+impl StoredOutcome {
+    /// The compact text kept in Redis: `P:<payment id>`, `A:<adjustment json>`,
+    /// `E:insufficient_funds:<available>:<shortfall>` (the scripts write the last one).
+    pub fn encode(&self) -> String {
+        match self {
+            StoredOutcome::Payment(id) => format!("P:{id}"),
+            StoredOutcome::Adjustment(doc) => format!("A:{doc}"),
+            StoredOutcome::InsufficientFunds {
+                available,
+                shortfall,
+            } => format!("E:insufficient_funds:{available}:{shortfall}"),
+        }
+    }
+
+    pub fn decode(s: &str) -> Result<Self, StoreError> {
+        let corrupt = || StoreError::Corrupt(format!("idempotency outcome {s:?}"));
+        if let Some(id) = s.strip_prefix("P:") {
+            return PaymentId::parse(id).map(StoredOutcome::Payment).ok_or_else(corrupt);
+        }
+        if let Some(doc) = s.strip_prefix("A:") {
+            return Ok(StoredOutcome::Adjustment(doc.to_owned()));
+        }
+        if let Some(rest) = s.strip_prefix("E:insufficient_funds:") {
+            let (available, shortfall) = rest.split_once(':').ok_or_else(corrupt)?;
+            return Ok(StoredOutcome::InsufficientFunds {
+                available: available.parse().map_err(|_| corrupt())?,
+                shortfall: shortfall.parse().map_err(|_| corrupt())?,
+            });
+        }
+        Err(corrupt())
+    }
+}
+
+/// The idempotency part of a mutating request.
+#[derive(Debug, Clone)]
+pub struct IdempotencyClaim {
+    pub key: IdempotencyKey,
+    /// A digest of the normalized request: the same key with another request is a conflict.
+    pub request_hash: String,
+    pub retention_seconds: u64,
+}
+
+/// Common tuning of every store operation.
+#[derive(Debug, Clone, Copy)]
+pub struct OpContext {
+    pub now_ms: u64,
+    /// At most this many expired holds are released inside one operation (a bound on the
+    /// script's run time; the sweeper does the rest).
+    pub lazy_release_max: u32,
+}
+
+/// A hold to place with a payment.
+#[derive(Debug, Clone, Copy)]
+pub struct HoldSpec {
+    pub expires_at_ms: u64,
+    /// Capture at once (method `balance`): no hold remains, the balance moves.
+    pub capture_now: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthorizeRequest {
+    pub scope: Scope,
+    pub idempotency: IdempotencyClaim,
+    pub order_id: MerchantOrderId,
+    pub doc: PaymentDoc,
+    /// `Some` for account payments (the scope is then an account), `None` otherwise.
+    pub hold: Option<HoldSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum AuthorizeOutcome {
+    Created {
+        payment: PaymentRecord,
+        account: Option<AccountSnapshot>,
+    },
+    Replay(StoredOutcome),
+    IdempotencyConflict,
+    IdempotencyInFlight,
+    DuplicateOrder(PaymentId),
+    InsufficientFunds {
+        available: i64,
+        shortfall: i64,
+    },
+    AccountNotFound,
+    CurrencyMismatch(Currency),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    Credit,
+    Debit,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdjustRequest {
+    pub account: AccountKey,
+    pub idempotency: IdempotencyClaim,
+    pub adjustment_id: AdjustmentId,
+    pub direction: Direction,
+    pub amount_minor: i64,
+    pub currency: Currency,
+    /// The adjustment's document, kept with the idempotency record for replays.
+    pub doc: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum AdjustOutcome {
+    Applied(AccountSnapshot),
+    Replay(StoredOutcome),
+    IdempotencyConflict,
+    IdempotencyInFlight,
+    InsufficientFunds { available: i64, shortfall: i64 },
+    AccountNotFound,
+    CurrencyMismatch(Currency),
+    /// The balance would leave the exactly representable range.
+    OutOfRange,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum UpsertOutcome {
+    Created(AccountSnapshot),
+    Updated(AccountSnapshot),
+    CurrencyMismatch(Currency),
+    /// balance + credit_limit would leave the exactly representable range.
+    OutOfRange,
+}
+
+/// The result of moving a payment out of `pending`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TransitionOutcome {
+    Done(PaymentRecord),
+    /// The payment is no longer pending (already captured, released, expired…).
+    NotPending(PaymentStatus),
+    NotFound,
+}
+
+/// Operating errors of a store. Every one of them fails closed: the API answers
+/// `503 unavailable` and authorizes nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("balance store unreachable: {0}")]
+    Unavailable(String),
+    #[error("balance store timed out after {0} ms")]
+    Timeout(u64),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// Two scopes hashed to the same tag: refuse rather than mix two accounts' money.
+    #[error("scope tag collision on {0}")]
+    TagCollision(String),
+    #[error("redis refused to run: {0}")]
+    Misconfigured(String),
+}
+
+/// The pre-authorization store. Every method is one atomic step (one Redis round trip).
+#[async_trait]
+pub trait BalanceStore: Send + Sync + 'static {
+    /// Creates an account (balance 0) or updates its credit limit. The currency never changes.
+    async fn upsert_account(
+        &self,
+        key: &AccountKey,
+        currency: Currency,
+        credit_limit: i64,
+        ctx: OpContext,
+    ) -> Result<UpsertOutcome, StoreError>;
+
+    /// The account after releasing its expired holds (bounded by `ctx.lazy_release_max`).
+    async fn read_account(
+        &self,
+        key: &AccountKey,
+        ctx: OpContext,
+    ) -> Result<Option<AccountSnapshot>, StoreError>;
+
+    /// Idempotency and order-id checks, lazy release of expired holds, the available check,
+    /// the hold (or the immediate capture) and the payment record, atomically.
+    async fn authorize(
+        &self,
+        req: &AuthorizeRequest,
+        ctx: OpContext,
+    ) -> Result<AuthorizeOutcome, StoreError>;
+
+    /// Captures a pending payment's hold: balance −= hold, held −= hold, status `succeeded`.
+    async fn capture(
+        &self,
+        payment: &PaymentId,
+        ctx: OpContext,
+    ) -> Result<TransitionOutcome, StoreError>;
+
+    /// Releases a pending payment's hold (if any) and sets its final status (`failed`,
+    /// `canceled` or `expired`), which frees its merchant order id.
+    async fn release(
+        &self,
+        payment: &PaymentId,
+        to: PaymentStatus,
+        ctx: OpContext,
+    ) -> Result<TransitionOutcome, StoreError>;
+
+    /// A manual credit or debit; a debit never takes `available` below zero.
+    async fn adjust(&self, req: &AdjustRequest, ctx: OpContext)
+        -> Result<AdjustOutcome, StoreError>;
+
+    async fn payment(&self, id: &PaymentId) -> Result<Option<PaymentRecord>, StoreError>;
+
+    /// The live payment with this merchant order id in this scope, if any.
+    async fn live_payment_by_order(
+        &self,
+        scope: &Scope,
+        order_id: &MerchantOrderId,
+    ) -> Result<Option<PaymentRecord>, StoreError>;
+
+    /// Releases expired holds across all accounts, at most `budget` accounts per call;
+    /// returns how many holds it released. Repeated calls make progress through every account.
+    async fn sweep_expired(&self, ctx: OpContext, budget: usize) -> Result<u64, StoreError>;
+
+    /// Readiness: the store answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+}

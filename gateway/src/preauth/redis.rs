@@ -1,0 +1,618 @@
+//! The Redis backend: every operation is one Lua script (`scripts/*.lua`, each with a header
+//! giving its keys, arguments, replies and invariant) over keys of one hash tag, so it is one
+//! round trip and runs unchanged on Redis Cluster. Scripts are loaded once at start and called
+//! with EVALSHA; redis-rs re-loads a script when Redis answers NOSCRIPT (after a restart or a
+//! failover).
+//!
+//! Connections are a few multiplexed `ConnectionManager`s used round-robin: each pipelines
+//! every concurrent request, and reconnects by itself when Redis comes back. Every call is
+//! bounded by `redis.command_timeout_ms`; a failure or a timeout is an operating error that
+//! the API answers with `503 unavailable`, never an authorization.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::{Client, Script};
+use async_trait::async_trait;
+
+use super::{
+    AccountKey, AccountSnapshot, AdjustOutcome, AdjustRequest, AuthorizeOutcome,
+    AuthorizeRequest, BalanceStore, Direction, OpContext, PaymentDoc, PaymentRecord,
+    PaymentStatus, Scope, StoreError, StoredOutcome, TransitionOutcome, UpsertOutcome,
+};
+use crate::config::RedisSettings;
+use crate::ids::{MerchantOrderId, PaymentId, ScopeTag};
+use crate::money::Currency;
+use crate::telemetry;
+
+const COMMON: &str = include_str!("scripts/common.lua");
+
+/// The scripts, each prepended with `common.lua`.
+struct Scripts {
+    upsert_account: Script,
+    read_account: Script,
+    authorize: Script,
+    capture: Script,
+    release: Script,
+    adjust: Script,
+    read_payment: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        let with_common = |body: &str| Script::new(&format!("{COMMON}\n{body}"));
+        Self {
+            upsert_account: with_common(include_str!("scripts/upsert_account.lua")),
+            read_account: with_common(include_str!("scripts/read_account.lua")),
+            authorize: with_common(include_str!("scripts/authorize.lua")),
+            capture: with_common(include_str!("scripts/capture.lua")),
+            release: with_common(include_str!("scripts/release.lua")),
+            adjust: with_common(include_str!("scripts/adjust.lua")),
+            read_payment: with_common(include_str!("scripts/read_payment.lua")),
+        }
+    }
+
+    fn all(&self) -> [&Script; 7] {
+        [
+            &self.upsert_account,
+            &self.read_account,
+            &self.authorize,
+            &self.capture,
+            &self.release,
+            &self.adjust,
+            &self.read_payment,
+        ]
+    }
+}
+
+/// The keys of one scope (see `scripts/common.lua` for the layout).
+struct Keys {
+    account: String,
+    holds: String,
+    hold_amounts: String,
+    statuses: String,
+    docs: String,
+    orders: String,
+}
+
+impl Keys {
+    fn of(tag: ScopeTag) -> Self {
+        Self {
+            account: format!("a:{{{tag}}}"),
+            holds: format!("h:{{{tag}}}"),
+            hold_amounts: format!("ph:{{{tag}}}"),
+            statuses: format!("ps:{{{tag}}}"),
+            docs: format!("pd:{{{tag}}}"),
+            orders: format!("o:{{{tag}}}"),
+        }
+    }
+
+    fn idempotency(tag: ScopeTag, key: &str) -> String {
+        format!("i:{{{tag}}}:{key}")
+    }
+}
+
+type Reply = Vec<Option<String>>;
+
+pub struct RedisStore {
+    connections: Vec<ConnectionManager>,
+    next: AtomicUsize,
+    scripts: Scripts,
+    command_timeout: Duration,
+    /// Where the sweeper's SCAN continues.
+    sweep_cursor: Mutex<u64>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("connections", &self.connections.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(err: ::redis::RedisError) -> StoreError {
+    StoreError::Unavailable(err.to_string())
+}
+
+impl RedisStore {
+    /// Connects, refuses a Redis that may evict keys, and loads every script.
+    pub async fn connect(settings: &RedisSettings) -> Result<Self, StoreError> {
+        let client = Client::open(settings.url.expose()).map_err(|e| {
+            StoreError::Misconfigured(format!("redis.url is not a valid Redis URL: {e}"))
+        })?;
+        let command_timeout = Duration::from_millis(settings.command_timeout_ms);
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(settings.connect_timeout_ms)))
+            .set_response_timeout(Some(command_timeout))
+            .set_number_of_retries(settings.reconnect_retries)
+            .set_max_delay(Duration::from_millis(settings.reconnect_max_delay_ms));
+        let mut connections = Vec::with_capacity(settings.connections);
+        for _ in 0..settings.connections {
+            let connect = client.get_connection_manager_with_config(config.clone());
+            let connection = tokio::time::timeout(command_timeout.max(Duration::from_millis(settings.connect_timeout_ms)), connect)
+                .await
+                .map_err(|_| StoreError::Timeout(settings.connect_timeout_ms))?
+                .map_err(unavailable)?;
+            connections.push(connection);
+        }
+        let store = Self {
+            connections,
+            next: AtomicUsize::new(0),
+            scripts: Scripts::new(),
+            command_timeout,
+            sweep_cursor: Mutex::new(0),
+        };
+        store.check_eviction_policy().await?;
+        for script in store.scripts.all() {
+            let mut conn = store.connection();
+            store
+                .bounded("script_load", script.load_async(&mut conn))
+                .await?;
+        }
+        Ok(store)
+    }
+
+    /// Redis must never evict a key: a vanished hold or idempotency record is lost money or a
+    /// double charge. `INFO memory` works where `CONFIG GET` is disabled (managed Redis).
+    async fn check_eviction_policy(&self) -> Result<(), StoreError> {
+        let mut conn = self.connection();
+        let info: String = self
+            .bounded(
+                "info",
+                ::redis::cmd("INFO").arg("memory").query_async(&mut conn),
+            )
+            .await?;
+        let policy = info
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("maxmemory_policy:"))
+            .unwrap_or("unknown");
+        if policy != "noeviction" {
+            return Err(StoreError::Misconfigured(format!(
+                "Redis maxmemory-policy is {policy:?}; the gateway requires noeviction \
+                 (an evicted hold or idempotency record would lose money)"
+            )));
+        }
+        Ok(())
+    }
+
+    fn connection(&self) -> ConnectionManager {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.connections.len();
+        self.connections[i].clone()
+    }
+
+    /// One round trip, counted and bounded by the command timeout.
+    async fn bounded<T>(
+        &self,
+        op: &'static str,
+        call: impl std::future::Future<Output = ::redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        telemetry::redis_round_trip(op);
+        match tokio::time::timeout(self.command_timeout, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(err)) => Err(unavailable(err)),
+            Err(_) => Err(StoreError::Timeout(self.command_timeout.as_millis() as u64)),
+        }
+    }
+
+    async fn run(
+        &self,
+        op: &'static str,
+        script: &Script,
+        keys: &[&str],
+        args: &[&str],
+    ) -> Result<Reply, StoreError> {
+        let mut invocation = script.prepare_invoke();
+        for key in keys {
+            invocation.key(*key);
+        }
+        for arg in args {
+            invocation.arg(*arg);
+        }
+        let mut conn = self.connection();
+        self.bounded(op, invocation.invoke_async(&mut conn)).await
+    }
+}
+
+fn corrupt(what: &str, reply: &Reply) -> StoreError {
+    StoreError::Corrupt(format!("unexpected {what} reply {reply:?}"))
+}
+
+fn field<'a>(reply: &'a Reply, i: usize, what: &str) -> Result<&'a str, StoreError> {
+    reply
+        .get(i)
+        .and_then(|v| v.as_deref())
+        .ok_or_else(|| corrupt(what, reply))
+}
+
+fn number<T: std::str::FromStr>(reply: &Reply, i: usize, what: &str) -> Result<T, StoreError> {
+    field(reply, i, what)?
+        .parse()
+        .map_err(|_| corrupt(what, reply))
+}
+
+/// Parses `cur, bal, held, cred, seq` starting at `at`.
+fn snapshot(reply: &Reply, at: usize) -> Result<AccountSnapshot, StoreError> {
+    let what = "account";
+    let currency =
+        Currency::parse(field(reply, at, what)?).map_err(|_| corrupt(what, reply))?;
+    Ok(AccountSnapshot {
+        currency,
+        balance: number(reply, at + 1, what)?,
+        held: number(reply, at + 2, what)?,
+        credit_limit: number(reply, at + 3, what)?,
+        seq: number(reply, at + 4, what)?,
+    })
+}
+
+fn status(reply: &Reply, i: usize, what: &str) -> Result<PaymentStatus, StoreError> {
+    PaymentStatus::parse(field(reply, i, what)?).ok_or_else(|| corrupt(what, reply))
+}
+
+fn currency_of(reply: &Reply, what: &str) -> Result<Currency, StoreError> {
+    Currency::parse(field(reply, 1, what)?).map_err(|_| corrupt(what, reply))
+}
+
+fn tag_collision(tag: ScopeTag) -> StoreError {
+    StoreError::TagCollision(tag.to_string())
+}
+
+fn doc_json(doc: &PaymentDoc) -> Result<String, StoreError> {
+    serde_json::to_string(doc).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn transition(reply: Reply, record: Option<PaymentRecord>) -> Result<TransitionOutcome, StoreError> {
+    match field(&reply, 0, "transition")? {
+        "done" => record
+            .map(TransitionOutcome::Done)
+            .ok_or_else(|| corrupt("transition", &reply)),
+        "not_pending" => Ok(TransitionOutcome::NotPending(status(&reply, 1, "transition")?)),
+        "not_found" => Ok(TransitionOutcome::NotFound),
+        _ => Err(corrupt("transition", &reply)),
+    }
+}
+
+#[async_trait]
+impl BalanceStore for RedisStore {
+    async fn upsert_account(
+        &self,
+        key: &AccountKey,
+        currency: Currency,
+        credit_limit: i64,
+        ctx: OpContext,
+    ) -> Result<UpsertOutcome, StoreError> {
+        let k = Keys::of(key.tag);
+        let reply = self
+            .run(
+                "upsert_account",
+                &self.scripts.upsert_account,
+                &[&k.account, &k.holds, &k.hold_amounts, &k.statuses],
+                &[
+                    key.merchant.as_str(),
+                    key.account.as_str(),
+                    currency.code(),
+                    &credit_limit.to_string(),
+                    &ctx.now_ms.to_string(),
+                    &ctx.lazy_release_max.to_string(),
+                ],
+            )
+            .await?;
+        match field(&reply, 0, "upsert")? {
+            "created" => Ok(UpsertOutcome::Created(snapshot(&reply, 1)?)),
+            "updated" => Ok(UpsertOutcome::Updated(snapshot(&reply, 1)?)),
+            "currency" => Ok(UpsertOutcome::CurrencyMismatch(currency_of(&reply, "upsert")?)),
+            "range" => Ok(UpsertOutcome::OutOfRange),
+            "collision" => Err(tag_collision(key.tag)),
+            _ => Err(corrupt("upsert", &reply)),
+        }
+    }
+
+    async fn read_account(
+        &self,
+        key: &AccountKey,
+        ctx: OpContext,
+    ) -> Result<Option<AccountSnapshot>, StoreError> {
+        let k = Keys::of(key.tag);
+        let reply = self
+            .run(
+                "read_account",
+                &self.scripts.read_account,
+                &[&k.account, &k.holds, &k.hold_amounts, &k.statuses],
+                &[
+                    key.merchant.as_str(),
+                    key.account.as_str(),
+                    &ctx.now_ms.to_string(),
+                    &ctx.lazy_release_max.to_string(),
+                ],
+            )
+            .await?;
+        match field(&reply, 0, "read_account")? {
+            "ok" => Ok(Some(snapshot(&reply, 2)?)),
+            "not_found" => Ok(None),
+            "collision" => Err(tag_collision(key.tag)),
+            _ => Err(corrupt("read_account", &reply)),
+        }
+    }
+
+    async fn authorize(
+        &self,
+        req: &AuthorizeRequest,
+        ctx: OpContext,
+    ) -> Result<AuthorizeOutcome, StoreError> {
+        let tag = req.scope.tag();
+        let k = Keys::of(tag);
+        let idempotency_key = Keys::idempotency(tag, req.idempotency.key.as_str());
+        let doc = doc_json(&req.doc)?;
+        let (hold_expiry, capture_now) = match req.hold {
+            Some(hold) => (hold.expires_at_ms, hold.capture_now),
+            None => (0, false),
+        };
+        let reply = self
+            .run(
+                "authorize",
+                &self.scripts.authorize,
+                &[
+                    &k.account,
+                    &k.holds,
+                    &k.hold_amounts,
+                    &k.statuses,
+                    &k.docs,
+                    &k.orders,
+                    &idempotency_key,
+                ],
+                &[
+                    req.scope.merchant_id().as_str(),
+                    req.scope.account_id().map_or("", |a| a.as_str()),
+                    &req.idempotency.request_hash,
+                    &req.idempotency.retention_seconds.to_string(),
+                    &req.doc.id,
+                    &req.doc.amount_minor.to_string(),
+                    req.doc.currency.code(),
+                    &hold_expiry.to_string(),
+                    if capture_now { "1" } else { "0" },
+                    &ctx.now_ms.to_string(),
+                    &ctx.lazy_release_max.to_string(),
+                    req.order_id.as_str(),
+                    &doc,
+                ],
+            )
+            .await?;
+        let what = "authorize";
+        Ok(match field(&reply, 0, what)? {
+            "created" => {
+                let status = status(&reply, 1, what)?;
+                let account = if reply.len() > 2 {
+                    Some(snapshot(&reply, 2)?)
+                } else {
+                    None
+                };
+                let held_minor = match (status, req.hold) {
+                    (PaymentStatus::Pending, Some(hold)) if !hold.capture_now => {
+                        req.doc.amount_minor
+                    }
+                    _ => 0,
+                };
+                AuthorizeOutcome::Created {
+                    payment: PaymentRecord {
+                        doc: req.doc.clone(),
+                        status,
+                        held_minor,
+                    },
+                    account,
+                }
+            }
+            "replay" => AuthorizeOutcome::Replay(StoredOutcome::decode(field(&reply, 1, what)?)?),
+            "conflict" => AuthorizeOutcome::IdempotencyConflict,
+            "in_flight" => AuthorizeOutcome::IdempotencyInFlight,
+            "not_found" => AuthorizeOutcome::AccountNotFound,
+            "currency" => AuthorizeOutcome::CurrencyMismatch(currency_of(&reply, what)?),
+            "duplicate" => AuthorizeOutcome::DuplicateOrder(
+                PaymentId::parse(field(&reply, 1, what)?).ok_or_else(|| corrupt(what, &reply))?,
+            ),
+            "insufficient" => AuthorizeOutcome::InsufficientFunds {
+                available: number(&reply, 1, what)?,
+                shortfall: number(&reply, 2, what)?,
+            },
+            "collision" => return Err(tag_collision(tag)),
+            _ => return Err(corrupt(what, &reply)),
+        })
+    }
+
+    async fn capture(
+        &self,
+        payment: &PaymentId,
+        _ctx: OpContext,
+    ) -> Result<TransitionOutcome, StoreError> {
+        let k = Keys::of(payment.tag());
+        let reply = self
+            .run(
+                "capture",
+                &self.scripts.capture,
+                &[&k.account, &k.holds, &k.hold_amounts, &k.statuses],
+                &[payment.as_str()],
+            )
+            .await?;
+        if field(&reply, 0, "capture")? == "no_hold" {
+            return Err(StoreError::Corrupt(format!("capture of {payment} without a hold")));
+        }
+        let record = self.payment(payment).await?;
+        transition(reply, record)
+    }
+
+    async fn release(
+        &self,
+        payment: &PaymentId,
+        to: PaymentStatus,
+        _ctx: OpContext,
+    ) -> Result<TransitionOutcome, StoreError> {
+        debug_assert!(!to.is_live(), "release ends a payment: {to}");
+        let k = Keys::of(payment.tag());
+        let reply = self
+            .run(
+                "release",
+                &self.scripts.release,
+                &[&k.account, &k.holds, &k.hold_amounts, &k.statuses],
+                &[payment.as_str(), to.as_str()],
+            )
+            .await?;
+        if field(&reply, 0, "release")? != "done" {
+            return transition(reply, None);
+        }
+        let record = self.payment(payment).await?;
+        transition(reply, record)
+    }
+
+    async fn adjust(
+        &self,
+        req: &AdjustRequest,
+        ctx: OpContext,
+    ) -> Result<AdjustOutcome, StoreError> {
+        let tag = req.account.tag;
+        let k = Keys::of(tag);
+        let idempotency_key = Keys::idempotency(tag, req.idempotency.key.as_str());
+        let outcome = StoredOutcome::Adjustment(req.doc.clone()).encode();
+        let direction = match req.direction {
+            Direction::Credit => "credit",
+            Direction::Debit => "debit",
+        };
+        let reply = self
+            .run(
+                "adjust",
+                &self.scripts.adjust,
+                &[&k.account, &k.holds, &k.hold_amounts, &k.statuses, &idempotency_key],
+                &[
+                    req.account.merchant.as_str(),
+                    req.account.account.as_str(),
+                    &req.idempotency.request_hash,
+                    &req.idempotency.retention_seconds.to_string(),
+                    direction,
+                    &req.amount_minor.to_string(),
+                    req.currency.code(),
+                    &ctx.now_ms.to_string(),
+                    &ctx.lazy_release_max.to_string(),
+                    &outcome,
+                ],
+            )
+            .await?;
+        let what = "adjust";
+        Ok(match field(&reply, 0, what)? {
+            "applied" => AdjustOutcome::Applied(snapshot(&reply, 1)?),
+            "replay" => AdjustOutcome::Replay(StoredOutcome::decode(field(&reply, 1, what)?)?),
+            "conflict" => AdjustOutcome::IdempotencyConflict,
+            "in_flight" => AdjustOutcome::IdempotencyInFlight,
+            "not_found" => AdjustOutcome::AccountNotFound,
+            "currency" => AdjustOutcome::CurrencyMismatch(currency_of(&reply, what)?),
+            "range" => AdjustOutcome::OutOfRange,
+            "insufficient" => AdjustOutcome::InsufficientFunds {
+                available: number(&reply, 1, what)?,
+                shortfall: number(&reply, 2, what)?,
+            },
+            "collision" => return Err(tag_collision(tag)),
+            _ => return Err(corrupt(what, &reply)),
+        })
+    }
+
+    async fn payment(&self, id: &PaymentId) -> Result<Option<PaymentRecord>, StoreError> {
+        self.read_payment(id.tag(), "id", id.as_str()).await
+    }
+
+    async fn live_payment_by_order(
+        &self,
+        scope: &Scope,
+        order_id: &MerchantOrderId,
+    ) -> Result<Option<PaymentRecord>, StoreError> {
+        self.read_payment(scope.tag(), "order", order_id.as_str())
+            .await
+    }
+
+    async fn sweep_expired(&self, ctx: OpContext, budget: usize) -> Result<u64, StoreError> {
+        let cursor = *self.sweep_cursor.lock().expect("sweep cursor lock");
+        let mut conn = self.connection();
+        let (next, keys): (u64, Vec<String>) = self
+            .bounded(
+                "scan",
+                ::redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg("h:{*")
+                    .arg("COUNT")
+                    .arg(budget)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        *self.sweep_cursor.lock().expect("sweep cursor lock") = next;
+        let mut released = 0;
+        for key in keys {
+            let Some(tag) = key
+                .strip_prefix("h:{")
+                .and_then(|rest| rest.strip_suffix('}'))
+            else {
+                continue;
+            };
+            let k = Keys {
+                account: format!("a:{{{tag}}}"),
+                holds: key.clone(),
+                hold_amounts: format!("ph:{{{tag}}}"),
+                statuses: format!("ps:{{{tag}}}"),
+                docs: String::new(),
+                orders: String::new(),
+            };
+            let reply = self
+                .run(
+                    "sweep",
+                    &self.scripts.read_account,
+                    &[&k.account, &k.holds, &k.hold_amounts, &k.statuses],
+                    &["", "", &ctx.now_ms.to_string(), &ctx.lazy_release_max.to_string()],
+                )
+                .await?;
+            if field(&reply, 0, "sweep")? == "ok" {
+                released += number::<u64>(&reply, 1, "sweep")?;
+            }
+        }
+        Ok(released)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.connection();
+        let pong: String = self
+            .bounded("ping", ::redis::cmd("PING").query_async(&mut conn))
+            .await?;
+        if pong == "PONG" {
+            Ok(())
+        } else {
+            Err(StoreError::Unavailable(format!("PING answered {pong:?}")))
+        }
+    }
+}
+
+impl RedisStore {
+    async fn read_payment(
+        &self,
+        tag: ScopeTag,
+        mode: &str,
+        value: &str,
+    ) -> Result<Option<PaymentRecord>, StoreError> {
+        let k = Keys::of(tag);
+        let reply = self
+            .run(
+                "read_payment",
+                &self.scripts.read_payment,
+                &[&k.docs, &k.statuses, &k.hold_amounts, &k.orders],
+                &[mode, value],
+            )
+            .await?;
+        if reply.is_empty() {
+            return Ok(None);
+        }
+        let what = "read_payment";
+        let doc: PaymentDoc = serde_json::from_str(field(&reply, 0, what)?)
+            .map_err(|e| StoreError::Corrupt(format!("payment document: {e}")))?;
+        Ok(Some(PaymentRecord {
+            doc,
+            status: status(&reply, 1, what)?,
+            held_minor: number(&reply, 2, what)?,
+        }))
+    }
+}

@@ -1,0 +1,48 @@
+-- adjust.lua: a manual credit or debit of an account, idempotent.
+--
+-- KEYS: 1 a:{T}  2 h:{T}  3 ph:{T}  4 ps:{T}  5 i:{T}:<idempotency key>
+-- ARGV: 1 merchant  2 account  3 request hash  4 idempotency retention (s)
+--       5 direction ('credit' | 'debit')  6 amount (minor units)  7 currency  8 now (unix ms)
+--       9 lazy release limit  10 outcome to record ('A:<adjustment json>')
+-- Returns {'replay', outcome} | {'conflict'} | {'in_flight'} | {'not_found'} | {'collision'}
+--   | {'currency', cur} | {'range'} | {'insufficient', available, shortfall}
+--   | {'applied', cur, bal, held, cred, seq}
+-- Invariant: a debit never takes available (bal + cred - held) below zero; bal + cred stays
+-- within +-(2^53 - 1); seq += 1 per applied adjustment; one outcome per idempotency key.
+
+local idem = check_idempotency(KEYS[5], ARGV[3])
+if idem then
+  return idem
+end
+local bad = check_account(KEYS[1], ARGV[1], ARGV[2], ARGV[7])
+if bad then
+  return bad
+end
+release_expired(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[8], tonumber(ARGV[9]))
+
+local amount = tonumber(ARGV[6])
+local acct = redis.call('HMGET', KEYS[1], 'bal', 'held', 'cred')
+local bal, held, cred = tonumber(acct[1]), tonumber(acct[2]), tonumber(acct[3])
+local delta = amount
+if ARGV[5] == 'debit' then
+  delta = -amount
+  local available = bal + cred - held
+  if available < amount then
+    local shortfall = amount - available
+    record_idempotency(KEYS[5], ARGV[3], 'D',
+      'E:insufficient_funds:' .. fmt(available) .. ':' .. fmt(shortfall), ARGV[4])
+    return {'insufficient', fmt(available), fmt(shortfall)}
+  end
+end
+if bal + delta + cred > MAX_SAFE or bal + delta < -MAX_SAFE then
+  return {'range'}
+end
+redis.call('HINCRBY', KEYS[1], 'bal', delta)
+redis.call('HINCRBY', KEYS[1], 'seq', 1)
+record_idempotency(KEYS[5], ARGV[3], 'D', ARGV[10], ARGV[4])
+local reply = {'applied'}
+local snap = snapshot(KEYS[1])
+for i = 1, 5 do
+  reply[#reply + 1] = snap[i]
+end
+return reply

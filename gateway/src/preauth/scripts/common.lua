@@ -1,0 +1,84 @@
+-- common.lua: helpers prepended to every pre-authorization script at load time.
+--
+-- Key layout (all keys of one scope share the hash tag {T}, so every script is single-slot):
+--   a:{T}   hash   account: m (merchant), a (account), cur, bal, held, cred, seq, ca (created ms)
+--   h:{T}   zset   live holds: member payment id, score expiry (unix ms)
+--   ph:{T}  hash   payment id -> amount held (present while the hold is live)
+--   ps:{T}  hash   payment id -> status
+--   pd:{T}  hash   payment id -> the payment's fixed JSON document (never rewritten)
+--   o:{T}   hash   merchant order id -> payment id (stale when that payment is no longer live)
+--   i:{T}:K hash   idempotency record of key K: h (request hash), s (F in flight | D done),
+--                  o (outcome); expires after the configured retention
+--
+-- Invariant kept by every script: a:{T}.held == sum of ph:{T}; every member of h:{T} has an
+-- entry in ph:{T} and status pending. Numbers are Lua doubles: the gateway bounds every stored
+-- value by 2^53 - 1, so arithmetic here stays exact.
+
+local MAX_SAFE = 9007199254740991
+
+local function fmt(n)
+  return string.format('%d', n)
+end
+
+local function is_live(status)
+  return status == 'pending' or status == 'succeeded'
+    or status == 'partially_refunded' or status == 'refunded'
+end
+
+-- Releases up to `limit` holds whose expiry is <= now_ms: held -= amount, status -> expired.
+local function release_expired(akey, hkey, phkey, pskey, now_ms, limit)
+  local expired = redis.call('ZRANGEBYSCORE', hkey, '-inf', now_ms, 'LIMIT', 0, limit)
+  for _, pid in ipairs(expired) do
+    local amount = tonumber(redis.call('HGET', phkey, pid) or '0')
+    if amount > 0 then
+      redis.call('HINCRBY', akey, 'held', -amount)
+    end
+    redis.call('HDEL', phkey, pid)
+    redis.call('ZREM', hkey, pid)
+    if redis.call('HGET', pskey, pid) == 'pending' then
+      redis.call('HSET', pskey, pid, 'expired')
+    end
+  end
+  return #expired
+end
+
+-- {cur, bal, held, cred, seq} as strings.
+local function snapshot(akey)
+  return redis.call('HMGET', akey, 'cur', 'bal', 'held', 'cred', 'seq')
+end
+
+-- Checks the account exists and is the one the caller means (a tag collision is refused).
+-- Returns nil when fine, else the reply to return.
+local function check_account(akey, merchant, account, currency)
+  local acct = redis.call('HMGET', akey, 'm', 'a', 'cur')
+  if not acct[1] then
+    return {'not_found'}
+  end
+  if acct[1] ~= merchant or acct[2] ~= account then
+    return {'collision'}
+  end
+  if currency ~= '' and acct[3] ~= currency then
+    return {'currency', acct[3]}
+  end
+  return nil
+end
+
+-- Returns nil when the key is new, else the reply for a replay, conflict or in-flight request.
+local function check_idempotency(ikey, request_hash)
+  local rec = redis.call('HMGET', ikey, 'h', 's', 'o')
+  if not rec[1] then
+    return nil
+  end
+  if rec[1] ~= request_hash then
+    return {'conflict'}
+  end
+  if rec[2] == 'F' then
+    return {'in_flight'}
+  end
+  return {'replay', rec[3]}
+end
+
+local function record_idempotency(ikey, request_hash, state, outcome, retention_seconds)
+  redis.call('HSET', ikey, 'h', request_hash, 's', state, 'o', outcome)
+  redis.call('EXPIRE', ikey, retention_seconds)
+end

@@ -1,0 +1,24 @@
+-- release.lua: end a pending payment without capture, releasing its hold if it has one.
+--
+-- KEYS: 1 a:{T}  2 h:{T}  3 ph:{T}  4 ps:{T}
+-- ARGV: 1 payment id  2 final status ('failed' | 'canceled' | 'expired')
+-- Returns {'done', status} | {'not_pending', status} | {'not_found'}
+-- Invariant: a hold is released at most once and never after a capture; held -= hold.
+-- The order id is freed implicitly: o:{T} entries of non-live payments are ignored.
+
+local pid = ARGV[1]
+local status = redis.call('HGET', KEYS[4], pid)
+if not status then
+  return {'not_found'}
+end
+if status ~= 'pending' then
+  return {'not_pending', status}
+end
+local amount = tonumber(redis.call('HGET', KEYS[3], pid) or '0')
+if amount > 0 then
+  redis.call('HINCRBY', KEYS[1], 'held', -amount)
+end
+redis.call('HDEL', KEYS[3], pid)
+redis.call('ZREM', KEYS[2], pid)
+redis.call('HSET', KEYS[4], pid, ARGV[2])
+return {'done', ARGV[2]}

@@ -1,0 +1,44 @@
+//! The hold sweeper: releases expired holds of accounts nobody touches (active accounts have
+//! theirs released lazily inside every operation). Runs until shutdown, a bounded amount of
+//! work per tick.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::{BalanceStore, OpContext};
+use crate::telemetry;
+
+/// Sweeps every `interval` until `shutdown` turns true. `accounts_per_tick` bounds one tick's
+/// work; `holds_per_account` bounds one account's.
+pub fn spawn_sweeper(
+    store: Arc<dyn BalanceStore>,
+    interval: Duration,
+    accounts_per_tick: usize,
+    holds_per_account: u32,
+    mut shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = shutdown.changed() => break,
+            }
+            if *shutdown.borrow() {
+                break;
+            }
+            let ctx = OpContext {
+                now_ms: telemetry::now_ms(),
+                lazy_release_max: holds_per_account,
+            };
+            match store.sweep_expired(ctx, accounts_per_tick).await {
+                Ok(released) => telemetry::holds_swept(released),
+                Err(err) => tracing::warn!(error = %err, "hold sweep failed; will retry"),
+            }
+        }
+    })
+}

@@ -1,0 +1,111 @@
+//! Telemetry: tracing set-up, the Prometheus recorder, and every metric name in one place.
+//! Names carry the `gateway_` prefix and base units; labels are low-cardinality (route,
+//! status, outcome, operation), never a merchant, account or payment id.
+
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::config::TelemetrySettings;
+
+pub const HTTP_REQUESTS_TOTAL: &str = "gateway_http_requests_total";
+pub const HTTP_REQUEST_DURATION_SECONDS: &str = "gateway_http_request_duration_seconds";
+pub const HTTP_REQUESTS_SHED_TOTAL: &str = "gateway_http_requests_shed_total";
+pub const PREAUTH_TOTAL: &str = "gateway_preauth_total";
+pub const ADJUSTMENTS_TOTAL: &str = "gateway_adjustments_total";
+pub const REDIS_ROUND_TRIPS_TOTAL: &str = "gateway_redis_round_trips_total";
+pub const STORE_ERRORS_TOTAL: &str = "gateway_balance_store_errors_total";
+pub const HOLDS_SWEPT_TOTAL: &str = "gateway_holds_swept_total";
+
+/// Latency buckets for every `_seconds` histogram: 100 µs to 10 s.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// Installs the process-wide Prometheus recorder once and returns its handle (several
+/// gateways in one process, as in tests, share it).
+pub fn prometheus() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+                .expect("static buckets are valid")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed by an embedding program; then ours
+            // still renders what was recorded through it (nothing), which is the honest answer.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    metrics::describe_counter!(HTTP_REQUESTS_TOTAL, "HTTP requests answered, by route, method and status");
+    metrics::describe_histogram!(HTTP_REQUEST_DURATION_SECONDS, metrics::Unit::Seconds, "HTTP request latency, by route");
+    metrics::describe_counter!(HTTP_REQUESTS_SHED_TOTAL, "Requests refused because server.max_in_flight_requests was reached");
+    metrics::describe_counter!(PREAUTH_TOTAL, "Pre-authorization outcomes (authorize script results)");
+    metrics::describe_counter!(ADJUSTMENTS_TOTAL, "Manual adjustment outcomes");
+    metrics::describe_counter!(REDIS_ROUND_TRIPS_TOTAL, "Redis round trips made by the gateway, by operation");
+    metrics::describe_counter!(STORE_ERRORS_TOTAL, "Balance store operating errors (answered 503)");
+    metrics::describe_counter!(HOLDS_SWEPT_TOTAL, "Expired holds released by the sweeper");
+}
+
+/// Sets up logging: `RUST_LOG` wins over the configured filter. Safe to call twice.
+pub fn init_tracing(settings: &TelemetrySettings) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&settings.log_filter));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = if settings.log_format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_millis() as u64
+}
+
+pub fn redis_round_trip(op: &'static str) {
+    metrics::counter!(REDIS_ROUND_TRIPS_TOTAL, "op" => op).increment(1);
+}
+
+pub fn preauth_outcome(outcome: &'static str) {
+    metrics::counter!(PREAUTH_TOTAL, "outcome" => outcome).increment(1);
+}
+
+pub fn adjustment_outcome(outcome: &'static str) {
+    metrics::counter!(ADJUSTMENTS_TOTAL, "outcome" => outcome).increment(1);
+}
+
+pub fn store_error(kind: &'static str) {
+    metrics::counter!(STORE_ERRORS_TOTAL, "kind" => kind).increment(1);
+}
+
+pub fn holds_swept(count: u64) {
+    metrics::counter!(HOLDS_SWEPT_TOTAL).increment(count);
+}
+
+pub fn request_shed() {
+    metrics::counter!(HTTP_REQUESTS_SHED_TOTAL).increment(1);
+}
+
+pub fn http_request(route: &str, method: &str, status: u16, elapsed: Duration) {
+    metrics::counter!(
+        HTTP_REQUESTS_TOTAL,
+        "route" => route.to_owned(),
+        "method" => method.to_owned(),
+        "status" => status.to_string()
+    )
+    .increment(1);
+    metrics::histogram!(HTTP_REQUEST_DURATION_SECONDS, "route" => route.to_owned())
+        .record(elapsed.as_secs_f64());
+}
