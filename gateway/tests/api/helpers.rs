@@ -1,0 +1,351 @@
+//! Shared test support: a real `redis-server` per test on a random loopback port in a temp
+//! dir, the gateway spawned in-process on port 0, and a small HTTP client.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use gateway::config::{self, Config};
+use gateway::preauth::memory::MemoryStore;
+use gateway::preauth::redis::RedisStore;
+use gateway::preauth::BalanceStore;
+use gateway::startup::Application;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{HeaderMap, Method, Request};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+pub const ALPHA: &str = "sk_test_alpha";
+pub const BETA: &str = "sk_test_beta";
+pub const ADMIN: &str = "sk_test_admin";
+
+/// A picked free loopback port (the tiny race with another process is retried by callers).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+fn redis_binary() -> PathBuf {
+    for candidate in ["/usr/bin/redis-server", "/usr/local/bin/redis-server"] {
+        let path = PathBuf::from(candidate);
+        if path.exists() {
+            return path;
+        }
+    }
+    panic!("redis-server not found: run scripts/test.sh, which installs it");
+}
+
+/// A real Redis, private to one test: random port, temp dir, AOF on (so a restart keeps
+/// its data), killed on drop.
+pub struct RedisServer {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub async fn start() -> Self {
+        for _ in 0..5 {
+            let mut server = RedisServer {
+                port: free_port(),
+                dir: tempfile::tempdir().expect("temp dir"),
+                child: None,
+            };
+            if server.launch().await {
+                return server;
+            }
+        }
+        panic!("could not start redis-server");
+    }
+
+    async fn launch(&mut self) -> bool {
+        let child = Command::new(redis_binary())
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--maxmemory-policy",
+                "noeviction",
+                "--dir",
+            ])
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        self.child = Some(child);
+        for _ in 0..200 {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(_)) = child.try_wait() {
+                    self.child = None;
+                    return false;
+                }
+            }
+            if self.ping().await {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        false
+    }
+
+    async fn ping(&self) -> bool {
+        let Ok(client) = redis::Client::open(self.url()) else {
+            return false;
+        };
+        let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+            return false;
+        };
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .is_ok()
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (connections refused until `restart`).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port and directory; the AOF brings the data back.
+    pub async fn restart(&mut self) {
+        assert!(self.launch().await, "redis-server restart");
+    }
+
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Memory,
+    Redis,
+}
+
+/// The sandbox configuration on port 0, with extra overrides.
+pub fn test_config(overrides: &[(&str, &str)]) -> Config {
+    let mut env = vec![("GATEWAY__SERVER__LISTEN".to_owned(), "127.0.0.1:0".to_owned())];
+    env.extend(overrides.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    config::load(None, env).expect("test configuration")
+}
+
+pub async fn store_for(backend: Backend, redis: Option<&RedisServer>) -> Arc<dyn BalanceStore> {
+    match backend {
+        Backend::Memory => Arc::new(MemoryStore::new()),
+        Backend::Redis => {
+            let config = test_config(&[("GATEWAY__REDIS__URL", &redis.expect("redis").url())]);
+            Arc::new(
+                RedisStore::connect(&config.settings.redis)
+                    .await
+                    .expect("connect to test redis"),
+            )
+        }
+    }
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub redis: Option<RedisServer>,
+    client: Client<HttpConnector, Full<Bytes>>,
+    shutdown: Option<oneshot::Sender<()>>,
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+impl Reply {
+    pub fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+}
+
+pub async fn spawn_app(backend: Backend) -> TestApp {
+    spawn_app_with(backend, &[]).await
+}
+
+pub async fn spawn_app_with(backend: Backend, overrides: &[(&str, &str)]) -> TestApp {
+    let redis = match backend {
+        Backend::Redis => Some(RedisServer::start().await),
+        Backend::Memory => None,
+    };
+    let mut all: Vec<(&str, &str)> = overrides.to_vec();
+    let url = redis.as_ref().map(RedisServer::url);
+    if let Some(url) = url.as_deref() {
+        all.push(("GATEWAY__REDIS__URL", url));
+    }
+    let config = test_config(&all);
+    let app = Application::build(config, gateway::startup::Mode::Sandbox)
+        .await
+        .expect("build the app");
+    let addr = app.local_addr();
+    let (tx, rx) = oneshot::channel::<()>();
+    tokio::spawn(app.run_until(async {
+        let _ = rx.await;
+    }));
+    if std::env::var_os("TEST_LOG").is_some() {
+        gateway::telemetry::init_tracing(&Default::default());
+    }
+    TestApp {
+        addr,
+        redis,
+        client: Client::builder(TokioExecutor::new()).build_http(),
+        shutdown: Some(tx),
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl TestApp {
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        key: Option<&str>,
+        idempotency: Option<&str>,
+        body: Option<String>,
+    ) -> Reply {
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(format!("http://{}{}", self.addr, path))
+            .header("content-type", "application/json");
+        if let Some(key) = key {
+            builder = builder.header("authorization", format!("Bearer {key}"));
+        }
+        if let Some(idempotency) = idempotency {
+            builder = builder.header("idempotency-key", idempotency);
+        }
+        let request = builder
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .unwrap();
+        let response = self.client.request(request).await.expect("HTTP request");
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let body = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub async fn get(&self, path: &str, key: &str) -> Reply {
+        self.request(Method::GET, path, Some(key), None, None).await
+    }
+
+    pub async fn post(&self, path: &str, key: &str, idempotency: &str, body: Value) -> Reply {
+        self.request(Method::POST, path, Some(key), Some(idempotency), Some(body.to_string()))
+            .await
+    }
+
+    pub async fn put_account(&self, key: &str, id: &str, currency: &str, credit: &str) -> Reply {
+        let body = serde_json::json!({"currency": currency, "credit_limit": credit});
+        self.request(Method::PUT, &format!("/v1/accounts/{id}"), Some(key), None, Some(body.to_string()))
+            .await
+    }
+
+    pub async fn account(&self, key: &str, id: &str) -> Reply {
+        self.get(&format!("/v1/accounts/{id}"), key).await
+    }
+
+    /// Credits `amount` to alpha's (or `merchant`'s) account through the admin API.
+    pub async fn credit(&self, merchant: &str, account: &str, amount: &str) -> Reply {
+        let body = serde_json::json!({
+            "merchant_id": merchant, "direction": "credit", "amount": amount, "reason": "test funding"
+        });
+        let key = format!("fund-{account}-{amount}-{}", uuidish());
+        self.post(&format!("/v1/accounts/{account}/adjustments"), ADMIN, &key, body)
+            .await
+    }
+
+    /// A fresh account of `merchant` with `balance` and `credit`.
+    pub async fn funded_account(&self, key: &str, merchant: &str, id: &str, balance: &str, credit: &str) {
+        let put = self.put_account(key, id, "CNY", credit).await;
+        assert_eq!(put.status, 201, "{:?}", put.body);
+        if balance != "0.00" {
+            let credited = self.credit(merchant, id, balance).await;
+            assert_eq!(credited.status, 201, "{:?}", credited.body);
+        }
+    }
+
+    pub async fn pay(&self, key: &str, idempotency: &str, body: Value) -> Reply {
+        self.post("/v1/payments", key, idempotency, body).await
+    }
+
+    /// Asserts the account's `balance`, `held` and `available`.
+    pub async fn assert_account(&self, key: &str, id: &str, balance: &str, held: &str, available: &str) {
+        let account = self.account(key, id).await;
+        assert_eq!(account.status, 200, "{:?}", account.body);
+        assert_eq!(account.body["balance"], balance, "balance of {id}: {:?}", account.body);
+        assert_eq!(account.body["held"], held, "held of {id}: {:?}", account.body);
+        assert_eq!(account.body["available"], available, "available of {id}: {:?}", account.body);
+    }
+}
+
+/// A unique-enough suffix for keys within one test process.
+pub fn uuidish() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub fn balance_payment(order: &str, account: &str, amount: &str) -> Value {
+    serde_json::json!({
+        "merchant_order_id": order, "amount": amount, "currency": "CNY",
+        "method": "balance", "account_id": account
+    })
+}
+
+pub fn supplier_payment(order: &str, account: &str, amount: &str) -> Value {
+    serde_json::json!({
+        "merchant_order_id": order, "amount": amount, "currency": "CNY",
+        "method": "supplier", "account_id": account
+    })
+}

@@ -1,0 +1,9 @@
+//! The gateway's integration tests: one binary, so the crate links once. Each test starts what
+//! it needs (a real redis-server on a random port, the gateway on port 0) and tears it down.
+//! `TEST_LOG=1` turns the gateway's logs on.
+
+mod conformance;
+mod helpers;
+mod http;
+mod outage;
+mod sandbox_binary;
