@@ -375,11 +375,15 @@ fn parse_override(existing: Option<&toml::Value>, raw: &str) -> Result<toml::Val
             .map_err(|_| format!("expected true or false, got {raw:?}")),
         Some(toml::Value::Array(_)) => match as_toml() {
             Some(value @ toml::Value::Array(_)) => Ok(value),
-            _ => Err(format!("expected a TOML array like [\"a\", \"b\"], got {raw:?}")),
+            _ => Err(format!(
+                "expected a TOML array like [\"a\", \"b\"], got {raw:?}"
+            )),
         },
         Some(toml::Value::Table(_)) => Err("is a section, not a value".into()),
         _ => Ok(match as_toml() {
-            Some(value @ (toml::Value::Integer(_) | toml::Value::Boolean(_) | toml::Value::Array(_))) => value,
+            Some(
+                value @ (toml::Value::Integer(_) | toml::Value::Boolean(_) | toml::Value::Array(_)),
+            ) => value,
             _ => toml::Value::String(raw.to_owned()),
         }),
     }
@@ -395,9 +399,18 @@ impl Checker {
         });
     }
 
-    fn range<T: PartialOrd + std::fmt::Display + Copy>(&mut self, field: &str, value: T, min: T, max: T) {
+    fn range<T: PartialOrd + std::fmt::Display + Copy>(
+        &mut self,
+        field: &str,
+        value: T,
+        min: T,
+        max: T,
+    ) {
         if value < min || value > max {
-            self.fail(field, format!("must be between {min} and {max}, got {value}"));
+            self.fail(
+                field,
+                format!("must be between {min} and {max}, got {value}"),
+            );
         }
     }
 
@@ -411,7 +424,10 @@ impl Checker {
             .filter_map(|(i, hex)| {
                 let digest = KeyDigest::from_hex(hex);
                 if digest.is_none() {
-                    self.fail(format!("{field}[{i}]"), "must be 64 hex characters (SHA-256 of the key)");
+                    self.fail(
+                        format!("{field}[{i}]"),
+                        "must be 64 hex characters (SHA-256 of the key)",
+                    );
                 }
                 digest
             })
@@ -430,43 +446,151 @@ fn validate(settings: Settings) -> Result<Config, ConfigError> {
         c.fail("server.listen", format!("must be IP:PORT ({e})"));
         SocketAddr::from(([127, 0, 0, 1], 0))
     });
-    c.range("server.shutdown_grace_ms", s.server.shutdown_grace_ms, 1, 600_000);
-    c.range("server.max_in_flight_requests", s.server.max_in_flight_requests, 1, 1_000_000);
-    c.range("server.max_body_bytes", s.server.max_body_bytes, 1_024, 1 << 20);
+    c.range(
+        "server.shutdown_grace_ms",
+        s.server.shutdown_grace_ms,
+        1,
+        600_000,
+    );
+    c.range(
+        "server.max_in_flight_requests",
+        s.server.max_in_flight_requests,
+        1,
+        1_000_000,
+    );
+    c.range(
+        "server.max_body_bytes",
+        s.server.max_body_bytes,
+        1_024,
+        1 << 20,
+    );
 
     let url = s.redis.url.expose();
-    if !url.is_empty() && !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-        c.fail("redis.url", "must start with redis:// or rediss://, or be empty for the in-process store");
+    if !(url.is_empty() || url.starts_with("redis://") || url.starts_with("rediss://")) {
+        c.fail(
+            "redis.url",
+            "must start with redis:// or rediss://, or be empty for the in-process store",
+        );
     }
     c.range("redis.connections", s.redis.connections, 1, 64);
-    c.range("redis.connect_timeout_ms", s.redis.connect_timeout_ms, 1, 60_000);
-    c.range("redis.command_timeout_ms", s.redis.command_timeout_ms, 1, 60_000);
+    c.range(
+        "redis.connect_timeout_ms",
+        s.redis.connect_timeout_ms,
+        1,
+        60_000,
+    );
+    c.range(
+        "redis.command_timeout_ms",
+        s.redis.command_timeout_ms,
+        1,
+        60_000,
+    );
     c.range("redis.reconnect_retries", s.redis.reconnect_retries, 0, 100);
-    c.range("redis.reconnect_max_delay_ms", s.redis.reconnect_max_delay_ms, 1, 60_000);
+    c.range(
+        "redis.reconnect_max_delay_ms",
+        s.redis.reconnect_max_delay_ms,
+        1,
+        60_000,
+    );
 
-    c.range("preauth.idempotency_retention_seconds", s.preauth.idempotency_retention_seconds, 60, 30 * 86_400);
-    c.range("preauth.hold_grace_seconds", s.preauth.hold_grace_seconds, 0, 86_400);
-    c.range("preauth.lazy_release_max", s.preauth.lazy_release_max, 1, 1_000);
-    c.range("preauth.sweep_interval_ms", s.preauth.sweep_interval_ms, 10, 60_000);
-    c.range("preauth.sweep_accounts_per_tick", s.preauth.sweep_accounts_per_tick, 1, 100_000);
+    c.range(
+        "preauth.idempotency_retention_seconds",
+        s.preauth.idempotency_retention_seconds,
+        60,
+        30 * 86_400,
+    );
+    c.range(
+        "preauth.hold_grace_seconds",
+        s.preauth.hold_grace_seconds,
+        0,
+        86_400,
+    );
+    c.range(
+        "preauth.lazy_release_max",
+        s.preauth.lazy_release_max,
+        1,
+        1_000,
+    );
+    c.range(
+        "preauth.sweep_interval_ms",
+        s.preauth.sweep_interval_ms,
+        10,
+        60_000,
+    );
+    c.range(
+        "preauth.sweep_accounts_per_tick",
+        s.preauth.sweep_accounts_per_tick,
+        1,
+        100_000,
+    );
 
     let p = &s.payments;
-    c.range("payments.min_expires_in_seconds", p.min_expires_in_seconds, 1, 30 * 86_400);
-    c.range("payments.max_expires_in_seconds", p.max_expires_in_seconds, p.min_expires_in_seconds, 30 * 86_400);
-    c.range("payments.default_expires_in_seconds", p.default_expires_in_seconds, p.min_expires_in_seconds, p.max_expires_in_seconds);
+    c.range(
+        "payments.min_expires_in_seconds",
+        p.min_expires_in_seconds,
+        1,
+        30 * 86_400,
+    );
+    c.range(
+        "payments.max_expires_in_seconds",
+        p.max_expires_in_seconds,
+        p.min_expires_in_seconds,
+        30 * 86_400,
+    );
+    c.range(
+        "payments.default_expires_in_seconds",
+        p.default_expires_in_seconds,
+        p.min_expires_in_seconds,
+        p.max_expires_in_seconds,
+    );
 
     let l = &s.limits;
-    c.range("limits.max_idempotency_key_chars", l.max_idempotency_key_chars, 1, 255);
-    c.range("limits.max_merchant_order_id_chars", l.max_merchant_order_id_chars, 1, 64);
-    c.range("limits.max_description_chars", l.max_description_chars, 1, 4_096);
-    c.range("limits.max_notify_url_chars", l.max_notify_url_chars, 1, 2_048);
+    c.range(
+        "limits.max_idempotency_key_chars",
+        l.max_idempotency_key_chars,
+        1,
+        255,
+    );
+    c.range(
+        "limits.max_merchant_order_id_chars",
+        l.max_merchant_order_id_chars,
+        1,
+        64,
+    );
+    c.range(
+        "limits.max_description_chars",
+        l.max_description_chars,
+        1,
+        4_096,
+    );
+    c.range(
+        "limits.max_notify_url_chars",
+        l.max_notify_url_chars,
+        1,
+        2_048,
+    );
     c.range("limits.max_metadata_keys", l.max_metadata_keys, 0, 100);
-    c.range("limits.max_metadata_key_chars", l.max_metadata_key_chars, 1, 256);
-    c.range("limits.max_metadata_value_chars", l.max_metadata_value_chars, 1, 4_096);
+    c.range(
+        "limits.max_metadata_key_chars",
+        l.max_metadata_key_chars,
+        1,
+        256,
+    );
+    c.range(
+        "limits.max_metadata_value_chars",
+        l.max_metadata_value_chars,
+        1,
+        4_096,
+    );
     c.range("limits.max_reason_chars", l.max_reason_chars, 1, 4_096);
 
     let mut currencies = HashMap::new();
-    let limit_of = |c: &mut Checker, map: &BTreeMap<String, String>, name: &str, code: &str, currency: Currency| -> i64 {
+    let limit_of = |c: &mut Checker,
+                    map: &BTreeMap<String, String>,
+                    name: &str,
+                    code: &str,
+                    currency: Currency|
+     -> i64 {
         let field = format!("limits.{name}.{code}");
         let Some(text) = map.get(code) else {
             c.fail(field, "missing: every currency needs all three limits");
@@ -475,7 +599,10 @@ fn validate(settings: Settings) -> Result<Config, ConfigError> {
         match Amount::parse(text, currency) {
             Ok(amount) if amount.minor() <= MAX_SAFE_MINOR => amount.minor(),
             Ok(_) => {
-                c.fail(field, "is above the largest amount the store keeps exactly (2^53 - 1 minor units)");
+                c.fail(
+                    field,
+                    "is above the largest amount the store keeps exactly (2^53 - 1 minor units)",
+                );
                 0
             }
             Err(e) => {
@@ -487,18 +614,44 @@ fn validate(settings: Settings) -> Result<Config, ConfigError> {
     if l.max_payment_amount.is_empty() {
         c.fail("limits.max_payment_amount", "needs at least one currency");
     }
-    for code in l.max_payment_amount.keys().chain(l.max_adjustment_amount.keys()).chain(l.max_credit_limit.keys()) {
+    for code in l
+        .max_payment_amount
+        .keys()
+        .chain(l.max_adjustment_amount.keys())
+        .chain(l.max_credit_limit.keys())
+    {
         let Ok(currency) = Currency::parse(code) else {
-            c.fail(format!("limits.*.{code}"), "unknown currency (CNY, HKD, USD, JPY)");
+            c.fail(
+                format!("limits.*.{code}"),
+                "unknown currency (CNY, HKD, USD, JPY)",
+            );
             continue;
         };
         if currencies.contains_key(&currency) {
             continue;
         }
         let limits = CurrencyLimits {
-            max_payment_minor: limit_of(&mut c, &l.max_payment_amount, "max_payment_amount", code, currency),
-            max_adjustment_minor: limit_of(&mut c, &l.max_adjustment_amount, "max_adjustment_amount", code, currency),
-            max_credit_limit_minor: limit_of(&mut c, &l.max_credit_limit, "max_credit_limit", code, currency),
+            max_payment_minor: limit_of(
+                &mut c,
+                &l.max_payment_amount,
+                "max_payment_amount",
+                code,
+                currency,
+            ),
+            max_adjustment_minor: limit_of(
+                &mut c,
+                &l.max_adjustment_amount,
+                "max_adjustment_amount",
+                code,
+                currency,
+            ),
+            max_credit_limit_minor: limit_of(
+                &mut c,
+                &l.max_credit_limit,
+                "max_credit_limit",
+                code,
+                currency,
+            ),
         };
         currencies.insert(currency, limits);
     }
@@ -520,11 +673,17 @@ fn validate(settings: Settings) -> Result<Config, ConfigError> {
         let key_digests = c.digests(&format!("{field}.api_key_sha256"), &m.api_key_sha256);
         if let Some(url) = &m.webhook_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
-                c.fail(format!("{field}.webhook_url"), "must be an http:// or https:// URL");
+                c.fail(
+                    format!("{field}.webhook_url"),
+                    "must be an http:// or https:// URL",
+                );
             }
         }
         if m.webhook_secret.expose().len() < 8 {
-            c.fail(format!("{field}.webhook_secret"), "must be at least 8 characters");
+            c.fail(
+                format!("{field}.webhook_secret"),
+                "must be at least 8 characters",
+            );
         }
         merchants.push(Merchant {
             id,
@@ -536,13 +695,19 @@ fn validate(settings: Settings) -> Result<Config, ConfigError> {
     // One key, one principal: a digest shared by two merchants (or a merchant and the admin)
     // would make authentication ambiguous.
     let mut seen = HashMap::new();
-    let principals = std::iter::once(("admin".to_owned(), &admin_key_digests))
-        .chain(merchants.iter().map(|m| (format!("merchants.{}", m.id), &m.key_digests)));
+    let principals = std::iter::once(("admin".to_owned(), &admin_key_digests)).chain(
+        merchants
+            .iter()
+            .map(|m| (format!("merchants.{}", m.id), &m.key_digests)),
+    );
     for (owner, digests) in principals {
         for digest in digests {
             if let Some(other) = seen.insert(digest.to_hex(), owner.clone()) {
                 if other != owner {
-                    c.fail(format!("{owner}.api_key_sha256"), format!("the same key is also configured for {other}"));
+                    c.fail(
+                        format!("{owner}.api_key_sha256"),
+                        format!("the same key is also configured for {other}"),
+                    );
                 }
             }
         }
@@ -551,7 +716,11 @@ fn validate(settings: Settings) -> Result<Config, ConfigError> {
     if !matches!(s.telemetry.log_format.as_str(), "text" | "json") {
         c.fail("telemetry.log_format", "must be \"text\" or \"json\"");
     }
-    if s.telemetry.log_filter.parse::<tracing_subscriber::EnvFilter>().is_err() {
+    if s.telemetry
+        .log_filter
+        .parse::<tracing_subscriber::EnvFilter>()
+        .is_err()
+    {
         c.fail("telemetry.log_filter", "is not a valid tracing filter");
     }
 
@@ -572,7 +741,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -581,7 +753,11 @@ mod tests {
         assert!(!config.uses_redis());
         assert_eq!(config.merchants.len(), 2);
         assert!(config.currencies.contains_key(&Currency::Cny));
-        let alpha = config.merchants.iter().find(|m| m.id.as_str() == "alpha").unwrap();
+        let alpha = config
+            .merchants
+            .iter()
+            .find(|m| m.id.as_str() == "alpha")
+            .unwrap();
         assert!(alpha.key_digests[0].ct_eq(&KeyDigest::of("sk_test_alpha")));
         assert!(config.admin_key_digests[0].ct_eq(&KeyDigest::of("sk_test_admin")));
     }
@@ -593,7 +769,10 @@ mod tests {
             env(&[
                 ("GATEWAY__REDIS__URL", "redis://127.0.0.1:6390"),
                 ("GATEWAY__SERVER__MAX_BODY_BYTES", "4096"),
-                ("GATEWAY__MERCHANTS__ALPHA__WEBHOOK_URL", "http://127.0.0.1:9/hook"),
+                (
+                    "GATEWAY__MERCHANTS__ALPHA__WEBHOOK_URL",
+                    "http://127.0.0.1:9/hook",
+                ),
                 ("GATEWAY__DATA_DIR", "/tmp/elsewhere"),
                 ("OTHER__REDIS__URL", "ignored"),
             ]),
@@ -603,8 +782,15 @@ mod tests {
         assert_eq!(config.settings.redis.url.expose(), "redis://127.0.0.1:6390");
         assert_eq!(config.settings.server.max_body_bytes, 4096);
         assert_eq!(config.settings.data_dir, PathBuf::from("/tmp/elsewhere"));
-        let alpha = config.merchants.iter().find(|m| m.id.as_str() == "alpha").unwrap();
-        assert_eq!(alpha.webhook_url.as_deref(), Some("http://127.0.0.1:9/hook"));
+        let alpha = config
+            .merchants
+            .iter()
+            .find(|m| m.id.as_str() == "alpha")
+            .unwrap();
+        assert_eq!(
+            alpha.webhook_url.as_deref(),
+            Some("http://127.0.0.1:9/hook")
+        );
     }
 
     #[test]

@@ -281,10 +281,7 @@ mod tests {
         }
         assert!(MerchantOrderId::parse("ord-1.2:3_x", 64).is_ok());
         assert!(MerchantOrderId::parse("ord 1", 64).is_err());
-        assert_eq!(
-            MerchantOrderId::parse("abcd", 3),
-            Err(IdError::TooLong(3))
-        );
+        assert_eq!(MerchantOrderId::parse("abcd", 3), Err(IdError::TooLong(3)));
         assert!(IdempotencyKey::parse("k!#$%&'()*+,-./:;<=>?@[]^_`{|}~", 255).is_ok());
         assert!(IdempotencyKey::parse("has space", 255).is_err());
         assert!(IdempotencyKey::parse("tab\t", 255).is_err());

@@ -43,10 +43,7 @@ enum Command {
 
 /// The documented sandbox credentials (README, DESIGN.md §10): printed at start only when the
 /// configuration really accepts them.
-const SANDBOX_KEYS: &[(&str, &str)] = &[
-    ("alpha", "sk_test_alpha"),
-    ("beta", "sk_test_beta"),
-];
+const SANDBOX_KEYS: &[(&str, &str)] = &[("alpha", "sk_test_alpha"), ("beta", "sk_test_beta")];
 const SANDBOX_ADMIN_KEY: &str = "sk_test_admin";
 
 fn main() -> ExitCode {
@@ -59,11 +56,16 @@ fn main() -> ExitCode {
                     file.display(),
                     config.merchants.len(),
                     {
-                        let mut codes: Vec<_> = config.currencies.keys().map(|c| c.code()).collect();
+                        let mut codes: Vec<_> =
+                            config.currencies.keys().map(|c| c.code()).collect();
                         codes.sort_unstable();
                         codes
                     },
-                    if config.uses_redis() { "redis" } else { "in-process (sandbox only)" }
+                    if config.uses_redis() {
+                        "redis"
+                    } else {
+                        "in-process (sandbox only)"
+                    }
                 );
                 ExitCode::SUCCESS
             }
@@ -97,7 +99,11 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let mode = if sandbox { Mode::Sandbox } else { Mode::Production };
+            let mode = if sandbox {
+                Mode::Sandbox
+            } else {
+                Mode::Production
+            };
             serve(config, mode)
         }
     }
@@ -105,7 +111,10 @@ fn main() -> ExitCode {
 
 fn serve(config: config::Config, mode: Mode) -> ExitCode {
     telemetry::init_tracing(&config.settings.telemetry);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("cannot start the runtime: {err}");
@@ -161,6 +170,10 @@ fn print_sandbox_banner(config: &config::Config) {
     }
     println!(
         "  balance store: {}",
-        if config.uses_redis() { "redis" } else { "in-process" }
+        if config.uses_redis() {
+            "redis"
+        } else {
+            "in-process"
+        }
     );
 }

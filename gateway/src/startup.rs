@@ -83,7 +83,10 @@ impl Application {
 
     /// Serves until `shutdown` completes, then stops accepting, marks itself draining and
     /// gives in-flight requests `server.shutdown_grace_ms` to finish.
-    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
         let settings = &self.state.config.settings;
         let grace = Duration::from_millis(settings.server.shutdown_grace_ms);
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -104,7 +107,10 @@ impl Application {
         let server = tokio::spawn(async move { server.await });
 
         shutdown.await;
-        tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: draining in-flight requests");
+        tracing::info!(
+            grace_ms = grace.as_millis() as u64,
+            "shutting down: draining in-flight requests"
+        );
         state.draining.store(true, Ordering::Relaxed);
         let _ = stop_tx.send(true);
         let result = match tokio::time::timeout(grace, server).await {

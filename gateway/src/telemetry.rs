@@ -45,13 +45,32 @@ pub fn prometheus() -> PrometheusHandle {
 }
 
 fn describe() {
-    metrics::describe_counter!(HTTP_REQUESTS_TOTAL, "HTTP requests answered, by route, method and status");
-    metrics::describe_histogram!(HTTP_REQUEST_DURATION_SECONDS, metrics::Unit::Seconds, "HTTP request latency, by route");
-    metrics::describe_counter!(HTTP_REQUESTS_SHED_TOTAL, "Requests refused because server.max_in_flight_requests was reached");
-    metrics::describe_counter!(PREAUTH_TOTAL, "Pre-authorization outcomes (authorize script results)");
+    metrics::describe_counter!(
+        HTTP_REQUESTS_TOTAL,
+        "HTTP requests answered, by route, method and status"
+    );
+    metrics::describe_histogram!(
+        HTTP_REQUEST_DURATION_SECONDS,
+        metrics::Unit::Seconds,
+        "HTTP request latency, by route"
+    );
+    metrics::describe_counter!(
+        HTTP_REQUESTS_SHED_TOTAL,
+        "Requests refused because server.max_in_flight_requests was reached"
+    );
+    metrics::describe_counter!(
+        PREAUTH_TOTAL,
+        "Pre-authorization outcomes (authorize script results)"
+    );
     metrics::describe_counter!(ADJUSTMENTS_TOTAL, "Manual adjustment outcomes");
-    metrics::describe_counter!(REDIS_ROUND_TRIPS_TOTAL, "Redis round trips made by the gateway, by operation");
-    metrics::describe_counter!(STORE_ERRORS_TOTAL, "Balance store operating errors (answered 503)");
+    metrics::describe_counter!(
+        REDIS_ROUND_TRIPS_TOTAL,
+        "Redis round trips made by the gateway, by operation"
+    );
+    metrics::describe_counter!(
+        STORE_ERRORS_TOTAL,
+        "Balance store operating errors (answered 503)"
+    );
     metrics::describe_counter!(HOLDS_SWEPT_TOTAL, "Expired holds released by the sweeper");
 }
 

@@ -10,7 +10,9 @@ use serde_json::{json, Value};
 
 use super::auth::{AuthAdmin, AuthMerchant};
 use super::error::ApiError;
-use super::extract::{idempotency_key, request_hash, required_idempotency_key, rfc3339, JsonObject};
+use super::extract::{
+    idempotency_key, request_hash, required_idempotency_key, rfc3339, JsonObject,
+};
 use super::{render, AppState};
 use crate::ids::{AccountId, AdjustmentId, MerchantId};
 use crate::money::{format_minor, parse_non_negative_minor, Amount, Currency, MoneyError};
@@ -46,8 +48,9 @@ pub async fn put_account(
     let currency = supported_currency(&state, body.required_str("currency")?)?;
     let max_credit = state.config.currencies[&currency].max_credit_limit_minor;
     let credit_limit = match body.str("credit_limit")? {
-        Some(text) => parse_non_negative_minor(text, currency)
-            .map_err(|e| money_error("credit_limit", e))?,
+        Some(text) => {
+            parse_non_negative_minor(text, currency).map_err(|e| money_error("credit_limit", e))?
+        }
         None => 0,
     };
     if credit_limit > max_credit {
@@ -120,7 +123,12 @@ pub async fn post_adjustment(
     let direction = match body.required_str("direction")? {
         "credit" => Direction::Credit,
         "debit" => Direction::Debit,
-        _ => return Err(ApiError::invalid("direction", "must be \"credit\" or \"debit\"")),
+        _ => {
+            return Err(ApiError::invalid(
+                "direction",
+                "must be \"credit\" or \"debit\"",
+            ))
+        }
     };
     let amount_text = body.required_str("amount")?;
     let reason = body
@@ -137,7 +145,11 @@ pub async fn post_adjustment(
         .ok_or_else(|| ApiError::NotFound("no such account".into()))?;
     let currency = snapshot.currency;
     let amount = Amount::parse(amount_text, currency).map_err(|e| money_error("amount", e))?;
-    let max = state.config.currencies.get(&currency).map_or(0, |l| l.max_adjustment_minor);
+    let max = state
+        .config
+        .currencies
+        .get(&currency)
+        .map_or(0, |l| l.max_adjustment_minor);
     if amount.minor() > max {
         return Err(ApiError::invalid(
             "amount",
@@ -188,7 +200,10 @@ pub async fn post_adjustment(
         AdjustOutcome::Applied(snapshot) => {
             let mut body = doc;
             body["account"] = render::account(key.account.as_str(), &snapshot);
-            ("applied", Ok((StatusCode::CREATED, Json(body)).into_response()))
+            (
+                "applied",
+                Ok((StatusCode::CREATED, Json(body)).into_response()),
+            )
         }
         AdjustOutcome::Replay(StoredOutcome::Adjustment(stored)) => {
             let mut body: Value = serde_json::from_str(&stored)
@@ -199,25 +214,46 @@ pub async fn post_adjustment(
                 .await?
                 .ok_or_else(|| ApiError::NotFound("no such account".into()))?;
             body["account"] = render::account(key.account.as_str(), &snapshot);
-            ("replayed", Ok((StatusCode::CREATED, Json(body)).into_response()))
+            (
+                "replayed",
+                Ok((StatusCode::CREATED, Json(body)).into_response()),
+            )
         }
-        AdjustOutcome::Replay(StoredOutcome::InsufficientFunds { available, shortfall })
-        | AdjustOutcome::InsufficientFunds { available, shortfall } => {
-            ("insufficient_funds", Err(insufficient(available, shortfall)))
-        }
+        AdjustOutcome::Replay(StoredOutcome::InsufficientFunds {
+            available,
+            shortfall,
+        })
+        | AdjustOutcome::InsufficientFunds {
+            available,
+            shortfall,
+        } => (
+            "insufficient_funds",
+            Err(insufficient(available, shortfall)),
+        ),
         // A payment's outcome under this key: the request hash differs, so this is a conflict.
         AdjustOutcome::Replay(StoredOutcome::Payment(_)) | AdjustOutcome::IdempotencyConflict => {
             ("idempotency_conflict", Err(ApiError::IdempotencyConflict))
         }
-        AdjustOutcome::IdempotencyInFlight => ("idempotency_in_flight", Err(ApiError::IdempotencyInFlight)),
-        AdjustOutcome::AccountNotFound => ("not_found", Err(ApiError::NotFound("no such account".into()))),
+        AdjustOutcome::IdempotencyInFlight => {
+            ("idempotency_in_flight", Err(ApiError::IdempotencyInFlight))
+        }
+        AdjustOutcome::AccountNotFound => (
+            "not_found",
+            Err(ApiError::NotFound("no such account".into())),
+        ),
         AdjustOutcome::CurrencyMismatch(existing) => (
             "currency_mismatch",
-            Err(ApiError::invalid("amount", format!("the account is in {existing}"))),
+            Err(ApiError::invalid(
+                "amount",
+                format!("the account is in {existing}"),
+            )),
         ),
         AdjustOutcome::OutOfRange => (
             "out_of_range",
-            Err(ApiError::invalid("amount", "would take the balance out of range")),
+            Err(ApiError::invalid(
+                "amount",
+                "would take the balance out of range",
+            )),
         ),
     };
     telemetry::adjustment_outcome(label);

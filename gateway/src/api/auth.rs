@@ -94,9 +94,9 @@ impl FromRequestParts<Arc<AppState>> for AuthAdmin {
     ) -> Result<Self, Self::Rejection> {
         match state.auth.principal(parts) {
             Some(Principal::Admin) => Ok(AuthAdmin),
-            Some(Principal::Merchant(_)) => Err(ApiError::Forbidden(
-                "this route takes the admin key".into(),
-            )),
+            Some(Principal::Merchant(_)) => {
+                Err(ApiError::Forbidden("this route takes the admin key".into()))
+            }
             None => Err(ApiError::Unauthorized),
         }
     }

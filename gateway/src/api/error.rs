@@ -16,7 +16,11 @@ pub enum ApiError {
     /// 401: missing or wrong API key.
     Unauthorized,
     /// 402: pre-authorization failed.
-    InsufficientFunds { available: String, shortfall: String, currency: String },
+    InsufficientFunds {
+        available: String,
+        shortfall: String,
+        currency: String,
+    },
     /// 403: another merchant's payment, or an admin route without the admin key.
     Forbidden(String),
     /// 404.
@@ -28,9 +32,15 @@ pub enum ApiError {
     /// 409: the merchant order id belongs to a live payment.
     DuplicateOrder { payment_id: String },
     /// 422: the resource is not in a state that allows this.
-    InvalidState { message: String, status: Option<String> },
+    InvalidState {
+        message: String,
+        status: Option<String>,
+    },
     /// 503: a dependency is unreachable or the gateway is overloaded or draining; fail closed.
-    Unavailable { reason: &'static str, payment_id: Option<String> },
+    Unavailable {
+        reason: &'static str,
+        payment_id: Option<String>,
+    },
 }
 
 /// Seconds a client should wait before retrying an in-flight or unavailable request.
@@ -178,9 +188,29 @@ mod tests {
             (ApiError::NotFound("x".into()), 404, "not_found"),
             (ApiError::IdempotencyConflict, 409, "idempotency_conflict"),
             (ApiError::IdempotencyInFlight, 409, "idempotency_in_flight"),
-            (ApiError::DuplicateOrder { payment_id: "p".into() }, 409, "duplicate_order"),
-            (ApiError::InvalidState { message: "x".into(), status: None }, 422, "invalid_state"),
-            (ApiError::Unavailable { reason: "r", payment_id: None }, 503, "unavailable"),
+            (
+                ApiError::DuplicateOrder {
+                    payment_id: "p".into(),
+                },
+                409,
+                "duplicate_order",
+            ),
+            (
+                ApiError::InvalidState {
+                    message: "x".into(),
+                    status: None,
+                },
+                422,
+                "invalid_state",
+            ),
+            (
+                ApiError::Unavailable {
+                    reason: "r",
+                    payment_id: None,
+                },
+                503,
+                "unavailable",
+            ),
         ];
         for (error, status, code) in cases {
             assert_eq!(error.status().as_u16(), status);

@@ -28,7 +28,10 @@ impl FromRequest<Arc<AppState>> for JsonObject {
         match serde_json::from_slice::<Value>(&bytes) {
             Ok(Value::Object(map)) => Ok(JsonObject(map)),
             Ok(_) => Err(ApiError::invalid("body", "must be a JSON object")),
-            Err(e) => Err(ApiError::invalid("body", format!("is not valid JSON ({e})"))),
+            Err(e) => Err(ApiError::invalid(
+                "body",
+                format!("is not valid JSON ({e})"),
+            )),
         }
     }
 }
@@ -139,6 +142,19 @@ pub fn rfc3339(unix_ms: u64) -> String {
     )
 }
 
+/// The digest an idempotency record keeps: the route and the *normalized* request (parsed
+/// values, keys sorted), so whitespace or key order never makes a retry look different, while
+/// any change of meaning does.
+pub fn request_hash(route: &str, normalized: &Value) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(route.as_bytes());
+    hasher.update(b"\n");
+    // serde_json's Map is ordered by key: the serialization is canonical.
+    hasher.update(normalized.to_string().as_bytes());
+    hex::encode(&hasher.finalize()[..16])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,17 +167,4 @@ mod tests {
         assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339(1_795_694_400_999), "2026-11-26T12:00:00Z");
     }
-}
-
-/// The digest an idempotency record keeps: the route and the *normalized* request (parsed
-/// values, keys sorted), so whitespace or key order never makes a retry look different, while
-/// any change of meaning does.
-pub fn request_hash(route: &str, normalized: &Value) -> String {
-    use sha2::{Digest, Sha256};
-    let mut hasher = Sha256::new();
-    hasher.update(route.as_bytes());
-    hasher.update(b"\n");
-    // serde_json's Map is ordered by key: the serialization is canonical.
-    hasher.update(normalized.to_string().as_bytes());
-    hex::encode(&hasher.finalize()[..16])
 }

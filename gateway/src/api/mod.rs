@@ -71,7 +71,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/accounts/{id}",
             put(accounts::put_account).get(accounts::get_account),
         )
-        .route("/v1/accounts/{id}/adjustments", post(accounts::post_adjustment))
+        .route(
+            "/v1/accounts/{id}/adjustments",
+            post(accounts::post_adjustment),
+        )
         .route(
             "/v1/payments",
             post(payments::create_payment).get(payments::find_payment),
@@ -82,7 +85,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
-        .layer(middleware::from_fn_with_state(state.clone(), admit_and_measure))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            admit_and_measure,
+        ))
         .with_state(state)
 }
 
@@ -111,6 +117,11 @@ async fn admit_and_measure(
             .into_response()
         }
     };
-    telemetry::http_request(&route, &method, response.status().as_u16(), started.elapsed());
+    telemetry::http_request(
+        &route,
+        &method,
+        response.status().as_u16(),
+        started.elapsed(),
+    );
     response
 }

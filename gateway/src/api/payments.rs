@@ -20,8 +20,8 @@ use crate::config::Merchant;
 use crate::ids::{AccountId, MerchantOrderId, PaymentId};
 use crate::money::{format_minor, Amount, Currency};
 use crate::preauth::{
-    AccountKey, AuthorizeOutcome, AuthorizeRequest, HoldSpec, IdempotencyClaim, Method,
-    PaymentDoc, PaymentRecord, PaymentStatus, Purpose, Scope, StoredOutcome, TransitionOutcome,
+    AccountKey, AuthorizeOutcome, AuthorizeRequest, HoldSpec, IdempotencyClaim, Method, PaymentDoc,
+    PaymentRecord, PaymentStatus, Purpose, Scope, StoredOutcome, TransitionOutcome,
 };
 use crate::telemetry;
 
@@ -56,7 +56,10 @@ pub async fn create_payment(
     )
     .map_err(|e| ApiError::invalid("merchant_order_id", e.to_string()))?;
     let method = Method::parse(body.required_str("method")?).ok_or_else(|| {
-        ApiError::invalid("method", "must be one of balance, supplier, alipay, wechatpay")
+        ApiError::invalid(
+            "method",
+            "must be one of balance, supplier, alipay, wechatpay",
+        )
     })?;
     let currency = supported_currency(&state, body.required_str("currency")?)?;
     let amount = parse_payment_amount(&state, body.required_str("amount")?, currency)?;
@@ -69,7 +72,10 @@ pub async fn create_payment(
     let notify_url = body.bounded_str("notify_url", limits.max_notify_url_chars)?;
     if let Some(url) = notify_url {
         if !(url.starts_with("https://") || url.starts_with("http://")) {
-            return Err(ApiError::invalid("notify_url", "must be an http:// or https:// URL"));
+            return Err(ApiError::invalid(
+                "notify_url",
+                "must be an http:// or https:// URL",
+            ));
         }
     }
     let metadata = parse_metadata(&state, body.object("metadata")?)?;
@@ -160,10 +166,17 @@ pub async fn create_payment(
             })?;
             ("replayed", Ok(created(&payment)))
         }
-        AuthorizeOutcome::Replay(StoredOutcome::InsufficientFunds { available, shortfall })
-        | AuthorizeOutcome::InsufficientFunds { available, shortfall } => {
-            ("insufficient_funds", Err(insufficient(available, shortfall)))
-        }
+        AuthorizeOutcome::Replay(StoredOutcome::InsufficientFunds {
+            available,
+            shortfall,
+        })
+        | AuthorizeOutcome::InsufficientFunds {
+            available,
+            shortfall,
+        } => (
+            "insufficient_funds",
+            Err(insufficient(available, shortfall)),
+        ),
         // An adjustment's outcome under this key: the request hash differs, so a conflict.
         AuthorizeOutcome::Replay(StoredOutcome::Adjustment(_))
         | AuthorizeOutcome::IdempotencyConflict => {
@@ -198,14 +211,21 @@ fn created(payment: &PaymentRecord) -> Response {
     (StatusCode::CREATED, Json(render::payment(payment))).into_response()
 }
 
-fn parse_payment_amount(state: &AppState, text: &str, currency: Currency) -> Result<Amount, ApiError> {
+fn parse_payment_amount(
+    state: &AppState,
+    text: &str,
+    currency: Currency,
+) -> Result<Amount, ApiError> {
     let amount =
         Amount::parse(text, currency).map_err(|e| ApiError::invalid("amount", e.to_string()))?;
     let max = state.config.currencies[&currency].max_payment_minor;
     if amount.minor() > max {
         return Err(ApiError::invalid(
             "amount",
-            format!("must be at most {} per payment", format_minor(max, currency)),
+            format!(
+                "must be at most {} per payment",
+                format_minor(max, currency)
+            ),
         ));
     }
     Ok(amount)
@@ -253,7 +273,10 @@ fn parse_metadata(
         if key.is_empty() || key.chars().count() > limits.max_metadata_key_chars {
             return Err(ApiError::invalid(
                 format!("metadata.{key}"),
-                format!("keys must be 1 to {} characters", limits.max_metadata_key_chars),
+                format!(
+                    "keys must be 1 to {} characters",
+                    limits.max_metadata_key_chars
+                ),
             ));
         }
         match value {
@@ -261,7 +284,10 @@ fn parse_metadata(
             Value::String(_) => {
                 return Err(ApiError::invalid(
                     format!("metadata.{key}"),
-                    format!("must be at most {} characters", limits.max_metadata_value_chars),
+                    format!(
+                        "must be at most {} characters",
+                        limits.max_metadata_value_chars
+                    ),
                 ))
             }
             _ => {
@@ -285,7 +311,9 @@ async fn owned_payment(
     let id = PaymentId::parse(id).ok_or_else(not_found)?;
     let payment = state.store.payment(&id).await?.ok_or_else(not_found)?;
     if payment.doc.merchant_id != merchant.id.as_str() {
-        return Err(ApiError::Forbidden("this payment belongs to another merchant".into()));
+        return Err(ApiError::Forbidden(
+            "this payment belongs to another merchant".into(),
+        ));
     }
     Ok((id, payment))
 }
@@ -313,8 +341,7 @@ pub async fn find_payment(
     AuthMerchant(merchant): AuthMerchant,
     query: Result<Query<FindQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(query) =
-        query.map_err(|e| ApiError::invalid("query", e.body_text()))?;
+    let Query(query) = query.map_err(|e| ApiError::invalid("query", e.body_text()))?;
     let order_text = query
         .merchant_order_id
         .ok_or_else(|| ApiError::invalid("merchant_order_id", "is required"))?;

@@ -8,10 +8,9 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 
 use super::{
-    AccountKey, AccountSnapshot, AdjustOutcome, AdjustRequest, AuthorizeOutcome,
-    AuthorizeRequest, BalanceStore, Direction, IdempotencyClaim, OpContext, PaymentDoc,
-    PaymentRecord, PaymentStatus, Scope, StoreError, StoredOutcome, TransitionOutcome,
-    UpsertOutcome, MAX_SAFE_MINOR,
+    AccountKey, AccountSnapshot, AdjustOutcome, AdjustRequest, AuthorizeOutcome, AuthorizeRequest,
+    BalanceStore, Direction, IdempotencyClaim, OpContext, PaymentDoc, PaymentRecord, PaymentStatus,
+    Scope, StoreError, StoredOutcome, TransitionOutcome, UpsertOutcome, MAX_SAFE_MINOR,
 };
 use crate::ids::{MerchantOrderId, PaymentId, ScopeTag};
 use crate::money::Currency;
@@ -90,7 +89,12 @@ impl ScopeState {
         }
     }
 
-    fn record_idempotency(&mut self, claim: &IdempotencyClaim, outcome: StoredOutcome, now_ms: u64) {
+    fn record_idempotency(
+        &mut self,
+        claim: &IdempotencyClaim,
+        outcome: StoredOutcome,
+        now_ms: u64,
+    ) {
         let row = IdempotencyRow {
             request_hash: claim.request_hash.clone(),
             outcome,
@@ -204,13 +208,19 @@ impl BalanceStore for MemoryStore {
         if row.currency != currency {
             return Ok(UpsertOutcome::CurrencyMismatch(row.currency));
         }
-        if row.balance.checked_add(credit_limit).is_none_or(|sum| sum > MAX_SAFE_MINOR) {
+        if row
+            .balance
+            .checked_add(credit_limit)
+            .is_none_or(|sum| sum > MAX_SAFE_MINOR)
+        {
             return Ok(UpsertOutcome::OutOfRange);
         }
         row.credit_limit = credit_limit;
         state.release_expired(ctx.now_ms, ctx.lazy_release_max);
         let snapshot = state.account.as_ref().map(AccountRow::snapshot);
-        Ok(UpsertOutcome::Updated(snapshot.expect("the account exists")))
+        Ok(UpsertOutcome::Updated(
+            snapshot.expect("the account exists"),
+        ))
     }
 
     async fn read_account(
@@ -315,7 +325,9 @@ impl BalanceStore for MemoryStore {
             Some(other) => return Ok(TransitionOutcome::NotPending(*other)),
         }
         if !state.hold_amounts.contains_key(pid) {
-            return Err(StoreError::Corrupt(format!("capture of {pid} without a hold")));
+            return Err(StoreError::Corrupt(format!(
+                "capture of {pid} without a hold"
+            )));
         }
         let amount = state.remove_hold(pid);
         let row = state

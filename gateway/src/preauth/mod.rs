@@ -24,7 +24,9 @@ use std::fmt;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{AccountId, AdjustmentId, IdempotencyKey, MerchantId, MerchantOrderId, PaymentId, ScopeTag};
+use crate::ids::{
+    AccountId, AdjustmentId, IdempotencyKey, MerchantId, MerchantOrderId, PaymentId, ScopeTag,
+};
 use crate::money::Currency;
 
 pub use sweeper::spawn_sweeper;
@@ -246,7 +248,9 @@ impl StoredOutcome {
     pub fn decode(s: &str) -> Result<Self, StoreError> {
         let corrupt = || StoreError::Corrupt(format!("idempotency outcome {s:?}"));
         if let Some(id) = s.strip_prefix("P:") {
-            return PaymentId::parse(id).map(StoredOutcome::Payment).ok_or_else(corrupt);
+            return PaymentId::parse(id)
+                .map(StoredOutcome::Payment)
+                .ok_or_else(corrupt);
         }
         if let Some(doc) = s.strip_prefix("A:") {
             return Ok(StoredOutcome::Adjustment(doc.to_owned()));
@@ -298,6 +302,9 @@ pub struct AuthorizeRequest {
     pub hold: Option<HoldSpec>,
 }
 
+// Returned by value once per call and matched at once: boxing the large variant would add an
+// allocation per payment for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum AuthorizeOutcome {
     Created {
@@ -341,7 +348,10 @@ pub enum AdjustOutcome {
     Replay(StoredOutcome),
     IdempotencyConflict,
     IdempotencyInFlight,
-    InsufficientFunds { available: i64, shortfall: i64 },
+    InsufficientFunds {
+        available: i64,
+        shortfall: i64,
+    },
     AccountNotFound,
     CurrencyMismatch(Currency),
     /// The balance would leave the exactly representable range.
@@ -358,6 +368,9 @@ pub enum UpsertOutcome {
 }
 
 /// The result of moving a payment out of `pending`.
+// Returned by value once per call and matched at once: boxing the large variant would add an
+// allocation per payment for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum TransitionOutcome {
     Done(PaymentRecord),
@@ -427,8 +440,11 @@ pub trait BalanceStore: Send + Sync + 'static {
     ) -> Result<TransitionOutcome, StoreError>;
 
     /// A manual credit or debit; a debit never takes `available` below zero.
-    async fn adjust(&self, req: &AdjustRequest, ctx: OpContext)
-        -> Result<AdjustOutcome, StoreError>;
+    async fn adjust(
+        &self,
+        req: &AdjustRequest,
+        ctx: OpContext,
+    ) -> Result<AdjustOutcome, StoreError>;
 
     async fn payment(&self, id: &PaymentId) -> Result<Option<PaymentRecord>, StoreError>;
 

@@ -18,9 +18,9 @@ use ::redis::{Client, Script};
 use async_trait::async_trait;
 
 use super::{
-    AccountKey, AccountSnapshot, AdjustOutcome, AdjustRequest, AuthorizeOutcome,
-    AuthorizeRequest, BalanceStore, Direction, OpContext, PaymentDoc, PaymentRecord,
-    PaymentStatus, Scope, StoreError, StoredOutcome, TransitionOutcome, UpsertOutcome,
+    AccountKey, AccountSnapshot, AdjustOutcome, AdjustRequest, AuthorizeOutcome, AuthorizeRequest,
+    BalanceStore, Direction, OpContext, PaymentDoc, PaymentRecord, PaymentStatus, Scope,
+    StoreError, StoredOutcome, TransitionOutcome, UpsertOutcome,
 };
 use crate::config::RedisSettings;
 use crate::ids::{MerchantOrderId, PaymentId, ScopeTag};
@@ -132,10 +132,13 @@ impl RedisStore {
         let mut connections = Vec::with_capacity(settings.connections);
         for _ in 0..settings.connections {
             let connect = client.get_connection_manager_with_config(config.clone());
-            let connection = tokio::time::timeout(command_timeout.max(Duration::from_millis(settings.connect_timeout_ms)), connect)
-                .await
-                .map_err(|_| StoreError::Timeout(settings.connect_timeout_ms))?
-                .map_err(unavailable)?;
+            let connection = tokio::time::timeout(
+                command_timeout.max(Duration::from_millis(settings.connect_timeout_ms)),
+                connect,
+            )
+            .await
+            .map_err(|_| StoreError::Timeout(settings.connect_timeout_ms))?
+            .map_err(unavailable)?;
             connections.push(connection);
         }
         let store = Self {
@@ -236,8 +239,7 @@ fn number<T: std::str::FromStr>(reply: &Reply, i: usize, what: &str) -> Result<T
 /// Parses `cur, bal, held, cred, seq` starting at `at`.
 fn snapshot(reply: &Reply, at: usize) -> Result<AccountSnapshot, StoreError> {
     let what = "account";
-    let currency =
-        Currency::parse(field(reply, at, what)?).map_err(|_| corrupt(what, reply))?;
+    let currency = Currency::parse(field(reply, at, what)?).map_err(|_| corrupt(what, reply))?;
     Ok(AccountSnapshot {
         currency,
         balance: number(reply, at + 1, what)?,
@@ -263,12 +265,19 @@ fn doc_json(doc: &PaymentDoc) -> Result<String, StoreError> {
     serde_json::to_string(doc).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
-fn transition(reply: Reply, record: Option<PaymentRecord>) -> Result<TransitionOutcome, StoreError> {
+fn transition(
+    reply: Reply,
+    record: Option<PaymentRecord>,
+) -> Result<TransitionOutcome, StoreError> {
     match field(&reply, 0, "transition")? {
         "done" => record
             .map(TransitionOutcome::Done)
             .ok_or_else(|| corrupt("transition", &reply)),
-        "not_pending" => Ok(TransitionOutcome::NotPending(status(&reply, 1, "transition")?)),
+        "not_pending" => Ok(TransitionOutcome::NotPending(status(
+            &reply,
+            1,
+            "transition",
+        )?)),
         "not_found" => Ok(TransitionOutcome::NotFound),
         _ => Err(corrupt("transition", &reply)),
     }
@@ -302,7 +311,9 @@ impl BalanceStore for RedisStore {
         match field(&reply, 0, "upsert")? {
             "created" => Ok(UpsertOutcome::Created(snapshot(&reply, 1)?)),
             "updated" => Ok(UpsertOutcome::Updated(snapshot(&reply, 1)?)),
-            "currency" => Ok(UpsertOutcome::CurrencyMismatch(currency_of(&reply, "upsert")?)),
+            "currency" => Ok(UpsertOutcome::CurrencyMismatch(currency_of(
+                &reply, "upsert",
+            )?)),
             "range" => Ok(UpsertOutcome::OutOfRange),
             "collision" => Err(tag_collision(key.tag)),
             _ => Err(corrupt("upsert", &reply)),
@@ -435,7 +446,9 @@ impl BalanceStore for RedisStore {
             )
             .await?;
         if field(&reply, 0, "capture")? == "no_hold" {
-            return Err(StoreError::Corrupt(format!("capture of {payment} without a hold")));
+            return Err(StoreError::Corrupt(format!(
+                "capture of {payment} without a hold"
+            )));
         }
         let record = self.payment(payment).await?;
         transition(reply, record)
@@ -481,7 +494,13 @@ impl BalanceStore for RedisStore {
             .run(
                 "adjust",
                 &self.scripts.adjust,
-                &[&k.account, &k.holds, &k.hold_amounts, &k.statuses, &idempotency_key],
+                &[
+                    &k.account,
+                    &k.holds,
+                    &k.hold_amounts,
+                    &k.statuses,
+                    &idempotency_key,
+                ],
                 &[
                     req.account.merchant.as_str(),
                     req.account.account.as_str(),
@@ -564,7 +583,12 @@ impl BalanceStore for RedisStore {
                     "sweep",
                     &self.scripts.read_account,
                     &[&k.account, &k.holds, &k.hold_amounts, &k.statuses],
-                    &["", "", &ctx.now_ms.to_string(), &ctx.lazy_release_max.to_string()],
+                    &[
+                        "",
+                        "",
+                        &ctx.now_ms.to_string(),
+                        &ctx.lazy_release_max.to_string(),
+                    ],
                 )
                 .await?;
             if field(&reply, 0, "sweep")? == "ok" {

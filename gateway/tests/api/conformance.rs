@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use gateway::ids::{AccountId, AdjustmentId, IdempotencyKey, MerchantId, MerchantOrderId, PaymentId};
+use gateway::ids::{
+    AccountId, AdjustmentId, IdempotencyKey, MerchantId, MerchantOrderId, PaymentId,
+};
 use gateway::money::Currency;
 use gateway::preauth::{
     AccountKey, AdjustOutcome, AdjustRequest, AuthorizeOutcome, AuthorizeRequest, BalanceStore,
@@ -38,7 +40,13 @@ fn claim(k: &str, hash: &str) -> IdempotencyClaim {
 }
 
 /// An authorize request: `capture_now` for balance, else a hold expiring at `expiry`.
-fn authorize(account: &AccountKey, idem: &str, order: &str, amount: i64, hold: HoldSpec) -> AuthorizeRequest {
+fn authorize(
+    account: &AccountKey,
+    idem: &str,
+    order: &str,
+    amount: i64,
+    hold: HoldSpec,
+) -> AuthorizeRequest {
     let id = PaymentId::generate(account.tag, NOW);
     AuthorizeRequest {
         scope: Scope::Account(account.clone()),
@@ -51,7 +59,11 @@ fn authorize(account: &AccountKey, idem: &str, order: &str, amount: i64, hold: H
             merchant_order_id: order.into(),
             amount_minor: amount,
             currency: Currency::Cny,
-            method: if hold.capture_now { Method::Balance } else { Method::Supplier },
+            method: if hold.capture_now {
+                Method::Balance
+            } else {
+                Method::Supplier
+            },
             purpose: Purpose::Charge,
             created_at_ms: NOW,
             expires_at_ms: hold.expires_at_ms,
@@ -64,10 +76,16 @@ fn authorize(account: &AccountKey, idem: &str, order: &str, amount: i64, hold: H
 }
 
 fn hold_until(expires_at_ms: u64) -> HoldSpec {
-    HoldSpec { expires_at_ms, capture_now: false }
+    HoldSpec {
+        expires_at_ms,
+        capture_now: false,
+    }
 }
 
-const CAPTURE: HoldSpec = HoldSpec { expires_at_ms: NOW + 60_000, capture_now: true };
+const CAPTURE: HoldSpec = HoldSpec {
+    expires_at_ms: NOW + 60_000,
+    capture_now: true,
+};
 
 fn adjust(account: &AccountKey, idem: &str, direction: Direction, amount: i64) -> AdjustRequest {
     AdjustRequest {
@@ -81,13 +99,24 @@ fn adjust(account: &AccountKey, idem: &str, direction: Direction, amount: i64) -
     }
 }
 
-async fn funded(store: &Arc<dyn BalanceStore>, account: &str, balance: i64, credit: i64) -> AccountKey {
+async fn funded(
+    store: &Arc<dyn BalanceStore>,
+    account: &str,
+    balance: i64,
+    credit: i64,
+) -> AccountKey {
     let k = key(account);
-    let created = store.upsert_account(&k, Currency::Cny, credit, ctx(NOW)).await.unwrap();
+    let created = store
+        .upsert_account(&k, Currency::Cny, credit, ctx(NOW))
+        .await
+        .unwrap();
     assert!(matches!(created, UpsertOutcome::Created(_)), "{created:?}");
     if balance > 0 {
         let applied = store
-            .adjust(&adjust(&k, &format!("fund-{account}"), Direction::Credit, balance), ctx(NOW))
+            .adjust(
+                &adjust(&k, &format!("fund-{account}"), Direction::Credit, balance),
+                ctx(NOW),
+            )
             .await
             .unwrap();
         assert!(matches!(applied, AdjustOutcome::Applied(_)), "{applied:?}");
@@ -96,7 +125,11 @@ async fn funded(store: &Arc<dyn BalanceStore>, account: &str, balance: i64, cred
 }
 
 async fn snapshot(store: &Arc<dyn BalanceStore>, k: &AccountKey, now: u64) -> (i64, i64, i64) {
-    let s = store.read_account(k, ctx(now)).await.unwrap().expect("account exists");
+    let s = store
+        .read_account(k, ctx(now))
+        .await
+        .unwrap()
+        .expect("account exists");
     (s.balance, s.held, s.available())
 }
 
@@ -139,38 +172,96 @@ on_both_backends!(
 async fn accounts_are_created_updated_and_keep_their_currency(store: Arc<dyn BalanceStore>) {
     let k = key("acc");
     assert_eq!(store.read_account(&k, ctx(NOW)).await.unwrap(), None);
-    let created = store.upsert_account(&k, Currency::Cny, 500, ctx(NOW)).await.unwrap();
-    let UpsertOutcome::Created(s) = created else { panic!("{created:?}") };
-    assert_eq!((s.balance, s.held, s.credit_limit, s.seq, s.available()), (0, 0, 500, 0, 500));
-    let updated = store.upsert_account(&k, Currency::Cny, 1_000, ctx(NOW)).await.unwrap();
-    let UpsertOutcome::Updated(s) = updated else { panic!("{updated:?}") };
+    let created = store
+        .upsert_account(&k, Currency::Cny, 500, ctx(NOW))
+        .await
+        .unwrap();
+    let UpsertOutcome::Created(s) = created else {
+        panic!("{created:?}")
+    };
+    assert_eq!(
+        (s.balance, s.held, s.credit_limit, s.seq, s.available()),
+        (0, 0, 500, 0, 500)
+    );
+    let updated = store
+        .upsert_account(&k, Currency::Cny, 1_000, ctx(NOW))
+        .await
+        .unwrap();
+    let UpsertOutcome::Updated(s) = updated else {
+        panic!("{updated:?}")
+    };
     assert_eq!(s.credit_limit, 1_000);
-    let mismatch = store.upsert_account(&k, Currency::Usd, 0, ctx(NOW)).await.unwrap();
+    let mismatch = store
+        .upsert_account(&k, Currency::Usd, 0, ctx(NOW))
+        .await
+        .unwrap();
     assert_eq!(mismatch, UpsertOutcome::CurrencyMismatch(Currency::Cny));
     assert_eq!(snapshot(&store, &k, NOW).await, (0, 0, 1_000));
     // Another merchant's account of the same id is another account.
-    let other = AccountKey::new(MerchantId::parse("beta").unwrap(), AccountId::parse("acc").unwrap());
+    let other = AccountKey::new(
+        MerchantId::parse("beta").unwrap(),
+        AccountId::parse("acc").unwrap(),
+    );
     assert_eq!(store.read_account(&other, ctx(NOW)).await.unwrap(), None);
 }
 
-async fn holds_count_against_available_and_insufficient_funds_is_recorded(store: Arc<dyn BalanceStore>) {
+async fn holds_count_against_available_and_insufficient_funds_is_recorded(
+    store: Arc<dyn BalanceStore>,
+) {
     let k = funded(&store, "acc", 10_000, 2_000).await;
-    let first = store.authorize(&authorize(&k, "i1", "o1", 7_000, hold_until(NOW + 60_000)), ctx(NOW)).await.unwrap();
-    let AuthorizeOutcome::Created { payment, account } = first else { panic!("{first:?}") };
+    let first = store
+        .authorize(
+            &authorize(&k, "i1", "o1", 7_000, hold_until(NOW + 60_000)),
+            ctx(NOW),
+        )
+        .await
+        .unwrap();
+    let AuthorizeOutcome::Created { payment, account } = first else {
+        panic!("{first:?}")
+    };
     assert_eq!(payment.status, PaymentStatus::Pending);
     assert_eq!(payment.held_minor, 7_000);
     assert_eq!(account.unwrap().held, 7_000);
     assert_eq!(snapshot(&store, &k, NOW).await, (10_000, 7_000, 5_000));
 
-    let refused = store.authorize(&authorize(&k, "i2", "o2", 5_001, hold_until(NOW + 60_000)), ctx(NOW)).await.unwrap();
-    assert_eq!(refused, AuthorizeOutcome::InsufficientFunds { available: 5_000, shortfall: 1 });
+    let refused = store
+        .authorize(
+            &authorize(&k, "i2", "o2", 5_001, hold_until(NOW + 60_000)),
+            ctx(NOW),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        refused,
+        AuthorizeOutcome::InsufficientFunds {
+            available: 5_000,
+            shortfall: 1
+        }
+    );
     // The refusal is recorded under its key and replayed; nothing changed.
-    let replay = store.authorize(&authorize(&k, "i2", "o2", 5_001, hold_until(NOW + 60_000)), ctx(NOW)).await.unwrap();
-    assert_eq!(replay, AuthorizeOutcome::Replay(StoredOutcome::InsufficientFunds { available: 5_000, shortfall: 1 }));
+    let replay = store
+        .authorize(
+            &authorize(&k, "i2", "o2", 5_001, hold_until(NOW + 60_000)),
+            ctx(NOW),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        replay,
+        AuthorizeOutcome::Replay(StoredOutcome::InsufficientFunds {
+            available: 5_000,
+            shortfall: 1
+        })
+    );
     assert_eq!(snapshot(&store, &k, NOW).await, (10_000, 7_000, 5_000));
     // The refused order id was not used up.
-    let exact = store.authorize(&authorize(&k, "i3", "o2", 5_000, CAPTURE), ctx(NOW)).await.unwrap();
-    let AuthorizeOutcome::Created { payment, .. } = exact else { panic!("{exact:?}") };
+    let exact = store
+        .authorize(&authorize(&k, "i3", "o2", 5_000, CAPTURE), ctx(NOW))
+        .await
+        .unwrap();
+    let AuthorizeOutcome::Created { payment, .. } = exact else {
+        panic!("{exact:?}")
+    };
     assert_eq!(payment.status, PaymentStatus::Succeeded);
     assert_eq!(payment.held_minor, 0);
     // Balance 5 000, held 7 000, credit 2 000: available 0, balance spent into the credit line.
@@ -181,39 +272,95 @@ async fn idempotency_replays_conflicts_and_never_holds_twice(store: Arc<dyn Bala
     let k = funded(&store, "acc", 10_000, 0).await;
     let request = authorize(&k, "same", "o1", 1_000, hold_until(NOW + 60_000));
     let first = store.authorize(&request, ctx(NOW)).await.unwrap();
-    let AuthorizeOutcome::Created { payment, .. } = first else { panic!("{first:?}") };
+    let AuthorizeOutcome::Created { payment, .. } = first else {
+        panic!("{first:?}")
+    };
     let id = PaymentId::parse(&payment.doc.id).unwrap();
     // The same request again (even with a fresh payment id) replays the first payment.
-    let again = store.authorize(&authorize(&k, "same", "o1", 1_000, hold_until(NOW + 60_000)), ctx(NOW)).await.unwrap();
-    assert_eq!(again, AuthorizeOutcome::Replay(StoredOutcome::Payment(id.clone())));
+    let again = store
+        .authorize(
+            &authorize(&k, "same", "o1", 1_000, hold_until(NOW + 60_000)),
+            ctx(NOW),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        again,
+        AuthorizeOutcome::Replay(StoredOutcome::Payment(id.clone()))
+    );
     // The same key with another request is a conflict.
     let mut other = authorize(&k, "same", "o9", 2_000, hold_until(NOW + 60_000));
     other.idempotency.request_hash = "a different request".into();
-    assert_eq!(store.authorize(&other, ctx(NOW)).await.unwrap(), AuthorizeOutcome::IdempotencyConflict);
+    assert_eq!(
+        store.authorize(&other, ctx(NOW)).await.unwrap(),
+        AuthorizeOutcome::IdempotencyConflict
+    );
     assert_eq!(snapshot(&store, &k, NOW).await, (10_000, 1_000, 9_000));
     let stored = store.payment(&id).await.unwrap().unwrap();
     assert_eq!(stored.status, PaymentStatus::Pending);
     assert_eq!(stored.doc, payment.doc);
 }
 
-async fn order_ids_are_unique_among_live_payments_and_freed_by_release(store: Arc<dyn BalanceStore>) {
+async fn order_ids_are_unique_among_live_payments_and_freed_by_release(
+    store: Arc<dyn BalanceStore>,
+) {
     let k = funded(&store, "acc", 10_000, 0).await;
-    let first = store.authorize(&authorize(&k, "i1", "order", 1_000, hold_until(NOW + 60_000)), ctx(NOW)).await.unwrap();
-    let AuthorizeOutcome::Created { payment, .. } = first else { panic!("{first:?}") };
+    let first = store
+        .authorize(
+            &authorize(&k, "i1", "order", 1_000, hold_until(NOW + 60_000)),
+            ctx(NOW),
+        )
+        .await
+        .unwrap();
+    let AuthorizeOutcome::Created { payment, .. } = first else {
+        panic!("{first:?}")
+    };
     let id = PaymentId::parse(&payment.doc.id).unwrap();
-    let dup = store.authorize(&authorize(&k, "i2", "order", 1_000, hold_until(NOW + 60_000)), ctx(NOW)).await.unwrap();
+    let dup = store
+        .authorize(
+            &authorize(&k, "i2", "order", 1_000, hold_until(NOW + 60_000)),
+            ctx(NOW),
+        )
+        .await
+        .unwrap();
     assert_eq!(dup, AuthorizeOutcome::DuplicateOrder(id.clone()));
     let scope = Scope::Account(k.clone());
     let order = MerchantOrderId::parse("order", 64).unwrap();
-    assert_eq!(store.live_payment_by_order(&scope, &order).await.unwrap().unwrap().doc.id, id.as_str());
+    assert_eq!(
+        store
+            .live_payment_by_order(&scope, &order)
+            .await
+            .unwrap()
+            .unwrap()
+            .doc
+            .id,
+        id.as_str()
+    );
     assert_eq!(snapshot(&store, &k, NOW).await, (10_000, 1_000, 9_000));
 
-    let released = store.release(&id, PaymentStatus::Canceled, ctx(NOW)).await.unwrap();
-    let TransitionOutcome::Done(record) = released else { panic!("{released:?}") };
-    assert_eq!((record.status, record.held_minor), (PaymentStatus::Canceled, 0));
-    assert_eq!(store.live_payment_by_order(&scope, &order).await.unwrap(), None);
-    let reused = store.authorize(&authorize(&k, "i3", "order", 1_000, CAPTURE), ctx(NOW)).await.unwrap();
-    assert!(matches!(reused, AuthorizeOutcome::Created { .. }), "{reused:?}");
+    let released = store
+        .release(&id, PaymentStatus::Canceled, ctx(NOW))
+        .await
+        .unwrap();
+    let TransitionOutcome::Done(record) = released else {
+        panic!("{released:?}")
+    };
+    assert_eq!(
+        (record.status, record.held_minor),
+        (PaymentStatus::Canceled, 0)
+    );
+    assert_eq!(
+        store.live_payment_by_order(&scope, &order).await.unwrap(),
+        None
+    );
+    let reused = store
+        .authorize(&authorize(&k, "i3", "order", 1_000, CAPTURE), ctx(NOW))
+        .await
+        .unwrap();
+    assert!(
+        matches!(reused, AuthorizeOutcome::Created { .. }),
+        "{reused:?}"
+    );
     assert_eq!(snapshot(&store, &k, NOW).await, (9_000, 0, 9_000));
 }
 
@@ -221,42 +368,113 @@ async fn a_hold_is_captured_or_released_exactly_once(store: Arc<dyn BalanceStore
     let k = funded(&store, "acc", 10_000, 0).await;
     let mut ids = Vec::new();
     for (i, amount) in [(1, 3_000), (2, 2_000)] {
-        let out = store.authorize(&authorize(&k, &format!("i{i}"), &format!("o{i}"), amount, hold_until(NOW + 60_000)), ctx(NOW)).await.unwrap();
-        let AuthorizeOutcome::Created { payment, .. } = out else { panic!("{out:?}") };
+        let out = store
+            .authorize(
+                &authorize(
+                    &k,
+                    &format!("i{i}"),
+                    &format!("o{i}"),
+                    amount,
+                    hold_until(NOW + 60_000),
+                ),
+                ctx(NOW),
+            )
+            .await
+            .unwrap();
+        let AuthorizeOutcome::Created { payment, .. } = out else {
+            panic!("{out:?}")
+        };
         ids.push(PaymentId::parse(&payment.doc.id).unwrap());
     }
     let captured = store.capture(&ids[0], ctx(NOW)).await.unwrap();
-    let TransitionOutcome::Done(record) = captured else { panic!("{captured:?}") };
+    let TransitionOutcome::Done(record) = captured else {
+        panic!("{captured:?}")
+    };
     assert_eq!(record.status, PaymentStatus::Succeeded);
     assert_eq!(snapshot(&store, &k, NOW).await, (7_000, 2_000, 5_000));
-    assert_eq!(store.capture(&ids[0], ctx(NOW)).await.unwrap(), TransitionOutcome::NotPending(PaymentStatus::Succeeded));
-    assert_eq!(store.release(&ids[0], PaymentStatus::Failed, ctx(NOW)).await.unwrap(), TransitionOutcome::NotPending(PaymentStatus::Succeeded));
+    assert_eq!(
+        store.capture(&ids[0], ctx(NOW)).await.unwrap(),
+        TransitionOutcome::NotPending(PaymentStatus::Succeeded)
+    );
+    assert_eq!(
+        store
+            .release(&ids[0], PaymentStatus::Failed, ctx(NOW))
+            .await
+            .unwrap(),
+        TransitionOutcome::NotPending(PaymentStatus::Succeeded)
+    );
 
-    let released = store.release(&ids[1], PaymentStatus::Failed, ctx(NOW)).await.unwrap();
-    assert!(matches!(released, TransitionOutcome::Done(ref r) if r.status == PaymentStatus::Failed), "{released:?}");
-    assert_eq!(store.release(&ids[1], PaymentStatus::Canceled, ctx(NOW)).await.unwrap(), TransitionOutcome::NotPending(PaymentStatus::Failed));
-    assert_eq!(store.capture(&ids[1], ctx(NOW)).await.unwrap(), TransitionOutcome::NotPending(PaymentStatus::Failed));
+    let released = store
+        .release(&ids[1], PaymentStatus::Failed, ctx(NOW))
+        .await
+        .unwrap();
+    assert!(
+        matches!(released, TransitionOutcome::Done(ref r) if r.status == PaymentStatus::Failed),
+        "{released:?}"
+    );
+    assert_eq!(
+        store
+            .release(&ids[1], PaymentStatus::Canceled, ctx(NOW))
+            .await
+            .unwrap(),
+        TransitionOutcome::NotPending(PaymentStatus::Failed)
+    );
+    assert_eq!(
+        store.capture(&ids[1], ctx(NOW)).await.unwrap(),
+        TransitionOutcome::NotPending(PaymentStatus::Failed)
+    );
     assert_eq!(snapshot(&store, &k, NOW).await, (7_000, 0, 7_000));
     let unknown = PaymentId::generate(k.tag, NOW);
-    assert_eq!(store.capture(&unknown, ctx(NOW)).await.unwrap(), TransitionOutcome::NotFound);
+    assert_eq!(
+        store.capture(&unknown, ctx(NOW)).await.unwrap(),
+        TransitionOutcome::NotFound
+    );
     let seq = store.read_account(&k, ctx(NOW)).await.unwrap().unwrap().seq;
-    assert_eq!(seq, 2, "one funding credit and one capture moved the balance");
+    assert_eq!(
+        seq, 2,
+        "one funding credit and one capture moved the balance"
+    );
 }
 
 async fn expired_holds_are_released_lazily_and_by_the_sweeper(store: Arc<dyn BalanceStore>) {
     let k = funded(&store, "acc", 10_000, 0).await;
-    let out = store.authorize(&authorize(&k, "i1", "o1", 4_000, hold_until(NOW + 1_000)), ctx(NOW)).await.unwrap();
-    let AuthorizeOutcome::Created { payment, .. } = out else { panic!("{out:?}") };
+    let out = store
+        .authorize(
+            &authorize(&k, "i1", "o1", 4_000, hold_until(NOW + 1_000)),
+            ctx(NOW),
+        )
+        .await
+        .unwrap();
+    let AuthorizeOutcome::Created { payment, .. } = out else {
+        panic!("{out:?}")
+    };
     let id = PaymentId::parse(&payment.doc.id).unwrap();
-    assert_eq!(snapshot(&store, &k, NOW + 999).await, (10_000, 4_000, 6_000));
+    assert_eq!(
+        snapshot(&store, &k, NOW + 999).await,
+        (10_000, 4_000, 6_000)
+    );
     // Lazily, inside the next operation on the account after the expiry.
     assert_eq!(snapshot(&store, &k, NOW + 1_000).await, (10_000, 0, 10_000));
     let record = store.payment(&id).await.unwrap().unwrap();
-    assert_eq!((record.status, record.held_minor), (PaymentStatus::Expired, 0));
+    assert_eq!(
+        (record.status, record.held_minor),
+        (PaymentStatus::Expired, 0)
+    );
     // An expired payment never captures, and its order id is free again.
-    assert_eq!(store.capture(&id, ctx(NOW + 2_000)).await.unwrap(), TransitionOutcome::NotPending(PaymentStatus::Expired));
-    let reuse = store.authorize(&authorize(&k, "i2", "o1", 4_000, hold_until(NOW + 5_000)), ctx(NOW + 2_000)).await.unwrap();
-    let AuthorizeOutcome::Created { payment, .. } = reuse else { panic!("{reuse:?}") };
+    assert_eq!(
+        store.capture(&id, ctx(NOW + 2_000)).await.unwrap(),
+        TransitionOutcome::NotPending(PaymentStatus::Expired)
+    );
+    let reuse = store
+        .authorize(
+            &authorize(&k, "i2", "o1", 4_000, hold_until(NOW + 5_000)),
+            ctx(NOW + 2_000),
+        )
+        .await
+        .unwrap();
+    let AuthorizeOutcome::Created { payment, .. } = reuse else {
+        panic!("{reuse:?}")
+    };
     let second = PaymentId::parse(&payment.doc.id).unwrap();
 
     // By the sweeper, for an account nobody touches.
@@ -270,33 +488,82 @@ async fn expired_holds_are_released_lazily_and_by_the_sweeper(store: Arc<dyn Bal
         }
     }
     assert_eq!(total, 1);
-    assert_eq!(store.payment(&second).await.unwrap().unwrap().status, PaymentStatus::Expired);
+    assert_eq!(
+        store.payment(&second).await.unwrap().unwrap().status,
+        PaymentStatus::Expired
+    );
     assert_eq!(snapshot(&store, &k, NOW + 5_000).await, (10_000, 0, 10_000));
 }
 
 async fn adjustments_credit_debit_and_never_overdraw(store: Arc<dyn BalanceStore>) {
     let k = funded(&store, "acc", 10_000, 1_000).await;
-    let hold = store.authorize(&authorize(&k, "i1", "o1", 2_000, hold_until(NOW + 60_000)), ctx(NOW)).await.unwrap();
+    let hold = store
+        .authorize(
+            &authorize(&k, "i1", "o1", 2_000, hold_until(NOW + 60_000)),
+            ctx(NOW),
+        )
+        .await
+        .unwrap();
     assert!(matches!(hold, AuthorizeOutcome::Created { .. }));
     // available = 10 000 + 1 000 − 2 000 = 9 000.
-    let too_much = store.adjust(&adjust(&k, "d1", Direction::Debit, 9_001), ctx(NOW)).await.unwrap();
-    assert_eq!(too_much, AdjustOutcome::InsufficientFunds { available: 9_000, shortfall: 1 });
-    let debit = store.adjust(&adjust(&k, "d2", Direction::Debit, 9_000), ctx(NOW)).await.unwrap();
-    let AdjustOutcome::Applied(s) = debit else { panic!("{debit:?}") };
+    let too_much = store
+        .adjust(&adjust(&k, "d1", Direction::Debit, 9_001), ctx(NOW))
+        .await
+        .unwrap();
+    assert_eq!(
+        too_much,
+        AdjustOutcome::InsufficientFunds {
+            available: 9_000,
+            shortfall: 1
+        }
+    );
+    let debit = store
+        .adjust(&adjust(&k, "d2", Direction::Debit, 9_000), ctx(NOW))
+        .await
+        .unwrap();
+    let AdjustOutcome::Applied(s) = debit else {
+        panic!("{debit:?}")
+    };
     assert_eq!((s.balance, s.held, s.available()), (1_000, 2_000, 0));
     // Replay of the applied adjustment returns its document and moves nothing.
-    let replay = store.adjust(&adjust(&k, "d2", Direction::Debit, 9_000), ctx(NOW)).await.unwrap();
-    assert_eq!(replay, AdjustOutcome::Replay(StoredOutcome::Adjustment("{\"amount\":9000}".into())));
+    let replay = store
+        .adjust(&adjust(&k, "d2", Direction::Debit, 9_000), ctx(NOW))
+        .await
+        .unwrap();
+    assert_eq!(
+        replay,
+        AdjustOutcome::Replay(StoredOutcome::Adjustment("{\"amount\":9000}".into()))
+    );
     let mut conflicting = adjust(&k, "d2", Direction::Credit, 5);
     conflicting.idempotency.request_hash = "other".into();
-    assert_eq!(store.adjust(&conflicting, ctx(NOW)).await.unwrap(), AdjustOutcome::IdempotencyConflict);
+    assert_eq!(
+        store.adjust(&conflicting, ctx(NOW)).await.unwrap(),
+        AdjustOutcome::IdempotencyConflict
+    );
     assert_eq!(snapshot(&store, &k, NOW).await, (1_000, 2_000, 0));
-    let missing = store.adjust(&adjust(&key("nobody"), "x", Direction::Credit, 5), ctx(NOW)).await.unwrap();
+    let missing = store
+        .adjust(&adjust(&key("nobody"), "x", Direction::Credit, 5), ctx(NOW))
+        .await
+        .unwrap();
     assert_eq!(missing, AdjustOutcome::AccountNotFound);
     let mut usd = adjust(&k, "usd", Direction::Credit, 5);
     usd.currency = Currency::Usd;
-    assert_eq!(store.adjust(&usd, ctx(NOW)).await.unwrap(), AdjustOutcome::CurrencyMismatch(Currency::Cny));
-    let huge = store.adjust(&adjust(&k, "huge", Direction::Credit, gateway::preauth::MAX_SAFE_MINOR), ctx(NOW)).await.unwrap();
+    assert_eq!(
+        store.adjust(&usd, ctx(NOW)).await.unwrap(),
+        AdjustOutcome::CurrencyMismatch(Currency::Cny)
+    );
+    let huge = store
+        .adjust(
+            &adjust(
+                &k,
+                "huge",
+                Direction::Credit,
+                gateway::preauth::MAX_SAFE_MINOR,
+            ),
+            ctx(NOW),
+        )
+        .await
+        .unwrap();
     assert_eq!(huge, AdjustOutcome::OutOfRange);
     assert_eq!(snapshot(&store, &k, NOW).await, (1_000, 2_000, 0));
 }
@@ -310,7 +577,16 @@ async fn concurrent_authorizations_never_overspend(store: Arc<dyn BalanceStore>)
         let k = k.clone();
         tasks.push(tokio::spawn(async move {
             store
-                .authorize(&authorize(&k, &format!("c{i}"), &format!("o{i}"), 1_000, hold_until(NOW + 60_000)), ctx(NOW))
+                .authorize(
+                    &authorize(
+                        &k,
+                        &format!("c{i}"),
+                        &format!("o{i}"),
+                        1_000,
+                        hold_until(NOW + 60_000),
+                    ),
+                    ctx(NOW),
+                )
                 .await
                 .unwrap()
         }));
@@ -320,7 +596,10 @@ async fn concurrent_authorizations_never_overspend(store: Arc<dyn BalanceStore>)
     for task in tasks {
         match task.await.unwrap() {
             AuthorizeOutcome::Created { .. } => created += 1,
-            AuthorizeOutcome::InsufficientFunds { available, shortfall } => {
+            AuthorizeOutcome::InsufficientFunds {
+                available,
+                shortfall,
+            } => {
                 assert_eq!((available, shortfall), (500, 500));
                 refused += 1;
             }
@@ -357,10 +636,20 @@ async fn payments_without_account_hold_nothing(store: Arc<dyn BalanceStore>) {
         hold: None,
     };
     let out = store.authorize(&request, ctx(NOW)).await.unwrap();
-    let AuthorizeOutcome::Created { payment, account } = out else { panic!("{out:?}") };
-    assert_eq!((payment.status, payment.held_minor, account), (PaymentStatus::Pending, 0, None));
+    let AuthorizeOutcome::Created { payment, account } = out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(
+        (payment.status, payment.held_minor, account),
+        (PaymentStatus::Pending, 0, None)
+    );
     let stored = store.payment(&id).await.unwrap().unwrap();
     assert_eq!(stored.doc.description.as_deref(), Some("game card"));
-    let released = store.release(&id, PaymentStatus::Canceled, ctx(NOW)).await.unwrap();
-    assert!(matches!(released, TransitionOutcome::Done(ref r) if r.status == PaymentStatus::Canceled));
+    let released = store
+        .release(&id, PaymentStatus::Canceled, ctx(NOW))
+        .await
+        .unwrap();
+    assert!(
+        matches!(released, TransitionOutcome::Done(ref r) if r.status == PaymentStatus::Canceled)
+    );
 }

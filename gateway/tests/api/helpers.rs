@@ -157,8 +157,15 @@ pub enum Backend {
 
 /// The sandbox configuration on port 0, with extra overrides.
 pub fn test_config(overrides: &[(&str, &str)]) -> Config {
-    let mut env = vec![("GATEWAY__SERVER__LISTEN".to_owned(), "127.0.0.1:0".to_owned())];
-    env.extend(overrides.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let mut env = vec![(
+        "GATEWAY__SERVER__LISTEN".to_owned(),
+        "127.0.0.1:0".to_owned(),
+    )];
+    env.extend(
+        overrides
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
     config::load(None, env).expect("test configuration")
 }
 
@@ -277,14 +284,26 @@ impl TestApp {
     }
 
     pub async fn post(&self, path: &str, key: &str, idempotency: &str, body: Value) -> Reply {
-        self.request(Method::POST, path, Some(key), Some(idempotency), Some(body.to_string()))
-            .await
+        self.request(
+            Method::POST,
+            path,
+            Some(key),
+            Some(idempotency),
+            Some(body.to_string()),
+        )
+        .await
     }
 
     pub async fn put_account(&self, key: &str, id: &str, currency: &str, credit: &str) -> Reply {
         let body = serde_json::json!({"currency": currency, "credit_limit": credit});
-        self.request(Method::PUT, &format!("/v1/accounts/{id}"), Some(key), None, Some(body.to_string()))
-            .await
+        self.request(
+            Method::PUT,
+            &format!("/v1/accounts/{id}"),
+            Some(key),
+            None,
+            Some(body.to_string()),
+        )
+        .await
     }
 
     pub async fn account(&self, key: &str, id: &str) -> Reply {
@@ -297,12 +316,24 @@ impl TestApp {
             "merchant_id": merchant, "direction": "credit", "amount": amount, "reason": "test funding"
         });
         let key = format!("fund-{account}-{amount}-{}", uuidish());
-        self.post(&format!("/v1/accounts/{account}/adjustments"), ADMIN, &key, body)
-            .await
+        self.post(
+            &format!("/v1/accounts/{account}/adjustments"),
+            ADMIN,
+            &key,
+            body,
+        )
+        .await
     }
 
     /// A fresh account of `merchant` with `balance` and `credit`.
-    pub async fn funded_account(&self, key: &str, merchant: &str, id: &str, balance: &str, credit: &str) {
+    pub async fn funded_account(
+        &self,
+        key: &str,
+        merchant: &str,
+        id: &str,
+        balance: &str,
+        credit: &str,
+    ) {
         let put = self.put_account(key, id, "CNY", credit).await;
         assert_eq!(put.status, 201, "{:?}", put.body);
         if balance != "0.00" {
@@ -316,12 +347,31 @@ impl TestApp {
     }
 
     /// Asserts the account's `balance`, `held` and `available`.
-    pub async fn assert_account(&self, key: &str, id: &str, balance: &str, held: &str, available: &str) {
+    pub async fn assert_account(
+        &self,
+        key: &str,
+        id: &str,
+        balance: &str,
+        held: &str,
+        available: &str,
+    ) {
         let account = self.account(key, id).await;
         assert_eq!(account.status, 200, "{:?}", account.body);
-        assert_eq!(account.body["balance"], balance, "balance of {id}: {:?}", account.body);
-        assert_eq!(account.body["held"], held, "held of {id}: {:?}", account.body);
-        assert_eq!(account.body["available"], available, "available of {id}: {:?}", account.body);
+        assert_eq!(
+            account.body["balance"], balance,
+            "balance of {id}: {:?}",
+            account.body
+        );
+        assert_eq!(
+            account.body["held"], held,
+            "held of {id}: {:?}",
+            account.body
+        );
+        assert_eq!(
+            account.body["available"], available,
+            "available of {id}: {:?}",
+            account.body
+        );
     }
 }
 
