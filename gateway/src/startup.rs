@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -101,7 +102,13 @@ impl Application {
         let state = self.state.clone();
         let mut drain_rx = stop_rx;
         let app = api::router(self.state.clone());
-        let server = axum::serve(self.listener, app).with_graceful_shutdown(async move {
+        // Small request/response pairs: never wait on Nagle's algorithm.
+        let listener = self.listener.tap_io(|tcp| {
+            if let Err(err) = tcp.set_nodelay(true) {
+                tracing::warn!(error = %err, "cannot set TCP_NODELAY");
+            }
+        });
+        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
             let _ = drain_rx.wait_for(|stop| *stop).await;
         });
         let server = tokio::spawn(async move { server.await });

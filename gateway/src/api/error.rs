@@ -25,6 +25,8 @@ pub enum ApiError {
     Forbidden(String),
     /// 404.
     NotFound(String),
+    /// 405: a known route called with another method.
+    MethodNotAllowed,
     /// 409: the key was used with another request; never retry with this key.
     IdempotencyConflict,
     /// 409: the first request with this key is still running; retry later.
@@ -61,6 +63,7 @@ impl ApiError {
             ApiError::InsufficientFunds { .. } => StatusCode::PAYMENT_REQUIRED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::IdempotencyConflict
             | ApiError::IdempotencyInFlight
             | ApiError::DuplicateOrder { .. } => StatusCode::CONFLICT,
@@ -76,6 +79,7 @@ impl ApiError {
             ApiError::InsufficientFunds { .. } => "insufficient_funds",
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
+            ApiError::MethodNotAllowed => "invalid_request",
             ApiError::IdempotencyConflict => "idempotency_conflict",
             ApiError::IdempotencyInFlight => "idempotency_in_flight",
             ApiError::DuplicateOrder { .. } => "duplicate_order",
@@ -104,6 +108,7 @@ impl ApiError {
                 "the account cannot cover this amount".into()
             }
             ApiError::Forbidden(message) | ApiError::NotFound(message) => message.clone(),
+            ApiError::MethodNotAllowed => "this route does not take this HTTP method".into(),
             ApiError::IdempotencyConflict => {
                 "this Idempotency-Key was already used with a different request; use a new key"
                     .into()

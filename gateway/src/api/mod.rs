@@ -66,7 +66,7 @@ impl AppState {
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    let v1 = Router::new()
         .route(
             "/v1/accounts/{id}",
             put(accounts::put_account).get(accounts::get_account),
@@ -81,32 +81,23 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/payments/{id}", get(payments::get_payment))
         .route("/v1/payments/{id}/cancel", post(payments::cancel_payment))
+        // Only the API is shed under load: health checks and scrapes must still answer.
+        .route_layer(middleware::from_fn_with_state(state.clone(), admit));
+    Router::new()
+        .merge(v1)
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            admit_and_measure,
-        ))
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::from_fn(measure))
         .with_state(state)
 }
 
 /// Sheds load beyond `server.max_in_flight_requests` with an immediate 503 (never an unbounded
-/// queue), and records every request's route, status and latency.
-async fn admit_and_measure(
-    State(state): State<Arc<AppState>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let started = Instant::now();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", |p| p.as_str())
-        .to_owned();
-    let method = request.method().as_str().to_owned();
-    let response = match state.in_flight.try_acquire() {
+/// queue).
+async fn admit(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    match state.in_flight.try_acquire() {
         Ok(_permit) => next.run(request).await,
         Err(_) => {
             telemetry::request_shed();
@@ -116,7 +107,19 @@ async fn admit_and_measure(
             }
             .into_response()
         }
-    };
+    }
+}
+
+/// Records every request's route, method, status and latency.
+async fn measure(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let method = request.method().as_str().to_owned();
+    let response = next.run(request).await;
     telemetry::http_request(
         &route,
         &method,

@@ -248,7 +248,7 @@ fn payment_scope(
         )),
         (Method::Alipay | Method::Wechatpay, Some(_)) => Err(ApiError::invalid(
             "account_id",
-            "is not allowed for alipay and wechatpay charges (use /v1/accounts/{id}/topups to fund an account)",
+            "is not allowed for alipay and wechatpay charges (they are paid by the customer, not from an account)",
         )),
         (Method::Alipay | Method::Wechatpay, None) => Ok(Scope::merchant(merchant.id.clone())),
     }

@@ -1,0 +1,289 @@
+//! The settlement store: the system of record. Redis is fast but may lose acknowledged
+//! writes; every money movement is committed here, as a settlement row with balanced
+//! double-entry postings, and every balance and live hold can be rebuilt from it.
+//!
+//! [`SettlementStore`] has two backends passing one conformance suite
+//! (`gateway/tests/api/settlement_conformance.rs`): SQLite (WAL, `synchronous=FULL`, one file
+//! under the data dir; the embedded default) and PostgreSQL (production; several gateway
+//! instances share it). Migrations are embedded and applied by `gateway migrate`; a server
+//! refuses to run on an unmigrated or unknown schema.
+
+pub mod postgres;
+pub mod sqlite;
+
+use std::fmt;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::money::Currency;
+
+/// The migrations, in order. Both backends run the same portable SQL.
+pub const MIGRATIONS: &[(u32, &str)] = &[(1, include_str!("migrations/0001_init.sql"))];
+
+/// The schema version this binary runs on.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// What kind of money movement a settlement records (DESIGN.md §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SettlementKind {
+    Capture,
+    Credit,
+    Adjustment,
+    Refund,
+    Suspense,
+}
+
+impl SettlementKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SettlementKind::Capture => "capture",
+            SettlementKind::Credit => "credit",
+            SettlementKind::Adjustment => "adjustment",
+            SettlementKind::Refund => "refund",
+            SettlementKind::Suspense => "suspense",
+        }
+    }
+}
+
+/// One line of a double-entry posting: `amount_minor` is added to `ledger`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Posting {
+    pub ledger: String,
+    pub amount_minor: i64,
+}
+
+/// Ledger names. An account's balance is the sum of its ledger's postings.
+pub mod ledger {
+    pub fn account(merchant: &str, account: &str) -> String {
+        format!("account:{merchant}:{account}")
+    }
+    /// What a merchant earned from balance and supplier charges.
+    pub fn merchant_sales(merchant: &str) -> String {
+        format!("merchant:{merchant}:sales")
+    }
+    /// The other side of manual credits and debits.
+    pub fn adjustments(merchant: &str) -> String {
+        format!("platform:{merchant}:adjustments")
+    }
+}
+
+/// A payment row: written as an intent before anything else happens to a non-balance payment,
+/// and with its settlement for a balance payment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentRow {
+    pub id: String,
+    pub merchant_id: String,
+    pub account_id: Option<String>,
+    pub scope_tag: String,
+    pub merchant_order_id: String,
+    pub amount_minor: i64,
+    pub currency: Currency,
+    pub method: String,
+    pub purpose: String,
+    pub status: String,
+    pub held_minor: i64,
+    pub hold_expires_at_ms: Option<u64>,
+    pub created_at_ms: u64,
+    pub expires_at_ms: u64,
+    pub updated_at_ms: u64,
+    pub doc: String,
+}
+
+/// One money movement, ready to commit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settlement {
+    pub payment_id: String,
+    pub kind: SettlementKind,
+    pub sequence: u32,
+    pub merchant_id: String,
+    pub account_id: Option<String>,
+    pub channel_id: Option<String>,
+    pub channel_txn_id: Option<String>,
+    pub amount_minor: i64,
+    pub currency: Currency,
+    pub channel_fee_minor: i64,
+    pub commission_minor: i64,
+    pub merchant_net_minor: i64,
+    /// The account's sequence number after this movement (detects a Redis that rolled back).
+    pub account_seq: Option<u64>,
+    pub settled_at_ms: u64,
+    pub postings: Vec<Posting>,
+    /// The payment this movement finalizes, written (inserted or updated) in the same
+    /// transaction.
+    pub payment: Option<PaymentRow>,
+}
+
+impl Settlement {
+    /// A digest of everything that defines the movement (not when it was written), so a
+    /// re-driven settlement is recognized as the same and a different one as a conflict.
+    pub fn content_hash(&self) -> String {
+        let mut h = Sha256::new();
+        let mut field = |bytes: &[u8]| {
+            h.update((bytes.len() as u64).to_be_bytes());
+            h.update(bytes);
+        };
+        field(self.payment_id.as_bytes());
+        field(self.kind.as_str().as_bytes());
+        field(&self.sequence.to_be_bytes());
+        field(self.merchant_id.as_bytes());
+        field(self.account_id.as_deref().unwrap_or("").as_bytes());
+        field(self.channel_id.as_deref().unwrap_or("").as_bytes());
+        field(self.channel_txn_id.as_deref().unwrap_or("").as_bytes());
+        field(&self.amount_minor.to_be_bytes());
+        field(self.currency.code().as_bytes());
+        field(&self.channel_fee_minor.to_be_bytes());
+        field(&self.commission_minor.to_be_bytes());
+        field(&self.merchant_net_minor.to_be_bytes());
+        field(&self.account_seq.unwrap_or(0).to_be_bytes());
+        for p in &self.postings {
+            field(p.ledger.as_bytes());
+            field(&p.amount_minor.to_be_bytes());
+        }
+        hex::encode(&h.finalize()[..16])
+    }
+
+    /// The invariants every settlement keeps: postings balance to zero, fees and commission
+    /// and net sum to the amount, nothing overflows. Checked before any write.
+    pub fn check(&self) -> Result<(), SettleError> {
+        let bad = |what: &str| Err(SettleError::Invalid(format!("{}: {what}", self.payment_id)));
+        if self.postings.len() < 2 {
+            return bad("needs at least two postings");
+        }
+        let sum = self
+            .postings
+            .iter()
+            .try_fold(0i64, |acc, p| acc.checked_add(p.amount_minor));
+        if sum != Some(0) {
+            return bad("postings do not sum to zero");
+        }
+        if self.amount_minor <= 0 {
+            return bad("amount must be positive");
+        }
+        let parts = self
+            .channel_fee_minor
+            .checked_add(self.commission_minor)
+            .and_then(|s| s.checked_add(self.merchant_net_minor));
+        if parts != Some(self.amount_minor) {
+            return bad("fee + commission + net must equal the amount");
+        }
+        Ok(())
+    }
+}
+
+/// The result of committing one settlement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitOutcome {
+    Inserted,
+    /// The same movement was already committed (a re-drive after a crash): nothing written.
+    AlreadyCommitted,
+    /// A different movement is stored under the same key: nothing written, flagged.
+    Conflict { stored_hash: String },
+}
+
+/// An account as the store keeps it, with what rebuilding Redis needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountRow {
+    pub merchant_id: String,
+    pub account_id: String,
+    pub currency: Currency,
+    pub credit_limit_minor: i64,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+}
+
+/// An account's state recomputed from settlements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountBalance {
+    pub account: AccountRow,
+    /// Sum of the account ledger's postings.
+    pub balance_minor: i64,
+    /// Highest `account_seq` of the account's settlements (0 without any).
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IntentOutcome {
+    Inserted,
+    /// This very payment was already recorded (a retry).
+    AlreadyRecorded,
+    /// Another live payment holds the scoped order id.
+    DuplicateOrder(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Flagged {
+    pub kind: String,
+    pub payment_id: String,
+    pub detail: String,
+    pub created_at_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettleError {
+    #[error("settlement store unreachable: {0}")]
+    Unavailable(String),
+    #[error("the settlement store has no schema: run `gateway migrate`")]
+    Unmigrated,
+    #[error("the settlement store is at schema version {found}, this binary runs {expected}: run `gateway migrate` (or deploy the newer binary)")]
+    WrongSchema { found: u32, expected: u32 },
+    #[error("invalid settlement: {0}")]
+    Invalid(String),
+    #[error("settlement store misconfigured: {0}")]
+    Misconfigured(String),
+}
+
+/// The system of record.
+#[async_trait]
+pub trait SettlementStore: Send + Sync + 'static {
+    /// Applies every migration not yet applied; returns the schema version.
+    async fn migrate(&self) -> Result<u32, SettleError>;
+
+    /// The applied schema version, `None` when the store was never migrated.
+    async fn schema_version(&self) -> Result<Option<u32>, SettleError>;
+
+    /// Creates or updates an account (currency, credit limit).
+    async fn upsert_account(&self, row: &AccountRow) -> Result<(), SettleError>;
+
+    /// Records a payment before anything else happens to it.
+    async fn record_intent(&self, payment: &PaymentRow) -> Result<IntentOutcome, SettleError>;
+
+    /// Commits a batch in ONE transaction (one fsync): each settlement is inserted, recognized
+    /// as already committed, or refused as a conflict (and flagged).
+    async fn commit(&self, batch: &[Settlement]) -> Result<Vec<CommitOutcome>, SettleError>;
+
+    /// Every account with its balance and sequence recomputed from the postings.
+    async fn balances(&self) -> Result<Vec<AccountBalance>, SettleError>;
+
+    /// Every pending payment that holds money (to rebuild holds).
+    async fn live_holds(&self) -> Result<Vec<PaymentRow>, SettleError>;
+
+    async fn payment(&self, id: &str) -> Result<Option<PaymentRow>, SettleError>;
+
+    /// The postings of every settlement, as (payment id, kind, sequence, ledger, amount).
+    async fn postings_sum_by_movement(&self) -> Result<Vec<(String, String, u32, i64)>, SettleError>;
+
+    async fn flagged(&self, limit: usize) -> Result<Vec<Flagged>, SettleError>;
+
+    async fn ping(&self) -> Result<(), SettleError>;
+}
+
+/// Refuses to run on a store whose schema this binary does not know.
+pub async fn check_schema(store: &dyn SettlementStore) -> Result<(), SettleError> {
+    match store.schema_version().await? {
+        None => Err(SettleError::Unmigrated),
+        Some(v) if v == SCHEMA_VERSION => Ok(()),
+        Some(found) => Err(SettleError::WrongSchema {
+            found,
+            expected: SCHEMA_VERSION,
+        }),
+    }
+}
+
+impl fmt::Display for SettlementKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

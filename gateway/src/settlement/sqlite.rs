@@ -1,0 +1,487 @@
+//! The SQLite backend: one file under the data dir, WAL, `synchronous=FULL` (fsync on every
+//! commit; group commit keeps the fsyncs per payment low instead of weakening them). SQLite
+//! is synchronous, so every call runs on tokio's blocking pool with the one connection.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use super::{
+    AccountBalance, AccountRow, CommitOutcome, Flagged, IntentOutcome, PaymentRow, SettleError,
+    Settlement, SettlementStore, MIGRATIONS, SCHEMA_VERSION,
+};
+use crate::money::Currency;
+use crate::telemetry;
+
+/// Waits this long for a lock held by another process (`gateway migrate` beside a server).
+const BUSY_TIMEOUT_MS: u64 = 5_000;
+
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").field("path", &self.path).finish()
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> SettleError {
+    SettleError::Unavailable(e.to_string())
+}
+
+fn ms(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn currency(code: String) -> rusqlite::Result<Currency> {
+    Currency::parse(&code).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+impl SqliteStore {
+    /// Opens (creating the file and its directory) with WAL and full synchronous commits.
+    pub fn open(path: &Path) -> Result<Self, SettleError> {
+        if let Some(dir) = path.parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    SettleError::Misconfigured(format!("cannot create {}: {e}", dir.display()))
+                })?;
+            }
+        }
+        let conn = Connection::open(path).map_err(unavailable)?;
+        conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS))
+            .map_err(unavailable)?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(unavailable)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(SettleError::Misconfigured(format!(
+                "{} cannot use WAL (journal_mode={mode})",
+                path.display()
+            )));
+        }
+        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
+            .map_err(unavailable)?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+            path: path.to_owned(),
+        })
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&mut Connection) -> Result<T, SettleError> + Send + 'static,
+    ) -> Result<T, SettleError> {
+        let conn = self.conn.clone();
+        let started = std::time::Instant::now();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut conn = conn.lock().map_err(|_| unavailable("connection lock poisoned"))?;
+            f(&mut conn)
+        })
+        .await
+        .map_err(unavailable)?;
+        telemetry::store_call("sqlite", op, started.elapsed());
+        result
+    }
+}
+
+fn db(e: rusqlite::Error) -> SettleError {
+    unavailable(e)
+}
+
+fn payment_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PaymentRow> {
+    Ok(PaymentRow {
+        id: r.get(0)?,
+        merchant_id: r.get(1)?,
+        account_id: r.get(2)?,
+        scope_tag: r.get(3)?,
+        merchant_order_id: r.get(4)?,
+        amount_minor: r.get(5)?,
+        currency: currency(r.get(6)?)?,
+        method: r.get(7)?,
+        purpose: r.get(8)?,
+        status: r.get(9)?,
+        held_minor: r.get(10)?,
+        hold_expires_at_ms: r.get::<_, Option<i64>>(11)?.map(|v| v as u64),
+        created_at_ms: r.get::<_, i64>(12)? as u64,
+        expires_at_ms: r.get::<_, i64>(13)? as u64,
+        updated_at_ms: r.get::<_, i64>(14)? as u64,
+        doc: r.get(15)?,
+    })
+}
+
+const PAYMENT_COLUMNS: &str = "id, merchant_id, account_id, scope_tag, merchant_order_id, \
+    amount_minor, currency, method, purpose, status, held_minor, hold_expires_at_ms, \
+    created_at_ms, expires_at_ms, updated_at_ms, doc";
+
+/// Inserts a payment, or updates its status if it exists; `false` when another live payment
+/// holds its scoped order id.
+fn write_payment(conn: &Connection, p: &PaymentRow) -> rusqlite::Result<bool> {
+    let inserted = conn.execute(
+        &format!(
+            "INSERT INTO payments ({PAYMENT_COLUMNS}) VALUES \
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16) \
+             ON CONFLICT DO NOTHING"
+        ),
+        params![
+            p.id,
+            p.merchant_id,
+            p.account_id,
+            p.scope_tag,
+            p.merchant_order_id,
+            p.amount_minor,
+            p.currency.code(),
+            p.method,
+            p.purpose,
+            p.status,
+            p.held_minor,
+            p.hold_expires_at_ms.map(ms),
+            ms(p.created_at_ms),
+            ms(p.expires_at_ms),
+            ms(p.updated_at_ms),
+            p.doc
+        ],
+    )?;
+    if inserted == 1 {
+        return Ok(true);
+    }
+    let updated = conn.execute(
+        "UPDATE payments SET status = ?2, held_minor = ?3, updated_at_ms = ?4 WHERE id = ?1",
+        params![p.id, p.status, p.held_minor, ms(p.updated_at_ms)],
+    )?;
+    Ok(updated == 1)
+}
+
+#[async_trait]
+impl SettlementStore for SqliteStore {
+    async fn migrate(&self) -> Result<u32, SettleError> {
+        self.run("migrate", |conn| {
+            conn.execute_batch(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (\
+                 version INTEGER PRIMARY KEY, applied_at_ms BIGINT NOT NULL)",
+            )
+            .map_err(db)?;
+            let current: Option<u32> = conn
+                .query_row("SELECT MAX(version) FROM schema_migrations", [], |r| r.get(0))
+                .map_err(db)?;
+            let current = current.unwrap_or(0);
+            if current > SCHEMA_VERSION {
+                return Err(SettleError::WrongSchema {
+                    found: current,
+                    expected: SCHEMA_VERSION,
+                });
+            }
+            for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+                let tx = conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(db)?;
+                tx.execute_batch(sql).map_err(db)?;
+                tx.execute(
+                    "INSERT INTO schema_migrations (version, applied_at_ms) VALUES (?1, ?2)",
+                    params![version, ms(telemetry::now_ms())],
+                )
+                .map_err(db)?;
+                tx.commit().map_err(db)?;
+                tracing::info!(version, "applied migration");
+            }
+            Ok(SCHEMA_VERSION)
+        })
+        .await
+    }
+
+    async fn schema_version(&self) -> Result<Option<u32>, SettleError> {
+        self.run("schema_version", |conn| {
+            let exists: bool = conn
+                .query_row(
+                    "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' \
+                     AND name = 'schema_migrations')",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(db)?;
+            if !exists {
+                return Ok(None);
+            }
+            conn.query_row("SELECT MAX(version) FROM schema_migrations", [], |r| r.get(0))
+                .map_err(db)
+        })
+        .await
+    }
+
+    async fn upsert_account(&self, row: &AccountRow) -> Result<(), SettleError> {
+        let row = row.clone();
+        self.run("upsert_account", move |conn| {
+            conn.execute(
+                "INSERT INTO accounts (merchant_id, account_id, currency, credit_limit_minor, \
+                 created_at_ms, updated_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                 ON CONFLICT (merchant_id, account_id) DO UPDATE SET \
+                 credit_limit_minor = excluded.credit_limit_minor, \
+                 updated_at_ms = excluded.updated_at_ms",
+                params![
+                    row.merchant_id,
+                    row.account_id,
+                    row.currency.code(),
+                    row.credit_limit_minor,
+                    ms(row.created_at_ms),
+                    ms(row.updated_at_ms)
+                ],
+            )
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn record_intent(&self, payment: &PaymentRow) -> Result<IntentOutcome, SettleError> {
+        let p = payment.clone();
+        self.run("record_intent", move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db)?;
+            let existing: Option<String> = tx
+                .query_row("SELECT id FROM payments WHERE id = ?1", [&p.id], |r| r.get(0))
+                .optional()
+                .map_err(db)?;
+            if existing.is_some() {
+                return Ok(IntentOutcome::AlreadyRecorded);
+            }
+            let holder: Option<String> = tx
+                .query_row(
+                    "SELECT id FROM payments WHERE scope_tag = ?1 AND merchant_order_id = ?2 \
+                     AND status IN ('pending', 'succeeded', 'partially_refunded', 'refunded')",
+                    params![p.scope_tag, p.merchant_order_id],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(db)?;
+            if let Some(holder) = holder {
+                return Ok(IntentOutcome::DuplicateOrder(holder));
+            }
+            write_payment(&tx, &p).map_err(db)?;
+            tx.commit().map_err(db)?;
+            Ok(IntentOutcome::Inserted)
+        })
+        .await
+    }
+
+    async fn commit(&self, batch: &[Settlement]) -> Result<Vec<CommitOutcome>, SettleError> {
+        for s in batch {
+            s.check()?;
+        }
+        let batch = batch.to_vec();
+        self.run("commit", move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db)?;
+            let mut outcomes = Vec::with_capacity(batch.len());
+            for s in &batch {
+                let hash = s.content_hash();
+                let inserted = tx
+                    .execute(
+                        "INSERT INTO settlements (payment_id, kind, sequence, merchant_id, \
+                         account_id, channel_id, channel_txn_id, amount_minor, currency, \
+                         channel_fee_minor, commission_minor, merchant_net_minor, account_seq, \
+                         settled_at_ms, content_hash) VALUES \
+                         (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) \
+                         ON CONFLICT DO NOTHING",
+                        params![
+                            s.payment_id,
+                            s.kind.as_str(),
+                            s.sequence,
+                            s.merchant_id,
+                            s.account_id,
+                            s.channel_id,
+                            s.channel_txn_id,
+                            s.amount_minor,
+                            s.currency.code(),
+                            s.channel_fee_minor,
+                            s.commission_minor,
+                            s.merchant_net_minor,
+                            s.account_seq.map(ms),
+                            ms(s.settled_at_ms),
+                            hash
+                        ],
+                    )
+                    .map_err(db)?;
+                if inserted == 0 {
+                    let stored: String = tx
+                        .query_row(
+                            "SELECT content_hash FROM settlements WHERE payment_id = ?1 \
+                             AND kind = ?2 AND sequence = ?3",
+                            params![s.payment_id, s.kind.as_str(), s.sequence],
+                            |r| r.get(0),
+                        )
+                        .map_err(db)?;
+                    if stored == hash {
+                        outcomes.push(CommitOutcome::AlreadyCommitted);
+                    } else {
+                        tx.execute(
+                            "INSERT INTO flagged (kind, payment_id, detail, created_at_ms) \
+                             VALUES ('settlement_conflict', ?1, ?2, ?3) ON CONFLICT DO NOTHING",
+                            params![
+                                s.payment_id,
+                                format!("{} #{}: stored {stored}, offered {hash}", s.kind, s.sequence),
+                                ms(telemetry::now_ms())
+                            ],
+                        )
+                        .map_err(db)?;
+                        outcomes.push(CommitOutcome::Conflict {
+                            stored_hash: stored,
+                        });
+                    }
+                    continue;
+                }
+                for (line, p) in s.postings.iter().enumerate() {
+                    tx.execute(
+                        "INSERT INTO postings (payment_id, kind, sequence, line, ledger, \
+                         amount_minor, currency) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                        params![
+                            s.payment_id,
+                            s.kind.as_str(),
+                            s.sequence,
+                            line as i64,
+                            p.ledger,
+                            p.amount_minor,
+                            s.currency.code()
+                        ],
+                    )
+                    .map_err(db)?;
+                }
+                if let Some(payment) = &s.payment {
+                    if !write_payment(&tx, payment).map_err(db)? {
+                        tx.execute(
+                            "INSERT INTO flagged (kind, payment_id, detail, created_at_ms) \
+                             VALUES ('order_id_conflict', ?1, ?2, ?3) ON CONFLICT DO NOTHING",
+                            params![
+                                payment.id,
+                                format!("order id {} is held by another live payment", payment.merchant_order_id),
+                                ms(telemetry::now_ms())
+                            ],
+                        )
+                        .map_err(db)?;
+                    }
+                }
+                outcomes.push(CommitOutcome::Inserted);
+            }
+            tx.commit().map_err(db)?;
+            Ok(outcomes)
+        })
+        .await
+    }
+
+    async fn balances(&self) -> Result<Vec<AccountBalance>, SettleError> {
+        self.run("balances", |conn| {
+            let mut stmt = conn
+                .prepare(
+                    "SELECT a.merchant_id, a.account_id, a.currency, a.credit_limit_minor, \
+                     a.created_at_ms, a.updated_at_ms, \
+                     COALESCE((SELECT SUM(p.amount_minor) FROM postings p WHERE p.ledger = \
+                       'account:' || a.merchant_id || ':' || a.account_id), 0), \
+                     COALESCE((SELECT MAX(s.account_seq) FROM settlements s WHERE \
+                       s.merchant_id = a.merchant_id AND s.account_id = a.account_id), 0) \
+                     FROM accounts a ORDER BY a.merchant_id, a.account_id",
+                )
+                .map_err(db)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok(AccountBalance {
+                        account: AccountRow {
+                            merchant_id: r.get(0)?,
+                            account_id: r.get(1)?,
+                            currency: currency(r.get(2)?)?,
+                            credit_limit_minor: r.get(3)?,
+                            created_at_ms: r.get::<_, i64>(4)? as u64,
+                            updated_at_ms: r.get::<_, i64>(5)? as u64,
+                        },
+                        balance_minor: r.get(6)?,
+                        seq: r.get::<_, i64>(7)? as u64,
+                    })
+                })
+                .map_err(db)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db)
+        })
+        .await
+    }
+
+    async fn live_holds(&self) -> Result<Vec<PaymentRow>, SettleError> {
+        self.run("live_holds", |conn| {
+            let mut stmt = conn
+                .prepare(&format!(
+                    "SELECT {PAYMENT_COLUMNS} FROM payments WHERE status = 'pending' \
+                     AND held_minor > 0 ORDER BY id"
+                ))
+                .map_err(db)?;
+            let rows = stmt.query_map([], payment_from_row).map_err(db)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db)
+        })
+        .await
+    }
+
+    async fn payment(&self, id: &str) -> Result<Option<PaymentRow>, SettleError> {
+        let id = id.to_owned();
+        self.run("payment", move |conn| {
+            conn.query_row(
+                &format!("SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = ?1"),
+                [&id],
+                payment_from_row,
+            )
+            .optional()
+            .map_err(db)
+        })
+        .await
+    }
+
+    async fn postings_sum_by_movement(&self) -> Result<Vec<(String, String, u32, i64)>, SettleError> {
+        self.run("postings_sum", |conn| {
+            let mut stmt = conn
+                .prepare(
+                    "SELECT payment_id, kind, sequence, SUM(amount_minor) FROM postings \
+                     GROUP BY payment_id, kind, sequence ORDER BY payment_id, kind, sequence",
+                )
+                .map_err(db)?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                .map_err(db)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db)
+        })
+        .await
+    }
+
+    async fn flagged(&self, limit: usize) -> Result<Vec<Flagged>, SettleError> {
+        self.run("flagged", move |conn| {
+            let mut stmt = conn
+                .prepare(
+                    "SELECT kind, payment_id, detail, created_at_ms FROM flagged \
+                     ORDER BY created_at_ms DESC LIMIT ?1",
+                )
+                .map_err(db)?;
+            let rows = stmt
+                .query_map([limit as i64], |r| {
+                    Ok(Flagged {
+                        kind: r.get(0)?,
+                        payment_id: r.get(1)?,
+                        detail: r.get(2)?,
+                        created_at_ms: r.get::<_, i64>(3)? as u64,
+                    })
+                })
+                .map_err(db)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), SettleError> {
+        self.run("ping", |conn| {
+            conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
+                .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+}
