@@ -20,6 +20,8 @@ use gateway::preauth::{
     AccountKey, AdjustRequest, AuthorizeOutcome, AuthorizeRequest, BalanceStore, Direction,
     HoldSpec, IdempotencyClaim, Method, OpContext, PaymentDoc, Purpose, Scope,
 };
+use gateway::settlement::sqlite::SqliteStore;
+use gateway::settlement::SettlementStore;
 use gateway::startup::Application;
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -56,6 +58,7 @@ async fn fund(store: &dyn BalanceStore) {
         amount_minor: 1_000_000_000_000,
         currency: Currency::Cny,
         doc: "{}".into(),
+        pending_record: "{}".into(),
     };
     store.adjust(&request, ctx()).await.unwrap();
 }
@@ -92,6 +95,7 @@ fn request() -> AuthorizeRequest {
             expires_at_ms: now + 900_000,
             capture_now: true,
         }),
+        pending_record: None,
         scope: Scope::Account(key),
     }
 }
@@ -221,8 +225,13 @@ fn bench_http(c: &mut Criterion) {
     .unwrap();
     let store: Arc<dyn BalanceStore> = Arc::new(MemoryStore::new());
     rt.block_on(fund(store.as_ref()));
+    // The whole path: every balance payment is group-committed to SQLite (fsync on commit).
+    let data = tempfile::tempdir().unwrap();
+    let settlements: Arc<dyn SettlementStore> =
+        Arc::new(SqliteStore::open(&data.path().join("bench.sqlite3")).unwrap());
+    rt.block_on(settlements.migrate()).unwrap();
     let app = rt
-        .block_on(Application::build_with_store(cfg, store))
+        .block_on(Application::build_with(cfg, store, settlements))
         .unwrap();
     let addr = app.local_addr();
     rt.spawn(app.run_until(std::future::pending()));

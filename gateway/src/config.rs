@@ -35,6 +35,8 @@ pub struct Settings {
     #[serde(default)]
     pub preauth: PreauthSettings,
     #[serde(default)]
+    pub store: StoreSettings,
+    #[serde(default)]
     pub payments: PaymentSettings,
     pub limits: LimitSettings,
     pub admin: AdminSettings,
@@ -118,6 +120,58 @@ impl Default for PreauthSettings {
             sweep_accounts_per_tick: 500,
         }
     }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSettings {
+    /// The settlement store: empty = SQLite at `<data_dir>/gateway.sqlite3`; a path = SQLite
+    /// there; `postgres://…` = PostgreSQL.
+    pub url: Secret,
+    /// PostgreSQL connections.
+    pub pool_size: usize,
+    pub connect_timeout_ms: u64,
+    /// Settlements waiting for the writer at most; beyond it new money movements get 503.
+    pub queue_capacity: usize,
+    /// A group commit takes at most this many settlements…
+    pub batch_max_rows: usize,
+    /// …and waits at most this long for more after the first.
+    pub batch_max_wait_ms: u64,
+    /// A request waits this long for its commit before answering 503 (the movement is then
+    /// finished by recovery and the key replays once it is).
+    pub settle_timeout_ms: u64,
+    /// While the store is failing, how often the writer checks whether it is back.
+    pub health_check_interval_ms: u64,
+    pub recovery_interval_ms: u64,
+    /// Recovery leaves younger records to the request that wrote them.
+    pub recovery_min_age_ms: u64,
+    /// Scopes' worth of pending records one recovery pass reads at most.
+    pub recovery_batch: usize,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self {
+            url: Secret::new(""),
+            pool_size: 8,
+            connect_timeout_ms: 2_000,
+            queue_capacity: 8_192,
+            batch_max_rows: 256,
+            batch_max_wait_ms: 1,
+            settle_timeout_ms: 5_000,
+            health_check_interval_ms: 500,
+            recovery_interval_ms: 1_000,
+            recovery_min_age_ms: 10_000,
+            recovery_batch: 100,
+        }
+    }
+}
+
+/// Which settlement store a configuration selects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    Sqlite(PathBuf),
+    Postgres(Secret),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -281,6 +335,18 @@ impl Config {
     /// The in-process store is used when no Redis URL is configured.
     pub fn uses_redis(&self) -> bool {
         !self.settings.redis.url.expose().is_empty()
+    }
+
+    /// The settlement store this configuration selects.
+    pub fn store_location(&self) -> StoreLocation {
+        let url = self.settings.store.url.expose();
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            StoreLocation::Postgres(self.settings.store.url.clone())
+        } else if url.is_empty() {
+            StoreLocation::Sqlite(self.settings.data_dir.join("gateway.sqlite3"))
+        } else {
+            StoreLocation::Sqlite(PathBuf::from(url.strip_prefix("sqlite://").unwrap_or(url)))
+        }
     }
 }
 
@@ -523,6 +589,33 @@ fn validate(settings: Settings) -> Result<Config, ConfigError> {
         1,
         100_000,
     );
+
+    let st = &s.store;
+    c.range("store.pool_size", st.pool_size, 1, 256);
+    c.range("store.connect_timeout_ms", st.connect_timeout_ms, 1, 60_000);
+    c.range("store.queue_capacity", st.queue_capacity, 1, 1_000_000);
+    c.range("store.batch_max_rows", st.batch_max_rows, 1, 10_000);
+    c.range("store.batch_max_wait_ms", st.batch_max_wait_ms, 0, 1_000);
+    c.range("store.settle_timeout_ms", st.settle_timeout_ms, 1, 600_000);
+    c.range(
+        "store.health_check_interval_ms",
+        st.health_check_interval_ms,
+        1,
+        60_000,
+    );
+    c.range(
+        "store.recovery_interval_ms",
+        st.recovery_interval_ms,
+        10,
+        600_000,
+    );
+    c.range(
+        "store.recovery_min_age_ms",
+        st.recovery_min_age_ms,
+        0,
+        3_600_000,
+    );
+    c.range("store.recovery_batch", st.recovery_batch, 1, 100_000);
 
     let p = &s.payments;
     c.range(

@@ -159,7 +159,8 @@ impl ScopeTag {
         Self(out)
     }
 
-    fn parse(s: &str) -> Option<Self> {
+    /// Exactly 10 ASCII alphanumerics (as found in a Redis key).
+    pub fn parse(s: &str) -> Option<Self> {
         let bytes: [u8; TAG_CHARS] = s.as_bytes().try_into().ok()?;
         bytes
             .iter()

@@ -8,5 +8,6 @@ pub mod ids;
 pub mod money;
 pub mod preauth;
 pub mod secret;
+pub mod settlement;
 pub mod startup;
 pub mod telemetry;

@@ -6,7 +6,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use gateway::config;
 use gateway::secret::KeyDigest;
-use gateway::startup::{shutdown_signal, Application, Mode};
+use gateway::settlement::check_schema;
+use gateway::settlement::recovery::rebuild_balances;
+use gateway::startup::{
+    open_balance_store, open_settlement_store, shutdown_signal, Application, Mode,
+};
 use gateway::telemetry;
 
 #[derive(Parser)]
@@ -39,6 +43,47 @@ enum Command {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
+    /// Apply the settlement store's migrations (safe to run again; several instances
+    /// serialize on PostgreSQL).
+    Migrate {
+        #[command(flatten)]
+        source: ConfigSource,
+    },
+    /// Recompute balances and live holds from the settlement store and load them into Redis.
+    RebuildBalances {
+        #[command(flatten)]
+        source: ConfigSource,
+        /// Only this account, as MERCHANT/ACCOUNT.
+        #[arg(long, value_name = "MERCHANT/ACCOUNT")]
+        account: Option<String>,
+    },
+}
+
+/// Where a command reads its configuration from.
+#[derive(clap::Args)]
+struct ConfigSource {
+    /// Use the embedded sandbox configuration.
+    #[arg(long)]
+    sandbox: bool,
+    /// Configuration file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data directory (wins over GATEWAY__DATA_DIR and the file).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+impl ConfigSource {
+    fn load(&self) -> Result<config::Config, String> {
+        if !self.sandbox && self.config.is_none() {
+            return Err("give --config FILE, or --sandbox".into());
+        }
+        let mut env: Vec<(String, String)> = std::env::vars().collect();
+        if let Some(dir) = &self.data_dir {
+            env.push(("GATEWAY__DATA_DIR".into(), dir.display().to_string()));
+        }
+        config::load(self.config.as_deref(), env).map_err(|e| e.to_string())
+    }
 }
 
 /// The documented sandbox credentials (README, DESIGN.md §10): printed at start only when the
@@ -74,6 +119,43 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Migrate { source } => run_admin(&source, |config| async move {
+            let store = open_settlement_store(&config)
+                .await
+                .map_err(|e| e.to_string())?;
+            let version = store.migrate().await.map_err(|e| e.to_string())?;
+            println!("settlement store at schema version {version}");
+            Ok(())
+        }),
+        Command::RebuildBalances { source, account } => run_admin(&source, |config| async move {
+            if !config.uses_redis() {
+                return Err("rebuild-balances loads Redis: set redis.url (the in-process sandbox store rebuilds itself at every start)".into());
+            }
+            let only = match &account {
+                Some(spec) => Some(
+                    spec.split_once('/')
+                        .ok_or_else(|| format!("--account takes MERCHANT/ACCOUNT, got {spec:?}"))?,
+                ),
+                None => None,
+            };
+            let store = open_settlement_store(&config)
+                .await
+                .map_err(|e| e.to_string())?;
+            check_schema(store.as_ref())
+                .await
+                .map_err(|e| e.to_string())?;
+            let balances = open_balance_store(&config, Mode::Production)
+                .await
+                .map_err(|e| e.to_string())?;
+            let loaded = rebuild_balances(store.as_ref(), balances.as_ref(), only)
+                .await
+                .map_err(|e| e.to_string())?;
+            println!("rebuilt {loaded} account(s) from the settlement store");
+            if only.is_some() && loaded == 0 {
+                return Err("no such account in the settlement store".into());
+            }
+            Ok(())
+        }),
         Command::Serve {
             sandbox,
             config: file,
@@ -176,4 +258,37 @@ fn print_sandbox_banner(config: &config::Config) {
             "in-process"
         }
     );
+}
+
+/// Runs an administrative command on a small runtime; errors go to stderr with exit code 1.
+fn run_admin<F, Fut>(source: &ConfigSource, command: F) -> ExitCode
+where
+    F: FnOnce(config::Config) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let config = match source.load() {
+        Ok(config) => config,
+        Err(err) => {
+            eprint!("{err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    telemetry::init_tracing(&config.settings.telemetry);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(command(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("{err}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -12,11 +12,21 @@ use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use tokio::task::JoinHandle;
+
 use crate::api::{self, AppState};
-use crate::config::Config;
+use crate::config::{Config, StoreLocation};
 use crate::preauth::memory::MemoryStore;
 use crate::preauth::redis::RedisStore;
 use crate::preauth::{spawn_sweeper, BalanceStore, StoreError};
+use crate::settlement::postgres::PostgresStore;
+use crate::settlement::recovery::{
+    rebuild_balances, recover_once, spawn_recovery, RecoveryError, RecoveryReport,
+};
+use crate::settlement::settler::Settler;
+use crate::settlement::sqlite::SqliteStore;
+use crate::settlement::stream::{SettlementStream, StreamSettings};
+use crate::settlement::{check_schema, SettleError, SettlementStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -27,11 +37,16 @@ pub enum StartError {
     },
     #[error("balance store: {0}")]
     Store(#[from] StoreError),
+    #[error("settlement store: {0}")]
+    Settlement(#[from] SettleError),
+    #[error("rebuilding balances: {0}")]
+    Recovery(#[from] RecoveryError),
     #[error("{0}")]
     Refused(String),
 }
 
-/// How the gateway may run: the in-process store is for the sandbox only.
+/// How the gateway may run: the in-process store is for the sandbox only, and only the
+/// sandbox migrates its settlement store by itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Production,
@@ -41,35 +56,123 @@ pub enum Mode {
 pub struct Application {
     listener: TcpListener,
     state: Arc<AppState>,
+    stop_tx: watch::Sender<bool>,
+    writer: JoinHandle<()>,
+}
+
+/// Opens the configured settlement store (SQLite file or PostgreSQL pool).
+pub async fn open_settlement_store(
+    config: &Config,
+) -> Result<Arc<dyn SettlementStore>, StartError> {
+    let settings = &config.settings.store;
+    Ok(match config.store_location() {
+        StoreLocation::Sqlite(path) => Arc::new(SqliteStore::open(&path)?),
+        StoreLocation::Postgres(url) => Arc::new(
+            PostgresStore::connect(
+                url.expose(),
+                settings.pool_size,
+                settings.connect_timeout_ms,
+            )
+            .await?,
+        ),
+    })
+}
+
+/// Opens the configured balance store.
+pub async fn open_balance_store(
+    config: &Config,
+    mode: Mode,
+) -> Result<Arc<dyn BalanceStore>, StartError> {
+    if config.uses_redis() {
+        Ok(Arc::new(RedisStore::connect(&config.settings.redis).await?))
+    } else if mode == Mode::Sandbox {
+        Ok(Arc::new(MemoryStore::new()))
+    } else {
+        Err(StartError::Refused(
+            "redis.url is empty: the in-process balance store is for --sandbox only; \
+             set redis.url (or GATEWAY__REDIS__URL)"
+                .into(),
+        ))
+    }
 }
 
 impl Application {
+    /// Opens both stores (the sandbox migrates its settlement store; production refuses an
+    /// unmigrated or unknown schema), rebuilds an empty balance store from the settlement
+    /// store, and binds the listener.
     pub async fn build(config: Config, mode: Mode) -> Result<Self, StartError> {
-        let store: Arc<dyn BalanceStore> = if config.uses_redis() {
-            Arc::new(RedisStore::connect(&config.settings.redis).await?)
-        } else if mode == Mode::Sandbox {
-            Arc::new(MemoryStore::new())
+        let balances = open_balance_store(&config, mode).await?;
+        let store = open_settlement_store(&config).await?;
+        if mode == Mode::Sandbox {
+            store.migrate().await?;
         } else {
-            return Err(StartError::Refused(
-                "redis.url is empty: the in-process balance store is for --sandbox only; \
-                 set redis.url (or GATEWAY__REDIS__URL)"
-                    .into(),
-            ));
-        };
-        Self::build_with_store(config, store).await
+            check_schema(store.as_ref()).await?;
+        }
+        Self::build_with(config, balances, store).await
     }
 
-    /// Builds around a given store (tests and benchmarks share one between apps).
-    pub async fn build_with_store(
+    /// Builds around given stores (tests and benchmarks), which must be migrated.
+    pub async fn build_with(
         config: Config,
-        store: Arc<dyn BalanceStore>,
+        balances: Arc<dyn BalanceStore>,
+        store: Arc<dyn SettlementStore>,
     ) -> Result<Self, StartError> {
+        check_schema(store.as_ref()).await?;
+        if !balances.has_accounts().await? {
+            let loaded = rebuild_balances(store.as_ref(), balances.as_ref(), None).await?;
+            if loaded > 0 {
+                tracing::info!(
+                    accounts = loaded,
+                    "the balance store was empty: rebuilt it from the settlement store"
+                );
+            }
+        }
         let addr = config.listen;
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| StartError::Bind { addr, source })?;
-        let state = Arc::new(AppState::new(Arc::new(config), store));
-        Ok(Self { listener, state })
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let s = &config.settings.store;
+        let (stream, writer) = SettlementStream::spawn(
+            store.clone(),
+            balances.clone(),
+            StreamSettings {
+                queue_capacity: s.queue_capacity,
+                batch_max_rows: s.batch_max_rows,
+                batch_max_wait_ms: s.batch_max_wait_ms,
+                health_check_interval_ms: s.health_check_interval_ms,
+            },
+            stop_rx,
+        );
+        let settler = Arc::new(Settler::new(
+            store,
+            balances.clone(),
+            stream,
+            Duration::from_millis(s.settle_timeout_ms),
+        ));
+        // Finish what a previous run left half done before taking new requests: one full pass
+        // over the outbox (bounded; a store that is down leaves the rest to the recovery loop).
+        let mut total = RecoveryReport::default();
+        for _ in 0..STARTUP_RECOVERY_PASSES {
+            let report = recover_once(&settler, 0, s.recovery_batch).await?;
+            total.settled += report.settled;
+            total.intents += report.intents;
+            total.statuses += report.statuses;
+            total.failed += report.failed;
+            if report.complete || report.failed > 0 {
+                break;
+            }
+        }
+        if total.settled + total.intents + total.statuses + total.failed > 0 {
+            tracing::info!(?total, "startup recovery");
+        }
+        let state = Arc::new(AppState::new(Arc::new(config), balances, settler));
+        Ok(Self {
+            listener,
+            state,
+            stop_tx,
+            writer,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -82,20 +185,28 @@ impl Application {
         self.state.clone()
     }
 
-    /// Serves until `shutdown` completes, then stops accepting, marks itself draining and
-    /// gives in-flight requests `server.shutdown_grace_ms` to finish.
+    /// Serves until `shutdown` completes, then stops accepting, marks itself draining, gives
+    /// in-flight requests `server.shutdown_grace_ms` to finish, and lets the settlement writer
+    /// commit what is queued.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let settings = &self.state.config.settings;
         let grace = Duration::from_millis(settings.server.shutdown_grace_ms);
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let stop_rx = self.stop_tx.subscribe();
         let sweeper = spawn_sweeper(
-            self.state.store.clone(),
+            self.state.balances.clone(),
             Duration::from_millis(settings.preauth.sweep_interval_ms),
             settings.preauth.sweep_accounts_per_tick,
             settings.preauth.lazy_release_max,
+            stop_rx.clone(),
+        );
+        let recovery = spawn_recovery(
+            self.state.settler.clone(),
+            Duration::from_millis(settings.store.recovery_interval_ms),
+            settings.store.recovery_min_age_ms,
+            settings.store.recovery_batch,
             stop_rx.clone(),
         );
 
@@ -119,7 +230,7 @@ impl Application {
             "shutting down: draining in-flight requests"
         );
         state.draining.store(true, Ordering::Relaxed);
-        let _ = stop_tx.send(true);
+        let _ = self.stop_tx.send(true);
         let result = match tokio::time::timeout(grace, server).await {
             Ok(Ok(result)) => result,
             Ok(Err(join)) => Err(std::io::Error::other(join)),
@@ -129,9 +240,17 @@ impl Application {
             }
         };
         let _ = sweeper.await;
+        let _ = recovery.await;
+        drop(state);
+        if tokio::time::timeout(grace, self.writer).await.is_err() {
+            tracing::warn!("the settlement writer did not finish in time; recovery will redo its queue at the next start");
+        }
         result
     }
 }
+
+/// Startup recovery passes at most (each reads `store.recovery_batch` scopes).
+const STARTUP_RECOVERY_PASSES: usize = 10_000;
 
 /// Completes on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {

@@ -17,6 +17,12 @@ pub const ADJUSTMENTS_TOTAL: &str = "gateway_adjustments_total";
 pub const REDIS_ROUND_TRIPS_TOTAL: &str = "gateway_redis_round_trips_total";
 pub const STORE_ERRORS_TOTAL: &str = "gateway_balance_store_errors_total";
 pub const HOLDS_SWEPT_TOTAL: &str = "gateway_holds_swept_total";
+pub const SETTLEMENT_STORE_CALL_SECONDS: &str = "gateway_settlement_store_call_seconds";
+pub const SETTLEMENT_QUEUE_DEPTH: &str = "gateway_settlement_queue_depth";
+pub const SETTLEMENT_BATCH_ROWS: &str = "gateway_settlement_batch_rows";
+pub const SETTLEMENT_COMMIT_SECONDS: &str = "gateway_settlement_commit_seconds";
+pub const SETTLEMENT_COMMITS_TOTAL: &str = "gateway_settlement_commits_total";
+pub const SETTLEMENT_CONFLICTS_TOTAL: &str = "gateway_settlement_conflicts_total";
 
 /// Latency buckets for every `_seconds` histogram: 100 µs to 10 s.
 const SECONDS_BUCKETS: &[f64] = &[
@@ -72,6 +78,23 @@ fn describe() {
         "Balance store operating errors (answered 503)"
     );
     metrics::describe_counter!(HOLDS_SWEPT_TOTAL, "Expired holds released by the sweeper");
+    metrics::describe_gauge!(SETTLEMENT_QUEUE_DEPTH, "Settlements queued for the writer");
+    metrics::describe_histogram!(SETTLEMENT_BATCH_ROWS, "Settlements per group commit");
+    metrics::describe_histogram!(
+        SETTLEMENT_COMMIT_SECONDS,
+        metrics::Unit::Seconds,
+        "Group commit latency (one transaction, one fsync)"
+    );
+    metrics::describe_counter!(SETTLEMENT_COMMITS_TOTAL, "Group commits, by result");
+    metrics::describe_counter!(
+        SETTLEMENT_CONFLICTS_TOTAL,
+        "Settlements whose content differs from the stored one (flagged)"
+    );
+    metrics::describe_histogram!(
+        SETTLEMENT_STORE_CALL_SECONDS,
+        metrics::Unit::Seconds,
+        "Settlement store calls, by backend and operation"
+    );
 }
 
 /// Sets up logging: `RUST_LOG` wins over the configured filter. Safe to call twice.
@@ -127,4 +150,24 @@ pub fn http_request(route: &str, method: &str, status: u16, elapsed: Duration) {
     .increment(1);
     metrics::histogram!(HTTP_REQUEST_DURATION_SECONDS, "route" => route.to_owned())
         .record(elapsed.as_secs_f64());
+}
+
+pub fn store_call(backend: &'static str, op: &'static str, elapsed: Duration) {
+    metrics::histogram!(SETTLEMENT_STORE_CALL_SECONDS, "backend" => backend, "op" => op)
+        .record(elapsed.as_secs_f64());
+}
+
+pub fn settlement_queue_depth(depth: usize) {
+    metrics::gauge!(SETTLEMENT_QUEUE_DEPTH).set(depth as f64);
+}
+
+pub fn settlement_batch(rows: usize, elapsed: Duration, ok: bool) {
+    metrics::histogram!(SETTLEMENT_BATCH_ROWS).record(rows as f64);
+    metrics::histogram!(SETTLEMENT_COMMIT_SECONDS).record(elapsed.as_secs_f64());
+    metrics::counter!(SETTLEMENT_COMMITS_TOTAL, "result" => if ok { "ok" } else { "error" })
+        .increment(1);
+}
+
+pub fn settlement_conflict() {
+    metrics::counter!(SETTLEMENT_CONFLICTS_TOTAL).increment(1);
 }

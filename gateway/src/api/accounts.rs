@@ -17,9 +17,10 @@ use super::{render, AppState};
 use crate::ids::{AccountId, AdjustmentId, MerchantId};
 use crate::money::{format_minor, parse_non_negative_minor, Amount, Currency, MoneyError};
 use crate::preauth::{
-    AccountKey, AdjustOutcome, AdjustRequest, Direction, IdempotencyClaim, StoredOutcome,
-    UpsertOutcome,
+    AccountKey, AdjustOutcome, AdjustRequest, Direction, IdempotencyClaim, SettledMark,
+    StoredOutcome, UpsertOutcome,
 };
+use crate::settlement::{movements, AccountRow, CommitOutcome, PendingRecord};
 use crate::telemetry;
 
 /// An account id from the path of a write: malformed is a bad request.
@@ -61,28 +62,46 @@ pub async fn put_account(
     }
 
     let key = AccountKey::new(merchant.id.clone(), account);
-    match state
-        .store
-        .upsert_account(&key, currency, credit_limit, state.op())
+    let ctx = state.op();
+    let (status, snapshot) = match state
+        .balances
+        .upsert_account(&key, currency, credit_limit, ctx)
         .await?
     {
-        UpsertOutcome::Created(snapshot) => Ok((
-            StatusCode::CREATED,
-            Json(render::account(key.account.as_str(), &snapshot)),
-        )
-            .into_response()),
-        UpsertOutcome::Updated(snapshot) => {
-            Ok(Json(render::account(key.account.as_str(), &snapshot)).into_response())
+        UpsertOutcome::Created(snapshot) => (StatusCode::CREATED, snapshot),
+        UpsertOutcome::Updated(snapshot) => (StatusCode::OK, snapshot),
+        UpsertOutcome::CurrencyMismatch(existing) => {
+            return Err(ApiError::InvalidState {
+                message: format!("the account exists in {existing}; its currency cannot change"),
+                status: None,
+            })
         }
-        UpsertOutcome::CurrencyMismatch(existing) => Err(ApiError::InvalidState {
-            message: format!("the account exists in {existing}; its currency cannot change"),
-            status: None,
-        }),
-        UpsertOutcome::OutOfRange => Err(ApiError::invalid(
-            "credit_limit",
-            "makes balance + credit_limit out of range",
-        )),
-    }
+        UpsertOutcome::OutOfRange => {
+            return Err(ApiError::invalid(
+                "credit_limit",
+                "makes balance + credit_limit out of range",
+            ))
+        }
+    };
+    // The account must survive a restart even before money moves: the store has it before
+    // the client hears of it (a failure here is a 503; the PUT is safe to retry).
+    state
+        .settler
+        .store
+        .upsert_account(&AccountRow {
+            merchant_id: key.merchant.as_str().to_owned(),
+            account_id: key.account.as_str().to_owned(),
+            currency,
+            credit_limit_minor: credit_limit,
+            created_at_ms: ctx.now_ms,
+            updated_at_ms: ctx.now_ms,
+        })
+        .await?;
+    Ok((
+        status,
+        Json(render::account(key.account.as_str(), &snapshot)),
+    )
+        .into_response())
 }
 
 /// `GET /v1/accounts/{id}`. Account ids are per merchant: another merchant's is simply 404.
@@ -95,7 +114,7 @@ pub async fn get_account(
     let account = AccountId::parse(&id).map_err(|_| not_found())?;
     let key = AccountKey::new(merchant.id.clone(), account);
     let snapshot = state
-        .store
+        .balances
         .read_account(&key, state.op())
         .await?
         .ok_or_else(not_found)?;
@@ -139,7 +158,7 @@ pub async fn post_adjustment(
     // The amount's precision depends on the account's currency, so read the account first.
     let key = AccountKey::new(merchant.id.clone(), account);
     let snapshot = state
-        .store
+        .balances
         .read_account(&key, state.op())
         .await?
         .ok_or_else(|| ApiError::NotFound("no such account".into()))?;
@@ -164,8 +183,19 @@ pub async fn post_adjustment(
         "amount": amount.minor(),
         "reason": reason,
     });
+    // Admission before any money moves: the store must be able to take the settlement.
+    state.settler.admit().map_err(ApiError::not_admitted)?;
     let now_ms = telemetry::now_ms();
     let adjustment_id = AdjustmentId::generate(key.tag, now_ms);
+    let template = movements::adjustment(
+        &key,
+        &adjustment_id,
+        direction,
+        amount.minor(),
+        currency,
+        None,
+        now_ms,
+    );
     let doc = json!({
         "id": adjustment_id.as_str(),
         "merchant_id": key.merchant.as_str(),
@@ -187,9 +217,10 @@ pub async fn post_adjustment(
         amount_minor: amount.minor(),
         currency,
         doc: doc.to_string(),
+        pending_record: PendingRecord::Settlement(template.clone()).to_json(),
         account: key,
     };
-    let outcome = state.store.adjust(&request, state.op()).await?;
+    let outcome = state.balances.adjust(&request, state.op()).await?;
     let key = &request.account;
     let insufficient = |available: i64, shortfall: i64| ApiError::InsufficientFunds {
         available: format_minor(available, currency),
@@ -198,18 +229,41 @@ pub async fn post_adjustment(
     };
     let (label, result) = match outcome {
         AdjustOutcome::Applied(snapshot) => {
-            let mut body = doc;
-            body["account"] = render::account(key.account.as_str(), &snapshot);
-            (
-                "applied",
-                Ok((StatusCode::CREATED, Json(body)).into_response()),
-            )
+            // Answered only once the settlement is committed.
+            let mut settlement = template;
+            settlement.account_seq = Some(snapshot.seq);
+            let mark = SettledMark {
+                tag: key.tag,
+                id: request.adjustment_id.as_str().to_owned(),
+                idempotency_key: request.idempotency.key.as_str().to_owned(),
+            };
+            match state.settler.settle(settlement, mark).await {
+                Ok(CommitOutcome::Inserted | CommitOutcome::AlreadyCommitted) => {
+                    let mut body = doc;
+                    body["account"] = render::account(key.account.as_str(), &snapshot);
+                    (
+                        "applied",
+                        Ok((StatusCode::CREATED, Json(body)).into_response()),
+                    )
+                }
+                Ok(other) => (
+                    "unsettled",
+                    Err(ApiError::Unavailable {
+                        reason: rebuild_reason(&other),
+                        payment_id: Some(request.adjustment_id.as_str().to_owned()),
+                    }),
+                ),
+                Err(err) => (
+                    "unsettled",
+                    Err(ApiError::unsettled(request.adjustment_id.as_str(), &err)),
+                ),
+            }
         }
         AdjustOutcome::Replay(StoredOutcome::Adjustment(stored)) => {
             let mut body: Value = serde_json::from_str(&stored)
                 .map_err(|e| ApiError::from(crate::preauth::StoreError::Corrupt(e.to_string())))?;
             let snapshot = state
-                .store
+                .balances
                 .read_account(key, state.op())
                 .await?
                 .ok_or_else(|| ApiError::NotFound("no such account".into()))?;
@@ -274,4 +328,13 @@ pub(super) fn supported_currency(state: &AppState, code: &str) -> Result<Currenc
                 format!("must be one of {}", accepted.join(", ")),
             )
         })
+}
+
+/// Why a settlement that was refused is a 503: a sequence conflict means the balance store
+/// rolled back and the account must be rebuilt; a content conflict is flagged for a human.
+pub(super) fn rebuild_reason(outcome: &CommitOutcome) -> &'static str {
+    match outcome {
+        CommitOutcome::SequenceConflict { .. } => "account_rebuild_required",
+        _ => "settlement_conflict",
+    }
 }

@@ -7,6 +7,9 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
 
 use crate::preauth::StoreError;
+use crate::settlement::settler::SettleFailure;
+use crate::settlement::stream::StreamError;
+use crate::settlement::SettleError;
 use crate::telemetry;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -175,6 +178,45 @@ impl From<StoreError> for ApiError {
         }
         ApiError::Unavailable {
             reason: "balance_store_unavailable",
+            payment_id: None,
+        }
+    }
+}
+
+impl ApiError {
+    /// Admission refused before any money moved: nothing to finish later.
+    pub fn not_admitted(err: StreamError) -> Self {
+        let reason = match err {
+            StreamError::QueueFull => "settlement_queue_full",
+            _ => "settlement_store_unavailable",
+        };
+        ApiError::Unavailable {
+            reason,
+            payment_id: None,
+        }
+    }
+
+    /// Money moved in the balance store but its commit did not complete: the answer names the
+    /// payment (or adjustment); its key stays in flight until recovery has committed it.
+    pub fn unsettled(id: &str, err: &SettleFailure) -> Self {
+        tracing::warn!(id, error = %err, "movement not committed; recovery will finish it");
+        let reason = match err {
+            SettleFailure::Stream(StreamError::QueueFull) => "settlement_queue_full",
+            _ => "settlement_store_unavailable",
+        };
+        ApiError::Unavailable {
+            reason,
+            payment_id: Some(id.to_owned()),
+        }
+    }
+}
+
+/// Settlement store failures outside the money path (accounts, reads): fail closed.
+impl From<SettleError> for ApiError {
+    fn from(err: SettleError) -> Self {
+        tracing::warn!(error = %err, "settlement store unavailable");
+        ApiError::Unavailable {
+            reason: "settlement_store_unavailable",
             payment_id: None,
         }
     }

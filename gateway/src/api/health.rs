@@ -15,7 +15,7 @@ pub async fn healthz() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
 }
 
-/// Readiness: not draining, and the balance store answers.
+/// Readiness: not draining, both stores answer, and the last commit succeeded.
 pub async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     if state.is_draining() {
         return (
@@ -23,16 +23,24 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             Json(json!({"status": "not_ready", "reason": "draining"})),
         );
     }
-    match state.store.ping().await {
-        Ok(()) => (StatusCode::OK, Json(json!({"status": "ready"}))),
-        Err(err) => {
-            tracing::warn!(error = %err, "readiness: balance store unreachable");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({"status": "not_ready", "reason": "balance_store_unavailable"})),
-            )
-        }
+    let not_ready = |reason: &str| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "not_ready", "reason": reason})),
+        )
+    };
+    if let Err(err) = state.balances.ping().await {
+        tracing::warn!(error = %err, "readiness: balance store unreachable");
+        return not_ready("balance_store_unavailable");
     }
+    if let Err(err) = state.settler.store.ping().await {
+        tracing::warn!(error = %err, "readiness: settlement store unreachable");
+        return not_ready("settlement_store_unavailable");
+    }
+    if !state.settler.is_healthy() {
+        return not_ready("settlement_store_unavailable");
+    }
+    (StatusCode::OK, Json(json!({"status": "ready"})))
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {

@@ -24,6 +24,7 @@ use tokio::sync::Semaphore;
 
 use crate::config::Config;
 use crate::preauth::{BalanceStore, OpContext};
+use crate::settlement::settler::Settler;
 use crate::telemetry;
 use auth::Authenticator;
 use error::ApiError;
@@ -31,7 +32,10 @@ use error::ApiError;
 /// What every handler shares.
 pub struct AppState {
     pub config: Arc<Config>,
-    pub store: Arc<dyn BalanceStore>,
+    /// The hot state: balances, holds, payments, idempotency (Redis or in-process).
+    pub balances: Arc<dyn BalanceStore>,
+    /// The system of record and the way to it.
+    pub settler: Arc<Settler>,
     pub auth: Authenticator,
     pub metrics: PrometheusHandle,
     /// Set on shutdown: `/readyz` turns not-ready so load balancers stop sending traffic.
@@ -41,13 +45,18 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(config: Arc<Config>, store: Arc<dyn BalanceStore>) -> Self {
+    pub fn new(
+        config: Arc<Config>,
+        balances: Arc<dyn BalanceStore>,
+        settler: Arc<Settler>,
+    ) -> Self {
         Self {
+            balances,
+            settler,
             auth: Authenticator::new(&config),
             in_flight: Semaphore::new(config.settings.server.max_in_flight_requests),
             metrics: telemetry::prometheus(),
             draining: AtomicBool::new(false),
-            store,
             config,
         }
     }

@@ -11,7 +11,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::accounts::supported_currency;
+use super::accounts::{rebuild_reason, supported_currency};
 use super::auth::AuthMerchant;
 use super::error::ApiError;
 use super::extract::{request_hash, required_idempotency_key, JsonObject};
@@ -19,10 +19,12 @@ use super::{render, AppState};
 use crate::config::Merchant;
 use crate::ids::{AccountId, MerchantOrderId, PaymentId};
 use crate::money::{format_minor, Amount, Currency};
+use crate::preauth::{status_record_id, SettledMark};
 use crate::preauth::{
     AccountKey, AuthorizeOutcome, AuthorizeRequest, HoldSpec, IdempotencyClaim, Method, PaymentDoc,
     PaymentRecord, PaymentStatus, Purpose, Scope, StoredOutcome, TransitionOutcome,
 };
+use crate::settlement::{movements, CommitOutcome, IntentOutcome, PendingRecord, StatusChange};
 use crate::telemetry;
 
 const CREATE_FIELDS: &[&str] = &[
@@ -137,6 +139,23 @@ pub async fn create_payment(
         }),
         Method::Alipay | Method::Wechatpay => None,
     };
+    // What must reach the settlement store before the client hears back: a balance payment's
+    // capture (its sequence number is filled in from the script's answer), or any other
+    // payment's intent (so a callback can always be matched and its hold rebuilt).
+    let tag = scope.tag();
+    let pending = match method {
+        Method::Balance => {
+            PendingRecord::Settlement(movements::balance_capture(&doc, tag, None, ctx.now_ms))
+        }
+        _ => PendingRecord::Intent(movements::payment_row(
+            &doc,
+            tag,
+            PaymentStatus::Pending,
+            if hold.is_some() { doc.amount_minor } else { 0 },
+            hold.map(|h| h.expires_at_ms),
+            ctx.now_ms,
+        )),
+    };
     let request = AuthorizeRequest {
         scope,
         idempotency: IdempotencyClaim {
@@ -147,10 +166,12 @@ pub async fn create_payment(
         order_id,
         doc,
         hold,
+        pending_record: Some(pending.to_json()),
     };
 
-    // 3. One atomic store call.
-    let outcome = state.store.authorize(&request, ctx).await?;
+    // 3. Admission (the settlement store can take it), then one atomic store call.
+    state.settler.admit().map_err(ApiError::not_admitted)?;
+    let outcome = state.balances.authorize(&request, ctx).await?;
 
     // 4. Map the outcome.
     let insufficient = |available: i64, shortfall: i64| ApiError::InsufficientFunds {
@@ -159,9 +180,67 @@ pub async fn create_payment(
         currency: currency.code().into(),
     };
     let (label, result) = match outcome {
-        AuthorizeOutcome::Created { payment, .. } => ("created", Ok(created(&payment))),
+        AuthorizeOutcome::Created { payment, account } => {
+            // 4. Durable before answered.
+            let mark = SettledMark {
+                tag,
+                id: payment.doc.id.clone(),
+                idempotency_key: request.idempotency.key.as_str().to_owned(),
+            };
+            match pending {
+                PendingRecord::Settlement(mut settlement) => {
+                    settlement.account_seq = account.map(|a| a.seq);
+                    match state.settler.settle(settlement, mark).await {
+                        Ok(CommitOutcome::Inserted | CommitOutcome::AlreadyCommitted) => {
+                            ("created", Ok(created(&payment)))
+                        }
+                        Ok(other) => (
+                            "unsettled",
+                            Err(ApiError::Unavailable {
+                                reason: rebuild_reason(&other),
+                                payment_id: Some(payment.doc.id.clone()),
+                            }),
+                        ),
+                        Err(err) => ("unsettled", Err(ApiError::unsettled(&payment.doc.id, &err))),
+                    }
+                }
+                PendingRecord::Intent(row) => match state.settler.record_intent(&row, mark).await {
+                    Ok(IntentOutcome::Inserted | IntentOutcome::AlreadyRecorded) => {
+                        ("created", Ok(created(&payment)))
+                    }
+                    Ok(IntentOutcome::DuplicateOrder(holder)) => {
+                        // The store knows a live payment Redis forgot: the store wins.
+                        state
+                            .balances
+                            .abandon(&id, &request.idempotency.key)
+                            .await?;
+                        (
+                            "duplicate_order",
+                            Err(ApiError::DuplicateOrder { payment_id: holder }),
+                        )
+                    }
+                    Err(err) => {
+                        // Undo, so nothing is half done; if even that fails, recovery
+                        // records the intent later and the key replays then.
+                        match state.balances.abandon(&id, &request.idempotency.key).await {
+                            Ok(()) => (
+                                "unsettled",
+                                Err(ApiError::Unavailable {
+                                    reason: "settlement_store_unavailable",
+                                    payment_id: None,
+                                }),
+                            ),
+                            Err(_) => {
+                                ("unsettled", Err(ApiError::unsettled(&payment.doc.id, &err)))
+                            }
+                        }
+                    }
+                },
+                PendingRecord::Status(_) => unreachable!("a new payment has no status change"),
+            }
+        }
         AuthorizeOutcome::Replay(StoredOutcome::Payment(id)) => {
-            let payment = state.store.payment(&id).await?.ok_or_else(|| {
+            let payment = state.balances.payment(&id).await?.ok_or_else(|| {
                 crate::preauth::StoreError::Corrupt(format!("replayed payment {id} is missing"))
             })?;
             ("replayed", Ok(created(&payment)))
@@ -309,13 +388,42 @@ async fn owned_payment(
 ) -> Result<(PaymentId, PaymentRecord), ApiError> {
     let not_found = || ApiError::NotFound("no such payment".into());
     let id = PaymentId::parse(id).ok_or_else(not_found)?;
-    let payment = state.store.payment(&id).await?.ok_or_else(not_found)?;
+    let payment = match state.balances.payment(&id).await? {
+        Some(payment) => payment,
+        // Redis may have lost it (failover, flush): the settlement store is the record.
+        None => stored_payment(state, &id).await?.ok_or_else(not_found)?,
+    };
     if payment.doc.merchant_id != merchant.id.as_str() {
         return Err(ApiError::Forbidden(
             "this payment belongs to another merchant".into(),
         ));
     }
     Ok((id, payment))
+}
+
+/// A payment from the settlement store, for when the balance store does not know it.
+async fn stored_payment(
+    state: &AppState,
+    id: &PaymentId,
+) -> Result<Option<PaymentRecord>, ApiError> {
+    let Some(row) = state.settler.store.payment(id.as_str()).await? else {
+        return Ok(None);
+    };
+    let doc: PaymentDoc = serde_json::from_str(&row.doc).map_err(|e| {
+        ApiError::from(crate::preauth::StoreError::Corrupt(format!(
+            "stored payment {id}: {e}"
+        )))
+    })?;
+    let status = PaymentStatus::parse(&row.status).ok_or_else(|| {
+        ApiError::from(crate::preauth::StoreError::Corrupt(format!(
+            "stored status of {id}"
+        )))
+    })?;
+    Ok(Some(PaymentRecord {
+        doc,
+        status,
+        held_minor: row.held_minor,
+    }))
 }
 
 /// `GET /v1/payments/{id}`.
@@ -357,7 +465,7 @@ pub async fn find_payment(
         None => Scope::merchant(merchant.id.clone()),
     };
     let payment = state
-        .store
+        .balances
         .live_payment_by_order(&scope, &order_id)
         .await?
         .ok_or_else(not_found)?;
@@ -381,11 +489,28 @@ pub async fn cancel_payment(
         return Ok(Json(render::payment(&payment)));
     }
     match state
-        .store
+        .balances
         .release(&id, PaymentStatus::Canceled, state.op())
         .await?
     {
-        TransitionOutcome::Done(payment) => Ok(Json(render::payment(&payment))),
+        TransitionOutcome::Done(payment) => {
+            // Tell the store now; if it cannot hear it, recovery will (the status waits in
+            // the balance store's outbox).
+            let change = StatusChange {
+                payment_id: id.as_str().to_owned(),
+                status: PaymentStatus::Canceled.as_str().to_owned(),
+                updated_at_ms: telemetry::now_ms(),
+            };
+            let mark = SettledMark {
+                tag: id.tag(),
+                id: status_record_id(id.as_str()),
+                idempotency_key: String::new(),
+            };
+            if let Err(err) = state.settler.apply_status(&change, mark).await {
+                tracing::warn!(payment_id = %id, error = %err, "cancel not yet in the settlement store; recovery will");
+            }
+            Ok(Json(render::payment(&payment)))
+        }
         TransitionOutcome::NotPending(PaymentStatus::Canceled) => {
             let (_, payment) = owned_payment(&state, &merchant, id.as_str()).await?;
             Ok(Json(render::payment(&payment)))

@@ -8,11 +8,13 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 
 use super::{
-    AccountKey, AccountSnapshot, AdjustOutcome, AdjustRequest, AuthorizeOutcome, AuthorizeRequest,
-    BalanceStore, Direction, IdempotencyClaim, OpContext, PaymentDoc, PaymentRecord, PaymentStatus,
-    Scope, StoreError, StoredOutcome, TransitionOutcome, UpsertOutcome, MAX_SAFE_MINOR,
+    final_status_record, status_record_id, AccountKey, AccountRebuild, AccountSnapshot,
+    AdjustOutcome, AdjustRequest, AuthorizeOutcome, AuthorizeRequest, BalanceStore, Direction,
+    IdempotencyClaim, OpContext, PaymentDoc, PaymentRecord, PaymentStatus, Scope, SettledMark,
+    StoreError, StoredOutcome, TransitionOutcome, Unsettled, UnsettledPage, UpsertOutcome,
+    MAX_SAFE_MINOR,
 };
-use crate::ids::{MerchantOrderId, PaymentId, ScopeTag};
+use crate::ids::{IdempotencyKey, MerchantOrderId, PaymentId, ScopeTag};
 use crate::money::Currency;
 
 #[derive(Debug)]
@@ -42,7 +44,16 @@ impl AccountRow {
 struct IdempotencyRow {
     request_hash: String,
     outcome: StoredOutcome,
+    in_flight: bool,
     expires_at_ms: u64,
+}
+
+#[derive(Debug, Clone)]
+struct PendingRow {
+    seq: u64,
+    idempotency_key: String,
+    record: String,
+    at_ms: u64,
 }
 
 #[derive(Debug, Default)]
@@ -56,11 +67,14 @@ struct ScopeState {
     docs: HashMap<String, PaymentDoc>,
     orders: HashMap<String, String>,
     idempotency: HashMap<String, IdempotencyRow>,
+    /// id -> movement not yet committed by the settlement store (u:{T} in Redis).
+    unsettled: HashMap<String, PendingRow>,
 }
 
 enum IdempotencyCheck {
     New,
     Conflict,
+    InFlight,
     Replay(StoredOutcome),
 }
 
@@ -84,6 +98,7 @@ impl ScopeState {
                 IdempotencyCheck::New
             }
             Some(row) if row.request_hash != claim.request_hash => IdempotencyCheck::Conflict,
+            Some(row) if row.in_flight => IdempotencyCheck::InFlight,
             Some(row) => IdempotencyCheck::Replay(row.outcome.clone()),
             None => IdempotencyCheck::New,
         }
@@ -93,11 +108,13 @@ impl ScopeState {
         &mut self,
         claim: &IdempotencyClaim,
         outcome: StoredOutcome,
+        in_flight: bool,
         now_ms: u64,
     ) {
         let row = IdempotencyRow {
             request_hash: claim.request_hash.clone(),
             outcome,
+            in_flight,
             expires_at_ms: now_ms.saturating_add(claim.retention_seconds.saturating_mul(1000)),
         };
         self.idempotency.insert(claim.key.as_str().to_owned(), row);
@@ -123,11 +140,24 @@ impl ScopeState {
             if let Some(status) = self.statuses.get_mut(&pid) {
                 if *status == PaymentStatus::Pending {
                     *status = PaymentStatus::Expired;
+                    self.record_final_status(&pid, PaymentStatus::Expired, now_ms);
                 }
             }
             released += 1;
         }
         released
+    }
+
+    fn record_final_status(&mut self, pid: &str, status: PaymentStatus, now_ms: u64) {
+        self.unsettled.insert(
+            status_record_id(pid),
+            PendingRow {
+                seq: 0,
+                idempotency_key: String::new(),
+                record: final_status_record(pid, status, now_ms),
+                at_ms: now_ms,
+            },
+        );
     }
 
     fn remove_hold(&mut self, pid: &str) -> i64 {
@@ -250,6 +280,7 @@ impl BalanceStore for MemoryStore {
         match state.check_idempotency(&req.idempotency, ctx.now_ms) {
             IdempotencyCheck::New => {}
             IdempotencyCheck::Conflict => return Ok(AuthorizeOutcome::IdempotencyConflict),
+            IdempotencyCheck::InFlight => return Ok(AuthorizeOutcome::IdempotencyInFlight),
             IdempotencyCheck::Replay(outcome) => return Ok(AuthorizeOutcome::Replay(outcome)),
         }
         if let Scope::Account(key) = &req.scope {
@@ -279,7 +310,7 @@ impl BalanceStore for MemoryStore {
                     available,
                     shortfall: amount - available,
                 };
-                state.record_idempotency(&req.idempotency, outcome, ctx.now_ms);
+                state.record_idempotency(&req.idempotency, outcome, false, ctx.now_ms);
                 return Ok(AuthorizeOutcome::InsufficientFunds {
                     available,
                     shortfall: amount - available,
@@ -304,7 +335,25 @@ impl BalanceStore for MemoryStore {
             .insert(req.order_id.as_str().to_owned(), pid.clone());
         let id = PaymentId::parse(&pid)
             .ok_or_else(|| StoreError::Corrupt(format!("payment id {pid:?}")))?;
-        state.record_idempotency(&req.idempotency, StoredOutcome::Payment(id), ctx.now_ms);
+        let pending = req.pending_record.is_some();
+        if let Some(record) = &req.pending_record {
+            let seq = state.account.as_ref().map_or(0, |row| row.seq);
+            state.unsettled.insert(
+                pid.clone(),
+                PendingRow {
+                    seq,
+                    idempotency_key: req.idempotency.key.as_str().to_owned(),
+                    record: record.clone(),
+                    at_ms: ctx.now_ms,
+                },
+            );
+        }
+        state.record_idempotency(
+            &req.idempotency,
+            StoredOutcome::Payment(id),
+            pending,
+            ctx.now_ms,
+        );
         let payment = state.record(&pid).expect("just written");
         let account = state.account.as_ref().map(AccountRow::snapshot);
         Ok(AuthorizeOutcome::Created { payment, account })
@@ -348,7 +397,7 @@ impl BalanceStore for MemoryStore {
         &self,
         payment: &PaymentId,
         to: PaymentStatus,
-        _ctx: OpContext,
+        ctx: OpContext,
     ) -> Result<TransitionOutcome, StoreError> {
         debug_assert!(!to.is_live(), "release ends a payment: {to}");
         let Some(mut state) = self.scopes.get_mut(&payment.tag()) else {
@@ -368,6 +417,7 @@ impl BalanceStore for MemoryStore {
             }
         }
         state.statuses.insert(pid.to_owned(), to);
+        state.record_final_status(pid, to, ctx.now_ms);
         Ok(TransitionOutcome::Done(state.record(pid).expect("exists")))
     }
 
@@ -380,6 +430,7 @@ impl BalanceStore for MemoryStore {
         match state.check_idempotency(&req.idempotency, ctx.now_ms) {
             IdempotencyCheck::New => {}
             IdempotencyCheck::Conflict => return Ok(AdjustOutcome::IdempotencyConflict),
+            IdempotencyCheck::InFlight => return Ok(AdjustOutcome::IdempotencyInFlight),
             IdempotencyCheck::Replay(outcome) => return Ok(AdjustOutcome::Replay(outcome)),
         }
         match state.check_account(&req.account, Some(req.currency)) {
@@ -400,7 +451,7 @@ impl BalanceStore for MemoryStore {
                         available,
                         shortfall: amount - available,
                     };
-                    state.record_idempotency(&req.idempotency, outcome, ctx.now_ms);
+                    state.record_idempotency(&req.idempotency, outcome, false, ctx.now_ms);
                     return Ok(AdjustOutcome::InsufficientFunds {
                         available,
                         shortfall: amount - available,
@@ -417,9 +468,19 @@ impl BalanceStore for MemoryStore {
         row.balance = new_balance;
         row.seq += 1;
         let snapshot = row.snapshot();
+        state.unsettled.insert(
+            req.adjustment_id.as_str().to_owned(),
+            PendingRow {
+                seq: snapshot.seq,
+                idempotency_key: req.idempotency.key.as_str().to_owned(),
+                record: req.pending_record.clone(),
+                at_ms: ctx.now_ms,
+            },
+        );
         state.record_idempotency(
             &req.idempotency,
             StoredOutcome::Adjustment(req.doc.clone()),
+            true,
             ctx.now_ms,
         );
         Ok(AdjustOutcome::Applied(snapshot))
@@ -465,6 +526,115 @@ impl BalanceStore for MemoryStore {
             state.purge_idempotency(ctx.now_ms);
         }
         Ok(released)
+    }
+
+    async fn mark_settled(&self, marks: &[SettledMark]) -> Result<(), StoreError> {
+        for mark in marks {
+            if let Some(mut state) = self.scopes.get_mut(&mark.tag) {
+                state.unsettled.remove(&mark.id);
+                if let Some(row) = state.idempotency.get_mut(&mark.idempotency_key) {
+                    row.in_flight = false;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn abandon(
+        &self,
+        payment: &PaymentId,
+        idempotency: &IdempotencyKey,
+    ) -> Result<(), StoreError> {
+        let Some(mut state) = self.scopes.get_mut(&payment.tag()) else {
+            return Ok(());
+        };
+        let pid = payment.as_str();
+        match state.statuses.get(pid) {
+            Some(PaymentStatus::Pending) | None => {}
+            Some(_) => return Ok(()),
+        }
+        let amount = state.remove_hold(pid);
+        if let Some(row) = state.account.as_mut() {
+            row.held -= amount;
+            debug_assert!(row.held >= 0);
+        }
+        if let Some(status) = state.statuses.get_mut(pid) {
+            *status = PaymentStatus::Failed;
+        }
+        state.unsettled.remove(pid);
+        state.idempotency.remove(idempotency.as_str());
+        Ok(())
+    }
+
+    async fn unsettled(&self, budget: usize) -> Result<UnsettledPage, StoreError> {
+        let mut out = Vec::new();
+        let mut complete = true;
+        for entry in self.scopes.iter() {
+            if out.len() >= budget {
+                complete = false;
+                break;
+            }
+            for (id, row) in &entry.unsettled {
+                out.push(Unsettled {
+                    tag: *entry.key(),
+                    id: id.clone(),
+                    seq: row.seq,
+                    idempotency_key: row.idempotency_key.clone(),
+                    record: row.record.clone(),
+                    at_ms: row.at_ms,
+                });
+            }
+        }
+        Ok(UnsettledPage {
+            entries: out,
+            complete,
+        })
+    }
+
+    async fn rebuild_account(&self, rebuild: &AccountRebuild) -> Result<(), StoreError> {
+        let mut state = self.scopes.entry(rebuild.key.tag).or_default();
+        let held: i64 = rebuild.holds.iter().map(|h| h.held_minor).sum();
+        state.account = Some(AccountRow {
+            merchant: rebuild.key.merchant.as_str().to_owned(),
+            account: rebuild.key.account.as_str().to_owned(),
+            currency: rebuild.currency,
+            balance: rebuild.balance,
+            held,
+            credit_limit: rebuild.credit_limit,
+            seq: rebuild.seq,
+        });
+        let known: std::collections::HashSet<&str> =
+            rebuild.holds.iter().map(|h| h.doc.id.as_str()).collect();
+        let stale: Vec<String> = state
+            .hold_amounts
+            .keys()
+            .filter(|pid| !known.contains(pid.as_str()))
+            .cloned()
+            .collect();
+        for pid in stale {
+            state.remove_hold(&pid);
+            if let Some(status) = state.statuses.get_mut(&pid) {
+                if *status == PaymentStatus::Pending {
+                    *status = PaymentStatus::Failed;
+                }
+            }
+        }
+        for (hold, expiry) in rebuild.holds.iter().zip(&rebuild.hold_expiries_ms) {
+            let pid = hold.doc.id.clone();
+            state.remove_hold(&pid);
+            state.holds.insert((*expiry, pid.clone()));
+            state
+                .hold_amounts
+                .insert(pid.clone(), (hold.held_minor, *expiry));
+            state.statuses.insert(pid.clone(), PaymentStatus::Pending);
+            state.docs.insert(pid.clone(), hold.doc.clone());
+            state.orders.insert(hold.doc.merchant_order_id.clone(), pid);
+        }
+        Ok(())
+    }
+
+    async fn has_accounts(&self) -> Result<bool, StoreError> {
+        Ok(self.scopes.iter().any(|state| state.account.is_some()))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -300,6 +300,10 @@ pub struct AuthorizeRequest {
     pub doc: PaymentDoc,
     /// `Some` for account payments (the scope is then an account), `None` otherwise.
     pub hold: Option<HoldSpec>,
+    /// What must reach the settlement store before the request is answered (JSON, opaque to
+    /// the store): kept with the payment until `mark_settled`, and the idempotency record
+    /// stays in flight meanwhile. `None` answers at once.
+    pub pending_record: Option<String>,
 }
 
 // Returned by value once per call and matched at once: boxing the large variant would add an
@@ -340,6 +344,69 @@ pub struct AdjustRequest {
     pub currency: Currency,
     /// The adjustment's document, kept with the idempotency record for replays.
     pub doc: String,
+    /// Its settlement (JSON, opaque to the store), pending until `mark_settled`.
+    pub pending_record: String,
+}
+
+/// A movement committed by the settlement store, to forget in the balance store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettledMark {
+    pub tag: ScopeTag,
+    /// The payment or adjustment id.
+    pub id: String,
+    pub idempotency_key: String,
+}
+
+/// A movement the balance store made that the settlement store may not have yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unsettled {
+    pub tag: ScopeTag,
+    pub id: String,
+    /// The account's sequence number after the movement.
+    pub seq: u64,
+    pub idempotency_key: String,
+    /// The pending record as given to `authorize` or `adjust`, or a status change.
+    pub record: String,
+    /// When the balance store wrote it (unix ms): young records may still be in the hands of
+    /// the request that made them.
+    pub at_ms: u64,
+}
+
+/// The pending record of a payment's final status (written by release and expiry), in the
+/// JSON shape the Lua scripts write.
+pub fn final_status_record(pid: &str, status: PaymentStatus, now_ms: u64) -> String {
+    format!(
+        "{{\"status\":{{\"payment_id\":\"{pid}\",\"status\":\"{}\",\"updated_at_ms\":{now_ms}}}}}",
+        status.as_str()
+    )
+}
+
+/// The outbox id of a payment's status change.
+pub fn status_record_id(pid: &str) -> String {
+    format!("{pid}#s")
+}
+
+/// One page of the balance store's outbox.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UnsettledPage {
+    pub entries: Vec<Unsettled>,
+    /// This page ended a full pass over every scope (the next call starts over).
+    pub complete: bool,
+}
+
+/// One account as the settlement store knows it, to load into the balance store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccountRebuild {
+    pub key: AccountKey,
+    pub currency: Currency,
+    pub balance: i64,
+    pub credit_limit: i64,
+    pub seq: u64,
+    pub created_at_ms: u64,
+    /// The account's live holds (pending payments holding money).
+    pub holds: Vec<PaymentRecord>,
+    /// Each hold's expiry, in the order of `holds`.
+    pub hold_expiries_ms: Vec<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -458,6 +525,28 @@ pub trait BalanceStore: Send + Sync + 'static {
     /// Releases expired holds across all accounts, at most `budget` accounts per call;
     /// returns how many holds it released. Repeated calls make progress through every account.
     async fn sweep_expired(&self, ctx: OpContext, budget: usize) -> Result<u64, StoreError>;
+
+    /// Forgets committed movements' pending records and lets their idempotency records
+    /// replay. One round trip for the whole batch.
+    async fn mark_settled(&self, marks: &[SettledMark]) -> Result<(), StoreError>;
+
+    /// Undoes a pending payment whose intent could not be committed: hold released, status
+    /// `failed`, pending and idempotency records removed (the client may retry).
+    async fn abandon(
+        &self,
+        payment: &PaymentId,
+        idempotency: &IdempotencyKey,
+    ) -> Result<(), StoreError>;
+
+    /// Pending records not yet settled, at most about `budget` scopes' worth per call;
+    /// repeated calls make progress through every scope.
+    async fn unsettled(&self, budget: usize) -> Result<UnsettledPage, StoreError>;
+
+    /// Replaces one account's balance, sequence and live holds with the given ones.
+    async fn rebuild_account(&self, rebuild: &AccountRebuild) -> Result<(), StoreError>;
+
+    /// Whether the store holds any account at all (an empty Redis is rebuilt at start).
+    async fn has_accounts(&self) -> Result<bool, StoreError>;
 
     /// Readiness: the store answers.
     async fn ping(&self) -> Result<(), StoreError>;

@@ -18,12 +18,13 @@ use ::redis::{Client, Script};
 use async_trait::async_trait;
 
 use super::{
-    AccountKey, AccountSnapshot, AdjustOutcome, AdjustRequest, AuthorizeOutcome, AuthorizeRequest,
-    BalanceStore, Direction, OpContext, PaymentDoc, PaymentRecord, PaymentStatus, Scope,
-    StoreError, StoredOutcome, TransitionOutcome, UpsertOutcome,
+    AccountKey, AccountRebuild, AccountSnapshot, AdjustOutcome, AdjustRequest, AuthorizeOutcome,
+    AuthorizeRequest, BalanceStore, Direction, OpContext, PaymentDoc, PaymentRecord, PaymentStatus,
+    Scope, SettledMark, StoreError, StoredOutcome, TransitionOutcome, Unsettled, UnsettledPage,
+    UpsertOutcome,
 };
 use crate::config::RedisSettings;
-use crate::ids::{MerchantOrderId, PaymentId, ScopeTag};
+use crate::ids::{IdempotencyKey, MerchantOrderId, PaymentId, ScopeTag};
 use crate::money::Currency;
 use crate::telemetry;
 
@@ -38,6 +39,9 @@ struct Scripts {
     release: Script,
     adjust: Script,
     read_payment: Script,
+    settled: Script,
+    abandon: Script,
+    rebuild_account: Script,
 }
 
 impl Scripts {
@@ -51,10 +55,13 @@ impl Scripts {
             release: with_common(include_str!("scripts/release.lua")),
             adjust: with_common(include_str!("scripts/adjust.lua")),
             read_payment: with_common(include_str!("scripts/read_payment.lua")),
+            settled: with_common(include_str!("scripts/settled.lua")),
+            abandon: with_common(include_str!("scripts/abandon.lua")),
+            rebuild_account: with_common(include_str!("scripts/rebuild_account.lua")),
         }
     }
 
-    fn all(&self) -> [&Script; 7] {
+    fn all(&self) -> [&Script; 10] {
         [
             &self.upsert_account,
             &self.read_account,
@@ -63,6 +70,9 @@ impl Scripts {
             &self.release,
             &self.adjust,
             &self.read_payment,
+            &self.settled,
+            &self.abandon,
+            &self.rebuild_account,
         ]
     }
 }
@@ -75,11 +85,13 @@ struct Keys {
     statuses: String,
     docs: String,
     orders: String,
+    unsettled: String,
 }
 
 impl Keys {
     fn of(tag: ScopeTag) -> Self {
         Self {
+            unsettled: format!("u:{{{tag}}}"),
             account: format!("a:{{{tag}}}"),
             holds: format!("h:{{{tag}}}"),
             hold_amounts: format!("ph:{{{tag}}}"),
@@ -103,6 +115,8 @@ pub struct RedisStore {
     command_timeout: Duration,
     /// Where the sweeper's SCAN continues.
     sweep_cursor: Mutex<u64>,
+    /// Where the recovery loop's SCAN continues.
+    unsettled_cursor: Mutex<u64>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -147,6 +161,7 @@ impl RedisStore {
             scripts: Scripts::new(),
             command_timeout,
             sweep_cursor: Mutex::new(0),
+            unsettled_cursor: Mutex::new(0),
         };
         store.check_eviction_policy().await?;
         for script in store.scripts.all() {
@@ -297,7 +312,13 @@ impl BalanceStore for RedisStore {
             .run(
                 "upsert_account",
                 &self.scripts.upsert_account,
-                &[&k.account, &k.holds, &k.hold_amounts, &k.statuses],
+                &[
+                    &k.account,
+                    &k.holds,
+                    &k.hold_amounts,
+                    &k.statuses,
+                    &k.unsettled,
+                ],
                 &[
                     key.merchant.as_str(),
                     key.account.as_str(),
@@ -330,7 +351,13 @@ impl BalanceStore for RedisStore {
             .run(
                 "read_account",
                 &self.scripts.read_account,
-                &[&k.account, &k.holds, &k.hold_amounts, &k.statuses],
+                &[
+                    &k.account,
+                    &k.holds,
+                    &k.hold_amounts,
+                    &k.statuses,
+                    &k.unsettled,
+                ],
                 &[
                     key.merchant.as_str(),
                     key.account.as_str(),
@@ -372,6 +399,7 @@ impl BalanceStore for RedisStore {
                     &k.docs,
                     &k.orders,
                     &idempotency_key,
+                    &k.unsettled,
                 ],
                 &[
                     req.scope.merchant_id().as_str(),
@@ -387,6 +415,8 @@ impl BalanceStore for RedisStore {
                     &ctx.lazy_release_max.to_string(),
                     req.order_id.as_str(),
                     &doc,
+                    req.pending_record.as_deref().unwrap_or(""),
+                    req.idempotency.key.as_str(),
                 ],
             )
             .await?;
@@ -458,7 +488,7 @@ impl BalanceStore for RedisStore {
         &self,
         payment: &PaymentId,
         to: PaymentStatus,
-        _ctx: OpContext,
+        ctx: OpContext,
     ) -> Result<TransitionOutcome, StoreError> {
         debug_assert!(!to.is_live(), "release ends a payment: {to}");
         let k = Keys::of(payment.tag());
@@ -466,8 +496,14 @@ impl BalanceStore for RedisStore {
             .run(
                 "release",
                 &self.scripts.release,
-                &[&k.account, &k.holds, &k.hold_amounts, &k.statuses],
-                &[payment.as_str(), to.as_str()],
+                &[
+                    &k.account,
+                    &k.holds,
+                    &k.hold_amounts,
+                    &k.statuses,
+                    &k.unsettled,
+                ],
+                &[payment.as_str(), to.as_str(), &ctx.now_ms.to_string()],
             )
             .await?;
         if field(&reply, 0, "release")? != "done" {
@@ -500,6 +536,7 @@ impl BalanceStore for RedisStore {
                     &k.hold_amounts,
                     &k.statuses,
                     &idempotency_key,
+                    &k.unsettled,
                 ],
                 &[
                     req.account.merchant.as_str(),
@@ -512,6 +549,9 @@ impl BalanceStore for RedisStore {
                     &ctx.now_ms.to_string(),
                     &ctx.lazy_release_max.to_string(),
                     &outcome,
+                    &req.pending_record,
+                    req.adjustment_id.as_str(),
+                    req.idempotency.key.as_str(),
                 ],
             )
             .await?;
@@ -547,42 +587,24 @@ impl BalanceStore for RedisStore {
     }
 
     async fn sweep_expired(&self, ctx: OpContext, budget: usize) -> Result<u64, StoreError> {
-        let cursor = *self.sweep_cursor.lock().expect("sweep cursor lock");
-        let mut conn = self.connection();
-        let (next, keys): (u64, Vec<String>) = self
-            .bounded(
-                "scan",
-                ::redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg("h:{*")
-                    .arg("COUNT")
-                    .arg(budget)
-                    .query_async(&mut conn),
-            )
-            .await?;
-        *self.sweep_cursor.lock().expect("sweep cursor lock") = next;
+        let (keys, _) = self.scan_page(&self.sweep_cursor, "h:{*", budget).await?;
         let mut released = 0;
         for key in keys {
-            let Some(tag) = key
-                .strip_prefix("h:{")
-                .and_then(|rest| rest.strip_suffix('}'))
-            else {
+            let Some(tag) = tag_of(&key, "h:{") else {
                 continue;
             };
-            let k = Keys {
-                account: format!("a:{{{tag}}}"),
-                holds: key.clone(),
-                hold_amounts: format!("ph:{{{tag}}}"),
-                statuses: format!("ps:{{{tag}}}"),
-                docs: String::new(),
-                orders: String::new(),
-            };
+            let k = Keys::of(tag);
             let reply = self
                 .run(
                     "sweep",
                     &self.scripts.read_account,
-                    &[&k.account, &k.holds, &k.hold_amounts, &k.statuses],
+                    &[
+                        &k.account,
+                        &k.holds,
+                        &k.hold_amounts,
+                        &k.statuses,
+                        &k.unsettled,
+                    ],
                     &[
                         "",
                         "",
@@ -598,6 +620,181 @@ impl BalanceStore for RedisStore {
         Ok(released)
     }
 
+    async fn mark_settled(&self, marks: &[SettledMark]) -> Result<(), StoreError> {
+        if marks.is_empty() {
+            return Ok(());
+        }
+        // One pipeline: one round trip for a whole commit's worth of movements.
+        let mut pipe = ::redis::pipe();
+        for mark in marks {
+            let k = Keys::of(mark.tag);
+            pipe.invoke_script(
+                self.scripts
+                    .settled
+                    .key(&k.unsettled)
+                    .key(Keys::idempotency(mark.tag, &mark.idempotency_key))
+                    .arg(&mark.id),
+            )
+            .ignore();
+        }
+        telemetry::redis_round_trip("mark_settled");
+        let mut conn = self.connection();
+        let first =
+            tokio::time::timeout(self.command_timeout, pipe.query_async::<()>(&mut conn)).await;
+        match first {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err))
+                if err.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) =>
+            {
+                // A restarted Redis lost its scripts: load and retry once.
+                self.bounded("script_load", self.scripts.settled.load_async(&mut conn))
+                    .await?;
+                self.bounded("mark_settled", pipe.query_async::<()>(&mut conn))
+                    .await
+            }
+            Ok(Err(err)) => Err(unavailable(err)),
+            Err(_) => Err(StoreError::Timeout(self.command_timeout.as_millis() as u64)),
+        }
+    }
+
+    async fn abandon(
+        &self,
+        payment: &PaymentId,
+        idempotency: &IdempotencyKey,
+    ) -> Result<(), StoreError> {
+        let tag = payment.tag();
+        let k = Keys::of(tag);
+        let reply = self
+            .run(
+                "abandon",
+                &self.scripts.abandon,
+                &[
+                    &k.account,
+                    &k.holds,
+                    &k.hold_amounts,
+                    &k.statuses,
+                    &k.unsettled,
+                    &Keys::idempotency(tag, idempotency.as_str()),
+                ],
+                &[payment.as_str()],
+            )
+            .await?;
+        match field(&reply, 0, "abandon")? {
+            "done" | "not_pending" => Ok(()),
+            _ => Err(corrupt("abandon", &reply)),
+        }
+    }
+
+    async fn unsettled(&self, budget: usize) -> Result<UnsettledPage, StoreError> {
+        let (keys, complete) = self
+            .scan_page(&self.unsettled_cursor, "u:{*", budget)
+            .await?;
+        let mut out = Vec::new();
+        for key in keys {
+            let Some(tag) = tag_of(&key, "u:{") else {
+                continue;
+            };
+            let mut conn = self.connection();
+            let entries: Vec<(String, String)> = self
+                .bounded(
+                    "unsettled",
+                    ::redis::cmd("HGETALL").arg(&key).query_async(&mut conn),
+                )
+                .await?;
+            for (id, json) in entries {
+                #[derive(serde::Deserialize)]
+                struct Entry {
+                    seq: u64,
+                    key: String,
+                    at: u64,
+                    record: Box<serde_json::value::RawValue>,
+                }
+                let entry: Entry = serde_json::from_str(&json)
+                    .map_err(|e| StoreError::Corrupt(format!("pending record of {id}: {e}")))?;
+                out.push(Unsettled {
+                    tag,
+                    id,
+                    seq: entry.seq,
+                    idempotency_key: entry.key,
+                    record: entry.record.get().to_owned(),
+                    at_ms: entry.at,
+                });
+            }
+        }
+        Ok(UnsettledPage {
+            entries: out,
+            complete,
+        })
+    }
+
+    async fn rebuild_account(&self, rebuild: &AccountRebuild) -> Result<(), StoreError> {
+        let k = Keys::of(rebuild.key.tag);
+        let mut args: Vec<String> = vec![
+            rebuild.key.merchant.as_str().to_owned(),
+            rebuild.key.account.as_str().to_owned(),
+            rebuild.currency.code().to_owned(),
+            rebuild.balance.to_string(),
+            rebuild.credit_limit.to_string(),
+            rebuild.seq.to_string(),
+            rebuild.created_at_ms.to_string(),
+        ];
+        for (hold, expiry) in rebuild.holds.iter().zip(&rebuild.hold_expiries_ms) {
+            args.push(hold.doc.id.clone());
+            args.push(hold.held_minor.to_string());
+            args.push(expiry.to_string());
+            args.push(hold.doc.merchant_order_id.clone());
+            args.push(doc_json(&hold.doc)?);
+        }
+        let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let reply = self
+            .run(
+                "rebuild_account",
+                &self.scripts.rebuild_account,
+                &[
+                    &k.account,
+                    &k.holds,
+                    &k.hold_amounts,
+                    &k.statuses,
+                    &k.docs,
+                    &k.orders,
+                ],
+                &arg_refs,
+            )
+            .await?;
+        match field(&reply, 0, "rebuild_account")? {
+            "ok" => Ok(()),
+            _ => Err(corrupt("rebuild_account", &reply)),
+        }
+    }
+
+    async fn has_accounts(&self) -> Result<bool, StoreError> {
+        let mut cursor = 0u64;
+        // Bounded: a keyspace of this many pages without one account counts as empty only
+        // after the whole scan, which SCAN guarantees to finish.
+        loop {
+            let mut conn = self.connection();
+            let (next, keys): (u64, Vec<String>) = self
+                .bounded(
+                    "scan",
+                    ::redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg("a:{*")
+                        .arg("COUNT")
+                        .arg(1_000)
+                        .query_async(&mut conn),
+                )
+                .await?;
+            if !keys.is_empty() {
+                return Ok(true);
+            }
+            if next == 0 {
+                return Ok(false);
+            }
+            cursor = next;
+        }
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         let mut conn = self.connection();
         let pong: String = self
@@ -611,7 +808,39 @@ impl BalanceStore for RedisStore {
     }
 }
 
+/// The scope tag in a key `<prefix>T}`.
+fn tag_of(key: &str, prefix: &str) -> Option<ScopeTag> {
+    let tag = key.strip_prefix(prefix)?.strip_suffix('}')?;
+    ScopeTag::parse(tag)
+}
+
 impl RedisStore {
+    /// One page of a SCAN over `pattern`, continuing where the last page of `cursor` ended;
+    /// `true` when this page ended a full pass.
+    async fn scan_page(
+        &self,
+        cursor: &Mutex<u64>,
+        pattern: &str,
+        count: usize,
+    ) -> Result<(Vec<String>, bool), StoreError> {
+        let at = *cursor.lock().expect("scan cursor lock");
+        let mut conn = self.connection();
+        let (next, keys): (u64, Vec<String>) = self
+            .bounded(
+                "scan",
+                ::redis::cmd("SCAN")
+                    .arg(at)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(count)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        *cursor.lock().expect("scan cursor lock") = next;
+        Ok((keys, next == 0))
+    }
+
     async fn read_payment(
         &self,
         tag: ScopeTag,

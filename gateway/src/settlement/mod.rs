@@ -8,8 +8,12 @@
 //! instances share it). Migrations are embedded and applied by `gateway migrate`; a server
 //! refuses to run on an unmigrated or unknown schema.
 
+pub mod movements;
 pub mod postgres;
+pub mod recovery;
+pub mod settler;
 pub mod sqlite;
+pub mod stream;
 
 use std::fmt;
 
@@ -173,6 +177,33 @@ impl Settlement {
     }
 }
 
+/// A payment's final status, reached without money moving.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusChange {
+    pub payment_id: String,
+    pub status: String,
+    pub updated_at_ms: u64,
+}
+
+/// What the balance store keeps in its outbox until this store has it (see
+/// `preauth::Unsettled`): serialized as `{"settlement": …}`, `{"intent": …}` or
+/// `{"status": …}` — the last one is also written by the Lua scripts.
+// Built once per movement and moved, never copied in bulk: boxing buys nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PendingRecord {
+    Settlement(Settlement),
+    Intent(PaymentRow),
+    Status(StatusChange),
+}
+
+impl PendingRecord {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a pending record always serializes")
+    }
+}
+
 /// The result of committing one settlement.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommitOutcome {
@@ -180,7 +211,14 @@ pub enum CommitOutcome {
     /// The same movement was already committed (a re-drive after a crash): nothing written.
     AlreadyCommitted,
     /// A different movement is stored under the same key: nothing written, flagged.
-    Conflict { stored_hash: String },
+    Conflict {
+        stored_hash: String,
+    },
+    /// Another movement of the account already has this `account_seq`: the balance store
+    /// rolled back and must be rebuilt from this store. Nothing written, flagged.
+    SequenceConflict {
+        account_seq: u64,
+    },
 }
 
 /// An account as the store keeps it, with what rebuilding Redis needs.
@@ -262,8 +300,14 @@ pub trait SettlementStore: Send + Sync + 'static {
 
     async fn payment(&self, id: &str) -> Result<Option<PaymentRow>, SettleError>;
 
+    /// Records a pending payment's final status without money moving (cancel, expiry,
+    /// failure): `false` when the payment is unknown or no longer pending.
+    async fn set_final_status(&self, change: &StatusChange) -> Result<bool, SettleError>;
+
     /// The postings of every settlement, as (payment id, kind, sequence, ledger, amount).
-    async fn postings_sum_by_movement(&self) -> Result<Vec<(String, String, u32, i64)>, SettleError>;
+    async fn postings_sum_by_movement(
+        &self,
+    ) -> Result<Vec<(String, String, u32, i64)>, SettleError>;
 
     async fn flagged(&self, limit: usize) -> Result<Vec<Flagged>, SettleError>;
 

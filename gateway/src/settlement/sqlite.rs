@@ -10,7 +10,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{
     AccountBalance, AccountRow, CommitOutcome, Flagged, IntentOutcome, PaymentRow, SettleError,
-    Settlement, SettlementStore, MIGRATIONS, SCHEMA_VERSION,
+    Settlement, SettlementStore, StatusChange, MIGRATIONS, SCHEMA_VERSION,
 };
 use crate::money::Currency;
 use crate::telemetry;
@@ -25,7 +25,9 @@ pub struct SqliteStore {
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteStore").field("path", &self.path).finish()
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -81,7 +83,9 @@ impl SqliteStore {
         let conn = self.conn.clone();
         let started = std::time::Instant::now();
         let result = tokio::task::spawn_blocking(move || {
-            let mut conn = conn.lock().map_err(|_| unavailable("connection lock poisoned"))?;
+            let mut conn = conn
+                .lock()
+                .map_err(|_| unavailable("connection lock poisoned"))?;
             f(&mut conn)
         })
         .await
@@ -168,7 +172,9 @@ impl SettlementStore for SqliteStore {
             )
             .map_err(db)?;
             let current: Option<u32> = conn
-                .query_row("SELECT MAX(version) FROM schema_migrations", [], |r| r.get(0))
+                .query_row("SELECT MAX(version) FROM schema_migrations", [], |r| {
+                    r.get(0)
+                })
                 .map_err(db)?;
             let current = current.unwrap_or(0);
             if current > SCHEMA_VERSION {
@@ -208,8 +214,10 @@ impl SettlementStore for SqliteStore {
             if !exists {
                 return Ok(None);
             }
-            conn.query_row("SELECT MAX(version) FROM schema_migrations", [], |r| r.get(0))
-                .map_err(db)
+            conn.query_row("SELECT MAX(version) FROM schema_migrations", [], |r| {
+                r.get(0)
+            })
+            .map_err(db)
         })
         .await
     }
@@ -245,7 +253,9 @@ impl SettlementStore for SqliteStore {
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(db)?;
             let existing: Option<String> = tx
-                .query_row("SELECT id FROM payments WHERE id = ?1", [&p.id], |r| r.get(0))
+                .query_row("SELECT id FROM payments WHERE id = ?1", [&p.id], |r| {
+                    r.get(0)
+                })
                 .optional()
                 .map_err(db)?;
             if existing.is_some() {
@@ -310,14 +320,31 @@ impl SettlementStore for SqliteStore {
                     )
                     .map_err(db)?;
                 if inserted == 0 {
-                    let stored: String = tx
+                    let stored: Option<String> = tx
                         .query_row(
                             "SELECT content_hash FROM settlements WHERE payment_id = ?1 \
                              AND kind = ?2 AND sequence = ?3",
                             params![s.payment_id, s.kind.as_str(), s.sequence],
                             |r| r.get(0),
                         )
+                        .optional()
                         .map_err(db)?;
+                    let Some(stored) = stored else {
+                        // Not our key: the account's sequence number is taken.
+                        let account_seq = s.account_seq.unwrap_or(0);
+                        tx.execute(
+                            "INSERT INTO flagged (kind, payment_id, detail, created_at_ms) \
+                             VALUES ('sequence_conflict', ?1, ?2, ?3) ON CONFLICT DO NOTHING",
+                            params![
+                                s.payment_id,
+                                format!("account sequence {account_seq} is already used: the balance store rolled back"),
+                                ms(telemetry::now_ms())
+                            ],
+                        )
+                        .map_err(db)?;
+                        outcomes.push(CommitOutcome::SequenceConflict { account_seq });
+                        continue;
+                    };
                     if stored == hash {
                         outcomes.push(CommitOutcome::AlreadyCommitted);
                     } else {
@@ -437,7 +464,24 @@ impl SettlementStore for SqliteStore {
         .await
     }
 
-    async fn postings_sum_by_movement(&self) -> Result<Vec<(String, String, u32, i64)>, SettleError> {
+    async fn set_final_status(&self, change: &StatusChange) -> Result<bool, SettleError> {
+        let change = change.clone();
+        self.run("set_final_status", move |conn| {
+            let updated = conn
+                .execute(
+                    "UPDATE payments SET status = ?2, held_minor = 0, updated_at_ms = ?3 \
+                     WHERE id = ?1 AND status = 'pending'",
+                    params![change.payment_id, change.status, ms(change.updated_at_ms)],
+                )
+                .map_err(db)?;
+            Ok(updated == 1)
+        })
+        .await
+    }
+
+    async fn postings_sum_by_movement(
+        &self,
+    ) -> Result<Vec<(String, String, u32, i64)>, SettleError> {
         self.run("postings_sum", |conn| {
             let mut stmt = conn
                 .prepare(

@@ -8,9 +8,10 @@ use gateway::ids::{
 };
 use gateway::money::Currency;
 use gateway::preauth::{
-    AccountKey, AdjustOutcome, AdjustRequest, AuthorizeOutcome, AuthorizeRequest, BalanceStore,
-    Direction, HoldSpec, IdempotencyClaim, Method, OpContext, PaymentDoc, PaymentStatus, Purpose,
-    Scope, StoredOutcome, TransitionOutcome, UpsertOutcome,
+    AccountKey, AccountRebuild, AdjustOutcome, AdjustRequest, AuthorizeOutcome, AuthorizeRequest,
+    BalanceStore, Direction, HoldSpec, IdempotencyClaim, Method, OpContext, PaymentDoc,
+    PaymentRecord, PaymentStatus, Purpose, Scope, SettledMark, StoredOutcome, TransitionOutcome,
+    UpsertOutcome,
 };
 
 use crate::helpers::{store_for, Backend, RedisServer};
@@ -72,6 +73,7 @@ fn authorize(
             metadata: None,
         },
         hold: Some(hold),
+        pending_record: None,
     }
 }
 
@@ -96,6 +98,7 @@ fn adjust(account: &AccountKey, idem: &str, direction: Direction, amount: i64) -
         amount_minor: amount,
         currency: Currency::Cny,
         doc: format!("{{\"amount\":{amount}}}"),
+        pending_record: format!("{{\"settlement\":{{\"amount\":{amount}}}}}"),
     }
 }
 
@@ -157,7 +160,42 @@ macro_rules! on_both_backends {
     };
 }
 
+/// Every pending record: pages until a full pass.
+async fn all_unsettled(store: &Arc<dyn BalanceStore>) -> Vec<gateway::preauth::Unsettled> {
+    let mut all = Vec::new();
+    for _ in 0..1_000 {
+        let page = store.unsettled(100).await.unwrap();
+        for entry in page.entries {
+            if !all.contains(&entry) {
+                all.push(entry);
+            }
+        }
+        if page.complete {
+            return all;
+        }
+    }
+    panic!("the outbox scan never completed");
+}
+
+/// Marks every pending record settled, as the settlement stream does after a commit.
+async fn settle_all(store: &Arc<dyn BalanceStore>) {
+    let marks: Vec<SettledMark> = all_unsettled(store)
+        .await
+        .into_iter()
+        .map(|u| SettledMark {
+            tag: u.tag,
+            id: u.id,
+            idempotency_key: u.idempotency_key,
+        })
+        .collect();
+    store.mark_settled(&marks).await.unwrap();
+}
+
 on_both_backends!(
+    pending_records_wait_in_the_outbox_until_settled,
+    final_statuses_reach_the_outbox,
+    abandon_undoes_a_pending_payment_and_frees_its_key,
+    rebuild_replaces_balances_and_holds,
     accounts_are_created_updated_and_keep_their_currency,
     holds_count_against_available_and_insufficient_funds_is_recorded,
     idempotency_replays_conflicts_and_never_holds_twice,
@@ -525,7 +563,13 @@ async fn adjustments_credit_debit_and_never_overdraw(store: Arc<dyn BalanceStore
         panic!("{debit:?}")
     };
     assert_eq!((s.balance, s.held, s.available()), (1_000, 2_000, 0));
-    // Replay of the applied adjustment returns its document and moves nothing.
+    // Until its settlement is committed the key is in flight; then it replays the document.
+    let in_flight = store
+        .adjust(&adjust(&k, "d2", Direction::Debit, 9_000), ctx(NOW))
+        .await
+        .unwrap();
+    assert_eq!(in_flight, AdjustOutcome::IdempotencyInFlight);
+    settle_all(&store).await;
     let replay = store
         .adjust(&adjust(&k, "d2", Direction::Debit, 9_000), ctx(NOW))
         .await
@@ -634,6 +678,7 @@ async fn payments_without_account_hold_nothing(store: Arc<dyn BalanceStore>) {
             metadata: None,
         },
         hold: None,
+        pending_record: None,
     };
     let out = store.authorize(&request, ctx(NOW)).await.unwrap();
     let AuthorizeOutcome::Created { payment, account } = out else {
@@ -652,4 +697,200 @@ async fn payments_without_account_hold_nothing(store: Arc<dyn BalanceStore>) {
     assert!(
         matches!(released, TransitionOutcome::Done(ref r) if r.status == PaymentStatus::Canceled)
     );
+}
+
+async fn pending_records_wait_in_the_outbox_until_settled(store: Arc<dyn BalanceStore>) {
+    let k = funded(&store, "acc", 10_000, 0).await;
+    settle_all(&store).await;
+    let mut request = authorize(&k, "p1", "o1", 2_500, CAPTURE);
+    request.pending_record = Some("{\"settlement\":{\"x\":1}}".into());
+    let out = store.authorize(&request, ctx(NOW)).await.unwrap();
+    let AuthorizeOutcome::Created { account, .. } = out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(account.unwrap().seq, 2);
+    let pending = all_unsettled(&store).await;
+    assert_eq!(pending.len(), 1, "{pending:?}");
+    let u = &pending[0];
+    assert_eq!(
+        (u.id.as_str(), u.seq, u.idempotency_key.as_str()),
+        (request.doc.id.as_str(), 2, "p1")
+    );
+    assert_eq!(u.record, "{\"settlement\":{\"x\":1}}");
+    assert_eq!(u.at_ms, NOW);
+    // In flight until settled: a retry neither replays nor charges again.
+    let retry = store
+        .authorize(&authorize(&k, "p1", "o1", 2_500, CAPTURE), ctx(NOW))
+        .await
+        .unwrap();
+    assert_eq!(retry, AuthorizeOutcome::IdempotencyInFlight);
+    assert_eq!(snapshot(&store, &k, NOW).await, (7_500, 0, 7_500));
+    settle_all(&store).await;
+    assert!(all_unsettled(&store).await.is_empty());
+    let id = PaymentId::parse(&request.doc.id).unwrap();
+    let replay = store
+        .authorize(&authorize(&k, "p1", "o1", 2_500, CAPTURE), ctx(NOW))
+        .await
+        .unwrap();
+    assert_eq!(replay, AuthorizeOutcome::Replay(StoredOutcome::Payment(id)));
+    // Settling twice is harmless.
+    settle_all(&store).await;
+}
+
+async fn final_statuses_reach_the_outbox(store: Arc<dyn BalanceStore>) {
+    let k = funded(&store, "acc", 10_000, 0).await;
+    settle_all(&store).await;
+    let mut ids = Vec::new();
+    for (i, expiry) in [(1, NOW + 60_000), (2, NOW + 1_000)] {
+        let out = store
+            .authorize(
+                &authorize(
+                    &k,
+                    &format!("i{i}"),
+                    &format!("o{i}"),
+                    1_000,
+                    hold_until(expiry),
+                ),
+                ctx(NOW),
+            )
+            .await
+            .unwrap();
+        let AuthorizeOutcome::Created { payment, .. } = out else {
+            panic!("{out:?}")
+        };
+        ids.push(payment.doc.id.clone());
+    }
+    store
+        .release(
+            &PaymentId::parse(&ids[0]).unwrap(),
+            PaymentStatus::Canceled,
+            ctx(NOW + 5),
+        )
+        .await
+        .unwrap();
+    snapshot(&store, &k, NOW + 1_000).await; // expires the second lazily
+    let mut pending = all_unsettled(&store).await;
+    pending.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut expected = vec![
+        (
+            format!("{}#s", ids[0]),
+            gateway::preauth::final_status_record(&ids[0], PaymentStatus::Canceled, NOW + 5),
+        ),
+        (
+            format!("{}#s", ids[1]),
+            gateway::preauth::final_status_record(&ids[1], PaymentStatus::Expired, NOW + 1_000),
+        ),
+    ];
+    expected.sort();
+    let got: Vec<(String, String)> = pending
+        .iter()
+        .map(|u| (u.id.clone(), u.record.clone()))
+        .collect();
+    assert_eq!(got, expected);
+    let parsed: serde_json::Value = serde_json::from_str(&pending[0].record).unwrap();
+    assert!(parsed["status"]["payment_id"].is_string(), "{parsed}");
+    settle_all(&store).await;
+    assert!(all_unsettled(&store).await.is_empty());
+}
+
+async fn abandon_undoes_a_pending_payment_and_frees_its_key(store: Arc<dyn BalanceStore>) {
+    let k = funded(&store, "acc", 10_000, 0).await;
+    settle_all(&store).await;
+    let mut request = authorize(&k, "a1", "o1", 4_000, hold_until(NOW + 60_000));
+    request.pending_record = Some("{\"intent\":{}}".into());
+    store.authorize(&request, ctx(NOW)).await.unwrap();
+    assert_eq!(snapshot(&store, &k, NOW).await, (10_000, 4_000, 6_000));
+    let id = PaymentId::parse(&request.doc.id).unwrap();
+    store.abandon(&id, &request.idempotency.key).await.unwrap();
+    assert_eq!(snapshot(&store, &k, NOW).await, (10_000, 0, 10_000));
+    assert_eq!(
+        store.payment(&id).await.unwrap().unwrap().status,
+        PaymentStatus::Failed
+    );
+    assert!(all_unsettled(&store).await.is_empty());
+    // The key and the order id are free: a retry makes a new payment.
+    let retry = store
+        .authorize(
+            &authorize(&k, "a1", "o1", 4_000, hold_until(NOW + 60_000)),
+            ctx(NOW),
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(retry, AuthorizeOutcome::Created { .. }),
+        "{retry:?}"
+    );
+    // A captured payment is never undone.
+    let paid = authorize(&k, "a2", "o2", 1_000, CAPTURE);
+    store.authorize(&paid, ctx(NOW)).await.unwrap();
+    let paid_id = PaymentId::parse(&paid.doc.id).unwrap();
+    store
+        .abandon(&paid_id, &paid.idempotency.key)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.payment(&paid_id).await.unwrap().unwrap().status,
+        PaymentStatus::Succeeded
+    );
+    assert_eq!(snapshot(&store, &k, NOW).await, (9_000, 4_000, 5_000));
+}
+
+async fn rebuild_replaces_balances_and_holds(store: Arc<dyn BalanceStore>) {
+    assert!(!store.has_accounts().await.unwrap());
+    let k = funded(&store, "acc", 10_000, 0).await;
+    assert!(store.has_accounts().await.unwrap());
+    // Redis has a hold the store never heard of, and a wrong balance.
+    let stray = authorize(&k, "s1", "stray", 3_000, hold_until(NOW + 60_000));
+    store.authorize(&stray, ctx(NOW)).await.unwrap();
+    let kept = authorize(&k, "s2", "kept", 2_000, hold_until(NOW + 60_000));
+    let kept_record = PaymentRecord {
+        doc: kept.doc.clone(),
+        status: PaymentStatus::Pending,
+        held_minor: 2_000,
+    };
+    store
+        .rebuild_account(&AccountRebuild {
+            key: k.clone(),
+            currency: Currency::Cny,
+            balance: 8_000,
+            credit_limit: 500,
+            seq: 7,
+            created_at_ms: NOW,
+            holds: vec![kept_record],
+            hold_expiries_ms: vec![NOW + 30_000],
+        })
+        .await
+        .unwrap();
+    let s = store.read_account(&k, ctx(NOW)).await.unwrap().unwrap();
+    assert_eq!(
+        (s.balance, s.held, s.credit_limit, s.seq, s.available()),
+        (8_000, 2_000, 500, 7, 6_500)
+    );
+    let stray_id = PaymentId::parse(&stray.doc.id).unwrap();
+    assert_eq!(
+        store.payment(&stray_id).await.unwrap().unwrap().status,
+        PaymentStatus::Failed
+    );
+    let kept_id = PaymentId::parse(&kept.doc.id).unwrap();
+    let restored = store.payment(&kept_id).await.unwrap().unwrap();
+    assert_eq!(
+        (restored.status, restored.held_minor),
+        (PaymentStatus::Pending, 2_000)
+    );
+    let order = MerchantOrderId::parse("kept", 64).unwrap();
+    assert!(store
+        .live_payment_by_order(&Scope::Account(k.clone()), &order)
+        .await
+        .unwrap()
+        .is_some());
+    // The rebuilt hold expires and captures like any other.
+    assert_eq!(
+        store.capture(&kept_id, ctx(NOW)).await.unwrap(),
+        TransitionOutcome::Done(PaymentRecord {
+            doc: kept.doc.clone(),
+            status: PaymentStatus::Succeeded,
+            held_minor: 0
+        })
+    );
+    assert_eq!(snapshot(&store, &k, NOW).await, (6_000, 0, 6_500));
 }

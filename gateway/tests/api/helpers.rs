@@ -12,6 +12,8 @@ use gateway::preauth::memory::MemoryStore;
 use gateway::preauth::redis::RedisStore;
 use gateway::preauth::BalanceStore;
 use gateway::startup::Application;
+
+use crate::postgres_server::PostgresServer;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{HeaderMap, Method, Request};
@@ -183,9 +185,20 @@ pub async fn store_for(backend: Backend, redis: Option<&RedisServer>) -> Arc<dyn
     }
 }
 
+/// Which settlement store a test app runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Store {
+    /// A SQLite file in the app's temp data dir.
+    Sqlite,
+    /// A PostgreSQL the harness starts.
+    Postgres,
+}
+
 pub struct TestApp {
     pub addr: SocketAddr,
     pub redis: Option<RedisServer>,
+    pub postgres: Option<PostgresServer>,
+    pub data: tempfile::TempDir,
     client: Client<HttpConnector, Full<Bytes>>,
     shutdown: Option<oneshot::Sender<()>>,
 }
@@ -207,14 +220,30 @@ pub async fn spawn_app(backend: Backend) -> TestApp {
 }
 
 pub async fn spawn_app_with(backend: Backend, overrides: &[(&str, &str)]) -> TestApp {
+    spawn_app_on(backend, Store::Sqlite, overrides).await
+}
+
+/// The app on the chosen balance and settlement stores, with a fresh temp data dir.
+pub async fn spawn_app_on(backend: Backend, store: Store, overrides: &[(&str, &str)]) -> TestApp {
     let redis = match backend {
         Backend::Redis => Some(RedisServer::start().await),
         Backend::Memory => None,
     };
-    let mut all: Vec<(&str, &str)> = overrides.to_vec();
+    let postgres = match store {
+        Store::Postgres => Some(PostgresServer::start().await),
+        Store::Sqlite => None,
+    };
+    let data = tempfile::tempdir().expect("temp data dir");
+    let data_dir = data.path().display().to_string();
+    let mut all: Vec<(&str, &str)> = vec![("GATEWAY__DATA_DIR", &data_dir)];
+    all.extend_from_slice(overrides);
     let url = redis.as_ref().map(RedisServer::url);
     if let Some(url) = url.as_deref() {
         all.push(("GATEWAY__REDIS__URL", url));
+    }
+    let pg_url = postgres.as_ref().map(PostgresServer::url);
+    if let Some(url) = pg_url.as_deref() {
+        all.push(("GATEWAY__STORE__URL", url));
     }
     let config = test_config(&all);
     let app = Application::build(config, gateway::startup::Mode::Sandbox)
@@ -231,6 +260,8 @@ pub async fn spawn_app_with(backend: Backend, overrides: &[(&str, &str)]) -> Tes
     TestApp {
         addr,
         redis,
+        postgres,
+        data,
         client: Client::builder(TokioExecutor::new()).build_http(),
         shutdown: Some(tx),
     }
@@ -398,4 +429,41 @@ pub fn supplier_payment(order: &str, account: &str, amount: &str) -> Value {
         "merchant_order_id": order, "amount": amount, "currency": "CNY",
         "method": "supplier", "account_id": account
     })
+}
+
+impl TestApp {
+    /// A second connection to the app's settlement store, to check what is on disk.
+    pub async fn settlement_store(
+        &self,
+    ) -> std::sync::Arc<dyn gateway::settlement::SettlementStore> {
+        match &self.postgres {
+            Some(pg) => std::sync::Arc::new(
+                gateway::settlement::postgres::PostgresStore::connect(&pg.url(), 2, 2_000)
+                    .await
+                    .expect("connect to the test PostgreSQL"),
+            ),
+            None => std::sync::Arc::new(
+                gateway::settlement::sqlite::SqliteStore::open(
+                    &self.data.path().join("gateway.sqlite3"),
+                )
+                .expect("open the test SQLite store"),
+            ),
+        }
+    }
+
+    /// Polls `GET /readyz` until it answers `status` (bounded: 10 s).
+    pub async fn wait_ready(&self, status: u16) {
+        let mut last = 0;
+        for _ in 0..200 {
+            last = self
+                .request(Method::GET, "/readyz", None, None, None)
+                .await
+                .status;
+            if last == status {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("/readyz stayed {last}, wanted {status}");
+    }
 }

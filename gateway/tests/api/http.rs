@@ -107,13 +107,28 @@ async fn concurrent_requests_with_one_key_make_one_payment_and_one_hold() {
                 .await
         }));
     }
+    // While the first is being committed the others are told to retry later; none makes a
+    // second payment or a second hold.
     let mut ids = std::collections::HashSet::new();
     for task in tasks {
         let reply = task.await.unwrap();
-        assert_eq!(reply.status, 201, "{:?}", reply.body);
-        ids.insert(reply.body["id"].as_str().unwrap().to_owned());
+        match reply.status {
+            201 => {
+                ids.insert(reply.body["id"].as_str().unwrap().to_owned());
+            }
+            409 => {
+                assert_eq!(reply.code(), "idempotency_in_flight", "{:?}", reply.body);
+                assert_eq!(reply.headers.get("retry-after").unwrap(), "1");
+            }
+            other => panic!("unexpected {other}: {:?}", reply.body),
+        }
     }
     assert_eq!(ids.len(), 1);
+    let retry = app
+        .pay(ALPHA, "one-key", supplier_payment("o1", "acc", "30.00"))
+        .await;
+    assert_eq!(retry.status, 201);
+    assert!(ids.contains(retry.body["id"].as_str().unwrap()));
     app.assert_account(ALPHA, "acc", "100.00", "30.00", "70.00")
         .await;
 }

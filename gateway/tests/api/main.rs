@@ -3,7 +3,11 @@
 //! `TEST_LOG=1` turns the gateway's logs on.
 
 mod conformance;
+mod crash;
 mod helpers;
 mod http;
 mod outage;
+mod postgres_server;
 mod sandbox_binary;
+mod settlement;
+mod settlement_conformance;

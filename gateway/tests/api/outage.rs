@@ -92,8 +92,26 @@ async fn a_redis_that_may_evict_keys_is_refused_at_start() {
 }
 
 #[tokio::test]
+async fn production_mode_refuses_an_unmigrated_settlement_store() {
+    let server = RedisServer::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().display().to_string();
+    let config = test_config(&[
+        ("GATEWAY__REDIS__URL", &server.url()),
+        ("GATEWAY__DATA_DIR", &dir),
+    ]);
+    let err = gateway::startup::Application::build(config, gateway::startup::Mode::Production)
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("gateway migrate"), "{err}");
+}
+
+#[tokio::test]
 async fn production_mode_refuses_the_in_process_store() {
-    let config = test_config(&[]);
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().display().to_string();
+    let config = test_config(&[("GATEWAY__DATA_DIR", &dir)]);
     let err = gateway::startup::Application::build(config, gateway::startup::Mode::Production)
         .await
         .err()

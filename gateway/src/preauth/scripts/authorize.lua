@@ -1,10 +1,14 @@
 -- authorize.lua: create a payment with its pre-authorization, in one round trip.
 --
 -- KEYS: 1 a:{T}  2 h:{T}  3 ph:{T}  4 ps:{T}  5 pd:{T}  6 o:{T}  7 i:{T}:<idempotency key>
+--       8 u:{T}
 -- ARGV: 1 merchant  2 account ('' for a payment without account)  3 request hash
 --       4 idempotency retention (s)  5 payment id  6 amount (minor units)  7 currency
 --       8 hold expiry (unix ms; '0' = no hold)  9 capture now ('1' | '0')  10 now (unix ms)
 --       11 lazy release limit  12 merchant order id  13 payment document (JSON)
+--       14 pending record (JSON; '' = none)  15 the idempotency key itself
+-- With a pending record the idempotency record stays in flight ('F') and the record goes to
+-- u:{T} until settled.lua (after the settlement store committed it) or abandon.lua.
 -- Returns one of:
 --   {'replay', outcome} {'conflict'} {'in_flight'} {'not_found'} {'collision'}
 --   {'currency', account currency} {'duplicate', live payment id}
@@ -28,7 +32,7 @@ end
 
 if has_account then
   -- First, so that an order id whose hold just expired is free again.
-  release_expired(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[10], tonumber(ARGV[11]))
+  release_expired(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[8], ARGV[10], tonumber(ARGV[11]))
 end
 
 local existing = redis.call('HGET', KEYS[6], ARGV[12])
@@ -64,7 +68,16 @@ end
 redis.call('HSET', KEYS[4], pid, status)
 redis.call('HSET', KEYS[5], pid, ARGV[13])
 redis.call('HSET', KEYS[6], ARGV[12], pid)
-record_idempotency(KEYS[7], ARGV[3], 'D', 'P:' .. pid, ARGV[4])
+if ARGV[14] ~= '' then
+  local seq = 0
+  if has_account then
+    seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
+  end
+  record_unsettled(KEYS[8], pid, seq, ARGV[15], ARGV[14], tonumber(ARGV[10]))
+  record_idempotency(KEYS[7], ARGV[3], 'F', 'P:' .. pid, ARGV[4])
+else
+  record_idempotency(KEYS[7], ARGV[3], 'D', 'P:' .. pid, ARGV[4])
+end
 
 local reply = {'created', status}
 if has_account then

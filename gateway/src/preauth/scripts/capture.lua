@@ -2,6 +2,7 @@
 --
 -- KEYS: 1 a:{T}  2 h:{T}  3 ph:{T}  4 ps:{T}
 -- ARGV: 1 payment id
+-- (The caller settles the capture through the settlement stream: the channels issue.)
 -- Returns {'done', 'succeeded'} | {'not_pending', status} | {'not_found'} | {'no_hold'}
 -- Invariant: a hold is captured at most once (the status leaves 'pending' in the same step);
 -- balance -= hold, held -= hold, seq += 1.

@@ -9,6 +9,9 @@
 --   o:{T}   hash   merchant order id -> payment id (stale when that payment is no longer live)
 --   i:{T}:K hash   idempotency record of key K: h (request hash), s (F in flight | D done),
 --                  o (outcome); expires after the configured retention
+--   u:{T}   hash   id -> what must still reach the settlement store, as JSON
+--                  {"seq": account seq after the movement, "key": idempotency key,
+--                   "record": {"settlement": …} | {"intent": …}}; removed by settled.lua
 --
 -- Invariant kept by every script: a:{T}.held == sum of ph:{T}; every member of h:{T} has an
 -- entry in ph:{T} and status pending. Numbers are Lua doubles: the gateway bounds every stored
@@ -25,8 +28,23 @@ local function is_live(status)
     or status == 'partially_refunded' or status == 'refunded'
 end
 
+-- Records a movement or a status change that must reach the settlement store (its outbox).
+-- `id` is the payment or adjustment id, or '<payment id>#s' for a status change.
+local function record_unsettled(ukey, id, seq, idempotency_key, record_json, now_ms)
+  redis.call('HSET', ukey, id,
+    '{"seq":' .. fmt(seq) .. ',"key":' .. cjson.encode(idempotency_key) .. ',"at":' .. fmt(now_ms)
+    .. ',"record":' .. record_json .. '}')
+end
+
+-- A payment left 'pending' without capture: the store must learn its final status.
+local function record_final_status(ukey, pid, status, now_ms)
+  record_unsettled(ukey, pid .. '#s', 0, '',
+    '{"status":{"payment_id":"' .. pid .. '","status":"' .. status .. '","updated_at_ms":'
+    .. fmt(now_ms) .. '}}', now_ms)
+end
+
 -- Releases up to `limit` holds whose expiry is <= now_ms: held -= amount, status -> expired.
-local function release_expired(akey, hkey, phkey, pskey, now_ms, limit)
+local function release_expired(akey, hkey, phkey, pskey, ukey, now_ms, limit)
   local expired = redis.call('ZRANGEBYSCORE', hkey, '-inf', now_ms, 'LIMIT', 0, limit)
   for _, pid in ipairs(expired) do
     local amount = tonumber(redis.call('HGET', phkey, pid) or '0')
@@ -37,6 +55,7 @@ local function release_expired(akey, hkey, phkey, pskey, now_ms, limit)
     redis.call('ZREM', hkey, pid)
     if redis.call('HGET', pskey, pid) == 'pending' then
       redis.call('HSET', pskey, pid, 'expired')
+      record_final_status(ukey, pid, 'expired', tonumber(now_ms))
     end
   end
   return #expired
@@ -82,3 +101,4 @@ local function record_idempotency(ikey, request_hash, state, outcome, retention_
   redis.call('HSET', ikey, 'h', request_hash, 's', state, 'o', outcome)
   redis.call('EXPIRE', ikey, retention_seconds)
 end
+

@@ -1,7 +1,8 @@
 -- release.lua: end a pending payment without capture, releasing its hold if it has one.
 --
--- KEYS: 1 a:{T}  2 h:{T}  3 ph:{T}  4 ps:{T}
--- ARGV: 1 payment id  2 final status ('failed' | 'canceled' | 'expired')
+-- KEYS: 1 a:{T}  2 h:{T}  3 ph:{T}  4 ps:{T}  5 u:{T}
+-- ARGV: 1 payment id  2 final status ('failed' | 'canceled' | 'expired')  3 now (unix ms)
+-- The final status also goes to u:{T}, for the settlement store.
 -- Returns {'done', status} | {'not_pending', status} | {'not_found'}
 -- Invariant: a hold is released at most once and never after a capture; held -= hold.
 -- The order id is freed implicitly: o:{T} entries of non-live payments are ignored.
@@ -21,4 +22,5 @@ end
 redis.call('HDEL', KEYS[3], pid)
 redis.call('ZREM', KEYS[2], pid)
 redis.call('HSET', KEYS[4], pid, ARGV[2])
+record_final_status(KEYS[5], pid, ARGV[2], tonumber(ARGV[3]))
 return {'done', ARGV[2]}

@@ -1,6 +1,6 @@
 -- upsert_account.lua: create an account (balance 0) or update its credit limit.
 --
--- KEYS: 1 a:{T}  2 h:{T}  3 ph:{T}  4 ps:{T}
+-- KEYS: 1 a:{T}  2 h:{T}  3 ph:{T}  4 ps:{T}  5 u:{T}
 -- ARGV: 1 merchant  2 account  3 currency  4 credit limit (minor units)  5 now (unix ms)
 --       6 lazy release limit
 -- Returns {'created'|'updated', cur, bal, held, cred, seq} | {'currency', cur} | {'collision'}
@@ -24,7 +24,7 @@ else
     return {'range'}
   end
   redis.call('HSET', KEYS[1], 'cred', ARGV[4])
-  release_expired(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[5], tonumber(ARGV[6]))
+  release_expired(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[5], tonumber(ARGV[6]))
 end
 local reply = {result}
 local snap = snapshot(KEYS[1])

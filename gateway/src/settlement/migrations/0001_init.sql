@@ -56,7 +56,10 @@ CREATE TABLE settlements (
     content_hash       TEXT    NOT NULL,
     PRIMARY KEY (payment_id, kind, sequence)
 );
-CREATE INDEX settlements_account ON settlements (merchant_id, account_id, account_seq);
+-- An account's sequence numbers are unique: a Redis that rolled back (failover, restore) hands
+-- out a sequence number again, and that settlement is refused instead of double-counted.
+CREATE UNIQUE INDEX settlements_account_seq ON settlements (merchant_id, account_id, account_seq)
+    WHERE account_seq IS NOT NULL;
 
 -- Balanced double-entry postings: per (payment_id, kind, sequence) they sum to zero.
 CREATE TABLE postings (
@@ -77,5 +80,5 @@ CREATE TABLE flagged (
     payment_id    TEXT    NOT NULL,
     detail        TEXT    NOT NULL,
     created_at_ms BIGINT  NOT NULL,
-    PRIMARY KEY (kind, payment_id, created_at_ms)
+    PRIMARY KEY (kind, payment_id)
 );

@@ -1,0 +1,38 @@
+-- rebuild_account.lua: load one account from the settlement store (the system of record).
+--
+-- KEYS: 1 a:{T}  2 h:{T}  3 ph:{T}  4 ps:{T}  5 pd:{T}  6 o:{T}
+-- ARGV: 1 merchant  2 account  3 currency  4 balance  5 credit limit  6 seq  7 created (ms)
+--       then, per live hold, 5 values: payment id, amount, expiry (ms), order id, document
+-- Returns {'ok', holds loaded}
+-- Invariant: afterwards held == sum of the loaded holds and balance/seq equal the store's;
+-- holds Redis had that the store does not know are dropped (their payments are marked
+-- failed: the store never committed their intent, so no channel was ever called for them).
+
+redis.call('HSET', KEYS[1], 'm', ARGV[1], 'a', ARGV[2], 'cur', ARGV[3], 'bal', ARGV[4],
+  'cred', ARGV[5], 'seq', ARGV[6], 'ca', ARGV[7])
+local known = {}
+local held = 0
+local n = 0
+for i = 8, #ARGV, 5 do
+  local pid = ARGV[i]
+  local amount = tonumber(ARGV[i + 1])
+  known[pid] = true
+  redis.call('ZADD', KEYS[2], ARGV[i + 2], pid)
+  redis.call('HSET', KEYS[3], pid, ARGV[i + 1])
+  redis.call('HSET', KEYS[4], pid, 'pending')
+  redis.call('HSET', KEYS[5], pid, ARGV[i + 4])
+  redis.call('HSET', KEYS[6], ARGV[i + 3], pid)
+  held = held + amount
+  n = n + 1
+end
+for _, pid in ipairs(redis.call('HKEYS', KEYS[3])) do
+  if not known[pid] then
+    redis.call('HDEL', KEYS[3], pid)
+    redis.call('ZREM', KEYS[2], pid)
+    if redis.call('HGET', KEYS[4], pid) == 'pending' then
+      redis.call('HSET', KEYS[4], pid, 'failed')
+    end
+  end
+end
+redis.call('HSET', KEYS[1], 'held', fmt(held))
+return {'ok', fmt(n)}

@@ -1,0 +1,193 @@
+//! How each kind of money movement becomes a settlement with balanced postings, and a payment
+//! a store row. The one place that decides which ledger gains and which loses.
+
+use super::{ledger, PaymentRow, Posting, Settlement, SettlementKind};
+use crate::ids::{AdjustmentId, ScopeTag};
+use crate::money::Currency;
+use crate::preauth::{AccountKey, Direction, PaymentDoc, PaymentStatus};
+
+/// A payment's store row from its document and state.
+pub fn payment_row(
+    doc: &PaymentDoc,
+    tag: ScopeTag,
+    status: PaymentStatus,
+    held_minor: i64,
+    hold_expires_at_ms: Option<u64>,
+    now_ms: u64,
+) -> PaymentRow {
+    PaymentRow {
+        id: doc.id.clone(),
+        merchant_id: doc.merchant_id.clone(),
+        account_id: doc.account_id.clone(),
+        scope_tag: tag.to_string(),
+        merchant_order_id: doc.merchant_order_id.clone(),
+        amount_minor: doc.amount_minor,
+        currency: doc.currency,
+        method: serde_json::to_value(doc.method)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default(),
+        purpose: serde_json::to_value(doc.purpose)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default(),
+        status: status.as_str().to_owned(),
+        held_minor,
+        hold_expires_at_ms,
+        created_at_ms: doc.created_at_ms,
+        expires_at_ms: doc.expires_at_ms,
+        updated_at_ms: now_ms,
+        doc: serde_json::to_string(doc).expect("a payment document always serializes"),
+    }
+}
+
+/// A `balance` payment: the account pays the merchant at once. `seq` is the account's sequence
+/// after the capture (`None` in the template written before the script runs).
+pub fn balance_capture(
+    doc: &PaymentDoc,
+    tag: ScopeTag,
+    seq: Option<u64>,
+    now_ms: u64,
+) -> Settlement {
+    let account = doc.account_id.clone().unwrap_or_default();
+    debug_assert!(!account.is_empty(), "a balance payment has an account");
+    Settlement {
+        payment_id: doc.id.clone(),
+        kind: SettlementKind::Capture,
+        sequence: 0,
+        merchant_id: doc.merchant_id.clone(),
+        account_id: doc.account_id.clone(),
+        channel_id: None,
+        channel_txn_id: None,
+        amount_minor: doc.amount_minor,
+        currency: doc.currency,
+        channel_fee_minor: 0,
+        commission_minor: 0,
+        merchant_net_minor: doc.amount_minor,
+        account_seq: seq,
+        settled_at_ms: now_ms,
+        postings: vec![
+            Posting {
+                ledger: ledger::account(&doc.merchant_id, &account),
+                amount_minor: -doc.amount_minor,
+            },
+            Posting {
+                ledger: ledger::merchant_sales(&doc.merchant_id),
+                amount_minor: doc.amount_minor,
+            },
+        ],
+        payment: Some(payment_row(
+            doc,
+            tag,
+            PaymentStatus::Succeeded,
+            0,
+            None,
+            now_ms,
+        )),
+    }
+}
+
+/// A manual credit or debit of an account, against the merchant's adjustments ledger.
+pub fn adjustment(
+    account: &AccountKey,
+    id: &AdjustmentId,
+    direction: Direction,
+    amount_minor: i64,
+    currency: Currency,
+    seq: Option<u64>,
+    now_ms: u64,
+) -> Settlement {
+    let signed = match direction {
+        Direction::Credit => amount_minor,
+        Direction::Debit => -amount_minor,
+    };
+    let merchant = account.merchant.as_str();
+    Settlement {
+        payment_id: id.as_str().to_owned(),
+        kind: SettlementKind::Adjustment,
+        sequence: 0,
+        merchant_id: merchant.to_owned(),
+        account_id: Some(account.account.as_str().to_owned()),
+        channel_id: None,
+        channel_txn_id: None,
+        amount_minor,
+        currency,
+        channel_fee_minor: 0,
+        commission_minor: 0,
+        merchant_net_minor: amount_minor,
+        account_seq: seq,
+        settled_at_ms: now_ms,
+        postings: vec![
+            Posting {
+                ledger: ledger::account(merchant, account.account.as_str()),
+                amount_minor: signed,
+            },
+            Posting {
+                ledger: ledger::adjustments(merchant),
+                amount_minor: -signed,
+            },
+        ],
+        payment: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{AccountId, MerchantId};
+    use crate::preauth::{Method, Purpose};
+    use proptest::prelude::*;
+
+    fn doc(amount: i64) -> PaymentDoc {
+        PaymentDoc {
+            id: "pay_x".into(),
+            merchant_id: "alpha".into(),
+            account_id: Some("acc".into()),
+            merchant_order_id: "o".into(),
+            amount_minor: amount,
+            currency: Currency::Cny,
+            method: Method::Balance,
+            purpose: Purpose::Charge,
+            created_at_ms: 1,
+            expires_at_ms: 2,
+            description: None,
+            notify_url: None,
+            metadata: None,
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn every_movement_balances_and_splits_exactly(amount in 1i64..=crate::preauth::MAX_SAFE_MINOR, credit in any::<bool>()) {
+            let key = AccountKey::new(MerchantId::parse("alpha").unwrap(), AccountId::parse("acc").unwrap());
+            let capture = balance_capture(&doc(amount), key.tag, Some(1), 5);
+            prop_assert!(capture.check().is_ok());
+            let direction = if credit { Direction::Credit } else { Direction::Debit };
+            let adj = adjustment(&key, &AdjustmentId::generate(key.tag, 1), direction, amount, Currency::Cny, Some(2), 5);
+            prop_assert!(adj.check().is_ok());
+            let account_delta: i64 = adj.postings.iter().filter(|p| p.ledger == ledger::account("alpha", "acc")).map(|p| p.amount_minor).sum();
+            prop_assert_eq!(account_delta, if credit { amount } else { -amount });
+        }
+    }
+
+    #[test]
+    fn a_capture_finalizes_its_payment_and_its_hash_ignores_when_it_was_written() {
+        let key = AccountKey::new(
+            MerchantId::parse("alpha").unwrap(),
+            AccountId::parse("acc").unwrap(),
+        );
+        let a = balance_capture(&doc(900), key.tag, Some(3), 5);
+        let b = balance_capture(&doc(900), key.tag, Some(3), 99);
+        assert_eq!(a.content_hash(), b.content_hash());
+        assert_ne!(
+            a.content_hash(),
+            balance_capture(&doc(901), key.tag, Some(3), 5).content_hash()
+        );
+        assert_ne!(
+            a.content_hash(),
+            balance_capture(&doc(900), key.tag, Some(4), 5).content_hash()
+        );
+        assert_eq!(a.payment.as_ref().unwrap().status, "succeeded");
+        assert_eq!(a.payment.as_ref().unwrap().method, "balance");
+    }
+}

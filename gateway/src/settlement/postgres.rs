@@ -1,0 +1,913 @@
+//! The PostgreSQL backend: the production settlement store, shared by several gateway
+//! instances. It owns the connection pool (deadpool-postgres, no TLS, bounded size, connect and
+//! wait timeouts), the embedded migrations applied under an advisory lock (so concurrent
+//! `gateway migrate` runs serialize), and the SQL of every [`SettlementStore`] call with the
+//! same semantics as the SQLite backend (`sqlite.rs`, the reference).
+//!
+//! Durability comes from the server: `synchronous_commit=on` (the default) fsyncs every commit,
+//! and a batch of settlements is one transaction, so group commit keeps the fsyncs per payment
+//! low instead of weakening them.
+//!
+//! Differences the column types force (everything else behaves as on SQLite):
+//! - `sequence` and `line` are `INTEGER` (i32 here): a settlement whose sequence or number of
+//!   postings does not fit is refused as [`SettleError::Invalid`] before anything is written;
+//! - PostgreSQL text cannot hold a NUL character: a settlement, payment or account with one in
+//!   any text field is refused as [`SettleError::Invalid`] (rather than failing the whole batch
+//!   as "unavailable" over and over);
+//! - ordered results sort by bytes (`COLLATE "C"`), like SQLite, whatever the database's
+//!   collation.
+//!
+//! Errors never carry the connection URL or its password.
+
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use deadpool_postgres::tokio_postgres::{self, NoTls, Row};
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime, Transaction,
+};
+use tokio_postgres::types::FromSql;
+
+use super::{
+    AccountBalance, AccountRow, CommitOutcome, Flagged, IntentOutcome, PaymentRow, SettleError,
+    Settlement, SettlementStore, StatusChange, MIGRATIONS, SCHEMA_VERSION,
+};
+use crate::money::Currency;
+use crate::telemetry;
+
+/// The advisory lock every migrator takes inside its transaction ("gateway1" in ASCII).
+const MIGRATION_LOCK: i64 = 0x6761_7465_7761_7931;
+
+/// How often `record_intent` retries when a conflicting payment vanished between its insert
+/// and the look-up that explains the conflict (another instance changed it meanwhile).
+const INTENT_ATTEMPTS: usize = 3;
+
+const LIVE_STATUSES: &str = "('pending', 'succeeded', 'partially_refunded', 'refunded')";
+
+const PAYMENT_COLUMNS: &str = "id, merchant_id, account_id, scope_tag, merchant_order_id, \
+    amount_minor, currency, method, purpose, status, held_minor, hold_expires_at_ms, \
+    created_at_ms, expires_at_ms, updated_at_ms, doc";
+
+const INSERT_PAYMENT: &str = "INSERT INTO payments (id, merchant_id, account_id, scope_tag, \
+    merchant_order_id, amount_minor, currency, method, purpose, status, held_minor, \
+    hold_expires_at_ms, created_at_ms, expires_at_ms, updated_at_ms, doc) VALUES \
+    ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
+    ON CONFLICT DO NOTHING";
+
+const UPDATE_PAYMENT: &str =
+    "UPDATE payments SET status = $2, held_minor = $3, updated_at_ms = $4 WHERE id = $1";
+
+const INSERT_SETTLEMENT: &str = "INSERT INTO settlements (payment_id, kind, sequence, \
+    merchant_id, account_id, channel_id, channel_txn_id, amount_minor, currency, \
+    channel_fee_minor, commission_minor, merchant_net_minor, account_seq, settled_at_ms, \
+    content_hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+    ON CONFLICT DO NOTHING";
+
+const STORED_HASH: &str = "SELECT content_hash FROM settlements \
+    WHERE payment_id = $1 AND kind = $2 AND sequence = $3";
+
+/// All postings of one batch in one statement (one round trip instead of one per line).
+const INSERT_POSTINGS: &str = "INSERT INTO postings (payment_id, kind, sequence, line, ledger, \
+    amount_minor, currency) SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::INTEGER[], \
+    $4::INTEGER[], $5::TEXT[], $6::BIGINT[], $7::TEXT[])";
+
+const INSERT_FLAG: &str = "INSERT INTO flagged (kind, payment_id, detail, created_at_ms) \
+    VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING";
+
+pub struct PostgresStore {
+    pool: Pool,
+    /// `host:port/db`, without user or password: for `Debug` and logs.
+    target: String,
+    /// Strings that must never appear in an error (the URL, the password).
+    secrets: Vec<String>,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("target", &self.target)
+            .finish()
+    }
+}
+
+fn ms(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// An error and its causes on one line (tokio-postgres puts the server's message in the cause).
+fn describe(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        msg.push_str(": ");
+        msg.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    msg.replace('\n', "; ")
+}
+
+fn scrub(mut msg: String, secrets: &[String]) -> String {
+    for secret in secrets.iter().filter(|s| !s.is_empty()) {
+        if msg.contains(secret.as_str()) {
+            msg = msg.replace(secret.as_str(), "[redacted]");
+        }
+    }
+    msg
+}
+
+fn bad_row(what: impl std::fmt::Display) -> SettleError {
+    SettleError::Unavailable(format!("unreadable row in the settlement store: {what}"))
+}
+
+fn get<'a, T: FromSql<'a>>(row: &'a Row, idx: usize) -> Result<T, SettleError> {
+    row.try_get(idx).map_err(|e| bad_row(describe(&e)))
+}
+
+fn get_u64(row: &Row, idx: usize) -> Result<u64, SettleError> {
+    let v: i64 = get(row, idx)?;
+    u64::try_from(v).map_err(|_| bad_row(format!("negative value {v} in column {idx}")))
+}
+
+fn get_u32(row: &Row, idx: usize) -> Result<u32, SettleError> {
+    let v: i32 = get(row, idx)?;
+    u32::try_from(v).map_err(|_| bad_row(format!("negative value {v} in column {idx}")))
+}
+
+fn get_currency(row: &Row, idx: usize) -> Result<Currency, SettleError> {
+    let code: String = get(row, idx)?;
+    Currency::parse(&code).map_err(|e| bad_row(format!("currency {code:?}: {e}")))
+}
+
+fn payment_from_row(r: &Row) -> Result<PaymentRow, SettleError> {
+    Ok(PaymentRow {
+        id: get(r, 0)?,
+        merchant_id: get(r, 1)?,
+        account_id: get(r, 2)?,
+        scope_tag: get(r, 3)?,
+        merchant_order_id: get(r, 4)?,
+        amount_minor: get(r, 5)?,
+        currency: get_currency(r, 6)?,
+        method: get(r, 7)?,
+        purpose: get(r, 8)?,
+        status: get(r, 9)?,
+        held_minor: get(r, 10)?,
+        hold_expires_at_ms: get::<Option<i64>>(r, 11)?
+            .map(|v| u64::try_from(v).map_err(|_| bad_row(format!("negative hold expiry {v}"))))
+            .transpose()?,
+        created_at_ms: get_u64(r, 12)?,
+        expires_at_ms: get_u64(r, 13)?,
+        updated_at_ms: get_u64(r, 14)?,
+        doc: get(r, 15)?,
+    })
+}
+
+fn invalid(id: &str, what: &str) -> SettleError {
+    SettleError::Invalid(format!("{id}: {what}"))
+}
+
+/// PostgreSQL text cannot contain NUL: refuse it up front, as bad input.
+fn no_nul<'a>(id: &str, fields: impl IntoIterator<Item = &'a str>) -> Result<(), SettleError> {
+    if fields.into_iter().any(|f| f.contains('\0')) {
+        return Err(invalid(id, "text fields cannot contain NUL characters"));
+    }
+    Ok(())
+}
+
+fn check_payment_text(p: &PaymentRow) -> Result<(), SettleError> {
+    no_nul(
+        &p.id,
+        [
+            p.id.as_str(),
+            p.merchant_id.as_str(),
+            p.account_id.as_deref().unwrap_or(""),
+            p.scope_tag.as_str(),
+            p.merchant_order_id.as_str(),
+            p.method.as_str(),
+            p.purpose.as_str(),
+            p.status.as_str(),
+            p.doc.as_str(),
+        ],
+    )
+}
+
+/// What PostgreSQL's column types need beyond [`Settlement::check`].
+fn check_for_postgres(s: &Settlement) -> Result<i32, SettleError> {
+    let sequence = i32::try_from(s.sequence)
+        .map_err(|_| invalid(&s.payment_id, "sequence exceeds the store's INTEGER range"))?;
+    if i32::try_from(s.postings.len()).is_err() {
+        return Err(invalid(&s.payment_id, "too many postings"));
+    }
+    no_nul(
+        &s.payment_id,
+        [
+            s.payment_id.as_str(),
+            s.merchant_id.as_str(),
+            s.account_id.as_deref().unwrap_or(""),
+            s.channel_id.as_deref().unwrap_or(""),
+            s.channel_txn_id.as_deref().unwrap_or(""),
+        ]
+        .into_iter()
+        .chain(s.postings.iter().map(|p| p.ledger.as_str())),
+    )?;
+    if let Some(p) = &s.payment {
+        check_payment_text(p)?;
+    }
+    Ok(sequence)
+}
+
+/// The postings of a batch's inserted settlements, as the columns `INSERT_POSTINGS` unnests.
+#[derive(Default)]
+struct PostingColumns<'a> {
+    payment_id: Vec<&'a str>,
+    kind: Vec<&'static str>,
+    sequence: Vec<i32>,
+    line: Vec<i32>,
+    ledger: Vec<&'a str>,
+    amount_minor: Vec<i64>,
+    currency: Vec<&'static str>,
+}
+
+impl<'a> PostingColumns<'a> {
+    fn push(&mut self, s: &'a Settlement, sequence: i32) {
+        for (line, p) in (0i32..).zip(&s.postings) {
+            self.payment_id.push(&s.payment_id);
+            self.kind.push(s.kind.as_str());
+            self.sequence.push(sequence);
+            self.line.push(line);
+            self.ledger.push(&p.ledger);
+            self.amount_minor.push(p.amount_minor);
+            self.currency.push(s.currency.code());
+        }
+    }
+}
+
+/// Inserts a payment unless its id or its live scoped order id is taken; `true` if inserted.
+async fn insert_payment(
+    tx: &Transaction<'_>,
+    p: &PaymentRow,
+) -> Result<bool, tokio_postgres::Error> {
+    let insert = tx.prepare_cached(INSERT_PAYMENT).await?;
+    let inserted = tx
+        .execute(
+            &insert,
+            &[
+                &p.id,
+                &p.merchant_id,
+                &p.account_id,
+                &p.scope_tag,
+                &p.merchant_order_id,
+                &p.amount_minor,
+                &p.currency.code(),
+                &p.method,
+                &p.purpose,
+                &p.status,
+                &p.held_minor,
+                &p.hold_expires_at_ms.map(ms),
+                &ms(p.created_at_ms),
+                &ms(p.expires_at_ms),
+                &ms(p.updated_at_ms),
+                &p.doc,
+            ],
+        )
+        .await?;
+    Ok(inserted == 1)
+}
+
+/// Inserts a payment, or updates its status if it exists; `false` when another live payment
+/// holds its scoped order id (as `write_payment` in sqlite.rs).
+async fn write_payment(
+    tx: &Transaction<'_>,
+    p: &PaymentRow,
+) -> Result<bool, tokio_postgres::Error> {
+    if insert_payment(tx, p).await? {
+        return Ok(true);
+    }
+    let update = tx.prepare_cached(UPDATE_PAYMENT).await?;
+    let updated = tx
+        .execute(
+            &update,
+            &[&p.id, &p.status, &p.held_minor, &ms(p.updated_at_ms)],
+        )
+        .await?;
+    Ok(updated == 1)
+}
+
+async fn flag(
+    tx: &Transaction<'_>,
+    kind: &str,
+    payment_id: &str,
+    detail: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let stmt = tx.prepare_cached(INSERT_FLAG).await?;
+    tx.execute(
+        &stmt,
+        &[&kind, &payment_id, &detail, &ms(telemetry::now_ms())],
+    )
+    .await?;
+    Ok(())
+}
+
+impl PostgresStore {
+    /// Builds the pool (`pool_size` connections at most; connecting, waiting for a free
+    /// connection and recycling one each bounded by `connect_timeout_ms`) and checks that the
+    /// server answers. A URL that does not parse is `Misconfigured`; a server that cannot be
+    /// reached is `Unavailable`. Neither error contains the URL or its password.
+    pub async fn connect(
+        url: &str,
+        pool_size: usize,
+        connect_timeout_ms: u64,
+    ) -> Result<Self, SettleError> {
+        let mut secrets = vec![url.to_owned()];
+        let mut config = tokio_postgres::Config::from_str(url).map_err(|e| {
+            SettleError::Misconfigured(format!(
+                "invalid PostgreSQL URL: {}",
+                scrub(describe(&e), &secrets)
+            ))
+        })?;
+        if let Some(password) = config.get_password() {
+            secrets.push(String::from_utf8_lossy(password).into_owned());
+        }
+        if config.get_hosts().is_empty() {
+            return Err(SettleError::Misconfigured(
+                "the PostgreSQL URL names no host".into(),
+            ));
+        }
+        if pool_size == 0 {
+            return Err(SettleError::Misconfigured(
+                "the PostgreSQL pool size must be at least 1".into(),
+            ));
+        }
+        if connect_timeout_ms == 0 {
+            return Err(SettleError::Misconfigured(
+                "the PostgreSQL connect timeout must be at least 1 ms".into(),
+            ));
+        }
+        let timeout = Duration::from_millis(connect_timeout_ms);
+        config.connect_timeout(timeout);
+        if config.get_application_name().is_none() {
+            config.application_name("gateway");
+        }
+        let target = target_of(&config);
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size)
+            .runtime(Runtime::Tokio1)
+            .create_timeout(Some(timeout))
+            .wait_timeout(Some(timeout))
+            .recycle_timeout(Some(timeout))
+            .build()
+            .map_err(|e| SettleError::Misconfigured(scrub(describe(&e), &secrets)))?;
+        let store = Self {
+            pool,
+            target,
+            secrets,
+        };
+        store.ping().await?;
+        tracing::info!(server = %store.target, pool_size, "connected to PostgreSQL");
+        Ok(store)
+    }
+
+    fn unavailable(&self, e: &dyn std::error::Error) -> SettleError {
+        SettleError::Unavailable(scrub(describe(e), &self.secrets))
+    }
+
+    async fn client(&self) -> Result<Object, SettleError> {
+        self.pool.get().await.map_err(|e| self.unavailable(&e))
+    }
+
+    async fn timed<T>(
+        op: &'static str,
+        call: impl std::future::Future<Output = Result<T, SettleError>>,
+    ) -> Result<T, SettleError> {
+        let started = Instant::now();
+        let result = call.await;
+        telemetry::store_call("postgres", op, started.elapsed());
+        result
+    }
+
+    /// The highest applied migration (0 when none), read inside a migrator's transaction.
+    async fn applied_version(&self, tx: &Transaction<'_>) -> Result<u32, SettleError> {
+        let row = tx
+            .query_one("SELECT MAX(version) FROM schema_migrations", &[])
+            .await
+            .map_err(|e| self.unavailable(&e))?;
+        match get::<Option<i32>>(&row, 0)? {
+            None => Ok(0),
+            Some(v) => u32::try_from(v).map_err(|_| bad_row(format!("schema version {v}"))),
+        }
+    }
+
+    async fn migrate_inner(&self) -> Result<u32, SettleError> {
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        let mut client = self.client().await?;
+        // Under the lock: two concurrent `CREATE TABLE IF NOT EXISTS` can collide in the catalog.
+        let tx = client.transaction().await.map_err(db)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(db)?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (\
+             version INTEGER PRIMARY KEY, applied_at_ms BIGINT NOT NULL)",
+        )
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        // One transaction per migration; each re-reads the version under the lock, so a
+        // migration another instance applied meanwhile is not applied twice.
+        loop {
+            let tx = client.transaction().await.map_err(db)?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+                .await
+                .map_err(db)?;
+            let current = self.applied_version(&tx).await?;
+            if current > SCHEMA_VERSION {
+                return Err(SettleError::WrongSchema {
+                    found: current,
+                    expected: SCHEMA_VERSION,
+                });
+            }
+            let Some((version, sql)) = MIGRATIONS.iter().find(|(v, _)| *v > current) else {
+                tx.commit().await.map_err(db)?;
+                return Ok(SCHEMA_VERSION);
+            };
+            let version_i32 = i32::try_from(*version).map_err(|_| {
+                SettleError::Misconfigured(format!("migration {version} out of range"))
+            })?;
+            tx.batch_execute(sql).await.map_err(db)?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, applied_at_ms) VALUES ($1, $2)",
+                &[&version_i32, &ms(telemetry::now_ms())],
+            )
+            .await
+            .map_err(db)?;
+            tx.commit().await.map_err(db)?;
+            tracing::info!(version, "applied migration");
+        }
+    }
+
+    async fn schema_version_inner(&self) -> Result<Option<u32>, SettleError> {
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        let client = self.client().await?;
+        let row = client
+            .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+            .await
+            .map_err(db)?;
+        let exists: bool = get(&row, 0)?;
+        if !exists {
+            return Ok(None);
+        }
+        let row = client
+            .query_one("SELECT MAX(version) FROM schema_migrations", &[])
+            .await
+            .map_err(db)?;
+        match get::<Option<i32>>(&row, 0)? {
+            None => Ok(None),
+            Some(v) => u32::try_from(v)
+                .map(Some)
+                .map_err(|_| bad_row(format!("schema version {v}"))),
+        }
+    }
+
+    async fn upsert_account_inner(&self, row: &AccountRow) -> Result<(), SettleError> {
+        no_nul(
+            &row.account_id,
+            [row.merchant_id.as_str(), row.account_id.as_str()],
+        )?;
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "INSERT INTO accounts (merchant_id, account_id, currency, credit_limit_minor, \
+                 created_at_ms, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (merchant_id, account_id) DO UPDATE SET \
+                 credit_limit_minor = excluded.credit_limit_minor, \
+                 updated_at_ms = excluded.updated_at_ms",
+            )
+            .await
+            .map_err(db)?;
+        client
+            .execute(
+                &stmt,
+                &[
+                    &row.merchant_id,
+                    &row.account_id,
+                    &row.currency.code(),
+                    &row.credit_limit_minor,
+                    &ms(row.created_at_ms),
+                    &ms(row.updated_at_ms),
+                ],
+            )
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    async fn record_intent_inner(&self, p: &PaymentRow) -> Result<IntentOutcome, SettleError> {
+        check_payment_text(p)?;
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db)?;
+        let by_id = tx
+            .prepare_cached("SELECT id FROM payments WHERE id = $1")
+            .await
+            .map_err(db)?;
+        let holder = tx
+            .prepare_cached(&format!(
+                "SELECT id FROM payments WHERE scope_tag = $1 AND merchant_order_id = $2 \
+                 AND status IN {LIVE_STATUSES}"
+            ))
+            .await
+            .map_err(db)?;
+        // Insert first: it waits for a concurrent insert of the same id or order id and then
+        // does nothing, and the look-ups below (each with a fresh snapshot) explain why.
+        for _ in 0..INTENT_ATTEMPTS {
+            if insert_payment(&tx, p).await.map_err(db)? {
+                tx.commit().await.map_err(db)?;
+                return Ok(IntentOutcome::Inserted);
+            }
+            if tx.query_opt(&by_id, &[&p.id]).await.map_err(db)?.is_some() {
+                return Ok(IntentOutcome::AlreadyRecorded);
+            }
+            if let Some(row) = tx
+                .query_opt(&holder, &[&p.scope_tag, &p.merchant_order_id])
+                .await
+                .map_err(db)?
+            {
+                return Ok(IntentOutcome::DuplicateOrder(get(&row, 0)?));
+            }
+        }
+        Err(SettleError::Unavailable(format!(
+            "{}: the payment's order id kept changing hands, try again",
+            p.id
+        )))
+    }
+
+    async fn commit_inner(&self, batch: &[Settlement]) -> Result<Vec<CommitOutcome>, SettleError> {
+        let mut sequences = Vec::with_capacity(batch.len());
+        for s in batch {
+            s.check()?;
+            sequences.push(check_for_postgres(s)?);
+        }
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db)?;
+        let insert = tx.prepare_cached(INSERT_SETTLEMENT).await.map_err(db)?;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut postings = PostingColumns::default();
+        for (s, &sequence) in batch.iter().zip(&sequences) {
+            let hash = s.content_hash();
+            let inserted = tx
+                .execute(
+                    &insert,
+                    &[
+                        &s.payment_id,
+                        &s.kind.as_str(),
+                        &sequence,
+                        &s.merchant_id,
+                        &s.account_id,
+                        &s.channel_id,
+                        &s.channel_txn_id,
+                        &s.amount_minor,
+                        &s.currency.code(),
+                        &s.channel_fee_minor,
+                        &s.commission_minor,
+                        &s.merchant_net_minor,
+                        &s.account_seq.map(ms),
+                        &ms(s.settled_at_ms),
+                        &hash,
+                    ],
+                )
+                .await
+                .map_err(db)?;
+            if inserted == 0 {
+                let stmt = tx.prepare_cached(STORED_HASH).await.map_err(db)?;
+                let row = tx
+                    .query_opt(&stmt, &[&s.payment_id, &s.kind.as_str(), &sequence])
+                    .await
+                    .map_err(db)?;
+                let Some(row) = row else {
+                    // Not our key: the account's sequence number is taken.
+                    let account_seq = s.account_seq.unwrap_or(0);
+                    let detail = format!(
+                        "account sequence {account_seq} is already used: the balance store rolled back"
+                    );
+                    flag(&tx, "sequence_conflict", &s.payment_id, &detail)
+                        .await
+                        .map_err(db)?;
+                    outcomes.push(CommitOutcome::SequenceConflict { account_seq });
+                    continue;
+                };
+                let stored: String = get(&row, 0)?;
+                if stored == hash {
+                    outcomes.push(CommitOutcome::AlreadyCommitted);
+                } else {
+                    let detail = format!(
+                        "{} #{}: stored {stored}, offered {hash}",
+                        s.kind, s.sequence
+                    );
+                    flag(&tx, "settlement_conflict", &s.payment_id, &detail)
+                        .await
+                        .map_err(db)?;
+                    outcomes.push(CommitOutcome::Conflict {
+                        stored_hash: stored,
+                    });
+                }
+                continue;
+            }
+            // Postings go in with one statement for the whole batch, below.
+            postings.push(s, sequence);
+            if let Some(payment) = &s.payment {
+                if !write_payment(&tx, payment).await.map_err(db)? {
+                    let detail = format!(
+                        "order id {} is held by another live payment",
+                        payment.merchant_order_id
+                    );
+                    flag(&tx, "order_id_conflict", &payment.id, &detail)
+                        .await
+                        .map_err(db)?;
+                }
+            }
+            outcomes.push(CommitOutcome::Inserted);
+        }
+        if !postings.line.is_empty() {
+            let stmt = tx.prepare_cached(INSERT_POSTINGS).await.map_err(db)?;
+            tx.execute(
+                &stmt,
+                &[
+                    &postings.payment_id,
+                    &postings.kind,
+                    &postings.sequence,
+                    &postings.line,
+                    &postings.ledger,
+                    &postings.amount_minor,
+                    &postings.currency,
+                ],
+            )
+            .await
+            .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(outcomes)
+    }
+
+    async fn balances_inner(&self) -> Result<Vec<AccountBalance>, SettleError> {
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT a.merchant_id, a.account_id, a.currency, a.credit_limit_minor, \
+                 a.created_at_ms, a.updated_at_ms, \
+                 COALESCE((SELECT SUM(p.amount_minor) FROM postings p WHERE p.ledger = \
+                   'account:' || a.merchant_id || ':' || a.account_id), 0)::BIGINT, \
+                 COALESCE((SELECT MAX(s.account_seq) FROM settlements s WHERE \
+                   s.merchant_id = a.merchant_id AND s.account_id = a.account_id), 0)::BIGINT \
+                 FROM accounts a ORDER BY a.merchant_id COLLATE \"C\", a.account_id COLLATE \"C\"",
+                &[],
+            )
+            .await
+            .map_err(db)?;
+        rows.iter()
+            .map(|r| {
+                Ok(AccountBalance {
+                    account: AccountRow {
+                        merchant_id: get(r, 0)?,
+                        account_id: get(r, 1)?,
+                        currency: get_currency(r, 2)?,
+                        credit_limit_minor: get(r, 3)?,
+                        created_at_ms: get_u64(r, 4)?,
+                        updated_at_ms: get_u64(r, 5)?,
+                    },
+                    balance_minor: get(r, 6)?,
+                    seq: get_u64(r, 7)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn live_holds_inner(&self) -> Result<Vec<PaymentRow>, SettleError> {
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {PAYMENT_COLUMNS} FROM payments WHERE status = 'pending' \
+                     AND held_minor > 0 ORDER BY id COLLATE \"C\""
+                ),
+                &[],
+            )
+            .await
+            .map_err(db)?;
+        rows.iter().map(payment_from_row).collect()
+    }
+
+    async fn payment_inner(&self, id: &str) -> Result<Option<PaymentRow>, SettleError> {
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = $1"
+            ))
+            .await
+            .map_err(db)?;
+        let row = client.query_opt(&stmt, &[&id]).await.map_err(db)?;
+        row.as_ref().map(payment_from_row).transpose()
+    }
+
+    async fn set_final_status_inner(&self, change: &StatusChange) -> Result<bool, SettleError> {
+        no_nul(
+            &change.payment_id,
+            [change.payment_id.as_str(), change.status.as_str()],
+        )?;
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "UPDATE payments SET status = $2, held_minor = 0, updated_at_ms = $3 \
+                 WHERE id = $1 AND status = 'pending'",
+            )
+            .await
+            .map_err(db)?;
+        let updated = client
+            .execute(
+                &stmt,
+                &[
+                    &change.payment_id,
+                    &change.status,
+                    &ms(change.updated_at_ms),
+                ],
+            )
+            .await
+            .map_err(db)?;
+        Ok(updated == 1)
+    }
+
+    async fn postings_sum_inner(&self) -> Result<Vec<(String, String, u32, i64)>, SettleError> {
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT payment_id, kind, sequence, SUM(amount_minor)::BIGINT FROM postings \
+                 GROUP BY payment_id, kind, sequence \
+                 ORDER BY payment_id COLLATE \"C\", kind COLLATE \"C\", sequence",
+                &[],
+            )
+            .await
+            .map_err(db)?;
+        rows.iter()
+            .map(|r| Ok((get(r, 0)?, get(r, 1)?, get_u32(r, 2)?, get(r, 3)?)))
+            .collect()
+    }
+
+    async fn flagged_inner(&self, limit: usize) -> Result<Vec<Flagged>, SettleError> {
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT kind, payment_id, detail, created_at_ms FROM flagged \
+                 ORDER BY created_at_ms DESC LIMIT $1",
+            )
+            .await
+            .map_err(db)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = client.query(&stmt, &[&limit]).await.map_err(db)?;
+        rows.iter()
+            .map(|r| {
+                Ok(Flagged {
+                    kind: get(r, 0)?,
+                    payment_id: get(r, 1)?,
+                    detail: get(r, 2)?,
+                    created_at_ms: get_u64(r, 3)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn ping_inner(&self) -> Result<(), SettleError> {
+        let client = self.client().await?;
+        client
+            .simple_query("SELECT 1")
+            .await
+            .map_err(|e| self.unavailable(&e))?;
+        Ok(())
+    }
+}
+
+/// `host:port[,host:port…]/db` of a connection config, for logs (no user, no password).
+fn target_of(config: &tokio_postgres::Config) -> String {
+    let ports = config.get_ports();
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let host = match host {
+                tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                #[cfg(unix)]
+                tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+            };
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            format!("{host}:{port}")
+        })
+        .collect();
+    format!(
+        "{}/{}",
+        hosts.join(","),
+        config.get_dbname().unwrap_or_default()
+    )
+}
+
+#[async_trait]
+impl SettlementStore for PostgresStore {
+    async fn migrate(&self) -> Result<u32, SettleError> {
+        Self::timed("migrate", self.migrate_inner()).await
+    }
+
+    async fn schema_version(&self) -> Result<Option<u32>, SettleError> {
+        Self::timed("schema_version", self.schema_version_inner()).await
+    }
+
+    async fn upsert_account(&self, row: &AccountRow) -> Result<(), SettleError> {
+        Self::timed("upsert_account", self.upsert_account_inner(row)).await
+    }
+
+    async fn record_intent(&self, payment: &PaymentRow) -> Result<IntentOutcome, SettleError> {
+        Self::timed("record_intent", self.record_intent_inner(payment)).await
+    }
+
+    async fn commit(&self, batch: &[Settlement]) -> Result<Vec<CommitOutcome>, SettleError> {
+        Self::timed("commit", self.commit_inner(batch)).await
+    }
+
+    async fn balances(&self) -> Result<Vec<AccountBalance>, SettleError> {
+        Self::timed("balances", self.balances_inner()).await
+    }
+
+    async fn live_holds(&self) -> Result<Vec<PaymentRow>, SettleError> {
+        Self::timed("live_holds", self.live_holds_inner()).await
+    }
+
+    async fn payment(&self, id: &str) -> Result<Option<PaymentRow>, SettleError> {
+        Self::timed("payment", self.payment_inner(id)).await
+    }
+
+    async fn set_final_status(&self, change: &StatusChange) -> Result<bool, SettleError> {
+        Self::timed("set_final_status", self.set_final_status_inner(change)).await
+    }
+
+    async fn postings_sum_by_movement(
+        &self,
+    ) -> Result<Vec<(String, String, u32, i64)>, SettleError> {
+        Self::timed("postings_sum", self.postings_sum_inner()).await
+    }
+
+    async fn flagged(&self, limit: usize) -> Result<Vec<Flagged>, SettleError> {
+        Self::timed("flagged", self.flagged_inner(limit)).await
+    }
+
+    async fn ping(&self) -> Result<(), SettleError> {
+        Self::timed("ping", self.ping_inner()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scrub_hides_the_url_and_the_password() {
+        let secrets = vec![
+            "postgres://app:s3cret@db:5432/gw".to_owned(),
+            "s3cret".to_owned(),
+        ];
+        let msg = scrub(
+            "cannot reach postgres://app:s3cret@db:5432/gw (password s3cret)".to_owned(),
+            &secrets,
+        );
+        assert!(!msg.contains("s3cret"), "{msg}");
+        assert!(!msg.contains("postgres://"), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn a_bad_url_is_misconfigured_without_echoing_it() {
+        let url = "postgres://app:s3cret@db:notaport/gw";
+        let err = PostgresStore::connect(url, 2, 100).await.unwrap_err();
+        assert!(matches!(err, SettleError::Misconfigured(_)), "{err}");
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_is_unavailable_without_echoing_the_password() {
+        // Port 1 on loopback: nothing listens there.
+        let url = "postgres://app:s3cret@127.0.0.1:1/gw";
+        let err = PostgresStore::connect(url, 2, 500).await.unwrap_err();
+        assert!(matches!(err, SettleError::Unavailable(_)), "{err}");
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+    }
+}

@@ -1,0 +1,114 @@
+//! The settlement pipeline as the API uses it: admission, settling a movement and waiting for
+//! its commit (bounded), recording a payment's intent, and applying final statuses.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::stream::{SettlementStream, StreamError};
+use super::{
+    CommitOutcome, IntentOutcome, PaymentRow, SettleError, Settlement, SettlementStore,
+    StatusChange,
+};
+use crate::preauth::{BalanceStore, SettledMark};
+
+pub struct Settler {
+    pub store: Arc<dyn SettlementStore>,
+    pub balances: Arc<dyn BalanceStore>,
+    stream: SettlementStream,
+    settle_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettleFailure {
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error(transparent)]
+    Store(#[from] SettleError),
+    #[error("the commit did not finish within the settle timeout")]
+    Timeout,
+}
+
+impl Settler {
+    pub fn new(
+        store: Arc<dyn SettlementStore>,
+        balances: Arc<dyn BalanceStore>,
+        stream: SettlementStream,
+        settle_timeout: Duration,
+    ) -> Self {
+        Self {
+            store,
+            balances,
+            stream,
+            settle_timeout,
+        }
+    }
+
+    /// Whether a money movement may start now (checked before the Redis call).
+    pub fn admit(&self) -> Result<(), StreamError> {
+        self.stream.admit()
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.stream.is_healthy()
+    }
+
+    /// Commits a settlement through the group-commit stream and waits, at most the settle
+    /// timeout, for the commit (and for the balance store to learn it).
+    pub async fn settle(
+        &self,
+        settlement: Settlement,
+        mark: SettledMark,
+    ) -> Result<CommitOutcome, SettleFailure> {
+        match tokio::time::timeout(
+            self.settle_timeout,
+            self.stream.submit(settlement, Some(mark)),
+        )
+        .await
+        {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(SettleFailure::Timeout),
+        }
+    }
+
+    /// Queues without waiting for the balance-store mark (recovery re-drives).
+    pub async fn settle_unmarked(
+        &self,
+        settlement: Settlement,
+    ) -> Result<CommitOutcome, SettleFailure> {
+        Ok(self.stream.submit(settlement, None).await?)
+    }
+
+    /// Commits a payment's intent, then lets its idempotency record replay.
+    pub async fn record_intent(
+        &self,
+        row: &PaymentRow,
+        mark: SettledMark,
+    ) -> Result<IntentOutcome, SettleFailure> {
+        let outcome = tokio::time::timeout(self.settle_timeout, self.store.record_intent(row))
+            .await
+            .map_err(|_| SettleFailure::Timeout)??;
+        if matches!(
+            outcome,
+            IntentOutcome::Inserted | IntentOutcome::AlreadyRecorded
+        ) {
+            if let Err(err) = self.balances.mark_settled(&[mark]).await {
+                tracing::warn!(error = %err, payment_id = %row.id, "intent committed but not marked; recovery will");
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Applies a final status to the store, then forgets it in the balance store.
+    pub async fn apply_status(
+        &self,
+        change: &StatusChange,
+        mark: SettledMark,
+    ) -> Result<bool, SettleFailure> {
+        let applied = self.store.set_final_status(change).await?;
+        self.balances
+            .mark_settled(&[mark])
+            .await
+            .map_err(|e| SettleFailure::Store(SettleError::Unavailable(e.to_string())))?;
+        Ok(applied)
+    }
+}

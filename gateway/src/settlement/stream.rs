@@ -1,0 +1,264 @@
+//! The settlement stream: a bounded queue in front of ONE writer task that group-commits.
+//!
+//! A request that moves money submits its settlement and waits. The writer takes the first
+//! settlement, then everything already queued, then waits up to `batch_max_wait_ms` for more,
+//! up to `batch_max_rows`; it commits the batch in one transaction (one fsync for all of them)
+//! and wakes every waiter with its own outcome. Under load batches grow by themselves; at low
+//! load a settlement waits at most one short window.
+//!
+//! Admission is checked *before* any money moves in Redis: a full queue or a store that failed
+//! its last commit refuses at once (`503 unavailable`), so nothing is half done.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use super::{CommitOutcome, SettleError, Settlement, SettlementStore};
+use crate::preauth::{BalanceStore, SettledMark};
+use crate::telemetry;
+
+/// Bounds of the stream, from configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamSettings {
+    pub queue_capacity: usize,
+    pub batch_max_rows: usize,
+    pub batch_max_wait_ms: u64,
+    /// While unhealthy, the writer pings the store this often to notice it came back.
+    pub health_check_interval_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum StreamError {
+    #[error("the settlement queue is full")]
+    QueueFull,
+    #[error("the settlement store is unavailable")]
+    StoreUnavailable,
+    #[error("the settlement writer has stopped")]
+    Stopped,
+    #[error("the settlement was refused: {0}")]
+    Refused(String),
+}
+
+struct Job {
+    settlement: Settlement,
+    /// What to forget in the balance store once committed.
+    mark: Option<SettledMark>,
+    done: oneshot::Sender<Result<CommitOutcome, StreamError>>,
+}
+
+/// The handle requests use. Cheap to clone.
+#[derive(Clone)]
+pub struct SettlementStream {
+    tx: mpsc::Sender<Job>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    healthy: AtomicBool,
+    depth: AtomicUsize,
+    capacity: usize,
+}
+
+impl SettlementStream {
+    /// Starts the writer; it runs until `shutdown` turns true and the queue is drained.
+    /// After each commit it tells `balances` which movements are settled, in one call.
+    pub fn spawn(
+        store: Arc<dyn SettlementStore>,
+        balances: Arc<dyn BalanceStore>,
+        settings: StreamSettings,
+        shutdown: watch::Receiver<bool>,
+    ) -> (Self, JoinHandle<()>) {
+        debug_assert!(settings.queue_capacity > 0 && settings.batch_max_rows > 0);
+        let (tx, rx) = mpsc::channel(settings.queue_capacity);
+        let shared = Arc::new(Shared {
+            healthy: AtomicBool::new(true),
+            depth: AtomicUsize::new(0),
+            capacity: settings.queue_capacity,
+        });
+        let writer = Writer {
+            store,
+            balances,
+            settings,
+            rx,
+            shared: shared.clone(),
+        };
+        let handle = tokio::spawn(writer.run(shutdown));
+        (Self { tx, shared }, handle)
+    }
+
+    /// Whether a new money movement may start: the queue has room and the store is healthy.
+    pub fn admit(&self) -> Result<(), StreamError> {
+        if !self.shared.healthy.load(Ordering::Relaxed) {
+            return Err(StreamError::StoreUnavailable);
+        }
+        if self.shared.depth.load(Ordering::Relaxed) >= self.shared.capacity {
+            return Err(StreamError::QueueFull);
+        }
+        Ok(())
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.shared.healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn depth(&self) -> usize {
+        self.shared.depth.load(Ordering::Relaxed)
+    }
+
+    /// Queues a settlement and waits for its commit (and, when committed, for `mark` to be
+    /// settled in the balance store).
+    pub async fn submit(
+        &self,
+        settlement: Settlement,
+        mark: Option<SettledMark>,
+    ) -> Result<CommitOutcome, StreamError> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .try_send(Job {
+                settlement,
+                mark,
+                done,
+            })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => StreamError::QueueFull,
+                mpsc::error::TrySendError::Closed(_) => StreamError::Stopped,
+            })?;
+        let depth = self.shared.depth.fetch_add(1, Ordering::Relaxed) + 1;
+        telemetry::settlement_queue_depth(depth);
+        wait.await.map_err(|_| StreamError::Stopped)?
+    }
+}
+
+struct Writer {
+    store: Arc<dyn SettlementStore>,
+    balances: Arc<dyn BalanceStore>,
+    settings: StreamSettings,
+    rx: mpsc::Receiver<Job>,
+    shared: Arc<Shared>,
+}
+
+impl Writer {
+    async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut batch: Vec<Job> = Vec::with_capacity(self.settings.batch_max_rows);
+        let health_interval = Duration::from_millis(self.settings.health_check_interval_ms);
+        loop {
+            let first = tokio::select! {
+                job = self.rx.recv() => job,
+                _ = tokio::time::sleep(health_interval), if !self.shared.healthy.load(Ordering::Relaxed) => {
+                    self.check_health().await;
+                    continue;
+                }
+                _ = shutdown.changed() => {
+                    // Stop taking new work; what is queued is still committed below.
+                    self.rx.close();
+                    continue;
+                }
+            };
+            let Some(first) = first else {
+                break; // closed and drained
+            };
+            batch.push(first);
+            self.fill(&mut batch).await;
+            self.commit(&mut batch).await;
+        }
+    }
+
+    /// Adds what is queued, then waits up to `batch_max_wait_ms` for more.
+    async fn fill(&mut self, batch: &mut Vec<Job>) {
+        let max = self.settings.batch_max_rows;
+        while batch.len() < max {
+            match self.rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        if batch.len() >= max || self.settings.batch_max_wait_ms == 0 {
+            return;
+        }
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(self.settings.batch_max_wait_ms);
+        while batch.len() < max {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(job)) => batch.push(job),
+                Ok(None) | Err(_) => break,
+            }
+        }
+    }
+
+    async fn commit(&mut self, batch: &mut Vec<Job>) {
+        let settlements: Vec<Settlement> = batch.iter().map(|j| j.settlement.clone()).collect();
+        let started = Instant::now();
+        let result = self.store.commit(&settlements).await;
+        telemetry::settlement_batch(settlements.len(), started.elapsed(), result.is_ok());
+        let depth = self
+            .shared
+            .depth
+            .fetch_sub(batch.len(), Ordering::Relaxed)
+            .saturating_sub(batch.len());
+        telemetry::settlement_queue_depth(depth);
+        match result {
+            Ok(outcomes) => {
+                debug_assert_eq!(outcomes.len(), batch.len());
+                self.shared.healthy.store(true, Ordering::Relaxed);
+                // One round trip for the whole batch. If it fails the money is still safe (it is
+                // committed); the recovery loop marks those movements later.
+                let marks: Vec<SettledMark> = batch
+                    .iter()
+                    .zip(&outcomes)
+                    .filter(|(_, o)| {
+                        matches!(o, CommitOutcome::Inserted | CommitOutcome::AlreadyCommitted)
+                    })
+                    .filter_map(|(job, _)| job.mark.clone())
+                    .collect();
+                if let Err(err) = self.balances.mark_settled(&marks).await {
+                    tracing::warn!(error = %err, rows = marks.len(), "cannot mark committed settlements in the balance store; recovery will");
+                }
+                for (job, outcome) in batch.drain(..).zip(outcomes) {
+                    if let CommitOutcome::SequenceConflict { account_seq } = &outcome {
+                        telemetry::settlement_conflict();
+                        tracing::error!(
+                            payment_id = %job.settlement.payment_id,
+                            account_seq,
+                            "account sequence already used: the balance store rolled back; flagged"
+                        );
+                    }
+                    if let CommitOutcome::Conflict { stored_hash } = &outcome {
+                        telemetry::settlement_conflict();
+                        tracing::error!(
+                            payment_id = %job.settlement.payment_id,
+                            kind = %job.settlement.kind,
+                            stored_hash,
+                            offered_hash = %job.settlement.content_hash(),
+                            "settlement conflicts with the stored one: flagged, nothing written"
+                        );
+                    }
+                    let _ = job.done.send(Ok(outcome));
+                }
+            }
+            Err(SettleError::Invalid(reason)) => {
+                // A bug, not an outage: refuse these without marking the store down.
+                tracing::error!(%reason, "settlement batch refused as invalid");
+                for job in batch.drain(..) {
+                    let _ = job.done.send(Err(StreamError::Refused(reason.clone())));
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, rows = batch.len(), "settlement commit failed; refusing new money movements until the store answers");
+                self.shared.healthy.store(false, Ordering::Relaxed);
+                for job in batch.drain(..) {
+                    let _ = job.done.send(Err(StreamError::StoreUnavailable));
+                }
+            }
+        }
+    }
+
+    async fn check_health(&self) {
+        if self.store.ping().await.is_ok() {
+            tracing::info!("settlement store answers again");
+            self.shared.healthy.store(true, Ordering::Relaxed);
+        }
+    }
+}
