@@ -3,7 +3,6 @@
 //! bench starts itself on a random loopback port; and the whole `POST /v1/payments` over HTTP
 //! on loopback against the in-process store.
 
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -108,57 +107,9 @@ async fn authorize_once(store: &dyn BalanceStore) {
     );
 }
 
-struct Redis {
-    child: Child,
-    _dir: tempfile::TempDir,
-    port: u16,
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_redis() -> Redis {
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--maxmemory-policy",
-            "noeviction",
-            "--dir",
-        ])
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server (scripts/test.sh installs it)");
-    let redis = Redis {
-        child,
-        _dir: dir,
-        port,
-    };
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return redis;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    panic!("redis-server did not start");
-}
+#[path = "../../gateway/tests/api/harness/redis_server.rs"]
+#[allow(dead_code)] // the tests use the rest of the harness
+mod redis_server;
 
 fn bench_store(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -175,15 +126,8 @@ fn bench_store(c: &mut Criterion) {
         b.to_async(&rt).iter(|| authorize_once(memory.as_ref()))
     });
 
-    let redis = start_redis();
-    let settings = config::load(
-        None,
-        vec![(
-            "GATEWAY__REDIS__URL".into(),
-            format!("redis://127.0.0.1:{}", redis.port),
-        )],
-    )
-    .unwrap();
+    let redis = rt.block_on(redis_server::RedisServer::start());
+    let settings = config::load(None, vec![("GATEWAY__REDIS__URL".into(), redis.url())]).unwrap();
     let store: Arc<dyn BalanceStore> = Arc::new(
         rt.block_on(RedisStore::connect(&settings.settings.redis))
             .unwrap(),

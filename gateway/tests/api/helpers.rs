@@ -1,9 +1,7 @@
 //! Shared test support: a real `redis-server` per test on a random loopback port in a temp
 //! dir, the gateway spawned in-process on port 0, and a small HTTP client.
 
-use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +11,8 @@ use gateway::preauth::redis::RedisStore;
 use gateway::preauth::BalanceStore;
 use gateway::startup::Application;
 
-use crate::postgres_server::PostgresServer;
+pub use crate::postgres_server::PostgresServer;
+pub use crate::redis_server::RedisServer;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{HeaderMap, Method, Request};
@@ -26,130 +25,6 @@ use tokio::sync::oneshot;
 pub const ALPHA: &str = "sk_test_alpha";
 pub const BETA: &str = "sk_test_beta";
 pub const ADMIN: &str = "sk_test_admin";
-
-/// A picked free loopback port (the tiny race with another process is retried by callers).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
-fn redis_binary() -> PathBuf {
-    for candidate in ["/usr/bin/redis-server", "/usr/local/bin/redis-server"] {
-        let path = PathBuf::from(candidate);
-        if path.exists() {
-            return path;
-        }
-    }
-    panic!("redis-server not found: run scripts/test.sh, which installs it");
-}
-
-/// A real Redis, private to one test: random port, temp dir, AOF on (so a restart keeps
-/// its data), killed on drop.
-pub struct RedisServer {
-    pub port: u16,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl RedisServer {
-    pub async fn start() -> Self {
-        for _ in 0..5 {
-            let mut server = RedisServer {
-                port: free_port(),
-                dir: tempfile::tempdir().expect("temp dir"),
-                child: None,
-            };
-            if server.launch().await {
-                return server;
-            }
-        }
-        panic!("could not start redis-server");
-    }
-
-    async fn launch(&mut self) -> bool {
-        let child = Command::new(redis_binary())
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--maxmemory-policy",
-                "noeviction",
-                "--dir",
-            ])
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn redis-server");
-        self.child = Some(child);
-        for _ in 0..200 {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(_)) = child.try_wait() {
-                    self.child = None;
-                    return false;
-                }
-            }
-            if self.ping().await {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        false
-    }
-
-    async fn ping(&self) -> bool {
-        let Ok(client) = redis::Client::open(self.url()) else {
-            return false;
-        };
-        let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
-            return false;
-        };
-        redis::cmd("PING")
-            .query_async::<String>(&mut conn)
-            .await
-            .is_ok()
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Kills the server (connections refused until `restart`).
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Starts it again on the same port and directory; the AOF brings the data back.
-    pub async fn restart(&mut self) {
-        assert!(self.launch().await, "redis-server restart");
-    }
-
-    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.url())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap()
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {

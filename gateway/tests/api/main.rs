@@ -7,7 +7,11 @@ mod crash;
 mod helpers;
 mod http;
 mod outage;
+#[path = "harness/postgres_server.rs"]
 mod postgres_server;
+mod postgres_store;
+#[path = "harness/redis_server.rs"]
+mod redis_server;
 mod sandbox_binary;
 mod settlement;
 mod settlement_conformance;
