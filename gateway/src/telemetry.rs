@@ -23,6 +23,7 @@ pub const SETTLEMENT_BATCH_ROWS: &str = "gateway_settlement_batch_rows";
 pub const SETTLEMENT_COMMIT_SECONDS: &str = "gateway_settlement_commit_seconds";
 pub const SETTLEMENT_COMMITS_TOTAL: &str = "gateway_settlement_commits_total";
 pub const SETTLEMENT_CONFLICTS_TOTAL: &str = "gateway_settlement_conflicts_total";
+pub const ACCOUNTS_REBUILT_TOTAL: &str = "gateway_accounts_rebuilt_total";
 
 /// Latency buckets for every `_seconds` histogram: 100 µs to 10 s.
 const SECONDS_BUCKETS: &[f64] = &[
@@ -170,4 +171,8 @@ pub fn settlement_batch(rows: usize, elapsed: Duration, ok: bool) {
 
 pub fn settlement_conflict() {
     metrics::counter!(SETTLEMENT_CONFLICTS_TOTAL).increment(1);
+}
+
+pub fn account_rebuilt() {
+    metrics::counter!(ACCOUNTS_REBUILT_TOTAL).increment(1);
 }

@@ -3,6 +3,7 @@
 //! map the outcome.
 
 pub mod accounts;
+pub mod admin;
 pub mod auth;
 pub mod error;
 pub mod extract;
@@ -90,6 +91,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/payments/{id}", get(payments::get_payment))
         .route("/v1/payments/{id}/cancel", post(payments::cancel_payment))
+        .route("/v1/admin/flagged", get(admin::flagged))
         // Only the API is shed under load: health checks and scrapes must still answer.
         .route_layer(middleware::from_fn_with_state(state.clone(), admit));
     Router::new()

@@ -566,6 +566,17 @@ impl BalanceStore for MemoryStore {
         Ok(())
     }
 
+    async fn void(&self, mark: &SettledMark) -> Result<(), StoreError> {
+        if let Some(mut state) = self.scopes.get_mut(&mark.tag) {
+            if let Some(status) = state.statuses.get_mut(&mark.id) {
+                *status = PaymentStatus::Failed;
+            }
+            state.unsettled.remove(&mark.id);
+            state.idempotency.remove(&mark.idempotency_key);
+        }
+        Ok(())
+    }
+
     async fn unsettled(&self, budget: usize) -> Result<UnsettledPage, StoreError> {
         let mut out = Vec::new();
         let mut complete = true;

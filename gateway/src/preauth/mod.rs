@@ -538,6 +538,11 @@ pub trait BalanceStore: Send + Sync + 'static {
         idempotency: &IdempotencyKey,
     ) -> Result<(), StoreError>;
 
+    /// Forgets a movement the settlement store refused because this store rolled back (its
+    /// sequence number was already used): the payment, if any, ends `failed`; its pending and
+    /// idempotency records are removed. No money moves: the account is rebuilt right after.
+    async fn void(&self, mark: &SettledMark) -> Result<(), StoreError>;
+
     /// Pending records not yet settled, at most about `budget` scopes' worth per call;
     /// repeated calls make progress through every scope.
     async fn unsettled(&self, budget: usize) -> Result<UnsettledPage, StoreError>;

@@ -41,6 +41,8 @@ struct Scripts {
     read_payment: Script,
     settled: Script,
     abandon: Script,
+    void: Script,
+
     rebuild_account: Script,
 }
 
@@ -57,11 +59,12 @@ impl Scripts {
             read_payment: with_common(include_str!("scripts/read_payment.lua")),
             settled: with_common(include_str!("scripts/settled.lua")),
             abandon: with_common(include_str!("scripts/abandon.lua")),
+            void: with_common(include_str!("scripts/void.lua")),
             rebuild_account: with_common(include_str!("scripts/rebuild_account.lua")),
         }
     }
 
-    fn all(&self) -> [&Script; 10] {
+    fn all(&self) -> [&Script; 11] {
         [
             &self.upsert_account,
             &self.read_account,
@@ -72,6 +75,7 @@ impl Scripts {
             &self.read_payment,
             &self.settled,
             &self.abandon,
+            &self.void,
             &self.rebuild_account,
         ]
     }
@@ -683,6 +687,21 @@ impl BalanceStore for RedisStore {
             "done" | "not_pending" => Ok(()),
             _ => Err(corrupt("abandon", &reply)),
         }
+    }
+
+    async fn void(&self, mark: &SettledMark) -> Result<(), StoreError> {
+        let k = Keys::of(mark.tag);
+        let mut invocation = self.scripts.void.prepare_invoke();
+        invocation
+            .key(&k.statuses)
+            .key(&k.unsettled)
+            .key(Keys::idempotency(mark.tag, &mark.idempotency_key))
+            .arg(&mark.id);
+        let mut conn = self.connection();
+        let _: i64 = self
+            .bounded("void", invocation.invoke_async(&mut conn))
+            .await?;
+        Ok(())
     }
 
     async fn unsettled(&self, budget: usize) -> Result<UnsettledPage, StoreError> {

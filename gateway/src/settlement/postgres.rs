@@ -75,6 +75,9 @@ const INSERT_POSTINGS: &str = "INSERT INTO postings (payment_id, kind, sequence,
 const INSERT_FLAG: &str = "INSERT INTO flagged (kind, payment_id, detail, created_at_ms) \
     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING";
 
+/// The server-side bound on one statement and on waiting for a lock (ms).
+pub const STATEMENT_TIMEOUT_MS: u64 = 30_000;
+
 pub struct PostgresStore {
     pool: Pool,
     /// `host:port/db`, without user or password: for `Debug` and logs.
@@ -312,7 +315,8 @@ impl PostgresStore {
     /// Builds the pool (`pool_size` connections at most; connecting, waiting for a free
     /// connection and recycling one each bounded by `connect_timeout_ms`) and checks that the
     /// server answers. A URL that does not parse is `Misconfigured`; a server that cannot be
-    /// reached is `Unavailable`. Neither error contains the URL or its password.
+    /// reached is `Unavailable`. Neither error contains the URL or its password. Statements
+    /// are bounded by [`STATEMENT_TIMEOUT_MS`] unless the URL sets its own `options`.
     pub async fn connect(
         url: &str,
         pool_size: usize,
@@ -347,6 +351,13 @@ impl PostgresStore {
         config.connect_timeout(timeout);
         if config.get_application_name().is_none() {
             config.application_name("gateway");
+        }
+        // Bound every statement: a query stuck behind a lock must fail (and the writer mark
+        // the store unhealthy) rather than wait forever. A URL with its own `options` wins.
+        if config.get_options().is_none() {
+            config.options(format!(
+                "-c statement_timeout={STATEMENT_TIMEOUT_MS} -c lock_timeout={STATEMENT_TIMEOUT_MS}"
+            ));
         }
         let target = target_of(&config);
         let manager = Manager::from_config(

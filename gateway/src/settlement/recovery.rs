@@ -84,13 +84,23 @@ pub async fn recover_once(
                 if settlement.account_id.is_some() && settlement.account_seq.is_none() {
                     settlement.account_seq = Some(entry.seq);
                 }
-                settler.settle(settlement, mark).await.map(|outcome| {
-                    match outcome {
-                        CommitOutcome::Inserted | CommitOutcome::AlreadyCommitted => report.settled += 1,
-                        // Flagged by the store; a human decides. The record stays.
-                        CommitOutcome::Conflict { .. } | CommitOutcome::SequenceConflict { .. } => report.failed += 1,
+                                match settler.settle(settlement, mark).await {
+                    Ok(CommitOutcome::Inserted | CommitOutcome::AlreadyCommitted) => {
+                        report.settled += 1;
+                        Ok(())
                     }
-                })
+                                        // The writer voided it and rebuilt the account (see `void_and_rebuild`).
+                    Ok(CommitOutcome::SequenceConflict { .. }) => {
+                        report.failed += 1;
+                        Ok(())
+                    }
+                    // Flagged by the store; a human decides. The record stays.
+                    Ok(CommitOutcome::Conflict { .. }) => {
+                        report.failed += 1;
+                        Ok(())
+                    }
+                    Err(err) => Err(err),
+                }
             }
             PendingRecord::Intent(row) => settler.record_intent(&row, mark.clone()).await.map(|outcome| {
                 match outcome {
@@ -215,4 +225,33 @@ pub async fn rebuild_balances(
         loaded += 1;
     }
     Ok(loaded)
+}
+
+/// The balance store rolled back under this movement (its account sequence number is taken in
+/// the settlement store): forget the movement there and reload the account from the settlement
+/// store, so the account is exact again and the client may retry with the same key.
+pub async fn void_and_rebuild(
+    store: &dyn SettlementStore,
+    balances: &dyn BalanceStore,
+    settlement: &super::Settlement,
+    mark: &SettledMark,
+) {
+    telemetry::account_rebuilt();
+    if let Err(err) = balances.void(mark).await {
+        tracing::error!(id = %mark.id, error = %err, "cannot void a movement of a rolled-back account; recovery will retry");
+        return;
+    }
+    let Some(account) = settlement.account_id.as_deref() else {
+        return;
+    };
+    match rebuild_balances(store, balances, Some((&settlement.merchant_id, account))).await {
+        Ok(_) => tracing::warn!(
+            merchant = %settlement.merchant_id,
+            account,
+            "the balance store had rolled back: account rebuilt from the settlement store"
+        ),
+        Err(err) => {
+            tracing::error!(error = %err, account, "account rebuild failed; run `gateway rebuild-balances`")
+        }
+    }
 }

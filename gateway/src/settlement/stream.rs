@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use super::recovery::void_and_rebuild;
 use super::{CommitOutcome, SettleError, Settlement, SettlementStore};
 use crate::preauth::{BalanceStore, SettledMark};
 use crate::telemetry;
@@ -224,6 +225,17 @@ impl Writer {
                             account_seq,
                             "account sequence already used: the balance store rolled back; flagged"
                         );
+                        // Rare: handled inline, before the waiter answers, so a retry sees
+                        // the account exact again.
+                        if let Some(mark) = &job.mark {
+                            void_and_rebuild(
+                                self.store.as_ref(),
+                                self.balances.as_ref(),
+                                &job.settlement,
+                                mark,
+                            )
+                            .await;
+                        }
                     }
                     if let CommitOutcome::Conflict { stored_hash } = &outcome {
                         telemetry::settlement_conflict();

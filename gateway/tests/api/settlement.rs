@@ -432,3 +432,91 @@ proptest::proptest! {
             .block_on(conserve(ops));
     }
 }
+
+#[tokio::test]
+async fn a_redis_that_rolled_back_is_detected_and_the_account_rebuilt() {
+    let app = spawn_app_on(Backend::Redis, Store::Sqlite, &[]).await;
+    app.funded_account(ALPHA, "alpha", "acc", "100.00", "0.00")
+        .await;
+    assert_eq!(
+        app.pay(ALPHA, "k1", balance_payment("o1", "acc", "10.00"))
+            .await
+            .status,
+        201
+    );
+    // A failover loses Redis's last write: the capture is gone from Redis (not from the store).
+    let tag = gateway::ids::ScopeTag::account(
+        &gateway::ids::MerchantId::parse("alpha").unwrap(),
+        &gateway::ids::AccountId::parse("acc").unwrap(),
+    );
+    let mut redis = app.redis.as_ref().unwrap().connection().await;
+    let key = format!("a:{{{tag}}}");
+    let _: i64 = redis::cmd("HINCRBY")
+        .arg(&key)
+        .arg("bal")
+        .arg(1_000)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let _: i64 = redis::cmd("HINCRBY")
+        .arg(&key)
+        .arg("seq")
+        .arg(-1)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    app.assert_account(ALPHA, "acc", "100.00", "0.00", "100.00")
+        .await;
+
+    // The next movement reuses a sequence number the store has: refused, nothing committed,
+    // the account reloaded from the store.
+    let refused = app
+        .pay(ALPHA, "k2", balance_payment("o2", "acc", "20.00"))
+        .await;
+    assert_eq!(
+        (refused.status, refused.body["error"]["reason"].as_str()),
+        (503, Some("account_rebuild_required")),
+        "{:?}",
+        refused.body
+    );
+    let voided = refused.body["error"]["payment_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    app.assert_account(ALPHA, "acc", "90.00", "0.00", "90.00")
+        .await;
+    let disk = app.settlement_store().await;
+    assert!(
+        disk.payment(&voided).await.unwrap().is_none(),
+        "the refused capture never reached the record"
+    );
+    assert_eq!(
+        app.get(&format!("/v1/payments/{voided}"), ALPHA).await.body["status"],
+        "failed"
+    );
+    // The client retries with the same key: a new payment, committed.
+    let retried = app
+        .pay(ALPHA, "k2", balance_payment("o2", "acc", "20.00"))
+        .await;
+    assert_eq!(retried.status, 201, "{:?}", retried.body);
+    assert_ne!(retried.body["id"], voided.as_str());
+    app.assert_account(ALPHA, "acc", "70.00", "0.00", "70.00")
+        .await;
+    assert_eq!(stored_balances(disk.as_ref()).await["acc"], 7_000);
+
+    // A human sees it.
+    let flagged = app.get("/v1/admin/flagged", ADMIN).await;
+    assert_eq!(flagged.status, 200);
+    let items = flagged.body["items"].as_array().unwrap();
+    assert!(
+        items
+            .iter()
+            .any(|i| i["kind"] == "sequence_conflict" && i["payment_id"] == voided.as_str()),
+        "{items:?}"
+    );
+    assert_eq!(app.get("/v1/admin/flagged", ALPHA).await.status, 403);
+    assert_eq!(
+        app.get("/v1/admin/flagged?limit=0", ADMIN).await.body["error"]["field"],
+        "limit"
+    );
+}
