@@ -23,9 +23,9 @@ fi
 # and never use it.
 
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --no-fail-fast "$@"
-  # nextest does not run doctests.
+  # nextest does not run doctests: run them first, so the suite's summary is the last line.
   cargo test --workspace --doc -q
+  cargo nextest run --workspace --no-fail-fast "$@"
 else
   cargo test --workspace --no-fail-fast "$@"
 fi

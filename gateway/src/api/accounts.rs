@@ -16,10 +16,12 @@ use super::extract::{
 use super::{render, AppState};
 use crate::ids::{AccountId, AdjustmentId, MerchantId};
 use crate::money::{format_minor, parse_non_negative_minor, Amount, Currency, MoneyError};
+use crate::preauth::AccountSnapshot;
 use crate::preauth::{
     AccountKey, AdjustOutcome, AdjustRequest, Direction, IdempotencyClaim, SettledMark,
     StoredOutcome, UpsertOutcome,
 };
+use crate::settlement::recovery::rebuild_balances;
 use crate::settlement::{movements, AccountRow, CommitOutcome, PendingRecord};
 use crate::telemetry;
 
@@ -113,12 +115,45 @@ pub async fn get_account(
     let not_found = || ApiError::NotFound("no such account".into());
     let account = AccountId::parse(&id).map_err(|_| not_found())?;
     let key = AccountKey::new(merchant.id.clone(), account);
-    let snapshot = state
-        .balances
-        .read_account(&key, state.op())
-        .await?
-        .ok_or_else(not_found)?;
+    let snapshot = read_or_reload(&state, &key).await?.ok_or_else(not_found)?;
     Ok(Json(render::account(key.account.as_str(), &snapshot)))
+}
+
+/// The account from the balance store; when that store does not know it but the settlement
+/// store does (Redis lost it), the account is reloaded from the record first.
+pub(super) async fn read_or_reload(
+    state: &AppState,
+    key: &AccountKey,
+) -> Result<Option<AccountSnapshot>, ApiError> {
+    if let Some(snapshot) = state.balances.read_account(key, state.op()).await? {
+        return Ok(Some(snapshot));
+    }
+    if !reload_account(state, key).await? {
+        return Ok(None);
+    }
+    Ok(state.balances.read_account(key, state.op()).await?)
+}
+
+/// Loads one account from the settlement store into the balance store; `false` when the
+/// settlement store does not know it either.
+pub(super) async fn reload_account(state: &AppState, key: &AccountKey) -> Result<bool, ApiError> {
+    let loaded = rebuild_balances(
+        state.settler.store.as_ref(),
+        state.balances.as_ref(),
+        Some((key.merchant.as_str(), key.account.as_str())),
+    )
+    .await
+    .map_err(|e| {
+        tracing::warn!(error = %e, "cannot reload an account from the settlement store");
+        ApiError::Unavailable {
+            reason: "settlement_store_unavailable",
+            payment_id: None,
+        }
+    })?;
+    if loaded > 0 {
+        tracing::warn!(merchant = %key.merchant, account = %key.account, "account missing from the balance store: reloaded from the settlement store");
+    }
+    Ok(loaded > 0)
 }
 
 /// `POST /v1/accounts/{id}/adjustments` (admin key): `{"merchant_id", "direction":
@@ -157,9 +192,7 @@ pub async fn post_adjustment(
 
     // The amount's precision depends on the account's currency, so read the account first.
     let key = AccountKey::new(merchant.id.clone(), account);
-    let snapshot = state
-        .balances
-        .read_account(&key, state.op())
+    let snapshot = read_or_reload(&state, &key)
         .await?
         .ok_or_else(|| ApiError::NotFound("no such account".into()))?;
     let currency = snapshot.currency;

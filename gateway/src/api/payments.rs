@@ -11,7 +11,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::accounts::{rebuild_reason, supported_currency};
+use super::accounts::{rebuild_reason, reload_account, supported_currency};
 use super::auth::AuthMerchant;
 use super::error::ApiError;
 use super::extract::{request_hash, required_idempotency_key, JsonObject};
@@ -171,7 +171,13 @@ pub async fn create_payment(
 
     // 3. Admission (the settlement store can take it), then one atomic store call.
     state.settler.admit().map_err(ApiError::not_admitted)?;
-    let outcome = state.balances.authorize(&request, ctx).await?;
+    let mut outcome = state.balances.authorize(&request, ctx).await?;
+    if let (AuthorizeOutcome::AccountNotFound, Scope::Account(key)) = (&outcome, &request.scope) {
+        // Redis may have lost the account: reload it from the record and try once more.
+        if reload_account(&state, key).await? {
+            outcome = state.balances.authorize(&request, state.op()).await?;
+        }
+    }
 
     // 4. Map the outcome.
     let insufficient = |available: i64, shortfall: i64| ApiError::InsufficientFunds {

@@ -292,11 +292,16 @@ pub trait SettlementStore: Send + Sync + 'static {
     /// as already committed, or refused as a conflict (and flagged).
     async fn commit(&self, batch: &[Settlement]) -> Result<Vec<CommitOutcome>, SettleError>;
 
-    /// Every account with its balance and sequence recomputed from the postings.
-    async fn balances(&self) -> Result<Vec<AccountBalance>, SettleError>;
+    /// Every account (or only `(merchant, account)`) with its balance and sequence
+    /// recomputed from the postings.
+    async fn balances(
+        &self,
+        only: Option<(&str, &str)>,
+    ) -> Result<Vec<AccountBalance>, SettleError>;
 
-    /// Every pending payment that holds money (to rebuild holds).
-    async fn live_holds(&self) -> Result<Vec<PaymentRow>, SettleError>;
+    /// Every pending payment that holds money (or only those of `(merchant, account)`), to
+    /// rebuild holds.
+    async fn live_holds(&self, only: Option<(&str, &str)>) -> Result<Vec<PaymentRow>, SettleError>;
 
     async fn payment(&self, id: &str) -> Result<Option<PaymentRow>, SettleError>;
 

@@ -668,7 +668,11 @@ impl PostgresStore {
         Ok(outcomes)
     }
 
-    async fn balances_inner(&self) -> Result<Vec<AccountBalance>, SettleError> {
+    async fn balances_inner(
+        &self,
+        only: Option<(&str, &str)>,
+    ) -> Result<Vec<AccountBalance>, SettleError> {
+        let (merchant, account) = only.unzip();
         let db = |e: tokio_postgres::Error| self.unavailable(&e);
         let client = self.client().await?;
         let rows = client
@@ -679,8 +683,10 @@ impl PostgresStore {
                    'account:' || a.merchant_id || ':' || a.account_id), 0)::BIGINT, \
                  COALESCE((SELECT MAX(s.account_seq) FROM settlements s WHERE \
                    s.merchant_id = a.merchant_id AND s.account_id = a.account_id), 0)::BIGINT \
-                 FROM accounts a ORDER BY a.merchant_id COLLATE \"C\", a.account_id COLLATE \"C\"",
-                &[],
+                 FROM accounts a \
+                 WHERE ($1::TEXT IS NULL OR (a.merchant_id = $1 AND a.account_id = $2)) \
+                 ORDER BY a.merchant_id COLLATE \"C\", a.account_id COLLATE \"C\"",
+                &[&merchant, &account],
             )
             .await
             .map_err(db)?;
@@ -702,16 +708,22 @@ impl PostgresStore {
             .collect()
     }
 
-    async fn live_holds_inner(&self) -> Result<Vec<PaymentRow>, SettleError> {
+    async fn live_holds_inner(
+        &self,
+        only: Option<(&str, &str)>,
+    ) -> Result<Vec<PaymentRow>, SettleError> {
+        let (merchant, account) = only.unzip();
         let db = |e: tokio_postgres::Error| self.unavailable(&e);
         let client = self.client().await?;
         let rows = client
             .query(
                 &format!(
                     "SELECT {PAYMENT_COLUMNS} FROM payments WHERE status = 'pending' \
-                     AND held_minor > 0 ORDER BY id COLLATE \"C\""
+                     AND held_minor > 0 \
+                     AND ($1::TEXT IS NULL OR (merchant_id = $1 AND account_id = $2)) \
+                     ORDER BY id COLLATE \"C\""
                 ),
-                &[],
+                &[&merchant, &account],
             )
             .await
             .map_err(db)?;
@@ -856,12 +868,15 @@ impl SettlementStore for PostgresStore {
         Self::timed("commit", self.commit_inner(batch)).await
     }
 
-    async fn balances(&self) -> Result<Vec<AccountBalance>, SettleError> {
-        Self::timed("balances", self.balances_inner()).await
+    async fn balances(
+        &self,
+        only: Option<(&str, &str)>,
+    ) -> Result<Vec<AccountBalance>, SettleError> {
+        Self::timed("balances", self.balances_inner(only)).await
     }
 
-    async fn live_holds(&self) -> Result<Vec<PaymentRow>, SettleError> {
-        Self::timed("live_holds", self.live_holds_inner()).await
+    async fn live_holds(&self, only: Option<(&str, &str)>) -> Result<Vec<PaymentRow>, SettleError> {
+        Self::timed("live_holds", self.live_holds_inner(only)).await
     }
 
     async fn payment(&self, id: &str) -> Result<Option<PaymentRow>, SettleError> {

@@ -169,8 +169,8 @@ pub async fn rebuild_balances(
     balances: &dyn BalanceStore,
     only: Option<(&str, &str)>,
 ) -> Result<usize, RecoveryError> {
-    let accounts = store.balances().await?;
-    let holds = store.live_holds().await?;
+    let accounts = store.balances(only).await?;
+    let holds = store.live_holds(only).await?;
     let mut holds_by_account: HashMap<(String, String), Vec<super::PaymentRow>> = HashMap::new();
     for hold in holds {
         if let Some(account) = hold.account_id.clone() {

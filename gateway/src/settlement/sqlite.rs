@@ -402,8 +402,13 @@ impl SettlementStore for SqliteStore {
         .await
     }
 
-    async fn balances(&self) -> Result<Vec<AccountBalance>, SettleError> {
-        self.run("balances", |conn| {
+    async fn balances(
+        &self,
+        only: Option<(&str, &str)>,
+    ) -> Result<Vec<AccountBalance>, SettleError> {
+        let only = only.map(|(m, a)| (m.to_owned(), a.to_owned()));
+        self.run("balances", move |conn| {
+            let (merchant, account) = only.unzip();
             let mut stmt = conn
                 .prepare(
                     "SELECT a.merchant_id, a.account_id, a.currency, a.credit_limit_minor, \
@@ -412,11 +417,12 @@ impl SettlementStore for SqliteStore {
                        'account:' || a.merchant_id || ':' || a.account_id), 0), \
                      COALESCE((SELECT MAX(s.account_seq) FROM settlements s WHERE \
                        s.merchant_id = a.merchant_id AND s.account_id = a.account_id), 0) \
-                     FROM accounts a ORDER BY a.merchant_id, a.account_id",
+                     FROM accounts a WHERE (?1 IS NULL OR (a.merchant_id = ?1 AND a.account_id = ?2)) \
+                     ORDER BY a.merchant_id, a.account_id",
                 )
                 .map_err(db)?;
             let rows = stmt
-                .query_map([], |r| {
+                .query_map(params![merchant, account], |r| {
                     Ok(AccountBalance {
                         account: AccountRow {
                             merchant_id: r.get(0)?,
@@ -436,15 +442,20 @@ impl SettlementStore for SqliteStore {
         .await
     }
 
-    async fn live_holds(&self) -> Result<Vec<PaymentRow>, SettleError> {
-        self.run("live_holds", |conn| {
+    async fn live_holds(&self, only: Option<(&str, &str)>) -> Result<Vec<PaymentRow>, SettleError> {
+        let only = only.map(|(m, a)| (m.to_owned(), a.to_owned()));
+        self.run("live_holds", move |conn| {
+            let (merchant, account) = only.unzip();
             let mut stmt = conn
                 .prepare(&format!(
                     "SELECT {PAYMENT_COLUMNS} FROM payments WHERE status = 'pending' \
-                     AND held_minor > 0 ORDER BY id"
+                     AND held_minor > 0 \
+                     AND (?1 IS NULL OR (merchant_id = ?1 AND account_id = ?2)) ORDER BY id"
                 ))
                 .map_err(db)?;
-            let rows = stmt.query_map([], payment_from_row).map_err(db)?;
+            let rows = stmt
+                .query_map(params![merchant, account], payment_from_row)
+                .map_err(db)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(db)
         })
         .await

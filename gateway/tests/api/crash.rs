@@ -191,7 +191,7 @@ async fn verify(data: &std::path::Path, redis: &RedisServer, answered: Vec<Optio
         assert_eq!(row.status, "succeeded");
     }
     // Every settlement has its debit in Redis, and the balances agree.
-    let stored = store.balances().await.unwrap();
+    let stored = store.balances(None).await.unwrap();
     let on_disk = stored[0].balance_minor;
     let account = gw
         .call(

@@ -99,7 +99,7 @@ async fn check_data(store: &PostgresStore) {
         store.postings_sum_by_movement().await.unwrap(),
         vec![("pay_x".to_owned(), "capture".to_owned(), 0, 0)]
     );
-    let balances = store.balances().await.unwrap();
+    let balances = store.balances(None).await.unwrap();
     assert_eq!(balances.len(), 1);
     assert_eq!(balances[0].balance_minor, -100);
     assert_eq!(

@@ -22,7 +22,7 @@ const FAST_RECOVERY: &[(&str, &str)] = &[
 /// Balances by account as the store recomputes them from postings, in minor units.
 async fn stored_balances(store: &dyn SettlementStore) -> HashMap<String, i64> {
     store
-        .balances()
+        .balances(None)
         .await
         .unwrap()
         .into_iter()
@@ -67,7 +67,7 @@ async fn committed_before_answered(store: Store) {
         ("succeeded", 3_000)
     );
     assert_eq!(stored_balances(disk.as_ref()).await["acc"], 7_000);
-    let accounts = disk.balances().await.unwrap();
+    let accounts = disk.balances(None).await.unwrap();
     assert_eq!(accounts[0].account.credit_limit_minor, 500);
     assert_eq!(accounts[0].seq, 2, "one credit, one capture");
     // The supplier payment's intent is on disk with its hold.
@@ -99,7 +99,7 @@ async fn committed_before_answered(store: Store) {
         (canceled.status.as_str(), canceled.held_minor),
         ("canceled", 0)
     );
-    assert!(disk.live_holds().await.unwrap().is_empty());
+    assert!(disk.live_holds(None).await.unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -232,11 +232,8 @@ async fn a_flushed_redis_is_rebuilt_exactly_from_the_store() {
         .query_async(&mut redis)
         .await
         .unwrap();
-    assert_eq!(
-        app.account(ALPHA, "a1").await.status,
-        404,
-        "Redis really lost it"
-    );
+    let keys: i64 = redis::cmd("DBSIZE").query_async(&mut redis).await.unwrap();
+    assert_eq!(keys, 0, "Redis really lost everything");
 
     // `gateway rebuild-balances`, as the library call the command makes.
     let config = test_config(&[("GATEWAY__REDIS__URL", &app.redis.as_ref().unwrap().url())]);
@@ -393,7 +390,7 @@ async fn conserve(ops: Vec<Op>) {
     let sums = disk.postings_sum_by_movement().await.unwrap();
     assert!(sums.iter().all(|(_, _, _, sum)| *sum == 0), "{sums:?}");
     let stored = stored_balances(disk.as_ref()).await;
-    let holds = disk.live_holds().await.unwrap();
+    let holds = disk.live_holds(None).await.unwrap();
     for account in accounts {
         let live = app.account(ALPHA, account).await.body;
         assert_eq!(
@@ -519,4 +516,58 @@ async fn a_redis_that_rolled_back_is_detected_and_the_account_rebuilt() {
         app.get("/v1/admin/flagged?limit=0", ADMIN).await.body["error"]["field"],
         "limit"
     );
+}
+
+#[tokio::test]
+async fn an_account_redis_lost_is_reloaded_on_first_use() {
+    let app = spawn_app_on(Backend::Redis, Store::Sqlite, &[]).await;
+    app.funded_account(ALPHA, "alpha", "a1", "100.00", "0.00")
+        .await;
+    app.funded_account(ALPHA, "alpha", "a2", "50.00", "0.00")
+        .await;
+    assert_eq!(
+        app.pay(ALPHA, "k1", balance_payment("o1", "a1", "10.00"))
+            .await
+            .status,
+        201
+    );
+    assert_eq!(
+        app.pay(ALPHA, "k2", supplier_payment("o2", "a2", "5.00"))
+            .await
+            .status,
+        201
+    );
+    let tag = |account: &str| {
+        gateway::ids::ScopeTag::account(
+            &gateway::ids::MerchantId::parse("alpha").unwrap(),
+            &gateway::ids::AccountId::parse(account).unwrap(),
+        )
+    };
+    let mut redis = app.redis.as_ref().unwrap().connection().await;
+    let mut del = redis::cmd("DEL");
+    del.arg(format!("a:{{{}}}", tag("a1")));
+    for prefix in ["a", "h", "ph", "ps", "pd", "o", "u"] {
+        del.arg(format!("{prefix}:{{{}}}", tag("a2")));
+    }
+    let _: i64 = del.query_async(&mut redis).await.unwrap();
+
+    // A read reloads a1; a payment reloads a2 (with its live hold) and goes through.
+    app.assert_account(ALPHA, "a1", "90.00", "0.00", "90.00")
+        .await;
+    let paid = app
+        .pay(ALPHA, "k3", balance_payment("o3", "a2", "1.00"))
+        .await;
+    assert_eq!(paid.status, 201, "{:?}", paid.body);
+    app.assert_account(ALPHA, "a2", "49.00", "5.00", "44.00")
+        .await;
+    // An account neither store knows is still 404, and nothing is created.
+    assert_eq!(app.account(ALPHA, "ghost").await.status, 404);
+    assert_eq!(
+        app.pay(ALPHA, "k4", balance_payment("o4", "ghost", "1.00"))
+            .await
+            .status,
+        404
+    );
+    let disk = app.settlement_store().await;
+    assert_eq!(disk.balances(None).await.unwrap().len(), 2);
 }

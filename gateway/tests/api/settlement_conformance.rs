@@ -183,7 +183,7 @@ async fn settlements_commit_once_and_conflicts_are_flagged(store: Arc<dyn Settle
         (flagged[0].kind.as_str(), flagged[0].payment_id.as_str()),
         ("settlement_conflict", "pay_1")
     );
-    let balances = store.balances().await.unwrap();
+    let balances = store.balances(None).await.unwrap();
     assert_eq!(balances[0].balance_minor, -3_000);
     let sums = store.postings_sum_by_movement().await.unwrap();
     assert_eq!(sums.len(), 2);
@@ -208,7 +208,7 @@ async fn an_invalid_settlement_is_refused_and_nothing_is_written(store: Arc<dyn 
         Err(SettleError::Invalid(_))
     ));
     assert!(store.postings_sum_by_movement().await.unwrap().is_empty());
-    assert_eq!(store.balances().await.unwrap()[0].balance_minor, 0);
+    assert_eq!(store.balances(None).await.unwrap()[0].balance_minor, 0);
 }
 
 async fn balances_and_sequences_are_rebuilt_from_postings(store: Arc<dyn SettlementStore>) {
@@ -232,7 +232,7 @@ async fn balances_and_sequences_are_rebuilt_from_postings(store: Arc<dyn Settlem
         .commit(&[capture("pay_2", "a1", 500, 3)])
         .await
         .unwrap();
-    let balances = store.balances().await.unwrap();
+    let balances = store.balances(None).await.unwrap();
     let view: Vec<(&str, i64, u64, i64)> = balances
         .iter()
         .map(|b| {
@@ -270,7 +270,7 @@ async fn intents_keep_one_live_payment_per_order_id(store: Arc<dyn SettlementSto
         store.record_intent(&second).await.unwrap(),
         IntentOutcome::DuplicateOrder("pay_1".into())
     );
-    assert_eq!(store.live_holds().await.unwrap(), vec![first.clone()]);
+    assert_eq!(store.live_holds(None).await.unwrap(), vec![first.clone()]);
     assert_eq!(store.payment("pay_1").await.unwrap(), Some(first));
     assert_eq!(store.payment("pay_2").await.unwrap(), None);
     // Once the first is no longer live (via a settlement that finalizes it), the id is free.
@@ -284,7 +284,7 @@ async fn intents_keep_one_live_payment_per_order_id(store: Arc<dyn SettlementSto
         store.record_intent(&second).await.unwrap(),
         IntentOutcome::Inserted
     );
-    assert_eq!(store.live_holds().await.unwrap(), vec![second]);
+    assert_eq!(store.live_holds(None).await.unwrap(), vec![second]);
 }
 
 async fn a_settlement_finalizes_its_payment_in_the_same_transaction(
@@ -311,7 +311,7 @@ async fn a_settlement_finalizes_its_payment_in_the_same_transaction(
         ),
         ("succeeded", 0, 7)
     );
-    assert!(store.live_holds().await.unwrap().is_empty());
+    assert!(store.live_holds(None).await.unwrap().is_empty());
     // A balance payment has no intent: its row is inserted with its settlement.
     let mut balance = capture("pay_9", "acc", 300, 2);
     balance.payment = Some(payment_row("pay_9", "o9", "succeeded", 0));
@@ -320,5 +320,5 @@ async fn a_settlement_finalizes_its_payment_in_the_same_transaction(
         store.payment("pay_9").await.unwrap().unwrap().status,
         "succeeded"
     );
-    assert_eq!(store.balances().await.unwrap()[0].balance_minor, -1_300);
+    assert_eq!(store.balances(None).await.unwrap()[0].balance_minor, -1_300);
 }

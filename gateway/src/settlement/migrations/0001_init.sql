@@ -35,7 +35,9 @@ CREATE TABLE payments (
 -- At most one live payment per scoped merchant order id (DESIGN.md §3), as in Redis.
 CREATE UNIQUE INDEX payments_live_order ON payments (scope_tag, merchant_order_id)
     WHERE status IN ('pending', 'succeeded', 'partially_refunded', 'refunded');
-CREATE INDEX payments_pending ON payments (status) WHERE status = 'pending';
+-- Pending payments by account: rebuilding one account's holds is a point query.
+CREATE INDEX payments_account_pending ON payments (merchant_id, account_id)
+    WHERE status = 'pending';
 
 -- One row per money movement.
 CREATE TABLE settlements (
