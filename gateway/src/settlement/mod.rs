@@ -316,6 +316,9 @@ pub trait SettlementStore: Send + Sync + 'static {
 
     async fn flagged(&self, limit: usize) -> Result<Vec<Flagged>, SettleError>;
 
+    /// The statuses a payment reached, oldest first, with when.
+    async fn payment_events(&self, id: &str) -> Result<Vec<(String, u64)>, SettleError>;
+
     async fn ping(&self) -> Result<(), SettleError>;
 }
 

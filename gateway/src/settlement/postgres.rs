@@ -55,6 +55,9 @@ const INSERT_PAYMENT: &str = "INSERT INTO payments (id, merchant_id, account_id,
     ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
     ON CONFLICT DO NOTHING";
 
+const INSERT_EVENT: &str = "INSERT INTO payment_events (payment_id, status, at_ms) \
+    VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
+
 const UPDATE_PAYMENT: &str =
     "UPDATE payments SET status = $2, held_minor = $3, updated_at_ms = $4 WHERE id = $1";
 
@@ -277,6 +280,18 @@ async fn insert_payment(
     Ok(inserted == 1)
 }
 
+/// Records that a payment reached `status` (once per status).
+async fn record_event(
+    tx: &Transaction<'_>,
+    id: &str,
+    status: &str,
+    at_ms: u64,
+) -> Result<(), tokio_postgres::Error> {
+    let stmt = tx.prepare_cached(INSERT_EVENT).await?;
+    tx.execute(&stmt, &[&id, &status, &ms(at_ms)]).await?;
+    Ok(())
+}
+
 /// Inserts a payment, or updates its status if it exists; `false` when another live payment
 /// holds its scoped order id (as `write_payment` in sqlite.rs).
 async fn write_payment(
@@ -284,6 +299,7 @@ async fn write_payment(
     p: &PaymentRow,
 ) -> Result<bool, tokio_postgres::Error> {
     if insert_payment(tx, p).await? {
+        record_event(tx, &p.id, &p.status, p.updated_at_ms).await?;
         return Ok(true);
     }
     let update = tx.prepare_cached(UPDATE_PAYMENT).await?;
@@ -293,6 +309,9 @@ async fn write_payment(
             &[&p.id, &p.status, &p.held_minor, &ms(p.updated_at_ms)],
         )
         .await?;
+    if updated == 1 {
+        record_event(tx, &p.id, &p.status, p.updated_at_ms).await?;
+    }
     Ok(updated == 1)
 }
 
@@ -540,6 +559,9 @@ impl PostgresStore {
         // does nothing, and the look-ups below (each with a fresh snapshot) explain why.
         for _ in 0..INTENT_ATTEMPTS {
             if insert_payment(&tx, p).await.map_err(db)? {
+                record_event(&tx, &p.id, &p.status, p.updated_at_ms)
+                    .await
+                    .map_err(db)?;
                 tx.commit().await.map_err(db)?;
                 return Ok(IntentOutcome::Inserted);
             }
@@ -749,15 +771,16 @@ impl PostgresStore {
             [change.payment_id.as_str(), change.status.as_str()],
         )?;
         let db = |e: tokio_postgres::Error| self.unavailable(&e);
-        let client = self.client().await?;
-        let stmt = client
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db)?;
+        let stmt = tx
             .prepare_cached(
                 "UPDATE payments SET status = $2, held_minor = 0, updated_at_ms = $3 \
                  WHERE id = $1 AND status = 'pending'",
             )
             .await
             .map_err(db)?;
-        let updated = client
+        let updated = tx
             .execute(
                 &stmt,
                 &[
@@ -768,6 +791,17 @@ impl PostgresStore {
             )
             .await
             .map_err(db)?;
+        if updated == 1 {
+            record_event(
+                &tx,
+                &change.payment_id,
+                &change.status,
+                change.updated_at_ms,
+            )
+            .await
+            .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)?;
         Ok(updated == 1)
     }
 
@@ -899,6 +933,25 @@ impl SettlementStore for PostgresStore {
 
     async fn ping(&self) -> Result<(), SettleError> {
         Self::timed("ping", self.ping_inner()).await
+    }
+
+    async fn payment_events(&self, id: &str) -> Result<Vec<(String, u64)>, SettleError> {
+        Self::timed("payment_events", async {
+            let db = |e: tokio_postgres::Error| self.unavailable(&e);
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached(
+                    "SELECT status, at_ms FROM payment_events WHERE payment_id = $1 \
+                     ORDER BY at_ms, status COLLATE \"C\"",
+                )
+                .await
+                .map_err(db)?;
+            let rows = client.query(&stmt, &[&id]).await.map_err(db)?;
+            rows.iter()
+                .map(|r| Ok((get(r, 0)?, get_u64(r, 1)?)))
+                .collect()
+        })
+        .await
     }
 }
 

@@ -124,6 +124,16 @@ const PAYMENT_COLUMNS: &str = "id, merchant_id, account_id, scope_tag, merchant_
     amount_minor, currency, method, purpose, status, held_minor, hold_expires_at_ms, \
     created_at_ms, expires_at_ms, updated_at_ms, doc";
 
+/// Records that a payment reached `status` (once per status).
+fn record_event(conn: &Connection, id: &str, status: &str, at_ms: u64) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO payment_events (payment_id, status, at_ms) VALUES (?1, ?2, ?3) \
+         ON CONFLICT DO NOTHING",
+        params![id, status, ms(at_ms)],
+    )?;
+    Ok(())
+}
+
 /// Inserts a payment, or updates its status if it exists; `false` when another live payment
 /// holds its scoped order id.
 fn write_payment(conn: &Connection, p: &PaymentRow) -> rusqlite::Result<bool> {
@@ -153,12 +163,16 @@ fn write_payment(conn: &Connection, p: &PaymentRow) -> rusqlite::Result<bool> {
         ],
     )?;
     if inserted == 1 {
+        record_event(conn, &p.id, &p.status, p.updated_at_ms)?;
         return Ok(true);
     }
     let updated = conn.execute(
         "UPDATE payments SET status = ?2, held_minor = ?3, updated_at_ms = ?4 WHERE id = ?1",
         params![p.id, p.status, p.held_minor, ms(p.updated_at_ms)],
     )?;
+    if updated == 1 {
+        record_event(conn, &p.id, &p.status, p.updated_at_ms)?;
+    }
     Ok(updated == 1)
 }
 
@@ -478,13 +492,26 @@ impl SettlementStore for SqliteStore {
     async fn set_final_status(&self, change: &StatusChange) -> Result<bool, SettleError> {
         let change = change.clone();
         self.run("set_final_status", move |conn| {
-            let updated = conn
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db)?;
+            let updated = tx
                 .execute(
                     "UPDATE payments SET status = ?2, held_minor = 0, updated_at_ms = ?3 \
                      WHERE id = ?1 AND status = 'pending'",
                     params![change.payment_id, change.status, ms(change.updated_at_ms)],
                 )
                 .map_err(db)?;
+            if updated == 1 {
+                record_event(
+                    &tx,
+                    &change.payment_id,
+                    &change.status,
+                    change.updated_at_ms,
+                )
+                .map_err(db)?;
+            }
+            tx.commit().map_err(db)?;
             Ok(updated == 1)
         })
         .await
@@ -525,6 +552,23 @@ impl SettlementStore for SqliteStore {
                         created_at_ms: r.get::<_, i64>(3)? as u64,
                     })
                 })
+                .map_err(db)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db)
+        })
+        .await
+    }
+
+    async fn payment_events(&self, id: &str) -> Result<Vec<(String, u64)>, SettleError> {
+        let id = id.to_owned();
+        self.run("payment_events", move |conn| {
+            let mut stmt = conn
+                .prepare(
+                    "SELECT status, at_ms FROM payment_events WHERE payment_id = ?1 \
+                     ORDER BY at_ms, status",
+                )
+                .map_err(db)?;
+            let rows = stmt
+                .query_map([&id], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))
                 .map_err(db)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(db)
         })

@@ -312,6 +312,18 @@ async fn a_settlement_finalizes_its_payment_in_the_same_transaction(
         ("succeeded", 0, 7)
     );
     assert!(store.live_holds(None).await.unwrap().is_empty());
+    assert_eq!(
+        store.payment_events("pay_1").await.unwrap(),
+        vec![("pending".to_owned(), 1), ("succeeded".to_owned(), 7)]
+    );
+    // A re-drive of the same commit adds no event.
+    let mut again = capture("pay_1", "acc", 1_000, 1);
+    again.payment = Some(done.clone());
+    assert_eq!(
+        store.commit(&[again]).await.unwrap(),
+        vec![CommitOutcome::AlreadyCommitted]
+    );
+    assert_eq!(store.payment_events("pay_1").await.unwrap().len(), 2);
     // A balance payment has no intent: its row is inserted with its settlement.
     let mut balance = capture("pay_9", "acc", 300, 2);
     balance.payment = Some(payment_row("pay_9", "o9", "succeeded", 0));

@@ -39,6 +39,27 @@ CREATE UNIQUE INDEX payments_live_order ON payments (scope_tag, merchant_order_i
 CREATE INDEX payments_account_pending ON payments (merchant_id, account_id)
     WHERE status = 'pending';
 
+-- Each status a payment reached, and when (idempotent: re-driving a change adds nothing).
+CREATE TABLE payment_events (
+    payment_id  TEXT    NOT NULL,
+    status      TEXT    NOT NULL,
+    at_ms       BIGINT  NOT NULL,
+    PRIMARY KEY (payment_id, status)
+);
+
+-- Channel attempts (the channels issue writes them): one per channel order id.
+CREATE TABLE attempts (
+    payment_id        TEXT    NOT NULL,
+    attempt           INTEGER NOT NULL,
+    channel_id        TEXT    NOT NULL,
+    channel_order_id  TEXT    NOT NULL UNIQUE,
+    outcome           TEXT    NOT NULL,
+    latency_ms        BIGINT,
+    created_at_ms     BIGINT  NOT NULL,
+    updated_at_ms     BIGINT  NOT NULL,
+    PRIMARY KEY (payment_id, attempt)
+);
+
 -- One row per money movement.
 CREATE TABLE settlements (
     payment_id         TEXT    NOT NULL,
