@@ -126,7 +126,8 @@ fn bench_store(c: &mut Criterion) {
         b.to_async(&rt).iter(|| authorize_once(memory.as_ref()))
     });
 
-    let redis = rt.block_on(redis_server::RedisServer::start());
+    // Production's AOF policy (deploy/redis.conf): everysec.
+    let redis = rt.block_on(redis_server::RedisServer::start_with_fsync("everysec"));
     let settings = config::load(None, vec![("GATEWAY__REDIS__URL".into(), redis.url())]).unwrap();
     let store: Arc<dyn BalanceStore> = Arc::new(
         rt.block_on(RedisStore::connect(&settings.settings.redis))
@@ -183,19 +184,39 @@ fn bench_http(c: &mut Criterion) {
         .build_http::<Full<Bytes>>();
     let mut group = c.benchmark_group("authorize");
     group.throughput(Throughput::Elements(1));
-    group.bench_function("http/in_process", |b| {
+    let pay = move |client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        Full<Bytes>,
+    >| async move {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let body = format!(
+            r#"{{"merchant_order_id":"h{n}","amount":"1.00","currency":"CNY","method":"balance","account_id":"bench"}}"#
+        );
+        let request = hyper::Request::post(format!("http://{addr}/v1/payments"))
+            .header("authorization", "Bearer sk_test_alpha")
+            .header("idempotency-key", format!("h{n}"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let response = client.request(request).await.unwrap();
+        assert_eq!(response.status(), 201);
+        response.into_body().collect().await.unwrap();
+    };
+    // One client, one payment at a time: the latency of a payment, commit included.
+    group.bench_function("http/in_process_sqlite", |b| {
+        b.to_async(&rt).iter(|| pay(client.clone()))
+    });
+    // 32 payments in flight: what group commit buys.
+    group.throughput(Throughput::Elements(32));
+    group.bench_function("http/in_process_sqlite_32_concurrent", |b| {
         b.to_async(&rt).iter(|| async {
-            let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let body = format!(r#"{{"merchant_order_id":"h{n}","amount":"1.00","currency":"CNY","method":"balance","account_id":"bench"}}"#);
-            let request = hyper::Request::post(format!("http://{addr}/v1/payments"))
-                .header("authorization", "Bearer sk_test_alpha")
-                .header("idempotency-key", format!("h{n}"))
-                .header("content-type", "application/json")
-                .body(Full::new(Bytes::from(body)))
-                .unwrap();
-            let response = client.request(request).await.unwrap();
-            assert_eq!(response.status(), 201);
-            response.into_body().collect().await.unwrap();
+            let mut calls = tokio::task::JoinSet::new();
+            for _ in 0..32 {
+                calls.spawn(pay(client.clone()));
+            }
+            while let Some(done) = calls.join_next().await {
+                done.unwrap();
+            }
         })
     });
     group.finish();

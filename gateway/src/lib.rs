@@ -6,6 +6,7 @@ pub mod api;
 pub mod config;
 pub mod ids;
 pub mod money;
+pub mod periodic;
 pub mod preauth;
 pub mod secret;
 pub mod settlement;

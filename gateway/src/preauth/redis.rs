@@ -105,6 +105,18 @@ impl Keys {
         }
     }
 
+    /// The keys of the scripts that work on one account and release its expired holds
+    /// (upsert, read, sweep, release): `a h ph ps u`.
+    fn account_script_keys(&self) -> [&str; 5] {
+        [
+            &self.account,
+            &self.holds,
+            &self.hold_amounts,
+            &self.statuses,
+            &self.unsettled,
+        ]
+    }
+
     fn idempotency(tag: ScopeTag, key: &str) -> String {
         format!("i:{{{tag}}}:{key}")
     }
@@ -316,13 +328,7 @@ impl BalanceStore for RedisStore {
             .run(
                 "upsert_account",
                 &self.scripts.upsert_account,
-                &[
-                    &k.account,
-                    &k.holds,
-                    &k.hold_amounts,
-                    &k.statuses,
-                    &k.unsettled,
-                ],
+                &k.account_script_keys(),
                 &[
                     key.merchant.as_str(),
                     key.account.as_str(),
@@ -355,13 +361,7 @@ impl BalanceStore for RedisStore {
             .run(
                 "read_account",
                 &self.scripts.read_account,
-                &[
-                    &k.account,
-                    &k.holds,
-                    &k.hold_amounts,
-                    &k.statuses,
-                    &k.unsettled,
-                ],
+                &k.account_script_keys(),
                 &[
                     key.merchant.as_str(),
                     key.account.as_str(),
@@ -500,13 +500,7 @@ impl BalanceStore for RedisStore {
             .run(
                 "release",
                 &self.scripts.release,
-                &[
-                    &k.account,
-                    &k.holds,
-                    &k.hold_amounts,
-                    &k.statuses,
-                    &k.unsettled,
-                ],
+                &k.account_script_keys(),
                 &[payment.as_str(), to.as_str(), &ctx.now_ms.to_string()],
             )
             .await?;
@@ -602,13 +596,7 @@ impl BalanceStore for RedisStore {
                 .run(
                     "sweep",
                     &self.scripts.read_account,
-                    &[
-                        &k.account,
-                        &k.holds,
-                        &k.hold_amounts,
-                        &k.statuses,
-                        &k.unsettled,
-                    ],
+                    &k.account_script_keys(),
                     &[
                         "",
                         "",

@@ -9,6 +9,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::{BalanceStore, OpContext};
+use crate::periodic::spawn_periodic;
 use crate::telemetry;
 
 /// Sweeps every `interval` until `shutdown` turns true. `accounts_per_tick` bounds one tick's
@@ -18,19 +19,11 @@ pub fn spawn_sweeper(
     interval: Duration,
     accounts_per_tick: usize,
     holds_per_account: u32,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = ticker.tick() => {}
-                _ = shutdown.changed() => break,
-            }
-            if *shutdown.borrow() {
-                break;
-            }
+    spawn_periodic(interval, shutdown, move || {
+        let store = store.clone();
+        async move {
             let ctx = OpContext {
                 now_ms: telemetry::now_ms(),
                 lazy_release_max: holds_per_account,

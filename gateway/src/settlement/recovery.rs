@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 use super::settler::{SettleFailure, Settler};
 use super::{CommitOutcome, IntentOutcome, PendingRecord, SettleError, SettlementStore};
 use crate::ids::{AccountId, MerchantId, PaymentId};
+use crate::periodic::spawn_periodic;
 use crate::preauth::{
     AccountKey, AccountRebuild, BalanceStore, PaymentDoc, PaymentRecord, PaymentStatus,
     SettledMark, StoreError,
@@ -132,19 +133,11 @@ pub fn spawn_recovery(
     interval: Duration,
     min_age_ms: u64,
     budget: usize,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = ticker.tick() => {}
-                _ = shutdown.changed() => break,
-            }
-            if *shutdown.borrow() {
-                break;
-            }
+    spawn_periodic(interval, shutdown, move || {
+        let settler = settler.clone();
+        async move {
             match recover_once(&settler, min_age_ms, budget).await {
                 Ok(report)
                     if report.settled + report.intents + report.statuses + report.failed > 0 =>

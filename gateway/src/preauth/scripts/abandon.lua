@@ -12,12 +12,7 @@ local status = redis.call('HGET', KEYS[4], pid)
 if status and status ~= 'pending' then
   return {'not_pending', status}
 end
-local amount = tonumber(redis.call('HGET', KEYS[3], pid) or '0')
-if amount > 0 then
-  redis.call('HINCRBY', KEYS[1], 'held', -amount)
-end
-redis.call('HDEL', KEYS[3], pid)
-redis.call('ZREM', KEYS[2], pid)
+drop_hold(KEYS[1], KEYS[2], KEYS[3], pid)
 if status then
   redis.call('HSET', KEYS[4], pid, 'failed')
 end

@@ -15,14 +15,11 @@ end
 if status ~= 'pending' then
   return {'not_pending', status}
 end
-local amount = tonumber(redis.call('HGET', KEYS[3], pid) or '0')
-if amount <= 0 then
+if redis.call('HEXISTS', KEYS[3], pid) == 0 then
   return {'no_hold'}
 end
+local amount = drop_hold(KEYS[1], KEYS[2], KEYS[3], pid)
 redis.call('HINCRBY', KEYS[1], 'bal', -amount)
-redis.call('HINCRBY', KEYS[1], 'held', -amount)
 redis.call('HINCRBY', KEYS[1], 'seq', 1)
-redis.call('HDEL', KEYS[3], pid)
-redis.call('ZREM', KEYS[2], pid)
 redis.call('HSET', KEYS[4], pid, 'succeeded')
 return {'done', 'succeeded'}

@@ -43,16 +43,22 @@ local function record_final_status(ukey, pid, status, now_ms)
     .. fmt(now_ms) .. '}}', now_ms)
 end
 
+-- Removes a payment's hold (if any) and takes it off `held`; returns the amount it held.
+local function drop_hold(akey, hkey, phkey, pid)
+  local amount = tonumber(redis.call('HGET', phkey, pid) or '0')
+  if amount > 0 then
+    redis.call('HINCRBY', akey, 'held', -amount)
+  end
+  redis.call('HDEL', phkey, pid)
+  redis.call('ZREM', hkey, pid)
+  return amount
+end
+
 -- Releases up to `limit` holds whose expiry is <= now_ms: held -= amount, status -> expired.
 local function release_expired(akey, hkey, phkey, pskey, ukey, now_ms, limit)
   local expired = redis.call('ZRANGEBYSCORE', hkey, '-inf', now_ms, 'LIMIT', 0, limit)
   for _, pid in ipairs(expired) do
-    local amount = tonumber(redis.call('HGET', phkey, pid) or '0')
-    if amount > 0 then
-      redis.call('HINCRBY', akey, 'held', -amount)
-    end
-    redis.call('HDEL', phkey, pid)
-    redis.call('ZREM', hkey, pid)
+    drop_hold(akey, hkey, phkey, pid)
     if redis.call('HGET', pskey, pid) == 'pending' then
       redis.call('HSET', pskey, pid, 'expired')
       record_final_status(ukey, pid, 'expired', tonumber(now_ms))

@@ -15,12 +15,7 @@ end
 if status ~= 'pending' then
   return {'not_pending', status}
 end
-local amount = tonumber(redis.call('HGET', KEYS[3], pid) or '0')
-if amount > 0 then
-  redis.call('HINCRBY', KEYS[1], 'held', -amount)
-end
-redis.call('HDEL', KEYS[3], pid)
-redis.call('ZREM', KEYS[2], pid)
+drop_hold(KEYS[1], KEYS[2], KEYS[3], pid)
 redis.call('HSET', KEYS[4], pid, ARGV[2])
 record_final_status(KEYS[5], pid, ARGV[2], tonumber(ARGV[3]))
 return {'done', ARGV[2]}

@@ -30,15 +30,23 @@ fn redis_binary() -> PathBuf {
 pub struct RedisServer {
     pub port: u16,
     dir: tempfile::TempDir,
+    fsync: &'static str,
     child: Option<Child>,
 }
 
 impl RedisServer {
+    /// AOF with `appendfsync always`: a restart loses nothing (what the outage tests need).
     pub async fn start() -> Self {
+        Self::start_with_fsync("always").await
+    }
+
+    /// AOF with the given `appendfsync` policy (`always`, `everysec` — production's — or `no`).
+    pub async fn start_with_fsync(policy: &'static str) -> Self {
         for _ in 0..5 {
             let mut server = RedisServer {
                 port: free_port(),
                 dir: tempfile::tempdir().expect("temp dir"),
+                fsync: policy,
                 child: None,
             };
             if server.launch().await {
@@ -60,7 +68,7 @@ impl RedisServer {
                 "--appendonly",
                 "yes",
                 "--appendfsync",
-                "always",
+                self.fsync,
                 "--maxmemory-policy",
                 "noeviction",
                 "--dir",
