@@ -50,6 +50,12 @@ struct Job {
     done: oneshot::Sender<Result<CommitOutcome, StreamError>>,
 }
 
+/// Who waits for a queued settlement, and what to mark settled once it is committed.
+struct Waiter {
+    mark: Option<SettledMark>,
+    done: oneshot::Sender<Result<CommitOutcome, StreamError>>,
+}
+
 /// The handle requests use. Cheap to clone.
 #[derive(Clone)]
 pub struct SettlementStream {
@@ -190,78 +196,95 @@ impl Writer {
     }
 
     async fn commit(&mut self, batch: &mut Vec<Job>) {
-        let settlements: Vec<Settlement> = batch.iter().map(|j| j.settlement.clone()).collect();
+        // Move the settlements out (no copy on the hot path); keep who waits for what.
+        let rows = batch.len();
+        let (settlements, mut waiters): (Vec<Settlement>, Vec<Waiter>) = batch
+            .drain(..)
+            .map(|job| {
+                (
+                    job.settlement,
+                    Waiter {
+                        mark: job.mark,
+                        done: job.done,
+                    },
+                )
+            })
+            .unzip();
         let started = Instant::now();
         let result = self.store.commit(&settlements).await;
-        telemetry::settlement_batch(settlements.len(), started.elapsed(), result.is_ok());
+        telemetry::settlement_batch(rows, started.elapsed(), result.is_ok());
         let depth = self
             .shared
             .depth
-            .fetch_sub(batch.len(), Ordering::Relaxed)
-            .saturating_sub(batch.len());
+            .fetch_sub(rows, Ordering::Relaxed)
+            .saturating_sub(rows);
         telemetry::settlement_queue_depth(depth);
         match result {
             Ok(outcomes) => {
-                debug_assert_eq!(outcomes.len(), batch.len());
+                debug_assert_eq!(outcomes.len(), rows);
                 self.shared.healthy.store(true, Ordering::Relaxed);
                 // One round trip for the whole batch. If it fails the money is still safe (it is
                 // committed); the recovery loop marks those movements later.
-                let marks: Vec<SettledMark> = batch
-                    .iter()
+                let marks: Vec<SettledMark> = waiters
+                    .iter_mut()
                     .zip(&outcomes)
                     .filter(|(_, o)| {
                         matches!(o, CommitOutcome::Inserted | CommitOutcome::AlreadyCommitted)
                     })
-                    .filter_map(|(job, _)| job.mark.clone())
+                    .filter_map(|(waiter, _)| waiter.mark.take())
                     .collect();
                 if let Err(err) = self.balances.mark_settled(&marks).await {
                     tracing::warn!(error = %err, rows = marks.len(), "cannot mark committed settlements in the balance store; recovery will");
                 }
-                for (job, outcome) in batch.drain(..).zip(outcomes) {
-                    if let CommitOutcome::SequenceConflict { account_seq } = &outcome {
-                        telemetry::settlement_conflict();
-                        tracing::error!(
-                            payment_id = %job.settlement.payment_id,
-                            account_seq,
-                            "account sequence already used: the balance store rolled back; flagged"
-                        );
-                        // Rare: handled inline, before the waiter answers, so a retry sees
-                        // the account exact again.
-                        if let Some(mark) = &job.mark {
-                            void_and_rebuild(
-                                self.store.as_ref(),
-                                self.balances.as_ref(),
-                                &job.settlement,
-                                mark,
-                            )
-                            .await;
+                for ((settlement, waiter), outcome) in settlements.iter().zip(waiters).zip(outcomes)
+                {
+                    match &outcome {
+                        CommitOutcome::SequenceConflict { account_seq } => {
+                            telemetry::settlement_conflict();
+                            tracing::error!(
+                                payment_id = %settlement.payment_id,
+                                account_seq,
+                                "account sequence already used: the balance store rolled back; flagged"
+                            );
+                            // Rare: handled inline, before the waiter answers, so a retry sees
+                            // the account exact again.
+                            if let Some(mark) = &waiter.mark {
+                                void_and_rebuild(
+                                    self.store.as_ref(),
+                                    self.balances.as_ref(),
+                                    settlement,
+                                    mark,
+                                )
+                                .await;
+                            }
                         }
+                        CommitOutcome::Conflict { stored_hash } => {
+                            telemetry::settlement_conflict();
+                            tracing::error!(
+                                payment_id = %settlement.payment_id,
+                                kind = %settlement.kind,
+                                stored_hash,
+                                offered_hash = %settlement.content_hash(),
+                                "settlement conflicts with the stored one: flagged, nothing written"
+                            );
+                        }
+                        CommitOutcome::Inserted | CommitOutcome::AlreadyCommitted => {}
                     }
-                    if let CommitOutcome::Conflict { stored_hash } = &outcome {
-                        telemetry::settlement_conflict();
-                        tracing::error!(
-                            payment_id = %job.settlement.payment_id,
-                            kind = %job.settlement.kind,
-                            stored_hash,
-                            offered_hash = %job.settlement.content_hash(),
-                            "settlement conflicts with the stored one: flagged, nothing written"
-                        );
-                    }
-                    let _ = job.done.send(Ok(outcome));
+                    let _ = waiter.done.send(Ok(outcome));
                 }
             }
             Err(SettleError::Invalid(reason)) => {
                 // A bug, not an outage: refuse these without marking the store down.
                 tracing::error!(%reason, "settlement batch refused as invalid");
-                for job in batch.drain(..) {
-                    let _ = job.done.send(Err(StreamError::Refused(reason.clone())));
+                for waiter in waiters {
+                    let _ = waiter.done.send(Err(StreamError::Refused(reason.clone())));
                 }
             }
             Err(err) => {
-                tracing::warn!(error = %err, rows = batch.len(), "settlement commit failed; refusing new money movements until the store answers");
+                tracing::warn!(error = %err, rows, "settlement commit failed; refusing new money movements until the store answers");
                 self.shared.healthy.store(false, Ordering::Relaxed);
-                for job in batch.drain(..) {
-                    let _ = job.done.send(Err(StreamError::StoreUnavailable));
+                for waiter in waiters {
+                    let _ = waiter.done.send(Err(StreamError::StoreUnavailable));
                 }
             }
         }
