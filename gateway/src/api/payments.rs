@@ -179,7 +179,7 @@ pub async fn create_payment(
         }
     }
 
-    // 4. Map the outcome.
+    // 4. Map the outcome (a created payment is made durable first: step 5).
     let insufficient = |available: i64, shortfall: i64| ApiError::InsufficientFunds {
         available: format_minor(available, currency),
         shortfall: format_minor(shortfall, currency),
@@ -187,63 +187,8 @@ pub async fn create_payment(
     };
     let (label, result) = match outcome {
         AuthorizeOutcome::Created { payment, account } => {
-            // 4. Durable before answered.
-            let mark = SettledMark {
-                tag,
-                id: payment.doc.id.clone(),
-                idempotency_key: request.idempotency.key.as_str().to_owned(),
-            };
-            match pending {
-                PendingRecord::Settlement(mut settlement) => {
-                    settlement.account_seq = account.map(|a| a.seq);
-                    match state.settler.settle(settlement, mark).await {
-                        Ok(CommitOutcome::Inserted | CommitOutcome::AlreadyCommitted) => {
-                            ("created", Ok(created(&payment)))
-                        }
-                        Ok(other) => (
-                            "unsettled",
-                            Err(ApiError::Unavailable {
-                                reason: rebuild_reason(&other),
-                                payment_id: Some(payment.doc.id.clone()),
-                            }),
-                        ),
-                        Err(err) => ("unsettled", Err(ApiError::unsettled(&payment.doc.id, &err))),
-                    }
-                }
-                PendingRecord::Intent(row) => match state.settler.record_intent(&row, mark).await {
-                    Ok(IntentOutcome::Inserted | IntentOutcome::AlreadyRecorded) => {
-                        ("created", Ok(created(&payment)))
-                    }
-                    Ok(IntentOutcome::DuplicateOrder(holder)) => {
-                        // The store knows a live payment Redis forgot: the store wins.
-                        state
-                            .balances
-                            .abandon(&id, &request.idempotency.key)
-                            .await?;
-                        (
-                            "duplicate_order",
-                            Err(ApiError::DuplicateOrder { payment_id: holder }),
-                        )
-                    }
-                    Err(err) => {
-                        // Undo, so nothing is half done; if even that fails, recovery
-                        // records the intent later and the key replays then.
-                        match state.balances.abandon(&id, &request.idempotency.key).await {
-                            Ok(()) => (
-                                "unsettled",
-                                Err(ApiError::Unavailable {
-                                    reason: "settlement_store_unavailable",
-                                    payment_id: None,
-                                }),
-                            ),
-                            Err(_) => {
-                                ("unsettled", Err(ApiError::unsettled(&payment.doc.id, &err)))
-                            }
-                        }
-                    }
-                },
-                PendingRecord::Status(_) => unreachable!("a new payment has no status change"),
-            }
+            let seq = account.map(|a| a.seq);
+            make_durable(&state, &request, pending, &payment, seq).await?
         }
         AuthorizeOutcome::Replay(StoredOutcome::Payment(id)) => {
             let payment = state.balances.payment(&id).await?.ok_or_else(|| {
@@ -290,6 +235,72 @@ pub async fn create_payment(
     };
     telemetry::preauth_outcome(label);
     result
+}
+
+/// Step 5, durable before answered: a balance payment's capture is committed (group commit),
+/// any other payment's intent is recorded; what cannot be made durable is undone or left to
+/// recovery, never answered `201`.
+async fn make_durable(
+    state: &AppState,
+    request: &AuthorizeRequest,
+    pending: PendingRecord,
+    payment: &PaymentRecord,
+    seq: Option<u64>,
+) -> Result<(&'static str, Result<Response, ApiError>), ApiError> {
+    let id = &payment.doc.id;
+    let mark = SettledMark {
+        tag: request.scope.tag(),
+        id: id.clone(),
+        idempotency_key: request.idempotency.key.as_str().to_owned(),
+    };
+    Ok(match pending {
+        PendingRecord::Settlement(mut settlement) => {
+            settlement.account_seq = seq;
+            match state.settler.settle(settlement, mark).await {
+                Ok(CommitOutcome::Inserted | CommitOutcome::AlreadyCommitted) => {
+                    ("created", Ok(created(payment)))
+                }
+                Ok(other) => (
+                    "unsettled",
+                    Err(ApiError::Unavailable {
+                        reason: rebuild_reason(&other),
+                        payment_id: Some(id.clone()),
+                    }),
+                ),
+                Err(err) => ("unsettled", Err(ApiError::unsettled(id, &err))),
+            }
+        }
+        PendingRecord::Intent(row) => {
+            let payment_id = PaymentId::parse(id).expect("a stored payment has a valid id");
+            let key = &request.idempotency.key;
+            match state.settler.record_intent(&row, mark).await {
+                Ok(IntentOutcome::Inserted | IntentOutcome::AlreadyRecorded) => {
+                    ("created", Ok(created(payment)))
+                }
+                Ok(IntentOutcome::DuplicateOrder(holder)) => {
+                    // The store knows a live payment Redis forgot: the store wins.
+                    state.balances.abandon(&payment_id, key).await?;
+                    (
+                        "duplicate_order",
+                        Err(ApiError::DuplicateOrder { payment_id: holder }),
+                    )
+                }
+                // Undo, so nothing is half done; if even that fails, recovery records the
+                // intent later and the key replays then.
+                Err(err) => match state.balances.abandon(&payment_id, key).await {
+                    Ok(()) => (
+                        "unsettled",
+                        Err(ApiError::Unavailable {
+                            reason: "settlement_store_unavailable",
+                            payment_id: None,
+                        }),
+                    ),
+                    Err(_) => ("unsettled", Err(ApiError::unsettled(id, &err))),
+                },
+            }
+        }
+        PendingRecord::Status(_) => unreachable!("a new payment has no status change"),
+    })
 }
 
 fn created(payment: &PaymentRecord) -> Response {
