@@ -3,11 +3,13 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod channels;
 pub mod config;
 pub mod ids;
 pub mod money;
 pub mod periodic;
 pub mod preauth;
+pub mod routing;
 pub mod secret;
 pub mod settlement;
 pub mod startup;

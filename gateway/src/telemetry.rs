@@ -24,6 +24,8 @@ pub const SETTLEMENT_COMMIT_SECONDS: &str = "gateway_settlement_commit_seconds";
 pub const SETTLEMENT_COMMITS_TOTAL: &str = "gateway_settlement_commits_total";
 pub const SETTLEMENT_CONFLICTS_TOTAL: &str = "gateway_settlement_conflicts_total";
 pub const ACCOUNTS_REBUILT_TOTAL: &str = "gateway_accounts_rebuilt_total";
+pub const BREAKER_TRANSITIONS_TOTAL: &str = "gateway_breaker_transitions_total";
+pub const BREAKER_STATE: &str = "gateway_breaker_state";
 
 /// Latency buckets for every `_seconds` histogram: 100 µs to 10 s.
 const SECONDS_BUCKETS: &[f64] = &[
@@ -175,4 +177,20 @@ pub fn settlement_conflict() {
 
 pub fn account_rebuilt() {
     metrics::counter!(ACCOUNTS_REBUILT_TOTAL).increment(1);
+}
+
+// ---- circuit breakers (routing::breaker) ----
+
+/// A breaker was created for `channel` (a configured channel id): its state gauge starts
+/// at closed.
+pub fn breaker_created(channel: &str) {
+    metrics::gauge!(BREAKER_STATE, "channel" => channel.to_owned()).set(0.0);
+}
+
+/// A breaker changed state: counts the transition and sets the state gauge to
+/// `state_value` (0 closed, 1 half_open, 2 open).
+pub fn breaker_transition(channel: &str, to: &'static str, state_value: u8) {
+    metrics::counter!(BREAKER_TRANSITIONS_TOTAL, "channel" => channel.to_owned(), "to" => to)
+        .increment(1);
+    metrics::gauge!(BREAKER_STATE, "channel" => channel.to_owned()).set(f64::from(state_value));
 }
