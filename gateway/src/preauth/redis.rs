@@ -775,23 +775,11 @@ impl BalanceStore for RedisStore {
     }
 
     async fn has_accounts(&self) -> Result<bool, StoreError> {
+        // Walks the keyspace until one account key turns up or the scan completes (called at
+        // start, not on the request path).
         let mut cursor = 0u64;
-        // Bounded: a keyspace of this many pages without one account counts as empty only
-        // after the whole scan, which SCAN guarantees to finish.
         loop {
-            let mut conn = self.connection();
-            let (next, keys): (u64, Vec<String>) = self
-                .bounded(
-                    "scan",
-                    ::redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg("a:{*")
-                        .arg("COUNT")
-                        .arg(1_000)
-                        .query_async(&mut conn),
-                )
-                .await?;
+            let (next, keys) = self.scan(cursor, "a:{*", 1_000).await?;
             if !keys.is_empty() {
                 return Ok(true);
             }
@@ -822,6 +810,27 @@ fn tag_of(key: &str, prefix: &str) -> Option<ScopeTag> {
 }
 
 impl RedisStore {
+    /// One SCAN call: the next cursor and the keys of this page.
+    async fn scan(
+        &self,
+        cursor: u64,
+        pattern: &str,
+        count: usize,
+    ) -> Result<(u64, Vec<String>), StoreError> {
+        let mut conn = self.connection();
+        self.bounded(
+            "scan",
+            ::redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(count)
+                .query_async(&mut conn),
+        )
+        .await
+    }
+
     /// One page of a SCAN over `pattern`, continuing where the last page of `cursor` ended;
     /// `true` when this page ended a full pass.
     async fn scan_page(
@@ -831,19 +840,7 @@ impl RedisStore {
         count: usize,
     ) -> Result<(Vec<String>, bool), StoreError> {
         let at = *cursor.lock().expect("scan cursor lock");
-        let mut conn = self.connection();
-        let (next, keys): (u64, Vec<String>) = self
-            .bounded(
-                "scan",
-                ::redis::cmd("SCAN")
-                    .arg(at)
-                    .arg("MATCH")
-                    .arg(pattern)
-                    .arg("COUNT")
-                    .arg(count)
-                    .query_async(&mut conn),
-            )
-            .await?;
+        let (next, keys) = self.scan(at, pattern, count).await?;
         *cursor.lock().expect("scan cursor lock") = next;
         Ok((keys, next == 0))
     }
