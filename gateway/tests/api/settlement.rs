@@ -571,3 +571,80 @@ async fn an_account_redis_lost_is_reloaded_on_first_use() {
     let disk = app.settlement_store().await;
     assert_eq!(disk.balances(None).await.unwrap().len(), 2);
 }
+
+#[tokio::test]
+async fn a_full_settlement_queue_refuses_new_money_before_it_moves() {
+    let app = std::sync::Arc::new(
+        spawn_app_on(
+            Backend::Memory,
+            Store::Sqlite,
+            &[
+                ("GATEWAY__STORE__QUEUE_CAPACITY", "2"),
+                ("GATEWAY__STORE__SETTLE_TIMEOUT_MS", "20000"),
+            ],
+        )
+        .await,
+    );
+    app.funded_account(ALPHA, "alpha", "acc", "100.00", "0.00")
+        .await;
+    // Another connection holds the database's write lock: the writer's next commit waits.
+    let lock = rusqlite::Connection::open(app.data.path().join("gateway.sqlite3")).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let mut waiting = Vec::new();
+    for i in 0..2 {
+        let app = app.clone();
+        waiting.push(tokio::spawn(async move {
+            app.pay(
+                ALPHA,
+                &format!("k{i}"),
+                balance_payment(&format!("o{i}"), "acc", "10.00"),
+            )
+            .await
+        }));
+    }
+    let mut depth = String::new();
+    for _ in 0..200 {
+        let metrics = app
+            .request(hyper::Method::GET, "/metrics", None, None, None)
+            .await;
+        depth = metrics
+            .body
+            .as_str()
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("gateway_settlement_queue_depth "))
+            .unwrap_or("")
+            .to_owned();
+        if depth.ends_with(" 2") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(depth, "gateway_settlement_queue_depth 2");
+
+    // The queue is full: refused before any money moves.
+    let refused = app
+        .pay(ALPHA, "k9", balance_payment("o9", "acc", "10.00"))
+        .await;
+    assert_eq!(
+        (refused.status, refused.body["error"]["reason"].as_str()),
+        (503, Some("settlement_queue_full"))
+    );
+    assert!(refused.body["error"]["payment_id"].is_null());
+    app.assert_account(ALPHA, "acc", "80.00", "0.00", "80.00")
+        .await;
+
+    // The lock goes away: the two waiting payments commit and are answered.
+    lock.execute_batch("ROLLBACK").unwrap();
+    for task in waiting {
+        assert_eq!(task.await.unwrap().status, 201);
+    }
+    assert_eq!(
+        app.pay(ALPHA, "k9", balance_payment("o9", "acc", "10.00"))
+            .await
+            .status,
+        201
+    );
+    let disk = app.settlement_store().await;
+    assert_eq!(stored_balances(disk.as_ref()).await["acc"], 7_000);
+}
