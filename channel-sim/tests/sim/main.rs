@@ -1,0 +1,8 @@
+//! Black-box tests of the simulator over real HTTP on loopback.
+
+mod alipay;
+mod binary;
+mod faults;
+mod helpers;
+mod supplier;
+mod wechatpay;
