@@ -9,16 +9,30 @@
 //!   Alipay's public key.
 //! - Replies: the `alipay_trade_<method>_response` object is signed as its exact JSON text as
 //!   it appears in the body, with a `sign` sibling ([`verify_response`]).
+//! - The adapter ([`AlipayChannel`]): precreate, query, close, refund; its reading of replies
+//!   is documented beside it.
 
 use std::fmt;
 
+use async_trait::async_trait;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::header::{ACCEPT, CONTENT_TYPE};
+use hyper::{Request, StatusCode};
 use serde::de::{Deserializer, Error as _, MapAccess, Visitor};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use super::client::{HttpClient, HttpReply};
 use super::keys::{RsaPrivateKey, RsaPublicKey};
+use super::{
+    check_create, now_unix_ms, server_error, shanghai_datetime, Action, BaseUrl, Channel,
+    ChannelError, ChannelKind, ChannelOrderId, CloseOutcome, CreateOrder, Created, OrderState,
+    RefundOutcome, RefundRequest,
+};
+use crate::money::{format_minor, parse_non_negative_minor, Currency};
 
 /// The only `sign_type` this gateway sends or accepts: RSA-SHA256 ("RSA2"). The legacy
 /// "RSA" (SHA-1) is refused.
@@ -216,6 +230,431 @@ impl<'de> Deserialize<'de> for TopLevel<'de> {
             }
         }
         deserializer.deserialize_map(EntriesVisitor)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The adapter: `alipay.trade.precreate` / `query` / `close` / `refund` (DESIGN.md §5).
+//
+// Every call is a form POST to `{base}/gateway.do` with the common parameters and
+// `biz_content`, signed with the app's key ([`AlipayChannel::request_params`]). Every reply
+// must carry a `sign` that verifies, with Alipay's key, over its `alipay_trade_<method>_response`
+// object: an unsigned or forged reply is an unknown outcome, never a success nor a decline
+// (Alipay leaves some gateway-level errors unsigned; those too are read as unknown, and
+// resolved by close). Replies must name our `out_trade_no` where they carry one.
+//
+// Codes: `10000` success; `20000` (service unavailable) and `ACQ.SYSTEM_ERROR` are server
+// errors (unknown); on a precreate, `ACQ.TRADE_HAS_SUCCESS`/`ACQ.TRADE_HAS_CLOSE`/
+// `ACQ.TRADE_HAS_FINISHED`/`ACQ.TRADE_STATUS_ERROR` say the order id already exists (unknown);
+// `ACQ.TRADE_NOT_EXIST` on a query or close is "no such order"; any other code is a decline.
+// A close answered `ACQ.TRADE_STATUS_ERROR` (paid, or already closed) is followed by a query,
+// whose state gives the outcome. Amounts are CNY (the adapter refuses other currencies).
+// ---------------------------------------------------------------------------------------------
+
+/// `alipay.trade.precreate`: a QR-code order.
+pub const METHOD_PRECREATE: &str = "alipay.trade.precreate";
+/// `alipay.trade.query`.
+pub const METHOD_QUERY: &str = "alipay.trade.query";
+/// `alipay.trade.close`.
+pub const METHOD_CLOSE: &str = "alipay.trade.close";
+/// `alipay.trade.refund`.
+pub const METHOD_REFUND: &str = "alipay.trade.refund";
+
+/// Sub-codes of a precreate meaning "this order id already exists" (perhaps ours).
+const ORDER_EXISTS_SUB_CODES: [&str; 4] = [
+    "ACQ.TRADE_HAS_SUCCESS",
+    "ACQ.TRADE_HAS_CLOSE",
+    "ACQ.TRADE_HAS_FINISHED",
+    "ACQ.TRADE_STATUS_ERROR",
+];
+
+/// The Alipay adapter of one configured channel (app `app_id`).
+#[derive(Debug)]
+pub struct AlipayChannel {
+    id: String,
+    app_id: String,
+    base: BaseUrl,
+    app_key: RsaPrivateKey,
+    alipay_key: RsaPublicKey,
+    http: HttpClient,
+}
+
+#[derive(Serialize)]
+struct PrecreateBiz<'a> {
+    out_trade_no: &'a str,
+    total_amount: String,
+    subject: &'a str,
+    time_expire: String,
+}
+
+#[derive(Serialize)]
+struct TradeBiz<'a> {
+    out_trade_no: &'a str,
+}
+
+#[derive(Serialize)]
+struct RefundBiz<'a> {
+    out_trade_no: &'a str,
+    refund_amount: String,
+    out_request_no: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refund_reason: Option<&'a str>,
+}
+
+/// The fields of any `alipay_trade_*_response` this adapter reads.
+#[derive(Debug, Deserialize)]
+struct TradeReply {
+    code: String,
+    #[serde(default)]
+    msg: String,
+    #[serde(default)]
+    sub_code: Option<String>,
+    #[serde(default)]
+    sub_msg: Option<String>,
+    #[serde(default)]
+    out_trade_no: Option<String>,
+    #[serde(default)]
+    trade_no: Option<String>,
+    #[serde(default)]
+    qr_code: Option<String>,
+    #[serde(default)]
+    trade_status: Option<String>,
+    #[serde(default)]
+    total_amount: Option<String>,
+}
+
+const SUCCESS_CODE: &str = "10000";
+
+impl TradeReply {
+    fn sub_code(&self) -> &str {
+        self.sub_code.as_deref().unwrap_or("")
+    }
+
+    /// The error of a reply whose code is not 10000 (callers handle their special codes
+    /// first).
+    fn error(&self) -> ChannelError {
+        let sub_code = self.sub_code();
+        if self.code == "20000" || sub_code == "ACQ.SYSTEM_ERROR" {
+            return ChannelError::ServerError {
+                status: 200,
+                code: if sub_code.is_empty() {
+                    self.code.clone()
+                } else {
+                    sub_code.to_owned()
+                },
+            };
+        }
+        let code = if sub_code.is_empty() {
+            &self.code
+        } else {
+            sub_code
+        };
+        ChannelError::declined(code, self.sub_msg.as_deref().unwrap_or(&self.msg))
+    }
+}
+
+impl AlipayChannel {
+    pub fn new(
+        id: impl Into<String>,
+        app_id: impl Into<String>,
+        base: BaseUrl,
+        app_key: RsaPrivateKey,
+        alipay_key: RsaPublicKey,
+        http: HttpClient,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            app_id: app_id.into(),
+            base,
+            app_key,
+            alipay_key,
+            http,
+        }
+    }
+
+    /// Every form parameter of a call, `sign` last: the common parameters, `notify_url` when
+    /// given, `biz_content`, and the signature over all of them.
+    pub fn request_params(
+        &self,
+        method: &str,
+        biz_content: &str,
+        notify_url: Option<&str>,
+        now_ms: u64,
+    ) -> Vec<(&'static str, String)> {
+        let mut params: Vec<(&'static str, String)> = vec![
+            ("app_id", self.app_id.clone()),
+            ("method", method.to_owned()),
+            ("format", "JSON".to_owned()),
+            ("charset", "utf-8".to_owned()),
+            ("sign_type", SIGN_TYPE.to_owned()),
+            ("timestamp", shanghai_datetime(now_ms / 1000)),
+            ("version", "1.0".to_owned()),
+        ];
+        if let Some(url) = notify_url {
+            params.push(("notify_url", url.to_owned()));
+        }
+        params.push(("biz_content", biz_content.to_owned()));
+        let borrowed: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let signature = sign(&self.app_key, &sign_content(&borrowed));
+        params.push(("sign", signature));
+        params
+    }
+
+    fn form_request(
+        &self,
+        method: &str,
+        biz_content: &str,
+        notify_url: Option<&str>,
+        now_ms: u64,
+    ) -> Result<Request<Full<Bytes>>, ChannelError> {
+        let params = self.request_params(method, biz_content, notify_url, now_ms);
+        let mut form = form_urlencoded::Serializer::new(String::new());
+        for (name, value) in &params {
+            form.append_pair(name, value);
+        }
+        Request::post(self.base.join("/gateway.do")?)
+            .header(
+                CONTENT_TYPE,
+                "application/x-www-form-urlencoded;charset=utf-8",
+            )
+            .header(ACCEPT, "application/json")
+            .body(Full::new(Bytes::from(form.finish())))
+            .map_err(|e| ChannelError::invalid(e.to_string()))
+    }
+
+    fn biz<T: Serialize>(value: &T) -> Result<String, ChannelError> {
+        serde_json::to_string(value).map_err(|e| ChannelError::invalid(e.to_string()))
+    }
+
+    /// `alipay.trade.precreate`: `out_trade_no, total_amount, subject, time_expire`.
+    pub fn create_request(
+        &self,
+        req: &CreateOrder,
+        now_ms: u64,
+    ) -> Result<Request<Full<Bytes>>, ChannelError> {
+        check_create(req, now_ms)?;
+        if req.currency != Currency::Cny {
+            return Err(ChannelError::invalid("Alipay orders are in CNY only"));
+        }
+        let biz = Self::biz(&PrecreateBiz {
+            out_trade_no: req.order_id.as_str(),
+            total_amount: format_minor(req.amount.minor(), Currency::Cny),
+            subject: &req.description,
+            time_expire: shanghai_datetime(req.expires_at_ms / 1000),
+        })?;
+        self.form_request(METHOD_PRECREATE, &biz, Some(&req.notify_url), now_ms)
+    }
+
+    pub fn query_request(
+        &self,
+        order: &ChannelOrderId,
+        now_ms: u64,
+    ) -> Result<Request<Full<Bytes>>, ChannelError> {
+        let biz = Self::biz(&TradeBiz {
+            out_trade_no: order.as_str(),
+        })?;
+        self.form_request(METHOD_QUERY, &biz, None, now_ms)
+    }
+
+    pub fn close_request(
+        &self,
+        order: &ChannelOrderId,
+        now_ms: u64,
+    ) -> Result<Request<Full<Bytes>>, ChannelError> {
+        let biz = Self::biz(&TradeBiz {
+            out_trade_no: order.as_str(),
+        })?;
+        self.form_request(METHOD_CLOSE, &biz, None, now_ms)
+    }
+
+    /// `alipay.trade.refund` with the caller's persisted `out_request_no`.
+    pub fn refund_request(
+        &self,
+        req: &RefundRequest,
+        now_ms: u64,
+    ) -> Result<Request<Full<Bytes>>, ChannelError> {
+        if req.currency != Currency::Cny {
+            return Err(ChannelError::invalid("Alipay refunds are in CNY only"));
+        }
+        let biz = Self::biz(&RefundBiz {
+            out_trade_no: req.order_id.as_str(),
+            refund_amount: format_minor(req.amount.minor(), Currency::Cny),
+            out_request_no: req.refund_id.as_str(),
+            refund_reason: req.reason.as_deref(),
+        })?;
+        self.form_request(METHOD_REFUND, &biz, None, now_ms)
+    }
+
+    /// The verified response object of `method`, parsed; checks `out_trade_no` when present.
+    fn verified(
+        &self,
+        reply: &HttpReply,
+        method: &str,
+        order: &ChannelOrderId,
+    ) -> Result<TradeReply, ChannelError> {
+        if let Some(error) = server_error(reply.status) {
+            return Err(error);
+        }
+        if reply.status != StatusCode::OK {
+            return Err(ChannelError::unverifiable(format!(
+                "HTTP {} from the Alipay gateway",
+                reply.status.as_u16()
+            )));
+        }
+        let text = verify_response(&self.alipay_key, reply.text()?, method)
+            .map_err(|e| ChannelError::unverifiable(e.to_string()))?;
+        let parsed: TradeReply = serde_json::from_str(text)
+            .map_err(|_| ChannelError::unverifiable("the response object does not parse"))?;
+        if parsed
+            .out_trade_no
+            .as_deref()
+            .is_some_and(|no| no != order.as_str())
+        {
+            return Err(ChannelError::unverifiable("the reply is for another order"));
+        }
+        Ok(parsed)
+    }
+
+    pub fn parse_create(
+        &self,
+        req: &CreateOrder,
+        reply: &HttpReply,
+    ) -> Result<Created, ChannelError> {
+        let parsed = self.verified(reply, METHOD_PRECREATE, &req.order_id)?;
+        if parsed.code != SUCCESS_CODE {
+            if ORDER_EXISTS_SUB_CODES.contains(&parsed.sub_code()) {
+                return Err(ChannelError::UnexpectedReply {
+                    reason: format!("{}: the order id already exists", parsed.sub_code()),
+                });
+            }
+            return Err(parsed.error());
+        }
+        let qr_code = parsed
+            .qr_code
+            .ok_or_else(|| ChannelError::unverifiable("a precreate success without qr_code"))?;
+        Ok(Created {
+            action: Action::QrCode(qr_code),
+            channel_txn_id: None,
+        })
+    }
+
+    pub fn parse_query(
+        &self,
+        order: &ChannelOrderId,
+        reply: &HttpReply,
+    ) -> Result<OrderState, ChannelError> {
+        let parsed = self.verified(reply, METHOD_QUERY, order)?;
+        if parsed.code != SUCCESS_CODE {
+            if parsed.sub_code() == "ACQ.TRADE_NOT_EXIST" {
+                return Ok(OrderState::NotFound);
+            }
+            return Err(parsed.error());
+        }
+        match parsed.trade_status.as_deref() {
+            Some("WAIT_BUYER_PAY") => Ok(OrderState::Pending),
+            Some("TRADE_SUCCESS" | "TRADE_FINISHED") => {
+                let amount = parsed
+                    .total_amount
+                    .as_deref()
+                    .ok_or_else(|| ChannelError::unverifiable("a paid trade without amount"))?;
+                let amount_minor = parse_non_negative_minor(amount, Currency::Cny)
+                    .map_err(|_| ChannelError::unverifiable("malformed total_amount"))?;
+                Ok(OrderState::Paid {
+                    channel_txn_id: parsed.trade_no.unwrap_or_default(),
+                    amount_minor,
+                    currency: Currency::Cny,
+                })
+            }
+            Some("TRADE_CLOSED") => Ok(OrderState::Closed),
+            _ => Err(ChannelError::UnexpectedReply {
+                reason: "unknown trade_status".into(),
+            }),
+        }
+    }
+
+    /// The close reply: `Ok(Some(outcome))` when it says, `Ok(None)` when a query must tell
+    /// (`ACQ.TRADE_STATUS_ERROR`: paid, or already closed).
+    pub fn parse_close(
+        &self,
+        order: &ChannelOrderId,
+        reply: &HttpReply,
+    ) -> Result<Option<CloseOutcome>, ChannelError> {
+        let parsed = self.verified(reply, METHOD_CLOSE, order)?;
+        if parsed.code == SUCCESS_CODE {
+            return Ok(Some(CloseOutcome::Closed));
+        }
+        match parsed.sub_code() {
+            "ACQ.TRADE_NOT_EXIST" => Ok(Some(CloseOutcome::NotFound)),
+            "ACQ.TRADE_STATUS_ERROR" => Ok(None),
+            _ => Err(parsed.error()),
+        }
+    }
+
+    pub fn parse_refund(
+        &self,
+        req: &RefundRequest,
+        reply: &HttpReply,
+    ) -> Result<RefundOutcome, ChannelError> {
+        let parsed = self.verified(reply, METHOD_REFUND, &req.order_id)?;
+        if parsed.code != SUCCESS_CODE {
+            return Err(parsed.error());
+        }
+        // Alipay refunds synchronously; a retried `out_request_no` answers 10000 again
+        // (with `fund_change: N`): the refund happened once, which is success for the caller.
+        Ok(RefundOutcome::Succeeded {
+            channel_refund_id: None,
+        })
+    }
+}
+
+#[async_trait]
+impl Channel for AlipayChannel {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn kind(&self) -> ChannelKind {
+        ChannelKind::Alipay
+    }
+
+    async fn create_order(&self, req: &CreateOrder) -> Result<Created, ChannelError> {
+        let reply = self
+            .http
+            .send(self.create_request(req, now_unix_ms())?)
+            .await?;
+        self.parse_create(req, &reply)
+    }
+
+    async fn query(&self, order: &ChannelOrderId) -> Result<OrderState, ChannelError> {
+        let reply = self
+            .http
+            .send(self.query_request(order, now_unix_ms())?)
+            .await?;
+        self.parse_query(order, &reply)
+    }
+
+    async fn close(&self, order: &ChannelOrderId) -> Result<CloseOutcome, ChannelError> {
+        let reply = self
+            .http
+            .send(self.close_request(order, now_unix_ms())?)
+            .await?;
+        if let Some(outcome) = self.parse_close(order, &reply)? {
+            return Ok(outcome);
+        }
+        self.query(order)
+            .await?
+            .after_close()
+            .ok_or_else(|| ChannelError::UnexpectedReply {
+                reason: "the trade is still payable after the close".into(),
+            })
+    }
+
+    async fn refund(&self, req: &RefundRequest) -> Result<RefundOutcome, ChannelError> {
+        let reply = self
+            .http
+            .send(self.refund_request(req, now_unix_ms())?)
+            .await?;
+        self.parse_refund(req, &reply)
     }
 }
 
@@ -487,6 +926,250 @@ mod tests {
                 prop_assert!(!verify(&merchant_public(), content, &STANDARD.encode(&signature)));
             }
             prop_assert!(!merchant_public().verify_sha256(&content, &signature));
+        }
+    }
+    mod adapter {
+        use super::super::*;
+        use crate::channels::test_keys::*;
+        use crate::channels::test_support::*;
+
+        const APP_ID: &str = "2021000000000001";
+
+        /// The app signs with the merchant fixture key; "Alipay" with the platform one.
+        fn channel() -> AlipayChannel {
+            AlipayChannel::new(
+                "ali",
+                APP_ID,
+                BaseUrl::parse("http://127.0.0.1:9").unwrap(),
+                merchant(),
+                platform_public(),
+                http(),
+            )
+        }
+
+        /// A reply to `method` whose response object is `object`, signed by "Alipay".
+        fn signed(method: &str, object: &str) -> HttpReply {
+            let sign = sign(&platform(), object);
+            let body = format!(r#"{{"{}":{object},"sign":"{sign}"}}"#, response_key(method));
+            reply(200, &[], &body)
+        }
+
+        fn form(body: &str) -> Vec<(String, String)> {
+            form_urlencoded::parse(body.as_bytes())
+                .into_owned()
+                .collect()
+        }
+
+        #[tokio::test]
+        async fn precreate_is_a_signed_form_post() {
+            let order = create_order();
+            let (parts, body) = split(channel().create_request(&order, NOW_MS).unwrap()).await;
+            assert_eq!(parts.method, hyper::Method::POST);
+            assert_eq!(parts.uri, "http://127.0.0.1:9/gateway.do");
+            assert!(parts.headers[CONTENT_TYPE]
+                .to_str()
+                .unwrap()
+                .starts_with("application/x-www-form-urlencoded"));
+            let params = form(&body);
+            let value = |name: &str| {
+                params
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.as_str())
+            };
+            assert_eq!(value("app_id"), Some(APP_ID));
+            assert_eq!(value("method"), Some("alipay.trade.precreate"));
+            assert_eq!(value("format"), Some("JSON"));
+            assert_eq!(value("charset"), Some("utf-8"));
+            assert_eq!(value("sign_type"), Some("RSA2"));
+            assert_eq!(value("timestamp"), Some("2024-05-01 20:00:00"));
+            assert_eq!(value("version"), Some("1.0"));
+            assert_eq!(value("notify_url"), Some(order.notify_url.as_str()));
+            let biz: serde_json::Value =
+                serde_json::from_str(value("biz_content").unwrap()).unwrap();
+            assert_eq!(biz["out_trade_no"], order.order_id.as_str());
+            assert_eq!(biz["total_amount"], "88.88");
+            assert_eq!(biz["subject"], "Top-up 充值 & more");
+            assert_eq!(biz["time_expire"], "2024-05-01 20:15:00");
+            // The signature verifies with the app's public key over the request's own string.
+            let borrowed: Vec<(&str, &str)> = params
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            assert!(verify(
+                &merchant_public(),
+                &sign_content(&borrowed),
+                value("sign").unwrap()
+            ));
+            assert!(!verify(
+                &platform_public(),
+                &sign_content(&borrowed),
+                value("sign").unwrap()
+            ));
+
+            let usd = CreateOrder {
+                currency: crate::money::Currency::Usd,
+                ..order
+            };
+            assert!(matches!(
+                channel().create_request(&usd, NOW_MS),
+                Err(ChannelError::InvalidRequest { .. })
+            ));
+        }
+
+        #[tokio::test]
+        async fn refund_carries_the_persisted_request_number() {
+            let refund = refund_request(order_id());
+            let (_, body) = split(channel().refund_request(&refund, NOW_MS).unwrap()).await;
+            let params = form(&body);
+            let biz = &params.iter().find(|(k, _)| k == "biz_content").unwrap().1;
+            let biz: serde_json::Value = serde_json::from_str(biz).unwrap();
+            assert_eq!(biz["out_request_no"], "rf_0001");
+            assert_eq!(biz["refund_amount"], "10.00");
+            assert_eq!(biz["out_trade_no"], refund.order_id.as_str());
+            let ok = format!(
+                r#"{{"code":"10000","msg":"Success","out_trade_no":"{}","refund_fee":"10.00","fund_change":"Y"}}"#,
+                refund.order_id
+            );
+            assert_eq!(
+                channel().parse_refund(&refund, &signed(METHOD_REFUND, &ok)),
+                Ok(RefundOutcome::Succeeded {
+                    channel_refund_id: None
+                })
+            );
+        }
+
+        #[test]
+        fn reads_verified_replies() {
+            let order = create_order();
+            let id = order.order_id.as_str();
+            let created = format!(
+                r#"{{"code":"10000","msg":"Success","out_trade_no":"{id}","qr_code":"https:\/\/qr.alipay.com\/bax01"}}"#
+            );
+            assert_eq!(
+                channel().parse_create(&order, &signed(METHOD_PRECREATE, &created)),
+                Ok(Created {
+                    action: Action::QrCode("https://qr.alipay.com/bax01".into()),
+                    channel_txn_id: None
+                })
+            );
+            let query = |status: &str| {
+                format!(
+                    r#"{{"code":"10000","msg":"Success","trade_no":"2024050122001","out_trade_no":"{id}","trade_status":"{status}","total_amount":"88.88"}}"#
+                )
+            };
+            let paid = OrderState::Paid {
+                channel_txn_id: "2024050122001".into(),
+                amount_minor: 8888,
+                currency: Currency::Cny,
+            };
+            for (status, expected) in [
+                ("WAIT_BUYER_PAY", OrderState::Pending),
+                ("TRADE_SUCCESS", paid.clone()),
+                ("TRADE_FINISHED", paid),
+                ("TRADE_CLOSED", OrderState::Closed),
+            ] {
+                assert_eq!(
+                    channel().parse_query(&order.order_id, &signed(METHOD_QUERY, &query(status))),
+                    Ok(expected)
+                );
+            }
+            let not_exist = r#"{"code":"40004","msg":"Business Failed","sub_code":"ACQ.TRADE_NOT_EXIST","sub_msg":"no"}"#;
+            assert_eq!(
+                channel().parse_query(&order.order_id, &signed(METHOD_QUERY, not_exist)),
+                Ok(OrderState::NotFound)
+            );
+            assert_eq!(
+                channel().parse_close(&order.order_id, &signed(METHOD_CLOSE, not_exist)),
+                Ok(Some(CloseOutcome::NotFound))
+            );
+            let closed = format!(r#"{{"code":"10000","msg":"Success","out_trade_no":"{id}"}}"#);
+            assert_eq!(
+                channel().parse_close(&order.order_id, &signed(METHOD_CLOSE, &closed)),
+                Ok(Some(CloseOutcome::Closed))
+            );
+            let status_error = r#"{"code":"40004","msg":"Business Failed","sub_code":"ACQ.TRADE_STATUS_ERROR","sub_msg":"paid"}"#;
+            assert_eq!(
+                channel().parse_close(&order.order_id, &signed(METHOD_CLOSE, status_error)),
+                Ok(None)
+            );
+        }
+
+        #[test]
+        fn maps_error_codes_by_what_they_say_about_the_attempt() {
+            let order = create_order();
+            let forbidden = r#"{"code":"40004","msg":"Business Failed","sub_code":"ACQ.ACCESS_FORBIDDEN","sub_msg":"no"}"#;
+            let error = channel()
+                .parse_create(&order, &signed(METHOD_PRECREATE, forbidden))
+                .unwrap_err();
+            assert_eq!(
+                error,
+                ChannelError::Declined {
+                    code: "ACQ.ACCESS_FORBIDDEN".into(),
+                    message: "no".into()
+                }
+            );
+            assert!(error.certainly_not_executed() && !error.counts_as_failure());
+            let exists = r#"{"code":"40004","msg":"Business Failed","sub_code":"ACQ.TRADE_HAS_SUCCESS","sub_msg":"paid"}"#;
+            assert!(matches!(
+                assert_unknown(channel().parse_create(&order, &signed(METHOD_PRECREATE, exists))),
+                ChannelError::UnexpectedReply { .. }
+            ));
+            for unavailable in [
+                r#"{"code":"20000","msg":"Service Currently Unavailable","sub_code":"isp.unknow-error"}"#,
+                r#"{"code":"40004","msg":"Business Failed","sub_code":"ACQ.SYSTEM_ERROR"}"#,
+            ] {
+                let error = assert_unknown(
+                    channel().parse_create(&order, &signed(METHOD_PRECREATE, unavailable)),
+                );
+                assert!(
+                    matches!(error, ChannelError::ServerError { .. }),
+                    "{error:?}"
+                );
+            }
+            assert!(matches!(
+                assert_unknown(channel().parse_create(&order, &reply(502, &[], "bad gateway"))),
+                ChannelError::ServerError { status: 502, .. }
+            ));
+        }
+
+        #[test]
+        fn refuses_unsigned_forged_and_foreign_replies() {
+            let order = create_order();
+            let id = order.order_id.as_str();
+            let object = format!(
+                r#"{{"code":"10000","msg":"Success","out_trade_no":"{id}","trade_status":"TRADE_SUCCESS","total_amount":"88.88","trade_no":"1"}}"#
+            );
+            let unsigned = reply(
+                200,
+                &[],
+                &format!(r#"{{"alipay_trade_query_response":{object}}}"#),
+            );
+            assert_unverifiable(channel().parse_query(&order.order_id, &unsigned));
+            let forged_sign = sign(&merchant(), &object);
+            let forged = reply(
+                200,
+                &[],
+                &format!(r#"{{"alipay_trade_query_response":{object},"sign":"{forged_sign}"}}"#),
+            );
+            assert_unverifiable(channel().parse_query(&order.order_id, &forged));
+            // A signed reply of another method is not this method's answer.
+            assert_unverifiable(
+                channel().parse_query(&order.order_id, &signed(METHOD_CLOSE, &object)),
+            );
+            let foreign = object.replace(id, "0000000000000000000000000-1");
+            assert_unverifiable(
+                channel().parse_query(&order.order_id, &signed(METHOD_QUERY, &foreign)),
+            );
+            // An unsigned decline is no decline.
+            let decline =
+                r#"{"code":"40004","msg":"Business Failed","sub_code":"ACQ.ACCESS_FORBIDDEN"}"#;
+            let unsigned_decline = reply(
+                200,
+                &[],
+                &format!(r#"{{"alipay_trade_precreate_response":{decline}}}"#),
+            );
+            assert_unverifiable(channel().parse_create(&order, &unsigned_decline));
         }
     }
 }

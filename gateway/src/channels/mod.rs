@@ -1,30 +1,84 @@
 //! The payment channels (DESIGN.md §5), one file per protocol.
 //!
-//! So far this holds the **signature layer** of each protocol: building the exact text each
-//! channel signs, signing it, and verifying what comes back, with the refusals each protocol
-//! requires (timestamp windows, probe signatures, unknown key serials). The HTTP adapters and
-//! the channel simulator are built on top of it.
+//! Two layers live here:
+//!
+//! 1. The **signature layer** of each protocol: building the exact text each channel signs,
+//!    signing it, and verifying what comes back, with the refusals each protocol requires
+//!    (timestamp windows, probe signatures, unknown key serials).
+//! 2. The **adapters** built on it: the [`Channel`] trait (create, query, close, refund) with
+//!    one implementation per protocol ([`alipay::AlipayChannel`],
+//!    [`wechatpay::WechatPayChannel`], [`supplier::SupplierChannel`]), each over its own
+//!    [`client::HttpClient`] (pooled, bounded, timed out); [`ChannelSettings`] and
+//!    [`build_channel`] make one from configuration.
 //!
 //! - [`keys`]: RSA keys (aws-lc-rs) loaded from PEM text, files or environment variables;
 //!   RSA-SHA256 (PKCS#1 v1.5) sign and verify; key generation.
 //! - [`alipay`]: Alipay open platform RSA2: request signing strings, callback verification,
-//!   and the verification of a reply's signed response object.
+//!   the verification of a reply's signed response object, and the adapter.
 //! - [`wechatpay`]: WeChat Pay API v3: request signatures and the `Authorization` header,
-//!   reply/callback verification against the platform key named by its serial, and
-//!   AEAD_AES_256_GCM callback resources.
-//! - [`supplier`]: the HMAC-JSON supplier protocol's `X-Signature` header.
+//!   reply/callback verification against the platform key named by its serial,
+//!   AEAD_AES_256_GCM callback resources, and the adapter.
+//! - [`supplier`]: the HMAC-JSON supplier protocol's `X-Signature` header, and the adapter.
+//! - [`client`]: the HTTP client of one channel.
 //!
-//! Every function that checks a time window takes `now` as an argument, so tests (and
-//! replays of recorded traffic) choose the clock.
+//! ## What an error says about the attempt
+//!
+//! The failover rule (DESIGN.md §6) needs to know, for every failed call, whether it
+//! **certainly did not take effect** at the channel. [`ChannelError::certainly_not_executed`]
+//! answers it: only a request that never left (in-flight limit, open breaker, connection not
+//! established, request refused locally) or an explicit, *verified* refusal by the channel
+//! before acceptance says yes. Everything else — a timeout, an I/O error once the request may
+//! have been written, a 5xx, a reply that does not verify or that we do not understand — is an
+//! unknown outcome, to be resolved by `close`/`query`, never by trying another channel. An
+//! unsigned or forged reply is never read as success *nor* as a decline: a forged decline would
+//! otherwise buy a second execution elsewhere.
+//!
+//! [`ChannelError::counts_as_failure`] is the breaker's question: timeouts, connection errors,
+//! 5xx, throttling and unverifiable replies count; business declines and local refusals do not.
+//!
+//! ## Channel order ids
+//!
+//! [`ChannelOrderId::for_attempt`] derives the channel's `out_trade_no` from the payment id and
+//! the attempt number: the payment id without `pay_` (26 base62 characters), `-`, the attempt
+//! in decimal — 28 to 30 characters of `[0-9A-Za-z-]`, inside WeChat Pay's 32. It is
+//! deterministic (a retry of the same attempt sends the same id, so the channel deduplicates)
+//! and carries the payment id, so a callback finds its payment without a lookup
+//! ([`ChannelOrderId::parse`]).
+//!
+//! ## Expiry
+//!
+//! Every order is sent with the instant [`CreateOrder::expires_at_ms`], floored to the second,
+//! which the caller sets to the payment's expiry — shorter than the hold's TTL by the
+//! configured margin (`config.rs`), so a channel never takes money after the gateway let the
+//! hold go. Orders with less than [`MIN_ORDER_LIFETIME_MS`] left are refused locally. Alipay
+//! gets `time_expire` (absolute, Beijing time), not `timeout_express`: a relative minute count
+//! starts when Alipay receives the request, so it drifts past our instant by the request's
+//! latency and is rounded to minutes; the absolute form is exact up to clock skew (NTP is a
+//! deploy requirement).
+//!
+//! Every function that checks a time window or stamps a request takes `now` as an argument,
+//! so tests (and replays of recorded traffic) choose the clock; only the [`Channel`]
+//! implementations read the system clock.
 //!
 //! The signatures are tested against fixed vectors produced by another implementation
 //! (`scripts/gen-signature-vectors.sh`: the `openssl` CLI and python's `cryptography`), with
 //! the test-only keys in `gateway/tests/fixtures/keys/`.
 
 pub mod alipay;
+pub mod client;
 pub mod keys;
 pub mod supplier;
 pub mod wechatpay;
+
+use std::fmt;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+
+use crate::ids::PaymentId;
+use crate::money::{Amount, Currency};
+use crate::secret::Secret;
+use client::HttpSettings;
 
 /// The signature window of the protocols that have one (WeChat Pay's "5 minutes", the
 /// supplier's 300 s): a signed timestamp further than this from `now`, either way, is refused.
@@ -33,6 +87,994 @@ pub const SIGNATURE_WINDOW_SECONDS: u64 = 300;
 /// `|now - timestamp|` in seconds, without overflow.
 pub(crate) fn skew_seconds(timestamp_unix_seconds: u64, now_unix_seconds: u64) -> u64 {
     timestamp_unix_seconds.abs_diff(now_unix_seconds)
+}
+
+/// Orders with less time than this left before their expiry are refused locally: Alipay's
+/// shortest expiry is one minute, and a QR code the customer cannot scan in time is useless.
+pub const MIN_ORDER_LIFETIME_MS: u64 = 60_000;
+
+/// The longest description sent (WeChat Pay's `description` limit is 127 characters; Alipay's
+/// `subject` allows 256).
+pub const MAX_DESCRIPTION_CHARS: usize = 127;
+
+/// The longest declined message kept from a channel's (verified) reply: a bound on what a
+/// channel's text makes us log and store.
+pub const MAX_DECLINE_MESSAGE_CHARS: usize = 256;
+
+/// Which protocol a channel speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChannelKind {
+    Alipay,
+    Wechatpay,
+    Supplier,
+}
+
+impl ChannelKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChannelKind::Alipay => "alipay",
+            ChannelKind::Wechatpay => "wechatpay",
+            ChannelKind::Supplier => "supplier",
+        }
+    }
+}
+
+impl fmt::Display for ChannelKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The channel's order id (`out_trade_no`, the supplier's `order_id`) of one attempt of one
+/// payment: see the module docs. Holding one proves it has this shape.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChannelOrderId {
+    text: String,
+    attempt: u8,
+}
+
+impl ChannelOrderId {
+    /// WeChat Pay's limit; ours are 28 to 30 characters.
+    pub const MAX_CHARS: usize = 32;
+    const PAYMENT_BODY_CHARS: usize = 26;
+
+    /// The id of attempt `attempt` of `payment`: deterministic, distinct for distinct pairs.
+    pub fn for_attempt(payment: &PaymentId, attempt: u8) -> Self {
+        let body = payment
+            .as_str()
+            .strip_prefix(PAYMENT_ID_PREFIX)
+            .expect("a payment id starts with pay_");
+        debug_assert_eq!(body.len(), Self::PAYMENT_BODY_CHARS);
+        let text = format!("{body}-{attempt}");
+        debug_assert!(text.len() <= Self::MAX_CHARS);
+        Self { text, attempt }
+    }
+
+    /// Reads an id back from a channel's callback or reply. `None` unless `s` is exactly what
+    /// [`ChannelOrderId::for_attempt`] makes for some payment id and attempt (no leading zeros,
+    /// attempt ≤ 255), so the mapping is one-to-one.
+    pub fn parse(s: &str) -> Option<Self> {
+        if s.len() > Self::MAX_CHARS {
+            return None;
+        }
+        let (body, attempt_text) = s.split_once('-')?;
+        if body.len() != Self::PAYMENT_BODY_CHARS
+            || attempt_text.is_empty()
+            || attempt_text.len() > 3
+            || !attempt_text.bytes().all(|b| b.is_ascii_digit())
+            || (attempt_text.len() > 1 && attempt_text.starts_with('0'))
+        {
+            return None;
+        }
+        let attempt: u8 = attempt_text.parse().ok()?;
+        PaymentId::parse(&format!("{PAYMENT_ID_PREFIX}{body}"))?;
+        Some(Self {
+            text: s.to_owned(),
+            attempt,
+        })
+    }
+
+    /// The payment this attempt belongs to.
+    pub fn payment_id(&self) -> PaymentId {
+        let body = &self.text[..Self::PAYMENT_BODY_CHARS];
+        PaymentId::parse(&format!("{PAYMENT_ID_PREFIX}{body}"))
+            .expect("a channel order id holds a valid payment id")
+    }
+
+    pub fn attempt(&self) -> u8 {
+        self.attempt
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl fmt::Display for ChannelOrderId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+const PAYMENT_ID_PREFIX: &str = "pay_";
+
+/// The refund number the caller persisted before the first try (Alipay `out_request_no`,
+/// WeChat Pay `out_refund_no`, the supplier's `refund_id`) and reuses on every retry: each
+/// channel refunds once per number. 1 to 64 characters of `[0-9A-Za-z_-]`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ChannelRefundId(String);
+
+impl ChannelRefundId {
+    pub const MAX_CHARS: usize = 64;
+
+    pub fn parse(s: &str) -> Option<Self> {
+        let ok = !s.is_empty()
+            && s.len() <= Self::MAX_CHARS
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        ok.then(|| Self(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// What a channel is asked to create: one attempt of one payment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateOrder {
+    pub order_id: ChannelOrderId,
+    pub amount: Amount,
+    pub currency: Currency,
+    /// Shown to the customer (Alipay `subject`, WeChat Pay `description`); 1 to
+    /// [`MAX_DESCRIPTION_CHARS`] characters, no control characters.
+    pub description: String,
+    /// Where the channel sends its callbacks for this order.
+    pub notify_url: String,
+    /// The instant after which the channel must not accept money (unix milliseconds).
+    pub expires_at_ms: u64,
+}
+
+/// What the customer does next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Show this text as a QR code (Alipay `qr_code`, WeChat Pay `code_url`).
+    QrCode(String),
+    /// Send the customer to this URL.
+    Redirect(String),
+    /// Nothing: the channel settles on its own (a supplier order).
+    None,
+}
+
+/// A created order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Created {
+    pub action: Action,
+    /// The channel's own id of the order, when the create reply has one.
+    pub channel_txn_id: Option<String>,
+}
+
+/// An order's state at the channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OrderState {
+    /// The channel has no such order. (Alipay: also a precreated order nobody has scanned
+    /// yet — see DESIGN.md §5.)
+    NotFound,
+    /// Waiting for the customer (Alipay `WAIT_BUYER_PAY`, WeChat `NOTPAY`/`USERPAYING`,
+    /// supplier `accepted`).
+    Pending,
+    /// Paid (Alipay `TRADE_SUCCESS`/`TRADE_FINISHED`, WeChat `SUCCESS`, supplier
+    /// `succeeded`). The caller compares `amount_minor` *and* `currency` with the payment's
+    /// (the currency travels along so that 88 JPY is never read as 0.88 CNY).
+    Paid {
+        channel_txn_id: String,
+        amount_minor: i64,
+        currency: Currency,
+    },
+    /// Paid, then (partly or fully) refunded (WeChat `REFUND`).
+    Refunded {
+        channel_txn_id: String,
+        amount_minor: i64,
+        currency: Currency,
+    },
+    /// Closed without payment (Alipay `TRADE_CLOSED`, WeChat `CLOSED`/`REVOKED`, supplier
+    /// `closed`). Alipay also reports a *fully refunded* trade as `TRADE_CLOSED`: a caller that
+    /// already saw the payment succeed must not read this as "never paid".
+    Closed,
+    /// The payment failed (WeChat `PAYERROR`, supplier `failed`); no money moved.
+    Failed,
+}
+
+/// The answer to a close: also whether the order was paid (DESIGN.md §6: an unknown outcome
+/// is resolved by closing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseOutcome {
+    /// Closed now or earlier, unpaid: no money will be taken for this order.
+    Closed,
+    /// The channel has no such order. With Alipay, a precreated code nobody scanned is in
+    /// this state too, and could still be scanned until its `time_expire`.
+    NotFound,
+    /// Too late: the order was paid (and maybe refunded since).
+    AlreadyPaid {
+        channel_txn_id: String,
+        amount_minor: i64,
+        currency: Currency,
+    },
+}
+
+/// A refund of (part of) a paid order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefundRequest {
+    pub order_id: ChannelOrderId,
+    /// Persisted by the caller before the first try, reused on retries.
+    pub refund_id: ChannelRefundId,
+    pub amount: Amount,
+    /// The order's total (WeChat Pay requires it).
+    pub order_total: Amount,
+    pub currency: Currency,
+    pub reason: Option<String>,
+    /// Where refund notices go (WeChat Pay, supplier); Alipay uses the app's setting.
+    pub notify_url: Option<String>,
+}
+
+/// The answer to a refund.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefundOutcome {
+    /// The money went back (or had already, for a retried refund number).
+    Succeeded { channel_refund_id: Option<String> },
+    /// Accepted, to be settled later (a notice or a query tells).
+    Pending { channel_refund_id: Option<String> },
+    /// Refused after acceptance (WeChat `CLOSED`/`ABNORMAL`, supplier `failed`).
+    Failed {
+        channel_refund_id: Option<String>,
+        status: String,
+    },
+}
+
+/// Why a channel call failed, and what that says about the attempt (module docs).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChannelError {
+    // --- Certainly not executed -----------------------------------------------------------
+    /// The channel's in-flight limit is reached; nothing was sent.
+    #[error("too many requests in flight to this channel")]
+    Overloaded,
+    /// The channel's breaker is open; nothing was sent. (Made by the caller's breaker.)
+    #[error("the channel's circuit breaker is open")]
+    CircuitOpen,
+    /// The TCP connection was refused; nothing was sent.
+    #[error("connection refused")]
+    ConnectRefused,
+    /// No connection could be made (DNS, connect timeout, TLS handshake); nothing was sent.
+    #[error("could not connect: {reason}")]
+    ConnectFailed { reason: String },
+    /// The request was refused locally before sending (bad input for this protocol).
+    #[error("invalid request: {reason}")]
+    InvalidRequest { reason: String },
+    /// A verified, explicit refusal before acceptance (a business decline).
+    #[error("declined by the channel: {code}: {message}")]
+    Declined { code: String, message: String },
+    /// A verified refusal for rate limiting: not executed, but a sign of trouble.
+    #[error("rate limited by the channel: {code}")]
+    Throttled { code: String },
+
+    // --- Unknown outcome: the channel may have executed the request -----------------------
+    /// No complete answer within the request timeout.
+    #[error("timed out")]
+    Timeout,
+    /// The connection failed after the request may have been written.
+    #[error("I/O error: {reason}")]
+    Io { reason: String },
+    /// A 5xx, or the channel's own "system error" answer.
+    #[error("channel server error (HTTP {status}): {code}")]
+    ServerError { status: u16, code: String },
+    /// The reply could not be verified (unsigned, forged, stale, malformed, for another
+    /// order or merchant).
+    #[error("unverifiable reply: {reason}")]
+    Unverifiable { reason: String },
+    /// The reply body passed the size limit.
+    #[error("reply larger than the limit")]
+    ResponseTooLarge,
+    /// A verified reply whose meaning is unclear for this call (e.g. "order number already
+    /// used" on a create): treated as maybe executed.
+    #[error("unexpected reply: {reason}")]
+    UnexpectedReply { reason: String },
+}
+
+impl ChannelError {
+    /// Whether the attempt certainly did not take effect at the channel, so the payment may
+    /// fail over to another channel (DESIGN.md §6).
+    pub fn certainly_not_executed(&self) -> bool {
+        match self {
+            ChannelError::Overloaded
+            | ChannelError::CircuitOpen
+            | ChannelError::ConnectRefused
+            | ChannelError::ConnectFailed { .. }
+            | ChannelError::InvalidRequest { .. }
+            | ChannelError::Declined { .. }
+            | ChannelError::Throttled { .. } => true,
+            ChannelError::Timeout
+            | ChannelError::Io { .. }
+            | ChannelError::ServerError { .. }
+            | ChannelError::Unverifiable { .. }
+            | ChannelError::ResponseTooLarge
+            | ChannelError::UnexpectedReply { .. } => false,
+        }
+    }
+
+    /// Whether the breaker records this as a failure of the channel: timeouts, connection
+    /// errors, 5xx, throttling and unverifiable replies do; business declines and refusals
+    /// that never reached the channel (in-flight limit, open breaker, invalid request) don't.
+    pub fn counts_as_failure(&self) -> bool {
+        match self {
+            ChannelError::Overloaded
+            | ChannelError::CircuitOpen
+            | ChannelError::InvalidRequest { .. }
+            | ChannelError::Declined { .. }
+            | ChannelError::UnexpectedReply { .. } => false,
+            ChannelError::ConnectRefused
+            | ChannelError::ConnectFailed { .. }
+            | ChannelError::Throttled { .. }
+            | ChannelError::Timeout
+            | ChannelError::Io { .. }
+            | ChannelError::ServerError { .. }
+            | ChannelError::Unverifiable { .. }
+            | ChannelError::ResponseTooLarge => true,
+        }
+    }
+
+    /// A low-cardinality label for metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ChannelError::Overloaded => "overloaded",
+            ChannelError::CircuitOpen => "circuit_open",
+            ChannelError::ConnectRefused => "connect_refused",
+            ChannelError::ConnectFailed { .. } => "connect_failed",
+            ChannelError::InvalidRequest { .. } => "invalid_request",
+            ChannelError::Declined { .. } => "declined",
+            ChannelError::Throttled { .. } => "throttled",
+            ChannelError::Timeout => "timeout",
+            ChannelError::Io { .. } => "io",
+            ChannelError::ServerError { .. } => "server_error",
+            ChannelError::Unverifiable { .. } => "unverifiable",
+            ChannelError::ResponseTooLarge => "response_too_large",
+            ChannelError::UnexpectedReply { .. } => "unexpected_reply",
+        }
+    }
+
+    pub(crate) fn unverifiable(reason: impl Into<String>) -> Self {
+        ChannelError::Unverifiable {
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn invalid(reason: impl Into<String>) -> Self {
+        ChannelError::InvalidRequest {
+            reason: reason.into(),
+        }
+    }
+
+    /// A decline, with the channel's message cut to [`MAX_DECLINE_MESSAGE_CHARS`].
+    pub(crate) fn declined(code: &str, message: &str) -> Self {
+        ChannelError::Declined {
+            code: truncate_chars(code, MAX_DECLINE_MESSAGE_CHARS),
+            message: truncate_chars(message, MAX_DECLINE_MESSAGE_CHARS),
+        }
+    }
+}
+
+fn truncate_chars(text: &str, max_chars: usize) -> String {
+    text.chars().take(max_chars).collect()
+}
+
+/// One upstream channel. Implementations are cheap to share (`Arc<dyn Channel>`) and safe to
+/// call concurrently; each call is bounded by the channel's in-flight limit and timeouts.
+#[async_trait]
+pub trait Channel: Send + Sync {
+    /// The configured channel id (metrics label, breaker key).
+    fn id(&self) -> &str;
+    fn kind(&self) -> ChannelKind;
+    /// Creates the order of one attempt.
+    async fn create_order(&self, req: &CreateOrder) -> Result<Created, ChannelError>;
+    /// The order's state at the channel.
+    async fn query(&self, order: &ChannelOrderId) -> Result<OrderState, ChannelError>;
+    /// Closes the order so it cannot be paid any more, and tells whether it was paid.
+    async fn close(&self, order: &ChannelOrderId) -> Result<CloseOutcome, ChannelError>;
+    /// Refunds (part of) a paid order under the caller's persisted refund number.
+    async fn refund(&self, req: &RefundRequest) -> Result<RefundOutcome, ChannelError>;
+}
+
+impl OrderState {
+    /// The close outcome this state means once a close was asked for: `None` while the order
+    /// is still payable (the close did not take).
+    pub(crate) fn after_close(self) -> Option<CloseOutcome> {
+        match self {
+            OrderState::NotFound => Some(CloseOutcome::NotFound),
+            OrderState::Pending => None,
+            OrderState::Paid {
+                channel_txn_id,
+                amount_minor,
+                currency,
+            }
+            | OrderState::Refunded {
+                channel_txn_id,
+                amount_minor,
+                currency,
+            } => Some(CloseOutcome::AlreadyPaid {
+                channel_txn_id,
+                amount_minor,
+                currency,
+            }),
+            OrderState::Closed | OrderState::Failed => Some(CloseOutcome::Closed),
+        }
+    }
+}
+
+/// Checks what every protocol needs of a create request at `now_ms`.
+pub(crate) fn check_create(req: &CreateOrder, now_ms: u64) -> Result<(), ChannelError> {
+    if req.expires_at_ms < now_ms.saturating_add(MIN_ORDER_LIFETIME_MS) {
+        return Err(ChannelError::invalid(format!(
+            "the order expires in less than {MIN_ORDER_LIFETIME_MS} ms"
+        )));
+    }
+    let chars = req.description.chars().count();
+    if chars == 0 || chars > MAX_DESCRIPTION_CHARS || req.description.chars().any(char::is_control)
+    {
+        return Err(ChannelError::invalid(format!(
+            "the description must be 1 to {MAX_DESCRIPTION_CHARS} characters, none a control character"
+        )));
+    }
+    Ok(())
+}
+
+/// The system clock in unix milliseconds (only the [`Channel`] implementations read it).
+pub(crate) fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// 32 random hex digits (upper case): request nonces.
+pub(crate) fn random_nonce() -> String {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).expect("the operating system's random generator failed");
+    hex::encode_upper(bytes)
+}
+
+/// Calendar fields of a unix time shifted by `offset_seconds` (UTC+8 for Beijing time, which
+/// has no daylight saving time since 1991).
+struct Civil {
+    year: u64,
+    month: u32,
+    day: u32,
+    hour: u64,
+    minute: u64,
+    second: u64,
+}
+
+const SHANGHAI_OFFSET_SECONDS: u64 = 8 * 3600;
+
+fn civil(unix_seconds: u64, offset_seconds: u64) -> Civil {
+    let local = unix_seconds + offset_seconds;
+    let days = local / 86_400;
+    let in_day = local % 86_400;
+    // Howard Hinnant's `civil_from_days`, for days since 1970-01-01 (never negative here).
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    Civil {
+        year,
+        month,
+        day,
+        hour: in_day / 3_600,
+        minute: in_day % 3_600 / 60,
+        second: in_day % 60,
+    }
+}
+
+/// `yyyy-MM-dd HH:mm:ss` in Beijing time (Alipay's `timestamp` and `time_expire`).
+pub(crate) fn shanghai_datetime(unix_seconds: u64) -> String {
+    let c = civil(unix_seconds, SHANGHAI_OFFSET_SECONDS);
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        c.year, c.month, c.day, c.hour, c.minute, c.second
+    )
+}
+
+/// RFC 3339 with `+08:00` (WeChat Pay's `time_expire`).
+pub(crate) fn rfc3339_shanghai(unix_seconds: u64) -> String {
+    let c = civil(unix_seconds, SHANGHAI_OFFSET_SECONDS);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}+08:00",
+        c.year, c.month, c.day, c.hour, c.minute, c.second
+    )
+}
+
+/// RFC 3339 in UTC with `Z` (the supplier's `expires_at`).
+pub(crate) fn rfc3339_utc(unix_seconds: u64) -> String {
+    let c = civil(unix_seconds, 0);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        c.year, c.month, c.day, c.hour, c.minute, c.second
+    )
+}
+
+/// A channel's base URL: `http(s)://authority` plus an optional path prefix, with no query,
+/// fragment or trailing `/`. Plain `http` only for loopback hosts (the sandbox), so a
+/// misconfigured production channel cannot send signed payment calls in clear text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseUrl(String);
+
+impl BaseUrl {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let uri: hyper::Uri = text.parse().map_err(|e| format!("not a URL ({e})"))?;
+        let host = uri.host().ok_or("no host")?;
+        match uri.scheme_str() {
+            Some("https") => {}
+            Some("http") if is_loopback(host) => {}
+            Some("http") => return Err("plain http is allowed only for loopback hosts".into()),
+            _ => return Err("the scheme must be https (or http for loopback)".into()),
+        }
+        if uri.query().is_some() || text.contains('#') {
+            return Err("no query or fragment allowed".into());
+        }
+        Ok(Self(text.trim_end_matches('/').to_owned()))
+    }
+
+    /// `self` + `path_and_query` (which starts with `/`).
+    pub fn join(&self, path_and_query: &str) -> Result<hyper::Uri, ChannelError> {
+        debug_assert!(path_and_query.starts_with('/'));
+        format!("{}{path_and_query}", self.0)
+            .parse()
+            .map_err(|_| ChannelError::invalid("the request URL does not parse"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+fn is_loopback(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    bare.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The answer of a 5xx, whatever its body: an unknown outcome (module docs). Checked before
+/// any verification, since it is unknown either way.
+pub(crate) fn server_error(status: hyper::StatusCode) -> Option<ChannelError> {
+    status.is_server_error().then(|| ChannelError::ServerError {
+        status: status.as_u16(),
+        code: status.canonical_reason().unwrap_or("").to_owned(),
+    })
+}
+
+/// Where a key or secret comes from: a file (`{ file = "/etc/gateway/alipay-app.pem" }`) or an
+/// environment variable (`{ env = "ALIPAY_APP_PRIVATE_KEY" }`). Never the value itself, so a
+/// configuration file holds no secret.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum KeySource {
+    File(std::path::PathBuf),
+    Env(String),
+}
+
+impl KeySource {
+    fn private_key(&self) -> Result<keys::RsaPrivateKey, keys::KeyError> {
+        match self {
+            KeySource::File(path) => keys::RsaPrivateKey::from_pem_file(path),
+            KeySource::Env(name) => keys::RsaPrivateKey::from_pem_env(name),
+        }
+    }
+
+    fn public_key(&self) -> Result<keys::RsaPublicKey, keys::KeyError> {
+        match self {
+            KeySource::File(path) => keys::RsaPublicKey::from_pem_file(path),
+            KeySource::Env(name) => keys::RsaPublicKey::from_pem_env(name),
+        }
+    }
+
+    /// A text secret (APIv3 key, supplier secret), surrounding whitespace trimmed; at most
+    /// [`keys::MAX_PEM_BYTES`].
+    fn secret(&self) -> Result<Secret, String> {
+        let text = match self {
+            KeySource::File(path) => {
+                let len = std::fs::metadata(path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+                    .len();
+                if len > keys::MAX_PEM_BYTES as u64 {
+                    return Err(format!("{} is too large for a secret", path.display()));
+                }
+                std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+            }
+            KeySource::Env(name) => std::env::var(name)
+                .map_err(|_| format!("the environment variable {name} is not set"))?,
+        };
+        Ok(Secret::new(text.trim()))
+    }
+}
+
+/// The keys of a channel; which are required depends on its kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelKeySettings {
+    /// Alipay: the app's RSA private key (signs requests).
+    pub alipay_app_private_key: Option<KeySource>,
+    /// Alipay: Alipay's RSA public key (verifies replies and callbacks).
+    pub alipay_public_key: Option<KeySource>,
+    /// WeChat Pay: the merchant's RSA private key (signs requests).
+    pub wechatpay_merchant_private_key: Option<KeySource>,
+    /// WeChat Pay: the platform public keys by serial (`Wechatpay-Serial`); several during a
+    /// rotation.
+    #[serde(default)]
+    pub wechatpay_platform_public_keys: std::collections::BTreeMap<String, KeySource>,
+    /// WeChat Pay: the 32-byte APIv3 key (decrypts callback resources).
+    pub wechatpay_api_v3_key: Option<KeySource>,
+    /// Supplier: the shared HMAC secret (at least 16 bytes).
+    pub supplier_secret: Option<KeySource>,
+}
+
+/// One channel's configuration (DESIGN.md §5). Limits carry their units.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelSettings {
+    pub kind: ChannelKind,
+    /// `https://…` (or `http://` for a loopback sandbox), no trailing path beyond a prefix.
+    pub base_url: String,
+    /// Alipay `app_id`.
+    #[serde(default)]
+    pub app_id: Option<String>,
+    /// WeChat Pay merchant id.
+    #[serde(default)]
+    pub mchid: Option<String>,
+    /// WeChat Pay app id.
+    #[serde(default)]
+    pub appid: Option<String>,
+    /// WeChat Pay: the serial of the merchant certificate whose key signs requests.
+    #[serde(default)]
+    pub merchant_serial: Option<String>,
+    #[serde(default)]
+    pub keys: ChannelKeySettings,
+    /// Tier: lower first (1 = primary, 2 = backup, …).
+    pub priority: u32,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    #[serde(default)]
+    pub fee_bps: u32,
+    /// Payment methods, as the API names them (`alipay_qr`, …).
+    pub methods: Vec<String>,
+    /// ISO 4217 codes; all must have the same number of minor digits (the amount bounds are
+    /// read with it).
+    pub currencies: Vec<String>,
+    /// Decimal strings, inclusive.
+    pub min_amount: String,
+    pub max_amount: String,
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: u32,
+    #[serde(default = "default_max_idle_per_host")]
+    pub max_idle_connections_per_host: u32,
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_connection_timeout_ms: u64,
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: u32,
+    #[serde(default)]
+    pub breaker: crate::routing::BreakerSettings,
+    #[serde(default = "default_enabled")]
+    pub enabled: bool,
+}
+
+fn default_weight() -> u32 {
+    100
+}
+fn default_connect_timeout_ms() -> u64 {
+    HttpSettings::default().connect_timeout_ms
+}
+fn default_request_timeout_ms() -> u64 {
+    HttpSettings::default().request_timeout_ms
+}
+fn default_max_in_flight() -> u32 {
+    HttpSettings::default().max_in_flight
+}
+fn default_max_idle_per_host() -> u32 {
+    HttpSettings::default().max_idle_per_host as u32
+}
+fn default_idle_timeout_ms() -> u64 {
+    HttpSettings::default().idle_timeout_ms
+}
+fn default_max_response_bytes() -> u32 {
+    HttpSettings::default().max_response_bytes as u32
+}
+fn default_enabled() -> bool {
+    true
+}
+
+/// Bounds of the channel settings.
+pub const MAX_REQUEST_TIMEOUT_MS: u64 = 120_000;
+pub const MAX_IN_FLIGHT: u32 = 10_000;
+pub const MAX_IDLE_CONNECTIONS_PER_HOST: u32 = 1_000;
+pub const MAX_RESPONSE_BYTES: u32 = 16 * 1024 * 1024;
+pub const MAX_CHANNEL_ID_CHARS: usize = 32;
+
+/// A channel that cannot be built: the message names the channel and the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("channel `{channel}`: {message}")]
+pub struct ChannelSettingsError {
+    pub channel: String,
+    pub message: String,
+}
+
+impl ChannelSettings {
+    /// Checks every field that needs no file or variable (those are read by
+    /// [`build_channel`]); the error names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        BaseUrl::parse(&self.base_url).map_err(|e| format!("base_url: {e}"))?;
+        let required = |field: &str, value: &Option<String>| match value {
+            Some(v) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_graphic()) => Ok(()),
+            _ => Err(format!(
+                "{field} is required for a {} channel (visible ASCII)",
+                self.kind
+            )),
+        };
+        let key = |field: &str, present: bool| {
+            if present {
+                Ok(())
+            } else {
+                Err(format!(
+                    "keys.{field} is required for a {} channel",
+                    self.kind
+                ))
+            }
+        };
+        match self.kind {
+            ChannelKind::Alipay => {
+                required("app_id", &self.app_id)?;
+                key(
+                    "alipay_app_private_key",
+                    self.keys.alipay_app_private_key.is_some(),
+                )?;
+                key("alipay_public_key", self.keys.alipay_public_key.is_some())?;
+            }
+            ChannelKind::Wechatpay => {
+                required("mchid", &self.mchid)?;
+                if !self
+                    .mchid
+                    .as_deref()
+                    .unwrap_or("")
+                    .bytes()
+                    .all(|b| b.is_ascii_digit())
+                {
+                    return Err("mchid must be digits".into());
+                }
+                required("appid", &self.appid)?;
+                required("merchant_serial", &self.merchant_serial)?;
+                key(
+                    "wechatpay_merchant_private_key",
+                    self.keys.wechatpay_merchant_private_key.is_some(),
+                )?;
+                key(
+                    "wechatpay_platform_public_keys",
+                    !self.keys.wechatpay_platform_public_keys.is_empty(),
+                )?;
+                key(
+                    "wechatpay_api_v3_key",
+                    self.keys.wechatpay_api_v3_key.is_some(),
+                )?;
+            }
+            ChannelKind::Supplier => {
+                key("supplier_secret", self.keys.supplier_secret.is_some())?;
+            }
+        }
+        if self.methods.is_empty() {
+            return Err("methods must not be empty".into());
+        }
+        let (min_minor, max_minor) = self.amount_bounds_minor()?;
+        if min_minor > max_minor {
+            return Err("min_amount must not exceed max_amount".into());
+        }
+        let range = |field: &str, value: u64, min: u64, max: u64| {
+            if value < min || value > max {
+                Err(format!(
+                    "{field} must be between {min} and {max}, got {value}"
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        range(
+            "request_timeout_ms",
+            self.request_timeout_ms,
+            1,
+            MAX_REQUEST_TIMEOUT_MS,
+        )?;
+        // A connect timeout at least as long as the request timeout would turn connect
+        // failures (certainly not executed) into timeouts (unknown outcome).
+        range(
+            "connect_timeout_ms",
+            self.connect_timeout_ms,
+            1,
+            self.request_timeout_ms.saturating_sub(1).max(1),
+        )?;
+        range(
+            "max_in_flight",
+            u64::from(self.max_in_flight),
+            1,
+            u64::from(MAX_IN_FLIGHT),
+        )?;
+        range(
+            "max_idle_connections_per_host",
+            u64::from(self.max_idle_connections_per_host),
+            0,
+            u64::from(MAX_IDLE_CONNECTIONS_PER_HOST),
+        )?;
+        range(
+            "idle_connection_timeout_ms",
+            self.idle_connection_timeout_ms,
+            1,
+            3_600_000,
+        )?;
+        range(
+            "max_response_bytes",
+            u64::from(self.max_response_bytes),
+            1024,
+            u64::from(MAX_RESPONSE_BYTES),
+        )?;
+        range("fee_bps", u64::from(self.fee_bps), 0, 10_000)?;
+        self.breaker
+            .validate()
+            .map_err(|e| format!("breaker.{e}"))?;
+        Ok(())
+    }
+
+    /// `min_amount` and `max_amount` in minor units of the channel's currencies.
+    pub fn amount_bounds_minor(&self) -> Result<(i64, i64), String> {
+        let mut digits = None;
+        for code in &self.currencies {
+            let currency =
+                Currency::parse(code).map_err(|_| format!("currencies: unknown `{code}`"))?;
+            match digits {
+                None => digits = Some(currency),
+                Some(first) if first.minor_digits() != currency.minor_digits() => {
+                    return Err("currencies must all have the same number of minor digits".into())
+                }
+                Some(_) => {}
+            }
+        }
+        let currency = digits.ok_or("currencies must not be empty")?;
+        let min = crate::money::parse_non_negative_minor(&self.min_amount, currency)
+            .map_err(|e| format!("min_amount: {e}"))?;
+        let max = crate::money::parse_non_negative_minor(&self.max_amount, currency)
+            .map_err(|e| format!("max_amount: {e}"))?;
+        Ok((min, max))
+    }
+
+    /// The HTTP client limits.
+    pub fn http(&self) -> HttpSettings {
+        HttpSettings {
+            connect_timeout_ms: self.connect_timeout_ms,
+            request_timeout_ms: self.request_timeout_ms,
+            max_in_flight: self.max_in_flight,
+            max_idle_per_host: self.max_idle_connections_per_host as usize,
+            idle_timeout_ms: self.idle_connection_timeout_ms,
+            max_response_bytes: self.max_response_bytes as usize,
+        }
+    }
+
+    /// The routing facts of this channel (for [`crate::routing::rank`]); call after
+    /// [`ChannelSettings::validate`].
+    pub fn route(&self, id: &str) -> Result<crate::routing::ChannelRoute, String> {
+        let (min_amount_minor, max_amount_minor) = self.amount_bounds_minor()?;
+        Ok(crate::routing::ChannelRoute {
+            channel_id: id.to_owned(),
+            priority: self.priority,
+            weight: self.weight,
+            fee_bps: self.fee_bps,
+            enabled: self.enabled,
+            methods: self.methods.clone(),
+            currencies: self.currencies.clone(),
+            min_amount_minor,
+            max_amount_minor,
+        })
+    }
+}
+
+/// Validates `settings`, loads its keys and builds the channel `id` with its own HTTP client.
+/// Must be called inside a tokio runtime only when the channel is used, not to build it.
+pub fn build_channel(
+    id: &str,
+    settings: &ChannelSettings,
+) -> Result<std::sync::Arc<dyn Channel>, ChannelSettingsError> {
+    let fail = |message: String| ChannelSettingsError {
+        channel: id.to_owned(),
+        message,
+    };
+    if id.is_empty()
+        || id.len() > MAX_CHANNEL_ID_CHARS
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(fail(format!(
+            "the id must be 1 to {MAX_CHANNEL_ID_CHARS} characters of [0-9A-Za-z_-]"
+        )));
+    }
+    settings.validate().map_err(fail)?;
+    let base = BaseUrl::parse(&settings.base_url).map_err(|e| fail(format!("base_url: {e}")))?;
+    let http = client::HttpClient::new(id, &settings.http()).map_err(|e| fail(e.to_string()))?;
+    let keys = &settings.keys;
+    let key_error =
+        |field: &'static str| move |e: keys::KeyError| fail(format!("keys.{field}: {e}"));
+    let present = |source: &Option<KeySource>| -> KeySource {
+        source
+            .clone()
+            .expect("validate checked that the key is configured")
+    };
+    let text = |s: &Option<String>| s.clone().unwrap_or_default();
+    let channel: std::sync::Arc<dyn Channel> = match settings.kind {
+        ChannelKind::Alipay => std::sync::Arc::new(alipay::AlipayChannel::new(
+            id,
+            text(&settings.app_id),
+            base,
+            present(&keys.alipay_app_private_key)
+                .private_key()
+                .map_err(key_error("alipay_app_private_key"))?,
+            present(&keys.alipay_public_key)
+                .public_key()
+                .map_err(key_error("alipay_public_key"))?,
+            http,
+        )),
+        ChannelKind::Wechatpay => {
+            let mut platform_keys = wechatpay::PlatformKeys::new();
+            for (serial, source) in &keys.wechatpay_platform_public_keys {
+                let key = source
+                    .public_key()
+                    .map_err(key_error("wechatpay_platform_public_keys"))?;
+                platform_keys.insert(serial.clone(), key);
+            }
+            // Loaded here so a wrong APIv3 key stops the start, though callbacks use it.
+            let api_v3 = present(&keys.wechatpay_api_v3_key)
+                .secret()
+                .map_err(|e| fail(format!("keys.wechatpay_api_v3_key: {e}")))?;
+            wechatpay::ApiV3Key::new(&api_v3)
+                .map_err(|e| fail(format!("keys.wechatpay_api_v3_key: {e}")))?;
+            std::sync::Arc::new(wechatpay::WechatPayChannel::new(
+                id,
+                wechatpay::WechatPayIds {
+                    mchid: text(&settings.mchid),
+                    appid: text(&settings.appid),
+                    merchant_serial: text(&settings.merchant_serial),
+                },
+                base,
+                present(&keys.wechatpay_merchant_private_key)
+                    .private_key()
+                    .map_err(key_error("wechatpay_merchant_private_key"))?,
+                platform_keys,
+                http,
+            ))
+        }
+        ChannelKind::Supplier => {
+            let secret = present(&keys.supplier_secret)
+                .secret()
+                .map_err(|e| fail(format!("keys.supplier_secret: {e}")))?;
+            let key = supplier::SupplierKey::new(&secret)
+                .map_err(|e| fail(format!("keys.supplier_secret: {e}")))?;
+            std::sync::Arc::new(supplier::SupplierChannel::new(id, base, key, http))
+        }
+    };
+    Ok(channel)
 }
 
 #[cfg(test)]
@@ -60,5 +1102,367 @@ pub(crate) mod test_keys {
     }
     pub fn platform_public() -> RsaPublicKey {
         RsaPublicKey::from_pem(PLATFORM_SPKI_PEM).expect("fixture key")
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    //! Shared fixtures of the adapter tests.
+    use super::client::{HttpClient, HttpReply, HttpSettings};
+    use super::*;
+    use crate::ids::{MerchantId, ScopeTag};
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Bytes;
+    use hyper::{HeaderMap, Request, StatusCode};
+
+    /// 2024-05-01T12:00:00Z, 20:00 in Beijing: the time of the signature vectors.
+    pub const NOW_MS: u64 = 1_714_564_800_000;
+    pub const EXPIRES_AT_MS: u64 = NOW_MS + 15 * 60 * 1000;
+
+    pub fn http() -> HttpClient {
+        HttpClient::new("test", &HttpSettings::default()).unwrap()
+    }
+
+    pub fn order_id() -> ChannelOrderId {
+        let tag = ScopeTag::merchant(&MerchantId::parse("m1").unwrap());
+        ChannelOrderId::for_attempt(&PaymentId::generate(tag, NOW_MS), 1)
+    }
+
+    pub fn create_order() -> CreateOrder {
+        CreateOrder {
+            order_id: order_id(),
+            amount: Amount::from_minor(8888).unwrap(),
+            currency: Currency::Cny,
+            description: "Top-up 充值 & more".to_owned(),
+            notify_url: "https://gateway.example.com/v1/callbacks/x/ch1".to_owned(),
+            expires_at_ms: EXPIRES_AT_MS,
+        }
+    }
+
+    pub fn refund_request(order_id: ChannelOrderId) -> RefundRequest {
+        RefundRequest {
+            order_id,
+            refund_id: ChannelRefundId::parse("rf_0001").unwrap(),
+            amount: Amount::from_minor(1000).unwrap(),
+            order_total: Amount::from_minor(8888).unwrap(),
+            currency: Currency::Cny,
+            reason: Some("customer asked".to_owned()),
+            notify_url: Some("https://gateway.example.com/v1/callbacks/x/ch1".to_owned()),
+        }
+    }
+
+    pub fn reply(status: u16, headers: &[(&str, &str)], body: &str) -> HttpReply {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.insert(
+                hyper::header::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+        }
+        HttpReply {
+            status: StatusCode::from_u16(status).unwrap(),
+            headers: map,
+            body: Bytes::from(body.to_owned()),
+        }
+    }
+
+    /// The request's parts and its body as text.
+    pub async fn split(request: Request<Full<Bytes>>) -> (hyper::http::request::Parts, String) {
+        let (parts, body) = request.into_parts();
+        let bytes = body.collect().await.unwrap().to_bytes();
+        (parts, String::from_utf8(bytes.to_vec()).unwrap())
+    }
+
+    /// Asserts `result` is an error of unknown outcome (never a success, never a decline).
+    #[track_caller]
+    pub fn assert_unknown<T: std::fmt::Debug>(result: Result<T, ChannelError>) -> ChannelError {
+        let error = result.expect_err("must not be read as success");
+        assert!(!error.certainly_not_executed(), "{error:?}");
+        error
+    }
+
+    #[track_caller]
+    pub fn assert_unverifiable<T: std::fmt::Debug>(result: Result<T, ChannelError>) {
+        let error = assert_unknown(result);
+        assert!(
+            matches!(error, ChannelError::Unverifiable { .. }),
+            "{error:?}"
+        );
+        assert!(error.counts_as_failure());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::*;
+    use super::*;
+    use crate::ids::{MerchantId, ScopeTag};
+    use proptest::prelude::*;
+
+    #[test]
+    fn channel_order_ids_round_trip_and_refuse_other_shapes() {
+        let id = order_id();
+        assert_eq!(id.as_str().len(), 28);
+        assert!(id.as_str().ends_with("-1"));
+        let parsed = ChannelOrderId::parse(id.as_str()).unwrap();
+        assert_eq!(parsed, id);
+        assert_eq!(parsed.attempt(), 1);
+        assert_eq!(
+            format!("pay_{}", &id.as_str()[..26]),
+            parsed.payment_id().as_str()
+        );
+        let body = &id.as_str()[..26];
+        for bad in [
+            format!("{body}-01"),
+            format!("{body}-256"),
+            format!("{body}-"),
+            format!("{body}1"),
+            format!("{body}-+1"),
+            format!("{}-1", &body[..25]),
+            format!("{body}x-1"),
+            format!("pay_{body}-1"),
+            format!("{}{{-1", &body[..25]),
+            String::new(),
+        ] {
+            assert_eq!(ChannelOrderId::parse(&bad), None, "{bad:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn channel_order_ids_are_short_safe_distinct_and_parse_back(
+            now_ms in 0u64..(1u64 << 44),
+            merchant in "[a-z0-9]{1,12}",
+            attempt: u8,
+            other_attempt: u8,
+        ) {
+            let tag = ScopeTag::merchant(&MerchantId::parse(&merchant).unwrap());
+            let payment = PaymentId::generate(tag, now_ms);
+            let id = ChannelOrderId::for_attempt(&payment, attempt);
+            prop_assert!(id.as_str().len() <= ChannelOrderId::MAX_CHARS);
+            prop_assert!(id.as_str().bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'));
+            prop_assert_eq!(ChannelOrderId::for_attempt(&payment, attempt), id.clone());
+            let parsed = ChannelOrderId::parse(id.as_str()).unwrap();
+            prop_assert_eq!(parsed.payment_id(), payment.clone());
+            prop_assert_eq!(parsed.attempt(), attempt);
+            if other_attempt != attempt {
+                prop_assert_ne!(ChannelOrderId::for_attempt(&payment, other_attempt), id);
+            }
+        }
+    }
+
+    #[test]
+    fn formats_channel_times() {
+        assert_eq!(shanghai_datetime(1_714_564_800), "2024-05-01 20:00:00");
+        assert_eq!(rfc3339_shanghai(1_714_565_700), "2024-05-01T20:15:00+08:00");
+        assert_eq!(rfc3339_utc(1_714_565_700), "2024-05-01T12:15:00Z");
+        // Crossing midnight, a leap day and a year end in Beijing time.
+        assert_eq!(shanghai_datetime(1_709_222_400), "2024-03-01 00:00:00");
+        assert_eq!(shanghai_datetime(1_709_222_399), "2024-02-29 23:59:59");
+        assert_eq!(rfc3339_shanghai(1_704_038_400), "2024-01-01T00:00:00+08:00");
+        assert_eq!(rfc3339_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339_utc(951_782_400), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn errors_say_whether_the_attempt_certainly_did_not_run() {
+        let declined = ChannelError::declined("ACQ.ACCESS_FORBIDDEN", "no");
+        let certain = [
+            ChannelError::Overloaded,
+            ChannelError::CircuitOpen,
+            ChannelError::ConnectRefused,
+            ChannelError::ConnectFailed {
+                reason: "dns".into(),
+            },
+            ChannelError::invalid("x"),
+            declined.clone(),
+            ChannelError::Throttled { code: "x".into() },
+        ];
+        let unknown = [
+            ChannelError::Timeout,
+            ChannelError::Io {
+                reason: "reset".into(),
+            },
+            ChannelError::ServerError {
+                status: 502,
+                code: "x".into(),
+            },
+            ChannelError::unverifiable("x"),
+            ChannelError::ResponseTooLarge,
+            ChannelError::UnexpectedReply { reason: "x".into() },
+        ];
+        assert!(certain.iter().all(ChannelError::certainly_not_executed));
+        assert!(!unknown.iter().any(ChannelError::certainly_not_executed));
+        // The breaker's view: declines and local refusals don't count; trouble does.
+        for e in [
+            &declined,
+            &ChannelError::Overloaded,
+            &ChannelError::CircuitOpen,
+        ] {
+            assert!(!e.counts_as_failure(), "{e:?}");
+        }
+        for e in [
+            &ChannelError::Timeout,
+            &ChannelError::ConnectRefused,
+            &ChannelError::ServerError {
+                status: 500,
+                code: String::new(),
+            },
+        ] {
+            assert!(e.counts_as_failure(), "{e:?}");
+        }
+        let long = ChannelError::declined("c", &"m".repeat(10_000));
+        assert!(
+            matches!(long, ChannelError::Declined { message, .. } if message.len() == MAX_DECLINE_MESSAGE_CHARS)
+        );
+    }
+
+    #[test]
+    fn create_requests_need_time_left_and_a_sane_description() {
+        let order = create_order();
+        assert_eq!(check_create(&order, NOW_MS), Ok(()));
+        let late = CreateOrder {
+            expires_at_ms: NOW_MS + 59_999,
+            ..order.clone()
+        };
+        assert!(matches!(
+            check_create(&late, NOW_MS),
+            Err(ChannelError::InvalidRequest { .. })
+        ));
+        for description in [String::new(), "a\nb".into(), "x".repeat(128)] {
+            let bad = CreateOrder {
+                description,
+                ..order.clone()
+            };
+            assert!(check_create(&bad, NOW_MS).is_err());
+        }
+    }
+
+    #[test]
+    fn base_urls_require_https_except_on_loopback() {
+        assert!(BaseUrl::parse("https://openapi.alipay.com").is_ok());
+        assert_eq!(
+            BaseUrl::parse("https://api.example.com/prefix/")
+                .unwrap()
+                .as_str(),
+            "https://api.example.com/prefix"
+        );
+        for ok in [
+            "http://127.0.0.1:8080",
+            "http://localhost:1",
+            "http://[::1]:9/x",
+        ] {
+            assert!(BaseUrl::parse(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://api.mch.weixin.qq.com",
+            "ftp://x",
+            "https://x/?a=1",
+            "nope",
+            "/path",
+        ] {
+            assert!(BaseUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    fn fixture(name: &str) -> String {
+        format!("{}/tests/fixtures/keys/{name}", env!("CARGO_MANIFEST_DIR"))
+    }
+
+    fn settings_toml(kind_and_keys: &str) -> String {
+        format!(
+            r#"
+{kind_and_keys}
+base_url = "http://127.0.0.1:9"
+priority = 1
+fee_bps = 60
+methods = ["alipay_qr"]
+currencies = ["CNY"]
+min_amount = "0.01"
+max_amount = "5000"
+connect_timeout_ms = 500
+request_timeout_ms = 3000
+max_in_flight = 64
+"#
+        )
+    }
+
+    #[tokio::test]
+    async fn builds_each_kind_from_settings_and_names_bad_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "whsec_test_only_supplier_0123456789\n").unwrap();
+        let api_v3 = dir.path().join("apiv3");
+        std::fs::write(&api_v3, "TestOnlyApiV3Key0123456789abcdef").unwrap();
+        let merchant = fixture("test-only-merchant-rsa2048.pkcs8.pem");
+        let platform = fixture("test-only-platform-rsa2048.spki.pem");
+        let kinds = [
+            format!(
+                "kind = \"alipay\"\napp_id = \"2021000000000001\"\n[keys]\nalipay_app_private_key = {{ file = \"{merchant}\" }}\nalipay_public_key = {{ file = \"{platform}\" }}\n[x]"
+            ),
+            format!(
+                "kind = \"wechatpay\"\nmchid = \"1900000109\"\nappid = \"wxd678efh567hg6787\"\nmerchant_serial = \"3775B6A45ACD588826D15E583A95F5DD0FFB9C4E\"\n[keys]\nwechatpay_merchant_private_key = {{ file = \"{merchant}\" }}\nwechatpay_api_v3_key = {{ file = \"{}\" }}\n[keys.wechatpay_platform_public_keys]\n5157F09EFDC096DE15EBE81A47057A7232F1B8E1 = {{ file = \"{platform}\" }}\n[x]",
+                api_v3.display()
+            ),
+            format!(
+                "kind = \"supplier\"\n[keys]\nsupplier_secret = {{ file = \"{}\" }}\n[x]",
+                secret.display()
+            ),
+        ];
+        for (kinds_toml, expected) in kinds.iter().zip([
+            ChannelKind::Alipay,
+            ChannelKind::Wechatpay,
+            ChannelKind::Supplier,
+        ]) {
+            // The common fields come after the kind's tables: put them at the top instead.
+            let (head, _) = kinds_toml.split_once("[keys]").unwrap();
+            let keys = kinds_toml[head.len()..].trim_end_matches("[x]");
+            let text = format!("{}\n{keys}", settings_toml(head));
+            let settings: ChannelSettings =
+                toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+            settings.validate().unwrap();
+            let channel = build_channel("ch-1", &settings).unwrap();
+            assert_eq!(channel.kind(), expected);
+            assert_eq!(channel.id(), "ch-1");
+            let route = settings.route("ch-1").unwrap();
+            assert_eq!(
+                (route.min_amount_minor, route.max_amount_minor),
+                (1, 500_000)
+            );
+        }
+
+        let supplier_text = format!(
+            "{}\n[keys]\nsupplier_secret = {{ env = \"GATEWAY_TEST_NEVER_SET_SUPPLIER\" }}",
+            settings_toml("kind = \"supplier\"")
+        );
+        let settings: ChannelSettings = toml::from_str(&supplier_text).unwrap();
+        let err = build_channel("ch-1", &settings).err().unwrap();
+        assert!(err.to_string().contains("keys.supplier_secret"), "{err}");
+        assert!(err.to_string().contains("ch-1"), "{err}");
+        assert!(build_channel("bad id", &settings).is_err());
+
+        let mut no_secret = settings.clone();
+        no_secret.keys.supplier_secret = None;
+        assert!(no_secret
+            .validate()
+            .unwrap_err()
+            .contains("keys.supplier_secret"));
+        let mut slow_connect = settings.clone();
+        slow_connect.connect_timeout_ms = slow_connect.request_timeout_ms;
+        assert!(slow_connect
+            .validate()
+            .unwrap_err()
+            .contains("connect_timeout_ms"));
+        let mut clear_text = settings.clone();
+        clear_text.base_url = "http://supplier.example.com".into();
+        assert!(clear_text.validate().unwrap_err().contains("base_url"));
+        let mut mixed = settings.clone();
+        mixed.currencies = vec!["CNY".into(), "JPY".into()];
+        assert!(mixed.validate().unwrap_err().contains("currencies"));
+        let mut breaker = settings.clone();
+        breaker.breaker.window_calls = 0;
+        assert!(breaker.validate().unwrap_err().starts_with("breaker."));
+        let unknown_field = format!("{supplier_text}\nsurprise = 1");
+        assert!(toml::from_str::<ChannelSettings>(&unknown_field).is_err());
     }
 }

@@ -13,13 +13,28 @@
 //! of the secret can make), and the bound keeps the work per header fixed. Anything else
 //! (another version, a repeated `t`, an empty item) is refused as malformed, so a future
 //! scheme is introduced deliberately rather than silently ignored.
+//!
+//! The adapter ([`SupplierChannel`]) speaks the orders API over that header; its reading of
+//! replies is documented beside it.
 
 use std::fmt;
 
+use async_trait::async_trait;
 use aws_lc_rs::hmac;
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::header::{ACCEPT, CONTENT_TYPE};
+use hyper::{Method, Request, StatusCode};
+use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
-use super::{skew_seconds, SIGNATURE_WINDOW_SECONDS};
+use super::client::{HttpClient, HttpReply};
+use super::{
+    check_create, now_unix_ms, rfc3339_utc, server_error, skew_seconds, Action, BaseUrl, Channel,
+    ChannelError, ChannelKind, ChannelOrderId, CloseOutcome, CreateOrder, Created, OrderState,
+    RefundOutcome, RefundRequest, SIGNATURE_WINDOW_SECONDS,
+};
+use crate::money::{format_minor, parse_non_negative_minor, Currency};
 use crate::secret::Secret;
 
 /// The header's name.
@@ -174,6 +189,374 @@ fn parse_header(header: &str) -> Result<ParsedHeader<'_>, SupplierSignatureError
         v1,
         v1_count,
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The adapter: orders, query, close, refunds over HTTP (DESIGN.md §5).
+//
+// Every request is signed with `X-Signature` over its exact body (empty for a GET), and every
+// reply but a 5xx must carry a valid `X-Signature` over its exact body within the window: an
+// unsigned or forged reply is `Unverifiable` (an unknown outcome), never a success or a
+// decline. Replies must name the order asked about. Error replies are 4xx `{"error": "…"}`:
+// 404 on query/close is "no such order"; 409 on create means the order id is already taken
+// (maybe by our own earlier try) and is an unknown outcome; 429 is throttling; any other 4xx
+// is a decline; a close refused with `409 {"status": "succeeded"}` means "already paid", and
+// a query then gives the amount. Refund statuses are read as `succeeded`, `accepted`/`pending`
+// (pending) and `failed`/`closed` (failed) — §5 does not list them; this is our reading.
+// A succeeded order must state its `amount` and `currency`, which the caller checks.
+// ---------------------------------------------------------------------------------------------
+
+/// The supplier adapter of one configured channel.
+#[derive(Debug)]
+pub struct SupplierChannel {
+    id: String,
+    base: BaseUrl,
+    key: SupplierKey,
+    http: HttpClient,
+}
+
+#[derive(Serialize)]
+struct OrderBody<'a> {
+    order_id: &'a str,
+    amount: String,
+    currency: &'static str,
+    notify_url: &'a str,
+    expires_at: String,
+}
+
+#[derive(Serialize)]
+struct RefundBody<'a> {
+    refund_id: &'a str,
+    amount: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct OrderReply {
+    order_id: String,
+    #[serde(default)]
+    supplier_order_id: Option<String>,
+    status: String,
+    #[serde(default)]
+    amount: Option<String>,
+    #[serde(default)]
+    currency: Option<String>,
+    #[serde(default)]
+    pay_url: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RefundReply {
+    refund_id: String,
+    status: String,
+    #[serde(default)]
+    supplier_refund_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ErrorReply {
+    #[serde(default)]
+    error: String,
+}
+
+impl SupplierChannel {
+    pub fn new(id: impl Into<String>, base: BaseUrl, key: SupplierKey, http: HttpClient) -> Self {
+        Self {
+            id: id.into(),
+            base,
+            key,
+            http,
+        }
+    }
+
+    fn signed(
+        &self,
+        method: Method,
+        path: &str,
+        body: String,
+        now_unix_seconds: u64,
+    ) -> Result<Request<Full<Bytes>>, ChannelError> {
+        let signature = signature_header(&self.key, now_unix_seconds, body.as_bytes());
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(self.base.join(path)?)
+            .header(HEADER_NAME, signature)
+            .header(ACCEPT, "application/json");
+        if !body.is_empty() {
+            builder = builder.header(CONTENT_TYPE, "application/json");
+        }
+        builder
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| ChannelError::invalid(e.to_string()))
+    }
+
+    /// `POST /v1/orders`, signed at `now_ms`.
+    pub fn create_request(
+        &self,
+        req: &CreateOrder,
+        now_ms: u64,
+    ) -> Result<Request<Full<Bytes>>, ChannelError> {
+        check_create(req, now_ms)?;
+        let body = serde_json::to_string(&OrderBody {
+            order_id: req.order_id.as_str(),
+            amount: format_minor(req.amount.minor(), req.currency),
+            currency: req.currency.code(),
+            notify_url: &req.notify_url,
+            expires_at: rfc3339_utc(req.expires_at_ms / 1000),
+        })
+        .map_err(|e| ChannelError::invalid(e.to_string()))?;
+        self.signed(Method::POST, "/v1/orders", body, now_ms / 1000)
+    }
+
+    /// `GET /v1/orders/{order_id}`.
+    pub fn query_request(
+        &self,
+        order: &ChannelOrderId,
+        now_ms: u64,
+    ) -> Result<Request<Full<Bytes>>, ChannelError> {
+        let path = format!("/v1/orders/{order}");
+        self.signed(Method::GET, &path, String::new(), now_ms / 1000)
+    }
+
+    /// `POST /v1/orders/{order_id}/close` with the body `{}`.
+    pub fn close_request(
+        &self,
+        order: &ChannelOrderId,
+        now_ms: u64,
+    ) -> Result<Request<Full<Bytes>>, ChannelError> {
+        let path = format!("/v1/orders/{order}/close");
+        self.signed(Method::POST, &path, "{}".to_owned(), now_ms / 1000)
+    }
+
+    /// `POST /v1/orders/{order_id}/refunds`.
+    pub fn refund_request(
+        &self,
+        req: &RefundRequest,
+        now_ms: u64,
+    ) -> Result<Request<Full<Bytes>>, ChannelError> {
+        let body = serde_json::to_string(&RefundBody {
+            refund_id: req.refund_id.as_str(),
+            amount: format_minor(req.amount.minor(), req.currency),
+        })
+        .map_err(|e| ChannelError::invalid(e.to_string()))?;
+        let path = format!("/v1/orders/{}/refunds", req.order_id);
+        self.signed(Method::POST, &path, body, now_ms / 1000)
+    }
+
+    /// The verified body of a reply that is not a 5xx.
+    fn verified<'a>(&self, reply: &'a HttpReply, now_ms: u64) -> Result<&'a str, ChannelError> {
+        if let Some(error) = server_error(reply.status) {
+            return Err(error);
+        }
+        let header = reply
+            .header(HEADER_NAME)
+            .ok_or_else(|| ChannelError::unverifiable("no X-Signature"))?;
+        verify(&self.key, header.trim(), &reply.body, now_ms / 1000)
+            .map_err(|e| ChannelError::unverifiable(e.to_string()))?;
+        reply.text()
+    }
+
+    /// The error of a verified 4xx reply (404 handled by the callers that expect it).
+    fn client_error(status: StatusCode, body: &str) -> ChannelError {
+        let message = serde_json::from_str::<ErrorReply>(body)
+            .map(|e| e.error)
+            .unwrap_or_default();
+        match status.as_u16() {
+            409 => ChannelError::UnexpectedReply {
+                reason: "the order id is already in use at the supplier".into(),
+            },
+            429 => ChannelError::Throttled {
+                code: "http_429".into(),
+            },
+            code => ChannelError::declined(&format!("http_{code}"), &message),
+        }
+    }
+
+    fn order_reply(order: &ChannelOrderId, body: &str) -> Result<OrderReply, ChannelError> {
+        let parsed: OrderReply = serde_json::from_str(body)
+            .map_err(|_| ChannelError::unverifiable("the order reply does not parse"))?;
+        if parsed.order_id != order.as_str() {
+            return Err(ChannelError::unverifiable("the reply is for another order"));
+        }
+        Ok(parsed)
+    }
+
+    pub fn parse_create(
+        &self,
+        req: &CreateOrder,
+        reply: &HttpReply,
+        now_ms: u64,
+    ) -> Result<Created, ChannelError> {
+        let body = self.verified(reply, now_ms)?;
+        if !reply.status.is_success() {
+            return Err(Self::client_error(reply.status, body));
+        }
+        let parsed = Self::order_reply(&req.order_id, body)?;
+        match parsed.status.as_str() {
+            "accepted" | "succeeded" => Ok(Created {
+                action: parsed.pay_url.map_or(Action::None, Action::Redirect),
+                channel_txn_id: parsed.supplier_order_id,
+            }),
+            // Refused outright, in a signed answer: the order will never take money.
+            "failed" | "closed" => Err(ChannelError::declined(&parsed.status, "")),
+            _ => Err(ChannelError::UnexpectedReply {
+                reason: "unknown order status".into(),
+            }),
+        }
+    }
+
+    pub fn parse_query(
+        &self,
+        order: &ChannelOrderId,
+        reply: &HttpReply,
+        now_ms: u64,
+    ) -> Result<OrderState, ChannelError> {
+        let body = self.verified(reply, now_ms)?;
+        if reply.status == StatusCode::NOT_FOUND {
+            return Ok(OrderState::NotFound);
+        }
+        if !reply.status.is_success() {
+            return Err(Self::client_error(reply.status, body));
+        }
+        let parsed = Self::order_reply(order, body)?;
+        match parsed.status.as_str() {
+            "accepted" => Ok(OrderState::Pending),
+            "succeeded" => {
+                let (amount, currency) = match (&parsed.amount, &parsed.currency) {
+                    (Some(amount), Some(currency)) => (amount, currency),
+                    _ => {
+                        return Err(ChannelError::unverifiable(
+                            "a succeeded order without amount and currency",
+                        ))
+                    }
+                };
+                let currency = Currency::parse(currency)
+                    .map_err(|_| ChannelError::unverifiable("unknown currency"))?;
+                let amount_minor = parse_non_negative_minor(amount, currency)
+                    .map_err(|_| ChannelError::unverifiable("malformed amount"))?;
+                Ok(OrderState::Paid {
+                    channel_txn_id: parsed.supplier_order_id.unwrap_or_default(),
+                    amount_minor,
+                    currency,
+                })
+            }
+            "failed" => Ok(OrderState::Failed),
+            "closed" => Ok(OrderState::Closed),
+            _ => Err(ChannelError::UnexpectedReply {
+                reason: "unknown order status".into(),
+            }),
+        }
+    }
+
+    /// The close reply: the order after the close, read as a query (`Ok(Some(…))`), or
+    /// `Ok(None)` when the supplier refused because the order is paid (`409` with
+    /// `"status": "succeeded"`), so that a query gives the paid amount.
+    pub fn parse_close(
+        &self,
+        order: &ChannelOrderId,
+        reply: &HttpReply,
+        now_ms: u64,
+    ) -> Result<Option<CloseOutcome>, ChannelError> {
+        if reply.status == StatusCode::CONFLICT {
+            let body = self.verified(reply, now_ms)?;
+            #[derive(Deserialize)]
+            struct Conflict {
+                #[serde(default)]
+                status: String,
+            }
+            return match serde_json::from_str::<Conflict>(body) {
+                Ok(conflict) if conflict.status == "succeeded" => Ok(None),
+                _ => Err(Self::client_error(reply.status, body)),
+            };
+        }
+        self.parse_query(order, reply, now_ms)?
+            .after_close()
+            .map(Some)
+            .ok_or_else(|| ChannelError::UnexpectedReply {
+                reason: "the order is still open after the close".into(),
+            })
+    }
+
+    pub fn parse_refund(
+        &self,
+        req: &RefundRequest,
+        reply: &HttpReply,
+        now_ms: u64,
+    ) -> Result<RefundOutcome, ChannelError> {
+        let body = self.verified(reply, now_ms)?;
+        if !reply.status.is_success() {
+            return Err(Self::client_error(reply.status, body));
+        }
+        let parsed: RefundReply = serde_json::from_str(body)
+            .map_err(|_| ChannelError::unverifiable("the refund reply does not parse"))?;
+        if parsed.refund_id != req.refund_id.as_str() {
+            return Err(ChannelError::unverifiable(
+                "the reply is for another refund",
+            ));
+        }
+        let channel_refund_id = parsed.supplier_refund_id;
+        match parsed.status.as_str() {
+            "succeeded" => Ok(RefundOutcome::Succeeded { channel_refund_id }),
+            "accepted" | "pending" => Ok(RefundOutcome::Pending { channel_refund_id }),
+            "failed" | "closed" => Ok(RefundOutcome::Failed {
+                channel_refund_id,
+                status: parsed.status,
+            }),
+            _ => Err(ChannelError::UnexpectedReply {
+                reason: "unknown refund status".into(),
+            }),
+        }
+    }
+}
+
+#[async_trait]
+impl Channel for SupplierChannel {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn kind(&self) -> ChannelKind {
+        ChannelKind::Supplier
+    }
+
+    async fn create_order(&self, req: &CreateOrder) -> Result<Created, ChannelError> {
+        let reply = self
+            .http
+            .send(self.create_request(req, now_unix_ms())?)
+            .await?;
+        self.parse_create(req, &reply, now_unix_ms())
+    }
+
+    async fn query(&self, order: &ChannelOrderId) -> Result<OrderState, ChannelError> {
+        let reply = self
+            .http
+            .send(self.query_request(order, now_unix_ms())?)
+            .await?;
+        self.parse_query(order, &reply, now_unix_ms())
+    }
+
+    async fn close(&self, order: &ChannelOrderId) -> Result<CloseOutcome, ChannelError> {
+        let reply = self
+            .http
+            .send(self.close_request(order, now_unix_ms())?)
+            .await?;
+        if let Some(outcome) = self.parse_close(order, &reply, now_unix_ms())? {
+            return Ok(outcome);
+        }
+        self.query(order)
+            .await?
+            .after_close()
+            .ok_or_else(|| ChannelError::UnexpectedReply {
+                reason: "a paid order reads as unpaid after the close".into(),
+            })
+    }
+
+    async fn refund(&self, req: &RefundRequest) -> Result<RefundOutcome, ChannelError> {
+        let reply = self
+            .http
+            .send(self.refund_request(req, now_unix_ms())?)
+            .await?;
+        self.parse_refund(req, &reply, now_unix_ms())
+    }
 }
 
 #[cfg(test)]
@@ -350,6 +733,214 @@ mod tests {
                 verify(&key(), &header, &body, TIMESTAMP),
                 Err(SupplierSignatureError::BadSignature)
             );
+        }
+    }
+    mod adapter {
+        use super::super::*;
+        use super::key;
+        use crate::channels::test_support::*;
+
+        fn channel() -> SupplierChannel {
+            SupplierChannel::new(
+                "sup",
+                BaseUrl::parse("http://127.0.0.1:9/sup").unwrap(),
+                key(),
+                http(),
+            )
+        }
+
+        /// A reply signed with `key` at NOW.
+        fn signed(status: u16, body: &str, key: &SupplierKey) -> HttpReply {
+            let header = signature_header(key, NOW_MS / 1000, body.as_bytes());
+            reply(status, &[(HEADER_NAME, &header)], body)
+        }
+
+        #[tokio::test]
+        async fn builds_signed_requests() {
+            let order = create_order();
+            let (parts, body) = split(channel().create_request(&order, NOW_MS).unwrap()).await;
+            assert_eq!(parts.method, Method::POST);
+            assert_eq!(parts.uri, "http://127.0.0.1:9/sup/v1/orders");
+            let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(json["order_id"], order.order_id.as_str());
+            assert_eq!(json["amount"], "88.88");
+            assert_eq!(json["currency"], "CNY");
+            assert_eq!(json["notify_url"], order.notify_url.as_str());
+            assert_eq!(json["expires_at"], "2024-05-01T12:15:00Z");
+            let header = parts.headers[HEADER_NAME].to_str().unwrap();
+            assert!(header.starts_with("t=1714564800,v1="), "{header}");
+            assert_eq!(
+                verify(&key(), header, body.as_bytes(), NOW_MS / 1000),
+                Ok(())
+            );
+
+            let (parts, body) =
+                split(channel().query_request(&order.order_id, NOW_MS).unwrap()).await;
+            assert_eq!(parts.method, Method::GET);
+            assert_eq!(
+                parts.uri.path(),
+                format!("/sup/v1/orders/{}", order.order_id)
+            );
+            assert_eq!(body, "");
+            let header = parts.headers[HEADER_NAME].to_str().unwrap();
+            assert_eq!(verify(&key(), header, b"", NOW_MS / 1000), Ok(()));
+
+            let (parts, _) = split(channel().close_request(&order.order_id, NOW_MS).unwrap()).await;
+            assert_eq!(
+                parts.uri.path(),
+                format!("/sup/v1/orders/{}/close", order.order_id)
+            );
+
+            let refund = refund_request(order.order_id.clone());
+            let (parts, body) = split(channel().refund_request(&refund, NOW_MS).unwrap()).await;
+            assert_eq!(
+                parts.uri.path(),
+                format!("/sup/v1/orders/{}/refunds", order.order_id)
+            );
+            assert_eq!(body, r#"{"refund_id":"rf_0001","amount":"10.00"}"#);
+        }
+
+        #[test]
+        fn reads_signed_replies() {
+            let order = create_order();
+            let id = order.order_id.as_str();
+            let ok =
+                format!(r#"{{"order_id":"{id}","supplier_order_id":"S-1","status":"accepted"}}"#);
+            assert_eq!(
+                channel().parse_create(&order, &signed(200, &ok, &key()), NOW_MS),
+                Ok(Created {
+                    action: Action::None,
+                    channel_txn_id: Some("S-1".into())
+                })
+            );
+            let paid = format!(
+                r#"{{"order_id":"{id}","supplier_order_id":"S-1","status":"succeeded","amount":"88.88","currency":"CNY"}}"#
+            );
+            let state = channel().parse_query(&order.order_id, &signed(200, &paid, &key()), NOW_MS);
+            assert_eq!(
+                state,
+                Ok(OrderState::Paid {
+                    channel_txn_id: "S-1".into(),
+                    amount_minor: 8888,
+                    currency: Currency::Cny
+                })
+            );
+            assert!(matches!(
+                channel().parse_close(&order.order_id, &signed(200, &paid, &key()), NOW_MS),
+                Ok(Some(CloseOutcome::AlreadyPaid {
+                    amount_minor: 8888,
+                    ..
+                }))
+            ));
+            // What the supplier answers to closing a paid order: a query tells the amount.
+            let conflict = signed(
+                409,
+                r#"{"error":"order_paid","status":"succeeded"}"#,
+                &key(),
+            );
+            assert_eq!(
+                channel().parse_close(&order.order_id, &conflict, NOW_MS),
+                Ok(None)
+            );
+            let closed = format!(r#"{{"order_id":"{id}","status":"closed"}}"#);
+            assert_eq!(
+                channel().parse_close(&order.order_id, &signed(200, &closed, &key()), NOW_MS),
+                Ok(Some(CloseOutcome::Closed))
+            );
+            let not_found = signed(404, r#"{"error":"no such order"}"#, &key());
+            assert_eq!(
+                channel().parse_query(&order.order_id, &not_found, NOW_MS),
+                Ok(OrderState::NotFound)
+            );
+            let refund = refund_request(order.order_id.clone());
+            let refunded = signed(
+                200,
+                r#"{"refund_id":"rf_0001","status":"succeeded"}"#,
+                &key(),
+            );
+            assert_eq!(
+                channel().parse_refund(&refund, &refunded, NOW_MS),
+                Ok(RefundOutcome::Succeeded {
+                    channel_refund_id: None
+                })
+            );
+        }
+
+        #[test]
+        fn declines_only_when_signed() {
+            let order = create_order();
+            let declined = channel().parse_create(
+                &order,
+                &signed(422, r#"{"error":"amount too large"}"#, &key()),
+                NOW_MS,
+            );
+            let error = declined.unwrap_err();
+            assert_eq!(
+                error,
+                ChannelError::Declined {
+                    code: "http_422".into(),
+                    message: "amount too large".into()
+                }
+            );
+            assert!(error.certainly_not_executed() && !error.counts_as_failure());
+            // Order id already taken: maybe our own earlier try.
+            assert_unknown(channel().parse_create(
+                &order,
+                &signed(409, r#"{"error":"dup"}"#, &key()),
+                NOW_MS,
+            ));
+            assert!(matches!(
+                channel().parse_create(&order, &signed(429, "{}", &key()), NOW_MS),
+                Err(ChannelError::Throttled { .. })
+            ));
+            assert!(matches!(
+                assert_unknown(channel().parse_create(&order, &reply(503, &[], "busy"), NOW_MS)),
+                ChannelError::ServerError { status: 503, .. }
+            ));
+        }
+
+        #[test]
+        fn refuses_unsigned_forged_stale_and_mismatched_replies() {
+            let order = create_order();
+            let id = order.order_id.as_str();
+            let paid = format!(
+                r#"{{"order_id":"{id}","status":"succeeded","amount":"88.88","currency":"CNY"}}"#
+            );
+            let other =
+                SupplierKey::new(&Secret::new("whsec_test_only_supplier_OLD_0000")).unwrap();
+            assert_unverifiable(channel().parse_query(
+                &order.order_id,
+                &reply(200, &[], &paid),
+                NOW_MS,
+            ));
+            assert_unverifiable(channel().parse_query(
+                &order.order_id,
+                &signed(200, &paid, &other),
+                NOW_MS,
+            ));
+            assert_unverifiable(channel().parse_query(
+                &order.order_id,
+                &signed(200, &paid, &key()),
+                NOW_MS + 301_000,
+            ));
+            // An unsigned decline is no decline: failover on it could execute twice.
+            assert_unverifiable(channel().parse_create(
+                &order,
+                &reply(400, &[], r#"{"error":"no"}"#),
+                NOW_MS,
+            ));
+            let elsewhere = paid.replace(id, "0000000000000000000000000-1");
+            assert_unverifiable(channel().parse_query(
+                &order.order_id,
+                &signed(200, &elsewhere, &key()),
+                NOW_MS,
+            ));
+            let no_amount = format!(r#"{{"order_id":"{id}","status":"succeeded"}}"#);
+            assert_unverifiable(channel().parse_query(
+                &order.order_id,
+                &signed(200, &no_amount, &key()),
+                NOW_MS,
+            ));
         }
     }
 }

@@ -13,17 +13,30 @@
 //! - Callback resources: AEAD_AES_256_GCM with the 32-byte APIv3 key, the nonce and the
 //!   associated data taken as UTF-8 bytes, the tag being the ciphertext's last 16 bytes
 //!   ([`decrypt_resource`]; [`encrypt_resource`] for the channel simulator).
+//! - The adapter ([`WechatPayChannel`]): native order, query, close, refund; its reading of
+//!   replies is documented beside it.
 
 use std::collections::HashMap;
 use std::fmt;
 
+use async_trait::async_trait;
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
+use hyper::{Method, Request, StatusCode};
 use serde::{Deserialize, Serialize};
 
+use super::client::{HttpClient, HttpReply};
 use super::keys::{RsaPrivateKey, RsaPublicKey};
-use super::{skew_seconds, SIGNATURE_WINDOW_SECONDS};
+use super::{
+    check_create, now_unix_ms, random_nonce, rfc3339_shanghai, server_error, skew_seconds, Action,
+    BaseUrl, Channel, ChannelError, ChannelKind, ChannelOrderId, CloseOutcome, CreateOrder,
+    Created, OrderState, RefundOutcome, RefundRequest, SIGNATURE_WINDOW_SECONDS,
+};
+use crate::money::Currency;
 use crate::secret::Secret;
 
 /// The scheme of the `Authorization` header and the value of `Wechatpay-Signature-Type`.
@@ -364,6 +377,497 @@ pub fn encrypt_resource(
         nonce: nonce.to_owned(),
         original_type: None,
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The adapter: native order, query, close, refund (DESIGN.md §5).
+//
+// Requests are signed over the request target exactly as sent (the path with the base URL's
+// prefix, plus `?` and the raw query), so a GET's `?mchid=…` is signed. Every reply but a 5xx
+// must verify with the platform key its `Wechatpay-Serial` names (5-minute window, probe
+// signatures refused): an unverifiable reply is an unknown outcome, never a success nor a
+// decline. Replies must name our `mchid`, `appid` and order. Errors are 4xx
+// `{"code": "…", "message": "…"}`: 404 (`ORDER_NOT_EXIST`, `RESOURCE_NOT_EXISTS`) on a query
+// is "no such order"; 429 `FREQUENCY_LIMITED` is throttling; `SYSTEM_ERROR` is a server error;
+// on a create, `OUT_TRADE_NO_USED`/`ORDERPAID`/`ORDER_CLOSED` say the order id already exists
+// (maybe from our own earlier try): unknown outcome; any other 4xx is a decline.
+//
+// Close answers 204 without saying what the order was; so a close is always followed by a
+// query, whose verified state gives the [`CloseOutcome`] (one extra round trip, on a path that
+// runs only for unknown outcomes).
+// ---------------------------------------------------------------------------------------------
+
+/// The WeChat Pay adapter of one configured channel (merchant `mchid`, app `appid`).
+#[derive(Debug)]
+pub struct WechatPayChannel {
+    id: String,
+    mchid: String,
+    appid: String,
+    merchant_serial: String,
+    base: BaseUrl,
+    merchant_key: RsaPrivateKey,
+    platform_keys: PlatformKeys,
+    http: HttpClient,
+}
+
+/// The identifiers of a WeChat Pay merchant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WechatPayIds {
+    pub mchid: String,
+    pub appid: String,
+    /// The serial of the merchant certificate whose key signs our requests.
+    pub merchant_serial: String,
+}
+
+#[derive(Serialize)]
+struct NativeOrderBody<'a> {
+    appid: &'a str,
+    mchid: &'a str,
+    description: &'a str,
+    out_trade_no: &'a str,
+    time_expire: String,
+    notify_url: &'a str,
+    amount: OrderAmount,
+}
+
+#[derive(Serialize)]
+struct OrderAmount {
+    total: i64,
+    currency: &'static str,
+}
+
+#[derive(Serialize)]
+struct CloseBody<'a> {
+    mchid: &'a str,
+}
+
+#[derive(Serialize)]
+struct RefundBody<'a> {
+    out_trade_no: &'a str,
+    out_refund_no: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    notify_url: Option<&'a str>,
+    amount: RefundAmount,
+}
+
+#[derive(Serialize)]
+struct RefundAmount {
+    refund: i64,
+    total: i64,
+    currency: &'static str,
+}
+
+#[derive(Deserialize)]
+struct NativeReply {
+    code_url: String,
+}
+
+#[derive(Deserialize)]
+struct TransactionReply {
+    appid: String,
+    mchid: String,
+    out_trade_no: String,
+    #[serde(default)]
+    transaction_id: Option<String>,
+    trade_state: String,
+    #[serde(default)]
+    amount: Option<TransactionAmount>,
+}
+
+#[derive(Deserialize)]
+struct TransactionAmount {
+    total: i64,
+    #[serde(default)]
+    currency: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RefundReply {
+    #[serde(default)]
+    refund_id: Option<String>,
+    out_refund_no: String,
+    status: String,
+}
+
+#[derive(Deserialize, Default)]
+struct ErrorReply {
+    #[serde(default)]
+    code: String,
+    #[serde(default)]
+    message: String,
+}
+
+/// Codes of a 4xx create answer meaning "this order id already exists" (perhaps ours).
+const ORDER_EXISTS_CODES: [&str; 3] = ["OUT_TRADE_NO_USED", "ORDERPAID", "ORDER_CLOSED"];
+
+impl WechatPayChannel {
+    pub fn new(
+        id: impl Into<String>,
+        ids: WechatPayIds,
+        base: BaseUrl,
+        merchant_key: RsaPrivateKey,
+        platform_keys: PlatformKeys,
+        http: HttpClient,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            mchid: ids.mchid,
+            appid: ids.appid,
+            merchant_serial: ids.merchant_serial,
+            base,
+            merchant_key,
+            platform_keys,
+            http,
+        }
+    }
+
+    /// A request signed at `now_unix_seconds` with `nonce` over the target as sent.
+    fn signed(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: String,
+        now_unix_seconds: u64,
+        nonce: &str,
+    ) -> Result<Request<Full<Bytes>>, ChannelError> {
+        let uri = self.base.join(path_and_query)?;
+        let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let signature = sign_request(
+            &self.merchant_key,
+            method.as_str(),
+            target,
+            now_unix_seconds,
+            nonce,
+            &body,
+        );
+        let authorization = authorization_header(
+            &self.mchid,
+            &self.merchant_serial,
+            nonce,
+            now_unix_seconds,
+            &signature,
+        );
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(AUTHORIZATION, authorization)
+            .header(ACCEPT, "application/json");
+        if !body.is_empty() {
+            builder = builder.header(CONTENT_TYPE, "application/json");
+        }
+        builder
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| ChannelError::invalid(e.to_string()))
+    }
+
+    /// `POST /v3/pay/transactions/native`.
+    pub fn create_request(
+        &self,
+        req: &CreateOrder,
+        now_ms: u64,
+        nonce: &str,
+    ) -> Result<Request<Full<Bytes>>, ChannelError> {
+        check_create(req, now_ms)?;
+        let body = serde_json::to_string(&NativeOrderBody {
+            appid: &self.appid,
+            mchid: &self.mchid,
+            description: &req.description,
+            out_trade_no: req.order_id.as_str(),
+            time_expire: rfc3339_shanghai(req.expires_at_ms / 1000),
+            notify_url: &req.notify_url,
+            amount: OrderAmount {
+                total: req.amount.minor(),
+                currency: req.currency.code(),
+            },
+        })
+        .map_err(|e| ChannelError::invalid(e.to_string()))?;
+        self.signed(
+            Method::POST,
+            "/v3/pay/transactions/native",
+            body,
+            now_ms / 1000,
+            nonce,
+        )
+    }
+
+    /// `GET /v3/pay/transactions/out-trade-no/{no}?mchid=…`.
+    pub fn query_request(
+        &self,
+        order: &ChannelOrderId,
+        now_ms: u64,
+        nonce: &str,
+    ) -> Result<Request<Full<Bytes>>, ChannelError> {
+        // Both parts are `[0-9A-Za-z_-]`/digits (checked at build): nothing to percent-encode.
+        let target = format!(
+            "/v3/pay/transactions/out-trade-no/{order}?mchid={}",
+            self.mchid
+        );
+        self.signed(Method::GET, &target, String::new(), now_ms / 1000, nonce)
+    }
+
+    /// `POST /v3/pay/transactions/out-trade-no/{no}/close` with `{"mchid": …}`.
+    pub fn close_request(
+        &self,
+        order: &ChannelOrderId,
+        now_ms: u64,
+        nonce: &str,
+    ) -> Result<Request<Full<Bytes>>, ChannelError> {
+        let body = serde_json::to_string(&CloseBody { mchid: &self.mchid })
+            .map_err(|e| ChannelError::invalid(e.to_string()))?;
+        let target = format!("/v3/pay/transactions/out-trade-no/{order}/close");
+        self.signed(Method::POST, &target, body, now_ms / 1000, nonce)
+    }
+
+    /// `POST /v3/refund/domestic/refunds`.
+    pub fn refund_request(
+        &self,
+        req: &RefundRequest,
+        now_ms: u64,
+        nonce: &str,
+    ) -> Result<Request<Full<Bytes>>, ChannelError> {
+        let body = serde_json::to_string(&RefundBody {
+            out_trade_no: req.order_id.as_str(),
+            out_refund_no: req.refund_id.as_str(),
+            reason: req.reason.as_deref(),
+            notify_url: req.notify_url.as_deref(),
+            amount: RefundAmount {
+                refund: req.amount.minor(),
+                total: req.order_total.minor(),
+                currency: req.currency.code(),
+            },
+        })
+        .map_err(|e| ChannelError::invalid(e.to_string()))?;
+        self.signed(
+            Method::POST,
+            "/v3/refund/domestic/refunds",
+            body,
+            now_ms / 1000,
+            nonce,
+        )
+    }
+
+    /// The verified body of a reply that is not a 5xx.
+    fn verified<'a>(&self, reply: &'a HttpReply, now_ms: u64) -> Result<&'a str, ChannelError> {
+        if let Some(error) = server_error(reply.status) {
+            return Err(error);
+        }
+        let header = |name: &'static str| {
+            reply
+                .header(name)
+                .ok_or_else(|| ChannelError::unverifiable(format!("no {name}")))
+        };
+        let headers = SignatureHeaders {
+            timestamp: header("Wechatpay-Timestamp")?,
+            nonce: header("Wechatpay-Nonce")?,
+            signature: header("Wechatpay-Signature")?,
+            serial: header("Wechatpay-Serial")?,
+            signature_type: reply.header("Wechatpay-Signature-Type"),
+        };
+        let body = reply.text()?;
+        verify_response(&self.platform_keys, &headers, body, now_ms / 1000)
+            .map_err(|e| ChannelError::unverifiable(e.to_string()))?;
+        Ok(body)
+    }
+
+    fn error_reply(body: &str) -> ErrorReply {
+        serde_json::from_str(body).unwrap_or_default()
+    }
+
+    /// The error of a verified 4xx reply.
+    fn client_error(status: StatusCode, error: &ErrorReply) -> ChannelError {
+        if status == StatusCode::TOO_MANY_REQUESTS || error.code == "FREQUENCY_LIMITED" {
+            return ChannelError::Throttled {
+                code: "FREQUENCY_LIMITED".into(),
+            };
+        }
+        if error.code == "SYSTEM_ERROR" {
+            return ChannelError::ServerError {
+                status: status.as_u16(),
+                code: error.code.clone(),
+            };
+        }
+        let code = if error.code.is_empty() {
+            format!("http_{}", status.as_u16())
+        } else {
+            error.code.clone()
+        };
+        ChannelError::declined(&code, &error.message)
+    }
+
+    pub fn parse_create(&self, reply: &HttpReply, now_ms: u64) -> Result<Created, ChannelError> {
+        let body = self.verified(reply, now_ms)?;
+        if !reply.status.is_success() {
+            let error = Self::error_reply(body);
+            if ORDER_EXISTS_CODES.contains(&error.code.as_str()) {
+                return Err(ChannelError::UnexpectedReply {
+                    reason: format!("{}: the order id already exists", error.code),
+                });
+            }
+            return Err(Self::client_error(reply.status, &error));
+        }
+        let parsed: NativeReply = serde_json::from_str(body)
+            .map_err(|_| ChannelError::unverifiable("the native order reply does not parse"))?;
+        Ok(Created {
+            action: Action::QrCode(parsed.code_url),
+            channel_txn_id: None,
+        })
+    }
+
+    pub fn parse_query(
+        &self,
+        order: &ChannelOrderId,
+        reply: &HttpReply,
+        now_ms: u64,
+    ) -> Result<OrderState, ChannelError> {
+        let body = self.verified(reply, now_ms)?;
+        if reply.status == StatusCode::NOT_FOUND {
+            return Ok(OrderState::NotFound);
+        }
+        if !reply.status.is_success() {
+            let error = Self::error_reply(body);
+            if error.code == "ORDER_NOT_EXIST" || error.code == "RESOURCE_NOT_EXISTS" {
+                return Ok(OrderState::NotFound);
+            }
+            return Err(Self::client_error(reply.status, &error));
+        }
+        let parsed: TransactionReply = serde_json::from_str(body)
+            .map_err(|_| ChannelError::unverifiable("the transaction reply does not parse"))?;
+        if parsed.mchid != self.mchid || parsed.appid != self.appid {
+            return Err(ChannelError::unverifiable(
+                "the reply is for another merchant",
+            ));
+        }
+        if parsed.out_trade_no != order.as_str() {
+            return Err(ChannelError::unverifiable("the reply is for another order"));
+        }
+        let paid = |refunded: bool| -> Result<OrderState, ChannelError> {
+            let amount = parsed
+                .amount
+                .as_ref()
+                .ok_or_else(|| ChannelError::unverifiable("a paid order without amount"))?;
+            let currency = Currency::parse(amount.currency.as_deref().unwrap_or("CNY"))
+                .map_err(|_| ChannelError::unverifiable("unknown currency"))?;
+            let channel_txn_id = parsed.transaction_id.clone().unwrap_or_default();
+            let amount_minor = amount.total;
+            Ok(if refunded {
+                OrderState::Refunded {
+                    channel_txn_id,
+                    amount_minor,
+                    currency,
+                }
+            } else {
+                OrderState::Paid {
+                    channel_txn_id,
+                    amount_minor,
+                    currency,
+                }
+            })
+        };
+        match parsed.trade_state.as_str() {
+            "NOTPAY" | "USERPAYING" => Ok(OrderState::Pending),
+            "SUCCESS" => paid(false),
+            "REFUND" => paid(true),
+            "CLOSED" | "REVOKED" => Ok(OrderState::Closed),
+            "PAYERROR" => Ok(OrderState::Failed),
+            _ => Err(ChannelError::UnexpectedReply {
+                reason: "unknown trade_state".into(),
+            }),
+        }
+    }
+
+    /// The close reply: `Ok(true)` when a query must tell the outcome (a 204, or a verified
+    /// refusal that may mean "already paid/closed"), `Ok(false)` when the order does not exist.
+    pub fn parse_close(&self, reply: &HttpReply, now_ms: u64) -> Result<bool, ChannelError> {
+        let body = self.verified(reply, now_ms)?;
+        if reply.status.is_success() {
+            return Ok(true);
+        }
+        let error = Self::error_reply(body);
+        if reply.status == StatusCode::NOT_FOUND || error.code == "ORDER_NOT_EXIST" {
+            return Ok(false);
+        }
+        match Self::client_error(reply.status, &error) {
+            // A refusal such as "already paid" or "already closed": the query says which.
+            ChannelError::Declined { .. } => Ok(true),
+            other => Err(other),
+        }
+    }
+
+    pub fn parse_refund(
+        &self,
+        req: &RefundRequest,
+        reply: &HttpReply,
+        now_ms: u64,
+    ) -> Result<RefundOutcome, ChannelError> {
+        let body = self.verified(reply, now_ms)?;
+        if !reply.status.is_success() {
+            return Err(Self::client_error(reply.status, &Self::error_reply(body)));
+        }
+        let parsed: RefundReply = serde_json::from_str(body)
+            .map_err(|_| ChannelError::unverifiable("the refund reply does not parse"))?;
+        if parsed.out_refund_no != req.refund_id.as_str() {
+            return Err(ChannelError::unverifiable(
+                "the reply is for another refund",
+            ));
+        }
+        let channel_refund_id = parsed.refund_id;
+        match parsed.status.as_str() {
+            "SUCCESS" => Ok(RefundOutcome::Succeeded { channel_refund_id }),
+            "PROCESSING" => Ok(RefundOutcome::Pending { channel_refund_id }),
+            "CLOSED" | "ABNORMAL" => Ok(RefundOutcome::Failed {
+                channel_refund_id,
+                status: parsed.status,
+            }),
+            _ => Err(ChannelError::UnexpectedReply {
+                reason: "unknown refund status".into(),
+            }),
+        }
+    }
+}
+
+#[async_trait]
+impl Channel for WechatPayChannel {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn kind(&self) -> ChannelKind {
+        ChannelKind::Wechatpay
+    }
+
+    async fn create_order(&self, req: &CreateOrder) -> Result<Created, ChannelError> {
+        let request = self.create_request(req, now_unix_ms(), &random_nonce())?;
+        let reply = self.http.send(request).await?;
+        self.parse_create(&reply, now_unix_ms())
+    }
+
+    async fn query(&self, order: &ChannelOrderId) -> Result<OrderState, ChannelError> {
+        let request = self.query_request(order, now_unix_ms(), &random_nonce())?;
+        let reply = self.http.send(request).await?;
+        self.parse_query(order, &reply, now_unix_ms())
+    }
+
+    async fn close(&self, order: &ChannelOrderId) -> Result<CloseOutcome, ChannelError> {
+        let request = self.close_request(order, now_unix_ms(), &random_nonce())?;
+        let reply = self.http.send(request).await?;
+        if !self.parse_close(&reply, now_unix_ms())? {
+            return Ok(CloseOutcome::NotFound);
+        }
+        self.query(order)
+            .await?
+            .after_close()
+            .ok_or_else(|| ChannelError::UnexpectedReply {
+                reason: "the order is still payable after the close".into(),
+            })
+    }
+
+    async fn refund(&self, req: &RefundRequest) -> Result<RefundOutcome, ChannelError> {
+        let request = self.refund_request(req, now_unix_ms(), &random_nonce())?;
+        let reply = self.http.send(request).await?;
+        self.parse_refund(req, &reply, now_unix_ms())
+    }
 }
 
 #[cfg(test)]
@@ -770,6 +1274,301 @@ mod tests {
                 decrypt_resource(&key, &tampered),
                 Err(ResourceError::AuthenticationFailed)
             );
+        }
+    }
+    mod adapter {
+        use super::super::*;
+        use super::{platform_keys, MCHID, MERCHANT_SERIAL, PLATFORM_SERIAL};
+        use crate::channels::test_keys::*;
+        use crate::channels::test_support::*;
+
+        const APPID: &str = "wxd678efh567hg6787";
+        const NONCE: &str = "593BEC0C930BF1AFEB40B4A08C8FB242";
+
+        fn channel() -> WechatPayChannel {
+            WechatPayChannel::new(
+                "wx",
+                WechatPayIds {
+                    mchid: MCHID.into(),
+                    appid: APPID.into(),
+                    merchant_serial: MERCHANT_SERIAL.into(),
+                },
+                BaseUrl::parse("http://127.0.0.1:9/wx").unwrap(),
+                merchant(),
+                platform_keys(),
+                http(),
+            )
+        }
+
+        /// A reply signed by the platform key of PLATFORM_SERIAL at `at_ms`.
+        fn signed_at(status: u16, body: &str, at_ms: u64) -> HttpReply {
+            let ts = (at_ms / 1000).to_string();
+            let signature = sign_response(&platform(), at_ms / 1000, "n0nce", body);
+            reply(
+                status,
+                &[
+                    ("Wechatpay-Timestamp", &ts),
+                    ("Wechatpay-Nonce", "n0nce"),
+                    ("Wechatpay-Signature", &signature),
+                    ("Wechatpay-Serial", PLATFORM_SERIAL),
+                    ("Wechatpay-Signature-Type", SIGNATURE_TYPE),
+                ],
+                body,
+            )
+        }
+
+        fn signed(status: u16, body: &str) -> HttpReply {
+            signed_at(status, body, NOW_MS)
+        }
+
+        /// The fields of an `Authorization` header.
+        fn authorization_fields(header: &str) -> std::collections::HashMap<String, String> {
+            let rest = header.strip_prefix("WECHATPAY2-SHA256-RSA2048 ").unwrap();
+            rest.split(',')
+                .map(|item| {
+                    let (k, v) = item.split_once('=').unwrap();
+                    (k.to_owned(), v.trim_matches('"').to_owned())
+                })
+                .collect()
+        }
+
+        #[tokio::test]
+        async fn the_get_query_signs_the_path_with_its_query() {
+            let order = order_id();
+            let (parts, body) =
+                split(channel().query_request(&order, NOW_MS, NONCE).unwrap()).await;
+            assert_eq!(parts.method, Method::GET);
+            let target = format!("/wx/v3/pay/transactions/out-trade-no/{order}?mchid={MCHID}");
+            assert_eq!(parts.uri.path_and_query().unwrap().as_str(), target);
+            assert_eq!(body, "");
+            let fields = authorization_fields(parts.headers[AUTHORIZATION].to_str().unwrap());
+            assert_eq!(fields["mchid"], MCHID);
+            assert_eq!(fields["nonce_str"], NONCE);
+            assert_eq!(fields["timestamp"], "1714564800");
+            assert_eq!(fields["serial_no"], MERCHANT_SERIAL);
+            let signature = STANDARD.decode(&fields["signature"]).unwrap();
+            let message = request_message("GET", &target, 1714564800, NONCE, "");
+            assert!(message.contains("?mchid=1900000109\n"));
+            assert!(merchant_public().verify_sha256(message.as_bytes(), &signature));
+            // Without the query, the signature does not verify: the classic mistake.
+            let path_only = request_message(
+                "GET",
+                target.split('?').next().unwrap(),
+                1714564800,
+                NONCE,
+                "",
+            );
+            assert!(!merchant_public().verify_sha256(path_only.as_bytes(), &signature));
+        }
+
+        #[tokio::test]
+        async fn builds_native_order_close_and_refund_requests() {
+            let order = create_order();
+            let (parts, body) =
+                split(channel().create_request(&order, NOW_MS, NONCE).unwrap()).await;
+            assert_eq!(parts.method, Method::POST);
+            assert_eq!(parts.uri.path(), "/wx/v3/pay/transactions/native");
+            assert_eq!(parts.headers[CONTENT_TYPE], "application/json");
+            let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(json["appid"], APPID);
+            assert_eq!(json["mchid"], MCHID);
+            assert_eq!(json["description"], order.description.as_str());
+            assert_eq!(json["out_trade_no"], order.order_id.as_str());
+            assert_eq!(json["time_expire"], "2024-05-01T20:15:00+08:00");
+            assert_eq!(json["notify_url"], order.notify_url.as_str());
+            assert_eq!(json["amount"]["total"], 8888);
+            assert_eq!(json["amount"]["currency"], "CNY");
+            let fields = authorization_fields(parts.headers[AUTHORIZATION].to_str().unwrap());
+            let message = request_message(
+                "POST",
+                "/wx/v3/pay/transactions/native",
+                1714564800,
+                NONCE,
+                &body,
+            );
+            let signature = STANDARD.decode(&fields["signature"]).unwrap();
+            assert!(merchant_public().verify_sha256(message.as_bytes(), &signature));
+
+            let (parts, body) = split(
+                channel()
+                    .close_request(&order.order_id, NOW_MS, NONCE)
+                    .unwrap(),
+            )
+            .await;
+            assert_eq!(
+                parts.uri.path(),
+                format!(
+                    "/wx/v3/pay/transactions/out-trade-no/{}/close",
+                    order.order_id
+                )
+            );
+            assert_eq!(body, r#"{"mchid":"1900000109"}"#);
+
+            let refund = refund_request(order.order_id.clone());
+            let (parts, body) =
+                split(channel().refund_request(&refund, NOW_MS, NONCE).unwrap()).await;
+            assert_eq!(parts.uri.path(), "/wx/v3/refund/domestic/refunds");
+            let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(json["out_trade_no"], order.order_id.as_str());
+            assert_eq!(json["out_refund_no"], "rf_0001");
+            assert_eq!(json["amount"]["refund"], 1000);
+            assert_eq!(json["amount"]["total"], 8888);
+        }
+
+        fn transaction(order: &ChannelOrderId, state: &str) -> String {
+            format!(
+                r#"{{"appid":"{APPID}","mchid":"{MCHID}","out_trade_no":"{order}","transaction_id":"4200000001","trade_type":"NATIVE","trade_state":"{state}","amount":{{"total":8888,"currency":"CNY"}}}}"#
+            )
+        }
+
+        #[test]
+        fn reads_verified_replies() {
+            let order = order_id();
+            let created = channel().parse_create(
+                &signed(200, r#"{"code_url":"weixin://wxpay/bizpayurl?pr=abc"}"#),
+                NOW_MS,
+            );
+            assert_eq!(
+                created,
+                Ok(Created {
+                    action: Action::QrCode("weixin://wxpay/bizpayurl?pr=abc".into()),
+                    channel_txn_id: None
+                })
+            );
+            assert_eq!(
+                channel().parse_query(
+                    &order,
+                    &signed(200, &transaction(&order, "SUCCESS")),
+                    NOW_MS
+                ),
+                Ok(OrderState::Paid {
+                    channel_txn_id: "4200000001".into(),
+                    amount_minor: 8888,
+                    currency: Currency::Cny
+                })
+            );
+            for (state, expected) in [
+                ("NOTPAY", OrderState::Pending),
+                ("USERPAYING", OrderState::Pending),
+                ("CLOSED", OrderState::Closed),
+                ("REVOKED", OrderState::Closed),
+                ("PAYERROR", OrderState::Failed),
+            ] {
+                assert_eq!(
+                    channel().parse_query(
+                        &order,
+                        &signed(200, &transaction(&order, state)),
+                        NOW_MS
+                    ),
+                    Ok(expected)
+                );
+            }
+            let missing = signed(404, r#"{"code":"ORDER_NOT_EXIST","message":"no"}"#);
+            assert_eq!(
+                channel().parse_query(&order, &missing, NOW_MS),
+                Ok(OrderState::NotFound)
+            );
+            assert_eq!(channel().parse_close(&signed(204, ""), NOW_MS), Ok(true));
+            assert_eq!(channel().parse_close(&missing, NOW_MS), Ok(false));
+            let refund = refund_request(order.clone());
+            let processing = signed(
+                200,
+                r#"{"refund_id":"50000000382019052709732678859","out_refund_no":"rf_0001","status":"PROCESSING"}"#,
+            );
+            assert_eq!(
+                channel().parse_refund(&refund, &processing, NOW_MS),
+                Ok(RefundOutcome::Pending {
+                    channel_refund_id: Some("50000000382019052709732678859".into())
+                })
+            );
+        }
+
+        #[test]
+        fn maps_error_replies_by_what_they_say_about_the_attempt() {
+            let declined = channel()
+                .parse_create(
+                    &signed(400, r#"{"code":"PARAM_ERROR","message":"bad"}"#),
+                    NOW_MS,
+                )
+                .unwrap_err();
+            assert_eq!(
+                declined,
+                ChannelError::Declined {
+                    code: "PARAM_ERROR".into(),
+                    message: "bad".into()
+                }
+            );
+            assert!(declined.certainly_not_executed());
+            assert!(matches!(
+                assert_unknown(channel().parse_create(
+                    &signed(400, r#"{"code":"OUT_TRADE_NO_USED","message":"dup"}"#),
+                    NOW_MS
+                )),
+                ChannelError::UnexpectedReply { .. }
+            ));
+            assert!(matches!(
+                channel().parse_create(
+                    &signed(429, r#"{"code":"FREQUENCY_LIMITED","message":"slow"}"#),
+                    NOW_MS
+                ),
+                Err(ChannelError::Throttled { .. })
+            ));
+            assert!(matches!(
+                assert_unknown(
+                    channel().parse_create(&reply(500, &[], r#"{"code":"SYSTEM_ERROR"}"#), NOW_MS)
+                ),
+                ChannelError::ServerError { status: 500, .. }
+            ));
+        }
+
+        #[test]
+        fn refuses_unsigned_forged_probe_stale_and_foreign_replies() {
+            let order = order_id();
+            let body = transaction(&order, "SUCCESS");
+            assert_unverifiable(channel().parse_query(&order, &reply(200, &[], &body), NOW_MS));
+            // An unsigned decline is no decline.
+            assert_unverifiable(
+                channel().parse_create(&reply(400, &[], r#"{"code":"PARAM_ERROR"}"#), NOW_MS),
+            );
+            let with = |name: &str, value: &str| {
+                let mut r = signed(200, &body);
+                r.headers.insert(
+                    hyper::header::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    value.parse().unwrap(),
+                );
+                r
+            };
+            let forged = STANDARD.encode(
+                merchant().sign_sha256(response_message("1714564800", "n0nce", &body).as_bytes()),
+            );
+            assert_unverifiable(channel().parse_query(
+                &order,
+                &with("Wechatpay-Signature", &forged),
+                NOW_MS,
+            ));
+            assert_unverifiable(channel().parse_query(
+                &order,
+                &with("Wechatpay-Signature", "WECHATPAY/SIGNTEST/abc"),
+                NOW_MS,
+            ));
+            assert_unverifiable(channel().parse_query(
+                &order,
+                &with("Wechatpay-Serial", "UNKNOWN"),
+                NOW_MS,
+            ));
+            assert_unverifiable(channel().parse_query(
+                &order,
+                &signed_at(200, &body, NOW_MS - 301_000),
+                NOW_MS,
+            ));
+            let tampered = {
+                let mut r = signed(200, &body);
+                r.body = body.replace("8888", "1").into();
+                r
+            };
+            assert_unverifiable(channel().parse_query(&order, &tampered, NOW_MS));
+            let foreign = body.replace(MCHID, "1900000999");
+            assert_unverifiable(channel().parse_query(&order, &signed(200, &foreign), NOW_MS));
         }
     }
 }
