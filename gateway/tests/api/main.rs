@@ -3,6 +3,7 @@
 //! `TEST_LOG=1` turns the gateway's logs on.
 
 mod binary;
+mod channels;
 mod conformance;
 mod crash;
 mod helpers;
