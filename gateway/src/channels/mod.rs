@@ -357,6 +357,11 @@ pub enum ChannelError {
     /// A verified refusal for rate limiting: not executed, but a sign of trouble.
     #[error("rate limited by the channel: {code}")]
     Throttled { code: String },
+    /// A verified refusal of *our credentials* (bad signature, unknown app or merchant id,
+    /// HTTP 401): not executed, but every call to this channel will fail the same way, so it
+    /// counts against the breaker (a decline does not).
+    #[error("the channel refused our credentials: {code}: {message}")]
+    Rejected { code: String, message: String },
 
     // --- Unknown outcome: the channel may have executed the request -----------------------
     /// No complete answer within the request timeout.
@@ -392,7 +397,8 @@ impl ChannelError {
             | ChannelError::ConnectFailed { .. }
             | ChannelError::InvalidRequest { .. }
             | ChannelError::Declined { .. }
-            | ChannelError::Throttled { .. } => true,
+            | ChannelError::Throttled { .. }
+            | ChannelError::Rejected { .. } => true,
             ChannelError::Timeout
             | ChannelError::Io { .. }
             | ChannelError::ServerError { .. }
@@ -415,6 +421,7 @@ impl ChannelError {
             ChannelError::ConnectRefused
             | ChannelError::ConnectFailed { .. }
             | ChannelError::Throttled { .. }
+            | ChannelError::Rejected { .. }
             | ChannelError::Timeout
             | ChannelError::Io { .. }
             | ChannelError::ServerError { .. }
@@ -433,6 +440,7 @@ impl ChannelError {
             ChannelError::InvalidRequest { .. } => "invalid_request",
             ChannelError::Declined { .. } => "declined",
             ChannelError::Throttled { .. } => "throttled",
+            ChannelError::Rejected { .. } => "rejected",
             ChannelError::Timeout => "timeout",
             ChannelError::Io { .. } => "io",
             ChannelError::ServerError { .. } => "server_error",
@@ -454,14 +462,37 @@ impl ChannelError {
         }
     }
 
-    /// A decline, with the channel's message cut to [`MAX_DECLINE_MESSAGE_CHARS`].
+    /// A verified refusal, with the channel's message cut to [`MAX_DECLINE_MESSAGE_CHARS`]:
+    /// a refusal of our credentials ([`CREDENTIAL_REFUSALS`]) is `Rejected`, any other a
+    /// business `Declined`.
     pub(crate) fn declined(code: &str, message: &str) -> Self {
-        ChannelError::Declined {
-            code: truncate_chars(code, MAX_DECLINE_MESSAGE_CHARS),
-            message: truncate_chars(message, MAX_DECLINE_MESSAGE_CHARS),
+        let code_text = truncate_chars(code, MAX_DECLINE_MESSAGE_CHARS);
+        let message = truncate_chars(message, MAX_DECLINE_MESSAGE_CHARS);
+        if CREDENTIAL_REFUSALS.contains(&code) {
+            ChannelError::Rejected {
+                code: code_text,
+                message,
+            }
+        } else {
+            ChannelError::Declined {
+                code: code_text,
+                message,
+            }
         }
     }
 }
+
+/// Refusal codes that mean "your credentials are wrong", per protocol: Alipay's `isv.*`
+/// signature and app-id sub-codes, WeChat Pay's `SIGN_ERROR`, and an HTTP 401 (the
+/// supplier's, or WeChat's without a code).
+pub const CREDENTIAL_REFUSALS: &[&str] = &[
+    "isv.invalid-signature",
+    "isv.missing-signature",
+    "isv.invalid-app-id",
+    "isv.invalid-signature-type",
+    "SIGN_ERROR",
+    "http_401",
+];
 
 fn truncate_chars(text: &str, max_chars: usize) -> String {
     text.chars().take(max_chars).collect()
@@ -1311,6 +1342,17 @@ mod tests {
         ] {
             assert!(e.counts_as_failure(), "{e:?}");
         }
+        // A refusal of our credentials is not a business decline: it trips the breaker.
+        for code in CREDENTIAL_REFUSALS {
+            let e = ChannelError::declined(code, "bad signature");
+            assert!(matches!(e, ChannelError::Rejected { .. }), "{code}: {e:?}");
+            assert!(
+                e.certainly_not_executed() && e.counts_as_failure(),
+                "{code}"
+            );
+        }
+        let business = ChannelError::declined("ACQ.ACCESS_FORBIDDEN", "no");
+        assert!(!business.counts_as_failure() && business.certainly_not_executed());
         let long = ChannelError::declined("c", &"m".repeat(10_000));
         assert!(
             matches!(long, ChannelError::Declined { message, .. } if message.len() == MAX_DECLINE_MESSAGE_CHARS)

@@ -3,7 +3,11 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::Duration;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long the binary may take to say it listens (startup recovery included).
+const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -36,29 +40,55 @@ impl Gateway {
             .env("GATEWAY__STORE__RECOVERY_INTERVAL_MS", "100")
             .env_remove("GATEWAY__STORE__URL")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null());
+            .stderr(Stdio::piped());
         match redis {
             Some(redis) => command.env("GATEWAY__REDIS__URL", redis.url()),
             None => command.env_remove("GATEWAY__REDIS__URL"),
         };
+        let mut child = command.spawn().unwrap();
+        // Drain both pipes for the whole life of the process (a full pipe would block its
+        // logging), collecting the output for diagnostics; stdout lines also go to `lines`.
+        let output = Arc::new(Mutex::new(String::new()));
+        let (lines_tx, lines) = mpsc::channel::<String>();
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (out, err) = (output.clone(), output.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                out.lock().unwrap().push_str(&line);
+                out.lock().unwrap().push('\n');
+                let _ = lines_tx.send(line);
+            }
+        });
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                err.lock().unwrap().push_str(&line);
+                err.lock().unwrap().push('\n');
+            }
+        });
         let mut gateway = Gateway {
-            child: command.spawn().unwrap(),
+            child,
             addr: String::new(),
             banner: String::new(),
         };
-        let mut stdout = BufReader::new(gateway.child.stdout.take().unwrap());
-        for _ in 0..50 {
-            let mut line = String::new();
-            if stdout.read_line(&mut line).unwrap() == 0 {
-                break;
-            }
+        let deadline = Instant::now() + START_TIMEOUT;
+        while let Ok(line) = lines.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
             gateway.banner.push_str(&line);
+            gateway.banner.push('\n');
             if let Some(addr) = line.trim().strip_prefix("gateway listening on http://") {
                 gateway.addr = addr.to_owned();
                 return gateway;
             }
         }
-        panic!("the gateway did not start"); // Drop kills and reaps it
+        // It exited or never said it listens: show why (Drop kills and reaps it).
+        let _ = gateway.child.kill();
+        let _ = gateway.child.wait();
+        std::thread::sleep(Duration::from_millis(100)); // let the drain threads finish
+        panic!(
+            "the gateway did not start; it printed:\n{}",
+            output.lock().unwrap()
+        );
     }
 
     /// SIGKILL: no chance to clean up.

@@ -558,11 +558,13 @@ async fn a_request_signed_with_the_wrong_key_is_refused(protocol: Protocol) {
                 Protocol::Alipay => "isv.invalid-signature",
                 _ => "SIGN_ERROR",
             };
+            // A refusal of our credentials: nothing executed, and the breaker counts it (a
+            // misconfigured channel must open its breaker, not be retried for ever).
             assert!(
-                matches!(&error, ChannelError::Declined { code, .. } if code == expected_code),
+                matches!(&error, ChannelError::Rejected { code, .. } if code == expected_code),
                 "{error:?}"
             );
-            assert_not_executed_not_counted(&error);
+            assert!(error.certainly_not_executed() && error.counts_as_failure());
         }
         Protocol::Supplier => {
             assert!(
@@ -776,7 +778,7 @@ fn assert_contains(actual: &Value, expected: &Value) {
 /// WeChat Pay's query is a GET whose signed URL line carries `?mchid=…`: the simulator checks
 /// the signature before anything else, so a `404 ORDER_NOT_EXIST` (read as `NotFound`) and a
 /// `NOTPAY` transaction (read as `Pending`) both prove the query was signed correctly; a
-/// signature mismatch would be a `401 SIGN_ERROR` decline.
+/// signature mismatch would be a `401 SIGN_ERROR` refusal of our credentials.
 #[tokio::test]
 async fn wechatpay_signed_get_query_is_accepted() {
     let fx = Fixture::start(Protocol::Wechatpay, Options::default()).await;
