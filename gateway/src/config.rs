@@ -41,6 +41,9 @@ pub struct Settings {
     pub limits: LimitSettings,
     pub admin: AdminSettings,
     pub merchants: BTreeMap<String, MerchantSettings>,
+    /// Upstream channels by id (DESIGN.md §5).
+    #[serde(default)]
+    pub channels: BTreeMap<String, crate::channels::ChannelSettings>,
     #[serde(default)]
     pub telemetry: TelemetrySettings,
 }
@@ -803,6 +806,24 @@ fn validate(settings: Settings) -> Result<Config, ConfigError> {
                     );
                 }
             }
+        }
+    }
+
+    if s.channels.len() > crate::routing::MAX_CANDIDATES {
+        c.fail(
+            "channels",
+            format!("at most {} channels", crate::routing::MAX_CANDIDATES),
+        );
+    }
+    for (id, channel) in &s.channels {
+        if crate::ids::AccountId::parse(id).is_err() {
+            c.fail(
+                format!("channels.{id}"),
+                "channel ids are [A-Za-z0-9_-]{1,64}",
+            );
+        }
+        if let Err(problem) = channel.validate() {
+            c.fail(format!("channels.{id}"), problem);
         }
     }
 

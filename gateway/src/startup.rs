@@ -15,10 +15,12 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::api::{self, AppState};
+use crate::channels::ChannelSettingsError;
 use crate::config::{Config, StoreLocation};
 use crate::preauth::memory::MemoryStore;
 use crate::preauth::redis::RedisStore;
 use crate::preauth::{spawn_sweeper, BalanceStore, StoreError};
+use crate::routing::ChannelRegistry;
 use crate::settlement::postgres::PostgresStore;
 use crate::settlement::recovery::{
     rebuild_balances, recover_once, spawn_recovery, RecoveryError, RecoveryReport,
@@ -41,6 +43,8 @@ pub enum StartError {
     Settlement(#[from] SettleError),
     #[error("rebuilding balances: {0}")]
     Recovery(#[from] RecoveryError),
+    #[error("{0}")]
+    Channel(#[from] ChannelSettingsError),
     #[error("{0}")]
     Refused(String),
 }
@@ -166,7 +170,8 @@ impl Application {
         if total.settled + total.intents + total.statuses + total.failed > 0 {
             tracing::info!(?total, "startup recovery");
         }
-        let state = Arc::new(AppState::new(Arc::new(config), balances, settler));
+        let channels = Arc::new(ChannelRegistry::build(&config.settings.channels)?);
+        let state = Arc::new(AppState::new(Arc::new(config), balances, settler, channels));
         Ok(Self {
             listener,
             state,

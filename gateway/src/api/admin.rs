@@ -54,3 +54,29 @@ pub async fn flagged(
         .collect();
     Ok(Json(json!({ "items": items })))
 }
+
+/// `GET /v1/admin/channels`: every configured channel with its breaker `state` (`closed`,
+/// `open`, `half_open`), recent success rate and mean latency over the breaker's window, and
+/// calls in flight.
+pub async fn channels(State(state): State<Arc<AppState>>, _admin: AuthAdmin) -> Json<Value> {
+    let channels: Vec<Value> = state
+        .channels
+        .statuses(tokio::time::Instant::now())
+        .into_iter()
+        .map(|c| {
+            json!({
+                "id": c.id,
+                "kind": c.kind.as_str(),
+                "priority": c.priority,
+                "enabled": c.enabled,
+                "state": c.breaker.state.as_str(),
+                "admits": c.breaker.admits,
+                "success_rate_percent": c.breaker.success_rate_percent,
+                "latency_ms": c.breaker.latency_mean_ms,
+                "calls_in_window": c.breaker.calls_in_window,
+                "in_flight": c.breaker.in_flight,
+            })
+        })
+        .collect();
+    Json(json!({ "channels": channels }))
+}

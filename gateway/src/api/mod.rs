@@ -25,6 +25,7 @@ use tokio::sync::Semaphore;
 
 use crate::config::Config;
 use crate::preauth::{BalanceStore, OpContext};
+use crate::routing::ChannelRegistry;
 use crate::settlement::settler::Settler;
 use crate::telemetry;
 use auth::Authenticator;
@@ -37,6 +38,8 @@ pub struct AppState {
     pub balances: Arc<dyn BalanceStore>,
     /// The system of record and the way to it.
     pub settler: Arc<Settler>,
+    /// The configured upstream channels with their breakers.
+    pub channels: Arc<ChannelRegistry>,
     pub auth: Authenticator,
     pub metrics: PrometheusHandle,
     /// Set on shutdown: `/readyz` turns not-ready so load balancers stop sending traffic.
@@ -50,8 +53,10 @@ impl AppState {
         config: Arc<Config>,
         balances: Arc<dyn BalanceStore>,
         settler: Arc<Settler>,
+        channels: Arc<ChannelRegistry>,
     ) -> Self {
         Self {
+            channels,
             balances,
             settler,
             auth: Authenticator::new(&config),
@@ -92,6 +97,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/payments/{id}", get(payments::get_payment))
         .route("/v1/payments/{id}/cancel", post(payments::cancel_payment))
         .route("/v1/admin/flagged", get(admin::flagged))
+        .route("/v1/admin/channels", get(admin::channels))
         // Only the API is shed under load: health checks and scrapes must still answer.
         .route_layer(middleware::from_fn_with_state(state.clone(), admit));
     Router::new()

@@ -26,7 +26,10 @@ pub use breaker::{
     Breaker, BreakerOpen, BreakerSettings, BreakerSnapshot, BreakerState, CallOutcome, CallPermit,
     FailureKind, TripReason,
 };
+pub mod registry;
+
 pub use policy::{rank, Candidate, ChannelRoute, LiveStats, RouteRequest, MAX_CANDIDATES};
+pub use registry::{ChannelEntry, ChannelRegistry, ChannelStatus};
 
 /// The latency assumed for a channel whose window holds no answered call (just started,
 /// or just closed after its probes): a typical upstream create call. Assuming 0 would

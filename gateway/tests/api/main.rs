@@ -2,6 +2,7 @@
 //! it needs (a real redis-server on a random port, the gateway on port 0) and tears it down.
 //! `TEST_LOG=1` turns the gateway's logs on.
 
+mod admin_channels;
 mod binary;
 mod channels;
 mod conformance;
