@@ -782,7 +782,7 @@ pub struct ChannelSettings {
     pub weight: u32,
     #[serde(default)]
     pub fee_bps: u32,
-    /// Payment methods, as the API names them (`alipay_qr`, …).
+    /// Payment methods, as the API names them (`alipay`, `wechatpay`, `supplier`).
     pub methods: Vec<String>,
     /// ISO 4217 codes; all must have the same number of minor digits (the amount bounds are
     /// read with it).

@@ -74,7 +74,7 @@ pub struct ChannelRoute {
     pub fee_bps: u32,
     /// An operator's switch: disabled channels are never candidates.
     pub enabled: bool,
-    /// Payment methods accepted, as the API names them (`alipay_qr`, …).
+    /// Payment methods accepted, as the API names them (`alipay`, `wechatpay`, `supplier`).
     pub methods: Vec<String>,
     /// ISO 4217 codes accepted.
     pub currencies: Vec<String>,
