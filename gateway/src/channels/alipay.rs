@@ -450,10 +450,7 @@ impl AlipayChannel {
         order: &ChannelOrderId,
         now_ms: u64,
     ) -> Result<Request<Full<Bytes>>, ChannelError> {
-        let biz = Self::biz(&TradeBiz {
-            out_trade_no: order.as_str(),
-        })?;
-        self.form_request(METHOD_QUERY, &biz, None, now_ms)
+        self.trade_request(METHOD_QUERY, order, now_ms)
     }
 
     pub fn close_request(
@@ -461,10 +458,20 @@ impl AlipayChannel {
         order: &ChannelOrderId,
         now_ms: u64,
     ) -> Result<Request<Full<Bytes>>, ChannelError> {
+        self.trade_request(METHOD_CLOSE, order, now_ms)
+    }
+
+    /// A call whose only business content is the order (`query`, `close`).
+    fn trade_request(
+        &self,
+        method: &str,
+        order: &ChannelOrderId,
+        now_ms: u64,
+    ) -> Result<Request<Full<Bytes>>, ChannelError> {
         let biz = Self::biz(&TradeBiz {
             out_trade_no: order.as_str(),
         })?;
-        self.form_request(METHOD_CLOSE, &biz, None, now_ms)
+        self.form_request(method, &biz, None, now_ms)
     }
 
     /// `alipay.trade.refund` with the caller's persisted `out_request_no`.
