@@ -25,7 +25,8 @@ pub const ENV_PREFIX: &str = "GATEWAY__";
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
-    /// Where the gateway keeps its files (settlement database, sandbox keys: later issues).
+    /// Where the gateway keeps its files (the SQLite settlement store; the sandbox keys and
+    /// manifest, `crate::sandbox`).
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
     #[serde(default)]
@@ -38,12 +39,17 @@ pub struct Settings {
     pub store: StoreSettings,
     #[serde(default)]
     pub payments: PaymentSettings,
+    #[serde(default)]
+    pub resolution: ResolutionSettings,
     pub limits: LimitSettings,
     pub admin: AdminSettings,
     pub merchants: BTreeMap<String, MerchantSettings>,
     /// Upstream channels by id (DESIGN.md §5).
     #[serde(default)]
     pub channels: BTreeMap<String, crate::channels::ChannelSettings>,
+    /// `serve --sandbox` only (DESIGN.md §10); ignored otherwise.
+    #[serde(default)]
+    pub sandbox: SandboxSettings,
     #[serde(default)]
     pub telemetry: TelemetrySettings,
 }
@@ -61,6 +67,10 @@ pub struct ServerSettings {
     /// Requests served at once; beyond it the gateway answers 503 at once (load shedding).
     pub max_in_flight_requests: usize,
     pub max_body_bytes: usize,
+    /// The gateway's URL as channels reach it (`https://pay.example.com`): channel orders'
+    /// notify URLs are `<public_url>/v1/callbacks/<channel id>`. Empty: `http://<bound
+    /// address>` (the sandbox).
+    pub public_url: String,
 }
 
 impl Default for ServerSettings {
@@ -70,6 +80,7 @@ impl Default for ServerSettings {
             shutdown_grace_ms: 10_000,
             max_in_flight_requests: 4_096,
             max_body_bytes: 16 * 1024,
+            public_url: String::new(),
         }
     }
 }
@@ -183,6 +194,8 @@ pub struct PaymentSettings {
     pub default_expires_in_seconds: u64,
     pub min_expires_in_seconds: u64,
     pub max_expires_in_seconds: u64,
+    /// Channel attempts per create call, the first included (DESIGN.md §6 failover).
+    pub max_attempts: u32,
 }
 
 impl Default for PaymentSettings {
@@ -191,6 +204,41 @@ impl Default for PaymentSettings {
             default_expires_in_seconds: 900,
             min_expires_in_seconds: 60,
             max_expires_in_seconds: 86_400,
+            max_attempts: 2,
+        }
+    }
+}
+
+/// The resolution loop (DESIGN.md §7): pending channel payments are queried, and closed at
+/// expiry, even when no callback comes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResolutionSettings {
+    /// How often the loop looks for due payments.
+    pub interval_ms: u64,
+    /// The first look at a payment, this long after its creation.
+    pub first_check_delay_ms: u64,
+    /// The wait after the first look; doubled after each further one, capped.
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+    /// Payments taken per tick.
+    pub batch: usize,
+    /// Payments resolved at once.
+    pub concurrency: usize,
+    /// A taken payment is not taken again (by this or another instance) for this long.
+    pub lease_ms: u64,
+}
+
+impl Default for ResolutionSettings {
+    fn default() -> Self {
+        Self {
+            interval_ms: 500,
+            first_check_delay_ms: 5_000,
+            backoff_initial_ms: 5_000,
+            backoff_max_ms: 60_000,
+            batch: 64,
+            concurrency: 8,
+            lease_ms: 60_000,
         }
     }
 }
@@ -275,6 +323,82 @@ impl Default for TelemetrySettings {
             log_filter: "info".into(),
         }
     }
+}
+
+/// The sandbox's channels (DESIGN.md §10, `crate::sandbox`): who serves them and how the
+/// simulated customer pays.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxSettings {
+    /// Do not start the simulator in-process: a separate `channel-sim serve --manifest
+    /// DIR/sandbox.json` serves the channels (so load tests can measure each process).
+    pub external_sim: bool,
+    /// The in-process simulator pays every order `auto_pay_delay_ms` after its creation.
+    pub auto_pay: bool,
+    pub auto_pay_delay_ms: u64,
+    /// The loopback address the simulator listens on (channels use plain http, which the
+    /// gateway allows for loopback hosts only).
+    pub sim_host: String,
+}
+
+/// The longest auto-pay delay accepted: one hour (the longest a sandbox order waits in
+/// practice is its expiry).
+pub const MAX_AUTO_PAY_DELAY_MS: u64 = 3_600_000;
+
+impl Default for SandboxSettings {
+    fn default() -> Self {
+        Self {
+            external_sim: false,
+            auto_pay: true,
+            auto_pay_delay_ms: 500,
+            sim_host: "127.0.0.1".into(),
+        }
+    }
+}
+
+impl SandboxSettings {
+    /// `sim_host` as an address (validated at load: a loopback IP).
+    pub fn sim_ip(&self) -> Option<std::net::IpAddr> {
+        self.sim_host
+            .parse::<std::net::IpAddr>()
+            .ok()
+            .filter(|ip| ip.is_loopback())
+    }
+
+    fn validate(&self, c: &mut Checker) {
+        c.range(
+            "sandbox.auto_pay_delay_ms",
+            self.auto_pay_delay_ms,
+            0,
+            MAX_AUTO_PAY_DELAY_MS,
+        );
+        if self.sim_ip().is_none() {
+            c.fail(
+                "sandbox.sim_host",
+                "must be a loopback IP address (127.0.0.1, ::1)",
+            );
+        }
+    }
+}
+
+/// Applies `GATEWAY__…` overrides to a table rooted like the configuration file, exactly as
+/// [`load`] does: the sandbox applies the overrides of the channels it adds itself
+/// (`GATEWAY__CHANNELS__ALIPAY_MAIN__…`) to them once they exist.
+pub(crate) fn apply_overrides(
+    table: &mut toml::Table,
+    overrides: &[(String, String)],
+) -> Result<(), ConfigError> {
+    let mut sorted = overrides.to_vec();
+    sorted.sort();
+    for (name, value) in &sorted {
+        apply_override(table, name, value)?;
+    }
+    Ok(())
+}
+
+/// The normalized form of a name in an override (`ALIPAY_MAIN` and `alipay-main` match).
+pub(crate) fn normalize_name(segment: &str) -> String {
+    normalize(segment)
 }
 
 /// One problem with the configuration, naming its field.
@@ -533,6 +657,41 @@ fn validate(settings: Settings) -> Result<Config, ConfigError> {
         1_024,
         1 << 20,
     );
+    let public_url = &s.server.public_url;
+    if !(public_url.is_empty()
+        || ((public_url.starts_with("https://") || public_url.starts_with("http://"))
+            && !public_url.ends_with('/')
+            && public_url.len() <= 256))
+    {
+        c.fail(
+            "server.public_url",
+            "must be empty or an http(s):// URL of at most 256 characters without a trailing /",
+        );
+    }
+    c.range("payments.max_attempts", s.payments.max_attempts, 1, 8);
+    let r = &s.resolution;
+    c.range("resolution.interval_ms", r.interval_ms, 10, 600_000);
+    c.range(
+        "resolution.first_check_delay_ms",
+        r.first_check_delay_ms,
+        0,
+        86_400_000,
+    );
+    c.range(
+        "resolution.backoff_initial_ms",
+        r.backoff_initial_ms,
+        10,
+        86_400_000,
+    );
+    c.range(
+        "resolution.backoff_max_ms",
+        r.backoff_max_ms,
+        r.backoff_initial_ms,
+        86_400_000,
+    );
+    c.range("resolution.batch", r.batch, 1, 10_000);
+    c.range("resolution.concurrency", r.concurrency, 1, 1_000);
+    c.range("resolution.lease_ms", r.lease_ms, 1_000, 86_400_000);
 
     let url = s.redis.url.expose();
     if !(url.is_empty() || url.starts_with("redis://") || url.starts_with("rediss://")) {
@@ -827,6 +986,8 @@ fn validate(settings: Settings) -> Result<Config, ConfigError> {
         }
     }
 
+    s.sandbox.validate(&mut c);
+
     if !matches!(s.telemetry.log_format.as_str(), "text" | "json") {
         c.fail("telemetry.log_format", "must be \"text\" or \"json\"");
     }
@@ -941,5 +1102,41 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("also configured"), "{err}");
+    }
+
+    #[test]
+    fn sandbox_settings_default_take_overrides_and_are_bounded() {
+        let defaults = load(None, Vec::new()).unwrap().settings.sandbox;
+        assert!(!defaults.external_sim && defaults.auto_pay);
+        assert_eq!(defaults.auto_pay_delay_ms, 500);
+        assert_eq!(defaults.sim_ip(), Some([127, 0, 0, 1].into()));
+        let set = load(
+            None,
+            env(&[
+                ("GATEWAY__SANDBOX__EXTERNAL_SIM", "true"),
+                ("GATEWAY__SANDBOX__AUTO_PAY", "false"),
+                ("GATEWAY__SANDBOX__AUTO_PAY_DELAY_MS", "0"),
+                ("GATEWAY__SANDBOX__SIM_HOST", "::1"),
+            ]),
+        )
+        .unwrap()
+        .settings
+        .sandbox;
+        assert!(set.external_sim && !set.auto_pay);
+        assert_eq!(set.auto_pay_delay_ms, 0);
+        assert_eq!(set.sim_ip(), Some(std::net::Ipv6Addr::LOCALHOST.into()));
+        let err = load(
+            None,
+            env(&[
+                ("GATEWAY__SANDBOX__AUTO_PAY_DELAY_MS", "3600001"),
+                ("GATEWAY__SANDBOX__SIM_HOST", "0.0.0.0"),
+            ]),
+        )
+        .unwrap_err();
+        let fields: Vec<&str> = err.0.iter().map(|e| e.field.as_str()).collect();
+        assert!(fields.contains(&"sandbox.auto_pay_delay_ms"), "{err}");
+        assert!(fields.contains(&"sandbox.sim_host"), "{err}");
+        let err = load(None, env(&[("GATEWAY__SANDBOX__AUTO_PAI", "true")])).unwrap_err();
+        assert!(err.to_string().contains("auto_pai"), "{err}");
     }
 }

@@ -4,12 +4,15 @@
 
 pub mod api;
 pub mod channels;
+pub mod checkout;
 pub mod config;
 pub mod ids;
 pub mod money;
 pub mod periodic;
 pub mod preauth;
+pub mod resolution;
 pub mod routing;
+pub mod sandbox;
 pub mod secret;
 pub mod settlement;
 pub mod startup;

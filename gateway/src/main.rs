@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use gateway::config;
-use gateway::secret::KeyDigest;
+use gateway::sandbox::{self, Sandbox};
 use gateway::settlement::check_schema;
 use gateway::settlement::recovery::rebuild_balances;
 use gateway::startup::{
@@ -82,14 +82,15 @@ impl ConfigSource {
         if let Some(dir) = &self.data_dir {
             env.push(("GATEWAY__DATA_DIR".into(), dir.display().to_string()));
         }
+        if self.sandbox {
+            // The sandbox channels do not matter here; their overrides must not break the load.
+            return sandbox::load_config(self.config.as_deref(), env)
+                .map(|(config, _)| config)
+                .map_err(|e| e.to_string());
+        }
         config::load(self.config.as_deref(), env).map_err(|e| e.to_string())
     }
 }
-
-/// The documented sandbox credentials (README, DESIGN.md §10): printed at start only when the
-/// configuration really accepts them.
-const SANDBOX_KEYS: &[(&str, &str)] = &[("alpha", "sk_test_alpha"), ("beta", "sk_test_beta")];
-const SANDBOX_ADMIN_KEY: &str = "sk_test_admin";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -174,8 +175,13 @@ fn main() -> ExitCode {
             if let Some(dir) = data_dir {
                 env.push(("GATEWAY__DATA_DIR".into(), dir.display().to_string()));
             }
-            let config = match config::load(file.as_deref(), env) {
-                Ok(config) => config,
+            let loaded = if sandbox {
+                sandbox::load_config(file.as_deref(), env)
+            } else {
+                config::load(file.as_deref(), env).map(|config| (config, Vec::new()))
+            };
+            let (config, channel_overrides) = match loaded {
+                Ok(loaded) => loaded,
                 Err(err) => {
                     eprint!("{err}");
                     return ExitCode::FAILURE;
@@ -186,12 +192,18 @@ fn main() -> ExitCode {
             } else {
                 Mode::Production
             };
-            serve(config, mode)
+            serve(config, mode, channel_overrides)
         }
     }
 }
 
-fn serve(config: config::Config, mode: Mode) -> ExitCode {
+/// `channel_overrides`: the sandbox channels' environment overrides, held back by
+/// [`sandbox::load_config`].
+fn serve(
+    mut config: config::Config,
+    mode: Mode,
+    channel_overrides: Vec<(String, String)>,
+) -> ExitCode {
     telemetry::init_tracing(&config.settings.telemetry);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -204,20 +216,50 @@ fn serve(config: config::Config, mode: Mode) -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        if mode == Mode::Sandbox {
-            print_sandbox_banner(&config);
-        }
+        // The sandbox channels (keys, simulator) exist before the gateway that uses them.
+        let sandbox = if mode == Mode::Sandbox {
+            match sandbox::prepare(&mut config, &channel_overrides).await {
+                Ok(sandbox) => {
+                    print_sandbox_banner(&config);
+                    Some(sandbox)
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "cannot prepare the sandbox");
+                    eprintln!("cannot prepare the sandbox: {err}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        } else {
+            None
+        };
         let app = match Application::build(config, mode).await {
             Ok(app) => app,
             Err(err) => {
                 tracing::error!(error = %err, "cannot start");
                 eprintln!("cannot start: {err}");
+                stop_sandbox(sandbox).await;
                 return ExitCode::FAILURE;
             }
         };
+        // The manifest is written before the listening line, so whoever waits for that line
+        // finds it.
+        let written = sandbox
+            .as_ref()
+            .map(|s| s.write_manifest(app.local_addr()).map(|_| s.banner()));
+        match written {
+            Some(Ok(banner)) => print!("{banner}"),
+            Some(Err(err)) => {
+                eprintln!("cannot write the sandbox manifest: {err}");
+                stop_sandbox(sandbox).await;
+                return ExitCode::FAILURE;
+            }
+            None => {}
+        }
         tracing::info!(addr = %app.local_addr(), "gateway listening");
         println!("gateway listening on http://{}", app.local_addr());
-        match app.run_until(shutdown_signal()).await {
+        let result = app.run_until(shutdown_signal()).await;
+        stop_sandbox(sandbox).await;
+        match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
                 eprintln!("server error: {err}");
@@ -227,28 +269,24 @@ fn serve(config: config::Config, mode: Mode) -> ExitCode {
     })
 }
 
+/// Stops the in-process channel simulator, if one runs.
+async fn stop_sandbox(sandbox: Option<Sandbox>) {
+    if let Some(sandbox) = sandbox {
+        sandbox.shutdown().await;
+    }
+}
+
 fn print_sandbox_banner(config: &config::Config) {
     println!("sandbox mode: test credentials (never use in production)");
-    for (merchant, key) in SANDBOX_KEYS {
-        let accepted = config.merchants.iter().any(|m| {
-            m.id.as_str() == *merchant && m.key_digests.iter().any(|d| d.ct_eq(&KeyDigest::of(key)))
-        });
-        if accepted {
-            let secret = config
-                .merchants
-                .iter()
-                .find(|m| m.id.as_str() == *merchant)
-                .map(|m| m.webhook_secret.expose().to_owned())
-                .unwrap_or_default();
-            println!("  merchant {merchant}: API key {key}, webhook secret {secret}");
-        }
+    let credentials = sandbox::credentials(config);
+    for (merchant, c) in &credentials.merchants {
+        println!(
+            "  merchant {merchant}: API key {}, webhook secret {}",
+            c.api_key, c.webhook_secret
+        );
     }
-    if config
-        .admin_key_digests
-        .iter()
-        .any(|d| d.ct_eq(&KeyDigest::of(SANDBOX_ADMIN_KEY)))
-    {
-        println!("  admin key: {SANDBOX_ADMIN_KEY}");
+    if let Some(key) = &credentials.admin_key {
+        println!("  admin key: {key}");
     }
     println!(
         "  balance store: {}",

@@ -215,6 +215,16 @@ pub fn format_minor(minor: i64, currency: Currency) -> String {
     format!("{sign}{whole}.{fraction:0width$}")
 }
 
+/// A fee of `bps` basis points on `amount_minor`, rounded half up to the minor unit, in
+/// integer arithmetic: `0 ≤ fee ≤ amount` for every `amount ≥ 0` and `bps ≤ 10 000`, so
+/// `amount − fee` (the merchant's net) is never negative and the two sum to the amount.
+pub fn fee_minor(amount_minor: i64, bps: u32) -> i64 {
+    debug_assert!(amount_minor >= 0 && bps <= 10_000);
+    let fee = (i128::from(amount_minor) * i128::from(bps) + 5_000) / 10_000;
+    // Fits: fee ≤ amount because bps ≤ 10 000.
+    i64::try_from(fee).unwrap_or(amount_minor).min(amount_minor)
+}
+
 /// Parse a non-negative decimal (zero allowed) with the same grammar and refusals as
 /// [`Amount::parse`], except that zero is accepted: for credit limits and other configured
 /// values where "none" is meaningful.
@@ -281,6 +291,25 @@ fn is_ascii_digits(s: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn fees_round_half_up_and_never_exceed_the_amount() {
+        assert_eq!(fee_minor(10_000, 60), 60);
+        assert_eq!(fee_minor(1, 60), 0);
+        assert_eq!(fee_minor(84, 60), 1); // 0.504 fen rounds up
+        assert_eq!(fee_minor(83, 60), 0); // 0.498 fen rounds down
+        assert_eq!(fee_minor(5, 10_000), 5);
+        assert_eq!(fee_minor(i64::MAX, 10_000), i64::MAX);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_fee_and_its_net_sum_to_the_amount(amount in 0i64..=i64::MAX, bps in 0u32..=10_000) {
+            let fee = fee_minor(amount, bps);
+            proptest::prop_assert!((0..=amount).contains(&fee));
+            proptest::prop_assert_eq!(fee + (amount - fee), amount);
+        }
+    }
+
     use super::*;
     use proptest::prelude::*;
 

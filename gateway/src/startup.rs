@@ -20,6 +20,7 @@ use crate::config::{Config, StoreLocation};
 use crate::preauth::memory::MemoryStore;
 use crate::preauth::redis::RedisStore;
 use crate::preauth::{spawn_sweeper, BalanceStore, StoreError};
+use crate::resolution::spawn_resolution;
 use crate::routing::ChannelRegistry;
 use crate::settlement::postgres::PostgresStore;
 use crate::settlement::recovery::{
@@ -171,7 +172,22 @@ impl Application {
             tracing::info!(?total, "startup recovery");
         }
         let channels = Arc::new(ChannelRegistry::build(&config.settings.channels)?);
-        let state = Arc::new(AppState::new(Arc::new(config), balances, settler, channels));
+        let public_url = match config.settings.server.public_url.as_str() {
+            "" => format!(
+                "http://{}",
+                listener
+                    .local_addr()
+                    .map_err(|source| StartError::Bind { addr, source })?
+            ),
+            url => url.to_owned(),
+        };
+        let state = Arc::new(AppState::new(
+            Arc::new(config),
+            balances,
+            settler,
+            channels,
+            public_url,
+        ));
         Ok(Self {
             listener,
             state,
@@ -215,6 +231,8 @@ impl Application {
             stop_rx.clone(),
         );
 
+        let resolution = spawn_resolution(self.state.clone(), stop_rx.clone());
+
         let state = self.state.clone();
         let mut drain_rx = stop_rx;
         let app = api::router(self.state.clone());
@@ -246,6 +264,7 @@ impl Application {
         };
         let _ = sweeper.await;
         let _ = recovery.await;
+        let _ = resolution.await;
         drop(state);
         if tokio::time::timeout(grace, self.writer).await.is_err() {
             tracing::warn!("the settlement writer did not finish in time; recovery will redo its queue at the next start");

@@ -26,6 +26,9 @@ pub const SETTLEMENT_CONFLICTS_TOTAL: &str = "gateway_settlement_conflicts_total
 pub const ACCOUNTS_REBUILT_TOTAL: &str = "gateway_accounts_rebuilt_total";
 pub const BREAKER_TRANSITIONS_TOTAL: &str = "gateway_breaker_transitions_total";
 pub const BREAKER_STATE: &str = "gateway_breaker_state";
+pub const CHANNEL_CALLS_TOTAL: &str = "gateway_channel_calls_total";
+pub const RESOLUTIONS_TOTAL: &str = "gateway_resolutions_total";
+pub const ROUTING_TOTAL: &str = "gateway_routing_total";
 
 /// Latency buckets for every `_seconds` histogram: 100 µs to 10 s.
 const SECONDS_BUCKETS: &[f64] = &[
@@ -193,4 +196,21 @@ pub fn breaker_transition(channel: &str, to: &'static str, state_value: u8) {
     metrics::counter!(BREAKER_TRANSITIONS_TOTAL, "channel" => channel.to_owned(), "to" => to)
         .increment(1);
     metrics::gauge!(BREAKER_STATE, "channel" => channel.to_owned()).set(f64::from(state_value));
+}
+
+/// One call to a channel: `op` is create, query, close or refund; `result` is `ok` or the
+/// error's label.
+pub fn channel_call(channel: &str, op: &'static str, result: &'static str) {
+    metrics::counter!(CHANNEL_CALLS_TOTAL, "channel" => channel.to_owned(), "op" => op, "result" => result)
+        .increment(1);
+}
+
+/// How a channel payment's create call ended: accepted, unknown, paid, no_channel.
+pub fn routing(result: &'static str) {
+    metrics::counter!(ROUTING_TOTAL, "result" => result).increment(1);
+}
+
+/// What the resolution loop (or a cancel) did to a pending channel payment.
+pub fn resolution(result: &'static str) {
+    metrics::counter!(RESOLUTIONS_TOTAL, "result" => result).increment(1);
 }

@@ -41,6 +41,9 @@ pub enum ApiError {
         message: String,
         status: Option<String>,
     },
+    /// 503: every candidate channel was open-circuited or certainly refused the payment; its
+    /// hold was released. Carries the (failed) payment's id.
+    NoChannelAvailable { payment_id: Option<String> },
     /// 503: a dependency is unreachable or the gateway is overloaded or draining; fail closed.
     Unavailable {
         reason: &'static str,
@@ -71,7 +74,9 @@ impl ApiError {
             | ApiError::IdempotencyInFlight
             | ApiError::DuplicateOrder { .. } => StatusCode::CONFLICT,
             ApiError::InvalidState { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable { .. } | ApiError::NoChannelAvailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -88,6 +93,7 @@ impl ApiError {
             ApiError::DuplicateOrder { .. } => "duplicate_order",
             ApiError::InvalidState { .. } => "invalid_state",
             ApiError::Unavailable { .. } => "unavailable",
+            ApiError::NoChannelAvailable { .. } => "no_channel_available",
         }
     }
 
@@ -136,6 +142,12 @@ impl ApiError {
                     error.insert("payment_id".into(), id.clone().into());
                 }
                 "the gateway cannot process this request right now; retry later".into()
+            }
+            ApiError::NoChannelAvailable { payment_id } => {
+                if let Some(id) = payment_id {
+                    error.insert("payment_id".into(), id.clone().into());
+                }
+                "no channel can take this payment now (every candidate is open-circuited or refused it); nothing was charged".into()
             }
         };
         error.insert("message".into(), message.into());

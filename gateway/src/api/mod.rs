@@ -40,6 +40,8 @@ pub struct AppState {
     pub settler: Arc<Settler>,
     /// The configured upstream channels with their breakers.
     pub channels: Arc<ChannelRegistry>,
+    /// The gateway's URL as channels reach it: notify URLs are `<public_url>/v1/callbacks/<id>`.
+    pub public_url: String,
     pub auth: Authenticator,
     pub metrics: PrometheusHandle,
     /// Set on shutdown: `/readyz` turns not-ready so load balancers stop sending traffic.
@@ -54,9 +56,11 @@ impl AppState {
         balances: Arc<dyn BalanceStore>,
         settler: Arc<Settler>,
         channels: Arc<ChannelRegistry>,
+        public_url: String,
     ) -> Self {
         Self {
             channels,
+            public_url,
             balances,
             settler,
             auth: Authenticator::new(&config),
@@ -86,6 +90,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/accounts/{id}",
             put(accounts::put_account).get(accounts::get_account),
         )
+        .route("/v1/accounts/{id}/topups", post(payments::create_topup))
         .route(
             "/v1/accounts/{id}/adjustments",
             post(accounts::post_adjustment),

@@ -16,15 +16,19 @@ use super::auth::AuthMerchant;
 use super::error::ApiError;
 use super::extract::{request_hash, required_idempotency_key, JsonObject};
 use super::{render, AppState};
+use crate::checkout::{self, Reserved, Route, Routed};
 use crate::config::Merchant;
 use crate::ids::{AccountId, MerchantOrderId, PaymentId};
 use crate::money::{format_minor, Amount, Currency};
-use crate::preauth::{status_record_id, SettledMark};
+use crate::preauth::SettledMark;
 use crate::preauth::{
     AccountKey, AuthorizeOutcome, AuthorizeRequest, HoldSpec, IdempotencyClaim, Method, PaymentDoc,
     PaymentRecord, PaymentStatus, Purpose, Scope, StoredOutcome, TransitionOutcome,
 };
-use crate::settlement::{movements, CommitOutcome, IntentOutcome, PendingRecord, StatusChange};
+use crate::resolution::{self, Cancel, ResolveError};
+use crate::settlement::{
+    movements, AttemptRow, CommitOutcome, IntentOutcome, PaymentRow, PendingRecord,
+};
 use crate::telemetry;
 
 const CREATE_FIELDS: &[&str] = &[
@@ -38,6 +42,51 @@ const CREATE_FIELDS: &[&str] = &[
     "metadata",
     "expires_in_seconds",
 ];
+
+/// The optional fields every payment creation takes, checked.
+struct Extras<'a> {
+    description: Option<&'a str>,
+    notify_url: Option<&'a str>,
+    metadata: Option<Map<String, Value>>,
+    expires_in_seconds: u64,
+}
+
+fn parse_extras<'a>(state: &AppState, body: &'a JsonObject) -> Result<Extras<'a>, ApiError> {
+    let settings = &state.config.settings;
+    let limits = &settings.limits;
+    let description = body.bounded_str("description", limits.max_description_chars)?;
+    let notify_url = body.bounded_str("notify_url", limits.max_notify_url_chars)?;
+    if let Some(url) = notify_url {
+        if !(url.starts_with("https://") || url.starts_with("http://")) {
+            return Err(ApiError::invalid(
+                "notify_url",
+                "must be an http:// or https:// URL",
+            ));
+        }
+    }
+    let metadata = parse_metadata(state, body.object("metadata")?)?;
+    let expires_in_seconds = match body.u64("expires_in_seconds")? {
+        Some(s) => s,
+        None => settings.payments.default_expires_in_seconds,
+    };
+    let (min, max) = (
+        settings.payments.min_expires_in_seconds,
+        settings.payments.max_expires_in_seconds,
+    );
+    if !(min..=max).contains(&expires_in_seconds) {
+        return Err(ApiError::invalid(
+            "expires_in_seconds",
+            format!("must be between {min} and {max}"),
+        ));
+    }
+
+    Ok(Extras {
+        description,
+        notify_url,
+        metadata,
+        expires_in_seconds,
+    })
+}
 
 /// `POST /v1/payments`.
 pub async fn create_payment(
@@ -70,31 +119,12 @@ pub async fn create_payment(
         .map(|a| AccountId::parse(a).map_err(|e| ApiError::invalid("account_id", e.to_string())))
         .transpose()?;
     let scope = payment_scope(&merchant, method, account)?;
-    let description = body.bounded_str("description", limits.max_description_chars)?;
-    let notify_url = body.bounded_str("notify_url", limits.max_notify_url_chars)?;
-    if let Some(url) = notify_url {
-        if !(url.starts_with("https://") || url.starts_with("http://")) {
-            return Err(ApiError::invalid(
-                "notify_url",
-                "must be an http:// or https:// URL",
-            ));
-        }
-    }
-    let metadata = parse_metadata(&state, body.object("metadata")?)?;
-    let expires_in_seconds = match body.u64("expires_in_seconds")? {
-        Some(s) => s,
-        None => settings.payments.default_expires_in_seconds,
-    };
-    let (min, max) = (
-        settings.payments.min_expires_in_seconds,
-        settings.payments.max_expires_in_seconds,
-    );
-    if !(min..=max).contains(&expires_in_seconds) {
-        return Err(ApiError::invalid(
-            "expires_in_seconds",
-            format!("must be between {min} and {max}"),
-        ));
-    }
+    let Extras {
+        description,
+        notify_url,
+        metadata,
+        expires_in_seconds,
+    } = parse_extras(&state, &body)?;
 
     // 2. The payment as it will be stored, and the idempotency claim on it.
     let normalized = json!({
@@ -147,11 +177,10 @@ pub async fn create_payment(
         Method::Balance => {
             PendingRecord::Settlement(movements::balance_capture(&doc, tag, None, ctx.now_ms))
         }
-        _ => PendingRecord::Intent(movements::payment_row(
+        _ => PendingRecord::Intent(intent_row(
+            &state,
             &doc,
             tag,
-            PaymentStatus::Pending,
-            if hold.is_some() { doc.amount_minor } else { 0 },
             hold.map(|h| h.expires_at_ms),
             ctx.now_ms,
         )),
@@ -168,15 +197,198 @@ pub async fn create_payment(
         hold,
         pending_record: Some(pending.to_json()),
     };
+    submit(&state, request, pending).await
+}
 
-    // 3. Admission (the settlement store can take it), then one atomic store call.
-    state.settler.admit().map_err(ApiError::not_admitted)?;
-    let mut outcome = state.balances.authorize(&request, ctx).await?;
+const TOPUP_FIELDS: &[&str] = &[
+    "amount",
+    "method",
+    "currency",
+    "merchant_order_id",
+    "description",
+    "notify_url",
+    "metadata",
+    "expires_in_seconds",
+];
+
+/// `POST /v1/accounts/{id}/topups`: a `topup` payment through a channel (`amount`, `method`
+/// ∈ alipay, wechatpay, supplier; `currency` defaults to the account's and must equal it;
+/// `merchant_order_id` defaults to the payment's id). Answers `201 pending` with the channel's
+/// action; the account is credited when the channel confirms (DESIGN.md §3).
+pub async fn create_topup(
+    State(state): State<Arc<AppState>>,
+    AuthMerchant(merchant): AuthMerchant,
+    Path(account): Path<String>,
+    headers: HeaderMap,
+    body: JsonObject,
+) -> Result<Response, ApiError> {
+    let settings = &state.config.settings;
+    let limits = &settings.limits;
+    let idempotency = required_idempotency_key(&headers, limits.max_idempotency_key_chars)?;
+    let account =
+        AccountId::parse(&account).map_err(|e| ApiError::invalid("account_id", e.to_string()))?;
+    body.only(TOPUP_FIELDS)?;
+    let method = match Method::parse(body.required_str("method")?) {
+        Some(method @ (Method::Alipay | Method::Wechatpay | Method::Supplier)) => method,
+        _ => {
+            return Err(ApiError::invalid(
+                "method",
+                "must be one of alipay, wechatpay, supplier for a top-up",
+            ))
+        }
+    };
+    let key = AccountKey::new(merchant.id.clone(), account);
+    let currency = match body.str("currency")? {
+        Some(code) => supported_currency(&state, code)?,
+        // The account's own currency (one read; a missing account is a 404).
+        None => match state.balances.read_account(&key, state.op()).await? {
+            Some(snapshot) => snapshot.currency,
+            None if reload_account(&state, &key).await? => {
+                state
+                    .balances
+                    .read_account(&key, state.op())
+                    .await?
+                    .ok_or_else(|| ApiError::NotFound("no such account".into()))?
+                    .currency
+            }
+            None => return Err(ApiError::NotFound("no such account".into())),
+        },
+    };
+    let amount = parse_payment_amount(&state, body.required_str("amount")?, currency)?;
+    let order_text = body.str("merchant_order_id")?;
+    let Extras {
+        description,
+        notify_url,
+        metadata,
+        expires_in_seconds,
+    } = parse_extras(&state, &body)?;
+
+    let ctx = state.op();
+    let scope = Scope::Account(key);
+    let id = PaymentId::generate(scope.tag(), ctx.now_ms);
+    let order_id = MerchantOrderId::parse(
+        order_text.unwrap_or(id.as_str()),
+        limits.max_merchant_order_id_chars,
+    )
+    .map_err(|e| ApiError::invalid("merchant_order_id", e.to_string()))?;
+    let normalized = json!({
+        "merchant_order_id": order_text,
+        "amount": amount.minor(),
+        "currency": currency.code(),
+        "method": method,
+        "account_id": scope.account_id().map(AccountId::as_str),
+        "description": description,
+        "notify_url": notify_url,
+        "metadata": metadata,
+        "expires_in_seconds": expires_in_seconds,
+    });
+    let doc = PaymentDoc {
+        id: id.as_str().to_owned(),
+        merchant_id: merchant.id.as_str().to_owned(),
+        account_id: scope.account_id().map(|a| a.as_str().to_owned()),
+        merchant_order_id: order_id.as_str().to_owned(),
+        amount_minor: amount.minor(),
+        currency,
+        method,
+        purpose: Purpose::Topup,
+        created_at_ms: ctx.now_ms,
+        expires_at_ms: ctx.now_ms + expires_in_seconds * 1000,
+        description: description.map(str::to_owned),
+        notify_url: notify_url.map(str::to_owned),
+        metadata,
+    };
+    let pending = PendingRecord::Intent(intent_row(&state, &doc, scope.tag(), None, ctx.now_ms));
+    let request = AuthorizeRequest {
+        scope,
+        idempotency: IdempotencyClaim {
+            key: idempotency,
+            request_hash: request_hash("topup", &normalized),
+            retention_seconds: settings.preauth.idempotency_retention_seconds,
+        },
+        order_id,
+        doc,
+        hold: None,
+        pending_record: Some(pending.to_json()),
+    };
+    submit(&state, request, pending).await
+}
+
+/// A channel payment's row as its intent: pending, holding what it holds, first looked at by
+/// the resolution loop after `resolution.first_check_delay_ms`.
+pub(super) fn intent_row(
+    state: &AppState,
+    doc: &PaymentDoc,
+    tag: crate::ids::ScopeTag,
+    hold_expires_at_ms: Option<u64>,
+    now_ms: u64,
+) -> PaymentRow {
+    let held = if hold_expires_at_ms.is_some() {
+        doc.amount_minor
+    } else {
+        0
+    };
+    let mut row = movements::payment_row(
+        doc,
+        tag,
+        PaymentStatus::Pending,
+        held,
+        hold_expires_at_ms,
+        now_ms,
+    );
+    row.next_check_at_ms = Some(now_ms + state.config.settings.resolution.first_check_delay_ms);
+    row
+}
+
+/// Steps 3 to 5 of every payment creation (`POST /v1/payments`, top-ups): routing for a
+/// channel payment, admission, the one atomic store call, and the answer (a created payment
+/// is made durable first).
+pub(super) async fn submit(
+    state: &AppState,
+    request: AuthorizeRequest,
+    pending: PendingRecord,
+) -> Result<Response, ApiError> {
+    let currency = request.doc.currency;
+    // 3. A channel payment's route first: its intent names its first attempt.
+    let mut plan = match request.doc.method {
+        Method::Balance => None,
+        _ => Some(ChannelPlan::new(state, &request)),
+    };
+    let give_back = |plan: Option<ChannelPlan>| {
+        if let Some(plan) = plan {
+            plan.release(state);
+        }
+    };
+    if let Err(err) = state.settler.admit() {
+        give_back(plan);
+        return Err(ApiError::not_admitted(err));
+    }
+    let mut outcome = match state.balances.authorize(&request, state.op()).await {
+        Ok(outcome) => outcome,
+        Err(err) => {
+            give_back(plan);
+            return Err(err.into());
+        }
+    };
     if let (AuthorizeOutcome::AccountNotFound, Scope::Account(key)) = (&outcome, &request.scope) {
         // Redis may have lost the account: reload it from the record and try once more.
-        if reload_account(&state, key).await? {
-            outcome = state.balances.authorize(&request, state.op()).await?;
-        }
+        let retried = match reload_account(state, key).await {
+            Ok(true) => state.balances.authorize(&request, state.op()).await,
+            Ok(false) => Ok(outcome),
+            Err(err) => {
+                give_back(plan);
+                return Err(err);
+            }
+        };
+        outcome = match retried {
+            Ok(outcome) => outcome,
+            Err(err) => {
+                give_back(plan);
+                return Err(err.into());
+            }
+        };
+    }
+    if !matches!(outcome, AuthorizeOutcome::Created { .. }) {
+        give_back(plan.take());
     }
 
     // 4. Map the outcome (a created payment is made durable first: step 5).
@@ -186,16 +398,28 @@ pub async fn create_payment(
         currency: currency.code().into(),
     };
     let (label, result) = match outcome {
-        AuthorizeOutcome::Created { payment, account } => {
-            let seq = account.map(|a| a.seq);
-            make_durable(&state, &request, pending, &payment, seq).await?
-        }
+        AuthorizeOutcome::Created { payment, account } => match (pending, plan) {
+            (PendingRecord::Intent(row), Some(plan)) => {
+                route_payment(state, &request, row, &payment, plan).await?
+            }
+            (pending, _) => {
+                let seq = account.map(|a| a.seq);
+                make_durable(state, &request, pending, &payment, seq).await?
+            }
+        },
         AuthorizeOutcome::Replay(StoredOutcome::Payment(id)) => {
             let payment = state.balances.payment(&id).await?.ok_or_else(|| {
                 crate::preauth::StoreError::Corrupt(format!("replayed payment {id} is missing"))
             })?;
-            ("replayed", Ok(created(&payment)))
+            let attempts = attempts_of(state, &payment).await?;
+            ("replayed", Ok(created(&payment, &attempts)))
         }
+        AuthorizeOutcome::Replay(StoredOutcome::NoChannelAvailable(id)) => (
+            "no_channel_available",
+            Err(ApiError::NoChannelAvailable {
+                payment_id: Some(id.to_string()),
+            }),
+        ),
         AuthorizeOutcome::Replay(StoredOutcome::InsufficientFunds {
             available,
             shortfall,
@@ -258,7 +482,7 @@ async fn make_durable(
             settlement.account_seq = seq;
             match state.settler.settle(settlement, mark).await {
                 Ok(CommitOutcome::Inserted | CommitOutcome::AlreadyCommitted) => {
-                    ("created", Ok(created(payment)))
+                    ("created", Ok(created(payment, &[])))
                 }
                 Ok(other) => (
                     "unsettled",
@@ -270,41 +494,184 @@ async fn make_durable(
                 Err(err) => ("unsettled", Err(ApiError::unsettled(id, &err))),
             }
         }
-        PendingRecord::Intent(row) => {
-            let payment_id = PaymentId::parse(id).expect("a stored payment has a valid id");
-            let key = &request.idempotency.key;
-            match state.settler.record_intent(&row, mark).await {
-                Ok(IntentOutcome::Inserted | IntentOutcome::AlreadyRecorded) => {
-                    ("created", Ok(created(payment)))
-                }
-                Ok(IntentOutcome::DuplicateOrder(holder)) => {
-                    // The store knows a live payment Redis forgot: the store wins.
-                    state.balances.abandon(&payment_id, key).await?;
-                    (
-                        "duplicate_order",
-                        Err(ApiError::DuplicateOrder { payment_id: holder }),
-                    )
-                }
-                // Undo, so nothing is half done; if even that fails, recovery records the
-                // intent later and the key replays then.
-                Err(err) => match state.balances.abandon(&payment_id, key).await {
-                    Ok(()) => (
-                        "unsettled",
-                        Err(ApiError::Unavailable {
-                            reason: "settlement_store_unavailable",
-                            payment_id: None,
-                        }),
-                    ),
-                    Err(_) => ("unsettled", Err(ApiError::unsettled(id, &err))),
-                },
-            }
-        }
+        PendingRecord::Intent(_) => unreachable!("a channel payment is routed, not settled"),
         PendingRecord::Status(_) => unreachable!("a new payment has no status change"),
     })
 }
 
-fn created(payment: &PaymentRecord) -> Response {
-    (StatusCode::CREATED, Json(render::payment(payment))).into_response()
+fn created(payment: &PaymentRecord, attempts: &[AttemptRow]) -> Response {
+    (
+        StatusCode::CREATED,
+        Json(render::payment(payment, attempts)),
+    )
+        .into_response()
+}
+
+/// A channel payment's route, reserved before it is authorized (see `checkout`).
+struct ChannelPlan {
+    route: Route,
+    first: Option<Reserved>,
+    first_row: Option<AttemptRow>,
+}
+
+impl ChannelPlan {
+    fn new(state: &AppState, request: &AuthorizeRequest) -> Self {
+        let (route, first) = Route::plan(state, &request.doc);
+        let first_row = first.as_ref().map(|reserved| {
+            let id = PaymentId::parse(&request.doc.id).expect("a new payment has a valid id");
+            checkout::attempt_row(state, &id, 1, reserved, request.doc.created_at_ms)
+        });
+        Self {
+            route,
+            first,
+            first_row,
+        }
+    }
+
+    /// Gives the reserved permit back: nothing will be sent.
+    fn release(self, state: &AppState) {
+        if let Some(reserved) = self.first {
+            state.channels.entries()[reserved.index].release(reserved.permit);
+        }
+    }
+}
+
+/// A created channel payment: its intent and first attempt committed, then the attempts
+/// (`checkout`), then the answer: `201 pending` (with the action when a channel accepted),
+/// `201 succeeded` when closing an unknown attempt found it paid, or `503
+/// no_channel_available` with the hold released when nothing executed anywhere.
+async fn route_payment(
+    state: &AppState,
+    request: &AuthorizeRequest,
+    row: PaymentRow,
+    payment: &PaymentRecord,
+    plan: ChannelPlan,
+) -> Result<(&'static str, Result<Response, ApiError>), ApiError> {
+    let id = PaymentId::parse(&payment.doc.id).expect("a stored payment has a valid id");
+    let key = &request.idempotency.key;
+    let mark = SettledMark {
+        tag: request.scope.tag(),
+        id: id.as_str().to_owned(),
+        idempotency_key: key.as_str().to_owned(),
+    };
+    // Durable before any call, without letting the key replay yet.
+    let recorded = state
+        .settler
+        .record_intent(&row, plan.first_row.as_ref(), None)
+        .await;
+    let failure = match recorded {
+        Ok(IntentOutcome::Inserted | IntentOutcome::AlreadyRecorded) => None,
+        // The store knows a live payment Redis forgot: the store wins.
+        Ok(IntentOutcome::DuplicateOrder(holder)) => Some((
+            "duplicate_order",
+            ApiError::DuplicateOrder { payment_id: holder },
+        )),
+        Err(_) => Some((
+            "unsettled",
+            ApiError::Unavailable {
+                reason: "settlement_store_unavailable",
+                payment_id: None,
+            },
+        )),
+    };
+    if let Some((label, error)) = failure {
+        plan.release(state);
+        // Undo, so nothing is half done; if even that fails, recovery records the intent
+        // later and the key replays then.
+        return match state.balances.abandon(&id, key).await {
+            Ok(()) => Ok((label, Err(error))),
+            Err(_) => Ok((
+                "unsettled",
+                Err(ApiError::Unavailable {
+                    reason: "settlement_store_unavailable",
+                    payment_id: Some(id.to_string()),
+                }),
+            )),
+        };
+    }
+
+    let ChannelPlan {
+        mut route,
+        first,
+        first_row,
+    } = plan;
+    let (routed, attempts) = checkout::attempt(
+        state,
+        &payment.doc,
+        &mut route,
+        first,
+        first_row.into_iter().collect(),
+    )
+    .await;
+    let answer = match routed {
+        Routed::Accepted { .. } => {
+            telemetry::routing("accepted");
+            ("created", Ok(created(payment, &attempts)))
+        }
+        Routed::Unknown => {
+            telemetry::routing("unknown");
+            ("created", Ok(created(payment, &attempts)))
+        }
+        Routed::Paid {
+            attempt,
+            channel_txn_id,
+            amount_minor,
+            currency,
+        } => {
+            telemetry::routing("paid");
+            if let Err(err) =
+                resolution::settle_paid(state, &attempt, &channel_txn_id, amount_minor, currency)
+                    .await
+            {
+                tracing::warn!(payment_id = %id, error = %err, "paid at the channel but not settled yet; the resolution loop will");
+            }
+            let now = state
+                .balances
+                .payment(&id)
+                .await?
+                .unwrap_or_else(|| payment.clone());
+            let attempts = state
+                .settler
+                .store
+                .attempts(id.as_str())
+                .await
+                .unwrap_or(attempts);
+            ("created", Ok(created(&now, &attempts)))
+        }
+        Routed::NoChannel => {
+            telemetry::routing("no_channel");
+            match state.balances.fail_unrouted(&id, key, state.op()).await? {
+                TransitionOutcome::Done(_) => {
+                    resolution::apply_final_status(state, &id, PaymentStatus::Failed).await;
+                }
+                other => {
+                    tracing::warn!(payment_id = %id, ?other, "an unrouted payment was no longer pending");
+                }
+            }
+            (
+                "no_channel_available",
+                Err(ApiError::NoChannelAvailable {
+                    payment_id: Some(id.to_string()),
+                }),
+            )
+        }
+    };
+    // Now the key may replay (the answer above, or the payment as it stands).
+    if let Err(err) = state.balances.mark_settled(&[mark]).await {
+        tracing::warn!(payment_id = %id, error = %err, "intent committed but not marked; recovery will");
+    }
+    Ok(answer)
+}
+
+/// A payment's attempts (from the settlement store; a balance payment has none).
+async fn attempts_of(
+    state: &AppState,
+    payment: &PaymentRecord,
+) -> Result<Vec<AttemptRow>, ApiError> {
+    if payment.doc.method == Method::Balance {
+        return Ok(Vec::new());
+    }
+    Ok(state.settler.store.attempts(&payment.doc.id).await?)
 }
 
 fn parse_payment_amount(
@@ -450,7 +817,8 @@ pub async fn get_payment(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let (_, payment) = owned_payment(&state, &merchant, &id).await?;
-    Ok(Json(render::payment(&payment)))
+    let attempts = attempts_of(&state, &payment).await?;
+    Ok(Json(render::payment(&payment, &attempts)))
 }
 
 #[derive(Debug, Deserialize)]
@@ -487,12 +855,16 @@ pub async fn find_payment(
         .await?
         .ok_or_else(not_found)?;
     debug_assert_eq!(payment.doc.merchant_id, merchant.id.as_str());
-    Ok(Json(render::payment(&payment)))
+    let attempts = attempts_of(&state, &payment).await?;
+    Ok(Json(render::payment(&payment, &attempts)))
 }
 
-/// `POST /v1/payments/{id}/cancel`: a pending payment becomes `canceled` and its hold is
-/// released. Cancelling a canceled payment answers 200 again (a safe retry); any other
-/// non-pending status is 422 `invalid_state`.
+/// `POST /v1/payments/{id}/cancel`: a pending payment's open channel orders are closed first;
+/// when every channel confirms it was not paid, the payment becomes `canceled` and its hold is
+/// released. If a channel says it was paid, the payment succeeds and the cancel answers 422
+/// `invalid_state`; a channel that cannot confirm either way answers 503 (nothing changed).
+/// Cancelling a canceled payment answers 200 again (a safe retry); any other non-pending
+/// status is 422 `invalid_state`.
 pub async fn cancel_payment(
     State(state): State<Arc<AppState>>,
     AuthMerchant(merchant): AuthMerchant,
@@ -502,40 +874,46 @@ pub async fn cancel_payment(
     let limits = &state.config.settings.limits;
     required_idempotency_key(&headers, limits.max_idempotency_key_chars)?;
     let (id, payment) = owned_payment(&state, &merchant, &id).await?;
-    if payment.status == PaymentStatus::Canceled {
-        return Ok(Json(render::payment(&payment)));
+    let not_pending = |status: PaymentStatus| ApiError::InvalidState {
+        message: format!("only a pending payment can be canceled; this one is {status}"),
+        status: Some(status.as_str().to_owned()),
+    };
+    match payment.status {
+        PaymentStatus::Canceled => {
+            let attempts = attempts_of(&state, &payment).await?;
+            return Ok(Json(render::payment(&payment, &attempts)));
+        }
+        PaymentStatus::Pending => {}
+        status => return Err(not_pending(status)),
     }
-    match state
-        .balances
-        .release(&id, PaymentStatus::Canceled, state.op())
-        .await?
-    {
-        TransitionOutcome::Done(payment) => {
-            // Tell the store now; if it cannot hear it, recovery will (the status waits in
-            // the balance store's outbox).
-            let change = StatusChange {
-                payment_id: id.as_str().to_owned(),
-                status: PaymentStatus::Canceled.as_str().to_owned(),
-                updated_at_ms: telemetry::now_ms(),
-            };
-            let mark = SettledMark {
-                tag: id.tag(),
-                id: status_record_id(id.as_str()),
-                idempotency_key: String::new(),
-            };
-            if let Err(err) = state.settler.apply_status(&change, mark).await {
-                tracing::warn!(payment_id = %id, error = %err, "cancel not yet in the settlement store; recovery will");
-            }
-            Ok(Json(render::payment(&payment)))
+    let outcome = match resolution::cancel(&state, &id).await {
+        Ok(outcome) => outcome,
+        Err(ResolveError::Balances(err)) => return Err(err.into()),
+        Err(ResolveError::Store(err)) => return Err(err.into()),
+        Err(err) => {
+            tracing::warn!(payment_id = %id, error = %err, "cancel could not finish");
+            return Err(ApiError::Unavailable {
+                reason: "settlement_store_unavailable",
+                payment_id: Some(id.to_string()),
+            });
         }
-        TransitionOutcome::NotPending(PaymentStatus::Canceled) => {
+    };
+    match outcome {
+        Cancel::Canceled | Cancel::NotPending(PaymentStatus::Canceled) => {
             let (_, payment) = owned_payment(&state, &merchant, id.as_str()).await?;
-            Ok(Json(render::payment(&payment)))
+            let attempts = attempts_of(&state, &payment).await?;
+            Ok(Json(render::payment(&payment, &attempts)))
         }
-        TransitionOutcome::NotPending(status) => Err(ApiError::InvalidState {
-            message: format!("only a pending payment can be canceled; this one is {status}"),
-            status: Some(status.as_str().to_owned()),
+        Cancel::NotPending(status) => Err(not_pending(status)),
+        Cancel::NotFound => Err(ApiError::NotFound("no such payment".into())),
+        Cancel::Paid => Err(ApiError::InvalidState {
+            message: "the channel reports this payment paid: it succeeded and cannot be canceled"
+                .into(),
+            status: Some(PaymentStatus::Succeeded.as_str().to_owned()),
         }),
-        TransitionOutcome::NotFound => Err(ApiError::NotFound("no such payment".into())),
+        Cancel::ChannelUnreachable => Err(ApiError::Unavailable {
+            reason: "channel_unavailable",
+            payment_id: Some(id.to_string()),
+        }),
     }
 }

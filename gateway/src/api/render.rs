@@ -6,6 +6,7 @@ use serde_json::{json, Value};
 use super::extract::rfc3339;
 use crate::money::format_minor;
 use crate::preauth::{AccountSnapshot, PaymentRecord};
+use crate::settlement::AttemptRow;
 
 pub fn account(id: &str, a: &AccountSnapshot) -> Value {
     json!({
@@ -18,8 +19,30 @@ pub fn account(id: &str, a: &AccountSnapshot) -> Value {
     })
 }
 
-pub fn payment(p: &PaymentRecord) -> Value {
+/// A payment with its attempts; its `action` is the one the accepted attempt gave, while the
+/// payment is pending (once it ended there is nothing left for the customer to do).
+pub fn payment(p: &PaymentRecord, attempts: &[AttemptRow]) -> Value {
     let d = &p.doc;
+    let action = match p.status {
+        crate::preauth::PaymentStatus::Pending => attempts
+            .iter()
+            .rev()
+            .find_map(|a| a.action.as_deref())
+            .and_then(|text| serde_json::from_str::<Value>(text).ok())
+            .unwrap_or(Value::Null),
+        _ => Value::Null,
+    };
+    let attempts: Vec<Value> = attempts
+        .iter()
+        .map(|a| {
+            json!({
+                "channel_id": a.channel_id,
+                "channel_order_id": a.channel_order_id,
+                "outcome": a.outcome,
+                "latency_ms": a.latency_ms,
+            })
+        })
+        .collect();
     json!({
         "id": d.id,
         "merchant_order_id": d.merchant_order_id,
@@ -31,8 +54,8 @@ pub fn payment(p: &PaymentRecord) -> Value {
         "status": p.status,
         "created_at": rfc3339(d.created_at_ms),
         "expires_at": rfc3339(d.expires_at_ms),
-        "action": null,
-        "attempts": [],
+        "action": action,
+        "attempts": attempts,
         "refunds": [],
         "description": d.description,
         "notify_url": d.notify_url,

@@ -89,9 +89,10 @@ pub(crate) fn skew_seconds(timestamp_unix_seconds: u64, now_unix_seconds: u64) -
     timestamp_unix_seconds.abs_diff(now_unix_seconds)
 }
 
-/// Orders with less time than this left before their expiry are refused locally: Alipay's
-/// shortest expiry is one minute, and a QR code the customer cannot scan in time is useless.
-pub const MIN_ORDER_LIFETIME_MS: u64 = 60_000;
+/// Orders with less time than this left before their expiry are refused locally (an order
+/// that expires while it travels is useless). The real bound on how short a payment may live
+/// is `payments.min_expires_in_seconds` (60 s by default).
+pub const MIN_ORDER_LIFETIME_MS: u64 = 1_000;
 
 /// The longest description sent (WeChat Pay's `description` limit is 127 characters; Alipay's
 /// `subject` allows 256).
@@ -1364,7 +1365,7 @@ mod tests {
         let order = create_order();
         assert_eq!(check_create(&order, NOW_MS), Ok(()));
         let late = CreateOrder {
-            expires_at_ms: NOW_MS + 59_999,
+            expires_at_ms: NOW_MS + MIN_ORDER_LIFETIME_MS - 1,
             ..order.clone()
         };
         assert!(matches!(

@@ -8,11 +8,11 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 
 use super::{
-    final_status_record, status_record_id, AccountKey, AccountRebuild, AccountSnapshot,
-    AdjustOutcome, AdjustRequest, AuthorizeOutcome, AuthorizeRequest, BalanceStore, Direction,
-    IdempotencyClaim, OpContext, PaymentDoc, PaymentRecord, PaymentStatus, Scope, SettledMark,
-    StoreError, StoredOutcome, TransitionOutcome, Unsettled, UnsettledPage, UpsertOutcome,
-    MAX_SAFE_MINOR,
+    final_status_record, money_record_id, status_record_id, AccountKey, AccountRebuild,
+    AccountSnapshot, AdjustOutcome, AdjustRequest, AuthorizeOutcome, AuthorizeRequest,
+    BalanceStore, Direction, IdempotencyClaim, OpContext, PaymentDoc, PaymentRecord, PaymentStatus,
+    Scope, SettledMark, StoreError, StoredOutcome, SucceedOutcome, SucceedRequest, SuccessEffect,
+    TransitionOutcome, Unsettled, UnsettledPage, UpsertOutcome, MAX_SAFE_MINOR,
 };
 use crate::ids::{IdempotencyKey, MerchantOrderId, PaymentId, ScopeTag};
 use crate::money::Currency;
@@ -359,38 +359,88 @@ impl BalanceStore for MemoryStore {
         Ok(AuthorizeOutcome::Created { payment, account })
     }
 
-    async fn capture(
+    async fn succeed(
         &self,
-        payment: &PaymentId,
-        _ctx: OpContext,
-    ) -> Result<TransitionOutcome, StoreError> {
-        let Some(mut state) = self.scopes.get_mut(&payment.tag()) else {
-            return Ok(TransitionOutcome::NotFound);
+        req: &SucceedRequest,
+        ctx: OpContext,
+    ) -> Result<SucceedOutcome, StoreError> {
+        let Some(mut state) = self.scopes.get_mut(&req.payment.tag()) else {
+            return Ok(SucceedOutcome::NotFound);
         };
-        let pid = payment.as_str();
+        let pid = req.payment.as_str();
         match state.statuses.get(pid) {
-            None => return Ok(TransitionOutcome::NotFound),
+            None => return Ok(SucceedOutcome::NotFound),
             Some(PaymentStatus::Pending) => {}
-            Some(other) => return Ok(TransitionOutcome::NotPending(*other)),
+            Some(other) => return Ok(SucceedOutcome::NotPending(*other)),
         }
-        if !state.hold_amounts.contains_key(pid) {
-            return Err(StoreError::Corrupt(format!(
-                "capture of {pid} without a hold"
-            )));
-        }
-        let amount = state.remove_hold(pid);
-        let row = state
-            .account
-            .as_mut()
-            .ok_or_else(|| StoreError::Corrupt(format!("hold of {pid} without an account")))?;
-        row.balance -= amount;
-        row.held -= amount;
-        row.seq += 1;
-        debug_assert!(row.held >= 0);
+        let corrupt =
+            |what: &str| StoreError::Corrupt(format!("{} of {pid}: {what}", req.effect.as_str()));
+        let seq = match req.effect {
+            SuccessEffect::Capture => {
+                if !state.hold_amounts.contains_key(pid) {
+                    return Err(corrupt("no_hold"));
+                }
+                let amount = state.remove_hold(pid);
+                let row = state
+                    .account
+                    .as_mut()
+                    .ok_or_else(|| corrupt("no_account"))?;
+                row.balance -= amount;
+                row.held -= amount;
+                row.seq += 1;
+                debug_assert!(row.held >= 0);
+                row.seq
+            }
+            SuccessEffect::Credit => {
+                let row = state
+                    .account
+                    .as_mut()
+                    .ok_or_else(|| corrupt("no_account"))?;
+                let fits = row
+                    .balance
+                    .checked_add(row.credit_limit)
+                    .and_then(|v| v.checked_add(req.amount_minor))
+                    .is_some_and(|v| v <= MAX_SAFE_MINOR);
+                if !fits {
+                    return Ok(SucceedOutcome::OutOfRange);
+                }
+                row.balance += req.amount_minor;
+                row.seq += 1;
+                row.seq
+            }
+            SuccessEffect::Collect => 0,
+        };
         state
             .statuses
             .insert(pid.to_owned(), PaymentStatus::Succeeded);
-        Ok(TransitionOutcome::Done(state.record(pid).expect("exists")))
+        state.unsettled.insert(
+            money_record_id(pid),
+            PendingRow {
+                seq,
+                idempotency_key: String::new(),
+                record: req.pending_record.clone(),
+                at_ms: ctx.now_ms,
+            },
+        );
+        let payment = state.record(pid).expect("exists");
+        Ok(SucceedOutcome::Done { payment, seq })
+    }
+
+    async fn fail_unrouted(
+        &self,
+        payment: &PaymentId,
+        idempotency: &IdempotencyKey,
+        ctx: OpContext,
+    ) -> Result<TransitionOutcome, StoreError> {
+        let outcome = self.release(payment, PaymentStatus::Failed, ctx).await?;
+        if matches!(outcome, TransitionOutcome::Done(_)) {
+            if let Some(mut state) = self.scopes.get_mut(&payment.tag()) {
+                if let Some(row) = state.idempotency.get_mut(idempotency.as_str()) {
+                    row.outcome = StoredOutcome::NoChannelAvailable(payment.clone());
+                }
+            }
+        }
+        Ok(outcome)
     }
 
     async fn release(

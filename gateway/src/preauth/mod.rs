@@ -229,6 +229,9 @@ pub enum StoredOutcome {
     Adjustment(String),
     /// `402 insufficient_funds` with these details.
     InsufficientFunds { available: i64, shortfall: i64 },
+    /// `503 no_channel_available`: every candidate channel was open-circuited or certainly
+    /// refused the payment (its hold was released); the failed payment's id.
+    NoChannelAvailable(PaymentId),
 }
 
 impl StoredOutcome {
@@ -242,6 +245,7 @@ impl StoredOutcome {
                 available,
                 shortfall,
             } => format!("E:insufficient_funds:{available}:{shortfall}"),
+            StoredOutcome::NoChannelAvailable(id) => format!("{NO_CHANNEL_AVAILABLE_OUTCOME}{id}"),
         }
     }
 
@@ -250,6 +254,11 @@ impl StoredOutcome {
         if let Some(id) = s.strip_prefix("P:") {
             return PaymentId::parse(id)
                 .map(StoredOutcome::Payment)
+                .ok_or_else(corrupt);
+        }
+        if let Some(id) = s.strip_prefix(NO_CHANNEL_AVAILABLE_OUTCOME) {
+            return PaymentId::parse(id)
+                .map(StoredOutcome::NoChannelAvailable)
                 .ok_or_else(corrupt);
         }
         if let Some(doc) = s.strip_prefix("A:") {
@@ -265,6 +274,10 @@ impl StoredOutcome {
         Err(corrupt())
     }
 }
+
+/// The stored outcome of a payment no channel took, followed by its id (written by
+/// `release.lua` too).
+pub const NO_CHANNEL_AVAILABLE_OUTCOME: &str = "E:no_channel_available:";
 
 /// The idempotency part of a mutating request.
 #[derive(Debug, Clone)]
@@ -434,6 +447,69 @@ pub enum UpsertOutcome {
     OutOfRange,
 }
 
+/// What a channel's success does to the money (DESIGN.md §3's table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SuccessEffect {
+    /// A supplier charge: the hold is captured (balance −= hold, held −= hold).
+    Capture,
+    /// A top-up: the account is credited with the payment's amount.
+    Credit,
+    /// A customer's Alipay or WeChat Pay charge: no account money moves; the collection is
+    /// recorded by the settlement.
+    Collect,
+}
+
+impl SuccessEffect {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SuccessEffect::Capture => "capture",
+            SuccessEffect::Credit => "credit",
+            SuccessEffect::Collect => "collect",
+        }
+    }
+
+    /// Whether the effect moves an account's balance (and so its sequence number).
+    pub fn moves_balance(self) -> bool {
+        !matches!(self, SuccessEffect::Collect)
+    }
+}
+
+/// A pending payment succeeded at its channel.
+#[derive(Debug, Clone)]
+pub struct SucceedRequest {
+    pub payment: PaymentId,
+    pub effect: SuccessEffect,
+    /// The payment's amount (credited by [`SuccessEffect::Credit`]).
+    pub amount_minor: i64,
+    /// The settlement as a pending record (JSON, opaque to the store), kept in the outbox
+    /// under [`money_record_id`] until `mark_settled`.
+    pub pending_record: String,
+}
+
+/// The outbox id of a payment's money movement at its channel's success (distinct from the
+/// payment's own id, under which its intent may still wait).
+pub fn money_record_id(pid: &str) -> String {
+    format!("{pid}#m")
+}
+
+// Returned by value once per call and matched at once: boxing the large variant would add an
+// allocation per payment for nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum SucceedOutcome {
+    /// Succeeded now; `seq` is the account's sequence after the movement (0 for a
+    /// collection, which moves no account).
+    Done {
+        payment: PaymentRecord,
+        seq: u64,
+    },
+    /// Already out of `pending` (succeeded by another path, released, expired…).
+    NotPending(PaymentStatus),
+    NotFound,
+    /// A credit would leave the exactly representable range: nothing changed.
+    OutOfRange,
+}
+
 /// The result of moving a payment out of `pending`.
 // Returned by value once per call and matched at once: boxing the large variant would add an
 // allocation per payment for nothing.
@@ -490,12 +566,14 @@ pub trait BalanceStore: Send + Sync + 'static {
         ctx: OpContext,
     ) -> Result<AuthorizeOutcome, StoreError>;
 
-    /// Captures a pending payment's hold: balance −= hold, held −= hold, status `succeeded`.
-    async fn capture(
+    /// A pending payment succeeded: its effect on the money (capture the hold, credit the
+    /// account, or nothing), status `succeeded`, and its settlement into the outbox, in one
+    /// atomic step. Exactly once: a second call finds it no longer pending.
+    async fn succeed(
         &self,
-        payment: &PaymentId,
+        req: &SucceedRequest,
         ctx: OpContext,
-    ) -> Result<TransitionOutcome, StoreError>;
+    ) -> Result<SucceedOutcome, StoreError>;
 
     /// Releases a pending payment's hold (if any) and sets its final status (`failed`,
     /// `canceled` or `expired`), which frees its merchant order id.
@@ -503,6 +581,15 @@ pub trait BalanceStore: Send + Sync + 'static {
         &self,
         payment: &PaymentId,
         to: PaymentStatus,
+        ctx: OpContext,
+    ) -> Result<TransitionOutcome, StoreError>;
+
+    /// Ends a pending payment that no channel took: as `release` to `failed`, and the
+    /// idempotency record's outcome becomes `no_channel_available` (replayed as 503).
+    async fn fail_unrouted(
+        &self,
+        payment: &PaymentId,
+        idempotency: &IdempotencyKey,
         ctx: OpContext,
     ) -> Result<TransitionOutcome, StoreError>;
 

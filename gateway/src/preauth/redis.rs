@@ -18,10 +18,10 @@ use ::redis::{Client, Script};
 use async_trait::async_trait;
 
 use super::{
-    AccountKey, AccountRebuild, AccountSnapshot, AdjustOutcome, AdjustRequest, AuthorizeOutcome,
-    AuthorizeRequest, BalanceStore, Direction, OpContext, PaymentDoc, PaymentRecord, PaymentStatus,
-    Scope, SettledMark, StoreError, StoredOutcome, TransitionOutcome, Unsettled, UnsettledPage,
-    UpsertOutcome,
+    money_record_id, AccountKey, AccountRebuild, AccountSnapshot, AdjustOutcome, AdjustRequest,
+    AuthorizeOutcome, AuthorizeRequest, BalanceStore, Direction, OpContext, PaymentDoc,
+    PaymentRecord, PaymentStatus, Scope, SettledMark, StoreError, StoredOutcome, SucceedOutcome,
+    SucceedRequest, TransitionOutcome, Unsettled, UnsettledPage, UpsertOutcome,
 };
 use crate::config::RedisSettings;
 use crate::ids::{IdempotencyKey, MerchantOrderId, PaymentId, ScopeTag};
@@ -35,7 +35,7 @@ struct Scripts {
     upsert_account: Script,
     read_account: Script,
     authorize: Script,
-    capture: Script,
+    succeed: Script,
     release: Script,
     adjust: Script,
     read_payment: Script,
@@ -53,7 +53,7 @@ impl Scripts {
             upsert_account: with_common(include_str!("scripts/upsert_account.lua")),
             read_account: with_common(include_str!("scripts/read_account.lua")),
             authorize: with_common(include_str!("scripts/authorize.lua")),
-            capture: with_common(include_str!("scripts/capture.lua")),
+            succeed: with_common(include_str!("scripts/succeed.lua")),
             release: with_common(include_str!("scripts/release.lua")),
             adjust: with_common(include_str!("scripts/adjust.lua")),
             read_payment: with_common(include_str!("scripts/read_payment.lua")),
@@ -69,7 +69,7 @@ impl Scripts {
             &self.upsert_account,
             &self.read_account,
             &self.authorize,
-            &self.capture,
+            &self.succeed,
             &self.release,
             &self.adjust,
             &self.read_payment,
@@ -465,24 +465,81 @@ impl BalanceStore for RedisStore {
         })
     }
 
-    async fn capture(
+    async fn succeed(
         &self,
-        payment: &PaymentId,
-        _ctx: OpContext,
-    ) -> Result<TransitionOutcome, StoreError> {
+        req: &SucceedRequest,
+        ctx: OpContext,
+    ) -> Result<SucceedOutcome, StoreError> {
+        let payment = &req.payment;
         let k = Keys::of(payment.tag());
+        let what = "succeed";
         let reply = self
             .run(
-                "capture",
-                &self.scripts.capture,
-                &[&k.account, &k.holds, &k.hold_amounts, &k.statuses],
-                &[payment.as_str()],
+                what,
+                &self.scripts.succeed,
+                &k.account_script_keys(),
+                &[
+                    payment.as_str(),
+                    req.effect.as_str(),
+                    &req.amount_minor.to_string(),
+                    &ctx.now_ms.to_string(),
+                    &req.pending_record,
+                    &money_record_id(payment.as_str()),
+                ],
             )
             .await?;
-        if field(&reply, 0, "capture")? == "no_hold" {
-            return Err(StoreError::Corrupt(format!(
-                "capture of {payment} without a hold"
-            )));
+        match field(&reply, 0, what)? {
+            "done" => {
+                let seq = number(&reply, 1, what)?;
+                let payment = self
+                    .payment(payment)
+                    .await?
+                    .ok_or_else(|| corrupt(what, &reply))?;
+                Ok(SucceedOutcome::Done { payment, seq })
+            }
+            "not_pending" => Ok(SucceedOutcome::NotPending(status(&reply, 1, what)?)),
+            "not_found" => Ok(SucceedOutcome::NotFound),
+            "out_of_range" => Ok(SucceedOutcome::OutOfRange),
+            "no_hold" | "no_account" => Err(StoreError::Corrupt(format!(
+                "{} of {payment}: {}",
+                req.effect.as_str(),
+                field(&reply, 0, what)?
+            ))),
+            _ => Err(corrupt(what, &reply)),
+        }
+    }
+
+    async fn fail_unrouted(
+        &self,
+        payment: &PaymentId,
+        idempotency: &IdempotencyKey,
+        ctx: OpContext,
+    ) -> Result<TransitionOutcome, StoreError> {
+        let tag = payment.tag();
+        let k = Keys::of(tag);
+        let [a, h, ph, ps, u] = k.account_script_keys();
+        let reply = self
+            .run(
+                "fail_unrouted",
+                &self.scripts.release,
+                &[
+                    a,
+                    h,
+                    ph,
+                    ps,
+                    u,
+                    &Keys::idempotency(tag, idempotency.as_str()),
+                ],
+                &[
+                    payment.as_str(),
+                    PaymentStatus::Failed.as_str(),
+                    &ctx.now_ms.to_string(),
+                    &StoredOutcome::NoChannelAvailable(payment.clone()).encode(),
+                ],
+            )
+            .await?;
+        if field(&reply, 0, "fail_unrouted")? != "done" {
+            return transition(reply, None);
         }
         let record = self.payment(payment).await?;
         transition(reply, record)

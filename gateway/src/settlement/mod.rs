@@ -24,10 +24,13 @@ use sha2::{Digest, Sha256};
 use crate::money::Currency;
 
 /// The migrations, in order. Both backends run the same portable SQL.
-pub const MIGRATIONS: &[(u32, &str)] = &[(1, include_str!("migrations/0001_init.sql"))];
+pub const MIGRATIONS: &[(u32, &str)] = &[
+    (1, include_str!("migrations/0001_init.sql")),
+    (2, include_str!("migrations/0002_channels.sql")),
+];
 
 /// The schema version this binary runs on.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// What kind of money movement a settlement records (DESIGN.md §3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -68,6 +71,11 @@ pub mod ledger {
     pub fn merchant_sales(merchant: &str) -> String {
         format!("merchant:{merchant}:sales")
     }
+    /// A channel's clearing account: positive = the platform owes the channel (a supplier
+    /// charge), negative = the channel owes the platform (collections, top-ups).
+    pub fn channel_clearing(channel: &str) -> String {
+        format!("channel:{channel}:clearing")
+    }
     /// The other side of manual credits and debits.
     pub fn adjustments(merchant: &str) -> String {
         format!("platform:{merchant}:adjustments")
@@ -94,6 +102,70 @@ pub struct PaymentRow {
     pub expires_at_ms: u64,
     pub updated_at_ms: u64,
     pub doc: String,
+    /// When the resolution loop should next query or close this pending channel payment
+    /// (DESIGN.md §7); `None`: never (balance payments, finished payments). Defaulted so
+    /// records written before it existed (Redis outboxes) still read.
+    #[serde(default)]
+    pub next_check_at_ms: Option<u64>,
+    /// How many times the resolution loop looked at this payment (bounds its backoff).
+    #[serde(default)]
+    pub checks: u32,
+}
+
+/// One attempt of a channel payment (DESIGN.md §4 `attempts`).
+///
+/// Written before the channel is called (DESIGN.md §3), so a callback can always be matched
+/// to its payment by `channel_order_id`, even when Redis lost the payment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptRow {
+    pub payment_id: String,
+    pub attempt: u32,
+    pub channel_id: String,
+    pub channel_order_id: String,
+    /// accepted | refused | unknown | succeeded | failed | closed
+    pub outcome: String,
+    pub latency_ms: Option<u64>,
+    /// The action object's JSON text (`{"type":"qr_code",...}`), once the channel gave one.
+    pub action: Option<String>,
+    pub channel_txn_id: Option<String>,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+}
+
+impl AttemptRow {
+    /// What both backends require before writing an attempt of `payment_id`.
+    pub(crate) fn check_for(&self, payment_id: &str) -> Result<(), SettleError> {
+        if self.payment_id != payment_id {
+            return Err(SettleError::Invalid(format!(
+                "{payment_id}: attempt {} belongs to payment {}",
+                self.attempt, self.payment_id
+            )));
+        }
+        if self.channel_order_id.is_empty() {
+            return Err(SettleError::Invalid(format!(
+                "{payment_id}: attempt {} has no channel order id",
+                self.attempt
+            )));
+        }
+        Ok(())
+    }
+
+    /// Why inserting this attempt did nothing, given the channel order id stored for the same
+    /// `(payment_id, attempt)` (`None`: no such attempt, so the channel order id is taken by
+    /// another one): `Ok` when it is the very same attempt, `Invalid` otherwise.
+    pub(crate) fn explain_conflict(&self, stored: Option<&str>) -> Result<(), SettleError> {
+        match stored {
+            Some(stored) if stored == self.channel_order_id => Ok(()),
+            Some(stored) => Err(SettleError::Invalid(format!(
+                "{}: attempt {} is recorded with channel order id {stored}, not {}",
+                self.payment_id, self.attempt, self.channel_order_id
+            ))),
+            None => Err(SettleError::Invalid(format!(
+                "{}: attempt {}: channel order id {} belongs to another attempt",
+                self.payment_id, self.attempt, self.channel_order_id
+            ))),
+        }
+    }
 }
 
 /// One money movement, ready to commit.
@@ -285,11 +357,74 @@ pub trait SettlementStore: Send + Sync + 'static {
     /// Creates or updates an account (currency, credit limit).
     async fn upsert_account(&self, row: &AccountRow) -> Result<(), SettleError>;
 
-    /// Records a payment before anything else happens to it.
-    async fn record_intent(&self, payment: &PaymentRow) -> Result<IntentOutcome, SettleError>;
+    /// Records a payment before anything else happens to it, with its first channel attempt
+    /// (if any) in the same transaction, so the attempt's channel order id is durable before
+    /// the channel is called.
+    ///
+    /// `AlreadyRecorded` (a retry) still inserts the attempt if it is absent. `DuplicateOrder`
+    /// writes nothing. The attempt must belong to `payment`, and an attempt that clashes with
+    /// a stored one (see [`SettlementStore::record_attempt`]) is `Invalid`, with nothing
+    /// written: the channel must not be called with an order id the store does not hold.
+    async fn record_intent(
+        &self,
+        payment: &PaymentRow,
+        first_attempt: Option<&AttemptRow>,
+    ) -> Result<IntentOutcome, SettleError>;
+
+    /// Records a further attempt (failover) before its channel is called. Recording the same
+    /// `(payment_id, attempt)` with the same channel order id again changes nothing; another
+    /// channel order id for a stored attempt, or a channel order id another attempt already
+    /// uses, is `Invalid` (nothing changes).
+    async fn record_attempt(&self, attempt: &AttemptRow) -> Result<(), SettleError>;
+
+    /// Records what a channel answered for an attempt: `outcome` and `updated_at_ms` are set,
+    /// `latency_ms`, `action` and `channel_txn_id` only when given (`None` keeps the stored
+    /// value). `false` when there is no such attempt.
+    #[allow(clippy::too_many_arguments)]
+    async fn update_attempt(
+        &self,
+        payment_id: &str,
+        attempt: u32,
+        outcome: &str,
+        latency_ms: Option<u64>,
+        action: Option<&str>,
+        channel_txn_id: Option<&str>,
+        now_ms: u64,
+    ) -> Result<bool, SettleError>;
+
+    /// A payment's attempts, by attempt number.
+    async fn attempts(&self, payment_id: &str) -> Result<Vec<AttemptRow>, SettleError>;
+
+    /// The attempt a channel order id belongs to (how a callback finds its payment).
+    async fn attempt_by_channel_order(
+        &self,
+        channel_order_id: &str,
+    ) -> Result<Option<AttemptRow>, SettleError>;
+
+    /// Claims up to `limit` pending payments whose `next_check_at_ms <= now_ms`, oldest
+    /// check first, for the resolution loop: in the same atomic step their
+    /// `next_check_at_ms` becomes `lease_until_ms`, so neither another gateway instance nor
+    /// the next tick takes them while this one works on them (and if this one dies, they come
+    /// due again when the lease ends). Returns the rows as updated.
+    async fn claim_due(
+        &self,
+        now_ms: u64,
+        lease_until_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<PaymentRow>, SettleError>;
+
+    /// After a look at a payment: when to look next (`None`: never) and one more check.
+    /// An unknown payment is `Invalid`.
+    async fn schedule_check(
+        &self,
+        payment_id: &str,
+        next_check_at_ms: Option<u64>,
+    ) -> Result<(), SettleError>;
 
     /// Commits a batch in ONE transaction (one fsync): each settlement is inserted, recognized
-    /// as already committed, or refused as a conflict (and flagged).
+    /// as already committed, or refused as a conflict (and flagged). A settlement's payment
+    /// is inserted whole, or, when it exists, gets its status, hold and `updated_at_ms`; its
+    /// resolution schedule (`next_check_at_ms`, `checks`) is left as stored.
     async fn commit(&self, batch: &[Settlement]) -> Result<Vec<CommitOutcome>, SettleError>;
 
     /// Every account (or only `(merchant, account)`) with its balance and sequence

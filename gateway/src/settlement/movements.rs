@@ -4,7 +4,7 @@
 use super::{ledger, PaymentRow, Posting, Settlement, SettlementKind};
 use crate::ids::{AdjustmentId, ScopeTag};
 use crate::money::Currency;
-use crate::preauth::{AccountKey, Direction, PaymentDoc, PaymentStatus};
+use crate::preauth::{AccountKey, Direction, Method, PaymentDoc, PaymentStatus, Purpose};
 
 /// A payment's store row from its document and state.
 pub fn payment_row(
@@ -38,6 +38,8 @@ pub fn payment_row(
         expires_at_ms: doc.expires_at_ms,
         updated_at_ms: now_ms,
         doc: serde_json::to_string(doc).expect("a payment document always serializes"),
+        next_check_at_ms: None,
+        checks: 0,
     }
 }
 
@@ -131,11 +133,81 @@ pub fn adjustment(
     }
 }
 
+/// What a channel's success does (DESIGN.md §3's table), as a settlement: a supplier charge
+/// moves the account's money to the channel's clearing ledger (the platform owes the
+/// supplier); a customer's Alipay/WeChat Pay charge is owed by the channel to the merchant
+/// (clearing → sales); a top-up moves it from the channel's clearing ledger to the account.
+/// The channel's fee (`fee_bps`, rounded half up) and the merchant's net sum to the amount.
+/// `seq` is the account's sequence after the movement (`None` in the template written before
+/// the script runs, and for a collection, which moves no account).
+pub fn channel_success(
+    doc: &PaymentDoc,
+    tag: ScopeTag,
+    channel_id: &str,
+    channel_txn_id: Option<&str>,
+    fee_bps: u32,
+    seq: Option<u64>,
+    now_ms: u64,
+) -> Settlement {
+    let merchant = doc.merchant_id.as_str();
+    let amount = doc.amount_minor;
+    let clearing = ledger::channel_clearing(channel_id);
+    let account = || ledger::account(merchant, doc.account_id.as_deref().unwrap_or_default());
+    let (kind, postings) = match (doc.purpose, doc.method) {
+        (Purpose::Topup, _) => (
+            SettlementKind::Credit,
+            vec![(clearing, -amount), (account(), amount)],
+        ),
+        (Purpose::Charge, Method::Supplier) => (
+            SettlementKind::Capture,
+            vec![(account(), -amount), (clearing, amount)],
+        ),
+        (Purpose::Charge, _) => (
+            SettlementKind::Capture,
+            vec![
+                (clearing, -amount),
+                (ledger::merchant_sales(merchant), amount),
+            ],
+        ),
+    };
+    let fee = crate::money::fee_minor(amount, fee_bps);
+    Settlement {
+        payment_id: doc.id.clone(),
+        kind,
+        sequence: 0,
+        merchant_id: merchant.to_owned(),
+        account_id: doc.account_id.clone(),
+        channel_id: Some(channel_id.to_owned()),
+        channel_txn_id: channel_txn_id.map(str::to_owned),
+        amount_minor: amount,
+        currency: doc.currency,
+        channel_fee_minor: fee,
+        commission_minor: 0,
+        merchant_net_minor: amount - fee,
+        account_seq: seq,
+        settled_at_ms: now_ms,
+        postings: postings
+            .into_iter()
+            .map(|(ledger, amount_minor)| Posting {
+                ledger,
+                amount_minor,
+            })
+            .collect(),
+        payment: Some(payment_row(
+            doc,
+            tag,
+            PaymentStatus::Succeeded,
+            0,
+            None,
+            now_ms,
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ids::{AccountId, MerchantId};
-    use crate::preauth::{Method, Purpose};
     use proptest::prelude::*;
 
     fn doc(amount: i64) -> PaymentDoc {
@@ -167,6 +239,33 @@ mod tests {
             prop_assert!(adj.check().is_ok());
             let account_delta: i64 = adj.postings.iter().filter(|p| p.ledger == ledger::account("alpha", "acc")).map(|p| p.amount_minor).sum();
             prop_assert_eq!(account_delta, if credit { amount } else { -amount });
+        }
+
+        #[test]
+        fn every_channel_success_balances_and_splits_exactly(
+            amount in 1i64..=crate::preauth::MAX_SAFE_MINOR,
+            fee_bps in 0u32..=10_000,
+            which in 0usize..4,
+        ) {
+            let (method, purpose) = [
+                (Method::Supplier, Purpose::Charge),
+                (Method::Alipay, Purpose::Charge),
+                (Method::Wechatpay, Purpose::Charge),
+                (Method::Supplier, Purpose::Topup),
+            ][which];
+            let mut d = doc(amount);
+            d.method = method;
+            d.purpose = purpose;
+            let key = AccountKey::new(MerchantId::parse("alpha").unwrap(), AccountId::parse("acc").unwrap());
+            let s = channel_success(&d, key.tag, "ch", Some("T1"), fee_bps, Some(3), 5);
+            prop_assert!(s.check().is_ok());
+            let account_delta: i64 = s.postings.iter().filter(|p| p.ledger == ledger::account("alpha", "acc")).map(|p| p.amount_minor).sum();
+            let expected = match (method, purpose) {
+                (_, Purpose::Topup) => amount,
+                (Method::Supplier, _) => -amount,
+                _ => 0,
+            };
+            prop_assert_eq!(account_delta, expected);
         }
     }
 

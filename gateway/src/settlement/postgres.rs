@@ -11,6 +11,7 @@
 //! Differences the column types force (everything else behaves as on SQLite):
 //! - `sequence` and `line` are `INTEGER` (i32 here): a settlement whose sequence or number of
 //!   postings does not fit is refused as [`SettleError::Invalid`] before anything is written;
+//!   so is an attempt whose number, or a payment whose `checks`, does not fit;
 //! - PostgreSQL text cannot hold a NUL character: a settlement, payment or account with one in
 //!   any text field is refused as [`SettleError::Invalid`] (rather than failing the whole batch
 //!   as "unavailable" over and over);
@@ -30,8 +31,8 @@ use deadpool_postgres::{
 use tokio_postgres::types::FromSql;
 
 use super::{
-    AccountBalance, AccountRow, CommitOutcome, Flagged, IntentOutcome, PaymentRow, SettleError,
-    Settlement, SettlementStore, StatusChange, MIGRATIONS, SCHEMA_VERSION,
+    AccountBalance, AccountRow, AttemptRow, CommitOutcome, Flagged, IntentOutcome, PaymentRow,
+    SettleError, Settlement, SettlementStore, StatusChange, MIGRATIONS, SCHEMA_VERSION,
 };
 use crate::money::Currency;
 use crate::telemetry;
@@ -47,13 +48,24 @@ const LIVE_STATUSES: &str = "('pending', 'succeeded', 'partially_refunded', 'ref
 
 const PAYMENT_COLUMNS: &str = "id, merchant_id, account_id, scope_tag, merchant_order_id, \
     amount_minor, currency, method, purpose, status, held_minor, hold_expires_at_ms, \
-    created_at_ms, expires_at_ms, updated_at_ms, doc";
+    created_at_ms, expires_at_ms, updated_at_ms, doc, next_check_at_ms, checks";
 
 const INSERT_PAYMENT: &str = "INSERT INTO payments (id, merchant_id, account_id, scope_tag, \
     merchant_order_id, amount_minor, currency, method, purpose, status, held_minor, \
-    hold_expires_at_ms, created_at_ms, expires_at_ms, updated_at_ms, doc) VALUES \
-    ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
+    hold_expires_at_ms, created_at_ms, expires_at_ms, updated_at_ms, doc, next_check_at_ms, \
+    checks) VALUES \
+    ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
     ON CONFLICT DO NOTHING";
+
+const ATTEMPT_COLUMNS: &str = "payment_id, attempt, channel_id, channel_order_id, outcome, \
+    latency_ms, action, channel_txn_id, created_at_ms, updated_at_ms";
+
+const INSERT_ATTEMPT: &str = "INSERT INTO attempts (payment_id, attempt, channel_id, \
+    channel_order_id, outcome, latency_ms, action, channel_txn_id, created_at_ms, \
+    updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING";
+
+const STORED_ATTEMPT_ORDER: &str =
+    "SELECT channel_order_id FROM attempts WHERE payment_id = $1 AND attempt = $2";
 
 const INSERT_EVENT: &str = "INSERT INTO payment_events (payment_id, status, at_ms) \
     VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
@@ -165,6 +177,27 @@ fn payment_from_row(r: &Row) -> Result<PaymentRow, SettleError> {
         expires_at_ms: get_u64(r, 13)?,
         updated_at_ms: get_u64(r, 14)?,
         doc: get(r, 15)?,
+        next_check_at_ms: get::<Option<i64>>(r, 16)?
+            .map(|v| u64::try_from(v).map_err(|_| bad_row(format!("negative next check {v}"))))
+            .transpose()?,
+        checks: get_u32(r, 17)?,
+    })
+}
+
+fn attempt_from_row(r: &Row) -> Result<AttemptRow, SettleError> {
+    Ok(AttemptRow {
+        payment_id: get(r, 0)?,
+        attempt: get_u32(r, 1)?,
+        channel_id: get(r, 2)?,
+        channel_order_id: get(r, 3)?,
+        outcome: get(r, 4)?,
+        latency_ms: get::<Option<i64>>(r, 5)?
+            .map(|v| u64::try_from(v).map_err(|_| bad_row(format!("negative latency {v}"))))
+            .transpose()?,
+        action: get(r, 6)?,
+        channel_txn_id: get(r, 7)?,
+        created_at_ms: get_u64(r, 8)?,
+        updated_at_ms: get_u64(r, 9)?,
     })
 }
 
@@ -197,6 +230,30 @@ fn check_payment_text(p: &PaymentRow) -> Result<(), SettleError> {
     )
 }
 
+/// What PostgreSQL's column types need of a payment's schedule: `checks` is an `INTEGER`.
+fn checks_i32(p: &PaymentRow) -> Result<i32, SettleError> {
+    i32::try_from(p.checks).map_err(|_| invalid(&p.id, "checks exceed the store's INTEGER range"))
+}
+
+/// What PostgreSQL's column types need of an attempt: its number is an `INTEGER`, its text
+/// holds no NUL.
+fn check_attempt_for_postgres(a: &AttemptRow) -> Result<i32, SettleError> {
+    let number = i32::try_from(a.attempt)
+        .map_err(|_| invalid(&a.payment_id, "attempt exceeds the store's INTEGER range"))?;
+    no_nul(
+        &a.payment_id,
+        [
+            a.payment_id.as_str(),
+            a.channel_id.as_str(),
+            a.channel_order_id.as_str(),
+            a.outcome.as_str(),
+            a.action.as_deref().unwrap_or(""),
+            a.channel_txn_id.as_deref().unwrap_or(""),
+        ],
+    )?;
+    Ok(number)
+}
+
 /// What PostgreSQL's column types need beyond [`Settlement::check`].
 fn check_for_postgres(s: &Settlement) -> Result<i32, SettleError> {
     let sequence = i32::try_from(s.sequence)
@@ -218,6 +275,7 @@ fn check_for_postgres(s: &Settlement) -> Result<i32, SettleError> {
     )?;
     if let Some(p) = &s.payment {
         check_payment_text(p)?;
+        checks_i32(p)?;
     }
     Ok(sequence)
 }
@@ -249,10 +307,12 @@ impl<'a> PostingColumns<'a> {
 }
 
 /// Inserts a payment unless its id or its live scoped order id is taken; `true` if inserted.
+/// `checks` must fit (see [`checks_i32`]); it saturates otherwise.
 async fn insert_payment(
     tx: &Transaction<'_>,
     p: &PaymentRow,
 ) -> Result<bool, tokio_postgres::Error> {
+    let checks = i32::try_from(p.checks).unwrap_or(i32::MAX);
     let insert = tx.prepare_cached(INSERT_PAYMENT).await?;
     let inserted = tx
         .execute(
@@ -274,6 +334,8 @@ async fn insert_payment(
                 &ms(p.expires_at_ms),
                 &ms(p.updated_at_ms),
                 &p.doc,
+                &p.next_check_at_ms.map(ms),
+                &checks,
             ],
         )
         .await?;
@@ -292,8 +354,9 @@ async fn record_event(
     Ok(())
 }
 
-/// Inserts a payment, or updates its status if it exists; `false` when another live payment
-/// holds its scoped order id (as `write_payment` in sqlite.rs).
+/// Inserts a payment, or updates its status if it exists (leaving its resolution schedule);
+/// `false` when another live payment holds its scoped order id (as `write_payment` in
+/// sqlite.rs).
 async fn write_payment(
     tx: &Transaction<'_>,
     p: &PaymentRow,
@@ -410,6 +473,52 @@ impl PostgresStore {
 
     async fn client(&self) -> Result<Object, SettleError> {
         self.pool.get().await.map_err(|e| self.unavailable(&e))
+    }
+
+    /// Inserts an attempt unless the very same one is stored; `Invalid` when it clashes with
+    /// a stored attempt (as `insert_attempt` in sqlite.rs). `number` is `a.attempt` as
+    /// checked by [`check_attempt_for_postgres`].
+    async fn insert_attempt(
+        &self,
+        tx: &Transaction<'_>,
+        a: &AttemptRow,
+        number: i32,
+    ) -> Result<(), SettleError> {
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        // Waits for a concurrent insert of the same key, then does nothing; the look-up (a
+        // fresh snapshot) sees what that insert committed.
+        let insert = tx.prepare_cached(INSERT_ATTEMPT).await.map_err(db)?;
+        let inserted = tx
+            .execute(
+                &insert,
+                &[
+                    &a.payment_id,
+                    &number,
+                    &a.channel_id,
+                    &a.channel_order_id,
+                    &a.outcome,
+                    &a.latency_ms.map(ms),
+                    &a.action,
+                    &a.channel_txn_id,
+                    &ms(a.created_at_ms),
+                    &ms(a.updated_at_ms),
+                ],
+            )
+            .await
+            .map_err(db)?;
+        if inserted == 1 {
+            return Ok(());
+        }
+        let stored = tx.prepare_cached(STORED_ATTEMPT_ORDER).await.map_err(db)?;
+        let stored: Option<String> = match tx
+            .query_opt(&stored, &[&a.payment_id, &number])
+            .await
+            .map_err(db)?
+        {
+            Some(row) => Some(get(&row, 0)?),
+            None => None,
+        };
+        a.explain_conflict(stored.as_deref())
     }
 
     async fn timed<T>(
@@ -539,8 +648,20 @@ impl PostgresStore {
         Ok(())
     }
 
-    async fn record_intent_inner(&self, p: &PaymentRow) -> Result<IntentOutcome, SettleError> {
+    async fn record_intent_inner(
+        &self,
+        p: &PaymentRow,
+        first_attempt: Option<&AttemptRow>,
+    ) -> Result<IntentOutcome, SettleError> {
         check_payment_text(p)?;
+        checks_i32(p)?;
+        let first_attempt = match first_attempt {
+            Some(a) => {
+                a.check_for(&p.id)?;
+                Some((a, check_attempt_for_postgres(a)?))
+            }
+            None => None,
+        };
         let db = |e: tokio_postgres::Error| self.unavailable(&e);
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db)?;
@@ -562,10 +683,18 @@ impl PostgresStore {
                 record_event(&tx, &p.id, &p.status, p.updated_at_ms)
                     .await
                     .map_err(db)?;
+                if let Some((a, number)) = first_attempt {
+                    self.insert_attempt(&tx, a, number).await?;
+                }
                 tx.commit().await.map_err(db)?;
                 return Ok(IntentOutcome::Inserted);
             }
             if tx.query_opt(&by_id, &[&p.id]).await.map_err(db)?.is_some() {
+                // A retry: the attempt may not have made it (an older caller, or none given).
+                if let Some((a, number)) = first_attempt {
+                    self.insert_attempt(&tx, a, number).await?;
+                    tx.commit().await.map_err(db)?;
+                }
                 return Ok(IntentOutcome::AlreadyRecorded);
             }
             if let Some(row) = tx
@@ -580,6 +709,54 @@ impl PostgresStore {
             "{}: the payment's order id kept changing hands, try again",
             p.id
         )))
+    }
+
+    async fn record_attempt_inner(&self, a: &AttemptRow) -> Result<(), SettleError> {
+        a.check_for(&a.payment_id)?;
+        let number = check_attempt_for_postgres(a)?;
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db)?;
+        self.insert_attempt(&tx, a, number).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(())
+    }
+
+    async fn claim_due_inner(
+        &self,
+        now_ms: u64,
+        lease_until_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<PaymentRow>, SettleError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        let client = self.client().await?;
+        // Due pending payments, oldest check first, locked (skipping rows another instance
+        // is claiming right now) and leased in one statement, so one implicit transaction.
+        // `RETURNING` keeps no order: the old `next_check_at_ms` (`was`) orders them below.
+        let stmt = client
+            .prepare_cached(&format!(
+                "WITH due AS (SELECT id AS due_id, next_check_at_ms AS was FROM payments \
+                 WHERE status = 'pending' AND next_check_at_ms <= $1 \
+                 ORDER BY next_check_at_ms, id COLLATE \"C\" LIMIT $3 FOR UPDATE SKIP LOCKED) \
+                 UPDATE payments SET next_check_at_ms = $2 FROM due WHERE id = due.due_id \
+                 RETURNING {PAYMENT_COLUMNS}, due.was"
+            ))
+            .await
+            .map_err(db)?;
+        let rows = client
+            .query(&stmt, &[&ms(now_ms), &ms(lease_until_ms), &limit])
+            .await
+            .map_err(db)?;
+        let mut claimed = rows
+            .iter()
+            .map(|r| Ok((get_u64(r, 18)?, payment_from_row(r)?)))
+            .collect::<Result<Vec<_>, SettleError>>()?;
+        claimed.sort_by(|(a_was, a), (b_was, b)| (a_was, &a.id).cmp(&(b_was, &b.id)));
+        Ok(claimed.into_iter().map(|(_, p)| p).collect())
     }
 
     async fn commit_inner(&self, batch: &[Settlement]) -> Result<Vec<CommitOutcome>, SettleError> {
@@ -894,8 +1071,157 @@ impl SettlementStore for PostgresStore {
         Self::timed("upsert_account", self.upsert_account_inner(row)).await
     }
 
-    async fn record_intent(&self, payment: &PaymentRow) -> Result<IntentOutcome, SettleError> {
-        Self::timed("record_intent", self.record_intent_inner(payment)).await
+    async fn record_intent(
+        &self,
+        payment: &PaymentRow,
+        first_attempt: Option<&AttemptRow>,
+    ) -> Result<IntentOutcome, SettleError> {
+        Self::timed(
+            "record_intent",
+            self.record_intent_inner(payment, first_attempt),
+        )
+        .await
+    }
+
+    async fn record_attempt(&self, attempt: &AttemptRow) -> Result<(), SettleError> {
+        Self::timed("record_attempt", self.record_attempt_inner(attempt)).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn update_attempt(
+        &self,
+        payment_id: &str,
+        attempt: u32,
+        outcome: &str,
+        latency_ms: Option<u64>,
+        action: Option<&str>,
+        channel_txn_id: Option<&str>,
+        now_ms: u64,
+    ) -> Result<bool, SettleError> {
+        Self::timed("update_attempt", async {
+            // No such attempt can exist past the column's range.
+            let Ok(number) = i32::try_from(attempt) else {
+                return Ok(false);
+            };
+            no_nul(
+                payment_id,
+                [
+                    payment_id,
+                    outcome,
+                    action.unwrap_or(""),
+                    channel_txn_id.unwrap_or(""),
+                ],
+            )?;
+            let db = |e: tokio_postgres::Error| self.unavailable(&e);
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached(
+                    "UPDATE attempts SET outcome = $3, \
+                     latency_ms = COALESCE($4, latency_ms), action = COALESCE($5, action), \
+                     channel_txn_id = COALESCE($6, channel_txn_id), updated_at_ms = $7 \
+                     WHERE payment_id = $1 AND attempt = $2",
+                )
+                .await
+                .map_err(db)?;
+            let updated = client
+                .execute(
+                    &stmt,
+                    &[
+                        &payment_id,
+                        &number,
+                        &outcome,
+                        &latency_ms.map(ms),
+                        &action,
+                        &channel_txn_id,
+                        &ms(now_ms),
+                    ],
+                )
+                .await
+                .map_err(db)?;
+            Ok(updated == 1)
+        })
+        .await
+    }
+
+    async fn attempts(&self, payment_id: &str) -> Result<Vec<AttemptRow>, SettleError> {
+        Self::timed("attempts", async {
+            let db = |e: tokio_postgres::Error| self.unavailable(&e);
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached(&format!(
+                    "SELECT {ATTEMPT_COLUMNS} FROM attempts WHERE payment_id = $1 \
+                     ORDER BY attempt"
+                ))
+                .await
+                .map_err(db)?;
+            let rows = client.query(&stmt, &[&payment_id]).await.map_err(db)?;
+            rows.iter().map(attempt_from_row).collect()
+        })
+        .await
+    }
+
+    async fn attempt_by_channel_order(
+        &self,
+        channel_order_id: &str,
+    ) -> Result<Option<AttemptRow>, SettleError> {
+        Self::timed("attempt_by_channel_order", async {
+            let db = |e: tokio_postgres::Error| self.unavailable(&e);
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached(&format!(
+                    "SELECT {ATTEMPT_COLUMNS} FROM attempts WHERE channel_order_id = $1"
+                ))
+                .await
+                .map_err(db)?;
+            let row = client
+                .query_opt(&stmt, &[&channel_order_id])
+                .await
+                .map_err(db)?;
+            row.as_ref().map(attempt_from_row).transpose()
+        })
+        .await
+    }
+
+    async fn claim_due(
+        &self,
+        now_ms: u64,
+        lease_until_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<PaymentRow>, SettleError> {
+        Self::timed(
+            "claim_due",
+            self.claim_due_inner(now_ms, lease_until_ms, limit),
+        )
+        .await
+    }
+
+    async fn schedule_check(
+        &self,
+        payment_id: &str,
+        next_check_at_ms: Option<u64>,
+    ) -> Result<(), SettleError> {
+        Self::timed("schedule_check", async {
+            let db = |e: tokio_postgres::Error| self.unavailable(&e);
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached(
+                    "UPDATE payments SET next_check_at_ms = $2, checks = checks + 1 \
+                     WHERE id = $1",
+                )
+                .await
+                .map_err(db)?;
+            let updated = client
+                .execute(&stmt, &[&payment_id, &next_check_at_ms.map(ms)])
+                .await
+                .map_err(db)?;
+            if updated == 0 {
+                return Err(SettleError::Invalid(format!(
+                    "{payment_id}: no such payment"
+                )));
+            }
+            Ok(())
+        })
+        .await
     }
 
     async fn commit(&self, batch: &[Settlement]) -> Result<Vec<CommitOutcome>, SettleError> {

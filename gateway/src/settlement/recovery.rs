@@ -103,7 +103,7 @@ pub async fn recover_once(
                     Err(err) => Err(err),
                 }
             }
-            PendingRecord::Intent(row) => settler.record_intent(&row, mark.clone()).await.map(|outcome| {
+            PendingRecord::Intent(row) => settler.record_intent(&row, None, Some(mark.clone())).await.map(|outcome| {
                 match outcome {
                     IntentOutcome::Inserted | IntentOutcome::AlreadyRecorded => report.intents += 1,
                     IntentOutcome::DuplicateOrder(holder) => {

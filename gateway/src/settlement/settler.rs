@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::stream::{SettlementStream, StreamError};
 use super::{
-    CommitOutcome, IntentOutcome, PaymentRow, SettleError, Settlement, SettlementStore,
+    AttemptRow, CommitOutcome, IntentOutcome, PaymentRow, SettleError, Settlement, SettlementStore,
     StatusChange,
 };
 use crate::preauth::{BalanceStore, SettledMark};
@@ -78,19 +78,24 @@ impl Settler {
         Ok(self.stream.submit(settlement, None).await?)
     }
 
-    /// Commits a payment's intent, then lets its idempotency record replay.
+    /// Commits a payment's intent (with its first channel attempt, when it has one); with a
+    /// mark, then lets its idempotency record replay (without one the caller marks it once it
+    /// has answered: a channel payment's key stays in flight while its channels are called).
     pub async fn record_intent(
         &self,
         row: &PaymentRow,
-        mark: SettledMark,
+        first_attempt: Option<&AttemptRow>,
+        mark: Option<SettledMark>,
     ) -> Result<IntentOutcome, SettleFailure> {
-        let outcome = tokio::time::timeout(self.settle_timeout, self.store.record_intent(row))
-            .await
-            .map_err(|_| SettleFailure::Timeout)??;
-        if matches!(
-            outcome,
-            IntentOutcome::Inserted | IntentOutcome::AlreadyRecorded
-        ) {
+        let outcome = tokio::time::timeout(
+            self.settle_timeout,
+            self.store.record_intent(row, first_attempt),
+        )
+        .await
+        .map_err(|_| SettleFailure::Timeout)??;
+        if let (Some(mark), IntentOutcome::Inserted | IntentOutcome::AlreadyRecorded) =
+            (mark, &outcome)
+        {
             if let Err(err) = self.balances.mark_settled(&[mark]).await {
                 tracing::warn!(error = %err, payment_id = %row.id, "intent committed but not marked; recovery will");
             }

@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{
-    AccountBalance, AccountRow, CommitOutcome, Flagged, IntentOutcome, PaymentRow, SettleError,
-    Settlement, SettlementStore, StatusChange, MIGRATIONS, SCHEMA_VERSION,
+    AccountBalance, AccountRow, AttemptRow, CommitOutcome, Flagged, IntentOutcome, PaymentRow,
+    SettleError, Settlement, SettlementStore, StatusChange, MIGRATIONS, SCHEMA_VERSION,
 };
 use crate::money::Currency;
 use crate::telemetry;
@@ -117,12 +117,70 @@ fn payment_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PaymentRow> {
         expires_at_ms: r.get::<_, i64>(13)? as u64,
         updated_at_ms: r.get::<_, i64>(14)? as u64,
         doc: r.get(15)?,
+        next_check_at_ms: r.get::<_, Option<i64>>(16)?.map(|v| v as u64),
+        checks: r.get(17)?,
     })
 }
 
 const PAYMENT_COLUMNS: &str = "id, merchant_id, account_id, scope_tag, merchant_order_id, \
     amount_minor, currency, method, purpose, status, held_minor, hold_expires_at_ms, \
-    created_at_ms, expires_at_ms, updated_at_ms, doc";
+    created_at_ms, expires_at_ms, updated_at_ms, doc, next_check_at_ms, checks";
+
+const ATTEMPT_COLUMNS: &str = "payment_id, attempt, channel_id, channel_order_id, outcome, \
+    latency_ms, action, channel_txn_id, created_at_ms, updated_at_ms";
+
+fn attempt_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AttemptRow> {
+    Ok(AttemptRow {
+        payment_id: r.get(0)?,
+        attempt: r.get(1)?,
+        channel_id: r.get(2)?,
+        channel_order_id: r.get(3)?,
+        outcome: r.get(4)?,
+        latency_ms: r.get::<_, Option<i64>>(5)?.map(|v| v as u64),
+        action: r.get(6)?,
+        channel_txn_id: r.get(7)?,
+        created_at_ms: r.get::<_, i64>(8)? as u64,
+        updated_at_ms: r.get::<_, i64>(9)? as u64,
+    })
+}
+
+/// Inserts an attempt unless the very same one is stored; `Invalid` when it clashes with a
+/// stored attempt (another channel order id for the same attempt, or its channel order id
+/// taken by another attempt). Writes nothing unless it inserts.
+fn insert_attempt(conn: &Connection, a: &AttemptRow) -> Result<(), SettleError> {
+    let inserted = conn
+        .execute(
+            &format!(
+                "INSERT INTO attempts ({ATTEMPT_COLUMNS}) VALUES \
+                 (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT DO NOTHING"
+            ),
+            params![
+                a.payment_id,
+                a.attempt,
+                a.channel_id,
+                a.channel_order_id,
+                a.outcome,
+                a.latency_ms.map(ms),
+                a.action,
+                a.channel_txn_id,
+                ms(a.created_at_ms),
+                ms(a.updated_at_ms)
+            ],
+        )
+        .map_err(db)?;
+    if inserted == 1 {
+        return Ok(());
+    }
+    let stored: Option<String> = conn
+        .query_row(
+            "SELECT channel_order_id FROM attempts WHERE payment_id = ?1 AND attempt = ?2",
+            params![a.payment_id, a.attempt],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(db)?;
+    a.explain_conflict(stored.as_deref())
+}
 
 /// Records that a payment reached `status` (once per status).
 fn record_event(conn: &Connection, id: &str, status: &str, at_ms: u64) -> rusqlite::Result<()> {
@@ -134,13 +192,13 @@ fn record_event(conn: &Connection, id: &str, status: &str, at_ms: u64) -> rusqli
     Ok(())
 }
 
-/// Inserts a payment, or updates its status if it exists; `false` when another live payment
-/// holds its scoped order id.
+/// Inserts a payment, or updates its status if it exists (leaving its resolution schedule);
+/// `false` when another live payment holds its scoped order id.
 fn write_payment(conn: &Connection, p: &PaymentRow) -> rusqlite::Result<bool> {
     let inserted = conn.execute(
         &format!(
             "INSERT INTO payments ({PAYMENT_COLUMNS}) VALUES \
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16) \
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18) \
              ON CONFLICT DO NOTHING"
         ),
         params![
@@ -159,7 +217,9 @@ fn write_payment(conn: &Connection, p: &PaymentRow) -> rusqlite::Result<bool> {
             ms(p.created_at_ms),
             ms(p.expires_at_ms),
             ms(p.updated_at_ms),
-            p.doc
+            p.doc,
+            p.next_check_at_ms.map(ms),
+            p.checks
         ],
     )?;
     if inserted == 1 {
@@ -260,8 +320,16 @@ impl SettlementStore for SqliteStore {
         .await
     }
 
-    async fn record_intent(&self, payment: &PaymentRow) -> Result<IntentOutcome, SettleError> {
+    async fn record_intent(
+        &self,
+        payment: &PaymentRow,
+        first_attempt: Option<&AttemptRow>,
+    ) -> Result<IntentOutcome, SettleError> {
+        if let Some(a) = first_attempt {
+            a.check_for(&payment.id)?;
+        }
         let p = payment.clone();
+        let first_attempt = first_attempt.cloned();
         self.run("record_intent", move |conn| {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -273,6 +341,11 @@ impl SettlementStore for SqliteStore {
                 .optional()
                 .map_err(db)?;
             if existing.is_some() {
+                // A retry: the attempt may not have made it (an older caller, or none given).
+                if let Some(a) = &first_attempt {
+                    insert_attempt(&tx, a)?;
+                    tx.commit().map_err(db)?;
+                }
                 return Ok(IntentOutcome::AlreadyRecorded);
             }
             let holder: Option<String> = tx
@@ -288,8 +361,164 @@ impl SettlementStore for SqliteStore {
                 return Ok(IntentOutcome::DuplicateOrder(holder));
             }
             write_payment(&tx, &p).map_err(db)?;
+            if let Some(a) = &first_attempt {
+                insert_attempt(&tx, a)?;
+            }
             tx.commit().map_err(db)?;
             Ok(IntentOutcome::Inserted)
+        })
+        .await
+    }
+
+    async fn record_attempt(&self, attempt: &AttemptRow) -> Result<(), SettleError> {
+        attempt.check_for(&attempt.payment_id)?;
+        let a = attempt.clone();
+        self.run("record_attempt", move |conn| insert_attempt(conn, &a))
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn update_attempt(
+        &self,
+        payment_id: &str,
+        attempt: u32,
+        outcome: &str,
+        latency_ms: Option<u64>,
+        action: Option<&str>,
+        channel_txn_id: Option<&str>,
+        now_ms: u64,
+    ) -> Result<bool, SettleError> {
+        let payment_id = payment_id.to_owned();
+        let outcome = outcome.to_owned();
+        let action = action.map(str::to_owned);
+        let channel_txn_id = channel_txn_id.map(str::to_owned);
+        self.run("update_attempt", move |conn| {
+            let updated = conn
+                .execute(
+                    "UPDATE attempts SET outcome = ?3, \
+                     latency_ms = COALESCE(?4, latency_ms), action = COALESCE(?5, action), \
+                     channel_txn_id = COALESCE(?6, channel_txn_id), updated_at_ms = ?7 \
+                     WHERE payment_id = ?1 AND attempt = ?2",
+                    params![
+                        payment_id,
+                        attempt,
+                        outcome,
+                        latency_ms.map(ms),
+                        action,
+                        channel_txn_id,
+                        ms(now_ms)
+                    ],
+                )
+                .map_err(db)?;
+            Ok(updated == 1)
+        })
+        .await
+    }
+
+    async fn attempts(&self, payment_id: &str) -> Result<Vec<AttemptRow>, SettleError> {
+        let payment_id = payment_id.to_owned();
+        self.run("attempts", move |conn| {
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT {ATTEMPT_COLUMNS} FROM attempts WHERE payment_id = ?1 \
+                     ORDER BY attempt"
+                ))
+                .map_err(db)?;
+            let rows = stmt
+                .query_map([&payment_id], attempt_from_row)
+                .map_err(db)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db)
+        })
+        .await
+    }
+
+    async fn attempt_by_channel_order(
+        &self,
+        channel_order_id: &str,
+    ) -> Result<Option<AttemptRow>, SettleError> {
+        let channel_order_id = channel_order_id.to_owned();
+        self.run("attempt_by_channel_order", move |conn| {
+            conn.query_row(
+                &format!("SELECT {ATTEMPT_COLUMNS} FROM attempts WHERE channel_order_id = ?1"),
+                [&channel_order_id],
+                attempt_from_row,
+            )
+            .optional()
+            .map_err(db)
+        })
+        .await
+    }
+
+    async fn claim_due(
+        &self,
+        now_ms: u64,
+        lease_until_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<PaymentRow>, SettleError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        self.run("claim_due", move |conn| {
+            // One writer at a time (IMMEDIATE): no other process can claim the same rows
+            // between the select and the update.
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db)?;
+            let mut due = {
+                let mut stmt = tx
+                    .prepare_cached(&format!(
+                        "SELECT {PAYMENT_COLUMNS} FROM payments WHERE status = 'pending' \
+                         AND next_check_at_ms <= ?1 ORDER BY next_check_at_ms, id LIMIT ?2"
+                    ))
+                    .map_err(db)?;
+                let rows = stmt
+                    .query_map(
+                        params![ms(now_ms), i64::try_from(limit).unwrap_or(i64::MAX)],
+                        payment_from_row,
+                    )
+                    .map_err(db)?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(db)?
+            };
+            if due.is_empty() {
+                return Ok(due);
+            }
+            {
+                let mut lease = tx
+                    .prepare_cached("UPDATE payments SET next_check_at_ms = ?2 WHERE id = ?1")
+                    .map_err(db)?;
+                for p in &mut due {
+                    lease
+                        .execute(params![p.id, ms(lease_until_ms)])
+                        .map_err(db)?;
+                    p.next_check_at_ms = Some(lease_until_ms);
+                }
+            }
+            tx.commit().map_err(db)?;
+            Ok(due)
+        })
+        .await
+    }
+
+    async fn schedule_check(
+        &self,
+        payment_id: &str,
+        next_check_at_ms: Option<u64>,
+    ) -> Result<(), SettleError> {
+        let payment_id = payment_id.to_owned();
+        self.run("schedule_check", move |conn| {
+            let updated = conn
+                .execute(
+                    "UPDATE payments SET next_check_at_ms = ?2, checks = checks + 1 \
+                     WHERE id = ?1",
+                    params![payment_id, next_check_at_ms.map(ms)],
+                )
+                .map_err(db)?;
+            if updated == 0 {
+                return Err(SettleError::Invalid(format!(
+                    "{payment_id}: no such payment"
+                )));
+            }
+            Ok(())
         })
         .await
     }

@@ -10,8 +10,8 @@ use gateway::money::Currency;
 use gateway::preauth::{
     AccountKey, AccountRebuild, AdjustOutcome, AdjustRequest, AuthorizeOutcome, AuthorizeRequest,
     BalanceStore, Direction, HoldSpec, IdempotencyClaim, Method, OpContext, PaymentDoc,
-    PaymentRecord, PaymentStatus, Purpose, Scope, SettledMark, StoredOutcome, TransitionOutcome,
-    UpsertOutcome,
+    PaymentRecord, PaymentStatus, Purpose, Scope, SettledMark, StoredOutcome, SucceedOutcome,
+    SucceedRequest, SuccessEffect, TransitionOutcome, UpsertOutcome,
 };
 
 use crate::helpers::{store_for, Backend, RedisServer};
@@ -160,6 +160,150 @@ macro_rules! on_both_backends {
     };
 }
 
+/// A channel's success with `effect`, and its settlement (a marker JSON) into the outbox.
+async fn succeed(
+    store: &Arc<dyn BalanceStore>,
+    id: &PaymentId,
+    effect: SuccessEffect,
+    amount: i64,
+    now: u64,
+) -> SucceedOutcome {
+    let request = SucceedRequest {
+        payment: id.clone(),
+        effect,
+        amount_minor: amount,
+        pending_record: format!("{{\"settlement\":{{\"of\":\"{id}\"}}}}"),
+    };
+    store.succeed(&request, ctx(now)).await.unwrap()
+}
+
+/// A supplier charge's success (its hold captured), read as a plain transition.
+async fn capture(store: &Arc<dyn BalanceStore>, id: &PaymentId, now: u64) -> TransitionOutcome {
+    match succeed(store, id, SuccessEffect::Capture, 0, now).await {
+        SucceedOutcome::Done { payment, .. } => TransitionOutcome::Done(payment),
+        SucceedOutcome::NotPending(status) => TransitionOutcome::NotPending(status),
+        SucceedOutcome::NotFound => TransitionOutcome::NotFound,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A payment without hold: a top-up of `account` (`Some`) or a merchant's Alipay charge.
+fn holdless(account: Option<&AccountKey>, idem: &str, amount: i64) -> AuthorizeRequest {
+    let merchant = MerchantId::parse("alpha").unwrap();
+    let scope = match account {
+        Some(k) => Scope::Account(k.clone()),
+        None => Scope::merchant(merchant),
+    };
+    let id = PaymentId::generate(scope.tag(), NOW);
+    AuthorizeRequest {
+        idempotency: claim(idem, &format!("hash-{idem}")),
+        order_id: MerchantOrderId::parse(idem, 64).unwrap(),
+        doc: PaymentDoc {
+            id: id.as_str().into(),
+            merchant_id: "alpha".into(),
+            account_id: account.map(|k| k.account.as_str().into()),
+            merchant_order_id: idem.into(),
+            amount_minor: amount,
+            currency: Currency::Cny,
+            method: Method::Alipay,
+            purpose: if account.is_some() {
+                Purpose::Topup
+            } else {
+                Purpose::Charge
+            },
+            created_at_ms: NOW,
+            expires_at_ms: NOW + 60_000,
+            description: None,
+            notify_url: None,
+            metadata: None,
+        },
+        scope,
+        hold: None,
+        pending_record: Some("{\"intent\":{}}".into()),
+    }
+}
+
+async fn created_id(store: &Arc<dyn BalanceStore>, request: &AuthorizeRequest) -> PaymentId {
+    let out = store.authorize(request, ctx(NOW)).await.unwrap();
+    let AuthorizeOutcome::Created { payment, .. } = out else {
+        panic!("{out:?}")
+    };
+    PaymentId::parse(&payment.doc.id).unwrap()
+}
+
+async fn topups_credit_once_and_collections_move_no_account(store: Arc<dyn BalanceStore>) {
+    let k = funded(&store, "acc", 1_000, 0).await;
+    let seq0 = store.read_account(&k, ctx(NOW)).await.unwrap().unwrap().seq;
+    // A top-up above the available balance is fine: it takes nothing from the account.
+    let topup = created_id(&store, &holdless(Some(&k), "top-1", 5_000)).await;
+    assert_eq!(snapshot(&store, &k, NOW).await, (1_000, 0, 1_000));
+    let done = succeed(&store, &topup, SuccessEffect::Credit, 5_000, NOW).await;
+    let SucceedOutcome::Done { payment, seq } = done else {
+        panic!("{done:?}")
+    };
+    assert_eq!((payment.status, seq), (PaymentStatus::Succeeded, seq0 + 1));
+    assert_eq!(snapshot(&store, &k, NOW).await, (6_000, 0, 6_000));
+    // Exactly once: a second report changes nothing.
+    assert_eq!(
+        succeed(&store, &topup, SuccessEffect::Credit, 5_000, NOW).await,
+        SucceedOutcome::NotPending(PaymentStatus::Succeeded)
+    );
+    assert_eq!(snapshot(&store, &k, NOW).await, (6_000, 0, 6_000));
+    // The settlement waits in the outbox under its own id, with the account's sequence.
+    let outbox = all_unsettled(&store).await;
+    let entry = outbox
+        .iter()
+        .find(|u| u.id == format!("{topup}#m"))
+        .expect("the credit's settlement is in the outbox");
+    assert_eq!(entry.seq, seq0 + 1);
+    assert!(entry.record.contains(topup.as_str()));
+
+    let charge = created_id(&store, &holdless(None, "ali-1", 700)).await;
+    let done = succeed(&store, &charge, SuccessEffect::Collect, 700, NOW).await;
+    assert!(
+        matches!(done, SucceedOutcome::Done { seq: 0, ref payment } if payment.status == PaymentStatus::Succeeded),
+        "{done:?}"
+    );
+    assert_eq!(snapshot(&store, &k, NOW).await, (6_000, 0, 6_000));
+    let unknown = PaymentId::generate(k.tag, NOW);
+    assert_eq!(
+        succeed(&store, &unknown, SuccessEffect::Credit, 1, NOW).await,
+        SucceedOutcome::NotFound
+    );
+}
+
+async fn an_unrouted_payment_fails_releases_its_hold_and_replays_no_channel(
+    store: Arc<dyn BalanceStore>,
+) {
+    let k = funded(&store, "acc", 10_000, 0).await;
+    let mut request = authorize(&k, "i1", "o1", 4_000, hold_until(NOW + 60_000));
+    request.pending_record = Some("{\"intent\":{}}".into());
+    let id = created_id(&store, &request).await;
+    assert_eq!(snapshot(&store, &k, NOW).await, (10_000, 4_000, 6_000));
+    let out = store
+        .fail_unrouted(&id, &request.idempotency.key, ctx(NOW))
+        .await
+        .unwrap();
+    assert!(
+        matches!(out, TransitionOutcome::Done(ref r) if r.status == PaymentStatus::Failed),
+        "{out:?}"
+    );
+    assert_eq!(snapshot(&store, &k, NOW).await, (10_000, 0, 10_000));
+    // In flight until its intent is settled, then the stored answer is no_channel_available.
+    assert_eq!(
+        store.authorize(&request, ctx(NOW)).await.unwrap(),
+        AuthorizeOutcome::IdempotencyInFlight
+    );
+    settle_all(&store).await;
+    assert_eq!(
+        store.authorize(&request, ctx(NOW)).await.unwrap(),
+        AuthorizeOutcome::Replay(StoredOutcome::NoChannelAvailable(id.clone()))
+    );
+    // A failed payment frees its order id.
+    let again = authorize(&k, "i2", "o1", 4_000, hold_until(NOW + 60_000));
+    created_id(&store, &again).await;
+}
+
 /// Every pending record: pages until a full pass.
 async fn all_unsettled(store: &Arc<dyn BalanceStore>) -> Vec<gateway::preauth::Unsettled> {
     let mut all = Vec::new();
@@ -192,6 +336,8 @@ async fn settle_all(store: &Arc<dyn BalanceStore>) {
 }
 
 on_both_backends!(
+    topups_credit_once_and_collections_move_no_account,
+    an_unrouted_payment_fails_releases_its_hold_and_replays_no_channel,
     pending_records_wait_in_the_outbox_until_settled,
     final_statuses_reach_the_outbox,
     abandon_undoes_a_pending_payment_and_frees_its_key,
@@ -424,14 +570,14 @@ async fn a_hold_is_captured_or_released_exactly_once(store: Arc<dyn BalanceStore
         };
         ids.push(PaymentId::parse(&payment.doc.id).unwrap());
     }
-    let captured = store.capture(&ids[0], ctx(NOW)).await.unwrap();
+    let captured = capture(&store, &ids[0], NOW).await;
     let TransitionOutcome::Done(record) = captured else {
         panic!("{captured:?}")
     };
     assert_eq!(record.status, PaymentStatus::Succeeded);
     assert_eq!(snapshot(&store, &k, NOW).await, (7_000, 2_000, 5_000));
     assert_eq!(
-        store.capture(&ids[0], ctx(NOW)).await.unwrap(),
+        capture(&store, &ids[0], NOW).await,
         TransitionOutcome::NotPending(PaymentStatus::Succeeded)
     );
     assert_eq!(
@@ -458,13 +604,13 @@ async fn a_hold_is_captured_or_released_exactly_once(store: Arc<dyn BalanceStore
         TransitionOutcome::NotPending(PaymentStatus::Failed)
     );
     assert_eq!(
-        store.capture(&ids[1], ctx(NOW)).await.unwrap(),
+        capture(&store, &ids[1], NOW).await,
         TransitionOutcome::NotPending(PaymentStatus::Failed)
     );
     assert_eq!(snapshot(&store, &k, NOW).await, (7_000, 0, 7_000));
     let unknown = PaymentId::generate(k.tag, NOW);
     assert_eq!(
-        store.capture(&unknown, ctx(NOW)).await.unwrap(),
+        capture(&store, &unknown, NOW).await,
         TransitionOutcome::NotFound
     );
     let seq = store.read_account(&k, ctx(NOW)).await.unwrap().unwrap().seq;
@@ -500,7 +646,7 @@ async fn expired_holds_are_released_lazily_and_by_the_sweeper(store: Arc<dyn Bal
     );
     // An expired payment never captures, and its order id is free again.
     assert_eq!(
-        store.capture(&id, ctx(NOW + 2_000)).await.unwrap(),
+        capture(&store, &id, NOW + 2_000).await,
         TransitionOutcome::NotPending(PaymentStatus::Expired)
     );
     let reuse = store
@@ -885,7 +1031,7 @@ async fn rebuild_replaces_balances_and_holds(store: Arc<dyn BalanceStore>) {
         .is_some());
     // The rebuilt hold expires and captures like any other.
     assert_eq!(
-        store.capture(&kept_id, ctx(NOW)).await.unwrap(),
+        capture(&store, &kept_id, NOW).await,
         TransitionOutcome::Done(PaymentRecord {
             doc: kept.doc.clone(),
             status: PaymentStatus::Succeeded,

@@ -13,6 +13,7 @@ use gateway::startup::Application;
 
 pub use crate::postgres_server::PostgresServer;
 pub use crate::redis_server::RedisServer;
+pub use crate::sim_channels::{ChannelOptions, SimChannels};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{HeaderMap, Method, Request};
@@ -71,6 +72,8 @@ pub enum Store {
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The sandbox channels (channel-sim in-process) the app routes to.
+    pub channels: SimChannels,
     pub redis: Option<RedisServer>,
     pub postgres: Option<PostgresServer>,
     pub data: tempfile::TempDir,
@@ -98,8 +101,20 @@ pub async fn spawn_app_with(backend: Backend, overrides: &[(&str, &str)]) -> Tes
     spawn_app_on(backend, Store::Sqlite, overrides).await
 }
 
-/// The app on the chosen balance and settlement stores, with a fresh temp data dir.
+/// The app on the chosen balance and settlement stores, with a fresh temp data dir and the
+/// sandbox channels (quiet defaults).
 pub async fn spawn_app_on(backend: Backend, store: Store, overrides: &[(&str, &str)]) -> TestApp {
+    spawn_app_full(backend, store, overrides, &ChannelOptions::default()).await
+}
+
+/// As [`spawn_app_on`], with the channels' options chosen.
+pub async fn spawn_app_full(
+    backend: Backend,
+    store: Store,
+    overrides: &[(&str, &str)],
+    options: &ChannelOptions,
+) -> TestApp {
+    let channels = SimChannels::start(options).await;
     let redis = match backend {
         Backend::Redis => Some(RedisServer::start().await),
         Backend::Memory => None,
@@ -120,7 +135,15 @@ pub async fn spawn_app_on(backend: Backend, store: Store, overrides: &[(&str, &s
     if let Some(url) = pg_url.as_deref() {
         all.push(("GATEWAY__STORE__URL", url));
     }
-    let config = test_config(&all);
+    let mut config = test_config(&all);
+    // The test's own channels (from overrides) win over the sandbox's.
+    for (id, settings) in &channels.settings {
+        config
+            .settings
+            .channels
+            .entry(id.clone())
+            .or_insert_with(|| settings.clone());
+    }
     let app = Application::build(config, gateway::startup::Mode::Sandbox)
         .await
         .expect("build the app");
@@ -134,6 +157,7 @@ pub async fn spawn_app_on(backend: Backend, store: Store, overrides: &[(&str, &s
     }
     TestApp {
         addr,
+        channels,
         redis,
         postgres,
         data,

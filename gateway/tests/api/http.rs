@@ -255,7 +255,7 @@ async fn an_expired_hold_is_released_by_the_sweeper() {
     app.funded_account(ALPHA, "alpha", "acc", "100.00", "0.00")
         .await;
     let mut body = supplier_payment("o1", "acc", "25.00");
-    body["expires_in_seconds"] = json!(1);
+    body["expires_in_seconds"] = json!(2);
     let pending = app.pay(ALPHA, "k1", body).await;
     assert_eq!(pending.status, 201);
     let id = pending.body["id"].as_str().unwrap().to_owned();

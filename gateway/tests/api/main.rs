@@ -15,6 +15,9 @@ mod postgres_server;
 mod postgres_store;
 #[path = "harness/redis_server.rs"]
 mod redis_server;
+mod routing;
 mod sandbox_binary;
+mod sandbox_channels;
 mod settlement;
 mod settlement_conformance;
+mod sim_channels;

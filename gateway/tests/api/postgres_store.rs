@@ -65,6 +65,8 @@ fn payment_row(id: &str, order: &str) -> PaymentRow {
         expires_at_ms: 5_000,
         updated_at_ms: 2,
         doc: format!("{{\"id\":\"{id}\"}}"),
+        next_check_at_ms: None,
+        checks: 0,
     }
 }
 
@@ -258,7 +260,10 @@ async fn concurrent_writers_from_several_instances_agree() {
         let mut right = payment_row(&format!("pay_r{round}"), &order);
         left.status = "pending".into();
         right.status = "pending".into();
-        let (l, r) = tokio::join!(one.record_intent(&left), two.record_intent(&right));
+        let (l, r) = tokio::join!(
+            one.record_intent(&left, None),
+            two.record_intent(&right, None)
+        );
         let outcomes = [l.unwrap(), r.unwrap()];
         let inserted = outcomes
             .iter()
@@ -278,11 +283,11 @@ async fn concurrent_writers_from_several_instances_agree() {
             (&right, &left)
         };
         assert_eq!(
-            two.record_intent(winner).await.unwrap(),
+            two.record_intent(winner, None).await.unwrap(),
             IntentOutcome::AlreadyRecorded
         );
         assert_eq!(
-            one.record_intent(loser).await.unwrap(),
+            one.record_intent(loser, None).await.unwrap(),
             IntentOutcome::DuplicateOrder(winner.id.clone())
         );
     }
@@ -308,4 +313,15 @@ async fn concurrent_writers_from_several_instances_agree() {
     assert_eq!(sums.len(), 50);
     assert!(sums.iter().all(|(_, _, _, sum)| *sum == 0));
     assert!(one.flagged(10).await.unwrap().is_empty());
+}
+
+/// Two instances run the resolution loop on one database: `FOR UPDATE SKIP LOCKED` and the
+/// lease keep them from ever looking at the same payment at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_claims_from_several_instances_never_share_a_payment() {
+    let server = PostgresServer::start().await;
+    let one = store(&server).await;
+    let two = store(&server).await;
+    one.migrate().await.unwrap();
+    crate::settlement_conformance::claims_never_overlap(&one, &two).await;
 }

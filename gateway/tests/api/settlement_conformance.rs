@@ -6,8 +6,9 @@ use std::sync::Arc;
 use gateway::money::Currency;
 use gateway::settlement::sqlite::SqliteStore;
 use gateway::settlement::{
-    check_schema, ledger, AccountRow, CommitOutcome, IntentOutcome, PaymentRow, Posting,
-    SettleError, Settlement, SettlementKind, SettlementStore, SCHEMA_VERSION,
+    check_schema, ledger, AccountRow, AttemptRow, CommitOutcome, IntentOutcome, PaymentRow,
+    PendingRecord, Posting, SettleError, Settlement, SettlementKind, SettlementStore, StatusChange,
+    MIGRATIONS, SCHEMA_VERSION,
 };
 
 pub struct Sqlite {
@@ -53,6 +54,32 @@ pub fn payment_row(id: &str, order: &str, status: &str, held: i64) -> PaymentRow
         expires_at_ms: 5_000,
         updated_at_ms: 1,
         doc: format!("{{\"id\":\"{id}\"}}"),
+        next_check_at_ms: None,
+        checks: 0,
+    }
+}
+
+/// A pending channel payment (no hold) the resolution loop looks at first at `next_check`.
+pub fn channel_payment(id: &str, next_check: Option<u64>) -> PaymentRow {
+    let mut p = payment_row(id, &format!("order-{id}"), "pending", 0);
+    p.account_id = None;
+    p.method = "alipay".into();
+    p.next_check_at_ms = next_check;
+    p
+}
+
+pub fn attempt_row(payment: &str, attempt: u32) -> AttemptRow {
+    AttemptRow {
+        payment_id: payment.into(),
+        attempt,
+        channel_id: format!("ch{attempt}"),
+        channel_order_id: format!("{payment}-{attempt}"),
+        outcome: "accepted".into(),
+        latency_ms: None,
+        action: None,
+        channel_txn_id: None,
+        created_at_ms: 2,
+        updated_at_ms: 2,
     }
 }
 
@@ -136,6 +163,13 @@ on_both_stores!(
     balances_and_sequences_are_rebuilt_from_postings,
     intents_keep_one_live_payment_per_order_id,
     a_settlement_finalizes_its_payment_in_the_same_transaction,
+    an_intent_and_its_first_attempt_are_recorded_together,
+    a_retried_intent_adds_its_missing_attempt,
+    attempts_are_recorded_once_and_clashing_order_ids_are_refused,
+    updating_an_attempt_keeps_what_it_does_not_replace,
+    claim_due_leases_due_pending_payments_oldest_first,
+    schedule_check_sets_the_next_check_and_counts,
+    payment_rows_keep_their_resolution_schedule,
 );
 
 async fn migrations_apply_once_and_the_schema_is_checked(store: Arc<dyn SettlementStore>) {
@@ -258,16 +292,16 @@ async fn intents_keep_one_live_payment_per_order_id(store: Arc<dyn SettlementSto
     store.migrate().await.unwrap();
     let first = payment_row("pay_1", "order", "pending", 1_000);
     assert_eq!(
-        store.record_intent(&first).await.unwrap(),
+        store.record_intent(&first, None).await.unwrap(),
         IntentOutcome::Inserted
     );
     assert_eq!(
-        store.record_intent(&first).await.unwrap(),
+        store.record_intent(&first, None).await.unwrap(),
         IntentOutcome::AlreadyRecorded
     );
     let second = payment_row("pay_2", "order", "pending", 1_000);
     assert_eq!(
-        store.record_intent(&second).await.unwrap(),
+        store.record_intent(&second, None).await.unwrap(),
         IntentOutcome::DuplicateOrder("pay_1".into())
     );
     assert_eq!(store.live_holds(None).await.unwrap(), vec![first.clone()]);
@@ -281,7 +315,7 @@ async fn intents_keep_one_live_payment_per_order_id(store: Arc<dyn SettlementSto
     store.upsert_account(&account_row("acc")).await.unwrap();
     store.commit(&[release]).await.unwrap();
     assert_eq!(
-        store.record_intent(&second).await.unwrap(),
+        store.record_intent(&second, None).await.unwrap(),
         IntentOutcome::Inserted
     );
     assert_eq!(store.live_holds(None).await.unwrap(), vec![second]);
@@ -293,7 +327,7 @@ async fn a_settlement_finalizes_its_payment_in_the_same_transaction(
     store.migrate().await.unwrap();
     store.upsert_account(&account_row("acc")).await.unwrap();
     let pending = payment_row("pay_1", "o1", "pending", 1_000);
-    store.record_intent(&pending).await.unwrap();
+    store.record_intent(&pending, None).await.unwrap();
     let mut settled = capture("pay_1", "acc", 1_000, 1);
     let mut done = payment_row("pay_1", "o1", "succeeded", 0);
     done.updated_at_ms = 7;
@@ -333,4 +367,546 @@ async fn a_settlement_finalizes_its_payment_in_the_same_transaction(
         "succeeded"
     );
     assert_eq!(store.balances(None).await.unwrap()[0].balance_minor, -1_300);
+}
+
+async fn an_intent_and_its_first_attempt_are_recorded_together(store: Arc<dyn SettlementStore>) {
+    store.migrate().await.unwrap();
+    let payment = channel_payment("pay_1", Some(60_000));
+    let first = attempt_row("pay_1", 1);
+    assert_eq!(
+        store.record_intent(&payment, Some(&first)).await.unwrap(),
+        IntentOutcome::Inserted
+    );
+    assert_eq!(store.payment("pay_1").await.unwrap(), Some(payment.clone()));
+    assert_eq!(store.attempts("pay_1").await.unwrap(), vec![first.clone()]);
+    assert_eq!(
+        store.attempt_by_channel_order("pay_1-1").await.unwrap(),
+        Some(first.clone())
+    );
+    assert_eq!(store.attempt_by_channel_order("nope").await.unwrap(), None);
+
+    // Another payment for the same order id: nothing written, not even its attempt.
+    let mut rival = channel_payment("pay_2", Some(60_000));
+    rival.merchant_order_id = payment.merchant_order_id.clone();
+    assert_eq!(
+        store
+            .record_intent(&rival, Some(&attempt_row("pay_2", 1)))
+            .await
+            .unwrap(),
+        IntentOutcome::DuplicateOrder("pay_1".into())
+    );
+    assert!(store.attempts("pay_2").await.unwrap().is_empty());
+    assert_eq!(
+        store.attempt_by_channel_order("pay_2-1").await.unwrap(),
+        None
+    );
+
+    // An attempt whose channel order id is taken: refused, and the payment is not written
+    // either (the channel must never be called with an order id the store does not hold).
+    let third = channel_payment("pay_3", Some(60_000));
+    let mut clash = attempt_row("pay_3", 1);
+    clash.channel_order_id = "pay_1-1".into();
+    assert!(matches!(
+        store.record_intent(&third, Some(&clash)).await,
+        Err(SettleError::Invalid(_))
+    ));
+    assert_eq!(store.payment("pay_3").await.unwrap(), None);
+    assert!(store.attempts("pay_3").await.unwrap().is_empty());
+    // An attempt of another payment: refused before anything is written.
+    assert!(matches!(
+        store
+            .record_intent(&third, Some(&attempt_row("pay_1", 2)))
+            .await,
+        Err(SettleError::Invalid(_))
+    ));
+    assert_eq!(store.payment("pay_3").await.unwrap(), None);
+    assert_eq!(store.attempts("pay_1").await.unwrap(), vec![first]);
+}
+
+async fn a_retried_intent_adds_its_missing_attempt(store: Arc<dyn SettlementStore>) {
+    store.migrate().await.unwrap();
+    let payment = channel_payment("pay_1", Some(60_000));
+    assert_eq!(
+        store.record_intent(&payment, None).await.unwrap(),
+        IntentOutcome::Inserted
+    );
+    assert!(store.attempts("pay_1").await.unwrap().is_empty());
+    let first = attempt_row("pay_1", 1);
+    assert_eq!(
+        store.record_intent(&payment, Some(&first)).await.unwrap(),
+        IntentOutcome::AlreadyRecorded
+    );
+    assert_eq!(store.attempts("pay_1").await.unwrap(), vec![first.clone()]);
+    // Again, with the attempt already there (its outcome moved on meanwhile): nothing changes.
+    store
+        .update_attempt("pay_1", 1, "unknown", Some(3_000), None, None, 5)
+        .await
+        .unwrap();
+    let stored = store.attempts("pay_1").await.unwrap();
+    assert_eq!(
+        store.record_intent(&payment, Some(&first)).await.unwrap(),
+        IntentOutcome::AlreadyRecorded
+    );
+    assert_eq!(store.attempts("pay_1").await.unwrap(), stored);
+    assert_eq!(stored[0].outcome, "unknown");
+    // A retry whose attempt clashes with the stored one is refused.
+    let mut other = first.clone();
+    other.channel_order_id = "pay_1-x".into();
+    assert!(matches!(
+        store.record_intent(&payment, Some(&other)).await,
+        Err(SettleError::Invalid(_))
+    ));
+    assert_eq!(store.attempts("pay_1").await.unwrap(), stored);
+    assert_eq!(store.payment("pay_1").await.unwrap(), Some(payment));
+}
+
+async fn attempts_are_recorded_once_and_clashing_order_ids_are_refused(
+    store: Arc<dyn SettlementStore>,
+) {
+    store.migrate().await.unwrap();
+    store
+        .record_intent(&channel_payment("pay_1", Some(60_000)), None)
+        .await
+        .unwrap();
+    // Recorded out of order, read back by attempt number.
+    let (one, two, three) = (
+        attempt_row("pay_1", 1),
+        attempt_row("pay_1", 2),
+        attempt_row("pay_1", 3),
+    );
+    store.record_attempt(&three).await.unwrap();
+    store.record_attempt(&one).await.unwrap();
+    store.record_attempt(&two).await.unwrap();
+    let all = vec![one.clone(), two.clone(), three.clone()];
+    assert_eq!(store.attempts("pay_1").await.unwrap(), all);
+
+    // The same attempt again (other fields differ): Ok, nothing changes.
+    let mut again = two.clone();
+    again.outcome = "refused".into();
+    again.channel_id = "elsewhere".into();
+    again.updated_at_ms = 99;
+    store.record_attempt(&again).await.unwrap();
+    assert_eq!(store.attempts("pay_1").await.unwrap(), all);
+
+    // Another channel order id for a stored attempt: refused.
+    let mut renamed = two.clone();
+    renamed.channel_order_id = "pay_1-other".into();
+    assert!(matches!(
+        store.record_attempt(&renamed).await,
+        Err(SettleError::Invalid(_))
+    ));
+    assert_eq!(
+        store.attempt_by_channel_order("pay_1-other").await.unwrap(),
+        None
+    );
+    // A channel order id another attempt (of this payment or another) uses: refused.
+    let mut stolen = attempt_row("pay_1", 4);
+    stolen.channel_order_id = one.channel_order_id.clone();
+    assert!(matches!(
+        store.record_attempt(&stolen).await,
+        Err(SettleError::Invalid(_))
+    ));
+    let mut foreign = attempt_row("pay_9", 1);
+    foreign.channel_order_id = three.channel_order_id.clone();
+    assert!(matches!(
+        store.record_attempt(&foreign).await,
+        Err(SettleError::Invalid(_))
+    ));
+    assert_eq!(store.attempts("pay_1").await.unwrap(), all);
+    assert!(store.attempts("pay_9").await.unwrap().is_empty());
+    assert_eq!(
+        store
+            .attempt_by_channel_order(&one.channel_order_id)
+            .await
+            .unwrap(),
+        Some(one)
+    );
+    // An attempt without a channel order id is refused.
+    let mut nameless = attempt_row("pay_1", 5);
+    nameless.channel_order_id.clear();
+    assert!(matches!(
+        store.record_attempt(&nameless).await,
+        Err(SettleError::Invalid(_))
+    ));
+    assert_eq!(store.attempts("pay_1").await.unwrap().len(), 3);
+}
+
+async fn updating_an_attempt_keeps_what_it_does_not_replace(store: Arc<dyn SettlementStore>) {
+    store.migrate().await.unwrap();
+    let first = attempt_row("pay_1", 1);
+    store
+        .record_intent(&channel_payment("pay_1", Some(60_000)), Some(&first))
+        .await
+        .unwrap();
+    let action = r#"{"type":"qr_code","url":"https://qr.example/1"}"#;
+    assert!(store
+        .update_attempt("pay_1", 1, "accepted", Some(120), Some(action), None, 10)
+        .await
+        .unwrap());
+    let mut expected = AttemptRow {
+        latency_ms: Some(120),
+        action: Some(action.into()),
+        updated_at_ms: 10,
+        ..first.clone()
+    };
+    assert_eq!(
+        store.attempts("pay_1").await.unwrap(),
+        vec![expected.clone()]
+    );
+    // The callback: outcome and transaction id; latency and action stay.
+    assert!(store
+        .update_attempt("pay_1", 1, "succeeded", None, None, Some("txn-42"), 20)
+        .await
+        .unwrap());
+    expected.outcome = "succeeded".into();
+    expected.channel_txn_id = Some("txn-42".into());
+    expected.updated_at_ms = 20;
+    assert_eq!(
+        store.attempt_by_channel_order("pay_1-1").await.unwrap(),
+        Some(expected.clone())
+    );
+    // Given values replace stored ones.
+    assert!(store
+        .update_attempt(
+            "pay_1",
+            1,
+            "closed",
+            Some(7),
+            Some("{}"),
+            Some("txn-43"),
+            30
+        )
+        .await
+        .unwrap());
+    let stored = &store.attempts("pay_1").await.unwrap()[0];
+    assert_eq!(
+        (
+            stored.outcome.as_str(),
+            stored.latency_ms,
+            stored.action.as_deref(),
+            stored.channel_txn_id.as_deref(),
+            stored.updated_at_ms,
+            stored.created_at_ms
+        ),
+        ("closed", Some(7), Some("{}"), Some("txn-43"), 30, 2)
+    );
+    // No such attempt: false, nothing written.
+    assert!(!store
+        .update_attempt("pay_1", 2, "failed", None, None, None, 40)
+        .await
+        .unwrap());
+    assert!(!store
+        .update_attempt("pay_x", 1, "failed", None, None, None, 40)
+        .await
+        .unwrap());
+    assert_eq!(store.attempts("pay_1").await.unwrap().len(), 1);
+    assert!(store.attempts("pay_x").await.unwrap().is_empty());
+}
+
+fn ids(rows: &[PaymentRow]) -> Vec<(&str, Option<u64>)> {
+    rows.iter()
+        .map(|p| (p.id.as_str(), p.next_check_at_ms))
+        .collect()
+}
+
+async fn claim_due_leases_due_pending_payments_oldest_first(store: Arc<dyn SettlementStore>) {
+    store.migrate().await.unwrap();
+    for p in [
+        channel_payment("pay_a", Some(100)),
+        channel_payment("pay_b", Some(50)),
+        channel_payment("pay_c", Some(200)),
+        channel_payment("pay_d", None),
+        channel_payment("pay_e", Some(10)),
+        channel_payment("pay_f", Some(150)),
+    ] {
+        store.record_intent(&p, None).await.unwrap();
+    }
+    // pay_e ends without money moving: never claimed again.
+    assert!(store
+        .set_final_status(&StatusChange {
+            payment_id: "pay_e".into(),
+            status: "expired".into(),
+            updated_at_ms: 5,
+        })
+        .await
+        .unwrap());
+    // pay_f succeeds through a settlement: not pending either.
+    let mut paid = capture("pay_f", "acc", 1_000, 1);
+    paid.account_id = None;
+    paid.account_seq = None;
+    let mut done = channel_payment("pay_f", None);
+    done.status = "succeeded".into();
+    paid.payment = Some(done);
+    assert_eq!(
+        store.commit(&[paid]).await.unwrap(),
+        vec![CommitOutcome::Inserted]
+    );
+
+    // Due at 150: pay_b (50), then pay_a (100); the limit takes one at a time.
+    let claimed = store.claim_due(150, 1_000, 1).await.unwrap();
+    assert_eq!(ids(&claimed), vec![("pay_b", Some(1_000))]);
+    let claimed = store.claim_due(150, 1_000, 10).await.unwrap();
+    assert_eq!(ids(&claimed), vec![("pay_a", Some(1_000))]);
+    assert_eq!(claimed[0].status, "pending");
+    assert_eq!(
+        claimed[0],
+        PaymentRow {
+            next_check_at_ms: Some(1_000),
+            ..channel_payment("pay_a", None)
+        }
+    );
+    // Leased: the same tick (or another instance) gets nothing more.
+    assert!(store.claim_due(150, 1_000, 10).await.unwrap().is_empty());
+    assert!(store.claim_due(150, 2_000, 10).await.unwrap().is_empty());
+    assert_eq!(
+        store
+            .payment("pay_b")
+            .await
+            .unwrap()
+            .unwrap()
+            .next_check_at_ms,
+        Some(1_000)
+    );
+    assert!(store.claim_due(10, 2_000, 0).await.unwrap().is_empty());
+    // When the leases end they are due again, with pay_c, oldest check first then by id.
+    let claimed = store.claim_due(1_000, 2_000, 10).await.unwrap();
+    assert_eq!(
+        ids(&claimed),
+        vec![
+            ("pay_c", Some(2_000)),
+            ("pay_a", Some(2_000)),
+            ("pay_b", Some(2_000))
+        ]
+    );
+    // Claiming counts no check (schedule_check does).
+    assert!(claimed.iter().all(|p| p.checks == 0));
+    // Never: pay_d (no schedule), pay_e and pay_f (not pending, whatever their schedule).
+    let claimed = store.claim_due(u64::MAX / 2, 0, 10).await.unwrap();
+    assert_eq!(
+        ids(&claimed),
+        vec![("pay_a", Some(0)), ("pay_b", Some(0)), ("pay_c", Some(0))]
+    );
+    for (id, next_check) in [("pay_d", None), ("pay_e", Some(10)), ("pay_f", Some(150))] {
+        let p = store.payment(id).await.unwrap().unwrap();
+        assert_eq!(p.next_check_at_ms, next_check, "{id}");
+    }
+}
+
+async fn schedule_check_sets_the_next_check_and_counts(store: Arc<dyn SettlementStore>) {
+    store.migrate().await.unwrap();
+    store
+        .record_intent(&channel_payment("pay_1", Some(100)), None)
+        .await
+        .unwrap();
+    let claimed = store.claim_due(100, 1_100, 10).await.unwrap();
+    assert_eq!(ids(&claimed), vec![("pay_1", Some(1_100))]);
+    // Looked at: next check in 5 s.
+    store.schedule_check("pay_1", Some(5_100)).await.unwrap();
+    let p = store.payment("pay_1").await.unwrap().unwrap();
+    assert_eq!((p.next_check_at_ms, p.checks), (Some(5_100), 1));
+    assert!(store.claim_due(5_099, 9_000, 10).await.unwrap().is_empty());
+    let claimed = store.claim_due(5_100, 9_000, 10).await.unwrap();
+    assert_eq!(ids(&claimed), vec![("pay_1", Some(9_000))]);
+    assert_eq!(claimed[0].checks, 1);
+    // The schedule is used up: never again.
+    store.schedule_check("pay_1", None).await.unwrap();
+    let p = store.payment("pay_1").await.unwrap().unwrap();
+    assert_eq!((p.next_check_at_ms, p.checks), (None, 2));
+    assert!(store
+        .claim_due(u64::MAX / 2, 0, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(matches!(
+        store.schedule_check("pay_x", Some(1)).await,
+        Err(SettleError::Invalid(_))
+    ));
+}
+
+async fn payment_rows_keep_their_resolution_schedule(store: Arc<dyn SettlementStore>) {
+    store.migrate().await.unwrap();
+    store.upsert_account(&account_row("acc")).await.unwrap();
+    // A supplier charge with a hold and a schedule, already looked at 3 times (rebuilt from an
+    // outbox, say): every field reads back, through `payment` and `live_holds`.
+    let mut held = payment_row("pay_1", "o1", "pending", 1_000);
+    held.next_check_at_ms = Some(123_456);
+    held.checks = 3;
+    store.record_intent(&held, None).await.unwrap();
+    assert_eq!(store.payment("pay_1").await.unwrap(), Some(held.clone()));
+    assert_eq!(store.live_holds(None).await.unwrap(), vec![held.clone()]);
+    // Its settlement finalizes it from a row without a schedule: the stored one stays.
+    let mut settled = capture("pay_1", "acc", 1_000, 1);
+    let mut done = payment_row("pay_1", "o1", "succeeded", 0);
+    done.updated_at_ms = 7;
+    settled.payment = Some(done);
+    store.commit(&[settled]).await.unwrap();
+    let stored = store.payment("pay_1").await.unwrap().unwrap();
+    assert_eq!(
+        (
+            stored.status.as_str(),
+            stored.next_check_at_ms,
+            stored.checks
+        ),
+        ("succeeded", Some(123_456), 3)
+    );
+    // A payment first written by its settlement (a balance payment) keeps what its row says.
+    let mut balance = capture("pay_2", "acc", 300, 2);
+    balance.payment = Some(payment_row("pay_2", "o2", "succeeded", 0));
+    store.commit(&[balance.clone()]).await.unwrap();
+    assert_eq!(store.payment("pay_2").await.unwrap(), balance.payment);
+}
+
+/// Records written to Redis outboxes before the schedule existed still read.
+#[test]
+fn payment_rows_without_a_schedule_still_deserialize() {
+    let row = channel_payment("pay_1", Some(5));
+    let mut json: serde_json::Value =
+        serde_json::from_str(&PendingRecord::Intent(row.clone()).to_json()).unwrap();
+    let fields = json["intent"].as_object_mut().unwrap();
+    assert!(fields.remove("next_check_at_ms").is_some());
+    assert!(fields.remove("checks").is_some());
+    let old: PendingRecord = serde_json::from_value(json).unwrap();
+    assert_eq!(
+        old,
+        PendingRecord::Intent(PaymentRow {
+            next_check_at_ms: None,
+            checks: 0,
+            ..row
+        })
+    );
+}
+
+/// A store at schema version 1 (created as the previous binary did), with a payment and an
+/// attempt in it, one statement at a time so both backends run the same text.
+const VERSION_1_DATA: &[&str] = &[
+    "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at_ms BIGINT NOT NULL)",
+    "INSERT INTO schema_migrations (version, applied_at_ms) VALUES (1, 0)",
+    "INSERT INTO payments (id, merchant_id, account_id, scope_tag, merchant_order_id, \
+     amount_minor, currency, method, purpose, status, held_minor, hold_expires_at_ms, \
+     created_at_ms, expires_at_ms, updated_at_ms, doc) VALUES ('pay_old', 'alpha', NULL, \
+     'TAG0000000', 'order-pay_old', 1000, 'CNY', 'alipay', 'charge', 'pending', 0, NULL, 1, \
+     5000, 1, '{\"id\":\"pay_old\"}')",
+    "INSERT INTO attempts (payment_id, attempt, channel_id, channel_order_id, outcome, \
+     latency_ms, created_at_ms, updated_at_ms) VALUES ('pay_old', 1, 'ch1', 'pay_old-1', \
+     'accepted', NULL, 2, 2)",
+];
+
+/// What a store created at version 1 (see `VERSION_1_DATA`) looks like after `migrate`.
+async fn a_version_1_store_migrates(store: Arc<dyn SettlementStore>) {
+    assert_eq!(store.schema_version().await.unwrap(), Some(1));
+    assert!(matches!(
+        check_schema(store.as_ref()).await,
+        Err(SettleError::WrongSchema {
+            found: 1,
+            expected: SCHEMA_VERSION
+        })
+    ));
+    assert_eq!(store.migrate().await.unwrap(), SCHEMA_VERSION);
+    assert_eq!(SCHEMA_VERSION, 2);
+    assert_eq!(store.schema_version().await.unwrap(), Some(2));
+    check_schema(store.as_ref()).await.unwrap();
+    assert_eq!(store.migrate().await.unwrap(), SCHEMA_VERSION, "a no-op");
+    // Old rows: no schedule, no check yet; attempts without action or transaction id.
+    assert_eq!(
+        store.payment("pay_old").await.unwrap(),
+        Some(channel_payment("pay_old", None))
+    );
+    assert_eq!(
+        store.attempts("pay_old").await.unwrap(),
+        vec![attempt_row("pay_old", 1)]
+    );
+    // And the new columns work on them.
+    store.schedule_check("pay_old", Some(10)).await.unwrap();
+    let claimed = store.claim_due(10, 20, 10).await.unwrap();
+    assert_eq!(ids(&claimed), vec![("pay_old", Some(20))]);
+    assert_eq!(claimed[0].checks, 1);
+    assert!(store
+        .update_attempt("pay_old", 1, "succeeded", None, None, Some("t"), 30)
+        .await
+        .unwrap());
+    assert_eq!(
+        store.attempts("pay_old").await.unwrap()[0]
+            .channel_txn_id
+            .as_deref(),
+        Some("t")
+    );
+}
+
+#[tokio::test]
+async fn sqlite_a_version_1_store_migrates() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.sqlite3");
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let (version, init) = MIGRATIONS[0];
+        assert_eq!(version, 1);
+        conn.execute_batch(init).unwrap();
+        for statement in VERSION_1_DATA {
+            conn.execute_batch(statement).unwrap();
+        }
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    a_version_1_store_migrates(Arc::new(store)).await;
+}
+
+#[tokio::test]
+async fn postgres_a_version_1_store_migrates() {
+    let server = crate::postgres_server::PostgresServer::start().await;
+    {
+        let client = server.client().await;
+        let (version, init) = MIGRATIONS[0];
+        assert_eq!(version, 1);
+        client.batch_execute(init).await.unwrap();
+        for statement in VERSION_1_DATA {
+            client.batch_execute(statement).await.unwrap();
+        }
+    }
+    let store = gateway::settlement::postgres::PostgresStore::connect(&server.url(), 4, 2_000)
+        .await
+        .expect("connect to the test PostgreSQL");
+    a_version_1_store_migrates(Arc::new(store)).await;
+}
+
+/// Two SQLite stores on one file (two gateway processes on one host, or `gateway` tools beside
+/// a server): concurrent claims never hand out the same payment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_concurrent_claims_never_share_a_payment() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.sqlite3");
+    let one = SqliteStore::open(&path).unwrap();
+    let two = SqliteStore::open(&path).unwrap();
+    one.migrate().await.unwrap();
+    claims_never_overlap(&one, &two).await;
+}
+
+/// Records 60 due payments, then has `one` and `two` claim them concurrently, a few at a time,
+/// until none is left: each payment is claimed exactly once.
+pub async fn claims_never_overlap(one: &dyn SettlementStore, two: &dyn SettlementStore) {
+    const PAYMENTS: u64 = 60;
+    for i in 0..PAYMENTS {
+        let p = channel_payment(&format!("pay_{i:03}"), Some(100 + i % 7));
+        one.record_intent(&p, None).await.unwrap();
+    }
+    let mut seen = std::collections::BTreeMap::new();
+    for round in 0..PAYMENTS {
+        let (l, r) = tokio::join!(
+            one.claim_due(1_000, 10_000, 3),
+            two.claim_due(1_000, 10_000, 4)
+        );
+        let (l, r) = (l.unwrap(), r.unwrap());
+        if l.is_empty() && r.is_empty() {
+            break;
+        }
+        for (who, p) in l
+            .iter()
+            .map(|p| ("one", p))
+            .chain(r.iter().map(|p| ("two", p)))
+        {
+            assert_eq!(p.next_check_at_ms, Some(10_000));
+            if let Some(earlier) = seen.insert(p.id.clone(), (who, round)) {
+                panic!("{} claimed twice: {earlier:?}, then ({who}, {round})", p.id);
+            }
+        }
+    }
+    assert_eq!(seen.len() as u64, PAYMENTS, "every due payment was claimed");
 }

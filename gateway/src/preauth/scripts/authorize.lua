@@ -45,7 +45,8 @@ local amount = tonumber(ARGV[6])
 local hold_expiry = tonumber(ARGV[8])
 local status = 'pending'
 
-if has_account then
+-- A top-up has an account but takes nothing from it: no check, no hold.
+if has_account and (ARGV[9] == '1' or hold_expiry > 0) then
   local acct = redis.call('HMGET', KEYS[1], 'bal', 'held', 'cred')
   local available = tonumber(acct[1]) + tonumber(acct[3]) - tonumber(acct[2])
   if available < amount then

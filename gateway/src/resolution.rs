@@ -1,0 +1,558 @@
+//! How a pending channel payment learns its outcome without a callback (DESIGN.md §7), and
+//! the two transitions every path shares (the callbacks of the next issue included):
+//!
+//! - [`settle_paid`]: the channel says the order was paid → one atomic step in the balance
+//!   store (capture the hold, credit the account, or record a collection; status
+//!   `succeeded`; the settlement into the outbox), then the settlement is committed through
+//!   the group-commit stream. Exactly once: a second report finds the payment no longer
+//!   pending and changes nothing.
+//! - [`settle_unpaid`]: the channel confirmed the order can no longer be paid → the hold is
+//!   released and the payment ends `failed`, `expired` or `canceled`.
+//!
+//! The **resolution loop** takes due payments from the settlement store (leased, so several
+//! gateway instances never work on the same one at once): before the payment's expiry it
+//! *queries* each open attempt (an Alipay query says "no such trade" until the code is
+//! scanned — harmless, the payment stays pending); at expiry it *closes* them (the only way
+//! for an Alipay order never scanned), which also tells whether they were paid. Looks are
+//! spaced on a doubling, capped backoff, and the payment's expiry is always looked at.
+//!
+//! **Cancel** closes the channel order first and releases the hold only when the channel
+//! confirmed it was not paid; if it was, the payment succeeds instead.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::api::AppState;
+use crate::channels::{ChannelOrderId, CloseOutcome, OrderState};
+use crate::checkout::outcome;
+use crate::ids::PaymentId;
+use crate::money::Currency;
+use crate::periodic::spawn_periodic;
+use crate::preauth::{
+    money_record_id, status_record_id, Method, PaymentStatus, Purpose, SettledMark, StoreError,
+    SucceedOutcome, SucceedRequest, SuccessEffect, TransitionOutcome,
+};
+use crate::settlement::settler::SettleFailure;
+use crate::settlement::{
+    movements, AttemptRow, CommitOutcome, PaymentRow, PendingRecord, SettleError, StatusChange,
+};
+use crate::telemetry;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error(transparent)]
+    Balances(#[from] StoreError),
+    #[error(transparent)]
+    Store(#[from] SettleError),
+    #[error(transparent)]
+    Settle(#[from] SettleFailure),
+    /// The channel reports another amount or currency than the payment's: never settled.
+    #[error("payment {payment_id}: the channel reports {amount_minor} {currency}, not the payment's amount")]
+    AmountMismatch {
+        payment_id: String,
+        amount_minor: i64,
+        currency: Currency,
+    },
+    /// The balance store does not know the payment (it lost it): left for recovery/rebuild.
+    #[error("payment {0} is not in the balance store")]
+    Unknown(String),
+    /// The settlement store refused the settlement (a conflict, flagged).
+    #[error("payment {payment_id}: settlement refused ({outcome:?})")]
+    Refused {
+        payment_id: String,
+        outcome: CommitOutcome,
+    },
+}
+
+/// What settling did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Settled {
+    /// This call moved the payment out of `pending`.
+    Now,
+    /// It had already left `pending` (another path settled it): nothing changed.
+    Already(PaymentStatus),
+}
+
+/// What a channel's success does to the money (DESIGN.md §3's table).
+pub fn success_effect(method: Method, purpose: Purpose) -> SuccessEffect {
+    match (purpose, method) {
+        (Purpose::Topup, _) => SuccessEffect::Credit,
+        (Purpose::Charge, Method::Supplier | Method::Balance) => SuccessEffect::Capture,
+        (Purpose::Charge, Method::Alipay | Method::Wechatpay) => SuccessEffect::Collect,
+    }
+}
+
+/// The channel reports `attempt`'s order paid with this amount: settle the payment (see the
+/// module docs). A mismatched amount or currency changes nothing.
+pub async fn settle_paid(
+    state: &AppState,
+    attempt: &AttemptRow,
+    channel_txn_id: &str,
+    amount_minor: i64,
+    currency: Currency,
+) -> Result<Settled, ResolveError> {
+    let pid = PaymentId::parse(&attempt.payment_id)
+        .ok_or_else(|| ResolveError::Unknown(attempt.payment_id.clone()))?;
+    let record = state
+        .balances
+        .payment(&pid)
+        .await?
+        .ok_or_else(|| ResolveError::Unknown(pid.to_string()))?;
+    let doc = &record.doc;
+    if doc.amount_minor != amount_minor || doc.currency != currency {
+        telemetry::resolution("amount_mismatch");
+        tracing::error!(payment_id = %pid, channel = %attempt.channel_id, amount_minor, %currency, "the channel reports another amount than the payment's: not settled");
+        return Err(ResolveError::AmountMismatch {
+            payment_id: pid.to_string(),
+            amount_minor,
+            currency,
+        });
+    }
+    let effect = success_effect(doc.method, doc.purpose);
+    let fee_bps = state
+        .channels
+        .get(&attempt.channel_id)
+        .map_or(0, |entry| entry.route.fee_bps);
+    let now = telemetry::now_ms();
+    let mut settlement = movements::channel_success(
+        doc,
+        pid.tag(),
+        &attempt.channel_id,
+        Some(channel_txn_id),
+        fee_bps,
+        None,
+        now,
+    );
+    let request = SucceedRequest {
+        payment: pid.clone(),
+        effect,
+        amount_minor: doc.amount_minor,
+        pending_record: PendingRecord::Settlement(settlement.clone()).to_json(),
+    };
+    let seq = match state.balances.succeed(&request, state.op()).await? {
+        SucceedOutcome::Done { seq, .. } => seq,
+        SucceedOutcome::NotPending(status) => {
+            if !status.is_live() {
+                // Late money (DESIGN.md §7): the next issue records it as suspense.
+                telemetry::resolution("late_money");
+                tracing::error!(payment_id = %pid, %status, channel = %attempt.channel_id, "paid at the channel after the payment ended: late money, needs a human");
+            }
+            return Ok(Settled::Already(status));
+        }
+        SucceedOutcome::NotFound => return Err(ResolveError::Unknown(pid.to_string())),
+        SucceedOutcome::OutOfRange => {
+            tracing::error!(payment_id = %pid, "crediting this top-up would overflow the account");
+            return Err(ResolveError::Refused {
+                payment_id: pid.to_string(),
+                outcome: CommitOutcome::Conflict {
+                    stored_hash: String::new(),
+                },
+            });
+        }
+    };
+    if effect.moves_balance() {
+        settlement.account_seq = Some(seq);
+    }
+    let mark = SettledMark {
+        tag: pid.tag(),
+        id: money_record_id(pid.as_str()),
+        idempotency_key: String::new(),
+    };
+    if let Err(err) = state
+        .settler
+        .store
+        .update_attempt(
+            &attempt.payment_id,
+            attempt.attempt,
+            outcome::SUCCEEDED,
+            None,
+            None,
+            Some(channel_txn_id),
+            now,
+        )
+        .await
+    {
+        tracing::warn!(payment_id = %pid, error = %err, "attempt outcome not recorded");
+    }
+    // The movement is in the outbox already: a failed commit is re-driven by recovery.
+    match state.settler.settle(settlement, mark).await {
+        Ok(CommitOutcome::Inserted | CommitOutcome::AlreadyCommitted) => {
+            telemetry::resolution("succeeded");
+            Ok(Settled::Now)
+        }
+        Ok(other) => Err(ResolveError::Refused {
+            payment_id: pid.to_string(),
+            outcome: other,
+        }),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// The channel confirmed the payment can no longer be paid: release its hold and end it
+/// with `to` (`failed`, `expired` or `canceled`), in the balance store and then the record.
+pub async fn settle_unpaid(
+    state: &AppState,
+    pid: &PaymentId,
+    to: PaymentStatus,
+) -> Result<TransitionOutcome, ResolveError> {
+    debug_assert!(!to.is_live());
+    let outcome = state.balances.release(pid, to, state.op()).await?;
+    if let TransitionOutcome::Done(_) = &outcome {
+        telemetry::resolution(to.as_str());
+        apply_final_status(state, pid, to).await;
+    }
+    Ok(outcome)
+}
+
+/// Tells the settlement store a payment's final status now; if it cannot hear it, recovery
+/// will (the status waits in the balance store's outbox).
+pub async fn apply_final_status(state: &AppState, pid: &PaymentId, status: PaymentStatus) {
+    let change = StatusChange {
+        payment_id: pid.as_str().to_owned(),
+        status: status.as_str().to_owned(),
+        updated_at_ms: telemetry::now_ms(),
+    };
+    let mark = SettledMark {
+        tag: pid.tag(),
+        id: status_record_id(pid.as_str()),
+        idempotency_key: String::new(),
+    };
+    if let Err(err) = state.settler.apply_status(&change, mark).await {
+        tracing::warn!(payment_id = %pid, error = %err, "final status not yet in the settlement store; recovery will");
+    }
+}
+
+/// How a cancel ended.
+#[derive(Debug)]
+pub enum Cancel {
+    /// Every attempt confirmed unpaid (or none was open): the payment is canceled now.
+    Canceled,
+    /// It had left `pending` meanwhile (by another path).
+    NotPending(PaymentStatus),
+    NotFound,
+    /// An attempt was paid: the payment succeeded instead.
+    Paid,
+    /// A channel could not confirm its order is dead: nothing changed.
+    ChannelUnreachable,
+}
+
+/// Cancels a pending channel payment: closes every open attempt first (module docs).
+pub async fn cancel(state: &AppState, pid: &PaymentId) -> Result<Cancel, ResolveError> {
+    let attempts = state.settler.store.attempts(pid.as_str()).await?;
+    for attempt in attempts.iter().filter(|a| outcome::is_open(&a.outcome)) {
+        match close(state, attempt).await {
+            Closed::Dead => {}
+            Closed::Paid {
+                channel_txn_id,
+                amount_minor,
+                currency,
+            } => {
+                settle_paid(state, attempt, &channel_txn_id, amount_minor, currency).await?;
+                return Ok(Cancel::Paid);
+            }
+            Closed::Unreachable => return Ok(Cancel::ChannelUnreachable),
+        }
+    }
+    Ok(
+        match settle_unpaid(state, pid, PaymentStatus::Canceled).await? {
+            TransitionOutcome::Done(_) => Cancel::Canceled,
+            TransitionOutcome::NotPending(status) => Cancel::NotPending(status),
+            TransitionOutcome::NotFound => Cancel::NotFound,
+        },
+    )
+}
+
+enum Closed {
+    /// Closed or unknown to the channel: it will not take money for this order.
+    Dead,
+    Paid {
+        channel_txn_id: String,
+        amount_minor: i64,
+        currency: Currency,
+    },
+    /// No clear answer: try again later.
+    Unreachable,
+}
+
+/// Closes one attempt's order and records what the channel said. "No such order" counts as
+/// dead here: an attempt is closed this way only at its payment's expiry or its cancel, after
+/// the order's own expiry was sent to the channel (a create arriving later is refused).
+async fn close(state: &AppState, attempt: &AttemptRow) -> Closed {
+    let (Some(entry), Some(order)) = (
+        state.channels.get(&attempt.channel_id),
+        ChannelOrderId::parse(&attempt.channel_order_id),
+    ) else {
+        tracing::error!(payment_id = %attempt.payment_id, channel = %attempt.channel_id, "an attempt's channel is no longer configured");
+        return Closed::Unreachable;
+    };
+    let result = entry.channel.close(&order).await;
+    telemetry::channel_call(
+        &attempt.channel_id,
+        "close",
+        result.as_ref().map_or_else(|e| e.label(), |_| "ok"),
+    );
+    match result {
+        Ok(CloseOutcome::Closed | CloseOutcome::NotFound) => {
+            record_outcome(state, attempt, outcome::CLOSED).await;
+            Closed::Dead
+        }
+        Ok(CloseOutcome::AlreadyPaid {
+            channel_txn_id,
+            amount_minor,
+            currency,
+        }) => Closed::Paid {
+            channel_txn_id,
+            amount_minor,
+            currency,
+        },
+        Err(err) => {
+            tracing::warn!(payment_id = %attempt.payment_id, channel = %attempt.channel_id, error = %err, "close failed; will retry");
+            Closed::Unreachable
+        }
+    }
+}
+
+async fn record_outcome(state: &AppState, attempt: &AttemptRow, to: &str) {
+    if let Err(err) = state
+        .settler
+        .store
+        .update_attempt(
+            &attempt.payment_id,
+            attempt.attempt,
+            to,
+            None,
+            None,
+            None,
+            telemetry::now_ms(),
+        )
+        .await
+    {
+        tracing::warn!(payment_id = %attempt.payment_id, error = %err, "attempt outcome not recorded");
+    }
+}
+
+/// What one look at a due payment decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Look {
+    /// It left `pending` (now or earlier): no more looks.
+    Done,
+    /// Still pending: look again later.
+    Again,
+}
+
+/// Looks at one due payment once (module docs).
+pub async fn look(state: &AppState, row: &PaymentRow, now_ms: u64) -> Result<Look, ResolveError> {
+    let pid = PaymentId::parse(&row.id).ok_or_else(|| ResolveError::Unknown(row.id.clone()))?;
+    match state.balances.payment(&pid).await? {
+        Some(record) if record.status != PaymentStatus::Pending => return Ok(Look::Done),
+        Some(_) => {}
+        // Redis lost it: the store's row is the record; recovery/rebuild brings it back.
+        None => return Err(ResolveError::Unknown(pid.to_string())),
+    }
+    let attempts = state.settler.store.attempts(pid.as_str()).await?;
+    let open: Vec<&AttemptRow> = attempts
+        .iter()
+        .filter(|a| outcome::is_open(&a.outcome))
+        .collect();
+    if now_ms >= row.expires_at_ms {
+        for attempt in &open {
+            match close(state, attempt).await {
+                Closed::Dead => {}
+                Closed::Paid {
+                    channel_txn_id,
+                    amount_minor,
+                    currency,
+                } => {
+                    settle_paid(state, attempt, &channel_txn_id, amount_minor, currency).await?;
+                    return Ok(Look::Done);
+                }
+                Closed::Unreachable => return Ok(Look::Again),
+            }
+        }
+        settle_unpaid(state, &pid, PaymentStatus::Expired).await?;
+        return Ok(Look::Done);
+    }
+    let mut still_open = 0;
+    let mut declined = false;
+    for attempt in &open {
+        let Some(entry) = state.channels.get(&attempt.channel_id) else {
+            still_open += 1;
+            continue;
+        };
+        let Some(order) = ChannelOrderId::parse(&attempt.channel_order_id) else {
+            still_open += 1;
+            continue;
+        };
+        let result = entry.channel.query(&order).await;
+        telemetry::channel_call(
+            &attempt.channel_id,
+            "query",
+            result.as_ref().map_or_else(|e| e.label(), |_| "ok"),
+        );
+        match result {
+            Ok(
+                OrderState::Paid {
+                    channel_txn_id,
+                    amount_minor,
+                    currency,
+                }
+                | OrderState::Refunded {
+                    channel_txn_id,
+                    amount_minor,
+                    currency,
+                },
+            ) => {
+                settle_paid(state, attempt, &channel_txn_id, amount_minor, currency).await?;
+                return Ok(Look::Done);
+            }
+            Ok(OrderState::Failed) => {
+                declined = true;
+                record_outcome(state, attempt, outcome::FAILED).await
+            }
+            // Closed before payment (by the channel at its expiry, or by us).
+            Ok(OrderState::Closed) => record_outcome(state, attempt, outcome::CLOSED).await,
+            Ok(OrderState::Pending | OrderState::NotFound) | Err(_) => still_open += 1,
+        }
+    }
+    if still_open == 0 {
+        // A channel's decline fails the payment; an order the channel closed unpaid (at its
+        // own expiry, which it holds to the second, so just before ours) expires it.
+        let to = if declined {
+            PaymentStatus::Failed
+        } else {
+            PaymentStatus::Expired
+        };
+        settle_unpaid(state, &pid, to).await?;
+        return Ok(Look::Done);
+    }
+    Ok(Look::Again)
+}
+
+/// When to look again after `checks` looks: the backoff, but never later than the expiry
+/// (the moment to close), which is looked at as soon as it has passed.
+pub fn next_look_ms(
+    settings: &crate::config::ResolutionSettings,
+    checks: u32,
+    expires_at_ms: u64,
+    now_ms: u64,
+) -> u64 {
+    let backoff = settings
+        .backoff_initial_ms
+        .saturating_mul(1u64 << checks.min(20))
+        .min(settings.backoff_max_ms);
+    let next = now_ms.saturating_add(backoff);
+    if now_ms < expires_at_ms {
+        next.min(expires_at_ms)
+    } else {
+        next
+    }
+}
+
+/// One tick of the loop: take the due payments and look at each, `resolution.concurrency`
+/// at a time. Returns how many were taken.
+pub async fn resolve_due(state: &Arc<AppState>) -> Result<usize, ResolveError> {
+    let settings = &state.config.settings.resolution;
+    let now = telemetry::now_ms();
+    let due = state
+        .settler
+        .store
+        .claim_due(now, now + settings.lease_ms, settings.batch)
+        .await?;
+    let taken = due.len();
+    let mut running = JoinSet::new();
+    for row in due {
+        while running.len() >= settings.concurrency {
+            running.join_next().await;
+        }
+        let state = state.clone();
+        running.spawn(async move {
+            let now = telemetry::now_ms();
+            let next = match look(&state, &row, now).await {
+                Ok(Look::Done) => None,
+                Ok(Look::Again) => Some(next_look_ms(
+                    &state.config.settings.resolution,
+                    row.checks,
+                    row.expires_at_ms,
+                    now,
+                )),
+                Err(err) => {
+                    tracing::warn!(payment_id = %row.id, error = %err, "resolution failed; will retry");
+                    telemetry::resolution("error");
+                    Some(next_look_ms(
+                        &state.config.settings.resolution,
+                        row.checks,
+                        row.expires_at_ms,
+                        now,
+                    ))
+                }
+            };
+            if let Err(err) = state.settler.store.schedule_check(&row.id, next).await {
+                tracing::warn!(payment_id = %row.id, error = %err, "cannot schedule the next look; the lease will bring it back");
+            }
+        });
+    }
+    while running.join_next().await.is_some() {}
+    Ok(taken)
+}
+
+/// Runs [`resolve_due`] every `resolution.interval_ms` until shutdown.
+pub fn spawn_resolution(state: Arc<AppState>, shutdown: watch::Receiver<bool>) -> JoinHandle<()> {
+    let interval = Duration::from_millis(state.config.settings.resolution.interval_ms);
+    spawn_periodic(interval, shutdown, move || {
+        let state = state.clone();
+        async move {
+            if let Err(err) = resolve_due(&state).await {
+                tracing::warn!(error = %err, "resolution tick failed");
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ResolutionSettings;
+
+    #[test]
+    fn looks_back_off_doubling_up_to_the_cap_and_never_skip_the_expiry() {
+        let s = ResolutionSettings {
+            backoff_initial_ms: 1_000,
+            backoff_max_ms: 8_000,
+            ..ResolutionSettings::default()
+        };
+        let far = u64::MAX;
+        assert_eq!(next_look_ms(&s, 0, far, 100), 1_100);
+        assert_eq!(next_look_ms(&s, 1, far, 100), 2_100);
+        assert_eq!(next_look_ms(&s, 3, far, 100), 8_100);
+        assert_eq!(next_look_ms(&s, 60, far, 100), 8_100);
+        // The expiry comes first: looked at exactly then.
+        assert_eq!(next_look_ms(&s, 3, 500, 100), 500);
+        // Past the expiry (a close failed): the backoff again.
+        assert_eq!(next_look_ms(&s, 0, 50, 100), 1_100);
+    }
+
+    #[test]
+    fn each_method_and_purpose_has_its_effect() {
+        assert_eq!(
+            success_effect(Method::Supplier, Purpose::Charge),
+            SuccessEffect::Capture
+        );
+        assert_eq!(
+            success_effect(Method::Alipay, Purpose::Charge),
+            SuccessEffect::Collect
+        );
+        assert_eq!(
+            success_effect(Method::Wechatpay, Purpose::Charge),
+            SuccessEffect::Collect
+        );
+        for method in [Method::Alipay, Method::Wechatpay, Method::Supplier] {
+            assert_eq!(
+                success_effect(method, Purpose::Topup),
+                SuccessEffect::Credit
+            );
+        }
+    }
+}
