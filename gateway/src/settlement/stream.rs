@@ -123,17 +123,20 @@ impl SettlementStream {
         mark: Option<SettledMark>,
     ) -> Result<CommitOutcome, StreamError> {
         let (done, wait) = oneshot::channel();
-        self.tx
-            .try_send(Job {
-                settlement,
-                mark,
-                done,
-            })
-            .map_err(|e| match e {
+        // Counted before it is queued: the writer may take and uncount it before `try_send`
+        // even returns, and the count must never go below zero.
+        let depth = self.shared.depth.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Err(e) = self.tx.try_send(Job {
+            settlement,
+            mark,
+            done,
+        }) {
+            self.shared.depth.fetch_sub(1, Ordering::Relaxed);
+            return Err(match e {
                 mpsc::error::TrySendError::Full(_) => StreamError::QueueFull,
                 mpsc::error::TrySendError::Closed(_) => StreamError::Stopped,
-            })?;
-        let depth = self.shared.depth.fetch_add(1, Ordering::Relaxed) + 1;
+            });
+        }
         telemetry::settlement_queue_depth(depth);
         wait.await.map_err(|_| StreamError::Stopped)?
     }
