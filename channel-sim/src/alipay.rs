@@ -6,8 +6,10 @@
 //! `timestamp` and `biz_content`. Replies are `{"<method>_response": {...}, "sign": "..."}`
 //! with the object's exact JSON text signed by the channel key — refusals too.
 //!
-//! Query answers `ACQ.TRADE_NOT_EXIST` until the buyer scans (here: pays). Close of an
-//! unpaid order (scanned or not) closes it for good and answers `10000`, also when it was
+//! Query answers `ACQ.TRADE_NOT_EXIST` until the buyer scans (here: pays), and so does close,
+//! as the real service does: a precreated code nobody scanned is not a trade yet, so it cannot
+//! be closed and stays payable until its `time_expire` (the gateway must expect late money).
+//! Close of a scanned, unpaid order closes it for good and answers `10000`, also when it was
 //! already closed, so a retried close resolves an unknown outcome; close of a paid order
 //! answers `ACQ.TRADE_STATUS_ERROR`. Refunds are once per `out_request_no` (a repeat
 //! answers `fund_change: "N"` and moves nothing).
@@ -417,6 +419,9 @@ fn close(channel: &Channel, biz: &Biz) -> Result<Map<String, Value>, Refusal> {
     with_order(channel, biz, |order| {
         match order.status {
             OrderStatus::Paid => return Err(business("ACQ.TRADE_STATUS_ERROR", "交易状态不合法")),
+            OrderStatus::Unpaid if !order.scanned => {
+                return Err(business("ACQ.TRADE_NOT_EXIST", "交易不存在"))
+            }
             OrderStatus::Unpaid => {
                 order.status = OrderStatus::Closed;
                 order.close_reason = Some(CloseReason::Closed);

@@ -52,6 +52,9 @@ pub struct Settings {
     pub sandbox: SandboxSettings,
     #[serde(default)]
     pub telemetry: TelemetrySettings,
+    /// Merchant webhook delivery (`crate::webhooks`).
+    #[serde(default)]
+    pub webhooks: WebhookSettings,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -377,6 +380,129 @@ impl SandboxSettings {
                 "sandbox.sim_host",
                 "must be a loopback IP address (127.0.0.1, ::1)",
             );
+        }
+    }
+}
+
+// ---- merchant webhooks (crate::webhooks, docs/webhooks.md) ----
+
+/// The webhook delivery worker: how often it looks for due events, how many it takes, how hard
+/// it may push one merchant, and how long it keeps trying.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookSettings {
+    /// How often the worker looks for due events.
+    pub interval_ms: u64,
+    /// Events taken per tick at most, and events in flight at most (all merchants together).
+    pub batch: usize,
+    /// Deliveries in flight to one merchant at most; its further due events wait their turn.
+    pub per_merchant_concurrency: usize,
+    /// One delivery, from connecting to the end of the reply.
+    pub request_timeout_ms: u64,
+    /// The wait before the first retry; doubled after each further failure, capped, and drawn
+    /// at random below that bound (full jitter), so failed receivers are not hit in waves.
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+    /// An event not delivered this long after it was enqueued is `failed`.
+    pub horizon_seconds: u64,
+    /// A taken event is not taken again (by this or another instance) for this long; it must
+    /// outlast one delivery.
+    pub lease_ms: u64,
+}
+
+impl Default for WebhookSettings {
+    fn default() -> Self {
+        Self {
+            interval_ms: 200,
+            batch: 100,
+            per_merchant_concurrency: 4,
+            request_timeout_ms: 5_000,
+            backoff_initial_ms: 1_000,
+            backoff_max_ms: 300_000,
+            horizon_seconds: 3 * 86_400,
+            lease_ms: 60_000,
+        }
+    }
+}
+
+impl WebhookSettings {
+    fn validate(&self, c: &mut Checker) {
+        c.range("webhooks.interval_ms", self.interval_ms, 10, 600_000);
+        c.range("webhooks.batch", self.batch, 1, 10_000);
+        c.range(
+            "webhooks.per_merchant_concurrency",
+            self.per_merchant_concurrency,
+            1,
+            1_000,
+        );
+        c.range(
+            "webhooks.request_timeout_ms",
+            self.request_timeout_ms,
+            100,
+            60_000,
+        );
+        c.range(
+            "webhooks.backoff_initial_ms",
+            self.backoff_initial_ms,
+            10,
+            3_600_000,
+        );
+        c.range(
+            "webhooks.backoff_max_ms",
+            self.backoff_max_ms,
+            self.backoff_initial_ms,
+            86_400_000,
+        );
+        c.range(
+            "webhooks.horizon_seconds",
+            self.horizon_seconds,
+            1,
+            30 * 86_400,
+        );
+        // A lease shorter than a delivery would let another worker send the event again.
+        c.range(
+            "webhooks.lease_ms",
+            self.lease_ms,
+            self.request_timeout_ms.saturating_add(1_000),
+            86_400_000,
+        );
+    }
+}
+
+#[cfg(test)]
+mod webhook_settings_tests {
+    use super::*;
+
+    #[test]
+    fn webhook_settings_default_take_overrides_and_are_bounded() {
+        let defaults = load(None, Vec::new()).unwrap().settings.webhooks;
+        assert_eq!((defaults.interval_ms, defaults.batch), (200, 100));
+        assert_eq!(defaults.horizon_seconds, 259_200);
+        let set = load(
+            None,
+            vec![("GATEWAY__WEBHOOKS__INTERVAL_MS".into(), "50".into())],
+        )
+        .unwrap()
+        .settings
+        .webhooks;
+        assert_eq!(set.interval_ms, 50);
+        let err = load(
+            None,
+            [
+                ("GATEWAY__WEBHOOKS__BATCH", "0"),
+                ("GATEWAY__WEBHOOKS__LEASE_MS", "5000"),
+                ("GATEWAY__WEBHOOKS__BACKOFF_MAX_MS", "10"),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned())),
+        )
+        .unwrap_err();
+        let fields: Vec<&str> = err.0.iter().map(|e| e.field.as_str()).collect();
+        for field in [
+            "webhooks.batch",
+            "webhooks.lease_ms",
+            "webhooks.backoff_max_ms",
+        ] {
+            assert!(fields.contains(&field), "{field}: {err}");
         }
     }
 }
@@ -987,6 +1113,7 @@ fn validate(settings: Settings) -> Result<Config, ConfigError> {
     }
 
     s.sandbox.validate(&mut c);
+    s.webhooks.validate(&mut c);
 
     if !matches!(s.telemetry.log_format.as_str(), "text" | "json") {
         c.fail("telemetry.log_format", "must be \"text\" or \"json\"");

@@ -26,18 +26,23 @@ use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::api::AppState;
-use crate::channels::{ChannelOrderId, CloseOutcome, OrderState};
+use crate::channels::{
+    ChannelKind, ChannelOrderId, ChannelRefundId, CloseOutcome, OrderState, RefundOutcome,
+    RefundRequest,
+};
 use crate::checkout::outcome;
 use crate::ids::PaymentId;
 use crate::money::Currency;
 use crate::periodic::spawn_periodic;
 use crate::preauth::{
-    money_record_id, status_record_id, Method, PaymentStatus, Purpose, SettledMark, StoreError,
-    SucceedOutcome, SucceedRequest, SuccessEffect, TransitionOutcome,
+    money_record_id, status_record_id, LateCaptureOutcome, LateCaptureRequest, Method,
+    PaymentStatus, Purpose, SettledMark, StoreError, SucceedOutcome, SucceedRequest, SuccessEffect,
+    TransitionOutcome,
 };
 use crate::settlement::settler::SettleFailure;
 use crate::settlement::{
-    movements, AttemptRow, CommitOutcome, PaymentRow, PendingRecord, SettleError, StatusChange,
+    movements, AttemptRow, CommitOutcome, Flagged, PaymentRow, PendingRecord, SettleError,
+    StatusChange,
 };
 use crate::telemetry;
 
@@ -105,6 +110,23 @@ pub async fn settle_paid(
     if doc.amount_minor != amount_minor || doc.currency != currency {
         telemetry::resolution("amount_mismatch");
         tracing::error!(payment_id = %pid, channel = %attempt.channel_id, amount_minor, %currency, "the channel reports another amount than the payment's: not settled");
+        let flag = Flagged {
+            kind: "amount_mismatch".into(),
+            payment_id: pid.to_string(),
+            detail: format!(
+                "{} reports {} {} for attempt {}; the payment is {} {}: not settled",
+                attempt.channel_id,
+                crate::money::format_minor(amount_minor, currency),
+                currency.code(),
+                attempt.attempt,
+                crate::money::format_minor(doc.amount_minor, doc.currency),
+                doc.currency.code(),
+            ),
+            created_at_ms: telemetry::now_ms(),
+        };
+        if let Err(err) = state.settler.store.flag(&flag).await {
+            tracing::warn!(payment_id = %pid, error = %err, "amount mismatch not flagged");
+        }
         return Err(ResolveError::AmountMismatch {
             payment_id: pid.to_string(),
             amount_minor,
@@ -191,6 +213,207 @@ pub async fn settle_paid(
     }
 }
 
+/// Late money (DESIGN.md §7): the channel took money for `attempt` after its payment ended,
+/// or for an abandoned attempt. Never dropped: first committed as a suspense settlement
+/// against the merchant; then a customer payment (Alipay, WeChat Pay) is refunded
+/// automatically through the channel, and a supplier charge is captured from its account if
+/// the account can still afford it; whatever could not be done automatically is flagged for
+/// `GET /v1/admin/flagged` (every case is flagged, with what was done). The payment's status
+/// is not changed. Idempotent: a repeated notice finds every step done.
+pub async fn record_late_money(
+    state: &AppState,
+    attempt: &AttemptRow,
+    channel_txn_id: &str,
+    amount_minor: i64,
+    reason: &'static str,
+) -> Result<(), ResolveError> {
+    let pid = PaymentId::parse(&attempt.payment_id)
+        .ok_or_else(|| ResolveError::Unknown(attempt.payment_id.clone()))?;
+    let doc = match state.balances.payment(&pid).await? {
+        Some(record) => record.doc,
+        None => {
+            let row = state
+                .settler
+                .store
+                .payment(pid.as_str())
+                .await?
+                .ok_or_else(|| ResolveError::Unknown(pid.to_string()))?;
+            serde_json::from_str(&row.doc)
+                .map_err(|e| StoreError::Corrupt(format!("stored payment {pid}: {e}")))?
+        }
+    };
+    let now = telemetry::now_ms();
+    let suspense = movements::suspense(
+        &doc,
+        attempt.attempt,
+        &attempt.channel_id,
+        channel_txn_id,
+        amount_minor,
+        now,
+    );
+    commit_unmarked(state, &pid, suspense).await?;
+    let done = if doc.method == Method::Supplier && doc.purpose == Purpose::Charge {
+        late_capture(state, &pid, &doc, attempt, channel_txn_id).await?
+    } else {
+        late_refund(state, &doc, attempt, amount_minor).await?
+    };
+    let flag = Flagged {
+        kind: "late_money".into(),
+        payment_id: pid.to_string(),
+        detail: format!(
+            "{reason}: {} {} paid on {} (attempt {}, channel transaction {channel_txn_id}) \
+             after the payment ended; {done}",
+            crate::money::format_minor(amount_minor, doc.currency),
+            doc.currency.code(),
+            attempt.channel_id,
+            attempt.attempt,
+        ),
+        created_at_ms: now,
+    };
+    state.settler.store.flag(&flag).await?;
+    telemetry::resolution("late_money");
+    tracing::error!(payment_id = %pid, channel = %attempt.channel_id, reason, %done, "late money");
+    Ok(())
+}
+
+async fn commit_unmarked(
+    state: &AppState,
+    pid: &PaymentId,
+    settlement: crate::settlement::Settlement,
+) -> Result<(), ResolveError> {
+    match state.settler.settle_unmarked(settlement).await? {
+        CommitOutcome::Inserted | CommitOutcome::AlreadyCommitted => Ok(()),
+        other => Err(ResolveError::Refused {
+            payment_id: pid.to_string(),
+            outcome: other,
+        }),
+    }
+}
+
+/// A supplier charge's late money, from its account when it can afford it.
+async fn late_capture(
+    state: &AppState,
+    pid: &PaymentId,
+    doc: &crate::preauth::PaymentDoc,
+    attempt: &AttemptRow,
+    channel_txn_id: &str,
+) -> Result<String, ResolveError> {
+    let now = telemetry::now_ms();
+    let mut settlement =
+        movements::late_capture(doc, &attempt.channel_id, channel_txn_id, None, now);
+    let request = LateCaptureRequest {
+        payment: pid.clone(),
+        amount_minor: doc.amount_minor,
+        pending_record: PendingRecord::Settlement(settlement.clone()).to_json(),
+    };
+    match state.balances.late_capture(&request, state.op()).await? {
+        LateCaptureOutcome::Done { seq } => {
+            settlement.account_seq = Some(seq);
+            let mark = SettledMark {
+                tag: pid.tag(),
+                id: money_record_id(pid.as_str()),
+                idempotency_key: String::new(),
+            };
+            match state.settler.settle(settlement, mark).await {
+                Ok(CommitOutcome::Inserted | CommitOutcome::AlreadyCommitted) => {}
+                // In the outbox already: recovery commits it.
+                Ok(_) | Err(_) => {
+                    tracing::warn!(payment_id = %pid, "late capture not committed yet; recovery will")
+                }
+            }
+            Ok("captured from the account (no action needed)".into())
+        }
+        LateCaptureOutcome::Insufficient { available } => {
+            let flag = Flagged {
+                kind: "overdraft".into(),
+                payment_id: pid.to_string(),
+                detail: format!(
+                    "the supplier executed this charge after it ended, but the account has only {} {} available: recover {} {} by hand",
+                    crate::money::format_minor(available, doc.currency),
+                    doc.currency.code(),
+                    crate::money::format_minor(doc.amount_minor, doc.currency),
+                    doc.currency.code(),
+                ),
+                created_at_ms: now,
+            };
+            state.settler.store.flag(&flag).await?;
+            Ok("NOT captured: the account cannot afford it (flagged as an overdraft)".into())
+        }
+        LateCaptureOutcome::Pending => Ok("the payment is still pending".into()),
+        LateCaptureOutcome::NotFound => {
+            Ok("NOT captured: the balance store does not know the payment or its account".into())
+        }
+    }
+}
+
+/// A customer payment's late money, refunded through the channel under a refund number of its
+/// own (`late-<channel order id>`, reused on every retry so the channel refunds once).
+async fn late_refund(
+    state: &AppState,
+    doc: &crate::preauth::PaymentDoc,
+    attempt: &AttemptRow,
+    amount_minor: i64,
+) -> Result<String, ResolveError> {
+    let (Some(entry), Some(order_id)) = (
+        state.channels.get(&attempt.channel_id),
+        ChannelOrderId::parse(&attempt.channel_order_id),
+    ) else {
+        return Ok("NOT refunded: the channel is no longer configured; refund by hand".into());
+    };
+    let refund_id = ChannelRefundId::parse(&format!("late-{}", attempt.channel_order_id))
+        .expect("an order id makes a valid refund number");
+    let amount = crate::money::Amount::from_minor(amount_minor)
+        .map_err(|e| StoreError::Corrupt(format!("late amount {amount_minor}: {e}")))?;
+    let request = RefundRequest {
+        order_id,
+        refund_id: refund_id.clone(),
+        amount,
+        order_total: amount,
+        currency: doc.currency,
+        reason: Some("paid after the payment ended".into()),
+        notify_url: Some(format!(
+            "{}/v1/callbacks/{}",
+            state.public_url, attempt.channel_id
+        )),
+    };
+    let result = entry.channel.refund(&request).await;
+    telemetry::channel_call(
+        &attempt.channel_id,
+        "refund",
+        result.as_ref().map_or_else(|e| e.label(), |_| "ok"),
+    );
+    Ok(match result {
+        Ok(RefundOutcome::Succeeded { .. }) => {
+            let settlement = movements::late_refund(
+                doc,
+                attempt.attempt,
+                &attempt.channel_id,
+                refund_id.as_str(),
+                amount_minor,
+                telemetry::now_ms(),
+            );
+            let pid = PaymentId::parse(&doc.id).expect("a stored payment has a valid id");
+            commit_unmarked(state, &pid, settlement).await?;
+            format!(
+                "refunded automatically (refund number {})",
+                refund_id.as_str()
+            )
+        }
+        Ok(RefundOutcome::Pending { .. }) => format!(
+            "automatic refund accepted, not yet confirmed (refund number {}): check it",
+            refund_id.as_str()
+        ),
+        Ok(RefundOutcome::Failed { status, .. }) => format!(
+            "automatic refund FAILED at the channel ({status}, refund number {}): refund by hand",
+            refund_id.as_str()
+        ),
+        Err(err) => format!(
+            "automatic refund FAILED ({err}, refund number {}): retry or refund by hand",
+            refund_id.as_str()
+        ),
+    })
+}
+
 /// The channel confirmed the payment can no longer be paid: release its hold and end it
 /// with `to` (`failed`, `expired` or `canceled`), in the balance store and then the record.
 pub async fn settle_unpaid(
@@ -240,10 +463,15 @@ pub enum Cancel {
 }
 
 /// Cancels a pending channel payment: closes every open attempt first (module docs).
-pub async fn cancel(state: &AppState, pid: &PaymentId) -> Result<Cancel, ResolveError> {
+pub async fn cancel(
+    state: &AppState,
+    pid: &PaymentId,
+    expires_at_ms: u64,
+) -> Result<Cancel, ResolveError> {
     let attempts = state.settler.store.attempts(pid.as_str()).await?;
+    let now = telemetry::now_ms();
     for attempt in attempts.iter().filter(|a| outcome::is_open(&a.outcome)) {
-        match close(state, attempt).await {
+        match close(state, attempt, expires_at_ms, now).await {
             Closed::Dead => {}
             Closed::Paid {
                 channel_txn_id,
@@ -280,7 +508,7 @@ enum Closed {
 /// Closes one attempt's order and records what the channel said. "No such order" counts as
 /// dead here: an attempt is closed this way only at its payment's expiry or its cancel, after
 /// the order's own expiry was sent to the channel (a create arriving later is refused).
-async fn close(state: &AppState, attempt: &AttemptRow) -> Closed {
+async fn close(state: &AppState, attempt: &AttemptRow, expires_at_ms: u64, now_ms: u64) -> Closed {
     let (Some(entry), Some(order)) = (
         state.channels.get(&attempt.channel_id),
         ChannelOrderId::parse(&attempt.channel_order_id),
@@ -295,6 +523,16 @@ async fn close(state: &AppState, attempt: &AttemptRow) -> Closed {
         result.as_ref().map_or_else(|e| e.label(), |_| "ok"),
     );
     match result {
+        // A supplier executes orders on its own: "no such order" for an attempt whose create
+        // may still be travelling (unknown outcome) is no proof before the order's expiry.
+        Ok(CloseOutcome::NotFound)
+            if entry.kind == ChannelKind::Supplier
+                && attempt.outcome == outcome::UNKNOWN
+                && now_ms < expires_at_ms =>
+        {
+            tracing::warn!(payment_id = %attempt.payment_id, channel = %attempt.channel_id, "the supplier does not know an order whose create may still arrive; not confirmed");
+            Closed::Unreachable
+        }
         Ok(CloseOutcome::Closed | CloseOutcome::NotFound) => {
             record_outcome(state, attempt, outcome::CLOSED).await;
             Closed::Dead
@@ -359,7 +597,7 @@ pub async fn look(state: &AppState, row: &PaymentRow, now_ms: u64) -> Result<Loo
         .collect();
     if now_ms >= row.expires_at_ms {
         for attempt in &open {
-            match close(state, attempt).await {
+            match close(state, attempt, row.expires_at_ms, now_ms).await {
                 Closed::Dead => {}
                 Closed::Paid {
                     channel_txn_id,
@@ -506,6 +744,10 @@ pub fn spawn_resolution(state: Arc<AppState>, shutdown: watch::Receiver<bool>) -
         async move {
             if let Err(err) = resolve_due(&state).await {
                 tracing::warn!(error = %err, "resolution tick failed");
+            }
+            let batch = state.config.settings.resolution.batch;
+            if let Err(err) = crate::refunds::retry_stale(&state, batch).await {
+                tracing::warn!(error = %err, "refund retry tick failed");
             }
         }
     })

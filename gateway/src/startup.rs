@@ -171,6 +171,8 @@ impl Application {
         if total.settled + total.intents + total.statuses + total.failed > 0 {
             tracing::info!(?total, "startup recovery");
         }
+        // The recorder first, so the breakers' initial state is exported from the start.
+        let _ = crate::telemetry::prometheus();
         let channels = Arc::new(ChannelRegistry::build(&config.settings.channels)?);
         let public_url = match config.settings.server.public_url.as_str() {
             "" => format!(
@@ -232,6 +234,7 @@ impl Application {
         );
 
         let resolution = spawn_resolution(self.state.clone(), stop_rx.clone());
+        let webhooks = crate::webhooks::spawn_webhooks(self.state.clone(), stop_rx.clone());
 
         let state = self.state.clone();
         let mut drain_rx = stop_rx;
@@ -265,6 +268,7 @@ impl Application {
         let _ = sweeper.await;
         let _ = recovery.await;
         let _ = resolution.await;
+        let _ = webhooks.await;
         drop(state);
         if tokio::time::timeout(grace, self.writer).await.is_err() {
             tracing::warn!("the settlement writer did not finish in time; recovery will redo its queue at the next start");

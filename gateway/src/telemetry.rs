@@ -29,6 +29,8 @@ pub const BREAKER_STATE: &str = "gateway_breaker_state";
 pub const CHANNEL_CALLS_TOTAL: &str = "gateway_channel_calls_total";
 pub const RESOLUTIONS_TOTAL: &str = "gateway_resolutions_total";
 pub const ROUTING_TOTAL: &str = "gateway_routing_total";
+pub const CALLBACKS_TOTAL: &str = "gateway_callbacks_total";
+pub const REFUNDS_TOTAL: &str = "gateway_refunds_total";
 
 /// Latency buckets for every `_seconds` histogram: 100 µs to 10 s.
 const SECONDS_BUCKETS: &[f64] = &[
@@ -213,4 +215,33 @@ pub fn routing(result: &'static str) {
 /// What the resolution loop (or a cancel) did to a pending channel payment.
 pub fn resolution(result: &'static str) {
     metrics::counter!(RESOLUTIONS_TOTAL, "result" => result).increment(1);
+}
+
+/// A refund's execution: succeeded, failed or pending.
+pub fn refund(result: &'static str) {
+    metrics::counter!(REFUNDS_TOTAL, "result" => result).increment(1);
+}
+
+/// One callback: `result` is processed, duplicate, late_money, refund_notice, ignored, retry,
+/// or why it was refused (bad_signature, stale, wrong_account, malformed, unknown_order,
+/// unknown_channel, amount_mismatch).
+pub fn callback(channel: &str, result: &'static str) {
+    metrics::counter!(CALLBACKS_TOTAL, "channel" => channel.to_owned(), "result" => result)
+        .increment(1);
+}
+
+// ---- merchant webhooks (crate::webhooks) ----
+
+pub const WEBHOOK_DELIVERIES_TOTAL: &str = "gateway_webhook_deliveries_total";
+pub const WEBHOOK_BACKLOG: &str = "gateway_webhook_backlog";
+
+/// One turn of the webhook worker with an event: `result` is delivered, retry, failed,
+/// skipped, or deferred (its merchant was at `webhooks.per_merchant_concurrency`).
+pub fn webhook_delivery(result: &'static str) {
+    metrics::counter!(WEBHOOK_DELIVERIES_TOTAL, "result" => result).increment(1);
+}
+
+/// Pending webhook events in the outbox, as counted at the worker's last tick.
+pub fn webhook_backlog(pending: u64) {
+    metrics::gauge!(WEBHOOK_BACKLOG).set(pending as f64);
 }

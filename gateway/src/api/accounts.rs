@@ -318,7 +318,11 @@ pub async fn post_adjustment(
             Err(insufficient(available, shortfall)),
         ),
         // A payment's outcome under this key: the request hash differs, so this is a conflict.
-        AdjustOutcome::Replay(StoredOutcome::Payment(_) | StoredOutcome::NoChannelAvailable(_))
+        AdjustOutcome::Replay(
+            StoredOutcome::Payment(_)
+            | StoredOutcome::NoChannelAvailable(_)
+            | StoredOutcome::Refund(_),
+        )
         | AdjustOutcome::IdempotencyConflict => {
             ("idempotency_conflict", Err(ApiError::IdempotencyConflict))
         }

@@ -5,10 +5,12 @@
 pub mod accounts;
 pub mod admin;
 pub mod auth;
+pub mod callbacks;
 pub mod error;
 pub mod extract;
 pub mod health;
 pub mod payments;
+pub mod refunds;
 mod render;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -101,6 +103,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/payments/{id}", get(payments::get_payment))
         .route("/v1/payments/{id}/cancel", post(payments::cancel_payment))
+        .route("/v1/payments/{id}/refunds", post(refunds::create_refund))
+        .route("/v1/callbacks/{channel_id}", post(callbacks::receive))
         .route("/v1/admin/flagged", get(admin::flagged))
         .route("/v1/admin/channels", get(admin::channels))
         // Only the API is shed under load: health checks and scrapes must still answer.

@@ -432,7 +432,7 @@ pub(super) async fn submit(
             Err(insufficient(available, shortfall)),
         ),
         // An adjustment's outcome under this key: the request hash differs, so a conflict.
-        AuthorizeOutcome::Replay(StoredOutcome::Adjustment(_))
+        AuthorizeOutcome::Replay(StoredOutcome::Adjustment(_) | StoredOutcome::Refund(_))
         | AuthorizeOutcome::IdempotencyConflict => {
             ("idempotency_conflict", Err(ApiError::IdempotencyConflict))
         }
@@ -495,14 +495,21 @@ async fn make_durable(
             }
         }
         PendingRecord::Intent(_) => unreachable!("a channel payment is routed, not settled"),
-        PendingRecord::Status(_) => unreachable!("a new payment has no status change"),
+        PendingRecord::Status(_) | PendingRecord::Refund(_) | PendingRecord::RefundStatus(_) => {
+            unreachable!("a new payment has no status change nor refund")
+        }
     })
 }
 
 fn created(payment: &PaymentRecord, attempts: &[AttemptRow]) -> Response {
     (
         StatusCode::CREATED,
-        Json(render::payment(payment, attempts)),
+        Json(render::payment(
+            payment,
+            attempts,
+            &[],
+            Value::Array(Vec::new()),
+        )),
     )
         .into_response()
 }
@@ -663,8 +670,26 @@ async fn route_payment(
     Ok(answer)
 }
 
+/// A payment as `GET` shows it: with its attempts, refunds and webhook deliveries (from the
+/// settlement store).
+pub(super) async fn full_view(
+    state: &AppState,
+    payment: &PaymentRecord,
+) -> Result<Value, ApiError> {
+    let attempts = attempts_of(state, payment).await?;
+    let store = &state.settler.store;
+    let refunds = store.refunds(&payment.doc.id).await?;
+    let webhooks = store.webhook_events(&payment.doc.id).await?;
+    Ok(render::payment(
+        payment,
+        &attempts,
+        &refunds,
+        crate::webhooks::render_deliveries(&webhooks),
+    ))
+}
+
 /// A payment's attempts (from the settlement store; a balance payment has none).
-async fn attempts_of(
+pub(super) async fn attempts_of(
     state: &AppState,
     payment: &PaymentRecord,
 ) -> Result<Vec<AttemptRow>, ApiError> {
@@ -765,7 +790,7 @@ fn parse_metadata(
 }
 
 /// A payment by id for this merchant: malformed or unknown → 404, another merchant's → 403.
-async fn owned_payment(
+pub(super) async fn owned_payment(
     state: &AppState,
     merchant: &Merchant,
     id: &str,
@@ -817,8 +842,7 @@ pub async fn get_payment(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let (_, payment) = owned_payment(&state, &merchant, &id).await?;
-    let attempts = attempts_of(&state, &payment).await?;
-    Ok(Json(render::payment(&payment, &attempts)))
+    Ok(Json(full_view(&state, &payment).await?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -855,8 +879,7 @@ pub async fn find_payment(
         .await?
         .ok_or_else(not_found)?;
     debug_assert_eq!(payment.doc.merchant_id, merchant.id.as_str());
-    let attempts = attempts_of(&state, &payment).await?;
-    Ok(Json(render::payment(&payment, &attempts)))
+    Ok(Json(full_view(&state, &payment).await?))
 }
 
 /// `POST /v1/payments/{id}/cancel`: a pending payment's open channel orders are closed first;
@@ -880,16 +903,21 @@ pub async fn cancel_payment(
     };
     match payment.status {
         PaymentStatus::Canceled => {
-            let attempts = attempts_of(&state, &payment).await?;
-            return Ok(Json(render::payment(&payment, &attempts)));
+            return Ok(Json(full_view(&state, &payment).await?));
         }
         PaymentStatus::Pending => {}
         status => return Err(not_pending(status)),
     }
-    let outcome = match resolution::cancel(&state, &id).await {
+    let outcome = match resolution::cancel(&state, &id, payment.doc.expires_at_ms).await {
         Ok(outcome) => outcome,
         Err(ResolveError::Balances(err)) => return Err(err.into()),
         Err(ResolveError::Store(err)) => return Err(err.into()),
+        Err(ResolveError::AmountMismatch { .. }) => {
+            return Err(ApiError::InvalidState {
+                message: "the channel reports this order paid with another amount; it is flagged for review and cannot be canceled".into(),
+                status: Some(PaymentStatus::Pending.as_str().to_owned()),
+            })
+        }
         Err(err) => {
             tracing::warn!(payment_id = %id, error = %err, "cancel could not finish");
             return Err(ApiError::Unavailable {
@@ -901,8 +929,7 @@ pub async fn cancel_payment(
     match outcome {
         Cancel::Canceled | Cancel::NotPending(PaymentStatus::Canceled) => {
             let (_, payment) = owned_payment(&state, &merchant, id.as_str()).await?;
-            let attempts = attempts_of(&state, &payment).await?;
-            Ok(Json(render::payment(&payment, &attempts)))
+            Ok(Json(full_view(&state, &payment).await?))
         }
         Cancel::NotPending(status) => Err(not_pending(status)),
         Cancel::NotFound => Err(ApiError::NotFound("no such payment".into())),

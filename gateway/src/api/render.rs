@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 use super::extract::rfc3339;
 use crate::money::format_minor;
 use crate::preauth::{AccountSnapshot, PaymentRecord};
-use crate::settlement::AttemptRow;
+use crate::settlement::{AttemptRow, RefundRow};
 
 pub fn account(id: &str, a: &AccountSnapshot) -> Value {
     json!({
@@ -21,7 +21,12 @@ pub fn account(id: &str, a: &AccountSnapshot) -> Value {
 
 /// A payment with its attempts; its `action` is the one the accepted attempt gave, while the
 /// payment is pending (once it ended there is nothing left for the customer to do).
-pub fn payment(p: &PaymentRecord, attempts: &[AttemptRow]) -> Value {
+pub fn payment(
+    p: &PaymentRecord,
+    attempts: &[AttemptRow],
+    refunds: &[RefundRow],
+    webhooks: Value,
+) -> Value {
     let d = &p.doc;
     let action = match p.status {
         crate::preauth::PaymentStatus::Pending => attempts
@@ -56,7 +61,13 @@ pub fn payment(p: &PaymentRecord, attempts: &[AttemptRow]) -> Value {
         "expires_at": rfc3339(d.expires_at_ms),
         "action": action,
         "attempts": attempts,
-        "refunds": [],
+        "refunds": refunds.iter().map(|r| json!({
+            "id": r.refund_id,
+            "amount": format_minor(r.amount_minor, r.currency),
+            "status": r.status,
+            "created_at": rfc3339(r.created_at_ms),
+        })).collect::<Vec<_>>(),
+        "webhooks": webhooks,
         "description": d.description,
         "notify_url": d.notify_url,
         "metadata": d.metadata,

@@ -9,8 +9,9 @@
 //!   Alipay's public key.
 //! - Replies: the `alipay_trade_<method>_response` object is signed as its exact JSON text as
 //!   it appears in the body, with a `sign` sibling ([`verify_response`]).
-//! - The adapter ([`AlipayChannel`]): precreate, query, close, refund; its reading of replies
-//!   is documented beside it.
+//! - The adapter ([`AlipayChannel`]): precreate, query, close, refund, and asynchronous notices
+//!   ([`AlipayChannel::read_notice`]); its reading of replies and notices is documented beside
+//!   it.
 
 use std::fmt;
 
@@ -28,11 +29,12 @@ use serde_json::value::RawValue;
 use super::client::{HttpClient, HttpReply};
 use super::keys::{RsaPrivateKey, RsaPublicKey};
 use super::{
-    check_create, now_unix_ms, server_error, shanghai_datetime, Action, BaseUrl, Channel,
-    ChannelError, ChannelKind, ChannelOrderId, CloseOutcome, CreateOrder, Created, OrderState,
+    check_create, now_unix_ms, server_error, shanghai_datetime, Action, BaseUrl, Callback,
+    CallbackAnswer, CallbackRefusal, CallbackReply, Channel, ChannelError, ChannelKind,
+    ChannelOrderId, CloseOutcome, CreateOrder, Created, Notice, NoticeEvent, OrderState,
     RefundOutcome, RefundRequest,
 };
-use crate::money::{format_minor, parse_non_negative_minor, Currency};
+use crate::money::{format_minor, parse_non_negative_minor, Amount, Currency};
 
 /// The only `sign_type` this gateway sends or accepts: RSA-SHA256 ("RSA2"). The legacy
 /// "RSA" (SHA-1) is refused.
@@ -614,6 +616,172 @@ impl AlipayChannel {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Callbacks (asynchronous notices, DESIGN.md §5).
+//
+// A notice is a form POST (`application/x-www-form-urlencoded`, UTF-8). Read in this order,
+// each step refusing with its own [`CallbackRefusal`]:
+//
+// 1. at most [`MAX_CALLBACK_BODY_BYTES`] and [`MAX_CALLBACK_FIELDS`] fields (`Malformed`);
+// 2. [`verify_notify`] with Alipay's key: a repeated field name is `Malformed`; a missing
+//    `sign`, a `sign_type` other than RSA2 or a signature that does not verify is
+//    `BadSignature`;
+// 3. `app_id` must be this channel's (`WrongAccount`);
+// 4. `out_trade_no` must be one of our channel order ids, `trade_status` present, the ids and
+//    status at most [`MAX_CALLBACK_TEXT_BYTES`] of visible ASCII, amounts exact CNY
+//    (`Malformed`).
+//
+// Empty values are left out of the signed string, so anyone can add `out_biz_no=` to a
+// genuine notice without breaking its signature: an empty value is read as absent, always.
+//
+// Alipay has no timestamp window (`notify_time` is informational) and a notice is delivered
+// again for about 25 h until acknowledged, so `now` plays no part. What a status means:
+//
+// | `trade_status`    | refund fields (`refund_fee`, `out_biz_no`, `gmt_refund`) | event        |
+// |-------------------|----------------------------------------------------------|--------------|
+// | `TRADE_SUCCESS`   | none                                                     | `Paid`       |
+// | `TRADE_SUCCESS`   | any (then `refund_fee` is required)                      | `Refund`     |
+// | `TRADE_FINISHED`  | ignored                                                  | `Finished`   |
+// | `TRADE_CLOSED`    | `refund_fee` (a full refund)                             | `Refund`     |
+// | `TRADE_CLOSED`    | no `refund_fee`                                          | `Closed`     |
+// | anything else     | ignored                                                  | `Other`      |
+//
+// The answer is the plain text `success` (acknowledged) or `fail` (anything but `success`
+// makes Alipay deliver again): 400 for a refusal, 500 for "try later".
+// ---------------------------------------------------------------------------------------------
+
+/// The largest callback body read (a notice is about 1 KiB).
+pub const MAX_CALLBACK_BODY_BYTES: usize = 64 * 1024;
+
+/// The most form fields a notice may have (Alipay sends about 25).
+pub const MAX_CALLBACK_FIELDS: usize = 64;
+
+/// The longest id or status kept from a notice (`trade_no` is at most 64, `notify_id` 128).
+pub const MAX_CALLBACK_TEXT_BYTES: usize = 128;
+
+/// The acknowledgement Alipay waits for; any other answer is a failure it retries.
+pub const CALLBACK_ACK: &str = "success";
+
+/// What the gateway answers to a notice it did not take (any text but `success` would do).
+pub const CALLBACK_FAIL: &str = "fail";
+
+impl AlipayChannel {
+    /// Verifies and reads an asynchronous notice: see the table above.
+    pub fn read_notice(&self, body: &[u8]) -> Result<Notice, CallbackRefusal> {
+        if body.len() > MAX_CALLBACK_BODY_BYTES {
+            return Err(CallbackRefusal::Malformed(format!(
+                "the body is larger than {MAX_CALLBACK_BODY_BYTES} bytes"
+            )));
+        }
+        let mut fields: Vec<(String, String)> = Vec::new();
+        for (name, value) in form_urlencoded::parse(body) {
+            if fields.len() == MAX_CALLBACK_FIELDS {
+                return Err(CallbackRefusal::Malformed(format!(
+                    "more than {MAX_CALLBACK_FIELDS} form fields"
+                )));
+            }
+            fields.push((name.into_owned(), value.into_owned()));
+        }
+        let fields: Vec<(&str, &str)> = fields
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_str()))
+            .collect();
+        verify_notify(&self.alipay_key, &fields).map_err(|e| match e {
+            AlipayError::Duplicate => CallbackRefusal::Malformed(e.to_string()),
+            _ => CallbackRefusal::BadSignature(e.to_string()),
+        })?;
+        // Unique names (checked above); empty values are unsigned, so absent.
+        let value = |wanted: &str| {
+            fields
+                .iter()
+                .find(|(name, _)| *name == wanted)
+                .map(|(_, value)| *value)
+                .filter(|value| !value.is_empty())
+        };
+        let required = |name: &'static str| {
+            value(name).ok_or_else(|| CallbackRefusal::Malformed(format!("no `{name}`")))
+        };
+        if required("app_id")? != self.app_id {
+            return Err(CallbackRefusal::WrongAccount(
+                "`app_id` is not this channel's".into(),
+            ));
+        }
+        let order_id = ChannelOrderId::parse(required("out_trade_no")?).ok_or_else(|| {
+            CallbackRefusal::Malformed("`out_trade_no` is not a channel order id of ours".into())
+        })?;
+        let notice_id = value("notify_id")
+            .map(|id| callback_text("notify_id", id))
+            .transpose()?;
+        let status = callback_text("trade_status", required("trade_status")?)?;
+        let paid = || -> Result<(String, i64), CallbackRefusal> {
+            Ok((
+                callback_text("trade_no", required("trade_no")?)?,
+                callback_amount("total_amount", required("total_amount")?)?,
+            ))
+        };
+        let refund = || -> Result<NoticeEvent, CallbackRefusal> {
+            Ok(NoticeEvent::Refund {
+                refund_id: value("out_biz_no")
+                    .map(|id| callback_text("out_biz_no", id))
+                    .transpose()?,
+                amount_minor: callback_amount("refund_fee", required("refund_fee")?)?,
+                succeeded: true,
+            })
+        };
+        let has_refund_fields = ["refund_fee", "out_biz_no", "gmt_refund"]
+            .iter()
+            .any(|name| value(name).is_some());
+        let event = match status.as_str() {
+            "TRADE_SUCCESS" if has_refund_fields => refund()?,
+            "TRADE_SUCCESS" => {
+                let (channel_txn_id, amount_minor) = paid()?;
+                NoticeEvent::Paid {
+                    channel_txn_id,
+                    amount_minor,
+                    currency: Currency::Cny,
+                }
+            }
+            "TRADE_FINISHED" => {
+                let (channel_txn_id, amount_minor) = paid()?;
+                NoticeEvent::Finished {
+                    channel_txn_id,
+                    amount_minor,
+                    currency: Currency::Cny,
+                }
+            }
+            // A full refund closes the trade: the refund logic's business, not "never paid".
+            "TRADE_CLOSED" if value("refund_fee").is_some() => refund()?,
+            "TRADE_CLOSED" => NoticeEvent::Closed,
+            // `WAIT_BUYER_PAY` (sent when a trade is created, if the app asked) and any status
+            // Alipay may add: genuine, acknowledged, nothing to do.
+            _ => NoticeEvent::Other(status),
+        };
+        Ok(Notice {
+            order_id,
+            notice_id,
+            event,
+        })
+    }
+}
+
+/// A text field kept from a notice: at most [`MAX_CALLBACK_TEXT_BYTES`] of visible ASCII
+/// (ids and statuses are; anything else is not Alipay's format, and would go to logs).
+fn callback_text(name: &str, value: &str) -> Result<String, CallbackRefusal> {
+    if value.len() > MAX_CALLBACK_TEXT_BYTES || !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(CallbackRefusal::Malformed(format!(
+            "`{name}` is not at most {MAX_CALLBACK_TEXT_BYTES} visible ASCII characters"
+        )));
+    }
+    Ok(value.to_owned())
+}
+
+/// A positive CNY amount, exactly (no rounding: too many decimals is malformed).
+fn callback_amount(name: &str, value: &str) -> Result<i64, CallbackRefusal> {
+    Amount::parse(value, Currency::Cny)
+        .map(Amount::minor)
+        .map_err(|e| CallbackRefusal::Malformed(format!("`{name}` {e}")))
+}
+
 #[async_trait]
 impl Channel for AlipayChannel {
     fn id(&self) -> &str {
@@ -662,6 +830,30 @@ impl Channel for AlipayChannel {
             .send(self.refund_request(req, now_unix_ms())?)
             .await?;
         self.parse_refund(req, &reply)
+    }
+
+    /// Alipay's notices carry no timestamp window: `now_ms` is not used.
+    fn verify_callback(
+        &self,
+        callback: &Callback<'_>,
+        _now_ms: u64,
+    ) -> Result<Notice, CallbackRefusal> {
+        self.read_notice(callback.body)
+    }
+
+    /// `success` acknowledges; `fail` (400 refused, 500 try later) makes Alipay retry. The
+    /// message is not sent: Alipay reads nothing but the exact text.
+    fn callback_reply(&self, answer: CallbackAnswer, _message: &str) -> CallbackReply {
+        let (status, body) = match answer {
+            CallbackAnswer::Ack => (200, CALLBACK_ACK),
+            CallbackAnswer::Refused => (400, CALLBACK_FAIL),
+            CallbackAnswer::RetryLater => (500, CALLBACK_FAIL),
+        };
+        CallbackReply {
+            status,
+            content_type: "text/plain",
+            body: body.to_owned(),
+        }
     }
 }
 
@@ -1177,6 +1369,362 @@ mod tests {
                 &format!(r#"{{"alipay_trade_precreate_response":{decline}}}"#),
             );
             assert_unverifiable(channel().parse_create(&order, &unsigned_decline));
+        }
+    }
+
+    mod callbacks {
+        use super::super::*;
+        use crate::channels::test_keys::*;
+        use crate::channels::test_support::*;
+        use proptest::prelude::*;
+
+        const APP_ID: &str = "2021000000000001";
+        const TRADE_NO: &str = "2024050122001400000000000001";
+        const NOTIFY_ID: &str = "2024050100222200000012345678";
+
+        fn channel() -> AlipayChannel {
+            AlipayChannel::new(
+                "ali",
+                APP_ID,
+                BaseUrl::parse("http://127.0.0.1:9").unwrap(),
+                merchant(),
+                platform_public(),
+                http(),
+            )
+        }
+
+        /// The fields of a genuine `TRADE_SUCCESS` notice for `order` (without `sign_type`
+        /// and `sign`), as the simulator sends them.
+        fn paid_fields(order: &ChannelOrderId) -> Vec<(String, String)> {
+            [
+                ("notify_id", NOTIFY_ID),
+                ("notify_type", "trade_status_sync"),
+                ("notify_time", "2024-05-01 20:01:02"),
+                ("charset", "utf-8"),
+                ("version", "1.0"),
+                ("app_id", APP_ID),
+                ("trade_no", TRADE_NO),
+                ("out_trade_no", order.as_str()),
+                ("total_amount", "88.88"),
+                ("receipt_amount", "88.88"),
+                ("subject", "Top-up 充值 & more"),
+                ("trade_status", "TRADE_SUCCESS"),
+                ("gmt_payment", "2024-05-01 20:01:01"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+        }
+
+        /// `fields` with each `(name, Some(value))` set and each `(name, None)` removed.
+        fn changed(
+            mut fields: Vec<(String, String)>,
+            changes: &[(&str, Option<&str>)],
+        ) -> Vec<(String, String)> {
+            for (name, value) in changes {
+                fields.retain(|(n, _)| n != name);
+                if let Some(value) = value {
+                    fields.push(((*name).to_owned(), (*value).to_owned()));
+                }
+            }
+            fields
+        }
+
+        /// The form body of `fields` signed by `key` ("Alipay"'s: the platform fixture key),
+        /// `sign_type=RSA2` and `sign` last.
+        fn signed_body_with(key: &RsaPrivateKey, fields: &[(String, String)]) -> Vec<u8> {
+            let mut all: Vec<(&str, &str)> = fields
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            all.push(("sign_type", SIGN_TYPE));
+            let signature = sign(key, &verify_notify_content(&all));
+            let mut form = form_urlencoded::Serializer::new(String::new());
+            form.extend_pairs(all.iter().copied());
+            form.append_pair("sign", &signature);
+            form.finish().into_bytes()
+        }
+
+        fn signed_body(fields: &[(String, String)]) -> Vec<u8> {
+            signed_body_with(&platform(), fields)
+        }
+
+        fn verify_at(body: &[u8], now_ms: u64) -> Result<Notice, CallbackRefusal> {
+            let headers = hyper::HeaderMap::new();
+            channel().verify_callback(
+                &Callback {
+                    headers: &headers,
+                    body,
+                },
+                now_ms,
+            )
+        }
+
+        fn verify(body: &[u8]) -> Result<Notice, CallbackRefusal> {
+            verify_at(body, NOW_MS)
+        }
+
+        fn notice(order: &ChannelOrderId, event: NoticeEvent) -> Notice {
+            Notice {
+                order_id: order.clone(),
+                notice_id: Some(NOTIFY_ID.into()),
+                event,
+            }
+        }
+
+        fn paid(order: &ChannelOrderId) -> Notice {
+            notice(
+                order,
+                NoticeEvent::Paid {
+                    channel_txn_id: TRADE_NO.into(),
+                    amount_minor: 8888,
+                    currency: Currency::Cny,
+                },
+            )
+        }
+
+        #[track_caller]
+        fn assert_malformed(result: Result<Notice, CallbackRefusal>) {
+            assert!(
+                matches!(result, Err(CallbackRefusal::Malformed(_))),
+                "{result:?}"
+            );
+        }
+
+        #[test]
+        fn a_genuine_paid_notice_is_paid_whenever_it_arrives() {
+            let order = order_id();
+            let body = signed_body(&paid_fields(&order));
+            assert_eq!(verify(&body), Ok(paid(&order)));
+            // No timestamp window: Alipay delivers again for about 25 h.
+            assert_eq!(verify_at(&body, NOW_MS + 30 * 3_600_000), Ok(paid(&order)));
+            assert_eq!(verify_at(&body, 0), Ok(paid(&order)));
+            // Field order does not matter (the signed string is sorted).
+            let mut reversed = paid_fields(&order);
+            reversed.reverse();
+            assert_eq!(verify(&signed_body(&reversed)), Ok(paid(&order)));
+        }
+
+        #[test]
+        fn the_independent_vector_verifies_then_stops_at_its_order_id() {
+            // The openssl vector's notice passes the signature and the app id; its
+            // `out_trade_no` (`att_…`) is not one of our channel order ids.
+            let mut form = form_urlencoded::Serializer::new(String::new());
+            form.extend_pairs(super::notify_params());
+            let body = form.finish();
+            let result = verify(body.as_bytes());
+            assert!(
+                matches!(&result, Err(CallbackRefusal::Malformed(m)) if m.contains("out_trade_no")),
+                "{result:?}"
+            );
+        }
+
+        #[test]
+        fn forged_or_tampered_notices_are_bad_signatures() {
+            let order = order_id();
+            let fields = paid_fields(&order);
+            let genuine = String::from_utf8(signed_body(&fields)).unwrap();
+            let tampered = genuine.replace("total_amount=88.88", "total_amount=8888.00");
+            assert_ne!(tampered, genuine);
+            let other_order = order_id();
+            for forged in [
+                tampered,
+                genuine.replace(order.as_str(), other_order.as_str()),
+                genuine.replace("sign_type=RSA2", "sign_type=RSA"),
+                genuine.replace("&sign_type=RSA2", ""),
+                genuine.split("&sign=").next().unwrap().to_owned(),
+                String::from_utf8(signed_body_with(&merchant(), &fields)).unwrap(),
+            ] {
+                let result = verify(forged.as_bytes());
+                assert!(
+                    matches!(result, Err(CallbackRefusal::BadSignature(_))),
+                    "{forged}: {result:?}"
+                );
+            }
+            // An empty field is not signed: adding one changes nothing, in particular an
+            // empty refund field does not turn the payment into a refund.
+            for (name, at_end) in [("out_biz_no", true), ("refund_fee", false)] {
+                let added = if at_end {
+                    format!("{genuine}&{name}=")
+                } else {
+                    format!("{name}=&{genuine}")
+                };
+                assert_eq!(verify(added.as_bytes()), Ok(paid(&order)), "{name}");
+            }
+            // ... but a repeated name is refused, even empty.
+            assert_malformed(verify(format!("{genuine}&trade_status=").as_bytes()));
+        }
+
+        #[test]
+        fn a_notice_for_another_app_is_refused() {
+            let order = order_id();
+            let fields = changed(paid_fields(&order), &[("app_id", Some("2021000000000002"))]);
+            let result = verify(&signed_body(&fields));
+            assert!(
+                matches!(result, Err(CallbackRefusal::WrongAccount(_))),
+                "{result:?}"
+            );
+            let no_app = changed(paid_fields(&order), &[("app_id", None)]);
+            assert_malformed(verify(&signed_body(&no_app)));
+        }
+
+        #[test]
+        fn malformed_notices_are_refused() {
+            let order = order_id();
+            let with = |changes: &[(&str, Option<&str>)]| {
+                verify(&signed_body(&changed(paid_fields(&order), changes)))
+            };
+            for amount in [
+                "88.888", "-88.88", "+88.88", "abc", "0", "0.00", "8e1", " 88.88", "088.88",
+            ] {
+                assert_malformed(with(&[("total_amount", Some(amount))]));
+            }
+            assert_malformed(with(&[("total_amount", None)]));
+            assert_malformed(with(&[("trade_no", None)]));
+            assert_malformed(with(&[("trade_status", None)]));
+            assert_malformed(with(&[("out_trade_no", None)]));
+            assert_malformed(with(&[("out_trade_no", Some("att_01HX7Z3K9Q2W"))]));
+            assert_malformed(with(&[("trade_no", Some(&"1".repeat(129)))]));
+            assert_malformed(with(&[("trade_status", Some("TRADE SUCCESS"))]));
+            assert_malformed(with(&[
+                ("refund_fee", Some("1.001")),
+                ("out_biz_no", Some("rf_0001")),
+            ]));
+            // Too large before anything is decoded; too many fields.
+            let mut huge = signed_body(&paid_fields(&order));
+            huge.resize(huge.len() + MAX_CALLBACK_BODY_BYTES, b'x');
+            assert_malformed(verify(&huge));
+            let many: String = (0..MAX_CALLBACK_FIELDS)
+                .map(|i| format!("f{i}=1&"))
+                .collect();
+            let mut crowded = many.into_bytes();
+            crowded.extend(signed_body(&paid_fields(&order)));
+            assert_malformed(verify(&crowded));
+        }
+
+        #[test]
+        fn each_trade_status_maps_as_documented() {
+            let order = order_id();
+            let with = |changes: &[(&str, Option<&str>)]| {
+                verify(&signed_body(&changed(paid_fields(&order), changes)))
+            };
+            assert_eq!(
+                with(&[("trade_status", Some("TRADE_FINISHED"))]),
+                Ok(notice(
+                    &order,
+                    NoticeEvent::Finished {
+                        channel_txn_id: TRADE_NO.into(),
+                        amount_minor: 8888,
+                        currency: Currency::Cny,
+                    }
+                ))
+            );
+            assert_eq!(
+                with(&[("trade_status", Some("TRADE_CLOSED"))]),
+                Ok(notice(&order, NoticeEvent::Closed))
+            );
+            // A full refund closes the trade.
+            assert_eq!(
+                with(&[
+                    ("trade_status", Some("TRADE_CLOSED")),
+                    ("refund_fee", Some("88.88")),
+                    ("out_biz_no", Some("rf_0001")),
+                    ("gmt_refund", Some("2024-05-02 10:00:00.123")),
+                ]),
+                Ok(notice(
+                    &order,
+                    NoticeEvent::Refund {
+                        refund_id: Some("rf_0001".into()),
+                        amount_minor: 8888,
+                        succeeded: true,
+                    }
+                ))
+            );
+            // A partial refund: TRADE_SUCCESS with the refund fields.
+            let partial = NoticeEvent::Refund {
+                refund_id: Some("rf_0001".into()),
+                amount_minor: 1000,
+                succeeded: true,
+            };
+            assert_eq!(
+                with(&[
+                    ("refund_fee", Some("10.00")),
+                    ("out_biz_no", Some("rf_0001")),
+                    ("gmt_refund", Some("2024-05-02 10:00:00.123")),
+                ]),
+                Ok(notice(&order, partial))
+            );
+            assert_eq!(
+                with(&[("refund_fee", Some("10"))]),
+                Ok(notice(
+                    &order,
+                    NoticeEvent::Refund {
+                        refund_id: None,
+                        amount_minor: 1000,
+                        succeeded: true,
+                    }
+                ))
+            );
+            // Refund fields without the refunded amount say too little.
+            assert_malformed(with(&[("out_biz_no", Some("rf_0001"))]));
+            for status in ["WAIT_BUYER_PAY", "TRADE_SOMETHING_NEW"] {
+                assert_eq!(
+                    with(&[("trade_status", Some(status))]),
+                    Ok(notice(&order, NoticeEvent::Other(status.into())))
+                );
+            }
+            let anonymous = with(&[("notify_id", None)]).unwrap();
+            assert_eq!(anonymous.notice_id, None);
+        }
+
+        #[test]
+        fn replies_are_the_exact_texts_alipay_reads() {
+            let reply = |answer| channel().callback_reply(answer, "ignored \"secret\"");
+            assert_eq!(
+                reply(CallbackAnswer::Ack),
+                CallbackReply {
+                    status: 200,
+                    content_type: "text/plain",
+                    body: "success".into()
+                }
+            );
+            assert_eq!(
+                reply(CallbackAnswer::Refused),
+                CallbackReply {
+                    status: 400,
+                    content_type: "text/plain",
+                    body: "fail".into()
+                }
+            );
+            assert_eq!(
+                reply(CallbackAnswer::RetryLater),
+                CallbackReply {
+                    status: 500,
+                    content_type: "text/plain",
+                    body: "fail".into()
+                }
+            );
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Flipping any byte of a genuine notice never gives another notice: it is refused,
+            /// or (a byte outside what is signed and read) reads the same.
+            #[test]
+            fn a_flipped_byte_never_reads_as_another_notice(
+                index in any::<prop::sample::Index>(),
+                flip in 1u8..=255,
+            ) {
+                let order = order_id();
+                let mut body = signed_body(&paid_fields(&order));
+                let at = index.index(body.len());
+                body[at] ^= flip;
+                match verify(&body) {
+                    Err(_) => {}
+                    Ok(notice) => prop_assert_eq!(notice, paid(&order)),
+                }
+            }
         }
     }
 }

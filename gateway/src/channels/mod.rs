@@ -333,6 +333,110 @@ pub enum RefundOutcome {
     },
 }
 
+/// A callback as received on `POST /v1/callbacks/{channel_id}`: the raw body (never
+/// re-serialized: signatures cover the exact bytes) and the headers.
+#[derive(Debug, Clone, Copy)]
+pub struct Callback<'a> {
+    pub headers: &'a hyper::HeaderMap,
+    pub body: &'a [u8],
+}
+
+/// What a verified callback says about one order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    /// The gateway's channel order id it is about (`out_trade_no`, supplier `order_id`).
+    pub order_id: ChannelOrderId,
+    /// The channel's id of this notice when it has one (Alipay `notify_id`, WeChat Pay event
+    /// `id`), for logs.
+    pub notice_id: Option<String>,
+    pub event: NoticeEvent,
+}
+
+/// The events the gateway acts on (DESIGN.md §5, §7).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoticeEvent {
+    /// The order was paid (Alipay `TRADE_SUCCESS` without refund fields, WeChat Pay
+    /// `TRANSACTION.SUCCESS` with `trade_state` `SUCCESS`, supplier `succeeded`). The caller
+    /// compares amount *and* currency with the payment's.
+    Paid {
+        channel_txn_id: String,
+        amount_minor: i64,
+        currency: Currency,
+    },
+    /// Alipay `TRADE_FINISHED`: paid, and no longer refundable. Captures only if the payment
+    /// is still pending (its `TRADE_SUCCESS` was lost); never twice.
+    Finished {
+        channel_txn_id: String,
+        amount_minor: i64,
+        currency: Currency,
+    },
+    /// Closed unpaid (Alipay `TRADE_CLOSED` — also sent after a *full refund*, so the caller
+    /// checks the payment's state; supplier `closed`).
+    Closed,
+    /// The payment failed at the channel (supplier `failed`).
+    Failed,
+    /// A refund of (part of) the order (Alipay `TRADE_SUCCESS` with `refund_fee`/`out_biz_no`,
+    /// WeChat Pay `REFUND.*`): the refund logic's business.
+    Refund {
+        /// Our refund number as sent (`out_biz_no` / `out_refund_no`), when the notice has it.
+        refund_id: Option<String>,
+        /// The refunded amount (Alipay: `refund_fee`, the total refunded so far).
+        amount_minor: i64,
+        succeeded: bool,
+    },
+    /// A genuine notice of a kind the gateway does not act on (acknowledged, nothing done).
+    Other(String),
+}
+
+/// Why a callback was refused: nothing changes, the protocol's failure answer goes back.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallbackRefusal {
+    /// The signature is missing, malformed or wrong, or made with an unknown key.
+    #[error("bad signature: {0}")]
+    BadSignature(String),
+    /// Outside the protocol's timestamp window, or a WeChat Pay probe signature.
+    #[error("stale or probe: {0}")]
+    Stale(String),
+    /// Signed, but for another app or merchant than this channel's.
+    #[error("for another account: {0}")]
+    WrongAccount(String),
+    /// Not the protocol's format (or a field we need is missing or bad).
+    #[error("malformed: {0}")]
+    Malformed(String),
+}
+
+impl CallbackRefusal {
+    /// A low-cardinality label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            CallbackRefusal::BadSignature(_) => "bad_signature",
+            CallbackRefusal::Stale(_) => "stale",
+            CallbackRefusal::WrongAccount(_) => "wrong_account",
+            CallbackRefusal::Malformed(_) => "malformed",
+        }
+    }
+}
+
+/// The answer to a callback, in the protocol's form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallbackReply {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: String,
+}
+
+/// Why a callback was answered as it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallbackAnswer {
+    /// Processed (or a genuine duplicate): Alipay `success`, WeChat Pay 204, supplier 200
+    /// `{"received": true}`.
+    Ack,
+    /// Refused for good (forged, stale, mismatched, not ours): 4xx.
+    Refused,
+    /// Could not be processed now (store down, queue full): 5xx, the channel retries.
+    RetryLater,
+}
+
 /// Why a channel call failed, and what that says about the attempt (module docs).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChannelError {
@@ -514,6 +618,15 @@ pub trait Channel: Send + Sync {
     async fn close(&self, order: &ChannelOrderId) -> Result<CloseOutcome, ChannelError>;
     /// Refunds (part of) a paid order under the caller's persisted refund number.
     async fn refund(&self, req: &RefundRequest) -> Result<RefundOutcome, ChannelError>;
+    /// Verifies a callback at `now_ms` (signature, timestamp window, probe signatures, this
+    /// channel's app/merchant id) and reads what it says. Pure: no I/O.
+    fn verify_callback(
+        &self,
+        callback: &Callback<'_>,
+        now_ms: u64,
+    ) -> Result<Notice, CallbackRefusal>;
+    /// The protocol's answer to a callback.
+    fn callback_reply(&self, answer: CallbackAnswer, message: &str) -> CallbackReply;
 }
 
 impl OrderState {
@@ -1080,22 +1193,25 @@ pub fn build_channel(
             let api_v3 = present(&keys.wechatpay_api_v3_key)
                 .secret()
                 .map_err(|e| fail(format!("keys.wechatpay_api_v3_key: {e}")))?;
-            wechatpay::ApiV3Key::new(&api_v3)
+            let api_v3_key = wechatpay::ApiV3Key::new(&api_v3)
                 .map_err(|e| fail(format!("keys.wechatpay_api_v3_key: {e}")))?;
-            std::sync::Arc::new(wechatpay::WechatPayChannel::new(
-                id,
-                wechatpay::WechatPayIds {
-                    mchid: text(&settings.mchid),
-                    appid: text(&settings.appid),
-                    merchant_serial: text(&settings.merchant_serial),
-                },
-                base,
-                present(&keys.wechatpay_merchant_private_key)
-                    .private_key()
-                    .map_err(key_error("wechatpay_merchant_private_key"))?,
-                platform_keys,
-                http,
-            ))
+            std::sync::Arc::new(
+                wechatpay::WechatPayChannel::new(
+                    id,
+                    wechatpay::WechatPayIds {
+                        mchid: text(&settings.mchid),
+                        appid: text(&settings.appid),
+                        merchant_serial: text(&settings.merchant_serial),
+                    },
+                    base,
+                    present(&keys.wechatpay_merchant_private_key)
+                        .private_key()
+                        .map_err(key_error("wechatpay_merchant_private_key"))?,
+                    platform_keys,
+                    http,
+                )
+                .with_api_v3_key(api_v3_key),
+            )
         }
         ChannelKind::Supplier => {
             let secret = present(&keys.supplier_secret)

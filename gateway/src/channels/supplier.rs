@@ -14,8 +14,9 @@
 //! (another version, a repeated `t`, an empty item) is refused as malformed, so a future
 //! scheme is introduced deliberately rather than silently ignored.
 //!
-//! The adapter ([`SupplierChannel`]) speaks the orders API over that header; its reading of
-//! replies is documented beside it.
+//! The adapter ([`SupplierChannel`]) speaks the orders API over that header and reads the
+//! supplier's callbacks ([`SupplierChannel::read_callback`]); its reading of replies and
+//! callbacks is documented beside it.
 
 use std::fmt;
 
@@ -30,11 +31,12 @@ use subtle::ConstantTimeEq;
 
 use super::client::{HttpClient, HttpReply};
 use super::{
-    check_create, now_unix_ms, rfc3339_utc, server_error, skew_seconds, Action, BaseUrl, Channel,
-    ChannelError, ChannelKind, ChannelOrderId, CloseOutcome, CreateOrder, Created, OrderState,
+    check_create, now_unix_ms, rfc3339_utc, server_error, skew_seconds, Action, BaseUrl, Callback,
+    CallbackAnswer, CallbackRefusal, CallbackReply, Channel, ChannelError, ChannelKind,
+    ChannelOrderId, CloseOutcome, CreateOrder, Created, Notice, NoticeEvent, OrderState,
     RefundOutcome, RefundRequest, SIGNATURE_WINDOW_SECONDS,
 };
-use crate::money::{format_minor, parse_non_negative_minor, Currency};
+use crate::money::{format_minor, parse_non_negative_minor, Amount, Currency};
 use crate::secret::Secret;
 
 /// The header's name.
@@ -508,6 +510,180 @@ impl SupplierChannel {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Callbacks (DESIGN.md §5).
+//
+// A callback is a JSON POST `{order_id, supplier_order_id, status, amount, currency}` signed
+// with `X-Signature`. Read in this order, each step refusing with its own [`CallbackRefusal`]:
+//
+// 1. at most [`MAX_CALLBACK_BODY_BYTES`] (`Malformed`);
+// 2. `X-Signature` ([`verify`]) at `now`: outside the 300 s window is `Stale`; a missing,
+//    repeated, malformed or wrong signature is `BadSignature`;
+// 3. the body (`Malformed` if it does not parse, or `order_id` is not one of our channel
+//    order ids, or an id or status is not at most [`MAX_CALLBACK_TEXT_BYTES`] of visible
+//    ASCII). The protocol has no account id (the shared secret is the account), so nothing is
+//    `WrongAccount`;
+// 4. `status`: `succeeded` is `Paid` (`supplier_order_id`, `amount` in `currency`'s digits
+//    exactly, `currency`, all required); `failed` is `Failed`, `closed` is `Closed`, any
+//    other (`accepted`, …) is `Other(status)`. A body with `refund_id` is a refund notice —
+//    the simulator sends none, §5 lists none; this is our reading — `Refund` of `amount`,
+//    succeeded when `status` is `succeeded`.
+//
+// The answer: `200 {"received": true}` acknowledges; a refusal is 400 and "try later" 503,
+// both `{"error": "…"}`.
+// ---------------------------------------------------------------------------------------------
+
+/// The largest callback body read (a callback is about 200 bytes).
+pub const MAX_CALLBACK_BODY_BYTES: usize = 64 * 1024;
+
+/// The longest id or status kept from a callback.
+pub const MAX_CALLBACK_TEXT_BYTES: usize = 128;
+
+/// The longest `error` of a failure answer, in characters.
+pub const MAX_CALLBACK_MESSAGE_CHARS: usize = 256;
+
+/// A callback's body: only what is read (other fields are ignored).
+#[derive(Deserialize)]
+struct CallbackBody {
+    order_id: String,
+    #[serde(default)]
+    supplier_order_id: Option<String>,
+    status: String,
+    #[serde(default)]
+    amount: Option<String>,
+    #[serde(default)]
+    currency: Option<String>,
+    #[serde(default)]
+    refund_id: Option<String>,
+}
+
+fn malformed(reason: impl Into<String>) -> CallbackRefusal {
+    CallbackRefusal::Malformed(reason.into())
+}
+
+/// A text kept from a callback: at most [`MAX_CALLBACK_TEXT_BYTES`] of visible ASCII.
+fn callback_text(name: &str, value: &str) -> Result<String, CallbackRefusal> {
+    if value.is_empty()
+        || value.len() > MAX_CALLBACK_TEXT_BYTES
+        || !value.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(malformed(format!(
+            "`{name}` is not 1 to {MAX_CALLBACK_TEXT_BYTES} visible ASCII characters"
+        )));
+    }
+    Ok(value.to_owned())
+}
+
+impl CallbackBody {
+    /// `amount` in `currency`, both required, positive and exact.
+    fn amount(&self) -> Result<(i64, Currency), CallbackRefusal> {
+        let currency = self
+            .currency
+            .as_deref()
+            .ok_or_else(|| malformed("no `currency`"))?;
+        let currency =
+            Currency::parse(currency).map_err(|e| malformed(format!("`currency` {e}")))?;
+        let amount = self
+            .amount
+            .as_deref()
+            .ok_or_else(|| malformed("no `amount`"))?;
+        let amount =
+            Amount::parse(amount, currency).map_err(|e| malformed(format!("`amount` {e}")))?;
+        Ok((amount.minor(), currency))
+    }
+}
+
+impl SupplierChannel {
+    /// Verifies and reads a callback at `now_ms`: see the steps above.
+    pub fn read_callback(
+        &self,
+        callback: &Callback<'_>,
+        now_ms: u64,
+    ) -> Result<Notice, CallbackRefusal> {
+        if callback.body.len() > MAX_CALLBACK_BODY_BYTES {
+            return Err(malformed(format!(
+                "the body is larger than {MAX_CALLBACK_BODY_BYTES} bytes"
+            )));
+        }
+        let mut headers = callback.headers.get_all(HEADER_NAME).iter();
+        let header = match (headers.next(), headers.next()) {
+            (Some(value), None) => value.to_str().map_err(|_| {
+                CallbackRefusal::BadSignature("X-Signature is not visible ASCII".into())
+            })?,
+            (None, _) => return Err(CallbackRefusal::BadSignature("no X-Signature".into())),
+            (Some(_), Some(_)) => {
+                return Err(CallbackRefusal::BadSignature(
+                    "X-Signature appears more than once".into(),
+                ))
+            }
+        };
+        verify(&self.key, header.trim(), callback.body, now_ms / 1000).map_err(|e| match e {
+            SupplierSignatureError::OutsideWindow { .. } => CallbackRefusal::Stale(e.to_string()),
+            SupplierSignatureError::Malformed(_) | SupplierSignatureError::BadSignature => {
+                CallbackRefusal::BadSignature(e.to_string())
+            }
+        })?;
+        let body: CallbackBody = serde_json::from_slice(callback.body)
+            .map_err(|_| malformed("the body is not a supplier callback"))?;
+        let order_id = ChannelOrderId::parse(&body.order_id)
+            .ok_or_else(|| malformed("`order_id` is not a channel order id of ours"))?;
+        let status = callback_text("status", &body.status)?;
+        let event = if let Some(refund_id) = body.refund_id.as_deref() {
+            let (amount_minor, _) = body.amount()?;
+            NoticeEvent::Refund {
+                refund_id: Some(callback_text("refund_id", refund_id)?),
+                amount_minor,
+                succeeded: status == "succeeded",
+            }
+        } else {
+            match status.as_str() {
+                "succeeded" => {
+                    let channel_txn_id = body
+                        .supplier_order_id
+                        .as_deref()
+                        .ok_or_else(|| malformed("a succeeded order without `supplier_order_id`"))
+                        .and_then(|id| callback_text("supplier_order_id", id))?;
+                    let (amount_minor, currency) = body.amount()?;
+                    NoticeEvent::Paid {
+                        channel_txn_id,
+                        amount_minor,
+                        currency,
+                    }
+                }
+                "failed" => NoticeEvent::Failed,
+                "closed" => NoticeEvent::Closed,
+                _ => NoticeEvent::Other(status),
+            }
+        };
+        Ok(Notice {
+            order_id,
+            notice_id: None,
+            event,
+        })
+    }
+}
+
+/// The `error` of a failure answer: printable ASCII only (anything else becomes `?`), at most
+/// [`MAX_CALLBACK_MESSAGE_CHARS`] characters, `default` when empty.
+fn reply_message(message: &str, default: &str) -> String {
+    let text: String = message
+        .chars()
+        .take(MAX_CALLBACK_MESSAGE_CHARS)
+        .map(|c| {
+            if c == ' ' || c.is_ascii_graphic() {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    if text.trim().is_empty() {
+        default.to_owned()
+    } else {
+        text
+    }
+}
+
 #[async_trait]
 impl Channel for SupplierChannel {
     fn id(&self) -> &str {
@@ -556,6 +732,35 @@ impl Channel for SupplierChannel {
             .send(self.refund_request(req, now_unix_ms())?)
             .await?;
         self.parse_refund(req, &reply, now_unix_ms())
+    }
+
+    fn verify_callback(
+        &self,
+        callback: &Callback<'_>,
+        now_ms: u64,
+    ) -> Result<Notice, CallbackRefusal> {
+        self.read_callback(callback, now_ms)
+    }
+
+    /// `200 {"received": true}` acknowledges; a failure is 400 (refused) or 503 (try later)
+    /// with `{"error": …}`, the message reduced to short printable ASCII.
+    fn callback_reply(&self, answer: CallbackAnswer, message: &str) -> CallbackReply {
+        let (status, body) = match answer {
+            CallbackAnswer::Ack => (200, serde_json::json!({"received": true})),
+            CallbackAnswer::Refused => (
+                400,
+                serde_json::json!({"error": reply_message(message, "refused")}),
+            ),
+            CallbackAnswer::RetryLater => (
+                503,
+                serde_json::json!({"error": reply_message(message, "try again later")}),
+            ),
+        };
+        CallbackReply {
+            status,
+            content_type: "application/json",
+            body: body.to_string(),
+        }
     }
 }
 
@@ -941,6 +1146,312 @@ mod tests {
                 &signed(200, &no_amount, &key()),
                 NOW_MS,
             ));
+        }
+    }
+
+    mod callbacks {
+        use super::super::*;
+        use super::{key, SECRET};
+        use crate::channels::test_support::*;
+        use hyper::header::HeaderValue;
+        use hyper::HeaderMap;
+        use proptest::prelude::*;
+
+        const SUPPLIER_ORDER_ID: &str = "S-20240501-0001";
+        const SIGNED_AT: u64 = NOW_MS / 1000;
+
+        fn channel() -> SupplierChannel {
+            SupplierChannel::new(
+                "sup",
+                BaseUrl::parse("http://127.0.0.1:9/sup").unwrap(),
+                key(),
+                http(),
+            )
+        }
+
+        /// A paid callback as the simulator's `notice` makes it.
+        fn paid_json(order: &ChannelOrderId) -> serde_json::Value {
+            serde_json::json!({
+                "order_id": order.as_str(),
+                "supplier_order_id": SUPPLIER_ORDER_ID,
+                "status": "succeeded",
+                "amount": "88.88",
+                "currency": "CNY",
+            })
+        }
+
+        fn signed_headers(body: &[u8], at_seconds: u64) -> HeaderMap {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                HEADER_NAME,
+                HeaderValue::from_str(&signature_header(&key(), at_seconds, body)).unwrap(),
+            );
+            headers
+        }
+
+        fn verify_with(
+            headers: &HeaderMap,
+            body: &[u8],
+            now_ms: u64,
+        ) -> Result<Notice, CallbackRefusal> {
+            channel().verify_callback(&Callback { headers, body }, now_ms)
+        }
+
+        /// `body` signed now, verified now.
+        fn verify_signed(body: &str) -> Result<Notice, CallbackRefusal> {
+            verify_with(
+                &signed_headers(body.as_bytes(), SIGNED_AT),
+                body.as_bytes(),
+                NOW_MS,
+            )
+        }
+
+        fn with(
+            order: &ChannelOrderId,
+            change: impl FnOnce(&mut serde_json::Value),
+        ) -> Result<Notice, CallbackRefusal> {
+            let mut json = paid_json(order);
+            change(&mut json);
+            verify_signed(&json.to_string())
+        }
+
+        fn notice(order: &ChannelOrderId, event: NoticeEvent) -> Notice {
+            Notice {
+                order_id: order.clone(),
+                notice_id: None,
+                event,
+            }
+        }
+
+        fn paid(order: &ChannelOrderId) -> Notice {
+            notice(
+                order,
+                NoticeEvent::Paid {
+                    channel_txn_id: SUPPLIER_ORDER_ID.into(),
+                    amount_minor: 8888,
+                    currency: Currency::Cny,
+                },
+            )
+        }
+
+        #[track_caller]
+        fn assert_refused(result: Result<Notice, CallbackRefusal>, label: &str) {
+            let refusal = result.expect_err("must be refused");
+            assert_eq!(refusal.label(), label, "{refusal:?}");
+        }
+
+        #[test]
+        fn a_genuine_paid_callback_is_paid() {
+            let order = order_id();
+            let body = paid_json(&order).to_string();
+            assert_eq!(verify_signed(&body), Ok(paid(&order)));
+            let headers = signed_headers(body.as_bytes(), SIGNED_AT);
+            for now_ms in [NOW_MS - 300_000, NOW_MS + 300_999] {
+                assert_eq!(
+                    verify_with(&headers, body.as_bytes(), now_ms),
+                    Ok(paid(&order))
+                );
+            }
+            // Other currencies are read with their own digits.
+            assert_eq!(
+                with(&order, |j| {
+                    j["currency"] = "JPY".into();
+                    j["amount"] = "1200".into();
+                }),
+                Ok(notice(
+                    &order,
+                    NoticeEvent::Paid {
+                        channel_txn_id: SUPPLIER_ORDER_ID.into(),
+                        amount_minor: 1200,
+                        currency: Currency::Jpy,
+                    }
+                ))
+            );
+        }
+
+        #[test]
+        fn forged_unsigned_and_stale_callbacks_are_refused() {
+            let order = order_id();
+            let body = paid_json(&order).to_string();
+            let headers = signed_headers(body.as_bytes(), SIGNED_AT);
+            let tampered = body.replace("88.88", "88.89");
+            assert_refused(
+                verify_with(&headers, tampered.as_bytes(), NOW_MS),
+                "bad_signature",
+            );
+            assert_refused(
+                verify_with(&HeaderMap::new(), body.as_bytes(), NOW_MS),
+                "bad_signature",
+            );
+            let other =
+                SupplierKey::new(&Secret::new("whsec_test_only_supplier_OLD_0000")).unwrap();
+            let mut forged = HeaderMap::new();
+            forged.insert(
+                HEADER_NAME,
+                HeaderValue::from_str(&signature_header(&other, SIGNED_AT, body.as_bytes()))
+                    .unwrap(),
+            );
+            assert_refused(
+                verify_with(&forged, body.as_bytes(), NOW_MS),
+                "bad_signature",
+            );
+            for malformed in ["t=1714564800", "v1=00", "garbage", "t=1714564800,v1=zz"] {
+                let mut bad = HeaderMap::new();
+                bad.insert(HEADER_NAME, HeaderValue::from_static(malformed));
+                assert_refused(verify_with(&bad, body.as_bytes(), NOW_MS), "bad_signature");
+            }
+            let mut twice = headers.clone();
+            twice.append(HEADER_NAME, headers[HEADER_NAME].clone());
+            assert_refused(
+                verify_with(&twice, body.as_bytes(), NOW_MS),
+                "bad_signature",
+            );
+            // Outside 300 s either way.
+            for now_ms in [NOW_MS + 301_000, NOW_MS - 301_000] {
+                assert_refused(verify_with(&headers, body.as_bytes(), now_ms), "stale");
+            }
+            assert!(
+                !format!("{:?}", verify_with(&forged, body.as_bytes(), NOW_MS)).contains(SECRET)
+            );
+        }
+
+        #[test]
+        fn malformed_callbacks_are_malformed() {
+            let order = order_id();
+            for amount in ["88.888", "-88.88", "abc", "0", "0.00", "88,88", ""] {
+                assert_refused(with(&order, |j| j["amount"] = amount.into()), "malformed");
+            }
+            assert_refused(with(&order, |j| j["amount"] = 88.88.into()), "malformed");
+            // JPY has no minor unit: "1200.00" is not exact JPY.
+            assert_refused(
+                with(&order, |j| {
+                    j["currency"] = "JPY".into();
+                    j["amount"] = "1200.00".into();
+                }),
+                "malformed",
+            );
+            assert_refused(with(&order, |j| j["currency"] = "XYZ".into()), "malformed");
+            for field in [
+                "currency",
+                "amount",
+                "supplier_order_id",
+                "order_id",
+                "status",
+            ] {
+                assert_refused(
+                    with(&order, |j| {
+                        j.as_object_mut().unwrap().remove(field);
+                    }),
+                    "malformed",
+                );
+            }
+            assert_refused(
+                with(&order, |j| j["order_id"] = "att_01HX7Z3K9Q2W".into()),
+                "malformed",
+            );
+            assert_refused(
+                with(&order, |j| j["supplier_order_id"] = "S 1".into()),
+                "malformed",
+            );
+            assert_refused(verify_signed("not json"), "malformed");
+            assert_refused(verify_signed("[]"), "malformed");
+            let huge = vec![b' '; MAX_CALLBACK_BODY_BYTES + 1];
+            assert_refused(
+                verify_with(&signed_headers(&huge, SIGNED_AT), &huge, NOW_MS),
+                "malformed",
+            );
+        }
+
+        #[test]
+        fn each_status_maps_as_documented() {
+            let order = order_id();
+            for (status, event) in [
+                ("failed", NoticeEvent::Failed),
+                ("closed", NoticeEvent::Closed),
+                ("accepted", NoticeEvent::Other("accepted".into())),
+                ("refunded", NoticeEvent::Other("refunded".into())),
+            ] {
+                // Only a succeeded order needs its amount.
+                let result = with(&order, |j| {
+                    j["status"] = status.into();
+                    j.as_object_mut().unwrap().remove("amount");
+                });
+                assert_eq!(result, Ok(notice(&order, event)), "{status}");
+            }
+            for (status, succeeded) in [("succeeded", true), ("failed", false)] {
+                let result = with(&order, |j| {
+                    j["status"] = status.into();
+                    j["refund_id"] = "rf_0001".into();
+                    j["amount"] = "10.00".into();
+                });
+                assert_eq!(
+                    result,
+                    Ok(notice(
+                        &order,
+                        NoticeEvent::Refund {
+                            refund_id: Some("rf_0001".into()),
+                            amount_minor: 1000,
+                            succeeded,
+                        }
+                    ))
+                );
+            }
+        }
+
+        #[test]
+        fn replies_have_the_protocol_shape() {
+            let channel = channel();
+            assert_eq!(
+                channel.callback_reply(CallbackAnswer::Ack, "ignored"),
+                CallbackReply {
+                    status: 200,
+                    content_type: "application/json",
+                    body: r#"{"received":true}"#.into()
+                }
+            );
+            assert_eq!(
+                channel.callback_reply(CallbackAnswer::Refused, "stale or probe: too old"),
+                CallbackReply {
+                    status: 400,
+                    content_type: "application/json",
+                    body: r#"{"error":"stale or probe: too old"}"#.into()
+                }
+            );
+            assert_eq!(
+                channel.callback_reply(CallbackAnswer::RetryLater, ""),
+                CallbackReply {
+                    status: 503,
+                    content_type: "application/json",
+                    body: r#"{"error":"try again later"}"#.into()
+                }
+            );
+            let reply = channel.callback_reply(CallbackAnswer::Refused, &"é\"".repeat(500));
+            let json: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+            let message = json["error"].as_str().unwrap();
+            assert_eq!(message.len(), MAX_CALLBACK_MESSAGE_CHARS);
+            assert!(message.starts_with("?\"?\""), "{message}");
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Every byte of the body is signed: a flipped one is never another notice.
+            #[test]
+            fn a_flipped_byte_never_reads_as_another_notice(
+                index in any::<prop::sample::Index>(),
+                flip in 1u8..=255,
+            ) {
+                let order = order_id();
+                let body = paid_json(&order).to_string();
+                let headers = signed_headers(body.as_bytes(), SIGNED_AT);
+                let mut tampered = body.into_bytes();
+                let at = index.index(tampered.len());
+                tampered[at] ^= flip;
+                match verify_with(&headers, &tampered, NOW_MS) {
+                    Err(_) => {}
+                    Ok(notice) => prop_assert_eq!(notice, paid(&order)),
+                }
+            }
         }
     }
 }

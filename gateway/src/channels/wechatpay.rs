@@ -13,8 +13,9 @@
 //! - Callback resources: AEAD_AES_256_GCM with the 32-byte APIv3 key, the nonce and the
 //!   associated data taken as UTF-8 bytes, the tag being the ciphertext's last 16 bytes
 //!   ([`decrypt_resource`]; [`encrypt_resource`] for the channel simulator).
-//! - The adapter ([`WechatPayChannel`]): native order, query, close, refund; its reading of
-//!   replies is documented beside it.
+//! - The adapter ([`WechatPayChannel`]): native order, query, close, refund, and callbacks
+//!   ([`WechatPayChannel::read_callback`]); its reading of replies and callbacks is documented
+//!   beside it.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -33,10 +34,11 @@ use super::client::{HttpClient, HttpReply};
 use super::keys::{RsaPrivateKey, RsaPublicKey};
 use super::{
     check_create, now_unix_ms, random_nonce, rfc3339_shanghai, server_error, skew_seconds, Action,
-    BaseUrl, Channel, ChannelError, ChannelKind, ChannelOrderId, CloseOutcome, CreateOrder,
-    Created, OrderState, RefundOutcome, RefundRequest, SIGNATURE_WINDOW_SECONDS,
+    BaseUrl, Callback, CallbackAnswer, CallbackRefusal, CallbackReply, Channel, ChannelError,
+    ChannelKind, ChannelOrderId, CloseOutcome, CreateOrder, Created, Notice, NoticeEvent,
+    OrderState, RefundOutcome, RefundRequest, SIGNATURE_WINDOW_SECONDS,
 };
-use crate::money::Currency;
+use crate::money::{Amount, Currency};
 use crate::secret::Secret;
 
 /// The scheme of the `Authorization` header and the value of `Wechatpay-Signature-Type`.
@@ -407,6 +409,9 @@ pub struct WechatPayChannel {
     base: BaseUrl,
     merchant_key: RsaPrivateKey,
     platform_keys: PlatformKeys,
+    /// Decrypts callback resources; `None` until [`WechatPayChannel::with_api_v3_key`], and
+    /// then every callback is refused (fail closed).
+    api_v3_key: Option<ApiV3Key>,
     http: HttpClient,
 }
 
@@ -519,8 +524,16 @@ impl WechatPayChannel {
             base,
             merchant_key,
             platform_keys,
+            api_v3_key: None,
             http,
         }
+    }
+
+    /// The APIv3 key that decrypts callback resources. Without it the adapter still makes
+    /// calls, but refuses every callback (it cannot authenticate their content).
+    pub fn with_api_v3_key(mut self, key: ApiV3Key) -> Self {
+        self.api_v3_key = Some(key);
+        self
     }
 
     /// A request signed at `now_unix_seconds` with `nonce` over the target as sent.
@@ -827,6 +840,326 @@ impl WechatPayChannel {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Callbacks (DESIGN.md §5).
+//
+// A callback is a JSON POST signed like a reply. Read in this order, each step refusing with
+// its own [`CallbackRefusal`]:
+//
+// 1. at most [`MAX_CALLBACK_BODY_BYTES`], UTF-8 (`Malformed`);
+// 2. the signature headers: a missing `Wechatpay-Timestamp`, `-Nonce`, `-Signature` or
+//    `-Serial` is `BadSignature` (an unsigned message is an unauthenticated one, and is
+//    counted with the forgeries); a repeated or non-ASCII one, like a malformed timestamp or
+//    nonce, is `Malformed`;
+// 3. [`verify_response`] at `now`: a probe signature or a timestamp more than 5 minutes off is
+//    `Stale`; another signature type, an unknown serial or a bad signature is `BadSignature`;
+// 4. the envelope `{id, event_type, resource_type, resource}` (`Malformed` if it does not
+//    parse or `resource_type` is not `encrypt-resource`);
+// 5. the resource decrypted with the APIv3 key: any failure is `BadSignature` (GCM
+//    authenticates: a resource that does not open was not made with our key);
+// 6. by `event_type`: `TRANSACTION.SUCCESS` carries a transaction whose `mchid` and `appid`
+//    must be ours (`WrongAccount`): `trade_state` `SUCCESS` is `Paid` (integer `amount.total`
+//    in minor units, `amount.currency`, `transaction_id`, all required), another state is
+//    `Other(state)`. `REFUND.SUCCESS`/`REFUND.ABNORMAL`/`REFUND.CLOSED` carry a refund whose
+//    `mchid` must be ours: `Refund` of `amount.refund` under `out_refund_no`, succeeded only
+//    for `REFUND.SUCCESS` (whose `refund_status`, when present, must agree). Any other event
+//    is `Other(event_type)`, its resource still decrypted for its `out_trade_no` (and its
+//    `mchid`, when it has one, checked).
+//    `out_trade_no` must be one of our channel order ids, ids and states at most
+//    [`MAX_CALLBACK_TEXT_BYTES`] of visible ASCII, amounts positive (`Malformed`).
+//
+// The answer: 204 without a body acknowledges; a refusal is 400 and "try later" 500, both
+// `{"code": "FAIL", "message": "…"}` (WeChat Pay retries either).
+// ---------------------------------------------------------------------------------------------
+
+/// The largest callback body read (a callback is about 1 KiB).
+pub const MAX_CALLBACK_BODY_BYTES: usize = 64 * 1024;
+
+/// The longest id, state or event type kept from a callback (`transaction_id` is 32, the event
+/// `id` 36).
+pub const MAX_CALLBACK_TEXT_BYTES: usize = 128;
+
+/// The longest `message` of a failure answer, in characters.
+pub const MAX_CALLBACK_MESSAGE_CHARS: usize = 256;
+
+/// The `event_type` of a payment.
+pub const EVENT_TRANSACTION_SUCCESS: &str = "TRANSACTION.SUCCESS";
+
+/// The `event_type` of a refund that went through; `REFUND.ABNORMAL` and `REFUND.CLOSED` are
+/// refunds that did not.
+pub const EVENT_REFUND_SUCCESS: &str = "REFUND.SUCCESS";
+
+const REFUND_EVENTS: [&str; 3] = [EVENT_REFUND_SUCCESS, "REFUND.ABNORMAL", "REFUND.CLOSED"];
+
+/// The envelope of a callback: only what is read (other fields, such as `summary`, are
+/// ignored).
+#[derive(Deserialize)]
+struct CallbackEnvelope {
+    #[serde(default)]
+    id: Option<String>,
+    event_type: String,
+    #[serde(default)]
+    resource_type: Option<String>,
+    resource: EncryptedResource,
+}
+
+/// The decrypted resource of a `REFUND.*` event.
+#[derive(Deserialize)]
+struct RefundResource {
+    mchid: String,
+    out_trade_no: String,
+    #[serde(default)]
+    out_refund_no: Option<String>,
+    #[serde(default)]
+    refund_status: Option<String>,
+    amount: RefundResourceAmount,
+}
+
+#[derive(Deserialize)]
+struct RefundResourceAmount {
+    refund: i64,
+}
+
+/// The decrypted resource of an event the gateway does not act on: which order it is about.
+#[derive(Deserialize)]
+struct OtherResource {
+    #[serde(default)]
+    mchid: Option<String>,
+    out_trade_no: String,
+}
+
+fn malformed(reason: impl Into<String>) -> CallbackRefusal {
+    CallbackRefusal::Malformed(reason.into())
+}
+
+/// A text kept from a callback: at most [`MAX_CALLBACK_TEXT_BYTES`] of visible ASCII.
+fn callback_text(name: &str, value: &str) -> Result<String, CallbackRefusal> {
+    if value.is_empty()
+        || value.len() > MAX_CALLBACK_TEXT_BYTES
+        || !value.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(malformed(format!(
+            "`{name}` is not 1 to {MAX_CALLBACK_TEXT_BYTES} visible ASCII characters"
+        )));
+    }
+    Ok(value.to_owned())
+}
+
+fn callback_order_id(out_trade_no: &str) -> Result<ChannelOrderId, CallbackRefusal> {
+    ChannelOrderId::parse(out_trade_no)
+        .ok_or_else(|| malformed("`out_trade_no` is not a channel order id of ours"))
+}
+
+/// A positive amount in minor units (WeChat Pay's integer fen).
+fn callback_amount(name: &str, minor: i64) -> Result<i64, CallbackRefusal> {
+    Amount::from_minor(minor)
+        .map(Amount::minor)
+        .map_err(|e| malformed(format!("`{name}` {e}")))
+}
+
+/// The one value of header `name`: `None` when absent; repeated or not visible ASCII is
+/// malformed.
+fn single_header<'a>(
+    headers: &'a hyper::HeaderMap,
+    name: &'static str,
+) -> Result<Option<&'a str>, CallbackRefusal> {
+    let mut values = headers.get_all(name).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(malformed(format!("{name} appears more than once")));
+    }
+    value
+        .to_str()
+        .map(Some)
+        .map_err(|_| malformed(format!("{name} is not visible ASCII")))
+}
+
+impl WechatPayChannel {
+    /// Verifies and reads a callback at `now_ms`: see the steps above.
+    pub fn read_callback(
+        &self,
+        callback: &Callback<'_>,
+        now_ms: u64,
+    ) -> Result<Notice, CallbackRefusal> {
+        if callback.body.len() > MAX_CALLBACK_BODY_BYTES {
+            return Err(malformed(format!(
+                "the body is larger than {MAX_CALLBACK_BODY_BYTES} bytes"
+            )));
+        }
+        let body =
+            std::str::from_utf8(callback.body).map_err(|_| malformed("the body is not UTF-8"))?;
+        let required = |name: &'static str| {
+            single_header(callback.headers, name)?
+                .ok_or_else(|| CallbackRefusal::BadSignature(format!("no {name}")))
+        };
+        let headers = SignatureHeaders {
+            timestamp: required("Wechatpay-Timestamp")?,
+            nonce: required("Wechatpay-Nonce")?,
+            signature: required("Wechatpay-Signature")?,
+            serial: required("Wechatpay-Serial")?,
+            signature_type: single_header(callback.headers, "Wechatpay-Signature-Type")?,
+        };
+        verify_response(&self.platform_keys, &headers, body, now_ms / 1000).map_err(
+            |e| match e {
+                WechatPayError::ProbeSignature | WechatPayError::TimestampOutsideWindow { .. } => {
+                    CallbackRefusal::Stale(e.to_string())
+                }
+                WechatPayError::MalformedHeader(_) => CallbackRefusal::Malformed(e.to_string()),
+                WechatPayError::UnsupportedSignatureType
+                | WechatPayError::UnknownSerial
+                | WechatPayError::BadSignature => CallbackRefusal::BadSignature(e.to_string()),
+            },
+        )?;
+        let envelope: CallbackEnvelope = serde_json::from_str(body)
+            .map_err(|_| malformed("the body is not a callback envelope"))?;
+        if envelope
+            .resource_type
+            .as_deref()
+            .is_some_and(|kind| kind != "encrypt-resource")
+        {
+            return Err(malformed("`resource_type` is not encrypt-resource"));
+        }
+        let notice_id = envelope
+            .id
+            .as_deref()
+            .map(|id| callback_text("id", id))
+            .transpose()?;
+        let event_type = callback_text("event_type", &envelope.event_type)?;
+        let key = self.api_v3_key.as_ref().ok_or_else(|| {
+            CallbackRefusal::BadSignature(
+                "no APIv3 key configured: the resource cannot be authenticated".into(),
+            )
+        })?;
+        let plaintext = decrypt_resource(key, &envelope.resource)
+            .map_err(|e| CallbackRefusal::BadSignature(e.to_string()))?;
+        let (order_id, event) = if event_type == EVENT_TRANSACTION_SUCCESS {
+            self.transaction_event(&plaintext)?
+        } else if REFUND_EVENTS.contains(&event_type.as_str()) {
+            self.refund_event(&event_type, &plaintext)?
+        } else {
+            let other: OtherResource = serde_json::from_slice(&plaintext)
+                .map_err(|_| malformed("the resource has no `out_trade_no`"))?;
+            if other.mchid.as_deref().is_some_and(|id| id != self.mchid) {
+                return Err(CallbackRefusal::WrongAccount(
+                    "`mchid` is not this channel's".into(),
+                ));
+            }
+            (
+                callback_order_id(&other.out_trade_no)?,
+                NoticeEvent::Other(event_type),
+            )
+        };
+        Ok(Notice {
+            order_id,
+            notice_id,
+            event,
+        })
+    }
+
+    /// A decrypted `TRANSACTION.SUCCESS` resource.
+    fn transaction_event(
+        &self,
+        plaintext: &[u8],
+    ) -> Result<(ChannelOrderId, NoticeEvent), CallbackRefusal> {
+        let transaction: TransactionReply = serde_json::from_slice(plaintext)
+            .map_err(|_| malformed("the resource is not a transaction"))?;
+        if transaction.mchid != self.mchid || transaction.appid != self.appid {
+            return Err(CallbackRefusal::WrongAccount(
+                "`mchid` or `appid` is not this channel's".into(),
+            ));
+        }
+        let order_id = callback_order_id(&transaction.out_trade_no)?;
+        let state = callback_text("trade_state", &transaction.trade_state)?;
+        if state != "SUCCESS" {
+            return Ok((order_id, NoticeEvent::Other(state)));
+        }
+        let amount = transaction
+            .amount
+            .as_ref()
+            .ok_or_else(|| malformed("a paid transaction without `amount`"))?;
+        let currency = amount
+            .currency
+            .as_deref()
+            .ok_or_else(|| malformed("a paid transaction without `amount.currency`"))
+            .and_then(|code| {
+                Currency::parse(code).map_err(|e| malformed(format!("`amount.currency` {e}")))
+            })?;
+        let channel_txn_id = transaction
+            .transaction_id
+            .as_deref()
+            .ok_or_else(|| malformed("a paid transaction without `transaction_id`"))
+            .and_then(|id| callback_text("transaction_id", id))?;
+        Ok((
+            order_id,
+            NoticeEvent::Paid {
+                channel_txn_id,
+                amount_minor: callback_amount("amount.total", amount.total)?,
+                currency,
+            },
+        ))
+    }
+
+    /// A decrypted `REFUND.*` resource.
+    fn refund_event(
+        &self,
+        event_type: &str,
+        plaintext: &[u8],
+    ) -> Result<(ChannelOrderId, NoticeEvent), CallbackRefusal> {
+        let refund: RefundResource = serde_json::from_slice(plaintext)
+            .map_err(|_| malformed("the resource is not a refund"))?;
+        if refund.mchid != self.mchid {
+            return Err(CallbackRefusal::WrongAccount(
+                "`mchid` is not this channel's".into(),
+            ));
+        }
+        let order_id = callback_order_id(&refund.out_trade_no)?;
+        let succeeded = event_type == EVENT_REFUND_SUCCESS;
+        // The event and the status say the same thing in a genuine notice; if they disagree,
+        // neither is believed.
+        if let Some(status) = refund.refund_status.as_deref() {
+            if (status == "SUCCESS") != succeeded {
+                return Err(malformed("`refund_status` contradicts `event_type`"));
+            }
+        }
+        let refund_id = refund
+            .out_refund_no
+            .as_deref()
+            .map(|id| callback_text("out_refund_no", id))
+            .transpose()?;
+        Ok((
+            order_id,
+            NoticeEvent::Refund {
+                refund_id,
+                amount_minor: callback_amount("amount.refund", refund.amount.refund)?,
+                succeeded,
+            },
+        ))
+    }
+}
+
+/// The `message` of a failure answer: printable ASCII only (anything else becomes `?`), at
+/// most [`MAX_CALLBACK_MESSAGE_CHARS`] characters, `default` when empty.
+fn reply_message(message: &str, default: &str) -> String {
+    let text: String = message
+        .chars()
+        .take(MAX_CALLBACK_MESSAGE_CHARS)
+        .map(|c| {
+            if c == ' ' || c.is_ascii_graphic() {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    if text.trim().is_empty() {
+        default.to_owned()
+    } else {
+        text
+    }
+}
+
 #[async_trait]
 impl Channel for WechatPayChannel {
     fn id(&self) -> &str {
@@ -867,6 +1200,39 @@ impl Channel for WechatPayChannel {
         let request = self.refund_request(req, now_unix_ms(), &random_nonce())?;
         let reply = self.http.send(request).await?;
         self.parse_refund(req, &reply, now_unix_ms())
+    }
+
+    fn verify_callback(
+        &self,
+        callback: &Callback<'_>,
+        now_ms: u64,
+    ) -> Result<Notice, CallbackRefusal> {
+        self.read_callback(callback, now_ms)
+    }
+
+    /// 204 acknowledges; a failure is 400 (refused) or 500 (try later) with
+    /// `{"code": "FAIL", "message": …}`, the message reduced to short printable ASCII.
+    fn callback_reply(&self, answer: CallbackAnswer, message: &str) -> CallbackReply {
+        let (status, default) = match answer {
+            CallbackAnswer::Ack => {
+                return CallbackReply {
+                    status: 204,
+                    content_type: "application/json",
+                    body: String::new(),
+                }
+            }
+            CallbackAnswer::Refused => (400, "refused"),
+            CallbackAnswer::RetryLater => (500, "try again later"),
+        };
+        let body = serde_json::json!({
+            "code": "FAIL",
+            "message": reply_message(message, default),
+        });
+        CallbackReply {
+            status,
+            content_type: "application/json",
+            body: body.to_string(),
+        }
     }
 }
 
@@ -1298,6 +1664,7 @@ mod tests {
                 platform_keys(),
                 http(),
             )
+            .with_api_v3_key(super::api_v3_key())
         }
 
         /// A reply signed by the platform key of PLATFORM_SERIAL at `at_ms`.
@@ -1569,6 +1936,612 @@ mod tests {
             assert_unverifiable(channel().parse_query(&order, &tampered, NOW_MS));
             let foreign = body.replace(MCHID, "1900000999");
             assert_unverifiable(channel().parse_query(&order, &signed(200, &foreign), NOW_MS));
+        }
+    }
+
+    mod callbacks {
+        use super::super::*;
+        use super::{api_v3_key, platform_keys, MCHID, OLD_PLATFORM_SERIAL, PLATFORM_SERIAL};
+        use crate::channels::test_keys::*;
+        use crate::channels::test_support::*;
+        use hyper::header::{HeaderName, HeaderValue};
+        use hyper::HeaderMap;
+        use proptest::prelude::*;
+
+        const APPID: &str = "wxd678efh567hg6787";
+        const EVENT_ID: &str = "EV-0123456789ABCDEFGHIJKLMN";
+        const TRANSACTION_ID: &str = "4200000000202405010000000001";
+        const NONCE: &str = "5K8264ILTKCH16CQ2502SI8ZNMTM67VS";
+        const RESOURCE_NONCE: &str = "fdasflkja484";
+        const SIGNED_AT: u64 = NOW_MS / 1000;
+
+        fn channel() -> WechatPayChannel {
+            channel_without_key().with_api_v3_key(api_v3_key())
+        }
+
+        fn channel_without_key() -> WechatPayChannel {
+            WechatPayChannel::new(
+                "wx",
+                WechatPayIds {
+                    mchid: MCHID.into(),
+                    appid: APPID.into(),
+                    merchant_serial: "3775B6A45ACD588826D15E583A95F5DD0FFB9C4E".into(),
+                },
+                BaseUrl::parse("http://127.0.0.1:9").unwrap(),
+                merchant(),
+                platform_keys(),
+                http(),
+            )
+        }
+
+        /// A transaction resource as the simulator makes it (`transaction_json`), paid.
+        fn transaction(order: &ChannelOrderId) -> serde_json::Value {
+            serde_json::json!({
+                "appid": APPID,
+                "mchid": MCHID,
+                "out_trade_no": order.as_str(),
+                "trade_type": "NATIVE",
+                "trade_state": "SUCCESS",
+                "trade_state_desc": "支付成功",
+                "amount": {"total": 8888, "currency": "CNY", "payer_total": 8888, "payer_currency": "CNY"},
+                "transaction_id": TRANSACTION_ID,
+                "success_time": "2024-05-01T20:01:01+08:00",
+                "payer": {"openid": "oSimulatedPayer0000000000000"},
+            })
+        }
+
+        fn refund(order: &ChannelOrderId, status: &str) -> serde_json::Value {
+            serde_json::json!({
+                "mchid": MCHID,
+                "out_trade_no": order.as_str(),
+                "transaction_id": TRANSACTION_ID,
+                "out_refund_no": "rf_0001",
+                "refund_id": "50000000382019052709732678859",
+                "refund_status": status,
+                "success_time": "2024-05-02T10:00:00+08:00",
+                "amount": {"total": 8888, "refund": 1000, "payer_total": 8888, "payer_refund": 1000},
+            })
+        }
+
+        /// The body of event `event_type` carrying `resource` (any JSON text), encrypted with
+        /// the APIv3 key, as the simulator's `notice` makes it.
+        fn envelope(event_type: &str, associated_data: &str, plaintext: &str) -> String {
+            let encrypted = encrypt_resource(
+                &api_v3_key(),
+                RESOURCE_NONCE,
+                associated_data,
+                plaintext.as_bytes(),
+            )
+            .unwrap();
+            envelope_with(event_type, &encrypted)
+        }
+
+        fn envelope_with(event_type: &str, resource: &EncryptedResource) -> String {
+            serde_json::json!({
+                "id": EVENT_ID,
+                "create_time": "2024-05-01T20:01:02+08:00",
+                "resource_type": "encrypt-resource",
+                "event_type": event_type,
+                "summary": "支付成功",
+                "resource": {
+                    "original_type": "transaction",
+                    "algorithm": resource.algorithm,
+                    "ciphertext": resource.ciphertext,
+                    "associated_data": resource.associated_data,
+                    "nonce": resource.nonce,
+                },
+            })
+            .to_string()
+        }
+
+        fn paid_body(order: &ChannelOrderId) -> String {
+            envelope(
+                EVENT_TRANSACTION_SUCCESS,
+                "transaction",
+                &transaction(order).to_string(),
+            )
+        }
+
+        /// The platform's signature headers over `body` at SIGNED_AT.
+        fn signed_headers(body: &[u8]) -> HeaderMap {
+            let signature = sign_response(
+                &platform(),
+                SIGNED_AT,
+                NONCE,
+                std::str::from_utf8(body).unwrap(),
+            );
+            headers(&[
+                ("Wechatpay-Timestamp", &SIGNED_AT.to_string()),
+                ("Wechatpay-Nonce", NONCE),
+                ("Wechatpay-Signature", &signature),
+                ("Wechatpay-Serial", PLATFORM_SERIAL),
+                ("Wechatpay-Signature-Type", SIGNATURE_TYPE),
+            ])
+        }
+
+        fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+            let mut map = HeaderMap::new();
+            for (name, value) in pairs {
+                map.append(
+                    HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    HeaderValue::from_str(value).unwrap(),
+                );
+            }
+            map
+        }
+
+        fn verify_with(
+            channel: &WechatPayChannel,
+            headers: &HeaderMap,
+            body: &[u8],
+            now_ms: u64,
+        ) -> Result<Notice, CallbackRefusal> {
+            channel.verify_callback(&Callback { headers, body }, now_ms)
+        }
+
+        /// `body` signed now, verified now.
+        fn verify_signed(body: &str) -> Result<Notice, CallbackRefusal> {
+            verify_with(
+                &channel(),
+                &signed_headers(body.as_bytes()),
+                body.as_bytes(),
+                NOW_MS,
+            )
+        }
+
+        fn notice(order: &ChannelOrderId, event: NoticeEvent) -> Notice {
+            Notice {
+                order_id: order.clone(),
+                notice_id: Some(EVENT_ID.into()),
+                event,
+            }
+        }
+
+        fn paid(order: &ChannelOrderId) -> Notice {
+            notice(
+                order,
+                NoticeEvent::Paid {
+                    channel_txn_id: TRANSACTION_ID.into(),
+                    amount_minor: 8888,
+                    currency: Currency::Cny,
+                },
+            )
+        }
+
+        #[track_caller]
+        fn assert_refused(result: Result<Notice, CallbackRefusal>, label: &str) -> CallbackRefusal {
+            let refusal = result.expect_err("must be refused");
+            assert_eq!(refusal.label(), label, "{refusal:?}");
+            refusal
+        }
+
+        #[test]
+        fn a_genuine_paid_callback_is_paid() {
+            let order = order_id();
+            let body = paid_body(&order);
+            assert_eq!(verify_signed(&body), Ok(paid(&order)));
+            // Within the window either way.
+            let headers = signed_headers(body.as_bytes());
+            for now_ms in [NOW_MS - 300_000, NOW_MS + 300_999] {
+                assert_eq!(
+                    verify_with(&channel(), &headers, body.as_bytes(), now_ms),
+                    Ok(paid(&order))
+                );
+            }
+            // Without a Wechatpay-Signature-Type header too.
+            let mut untyped = headers.clone();
+            untyped.remove("Wechatpay-Signature-Type");
+            assert_eq!(
+                verify_with(&channel(), &untyped, body.as_bytes(), NOW_MS),
+                Ok(paid(&order))
+            );
+        }
+
+        #[test]
+        fn forged_and_unsigned_callbacks_are_bad_signatures() {
+            let order = order_id();
+            let body = paid_body(&order);
+            let headers = signed_headers(body.as_bytes());
+            let tampered = body.replace(EVENT_ID, "EV-0123456789ABCDEFGHIJKLMO");
+            assert_ne!(tampered, body);
+            assert_refused(
+                verify_with(&channel(), &headers, tampered.as_bytes(), NOW_MS),
+                "bad_signature",
+            );
+            let with = |name: &str, value: &str| {
+                let mut changed = headers.clone();
+                changed.insert(
+                    HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    HeaderValue::from_str(value).unwrap(),
+                );
+                verify_with(&channel(), &changed, body.as_bytes(), NOW_MS)
+            };
+            let by_merchant = STANDARD
+                .encode(merchant().sign_sha256(
+                    response_message(&SIGNED_AT.to_string(), NONCE, &body).as_bytes(),
+                ));
+            assert_refused(with("Wechatpay-Signature", &by_merchant), "bad_signature");
+            assert_refused(with("Wechatpay-Signature", "%%%"), "bad_signature");
+            // An unknown serial, and a known serial whose key did not sign.
+            assert_refused(with("Wechatpay-Serial", "UNKNOWN0000"), "bad_signature");
+            assert_refused(
+                with("Wechatpay-Serial", OLD_PLATFORM_SERIAL),
+                "bad_signature",
+            );
+            assert_refused(
+                with("Wechatpay-Signature-Type", "WECHATPAY2-SM2-WITH-SM3"),
+                "bad_signature",
+            );
+            // The signed nonce is part of the message.
+            assert_refused(with("Wechatpay-Nonce", "another"), "bad_signature");
+            for missing in [
+                "Wechatpay-Timestamp",
+                "Wechatpay-Nonce",
+                "Wechatpay-Signature",
+                "Wechatpay-Serial",
+            ] {
+                let mut unsigned = headers.clone();
+                unsigned.remove(missing);
+                let refusal = assert_refused(
+                    verify_with(&channel(), &unsigned, body.as_bytes(), NOW_MS),
+                    "bad_signature",
+                );
+                assert!(refusal.to_string().contains(missing), "{refusal}");
+            }
+            assert_refused(
+                verify_with(&channel(), &HeaderMap::new(), body.as_bytes(), NOW_MS),
+                "bad_signature",
+            );
+        }
+
+        #[test]
+        fn malformed_signature_headers_are_malformed() {
+            let order = order_id();
+            let body = paid_body(&order);
+            let headers = signed_headers(body.as_bytes());
+            let mut repeated = headers.clone();
+            repeated.append("Wechatpay-Signature", HeaderValue::from_static("AAAA"));
+            assert_refused(
+                verify_with(&channel(), &repeated, body.as_bytes(), NOW_MS),
+                "malformed",
+            );
+            for (name, value) in [
+                ("Wechatpay-Timestamp", "+1714564800"),
+                ("Wechatpay-Timestamp", "soon"),
+            ] {
+                let mut changed = headers.clone();
+                changed.insert(name, HeaderValue::from_static(value));
+                assert_refused(
+                    verify_with(&channel(), &changed, body.as_bytes(), NOW_MS),
+                    "malformed",
+                );
+            }
+            let mut not_ascii = headers.clone();
+            not_ascii.insert(
+                "Wechatpay-Nonce",
+                HeaderValue::from_bytes("n\u{f6}nce".as_bytes()).unwrap(),
+            );
+            assert_refused(
+                verify_with(&channel(), &not_ascii, body.as_bytes(), NOW_MS),
+                "malformed",
+            );
+        }
+
+        #[test]
+        fn stale_and_probe_callbacks_are_stale() {
+            let order = order_id();
+            let body = paid_body(&order);
+            let headers = signed_headers(body.as_bytes());
+            for now_ms in [NOW_MS + 301_000, NOW_MS - 301_000, NOW_MS + 86_400_000] {
+                assert_refused(
+                    verify_with(&channel(), &headers, body.as_bytes(), now_ms),
+                    "stale",
+                );
+            }
+            let mut probe = headers.clone();
+            probe.insert(
+                "Wechatpay-Signature",
+                HeaderValue::from_static("WECHATPAY/SIGNTEST/c2lnbmF0dXJl"),
+            );
+            assert_refused(
+                verify_with(&channel(), &probe, body.as_bytes(), NOW_MS),
+                "stale",
+            );
+        }
+
+        #[test]
+        fn a_resource_that_does_not_open_is_a_bad_signature() {
+            let order = order_id();
+            let plaintext = transaction(&order).to_string();
+            let genuine = encrypt_resource(
+                &api_v3_key(),
+                RESOURCE_NONCE,
+                "transaction",
+                plaintext.as_bytes(),
+            )
+            .unwrap();
+            let mut flipped = STANDARD.decode(&genuine.ciphertext).unwrap();
+            flipped[10] ^= 1;
+            let other_key =
+                ApiV3Key::new(&Secret::new("TestOnlyApiV3Key0123456789abcdeg")).unwrap();
+            let tampered = [
+                EncryptedResource {
+                    ciphertext: STANDARD.encode(&flipped),
+                    ..genuine.clone()
+                },
+                EncryptedResource {
+                    associated_data: "refund".into(),
+                    ..genuine.clone()
+                },
+                EncryptedResource {
+                    nonce: "fdasflkja485".into(),
+                    ..genuine.clone()
+                },
+                EncryptedResource {
+                    algorithm: "AEAD_SM4_GCM".into(),
+                    ..genuine.clone()
+                },
+                EncryptedResource {
+                    ciphertext: "not base64!".into(),
+                    ..genuine.clone()
+                },
+                encrypt_resource(
+                    &other_key,
+                    RESOURCE_NONCE,
+                    "transaction",
+                    plaintext.as_bytes(),
+                )
+                .unwrap(),
+            ];
+            for resource in &tampered {
+                // Signed by the platform: only the resource is wrong.
+                let body = envelope_with(EVENT_TRANSACTION_SUCCESS, resource);
+                assert_refused(verify_signed(&body), "bad_signature");
+            }
+            // An adapter without the APIv3 key refuses genuine callbacks (fail closed).
+            let body = paid_body(&order);
+            assert_refused(
+                verify_with(
+                    &channel_without_key(),
+                    &signed_headers(body.as_bytes()),
+                    body.as_bytes(),
+                    NOW_MS,
+                ),
+                "bad_signature",
+            );
+        }
+
+        #[test]
+        fn callbacks_for_another_merchant_or_app_are_refused() {
+            let order = order_id();
+            for (field, value) in [("mchid", "1900000999"), ("appid", "wx0000000000000000")] {
+                let mut foreign = transaction(&order);
+                foreign[field] = value.into();
+                let body = envelope(
+                    EVENT_TRANSACTION_SUCCESS,
+                    "transaction",
+                    &foreign.to_string(),
+                );
+                assert_refused(verify_signed(&body), "wrong_account");
+            }
+            let mut foreign = refund(&order, "SUCCESS");
+            foreign["mchid"] = "1900000999".into();
+            let body = envelope(EVENT_REFUND_SUCCESS, "refund", &foreign.to_string());
+            assert_refused(verify_signed(&body), "wrong_account");
+        }
+
+        #[test]
+        fn malformed_callbacks_are_malformed() {
+            let order = order_id();
+            let with = |change: &dyn Fn(&mut serde_json::Value)| {
+                let mut resource = transaction(&order);
+                change(&mut resource);
+                verify_signed(&envelope(
+                    EVENT_TRANSACTION_SUCCESS,
+                    "transaction",
+                    &resource.to_string(),
+                ))
+            };
+            for total in [
+                serde_json::json!(0),
+                serde_json::json!(-8888),
+                serde_json::json!(88.88),
+                serde_json::json!("8888"),
+                serde_json::json!(1e30),
+            ] {
+                assert_refused(with(&|r| r["amount"]["total"] = total.clone()), "malformed");
+            }
+            assert_refused(
+                with(&|r| r["amount"]["currency"] = "XYZ".into()),
+                "malformed",
+            );
+            assert_refused(
+                with(&|r| r["amount"]["currency"] = "cny".into()),
+                "malformed",
+            );
+            assert_refused(
+                with(&|r| {
+                    r["amount"].as_object_mut().unwrap().remove("currency");
+                }),
+                "malformed",
+            );
+            assert_refused(
+                with(&|r| {
+                    r.as_object_mut().unwrap().remove("amount");
+                }),
+                "malformed",
+            );
+            assert_refused(
+                with(&|r| {
+                    r.as_object_mut().unwrap().remove("transaction_id");
+                }),
+                "malformed",
+            );
+            assert_refused(
+                with(&|r| r["out_trade_no"] = "att_01HX7Z3K9Q2W".into()),
+                "malformed",
+            );
+            assert_refused(
+                with(&|r| r["transaction_id"] = "x".repeat(129).into()),
+                "malformed",
+            );
+            assert_refused(
+                with(&|r| {
+                    r.as_object_mut().unwrap().remove("mchid");
+                }),
+                "malformed",
+            );
+            // The decrypted resource, and the envelope, must be JSON of the right shape.
+            assert_refused(
+                verify_signed(&envelope(
+                    EVENT_TRANSACTION_SUCCESS,
+                    "transaction",
+                    "not json",
+                )),
+                "malformed",
+            );
+            assert_refused(verify_signed("not json"), "malformed");
+            assert_refused(
+                verify_signed(r#"{"id":"EV-1","event_type":"TRANSACTION.SUCCESS"}"#),
+                "malformed",
+            );
+            let plain = paid_body(&order).replace("encrypt-resource", "plain-resource");
+            assert_refused(verify_signed(&plain), "malformed");
+            // Too large, and not UTF-8, before any signature work.
+            let huge = vec![b' '; MAX_CALLBACK_BODY_BYTES + 1];
+            assert_refused(
+                verify_with(&channel(), &HeaderMap::new(), &huge, NOW_MS),
+                "malformed",
+            );
+            assert_refused(
+                verify_with(&channel(), &HeaderMap::new(), b"{\"id\":\"\xff\"}", NOW_MS),
+                "malformed",
+            );
+        }
+
+        #[test]
+        fn each_event_maps_as_documented() {
+            let order = order_id();
+            let mut unpaid = transaction(&order);
+            unpaid["trade_state"] = "NOTPAY".into();
+            unpaid.as_object_mut().unwrap().remove("transaction_id");
+            let body = envelope(
+                EVENT_TRANSACTION_SUCCESS,
+                "transaction",
+                &unpaid.to_string(),
+            );
+            assert_eq!(
+                verify_signed(&body),
+                Ok(notice(&order, NoticeEvent::Other("NOTPAY".into())))
+            );
+            for (event, status, succeeded) in [
+                ("REFUND.SUCCESS", "SUCCESS", true),
+                ("REFUND.ABNORMAL", "ABNORMAL", false),
+                ("REFUND.CLOSED", "CLOSED", false),
+            ] {
+                let body = envelope(event, "refund", &refund(&order, status).to_string());
+                assert_eq!(
+                    verify_signed(&body),
+                    Ok(notice(
+                        &order,
+                        NoticeEvent::Refund {
+                            refund_id: Some("rf_0001".into()),
+                            amount_minor: 1000,
+                            succeeded,
+                        }
+                    )),
+                    "{event}"
+                );
+            }
+            // An event and a status that disagree are not believed.
+            let body = envelope(
+                "REFUND.SUCCESS",
+                "refund",
+                &refund(&order, "ABNORMAL").to_string(),
+            );
+            assert_refused(verify_signed(&body), "malformed");
+            let body = envelope(
+                "REFUND.CLOSED",
+                "refund",
+                &refund(&order, "SUCCESS").to_string(),
+            );
+            assert_refused(verify_signed(&body), "malformed");
+            // An event the gateway does not act on: genuine, about one of our orders.
+            let body = envelope(
+                "TRANSACTION.SOMETHING_NEW",
+                "transaction",
+                &transaction(&order).to_string(),
+            );
+            assert_eq!(
+                verify_signed(&body),
+                Ok(notice(
+                    &order,
+                    NoticeEvent::Other("TRANSACTION.SOMETHING_NEW".into())
+                ))
+            );
+        }
+
+        #[test]
+        fn replies_have_the_protocol_shape() {
+            let channel = channel();
+            assert_eq!(
+                channel.callback_reply(CallbackAnswer::Ack, "ignored"),
+                CallbackReply {
+                    status: 204,
+                    content_type: "application/json",
+                    body: String::new()
+                }
+            );
+            assert_eq!(
+                channel.callback_reply(CallbackAnswer::Refused, "bad signature: the signature does not verify"),
+                CallbackReply {
+                    status: 400,
+                    content_type: "application/json",
+                    body: r#"{"code":"FAIL","message":"bad signature: the signature does not verify"}"#.into()
+                }
+            );
+            assert_eq!(
+                channel.callback_reply(CallbackAnswer::RetryLater, ""),
+                CallbackReply {
+                    status: 500,
+                    content_type: "application/json",
+                    body: r#"{"code":"FAIL","message":"try again later"}"#.into()
+                }
+            );
+            // Short, printable ASCII, valid JSON whatever the message.
+            let reply = channel.callback_reply(
+                CallbackAnswer::Refused,
+                &format!("\"签名\"\n{}", "x".repeat(1_000)),
+            );
+            let json: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+            let message = json["message"].as_str().unwrap();
+            assert_eq!(message.chars().count(), MAX_CALLBACK_MESSAGE_CHARS);
+            assert!(message.starts_with("\"??\"?x"), "{message}");
+            assert!(message.bytes().all(|b| b == b' ' || b.is_ascii_graphic()));
+            assert_eq!(json["code"], "FAIL");
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Every byte of the body is signed: a flipped one is always refused (the property
+            /// asked of every protocol is weaker: never *another* notice).
+            #[test]
+            fn a_flipped_byte_never_reads_as_another_notice(
+                index in any::<prop::sample::Index>(),
+                flip in 1u8..=255,
+            ) {
+                let order = order_id();
+                let body = paid_body(&order);
+                let headers = signed_headers(body.as_bytes());
+                let mut tampered = body.into_bytes();
+                let at = index.index(tampered.len());
+                tampered[at] ^= flip;
+                match verify_with(&channel(), &headers, &tampered, NOW_MS) {
+                    Err(_) => {}
+                    Ok(notice) => prop_assert_eq!(notice, paid(&order)),
+                }
+            }
         }
     }
 }

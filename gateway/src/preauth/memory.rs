@@ -8,11 +8,13 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 
 use super::{
-    final_status_record, money_record_id, status_record_id, AccountKey, AccountRebuild,
-    AccountSnapshot, AdjustOutcome, AdjustRequest, AuthorizeOutcome, AuthorizeRequest,
-    BalanceStore, Direction, IdempotencyClaim, OpContext, PaymentDoc, PaymentRecord, PaymentStatus,
-    Scope, SettledMark, StoreError, StoredOutcome, SucceedOutcome, SucceedRequest, SuccessEffect,
-    TransitionOutcome, Unsettled, UnsettledPage, UpsertOutcome, MAX_SAFE_MINOR,
+    final_status_record, money_record_id, refund_outcome_id, status_record_id, AccountKey,
+    AccountRebuild, AccountSnapshot, AdjustOutcome, AdjustRequest, AuthorizeOutcome,
+    AuthorizeRequest, BalanceStore, Direction, IdempotencyClaim, LateCaptureOutcome,
+    LateCaptureRequest, OpContext, PaymentDoc, PaymentRecord, PaymentStatus, RefundFinishOutcome,
+    RefundFinishRequest, RefundReserveOutcome, RefundReserveRequest, Scope, SettledMark,
+    StoreError, StoredOutcome, SucceedOutcome, SucceedRequest, SuccessEffect, TransitionOutcome,
+    Unsettled, UnsettledPage, UpsertOutcome, MAX_SAFE_MINOR,
 };
 use crate::ids::{IdempotencyKey, MerchantOrderId, PaymentId, ScopeTag};
 use crate::money::Currency;
@@ -69,6 +71,28 @@ struct ScopeState {
     idempotency: HashMap<String, IdempotencyRow>,
     /// id -> movement not yet committed by the settlement store (u:{T} in Redis).
     unsettled: HashMap<String, PendingRow>,
+    /// payment id -> the account sequence of its late capture (lc:{T} in Redis).
+    late_captures: HashMap<String, u64>,
+    /// payment id -> its refunds' totals (rf:{T} in Redis).
+    refund_totals: HashMap<String, RefundTotals>,
+    /// refund id -> the refund.
+    refunds: HashMap<String, RefundState>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct RefundTotals {
+    count: u32,
+    /// Pending and succeeded.
+    reserved: i64,
+    succeeded: i64,
+}
+
+#[derive(Debug, Clone)]
+struct RefundState {
+    payment_id: String,
+    amount: i64,
+    /// pending | succeeded | failed
+    status: &'static str,
 }
 
 enum IdempotencyCheck {
@@ -424,6 +448,226 @@ impl BalanceStore for MemoryStore {
         );
         let payment = state.record(pid).expect("exists");
         Ok(SucceedOutcome::Done { payment, seq })
+    }
+
+    async fn late_capture(
+        &self,
+        req: &LateCaptureRequest,
+        ctx: OpContext,
+    ) -> Result<LateCaptureOutcome, StoreError> {
+        let Some(mut state) = self.scopes.get_mut(&req.payment.tag()) else {
+            return Ok(LateCaptureOutcome::NotFound);
+        };
+        let pid = req.payment.as_str();
+        match state.statuses.get(pid) {
+            None => return Ok(LateCaptureOutcome::NotFound),
+            Some(PaymentStatus::Pending) => return Ok(LateCaptureOutcome::Pending),
+            Some(_) => {}
+        }
+        if let Some(seq) = state.late_captures.get(pid) {
+            return Ok(LateCaptureOutcome::Done { seq: *seq });
+        }
+        state.release_expired(ctx.now_ms, ctx.lazy_release_max);
+        let Some(row) = state.account.as_mut() else {
+            return Ok(LateCaptureOutcome::NotFound);
+        };
+        let available = row.snapshot().available();
+        if available < req.amount_minor {
+            return Ok(LateCaptureOutcome::Insufficient { available });
+        }
+        row.balance -= req.amount_minor;
+        row.seq += 1;
+        let seq = row.seq;
+        state.late_captures.insert(pid.to_owned(), seq);
+        state.unsettled.insert(
+            money_record_id(pid),
+            PendingRow {
+                seq,
+                idempotency_key: String::new(),
+                record: req.pending_record.clone(),
+                at_ms: ctx.now_ms,
+            },
+        );
+        Ok(LateCaptureOutcome::Done { seq })
+    }
+
+    async fn reserve_refund(
+        &self,
+        req: &RefundReserveRequest,
+        ctx: OpContext,
+    ) -> Result<RefundReserveOutcome, StoreError> {
+        let Some(mut state) = self.scopes.get_mut(&req.payment.tag()) else {
+            return Ok(RefundReserveOutcome::NotFound);
+        };
+        match state.check_idempotency(&req.idempotency, ctx.now_ms) {
+            IdempotencyCheck::New => {}
+            IdempotencyCheck::Conflict => return Ok(RefundReserveOutcome::IdempotencyConflict),
+            IdempotencyCheck::InFlight => return Ok(RefundReserveOutcome::IdempotencyInFlight),
+            IdempotencyCheck::Replay(outcome) => return Ok(RefundReserveOutcome::Replay(outcome)),
+        }
+        let pid = req.payment.as_str();
+        match state.statuses.get(pid) {
+            None => return Ok(RefundReserveOutcome::NotFound),
+            Some(PaymentStatus::Succeeded | PaymentStatus::PartiallyRefunded) => {}
+            Some(other) => return Ok(RefundReserveOutcome::InvalidState(*other)),
+        }
+        let doc = state.docs.get(pid).cloned().ok_or_else(|| {
+            StoreError::Corrupt(format!("payment {pid} has a status but no document"))
+        })?;
+        let totals = state.refund_totals.get(pid).copied().unwrap_or_default();
+        let remaining = doc.amount_minor - totals.reserved;
+        let amount = req.amount_minor.unwrap_or(remaining);
+        if amount <= 0 || amount > remaining {
+            return Ok(RefundReserveOutcome::Exceeds { remaining });
+        }
+        let number = totals.count + 1;
+        let refund_id = format!("re_{}_{number}", &pid[4..]);
+        if doc.purpose == super::Purpose::Topup {
+            state.release_expired(ctx.now_ms, ctx.lazy_release_max);
+            let Some(row) = state.account.as_mut() else {
+                return Ok(RefundReserveOutcome::NotFound);
+            };
+            let available = row.snapshot().available();
+            if available < amount {
+                let outcome = StoredOutcome::InsufficientFunds {
+                    available,
+                    shortfall: amount - available,
+                };
+                state.record_idempotency(&req.idempotency, outcome, false, ctx.now_ms);
+                return Ok(RefundReserveOutcome::InsufficientFunds {
+                    available,
+                    shortfall: amount - available,
+                });
+            }
+            row.held += amount;
+            state
+                .holds
+                .insert((req.hold_expires_at_ms, refund_id.clone()));
+            state
+                .hold_amounts
+                .insert(refund_id.clone(), (amount, req.hold_expires_at_ms));
+        }
+        state.refund_totals.insert(
+            pid.to_owned(),
+            RefundTotals {
+                count: number,
+                reserved: totals.reserved + amount,
+                succeeded: totals.succeeded,
+            },
+        );
+        state.refunds.insert(
+            refund_id.clone(),
+            RefundState {
+                payment_id: pid.to_owned(),
+                amount,
+                status: "pending",
+            },
+        );
+        let intent = req
+            .intent_template
+            .replace(super::REFUND_ID_PLACEHOLDER, &refund_id)
+            .replace(
+                &super::REFUND_NUMBER_PLACEHOLDER.to_string(),
+                &number.to_string(),
+            )
+            .replace(
+                &super::REFUND_AMOUNT_PLACEHOLDER.to_string(),
+                &amount.to_string(),
+            );
+        state.unsettled.insert(
+            refund_id.clone(),
+            PendingRow {
+                seq: 0,
+                idempotency_key: req.idempotency.key.as_str().to_owned(),
+                record: intent,
+                at_ms: ctx.now_ms,
+            },
+        );
+        state.record_idempotency(
+            &req.idempotency,
+            StoredOutcome::Refund(refund_id.clone()),
+            true,
+            ctx.now_ms,
+        );
+        Ok(RefundReserveOutcome::Created {
+            refund_id,
+            number,
+            amount_minor: amount,
+        })
+    }
+
+    async fn finish_refund(
+        &self,
+        req: &RefundFinishRequest,
+        ctx: OpContext,
+    ) -> Result<RefundFinishOutcome, StoreError> {
+        let Some(mut state) = self.scopes.get_mut(&req.payment.tag()) else {
+            return Ok(RefundFinishOutcome::NotFound);
+        };
+        let Some(refund) = state.refunds.get(&req.refund_id).cloned() else {
+            return Ok(RefundFinishOutcome::NotFound);
+        };
+        if refund.status != "pending" {
+            return Ok(RefundFinishOutcome::Already(refund.status.to_owned()));
+        }
+        let pid = refund.payment_id.clone();
+        let doc =
+            state.docs.get(&pid).cloned().ok_or_else(|| {
+                StoreError::Corrupt(format!("refund of {pid} without its payment"))
+            })?;
+        let held = state.remove_hold(&req.refund_id);
+        if let Some(row) = state.account.as_mut() {
+            row.held -= held;
+            debug_assert!(row.held >= 0);
+        }
+        let mut totals = state.refund_totals.get(&pid).copied().unwrap_or_default();
+        let mut seq = 0;
+        if req.succeeded {
+            let delta = match (doc.purpose, doc.method) {
+                (super::Purpose::Topup, _) => Some(-refund.amount),
+                (_, super::Method::Supplier | super::Method::Balance) => Some(refund.amount),
+                _ => None,
+            };
+            if let (Some(delta), Some(row)) = (delta, state.account.as_mut()) {
+                row.balance += delta;
+                row.seq += 1;
+                seq = row.seq;
+            }
+            totals.succeeded += refund.amount;
+            let status = if totals.succeeded >= doc.amount_minor {
+                PaymentStatus::Refunded
+            } else {
+                PaymentStatus::PartiallyRefunded
+            };
+            state.statuses.insert(pid.clone(), status);
+        } else {
+            totals.reserved -= refund.amount;
+        }
+        state.refund_totals.insert(pid.clone(), totals);
+        if let Some(r) = state.refunds.get_mut(&req.refund_id) {
+            r.status = if req.succeeded { "succeeded" } else { "failed" };
+        }
+        let payment_status = *state.statuses.get(&pid).expect("exists");
+        let record = if req.succeeded {
+            req.pending_record
+                .replace(super::REFUND_STATUS_PLACEHOLDER, payment_status.as_str())
+                .replace(&super::REFUND_SEQ_PLACEHOLDER.to_string(), &seq.to_string())
+        } else {
+            req.pending_record.clone()
+        };
+        state.unsettled.insert(
+            refund_outcome_id(&req.refund_id),
+            PendingRow {
+                seq,
+                idempotency_key: String::new(),
+                record,
+                at_ms: ctx.now_ms,
+            },
+        );
+        Ok(RefundFinishOutcome::Done {
+            seq,
+            payment_status,
+        })
     }
 
     async fn fail_unrouted(

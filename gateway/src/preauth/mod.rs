@@ -232,6 +232,8 @@ pub enum StoredOutcome {
     /// `503 no_channel_available`: every candidate channel was open-circuited or certainly
     /// refused the payment (its hold was released); the failed payment's id.
     NoChannelAvailable(PaymentId),
+    /// `201` with this refund (its id).
+    Refund(String),
 }
 
 impl StoredOutcome {
@@ -246,6 +248,7 @@ impl StoredOutcome {
                 shortfall,
             } => format!("E:insufficient_funds:{available}:{shortfall}"),
             StoredOutcome::NoChannelAvailable(id) => format!("{NO_CHANNEL_AVAILABLE_OUTCOME}{id}"),
+            StoredOutcome::Refund(id) => format!("R:{id}"),
         }
     }
 
@@ -263,6 +266,9 @@ impl StoredOutcome {
         }
         if let Some(doc) = s.strip_prefix("A:") {
             return Ok(StoredOutcome::Adjustment(doc.to_owned()));
+        }
+        if let Some(id) = s.strip_prefix("R:") {
+            return Ok(StoredOutcome::Refund(id.to_owned()));
         }
         if let Some(rest) = s.strip_prefix("E:insufficient_funds:") {
             let (available, shortfall) = rest.split_once(':').ok_or_else(corrupt)?;
@@ -510,6 +516,110 @@ pub enum SucceedOutcome {
     OutOfRange,
 }
 
+/// A supplier executed a charge after its payment ended: debit the account if it can still
+/// afford it (late money, DESIGN.md §7).
+#[derive(Debug, Clone)]
+pub struct LateCaptureRequest {
+    pub payment: PaymentId,
+    pub amount_minor: i64,
+    /// The capture's settlement as a pending record (JSON), kept under [`money_record_id`].
+    pub pending_record: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LateCaptureOutcome {
+    /// Debited now or before (at most once per payment): the account's sequence after it.
+    Done {
+        seq: u64,
+    },
+    /// The account cannot afford it: nothing moved.
+    Insufficient {
+        available: i64,
+    },
+    /// The payment is still pending: not late money.
+    Pending,
+    NotFound,
+}
+
+/// A refund to reserve (DESIGN.md §7): the refundable amount is checked and reserved in the
+/// same step as the idempotency record; a top-up refund also holds the amount on the account.
+#[derive(Debug, Clone)]
+pub struct RefundReserveRequest {
+    pub payment: PaymentId,
+    /// `None`: everything not yet refunded or reserved.
+    pub amount_minor: Option<i64>,
+    pub idempotency: IdempotencyClaim,
+    /// When a top-up refund's hold lapses if nothing settles it.
+    pub hold_expires_at_ms: u64,
+    /// The refund's intent record (JSON) with placeholders — the string `%ID%`
+    /// ([`REFUND_ID_PLACEHOLDER`]), the numbers [`REFUND_NUMBER_PLACEHOLDER`] and
+    /// [`REFUND_AMOUNT_PLACEHOLDER`] — filled in by the store and kept in the outbox (under the
+    /// refund id) until settled.
+    pub intent_template: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefundReserveOutcome {
+    Created {
+        refund_id: String,
+        /// 1 for the payment's first refund, 2 for the second…
+        number: u32,
+        amount_minor: i64,
+    },
+    Replay(StoredOutcome),
+    IdempotencyConflict,
+    IdempotencyInFlight,
+    NotFound,
+    /// Not `succeeded` or `partially_refunded`.
+    InvalidState(PaymentStatus),
+    /// More than is left to refund (what is left).
+    Exceeds {
+        remaining: i64,
+    },
+    /// A top-up refund the account cannot cover.
+    InsufficientFunds {
+        available: i64,
+        shortfall: i64,
+    },
+}
+
+/// A refund's outcome at the channel.
+#[derive(Debug, Clone)]
+pub struct RefundFinishRequest {
+    pub payment: PaymentId,
+    pub refund_id: String,
+    pub succeeded: bool,
+    /// The refund's settlement (succeeded) or its final status (failed), as a pending record
+    /// (JSON), kept in the outbox under `<refund id>#f` until settled.
+    pub pending_record: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefundFinishOutcome {
+    /// Ended now; `seq` is the account's sequence when a balance moved (else 0), and the
+    /// payment's status after it.
+    Done {
+        seq: u64,
+        payment_status: PaymentStatus,
+    },
+    /// It had ended before (`succeeded` or `failed`): nothing changed.
+    Already(String),
+    NotFound,
+}
+
+pub const REFUND_ID_PLACEHOLDER: &str = "%ID%";
+pub const REFUND_NUMBER_PLACEHOLDER: u32 = 4_294_967_290;
+pub const REFUND_AMOUNT_PLACEHOLDER: i64 = 9_007_199_254_740_990;
+/// In a succeeded refund's settlement: the payment's new status and the account's sequence,
+/// filled in by the store.
+pub const REFUND_STATUS_PLACEHOLDER: &str = "%STATUS%";
+pub const REFUND_SEQ_PLACEHOLDER: u64 = 18_446_744_073_709_551_608;
+
+/// The outbox id of a refund's outcome.
+pub fn refund_outcome_id(refund_id: &str) -> String {
+    format!("{refund_id}#f")
+}
+
 /// The result of moving a payment out of `pending`.
 // Returned by value once per call and matched at once: boxing the large variant would add an
 // allocation per payment for nothing.
@@ -583,6 +693,27 @@ pub trait BalanceStore: Send + Sync + 'static {
         to: PaymentStatus,
         ctx: OpContext,
     ) -> Result<TransitionOutcome, StoreError>;
+
+    /// Late money on a supplier charge (see [`LateCaptureRequest`]). At most once per payment.
+    async fn late_capture(
+        &self,
+        req: &LateCaptureRequest,
+        ctx: OpContext,
+    ) -> Result<LateCaptureOutcome, StoreError>;
+
+    /// Reserves a refund (see [`RefundReserveRequest`]): one atomic step.
+    async fn reserve_refund(
+        &self,
+        req: &RefundReserveRequest,
+        ctx: OpContext,
+    ) -> Result<RefundReserveOutcome, StoreError>;
+
+    /// Ends a pending refund (see [`RefundFinishRequest`]): exactly once.
+    async fn finish_refund(
+        &self,
+        req: &RefundFinishRequest,
+        ctx: OpContext,
+    ) -> Result<RefundFinishOutcome, StoreError>;
 
     /// Ends a pending payment that no channel took: as `release` to `failed`, and the
     /// idempotency record's outcome becomes `no_channel_available` (replayed as 503).

@@ -19,9 +19,11 @@ use async_trait::async_trait;
 
 use super::{
     money_record_id, AccountKey, AccountRebuild, AccountSnapshot, AdjustOutcome, AdjustRequest,
-    AuthorizeOutcome, AuthorizeRequest, BalanceStore, Direction, OpContext, PaymentDoc,
-    PaymentRecord, PaymentStatus, Scope, SettledMark, StoreError, StoredOutcome, SucceedOutcome,
-    SucceedRequest, TransitionOutcome, Unsettled, UnsettledPage, UpsertOutcome,
+    AuthorizeOutcome, AuthorizeRequest, BalanceStore, Direction, LateCaptureOutcome,
+    LateCaptureRequest, OpContext, PaymentDoc, PaymentRecord, PaymentStatus, RefundFinishOutcome,
+    RefundFinishRequest, RefundReserveOutcome, RefundReserveRequest, Scope, SettledMark,
+    StoreError, StoredOutcome, SucceedOutcome, SucceedRequest, TransitionOutcome, Unsettled,
+    UnsettledPage, UpsertOutcome,
 };
 use crate::config::RedisSettings;
 use crate::ids::{IdempotencyKey, MerchantOrderId, PaymentId, ScopeTag};
@@ -36,6 +38,9 @@ struct Scripts {
     read_account: Script,
     authorize: Script,
     succeed: Script,
+    late_capture: Script,
+    refund_reserve: Script,
+    refund_finish: Script,
     release: Script,
     adjust: Script,
     read_payment: Script,
@@ -54,6 +59,9 @@ impl Scripts {
             read_account: with_common(include_str!("scripts/read_account.lua")),
             authorize: with_common(include_str!("scripts/authorize.lua")),
             succeed: with_common(include_str!("scripts/succeed.lua")),
+            late_capture: with_common(include_str!("scripts/late_capture.lua")),
+            refund_reserve: with_common(include_str!("scripts/refund_reserve.lua")),
+            refund_finish: with_common(include_str!("scripts/refund_finish.lua")),
             release: with_common(include_str!("scripts/release.lua")),
             adjust: with_common(include_str!("scripts/adjust.lua")),
             read_payment: with_common(include_str!("scripts/read_payment.lua")),
@@ -64,12 +72,15 @@ impl Scripts {
         }
     }
 
-    fn all(&self) -> [&Script; 11] {
+    fn all(&self) -> [&Script; 14] {
         [
             &self.upsert_account,
             &self.read_account,
             &self.authorize,
             &self.succeed,
+            &self.late_capture,
+            &self.refund_reserve,
+            &self.refund_finish,
             &self.release,
             &self.adjust,
             &self.read_payment,
@@ -507,6 +518,148 @@ impl BalanceStore for RedisStore {
             ))),
             _ => Err(corrupt(what, &reply)),
         }
+    }
+
+    async fn late_capture(
+        &self,
+        req: &LateCaptureRequest,
+        ctx: OpContext,
+    ) -> Result<LateCaptureOutcome, StoreError> {
+        let payment = &req.payment;
+        let tag = payment.tag();
+        let k = Keys::of(tag);
+        let [a, h, ph, ps, u] = k.account_script_keys();
+        let late = format!("lc:{{{tag}}}");
+        let what = "late_capture";
+        let reply = self
+            .run(
+                what,
+                &self.scripts.late_capture,
+                &[a, h, ph, ps, u, &late],
+                &[
+                    payment.as_str(),
+                    &req.amount_minor.to_string(),
+                    &ctx.now_ms.to_string(),
+                    &req.pending_record,
+                    &money_record_id(payment.as_str()),
+                    &ctx.lazy_release_max.to_string(),
+                ],
+            )
+            .await?;
+        Ok(match field(&reply, 0, what)? {
+            "done" => LateCaptureOutcome::Done {
+                seq: number(&reply, 1, what)?,
+            },
+            "insufficient" => LateCaptureOutcome::Insufficient {
+                available: number(&reply, 1, what)?,
+            },
+            "pending" => LateCaptureOutcome::Pending,
+            "not_found" => LateCaptureOutcome::NotFound,
+            _ => return Err(corrupt(what, &reply)),
+        })
+    }
+
+    async fn reserve_refund(
+        &self,
+        req: &RefundReserveRequest,
+        ctx: OpContext,
+    ) -> Result<RefundReserveOutcome, StoreError> {
+        let payment = &req.payment;
+        let tag = payment.tag();
+        let k = Keys::of(tag);
+        let refunds = format!("rf:{{{tag}}}");
+        let key = req.idempotency.key.as_str();
+        let what = "refund_reserve";
+        let reply = self
+            .run(
+                what,
+                &self.scripts.refund_reserve,
+                &[
+                    &k.account,
+                    &k.holds,
+                    &k.hold_amounts,
+                    &k.statuses,
+                    &k.docs,
+                    &k.unsettled,
+                    &Keys::idempotency(tag, key),
+                    &refunds,
+                ],
+                &[
+                    payment.as_str(),
+                    &req.amount_minor.map(|a| a.to_string()).unwrap_or_default(),
+                    &ctx.now_ms.to_string(),
+                    &req.idempotency.request_hash,
+                    &req.idempotency.retention_seconds.to_string(),
+                    key,
+                    &req.hold_expires_at_ms.to_string(),
+                    &ctx.lazy_release_max.to_string(),
+                    &req.intent_template,
+                ],
+            )
+            .await?;
+        Ok(match field(&reply, 0, what)? {
+            "created" => RefundReserveOutcome::Created {
+                refund_id: field(&reply, 1, what)?.to_owned(),
+                number: number(&reply, 2, what)?,
+                amount_minor: number(&reply, 3, what)?,
+            },
+            "replay" => {
+                RefundReserveOutcome::Replay(StoredOutcome::decode(field(&reply, 1, what)?)?)
+            }
+            "conflict" => RefundReserveOutcome::IdempotencyConflict,
+            "in_flight" => RefundReserveOutcome::IdempotencyInFlight,
+            "not_found" => RefundReserveOutcome::NotFound,
+            "invalid_state" => RefundReserveOutcome::InvalidState(status(&reply, 1, what)?),
+            "exceeds" => RefundReserveOutcome::Exceeds {
+                remaining: number(&reply, 1, what)?,
+            },
+            "insufficient" => RefundReserveOutcome::InsufficientFunds {
+                available: number(&reply, 1, what)?,
+                shortfall: number(&reply, 2, what)?,
+            },
+            _ => return Err(corrupt(what, &reply)),
+        })
+    }
+
+    async fn finish_refund(
+        &self,
+        req: &RefundFinishRequest,
+        ctx: OpContext,
+    ) -> Result<RefundFinishOutcome, StoreError> {
+        let tag = req.payment.tag();
+        let k = Keys::of(tag);
+        let refunds = format!("rf:{{{tag}}}");
+        let what = "refund_finish";
+        let reply = self
+            .run(
+                what,
+                &self.scripts.refund_finish,
+                &[
+                    &k.account,
+                    &k.holds,
+                    &k.hold_amounts,
+                    &k.statuses,
+                    &k.docs,
+                    &k.unsettled,
+                    &refunds,
+                ],
+                &[
+                    &req.refund_id,
+                    if req.succeeded { "succeeded" } else { "failed" },
+                    &ctx.now_ms.to_string(),
+                    &req.pending_record,
+                ],
+            )
+            .await?;
+        Ok(match field(&reply, 0, what)? {
+            "done" => RefundFinishOutcome::Done {
+                seq: number(&reply, 1, what)?,
+                payment_status: status(&reply, 2, what)?,
+            },
+            "already" => RefundFinishOutcome::Already(field(&reply, 1, what)?.to_owned()),
+            "not_found" => RefundFinishOutcome::NotFound,
+            _ => return Err(corrupt(what, &reply)),
+        })
     }
 
     async fn fail_unrouted(

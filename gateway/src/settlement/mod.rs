@@ -27,10 +27,12 @@ use crate::money::Currency;
 pub const MIGRATIONS: &[(u32, &str)] = &[
     (1, include_str!("migrations/0001_init.sql")),
     (2, include_str!("migrations/0002_channels.sql")),
+    (3, include_str!("migrations/0003_webhooks.sql")),
+    (4, include_str!("migrations/0004_refunds.sql")),
 ];
 
 /// The schema version this binary runs on.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// What kind of money movement a settlement records (DESIGN.md §3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -75,6 +77,11 @@ pub mod ledger {
     /// charge), negative = the channel owes the platform (collections, top-ups).
     pub fn channel_clearing(channel: &str) -> String {
         format!("channel:{channel}:clearing")
+    }
+    /// Money that arrived for a payment already ended (late money), until a human or the
+    /// automatic refund decides.
+    pub fn suspense(merchant: &str) -> String {
+        format!("merchant:{merchant}:suspense")
     }
     /// The other side of manual credits and debits.
     pub fn adjustments(merchant: &str) -> String {
@@ -257,6 +264,34 @@ pub struct StatusChange {
     pub updated_at_ms: u64,
 }
 
+/// A refund as recorded before its channel is called (DESIGN.md §7).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefundRow {
+    /// `re_<payment id body>_<number>`: also the channel's refund number.
+    pub refund_id: String,
+    pub payment_id: String,
+    /// 1 for the payment's first refund…
+    pub number: u32,
+    pub amount_minor: i64,
+    pub currency: Currency,
+    /// pending | succeeded | failed
+    pub status: String,
+    /// The channel and order refunded (none for a balance payment).
+    pub channel_id: Option<String>,
+    pub channel_order_id: Option<String>,
+    pub reason: Option<String>,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+}
+
+/// A refund's final status without money moving (a failed refund).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefundStatusChange {
+    pub refund_id: String,
+    pub status: String,
+    pub updated_at_ms: u64,
+}
+
 /// What the balance store keeps in its outbox until this store has it (see
 /// `preauth::Unsettled`): serialized as `{"settlement": …}`, `{"intent": …}` or
 /// `{"status": …}` — the last one is also written by the Lua scripts.
@@ -268,6 +303,10 @@ pub enum PendingRecord {
     Settlement(Settlement),
     Intent(PaymentRow),
     Status(StatusChange),
+    /// A refund's intent, recorded before the channel is called.
+    Refund(RefundRow),
+    /// A refund that failed (a succeeded one is a `Settlement` of kind `refund`).
+    RefundStatus(RefundStatusChange),
 }
 
 impl PendingRecord {
@@ -451,10 +490,67 @@ pub trait SettlementStore: Send + Sync + 'static {
 
     async fn flagged(&self, limit: usize) -> Result<Vec<Flagged>, SettleError>;
 
+    /// Records a refund before its channel is called (a repeat changes nothing).
+    async fn record_refund(&self, refund: &RefundRow) -> Result<(), SettleError>;
+
+    /// Ends a pending refund without money moving (`failed`): `false` when it is unknown or
+    /// no longer pending. (A succeeded refund ends with its settlement, in `commit`.)
+    async fn set_refund_status(&self, change: &RefundStatusChange) -> Result<bool, SettleError>;
+
+    /// A payment's refunds, oldest first.
+    async fn refunds(&self, payment_id: &str) -> Result<Vec<RefundRow>, SettleError>;
+
+    /// Pending refunds last touched before `before_ms`, oldest first (to retry at their
+    /// channel under the same number).
+    async fn stale_refunds(
+        &self,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<RefundRow>, SettleError>;
+
+    /// Flags a payment for a human (late money, overdrafts, …): `false` when the same
+    /// (kind, payment) is already flagged (nothing written).
+    async fn flag(&self, item: &Flagged) -> Result<bool, SettleError>;
+
     /// The statuses a payment reached, oldest first, with when.
     async fn payment_events(&self, id: &str) -> Result<Vec<(String, u64)>, SettleError>;
 
     async fn ping(&self) -> Result<(), SettleError>;
+
+    // ---- merchant webhooks: the outbox (crate::webhooks, docs/webhooks.md) ----
+    // Events are enqueued by `commit` and `set_final_status` themselves, in their own
+    // transaction (see `crate::webhooks::events`); these calls serve the delivery worker and
+    // the API.
+
+    /// Claims up to `limit` pending events whose `next_attempt_at_ms <= now_ms`, oldest first,
+    /// leasing them as `claim_due` does payments: in the same atomic step their
+    /// `next_attempt_at_ms` becomes `lease_until_ms`, so no other worker (or instance) takes
+    /// them meanwhile, and they come due again if this one dies. Returns them as updated.
+    async fn claim_webhooks(
+        &self,
+        now_ms: u64,
+        lease_until_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<WebhookEvent>, SettleError>;
+
+    /// Records what a delivery attempt of a *pending* event came to (see [`WebhookOutcome`]),
+    /// with the receiver's HTTP status and an error text (truncated to
+    /// [`MAX_WEBHOOK_ERROR_CHARS`]). `false` when the event is unknown or no longer pending
+    /// (nothing written): a delivered event is never reopened.
+    async fn record_webhook_attempt(
+        &self,
+        id: &str,
+        outcome: WebhookOutcome,
+        http_status: Option<u16>,
+        error: Option<&str>,
+        now_ms: u64,
+    ) -> Result<bool, SettleError>;
+
+    /// A payment's events, oldest first (its delivery status on the API).
+    async fn webhook_events(&self, payment_id: &str) -> Result<Vec<WebhookEvent>, SettleError>;
+
+    /// How many events are pending (delivered, failed and skipped ones are not).
+    async fn webhook_backlog(&self) -> Result<u64, SettleError>;
 }
 
 /// Refuses to run on a store whose schema this binary does not know.
@@ -473,4 +569,117 @@ impl fmt::Display for SettlementKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+// ---- merchant webhooks: the outbox's types (crate::webhooks, docs/webhooks.md) ----
+
+/// An event of the webhook outbox, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookEvent {
+    /// `evt_` + 26 base62 characters (the `X-Webhook-Id` header and the body's `id`).
+    pub id: String,
+    pub merchant_id: String,
+    pub payment_id: String,
+    /// `payment.succeeded`, `refund.succeeded`, … (`crate::webhooks::events`).
+    pub event_type: String,
+    /// Tells apart several events of one type for one payment (the refund number); 0 for a
+    /// final status.
+    pub sequence: u32,
+    /// The exact JSON body to POST.
+    pub payload: String,
+    /// The payment's `notify_url`; `None`: the merchant's configured `webhook_url`.
+    pub url: Option<String>,
+    pub status: WebhookStatus,
+    /// Delivery attempts made (a deferral is not one).
+    pub attempts: u32,
+    /// When a pending event is due, or its lease ends; `None` once it is finished.
+    pub next_attempt_at_ms: Option<u64>,
+    /// The receiver's HTTP status at the last attempt, if it answered.
+    pub last_status: Option<u16>,
+    pub last_error: Option<String>,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+}
+
+/// Where an event is in its life: `pending` until delivered (a 2xx), `failed` (its horizon
+/// passed, or it can never be sent), or `skipped` (nowhere to send it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookStatus {
+    Pending,
+    Delivered,
+    Failed,
+    Skipped,
+}
+
+impl WebhookStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookStatus::Pending => "pending",
+            WebhookStatus::Delivered => "delivered",
+            WebhookStatus::Failed => "failed",
+            WebhookStatus::Skipped => "skipped",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            WebhookStatus::Pending,
+            WebhookStatus::Delivered,
+            WebhookStatus::Failed,
+            WebhookStatus::Skipped,
+        ]
+        .into_iter()
+        .find(|status| status.as_str() == s)
+    }
+}
+
+impl fmt::Display for WebhookStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What one turn of the delivery worker did with a pending event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookOutcome {
+    /// The receiver answered 2xx: `delivered`, one more attempt, never sent again.
+    Delivered,
+    /// The attempt failed; try again at this time (one more attempt, still `pending`).
+    RetryAt(u64),
+    /// The attempt failed and the horizon is reached, or the event can never be sent (a URL
+    /// the gateway refuses): `failed`, one more attempt.
+    Failed,
+    /// Nowhere to send it (no `notify_url`, no merchant `webhook_url`): `skipped`, no attempt.
+    Skipped,
+    /// Not attempted (the merchant was at its concurrency limit): due again at this time,
+    /// no attempt counted.
+    Deferred(u64),
+}
+
+impl WebhookOutcome {
+    /// What recording it sets: the status, the attempts it adds, the next due time.
+    pub(crate) fn transition(self) -> (WebhookStatus, u32, Option<u64>) {
+        match self {
+            WebhookOutcome::Delivered => (WebhookStatus::Delivered, 1, None),
+            WebhookOutcome::RetryAt(at_ms) => (WebhookStatus::Pending, 1, Some(at_ms)),
+            WebhookOutcome::Failed => (WebhookStatus::Failed, 1, None),
+            WebhookOutcome::Skipped => (WebhookStatus::Skipped, 0, None),
+            WebhookOutcome::Deferred(at_ms) => (WebhookStatus::Pending, 0, Some(at_ms)),
+        }
+    }
+}
+
+/// The longest `last_error` kept, in characters.
+pub const MAX_WEBHOOK_ERROR_CHARS: usize = 500;
+
+/// `error` cut to [`MAX_WEBHOOK_ERROR_CHARS`] characters, NUL characters dropped (PostgreSQL
+/// text cannot hold them): what both backends store as `last_error`.
+pub(crate) fn webhook_error_text(error: Option<&str>) -> Option<String> {
+    error.map(|e| {
+        e.chars()
+            .filter(|c| *c != '\0')
+            .take(MAX_WEBHOOK_ERROR_CHARS)
+            .collect()
+    })
 }

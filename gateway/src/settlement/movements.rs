@@ -204,6 +204,206 @@ pub fn channel_success(
     }
 }
 
+/// A refund of `amount_minor` of `doc`, the payment's `number`-th, that the channel (or, for a
+/// balance payment, the gateway itself) executed: the reverse of what the payment did. A
+/// customer charge: sales → the channel's clearing; a balance or supplier charge: back to the
+/// account; a top-up: out of the account to the channel. `refund_id` is kept as the
+/// settlement's transaction id; `payment` is the payment's row in its new status.
+#[allow(clippy::too_many_arguments)]
+pub fn refund(
+    doc: &PaymentDoc,
+    tag: ScopeTag,
+    number: u32,
+    refund_id: &str,
+    channel_id: Option<&str>,
+    amount_minor: i64,
+    status: PaymentStatus,
+    seq: Option<u64>,
+    now_ms: u64,
+) -> Settlement {
+    let merchant = doc.merchant_id.as_str();
+    let account = || ledger::account(merchant, doc.account_id.as_deref().unwrap_or_default());
+    let clearing = || ledger::channel_clearing(channel_id.unwrap_or("gateway"));
+    let postings = match (doc.purpose, doc.method) {
+        (Purpose::Topup, _) => vec![(account(), -amount_minor), (clearing(), amount_minor)],
+        (Purpose::Charge, Method::Balance) => vec![
+            (ledger::merchant_sales(merchant), -amount_minor),
+            (account(), amount_minor),
+        ],
+        (Purpose::Charge, Method::Supplier) => {
+            vec![(clearing(), -amount_minor), (account(), amount_minor)]
+        }
+        (Purpose::Charge, Method::Alipay | Method::Wechatpay) => vec![
+            (ledger::merchant_sales(merchant), -amount_minor),
+            (clearing(), amount_minor),
+        ],
+    };
+    let moves_account = matches!(
+        (doc.purpose, doc.method),
+        (Purpose::Topup, _) | (Purpose::Charge, Method::Balance | Method::Supplier)
+    );
+    let mut row = payment_row(doc, tag, status, 0, None, now_ms);
+    row.status = status.as_str().to_owned();
+    Settlement {
+        payment_id: doc.id.clone(),
+        kind: SettlementKind::Refund,
+        sequence: number,
+        merchant_id: merchant.to_owned(),
+        account_id: if moves_account {
+            doc.account_id.clone()
+        } else {
+            None
+        },
+        channel_id: channel_id.map(str::to_owned),
+        channel_txn_id: Some(refund_id.to_owned()),
+        amount_minor,
+        currency: doc.currency,
+        channel_fee_minor: 0,
+        commission_minor: 0,
+        merchant_net_minor: amount_minor,
+        account_seq: if moves_account { seq } else { None },
+        settled_at_ms: now_ms,
+        postings: postings
+            .into_iter()
+            .map(|(ledger, amount_minor)| Posting {
+                ledger,
+                amount_minor,
+            })
+            .collect(),
+        payment: Some(row),
+    }
+}
+
+/// Late money (DESIGN.md §7): the channel took `amount_minor` for attempt `attempt` of a
+/// payment that had already ended (or for an abandoned attempt). Held in the merchant's
+/// suspense ledger; the payment itself is not changed. For a customer payment the channel owes
+/// the money (clearing −, suspense +: to refund); for a supplier charge the platform owes the
+/// supplier (clearing +, suspense −: to recover from the account). One per attempt (its number
+/// is the sequence): a duplicate notice is the same movement.
+pub fn suspense(
+    doc: &PaymentDoc,
+    attempt: u32,
+    channel_id: &str,
+    channel_txn_id: &str,
+    amount_minor: i64,
+    now_ms: u64,
+) -> Settlement {
+    let owed_to_supplier = doc.method == Method::Supplier && doc.purpose == Purpose::Charge;
+    let sign = if owed_to_supplier { 1 } else { -1 };
+    late_movement(
+        doc,
+        SettlementKind::Suspense,
+        attempt,
+        channel_id,
+        channel_txn_id,
+        amount_minor,
+        vec![
+            (ledger::channel_clearing(channel_id), sign * amount_minor),
+            (ledger::suspense(&doc.merchant_id), -sign * amount_minor),
+        ],
+        None,
+        now_ms,
+    )
+}
+
+/// The late money of a supplier charge recovered from its account (suspense → account), with
+/// the account's sequence after the debit.
+pub fn late_capture(
+    doc: &PaymentDoc,
+    channel_id: &str,
+    channel_txn_id: &str,
+    seq: Option<u64>,
+    now_ms: u64,
+) -> Settlement {
+    let account = ledger::account(
+        &doc.merchant_id,
+        doc.account_id.as_deref().unwrap_or_default(),
+    );
+    let mut s = late_movement(
+        doc,
+        SettlementKind::Capture,
+        0,
+        channel_id,
+        channel_txn_id,
+        doc.amount_minor,
+        vec![
+            (account, -doc.amount_minor),
+            (ledger::suspense(&doc.merchant_id), doc.amount_minor),
+        ],
+        seq,
+        now_ms,
+    );
+    s.account_id = doc.account_id.clone();
+    s
+}
+
+/// The sequence of the automatic refund of an attempt's late money (clear of the refund
+/// numbers the refunds API hands out).
+pub const LATE_REFUND_SEQUENCE_BASE: u32 = 1_000;
+
+/// Late money of a customer payment given back through the channel (suspense → clearing).
+pub fn late_refund(
+    doc: &PaymentDoc,
+    attempt: u32,
+    channel_id: &str,
+    channel_refund_id: &str,
+    amount_minor: i64,
+    now_ms: u64,
+) -> Settlement {
+    late_movement(
+        doc,
+        SettlementKind::Refund,
+        LATE_REFUND_SEQUENCE_BASE + attempt,
+        channel_id,
+        channel_refund_id,
+        amount_minor,
+        vec![
+            (ledger::suspense(&doc.merchant_id), -amount_minor),
+            (ledger::channel_clearing(channel_id), amount_minor),
+        ],
+        None,
+        now_ms,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn late_movement(
+    doc: &PaymentDoc,
+    kind: SettlementKind,
+    sequence: u32,
+    channel_id: &str,
+    channel_txn_id: &str,
+    amount_minor: i64,
+    postings: Vec<(String, i64)>,
+    account_seq: Option<u64>,
+    now_ms: u64,
+) -> Settlement {
+    Settlement {
+        payment_id: doc.id.clone(),
+        kind,
+        sequence,
+        merchant_id: doc.merchant_id.clone(),
+        account_id: None,
+        channel_id: Some(channel_id.to_owned()),
+        channel_txn_id: Some(channel_txn_id.to_owned()),
+        amount_minor,
+        currency: doc.currency,
+        channel_fee_minor: 0,
+        commission_minor: 0,
+        merchant_net_minor: amount_minor,
+        account_seq,
+        settled_at_ms: now_ms,
+        postings: postings
+            .into_iter()
+            .map(|(ledger, amount_minor)| Posting {
+                ledger,
+                amount_minor,
+            })
+            .collect(),
+        payment: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,7 +32,8 @@ use tokio_postgres::types::FromSql;
 
 use super::{
     AccountBalance, AccountRow, AttemptRow, CommitOutcome, Flagged, IntentOutcome, PaymentRow,
-    SettleError, Settlement, SettlementStore, StatusChange, MIGRATIONS, SCHEMA_VERSION,
+    RefundRow, RefundStatusChange, SettleError, Settlement, SettlementKind, SettlementStore,
+    StatusChange, MIGRATIONS, SCHEMA_VERSION,
 };
 use crate::money::Currency;
 use crate::telemetry;
@@ -150,6 +151,25 @@ fn get_u64(row: &Row, idx: usize) -> Result<u64, SettleError> {
 fn get_u32(row: &Row, idx: usize) -> Result<u32, SettleError> {
     let v: i32 = get(row, idx)?;
     u32::try_from(v).map_err(|_| bad_row(format!("negative value {v} in column {idx}")))
+}
+
+const REFUND_COLUMNS: &str = "refund_id, payment_id, number, amount_minor, currency, status, \
+    channel_id, channel_order_id, reason, created_at_ms, updated_at_ms";
+
+fn refund_from_row(r: &Row) -> Result<RefundRow, SettleError> {
+    Ok(RefundRow {
+        refund_id: get(r, 0)?,
+        payment_id: get(r, 1)?,
+        number: get_u32(r, 2)?,
+        amount_minor: get(r, 3)?,
+        currency: get_currency(r, 4)?,
+        status: get(r, 5)?,
+        channel_id: get(r, 6)?,
+        channel_order_id: get(r, 7)?,
+        reason: get(r, 8)?,
+        created_at_ms: get_u64(r, 9)?,
+        updated_at_ms: get_u64(r, 10)?,
+    })
 }
 
 fn get_currency(row: &Row, idx: usize) -> Result<Currency, SettleError> {
@@ -771,6 +791,8 @@ impl PostgresStore {
         let insert = tx.prepare_cached(INSERT_SETTLEMENT).await.map_err(db)?;
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut postings = PostingColumns::default();
+        // The merchants' webhooks, inserted with one statement for the batch, below.
+        let mut webhooks = Vec::new();
         for (s, &sequence) in batch.iter().zip(&sequences) {
             let hash = s.content_hash();
             let inserted = tx
@@ -844,6 +866,17 @@ impl PostgresStore {
                         .map_err(db)?;
                 }
             }
+            // A refund ends with its settlement.
+            if s.kind == SettlementKind::Refund {
+                tx.execute(
+                    "UPDATE refunds SET status = 'succeeded', updated_at_ms = $2 \
+                     WHERE refund_id = $1 AND status = 'pending'",
+                    &[&s.channel_txn_id, &ms(s.settled_at_ms)],
+                )
+                .await
+                .map_err(db)?;
+            }
+            webhooks.extend(self.settlement_webhook(&tx, s).await?);
             outcomes.push(CommitOutcome::Inserted);
         }
         if !postings.line.is_empty() {
@@ -863,6 +896,7 @@ impl PostgresStore {
             .await
             .map_err(db)?;
         }
+        insert_webhooks(&tx, &webhooks).await.map_err(db)?;
         tx.commit().await.map_err(db)?;
         Ok(outcomes)
     }
@@ -977,6 +1011,10 @@ impl PostgresStore {
             )
             .await
             .map_err(db)?;
+            // The merchant's webhook, in the same transaction as the status (webhooks).
+            let stored = self.stored_payment(&tx, &change.payment_id).await?;
+            let event = stored.and_then(|p| events::for_final_status(&p, telemetry::now_ms()));
+            insert_webhooks(&tx, event.as_slice()).await.map_err(db)?;
         }
         tx.commit().await.map_err(db)?;
         Ok(updated == 1)
@@ -1253,6 +1291,109 @@ impl SettlementStore for PostgresStore {
         Self::timed("postings_sum", self.postings_sum_inner()).await
     }
 
+    async fn record_refund(&self, refund: &RefundRow) -> Result<(), SettleError> {
+        Self::timed("record_refund", async {
+            let client = self.client().await?;
+            let number = i32::try_from(refund.number)
+                .map_err(|_| SettleError::Invalid(format!("refund number {}", refund.number)))?;
+            client
+                .execute(
+                    "INSERT INTO refunds (refund_id, payment_id, number, amount_minor, currency, \
+                     status, channel_id, channel_order_id, reason, created_at_ms, updated_at_ms) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING",
+                    &[
+                        &refund.refund_id,
+                        &refund.payment_id,
+                        &number,
+                        &refund.amount_minor,
+                        &refund.currency.code(),
+                        &refund.status,
+                        &refund.channel_id,
+                        &refund.channel_order_id,
+                        &refund.reason,
+                        &ms(refund.created_at_ms),
+                        &ms(refund.updated_at_ms),
+                    ],
+                )
+                .await
+                .map_err(|e| self.unavailable(&e))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn set_refund_status(&self, change: &RefundStatusChange) -> Result<bool, SettleError> {
+        Self::timed("set_refund_status", async {
+            let client = self.client().await?;
+            let changed = client
+                .execute(
+                    "UPDATE refunds SET status = $2, updated_at_ms = $3 \
+                     WHERE refund_id = $1 AND status = 'pending'",
+                    &[&change.refund_id, &change.status, &ms(change.updated_at_ms)],
+                )
+                .await
+                .map_err(|e| self.unavailable(&e))?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+
+    async fn refunds(&self, payment_id: &str) -> Result<Vec<RefundRow>, SettleError> {
+        Self::timed("refunds", async {
+            let client = self.client().await?;
+            let rows = client
+                .query(
+                    &format!(
+                        "SELECT {REFUND_COLUMNS} FROM refunds WHERE payment_id = $1 ORDER BY number"
+                    ),
+                    &[&payment_id],
+                )
+                .await
+                .map_err(|e| self.unavailable(&e))?;
+            rows.iter().map(refund_from_row).collect()
+        })
+        .await
+    }
+
+    async fn stale_refunds(
+        &self,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<RefundRow>, SettleError> {
+        Self::timed("stale_refunds", async {
+            let client = self.client().await?;
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let rows = client
+                .query(
+                    &format!(
+                        "SELECT {REFUND_COLUMNS} FROM refunds WHERE status = 'pending' \
+                         AND updated_at_ms < $1 ORDER BY updated_at_ms LIMIT $2"
+                    ),
+                    &[&ms(before_ms), &limit],
+                )
+                .await
+                .map_err(|e| self.unavailable(&e))?;
+            rows.iter().map(refund_from_row).collect()
+        })
+        .await
+    }
+
+    async fn flag(&self, item: &Flagged) -> Result<bool, SettleError> {
+        Self::timed("flag", async {
+            let client = self.client().await?;
+            let at = i64::try_from(item.created_at_ms).unwrap_or(i64::MAX);
+            let inserted = client
+                .execute(
+                    INSERT_FLAG,
+                    &[&item.kind, &item.payment_id, &item.detail, &at],
+                )
+                .await
+                .map_err(|e| self.unavailable(&e))?;
+            Ok(inserted == 1)
+        })
+        .await
+    }
+
     async fn flagged(&self, limit: usize) -> Result<Vec<Flagged>, SettleError> {
         Self::timed("flagged", self.flagged_inner(limit)).await
     }
@@ -1278,6 +1419,252 @@ impl SettlementStore for PostgresStore {
                 .collect()
         })
         .await
+    }
+
+    // ---- merchant webhooks: the outbox (crate::webhooks) ----
+
+    async fn claim_webhooks(
+        &self,
+        now_ms: u64,
+        lease_until_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<WebhookEvent>, SettleError> {
+        Self::timed("claim_webhooks", async {
+            if limit == 0 {
+                return Ok(Vec::new());
+            }
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let db = |e: tokio_postgres::Error| self.unavailable(&e);
+            let client = self.client().await?;
+            // As `claim_due`: due pending events, oldest first, locked (skipping those another
+            // instance is claiming right now) and leased in one statement. `RETURNING` keeps
+            // no order: the old `next_attempt_at_ms` (`was`) orders them below.
+            let stmt = client
+                .prepare_cached(&format!(
+                    "WITH due AS (SELECT id AS due_id, next_attempt_at_ms AS was \
+                     FROM webhook_events WHERE status = 'pending' AND next_attempt_at_ms <= $1 \
+                     ORDER BY next_attempt_at_ms, id COLLATE \"C\" LIMIT $3 \
+                     FOR UPDATE SKIP LOCKED) \
+                     UPDATE webhook_events SET next_attempt_at_ms = $2 FROM due \
+                     WHERE id = due.due_id RETURNING {WEBHOOK_COLUMNS}, due.was"
+                ))
+                .await
+                .map_err(db)?;
+            let rows = client
+                .query(&stmt, &[&ms(now_ms), &ms(lease_until_ms), &limit])
+                .await
+                .map_err(db)?;
+            let mut claimed = rows
+                .iter()
+                .map(|r| Ok((get_u64(r, 14)?, webhook_from_row(r)?)))
+                .collect::<Result<Vec<_>, SettleError>>()?;
+            claimed.sort_by(|(a_was, a), (b_was, b)| (a_was, &a.id).cmp(&(b_was, &b.id)));
+            Ok(claimed.into_iter().map(|(_, e)| e).collect())
+        })
+        .await
+    }
+
+    async fn record_webhook_attempt(
+        &self,
+        id: &str,
+        outcome: WebhookOutcome,
+        http_status: Option<u16>,
+        error: Option<&str>,
+        now_ms: u64,
+    ) -> Result<bool, SettleError> {
+        Self::timed("record_webhook_attempt", async {
+            // No such event can have a NUL in its id; `webhook_error_text` drops them.
+            if id.contains('\0') {
+                return Ok(false);
+            }
+            let error = webhook_error_text(error);
+            let (status, attempted, next) = outcome.transition();
+            let attempted = i32::try_from(attempted).unwrap_or(i32::MAX);
+            let db = |e: tokio_postgres::Error| self.unavailable(&e);
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached(
+                    "UPDATE webhook_events SET status = $2, attempts = attempts + $3, \
+                     next_attempt_at_ms = $4, last_status = COALESCE($5, last_status), \
+                     last_error = COALESCE($6, last_error), updated_at_ms = $7 \
+                     WHERE id = $1 AND status = 'pending'",
+                )
+                .await
+                .map_err(db)?;
+            let updated = client
+                .execute(
+                    &stmt,
+                    &[
+                        &id,
+                        &status.as_str(),
+                        &attempted,
+                        &next.map(ms),
+                        &http_status.map(i32::from),
+                        &error,
+                        &ms(now_ms),
+                    ],
+                )
+                .await
+                .map_err(db)?;
+            Ok(updated == 1)
+        })
+        .await
+    }
+
+    async fn webhook_events(&self, payment_id: &str) -> Result<Vec<WebhookEvent>, SettleError> {
+        Self::timed("webhook_events", async {
+            if payment_id.contains('\0') {
+                return Ok(Vec::new());
+            }
+            let db = |e: tokio_postgres::Error| self.unavailable(&e);
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached(&format!(
+                    "SELECT {WEBHOOK_COLUMNS} FROM webhook_events WHERE payment_id = $1 \
+                     ORDER BY created_at_ms, id COLLATE \"C\""
+                ))
+                .await
+                .map_err(db)?;
+            let rows = client.query(&stmt, &[&payment_id]).await.map_err(db)?;
+            rows.iter().map(webhook_from_row).collect()
+        })
+        .await
+    }
+
+    async fn webhook_backlog(&self) -> Result<u64, SettleError> {
+        Self::timed("webhook_backlog", async {
+            let client = self.client().await?;
+            let row = client
+                .query_one(
+                    "SELECT COUNT(*) FROM webhook_events WHERE status = 'pending'",
+                    &[],
+                )
+                .await
+                .map_err(|e| self.unavailable(&e))?;
+            get_u64(&row, 0)
+        })
+        .await
+    }
+}
+
+// ---- merchant webhooks: the outbox's rows (crate::webhooks) ----
+
+use super::{webhook_error_text, WebhookEvent, WebhookOutcome, WebhookStatus};
+use crate::webhooks::events;
+
+const WEBHOOK_COLUMNS: &str = "id, merchant_id, payment_id, type, sequence, payload, url, \
+    status, attempts, next_attempt_at_ms, last_status, last_error, created_at_ms, updated_at_ms";
+
+/// A batch's events in one statement; an event whose `(payment_id, type, sequence)` is already
+/// enqueued is skipped. Text fields come from rows checked for NUL (see `events`).
+const INSERT_WEBHOOKS: &str = "INSERT INTO webhook_events (id, merchant_id, payment_id, type, \
+    sequence, payload, url, status, attempts, next_attempt_at_ms, created_at_ms, \
+    updated_at_ms) SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], \
+    $5::INTEGER[], $6::TEXT[], $7::TEXT[], $8::TEXT[], $9::INTEGER[], $10::BIGINT[], \
+    $11::BIGINT[], $12::BIGINT[]) ON CONFLICT DO NOTHING";
+
+fn webhook_from_row(r: &Row) -> Result<WebhookEvent, SettleError> {
+    let status: String = get(r, 7)?;
+    Ok(WebhookEvent {
+        id: get(r, 0)?,
+        merchant_id: get(r, 1)?,
+        payment_id: get(r, 2)?,
+        event_type: get(r, 3)?,
+        sequence: get_u32(r, 4)?,
+        payload: get(r, 5)?,
+        url: get(r, 6)?,
+        status: WebhookStatus::parse(&status)
+            .ok_or_else(|| bad_row(format!("unknown webhook status {status:?}")))?,
+        attempts: get_u32(r, 8)?,
+        next_attempt_at_ms: get::<Option<i64>>(r, 9)?
+            .map(|v| u64::try_from(v).map_err(|_| bad_row(format!("negative due time {v}"))))
+            .transpose()?,
+        last_status: get::<Option<i32>>(r, 10)?
+            .map(|v| u16::try_from(v).map_err(|_| bad_row(format!("HTTP status {v}"))))
+            .transpose()?,
+        last_error: get(r, 11)?,
+        created_at_ms: get_u64(r, 12)?,
+        updated_at_ms: get_u64(r, 13)?,
+    })
+}
+
+async fn insert_webhooks(
+    tx: &Transaction<'_>,
+    events: &[WebhookEvent],
+) -> Result<(), tokio_postgres::Error> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let column = |f: fn(&WebhookEvent) -> &str| events.iter().map(f).collect::<Vec<_>>();
+    let sequence: Vec<i32> = events
+        .iter()
+        .map(|e| i32::try_from(e.sequence).unwrap_or(i32::MAX))
+        .collect();
+    let attempts: Vec<i32> = events
+        .iter()
+        .map(|e| i32::try_from(e.attempts).unwrap_or(i32::MAX))
+        .collect();
+    let url: Vec<Option<&str>> = events.iter().map(|e| e.url.as_deref()).collect();
+    let status: Vec<&str> = events.iter().map(|e| e.status.as_str()).collect();
+    let next: Vec<Option<i64>> = events
+        .iter()
+        .map(|e| e.next_attempt_at_ms.map(ms))
+        .collect();
+    let created: Vec<i64> = events.iter().map(|e| ms(e.created_at_ms)).collect();
+    let updated: Vec<i64> = events.iter().map(|e| ms(e.updated_at_ms)).collect();
+    let stmt = tx.prepare_cached(INSERT_WEBHOOKS).await?;
+    tx.execute(
+        &stmt,
+        &[
+            &column(|e| &e.id),
+            &column(|e| &e.merchant_id),
+            &column(|e| &e.payment_id),
+            &column(|e| &e.event_type),
+            &sequence,
+            &column(|e| &e.payload),
+            &url,
+            &status,
+            &attempts,
+            &next,
+            &created,
+            &updated,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+impl PostgresStore {
+    /// The payment row as stored now, inside `tx`.
+    async fn stored_payment(
+        &self,
+        tx: &Transaction<'_>,
+        id: &str,
+    ) -> Result<Option<PaymentRow>, SettleError> {
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        let stmt = tx
+            .prepare_cached(&format!(
+                "SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = $1"
+            ))
+            .await
+            .map_err(db)?;
+        let row = tx.query_opt(&stmt, &[&id]).await.map_err(db)?;
+        row.as_ref().map(payment_from_row).transpose()
+    }
+
+    /// The event a just-inserted settlement announces (`events::for_settlement`).
+    async fn settlement_webhook(
+        &self,
+        tx: &Transaction<'_>,
+        s: &Settlement,
+    ) -> Result<Option<WebhookEvent>, SettleError> {
+        let stored = if events::needs_stored_payment(s) {
+            self.stored_payment(tx, &s.payment_id).await?
+        } else {
+            None
+        };
+        let payment = s.payment.as_ref().or(stored.as_ref());
+        Ok(events::for_settlement(s, payment, telemetry::now_ms()))
     }
 }
 

@@ -115,6 +115,14 @@ pub async fn recover_once(
             PendingRecord::Status(change) => settler.apply_status(&change, mark).await.map(|_| {
                 report.statuses += 1;
             }),
+            PendingRecord::Refund(refund) => settler.record_refund(&refund, mark).await.map(|_| {
+                report.intents += 1;
+            }),
+            PendingRecord::RefundStatus(change) => {
+                settler.apply_refund_status(&change, mark).await.map(|_| {
+                    report.statuses += 1;
+                })
+            }
         };
         if let Err(err) = result {
             report.failed += 1;

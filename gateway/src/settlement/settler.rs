@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use super::stream::{SettlementStream, StreamError};
 use super::{
-    AttemptRow, CommitOutcome, IntentOutcome, PaymentRow, SettleError, Settlement, SettlementStore,
-    StatusChange,
+    AttemptRow, CommitOutcome, IntentOutcome, PaymentRow, RefundRow, RefundStatusChange,
+    SettleError, Settlement, SettlementStore, StatusChange,
 };
 use crate::preauth::{BalanceStore, SettledMark};
 
@@ -101,6 +101,36 @@ impl Settler {
             }
         }
         Ok(outcome)
+    }
+
+    /// Records a refund's intent, then lets its idempotency record replay.
+    pub async fn record_refund(
+        &self,
+        refund: &RefundRow,
+        mark: SettledMark,
+    ) -> Result<(), SettleFailure> {
+        tokio::time::timeout(self.settle_timeout, self.store.record_refund(refund))
+            .await
+            .map_err(|_| SettleFailure::Timeout)??;
+        self.balances
+            .mark_settled(&[mark])
+            .await
+            .map_err(|e| SettleFailure::Store(SettleError::Unavailable(e.to_string())))?;
+        Ok(())
+    }
+
+    /// Applies a failed refund's status, then forgets it in the balance store.
+    pub async fn apply_refund_status(
+        &self,
+        change: &RefundStatusChange,
+        mark: SettledMark,
+    ) -> Result<bool, SettleFailure> {
+        let applied = self.store.set_refund_status(change).await?;
+        self.balances
+            .mark_settled(&[mark])
+            .await
+            .map_err(|e| SettleFailure::Store(SettleError::Unavailable(e.to_string())))?;
+        Ok(applied)
     }
 
     /// Applies a final status to the store, then forgets it in the balance store.

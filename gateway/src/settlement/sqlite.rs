@@ -10,7 +10,8 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{
     AccountBalance, AccountRow, AttemptRow, CommitOutcome, Flagged, IntentOutcome, PaymentRow,
-    SettleError, Settlement, SettlementStore, StatusChange, MIGRATIONS, SCHEMA_VERSION,
+    RefundRow, RefundStatusChange, SettleError, Settlement, SettlementKind, SettlementStore,
+    StatusChange, MIGRATIONS, SCHEMA_VERSION,
 };
 use crate::money::Currency;
 use crate::telemetry;
@@ -37,6 +38,25 @@ fn unavailable(e: impl std::fmt::Display) -> SettleError {
 
 fn ms(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+const REFUND_COLUMNS: &str = "refund_id, payment_id, number, amount_minor, currency, status, \
+    channel_id, channel_order_id, reason, created_at_ms, updated_at_ms";
+
+fn refund_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RefundRow> {
+    Ok(RefundRow {
+        refund_id: r.get(0)?,
+        payment_id: r.get(1)?,
+        number: r.get(2)?,
+        amount_minor: r.get(3)?,
+        currency: currency(r.get(4)?)?,
+        status: r.get(5)?,
+        channel_id: r.get(6)?,
+        channel_order_id: r.get(7)?,
+        reason: r.get(8)?,
+        created_at_ms: r.get::<_, i64>(9)? as u64,
+        updated_at_ms: r.get::<_, i64>(10)? as u64,
+    })
 }
 
 fn currency(code: String) -> rusqlite::Result<Currency> {
@@ -637,6 +657,17 @@ impl SettlementStore for SqliteStore {
                         .map_err(db)?;
                     }
                 }
+                // A refund ends with its settlement.
+                if s.kind == SettlementKind::Refund {
+                    tx.execute(
+                        "UPDATE refunds SET status = 'succeeded', updated_at_ms = ?2 \
+                         WHERE refund_id = ?1 AND status = 'pending'",
+                        params![s.channel_txn_id, ms(s.settled_at_ms)],
+                    )
+                    .map_err(db)?;
+                }
+                // The merchant's webhook, in the same transaction as the money (webhooks).
+                enqueue_settlement_webhook(&tx, s).map_err(db)?;
                 outcomes.push(CommitOutcome::Inserted);
             }
             tx.commit().map_err(db)?;
@@ -739,6 +770,8 @@ impl SettlementStore for SqliteStore {
                     change.updated_at_ms,
                 )
                 .map_err(db)?;
+                // The merchant's webhook, in the same transaction as the status (webhooks).
+                enqueue_status_webhook(&tx, &change.payment_id).map_err(db)?;
             }
             tx.commit().map_err(db)?;
             Ok(updated == 1)
@@ -760,6 +793,102 @@ impl SettlementStore for SqliteStore {
                 .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
                 .map_err(db)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(db)
+        })
+        .await
+    }
+
+    async fn record_refund(&self, refund: &RefundRow) -> Result<(), SettleError> {
+        let r = refund.clone();
+        self.run("record_refund", move |conn| {
+            conn.execute(
+                "INSERT INTO refunds (refund_id, payment_id, number, amount_minor, currency, \
+                 status, channel_id, channel_order_id, reason, created_at_ms, updated_at_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) ON CONFLICT DO NOTHING",
+                params![
+                    r.refund_id,
+                    r.payment_id,
+                    r.number,
+                    r.amount_minor,
+                    r.currency.code(),
+                    r.status,
+                    r.channel_id,
+                    r.channel_order_id,
+                    r.reason,
+                    ms(r.created_at_ms),
+                    ms(r.updated_at_ms)
+                ],
+            )
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn set_refund_status(&self, change: &RefundStatusChange) -> Result<bool, SettleError> {
+        let c = change.clone();
+        self.run("set_refund_status", move |conn| {
+            let changed = conn
+                .execute(
+                    "UPDATE refunds SET status = ?2, updated_at_ms = ?3 \
+                     WHERE refund_id = ?1 AND status = 'pending'",
+                    params![c.refund_id, c.status, ms(c.updated_at_ms)],
+                )
+                .map_err(db)?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+
+    async fn refunds(&self, payment_id: &str) -> Result<Vec<RefundRow>, SettleError> {
+        let payment_id = payment_id.to_owned();
+        self.run("refunds", move |conn| {
+            let mut stmt = conn
+                .prepare(&format!(
+                    "SELECT {REFUND_COLUMNS} FROM refunds WHERE payment_id = ?1 ORDER BY number"
+                ))
+                .map_err(db)?;
+            let rows = stmt.query_map([&payment_id], refund_from_row).map_err(db)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db)
+        })
+        .await
+    }
+
+    async fn stale_refunds(
+        &self,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<RefundRow>, SettleError> {
+        self.run("stale_refunds", move |conn| {
+            let mut stmt = conn
+                .prepare(&format!(
+                    "SELECT {REFUND_COLUMNS} FROM refunds WHERE status = 'pending' \
+                     AND updated_at_ms < ?1 ORDER BY updated_at_ms LIMIT ?2"
+                ))
+                .map_err(db)?;
+            let rows = stmt
+                .query_map(params![ms(before_ms), limit as i64], refund_from_row)
+                .map_err(db)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db)
+        })
+        .await
+    }
+
+    async fn flag(&self, item: &Flagged) -> Result<bool, SettleError> {
+        let item = item.clone();
+        self.run("flag", move |conn| {
+            let inserted = conn
+                .execute(
+                    "INSERT INTO flagged (kind, payment_id, detail, created_at_ms) \
+                     VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+                    params![
+                        item.kind,
+                        item.payment_id,
+                        item.detail,
+                        ms(item.created_at_ms)
+                    ],
+                )
+                .map_err(db)?;
+            Ok(inserted == 1)
         })
         .await
     }
@@ -812,4 +941,214 @@ impl SettlementStore for SqliteStore {
         })
         .await
     }
+
+    // ---- merchant webhooks: the outbox (crate::webhooks) ----
+
+    async fn claim_webhooks(
+        &self,
+        now_ms: u64,
+        lease_until_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<WebhookEvent>, SettleError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        self.run("claim_webhooks", move |conn| {
+            // One writer at a time (IMMEDIATE): no other process can claim the same events
+            // between the select and the update.
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db)?;
+            let mut due = {
+                let mut stmt = tx
+                    .prepare_cached(&format!(
+                        "SELECT {WEBHOOK_COLUMNS} FROM webhook_events WHERE status = 'pending' \
+                         AND next_attempt_at_ms <= ?1 ORDER BY next_attempt_at_ms, id LIMIT ?2"
+                    ))
+                    .map_err(db)?;
+                let rows = stmt
+                    .query_map(
+                        params![ms(now_ms), i64::try_from(limit).unwrap_or(i64::MAX)],
+                        webhook_from_row,
+                    )
+                    .map_err(db)?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(db)?
+            };
+            if due.is_empty() {
+                return Ok(due);
+            }
+            {
+                let mut lease = tx
+                    .prepare_cached(
+                        "UPDATE webhook_events SET next_attempt_at_ms = ?2 WHERE id = ?1",
+                    )
+                    .map_err(db)?;
+                for e in &mut due {
+                    lease
+                        .execute(params![e.id, ms(lease_until_ms)])
+                        .map_err(db)?;
+                    e.next_attempt_at_ms = Some(lease_until_ms);
+                }
+            }
+            tx.commit().map_err(db)?;
+            Ok(due)
+        })
+        .await
+    }
+
+    async fn record_webhook_attempt(
+        &self,
+        id: &str,
+        outcome: WebhookOutcome,
+        http_status: Option<u16>,
+        error: Option<&str>,
+        now_ms: u64,
+    ) -> Result<bool, SettleError> {
+        let id = id.to_owned();
+        let error = webhook_error_text(error);
+        let (status, attempted, next) = outcome.transition();
+        self.run("record_webhook_attempt", move |conn| {
+            let updated = conn
+                .execute(
+                    "UPDATE webhook_events SET status = ?2, attempts = attempts + ?3, \
+                     next_attempt_at_ms = ?4, last_status = COALESCE(?5, last_status), \
+                     last_error = COALESCE(?6, last_error), updated_at_ms = ?7 \
+                     WHERE id = ?1 AND status = 'pending'",
+                    params![
+                        id,
+                        status.as_str(),
+                        i64::from(attempted),
+                        next.map(ms),
+                        http_status,
+                        error,
+                        ms(now_ms)
+                    ],
+                )
+                .map_err(db)?;
+            Ok(updated == 1)
+        })
+        .await
+    }
+
+    async fn webhook_events(&self, payment_id: &str) -> Result<Vec<WebhookEvent>, SettleError> {
+        let payment_id = payment_id.to_owned();
+        self.run("webhook_events", move |conn| {
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT {WEBHOOK_COLUMNS} FROM webhook_events WHERE payment_id = ?1 \
+                     ORDER BY created_at_ms, id"
+                ))
+                .map_err(db)?;
+            let rows = stmt
+                .query_map([&payment_id], webhook_from_row)
+                .map_err(db)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db)
+        })
+        .await
+    }
+
+    async fn webhook_backlog(&self) -> Result<u64, SettleError> {
+        self.run("webhook_backlog", |conn| {
+            let pending: i64 = conn
+                .query_row(
+                    "SELECT COUNT(*) FROM webhook_events WHERE status = 'pending'",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(db)?;
+            Ok(u64::try_from(pending).unwrap_or(0))
+        })
+        .await
+    }
+}
+
+// ---- merchant webhooks: the outbox's rows (crate::webhooks) ----
+
+use super::{webhook_error_text, WebhookEvent, WebhookOutcome, WebhookStatus};
+use crate::webhooks::events;
+
+const WEBHOOK_COLUMNS: &str = "id, merchant_id, payment_id, type, sequence, payload, url, \
+    status, attempts, next_attempt_at_ms, last_status, last_error, created_at_ms, updated_at_ms";
+
+fn webhook_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<WebhookEvent> {
+    let status: String = r.get(7)?;
+    Ok(WebhookEvent {
+        id: r.get(0)?,
+        merchant_id: r.get(1)?,
+        payment_id: r.get(2)?,
+        event_type: r.get(3)?,
+        sequence: r.get(4)?,
+        payload: r.get(5)?,
+        url: r.get(6)?,
+        status: WebhookStatus::parse(&status).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(
+                7,
+                rusqlite::types::Type::Text,
+                format!("unknown webhook status {status:?}").into(),
+            )
+        })?,
+        attempts: r.get(8)?,
+        next_attempt_at_ms: r.get::<_, Option<i64>>(9)?.map(|v| v as u64),
+        last_status: r.get(10)?,
+        last_error: r.get(11)?,
+        created_at_ms: r.get::<_, i64>(12)? as u64,
+        updated_at_ms: r.get::<_, i64>(13)? as u64,
+    })
+}
+
+/// Inserts an event unless its `(payment_id, type, sequence)` is already enqueued.
+fn insert_webhook(conn: &Connection, e: &WebhookEvent) -> rusqlite::Result<()> {
+    conn.prepare_cached(&format!(
+        "INSERT INTO webhook_events ({WEBHOOK_COLUMNS}) VALUES \
+         (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) ON CONFLICT DO NOTHING"
+    ))?
+    .execute(params![
+        e.id,
+        e.merchant_id,
+        e.payment_id,
+        e.event_type,
+        e.sequence,
+        e.payload,
+        e.url,
+        e.status.as_str(),
+        e.attempts,
+        e.next_attempt_at_ms.map(ms),
+        e.last_status,
+        e.last_error,
+        ms(e.created_at_ms),
+        ms(e.updated_at_ms)
+    ])?;
+    Ok(())
+}
+
+/// Enqueues the event a just-inserted settlement announces (`events::for_settlement`).
+fn enqueue_settlement_webhook(conn: &Connection, s: &Settlement) -> rusqlite::Result<()> {
+    let stored = if events::needs_stored_payment(s) {
+        conn.query_row(
+            &format!("SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = ?1"),
+            [&s.payment_id],
+            payment_from_row,
+        )
+        .optional()?
+    } else {
+        None
+    };
+    let payment = s.payment.as_ref().or(stored.as_ref());
+    if let Some(event) = events::for_settlement(s, payment, telemetry::now_ms()) {
+        insert_webhook(conn, &event)?;
+    }
+    Ok(())
+}
+
+/// Enqueues the event a payment's new final status announces (`events::for_final_status`).
+fn enqueue_status_webhook(conn: &Connection, payment_id: &str) -> rusqlite::Result<()> {
+    let payment = conn.query_row(
+        &format!("SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = ?1"),
+        [payment_id],
+        payment_from_row,
+    )?;
+    if let Some(event) = events::for_final_status(&payment, telemetry::now_ms()) {
+        insert_webhook(conn, &event)?;
+    }
+    Ok(())
 }

@@ -26,16 +26,21 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn start(data: &std::path::Path, redis: Option<&RedisServer>) -> Self {
+        Self::start_with(data, redis, "127.0.0.1:0", &[])
+    }
+
+    /// As [`Gateway::start`], on `listen`, with extra environment variables.
+    pub fn start_with(
+        data: &std::path::Path,
+        redis: Option<&RedisServer>,
+        listen: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
         let mut command = Command::new(BIN);
         command
-            .args([
-                "serve",
-                "--sandbox",
-                "--listen",
-                "127.0.0.1:0",
-                "--data-dir",
-            ])
+            .args(["serve", "--sandbox", "--listen", listen, "--data-dir"])
             .arg(data)
+            .envs(env.iter().copied())
             .env("GATEWAY__STORE__RECOVERY_MIN_AGE_MS", "100")
             .env("GATEWAY__STORE__RECOVERY_INTERVAL_MS", "100")
             .env_remove("GATEWAY__STORE__URL")

@@ -304,6 +304,48 @@ async fn an_unrouted_payment_fails_releases_its_hold_and_replays_no_channel(
     created_id(&store, &again).await;
 }
 
+async fn a_late_capture_debits_once_and_never_below_available(store: Arc<dyn BalanceStore>) {
+    use gateway::preauth::{LateCaptureOutcome, LateCaptureRequest};
+    let k = funded(&store, "acc", 10_000, 0).await;
+    let request = authorize(&k, "i1", "o1", 4_000, hold_until(NOW + 60_000));
+    let id = created_id(&store, &request).await;
+    let late = |amount: i64| LateCaptureRequest {
+        payment: id.clone(),
+        amount_minor: amount,
+        pending_record: "{\"settlement\":{}}".into(),
+    };
+    // Not late while pending.
+    assert_eq!(
+        store.late_capture(&late(4_000), ctx(NOW)).await.unwrap(),
+        LateCaptureOutcome::Pending
+    );
+    store
+        .release(&id, PaymentStatus::Expired, ctx(NOW))
+        .await
+        .unwrap();
+    let seq = store.read_account(&k, ctx(NOW)).await.unwrap().unwrap().seq;
+    // More than available: nothing moves.
+    assert_eq!(
+        store.late_capture(&late(10_001), ctx(NOW)).await.unwrap(),
+        LateCaptureOutcome::Insufficient { available: 10_000 }
+    );
+    assert_eq!(snapshot(&store, &k, NOW).await, (10_000, 0, 10_000));
+    let done = store.late_capture(&late(4_000), ctx(NOW)).await.unwrap();
+    assert_eq!(done, LateCaptureOutcome::Done { seq: seq + 1 });
+    assert_eq!(snapshot(&store, &k, NOW).await, (6_000, 0, 6_000));
+    // At most once per payment, also after its record was settled.
+    settle_all(&store).await;
+    assert_eq!(
+        store.late_capture(&late(4_000), ctx(NOW)).await.unwrap(),
+        done
+    );
+    assert_eq!(snapshot(&store, &k, NOW).await, (6_000, 0, 6_000));
+    assert_eq!(
+        store.payment(&id).await.unwrap().unwrap().status,
+        PaymentStatus::Expired
+    );
+}
+
 /// Every pending record: pages until a full pass.
 async fn all_unsettled(store: &Arc<dyn BalanceStore>) -> Vec<gateway::preauth::Unsettled> {
     let mut all = Vec::new();
@@ -336,6 +378,7 @@ async fn settle_all(store: &Arc<dyn BalanceStore>) {
 }
 
 on_both_backends!(
+    a_late_capture_debits_once_and_never_below_available,
     topups_credit_once_and_collections_move_no_account,
     an_unrouted_payment_fails_releases_its_hold_and_replays_no_channel,
     pending_records_wait_in_the_outbox_until_settled,

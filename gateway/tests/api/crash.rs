@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use crate::binary::Gateway;
 use crate::helpers::RedisServer;
 
-async fn fund(gw: &Gateway) {
+pub(crate) async fn fund(gw: &Gateway) {
     let put = gw
         .call(
             "PUT",

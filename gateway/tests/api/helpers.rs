@@ -209,6 +209,29 @@ impl TestApp {
         }
     }
 
+    /// A POST with the given headers and raw body (callbacks: no API key, the channel's own
+    /// content type).
+    pub async fn post_raw(&self, path: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Reply {
+        let mut builder = Request::builder()
+            .method(Method::POST)
+            .uri(format!("http://{}{}", self.addr, path));
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        let request = builder.body(Full::new(Bytes::from(body))).unwrap();
+        let response = self.client.request(request).await.expect("HTTP request");
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let body = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
     pub async fn get(&self, path: &str, key: &str) -> Reply {
         self.request(Method::GET, path, Some(key), None, None).await
     }

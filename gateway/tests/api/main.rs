@@ -4,6 +4,7 @@
 
 mod admin_channels;
 mod binary;
+mod callbacks;
 mod channels;
 mod conformance;
 mod crash;
@@ -15,9 +16,11 @@ mod postgres_server;
 mod postgres_store;
 #[path = "harness/redis_server.rs"]
 mod redis_server;
+mod refunds;
 mod routing;
 mod sandbox_binary;
 mod sandbox_channels;
 mod settlement;
 mod settlement_conformance;
 mod sim_channels;
+mod webhooks;

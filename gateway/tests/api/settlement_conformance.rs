@@ -802,8 +802,7 @@ async fn a_version_1_store_migrates(store: Arc<dyn SettlementStore>) {
         })
     ));
     assert_eq!(store.migrate().await.unwrap(), SCHEMA_VERSION);
-    assert_eq!(SCHEMA_VERSION, 2);
-    assert_eq!(store.schema_version().await.unwrap(), Some(2));
+    assert_eq!(store.schema_version().await.unwrap(), Some(SCHEMA_VERSION));
     check_schema(store.as_ref()).await.unwrap();
     assert_eq!(store.migrate().await.unwrap(), SCHEMA_VERSION, "a no-op");
     // Old rows: no schedule, no check yet; attempts without action or transaction id.
@@ -909,4 +908,475 @@ pub async fn claims_never_overlap(one: &dyn SettlementStore, two: &dyn Settlemen
         }
     }
     assert_eq!(seen.len() as u64, PAYMENTS, "every due payment was claimed");
+}
+
+/// The merchant webhook outbox (migration 0003, `crate::webhooks`): events are enqueued by
+/// `commit` and `set_final_status` in their own transaction, once per (payment, type, sequence).
+mod webhook_outbox {
+    use super::*;
+    use gateway::settlement::{WebhookEvent, WebhookOutcome, WebhookStatus};
+    use serde_json::Value;
+
+    on_both_stores!(
+        a_committed_capture_enqueues_payment_succeeded_once,
+        a_final_status_enqueues_its_event_once,
+        refunds_and_late_money_name_the_stored_payment,
+        claimed_webhooks_are_leased_and_attempts_recorded,
+    );
+
+    fn now_ms() -> u64 {
+        gateway::telemetry::now_ms()
+    }
+
+    fn with_notify_url(mut p: PaymentRow, url: &str) -> PaymentRow {
+        p.doc = serde_json::json!({"id": p.id, "notify_url": url}).to_string();
+        p
+    }
+
+    fn body(e: &WebhookEvent) -> Value {
+        serde_json::from_str(&e.payload).expect("the payload is JSON")
+    }
+
+    fn types(events: &[WebhookEvent]) -> Vec<&str> {
+        events.iter().map(|e| e.event_type.as_str()).collect()
+    }
+
+    async fn a_committed_capture_enqueues_payment_succeeded_once(store: Arc<dyn SettlementStore>) {
+        store.migrate().await.unwrap();
+        store.upsert_account(&account_row("acc")).await.unwrap();
+        let pending = with_notify_url(
+            payment_row("pay_1", "o1", "pending", 1_000),
+            "https://m.example/hook",
+        );
+        store.record_intent(&pending, None).await.unwrap();
+        // Recording the intent announces nothing.
+        assert!(store.webhook_events("pay_1").await.unwrap().is_empty());
+        let before = now_ms();
+        let mut settled = capture("pay_1", "acc", 1_000, 1);
+        let mut done = pending.clone();
+        done.status = "succeeded".into();
+        done.held_minor = 0;
+        done.hold_expires_at_ms = None;
+        settled.payment = Some(done.clone());
+        assert_eq!(
+            store.commit(&[settled.clone()]).await.unwrap(),
+            vec![CommitOutcome::Inserted]
+        );
+        let events = store.webhook_events("pay_1").await.unwrap();
+        assert_eq!(types(&events), vec!["payment.succeeded"]);
+        let e = &events[0];
+        assert!(e.id.starts_with("evt_") && e.id.len() == 30, "{}", e.id);
+        assert_eq!(
+            (
+                e.merchant_id.as_str(),
+                e.payment_id.as_str(),
+                e.sequence,
+                e.url.as_deref()
+            ),
+            ("alpha", "pay_1", 0, Some("https://m.example/hook"))
+        );
+        assert_eq!((e.status, e.attempts), (WebhookStatus::Pending, 0));
+        assert_eq!((e.last_status, e.last_error.as_deref()), (None, None));
+        assert!(e.created_at_ms >= before && e.next_attempt_at_ms == Some(e.created_at_ms));
+        let b = body(e);
+        assert_eq!(b["id"], e.id.as_str());
+        assert_eq!(b["type"], "payment.succeeded");
+        assert_eq!(b["data"]["payment"]["id"], "pay_1");
+        assert_eq!(b["data"]["payment"]["status"], "succeeded");
+        assert_eq!(b["data"]["payment"]["amount"], "10.00");
+        assert_eq!(b["data"]["payment"]["merchant_order_id"], "o1");
+        assert_eq!(b["data"]["settlement"]["kind"], "capture");
+        assert_eq!(b["data"]["settlement"]["amount"], "10.00");
+        // A re-driven identical commit (recovery after a crash) enqueues nothing more.
+        let mut again = settled.clone();
+        again.settled_at_ms += 1_000;
+        assert_eq!(
+            store.commit(&[again]).await.unwrap(),
+            vec![CommitOutcome::AlreadyCommitted]
+        );
+        assert_eq!(store.webhook_events("pay_1").await.unwrap(), events);
+        // A balance payment (its row inserted with its settlement), without a notify URL: the
+        // merchant's configured URL will be used.
+        let mut balance = capture("pay_2", "acc", 300, 2);
+        balance.payment = Some(payment_row("pay_2", "o2", "succeeded", 0));
+        store.commit(&[balance]).await.unwrap();
+        let events = store.webhook_events("pay_2").await.unwrap();
+        assert_eq!(types(&events), vec!["payment.succeeded"]);
+        assert_eq!(events[0].url, None);
+        assert_eq!(body(&events[0])["data"]["settlement"]["amount"], "3.00");
+        // An adjustment (admin money) and a capture without a succeeded payment announce
+        // nothing; a conflicting settlement neither.
+        store
+            .commit(&[credit("adj_1", "acc", 5_000, 3)])
+            .await
+            .unwrap();
+        assert!(store.webhook_events("adj_1").await.unwrap().is_empty());
+        let mut odd = capture("pay_3", "acc", 100, 4);
+        odd.payment = Some(payment_row("pay_3", "o3", "pending", 0));
+        store.commit(&[odd]).await.unwrap();
+        assert!(store.webhook_events("pay_3").await.unwrap().is_empty());
+        let mut conflicting = capture("pay_1", "acc", 999, 9);
+        conflicting.payment = Some(done);
+        assert!(matches!(
+            store.commit(&[conflicting]).await.unwrap()[0],
+            CommitOutcome::Conflict { .. }
+        ));
+        assert_eq!(store.webhook_events("pay_1").await.unwrap().len(), 1);
+        assert_eq!(store.webhook_backlog().await.unwrap(), 2);
+    }
+
+    async fn a_final_status_enqueues_its_event_once(store: Arc<dyn SettlementStore>) {
+        store.migrate().await.unwrap();
+        for (id, url) in [("pay_1", Some("http://127.0.0.1:9/h")), ("pay_2", None)] {
+            let mut p = channel_payment(id, Some(100));
+            if let Some(url) = url {
+                p = with_notify_url(p, url);
+            }
+            store.record_intent(&p, None).await.unwrap();
+        }
+        let change = |id: &str, status: &str| StatusChange {
+            payment_id: id.into(),
+            status: status.into(),
+            updated_at_ms: 50,
+        };
+        assert!(store
+            .set_final_status(&change("pay_1", "canceled"))
+            .await
+            .unwrap());
+        let events = store.webhook_events("pay_1").await.unwrap();
+        assert_eq!(types(&events), vec!["payment.canceled"]);
+        assert_eq!(events[0].url.as_deref(), Some("http://127.0.0.1:9/h"));
+        assert_eq!(events[0].sequence, 0);
+        let b = body(&events[0]);
+        assert_eq!(b["type"], "payment.canceled");
+        assert_eq!(b["data"]["payment"]["status"], "canceled");
+        assert_eq!(b["data"]["payment"]["account_id"], Value::Null);
+        assert!(b["data"].get("settlement").is_none());
+        // No longer pending: nothing changes, nothing is enqueued.
+        for status in ["canceled", "expired"] {
+            assert!(!store
+                .set_final_status(&change("pay_1", status))
+                .await
+                .unwrap());
+        }
+        assert_eq!(store.webhook_events("pay_1").await.unwrap(), events);
+        assert!(store
+            .set_final_status(&change("pay_2", "expired"))
+            .await
+            .unwrap());
+        assert_eq!(
+            types(&store.webhook_events("pay_2").await.unwrap()),
+            vec!["payment.expired"]
+        );
+        assert!(!store
+            .set_final_status(&change("pay_x", "failed"))
+            .await
+            .unwrap());
+        assert!(store.webhook_events("pay_x").await.unwrap().is_empty());
+        assert_eq!(store.webhook_backlog().await.unwrap(), 2);
+    }
+
+    async fn refunds_and_late_money_name_the_stored_payment(store: Arc<dyn SettlementStore>) {
+        store.migrate().await.unwrap();
+        store.upsert_account(&account_row("acc")).await.unwrap();
+        // Late money for a canceled channel payment: a suspense settlement without a row.
+        let p = with_notify_url(channel_payment("pay_1", None), "https://m.example/h");
+        store.record_intent(&p, None).await.unwrap();
+        store
+            .set_final_status(&StatusChange {
+                payment_id: "pay_1".into(),
+                status: "canceled".into(),
+                updated_at_ms: 5,
+            })
+            .await
+            .unwrap();
+        let mut late = capture("pay_1", "acc", 1_000, 0);
+        late.kind = SettlementKind::Suspense;
+        late.sequence = 2;
+        late.account_id = None;
+        late.account_seq = None;
+        late.channel_id = Some("alipay-main".into());
+        late.channel_txn_id = Some("T-2".into());
+        late.postings = vec![
+            Posting {
+                ledger: ledger::channel_clearing("alipay-main"),
+                amount_minor: -1_000,
+            },
+            Posting {
+                ledger: ledger::suspense("alpha"),
+                amount_minor: 1_000,
+            },
+        ];
+        for _ in 0..2 {
+            store.commit(&[late.clone()]).await.unwrap();
+        }
+        let events = store.webhook_events("pay_1").await.unwrap();
+        let late_money: Vec<&WebhookEvent> = events
+            .iter()
+            .filter(|e| e.event_type == "payment.late_money")
+            .collect();
+        assert_eq!(late_money.len(), 1, "{events:?}");
+        assert_eq!(late_money[0].sequence, 2);
+        assert_eq!(late_money[0].url.as_deref(), Some("https://m.example/h"));
+        let b = body(late_money[0]);
+        assert_eq!(b["data"]["payment"]["status"], "canceled");
+        assert_eq!(b["data"]["payment"]["merchant_order_id"], "order-pay_1");
+        assert_eq!(b["data"]["settlement"]["kind"], "suspense");
+        assert_eq!(b["data"]["settlement"]["channel_txn_id"], "T-2");
+        // Two refunds of a balance payment: one event each, by refund number.
+        let mut paid = capture("pay_2", "acc", 1_000, 1);
+        paid.payment = Some(payment_row("pay_2", "o2", "succeeded", 0));
+        store.commit(&[paid]).await.unwrap();
+        for number in [1u32, 2] {
+            let mut refund = capture("pay_2", "acc", 200, 1 + u64::from(number));
+            refund.kind = SettlementKind::Refund;
+            refund.sequence = number;
+            refund.postings.reverse();
+            for p in &mut refund.postings {
+                p.amount_minor = -p.amount_minor;
+            }
+            store.commit(&[refund.clone(), refund]).await.unwrap();
+        }
+        let events = store.webhook_events("pay_2").await.unwrap();
+        let mut refunds: Vec<(u32, String)> = events
+            .iter()
+            .filter(|e| e.event_type == "refund.succeeded")
+            .map(|e| {
+                (
+                    e.sequence,
+                    body(e)["data"]["settlement"]["amount"].to_string(),
+                )
+            })
+            .collect();
+        refunds.sort();
+        assert_eq!(
+            refunds,
+            vec![(1, "\"2.00\"".to_owned()), (2, "\"2.00\"".to_owned())]
+        );
+    }
+
+    async fn claimed_webhooks_are_leased_and_attempts_recorded(store: Arc<dyn SettlementStore>) {
+        store.migrate().await.unwrap();
+        for id in ["pay_a", "pay_b", "pay_c"] {
+            store
+                .record_intent(&channel_payment(id, None), None)
+                .await
+                .unwrap();
+            store
+                .set_final_status(&StatusChange {
+                    payment_id: id.into(),
+                    status: "failed".into(),
+                    updated_at_ms: 5,
+                })
+                .await
+                .unwrap();
+        }
+        assert_eq!(store.webhook_backlog().await.unwrap(), 3);
+        let now = now_ms() + 1_000;
+        // Nothing is due before it was enqueued.
+        assert!(store
+            .claim_webhooks(now - 60_000, now + 1, 10)
+            .await
+            .unwrap()
+            .is_empty());
+        assert!(store
+            .claim_webhooks(now, now + 1, 0)
+            .await
+            .unwrap()
+            .is_empty());
+        // Two, then the third; leased: the same tick (or another instance) gets no more.
+        let first = store.claim_webhooks(now, now + 60_000, 2).await.unwrap();
+        assert_eq!(first.len(), 2);
+        assert!(first
+            .iter()
+            .all(|e| e.next_attempt_at_ms == Some(now + 60_000)
+                && e.status == WebhookStatus::Pending));
+        let second = store.claim_webhooks(now, now + 60_000, 10).await.unwrap();
+        assert_eq!(second.len(), 1);
+        assert!(store
+            .claim_webhooks(now, now + 60_000, 10)
+            .await
+            .unwrap()
+            .is_empty());
+        let mut all: Vec<String> = first
+            .iter()
+            .chain(&second)
+            .map(|e| e.payment_id.clone())
+            .collect();
+        all.sort();
+        assert_eq!(all, vec!["pay_a", "pay_b", "pay_c"]);
+        let (a, b, c) = (&first[0], &first[1], &second[0]);
+        let stored = |e: &WebhookEvent| {
+            let store = store.clone();
+            let payment_id = e.payment_id.clone();
+            async move { store.webhook_events(&payment_id).await.unwrap().remove(0) }
+        };
+        // A failed attempt: retried later, counted, with what the receiver said.
+        assert!(store
+            .record_webhook_attempt(
+                &a.id,
+                WebhookOutcome::RetryAt(now + 500),
+                Some(500),
+                Some(&"x".repeat(2_000)),
+                now + 10
+            )
+            .await
+            .unwrap());
+        let row = stored(a).await;
+        assert_eq!(
+            (
+                row.status,
+                row.attempts,
+                row.next_attempt_at_ms,
+                row.last_status
+            ),
+            (WebhookStatus::Pending, 1, Some(now + 500), Some(500))
+        );
+        assert_eq!(row.last_error.as_deref().map(str::len), Some(500));
+        assert_eq!(row.updated_at_ms, now + 10);
+        assert!(store
+            .claim_webhooks(now + 499, now + 9_000, 10)
+            .await
+            .unwrap()
+            .is_empty());
+        let again = store
+            .claim_webhooks(now + 500, now + 9_000, 10)
+            .await
+            .unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!(
+            (again[0].id.as_str(), again[0].attempts),
+            (a.id.as_str(), 1)
+        );
+        // Delivered: final, never claimed or changed again; the last error stays for history.
+        assert!(store
+            .record_webhook_attempt(&a.id, WebhookOutcome::Delivered, Some(204), None, now + 20)
+            .await
+            .unwrap());
+        let row = stored(a).await;
+        assert_eq!(
+            (
+                row.status,
+                row.attempts,
+                row.next_attempt_at_ms,
+                row.last_status
+            ),
+            (WebhookStatus::Delivered, 2, None, Some(204))
+        );
+        for outcome in [
+            WebhookOutcome::Failed,
+            WebhookOutcome::RetryAt(1),
+            WebhookOutcome::Deferred(1),
+        ] {
+            assert!(!store
+                .record_webhook_attempt(&a.id, outcome, Some(500), Some("late"), now + 30)
+                .await
+                .unwrap());
+        }
+        assert_eq!(stored(a).await, row);
+        // Deferred: due again, no attempt counted. Then failed at the horizon.
+        assert!(store
+            .record_webhook_attempt(&b.id, WebhookOutcome::Deferred(now + 100), None, None, now)
+            .await
+            .unwrap());
+        let row = stored(b).await;
+        assert_eq!(
+            (row.status, row.attempts, row.next_attempt_at_ms),
+            (WebhookStatus::Pending, 0, Some(now + 100))
+        );
+        assert!(store
+            .record_webhook_attempt(&b.id, WebhookOutcome::Failed, None, Some("timeout"), now)
+            .await
+            .unwrap());
+        let row = stored(b).await;
+        assert_eq!(
+            (
+                row.status,
+                row.attempts,
+                row.next_attempt_at_ms,
+                row.last_error.as_deref()
+            ),
+            (WebhookStatus::Failed, 1, None, Some("timeout"))
+        );
+        // Skipped: nowhere to send it; no attempt.
+        assert!(store
+            .record_webhook_attempt(&c.id, WebhookOutcome::Skipped, None, None, now)
+            .await
+            .unwrap());
+        let row = stored(c).await;
+        assert_eq!((row.status, row.attempts), (WebhookStatus::Skipped, 0));
+        assert!(!store
+            .record_webhook_attempt("evt_unknown", WebhookOutcome::Delivered, None, None, now)
+            .await
+            .unwrap());
+        assert_eq!(store.webhook_backlog().await.unwrap(), 0);
+        assert!(store
+            .claim_webhooks(u64::MAX / 2, u64::MAX / 2, 10)
+            .await
+            .unwrap()
+            .is_empty());
+    }
+
+    /// Two gateway instances (two stores on one database) claim concurrently: each event is
+    /// handed out exactly once.
+    async fn webhook_claims_never_overlap(one: &dyn SettlementStore, two: &dyn SettlementStore) {
+        const EVENTS: usize = 40;
+        for i in 0..EVENTS {
+            let id = format!("pay_{i:03}");
+            one.record_intent(&channel_payment(&id, None), None)
+                .await
+                .unwrap();
+            assert!(one
+                .set_final_status(&StatusChange {
+                    payment_id: id,
+                    status: "expired".into(),
+                    updated_at_ms: 5,
+                })
+                .await
+                .unwrap());
+        }
+        let now = now_ms() + 1_000;
+        let mut seen = std::collections::BTreeMap::new();
+        for round in 0..EVENTS {
+            let (l, r) = tokio::join!(
+                one.claim_webhooks(now, now + 60_000, 3),
+                two.claim_webhooks(now, now + 60_000, 4)
+            );
+            let (l, r) = (l.unwrap(), r.unwrap());
+            if l.is_empty() && r.is_empty() {
+                break;
+            }
+            for (who, e) in l
+                .iter()
+                .map(|e| ("one", e))
+                .chain(r.iter().map(|e| ("two", e)))
+            {
+                if let Some(earlier) = seen.insert(e.id.clone(), (who, round)) {
+                    panic!("{} claimed twice: {earlier:?}, then ({who}, {round})", e.id);
+                }
+            }
+        }
+        assert_eq!(seen.len(), EVENTS, "every due event was claimed");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn sqlite_concurrent_webhook_claims_never_share_an_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.sqlite3");
+        let one = SqliteStore::open(&path).unwrap();
+        let two = SqliteStore::open(&path).unwrap();
+        one.migrate().await.unwrap();
+        webhook_claims_never_overlap(&one, &two).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn postgres_concurrent_webhook_claims_never_share_an_event() {
+        let server = crate::postgres_server::PostgresServer::start().await;
+        let url = server.url();
+        let connect = || gateway::settlement::postgres::PostgresStore::connect(&url, 4, 2_000);
+        let one = connect().await.expect("connect to the test PostgreSQL");
+        let two = connect().await.expect("connect to the test PostgreSQL");
+        one.migrate().await.unwrap();
+        webhook_claims_never_overlap(&one, &two).await;
+    }
 }

@@ -19,16 +19,16 @@ pub const WECHATPAY_MAIN: &str = "wechatpay-main";
 pub const SUPPLIER_MAIN: &str = "supplier-main";
 pub const SUPPLIER_BACKUP: &str = "supplier-backup";
 
-const MCHID: &str = "1900000109";
-const APPID: &str = "wxd678efh567hg6787";
+pub const MCHID: &str = "1900000109";
+pub const APPID: &str = "wxd678efh567hg6787";
 const MERCHANT_SERIAL: &str = "3775B6A45ACD588826D15E583A95F5DD0FFB9C4E";
-const PLATFORM_SERIAL: &str = "5157F09EFDC096DE15EBE81A47057A7232F1B8E1";
-const API_V3_KEY: &str = "TestOnlyApiV3Key0123456789abcdef";
-const SUPPLIER_SECRET: &str = "whsec_test_only_supplier_0123456789";
+pub const PLATFORM_SERIAL: &str = "5157F09EFDC096DE15EBE81A47057A7232F1B8E1";
+pub const API_V3_KEY: &str = "TestOnlyApiV3Key0123456789abcdef";
+pub const SUPPLIER_SECRET: &str = "whsec_test_only_supplier_0123456789";
 
-const MERCHANT_PRIVATE: &str = "test-only-merchant-rsa2048.pkcs8.pem";
+pub const MERCHANT_PRIVATE: &str = "test-only-merchant-rsa2048.pkcs8.pem";
 const MERCHANT_PUBLIC: &str = "test-only-merchant-rsa2048.spki.pem";
-const PLATFORM_PRIVATE: &str = "test-only-platform-rsa2048.pkcs1.pem";
+pub const PLATFORM_PRIVATE: &str = "test-only-platform-rsa2048.pkcs1.pem";
 const PLATFORM_PUBLIC: &str = "test-only-platform-rsa2048.spki.pem";
 
 /// What a test changes from the quiet defaults (no auto-pay, 2 s request timeout, the
@@ -72,7 +72,7 @@ pub struct SimChannels {
     _secrets: tempfile::TempDir,
 }
 
-fn key_path(name: &str) -> PathBuf {
+pub fn key_path(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/keys")
         .join(name)

@@ -1,0 +1,369 @@
+//! The event catalogue (docs/webhooks.md) and how an event is derived from what the settlement
+//! store writes. Pure functions: both backends call them inside the transaction that writes the
+//! payment's final state, so the outbox holds an event exactly when that state is on disk, and
+//! the unique `(payment_id, type, sequence)` makes a re-driven write enqueue nothing.
+//!
+//! | written | event |
+//! | --- | --- |
+//! | a `capture` or `credit` settlement whose payment row is `succeeded` | `payment.succeeded` |
+//! | a `refund` settlement (sequence = the refund number) | `refund.succeeded` |
+//! | a `suspense` settlement (late money; sequence = the attempt) | `payment.late_money` |
+//! | an `adjustment` settlement | none (an admin movement, not a payment's) |
+//! | a final status `failed` / `canceled` / `expired` | `payment.failed` / `payment.canceled` / `payment.expired` |
+//!
+//! `refund.failed` is reserved for refunds the channel refuses (the refunds work adds it).
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::api::extract::rfc3339;
+use crate::money::format_minor;
+use crate::settlement::{PaymentRow, Settlement, SettlementKind, WebhookEvent, WebhookStatus};
+
+pub const PAYMENT_SUCCEEDED: &str = "payment.succeeded";
+pub const PAYMENT_FAILED: &str = "payment.failed";
+pub const PAYMENT_CANCELED: &str = "payment.canceled";
+pub const PAYMENT_EXPIRED: &str = "payment.expired";
+pub const PAYMENT_LATE_MONEY: &str = "payment.late_money";
+pub const REFUND_SUCCEEDED: &str = "refund.succeeded";
+/// Reserved: a refund the channel refused (not emitted yet).
+pub const REFUND_FAILED: &str = "refund.failed";
+
+/// Every event type, as documented.
+pub const CATALOGUE: &[&str] = &[
+    PAYMENT_SUCCEEDED,
+    PAYMENT_FAILED,
+    PAYMENT_CANCELED,
+    PAYMENT_EXPIRED,
+    PAYMENT_LATE_MONEY,
+    REFUND_SUCCEEDED,
+    REFUND_FAILED,
+];
+
+/// Characters of an event id after `evt_` (≈ 155 random bits).
+const EVENT_ID_RANDOM_CHARS: usize = 26;
+const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/// A new event id: `evt_` + 26 random base62 characters (uniform: bytes ≥ 248 are drawn again).
+pub fn new_event_id() -> String {
+    let mut id = String::with_capacity(4 + EVENT_ID_RANDOM_CHARS);
+    id.push_str("evt_");
+    let mut pool = [0u8; 64];
+    while id.len() < 4 + EVENT_ID_RANDOM_CHARS {
+        // The OS generator failing is not an operating error we can handle: ids would collide.
+        getrandom::fill(&mut pool).expect("the operating system's random generator failed");
+        for b in pool {
+            if id.len() == 4 + EVENT_ID_RANDOM_CHARS {
+                break;
+            }
+            if b < 248 {
+                id.push(BASE62[usize::from(b % 62)] as char);
+            }
+        }
+    }
+    id
+}
+
+/// Whether the store must read the stored payment row to announce this settlement (it does not
+/// carry one, and its event names the payment): refunds and late money.
+pub(crate) fn needs_stored_payment(s: &Settlement) -> bool {
+    s.payment.is_none() && matches!(s.kind, SettlementKind::Refund | SettlementKind::Suspense)
+}
+
+/// The event a settlement the store has just *inserted* announces, if any. `payment` is the
+/// payment row as now stored: the settlement's own row when it was written, else (refunds,
+/// late money) the stored one, `None` if there is none.
+pub(crate) fn for_settlement(
+    s: &Settlement,
+    payment: Option<&PaymentRow>,
+    now_ms: u64,
+) -> Option<WebhookEvent> {
+    let event_type = match s.kind {
+        SettlementKind::Capture | SettlementKind::Credit => {
+            if payment?.status != "succeeded" {
+                return None;
+            }
+            PAYMENT_SUCCEEDED
+        }
+        SettlementKind::Refund => REFUND_SUCCEEDED,
+        SettlementKind::Suspense => PAYMENT_LATE_MONEY,
+        SettlementKind::Adjustment => return None,
+    };
+    let settlement = json!({
+        "kind": s.kind.as_str(),
+        "sequence": s.sequence,
+        "amount": format_minor(s.amount_minor, s.currency),
+        "currency": s.currency.code(),
+        "channel_id": s.channel_id,
+        "channel_txn_id": s.channel_txn_id,
+    });
+    let payment_json = match payment {
+        Some(p) => payment_object(p),
+        // No stored payment (should not happen for a refund or late money): name what the
+        // settlement knows.
+        None => json!({
+            "id": s.payment_id,
+            "merchant_order_id": null,
+            "account_id": s.account_id,
+            "amount": null,
+            "currency": s.currency.code(),
+            "method": null,
+            "purpose": null,
+            "status": null,
+        }),
+    };
+    Some(build(
+        event_type,
+        &s.merchant_id,
+        &s.payment_id,
+        s.sequence,
+        payment.and_then(notify_url),
+        json!({"payment": payment_json, "settlement": settlement}),
+        now_ms,
+    ))
+}
+
+/// The event a pending payment's final status without money announces (`payment` is its row
+/// as now stored), if any.
+pub(crate) fn for_final_status(payment: &PaymentRow, now_ms: u64) -> Option<WebhookEvent> {
+    let event_type = match payment.status.as_str() {
+        "failed" => PAYMENT_FAILED,
+        "canceled" => PAYMENT_CANCELED,
+        "expired" => PAYMENT_EXPIRED,
+        _ => return None,
+    };
+    Some(build(
+        event_type,
+        &payment.merchant_id,
+        &payment.id,
+        0,
+        notify_url(payment),
+        json!({"payment": payment_object(payment)}),
+        now_ms,
+    ))
+}
+
+fn build(
+    event_type: &'static str,
+    merchant_id: &str,
+    payment_id: &str,
+    sequence: u32,
+    url: Option<String>,
+    data: Value,
+    now_ms: u64,
+) -> WebhookEvent {
+    let id = new_event_id();
+    let payload = json!({
+        "id": id,
+        "type": event_type,
+        "created_at": rfc3339(now_ms),
+        "data": data,
+    });
+    WebhookEvent {
+        id,
+        merchant_id: merchant_id.to_owned(),
+        payment_id: payment_id.to_owned(),
+        event_type: event_type.to_owned(),
+        sequence,
+        payload: payload.to_string(),
+        url,
+        status: WebhookStatus::Pending,
+        attempts: 0,
+        next_attempt_at_ms: Some(now_ms),
+        last_status: None,
+        last_error: None,
+        created_at_ms: now_ms,
+        updated_at_ms: now_ms,
+    }
+}
+
+/// The payment as an event shows it (a subset of the API's payment resource, DESIGN.md §4).
+fn payment_object(p: &PaymentRow) -> Value {
+    json!({
+        "id": p.id,
+        "merchant_order_id": p.merchant_order_id,
+        "account_id": p.account_id,
+        "amount": format_minor(p.amount_minor, p.currency),
+        "currency": p.currency.code(),
+        "method": p.method,
+        "purpose": p.purpose,
+        "status": p.status,
+    })
+}
+
+/// The only part of the payment document an event needs. Read leniently: a document that does
+/// not parse has no notify URL (the merchant's configured URL is used), never a failed commit.
+#[derive(Deserialize)]
+struct NotifyUrl {
+    #[serde(default)]
+    notify_url: Option<String>,
+}
+
+/// The payment's `notify_url`, with control characters percent-encoded (PostgreSQL text cannot
+/// hold NUL; the worker refuses such a URL rather than the store refusing the commit).
+fn notify_url(p: &PaymentRow) -> Option<String> {
+    let url = serde_json::from_str::<NotifyUrl>(&p.doc).ok()?.notify_url?;
+    if !url.chars().any(char::is_control) {
+        return Some(url);
+    }
+    Some(
+        url.chars()
+            .map(|c| {
+                if c.is_control() {
+                    let mut buf = [0u8; 4];
+                    c.encode_utf8(&mut buf)
+                        .bytes()
+                        .map(|b| format!("%{b:02X}"))
+                        .collect()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::money::Currency;
+    use crate::settlement::Posting;
+
+    fn row(status: &str, doc: &str) -> PaymentRow {
+        PaymentRow {
+            id: "pay_1".into(),
+            merchant_id: "alpha".into(),
+            account_id: Some("acc".into()),
+            scope_tag: "TAG0000000".into(),
+            merchant_order_id: "o1".into(),
+            amount_minor: 12_345,
+            currency: Currency::Cny,
+            method: "balance".into(),
+            purpose: "charge".into(),
+            status: status.into(),
+            held_minor: 0,
+            hold_expires_at_ms: None,
+            created_at_ms: 1,
+            expires_at_ms: 2,
+            updated_at_ms: 3,
+            doc: doc.into(),
+            next_check_at_ms: None,
+            checks: 0,
+        }
+    }
+
+    fn settlement(kind: SettlementKind, payment: Option<PaymentRow>) -> Settlement {
+        Settlement {
+            payment_id: "pay_1".into(),
+            kind,
+            sequence: 2,
+            merchant_id: "alpha".into(),
+            account_id: Some("acc".into()),
+            channel_id: Some("supplier-main".into()),
+            channel_txn_id: Some("T1".into()),
+            amount_minor: 500,
+            currency: Currency::Cny,
+            channel_fee_minor: 0,
+            commission_minor: 0,
+            merchant_net_minor: 500,
+            account_seq: None,
+            settled_at_ms: 9,
+            postings: vec![
+                Posting {
+                    ledger: "a".into(),
+                    amount_minor: -500,
+                },
+                Posting {
+                    ledger: "b".into(),
+                    amount_minor: 500,
+                },
+            ],
+            payment,
+        }
+    }
+
+    #[test]
+    fn event_ids_are_evt_and_26_base62_characters_and_differ() {
+        let a = new_event_id();
+        let b = new_event_id();
+        assert_eq!(a.len(), 30);
+        assert!(a.starts_with("evt_"));
+        assert!(a[4..].bytes().all(|c| c.is_ascii_alphanumeric()), "{a}");
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn a_succeeded_capture_announces_payment_succeeded_with_its_payment_and_url() {
+        let p = row(
+            "succeeded",
+            r#"{"id":"pay_1","notify_url":"https://m.example/h"}"#,
+        );
+        let s = settlement(SettlementKind::Capture, Some(p.clone()));
+        let e = for_settlement(&s, s.payment.as_ref(), 1_714_565_700_000).unwrap();
+        assert_eq!(e.event_type, PAYMENT_SUCCEEDED);
+        assert_eq!(e.url.as_deref(), Some("https://m.example/h"));
+        assert_eq!(
+            (e.sequence, e.status, e.attempts),
+            (2, WebhookStatus::Pending, 0)
+        );
+        assert_eq!(e.next_attempt_at_ms, Some(1_714_565_700_000));
+        let body: Value = serde_json::from_str(&e.payload).unwrap();
+        assert_eq!(body["id"], e.id);
+        assert_eq!(body["type"], "payment.succeeded");
+        assert_eq!(body["created_at"], "2024-05-01T12:15:00Z");
+        assert_eq!(body["data"]["payment"]["amount"], "123.45");
+        assert_eq!(body["data"]["payment"]["status"], "succeeded");
+        assert_eq!(body["data"]["payment"]["merchant_order_id"], "o1");
+        assert_eq!(body["data"]["settlement"]["amount"], "5.00");
+        assert_eq!(body["data"]["settlement"]["kind"], "capture");
+        assert_eq!(body["data"]["settlement"]["channel_txn_id"], "T1");
+    }
+
+    #[test]
+    fn only_money_a_merchant_must_hear_about_is_announced() {
+        let pending = row("pending", "{}");
+        let s = settlement(SettlementKind::Capture, Some(pending.clone()));
+        assert!(for_settlement(&s, Some(&pending), 1).is_none());
+        let s = settlement(SettlementKind::Capture, None);
+        assert!(for_settlement(&s, None, 1).is_none());
+        let done = row("succeeded", "{}");
+        let s = settlement(SettlementKind::Adjustment, Some(done.clone()));
+        assert!(for_settlement(&s, Some(&done), 1).is_none());
+        let s = settlement(SettlementKind::Refund, None);
+        assert!(needs_stored_payment(&s));
+        let e = for_settlement(&s, Some(&done), 1).unwrap();
+        assert_eq!((e.event_type.as_str(), e.sequence), (REFUND_SUCCEEDED, 2));
+        assert_eq!(e.url, None, "no notify_url: the merchant's URL");
+        let s = settlement(SettlementKind::Suspense, None);
+        let e = for_settlement(&s, None, 1).unwrap();
+        assert_eq!(e.event_type, PAYMENT_LATE_MONEY);
+        let body: Value = serde_json::from_str(&e.payload).unwrap();
+        assert_eq!(body["data"]["payment"]["id"], "pay_1");
+    }
+
+    #[test]
+    fn final_statuses_map_to_their_events() {
+        for (status, event) in [
+            ("failed", Some(PAYMENT_FAILED)),
+            ("canceled", Some(PAYMENT_CANCELED)),
+            ("expired", Some(PAYMENT_EXPIRED)),
+            ("succeeded", None),
+            ("pending", None),
+        ] {
+            let e = for_final_status(&row(status, "not json"), 1);
+            assert_eq!(e.as_ref().map(|e| e.event_type.as_str()), event, "{status}");
+            if let Some(e) = e {
+                assert_eq!((e.sequence, e.url), (0, None));
+                let body: Value = serde_json::from_str(&e.payload).unwrap();
+                assert!(body["data"].get("settlement").is_none());
+            }
+        }
+    }
+
+    #[test]
+    fn control_characters_in_a_notify_url_are_percent_encoded() {
+        let p = row("failed", r#"{"notify_url":"https://m.example/\u0000x"}"#);
+        let e = for_final_status(&p, 1).unwrap();
+        assert_eq!(e.url.as_deref(), Some("https://m.example/%00x"));
+    }
+}
