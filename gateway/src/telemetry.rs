@@ -31,6 +31,8 @@ pub const RESOLUTIONS_TOTAL: &str = "gateway_resolutions_total";
 pub const ROUTING_TOTAL: &str = "gateway_routing_total";
 pub const CALLBACKS_TOTAL: &str = "gateway_callbacks_total";
 pub const REFUNDS_TOTAL: &str = "gateway_refunds_total";
+pub const UNSETTLED_RECORDS: &str = "gateway_unsettled_records";
+pub const FLAGGED_PAYMENTS: &str = "gateway_flagged_payments";
 
 /// Latency buckets for every `_seconds` histogram: 100 µs to 10 s.
 const SECONDS_BUCKETS: &[f64] = &[
@@ -215,6 +217,16 @@ pub fn routing(result: &'static str) {
 /// What the resolution loop (or a cancel) did to a pending channel payment.
 pub fn resolution(result: &'static str) {
     metrics::counter!(RESOLUTIONS_TOTAL, "result" => result).increment(1);
+}
+
+/// Records the last recovery page left in the balance store's outbox (young or failed).
+pub fn unsettled_records(count: usize) {
+    metrics::gauge!(UNSETTLED_RECORDS).set(count as f64);
+}
+
+/// Rows in `GET /v1/admin/flagged` (payments needing a human).
+pub fn flagged_payments(count: u64) {
+    metrics::gauge!(FLAGGED_PAYMENTS).set(count as f64);
 }
 
 /// A refund's execution: succeeded, failed or pending.

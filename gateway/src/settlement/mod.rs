@@ -508,6 +508,9 @@ pub trait SettlementStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<RefundRow>, SettleError>;
 
+    /// How many rows `flagged` holds.
+    async fn flagged_count(&self) -> Result<u64, SettleError>;
+
     /// Flags a payment for a human (late money, overdrafts, …): `false` when the same
     /// (kind, payment) is already flagged (nothing written).
     async fn flag(&self, item: &Flagged) -> Result<bool, SettleError>;

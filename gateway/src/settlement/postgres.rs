@@ -1324,16 +1324,32 @@ impl SettlementStore for PostgresStore {
 
     async fn set_refund_status(&self, change: &RefundStatusChange) -> Result<bool, SettleError> {
         Self::timed("set_refund_status", async {
-            let client = self.client().await?;
-            let changed = client
-                .execute(
-                    "UPDATE refunds SET status = $2, updated_at_ms = $3 \
-                     WHERE refund_id = $1 AND status = 'pending'",
+            let db = |e: tokio_postgres::Error| self.unavailable(&e);
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(db)?;
+            let row = tx
+                .query_opt(
+                    &format!(
+                        "UPDATE refunds SET status = $2, updated_at_ms = $3 \
+                         WHERE refund_id = $1 AND status = 'pending' RETURNING {REFUND_COLUMNS}"
+                    ),
                     &[&change.refund_id, &change.status, &ms(change.updated_at_ms)],
                 )
                 .await
-                .map_err(|e| self.unavailable(&e))?;
-            Ok(changed == 1)
+                .map_err(db)?;
+            let changed = row.is_some();
+            if let (Some(row), "failed") = (row, change.status.as_str()) {
+                // The merchant's webhook, in the same transaction as the status.
+                let refund = refund_from_row(&row)?;
+                if let Some(payment) = self.stored_payment(&tx, &refund.payment_id).await? {
+                    let event = events::for_failed_refund(&payment, &refund, change.updated_at_ms);
+                    insert_webhooks(&tx, std::slice::from_ref(&event))
+                        .await
+                        .map_err(db)?;
+                }
+            }
+            tx.commit().await.map_err(db)?;
+            Ok(changed)
         })
         .await
     }
@@ -1374,6 +1390,18 @@ impl SettlementStore for PostgresStore {
                 .await
                 .map_err(|e| self.unavailable(&e))?;
             rows.iter().map(refund_from_row).collect()
+        })
+        .await
+    }
+
+    async fn flagged_count(&self) -> Result<u64, SettleError> {
+        Self::timed("flagged_count", async {
+            let client = self.client().await?;
+            let row = client
+                .query_one("SELECT COUNT(*) FROM flagged", &[])
+                .await
+                .map_err(|e| self.unavailable(&e))?;
+            Ok(get::<i64>(&row, 0)?.max(0) as u64)
         })
         .await
     }

@@ -147,13 +147,19 @@ pub fn spawn_recovery(
         let settler = settler.clone();
         async move {
             match recover_once(&settler, min_age_ms, budget).await {
-                Ok(report)
-                    if report.settled + report.intents + report.statuses + report.failed > 0 =>
-                {
-                    tracing::info!(?report, "recovery pass")
+                Ok(report) => {
+                    // What this page left in the outbox (young or failed records): the
+                    // pipeline's backlog as SREs see it.
+                    telemetry::unsettled_records(report.skipped_young + report.failed);
+                    if report.settled + report.intents + report.statuses + report.failed > 0 {
+                        tracing::info!(?report, "recovery pass")
+                    }
                 }
-                Ok(_) => {}
                 Err(err) => tracing::warn!(error = %err, "recovery pass failed; will retry"),
+            }
+            match settler.store.flagged_count().await {
+                Ok(count) => telemetry::flagged_payments(count),
+                Err(err) => tracing::debug!(error = %err, "cannot count flagged payments"),
             }
         }
     })

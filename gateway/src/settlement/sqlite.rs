@@ -827,13 +827,37 @@ impl SettlementStore for SqliteStore {
     async fn set_refund_status(&self, change: &RefundStatusChange) -> Result<bool, SettleError> {
         let c = change.clone();
         self.run("set_refund_status", move |conn| {
-            let changed = conn
+            let tx = conn.transaction().map_err(db)?;
+            let changed = tx
                 .execute(
                     "UPDATE refunds SET status = ?2, updated_at_ms = ?3 \
                      WHERE refund_id = ?1 AND status = 'pending'",
                     params![c.refund_id, c.status, ms(c.updated_at_ms)],
                 )
                 .map_err(db)?;
+            if changed == 1 && c.status == "failed" {
+                // The merchant's webhook, in the same transaction as the status.
+                let refund = tx
+                    .query_row(
+                        &format!("SELECT {REFUND_COLUMNS} FROM refunds WHERE refund_id = ?1"),
+                        [&c.refund_id],
+                        refund_from_row,
+                    )
+                    .map_err(db)?;
+                let payment = tx
+                    .query_row(
+                        &format!("SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = ?1"),
+                        [&refund.payment_id],
+                        payment_from_row,
+                    )
+                    .optional()
+                    .map_err(db)?;
+                if let Some(payment) = payment {
+                    let event = events::for_failed_refund(&payment, &refund, c.updated_at_ms);
+                    insert_webhook(&tx, &event).map_err(db)?;
+                }
+            }
+            tx.commit().map_err(db)?;
             Ok(changed == 1)
         })
         .await
@@ -869,6 +893,15 @@ impl SettlementStore for SqliteStore {
                 .query_map(params![ms(before_ms), limit as i64], refund_from_row)
                 .map_err(db)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(db)
+        })
+        .await
+    }
+
+    async fn flagged_count(&self) -> Result<u64, SettleError> {
+        self.run("flagged_count", |conn| {
+            conn.query_row("SELECT COUNT(*) FROM flagged", [], |r| r.get::<_, i64>(0))
+                .map(|n| n.max(0) as u64)
+                .map_err(db)
         })
         .await
     }

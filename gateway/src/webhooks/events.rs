@@ -143,6 +143,31 @@ pub(crate) fn for_final_status(payment: &PaymentRow, now_ms: u64) -> Option<Webh
     ))
 }
 
+/// `refund.failed`: the channel refused a refund (its reservation was released). `payment` is
+/// the payment's row as stored; the refund's number is the event's sequence.
+pub(crate) fn for_failed_refund(
+    payment: &PaymentRow,
+    refund: &crate::settlement::RefundRow,
+    now_ms: u64,
+) -> WebhookEvent {
+    build(
+        REFUND_FAILED,
+        &payment.merchant_id,
+        &payment.id,
+        refund.number,
+        notify_url(payment),
+        json!({
+            "payment": payment_object(payment),
+            "refund": {
+                "id": refund.refund_id,
+                "amount": format_minor(refund.amount_minor, refund.currency),
+                "status": "failed",
+            },
+        }),
+        now_ms,
+    )
+}
+
 fn build(
     event_type: &'static str,
     merchant_id: &str,

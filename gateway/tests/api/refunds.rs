@@ -275,6 +275,21 @@ async fn balance_and_supplier_refunds_credit_the_account_back() {
     app.assert_account(ALPHA, "acc", "85.00", "0.00", "85.00")
         .await;
     assert_eq!(refund_sequences(&app, sid).await, vec![1]);
+    // Money is conserved: every movement balances, and the store's balance (rebuilt from
+    // postings, once the last commit is in) is the balance the API shows.
+    let store = app.settlement_store().await;
+    let mut on_disk = 0;
+    for _ in 0..100 {
+        on_disk = store.balances(Some(("alpha", "acc"))).await.unwrap()[0].balance_minor;
+        if on_disk == 8_500 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(on_disk, 8_500);
+    for (payment, kind, seq, sum) in store.postings_sum_by_movement().await.unwrap() {
+        assert_eq!(sum, 0, "{payment} {kind} #{seq} does not balance");
+    }
 }
 
 /// A top-up refund first holds the amount on the account (refused with 402 when the account

@@ -170,7 +170,60 @@ on_both_stores!(
     claim_due_leases_due_pending_payments_oldest_first,
     schedule_check_sets_the_next_check_and_counts,
     payment_rows_keep_their_resolution_schedule,
+    refunds_are_recorded_once_end_once_and_announce_a_failure,
 );
+
+async fn refunds_are_recorded_once_end_once_and_announce_a_failure(
+    store: Arc<dyn SettlementStore>,
+) {
+    use gateway::settlement::{RefundRow, RefundStatusChange};
+    store.migrate().await.unwrap();
+    let payment = channel_payment("pay_r", Some(60_000));
+    store.record_intent(&payment, None).await.unwrap();
+    let refund = |n: u32| RefundRow {
+        refund_id: format!("re_r_{n}"),
+        payment_id: "pay_r".into(),
+        number: n,
+        amount_minor: 100 * i64::from(n),
+        currency: gateway::money::Currency::Cny,
+        status: "pending".into(),
+        channel_id: Some("ch".into()),
+        channel_order_id: Some("pay_r-1".into()),
+        reason: Some("why".into()),
+        created_at_ms: 5,
+        updated_at_ms: 5,
+    };
+    store.record_refund(&refund(1)).await.unwrap();
+    store.record_refund(&refund(1)).await.unwrap();
+    store.record_refund(&refund(2)).await.unwrap();
+    assert_eq!(
+        store.refunds("pay_r").await.unwrap(),
+        vec![refund(1), refund(2)]
+    );
+    assert_eq!(store.stale_refunds(6, 10).await.unwrap().len(), 2);
+    assert!(store.stale_refunds(5, 10).await.unwrap().is_empty());
+
+    let failed = RefundStatusChange {
+        refund_id: "re_r_2".into(),
+        status: "failed".into(),
+        updated_at_ms: 9,
+    };
+    assert!(store.set_refund_status(&failed).await.unwrap());
+    assert!(
+        !store.set_refund_status(&failed).await.unwrap(),
+        "ends once"
+    );
+    let refunds = store.refunds("pay_r").await.unwrap();
+    assert_eq!(
+        (refunds[1].status.as_str(), refunds[1].updated_at_ms),
+        ("failed", 9)
+    );
+    assert_eq!(store.stale_refunds(100, 10).await.unwrap(), vec![refund(1)]);
+    let events = store.webhook_events("pay_r").await.unwrap();
+    let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(types, vec!["refund.failed"], "announced once");
+    assert_eq!(events[0].sequence, 2);
+}
 
 async fn migrations_apply_once_and_the_schema_is_checked(store: Arc<dyn SettlementStore>) {
     assert_eq!(store.schema_version().await.unwrap(), None);
