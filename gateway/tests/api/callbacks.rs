@@ -56,19 +56,6 @@ fn customer_payment(method: &str, order: &str, amount: &str) -> Value {
     json!({"merchant_order_id": order, "amount": amount, "currency": "CNY", "method": method})
 }
 
-async fn wait_status(app: &TestApp, id: &str, want: &str) -> Value {
-    let mut last = Value::Null;
-    for _ in 0..300 {
-        let reply = app.get(&format!("/v1/payments/{id}"), ALPHA).await;
-        if reply.body["status"] == want {
-            return reply.body;
-        }
-        last = reply.body;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("payment {id} never became {want}: {last}");
-}
-
 /// Waits until the store has the payment in `want` (bounded).
 async fn wait_on_disk(app: &TestApp, id: &str, want: &str) {
     let disk = app.settlement_store().await;
@@ -253,7 +240,7 @@ async fn a_paid_callback_settles_the_payment_once(
     assert_eq!(created.status, 201, "{:?}", created.body);
     assert_eq!(created.body["attempts"][0]["channel_id"], channel);
     let id = created.body["id"].as_str().unwrap();
-    wait_status(&app, id, "succeeded").await;
+    app.wait_status(id, "succeeded").await;
     wait_on_disk(&app, id, "succeeded").await;
     assert_eq!(movements(&app, id).await, vec![("capture".to_owned(), 0)]);
     if method == "supplier" {
@@ -327,7 +314,7 @@ async fn duplicated_callbacks_settle_once() {
         .pay(ALPHA, "k1", supplier_payment("o1", "acc", "10.00"))
         .await;
     let id = created.body["id"].as_str().unwrap();
-    wait_status(&app, id, "succeeded").await;
+    app.wait_status(id, "succeeded").await;
     let order = order_of(&created.body);
     let mut callbacks = Vec::new();
     for _ in 0..100 {
@@ -366,7 +353,7 @@ async fn a_dropped_callback_is_settled_by_the_resolution_loop() {
         .pay(ALPHA, "k1", supplier_payment("o1", "acc", "10.00"))
         .await;
     let id = created.body["id"].as_str().unwrap();
-    wait_status(&app, id, "succeeded").await;
+    app.wait_status(id, "succeeded").await;
     app.assert_account(ALPHA, "acc", "90.00", "0.00", "90.00")
         .await;
     assert_eq!(movements(&app, id).await, vec![("capture".to_owned(), 0)]);
@@ -698,7 +685,7 @@ async fn callbacks_are_refused_while_the_store_is_down_and_settle_once_it_is_bac
     app.postgres.as_mut().unwrap().restart().await;
     for payment in &payments {
         let id = payment["id"].as_str().unwrap();
-        wait_status(&app, id, "succeeded").await;
+        app.wait_status(id, "succeeded").await;
         wait_on_disk(&app, id, "succeeded").await;
         assert_eq!(movements(&app, id).await, vec![("capture".to_owned(), 0)]);
         let record = app.channels.sim.order(&order_of(payment)).unwrap();
@@ -964,7 +951,7 @@ async fn a_supplier_charge_executed_after_expiry_is_captured_if_affordable() {
     }
     // The gateway gives up on them (the sweeper expires the holds: no callback came).
     for (id, _, _) in &late {
-        wait_status(&app, id, "expired").await;
+        app.wait_status(id, "expired").await;
     }
     app.assert_account(ALPHA, "rich", "100.00", "0.00", "100.00")
         .await;

@@ -373,6 +373,21 @@ impl TestApp {
         }
     }
 
+    /// Polls `GET /v1/payments/{id}` (as alpha) until its status is `want` (bounded: 15 s);
+    /// returns the payment.
+    pub async fn wait_status(&self, id: &str, want: &str) -> Value {
+        let mut last = Value::Null;
+        for _ in 0..300 {
+            let reply = self.get(&format!("/v1/payments/{id}"), ALPHA).await;
+            if reply.body["status"] == want {
+                return reply.body;
+            }
+            last = reply.body;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("payment {id} never became {want}: {last}");
+    }
+
     /// Polls `GET /readyz` until it answers `status` (bounded: 10 s).
     pub async fn wait_ready(&self, status: u16) {
         let mut last = 0;

@@ -26,19 +26,6 @@ fn auto_paid() -> ChannelOptions {
     }
 }
 
-async fn wait_status(app: &TestApp, id: &str, want: &str) -> Value {
-    let mut last = Value::Null;
-    for _ in 0..300 {
-        let reply = app.get(&format!("/v1/payments/{id}"), ALPHA).await;
-        if reply.body["status"] == want {
-            return reply.body;
-        }
-        last = reply.body;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("payment {id} never became {want}: {last}");
-}
-
 async fn refund(app: &TestApp, id: &str, key: &str, body: Value) -> crate::helpers::Reply {
     app.post(&format!("/v1/payments/{id}/refunds"), ALPHA, key, body)
         .await
@@ -75,7 +62,7 @@ async fn paid_alipay(app: &TestApp, order: &str, amount: &str) -> (String, Strin
         .as_str()
         .unwrap()
         .to_owned();
-    wait_status(app, &id, "succeeded").await;
+    app.wait_status(&id, "succeeded").await;
     (id, channel_order)
 }
 
@@ -114,7 +101,7 @@ async fn a_customer_charge_is_refunded_in_parts_and_never_above_what_was_paid() 
         (201, Some(refund_id.as_str()))
     );
     assert_eq!(
-        wait_status(&app, &id, "partially_refunded").await["refunds"][0]["id"],
+        app.wait_status(&id, "partially_refunded").await["refunds"][0]["id"],
         refund_id
     );
 
@@ -148,7 +135,7 @@ async fn a_customer_charge_is_refunded_in_parts_and_never_above_what_was_paid() 
         (&rest.body["status"], &rest.body["amount"]),
         (&json!("succeeded"), &json!("7.00"))
     );
-    let done = wait_status(&app, &id, "refunded").await;
+    let done = app.wait_status(&id, "refunded").await;
     assert_eq!(done["refunds"].as_array().unwrap().len(), 2);
     let nothing_left = refund(&app, &id, "r4", json!({"amount": "0.01"})).await;
     assert_eq!(
@@ -228,7 +215,7 @@ async fn concurrent_refunds_never_exceed_what_was_paid() {
     );
     assert_eq!(refund_sequences(&app, &id).await, vec![1, 2, 3]);
     assert_eq!(
-        wait_status(&app, &id, "partially_refunded").await["refunds"]
+        app.wait_status(&id, "partially_refunded").await["refunds"]
             .as_array()
             .unwrap()
             .len(),
@@ -262,7 +249,7 @@ async fn balance_and_supplier_refunds_credit_the_account_back() {
         .pay(ALPHA, "s1", supplier_payment("s1", "acc", "30.00"))
         .await;
     let sid = charge.body["id"].as_str().unwrap();
-    wait_status(&app, sid, "succeeded").await;
+    app.wait_status(sid, "succeeded").await;
     app.assert_account(ALPHA, "acc", "55.00", "0.00", "55.00")
         .await;
     let back = refund(&app, sid, "rs", json!({})).await;
@@ -309,7 +296,7 @@ async fn a_topup_refund_holds_then_takes_the_money_out_of_the_account() {
         .await;
     assert_eq!(topup.status, 201, "{:?}", topup.body);
     let id = topup.body["id"].as_str().unwrap();
-    wait_status(&app, id, "succeeded").await;
+    app.wait_status(id, "succeeded").await;
     app.assert_account(ALPHA, "acc", "50.00", "0.00", "50.00")
         .await;
     // Spend 40.00 of it: only 10.00 can go back.

@@ -40,21 +40,6 @@ fn customer_payment(method: &str, order: &str, amount: &str) -> Value {
     json!({"merchant_order_id": order, "amount": amount, "currency": "CNY", "method": method})
 }
 
-/// Polls the payment until its status is `want` (bounded: 15 s).
-async fn wait_status(app: &TestApp, id: &str, want: &str) -> Value {
-    let mut last = Value::Null;
-    for _ in 0..300 {
-        let reply = app.get(&format!("/v1/payments/{id}"), ALPHA).await;
-        assert_eq!(reply.status, 200, "{:?}", reply.body);
-        if reply.body["status"] == want {
-            return reply.body;
-        }
-        last = reply.body;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("payment {id} never became {want}: {last}");
-}
-
 /// Every order the simulator executed for this payment, on any of the given channels.
 fn executed(app: &TestApp, payment: &Value, channels: &[&str]) -> Vec<OrderRecord> {
     let body = payment["id"]
@@ -128,7 +113,7 @@ async fn supplier_charge_is_captured_once_through_the_resolution_loop(
         .await;
 
     let id = created.body["id"].as_str().unwrap();
-    let done = wait_status(&app, id, "succeeded").await;
+    let done = app.wait_status(id, "succeeded").await;
     assert_eq!(attempts(&done)[0].1, "succeeded");
     // Captured exactly once.
     app.assert_account(ALPHA, "acc", "75.00", "0.00", "75.00")
@@ -205,7 +190,7 @@ async fn an_auto_paid_alipay_charge_succeeds_through_the_resolution_loop() {
         vec![(ALIPAY_MAIN.to_owned(), "accepted".to_owned())]
     );
     let id = created.body["id"].as_str().unwrap();
-    let done = wait_status(&app, id, "succeeded").await;
+    let done = app.wait_status(id, "succeeded").await;
     assert_eq!(done["action"], Value::Null, "nothing left to do once paid");
     let orders = executed(&app, &created.body, &[ALIPAY_MAIN, ALIPAY_BACKUP]);
     assert_eq!(orders.len(), 1);
@@ -240,7 +225,7 @@ async fn an_auto_paid_wechat_pay_charge_is_found_by_its_signed_query() {
         vec![(WECHATPAY_MAIN.to_owned(), "accepted".to_owned())]
     );
     let id = created.body["id"].as_str().unwrap();
-    wait_status(&app, id, "succeeded").await;
+    app.wait_status(id, "succeeded").await;
     assert_eq!(executed(&app, &created.body, &[WECHATPAY_MAIN]).len(), 1);
 }
 
@@ -276,7 +261,7 @@ async fn a_topup_credits_the_account_once_when_paid() {
     app.assert_account(ALPHA, "acc", "10.00", "0.00", "10.00")
         .await;
     let id = created.body["id"].as_str().unwrap();
-    wait_status(&app, id, "succeeded").await;
+    app.wait_status(id, "succeeded").await;
     app.assert_account(ALPHA, "acc", "60.00", "0.00", "60.00")
         .await;
     // Bad top-ups change nothing.
@@ -755,7 +740,7 @@ async fn an_unpaid_payment_is_closed_and_expired_at_its_expiry() {
         .as_str()
         .unwrap()
         .to_owned();
-    let done = wait_status(&app, id, "expired").await;
+    let done = app.wait_status(id, "expired").await;
     assert_eq!(attempts(&done)[0].1, "closed");
     app.assert_account(ALPHA, "acc", "100.00", "0.00", "100.00")
         .await;
