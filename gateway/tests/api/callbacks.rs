@@ -1016,3 +1016,37 @@ async fn a_supplier_charge_executed_after_expiry_is_captured_if_affordable() {
     assert_eq!(kinds(rich), vec!["late_money"]);
     assert_eq!(kinds(poor), vec!["late_money", "overdraft"]);
 }
+
+/// Push and pull race: callbacks and a fast resolution loop both try to settle the same auto-
+/// paid payments; whichever comes first settles each one, the other changes nothing.
+#[tokio::test]
+async fn callbacks_racing_the_resolution_loop_settle_each_payment_once() {
+    let fast = [
+        ("GATEWAY__RESOLUTION__INTERVAL_MS", "20"),
+        ("GATEWAY__RESOLUTION__FIRST_CHECK_DELAY_MS", "0"),
+        ("GATEWAY__RESOLUTION__BACKOFF_INITIAL_MS", "20"),
+        ("GATEWAY__RESOLUTION__BACKOFF_MAX_MS", "40"),
+    ];
+    let app = spawn_app_full(Backend::Redis, Store::Sqlite, &fast, &auto_paid()).await;
+    app.funded_account(ALPHA, "alpha", "acc", "100.00", "0.00")
+        .await;
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let created = app
+            .pay(
+                ALPHA,
+                &format!("k{i}"),
+                supplier_payment(&format!("o{i}"), "acc", "1.00"),
+            )
+            .await;
+        assert_eq!(created.status, 201, "{:?}", created.body);
+        ids.push(created.body["id"].as_str().unwrap().to_owned());
+    }
+    for id in &ids {
+        app.wait_status(id, "succeeded").await;
+        wait_on_disk(&app, id, "succeeded").await;
+        assert_eq!(movements(&app, id).await, vec![("capture".to_owned(), 0)]);
+    }
+    app.assert_account(ALPHA, "acc", "80.00", "0.00", "80.00")
+        .await;
+}
