@@ -71,8 +71,12 @@ const STORED_ATTEMPT_ORDER: &str =
 const INSERT_EVENT: &str = "INSERT INTO payment_events (payment_id, status, at_ms) \
     VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
 
-const UPDATE_PAYMENT: &str =
-    "UPDATE payments SET status = $2, held_minor = $3, updated_at_ms = $4 WHERE id = $1";
+/// A settlement's payment row: never moves a refunded payment back (two refunds' commits may
+/// arrive in either order; the later status wins only if it is further along).
+const UPDATE_PAYMENT: &str = "UPDATE payments SET status = CASE \
+    WHEN status = 'refunded' AND $2 IN ('succeeded', 'partially_refunded') THEN status \
+    WHEN status = 'partially_refunded' AND $2 = 'succeeded' THEN status ELSE $2 END, \
+    held_minor = $3, updated_at_ms = $4 WHERE id = $1";
 
 const INSERT_SETTLEMENT: &str = "INSERT INTO settlements (payment_id, kind, sequence, \
     merchant_id, account_id, channel_id, channel_txn_id, amount_minor, currency, \

@@ -246,8 +246,13 @@ fn write_payment(conn: &Connection, p: &PaymentRow) -> rusqlite::Result<bool> {
         record_event(conn, &p.id, &p.status, p.updated_at_ms)?;
         return Ok(true);
     }
+    // Never moves a refunded payment back (two refunds' commits may arrive in either order;
+    // the later status wins only if it is further along).
     let updated = conn.execute(
-        "UPDATE payments SET status = ?2, held_minor = ?3, updated_at_ms = ?4 WHERE id = ?1",
+        "UPDATE payments SET status = CASE \
+         WHEN status = 'refunded' AND ?2 IN ('succeeded', 'partially_refunded') THEN status \
+         WHEN status = 'partially_refunded' AND ?2 = 'succeeded' THEN status ELSE ?2 END, \
+         held_minor = ?3, updated_at_ms = ?4 WHERE id = ?1",
         params![p.id, p.status, p.held_minor, ms(p.updated_at_ms)],
     )?;
     if updated == 1 {

@@ -171,7 +171,37 @@ on_both_stores!(
     schedule_check_sets_the_next_check_and_counts,
     payment_rows_keep_their_resolution_schedule,
     refunds_are_recorded_once_end_once_and_announce_a_failure,
+    a_refunded_payment_never_moves_back_whatever_order_commits_arrive_in,
 );
+
+async fn a_refunded_payment_never_moves_back_whatever_order_commits_arrive_in(
+    store: Arc<dyn SettlementStore>,
+) {
+    store.migrate().await.unwrap();
+    let payment = channel_payment("pay_o", None);
+    store.record_intent(&payment, None).await.unwrap();
+    let refund = |seq: u32, status: &str| {
+        let mut s = capture("pay_o", "acc", 100, u64::from(seq) + 10);
+        s.kind = SettlementKind::Refund;
+        s.sequence = seq;
+        let mut row = payment.clone();
+        row.status = status.into();
+        s.payment = Some(row);
+        s
+    };
+    // The second refund's commit (refunded) lands before the first's (partially refunded).
+    store.commit(&[refund(2, "refunded")]).await.unwrap();
+    store
+        .commit(&[refund(1, "partially_refunded")])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.payment("pay_o").await.unwrap().unwrap().status,
+        "refunded"
+    );
+    let flagged = store.flagged(10).await.unwrap();
+    assert!(flagged.is_empty(), "nothing to flag: {flagged:?}");
+}
 
 async fn refunds_are_recorded_once_end_once_and_announce_a_failure(
     store: Arc<dyn SettlementStore>,
