@@ -485,7 +485,7 @@ async fn the_in_flight_limit_holds_under_a_burst() {
         app.channels.set_faults(
             channel,
             Faults {
-                latency_ms: 600,
+                latency_ms: 2_500,
                 ..Faults::default()
             },
         );
