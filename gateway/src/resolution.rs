@@ -35,9 +35,9 @@ use crate::ids::PaymentId;
 use crate::money::Currency;
 use crate::periodic::spawn_periodic;
 use crate::preauth::{
-    money_record_id, status_record_id, LateCaptureOutcome, LateCaptureRequest, Method,
-    PaymentStatus, Purpose, SettledMark, StoreError, SucceedOutcome, SucceedRequest, SuccessEffect,
-    TransitionOutcome,
+    late_record_id, money_record_id, status_record_id, LateCaptureOutcome, LateCaptureRequest,
+    Method, PaymentStatus, Purpose, SettledMark, StoreError, SucceedOutcome, SucceedRequest,
+    SuccessEffect, TransitionOutcome,
 };
 use crate::settlement::settler::SettleFailure;
 use crate::settlement::{
@@ -157,11 +157,8 @@ pub async fn settle_paid(
     let seq = match state.balances.succeed(&request, state.op()).await? {
         SucceedOutcome::Done { seq, .. } => seq,
         SucceedOutcome::NotPending(status) => {
-            if !status.is_live() {
-                // Late money (DESIGN.md §7): the next issue records it as suspense.
-                telemetry::resolution("late_money");
-                tracing::error!(payment_id = %pid, %status, channel = %attempt.channel_id, "paid at the channel after the payment ended: late money, needs a human");
-            }
+            // A payment that already ended: late money, which the caller records
+            // (`record_late_money`).
             return Ok(Settled::Already(status));
         }
         SucceedOutcome::NotFound => return Err(ResolveError::Unknown(pid.to_string())),
@@ -299,10 +296,17 @@ async fn late_capture(
     channel_txn_id: &str,
 ) -> Result<String, ResolveError> {
     let now = telemetry::now_ms();
-    let mut settlement =
-        movements::late_capture(doc, &attempt.channel_id, channel_txn_id, None, now);
+    let mut settlement = movements::late_capture(
+        doc,
+        attempt.attempt,
+        &attempt.channel_id,
+        channel_txn_id,
+        None,
+        now,
+    );
     let request = LateCaptureRequest {
         payment: pid.clone(),
+        attempt: attempt.attempt,
         amount_minor: doc.amount_minor,
         pending_record: PendingRecord::Settlement(settlement.clone()).to_json(),
     };
@@ -311,7 +315,7 @@ async fn late_capture(
             settlement.account_seq = Some(seq);
             let mark = SettledMark {
                 tag: pid.tag(),
-                id: money_record_id(pid.as_str()),
+                id: late_record_id(pid.as_str(), attempt.attempt),
                 idempotency_key: String::new(),
             };
             match state.settler.settle(settlement, mark).await {

@@ -71,7 +71,7 @@ struct ScopeState {
     idempotency: HashMap<String, IdempotencyRow>,
     /// id -> movement not yet committed by the settlement store (u:{T} in Redis).
     unsettled: HashMap<String, PendingRow>,
-    /// payment id -> the account sequence of its late capture (lc:{T} in Redis).
+    /// '<payment id>#<attempt>' -> the account sequence of its late capture (lc:{T} in Redis).
     late_captures: HashMap<String, u64>,
     /// payment id -> its refunds' totals (rf:{T} in Redis).
     refund_totals: HashMap<String, RefundTotals>,
@@ -464,7 +464,8 @@ impl BalanceStore for MemoryStore {
             Some(PaymentStatus::Pending) => return Ok(LateCaptureOutcome::Pending),
             Some(_) => {}
         }
-        if let Some(seq) = state.late_captures.get(pid) {
+        let marker = format!("{pid}#{}", req.attempt);
+        if let Some(seq) = state.late_captures.get(&marker) {
             return Ok(LateCaptureOutcome::Done { seq: *seq });
         }
         state.release_expired(ctx.now_ms, ctx.lazy_release_max);
@@ -478,9 +479,9 @@ impl BalanceStore for MemoryStore {
         row.balance -= req.amount_minor;
         row.seq += 1;
         let seq = row.seq;
-        state.late_captures.insert(pid.to_owned(), seq);
+        state.late_captures.insert(marker, seq);
         state.unsettled.insert(
-            money_record_id(pid),
+            super::late_record_id(pid, req.attempt),
             PendingRow {
                 seq,
                 idempotency_key: String::new(),

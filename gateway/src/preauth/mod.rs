@@ -521,14 +521,22 @@ pub enum SucceedOutcome {
 #[derive(Debug, Clone)]
 pub struct LateCaptureRequest {
     pub payment: PaymentId,
+    /// The attempt the supplier executed (a payment may have an abandoned attempt besides
+    /// the one it succeeded with): one late capture per attempt.
+    pub attempt: u32,
     pub amount_minor: i64,
-    /// The capture's settlement as a pending record (JSON), kept under [`money_record_id`].
+    /// The capture's settlement as a pending record (JSON), kept under [`late_record_id`].
     pub pending_record: String,
+}
+
+/// The outbox id of an attempt's late capture.
+pub fn late_record_id(pid: &str, attempt: u32) -> String {
+    format!("{pid}#l{attempt}")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LateCaptureOutcome {
-    /// Debited now or before (at most once per payment): the account's sequence after it.
+    /// Debited now or before (at most once per attempt): the account's sequence after it.
     Done {
         seq: u64,
     },
@@ -694,7 +702,7 @@ pub trait BalanceStore: Send + Sync + 'static {
         ctx: OpContext,
     ) -> Result<TransitionOutcome, StoreError>;
 
-    /// Late money on a supplier charge (see [`LateCaptureRequest`]). At most once per payment.
+    /// Late money on a supplier charge (see [`LateCaptureRequest`]). At most once per attempt.
     async fn late_capture(
         &self,
         req: &LateCaptureRequest,

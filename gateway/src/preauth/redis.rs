@@ -18,8 +18,8 @@ use ::redis::{Client, Script};
 use async_trait::async_trait;
 
 use super::{
-    money_record_id, AccountKey, AccountRebuild, AccountSnapshot, AdjustOutcome, AdjustRequest,
-    AuthorizeOutcome, AuthorizeRequest, BalanceStore, Direction, LateCaptureOutcome,
+    late_record_id, money_record_id, AccountKey, AccountRebuild, AccountSnapshot, AdjustOutcome,
+    AdjustRequest, AuthorizeOutcome, AuthorizeRequest, BalanceStore, Direction, LateCaptureOutcome,
     LateCaptureRequest, OpContext, PaymentDoc, PaymentRecord, PaymentStatus, RefundFinishOutcome,
     RefundFinishRequest, RefundReserveOutcome, RefundReserveRequest, Scope, SettledMark,
     StoreError, StoredOutcome, SucceedOutcome, SucceedRequest, TransitionOutcome, Unsettled,
@@ -541,8 +541,9 @@ impl BalanceStore for RedisStore {
                     &req.amount_minor.to_string(),
                     &ctx.now_ms.to_string(),
                     &req.pending_record,
-                    &money_record_id(payment.as_str()),
+                    &late_record_id(payment.as_str(), req.attempt),
                     &ctx.lazy_release_max.to_string(),
+                    &req.attempt.to_string(),
                 ],
             )
             .await?;

@@ -306,10 +306,12 @@ pub fn suspense(
     )
 }
 
-/// The late money of a supplier charge recovered from its account (suspense → account), with
-/// the account's sequence after the debit.
+/// The late money of a supplier charge's attempt `attempt` recovered from its account
+/// (suspense → account), with the account's sequence after the debit. Its sequence is the
+/// attempt's number (the payment's own capture, if any, is sequence 0).
 pub fn late_capture(
     doc: &PaymentDoc,
+    attempt: u32,
     channel_id: &str,
     channel_txn_id: &str,
     seq: Option<u64>,
@@ -322,7 +324,7 @@ pub fn late_capture(
     let mut s = late_movement(
         doc,
         SettlementKind::Capture,
-        0,
+        attempt,
         channel_id,
         channel_txn_id,
         doc.amount_minor,

@@ -11,7 +11,7 @@
 //! | an `adjustment` settlement | none (an admin movement, not a payment's) |
 //! | a final status `failed` / `canceled` / `expired` | `payment.failed` / `payment.canceled` / `payment.expired` |
 //!
-//! `refund.failed` is reserved for refunds the channel refuses (the refunds work adds it).
+//! | a refund ending `failed` (`set_refund_status`) | `refund.failed` (sequence = the refund's number) |
 
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -26,7 +26,7 @@ pub const PAYMENT_CANCELED: &str = "payment.canceled";
 pub const PAYMENT_EXPIRED: &str = "payment.expired";
 pub const PAYMENT_LATE_MONEY: &str = "payment.late_money";
 pub const REFUND_SUCCEEDED: &str = "refund.succeeded";
-/// Reserved: a refund the channel refused (not emitted yet).
+/// A refund the channel refused (its reservation released).
 pub const REFUND_FAILED: &str = "refund.failed";
 
 /// Every event type, as documented.

@@ -995,7 +995,7 @@ async fn a_supplier_charge_executed_after_expiry_is_captured_if_affordable() {
     );
     assert_eq!(
         movements(&app, rich).await,
-        vec![("capture".to_owned(), 0), ("suspense".to_owned(), 1)]
+        vec![("capture".to_owned(), 1), ("suspense".to_owned(), 1)]
     );
     assert_eq!(
         movements(&app, poor).await,

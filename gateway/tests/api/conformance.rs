@@ -311,6 +311,7 @@ async fn a_late_capture_debits_once_and_never_below_available(store: Arc<dyn Bal
     let id = created_id(&store, &request).await;
     let late = |amount: i64| LateCaptureRequest {
         payment: id.clone(),
+        attempt: 1,
         amount_minor: amount,
         pending_record: "{\"settlement\":{}}".into(),
     };

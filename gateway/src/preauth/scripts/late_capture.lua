@@ -3,12 +3,12 @@
 -- settlement into the outbox. The payment's status is not changed (its order id may already
 -- belong to a new payment).
 --
--- KEYS: 1 a:{T}  2 h:{T}  3 ph:{T}  4 ps:{T}  5 u:{T}  6 lc:{T} (payment id -> seq of its
---       late capture: at most one per payment)
+-- KEYS: 1 a:{T}  2 h:{T}  3 ph:{T}  4 ps:{T}  5 u:{T}  6 lc:{T} ('<payment id>#<attempt>' ->
+--       seq of its late capture: at most one per attempt)
 -- ARGV: 1 payment id  2 amount (minor units)  3 now (unix ms)  4 pending settlement record
---       (JSON)  5 its outbox id  6 lazy release limit
+--       (JSON)  5 its outbox id  6 lazy release limit  7 the attempt number
 -- Returns {'done', seq} | {'insufficient', available} | {'not_found'} | {'pending'}
--- Invariant: never takes available below zero; at most one late capture per payment (a repeat
+-- Invariant: never takes available below zero; at most one late capture per attempt (a repeat
 -- answers 'done' with the first one's sequence and moves nothing).
 
 local pid = ARGV[1]
@@ -19,7 +19,8 @@ end
 if status == 'pending' then
   return {'pending'}
 end
-local done = redis.call('HGET', KEYS[6], pid)
+local marker = pid .. '#' .. ARGV[7]
+local done = redis.call('HGET', KEYS[6], marker)
 if done then
   return {'done', done}
 end
@@ -35,6 +36,6 @@ if available < amount then
 end
 redis.call('HINCRBY', KEYS[1], 'bal', -amount)
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-redis.call('HSET', KEYS[6], pid, fmt(seq))
+redis.call('HSET', KEYS[6], marker, fmt(seq))
 record_unsettled(KEYS[5], ARGV[5], seq, '', ARGV[4], tonumber(ARGV[3]))
 return {'done', fmt(seq)}
