@@ -255,9 +255,11 @@ fn serve(
             }
             None => {}
         }
+        // Handlers first: whoever reads the next line may signal at once.
+        let shutdown = shutdown_signal();
         tracing::info!(addr = %app.local_addr(), "gateway listening");
         println!("gateway listening on http://{}", app.local_addr());
-        let result = app.run_until(shutdown_signal()).await;
+        let result = app.run_until(shutdown).await;
         stop_sandbox(sandbox).await;
         match result {
             Ok(()) => ExitCode::SUCCESS,
