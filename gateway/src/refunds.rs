@@ -222,7 +222,8 @@ pub async fn retry_stale(state: &AppState, limit: usize) -> Result<usize, Resolv
         let Some(pid) = PaymentId::parse(&refund.payment_id) else {
             continue;
         };
-        let Some(record) = state.balances.payment(&pid).await? else {
+        let Some(record) = crate::resolution::ensure_payment(state, &pid).await? else {
+            tracing::warn!(refund_id = %refund.refund_id, "a pending refund's payment is in neither store; skipped");
             continue;
         };
         // Touch it first, so a refund that stays pending waits again.

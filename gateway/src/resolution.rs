@@ -81,6 +81,91 @@ pub enum Settled {
     Already(PaymentStatus),
 }
 
+/// The payment as the balance store has it — put back from the settlement store (the system
+/// of record) when the balance store lost it (a Redis failover, a restarted in-process
+/// sandbox): an account payment comes back with its account (balance, sequence and live holds,
+/// if the account is gone too); a payment without a hold comes back on its own, with its
+/// refunds' state. `None` when neither store knows it, or when only its hold could be missing
+/// (a pending payment holding money whose account the balance store still has: never guessed).
+pub async fn ensure_payment(
+    state: &AppState,
+    pid: &PaymentId,
+) -> Result<Option<crate::preauth::PaymentRecord>, ResolveError> {
+    if let Some(record) = state.balances.payment(pid).await? {
+        return Ok(Some(record));
+    }
+    let store = &state.settler.store;
+    let Some(row) = store.payment(pid.as_str()).await? else {
+        return Ok(None);
+    };
+    let doc: crate::preauth::PaymentDoc = serde_json::from_str(&row.doc)
+        .map_err(|e| StoreError::Corrupt(format!("stored payment {pid}: {e}")))?;
+    let status = PaymentStatus::parse(&row.status)
+        .ok_or_else(|| StoreError::Corrupt(format!("stored status of {pid}")))?;
+    if let Some(account) = &doc.account_id {
+        let (Ok(merchant), Ok(account_id)) = (
+            crate::ids::MerchantId::parse(&doc.merchant_id),
+            crate::ids::AccountId::parse(account),
+        ) else {
+            return Ok(None);
+        };
+        let key = crate::preauth::AccountKey::new(merchant, account_id);
+        if state
+            .balances
+            .read_account(&key, state.op())
+            .await?
+            .is_none()
+        {
+            crate::settlement::recovery::rebuild_balances(
+                store.as_ref(),
+                state.balances.as_ref(),
+                Some((doc.merchant_id.as_str(), account.as_str())),
+            )
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            if let Some(record) = state.balances.payment(pid).await? {
+                return Ok(Some(record));
+            }
+        }
+    }
+    if status == PaymentStatus::Pending && row.held_minor > 0 {
+        tracing::error!(payment_id = %pid, "a pending payment's hold is missing from the balance store while its account is there; not restored (needs `gateway rebuild-balances`)");
+        return Ok(None);
+    }
+    let refunds = store.refunds(pid.as_str()).await?;
+    let live = |r: &&crate::settlement::RefundRow| r.status != "failed";
+    let restore = crate::preauth::RestorePayment {
+        record: crate::preauth::PaymentRecord {
+            doc,
+            status,
+            held_minor: 0,
+        },
+        refund_count: refunds.iter().map(|r| r.number).max().unwrap_or(0),
+        refunds_reserved: refunds.iter().filter(live).map(|r| r.amount_minor).sum(),
+        refunds_succeeded: refunds
+            .iter()
+            .filter(|r| r.status == "succeeded")
+            .map(|r| r.amount_minor)
+            .sum(),
+        pending_refunds: refunds
+            .iter()
+            .filter(|r| r.status == "pending")
+            .map(|r| {
+                (
+                    r.refund_id.clone(),
+                    r.number,
+                    r.amount_minor,
+                    r.created_at_ms,
+                )
+            })
+            .collect(),
+    };
+    if state.balances.restore_payment(&restore).await? {
+        tracing::warn!(payment_id = %pid, status = %status, "payment missing from the balance store: restored from the settlement store");
+    }
+    Ok(state.balances.payment(pid).await?)
+}
+
 /// What a channel's success does to the money (DESIGN.md §3's table).
 pub fn success_effect(method: Method, purpose: Purpose) -> SuccessEffect {
     match (purpose, method) {
@@ -101,9 +186,7 @@ pub async fn settle_paid(
 ) -> Result<Settled, ResolveError> {
     let pid = PaymentId::parse(&attempt.payment_id)
         .ok_or_else(|| ResolveError::Unknown(attempt.payment_id.clone()))?;
-    let record = state
-        .balances
-        .payment(&pid)
+    let record = ensure_payment(state, &pid)
         .await?
         .ok_or_else(|| ResolveError::Unknown(pid.to_string()))?;
     let doc = &record.doc;
@@ -226,19 +309,10 @@ pub async fn record_late_money(
 ) -> Result<(), ResolveError> {
     let pid = PaymentId::parse(&attempt.payment_id)
         .ok_or_else(|| ResolveError::Unknown(attempt.payment_id.clone()))?;
-    let doc = match state.balances.payment(&pid).await? {
-        Some(record) => record.doc,
-        None => {
-            let row = state
-                .settler
-                .store
-                .payment(pid.as_str())
-                .await?
-                .ok_or_else(|| ResolveError::Unknown(pid.to_string()))?;
-            serde_json::from_str(&row.doc)
-                .map_err(|e| StoreError::Corrupt(format!("stored payment {pid}: {e}")))?
-        }
-    };
+    let doc = ensure_payment(state, &pid)
+        .await?
+        .ok_or_else(|| ResolveError::Unknown(pid.to_string()))?
+        .doc;
     let now = telemetry::now_ms();
     let suspense = movements::suspense(
         &doc,
@@ -426,6 +500,7 @@ pub async fn settle_unpaid(
     to: PaymentStatus,
 ) -> Result<TransitionOutcome, ResolveError> {
     debug_assert!(!to.is_live());
+    ensure_payment(state, pid).await?;
     let outcome = state.balances.release(pid, to, state.op()).await?;
     if let TransitionOutcome::Done(_) = &outcome {
         telemetry::resolution(to.as_str());
@@ -588,10 +663,9 @@ pub enum Look {
 /// Looks at one due payment once (module docs).
 pub async fn look(state: &AppState, row: &PaymentRow, now_ms: u64) -> Result<Look, ResolveError> {
     let pid = PaymentId::parse(&row.id).ok_or_else(|| ResolveError::Unknown(row.id.clone()))?;
-    match state.balances.payment(&pid).await? {
+    match ensure_payment(state, &pid).await? {
         Some(record) if record.status != PaymentStatus::Pending => return Ok(Look::Done),
         Some(_) => {}
-        // Redis lost it: the store's row is the record; recovery/rebuild brings it back.
         None => return Err(ResolveError::Unknown(pid.to_string())),
     }
     let attempts = state.settler.store.attempts(pid.as_str()).await?;

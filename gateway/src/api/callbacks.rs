@@ -213,7 +213,7 @@ async fn unpaid(state: &AppState, attempt: &AttemptRow, to: PaymentStatus) -> Ha
     let Some(pid) = PaymentId::parse(&attempt.payment_id) else {
         return Handled::Refuse("malformed");
     };
-    let record = match state.balances.payment(&pid).await {
+    let record = match resolution::ensure_payment(state, &pid).await {
         Ok(Some(record)) => record,
         Ok(None) | Err(_) => return Handled::Retry("retry"),
     };

@@ -94,7 +94,17 @@ pub async fn create_refund(
         }
     };
 
-    // 3. One atomic step: idempotency, state, refundable amount, top-up hold.
+    // 3. One atomic step: idempotency, state, refundable amount, top-up hold (on a payment the
+    // balance store lost, first put back from the settlement store).
+    crate::resolution::ensure_payment(&state, &pid)
+        .await
+        .map_err(|err| {
+            tracing::warn!(payment_id = %pid, error = %err, "cannot restore the payment");
+            ApiError::Unavailable {
+                reason: "settlement_store_unavailable",
+                payment_id: Some(pid.to_string()),
+            }
+        })?;
     let now = telemetry::now_ms();
     let template = PendingRecord::Refund(RefundRow {
         refund_id: REFUND_ID_PLACEHOLDER.into(),

@@ -12,9 +12,9 @@ use super::{
     AccountRebuild, AccountSnapshot, AdjustOutcome, AdjustRequest, AuthorizeOutcome,
     AuthorizeRequest, BalanceStore, Direction, IdempotencyClaim, LateCaptureOutcome,
     LateCaptureRequest, OpContext, PaymentDoc, PaymentRecord, PaymentStatus, RefundFinishOutcome,
-    RefundFinishRequest, RefundReserveOutcome, RefundReserveRequest, Scope, SettledMark,
-    StoreError, StoredOutcome, SucceedOutcome, SucceedRequest, SuccessEffect, TransitionOutcome,
-    Unsettled, UnsettledPage, UpsertOutcome, MAX_SAFE_MINOR,
+    RefundFinishRequest, RefundReserveOutcome, RefundReserveRequest, RestorePayment, Scope,
+    SettledMark, StoreError, StoredOutcome, SucceedOutcome, SucceedRequest, SuccessEffect,
+    TransitionOutcome, Unsettled, UnsettledPage, UpsertOutcome, MAX_SAFE_MINOR,
 };
 use crate::ids::{IdempotencyKey, MerchantOrderId, PaymentId, ScopeTag};
 use crate::money::Currency;
@@ -669,6 +669,52 @@ impl BalanceStore for MemoryStore {
             seq,
             payment_status,
         })
+    }
+
+    async fn restore_payment(&self, restore: &RestorePayment) -> Result<bool, StoreError> {
+        let doc = &restore.record.doc;
+        let id = PaymentId::parse(&doc.id)
+            .ok_or_else(|| StoreError::Corrupt(format!("payment id {:?}", doc.id)))?;
+        let mut state = self.scopes.entry(id.tag()).or_default();
+        if state.statuses.contains_key(&doc.id) {
+            return Ok(false);
+        }
+        let status = restore.record.status;
+        state.statuses.insert(doc.id.clone(), status);
+        state.docs.insert(doc.id.clone(), doc.clone());
+        if status.is_live() {
+            let holder_live = state
+                .orders
+                .get(&doc.merchant_order_id)
+                .and_then(|holder| state.statuses.get(holder))
+                .is_some_and(|s| s.is_live());
+            if !holder_live {
+                state
+                    .orders
+                    .insert(doc.merchant_order_id.clone(), doc.id.clone());
+            }
+        }
+        if restore.refund_count > 0 {
+            state.refund_totals.insert(
+                doc.id.clone(),
+                RefundTotals {
+                    count: restore.refund_count,
+                    reserved: restore.refunds_reserved,
+                    succeeded: restore.refunds_succeeded,
+                },
+            );
+        }
+        for (refund_id, _, amount, _) in &restore.pending_refunds {
+            state.refunds.insert(
+                refund_id.clone(),
+                RefundState {
+                    payment_id: doc.id.clone(),
+                    amount: *amount,
+                    status: "pending",
+                },
+            );
+        }
+        Ok(true)
     }
 
     async fn fail_unrouted(

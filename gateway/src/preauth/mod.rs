@@ -628,6 +628,20 @@ pub fn refund_outcome_id(refund_id: &str) -> String {
     format!("{refund_id}#f")
 }
 
+/// A payment to put back into the balance store from the settlement store (see
+/// `restore_payment.lua`): its record (without a hold) and its refunds' state.
+#[derive(Debug, Clone)]
+pub struct RestorePayment {
+    pub record: PaymentRecord,
+    /// The highest refund number handed out.
+    pub refund_count: u32,
+    /// Pending and succeeded refunds' total.
+    pub refunds_reserved: i64,
+    pub refunds_succeeded: i64,
+    /// Pending refunds: (refund id, number, amount, created ms).
+    pub pending_refunds: Vec<(String, u32, i64, u64)>,
+}
+
 /// The result of moving a payment out of `pending`.
 // Returned by value once per call and matched at once: boxing the large variant would add an
 // allocation per payment for nothing.
@@ -722,6 +736,10 @@ pub trait BalanceStore: Send + Sync + 'static {
         req: &RefundFinishRequest,
         ctx: OpContext,
     ) -> Result<RefundFinishOutcome, StoreError>;
+
+    /// Puts back a payment the balance store lost (see [`RestorePayment`]); `false` when it
+    /// was there (nothing changed).
+    async fn restore_payment(&self, restore: &RestorePayment) -> Result<bool, StoreError>;
 
     /// Ends a pending payment that no channel took: as `release` to `failed`, and the
     /// idempotency record's outcome becomes `no_channel_available` (replayed as 503).

@@ -21,9 +21,9 @@ use super::{
     late_record_id, money_record_id, AccountKey, AccountRebuild, AccountSnapshot, AdjustOutcome,
     AdjustRequest, AuthorizeOutcome, AuthorizeRequest, BalanceStore, Direction, LateCaptureOutcome,
     LateCaptureRequest, OpContext, PaymentDoc, PaymentRecord, PaymentStatus, RefundFinishOutcome,
-    RefundFinishRequest, RefundReserveOutcome, RefundReserveRequest, Scope, SettledMark,
-    StoreError, StoredOutcome, SucceedOutcome, SucceedRequest, TransitionOutcome, Unsettled,
-    UnsettledPage, UpsertOutcome,
+    RefundFinishRequest, RefundReserveOutcome, RefundReserveRequest, RestorePayment, Scope,
+    SettledMark, StoreError, StoredOutcome, SucceedOutcome, SucceedRequest, TransitionOutcome,
+    Unsettled, UnsettledPage, UpsertOutcome,
 };
 use crate::config::RedisSettings;
 use crate::ids::{IdempotencyKey, MerchantOrderId, PaymentId, ScopeTag};
@@ -41,6 +41,7 @@ struct Scripts {
     late_capture: Script,
     refund_reserve: Script,
     refund_finish: Script,
+    restore_payment: Script,
     release: Script,
     adjust: Script,
     read_payment: Script,
@@ -62,6 +63,7 @@ impl Scripts {
             late_capture: with_common(include_str!("scripts/late_capture.lua")),
             refund_reserve: with_common(include_str!("scripts/refund_reserve.lua")),
             refund_finish: with_common(include_str!("scripts/refund_finish.lua")),
+            restore_payment: with_common(include_str!("scripts/restore_payment.lua")),
             release: with_common(include_str!("scripts/release.lua")),
             adjust: with_common(include_str!("scripts/adjust.lua")),
             read_payment: with_common(include_str!("scripts/read_payment.lua")),
@@ -72,7 +74,7 @@ impl Scripts {
         }
     }
 
-    fn all(&self) -> [&Script; 14] {
+    fn all(&self) -> [&Script; 15] {
         [
             &self.upsert_account,
             &self.read_account,
@@ -81,6 +83,7 @@ impl Scripts {
             &self.late_capture,
             &self.refund_reserve,
             &self.refund_finish,
+            &self.restore_payment,
             &self.release,
             &self.adjust,
             &self.read_payment,
@@ -661,6 +664,42 @@ impl BalanceStore for RedisStore {
             "not_found" => RefundFinishOutcome::NotFound,
             _ => return Err(corrupt(what, &reply)),
         })
+    }
+
+    async fn restore_payment(&self, restore: &RestorePayment) -> Result<bool, StoreError> {
+        let doc = &restore.record.doc;
+        let id = PaymentId::parse(&doc.id)
+            .ok_or_else(|| StoreError::Corrupt(format!("payment id {:?}", doc.id)))?;
+        let tag = id.tag();
+        let k = Keys::of(tag);
+        let refunds = format!("rf:{{{tag}}}");
+        let mut args = vec![
+            doc.id.clone(),
+            restore.record.status.as_str().to_owned(),
+            doc_json(doc)?,
+            doc.merchant_order_id.clone(),
+            restore.refund_count.to_string(),
+            restore.refunds_reserved.to_string(),
+            restore.refunds_succeeded.to_string(),
+        ];
+        for (refund_id, number, amount, created) in &restore.pending_refunds {
+            args.extend([
+                refund_id.clone(),
+                number.to_string(),
+                amount.to_string(),
+                created.to_string(),
+            ]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let reply = self
+            .run(
+                "restore_payment",
+                &self.scripts.restore_payment,
+                &[&k.statuses, &k.docs, &k.orders, &refunds],
+                &args,
+            )
+            .await?;
+        Ok(field(&reply, 0, "restore_payment")? == "1")
     }
 
     async fn fail_unrouted(

@@ -1050,3 +1050,112 @@ async fn callbacks_racing_the_resolution_loop_settle_each_payment_once() {
     app.assert_account(ALPHA, "acc", "80.00", "0.00", "80.00")
         .await;
 }
+
+/// Redis loses everything (a failover to an empty replica) while channel payments are in
+/// flight: their callbacks still settle them, each once — the payment (and, for an account
+/// payment, its account with its holds) is put back from the settlement store first — and a
+/// payment that succeeded before the loss can still be refunded, never above what is left.
+#[tokio::test]
+async fn after_redis_lost_everything_callbacks_and_refunds_still_work_from_the_store() {
+    let options = ChannelOptions {
+        callbacks: retrying_callbacks(),
+        ..ChannelOptions::default()
+    };
+    let app = spawn_app_full(Backend::Redis, Store::Sqlite, CALLBACKS_ONLY, &options).await;
+    app.funded_account(ALPHA, "alpha", "acc", "100.00", "0.00")
+        .await;
+    let alipay = app
+        .pay(ALPHA, "a1", customer_payment("alipay", "ali-1", "6.00"))
+        .await;
+    let supplier = app
+        .pay(ALPHA, "s1", supplier_payment("s-1", "acc", "30.00"))
+        .await;
+    let earlier = app
+        .pay(ALPHA, "a2", customer_payment("alipay", "ali-2", "9.00"))
+        .await;
+    for created in [&alipay, &supplier, &earlier] {
+        assert_eq!(created.status, 201, "{:?}", created.body);
+    }
+    let (alipay_id, supplier_id, earlier_id) = (
+        alipay.body["id"].as_str().unwrap(),
+        supplier.body["id"].as_str().unwrap(),
+        earlier.body["id"].as_str().unwrap(),
+    );
+    // One succeeded and was partly refunded before the loss.
+    assert!(matches!(
+        app.channels.sim.pay(&order_of(&earlier.body)),
+        channel_sim::PayOutcome::Paid(_)
+    ));
+    app.wait_status(earlier_id, "succeeded").await;
+    wait_on_disk(&app, earlier_id, "succeeded").await;
+    let first = app
+        .post(
+            &format!("/v1/payments/{earlier_id}/refunds"),
+            ALPHA,
+            "r1",
+            json!({"amount": "4.00"}),
+        )
+        .await;
+    assert_eq!(
+        (first.status, &first.body["status"]),
+        (201, &json!("succeeded")),
+        "{:?}",
+        first.body
+    );
+    wait_on_disk(&app, earlier_id, "partially_refunded").await;
+
+    let mut redis = app.redis.as_ref().unwrap().connection().await;
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+
+    // The customers pay now; the callbacks find nothing in Redis and restore from the store.
+    for created in [&alipay, &supplier] {
+        assert!(matches!(
+            app.channels.sim.pay(&order_of(&created.body)),
+            channel_sim::PayOutcome::Paid(_)
+        ));
+    }
+    app.wait_status(alipay_id, "succeeded").await;
+    app.wait_status(supplier_id, "succeeded").await;
+    wait_on_disk(&app, supplier_id, "succeeded").await;
+    assert_eq!(
+        movements(&app, supplier_id).await,
+        vec![("capture".to_owned(), 0)]
+    );
+    app.assert_account(ALPHA, "acc", "70.00", "0.00", "70.00")
+        .await;
+
+    // The earlier payment: 5.00 left to refund, not 9.00.
+    let above = app
+        .post(
+            &format!("/v1/payments/{earlier_id}/refunds"),
+            ALPHA,
+            "r2",
+            json!({"amount": "5.01"}),
+        )
+        .await;
+    assert_eq!(
+        (above.status, above.code()),
+        (422, "invalid_state"),
+        "{:?}",
+        above.body
+    );
+    let rest = app
+        .post(
+            &format!("/v1/payments/{earlier_id}/refunds"),
+            ALPHA,
+            "r3",
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        (rest.status, &rest.body["amount"], &rest.body["status"]),
+        (201, &json!("5.00"), &json!("succeeded")),
+        "{:?}",
+        rest.body
+    );
+    assert_eq!(rest.body["id"], format!("re_{}_2", &earlier_id[4..]));
+    app.wait_status(earlier_id, "refunded").await;
+}

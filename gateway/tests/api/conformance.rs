@@ -347,6 +347,70 @@ async fn a_late_capture_debits_once_and_never_below_available(store: Arc<dyn Bal
     );
 }
 
+async fn a_lost_payment_is_restored_once_with_its_refunds(store: Arc<dyn BalanceStore>) {
+    use gateway::preauth::{RefundReserveOutcome, RefundReserveRequest, RestorePayment};
+    let request = holdless(None, "lost-1", 900);
+    let id = PaymentId::parse(&request.doc.id).unwrap();
+    let restore = RestorePayment {
+        record: PaymentRecord {
+            doc: request.doc.clone(),
+            status: PaymentStatus::PartiallyRefunded,
+            held_minor: 0,
+        },
+        refund_count: 2,
+        refunds_reserved: 700,
+        refunds_succeeded: 400,
+        pending_refunds: vec![(format!("re_{}_2", &id.as_str()[4..]), 2, 300, NOW)],
+    };
+    assert!(store.restore_payment(&restore).await.unwrap());
+    assert!(
+        !store.restore_payment(&restore).await.unwrap(),
+        "never twice"
+    );
+    let record = store.payment(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (record.status, record.doc.amount_minor),
+        (PaymentStatus::PartiallyRefunded, 900)
+    );
+    let order = MerchantOrderId::parse("lost-1", 64).unwrap();
+    let scope = Scope::merchant(MerchantId::parse("alpha").unwrap());
+    assert!(store
+        .live_payment_by_order(&scope, &order)
+        .await
+        .unwrap()
+        .is_some());
+    // 200 is left to refund, and the next refund is the third.
+    let reserve = |amount: i64, key: &str| RefundReserveRequest {
+        payment: id.clone(),
+        amount_minor: Some(amount),
+        idempotency: claim(key, key),
+        hold_expires_at_ms: NOW + 1_000,
+        intent_template: "{}".into(),
+    };
+    assert_eq!(
+        store
+            .reserve_refund(&reserve(201, "rr1"), ctx(NOW))
+            .await
+            .unwrap(),
+        RefundReserveOutcome::Exceeds { remaining: 200 }
+    );
+    let created = store
+        .reserve_refund(&reserve(200, "rr2"), ctx(NOW))
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            created,
+            RefundReserveOutcome::Created {
+                number: 3,
+                amount_minor: 200,
+                ..
+            }
+        ),
+        "{created:?}"
+    );
+}
+
 /// Every pending record: pages until a full pass.
 async fn all_unsettled(store: &Arc<dyn BalanceStore>) -> Vec<gateway::preauth::Unsettled> {
     let mut all = Vec::new();
@@ -379,6 +443,7 @@ async fn settle_all(store: &Arc<dyn BalanceStore>) {
 }
 
 on_both_backends!(
+    a_lost_payment_is_restored_once_with_its_refunds,
     a_late_capture_debits_once_and_never_below_available,
     topups_credit_once_and_collections_move_no_account,
     an_unrouted_payment_fails_releases_its_hold_and_replays_no_channel,
