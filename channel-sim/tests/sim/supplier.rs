@@ -180,10 +180,11 @@ async fn expiry_and_close_are_honored() {
         base,
         "POST",
         "/v1/orders",
-        &order(expiring, "5.00", 1, "http://127.0.0.1:1/cb"),
+        // Two seconds: enough for the create to arrive before it expires on a loaded machine.
+        &order(expiring, "5.00", 2, "http://127.0.0.1:1/cb"),
     )
     .await;
-    tokio::time::sleep(std::time::Duration::from_millis(2_100)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(3_100)).await;
     assert_eq!(admin_pay(&sim, expiring).await.status, 409);
     assert_eq!(
         call(base, "GET", &format!("/v1/orders/{expiring}"), "")

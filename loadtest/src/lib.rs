@@ -1,0 +1,48 @@
+//! `loadtest`: the open-loop load generator of DESIGN.md §1 and issue 6.
+//!
+//! It drives a target (today the gateway in its sandbox; the same-run baseline proxy slots in
+//! as another [`Target`]) at a **fixed arrival rate**: request `i` has an intended send time
+//! `start + i / rate`, whatever happened to the requests before it. Latency is measured from
+//! that intended time (*corrected*: what a client arriving on schedule would see) and from
+//! the actual send (*uncorrected*), into HDR histograms. A request that could not be sent
+//! within a bound of its intended time is counted as a *missed send* rather than silently
+//! delayed, so coordinated omission is visible instead of hidden.
+//!
+//! One module per concern:
+//! - [`manifest`]: the sandbox manifest (DESIGN.md §10) and the loopback-only rule;
+//! - [`schedule`]: intended times, the dispatcher and its missed-send accounting;
+//! - [`histogram`]: latency histograms and their percentiles;
+//! - [`client`]: the keep-alive HTTP client with its request timeout;
+//! - [`scenario`]: scenarios as weighted mixes of operations;
+//! - [`target`]: what a request looks like for a target, and what its answer means;
+//! - [`recorder`]: per-request outcomes into counts, histograms and per-second series;
+//! - [`settle`]: which channel payments settled, when, and whether the gateway agrees with
+//!   channel-sim's record;
+//! - [`procstat`]: CPU time of processes from `/proc`;
+//! - [`runner`]: one run, start to report; [`mod@find_max`]: the rate search;
+//! - [`report`]: the JSON report and the human summary; [`plot`]: the SVG plot.
+
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod error;
+pub mod find_max;
+pub mod histogram;
+pub mod manifest;
+pub mod plot;
+pub mod procstat;
+pub mod recorder;
+pub mod report;
+pub mod runner;
+pub mod scenario;
+pub mod schedule;
+pub mod settle;
+pub mod target;
+
+pub use error::Error;
+pub use find_max::{find_max, FindMaxReport, FindMaxSettings};
+pub use manifest::Manifest;
+pub use report::Report;
+pub use runner::{run, RunSettings};
+pub use scenario::{Operation, Scenario};
+pub use target::Target;

@@ -1,0 +1,243 @@
+//! CPU time of processes, from `/proc/PID/stat` (`utime + stime`, every thread of the
+//! process, in clock ticks). The generator reads its own through `/proc/self/stat`.
+//!
+//! Clock ticks are `USER_HZ`, which Linux fixes at 100 per second on every architecture it
+//! exposes to user space (the kernel's own `HZ` may differ; `/proc` converts). So a reading
+//! has 10 ms resolution: over a measured window of 10 s or more, well under 1 % of a core.
+
+use std::io;
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// Clock ticks per second of `/proc/PID/stat`.
+pub const USER_HZ: u64 = 100;
+
+/// A process to measure: a name for the report and its pid (`None`: this process).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessSpec {
+    pub name: String,
+    pub pid: Option<u32>,
+}
+
+impl ProcessSpec {
+    /// The generator itself.
+    pub fn this_process() -> Self {
+        Self {
+            name: "loadtest".into(),
+            pid: None,
+        }
+    }
+
+    /// `NAME=PID`, e.g. `gateway=1234`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (name, pid) = text
+            .split_once('=')
+            .ok_or_else(|| format!("{text:?}: expected NAME=PID"))?;
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(format!(
+                "{text:?}: the name must be letters, digits, '-' or '_'"
+            ));
+        }
+        let pid: u32 = pid
+            .parse()
+            .ok()
+            .filter(|&p| p > 0)
+            .ok_or_else(|| format!("{text:?}: the pid must be a positive integer"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            pid: Some(pid),
+        })
+    }
+
+    fn stat_path(&self) -> String {
+        match self.pid {
+            Some(pid) => format!("/proc/{pid}/stat"),
+            None => "/proc/self/stat".to_owned(),
+        }
+    }
+
+    /// CPU time used so far (user + system, all threads).
+    pub fn cpu_time(&self) -> io::Result<Duration> {
+        let text = std::fs::read_to_string(self.stat_path())?;
+        let ticks = parse_cpu_ticks(&text).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: unexpected format", self.stat_path()),
+            )
+        })?;
+        Ok(ticks_to_duration(ticks))
+    }
+}
+
+fn ticks_to_duration(ticks: u64) -> Duration {
+    Duration::from_micros(ticks.saturating_mul(1_000_000 / USER_HZ))
+}
+
+/// `utime + stime` (fields 14 and 15) of a `/proc/PID/stat` line. The second field, the
+/// command name in parentheses, may itself contain spaces and parentheses, so the fields are
+/// counted from the *last* `)`.
+pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let mut fields = after_name.split_ascii_whitespace();
+    // Fields after the name start at field 3 (state); utime is field 14, stime field 15.
+    let utime: u64 = fields.nth(14 - 3)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    utime.checked_add(stime)
+}
+
+/// One process's CPU over the measured window.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProcessCpu {
+    pub name: String,
+    /// `null` for the generator itself.
+    pub pid: Option<u32>,
+    /// CPU seconds used in the window (user + system).
+    pub cpu_seconds: f64,
+    /// Average cores busy: CPU seconds / window seconds.
+    pub cores: f64,
+    /// CPU µs per request answered in the window.
+    pub us_per_request: Option<f64>,
+    /// CPU µs per payment settled in the window (checkout, top-up).
+    pub us_per_settled: Option<f64>,
+    /// Why the process could not be measured (it exited, no permission).
+    pub error: Option<String>,
+}
+
+/// Readings taken at the start of the window.
+#[derive(Debug)]
+pub struct Readings(Vec<(ProcessSpec, io::Result<Duration>)>);
+
+pub fn read_all(processes: &[ProcessSpec]) -> Readings {
+    Readings(
+        processes
+            .iter()
+            .map(|p| (p.clone(), p.cpu_time()))
+            .collect(),
+    )
+}
+
+impl Readings {
+    /// The CPU each process used between `self` and `now`, over `window`.
+    pub fn since(
+        self,
+        now: Readings,
+        window: Duration,
+        answered: u64,
+        settled: Option<u64>,
+    ) -> Vec<ProcessCpu> {
+        self.0
+            .into_iter()
+            .zip(now.0)
+            .map(|((spec, before), (_, after))| {
+                let per = |count: u64, cpu: Duration| {
+                    (count > 0).then(|| cpu.as_secs_f64() * 1e6 / count as f64)
+                };
+                match (before, after) {
+                    (Ok(before), Ok(after)) => {
+                        let cpu = after.saturating_sub(before);
+                        ProcessCpu {
+                            name: spec.name,
+                            pid: spec.pid,
+                            cpu_seconds: cpu.as_secs_f64(),
+                            cores: if window.is_zero() {
+                                0.0
+                            } else {
+                                cpu.as_secs_f64() / window.as_secs_f64()
+                            },
+                            us_per_request: per(answered, cpu),
+                            us_per_settled: settled.and_then(|s| per(s, cpu)),
+                            error: None,
+                        }
+                    }
+                    (Err(e), _) | (_, Err(e)) => ProcessCpu {
+                        name: spec.name,
+                        pid: spec.pid,
+                        cpu_seconds: 0.0,
+                        cores: 0.0,
+                        us_per_request: None,
+                        us_per_settled: None,
+                        error: Some(e.to_string()),
+                    },
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_lines_parse_even_with_odd_command_names() {
+        let plain =
+            "1234 (gateway) S 1 1234 1234 0 -1 4194560 5000 0 0 0 250 75 0 0 20 0 8 0 100 0 0";
+        assert_eq!(parse_cpu_ticks(plain), Some(325));
+        let odd = "42 (a (weird) name) R 1 42 42 0 -1 0 0 0 0 0 7 3 0 0 20 0 1 0 5 0 0";
+        assert_eq!(parse_cpu_ticks(odd), Some(10));
+        assert_eq!(parse_cpu_ticks("42 (short) R 1 2"), None);
+        assert_eq!(parse_cpu_ticks("no parenthesis"), None);
+        assert_eq!(ticks_to_duration(325), Duration::from_millis(3_250));
+    }
+
+    #[test]
+    fn this_process_can_be_read() {
+        let me = ProcessSpec::this_process();
+        let before = me.cpu_time().unwrap();
+        // Burn a little CPU so the reading moves (without asserting on time).
+        let mut x = 0u64;
+        for i in 0..2_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+        assert!(me.cpu_time().unwrap() >= before);
+        let pid = std::process::id();
+        let spec = ProcessSpec::parse(&format!("me={pid}")).unwrap();
+        assert!(spec.cpu_time().is_ok());
+    }
+
+    #[test]
+    fn specs_parse() {
+        assert_eq!(
+            ProcessSpec::parse("redis-server=77"),
+            Ok(ProcessSpec {
+                name: "redis-server".into(),
+                pid: Some(77)
+            })
+        );
+        for bad in [
+            "gateway",
+            "=12",
+            "gateway=",
+            "gateway=0",
+            "gateway=-1",
+            "a b=1",
+        ] {
+            assert!(ProcessSpec::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn usage_per_request_is_cpu_over_count() {
+        let spec = ProcessSpec::this_process();
+        let before = Readings(vec![(spec.clone(), Ok(Duration::from_millis(1_000)))]);
+        let after = Readings(vec![(spec, Ok(Duration::from_millis(3_000)))]);
+        let cpu = before.since(after, Duration::from_secs(4), 10_000, Some(4_000));
+        assert_eq!(cpu[0].cpu_seconds, 2.0);
+        assert_eq!(cpu[0].cores, 0.5);
+        assert_eq!(cpu[0].us_per_request, Some(200.0));
+        assert_eq!(cpu[0].us_per_settled, Some(500.0));
+        let gone = Readings(vec![(
+            ProcessSpec::this_process(),
+            Err(io::Error::from(io::ErrorKind::NotFound)),
+        )]);
+        let before = Readings(vec![(ProcessSpec::this_process(), Ok(Duration::ZERO))]);
+        let cpu = before.since(gone, Duration::from_secs(1), 1, None);
+        assert!(cpu[0].error.is_some());
+    }
+}

@@ -1,0 +1,312 @@
+//! The report of a run: the JSON document (`--out`) and the human summary (stdout).
+//!
+//! Counts add up by construction and are checked where the report is made:
+//! `scheduled = sent + missed` and `sent = answered + errors + timeouts`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::histogram::{ms, Percentiles};
+use crate::procstat::ProcessCpu;
+use crate::recorder::Counts;
+use crate::schedule::Missed;
+use crate::settle::SettlementReport;
+use crate::Error;
+
+/// Requests of the measured window, by fate.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct RequestCounts {
+    /// Intended in the window: `sent + missed`.
+    pub scheduled: u64,
+    /// Left the generator: `answered + errors + timeouts`.
+    pub sent: u64,
+    /// Answered as the operation expects (`201`).
+    pub answered: u64,
+    /// Answered otherwise, or no HTTP answer (see `errors_by_code`).
+    pub errors: u64,
+    /// No complete answer within the request timeout.
+    pub timeouts: u64,
+    /// Never sent: no in-flight permit within `max_send_lag`, or the generator too late.
+    pub missed: Missed,
+    /// `"<status> <code>"` (or `"transport <kind>"`) → how many.
+    pub errors_by_code: BTreeMap<String, u64>,
+}
+
+impl RequestCounts {
+    pub fn new(counts: &Counts, missed: Missed) -> Self {
+        Self {
+            scheduled: counts.sent + missed.total(),
+            sent: counts.sent,
+            answered: counts.answered,
+            errors: counts.errors,
+            timeouts: counts.timeouts,
+            missed,
+            errors_by_code: counts.errors_by_key.clone(),
+        }
+    }
+
+    /// `scheduled = sent + missed`, `sent = answered + errors + timeouts`, and the errors by
+    /// code sum to the errors.
+    pub fn adds_up(&self) -> bool {
+        self.scheduled == self.sent + self.missed.total()
+            && self.sent == self.answered + self.errors + self.timeouts
+            && self.errors == self.errors_by_code.values().sum::<u64>()
+    }
+}
+
+/// One operation's share of the window.
+#[derive(Debug, Clone, Serialize)]
+pub struct OperationReport {
+    pub sent: u64,
+    pub answered: u64,
+    pub errors: u64,
+    pub timeouts: u64,
+    pub corrected: Percentiles,
+}
+
+/// Latency distributions of the expected answers in the window.
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    /// From each request's intended send time (what a client on schedule sees).
+    pub corrected: Percentiles,
+    /// From its actual send (what a closed-loop tool would report).
+    pub uncorrected: Percentiles,
+    /// Intended → actual send: the generator's own delay.
+    pub send_lag: Percentiles,
+}
+
+/// One second of the measured window.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SecondPoint {
+    pub second: u32,
+    /// Expected answers that arrived in this second.
+    pub answered: u64,
+    /// Errors and timeouts that arrived in this second.
+    pub errors: u64,
+    /// Settlements acknowledged in this second (settling scenarios).
+    pub settled: Option<f64>,
+    /// Corrected latency of the requests intended in this second (none answered: `null`).
+    pub p50_us: Option<u64>,
+    pub p99_us: Option<u64>,
+}
+
+/// Throughput over the measured window.
+#[derive(Debug, Clone, Serialize)]
+pub struct Throughput {
+    /// Answered requests (of those intended in the window) per second of the window.
+    pub answered_per_second: f64,
+    /// Settlements acknowledged in the window per second (settling scenarios).
+    pub settled_per_second: Option<f64>,
+}
+
+/// What the run was asked to do.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunEcho {
+    pub scenario: String,
+    pub target: String,
+    pub rate_per_second: f64,
+    pub warmup_seconds: f64,
+    pub duration_seconds: f64,
+    pub connections: usize,
+    pub max_send_lag_ms: u64,
+    pub request_timeout_ms: u64,
+    pub accounts: usize,
+    pub generator_threads: usize,
+    /// The prefix of every order id and idempotency key of the run.
+    pub run_id: String,
+    /// Wall clock (Unix ms) at the start of the measured window.
+    pub window_start_unix_ms: u64,
+}
+
+/// The report of one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub run: RunEcho,
+    pub requests: RequestCounts,
+    /// Warm-up requests (not measured): sent, answered, errors, timeouts, missed.
+    pub warmup: RequestCounts,
+    pub throughput: Throughput,
+    pub latency: Latency,
+    pub operations: BTreeMap<String, OperationReport>,
+    pub settlement: Option<SettlementReport>,
+    pub cpu: Vec<ProcessCpu>,
+    pub series: Vec<SecondPoint>,
+    /// The generator itself may have been the limit: its figures are then not the target's.
+    pub generator_bottleneck: bool,
+    pub warnings: Vec<String>,
+}
+
+impl Report {
+    /// Checks the report's arithmetic (a failure is a bug of this tool).
+    pub fn assert_consistent(&self) {
+        assert!(
+            self.requests.adds_up(),
+            "measured counts: {:?}",
+            self.requests
+        );
+        assert!(self.warmup.adds_up(), "warm-up counts: {:?}", self.warmup);
+        let by_operation: u64 = self.operations.values().map(|o| o.sent).sum();
+        assert_eq!(by_operation, self.requests.sent, "operations' sends");
+    }
+
+    pub fn write_json(&self, path: &Path) -> Result<(), Error> {
+        let mut text = serde_json::to_vec_pretty(self).expect("a report serializes");
+        text.push(b'\n');
+        std::fs::write(path, text).map_err(|source| Error::Output {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// The human summary.
+    pub fn summary(&self) -> String {
+        let mut out = String::new();
+        let r = &self.run;
+        let _ = writeln!(
+            out,
+            "loadtest {} against the {}: {} req/s for {} s after {} s warm-up, {} connections, {} accounts (run {})",
+            r.scenario, r.target, r.rate_per_second, r.duration_seconds, r.warmup_seconds,
+            r.connections, r.accounts, r.run_id
+        );
+        let q = &self.requests;
+        let _ = writeln!(
+            out,
+            "requests   scheduled {}  sent {}  answered {}  errors {}  timeouts {}  missed {} (in flight full {}, generator late {})",
+            q.scheduled, q.sent, q.answered, q.errors, q.timeouts, q.missed.total(),
+            q.missed.in_flight_full, q.missed.generator_late
+        );
+        for (code, count) in &q.errors_by_code {
+            let _ = writeln!(out, "  error    {count:>8}  {code}");
+        }
+        let _ = write!(
+            out,
+            "throughput {:.1} answered/s",
+            self.throughput.answered_per_second
+        );
+        if let Some(settled) = self.throughput.settled_per_second {
+            let _ = write!(out, "  {settled:.1} settled/s");
+        }
+        out.push('\n');
+        let _ = writeln!(
+            out,
+            "latency ms       p50      p90      p99    p99.9      max    (of {} answers)",
+            self.latency.corrected.count
+        );
+        for (name, p) in [
+            ("corrected", &self.latency.corrected),
+            ("uncorrected", &self.latency.uncorrected),
+            ("send lag", &self.latency.send_lag),
+        ] {
+            let _ = writeln!(out, "  {name:<12}{}", row(p));
+        }
+        if self.operations.len() > 1 {
+            for (name, op) in &self.operations {
+                let _ = writeln!(
+                    out,
+                    "  {name:<12}{}   sent {} errors {} timeouts {}",
+                    row(&op.corrected),
+                    op.sent,
+                    op.errors,
+                    op.timeouts
+                );
+            }
+        }
+        if let Some(s) = &self.settlement {
+            let _ = writeln!(
+                out,
+                "settlement tracked {} (checked {})  settled {}  unsettled {}  closed {}  missing {}  paid twice {}",
+                s.tracked, s.checked, s.settled, s.unsettled, s.closed, s.missing, s.paid_twice
+            );
+            let _ = writeln!(out, "  callback→ack{}", row(&s.callback_to_ack));
+            let _ = writeln!(out, "  create→ack  {}", row(&s.create_to_ack));
+            let _ = writeln!(
+                out,
+                "  verified against the gateway: {} ({} disagree)",
+                s.verified, s.verify_failures
+            );
+            for example in &s.verify_examples {
+                let _ = writeln!(out, "    {example}");
+            }
+        }
+        for cpu in &self.cpu {
+            let who = match cpu.pid {
+                Some(pid) => format!("{} ({pid})", cpu.name),
+                None => format!("{} (self)", cpu.name),
+            };
+            match &cpu.error {
+                Some(e) => {
+                    let _ = writeln!(out, "cpu {who}: not measured: {e}");
+                }
+                None => {
+                    let _ = write!(
+                        out,
+                        "cpu {who:<24} {:.2} cores  {} µs/request",
+                        cpu.cores,
+                        cpu.us_per_request
+                            .map_or("-".to_owned(), |v| format!("{v:.0}"))
+                    );
+                    if let Some(v) = cpu.us_per_settled {
+                        let _ = write!(out, "  {v:.0} µs/settled");
+                    }
+                    out.push('\n');
+                }
+            }
+        }
+        for warning in &self.warnings {
+            let _ = writeln!(out, "WARNING: {warning}");
+        }
+        out
+    }
+}
+
+fn row(p: &Percentiles) -> String {
+    format!(
+        "{:>9}{:>9}{:>9}{:>9}{:>9}",
+        ms(p.p50_us),
+        ms(p.p90_us),
+        ms(p.p99_us),
+        ms(p.p999_us),
+        ms(p.max_us)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_add_up() {
+        let counts = Counts {
+            sent: 10,
+            answered: 7,
+            errors: 2,
+            timeouts: 1,
+            errors_by_key: [
+                ("402 insufficient_funds".to_owned(), 1),
+                ("transport io".to_owned(), 1),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let missed = Missed {
+            in_flight_full: 3,
+            generator_late: 1,
+        };
+        let requests = RequestCounts::new(&counts, missed);
+        assert_eq!(requests.scheduled, 14);
+        assert!(requests.adds_up());
+
+        let mut broken = requests.clone();
+        broken.answered += 1;
+        assert!(!broken.adds_up());
+        let mut broken = requests.clone();
+        broken.errors_by_code.insert("500 -".into(), 1);
+        assert!(!broken.adds_up());
+        let mut broken = requests;
+        broken.scheduled += 1;
+        assert!(!broken.adds_up());
+    }
+}

@@ -1,0 +1,247 @@
+//! Smoke test: a real sandbox gateway (SQLite store, in-process balance store, channel-sim
+//! in-process with auto-pay) started in this process on 127.0.0.1:0 with a temp data dir, as
+//! `gateway serve --sandbox` starts it; then the load generator, through its library, runs
+//! `authorize`, `checkout` and `mixed` at small rates for a few seconds each.
+//!
+//! Checked: no error, no timeout, no missed send; the counts add up; every checkout payment
+//! the run created ended `succeeded` in the gateway and paid once, acknowledged, in
+//! channel-sim's own record. No assertion on a time: the rates are far below what a debug
+//! build serves, and the missed-send bound is set to a second so that a loaded CI machine's
+//! scheduling hiccups are not mistaken for misses.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use gateway::startup::{Application, Mode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use loadtest::settle::SettleSettings;
+use loadtest::{run, Manifest, RunSettings, Scenario, Target};
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+/// The sandbox gateway, served until dropped.
+struct SandboxGateway {
+    manifest_path: PathBuf,
+    sandbox: Option<gateway::sandbox::Sandbox>,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    _data: tempfile::TempDir,
+}
+
+impl SandboxGateway {
+    /// What `gateway serve --sandbox --listen 127.0.0.1:0 --data-dir <temp>` does, with
+    /// auto-pay after 20 ms. Only the variables given here are read: nothing from the test's
+    /// own environment (a GATEWAY__REDIS__URL there must not change this test).
+    async fn start() -> Self {
+        if std::env::var_os("TEST_LOG").is_some() {
+            gateway::telemetry::init_tracing(&Default::default());
+        }
+        let data = tempfile::tempdir().expect("temp data dir");
+        let env = [
+            ("GATEWAY__SERVER__LISTEN", "127.0.0.1:0".to_owned()),
+            ("GATEWAY__DATA_DIR", data.path().display().to_string()),
+            ("GATEWAY__SANDBOX__AUTO_PAY", "true".to_owned()),
+            ("GATEWAY__SANDBOX__AUTO_PAY_DELAY_MS", "20".to_owned()),
+        ]
+        .map(|(k, v)| (k.to_owned(), v));
+        let (mut config, overrides) =
+            gateway::sandbox::load_config(None, env).expect("the sandbox configuration");
+        let sandbox = gateway::sandbox::prepare(&mut config, &overrides)
+            .await
+            .expect("the sandbox channels");
+        let app = Application::build(config, Mode::Sandbox)
+            .await
+            .expect("the gateway");
+        let manifest_path = sandbox
+            .write_manifest(app.local_addr())
+            .expect("the manifest")
+            .to_owned();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(app.run_until(async {
+            let _ = stopped.await;
+        }));
+        Self {
+            manifest_path,
+            sandbox: Some(sandbox),
+            stop: Some(stop),
+            server: Some(server),
+            _data: data,
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.expect("the server task").expect("the server");
+        }
+        if let Some(sandbox) = self.sandbox.take() {
+            sandbox.shutdown().await;
+        }
+    }
+}
+
+impl Drop for SandboxGateway {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+fn settings(scenario: Scenario, rate: f64, duration_s: u64) -> RunSettings {
+    RunSettings {
+        scenario,
+        rate_per_second: rate,
+        warmup: Duration::from_secs(1),
+        duration: Duration::from_secs(duration_s),
+        connections: 16,
+        // Generous: a miss here would be a stall of a full second, not CI jitter.
+        max_send_lag: Duration::from_secs(1),
+        request_timeout: Duration::from_secs(10),
+        processes: Vec::new(),
+        settle: SettleSettings {
+            wait: Duration::from_secs(30),
+            poll_interval: Duration::from_millis(100),
+            // Follow and verify every payment, not a sample.
+            sample_max: usize::MAX,
+            verify_max: usize::MAX,
+            concurrency: 8,
+        },
+    }
+}
+
+fn assert_clean(report: &loadtest::Report) {
+    let summary = report.summary();
+    let q = &report.requests;
+    assert!(q.adds_up(), "{summary}");
+    assert_eq!(q.sent, q.answered + q.errors + q.timeouts, "{summary}");
+    assert_eq!(q.errors, 0, "{summary}");
+    assert!(q.errors_by_code.is_empty(), "{summary}");
+    assert_eq!(q.timeouts, 0, "{summary}");
+    assert_eq!(q.missed.total(), 0, "{summary}");
+    assert_eq!(q.answered, q.scheduled, "{summary}");
+    assert_eq!(
+        report.warmup.errors + report.warmup.timeouts,
+        0,
+        "{summary}"
+    );
+    assert_eq!(report.warmup.missed.total(), 0, "{summary}");
+    assert_eq!(report.latency.corrected.count, q.answered, "{summary}");
+    // The generator measured itself.
+    assert!(
+        report
+            .cpu
+            .iter()
+            .any(|c| c.pid.is_none() && c.error.is_none()),
+        "{summary}"
+    );
+    // The JSON report and the plot are made.
+    let json = serde_json::to_value(report).unwrap();
+    assert_eq!(json["requests"]["sent"], q.sent);
+    let svg = loadtest::plot::render_svg(report).expect("the plot");
+    assert!(
+        svg.starts_with("<svg") && svg.contains("p99"),
+        "{}",
+        &svg[..200.min(svg.len())]
+    );
+}
+
+async fn get_json(url: &str) -> Value {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let response = client.get(url.parse().unwrap()).await.expect("GET");
+    assert_eq!(response.status(), 200, "{url}");
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    serde_json::from_slice(&body).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorize_checkout_and_mixed_against_a_real_sandbox() {
+    let gateway = SandboxGateway::start().await;
+    let manifest = Manifest::load(&gateway.manifest_path).expect("the manifest");
+    let target = Target::gateway(&manifest, None, 16).expect("the target");
+
+    // authorize: 50/s for 3 s after 1 s of warm-up.
+    let report = run(&target, &settings(Scenario::Authorize, 50.0, 3))
+        .await
+        .expect("the authorize run");
+    assert_clean(&report);
+    assert_eq!(report.requests.scheduled, 150);
+    assert_eq!(report.warmup.sent, 50);
+    assert!(report.settlement.is_none());
+
+    // checkout: supplier charges, paid by channel-sim 20 ms after creation.
+    let report = run(&target, &settings(Scenario::Checkout, 50.0, 3))
+        .await
+        .expect("the checkout run");
+    assert_clean(&report);
+    let summary = report.summary();
+    let settlement = report
+        .settlement
+        .as_ref()
+        .expect("checkout follows settlement");
+    let created = report.requests.answered + report.warmup.answered;
+    assert_eq!(settlement.tracked, created, "{summary}");
+    assert_eq!(settlement.checked, created, "{summary}");
+    assert_eq!(settlement.settled, created, "{summary}");
+    assert_eq!(
+        settlement.unsettled + settlement.closed + settlement.missing + settlement.paid_twice,
+        0,
+        "{summary}"
+    );
+    assert_eq!(settlement.verified, created, "{summary}");
+    assert_eq!(settlement.verify_failures, 0, "{summary}");
+    assert!(settlement.settled_in_window > 0, "{summary}");
+    assert_eq!(settlement.callback_to_ack.count, created, "{summary}");
+
+    // channel-sim's own record, read independently: the sandbox is fresh and only the checkout
+    // run made supplier orders, so its orders are exactly the run's, each paid once, for
+    // 1.00, with its callback acknowledged (the settlement committed).
+    let mut orders = Vec::new();
+    for channel in ["supplier-main", "supplier-backup"] {
+        let listed = get_json(&format!(
+            "{}/channels/{channel}/orders",
+            manifest.sim_admin_url
+        ))
+        .await;
+        orders.extend(listed.as_array().expect("a list").iter().cloned());
+    }
+    assert_eq!(orders.len() as u64, created, "{summary}");
+    let mut ids = BTreeSet::new();
+    for order in &orders {
+        assert_eq!(order["status"], "paid", "{order}");
+        assert_eq!(order["pay_count"], 1, "{order}");
+        assert_eq!(order["amount_cents"], 100, "{order}");
+        let acknowledged = order["callbacks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["acknowledged"] == true);
+        assert!(acknowledged, "{order}");
+        ids.insert(order["channel_order_id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(ids.len() as u64, created);
+
+    // mixed: balance payments, supplier charges and Alipay top-ups together.
+    let report = run(&target, &settings(Scenario::Mixed, 40.0, 2))
+        .await
+        .expect("the mixed run");
+    assert_clean(&report);
+    let summary = report.summary();
+    let settlement = report
+        .settlement
+        .as_ref()
+        .expect("mixed follows settlement");
+    assert_eq!(settlement.settled, settlement.tracked, "{summary}");
+    assert_eq!(settlement.verify_failures, 0, "{summary}");
+    let by_op: u64 = report.operations.values().map(|o| o.sent).sum();
+    assert_eq!(by_op, report.requests.sent);
+    assert!(report.operations.contains_key("authorize"), "{summary}");
+
+    gateway.stop().await;
+}
