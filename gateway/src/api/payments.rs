@@ -57,12 +57,13 @@ fn parse_extras<'a>(state: &AppState, body: &'a JsonObject) -> Result<Extras<'a>
     let description = body.bounded_str("description", limits.max_description_chars)?;
     let notify_url = body.bounded_str("notify_url", limits.max_notify_url_chars)?;
     if let Some(url) = notify_url {
-        if !(url.starts_with("https://") || url.starts_with("http://")) {
-            return Err(ApiError::invalid(
+        // Where the merchant's webhooks go: refused here rather than failing every delivery.
+        crate::webhooks::delivery::check_url(url).map_err(|e| {
+            ApiError::invalid(
                 "notify_url",
-                "must be an http:// or https:// URL",
-            ));
-        }
+                format!("must be an https:// URL (or http:// to a loopback host): {e}"),
+            )
+        })?;
     }
     let metadata = parse_metadata(state, body.object("metadata")?)?;
     let expires_in_seconds = match body.u64("expires_in_seconds")? {

@@ -339,6 +339,11 @@ async fn bad_payment_requests_are_refused_with_the_field_and_change_nothing() {
         ),
         (with("description", json!(long)), "description"),
         (with("notify_url", json!("ftp://x")), "notify_url"),
+        // Webhooks are signed but not encrypted over plain http: only to a loopback host.
+        (
+            with("notify_url", json!("http://merchant.example/hooks")),
+            "notify_url",
+        ),
         (with("metadata", json!({"k": 1})), "metadata.k"),
         (
             with("metadata", json!({"k": "x".repeat(501)})),
