@@ -56,15 +56,30 @@ impl HttpClient {
         self.timeout
     }
 
-    /// Sends `request` and reads the whole answer, within the timeout.
+    /// Sends `request` and reads the whole answer (at most [`MAX_ANSWER_BYTES`]), within the
+    /// timeout.
     pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Answer, SendError> {
-        match tokio::time::timeout(self.timeout, self.exchange(request)).await {
+        self.send_limited(request, MAX_ANSWER_BYTES).await
+    }
+
+    /// As [`HttpClient::send`], reading at most `max_answer_bytes` of the answer (channel-sim's
+    /// order listings, read after a run, are larger than any payment answer).
+    pub async fn send_limited(
+        &self,
+        request: Request<Full<Bytes>>,
+        max_answer_bytes: usize,
+    ) -> Result<Answer, SendError> {
+        match tokio::time::timeout(self.timeout, self.exchange(request, max_answer_bytes)).await {
             Ok(result) => result,
             Err(_) => Err(SendError::Timeout),
         }
     }
 
-    async fn exchange(&self, request: Request<Full<Bytes>>) -> Result<Answer, SendError> {
+    async fn exchange(
+        &self,
+        request: Request<Full<Bytes>>,
+        max_answer_bytes: usize,
+    ) -> Result<Answer, SendError> {
         let response = self.inner.request(request).await.map_err(|e| {
             let kind = if e.is_connect() { "connect" } else { "io" };
             SendError::Transport {
@@ -73,7 +88,7 @@ impl HttpClient {
             }
         })?;
         let status = response.status();
-        let body = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
+        let body = Limited::new(response.into_body(), max_answer_bytes)
             .collect()
             .await
             .map_err(|e| SendError::Transport {

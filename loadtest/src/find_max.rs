@@ -72,6 +72,9 @@ pub struct FindMaxReport {
     pub slo_p99_ms: f64,
     /// The highest rate that met the objective; `null` if even the first did not.
     pub max_rate_per_second: Option<f64>,
+    /// No step missed: the search stopped at `--max-rate` or `--max-steps`, so the target's
+    /// real maximum is *at least* `max_rate_per_second` (raise the bounds to find it).
+    pub capped: bool,
     pub steps: Vec<Step>,
     /// The full report of the step at the highest rate that met the objective.
     pub best: Option<Report>,
@@ -96,6 +99,9 @@ impl FindMaxReport {
             ));
         }
         match self.max_rate_per_second {
+            Some(rate) if self.capped => out.push_str(&format!(
+                "max rate meeting the SLO: at least {rate:.1} req/s (no step missed: raise --max-rate or --max-steps)\n"
+            )),
             Some(rate) => out.push_str(&format!("max rate meeting the SLO: {rate:.1} req/s\n")),
             None => out.push_str("no rate met the SLO\n"),
         }
@@ -151,6 +157,13 @@ pub async fn find_max(target: &Target, settings: &FindMaxSettings) -> Result<Fin
     if !(1..=1_000).contains(&settings.max_steps) {
         return Err(Error::Settings("--max-steps must be 1..=1000".into()));
     }
+    if settings.run.scenario == crate::Scenario::Failover {
+        return Err(Error::Settings(
+            "find-max does not search under an injected outage: use `run --scenario failover`"
+                .into(),
+        ));
+    }
+    target.check_scenario(settings.run.scenario)?;
     let mut steps = Vec::new();
     let mut best: Option<Report> = None;
     let mut rate = settings.start_rate;
@@ -187,6 +200,7 @@ pub async fn find_max(target: &Target, settings: &FindMaxSettings) -> Result<Fin
         scenario: settings.run.scenario.as_str().to_owned(),
         slo_p99_ms: settings.slo_p99.as_secs_f64() * 1_000.0,
         max_rate_per_second: best.as_ref().map(|b| b.run.rate_per_second),
+        capped: steps.last().is_some_and(|s| s.met),
         steps,
         best,
     })

@@ -1,7 +1,7 @@
 //! `loadtest`: the open-loop load generator of DESIGN.md §1 and issue 6.
 //!
-//! It drives a target (today the gateway in its sandbox; the same-run baseline proxy slots in
-//! as another [`Target`]) at a **fixed arrival rate**: request `i` has an intended send time
+//! It drives a target (the gateway in its sandbox, or the same-run baseline proxy of
+//! [`baseline`]) at a **fixed arrival rate**: request `i` has an intended send time
 //! `start + i / rate`, whatever happened to the requests before it. Latency is measured from
 //! that intended time (*corrected*: what a client arriving on schedule would see) and from
 //! the actual send (*uncorrected*), into HDR histograms. A request that could not be sent
@@ -20,12 +20,19 @@
 //!   channel-sim's record;
 //! - [`procstat`]: CPU time of processes from `/proc`;
 //! - [`runner`]: one run, start to report; [`mod@find_max`]: the rate search;
+//! - [`failover`]: the outage of the `failover` scenario and its report;
+//! - [`baseline`]: the same-run baseline, a bare pass-through proxy to channel-sim, and
+//!   [`signing`]: the supplier signature it adds; [`mod@compare`]: gateway and baseline in
+//!   turns, as ratios;
 //! - [`report`]: the JSON report and the human summary; [`plot`]: the SVG plot.
 
 #![forbid(unsafe_code)]
 
+pub mod baseline;
 pub mod client;
+pub mod compare;
 pub mod error;
+pub mod failover;
 pub mod find_max;
 pub mod histogram;
 pub mod manifest;
@@ -37,9 +44,13 @@ pub mod runner;
 pub mod scenario;
 pub mod schedule;
 pub mod settle;
+pub mod signing;
 pub mod target;
 
+pub use baseline::{BaselineProxy, BaselineSettings};
+pub use compare::{compare, CompareReport, CompareSettings};
 pub use error::Error;
+pub use failover::FailoverPlan;
 pub use find_max::{find_max, FindMaxReport, FindMaxSettings};
 pub use manifest::Manifest;
 pub use report::Report;

@@ -1,7 +1,9 @@
 //! `loadtest`: parses the command line and calls into the library (see lib.rs and
 //! README.md). Exit codes: 0 done, 1 the run could not be made (or `find-max` found no rate
-//! meeting the SLO), 2 bad arguments or manifest (a non-loopback URL included).
+//! meeting the SLO, or `compare` no ratio), 2 bad arguments or manifest (a non-loopback URL
+//! included).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -9,7 +11,10 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use loadtest::procstat::ProcessSpec;
 use loadtest::settle::SettleSettings;
-use loadtest::{find_max, run, Error, FindMaxSettings, Manifest, RunSettings, Scenario, Target};
+use loadtest::{
+    compare, find_max, run, BaselineProxy, BaselineSettings, CompareSettings, Error, FailoverPlan,
+    FindMaxSettings, Manifest, RunSettings, Scenario, Target,
+};
 
 #[derive(Parser)]
 #[command(
@@ -34,38 +39,69 @@ enum Command {
         /// Measured window, seconds.
         #[arg(long, default_value_t = 10.0)]
         duration_s: f64,
+        #[command(flatten)]
+        outage: OutageArgs,
     },
     /// Steps the rate up with short runs; reports the highest rate meeting the SLO.
     FindMax {
         #[command(flatten)]
         common: Common,
-        /// The SLO: corrected p99 at most this, in ms (and no error, no missed send).
+        #[command(flatten)]
+        search: SearchArgs,
+    },
+    /// find-max against the gateway and the baseline proxy in turns (A B A B …); prints each
+    /// round's maxima and the ratios gateway ÷ baseline, and their medians.
+    Compare {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        search: SearchArgs,
+        /// The baseline's first rate (default: --start).
         #[arg(long)]
-        slo_p99_ms: f64,
-        /// First rate tried, requests per second.
-        #[arg(long, default_value_t = 100.0)]
-        start: f64,
-        /// Each step's rate over the previous one.
-        #[arg(long, default_value_t = 1.25)]
-        step: f64,
-        /// Never try more than this rate.
-        #[arg(long, default_value_t = 1_000_000.0)]
-        max_rate: f64,
-        /// The most steps.
-        #[arg(long, default_value_t = 40)]
-        max_steps: u32,
-        /// Measured window of each step, seconds.
-        #[arg(long, default_value_t = 5.0)]
-        duration_s: f64,
-        /// Quiet time between steps, ms.
-        #[arg(long, default_value_t = 1_000)]
-        pause_ms: u64,
+        baseline_start: Option<f64>,
+        /// Rounds, each a gateway search then a baseline search.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// From round 2, each side starts at this share of its best rate so far (0: from
+        /// its first start every round).
+        #[arg(long, default_value_t = 0.5)]
+        resume_share: f64,
+    },
+    /// The same-run baseline: a bare pass-through proxy that signs the generator's supplier
+    /// create-order bodies and forwards them to channel-sim. Runs until SIGINT or SIGTERM.
+    BaselineProxy {
+        /// The sandbox manifest (for the channel's base_url and secret file).
+        #[arg(
+            long,
+            default_value = "data/sandbox/sandbox.json",
+            value_name = "DIR/sandbox.json"
+        )]
+        manifest: PathBuf,
+        /// Where to listen (loopback only; port 0: any free port, printed).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// The supplier channel forwarded to.
+        #[arg(long, default_value = loadtest::baseline::DEFAULT_CHANNEL)]
+        channel: String,
+        /// Forwards in flight at once (beyond: 503 at once).
+        #[arg(long, default_value_t = loadtest::baseline::DEFAULT_MAX_IN_FLIGHT)]
+        max_in_flight: usize,
+        /// Client connections served at once.
+        #[arg(long, default_value_t = loadtest::baseline::DEFAULT_MAX_CONNECTIONS)]
+        max_connections: usize,
+        /// Whole upstream exchange, ms.
+        #[arg(long, default_value_t = 5_000)]
+        timeout_ms: u64,
+        /// Worker threads (default: one per CPU, as the gateway's runtime).
+        #[arg(long)]
+        threads: Option<usize>,
     },
 }
 
 #[derive(Args)]
 struct Common {
-    /// authorize, checkout, topup or mixed (70 % authorize, 25 % checkout, 5 % topup).
+    /// authorize, checkout, topup, mixed (70 % authorize, 25 % checkout, 5 % topup) or
+    /// failover (checkout with an outage of the primary supplier channel; `run` only).
     #[arg(long, value_parser = parse_scenario)]
     scenario: Scenario,
     /// The sandbox manifest written by `gateway serve --sandbox --data-dir DIR`.
@@ -75,6 +111,16 @@ struct Common {
         value_name = "DIR/sandbox.json"
     )]
     manifest: PathBuf,
+    /// What to load (run, find-max): the gateway, or the baseline proxy (checkout only).
+    #[arg(long, value_enum, default_value_t = TargetKind::Gateway)]
+    target: TargetKind,
+    /// A baseline proxy already running (`loadtest baseline-proxy`); without it one is
+    /// started inside this process (its CPU then counts as the generator's).
+    #[arg(long, value_name = "URL")]
+    baseline_url: Option<String>,
+    /// The supplier channel of an in-process baseline proxy.
+    #[arg(long, default_value = loadtest::baseline::DEFAULT_CHANNEL)]
+    baseline_channel: String,
     /// Warm-up before the measured window, seconds (sent, not measured).
     #[arg(long, default_value_t = 2.0)]
     warmup_s: f64,
@@ -116,6 +162,52 @@ struct Common {
     svg: Option<PathBuf>,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum TargetKind {
+    Gateway,
+    Baseline,
+}
+
+/// The rate search (find-max, compare).
+#[derive(Args)]
+struct SearchArgs {
+    /// The SLO: corrected p99 at most this, in ms (and no error, no missed send).
+    #[arg(long)]
+    slo_p99_ms: f64,
+    /// First rate tried, requests per second.
+    #[arg(long, default_value_t = 100.0)]
+    start: f64,
+    /// Each step's rate over the previous one.
+    #[arg(long, default_value_t = 1.25)]
+    step: f64,
+    /// Never try more than this rate.
+    #[arg(long, default_value_t = 1_000_000.0)]
+    max_rate: f64,
+    /// The most steps.
+    #[arg(long, default_value_t = 40)]
+    max_steps: u32,
+    /// Measured window of each step, seconds.
+    #[arg(long, default_value_t = 5.0)]
+    duration_s: f64,
+    /// Quiet time between steps, ms.
+    #[arg(long, default_value_t = 1_000)]
+    pause_ms: u64,
+}
+
+/// The outage of `run --scenario failover`.
+#[derive(Args)]
+struct OutageArgs {
+    /// The channel taken down.
+    #[arg(long, default_value = loadtest::failover::DEFAULT_CHANNEL)]
+    outage_channel: String,
+    /// Seconds into the measured window when it goes down (default: a third of it).
+    #[arg(long)]
+    outage_at_s: Option<f64>,
+    /// Seconds it stays down (default: a third of the window).
+    #[arg(long)]
+    outage_for_s: Option<f64>,
+}
+
 fn parse_scenario(text: &str) -> Result<Scenario, String> {
     text.parse()
 }
@@ -154,12 +246,87 @@ impl Common {
                 verify_max: self.verify,
                 ..SettleSettings::default()
             },
+            failover: None,
         })
     }
 
-    fn target(&self) -> Result<Target, Error> {
+    fn gateway(&self, manifest: &Manifest) -> Result<Target, Error> {
+        Target::gateway(manifest, self.merchant.as_deref(), self.accounts)
+    }
+
+    /// The baseline at `--baseline-url`, or a proxy started here (kept alive by the
+    /// returned handle).
+    async fn baseline(
+        &self,
+        manifest: &Manifest,
+    ) -> Result<(Target, Option<BaselineProxy>), Error> {
+        if let Some(url) = &self.baseline_url {
+            return Ok((Target::baseline(manifest, url)?, None));
+        }
+        let listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        let settings = BaselineSettings::from_manifest(manifest, &self.baseline_channel, listen)?;
+        let proxy = BaselineProxy::start(settings).await?;
+        eprintln!(
+            "loadtest: baseline proxy started in this process at {} (its CPU counts as the generator's; run `loadtest baseline-proxy` apart and pass --baseline-url and --pid baseline=PID to measure it)",
+            proxy.url()
+        );
+        Ok((Target::baseline(manifest, &proxy.url())?, Some(proxy)))
+    }
+
+    /// The target of `run` and `find-max`.
+    async fn target(&self) -> Result<(Target, Option<BaselineProxy>), Error> {
         let manifest = Manifest::load(&self.manifest)?;
-        Target::gateway(&manifest, self.merchant.as_deref(), self.accounts)
+        match self.target {
+            TargetKind::Gateway => Ok((self.gateway(&manifest)?, None)),
+            TargetKind::Baseline if self.scenario != Scenario::Checkout => {
+                Err(Error::Settings(format!(
+                    "the baseline serves only the checkout scenario (one proxied supplier create per request), not {}",
+                    self.scenario
+                )))
+            }
+            TargetKind::Baseline => self.baseline(&manifest).await,
+        }
+    }
+}
+
+impl SearchArgs {
+    fn settings(&self, common: &Common) -> Result<FindMaxSettings, Error> {
+        let run = common.settings(self.start, self.duration_s)?;
+        run.validate()?;
+        if !(self.slo_p99_ms.is_finite() && self.slo_p99_ms > 0.0) {
+            return Err(Error::Settings("--slo-p99-ms must be positive".into()));
+        }
+        Ok(FindMaxSettings {
+            run,
+            slo_p99: Duration::from_secs_f64(self.slo_p99_ms / 1_000.0),
+            start_rate: self.start,
+            step_factor: self.step,
+            max_rate: self.max_rate,
+            max_steps: self.max_steps,
+            pause: Duration::from_millis(self.pause_ms),
+        })
+    }
+}
+
+impl OutageArgs {
+    /// The plan for a failover run (`None` for other scenarios; an outage option given with
+    /// another scenario is refused by the run's validation).
+    fn plan(&self, scenario: Scenario, duration_s: f64) -> Result<Option<FailoverPlan>, Error> {
+        let given = self.outage_at_s.is_some()
+            || self.outage_for_s.is_some()
+            || self.outage_channel != loadtest::failover::DEFAULT_CHANNEL;
+        if scenario != Scenario::Failover && !given {
+            return Ok(None);
+        }
+        let mut plan = FailoverPlan::thirds(seconds(duration_s, "--duration-s")?);
+        plan.channel = self.outage_channel.clone();
+        if let Some(at) = self.outage_at_s {
+            plan.outage_after = seconds(at, "--outage-at-s")?;
+        }
+        if let Some(length) = self.outage_for_s {
+            plan.outage_for = seconds(length, "--outage-for-s")?;
+        }
+        Ok(Some(plan))
     }
 }
 
@@ -178,10 +345,12 @@ async fn execute(command: Command) -> Result<ExitCode, Error> {
             common,
             rate,
             duration_s,
+            outage,
         } => {
-            let settings = common.settings(rate, duration_s)?;
+            let mut settings = common.settings(rate, duration_s)?;
+            settings.failover = outage.plan(common.scenario, duration_s)?;
             settings.validate()?;
-            let target = common.target()?;
+            let (target, proxy) = common.target().await?;
             let report = run(&target, &settings).await?;
             print!("{}", report.summary());
             if let Some(path) = &common.out {
@@ -190,33 +359,14 @@ async fn execute(command: Command) -> Result<ExitCode, Error> {
             if let Some(path) = &common.svg {
                 loadtest::plot::write_svg(&report, path)?;
             }
+            if let Some(proxy) = proxy {
+                proxy.shutdown().await;
+            }
             Ok(ExitCode::SUCCESS)
         }
-        Command::FindMax {
-            common,
-            slo_p99_ms,
-            start,
-            step,
-            max_rate,
-            max_steps,
-            duration_s,
-            pause_ms,
-        } => {
-            let run_settings = common.settings(start, duration_s)?;
-            run_settings.validate()?;
-            if !(slo_p99_ms.is_finite() && slo_p99_ms > 0.0) {
-                return Err(Error::Settings("--slo-p99-ms must be positive".into()));
-            }
-            let settings = FindMaxSettings {
-                run: run_settings,
-                slo_p99: Duration::from_secs_f64(slo_p99_ms / 1_000.0),
-                start_rate: start,
-                step_factor: step,
-                max_rate,
-                max_steps,
-                pause: Duration::from_millis(pause_ms),
-            };
-            let target = common.target()?;
+        Command::FindMax { common, search } => {
+            let settings = search.settings(&common)?;
+            let (target, proxy) = common.target().await?;
             let report = find_max(&target, &settings).await?;
             print!("{}", report.summary());
             if let Some(best) = &report.best {
@@ -229,19 +379,114 @@ async fn execute(command: Command) -> Result<ExitCode, Error> {
             if let (Some(path), Some(best)) = (&common.svg, &report.best) {
                 loadtest::plot::write_svg(best, path)?;
             }
+            if let Some(proxy) = proxy {
+                proxy.shutdown().await;
+            }
             Ok(if report.max_rate_per_second.is_some() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
             })
         }
+        Command::Compare {
+            common,
+            search,
+            baseline_start,
+            rounds,
+            resume_share,
+        } => {
+            if common.target == TargetKind::Baseline {
+                return Err(Error::Settings(
+                    "compare loads both targets: leave out --target".into(),
+                ));
+            }
+            let settings = CompareSettings {
+                baseline_start_rate: baseline_start.unwrap_or(search.start),
+                search: search.settings(&common)?,
+                rounds,
+                resume_share,
+            };
+            let manifest = Manifest::load(&common.manifest)?;
+            let gateway = common.gateway(&manifest)?;
+            let (baseline, proxy) = common.baseline(&manifest).await?;
+            let report = compare(&gateway, &baseline, &settings).await?;
+            print!("{}", report.summary());
+            if let Some(path) = &common.out {
+                write_json(path, &report)?;
+            }
+            // The plot of the last round's gateway search, at its best rate.
+            let last_best = report
+                .rounds
+                .iter()
+                .rev()
+                .find_map(|r| r.gateway.search.best.as_ref());
+            if let (Some(path), Some(best)) = (&common.svg, last_best) {
+                loadtest::plot::write_svg(best, path)?;
+            }
+            if let Some(proxy) = proxy {
+                proxy.shutdown().await;
+            }
+            Ok(if report.median_ratio.is_some() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::BaselineProxy {
+            manifest,
+            listen,
+            channel,
+            max_in_flight,
+            max_connections,
+            timeout_ms,
+            threads: _,
+        } => {
+            let manifest = Manifest::load(&manifest)?;
+            let mut settings = BaselineSettings::from_manifest(&manifest, &channel, listen)?;
+            settings.max_in_flight = max_in_flight;
+            settings.max_connections = max_connections;
+            settings.upstream_timeout = Duration::from_millis(timeout_ms);
+            let upstream = settings.upstream_base_url.clone();
+            // The handlers first: a signal right after the line below must stop us cleanly.
+            let stop = stop_signal()?;
+            let proxy = BaselineProxy::start(settings).await?;
+            println!(
+                "baseline-proxy listening on {} (pid {}), forwarding to {channel} at {upstream}",
+                proxy.url(),
+                std::process::id()
+            );
+            stop.await;
+            proxy.shutdown().await;
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// Resolves at the first SIGINT or SIGTERM (the handlers are installed before it returns).
+fn stop_signal() -> Result<impl std::future::Future<Output = ()>, Error> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let install = |kind: SignalKind| {
+        signal(kind).map_err(|e| Error::Setup(format!("cannot handle signals: {e}")))
+    };
+    let mut interrupt = install(SignalKind::interrupt())?;
+    let mut terminate = install(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+    })
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let threads = match &cli.command {
-        Command::Run { common, .. } | Command::FindMax { common, .. } => common.threads,
+        Command::Run { common, .. }
+        | Command::FindMax { common, .. }
+        | Command::Compare { common, .. } => common.threads,
+        Command::BaselineProxy { threads, .. } => threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        }),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads.clamp(1, 64))

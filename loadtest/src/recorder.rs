@@ -1,6 +1,7 @@
 //! Recording: each finished request's outcome into counts, latency histograms and
 //! per-second series, for the warm-up and the measured window apart; and the channel payments
-//! to follow until they settle.
+//! to follow until they settle. In a failover run, the measured window is also split in the
+//! phases before, during and after the outage ([`crate::failover`]).
 //!
 //! Latencies are recorded only for requests answered as expected: an error answer is often
 //! fast (a refusal) and would flatter the distribution; errors are counted by their key.
@@ -11,6 +12,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::failover::PhaseBounds;
 use crate::histogram::LatencyHistogram;
 use crate::scenario::Operation;
 use crate::schedule::{Phase, Slot};
@@ -60,6 +62,15 @@ pub struct OperationRecord {
     pub corrected: LatencyHistogram,
 }
 
+/// One phase of a failover run's measured window.
+#[derive(Debug, Clone, Default)]
+pub struct PhaseRecord {
+    pub counts: Counts,
+    pub corrected: LatencyHistogram,
+    /// Expected answers by the channel of the created payment's last attempt.
+    pub accepted_by_channel: BTreeMap<String, u64>,
+}
+
 /// One second of the measured window.
 #[derive(Debug, Clone)]
 pub struct SecondRecord {
@@ -89,6 +100,10 @@ pub struct Recorder {
     /// Channel payments created (warm-up included: they settle in the window).
     pub tracked: Vec<Tracked>,
     pub untracked: u64,
+    /// The planned outage of a failover run; `None` otherwise.
+    pub outage: Option<PhaseBounds>,
+    /// Before, during and after the outage (empty without one).
+    pub phases: [PhaseRecord; 3],
 }
 
 /// When a request left and when its answer was complete.
@@ -121,7 +136,15 @@ impl Recorder {
                 .collect(),
             tracked: Vec::new(),
             untracked: 0,
+            outage: None,
+            phases: Default::default(),
         }
+    }
+
+    /// Also splits the measured window at the planned outage.
+    pub fn with_outage(mut self, outage: PhaseBounds) -> Self {
+        self.outage = Some(outage);
+        self
     }
 
     fn second_of(&self, at: Instant) -> Option<usize> {
@@ -165,6 +188,21 @@ impl Recorder {
         let record = self.operations.entry(operation).or_default();
         record.counts.add(outcome);
         let answered = matches!(outcome, Outcome::Answered { .. });
+        if let Some(outage) = &self.outage {
+            let phase = &mut self.phases[outage.phase_of(slot.intended).index()];
+            phase.counts.add(outcome);
+            if let Outcome::Answered { created } = outcome {
+                phase
+                    .corrected
+                    .record(timing.done_at.saturating_duration_since(slot.intended));
+                if let Some(created) = created {
+                    *phase
+                        .accepted_by_channel
+                        .entry(created.channel_id.clone())
+                        .or_default() += 1;
+                }
+            }
+        }
         if answered {
             let corrected = timing.done_at.saturating_duration_since(slot.intended);
             record.corrected.record(corrected);
@@ -216,6 +254,7 @@ mod tests {
             created: Some(CreatedPayment {
                 payment_id: "pay_1".into(),
                 channel_order_id: "pay_1_1".into(),
+                channel_id: "supplier-main".into(),
             }),
         };
         // Warm-up: counted apart, but its channel payment is followed.
@@ -288,5 +327,59 @@ mod tests {
         assert_eq!(recorder.seconds[1].errors, 1);
         assert_eq!(recorder.tracked.len(), 2);
         assert_eq!(recorder.tracked[0].phase, Phase::Warmup);
+        // No outage planned: no phases.
+        assert!(recorder.phases.iter().all(|p| p.counts.sent == 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failover_run_is_split_at_the_outage() {
+        let window = Instant::now();
+        let outage = PhaseBounds {
+            outage_from: window + Duration::from_secs(1),
+            outage_to: window + Duration::from_secs(2),
+        };
+        let mut recorder = Recorder::new(window, Duration::from_secs(3)).with_outage(outage);
+        let created = |channel: &str| Outcome::Answered {
+            created: Some(CreatedPayment {
+                payment_id: "pay".into(),
+                channel_order_id: "pay-1".into(),
+                channel_id: channel.into(),
+            }),
+        };
+        let at = |ms: u64| window + Duration::from_millis(ms);
+        let timing = |intended: Instant| Timing {
+            sent_at: intended,
+            done_at: intended + Duration::from_millis(4),
+            done_unix_ms: 0,
+        };
+        for (seq, (ms, outcome)) in [
+            (100, created("supplier-main")),
+            (1_000, created("supplier-backup")),
+            (
+                1_500,
+                Outcome::Refused {
+                    key: "503 no_channel_available".into(),
+                },
+            ),
+            (2_500, created("supplier-main")),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            recorder.record(
+                slot(seq as u64, at(ms), Phase::Measured),
+                Operation::Checkout,
+                timing(at(ms)),
+                outcome,
+            );
+        }
+        let [before, during, after] = &recorder.phases;
+        assert_eq!(before.accepted_by_channel["supplier-main"], 1);
+        assert_eq!(during.counts.sent, 2);
+        assert_eq!(during.counts.errors_by_key["503 no_channel_available"], 1);
+        assert_eq!(during.accepted_by_channel["supplier-backup"], 1);
+        assert_eq!(during.corrected.count(), 1);
+        assert_eq!(after.counts.answered, 1);
+        assert_eq!(recorder.measured.sent, 4);
     }
 }

@@ -9,6 +9,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::failover::{FailoverReport, PhaseReport};
 use crate::histogram::{ms, Percentiles};
 use crate::procstat::ProcessCpu;
 use crate::recorder::Counts;
@@ -134,6 +135,8 @@ pub struct Report {
     pub settlement: Option<SettlementReport>,
     pub cpu: Vec<ProcessCpu>,
     pub series: Vec<SecondPoint>,
+    /// The outage and what it did (failover runs).
+    pub failover: Option<FailoverReport>,
     /// The generator itself may have been the limit: its figures are then not the target's.
     pub generator_bottleneck: bool,
     pub warnings: Vec<String>,
@@ -150,6 +153,19 @@ impl Report {
         assert!(self.warmup.adds_up(), "warm-up counts: {:?}", self.warmup);
         let by_operation: u64 = self.operations.values().map(|o| o.sent).sum();
         assert_eq!(by_operation, self.requests.sent, "operations' sends");
+        if let Some(f) = &self.failover {
+            let p = &f.phases;
+            assert_eq!(
+                p.before.sent + p.during.sent + p.after.sent,
+                self.requests.sent,
+                "the phases' sends"
+            );
+            assert_eq!(
+                p.before.errors + p.during.errors + p.after.errors,
+                self.requests.errors,
+                "the phases' errors"
+            );
+        }
     }
 
     pub fn write_json(&self, path: &Path) -> Result<(), Error> {
@@ -231,6 +247,9 @@ impl Report {
                 let _ = writeln!(out, "    {example}");
             }
         }
+        if let Some(f) = &self.failover {
+            failover_summary(&mut out, f, self.run.window_start_unix_ms);
+        }
         for cpu in &self.cpu {
             let who = match cpu.pid {
                 Some(pid) => format!("{} ({pid})", cpu.name),
@@ -260,6 +279,81 @@ impl Report {
         }
         out
     }
+}
+
+fn failover_summary(out: &mut String, f: &FailoverReport, window_start_unix_ms: u64) {
+    // Offsets in the window, to read against the plan: the injection's own delay shows.
+    let offset = |t: u64| {
+        format!(
+            "at {:+.3} s",
+            (t as f64 - window_start_unix_ms as f64) / 1_000.0
+        )
+    };
+    let _ = writeln!(
+        out,
+        "failover   {} down {} s into the window for {} s (started {}, lifted {})",
+        f.channel,
+        f.outage_after_seconds,
+        f.outage_for_seconds,
+        f.injection
+            .started_unix_ms
+            .map_or("never".to_owned(), offset),
+        f.injection
+            .lifted_unix_ms
+            .map_or("NEVER: lift it by hand".to_owned(), offset),
+    );
+    for error in &f.injection.errors {
+        let _ = writeln!(out, "  injection error: {error}");
+    }
+    let phases: [(&str, &PhaseReport); 3] = [
+        ("before", &f.phases.before),
+        ("during", &f.phases.during),
+        ("after", &f.phases.after),
+    ];
+    for (name, p) in phases {
+        let accepted: Vec<String> = p
+            .accepted_by_channel
+            .iter()
+            .map(|(channel, n)| format!("{channel} {n}"))
+            .collect();
+        let errors: Vec<String> = p
+            .errors_by_code
+            .iter()
+            .map(|(code, n)| format!("{code} ×{n}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "  {name:<7} sent {}  answered {}  errors {}  timeouts {}  p99 {} ms  201 by channel: {}{}",
+            p.sent,
+            p.answered,
+            p.errors,
+            p.timeouts,
+            ms(p.corrected.p99_us),
+            if accepted.is_empty() { "-".to_owned() } else { accepted.join(", ") },
+            if errors.is_empty() {
+                String::new()
+            } else {
+                format!("  errors: {}", errors.join(", "))
+            }
+        );
+    }
+    for (channel, c) in &f.sim_orders {
+        let _ = writeln!(
+            out,
+            "  channel-sim orders on {channel:<16} before {}  during {}  after {}",
+            c.before, c.during, c.after
+        );
+    }
+    if let Some(e) = &f.sim_orders_error {
+        let _ = writeln!(out, "  channel-sim orders not counted: {e}");
+    }
+    let _ = writeln!(
+        out,
+        "  traffic moved off {} during the outage: {}; undocumented errors: {}",
+        f.channel,
+        if f.traffic_moved { "yes" } else { "NO" },
+        f.undocumented_errors
+    );
 }
 
 fn row(p: &Percentiles) -> String {

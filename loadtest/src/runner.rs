@@ -1,6 +1,7 @@
 //! One run, start to report: fund the accounts, drive the schedule, wait for the answers,
 //! follow the settlements, measure the processes' CPU over the measured window, and judge
-//! whether the generator itself was the bottleneck.
+//! whether the generator itself was the bottleneck. A failover run also takes a channel down
+//! and back up during the window ([`crate::failover`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -10,6 +11,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::client::HttpClient;
+use crate::failover::{self, FailoverPlan, FailoverReport, PhaseBounds, WallSpans};
 use crate::procstat::{self, ProcessSpec};
 use crate::recorder::{Recorder, Timing};
 use crate::report::{
@@ -52,6 +54,9 @@ pub struct RunSettings {
     pub processes: Vec<ProcessSpec>,
     /// How channel payments are followed after the run.
     pub settle: SettleSettings,
+    /// The outage of a `failover` run (`None`: [`FailoverPlan::thirds`] of the window).
+    /// Only for that scenario.
+    pub failover: Option<FailoverPlan>,
 }
 
 impl Default for RunSettings {
@@ -66,6 +71,7 @@ impl Default for RunSettings {
             request_timeout: Duration::from_secs(5),
             processes: Vec::new(),
             settle: SettleSettings::default(),
+            failover: None,
         }
     }
 }
@@ -104,7 +110,19 @@ impl RunSettings {
         if slots == 0 {
             return bad("the run would send no request");
         }
+        match (self.scenario, &self.failover) {
+            (Scenario::Failover, _) => self.failover_plan().validate(self.duration)?,
+            (_, Some(_)) => return bad("an outage is planned only in the failover scenario"),
+            (_, None) => {}
+        }
         Ok(())
+    }
+
+    /// The outage of a failover run: the one given, or the middle third of the window.
+    pub fn failover_plan(&self) -> FailoverPlan {
+        self.failover
+            .clone()
+            .unwrap_or_else(|| FailoverPlan::thirds(self.duration))
     }
 }
 
@@ -125,6 +143,14 @@ fn new_run_id() -> String {
 /// the generator's worker threads are that runtime's.
 pub async fn run(target: &Target, settings: &RunSettings) -> Result<Report, Error> {
     settings.validate()?;
+    target.check_scenario(settings.scenario)?;
+    let failover_plan = (settings.scenario == Scenario::Failover).then(|| settings.failover_plan());
+    let sim_admin_url = target.sim_admin_url().map(str::to_owned);
+    if failover_plan.is_some() && sim_admin_url.is_none() {
+        return Err(Error::Settings(
+            "the failover scenario needs channel-sim's admin URL".into(),
+        ));
+    }
     let client = HttpClient::new(settings.connections, settings.request_timeout);
     let run_id: Arc<str> = Arc::from(new_run_id());
     let scenario = settings.scenario;
@@ -156,7 +182,28 @@ pub async fn run(target: &Target, settings: &RunSettings) -> Result<Report, Erro
     let (window_start, window_end) = schedule.window();
     let window_start_unix_ms = now_unix_ms + (window_start - now).as_millis() as u64;
     let window_end_unix_ms = window_start_unix_ms + settings.duration.as_millis() as u64;
-    let recorder = Arc::new(Mutex::new(Recorder::new(window_start, settings.duration)));
+    let outage = failover_plan.as_ref().map(|plan| PhaseBounds {
+        outage_from: window_start + plan.outage_after,
+        outage_to: window_start + plan.outage_after + plan.outage_for,
+    });
+    let new_recorder = || {
+        let recorder = Recorder::new(window_start, settings.duration);
+        match outage {
+            Some(bounds) => recorder.with_outage(bounds),
+            None => recorder,
+        }
+    };
+    let recorder = Arc::new(Mutex::new(new_recorder()));
+    // The outage, on its own task: it must happen on time whatever the dispatcher does.
+    let injector = match (&failover_plan, outage, &sim_admin_url) {
+        (Some(plan), Some(bounds), Some(url)) => Some(tokio::spawn(failover::inject(
+            url.clone(),
+            plan.channel.clone(),
+            bounds.outage_from,
+            bounds.outage_to,
+        ))),
+        _ => None,
+    };
 
     // CPU readings at the edges of the measured window, whatever the dispatcher is doing.
     let sampler = tokio::spawn(async move {
@@ -224,13 +271,38 @@ pub async fn run(target: &Target, settings: &RunSettings) -> Result<Report, Erro
         .await
         .expect("the in-flight semaphore is never closed");
     let (before, after, window_elapsed) = sampler.await.expect("the CPU sampler does not panic");
+    let answers_done_unix_ms = unix_ms();
     // Every task has recorded (it records before it gives its permit back).
     let recorder = std::mem::replace(
         &mut *recorder.lock().unwrap_or_else(PoisonError::into_inner),
-        Recorder::new(window_start, settings.duration),
+        new_recorder(),
     );
+    let failover = match (injector, &failover_plan, &sim_admin_url) {
+        (Some(injector), Some(plan), Some(url)) => {
+            let injection = injector.await.expect("the injector does not panic");
+            let sim_orders = match (injection.started_unix_ms, injection.lifted_unix_ms) {
+                (Some(started), Some(lifted)) => {
+                    let spans = WallSpans {
+                        from_unix_ms: window_start_unix_ms,
+                        started_unix_ms: started,
+                        lifted_unix_ms: lifted,
+                        to_unix_ms: answers_done_unix_ms,
+                    };
+                    failover::count_orders(url, &plan.channel, spans).await
+                }
+                _ => Err("the outage did not happen as planned (see injection.errors)".into()),
+            };
+            Some(FailoverReport::new(
+                plan,
+                injection,
+                &recorder.phases,
+                sim_orders,
+            ))
+        }
+        _ => None,
+    };
 
-    let settlement = if scenario.settles_later() {
+    let settlement = if scenario.settles_later() && target.follows_settlement() {
         Some(
             settle::follow(
                 &client,
@@ -335,6 +407,7 @@ pub async fn run(target: &Target, settings: &RunSettings) -> Result<Report, Erro
         settlement,
         cpu,
         series,
+        failover,
         generator_bottleneck,
         warnings,
     };
@@ -506,6 +579,17 @@ mod tests {
         assert!(with(|s| s.rate_per_second = 1e9).is_err());
         let err = with(|s| s.connections = 0).unwrap_err();
         assert_eq!(err.exit_code(), 2);
+        // An outage belongs to the failover scenario, and must fit in its window.
+        assert!(with(|s| s.failover = Some(FailoverPlan::thirds(s.duration))).is_err());
+        assert!(with(|s| s.scenario = Scenario::Failover).is_ok());
+        assert!(with(|s| {
+            s.scenario = Scenario::Failover;
+            s.failover = Some(FailoverPlan {
+                outage_for: s.duration,
+                ..FailoverPlan::thirds(s.duration)
+            });
+        })
+        .is_err());
     }
 
     #[test]

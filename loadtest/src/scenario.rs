@@ -63,6 +63,9 @@ pub enum Scenario {
     Topup,
     /// [`MIXED_WEIGHTS`]: mostly balance payments, a quarter checkouts, a few top-ups.
     Mixed,
+    /// Checkouts, with the primary supplier channel taken down mid-run and brought back
+    /// ([`crate::failover`]): each request is a [`Operation::Checkout`].
+    Failover,
 }
 
 /// The mixed scenario, in percent: 70 % authorize, 25 % checkout, 5 % top-up.
@@ -73,11 +76,12 @@ pub const MIXED_WEIGHTS: [(Operation, u64); 3] = [
 ];
 
 impl Scenario {
-    pub const ALL: [Scenario; 4] = [
+    pub const ALL: [Scenario; 5] = [
         Scenario::Authorize,
         Scenario::Checkout,
         Scenario::Topup,
         Scenario::Mixed,
+        Scenario::Failover,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -86,6 +90,7 @@ impl Scenario {
             Scenario::Checkout => "checkout",
             Scenario::Topup => "topup",
             Scenario::Mixed => "mixed",
+            Scenario::Failover => "failover",
         }
     }
 
@@ -93,7 +98,7 @@ impl Scenario {
     pub fn operation(self, seq: u64) -> Operation {
         match self {
             Scenario::Authorize => Operation::Authorize,
-            Scenario::Checkout => Operation::Checkout,
+            Scenario::Checkout | Scenario::Failover => Operation::Checkout,
             Scenario::Topup => Operation::Topup,
             Scenario::Mixed => {
                 let total: u64 = MIXED_WEIGHTS.iter().map(|(_, w)| w).sum();
@@ -145,7 +150,9 @@ impl FromStr for Scenario {
         Scenario::ALL
             .into_iter()
             .find(|scenario| scenario.as_str() == s)
-            .ok_or_else(|| format!("unknown scenario {s:?}: authorize, checkout, topup or mixed"))
+            .ok_or_else(|| {
+                format!("unknown scenario {s:?}: authorize, checkout, topup, mixed or failover")
+            })
     }
 }
 
@@ -173,6 +180,9 @@ mod tests {
         assert!(!Scenario::Authorize.settles_later());
         assert!(Scenario::Checkout.settles_later());
         assert!(Scenario::Mixed.settles_later());
+        assert_eq!(Scenario::Failover.operation(7), Operation::Checkout);
+        assert_eq!(Scenario::Failover.share(Operation::Checkout), 1.0);
+        assert!(Scenario::Failover.settles_later());
     }
 
     #[test]
@@ -203,6 +213,6 @@ mod tests {
         for scenario in Scenario::ALL {
             assert_eq!(scenario.as_str().parse::<Scenario>(), Ok(scenario));
         }
-        assert!("failover".parse::<Scenario>().is_err());
+        assert!("outage".parse::<Scenario>().is_err());
     }
 }

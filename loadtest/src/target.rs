@@ -1,11 +1,13 @@
 //! Targets: what a request of each [`Operation`] looks like for the system under test, how
 //! the run's accounts are set up, and what an answer means.
 //!
-//! Today the one target is the gateway (its sandbox, through the manifest). The same-run
-//! baseline of issue 6 — a bare pass-through proxy in front of the same channel-sim — joins
-//! as a second variant: it has no accounts to prepare and answers the supplier create-order
-//! request, so it builds its own requests here and the rest of the run (schedule, recording,
-//! reports, `find-max`) is shared.
+//! Two targets:
+//! - the **gateway** (its sandbox, through the manifest): payments through its API;
+//! - the **baseline**: the bare pass-through proxy of [`crate::baseline`] in front of the same
+//!   channel-sim. Each request is one supplier create-order, whatever the operation: the
+//!   generator writes the supplier's JSON body, the proxy signs it and forwards it. It has no
+//!   accounts to prepare and nothing settles, and the rest of the run (schedule, recording,
+//!   reports, `find-max`) is shared.
 
 use std::sync::Arc;
 
@@ -16,9 +18,10 @@ use hyper::{Method, Request, StatusCode, Uri};
 use serde::Deserialize;
 use tokio::task::JoinSet;
 
+use crate::baseline;
 use crate::client::{Answer, HttpClient, SendError};
-use crate::manifest::{Manifest, Secret};
-use crate::scenario::Operation;
+use crate::manifest::{check_loopback_url, Manifest, Secret};
+use crate::scenario::{Operation, Scenario};
 use crate::Error;
 
 /// Every payment of a run is this much, in this currency.
@@ -34,12 +37,17 @@ const SETUP_CONCURRENCY: usize = 8;
 const MAX_ADJUSTMENTS_PER_ACCOUNT: u32 = 4;
 /// The channel a top-up goes through.
 pub const TOPUP_METHOD: &str = "alipay";
+/// How long a baseline order lives at the supplier: the gateway's default payment expiry
+/// (`payments.default_expires_in_seconds`), so both send the same order.
+pub const BASELINE_ORDER_LIFETIME_SECONDS: u64 = 900;
 
 /// The system under test.
 #[derive(Debug, Clone)]
 pub enum Target {
     /// The gateway, through the sandbox manifest.
     Gateway(Arc<GatewayTarget>),
+    /// The same-run baseline: the pass-through proxy of [`crate::baseline`].
+    Baseline(Arc<BaselineTarget>),
 }
 
 /// A channel payment the target created, to follow until it settles.
@@ -48,6 +56,8 @@ pub struct CreatedPayment {
     pub payment_id: String,
     /// The channel order id of its last attempt: how channel-sim knows it.
     pub channel_order_id: String,
+    /// The channel of its last attempt (empty if the answer did not say).
+    pub channel_id: String,
 }
 
 /// What became of one request.
@@ -76,9 +86,29 @@ impl Target {
         GatewayTarget::new(manifest, merchant, accounts).map(|g| Target::Gateway(Arc::new(g)))
     }
 
+    /// The baseline proxy listening at `proxy_url` (`http://127.0.0.1:PORT`, loopback only),
+    /// in front of the channel-sim of `manifest`.
+    pub fn baseline(manifest: &Manifest, proxy_url: &str) -> Result<Self, Error> {
+        manifest.check_loopback()?;
+        BaselineTarget::new(proxy_url, &manifest.sim_admin_url)
+            .map(|b| Target::Baseline(Arc::new(b)))
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Target::Gateway(_) => "gateway",
+            Target::Baseline(_) => "baseline",
+        }
+    }
+
+    /// Refuses a scenario the target cannot serve: the baseline only proxies supplier
+    /// creates (`checkout`).
+    pub fn check_scenario(&self, scenario: Scenario) -> Result<(), Error> {
+        match (self, scenario) {
+            (Target::Gateway(_), _) | (Target::Baseline(_), Scenario::Checkout) => Ok(()),
+            (Target::Baseline(_), other) => Err(Error::Settings(format!(
+                "the baseline serves only the checkout scenario (one proxied supplier create per request), not {other}"
+            ))),
         }
     }
 
@@ -86,13 +116,24 @@ impl Target {
     pub fn accounts(&self) -> usize {
         match self {
             Target::Gateway(g) => g.accounts.len(),
+            Target::Baseline(_) => 0,
         }
     }
 
-    /// channel-sim's admin API, where settlements are checked.
+    /// channel-sim's admin API, where settlements are checked and faults injected.
     pub fn sim_admin_url(&self) -> Option<&str> {
         match self {
             Target::Gateway(g) => Some(&g.sim_admin_url),
+            Target::Baseline(b) => Some(&b.sim_admin_url),
+        }
+    }
+
+    /// Whether its channel payments are followed until they settle (the baseline ignores
+    /// callbacks: nothing of it settles).
+    pub fn follows_settlement(&self) -> bool {
+        match self {
+            Target::Gateway(_) => true,
+            Target::Baseline(_) => false,
         }
     }
 
@@ -111,6 +152,7 @@ impl Target {
                     .fund_accounts(client, slots, spending_share, run_id)
                     .await
             }
+            Target::Baseline(_) => Ok(()),
         }
     }
 
@@ -118,6 +160,7 @@ impl Target {
     pub fn request(&self, operation: Operation, run_id: &str, seq: u64) -> Request<Full<Bytes>> {
         match self {
             Target::Gateway(g) => g.request(operation, run_id, seq),
+            Target::Baseline(b) => b.request(run_id, seq, unix_seconds()),
         }
     }
 
@@ -125,6 +168,7 @@ impl Target {
     pub fn interpret(&self, operation: Operation, result: Result<Answer, SendError>) -> Outcome {
         match self {
             Target::Gateway(_) => GatewayTarget::interpret(operation, result),
+            Target::Baseline(_) => BaselineTarget::interpret(result),
         }
     }
 
@@ -133,8 +177,126 @@ impl Target {
     pub fn payment_request(&self, payment_id: &str) -> Option<Request<Full<Bytes>>> {
         match self {
             Target::Gateway(g) => Some(g.payment_request(payment_id)),
+            Target::Baseline(_) => None,
         }
     }
+}
+
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The baseline proxy, as the generator sees it.
+#[derive(Debug)]
+pub struct BaselineTarget {
+    orders_uri: Uri,
+    /// Where channel-sim calls back: the proxy, which acknowledges and ignores it.
+    notify_url: String,
+    sim_admin_url: String,
+}
+
+impl BaselineTarget {
+    fn new(proxy_url: &str, sim_admin_url: &str) -> Result<Self, Error> {
+        check_loopback_url("the baseline proxy's URL", proxy_url)?;
+        let base = proxy_url.trim_end_matches('/');
+        Ok(Self {
+            orders_uri: uri(format!("{base}{}", baseline::ORDERS_PATH))?,
+            notify_url: format!("{base}{}", baseline::CALLBACK_PATH),
+            sim_admin_url: sim_admin_url.trim_end_matches('/').to_owned(),
+        })
+    }
+
+    /// The supplier create-order body the gateway would send for a payment of the run (the
+    /// same fields, in the same order, DESIGN.md §5), written by hand like the gateway's
+    /// requests: every value is ours and needs no escaping. The proxy forwards it byte for
+    /// byte, signed.
+    fn request(&self, run_id: &str, seq: u64, now_unix_seconds: u64) -> Request<Full<Bytes>> {
+        let order_id = baseline_order_id(run_id, seq);
+        let amount = format_minor(AMOUNT_MINOR);
+        let expires_at = rfc3339_utc(now_unix_seconds + BASELINE_ORDER_LIFETIME_SECONDS);
+        let body = format!(
+            r#"{{"order_id":"{order_id}","amount":"{amount}","currency":"{CURRENCY}","notify_url":"{}","expires_at":"{expires_at}"}}"#,
+            self.notify_url
+        );
+        Request::builder()
+            .method(Method::POST)
+            .uri(self.orders_uri.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .expect("a request of valid parts")
+    }
+
+    /// channel-sim answers a new order `200` with the order (status `accepted`); its
+    /// refusals are `{"error": "<text>"}`, and so are the proxy's own (`502`, `503`, `504`).
+    fn interpret(result: Result<Answer, SendError>) -> Outcome {
+        match result {
+            Ok(answer) if answer.status == StatusCode::OK => Outcome::Answered { created: None },
+            Ok(answer) => Outcome::Refused {
+                key: baseline_refusal_key(answer.status, &answer.body),
+            },
+            Err(SendError::Timeout) => Outcome::Timeout,
+            Err(SendError::Transport { kind, .. }) => Outcome::Transport {
+                key: format!("transport {kind}"),
+            },
+        }
+    }
+}
+
+/// A supplier order id for request `seq` of run `run_id`: `b<16 hex>-<seq>`, at most 27
+/// characters of `[0-9a-z-]` (the gateway's channel order ids are at most 32), unique per run
+/// through a 64-bit hash of the run id (the run id itself is too long to fit).
+pub fn baseline_order_id(run_id: &str, seq: u64) -> String {
+    // FNV-1a: a fixed, dependency-free hash; collisions between run ids are what matters
+    // and 64 bits make them negligible.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in run_id.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("b{hash:016x}-{seq}")
+}
+
+/// `"<status> <error>"` of a channel-sim or proxy refusal (spaces in the error text become
+/// `_`, so that the key stays one word).
+fn baseline_refusal_key(status: StatusCode, body: &[u8]) -> String {
+    #[derive(Deserialize)]
+    struct ErrorBody {
+        error: String,
+    }
+    let error = serde_json::from_slice::<ErrorBody>(body)
+        .ok()
+        .map(|b| b.error.replace(' ', "_"))
+        .filter(|e| !e.is_empty() && e.len() <= 64 && e.bytes().all(|b| b.is_ascii_graphic()));
+    format!("{} {}", status.as_u16(), error.as_deref().unwrap_or("-"))
+}
+
+/// Unix seconds as RFC 3339 UTC, `YYYY-MM-DDTHH:MM:SSZ` (days to civil date: Howard
+/// Hinnant's algorithm, exact for every date this tool will see).
+pub fn rfc3339_utc(unix_seconds: u64) -> String {
+    let days = unix_seconds / 86_400;
+    let second_of_day = unix_seconds % 86_400;
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        second_of_day / 3_600,
+        second_of_day % 3_600 / 60,
+        second_of_day % 60
+    )
 }
 
 /// The gateway, as one merchant.
@@ -474,12 +636,15 @@ fn created_payment(body: &[u8]) -> Option<CreatedPayment> {
     #[derive(Deserialize)]
     struct Attempt {
         channel_order_id: String,
+        #[serde(default)]
+        channel_id: String,
     }
     let payment: Payment = serde_json::from_slice(body).ok()?;
     let attempt = payment.attempts.last()?;
     Some(CreatedPayment {
         payment_id: payment.id,
         channel_order_id: attempt.channel_order_id.clone(),
+        channel_id: attempt.channel_id.clone(),
     })
 }
 
@@ -611,7 +776,8 @@ mod tests {
             Outcome::Answered {
                 created: Some(CreatedPayment {
                     payment_id: "pay_1".into(),
-                    channel_order_id: "pay_1_2".into()
+                    channel_order_id: "pay_1_2".into(),
+                    channel_id: "supplier-backup".into(),
                 })
             }
         );
@@ -655,6 +821,100 @@ mod tests {
                 key: "transport connect".into()
             }
         );
+    }
+
+    #[test]
+    fn baseline_requests_are_supplier_create_orders() {
+        let target = Target::baseline(&manifest(true), "http://127.0.0.1:7000/").unwrap();
+        assert_eq!(target.name(), "baseline");
+        assert!(!target.follows_settlement());
+        assert!(target.check_scenario(Scenario::Checkout).is_ok());
+        assert!(target.check_scenario(Scenario::Authorize).is_err());
+        let Target::Baseline(baseline) = &target else {
+            unreachable!()
+        };
+        let (head, json) = body(baseline.request("lt-18f-2a-0", 12, 1_700_000_000));
+        assert_eq!(head.method(), Method::POST);
+        assert_eq!(head.uri(), "http://127.0.0.1:7000/v1/orders");
+        assert!(head.headers().get(AUTHORIZATION).is_none());
+        // Exactly channel-sim's create body (it refuses unknown fields).
+        let mut fields: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        fields.sort_unstable();
+        assert_eq!(
+            fields,
+            ["amount", "currency", "expires_at", "notify_url", "order_id"]
+        );
+        assert_eq!(json["amount"], "1.00");
+        assert_eq!(json["currency"], "CNY");
+        assert_eq!(json["notify_url"], "http://127.0.0.1:7000/callback");
+        assert_eq!(json["expires_at"], "2023-11-14T22:28:20Z");
+        let id = json["order_id"].as_str().unwrap();
+        assert_eq!(id, baseline_order_id("lt-18f-2a-0", 12));
+        // Valid for the gateway's channel order ids (and channel-sim's).
+        let longest = baseline_order_id("lt-19a8f3c2b1d-3fffff-4294967295", 49_999_999);
+        for id in [id, longest.as_str()] {
+            assert!(id.len() <= 32, "{id}");
+            assert!(id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        }
+        assert_ne!(
+            baseline_order_id("lt-a-1-0", 1),
+            baseline_order_id("lt-a-1-1", 1)
+        );
+        assert!(Target::baseline(&manifest(true), "http://10.0.0.1:7000").is_err());
+    }
+
+    #[test]
+    fn baseline_answers_are_interpreted() {
+        let target = Target::baseline(&manifest(true), "http://127.0.0.1:7000").unwrap();
+        assert_eq!(
+            target.interpret(
+                Operation::Checkout,
+                answer(200, r#"{"order_id":"b1","status":"accepted"}"#)
+            ),
+            Outcome::Answered { created: None }
+        );
+        assert_eq!(
+            target.interpret(
+                Operation::Checkout,
+                answer(401, r#"{"error":"bad signature"}"#)
+            ),
+            Outcome::Refused {
+                key: "401 bad_signature".into()
+            }
+        );
+        assert_eq!(
+            target.interpret(
+                Operation::Checkout,
+                answer(502, r#"{"error":"upstream_connect"}"#)
+            ),
+            Outcome::Refused {
+                key: "502 upstream_connect".into()
+            }
+        );
+        assert_eq!(
+            target.interpret(Operation::Checkout, answer(500, "oops")),
+            Outcome::Refused {
+                key: "500 -".into()
+            }
+        );
+    }
+
+    #[test]
+    fn rfc3339_dates_are_exact() {
+        assert_eq!(rfc3339_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339_utc(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339_utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339_utc(951_868_799), "2000-02-29T23:59:59Z");
+        assert_eq!(rfc3339_utc(951_868_800), "2000-03-01T00:00:00Z");
+        assert_eq!(rfc3339_utc(4_102_444_800), "2100-01-01T00:00:00Z");
+        assert_eq!(rfc3339_utc(1_735_689_599), "2024-12-31T23:59:59Z");
     }
 
     #[test]

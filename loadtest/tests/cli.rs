@@ -1,7 +1,10 @@
-//! The binary's refusals: a manifest pointing off this machine is refused with exit code 2,
-//! before anything is sent.
+//! The binary's refusals (a manifest pointing off this machine is refused with exit code 2,
+//! before anything is sent), and `baseline-proxy` as a process: it says where it listens,
+//! answers, and stops cleanly on SIGTERM.
 
-use std::process::Command;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
 
 fn loadtest(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_loadtest"))
@@ -35,7 +38,7 @@ fn a_non_loopback_gateway_is_refused_with_exit_code_2() {
 
 #[test]
 fn bad_arguments_and_missing_manifests_exit_2() {
-    let out = loadtest(&["run", "--scenario", "failover"]);
+    let out = loadtest(&["run", "--scenario", "outage"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let out = loadtest(&[
         "run",
@@ -48,5 +51,94 @@ fn bad_arguments_and_missing_manifests_exit_2() {
     let out = loadtest(&["run", "--scenario", "authorize", "--rate", "0"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let out = loadtest(&["run", "--scenario", "authorize", "--pid", "gateway=notapid"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+/// A manifest whose supplier-main channel has a secret file (nothing listens at its URLs).
+fn manifest_with_secret(dir: &std::path::Path) -> std::path::PathBuf {
+    std::fs::write(
+        dir.join("supplier.secret"),
+        "0123456789abcdef0123456789abcdef\n",
+    )
+    .unwrap();
+    let path = dir.join("sandbox.json");
+    std::fs::write(
+        &path,
+        r#"{"merchants": {}, "admin_key": null,
+            "gateway_url": "http://127.0.0.1:9", "sim_admin_url": "http://127.0.0.1:9",
+            "channels": {"supplier-main": {"kind": "supplier", "priority": 1,
+                "base_url": "http://127.0.0.1:9", "callback_url": "http://127.0.0.1:9/cb",
+                "channel_keys": {"supplier_secret": "supplier.secret"}}}}"#,
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn the_baseline_proxy_runs_as_a_process_until_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = manifest_with_secret(dir.path());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_loadtest"))
+        .args(["baseline-proxy", "--threads", "1", "--manifest"])
+        .arg(&manifest)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the proxy");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(
+        line.starts_with("baseline-proxy listening on http://127.0.0.1:"),
+        "{line}"
+    );
+    let addr = line
+        .split_whitespace()
+        .nth(3)
+        .unwrap()
+        .trim_start_matches("http://")
+        .to_owned();
+
+    // A callback is acknowledged as the supplier protocol expects.
+    let mut stream = TcpStream::connect(&addr).unwrap();
+    stream
+        .write_all(
+            b"POST /callback HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+        )
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with(r#"{"received":true}"#), "{answer}");
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+#[test]
+fn the_baseline_proxy_refuses_to_listen_beyond_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = manifest_with_secret(dir.path());
+    let out = loadtest(&[
+        "baseline-proxy",
+        "--listen",
+        "0.0.0.0:0",
+        "--manifest",
+        manifest.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let out = loadtest(&[
+        "baseline-proxy",
+        "--channel",
+        "alipay-main",
+        "--manifest",
+        manifest.to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 }

@@ -1,13 +1,18 @@
-//! Smoke test: a real sandbox gateway (SQLite store, in-process balance store, channel-sim
+//! Smoke tests: a real sandbox gateway (SQLite store, in-process balance store, channel-sim
 //! in-process with auto-pay) started in this process on 127.0.0.1:0 with a temp data dir, as
-//! `gateway serve --sandbox` starts it; then the load generator, through its library, runs
-//! `authorize`, `checkout` and `mixed` at small rates for a few seconds each.
+//! `gateway serve --sandbox` starts it — one per test, so that each test's channel-sim record
+//! is its own; then the load generator, through its library:
+//! - runs `authorize`, `checkout` and `mixed` at small rates for a few seconds each;
+//! - runs the same-run baseline proxy against the sandbox's channel-sim, then one short
+//!   `compare` round;
+//! - runs `failover`: checkouts while `supplier-main` is taken down and brought back.
 //!
-//! Checked: no error, no timeout, no missed send; the counts add up; every checkout payment
-//! the run created ended `succeeded` in the gateway and paid once, acknowledged, in
-//! channel-sim's own record. No assertion on a time: the rates are far below what a debug
-//! build serves, and the missed-send bound is set to a second so that a loaded CI machine's
-//! scheduling hiccups are not mistaken for misses.
+//! Checked: no unexpected error, no timeout, no missed send; the counts add up; every checkout
+//! payment the run created ended `succeeded` in the gateway and paid once, acknowledged, in
+//! channel-sim's own record; the baseline's orders reached channel-sim; a failover run's
+//! orders moved to `supplier-backup` while `supplier-main` was down. No assertion on a time:
+//! the rates are far below what a debug build serves, and the missed-send bound is set to a
+//! second so that a loaded CI machine's scheduling hiccups are not mistaken for misses.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -19,7 +24,10 @@ use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use loadtest::settle::SettleSettings;
-use loadtest::{run, Manifest, RunSettings, Scenario, Target};
+use loadtest::{
+    compare, run, BaselineProxy, BaselineSettings, CompareSettings, FailoverPlan, FindMaxSettings,
+    Manifest, RunSettings, Scenario, Target,
+};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
@@ -113,6 +121,7 @@ fn settings(scenario: Scenario, rate: f64, duration_s: u64) -> RunSettings {
             verify_max: usize::MAX,
             concurrency: 8,
         },
+        failover: None,
     }
 }
 
@@ -242,6 +251,185 @@ async fn authorize_checkout_and_mixed_against_a_real_sandbox() {
     let by_op: u64 = report.operations.values().map(|o| o.sent).sum();
     assert_eq!(by_op, report.requests.sent);
     assert!(report.operations.contains_key("authorize"), "{summary}");
+
+    gateway.stop().await;
+}
+
+/// The baseline proxy of `manifest`, in this process, on a free loopback port.
+async fn start_baseline(manifest: &Manifest) -> (BaselineProxy, Target) {
+    let settings = BaselineSettings::from_manifest(
+        manifest,
+        loadtest::baseline::DEFAULT_CHANNEL,
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .expect("the baseline settings");
+    let proxy = BaselineProxy::start(settings).await.expect("the proxy");
+    let target = Target::baseline(manifest, &proxy.url()).expect("the baseline target");
+    (proxy, target)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_baseline_proxy_and_a_compare_round_against_the_sandbox_channel_sim() {
+    let gateway = SandboxGateway::start().await;
+    let manifest = Manifest::load(&gateway.manifest_path).expect("the manifest");
+    let (proxy, baseline) = start_baseline(&manifest).await;
+
+    // checkout against the baseline: one proxied, signed supplier create per request.
+    let report = run(&baseline, &settings(Scenario::Checkout, 50.0, 2))
+        .await
+        .expect("the baseline run");
+    assert_clean(&report);
+    let summary = report.summary();
+    assert_eq!(report.run.target, "baseline", "{summary}");
+    assert_eq!(report.requests.scheduled, 100, "{summary}");
+    assert!(report.settlement.is_none(), "{summary}");
+    // channel-sim holds each order as the generator wrote it (so the signature verified):
+    // the first of the warm-up and the last of the window, on the primary channel.
+    let slots = report.warmup.sent + report.requests.sent;
+    for seq in [0, slots - 1] {
+        let id = loadtest::target::baseline_order_id(&report.run.run_id, seq);
+        let order = get_json(&format!("{}/orders/{id}", manifest.sim_admin_url)).await;
+        assert_eq!(order["channel_id"], "supplier-main", "{order}");
+        assert_eq!(order["amount_cents"], 100, "{order}");
+        assert_eq!(order["currency"], "CNY", "{order}");
+        assert_eq!(
+            order["notify_url"],
+            format!("{}/callback", proxy.url()),
+            "{order}"
+        );
+    }
+    // The baseline is not a payment API: nothing else runs through it.
+    assert!(run(&baseline, &settings(Scenario::Authorize, 10.0, 1))
+        .await
+        .is_err());
+
+    // One short compare round at tiny rates: two steps of 1 s per side, an SLO no debug
+    // build misses at these rates.
+    let gateway_target = Target::gateway(&manifest, None, 16).expect("the gateway target");
+    let mut step = settings(Scenario::Checkout, 20.0, 1);
+    step.warmup = Duration::from_millis(500);
+    let settings = CompareSettings {
+        search: FindMaxSettings {
+            run: step,
+            slo_p99: Duration::from_secs(5),
+            start_rate: 20.0,
+            step_factor: 1.5,
+            max_rate: 30.0,
+            max_steps: 2,
+            pause: Duration::from_millis(100),
+        },
+        baseline_start_rate: 20.0,
+        rounds: 1,
+        resume_share: 0.5,
+    };
+    let report = compare(&gateway_target, &baseline, &settings)
+        .await
+        .expect("the comparison");
+    let summary = report.summary();
+    assert_eq!(report.rounds.len(), 1, "{summary}");
+    let round = &report.rounds[0];
+    assert_eq!(round.gateway.target, "gateway", "{summary}");
+    assert_eq!(round.baseline.target, "baseline", "{summary}");
+    assert_eq!(round.gateway.measure, "settled_per_second", "{summary}");
+    assert!(round.gateway.max_rate_per_second.is_some(), "{summary}");
+    assert!(round.baseline.max_rate_per_second.is_some(), "{summary}");
+    // A search that never missed stopped at --max-rate: its maximum is only a bound.
+    for side in [&round.gateway, &round.baseline] {
+        assert_eq!(
+            side.capped,
+            side.max_rate_per_second == Some(30.0),
+            "{summary}"
+        );
+    }
+    assert_eq!(
+        round.ratio_is_bound,
+        round.gateway.capped || round.baseline.capped,
+        "{summary}"
+    );
+    let ratio = round.ratio.expect("a ratio");
+    assert!(ratio.is_finite() && ratio > 0.0, "{summary}");
+    assert_eq!(report.median_ratio, Some(ratio), "{summary}");
+    assert_eq!(report.ratios, vec![ratio], "{summary}");
+    // The JSON report carries the rounds and the ratios.
+    let json = serde_json::to_value(&report).unwrap();
+    assert_eq!(json["rounds"][0]["ratio"], ratio);
+    assert!(json["median_ratio"].is_number());
+    assert!(json["rounds"][0]["baseline"]["search"]["steps"].is_array());
+
+    proxy.shutdown().await;
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_moves_checkouts_to_the_backup_channel_and_back() {
+    let gateway = SandboxGateway::start().await;
+    let manifest = Manifest::load(&gateway.manifest_path).expect("the manifest");
+    let target = Target::gateway(&manifest, None, 16).expect("the target");
+
+    // 20 checkouts/s; supplier-main down from 2 s to 4 s of a 6 s window.
+    let mut settings = settings(Scenario::Failover, 20.0, 6);
+    settings.failover = Some(FailoverPlan {
+        channel: "supplier-main".into(),
+        outage_after: Duration::from_secs(2),
+        outage_for: Duration::from_secs(2),
+    });
+    let report = run(&target, &settings).await.expect("the failover run");
+    let summary = report.summary();
+    let q = &report.requests;
+    assert!(q.adds_up(), "{summary}");
+    assert_eq!(q.timeouts, 0, "{summary}");
+    assert_eq!(q.missed.total(), 0, "{summary}");
+    // Every payment was created (201) or refused with a documented error.
+    let documented: u64 = q
+        .errors_by_code
+        .iter()
+        .filter(|(code, _)| loadtest::failover::DOCUMENTED_ERRORS.contains(&code.as_str()))
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(q.answered + documented, q.sent, "{summary}");
+    let failover = report.failover.as_ref().expect("a failover report");
+    assert_eq!(failover.undocumented_errors, 0, "{summary}");
+    assert!(failover.injection.errors.is_empty(), "{summary}");
+    assert!(failover.injection.started_unix_ms.is_some(), "{summary}");
+    assert!(failover.injection.lifted_unix_ms.is_some(), "{summary}");
+    // channel-sim's own record: while the primary was down, orders went to the backup.
+    assert!(failover.sim_orders_error.is_none(), "{summary}");
+    assert!(
+        failover.sim_orders["supplier-backup"].during > 0,
+        "{summary}"
+    );
+    assert!(failover.traffic_moved, "{summary}");
+    // The gateway's answers say the same.
+    assert!(
+        failover.phases.during.accepted_by_channel["supplier-backup"] > 0,
+        "{summary}"
+    );
+    let phases = &failover.phases;
+    assert_eq!(
+        phases.before.sent + phases.during.sent + phases.after.sent,
+        q.sent,
+        "{summary}"
+    );
+    // Before the outage the primary took the traffic.
+    assert!(
+        phases.before.accepted_by_channel["supplier-main"] > 0,
+        "{summary}"
+    );
+    // The channel is back up: its faults are as before.
+    let faults = get_json(&format!(
+        "{}/channels/supplier-main/faults",
+        manifest.sim_admin_url
+    ))
+    .await;
+    assert_eq!(faults["outage"], false, "{faults}");
+    // Settlement was followed and nothing was paid twice.
+    let settlement = report
+        .settlement
+        .as_ref()
+        .expect("failover follows settlement");
+    assert_eq!(settlement.paid_twice, 0, "{summary}");
+    assert_eq!(settlement.verify_failures, 0, "{summary}");
+    assert!(settlement.settled > 0, "{summary}");
 
     gateway.stop().await;
 }
