@@ -238,7 +238,7 @@ pub async fn settle_paid(
         pending_record: PendingRecord::Settlement(settlement.clone()).to_json(),
     };
     let seq = match state.balances.succeed(&request, state.op()).await? {
-        SucceedOutcome::Done { seq, .. } => seq,
+        SucceedOutcome::Done { seq } => seq,
         SucceedOutcome::NotPending(status) => {
             // A payment that already ended: late money, which the caller records
             // (`record_late_money`).

@@ -29,10 +29,10 @@ use serde_json::value::RawValue;
 use super::client::{HttpClient, HttpReply};
 use super::keys::{RsaPrivateKey, RsaPublicKey};
 use super::{
-    check_create, now_unix_ms, server_error, shanghai_datetime, Action, BaseUrl, Callback,
-    CallbackAnswer, CallbackRefusal, CallbackReply, Channel, ChannelError, ChannelKind,
-    ChannelOrderId, CloseOutcome, CreateOrder, Created, Notice, NoticeEvent, OrderState,
-    RefundOutcome, RefundRequest,
+    callback_text, check_callback_size, check_create, now_unix_ms, server_error, shanghai_datetime,
+    Action, BaseUrl, Callback, CallbackAnswer, CallbackRefusal, CallbackReply, Channel,
+    ChannelError, ChannelKind, ChannelOrderId, CloseOutcome, CreateOrder, Created, Notice,
+    NoticeEvent, OrderState, RefundOutcome, RefundRequest,
 };
 use crate::money::{format_minor, parse_non_negative_minor, Amount, Currency};
 
@@ -650,14 +650,8 @@ impl AlipayChannel {
 // makes Alipay deliver again): 400 for a refusal, 500 for "try later".
 // ---------------------------------------------------------------------------------------------
 
-/// The largest callback body read (a notice is about 1 KiB).
-pub const MAX_CALLBACK_BODY_BYTES: usize = 64 * 1024;
-
 /// The most form fields a notice may have (Alipay sends about 25).
 pub const MAX_CALLBACK_FIELDS: usize = 64;
-
-/// The longest id or status kept from a notice (`trade_no` is at most 64, `notify_id` 128).
-pub const MAX_CALLBACK_TEXT_BYTES: usize = 128;
 
 /// The acknowledgement Alipay waits for; any other answer is a failure it retries.
 pub const CALLBACK_ACK: &str = "success";
@@ -668,11 +662,7 @@ pub const CALLBACK_FAIL: &str = "fail";
 impl AlipayChannel {
     /// Verifies and reads an asynchronous notice: see the table above.
     pub fn read_notice(&self, body: &[u8]) -> Result<Notice, CallbackRefusal> {
-        if body.len() > MAX_CALLBACK_BODY_BYTES {
-            return Err(CallbackRefusal::Malformed(format!(
-                "the body is larger than {MAX_CALLBACK_BODY_BYTES} bytes"
-            )));
-        }
+        check_callback_size(body)?;
         let mut fields: Vec<(String, String)> = Vec::new();
         for (name, value) in form_urlencoded::parse(body) {
             if fields.len() == MAX_CALLBACK_FIELDS {
@@ -762,17 +752,6 @@ impl AlipayChannel {
             event,
         })
     }
-}
-
-/// A text field kept from a notice: at most [`MAX_CALLBACK_TEXT_BYTES`] of visible ASCII
-/// (ids and statuses are; anything else is not Alipay's format, and would go to logs).
-fn callback_text(name: &str, value: &str) -> Result<String, CallbackRefusal> {
-    if value.len() > MAX_CALLBACK_TEXT_BYTES || !value.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(CallbackRefusal::Malformed(format!(
-            "`{name}` is not at most {MAX_CALLBACK_TEXT_BYTES} visible ASCII characters"
-        )));
-    }
-    Ok(value.to_owned())
 }
 
 /// A positive CNY amount, exactly (no rounding: too many decimals is malformed).
@@ -1376,6 +1355,7 @@ mod tests {
         use super::super::*;
         use crate::channels::test_keys::*;
         use crate::channels::test_support::*;
+        use crate::channels::MAX_CALLBACK_BODY_BYTES;
         use proptest::prelude::*;
 
         const APP_ID: &str = "2021000000000001";

@@ -437,6 +437,60 @@ pub enum CallbackAnswer {
     RetryLater,
 }
 
+/// The largest callback body read, any protocol (a notice is 0.2 to 1 KiB).
+pub const MAX_CALLBACK_BODY_BYTES: usize = 64 * 1024;
+
+/// The longest id, status or event type kept from a callback (Alipay's `notify_id` is 128).
+pub const MAX_CALLBACK_TEXT_BYTES: usize = 128;
+
+/// The longest message of a failure answer to a callback, in characters.
+pub const MAX_CALLBACK_MESSAGE_CHARS: usize = 256;
+
+/// Refuses a callback body above [`MAX_CALLBACK_BODY_BYTES`] before anything parses it.
+pub(crate) fn check_callback_size(body: &[u8]) -> Result<(), CallbackRefusal> {
+    if body.len() > MAX_CALLBACK_BODY_BYTES {
+        return Err(CallbackRefusal::Malformed(format!(
+            "the body is larger than {MAX_CALLBACK_BODY_BYTES} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// A text kept from a callback: 1 to [`MAX_CALLBACK_TEXT_BYTES`] of visible ASCII (ids and
+/// statuses are; anything else is not the protocol's format, and would go to logs).
+pub(crate) fn callback_text(name: &str, value: &str) -> Result<String, CallbackRefusal> {
+    if value.is_empty()
+        || value.len() > MAX_CALLBACK_TEXT_BYTES
+        || !value.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(CallbackRefusal::Malformed(format!(
+            "`{name}` is not 1 to {MAX_CALLBACK_TEXT_BYTES} visible ASCII characters"
+        )));
+    }
+    Ok(value.to_owned())
+}
+
+/// The message of a failure answer to a callback: printable ASCII only (anything else becomes
+/// `?`), at most [`MAX_CALLBACK_MESSAGE_CHARS`] characters, `default` when empty.
+pub(crate) fn callback_reply_message(message: &str, default: &str) -> String {
+    let text: String = message
+        .chars()
+        .take(MAX_CALLBACK_MESSAGE_CHARS)
+        .map(|c| {
+            if c == ' ' || c.is_ascii_graphic() {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    if text.trim().is_empty() {
+        default.to_owned()
+    } else {
+        text
+    }
+}
+
 /// Why a channel call failed, and what that says about the attempt (module docs).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChannelError {

@@ -31,10 +31,11 @@ use subtle::ConstantTimeEq;
 
 use super::client::{HttpClient, HttpReply};
 use super::{
-    check_create, now_unix_ms, rfc3339_utc, server_error, skew_seconds, Action, BaseUrl, Callback,
-    CallbackAnswer, CallbackRefusal, CallbackReply, Channel, ChannelError, ChannelKind,
-    ChannelOrderId, CloseOutcome, CreateOrder, Created, Notice, NoticeEvent, OrderState,
-    RefundOutcome, RefundRequest, SIGNATURE_WINDOW_SECONDS,
+    callback_reply_message, callback_text, check_callback_size, check_create, now_unix_ms,
+    rfc3339_utc, server_error, skew_seconds, Action, BaseUrl, Callback, CallbackAnswer,
+    CallbackRefusal, CallbackReply, Channel, ChannelError, ChannelKind, ChannelOrderId,
+    CloseOutcome, CreateOrder, Created, Notice, NoticeEvent, OrderState, RefundOutcome,
+    RefundRequest, SIGNATURE_WINDOW_SECONDS,
 };
 use crate::money::{format_minor, parse_non_negative_minor, Amount, Currency};
 use crate::secret::Secret;
@@ -533,15 +534,6 @@ impl SupplierChannel {
 // both `{"error": "…"}`.
 // ---------------------------------------------------------------------------------------------
 
-/// The largest callback body read (a callback is about 200 bytes).
-pub const MAX_CALLBACK_BODY_BYTES: usize = 64 * 1024;
-
-/// The longest id or status kept from a callback.
-pub const MAX_CALLBACK_TEXT_BYTES: usize = 128;
-
-/// The longest `error` of a failure answer, in characters.
-pub const MAX_CALLBACK_MESSAGE_CHARS: usize = 256;
-
 /// A callback's body: only what is read (other fields are ignored).
 #[derive(Deserialize)]
 struct CallbackBody {
@@ -559,19 +551,6 @@ struct CallbackBody {
 
 fn malformed(reason: impl Into<String>) -> CallbackRefusal {
     CallbackRefusal::Malformed(reason.into())
-}
-
-/// A text kept from a callback: at most [`MAX_CALLBACK_TEXT_BYTES`] of visible ASCII.
-fn callback_text(name: &str, value: &str) -> Result<String, CallbackRefusal> {
-    if value.is_empty()
-        || value.len() > MAX_CALLBACK_TEXT_BYTES
-        || !value.bytes().all(|b| b.is_ascii_graphic())
-    {
-        return Err(malformed(format!(
-            "`{name}` is not 1 to {MAX_CALLBACK_TEXT_BYTES} visible ASCII characters"
-        )));
-    }
-    Ok(value.to_owned())
 }
 
 impl CallbackBody {
@@ -600,11 +579,7 @@ impl SupplierChannel {
         callback: &Callback<'_>,
         now_ms: u64,
     ) -> Result<Notice, CallbackRefusal> {
-        if callback.body.len() > MAX_CALLBACK_BODY_BYTES {
-            return Err(malformed(format!(
-                "the body is larger than {MAX_CALLBACK_BODY_BYTES} bytes"
-            )));
-        }
+        check_callback_size(callback.body)?;
         let mut headers = callback.headers.get_all(HEADER_NAME).iter();
         let header = match (headers.next(), headers.next()) {
             (Some(value), None) => value.to_str().map_err(|_| {
@@ -660,27 +635,6 @@ impl SupplierChannel {
             notice_id: None,
             event,
         })
-    }
-}
-
-/// The `error` of a failure answer: printable ASCII only (anything else becomes `?`), at most
-/// [`MAX_CALLBACK_MESSAGE_CHARS`] characters, `default` when empty.
-fn reply_message(message: &str, default: &str) -> String {
-    let text: String = message
-        .chars()
-        .take(MAX_CALLBACK_MESSAGE_CHARS)
-        .map(|c| {
-            if c == ' ' || c.is_ascii_graphic() {
-                c
-            } else {
-                '?'
-            }
-        })
-        .collect();
-    if text.trim().is_empty() {
-        default.to_owned()
-    } else {
-        text
     }
 }
 
@@ -749,11 +703,11 @@ impl Channel for SupplierChannel {
             CallbackAnswer::Ack => (200, serde_json::json!({"received": true})),
             CallbackAnswer::Refused => (
                 400,
-                serde_json::json!({"error": reply_message(message, "refused")}),
+                serde_json::json!({"error": callback_reply_message(message, "refused")}),
             ),
             CallbackAnswer::RetryLater => (
                 503,
-                serde_json::json!({"error": reply_message(message, "try again later")}),
+                serde_json::json!({"error": callback_reply_message(message, "try again later")}),
             ),
         };
         CallbackReply {
@@ -1153,6 +1107,7 @@ mod tests {
         use super::super::*;
         use super::{key, SECRET};
         use crate::channels::test_support::*;
+        use crate::channels::{MAX_CALLBACK_BODY_BYTES, MAX_CALLBACK_MESSAGE_CHARS};
         use hyper::header::HeaderValue;
         use hyper::HeaderMap;
         use proptest::prelude::*;

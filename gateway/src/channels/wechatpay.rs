@@ -33,10 +33,11 @@ use serde::{Deserialize, Serialize};
 use super::client::{HttpClient, HttpReply};
 use super::keys::{RsaPrivateKey, RsaPublicKey};
 use super::{
-    check_create, now_unix_ms, random_nonce, rfc3339_shanghai, server_error, skew_seconds, Action,
-    BaseUrl, Callback, CallbackAnswer, CallbackRefusal, CallbackReply, Channel, ChannelError,
-    ChannelKind, ChannelOrderId, CloseOutcome, CreateOrder, Created, Notice, NoticeEvent,
-    OrderState, RefundOutcome, RefundRequest, SIGNATURE_WINDOW_SECONDS,
+    callback_reply_message, callback_text, check_callback_size, check_create, now_unix_ms,
+    random_nonce, rfc3339_shanghai, server_error, skew_seconds, Action, BaseUrl, Callback,
+    CallbackAnswer, CallbackRefusal, CallbackReply, Channel, ChannelError, ChannelKind,
+    ChannelOrderId, CloseOutcome, CreateOrder, Created, Notice, NoticeEvent, OrderState,
+    RefundOutcome, RefundRequest, SIGNATURE_WINDOW_SECONDS,
 };
 use crate::money::{Amount, Currency};
 use crate::secret::Secret;
@@ -872,16 +873,6 @@ impl WechatPayChannel {
 // `{"code": "FAIL", "message": "…"}` (WeChat Pay retries either).
 // ---------------------------------------------------------------------------------------------
 
-/// The largest callback body read (a callback is about 1 KiB).
-pub const MAX_CALLBACK_BODY_BYTES: usize = 64 * 1024;
-
-/// The longest id, state or event type kept from a callback (`transaction_id` is 32, the event
-/// `id` 36).
-pub const MAX_CALLBACK_TEXT_BYTES: usize = 128;
-
-/// The longest `message` of a failure answer, in characters.
-pub const MAX_CALLBACK_MESSAGE_CHARS: usize = 256;
-
 /// The `event_type` of a payment.
 pub const EVENT_TRANSACTION_SUCCESS: &str = "TRANSACTION.SUCCESS";
 
@@ -932,19 +923,6 @@ fn malformed(reason: impl Into<String>) -> CallbackRefusal {
     CallbackRefusal::Malformed(reason.into())
 }
 
-/// A text kept from a callback: at most [`MAX_CALLBACK_TEXT_BYTES`] of visible ASCII.
-fn callback_text(name: &str, value: &str) -> Result<String, CallbackRefusal> {
-    if value.is_empty()
-        || value.len() > MAX_CALLBACK_TEXT_BYTES
-        || !value.bytes().all(|b| b.is_ascii_graphic())
-    {
-        return Err(malformed(format!(
-            "`{name}` is not 1 to {MAX_CALLBACK_TEXT_BYTES} visible ASCII characters"
-        )));
-    }
-    Ok(value.to_owned())
-}
-
 fn callback_order_id(out_trade_no: &str) -> Result<ChannelOrderId, CallbackRefusal> {
     ChannelOrderId::parse(out_trade_no)
         .ok_or_else(|| malformed("`out_trade_no` is not a channel order id of ours"))
@@ -983,11 +961,7 @@ impl WechatPayChannel {
         callback: &Callback<'_>,
         now_ms: u64,
     ) -> Result<Notice, CallbackRefusal> {
-        if callback.body.len() > MAX_CALLBACK_BODY_BYTES {
-            return Err(malformed(format!(
-                "the body is larger than {MAX_CALLBACK_BODY_BYTES} bytes"
-            )));
-        }
+        check_callback_size(callback.body)?;
         let body =
             std::str::from_utf8(callback.body).map_err(|_| malformed("the body is not UTF-8"))?;
         let required = |name: &'static str| {
@@ -1139,27 +1113,6 @@ impl WechatPayChannel {
     }
 }
 
-/// The `message` of a failure answer: printable ASCII only (anything else becomes `?`), at
-/// most [`MAX_CALLBACK_MESSAGE_CHARS`] characters, `default` when empty.
-fn reply_message(message: &str, default: &str) -> String {
-    let text: String = message
-        .chars()
-        .take(MAX_CALLBACK_MESSAGE_CHARS)
-        .map(|c| {
-            if c == ' ' || c.is_ascii_graphic() {
-                c
-            } else {
-                '?'
-            }
-        })
-        .collect();
-    if text.trim().is_empty() {
-        default.to_owned()
-    } else {
-        text
-    }
-}
-
 #[async_trait]
 impl Channel for WechatPayChannel {
     fn id(&self) -> &str {
@@ -1226,7 +1179,7 @@ impl Channel for WechatPayChannel {
         };
         let body = serde_json::json!({
             "code": "FAIL",
-            "message": reply_message(message, default),
+            "message": callback_reply_message(message, default),
         });
         CallbackReply {
             status,
@@ -1944,6 +1897,7 @@ mod tests {
         use super::{api_v3_key, platform_keys, MCHID, OLD_PLATFORM_SERIAL, PLATFORM_SERIAL};
         use crate::channels::test_keys::*;
         use crate::channels::test_support::*;
+        use crate::channels::{MAX_CALLBACK_BODY_BYTES, MAX_CALLBACK_MESSAGE_CHARS};
         use hyper::header::{HeaderName, HeaderValue};
         use hyper::HeaderMap;
         use proptest::prelude::*;

@@ -446,8 +446,7 @@ impl BalanceStore for MemoryStore {
                 at_ms: ctx.now_ms,
             },
         );
-        let payment = state.record(pid).expect("exists");
-        Ok(SucceedOutcome::Done { payment, seq })
+        Ok(SucceedOutcome::Done { seq })
     }
 
     async fn late_capture(

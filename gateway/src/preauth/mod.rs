@@ -498,15 +498,12 @@ pub fn money_record_id(pid: &str) -> String {
     format!("{pid}#m")
 }
 
-// Returned by value once per call and matched at once: boxing the large variant would add an
-// allocation per payment for nothing.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SucceedOutcome {
     /// Succeeded now; `seq` is the account's sequence after the movement (0 for a
-    /// collection, which moves no account).
+    /// collection, which moves no account). The caller already holds the payment: nothing is
+    /// read back (one round trip per success).
     Done {
-        payment: PaymentRecord,
         seq: u64,
     },
     /// Already out of `pending` (succeeded by another path, released, expired…).
