@@ -118,6 +118,11 @@ async fn a_customer_charge_is_refunded_in_parts_and_never_above_what_was_paid() 
         (json!({"amount": "1.001"}), "amount"),
         (json!({"amount": "-1.00"}), "amount"),
         (json!({"amount": "1.00", "extra": true}), "extra"),
+        (
+            json!({"amount": "1.00", "reason": "x".repeat(257)}),
+            "reason",
+        ),
+        (json!({"amount": 1}), "amount"),
     ] {
         let bad = refund(&app, &id, "r-bad", body).await;
         assert_eq!(
