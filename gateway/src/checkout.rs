@@ -32,7 +32,7 @@ use crate::ids::PaymentId;
 use crate::money::{Amount, Currency};
 use crate::preauth::{Method, PaymentDoc};
 use crate::routing::{CallPermit, RouteRequest};
-use crate::settlement::AttemptRow;
+use crate::settlement::{AttemptRow, AttemptUpdate};
 use crate::telemetry;
 
 /// Attempt outcomes as the API shows them (DESIGN.md §4).
@@ -256,23 +256,19 @@ fn customer_paid(kind: ChannelKind) -> bool {
     matches!(kind, ChannelKind::Alipay | ChannelKind::Wechatpay)
 }
 
-/// Writes an attempt's outcome; a failure is logged (the resolution loop treats an attempt
+/// Writes an attempt's outcome through the group commit; a failure is logged (the resolution loop treats an attempt
 /// still recorded as unknown the same way as an accepted one).
 async fn save(state: &AppState, row: &AttemptRow) {
-    if let Err(err) = state
-        .settler
-        .store
-        .update_attempt(
-            &row.payment_id,
-            row.attempt,
-            &row.outcome,
-            row.latency_ms,
-            row.action.as_deref(),
-            row.channel_txn_id.as_deref(),
-            telemetry::now_ms(),
-        )
-        .await
-    {
+    let update = AttemptUpdate {
+        payment_id: row.payment_id.clone(),
+        attempt: row.attempt,
+        outcome: row.outcome.clone(),
+        latency_ms: row.latency_ms,
+        action: row.action.clone(),
+        channel_txn_id: row.channel_txn_id.clone(),
+        now_ms: telemetry::now_ms(),
+    };
+    if let Err(err) = state.settler.save_attempt(update).await {
         tracing::warn!(payment_id = %row.payment_id, attempt = row.attempt, error = %err, "attempt outcome not recorded");
     }
 }

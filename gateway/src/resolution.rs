@@ -41,8 +41,8 @@ use crate::preauth::{
 };
 use crate::settlement::settler::SettleFailure;
 use crate::settlement::{
-    movements, AttemptRow, CommitOutcome, Flagged, PaymentRow, PendingRecord, SettleError,
-    StatusChange,
+    movements, AttemptRow, AttemptUpdate, CommitOutcome, Flagged, PaymentRow, PendingRecord,
+    SettleError, StatusChange,
 };
 use crate::telemetry;
 
@@ -263,24 +263,26 @@ pub async fn settle_paid(
         id: money_record_id(pid.as_str()),
         idempotency_key: String::new(),
     };
-    if let Err(err) = state
-        .settler
-        .store
-        .update_attempt(
-            &attempt.payment_id,
-            attempt.attempt,
-            outcome::SUCCEEDED,
-            None,
-            None,
-            Some(channel_txn_id),
-            now,
-        )
-        .await
-    {
+    let update = AttemptUpdate {
+        payment_id: attempt.payment_id.clone(),
+        attempt: attempt.attempt,
+        outcome: outcome::SUCCEEDED.to_owned(),
+        latency_ms: None,
+        action: None,
+        channel_txn_id: Some(channel_txn_id.to_owned()),
+        now_ms: now,
+    };
+    // Both go to the group commit together (the attempt first: the queue is in order), so
+    // they usually share one transaction. The movement is in the outbox already: a failed
+    // commit is re-driven by recovery.
+    let (saved, settled) = tokio::join!(
+        state.settler.save_attempt(update),
+        state.settler.settle(settlement, mark)
+    );
+    if let Err(err) = saved {
         tracing::warn!(payment_id = %pid, error = %err, "attempt outcome not recorded");
     }
-    // The movement is in the outbox already: a failed commit is re-driven by recovery.
-    match state.settler.settle(settlement, mark).await {
+    match settled {
         Ok(CommitOutcome::Inserted | CommitOutcome::AlreadyCommitted) => {
             telemetry::resolution("succeeded");
             Ok(Settled::Now)
@@ -633,20 +635,16 @@ async fn close(state: &AppState, attempt: &AttemptRow, expires_at_ms: u64, now_m
 }
 
 async fn record_outcome(state: &AppState, attempt: &AttemptRow, to: &str) {
-    if let Err(err) = state
-        .settler
-        .store
-        .update_attempt(
-            &attempt.payment_id,
-            attempt.attempt,
-            to,
-            None,
-            None,
-            None,
-            telemetry::now_ms(),
-        )
-        .await
-    {
+    let update = AttemptUpdate {
+        payment_id: attempt.payment_id.clone(),
+        attempt: attempt.attempt,
+        outcome: to.to_owned(),
+        latency_ms: None,
+        action: None,
+        channel_txn_id: None,
+        now_ms: telemetry::now_ms(),
+    };
+    if let Err(err) = state.settler.save_attempt(update).await {
         tracing::warn!(payment_id = %attempt.payment_id, error = %err, "attempt outcome not recorded");
     }
 }

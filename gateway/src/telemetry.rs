@@ -18,6 +18,7 @@ pub const REDIS_ROUND_TRIPS_TOTAL: &str = "gateway_redis_round_trips_total";
 pub const STORE_ERRORS_TOTAL: &str = "gateway_balance_store_errors_total";
 pub const HOLDS_SWEPT_TOTAL: &str = "gateway_holds_swept_total";
 pub const SETTLEMENT_STORE_CALL_SECONDS: &str = "gateway_settlement_store_call_seconds";
+pub const STORE_COMMITS_TOTAL: &str = "gateway_store_commits_total";
 pub const SETTLEMENT_QUEUE_DEPTH: &str = "gateway_settlement_queue_depth";
 pub const SETTLEMENT_BATCH_ROWS: &str = "gateway_settlement_batch_rows";
 pub const SETTLEMENT_COMMIT_SECONDS: &str = "gateway_settlement_commit_seconds";
@@ -88,8 +89,15 @@ fn describe() {
         "Balance store operating errors (answered 503)"
     );
     metrics::describe_counter!(HOLDS_SWEPT_TOTAL, "Expired holds released by the sweeper");
-    metrics::describe_gauge!(SETTLEMENT_QUEUE_DEPTH, "Settlements queued for the writer");
-    metrics::describe_histogram!(SETTLEMENT_BATCH_ROWS, "Settlements per group commit");
+    metrics::describe_counter!(
+        STORE_COMMITS_TOTAL,
+        "Settlement store calls that commit a write transaction (one fsync each at most), by backend and operation"
+    );
+    metrics::describe_gauge!(SETTLEMENT_QUEUE_DEPTH, "Writes queued for the group commit");
+    metrics::describe_histogram!(
+        SETTLEMENT_BATCH_ROWS,
+        "Writes (intents, attempt outcomes, settlements) per group commit"
+    );
     metrics::describe_histogram!(
         SETTLEMENT_COMMIT_SECONDS,
         metrics::Unit::Seconds,
@@ -165,7 +173,30 @@ pub fn http_request(route: &str, method: &str, status: u16, elapsed: Duration) {
 pub fn store_call(backend: &'static str, op: &'static str, elapsed: Duration) {
     metrics::histogram!(SETTLEMENT_STORE_CALL_SECONDS, "backend" => backend, "op" => op)
         .record(elapsed.as_secs_f64());
+    if !READ_ONLY_STORE_OPS.contains(&op) {
+        metrics::counter!(STORE_COMMITS_TOTAL, "backend" => backend, "op" => op).increment(1);
+    }
 }
+
+/// Settlement store operations that only read: every other one commits a write transaction
+/// (`gateway_store_commits_total`, the gateway's own count of what may cost an fsync).
+const READ_ONLY_STORE_OPS: &[&str] = &[
+    "schema_version",
+    "attempts",
+    "attempt_by_channel_order",
+    "balances",
+    "live_holds",
+    "payment",
+    "postings_sum",
+    "flagged",
+    "refunds",
+    "stale_refunds",
+    "flagged_count",
+    "payment_events",
+    "ping",
+    "webhook_events",
+    "webhook_backlog",
+];
 
 pub fn settlement_queue_depth(depth: usize) {
     metrics::gauge!(SETTLEMENT_QUEUE_DEPTH).set(depth as f64);

@@ -27,7 +27,7 @@ use crate::checkout::outcome;
 use crate::ids::PaymentId;
 use crate::preauth::PaymentStatus;
 use crate::resolution::{self, ResolveError, Settled};
-use crate::settlement::AttemptRow;
+use crate::settlement::{AttemptRow, AttemptUpdate};
 use crate::telemetry;
 
 /// What processing a verified notice decided.
@@ -230,20 +230,16 @@ async fn unpaid(state: &AppState, attempt: &AttemptRow, to: PaymentStatus) -> Ha
     } else {
         outcome::CLOSED
     };
-    if let Err(err) = state
-        .settler
-        .store
-        .update_attempt(
-            pid.as_str(),
-            attempt.attempt,
-            label,
-            None,
-            None,
-            None,
-            telemetry::now_ms(),
-        )
-        .await
-    {
+    let update = AttemptUpdate {
+        payment_id: pid.as_str().to_owned(),
+        attempt: attempt.attempt,
+        outcome: label.to_owned(),
+        latency_ms: None,
+        action: None,
+        channel_txn_id: None,
+        now_ms: telemetry::now_ms(),
+    };
+    if let Err(err) = state.settler.save_attempt(update).await {
         tracing::warn!(payment_id = %pid, error = %err, "attempt outcome not recorded");
         return Handled::Retry("retry");
     }

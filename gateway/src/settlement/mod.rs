@@ -353,6 +353,66 @@ pub struct AccountBalance {
     pub seq: u64,
 }
 
+/// What a channel answered for an attempt (see [`SettlementStore::update_attempt`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptUpdate {
+    pub payment_id: String,
+    pub attempt: u32,
+    pub outcome: String,
+    pub latency_ms: Option<u64>,
+    pub action: Option<String>,
+    pub channel_txn_id: Option<String>,
+    pub now_ms: u64,
+}
+
+/// One write of a group commit ([`SettlementStore::commit_writes`]): what a payment's hot
+/// path must have on disk before it is answered. Many payments' writes share one transaction
+/// (one fsync).
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// A payment's intent with its first attempt ([`SettlementStore::record_intent`]).
+    Intent {
+        payment: PaymentRow,
+        first_attempt: Option<AttemptRow>,
+    },
+    /// An attempt's outcome ([`SettlementStore::update_attempt`]).
+    Attempt(AttemptUpdate),
+    /// A money movement ([`SettlementStore::commit`]).
+    Settlement(Settlement),
+}
+
+impl Write {
+    /// The label of its kind, for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Write::Intent { .. } => "intent",
+            Write::Attempt(_) => "attempt",
+            Write::Settlement(_) => "settlement",
+        }
+    }
+
+    /// The checks every backend makes before any transaction (each adds its own).
+    pub fn check(&self) -> Result<(), SettleError> {
+        match self {
+            Write::Intent {
+                payment,
+                first_attempt: Some(a),
+            } => a.check_for(&payment.id),
+            Write::Intent { .. } | Write::Attempt(_) => Ok(()),
+            Write::Settlement(s) => s.check(),
+        }
+    }
+}
+
+/// What one [`Write`] came to, in the order given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Written {
+    Intent(IntentOutcome),
+    /// Whether the attempt exists (and was updated).
+    Attempt(bool),
+    Settlement(CommitOutcome),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IntentOutcome {
     Inserted,
@@ -370,7 +430,7 @@ pub struct Flagged {
     pub created_at_ms: u64,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum SettleError {
     #[error("settlement store unreachable: {0}")]
     Unavailable(String),
@@ -418,7 +478,9 @@ pub trait SettlementStore: Send + Sync + 'static {
 
     /// Records what a channel answered for an attempt: `outcome` and `updated_at_ms` are set,
     /// `latency_ms`, `action` and `channel_txn_id` only when given (`None` keeps the stored
-    /// value). `false` when there is no such attempt.
+    /// value). `false` when there is no such attempt, or when it has `succeeded`: a succeeded
+    /// attempt keeps its outcome (an `accepted` arriving after the callback's `succeeded`
+    /// must not move it back).
     #[allow(clippy::too_many_arguments)]
     async fn update_attempt(
         &self,
@@ -465,6 +527,16 @@ pub trait SettlementStore: Send + Sync + 'static {
     /// is inserted whole, or, when it exists, gets its status, hold and `updated_at_ms`; its
     /// resolution schedule (`next_check_at_ms`, `checks`) is left as stored.
     async fn commit(&self, batch: &[Settlement]) -> Result<Vec<CommitOutcome>, SettleError>;
+
+    /// Commits a group of writes in ONE transaction (one fsync): the intents first, then the
+    /// attempt outcomes, then the settlements, each with exactly the meaning of its own method
+    /// above. The outer error is the transaction's (nothing written); an inner `Invalid` is
+    /// that write's alone (nothing of it written, the others committed). An attempt outcome
+    /// never overwrites `succeeded`.
+    async fn commit_writes(
+        &self,
+        batch: &[Write],
+    ) -> Result<Vec<Result<Written, SettleError>>, SettleError>;
 
     /// Every account (or only `(merchant, account)`) with its balance and sequence
     /// recomputed from the postings.

@@ -28,12 +28,13 @@ use deadpool_postgres::tokio_postgres::{self, NoTls, Row};
 use deadpool_postgres::{
     Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime, Transaction,
 };
+use futures_util::future::join_all;
 use tokio_postgres::types::FromSql;
 
 use super::{
-    AccountBalance, AccountRow, AttemptRow, CommitOutcome, Flagged, IntentOutcome, PaymentRow,
-    RefundRow, RefundStatusChange, SettleError, Settlement, SettlementKind, SettlementStore,
-    StatusChange, MIGRATIONS, SCHEMA_VERSION,
+    AccountBalance, AccountRow, AttemptRow, AttemptUpdate, CommitOutcome, Flagged, IntentOutcome,
+    PaymentRow, RefundRow, RefundStatusChange, SettleError, Settlement, SettlementKind,
+    SettlementStore, StatusChange, Write, Written, MIGRATIONS, SCHEMA_VERSION,
 };
 use crate::money::Currency;
 use crate::telemetry;
@@ -64,6 +65,13 @@ const ATTEMPT_COLUMNS: &str = "payment_id, attempt, channel_id, channel_order_id
 const INSERT_ATTEMPT: &str = "INSERT INTO attempts (payment_id, attempt, channel_id, \
     channel_order_id, outcome, latency_ms, action, channel_txn_id, created_at_ms, \
     updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING";
+
+/// An attempt's outcome; given values replace stored ones, and a succeeded attempt keeps its
+/// outcome (see `SettlementStore::update_attempt`).
+const UPDATE_ATTEMPT: &str = "UPDATE attempts SET outcome = $3, \
+    latency_ms = COALESCE($4, latency_ms), action = COALESCE($5, action), \
+    channel_txn_id = COALESCE($6, channel_txn_id), updated_at_ms = $7 \
+    WHERE payment_id = $1 AND attempt = $2 AND outcome <> 'succeeded'";
 
 const STORED_ATTEMPT_ORDER: &str =
     "SELECT channel_order_id FROM attempts WHERE payment_id = $1 AND attempt = $2";
@@ -302,6 +310,33 @@ fn check_for_postgres(s: &Settlement) -> Result<i32, SettleError> {
         checks_i32(p)?;
     }
     Ok(sequence)
+}
+
+/// The checks of one write that only PostgreSQL needs (NUL bytes, column ranges).
+fn check_write_for_postgres(w: &Write) -> Result<(), SettleError> {
+    match w {
+        Write::Intent {
+            payment,
+            first_attempt,
+        } => {
+            check_payment_text(payment)?;
+            checks_i32(payment)?;
+            if let Some(a) = first_attempt {
+                check_attempt_for_postgres(a)?;
+            }
+            Ok(())
+        }
+        Write::Attempt(u) => no_nul(
+            &u.payment_id,
+            [
+                u.payment_id.as_str(),
+                u.outcome.as_str(),
+                u.action.as_deref().unwrap_or(""),
+                u.channel_txn_id.as_deref().unwrap_or(""),
+            ],
+        ),
+        Write::Settlement(s) => check_for_postgres(s).map(|_| ()),
+    }
 }
 
 /// The postings of a batch's inserted settlements, as the columns `INSERT_POSTINGS` unnests.
@@ -677,50 +712,67 @@ impl PostgresStore {
         p: &PaymentRow,
         first_attempt: Option<&AttemptRow>,
     ) -> Result<IntentOutcome, SettleError> {
-        check_payment_text(p)?;
-        checks_i32(p)?;
+        let write = Write::Intent {
+            payment: p.clone(),
+            first_attempt: first_attempt.cloned(),
+        };
+        match self
+            .commit_writes_inner(std::slice::from_ref(&write))
+            .await?
+            .pop()
+        {
+            Some(Ok(Written::Intent(outcome))) => Ok(outcome),
+            Some(Err(e)) => Err(e),
+            other => Err(SettleError::Invalid(format!(
+                "{}: unexpected intent result {other:?}",
+                p.id
+            ))),
+        }
+    }
+
+    /// Records an intent inside `tx` (see [`SettlementStore::record_intent`]). An `Invalid`
+    /// may leave the payment row written: the caller rolls the transaction back.
+    async fn intent_in(
+        &self,
+        tx: &Transaction<'_>,
+        p: &PaymentRow,
+        first_attempt: Option<&AttemptRow>,
+    ) -> Result<IntentOutcome, SettleError> {
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
         let first_attempt = match first_attempt {
-            Some(a) => {
-                a.check_for(&p.id)?;
-                Some((a, check_attempt_for_postgres(a)?))
-            }
+            Some(a) => Some((a, check_attempt_for_postgres(a)?)),
             None => None,
         };
-        let db = |e: tokio_postgres::Error| self.unavailable(&e);
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(db)?;
-        let by_id = tx
-            .prepare_cached("SELECT id FROM payments WHERE id = $1")
-            .await
-            .map_err(db)?;
-        let holder = tx
-            .prepare_cached(&format!(
-                "SELECT id FROM payments WHERE scope_tag = $1 AND merchant_order_id = $2 \
-                 AND status IN {LIVE_STATUSES}"
-            ))
-            .await
-            .map_err(db)?;
         // Insert first: it waits for a concurrent insert of the same id or order id and then
         // does nothing, and the look-ups below (each with a fresh snapshot) explain why.
         for _ in 0..INTENT_ATTEMPTS {
-            if insert_payment(&tx, p).await.map_err(db)? {
-                record_event(&tx, &p.id, &p.status, p.updated_at_ms)
+            if insert_payment(tx, p).await.map_err(db)? {
+                record_event(tx, &p.id, &p.status, p.updated_at_ms)
                     .await
                     .map_err(db)?;
                 if let Some((a, number)) = first_attempt {
-                    self.insert_attempt(&tx, a, number).await?;
+                    self.insert_attempt(tx, a, number).await?;
                 }
-                tx.commit().await.map_err(db)?;
                 return Ok(IntentOutcome::Inserted);
             }
+            let by_id = tx
+                .prepare_cached("SELECT id FROM payments WHERE id = $1")
+                .await
+                .map_err(db)?;
             if tx.query_opt(&by_id, &[&p.id]).await.map_err(db)?.is_some() {
                 // A retry: the attempt may not have made it (an older caller, or none given).
                 if let Some((a, number)) = first_attempt {
-                    self.insert_attempt(&tx, a, number).await?;
-                    tx.commit().await.map_err(db)?;
+                    self.insert_attempt(tx, a, number).await?;
                 }
                 return Ok(IntentOutcome::AlreadyRecorded);
             }
+            let holder = tx
+                .prepare_cached(&format!(
+                    "SELECT id FROM payments WHERE scope_tag = $1 AND merchant_order_id = $2 \
+                     AND status IN {LIVE_STATUSES}"
+                ))
+                .await
+                .map_err(db)?;
             if let Some(row) = tx
                 .query_opt(&holder, &[&p.scope_tag, &p.merchant_order_id])
                 .await
@@ -733,6 +785,138 @@ impl PostgresStore {
             "{}: the payment's order id kept changing hands, try again",
             p.id
         )))
+    }
+
+    /// Applies an attempt's outcome inside `tx`; a `succeeded` attempt keeps its outcome.
+    async fn update_attempt_in(
+        &self,
+        tx: &Transaction<'_>,
+        u: &AttemptUpdate,
+    ) -> Result<bool, SettleError> {
+        // No such attempt can exist past the column's range.
+        let Ok(number) = i32::try_from(u.attempt) else {
+            return Ok(false);
+        };
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        let stmt = tx.prepare_cached(UPDATE_ATTEMPT).await.map_err(db)?;
+        let updated = tx
+            .execute(
+                &stmt,
+                &[
+                    &u.payment_id,
+                    &number,
+                    &u.outcome,
+                    &u.latency_ms.map(ms),
+                    &u.action,
+                    &u.channel_txn_id,
+                    &ms(u.now_ms),
+                ],
+            )
+            .await
+            .map_err(db)?;
+        Ok(updated == 1)
+    }
+
+    /// One transaction for a group of writes. Statements of independent writes are sent
+    /// without waiting for each other's answers (tokio-postgres pipelines the futures polled
+    /// together), so a batch costs a handful of round trips, not a few per row. An intent
+    /// whose attempt clashes is refused alone: the transaction is rolled back and run again
+    /// without it.
+    async fn commit_writes_inner(
+        &self,
+        batch: &[Write],
+    ) -> Result<Vec<Result<Written, SettleError>>, SettleError> {
+        let mut refused: Vec<Option<SettleError>> = batch
+            .iter()
+            .map(|w| w.check().and_then(|()| check_write_for_postgres(w)).err())
+            .collect();
+        // Each round refuses at least one more intent, or ends.
+        for _ in 0..=batch.len() {
+            match self.try_commit_writes(batch, &refused).await? {
+                Ok(results) => return Ok(results),
+                Err((index, err)) => {
+                    debug_assert!(refused[index].is_none());
+                    refused[index] = Some(err);
+                }
+            }
+        }
+        Err(SettleError::Invalid(
+            "a batch kept refusing its writes".to_owned(),
+        ))
+    }
+
+    /// One try of [`Self::commit_writes_inner`]: `Ok(Err((index, error)))` when the intent at
+    /// `index` was refused after writing (nothing committed).
+    #[allow(clippy::type_complexity)]
+    async fn try_commit_writes(
+        &self,
+        batch: &[Write],
+        refused: &[Option<SettleError>],
+    ) -> Result<Result<Vec<Result<Written, SettleError>>, (usize, SettleError)>, SettleError> {
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db)?;
+        let mut results: Vec<Option<Result<Written, SettleError>>> =
+            refused.iter().map(|r| r.clone().map(Err)).collect();
+
+        // Intents, all at once.
+        let intents: Vec<(usize, &PaymentRow, Option<&AttemptRow>)> = batch
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| results[*i].is_none())
+            .filter_map(|(i, w)| match w {
+                Write::Intent {
+                    payment,
+                    first_attempt,
+                } => Some((i, payment, first_attempt.as_ref())),
+                _ => None,
+            })
+            .collect();
+        let outcomes = join_all(intents.iter().map(|(_, p, a)| self.intent_in(&tx, p, *a))).await;
+        for ((index, _, _), outcome) in intents.iter().zip(outcomes) {
+            match outcome {
+                Ok(outcome) => results[*index] = Some(Ok(Written::Intent(outcome))),
+                Err(e @ SettleError::Invalid(_)) => return Ok(Err((*index, e))),
+                Err(e) => return Err(e),
+            }
+        }
+
+        // Attempt outcomes, all at once.
+        let updates: Vec<(usize, &AttemptUpdate)> = batch
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| results[*i].is_none())
+            .filter_map(|(i, w)| match w {
+                Write::Attempt(u) => Some((i, u)),
+                _ => None,
+            })
+            .collect();
+        let updated = join_all(updates.iter().map(|(_, u)| self.update_attempt_in(&tx, u))).await;
+        for ((index, _), updated) in updates.iter().zip(updated) {
+            results[*index] = Some(Ok(Written::Attempt(updated?)));
+        }
+
+        // Settlements.
+        let settlements: Vec<(usize, &Settlement)> = batch
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| results[*i].is_none())
+            .filter_map(|(i, w)| match w {
+                Write::Settlement(s) => Some((i, s)),
+                _ => None,
+            })
+            .collect();
+        let rows: Vec<&Settlement> = settlements.iter().map(|(_, s)| *s).collect();
+        let outcomes = self.settle_in(&tx, &rows).await?;
+        for ((index, _), outcome) in settlements.iter().zip(outcomes) {
+            results[*index] = Some(Ok(Written::Settlement(outcome)));
+        }
+
+        tx.commit().await.map_err(db)?;
+        Ok(Ok(results
+            .into_iter()
+            .map(|r| r.expect("every write has its result"))
+            .collect()))
     }
 
     async fn record_attempt_inner(&self, a: &AttemptRow) -> Result<(), SettleError> {
@@ -784,107 +968,127 @@ impl PostgresStore {
     }
 
     async fn commit_inner(&self, batch: &[Settlement]) -> Result<Vec<CommitOutcome>, SettleError> {
-        let mut sequences = Vec::with_capacity(batch.len());
         for s in batch {
             s.check()?;
-            sequences.push(check_for_postgres(s)?);
+            check_for_postgres(s)?;
         }
         let db = |e: tokio_postgres::Error| self.unavailable(&e);
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db)?;
+        let rows: Vec<&Settlement> = batch.iter().collect();
+        let outcomes = self.settle_in(&tx, &rows).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(outcomes)
+    }
+
+    /// Inserts settlements inside `tx` (checked by the caller): every settlement row in one
+    /// pipelined burst, then the inserted ones' payments, refund statuses and webhooks in
+    /// another, then all postings and webhooks with one statement each. The rare conflicts
+    /// are explained one by one.
+    async fn settle_in(
+        &self,
+        tx: &Transaction<'_>,
+        batch: &[&Settlement],
+    ) -> Result<Vec<CommitOutcome>, SettleError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        let sequences = batch
+            .iter()
+            .map(|s| check_for_postgres(s))
+            .collect::<Result<Vec<i32>, _>>()?;
+        let hashes: Vec<String> = batch.iter().map(|s| s.content_hash()).collect();
         let insert = tx.prepare_cached(INSERT_SETTLEMENT).await.map_err(db)?;
-        let mut outcomes = Vec::with_capacity(batch.len());
-        let mut postings = PostingColumns::default();
-        // The merchants' webhooks, inserted with one statement for the batch, below.
-        let mut webhooks = Vec::new();
-        for (s, &sequence) in batch.iter().zip(&sequences) {
-            let hash = s.content_hash();
-            let inserted = tx
-                .execute(
-                    &insert,
-                    &[
-                        &s.payment_id,
-                        &s.kind.as_str(),
-                        &sequence,
-                        &s.merchant_id,
-                        &s.account_id,
-                        &s.channel_id,
-                        &s.channel_txn_id,
-                        &s.amount_minor,
-                        &s.currency.code(),
-                        &s.channel_fee_minor,
-                        &s.commission_minor,
-                        &s.merchant_net_minor,
-                        &s.account_seq.map(ms),
-                        &ms(s.settled_at_ms),
-                        &hash,
-                    ],
-                )
-                .await
-                .map_err(db)?;
-            if inserted == 0 {
-                let stmt = tx.prepare_cached(STORED_HASH).await.map_err(db)?;
-                let row = tx
-                    .query_opt(&stmt, &[&s.payment_id, &s.kind.as_str(), &sequence])
+        let inserted = join_all(batch.iter().zip(&sequences).zip(&hashes).map(
+            |((s, sequence), hash)| {
+                let insert = &insert;
+                async move {
+                    tx.execute(
+                        insert,
+                        &[
+                            &s.payment_id,
+                            &s.kind.as_str(),
+                            sequence,
+                            &s.merchant_id,
+                            &s.account_id,
+                            &s.channel_id,
+                            &s.channel_txn_id,
+                            &s.amount_minor,
+                            &s.currency.code(),
+                            &s.channel_fee_minor,
+                            &s.commission_minor,
+                            &s.merchant_net_minor,
+                            &s.account_seq.map(ms),
+                            &ms(s.settled_at_ms),
+                            hash,
+                        ],
+                    )
                     .await
-                    .map_err(db)?;
-                let Some(row) = row else {
-                    // Not our key: the account's sequence number is taken.
-                    let account_seq = s.account_seq.unwrap_or(0);
-                    let detail = format!(
-                        "account sequence {account_seq} is already used: the balance store rolled back"
-                    );
-                    flag(&tx, "sequence_conflict", &s.payment_id, &detail)
-                        .await
-                        .map_err(db)?;
-                    outcomes.push(CommitOutcome::SequenceConflict { account_seq });
-                    continue;
-                };
-                let stored: String = get(&row, 0)?;
-                if stored == hash {
-                    outcomes.push(CommitOutcome::AlreadyCommitted);
-                } else {
-                    let detail = format!(
-                        "{} #{}: stored {stored}, offered {hash}",
-                        s.kind, s.sequence
-                    );
-                    flag(&tx, "settlement_conflict", &s.payment_id, &detail)
-                        .await
-                        .map_err(db)?;
-                    outcomes.push(CommitOutcome::Conflict {
-                        stored_hash: stored,
-                    });
                 }
+            },
+        ))
+        .await;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for (((s, &sequence), hash), inserted) in
+            batch.iter().zip(&sequences).zip(&hashes).zip(inserted)
+        {
+            if inserted.map_err(db)? == 1 {
+                outcomes.push(CommitOutcome::Inserted);
                 continue;
             }
-            // Postings go in with one statement for the whole batch, below.
-            postings.push(s, sequence);
-            if let Some(payment) = &s.payment {
-                if !write_payment(&tx, payment).await.map_err(db)? {
-                    let detail = format!(
-                        "order id {} is held by another live payment",
-                        payment.merchant_order_id
-                    );
-                    flag(&tx, "order_id_conflict", &payment.id, &detail)
-                        .await
-                        .map_err(db)?;
-                }
-            }
-            // A refund ends with its settlement.
-            if s.kind == SettlementKind::Refund {
-                tx.execute(
-                    "UPDATE refunds SET status = 'succeeded', updated_at_ms = $2 \
-                     WHERE refund_id = $1 AND status = 'pending'",
-                    &[&s.channel_txn_id, &ms(s.settled_at_ms)],
-                )
+            let stmt = tx.prepare_cached(STORED_HASH).await.map_err(db)?;
+            let row = tx
+                .query_opt(&stmt, &[&s.payment_id, &s.kind.as_str(), &sequence])
                 .await
                 .map_err(db)?;
+            let Some(row) = row else {
+                // Not our key: the account's sequence number is taken.
+                let account_seq = s.account_seq.unwrap_or(0);
+                let detail = format!(
+                    "account sequence {account_seq} is already used: the balance store rolled back"
+                );
+                flag(tx, "sequence_conflict", &s.payment_id, &detail)
+                    .await
+                    .map_err(db)?;
+                outcomes.push(CommitOutcome::SequenceConflict { account_seq });
+                continue;
+            };
+            let stored: String = get(&row, 0)?;
+            if &stored == hash {
+                outcomes.push(CommitOutcome::AlreadyCommitted);
+            } else {
+                let detail = format!(
+                    "{} #{}: stored {stored}, offered {hash}",
+                    s.kind, s.sequence
+                );
+                flag(tx, "settlement_conflict", &s.payment_id, &detail)
+                    .await
+                    .map_err(db)?;
+                outcomes.push(CommitOutcome::Conflict {
+                    stored_hash: stored,
+                });
             }
-            webhooks.extend(self.settlement_webhook(&tx, s).await?);
-            outcomes.push(CommitOutcome::Inserted);
         }
-        if !postings.line.is_empty() {
-            let stmt = tx.prepare_cached(INSERT_POSTINGS).await.map_err(db)?;
+
+        // What follows an inserted settlement: its payment, its refund, its webhook.
+        let mut postings = PostingColumns::default();
+        let mut followers = Vec::new();
+        for ((s, &sequence), outcome) in batch.iter().zip(&sequences).zip(&outcomes) {
+            if *outcome == CommitOutcome::Inserted {
+                postings.push(s, sequence);
+                followers.push(self.after_settlement(tx, s));
+            }
+        }
+        let mut webhooks = Vec::new();
+        for webhook in join_all(followers).await {
+            webhooks.extend(webhook?);
+        }
+        let postings_insert = async {
+            if postings.line.is_empty() {
+                return Ok(());
+            }
+            let stmt = tx.prepare_cached(INSERT_POSTINGS).await?;
             tx.execute(
                 &stmt,
                 &[
@@ -898,11 +1102,44 @@ impl PostgresStore {
                 ],
             )
             .await
+            .map(|_| ())
+        };
+        let (posted, hooked) = tokio::join!(postings_insert, insert_webhooks(tx, &webhooks));
+        posted.map_err(db)?;
+        hooked.map_err(db)?;
+        Ok(outcomes)
+    }
+
+    /// An inserted settlement's payment row (flagged when another live payment holds its
+    /// order id), its refund's status, and the webhook it announces.
+    async fn after_settlement(
+        &self,
+        tx: &Transaction<'_>,
+        s: &Settlement,
+    ) -> Result<Option<WebhookEvent>, SettleError> {
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        if let Some(payment) = &s.payment {
+            if !write_payment(tx, payment).await.map_err(db)? {
+                let detail = format!(
+                    "order id {} is held by another live payment",
+                    payment.merchant_order_id
+                );
+                flag(tx, "order_id_conflict", &payment.id, &detail)
+                    .await
+                    .map_err(db)?;
+            }
+        }
+        // A refund ends with its settlement.
+        if s.kind == SettlementKind::Refund {
+            tx.execute(
+                "UPDATE refunds SET status = 'succeeded', updated_at_ms = $2 \
+                 WHERE refund_id = $1 AND status = 'pending'",
+                &[&s.channel_txn_id, &ms(s.settled_at_ms)],
+            )
+            .await
             .map_err(db)?;
         }
-        insert_webhooks(&tx, &webhooks).await.map_err(db)?;
-        tx.commit().await.map_err(db)?;
-        Ok(outcomes)
+        self.settlement_webhook(tx, s).await
     }
 
     async fn balances_inner(
@@ -1156,15 +1393,7 @@ impl SettlementStore for PostgresStore {
             )?;
             let db = |e: tokio_postgres::Error| self.unavailable(&e);
             let client = self.client().await?;
-            let stmt = client
-                .prepare_cached(
-                    "UPDATE attempts SET outcome = $3, \
-                     latency_ms = COALESCE($4, latency_ms), action = COALESCE($5, action), \
-                     channel_txn_id = COALESCE($6, channel_txn_id), updated_at_ms = $7 \
-                     WHERE payment_id = $1 AND attempt = $2",
-                )
-                .await
-                .map_err(db)?;
+            let stmt = client.prepare_cached(UPDATE_ATTEMPT).await.map_err(db)?;
             let updated = client
                 .execute(
                     &stmt,
@@ -1268,6 +1497,13 @@ impl SettlementStore for PostgresStore {
 
     async fn commit(&self, batch: &[Settlement]) -> Result<Vec<CommitOutcome>, SettleError> {
         Self::timed("commit", self.commit_inner(batch)).await
+    }
+
+    async fn commit_writes(
+        &self,
+        batch: &[Write],
+    ) -> Result<Vec<Result<Written, SettleError>>, SettleError> {
+        Self::timed("commit_writes", self.commit_writes_inner(batch)).await
     }
 
     async fn balances(

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use super::stream::{SettlementStream, StreamError};
 use super::{
-    AttemptRow, CommitOutcome, IntentOutcome, PaymentRow, RefundRow, RefundStatusChange,
-    SettleError, Settlement, SettlementStore, StatusChange,
+    AttemptRow, AttemptUpdate, CommitOutcome, IntentOutcome, PaymentRow, RefundRow,
+    RefundStatusChange, SettleError, Settlement, SettlementStore, StatusChange, Write, Written,
 };
 use crate::preauth::{BalanceStore, SettledMark};
 
@@ -78,29 +78,47 @@ impl Settler {
         Ok(self.stream.submit(settlement, None).await?)
     }
 
-    /// Commits a payment's intent (with its first channel attempt, when it has one); with a
-    /// mark, then lets its idempotency record replay (without one the caller marks it once it
-    /// has answered: a channel payment's key stays in flight while its channels are called).
+    /// Commits a payment's intent (with its first channel attempt, when it has one) through
+    /// the group commit; with a mark, then lets its idempotency record replay (without one
+    /// the caller marks it once it has answered: a channel payment's key stays in flight
+    /// while its channels are called).
     pub async fn record_intent(
         &self,
         row: &PaymentRow,
         first_attempt: Option<&AttemptRow>,
         mark: Option<SettledMark>,
     ) -> Result<IntentOutcome, SettleFailure> {
-        let outcome = tokio::time::timeout(
-            self.settle_timeout,
-            self.store.record_intent(row, first_attempt),
-        )
-        .await
-        .map_err(|_| SettleFailure::Timeout)??;
-        if let (Some(mark), IntentOutcome::Inserted | IntentOutcome::AlreadyRecorded) =
-            (mark, &outcome)
-        {
-            if let Err(err) = self.balances.mark_settled(&[mark]).await {
-                tracing::warn!(error = %err, payment_id = %row.id, "intent committed but not marked; recovery will");
-            }
+        let write = Write::Intent {
+            payment: row.clone(),
+            first_attempt: first_attempt.cloned(),
+        };
+        match self.write(write, mark).await? {
+            Written::Intent(outcome) => Ok(outcome),
+            other => Err(unexpected(&other)),
         }
-        Ok(outcome)
+    }
+
+    /// Records an attempt's outcome through the group commit (it shares the transaction of
+    /// the payments committing beside it). `false` when there is no such attempt, or it has
+    /// succeeded already.
+    pub async fn save_attempt(&self, update: AttemptUpdate) -> Result<bool, SettleFailure> {
+        match self.write(Write::Attempt(update), None).await? {
+            Written::Attempt(updated) => Ok(updated),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// One write through the stream, waited for at most the settle timeout.
+    async fn write(
+        &self,
+        write: Write,
+        mark: Option<SettledMark>,
+    ) -> Result<Written, SettleFailure> {
+        match tokio::time::timeout(self.settle_timeout, self.stream.submit_write(write, mark)).await
+        {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(SettleFailure::Timeout),
+        }
     }
 
     /// Records a refund's intent, then lets its idempotency record replay.
@@ -146,4 +164,11 @@ impl Settler {
             .map_err(|e| SettleFailure::Store(SettleError::Unavailable(e.to_string())))?;
         Ok(applied)
     }
+}
+
+/// A write that came back as another kind: a bug of the stream, refused.
+fn unexpected(written: &Written) -> SettleFailure {
+    SettleFailure::Stream(StreamError::Refused(format!(
+        "unexpected write result {written:?}"
+    )))
 }

@@ -9,9 +9,9 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{
-    AccountBalance, AccountRow, AttemptRow, CommitOutcome, Flagged, IntentOutcome, PaymentRow,
-    RefundRow, RefundStatusChange, SettleError, Settlement, SettlementKind, SettlementStore,
-    StatusChange, MIGRATIONS, SCHEMA_VERSION,
+    AccountBalance, AccountRow, AttemptRow, AttemptUpdate, CommitOutcome, Flagged, IntentOutcome,
+    PaymentRow, RefundRow, RefundStatusChange, SettleError, Settlement, SettlementKind,
+    SettlementStore, StatusChange, Write, Written, MIGRATIONS, SCHEMA_VERSION,
 };
 use crate::money::Currency;
 use crate::telemetry;
@@ -261,6 +261,189 @@ fn write_payment(conn: &Connection, p: &PaymentRow) -> rusqlite::Result<bool> {
     Ok(updated == 1)
 }
 
+/// Records an intent inside the caller's transaction ([`SettlementStore::record_intent`]).
+fn intent_in(
+    tx: &Connection,
+    p: &PaymentRow,
+    first_attempt: Option<&AttemptRow>,
+) -> Result<IntentOutcome, SettleError> {
+    let existing: Option<String> = tx
+        .prepare_cached("SELECT id FROM payments WHERE id = ?1")
+        .and_then(|mut st| st.query_row([&p.id], |r| r.get(0)).optional())
+        .map_err(db)?;
+    if existing.is_some() {
+        // A retry: the attempt may not have made it (an older caller, or none given).
+        if let Some(a) = first_attempt {
+            insert_attempt(tx, a)?;
+        }
+        return Ok(IntentOutcome::AlreadyRecorded);
+    }
+    let holder: Option<String> = tx
+        .prepare_cached(
+            "SELECT id FROM payments WHERE scope_tag = ?1 AND merchant_order_id = ?2 \
+             AND status IN ('pending', 'succeeded', 'partially_refunded', 'refunded')",
+        )
+        .and_then(|mut st| {
+            st.query_row(params![p.scope_tag, p.merchant_order_id], |r| r.get(0))
+                .optional()
+        })
+        .map_err(db)?;
+    if let Some(holder) = holder {
+        return Ok(IntentOutcome::DuplicateOrder(holder));
+    }
+    write_payment(tx, p).map_err(db)?;
+    if let Some(a) = first_attempt {
+        insert_attempt(tx, a)?;
+    }
+    Ok(IntentOutcome::Inserted)
+}
+
+/// Applies an attempt's outcome; a `succeeded` attempt keeps its outcome (a late `accepted`
+/// must not move it back). `false` when no such attempt can take it.
+fn update_attempt_in(conn: &Connection, u: &AttemptUpdate) -> rusqlite::Result<bool> {
+    let updated = conn
+        .prepare_cached(
+            "UPDATE attempts SET outcome = ?3, \
+             latency_ms = COALESCE(?4, latency_ms), action = COALESCE(?5, action), \
+             channel_txn_id = COALESCE(?6, channel_txn_id), updated_at_ms = ?7 \
+             WHERE payment_id = ?1 AND attempt = ?2 AND outcome <> 'succeeded'",
+        )?
+        .execute(params![
+            u.payment_id,
+            u.attempt,
+            u.outcome,
+            u.latency_ms.map(ms),
+            u.action,
+            u.channel_txn_id,
+            ms(u.now_ms)
+        ])?;
+    Ok(updated == 1)
+}
+
+/// Inserts one settlement (with its postings, payment, refund status and webhook) inside the
+/// caller's transaction.
+fn settle_in(tx: &Connection, s: &Settlement) -> Result<CommitOutcome, SettleError> {
+    let hash = s.content_hash();
+    let inserted = tx
+        .execute(
+            "INSERT INTO settlements (payment_id, kind, sequence, merchant_id, \
+             account_id, channel_id, channel_txn_id, amount_minor, currency, \
+             channel_fee_minor, commission_minor, merchant_net_minor, account_seq, \
+             settled_at_ms, content_hash) VALUES \
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) \
+             ON CONFLICT DO NOTHING",
+            params![
+                s.payment_id,
+                s.kind.as_str(),
+                s.sequence,
+                s.merchant_id,
+                s.account_id,
+                s.channel_id,
+                s.channel_txn_id,
+                s.amount_minor,
+                s.currency.code(),
+                s.channel_fee_minor,
+                s.commission_minor,
+                s.merchant_net_minor,
+                s.account_seq.map(ms),
+                ms(s.settled_at_ms),
+                hash
+            ],
+        )
+        .map_err(db)?;
+    if inserted == 0 {
+        let stored: Option<String> = tx
+            .query_row(
+                "SELECT content_hash FROM settlements WHERE payment_id = ?1 \
+                 AND kind = ?2 AND sequence = ?3",
+                params![s.payment_id, s.kind.as_str(), s.sequence],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db)?;
+        let Some(stored) = stored else {
+            // Not our key: the account's sequence number is taken.
+            let account_seq = s.account_seq.unwrap_or(0);
+            tx.execute(
+                "INSERT INTO flagged (kind, payment_id, detail, created_at_ms) \
+                 VALUES ('sequence_conflict', ?1, ?2, ?3) ON CONFLICT DO NOTHING",
+                params![
+                    s.payment_id,
+                    format!("account sequence {account_seq} is already used: the balance store rolled back"),
+                    ms(telemetry::now_ms())
+                ],
+            )
+            .map_err(db)?;
+            return Ok(CommitOutcome::SequenceConflict { account_seq });
+        };
+        if stored == hash {
+            return Ok(CommitOutcome::AlreadyCommitted);
+        } else {
+            tx.execute(
+                "INSERT INTO flagged (kind, payment_id, detail, created_at_ms) \
+                 VALUES ('settlement_conflict', ?1, ?2, ?3) ON CONFLICT DO NOTHING",
+                params![
+                    s.payment_id,
+                    format!(
+                        "{} #{}: stored {stored}, offered {hash}",
+                        s.kind, s.sequence
+                    ),
+                    ms(telemetry::now_ms())
+                ],
+            )
+            .map_err(db)?;
+            return Ok(CommitOutcome::Conflict {
+                stored_hash: stored,
+            });
+        }
+    }
+    for (line, p) in s.postings.iter().enumerate() {
+        tx.execute(
+            "INSERT INTO postings (payment_id, kind, sequence, line, ledger, \
+             amount_minor, currency) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                s.payment_id,
+                s.kind.as_str(),
+                s.sequence,
+                line as i64,
+                p.ledger,
+                p.amount_minor,
+                s.currency.code()
+            ],
+        )
+        .map_err(db)?;
+    }
+    if let Some(payment) = &s.payment {
+        if !write_payment(tx, payment).map_err(db)? {
+            tx.execute(
+                "INSERT INTO flagged (kind, payment_id, detail, created_at_ms) \
+                 VALUES ('order_id_conflict', ?1, ?2, ?3) ON CONFLICT DO NOTHING",
+                params![
+                    payment.id,
+                    format!(
+                        "order id {} is held by another live payment",
+                        payment.merchant_order_id
+                    ),
+                    ms(telemetry::now_ms())
+                ],
+            )
+            .map_err(db)?;
+        }
+    }
+    // A refund ends with its settlement.
+    if s.kind == SettlementKind::Refund {
+        tx.execute(
+            "UPDATE refunds SET status = 'succeeded', updated_at_ms = ?2 \
+             WHERE refund_id = ?1 AND status = 'pending'",
+            params![s.channel_txn_id, ms(s.settled_at_ms)],
+        )
+        .map_err(db)?;
+    }
+    // The merchant's webhook, in the same transaction as the money (webhooks).
+    enqueue_settlement_webhook(tx, s).map_err(db)?;
+    Ok(CommitOutcome::Inserted)
+}
+
 #[async_trait]
 impl SettlementStore for SqliteStore {
     async fn migrate(&self) -> Result<u32, SettleError> {
@@ -359,38 +542,9 @@ impl SettlementStore for SqliteStore {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(db)?;
-            let existing: Option<String> = tx
-                .query_row("SELECT id FROM payments WHERE id = ?1", [&p.id], |r| {
-                    r.get(0)
-                })
-                .optional()
-                .map_err(db)?;
-            if existing.is_some() {
-                // A retry: the attempt may not have made it (an older caller, or none given).
-                if let Some(a) = &first_attempt {
-                    insert_attempt(&tx, a)?;
-                    tx.commit().map_err(db)?;
-                }
-                return Ok(IntentOutcome::AlreadyRecorded);
-            }
-            let holder: Option<String> = tx
-                .query_row(
-                    "SELECT id FROM payments WHERE scope_tag = ?1 AND merchant_order_id = ?2 \
-                     AND status IN ('pending', 'succeeded', 'partially_refunded', 'refunded')",
-                    params![p.scope_tag, p.merchant_order_id],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(db)?;
-            if let Some(holder) = holder {
-                return Ok(IntentOutcome::DuplicateOrder(holder));
-            }
-            write_payment(&tx, &p).map_err(db)?;
-            if let Some(a) = &first_attempt {
-                insert_attempt(&tx, a)?;
-            }
+            let outcome = intent_in(&tx, &p, first_attempt.as_ref())?;
             tx.commit().map_err(db)?;
-            Ok(IntentOutcome::Inserted)
+            Ok(outcome)
         })
         .await
     }
@@ -413,29 +567,17 @@ impl SettlementStore for SqliteStore {
         channel_txn_id: Option<&str>,
         now_ms: u64,
     ) -> Result<bool, SettleError> {
-        let payment_id = payment_id.to_owned();
-        let outcome = outcome.to_owned();
-        let action = action.map(str::to_owned);
-        let channel_txn_id = channel_txn_id.map(str::to_owned);
+        let update = AttemptUpdate {
+            payment_id: payment_id.to_owned(),
+            attempt,
+            outcome: outcome.to_owned(),
+            latency_ms,
+            action: action.map(str::to_owned),
+            channel_txn_id: channel_txn_id.map(str::to_owned),
+            now_ms,
+        };
         self.run("update_attempt", move |conn| {
-            let updated = conn
-                .execute(
-                    "UPDATE attempts SET outcome = ?3, \
-                     latency_ms = COALESCE(?4, latency_ms), action = COALESCE(?5, action), \
-                     channel_txn_id = COALESCE(?6, channel_txn_id), updated_at_ms = ?7 \
-                     WHERE payment_id = ?1 AND attempt = ?2",
-                    params![
-                        payment_id,
-                        attempt,
-                        outcome,
-                        latency_ms.map(ms),
-                        action,
-                        channel_txn_id,
-                        ms(now_ms)
-                    ],
-                )
-                .map_err(db)?;
-            Ok(updated == 1)
+            update_attempt_in(conn, &update).map_err(db)
         })
         .await
     }
@@ -557,126 +699,68 @@ impl SettlementStore for SqliteStore {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(db)?;
-            let mut outcomes = Vec::with_capacity(batch.len());
-            for s in &batch {
-                let hash = s.content_hash();
-                let inserted = tx
-                    .execute(
-                        "INSERT INTO settlements (payment_id, kind, sequence, merchant_id, \
-                         account_id, channel_id, channel_txn_id, amount_minor, currency, \
-                         channel_fee_minor, commission_minor, merchant_net_minor, account_seq, \
-                         settled_at_ms, content_hash) VALUES \
-                         (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) \
-                         ON CONFLICT DO NOTHING",
-                        params![
-                            s.payment_id,
-                            s.kind.as_str(),
-                            s.sequence,
-                            s.merchant_id,
-                            s.account_id,
-                            s.channel_id,
-                            s.channel_txn_id,
-                            s.amount_minor,
-                            s.currency.code(),
-                            s.channel_fee_minor,
-                            s.commission_minor,
-                            s.merchant_net_minor,
-                            s.account_seq.map(ms),
-                            ms(s.settled_at_ms),
-                            hash
-                        ],
-                    )
-                    .map_err(db)?;
-                if inserted == 0 {
-                    let stored: Option<String> = tx
-                        .query_row(
-                            "SELECT content_hash FROM settlements WHERE payment_id = ?1 \
-                             AND kind = ?2 AND sequence = ?3",
-                            params![s.payment_id, s.kind.as_str(), s.sequence],
-                            |r| r.get(0),
-                        )
-                        .optional()
-                        .map_err(db)?;
-                    let Some(stored) = stored else {
-                        // Not our key: the account's sequence number is taken.
-                        let account_seq = s.account_seq.unwrap_or(0);
-                        tx.execute(
-                            "INSERT INTO flagged (kind, payment_id, detail, created_at_ms) \
-                             VALUES ('sequence_conflict', ?1, ?2, ?3) ON CONFLICT DO NOTHING",
-                            params![
-                                s.payment_id,
-                                format!("account sequence {account_seq} is already used: the balance store rolled back"),
-                                ms(telemetry::now_ms())
-                            ],
-                        )
-                        .map_err(db)?;
-                        outcomes.push(CommitOutcome::SequenceConflict { account_seq });
-                        continue;
-                    };
-                    if stored == hash {
-                        outcomes.push(CommitOutcome::AlreadyCommitted);
-                    } else {
-                        tx.execute(
-                            "INSERT INTO flagged (kind, payment_id, detail, created_at_ms) \
-                             VALUES ('settlement_conflict', ?1, ?2, ?3) ON CONFLICT DO NOTHING",
-                            params![
-                                s.payment_id,
-                                format!("{} #{}: stored {stored}, offered {hash}", s.kind, s.sequence),
-                                ms(telemetry::now_ms())
-                            ],
-                        )
-                        .map_err(db)?;
-                        outcomes.push(CommitOutcome::Conflict {
-                            stored_hash: stored,
-                        });
-                    }
-                    continue;
-                }
-                for (line, p) in s.postings.iter().enumerate() {
-                    tx.execute(
-                        "INSERT INTO postings (payment_id, kind, sequence, line, ledger, \
-                         amount_minor, currency) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                        params![
-                            s.payment_id,
-                            s.kind.as_str(),
-                            s.sequence,
-                            line as i64,
-                            p.ledger,
-                            p.amount_minor,
-                            s.currency.code()
-                        ],
-                    )
-                    .map_err(db)?;
-                }
-                if let Some(payment) = &s.payment {
-                    if !write_payment(&tx, payment).map_err(db)? {
-                        tx.execute(
-                            "INSERT INTO flagged (kind, payment_id, detail, created_at_ms) \
-                             VALUES ('order_id_conflict', ?1, ?2, ?3) ON CONFLICT DO NOTHING",
-                            params![
-                                payment.id,
-                                format!("order id {} is held by another live payment", payment.merchant_order_id),
-                                ms(telemetry::now_ms())
-                            ],
-                        )
-                        .map_err(db)?;
-                    }
-                }
-                // A refund ends with its settlement.
-                if s.kind == SettlementKind::Refund {
-                    tx.execute(
-                        "UPDATE refunds SET status = 'succeeded', updated_at_ms = ?2 \
-                         WHERE refund_id = ?1 AND status = 'pending'",
-                        params![s.channel_txn_id, ms(s.settled_at_ms)],
-                    )
-                    .map_err(db)?;
-                }
-                // The merchant's webhook, in the same transaction as the money (webhooks).
-                enqueue_settlement_webhook(&tx, s).map_err(db)?;
-                outcomes.push(CommitOutcome::Inserted);
-            }
+            let outcomes = batch
+                .iter()
+                .map(|s| settle_in(&tx, s))
+                .collect::<Result<Vec<_>, _>>()?;
             tx.commit().map_err(db)?;
             Ok(outcomes)
+        })
+        .await
+    }
+
+    async fn commit_writes(
+        &self,
+        batch: &[Write],
+    ) -> Result<Vec<Result<Written, SettleError>>, SettleError> {
+        // What is invalid on its face is refused alone, before the transaction.
+        let checked: Vec<Option<SettleError>> = batch.iter().map(|w| w.check().err()).collect();
+        let batch = batch.to_vec();
+        self.run("commit_writes", move |conn| {
+            let mut tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db)?;
+            let mut results: Vec<Option<Result<Written, SettleError>>> =
+                checked.into_iter().map(|c| c.map(Err)).collect();
+            // Intents, then attempt outcomes, then settlements (see the trait).
+            for (write, result) in batch.iter().zip(results.iter_mut()) {
+                let Write::Intent {
+                    payment,
+                    first_attempt,
+                } = write
+                else {
+                    continue;
+                };
+                if result.is_some() {
+                    continue;
+                }
+                // A savepoint per intent: an attempt that clashes leaves nothing behind.
+                let sp = tx.savepoint().map_err(db)?;
+                match intent_in(&sp, payment, first_attempt.as_ref()) {
+                    Ok(outcome) => {
+                        sp.commit().map_err(db)?;
+                        *result = Some(Ok(Written::Intent(outcome)));
+                    }
+                    Err(e @ SettleError::Invalid(_)) => *result = Some(Err(e)),
+                    Err(e) => return Err(e),
+                }
+            }
+            for (write, result) in batch.iter().zip(results.iter_mut()) {
+                if let (Write::Attempt(update), None) = (write, &result) {
+                    let updated = update_attempt_in(&tx, update).map_err(db)?;
+                    *result = Some(Ok(Written::Attempt(updated)));
+                }
+            }
+            for (write, result) in batch.iter().zip(results.iter_mut()) {
+                if let (Write::Settlement(settlement), None) = (write, &result) {
+                    *result = Some(Ok(Written::Settlement(settle_in(&tx, settlement)?)));
+                }
+            }
+            tx.commit().map_err(db)?;
+            Ok(results
+                .into_iter()
+                .map(|r| r.expect("every write has its result"))
+                .collect())
         })
         .await
     }

@@ -1,10 +1,11 @@
 //! The settlement stream: a bounded queue in front of ONE writer task that group-commits.
 //!
-//! A request that moves money submits its settlement and waits. The writer takes the first
-//! settlement, then everything already queued, then waits up to `batch_max_wait_ms` for more,
-//! up to `batch_max_rows`; it commits the batch in one transaction (one fsync for all of them)
-//! and wakes every waiter with its own outcome. Under load batches grow by themselves; at low
-//! load a settlement waits at most one short window.
+//! A request submits what its answer depends on (a settlement, a channel payment's intent, an
+//! attempt's outcome: a [`Write`]) and waits. The writer takes the first write, then
+//! everything already queued, then waits up to `batch_max_wait_ms` for more, up to
+//! `batch_max_rows`; it commits the batch in one transaction (one fsync for all of them) and
+//! wakes every waiter with its own outcome. Under load batches grow by themselves; at low
+//! load a write waits at most one short window.
 //!
 //! Admission is checked *before* any money moves in Redis: a full queue or a store that failed
 //! its last commit refuses at once (`503 unavailable`), so nothing is half done.
@@ -17,7 +18,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::recovery::void_and_rebuild;
-use super::{CommitOutcome, SettleError, Settlement, SettlementStore};
+use super::{
+    CommitOutcome, IntentOutcome, SettleError, Settlement, SettlementStore, Write, Written,
+};
 use crate::preauth::{BalanceStore, SettledMark};
 use crate::telemetry;
 
@@ -44,16 +47,16 @@ pub enum StreamError {
 }
 
 struct Job {
-    settlement: Settlement,
+    write: Write,
     /// What to forget in the balance store once committed.
     mark: Option<SettledMark>,
-    done: oneshot::Sender<Result<CommitOutcome, StreamError>>,
+    done: oneshot::Sender<Result<Written, StreamError>>,
 }
 
-/// Who waits for a queued settlement, and what to mark settled once it is committed.
+/// Who waits for a queued write, and what to mark settled once it is committed.
 struct Waiter {
     mark: Option<SettledMark>,
-    done: oneshot::Sender<Result<CommitOutcome, StreamError>>,
+    done: oneshot::Sender<Result<Written, StreamError>>,
 }
 
 /// The handle requests use. Cheap to clone.
@@ -122,15 +125,29 @@ impl SettlementStream {
         settlement: Settlement,
         mark: Option<SettledMark>,
     ) -> Result<CommitOutcome, StreamError> {
+        match self
+            .submit_write(Write::Settlement(settlement), mark)
+            .await?
+        {
+            Written::Settlement(outcome) => Ok(outcome),
+            other => Err(StreamError::Refused(format!(
+                "a settlement came back as {other:?}"
+            ))),
+        }
+    }
+
+    /// Queues any write and waits for its commit (and, when an intent or a settlement was
+    /// committed, for `mark` to be settled in the balance store).
+    pub async fn submit_write(
+        &self,
+        write: Write,
+        mark: Option<SettledMark>,
+    ) -> Result<Written, StreamError> {
         let (done, wait) = oneshot::channel();
         // Counted before it is queued: the writer may take and uncount it before `try_send`
         // even returns, and the count must never go below zero.
         let depth = self.shared.depth.fetch_add(1, Ordering::Relaxed) + 1;
-        if let Err(e) = self.tx.try_send(Job {
-            settlement,
-            mark,
-            done,
-        }) {
+        if let Err(e) = self.tx.try_send(Job { write, mark, done }) {
             self.shared.depth.fetch_sub(1, Ordering::Relaxed);
             return Err(match e {
                 mpsc::error::TrySendError::Full(_) => StreamError::QueueFull,
@@ -199,13 +216,13 @@ impl Writer {
     }
 
     async fn commit(&mut self, batch: &mut Vec<Job>) {
-        // Move the settlements out (no copy on the hot path); keep who waits for what.
+        // Move the writes out (no copy on the hot path); keep who waits for what.
         let rows = batch.len();
-        let (settlements, mut waiters): (Vec<Settlement>, Vec<Waiter>) = batch
+        let (writes, waiters): (Vec<Write>, Vec<Waiter>) = batch
             .drain(..)
             .map(|job| {
                 (
-                    job.settlement,
+                    job.write,
                     Waiter {
                         mark: job.mark,
                         done: job.done,
@@ -214,7 +231,7 @@ impl Writer {
             })
             .unzip();
         let started = Instant::now();
-        let result = self.store.commit(&settlements).await;
+        let result = self.store.commit_writes(&writes).await;
         telemetry::settlement_batch(rows, started.elapsed(), result.is_ok());
         let depth = self
             .shared
@@ -223,62 +240,14 @@ impl Writer {
             .saturating_sub(rows);
         telemetry::settlement_queue_depth(depth);
         match result {
-            Ok(outcomes) => {
-                debug_assert_eq!(outcomes.len(), rows);
+            Ok(results) => {
+                debug_assert_eq!(results.len(), rows);
                 self.shared.healthy.store(true, Ordering::Relaxed);
-                // One round trip for the whole batch. If it fails the money is still safe (it is
-                // committed); the recovery loop marks those movements later.
-                let marks: Vec<SettledMark> = waiters
-                    .iter_mut()
-                    .zip(&outcomes)
-                    .filter(|(_, o)| {
-                        matches!(o, CommitOutcome::Inserted | CommitOutcome::AlreadyCommitted)
-                    })
-                    .filter_map(|(waiter, _)| waiter.mark.take())
-                    .collect();
-                if let Err(err) = self.balances.mark_settled(&marks).await {
-                    tracing::warn!(error = %err, rows = marks.len(), "cannot mark committed settlements in the balance store; recovery will");
-                }
-                for ((settlement, waiter), outcome) in settlements.iter().zip(waiters).zip(outcomes)
-                {
-                    match &outcome {
-                        CommitOutcome::SequenceConflict { account_seq } => {
-                            telemetry::settlement_conflict();
-                            tracing::error!(
-                                payment_id = %settlement.payment_id,
-                                account_seq,
-                                "account sequence already used: the balance store rolled back; flagged"
-                            );
-                            // Rare: handled inline, before the waiter answers, so a retry sees
-                            // the account exact again.
-                            if let Some(mark) = &waiter.mark {
-                                void_and_rebuild(
-                                    self.store.as_ref(),
-                                    self.balances.as_ref(),
-                                    settlement,
-                                    mark,
-                                )
-                                .await;
-                            }
-                        }
-                        CommitOutcome::Conflict { stored_hash } => {
-                            telemetry::settlement_conflict();
-                            tracing::error!(
-                                payment_id = %settlement.payment_id,
-                                kind = %settlement.kind,
-                                stored_hash,
-                                offered_hash = %settlement.content_hash(),
-                                "settlement conflicts with the stored one: flagged, nothing written"
-                            );
-                        }
-                        CommitOutcome::Inserted | CommitOutcome::AlreadyCommitted => {}
-                    }
-                    let _ = waiter.done.send(Ok(outcome));
-                }
+                self.answer(writes, waiters, results).await;
             }
             Err(SettleError::Invalid(reason)) => {
                 // A bug, not an outage: refuse these without marking the store down.
-                tracing::error!(%reason, "settlement batch refused as invalid");
+                tracing::error!(%reason, "write batch refused as invalid");
                 for waiter in waiters {
                     let _ = waiter.done.send(Err(StreamError::Refused(reason.clone())));
                 }
@@ -290,6 +259,96 @@ impl Writer {
                     let _ = waiter.done.send(Err(StreamError::StoreUnavailable));
                 }
             }
+        }
+    }
+
+    /// After a committed batch: one balance-store round trip marks every committed movement
+    /// and intent settled (if it fails the money is still safe: it is committed, and the
+    /// recovery loop marks them later); then each waiter gets its own outcome.
+    async fn answer(
+        &self,
+        writes: Vec<Write>,
+        mut waiters: Vec<Waiter>,
+        results: Vec<Result<Written, SettleError>>,
+    ) {
+        let marks: Vec<SettledMark> = waiters
+            .iter_mut()
+            .zip(&results)
+            .filter(|(_, r)| {
+                matches!(
+                    r,
+                    Ok(Written::Settlement(
+                        CommitOutcome::Inserted | CommitOutcome::AlreadyCommitted
+                    )) | Ok(Written::Intent(
+                        IntentOutcome::Inserted | IntentOutcome::AlreadyRecorded
+                    ))
+                )
+            })
+            .filter_map(|(waiter, _)| waiter.mark.take())
+            .collect();
+        if !marks.is_empty() {
+            if let Err(err) = self.balances.mark_settled(&marks).await {
+                tracing::warn!(error = %err, rows = marks.len(), "cannot mark committed settlements in the balance store; recovery will");
+            }
+        }
+        for ((write, waiter), result) in writes.into_iter().zip(waiters).zip(results) {
+            let result = match result {
+                Ok(written) => {
+                    if let (Write::Settlement(settlement), Written::Settlement(outcome)) =
+                        (&write, &written)
+                    {
+                        self.on_conflict(settlement, outcome, waiter.mark.as_ref())
+                            .await;
+                    }
+                    Ok(written)
+                }
+                Err(err) => {
+                    tracing::error!(kind = write.kind(), error = %err, "write refused");
+                    Err(StreamError::Refused(err.to_string()))
+                }
+            };
+            let _ = waiter.done.send(result);
+        }
+    }
+
+    /// Logs (and for a sequence conflict, repairs) a settlement the store did not take.
+    async fn on_conflict(
+        &self,
+        settlement: &Settlement,
+        outcome: &CommitOutcome,
+        mark: Option<&SettledMark>,
+    ) {
+        match outcome {
+            CommitOutcome::SequenceConflict { account_seq } => {
+                telemetry::settlement_conflict();
+                tracing::error!(
+                    payment_id = %settlement.payment_id,
+                    account_seq,
+                    "account sequence already used: the balance store rolled back; flagged"
+                );
+                // Rare: handled inline, before the waiter answers, so a retry sees the
+                // account exact again.
+                if let Some(mark) = mark {
+                    void_and_rebuild(
+                        self.store.as_ref(),
+                        self.balances.as_ref(),
+                        settlement,
+                        mark,
+                    )
+                    .await;
+                }
+            }
+            CommitOutcome::Conflict { stored_hash } => {
+                telemetry::settlement_conflict();
+                tracing::error!(
+                    payment_id = %settlement.payment_id,
+                    kind = %settlement.kind,
+                    stored_hash,
+                    offered_hash = %settlement.content_hash(),
+                    "settlement conflicts with the stored one: flagged, nothing written"
+                );
+            }
+            CommitOutcome::Inserted | CommitOutcome::AlreadyCommitted => {}
         }
     }
 

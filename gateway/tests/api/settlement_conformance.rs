@@ -6,9 +6,9 @@ use std::sync::Arc;
 use gateway::money::Currency;
 use gateway::settlement::sqlite::SqliteStore;
 use gateway::settlement::{
-    check_schema, ledger, AccountRow, AttemptRow, CommitOutcome, IntentOutcome, PaymentRow,
-    PendingRecord, Posting, SettleError, Settlement, SettlementKind, SettlementStore, StatusChange,
-    MIGRATIONS, SCHEMA_VERSION,
+    check_schema, ledger, AccountRow, AttemptRow, AttemptUpdate, CommitOutcome, IntentOutcome,
+    PaymentRow, PendingRecord, Posting, SettleError, Settlement, SettlementKind, SettlementStore,
+    StatusChange, Write, Written, MIGRATIONS, SCHEMA_VERSION,
 };
 
 pub struct Sqlite {
@@ -172,7 +172,193 @@ on_both_stores!(
     payment_rows_keep_their_resolution_schedule,
     refunds_are_recorded_once_end_once_and_announce_a_failure,
     a_refunded_payment_never_moves_back_whatever_order_commits_arrive_in,
+    a_group_commit_holds_intents_attempt_outcomes_and_settlements,
+    a_refused_write_leaves_nothing_and_the_rest_of_its_batch_commits,
 );
+
+fn outcome_update(payment: &str, attempt: u32, outcome: &str, txn: Option<&str>) -> AttemptUpdate {
+    AttemptUpdate {
+        payment_id: payment.into(),
+        attempt,
+        outcome: outcome.into(),
+        latency_ms: None,
+        action: None,
+        channel_txn_id: txn.map(str::to_owned),
+        now_ms: 50,
+    }
+}
+
+async fn a_group_commit_holds_intents_attempt_outcomes_and_settlements(
+    store: Arc<dyn SettlementStore>,
+) {
+    store.migrate().await.unwrap();
+    store.upsert_account(&account_row("acc")).await.unwrap();
+    assert!(store.commit_writes(&[]).await.unwrap().is_empty());
+    let first = attempt_row("pay_1", 1);
+    store
+        .record_intent(&channel_payment("pay_1", Some(60_000)), Some(&first))
+        .await
+        .unwrap();
+    let second = channel_payment("pay_2", Some(60_000));
+    let mut rival = channel_payment("pay_3", Some(60_000));
+    rival.merchant_order_id = second.merchant_order_id.clone();
+    // Listed out of order on purpose: the store applies intents, then attempt outcomes, then
+    // settlements; two outcomes of one attempt apply in the order given.
+    let batch = vec![
+        Write::Settlement(capture("pay_c", "acc", 100, 1)),
+        Write::Attempt(outcome_update("pay_1", 1, "succeeded", Some("txn-1"))),
+        Write::Intent {
+            payment: second.clone(),
+            first_attempt: Some(attempt_row("pay_2", 1)),
+        },
+        Write::Intent {
+            payment: rival.clone(),
+            first_attempt: Some(attempt_row("pay_3", 1)),
+        },
+        Write::Attempt(outcome_update("pay_1", 1, "accepted", None)),
+        Write::Attempt(outcome_update("pay_x", 1, "failed", None)),
+        Write::Intent {
+            payment: channel_payment("pay_1", Some(60_000)),
+            first_attempt: Some(first.clone()),
+        },
+    ];
+    let results: Vec<Written> = store
+        .commit_writes(&batch)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        results,
+        vec![
+            Written::Settlement(CommitOutcome::Inserted),
+            Written::Attempt(true),
+            Written::Intent(IntentOutcome::Inserted),
+            Written::Intent(IntentOutcome::DuplicateOrder("pay_2".into())),
+            // A late `accepted` never moves a succeeded attempt back.
+            Written::Attempt(false),
+            Written::Attempt(false),
+            Written::Intent(IntentOutcome::AlreadyRecorded),
+        ]
+    );
+    assert_eq!(store.payment("pay_2").await.unwrap(), Some(second));
+    assert_eq!(
+        store.attempts("pay_2").await.unwrap(),
+        vec![attempt_row("pay_2", 1)]
+    );
+    assert_eq!(store.payment("pay_3").await.unwrap(), None);
+    assert!(store.attempts("pay_3").await.unwrap().is_empty());
+    let stored = store.attempts("pay_1").await.unwrap();
+    assert_eq!(
+        (
+            stored[0].outcome.as_str(),
+            stored[0].channel_txn_id.as_deref()
+        ),
+        ("succeeded", Some("txn-1"))
+    );
+    let balances = store.balances(Some(("alpha", "acc"))).await.unwrap();
+    assert_eq!(
+        balances
+            .iter()
+            .map(|b| (b.balance_minor, b.seq))
+            .collect::<Vec<_>>(),
+        vec![(-100, 1)]
+    );
+    // The same batch again: every write is recognized, nothing doubles.
+    let again: Vec<Written> = store
+        .commit_writes(&batch)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        again[0],
+        Written::Settlement(CommitOutcome::AlreadyCommitted)
+    );
+    assert_eq!(again[2], Written::Intent(IntentOutcome::AlreadyRecorded));
+    assert_eq!(
+        store.balances(Some(("alpha", "acc"))).await.unwrap()[0].balance_minor,
+        -100
+    );
+}
+
+async fn a_refused_write_leaves_nothing_and_the_rest_of_its_batch_commits(
+    store: Arc<dyn SettlementStore>,
+) {
+    store.migrate().await.unwrap();
+    store.upsert_account(&account_row("acc")).await.unwrap();
+    store
+        .record_intent(
+            &channel_payment("pay_1", Some(60_000)),
+            Some(&attempt_row("pay_1", 1)),
+        )
+        .await
+        .unwrap();
+    // An attempt whose channel order id another payment's attempt holds: found out only after
+    // its payment row was written, which must not survive.
+    let mut clash = attempt_row("pay_4", 1);
+    clash.channel_order_id = "pay_1-1".into();
+    let mut unbalanced = capture("pay_u", "acc", 100, 2);
+    unbalanced.postings[0].amount_minor = -99;
+    let batch = vec![
+        Write::Intent {
+            payment: channel_payment("pay_4", Some(60_000)),
+            first_attempt: Some(clash),
+        },
+        // An attempt of another payment: refused before the transaction.
+        Write::Intent {
+            payment: channel_payment("pay_5", Some(60_000)),
+            first_attempt: Some(attempt_row("pay_9", 1)),
+        },
+        Write::Settlement(unbalanced),
+        Write::Intent {
+            payment: channel_payment("pay_6", Some(60_000)),
+            first_attempt: Some(attempt_row("pay_6", 1)),
+        },
+        Write::Settlement(capture("pay_c", "acc", 100, 1)),
+    ];
+    let results = store.commit_writes(&batch).await.unwrap();
+    assert!(
+        matches!(results[0], Err(SettleError::Invalid(_))),
+        "{results:?}"
+    );
+    assert!(
+        matches!(results[1], Err(SettleError::Invalid(_))),
+        "{results:?}"
+    );
+    assert!(
+        matches!(results[2], Err(SettleError::Invalid(_))),
+        "{results:?}"
+    );
+    assert_eq!(
+        results[3].as_ref().unwrap(),
+        &Written::Intent(IntentOutcome::Inserted)
+    );
+    assert_eq!(
+        results[4].as_ref().unwrap(),
+        &Written::Settlement(CommitOutcome::Inserted)
+    );
+    for refused in ["pay_4", "pay_5", "pay_u"] {
+        assert_eq!(store.payment(refused).await.unwrap(), None, "{refused}");
+        assert!(
+            store.attempts(refused).await.unwrap().is_empty(),
+            "{refused}"
+        );
+    }
+    assert!(store.attempts("pay_9").await.unwrap().is_empty());
+    assert_eq!(
+        store.attempts("pay_1").await.unwrap(),
+        vec![attempt_row("pay_1", 1)]
+    );
+    assert_eq!(store.attempts("pay_6").await.unwrap().len(), 1);
+    assert_eq!(
+        store.balances(Some(("alpha", "acc"))).await.unwrap()[0].balance_minor,
+        -100
+    );
+    assert_eq!(store.postings_sum_by_movement().await.unwrap().len(), 1);
+}
 
 async fn a_refunded_payment_never_moves_back_whatever_order_commits_arrive_in(
     store: Arc<dyn SettlementStore>,
@@ -636,6 +822,28 @@ async fn updating_an_attempt_keeps_what_it_does_not_replace(store: Arc<dyn Settl
         store.attempts("pay_1").await.unwrap(),
         vec![expected.clone()]
     );
+    // Given values replace stored ones.
+    assert!(store
+        .update_attempt(
+            "pay_1",
+            1,
+            "unknown",
+            Some(7),
+            Some("{}"),
+            Some("txn-41"),
+            15
+        )
+        .await
+        .unwrap());
+    expected.outcome = "unknown".into();
+    expected.latency_ms = Some(7);
+    expected.action = Some("{}".into());
+    expected.channel_txn_id = Some("txn-41".into());
+    expected.updated_at_ms = 15;
+    assert_eq!(
+        store.attempts("pay_1").await.unwrap(),
+        vec![expected.clone()]
+    );
     // The callback: outcome and transaction id; latency and action stay.
     assert!(store
         .update_attempt("pay_1", 1, "succeeded", None, None, Some("txn-42"), 20)
@@ -648,30 +856,16 @@ async fn updating_an_attempt_keeps_what_it_does_not_replace(store: Arc<dyn Settl
         store.attempt_by_channel_order("pay_1-1").await.unwrap(),
         Some(expected.clone())
     );
-    // Given values replace stored ones.
-    assert!(store
-        .update_attempt(
-            "pay_1",
-            1,
-            "closed",
-            Some(7),
-            Some("{}"),
-            Some("txn-43"),
-            30
-        )
-        .await
-        .unwrap());
-    let stored = &store.attempts("pay_1").await.unwrap()[0];
+    // A succeeded attempt stays so (a late `accepted` or `closed` must not move it back).
+    for late in ["accepted", "closed"] {
+        assert!(!store
+            .update_attempt("pay_1", 1, late, Some(9), Some("[]"), Some("txn-43"), 30)
+            .await
+            .unwrap());
+    }
     assert_eq!(
-        (
-            stored.outcome.as_str(),
-            stored.latency_ms,
-            stored.action.as_deref(),
-            stored.channel_txn_id.as_deref(),
-            stored.updated_at_ms,
-            stored.created_at_ms
-        ),
-        ("closed", Some(7), Some("{}"), Some("txn-43"), 30, 2)
+        store.attempts("pay_1").await.unwrap(),
+        vec![expected.clone()]
     );
     // No such attempt: false, nothing written.
     assert!(!store
