@@ -1,17 +1,27 @@
 #!/usr/bin/env bash
 # The load-test bench of issue 6: builds release, starts Redis, PostgreSQL, the sandbox gateway,
 # an external channel-sim and the same-run baseline proxy (each a process of its own, on random
-# loopback ports, in temp dirs), runs `loadtest compare` (checkout, authorize) and a failover
-# run on each store backend, then (full mode) the criterion benches, and prints / writes a
-# summary (markdown) and the generated section of docs/PERFORMANCE.md.
+# loopback ports, in temp dirs), runs `loadtest compare` (checkout, authorize), resources runs
+# (authorize and checkout at 80 % of the gateway's median max: Redis round trips, store commits
+# and PostgreSQL WAL fsyncs per payment, settlement lag, queue depth), an RSS run (authorize
+# at 50 % of the max, long) and a failover run on each store backend, then (full mode) the
+# criterion benches, and prints / writes a summary (markdown) and the generated section of
+# docs/PERFORMANCE.md. Every loadtest command gets the stack's --pid list and --redis-addr.
 #
 #   scripts/bench.sh [--quick] [--out DIR] [--no-doc]
+#   scripts/bench.sh --serve postgres|sqlite [--out DIR]
 #
-# --quick  one round, short steps (factor 1.5), no criterion benches (target: <= 5 minutes
-#          after the build). Full mode: 3 rounds, longer steps,
-#          both scenarios on both backends, then `cargo bench -p benches` (target: <= 30 min).
+# --quick  one round, short steps (factor 1.5), 10 s resources runs, a 60 s RSS run, no
+#          criterion benches (target: <= 6 minutes after the build). Full mode: 3 rounds,
+#          longer steps, 60 s resources runs, a 300 s RSS run, both scenarios on both
+#          backends, then `cargo bench -p benches` (target: ~30 min; the arithmetic is at
+#          the settings below).
 # --out    where the JSON reports, SVG plots, logs and the summary go (default target/bench).
 # --no-doc do not rewrite the generated section of docs/PERFORMANCE.md.
+# --serve  start one stack (release build), write its pids, URLs, Redis address, PostgreSQL
+#          port and manifest path to DIR/stack.env and keep it up until interrupted: for
+#          profiling (perf record -p $GW_PID) and hand-run loadtest commands against the same
+#          processes the bench uses.
 #
 # Every process and temp dir it started is removed on exit (trap). Ctrl-C in a terminal reaches
 # the running loadtest too; a SIGTERM sent to this script alone takes effect when the running
@@ -23,12 +33,14 @@ ROOT=$PWD
 QUICK=0
 OUT=target/bench
 WRITE_DOC=1
+SERVE=
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
     --out) OUT=$2; shift ;;
     --no-doc) WRITE_DOC=0 ;;
-    -h|--help) sed -n 2,15p "$0"; exit 0 ;;
+    --serve) SERVE=$2; shift ;;
+    -h|--help) sed -n 2,28p "$0"; exit 0 ;;
     *) echo "scripts/bench.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -38,18 +50,40 @@ OUT=$(cd "$OUT" && pwd)
 T0=$(date +%s)
 
 # ---- settings (fixed: every figure of a mode comes from these) -----------------------------
+# Time budget. A find-max step costs set-up (~0.3 s) + warm-up + window + settle (checkout,
+# ~0.5 s when it keeps up; up to --settle-wait-s when it does not) + pause. On 2 vCPUs the
+# quick run's maxima were: baseline ~5000-7500/s (from 1500), gateway authorize ~700-1500/s
+# (from 300), checkout ~150-500/s (from 150).
+#   quick: measured 155 s for the 4 compares (36 steps of ~3.5 s) and the 2 failover runs;
+#          resources add per backend 2 x (~1+10+1 s) + the RSS run ~61 s ~= 85 s, x 2
+#          ~= 3 min -> ~5.5 min after the build.
+#   full:  factor 1.25: round 1 ~5-9 steps per side, rounds 2-3 start at 0.7 x the best so
+#          far and take ~3 each: ~13 steps per side, ~26 per compare, x (0.3+1+5+0.5+0.5)
+#          ~= 7.3 s ~= 3.2 min per compare, x 4 ~= 13 min; failover 2 x ~25 s ~= 1 min;
+#          resources 2 backends x (2 x ~65 s + ~305 s RSS) ~= 14.5 min; criterion ~3-4 min
+#          -> ~31-32 min. (The former warm-up 2 s, pause 1 s and resume share 0.5 made ~35
+#          steps x 8.8 s ~= 5 min per compare: ~40 min in all with the resources runs.)
 SLO_MS=50
 if [ "$QUICK" = 1 ]; then
   MODE=quick
   COMMON=(--rounds 1 --duration-s 2 --warmup-s 1 --pause-ms 300 --step 1.5 --max-steps 12
           --settle-wait-s 5)
   FAILOVER=(--rate 100 --duration-s 9 --warmup-s 1 --outage-at-s 3 --outage-for-s 3 --settle-wait-s 5)
+  RESOURCES=(--duration-s 10 --warmup-s 1 --settle-wait-s 5)
+  RSS_RUN=(--duration-s 60 --warmup-s 1)
 else
   MODE=full
-  COMMON=(--rounds 3 --duration-s 5 --warmup-s 2 --pause-ms 1000 --step 1.25 --max-steps 20
-          --settle-wait-s 10)
+  COMMON=(--rounds 3 --duration-s 5 --warmup-s 1 --pause-ms 500 --step 1.25 --max-steps 20
+          --resume-share 0.7 --settle-wait-s 10)
   FAILOVER=(--rate 200 --duration-s 15 --warmup-s 2 --outage-at-s 5 --outage-for-s 5 --settle-wait-s 10)
+  RESOURCES=(--duration-s 60 --warmup-s 2 --settle-wait-s 10)
+  RSS_RUN=(--duration-s 300 --warmup-s 2)
 fi
+# Resources runs at this share of the gateway's median max from the compare of the same
+# scenario and backend; the RSS run (authorize) at the second share. No max: this rate.
+RESOURCES_SHARE=0.8
+RSS_SHARE=0.5
+FALLBACK_RATE=100
 SCENARIOS=(checkout authorize)
 GW_START_checkout=150
 GW_START_authorize=300
@@ -123,7 +157,7 @@ BIN=$ROOT/target/release
 LOADTEST=$BIN/loadtest
 
 # ---- one stack: Redis (+ PostgreSQL) + gateway + channel-sim + baseline proxy -----------------
-# Sets REDIS_PID PG_PID GW_PID SIM_PID BASE_PID BASE_URL MANIFEST PG_FSYNC_NOTE
+# Sets REDIS_PID REDIS_ADDR PG_PID PG_PORT GW_PID SIM_PID BASE_PID BASE_URL MANIFEST
 start_stack() {
   local backend=$1 dir=$TMP/$1
   mkdir -p "$dir/redis" "$dir/gw"
@@ -133,10 +167,12 @@ start_stack() {
     --appendfsync everysec --maxmemory-policy noeviction --dir "$dir/redis" \
     >"$OUT/$backend-redis.log" 2>&1 &
   REDIS_PID=$!; PIDS+=("$REDIS_PID")
+  REDIS_ADDR=127.0.0.1:$rport
   wait_for 10 "redis-server" redis-cli -p "$rport" ping
 
   local store_env=()
   PG_PID=
+  PG_PORT=
   if [ "$backend" = postgres ]; then
     local pgdir; pgdir=$(mktemp -d "$TMP/pg.XXXXXX")
     [ "$(id -u)" = 0 ] && chown -R "$(id -u postgres >/dev/null 2>&1 && echo postgres || echo nobody)" "$pgdir"
@@ -147,6 +183,7 @@ start_stack() {
       start >/dev/null
     PGDATA_DIRS+=("$pgdir/data")
     PG_PID=$(head -1 "$pgdir/data/postmaster.pid")
+    PG_PORT=$pport
     store_env=(GATEWAY__STORE__URL="postgres://postgres@127.0.0.1:$pport/postgres")
   fi
 
@@ -173,7 +210,7 @@ start_stack() {
   BASE_PID=$!; PIDS+=("$BASE_PID")
   wait_for 30 "baseline-proxy" grep -q listening "$dir/proxy.out"
   BASE_URL=$(awk '{print $4; exit}' "$dir/proxy.out")
-  log "$backend stack: redis=$REDIS_PID postgres=${PG_PID:-none} gateway=$GW_PID channel-sim=$SIM_PID baseline=$BASE_PID ($BASE_URL)"
+  log "$backend stack: redis=$REDIS_PID ($REDIS_ADDR) postgres=${PG_PID:-none} gateway=$GW_PID channel-sim=$SIM_PID baseline=$BASE_PID ($BASE_URL)"
 }
 stop_stack() {
   for pid in "$BASE_PID" "$SIM_PID" "$GW_PID" "$REDIS_PID"; do stop_pid "$pid"; done
@@ -196,6 +233,53 @@ pid_args() {
   return 0
 }
 
+# rate_of SCENARIO BACKEND SHARE: SHARE x the gateway's median max of that compare
+# (`median_gateway_per_second`), or FALLBACK_RATE when it found none.
+rate_of() {
+  local max
+  max=$(jq -r '.median_gateway_per_second // empty' "$OUT/compare-$1-$2.json" 2>/dev/null || true)
+  if [ -z "$max" ]; then
+    echo "$FALLBACK_RATE"
+  else
+    awk -v m="$max" -v s="$3" 'BEGIN { r = m * s; if (r < 1) r = 1; printf "%.1f\n", r }'
+  fi
+}
+# WAL fsyncs PostgreSQL issued since it started (empty: not PostgreSQL, or unreadable).
+wal_sync() {
+  [ -n "$PG_PORT" ] || return 0
+  "$PGBIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -At -c 'SELECT wal_sync FROM pg_stat_wal' \
+    2>/dev/null || true
+}
+# resources_run BACKEND SCENARIO RATE KIND RUN-OPTIONS…: one `loadtest run` whose report is
+# KIND-SCENARIO-BACKEND.json; on PostgreSQL also pg_stat_wal.wal_sync before and after it
+# (KIND-SCENARIO-BACKEND.wal: the delta), printed per payment next to the gateway's own
+# store commits per payment. The WAL figure covers the whole command (account set-up,
+# warm-up, settle wait, background writes): an upper bound of the window's; the gateway's
+# counter covers the measured window only.
+resources_run() {
+  local be=$1 sc=$2 rate=$3 kind=$4; shift 4
+  local name=$kind-$sc-$be w0 w1
+  pid_args
+  w0=$(wal_sync)
+  log "$be: $kind run, $sc at $rate/s ($*)"
+  COMMANDS+=("loadtest run --scenario $sc --rate $rate $* --redis-addr … --pid … --out $name.json --svg $name.svg   # $be")
+  "$LOADTEST" run --scenario "$sc" --rate "$rate" "$@" --manifest "$MANIFEST" \
+    --redis-addr "$REDIS_ADDR" "${PIDARGS[@]}" --out "$OUT/$name.json" --svg "$OUT/$name.svg" 2>&1 \
+    | tee "$OUT/$name.txt" || log "$be: $kind $sc exited non-zero (see $name.txt)"
+  w1=$(wal_sync)
+  rm -f "$OUT/$name.wal"
+  if [ -n "$w0" ] && [ -n "$w1" ] && [ -s "$OUT/$name.json" ]; then
+    echo $((w1 - w0)) >"$OUT/$name.wal"
+    jq -r --argjson wal $((w1 - w0)) '
+      def payments: if .settlement != null then .settlement.settled
+                    else .requests.answered + .warmup.answered end;
+      def unit(o): if o == null then null elif .settlement != null then o.per_settled else o.per_request end;
+      def n(x): if x == null then "-" else (x * 1000 | round / 1000 | tostring) end;
+      "wal_sync per payment \(if payments > 0 then n($wal / payments) else "-" end) (\($wal) fsyncs over the whole command, \(payments) payments)  gateway store commits per payment \(n(unit(.gateway_metrics.store_commits))) (window)"' \
+      "$OUT/$name.json" | tee -a "$OUT/$name.txt"
+  fi
+}
+
 COMMANDS=()
 run_backend() {
   local backend=$1; shift
@@ -206,22 +290,47 @@ run_backend() {
     local start_var=GW_START_$sc
     local cmd=("$LOADTEST" compare --scenario "$sc" --slo-p99-ms "$SLO_MS"
                --start "${!start_var}" --baseline-start "$BASELINE_START" "${COMMON[@]}"
-               --manifest "$MANIFEST" --baseline-url "$BASE_URL" "${PIDARGS[@]}"
+               --manifest "$MANIFEST" --baseline-url "$BASE_URL" --redis-addr "$REDIS_ADDR"
+               "${PIDARGS[@]}"
                --out "$OUT/compare-$sc-$backend.json" --svg "$OUT/compare-$sc-$backend.svg")
     log "$backend: compare $sc"
-    COMMANDS+=("loadtest compare --scenario $sc --slo-p99-ms $SLO_MS --start ${!start_var} --baseline-start $BASELINE_START ${COMMON[*]} --pid … --out compare-$sc-$backend.json --svg compare-$sc-$backend.svg   # $backend")
+    COMMANDS+=("loadtest compare --scenario $sc --slo-p99-ms $SLO_MS --start ${!start_var} --baseline-start $BASELINE_START ${COMMON[*]} --redis-addr … --pid … --out compare-$sc-$backend.json --svg compare-$sc-$backend.svg   # $backend")
     "${cmd[@]}" 2>&1 | tee "$OUT/compare-$sc-$backend.txt" || log "$backend: compare $sc exited non-zero (see compare-$sc-$backend.txt)"
   done
+  # Resources: authorize and checkout at RESOURCES_SHARE of this backend's median max, then
+  # the RSS run.
+  resources_run "$backend" authorize "$(rate_of authorize "$backend" "$RESOURCES_SHARE")" \
+    resources "${RESOURCES[@]}"
+  resources_run "$backend" checkout "$(rate_of checkout "$backend" "$RESOURCES_SHARE")" \
+    resources "${RESOURCES[@]}"
+  resources_run "$backend" authorize "$(rate_of authorize "$backend" "$RSS_SHARE")" \
+    rss "${RSS_RUN[@]}"
   pid_args
   if true; then
     log "$backend: failover"
-    COMMANDS+=("loadtest run --scenario failover ${FAILOVER[*]} --pid … --out failover-$backend.json --svg failover-$backend.svg   # $backend")
-    "$LOADTEST" run --scenario failover "${FAILOVER[@]}" --manifest "$MANIFEST" "${PIDARGS[@]}" \
+    COMMANDS+=("loadtest run --scenario failover ${FAILOVER[*]} --redis-addr … --pid … --out failover-$backend.json --svg failover-$backend.svg   # $backend")
+    "$LOADTEST" run --scenario failover "${FAILOVER[@]}" --manifest "$MANIFEST" \
+      --redis-addr "$REDIS_ADDR" "${PIDARGS[@]}" \
       --out "$OUT/failover-$backend.json" --svg "$OUT/failover-$backend.svg" 2>&1 \
       | tee "$OUT/failover-$backend.txt" || log "$backend: failover exited non-zero"
   fi
   stop_stack
 }
+
+if [ -n "$SERVE" ]; then
+  case "$SERVE" in postgres|sqlite) ;; *) echo "bench.sh: --serve postgres|sqlite" >&2; exit 2 ;; esac
+  start_stack "$SERVE"
+  pid_args
+  {
+    echo "REDIS_PID=$REDIS_PID"; echo "REDIS_ADDR=$REDIS_ADDR"
+    echo "PG_PID=${PG_PID}"; echo "PG_PORT=${PG_PORT}"; echo "GW_PID=$GW_PID"
+    echo "SIM_PID=$SIM_PID"; echo "BASE_PID=$BASE_PID"; echo "BASE_URL=$BASE_URL"
+    echo "MANIFEST=$MANIFEST"; echo "PIDARGS=\"${PIDARGS[*]}\""
+  } >"$OUT/stack.env"
+  log "stack up; its pids and URLs are in $OUT/stack.env; Ctrl-C (or SIGTERM) stops it"
+  while kill -0 "$GW_PID" 2>/dev/null; do sleep 1; done
+  log "the gateway exited"; exit 1
+fi
 
 run_backend postgres "${SCENARIOS[@]}"
 run_backend sqlite "${SCENARIOS[@]}"
@@ -273,6 +382,26 @@ fmt_cpu() {  # the cpu_us_per_unit map of a side, as "name µs, …" (pg<PID> su
     b=$(basename "$f" .json); b=${b#compare-}; sc=${b%%-*}; be=${b#*-}
     echo "| $be | $sc | gateway | $(fmt_cpu '.rounds[-1].gateway.cpu_us_per_unit' "$f") |"
     echo "| $be | $sc | baseline | $(fmt_cpu '.rounds[-1].baseline.cpu_us_per_unit' "$f") |"
+  done
+  echo
+  echo "Resources (gateway): \`run\` at ${RESOURCES_SHARE} x the gateway's median max of the backend's compare (${FALLBACK_RATE}/s when it found none), \`${RESOURCES[*]}\`; the RSS run: authorize at ${RSS_SHARE} x, \`${RSS_RUN[*]}\`. Per payment: per answered request (authorize), per settled payment (checkout); window figures, but wal_sync (PostgreSQL \`pg_stat_wal\`) covers the whole command (set-up, warm-up, settle wait): an upper bound. INFO evalsha+eval counts each script of a pipeline (the gateway counts the pipeline as one round trip)."
+  echo
+  echo "| backend | run | rate /s | store commits / payment | wal_sync / payment | Redis round trips / payment | INFO evalsha+eval / payment | settlement lag p99 (callback→ack) | queue depth max, grew? | gateway RSS first → last (growth) |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+  for f in "$OUT"/resources-*-*.json "$OUT"/rss-*-*.json; do
+    [ -e "$f" ] || continue
+    b=$(basename "$f" .json); kind=${b%%-*}; b=${b#*-}; sc=${b%%-*}; be=${b#*-}
+    wal=$(cat "${f%.json}.wal" 2>/dev/null || echo null)
+    jq -r --arg be "$be" --arg kind "$kind" --arg sc "$sc" --argjson wal "${wal:-null}" '
+      def n(x): if x == null then "—" else (x * 1000 | round / 1000 | tostring) end;
+      def unit(o): if o == null then null elif .settlement != null then o.per_settled else o.per_request end;
+      def payments: if .settlement != null then .settlement.settled
+                    else .requests.answered + .warmup.answered end;
+      (.rss | map(select(.name == "gateway")) | first) as $rss
+      | .gateway_metrics.settlement_queue_depth as $q
+      | .redis_commandstats as $r
+      | "| \($be) | \($kind) \($sc) | \(.run.rate_per_second) | \(n(unit(.gateway_metrics.store_commits))) | \(if $wal == null or payments == 0 then "—" else n($wal / payments) end) | \(n(unit(.gateway_metrics.redis_round_trips))) | \(if $r == null then "—" elif .settlement != null then n($r.script_calls_per_settled) else n($r.script_calls_per_request) end) | \(if .settlement == null then "—" else ((.settlement.callback_to_ack.p99_us / 10 | round) / 100 | tostring) + " ms" end) | \(if $q == null then "—" else "\($q.max), \(if $q.grew then "**grew**" else "no" end)" end) | \(if $rss == null or $rss.growth == null then "—" else "\($rss.first_mib * 10 | round / 10) → \($rss.last_mib * 10 | round / 10) MiB (\($rss.growth * 1000 | round / 10) %\(if $rss.flat then ", flat" else ", **not flat**" end))" end) |"' "$f" 2>/dev/null \
+      || echo "| $be | $kind $sc | (report unreadable) | | | | | | | |"
   done
   for f in "$OUT"/failover-*.json; do
     [ -e "$f" ] || continue

@@ -11,7 +11,9 @@
 //!
 //! The round's ratio is gateway ÷ baseline. The report gives each round, the median of each
 //! side and the median of the ratios (with three or more rounds, robust to one disturbed
-//! round), and the CPU µs per unit of work of every measured process in each best step.
+//! round), and the CPU µs per unit of work of every measured process in each best step —
+//! and, for the gateway, its Redis round trips, Redis script calls and store commits per unit
+//! ([`crate::resources`]; the best step's full report, under `search.best`, has the rest).
 //! Alternating spreads slow drifts of the machine (another process, thermal state) over both
 //! sides instead of charging them to one.
 //!
@@ -64,6 +66,15 @@ pub struct Side {
     /// CPU µs per unit of `measure`, per measured process (`loadtest` itself included), in
     /// the best step.
     pub cpu_us_per_unit: BTreeMap<String, f64>,
+    /// The gateway's `gateway_redis_round_trips_total` per unit in the best step (`null`: not
+    /// the gateway, or not counted).
+    pub redis_round_trips_per_unit: Option<f64>,
+    /// Redis's `evalsha` + `eval` calls per unit (`--redis-addr`).
+    pub redis_script_calls_per_unit: Option<f64>,
+    /// The gateway's `gateway_store_commits_total` per unit (the fsync estimate).
+    pub store_commits_per_unit: Option<f64>,
+    /// Settlements per group commit in the best step.
+    pub settlement_rows_per_commit: Option<f64>,
     pub generator_bottleneck: bool,
     pub search: FindMaxReport,
 }
@@ -118,6 +129,14 @@ impl Measure {
         match self {
             Measure::Settled => report.throughput.settled_per_second,
             Measure::Answered => Some(report.throughput.answered_per_second),
+        }
+    }
+
+    /// A figure per unit: its per-settled or per-request form.
+    fn per_unit(self, per_request: Option<f64>, per_settled: Option<f64>) -> Option<f64> {
+        match self {
+            Measure::Settled => per_settled,
+            Measure::Answered => per_request,
         }
     }
 
@@ -198,6 +217,7 @@ async fn side(
     };
     let report = find_max(target, &settings).await?;
     let best = report.best.as_ref();
+    let gateway = best.and_then(|b| b.gateway_metrics.as_ref());
     Ok(Side {
         target: target.name().to_owned(),
         start_rate_per_second: start,
@@ -207,6 +227,18 @@ async fn side(
         measure: measure.name().to_owned(),
         corrected_p99_us: best.map(|b| b.latency.corrected.p99_us),
         cpu_us_per_unit: best.map(|b| measure.cpu(b)).unwrap_or_default(),
+        redis_round_trips_per_unit: gateway
+            .and_then(|g| g.redis_round_trips.as_ref())
+            .and_then(|c| measure.per_unit(c.per_request, c.per_settled)),
+        redis_script_calls_per_unit: best
+            .and_then(|b| b.redis_commandstats.as_ref())
+            .and_then(|r| measure.per_unit(r.script_calls_per_request, r.script_calls_per_settled)),
+        store_commits_per_unit: gateway
+            .and_then(|g| g.store_commits.as_ref())
+            .and_then(|c| measure.per_unit(c.per_request, c.per_settled)),
+        settlement_rows_per_commit: gateway
+            .and_then(|g| g.settlement_batches.as_ref())
+            .and_then(|b| b.rows_per_commit),
         generator_bottleneck: best.is_some_and(|b| b.generator_bottleneck),
         search: report,
     })
@@ -287,6 +319,40 @@ fn max_option(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     }
 }
 
+impl Side {
+    /// What one unit of `measure` is.
+    fn unit(&self) -> &'static str {
+        if self.measure == "settled_per_second" {
+            "settled payment"
+        } else {
+            "request"
+        }
+    }
+
+    /// `gateway per settled payment: redis round trips 2.04 (INFO evalsha+eval 3.01), store
+    /// commits 0.31 (settlement rows per commit 3.2)`, when anything of it was measured.
+    fn resources_line(&self) -> Option<String> {
+        let two = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
+        if self.redis_round_trips_per_unit.is_none()
+            && self.redis_script_calls_per_unit.is_none()
+            && self.store_commits_per_unit.is_none()
+            && self.settlement_rows_per_commit.is_none()
+        {
+            return None;
+        }
+        Some(format!(
+            "{} per {}: redis round trips {} (INFO evalsha+eval {}), store commits {} (settlement rows per commit {})",
+            self.target,
+            self.unit(),
+            two(self.redis_round_trips_per_unit),
+            two(self.redis_script_calls_per_unit),
+            two(self.store_commits_per_unit),
+            self.settlement_rows_per_commit
+                .map_or("-".to_owned(), |v| format!("{v:.1}"))
+        ))
+    }
+}
+
 fn figure(value: Option<f64>) -> String {
     value.map_or("-".to_owned(), |v| format!("{v:.1}"))
 }
@@ -362,13 +428,16 @@ impl CompareReport {
                     "  round {} {} CPU µs per {}: {}\n",
                     r.round,
                     side.target,
-                    if side.measure == "settled_per_second" {
-                        "settled payment"
-                    } else {
-                        "request"
-                    },
+                    side.unit(),
                     cpu.join(", ")
                 ));
+            }
+        }
+        for r in &self.rounds {
+            for side in [&r.gateway, &r.baseline] {
+                if let Some(line) = side.resources_line() {
+                    out.push_str(&format!("  round {} {line}\n", r.round));
+                }
             }
         }
         out

@@ -18,7 +18,11 @@
 //! - [`recorder`]: per-request outcomes into counts, histograms and per-second series;
 //! - [`settle`]: which channel payments settled, when, and whether the gateway agrees with
 //!   channel-sim's record;
-//! - [`procstat`]: CPU time of processes from `/proc`;
+//! - [`procstat`]: CPU time and resident memory of processes from `/proc`;
+//! - [`resources`]: what the target spent besides CPU over the window: the gateway's counters
+//!   of Redis round trips and store commits ([`prom`]: its Prometheus text, parsed), Redis's
+//!   own command counts ([`redis_info`]: `INFO commandstats`), RSS and queue depths once a
+//!   second;
 //! - [`runner`]: one run, start to report; [`mod@find_max`]: the rate search;
 //! - [`failover`]: the outage of the `failover` scenario and its report;
 //! - [`baseline`]: the same-run baseline, a bare pass-through proxy to channel-sim, and
@@ -38,8 +42,11 @@ pub mod histogram;
 pub mod manifest;
 pub mod plot;
 pub mod procstat;
+pub mod prom;
 pub mod recorder;
+pub mod redis_info;
 pub mod report;
+pub mod resources;
 pub mod runner;
 pub mod scenario;
 pub mod schedule;

@@ -139,9 +139,14 @@ struct Common {
     /// Accounts the payments are spread over (lt-000, lt-001, …).
     #[arg(long, default_value_t = 256)]
     accounts: usize,
-    /// A process whose CPU is measured over the window, as NAME=PID (repeatable).
+    /// A process whose CPU (and RSS, once a second) is measured over the window, as NAME=PID
+    /// (repeatable).
     #[arg(long = "pid", value_name = "NAME=PID", value_parser = ProcessSpec::parse)]
     pids: Vec<ProcessSpec>,
+    /// The gateway's Redis (loopback only): its INFO commandstats is read at the edges of the
+    /// window, to count the scripts and commands it ran per unit of work.
+    #[arg(long, value_name = "HOST:PORT", value_parser = loadtest::redis_info::parse_redis_addr)]
+    redis_addr: Option<SocketAddr>,
     /// Worker threads of the generator.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -240,6 +245,7 @@ impl Common {
             max_send_lag: Duration::from_millis(self.max_send_lag_ms),
             request_timeout: Duration::from_millis(self.timeout_ms),
             processes: self.pids.clone(),
+            redis_addr: self.redis_addr,
             settle: SettleSettings {
                 wait: seconds(self.settle_wait_s, "--settle-wait-s")?,
                 sample_max: self.settle_sample,

@@ -183,6 +183,9 @@ mod tests {
             settled: None,
             p50_us,
             p99_us: p50_us.map(|v| v * 3),
+            rss_mib: Default::default(),
+            settlement_queue_depth: None,
+            webhook_backlog: None,
         }
     }
 

@@ -1,5 +1,7 @@
 //! CPU time of processes, from `/proc/PID/stat` (`utime + stime`, every thread of the
-//! process, in clock ticks). The generator reads its own through `/proc/self/stat`.
+//! process, in clock ticks). The generator reads its own through `/proc/self/stat`. Also the
+//! resident set size of a process (`VmRSS` of `/proc/PID/status`), sampled during the window
+//! by [`crate::resources`].
 //!
 //! Clock ticks are `USER_HZ`, which Linux fixes at 100 per second on every architecture it
 //! exposes to user space (the kernel's own `HZ` may differ; `/proc` converts). So a reading
@@ -71,6 +73,42 @@ impl ProcessSpec {
             )
         })?;
         Ok(ticks_to_duration(ticks))
+    }
+}
+
+impl ProcessSpec {
+    fn status_path(&self) -> String {
+        match self.pid {
+            Some(pid) => format!("/proc/{pid}/status"),
+            None => "/proc/self/status".to_owned(),
+        }
+    }
+
+    /// Resident set size now, in kB (`VmRSS`: anonymous, file-backed and shared-memory pages
+    /// resident; what grows when the process leaks).
+    pub fn rss_kb(&self) -> io::Result<u64> {
+        let text = std::fs::read_to_string(self.status_path())?;
+        parse_vm_rss_kb(&text).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: no VmRSS line (a kernel thread, or a zombie)",
+                    self.status_path()
+                ),
+            )
+        })
+    }
+}
+
+/// The `VmRSS:   41234 kB` line of a `/proc/PID/status` text, in kB (the kernel always
+/// writes kB there).
+pub fn parse_vm_rss_kb(status: &str) -> Option<u64> {
+    let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+    let mut words = line.split_ascii_whitespace();
+    let kb: u64 = words.next()?.parse().ok()?;
+    match words.next() {
+        Some(unit) if unit.eq_ignore_ascii_case("kB") => Some(kb),
+        _ => None,
     }
 }
 
@@ -199,6 +237,21 @@ mod tests {
         let pid = std::process::id();
         let spec = ProcessSpec::parse(&format!("me={pid}")).unwrap();
         assert!(spec.cpu_time().is_ok());
+    }
+
+    #[test]
+    fn rss_is_read_from_a_status_text() {
+        let status = "Name:\tgateway\nUmask:\t0022\nState:\tS (sleeping)\nVmPeak:\t  812340 kB\nVmSize:\t  812340 kB\nVmHWM:\t   45120 kB\nVmRSS:\t   42188 kB\nRssAnon:\t   30000 kB\nThreads:\t9\n";
+        assert_eq!(parse_vm_rss_kb(status), Some(42_188));
+        // A kernel thread has no VmRSS line; a line without its unit is not trusted.
+        assert_eq!(
+            parse_vm_rss_kb("Name:\tkworker/0:1\nState:\tI (idle)\n"),
+            None
+        );
+        assert_eq!(parse_vm_rss_kb("VmRSS:\t 12\n"), None);
+        assert_eq!(parse_vm_rss_kb("VmRSS:\t x kB\n"), None);
+        // This process has one.
+        assert!(ProcessSpec::this_process().rss_kb().unwrap() > 0);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use crate::failover::{FailoverReport, PhaseReport};
 use crate::histogram::{ms, Percentiles};
 use crate::procstat::ProcessCpu;
 use crate::recorder::Counts;
+use crate::resources::{GatewayMetrics, RedisCommandStats, RssReport};
 use crate::schedule::Missed;
 use crate::settle::SettlementReport;
 use crate::Error;
@@ -92,6 +93,13 @@ pub struct SecondPoint {
     /// Corrected latency of the requests intended in this second (none answered: `null`).
     pub p50_us: Option<u64>,
     pub p99_us: Option<u64>,
+    /// RSS of each `--pid` process at the start of this second, MiB (empty: none measured).
+    pub rss_mib: BTreeMap<String, f64>,
+    /// The gateway's `gateway_settlement_queue_depth` at the start of this second (`null`:
+    /// not the gateway, or not scraped).
+    pub settlement_queue_depth: Option<f64>,
+    /// The gateway's `gateway_webhook_backlog` at the start of this second.
+    pub webhook_backlog: Option<f64>,
 }
 
 /// Throughput over the measured window.
@@ -134,6 +142,12 @@ pub struct Report {
     pub operations: BTreeMap<String, OperationReport>,
     pub settlement: Option<SettlementReport>,
     pub cpu: Vec<ProcessCpu>,
+    /// The gateway's counters over the window, per unit (gateway target only).
+    pub gateway_metrics: Option<GatewayMetrics>,
+    /// Redis's own command counts over the window (`--redis-addr`, gateway target only).
+    pub redis_commandstats: Option<RedisCommandStats>,
+    /// Resident memory of each `--pid` process over the window.
+    pub rss: Vec<RssReport>,
     pub series: Vec<SecondPoint>,
     /// The outage and what it did (failover runs).
     pub failover: Option<FailoverReport>,
@@ -274,6 +288,12 @@ impl Report {
                 }
             }
         }
+        crate::resources::write_summary(
+            &mut out,
+            self.gateway_metrics.as_ref(),
+            self.redis_commandstats.as_ref(),
+            &self.rss,
+        );
         for warning in &self.warnings {
             let _ = writeln!(out, "WARNING: {warning}");
         }

@@ -1,8 +1,10 @@
 //! One run, start to report: fund the accounts, drive the schedule, wait for the answers,
-//! follow the settlements, measure the processes' CPU over the measured window, and judge
-//! whether the generator itself was the bottleneck. A failover run also takes a channel down
-//! and back up during the window ([`crate::failover`]).
+//! follow the settlements, measure the processes' CPU and the target's other resources
+//! ([`crate::resources`]) over the measured window, and judge whether the generator itself
+//! was the bottleneck. A failover run also takes a channel down and back up during the
+//! window ([`crate::failover`]).
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -14,9 +16,11 @@ use crate::client::HttpClient;
 use crate::failover::{self, FailoverPlan, FailoverReport, PhaseBounds, WallSpans};
 use crate::procstat::{self, ProcessSpec};
 use crate::recorder::{Recorder, Timing};
+use crate::redis_info;
 use crate::report::{
     Latency, OperationReport, Report, RequestCounts, RunEcho, SecondPoint, Throughput,
 };
+use crate::resources::{self, Probe, Samples, Units};
 use crate::scenario::{Operation, Scenario};
 use crate::schedule::{self, DispatchLimits, Pacer, Schedule, Slot};
 use crate::settle::{self, SettleSettings};
@@ -50,8 +54,11 @@ pub struct RunSettings {
     pub max_send_lag: Duration,
     /// Whole exchange (connect, send, answer, body).
     pub request_timeout: Duration,
-    /// Processes whose CPU is measured besides the generator's own.
+    /// Processes whose CPU and RSS are measured besides the generator's own CPU.
     pub processes: Vec<ProcessSpec>,
+    /// The gateway's Redis, whose `INFO commandstats` is read at the window's edges
+    /// (loopback only; gateway target only).
+    pub redis_addr: Option<SocketAddr>,
     /// How channel payments are followed after the run.
     pub settle: SettleSettings,
     /// The outage of a `failover` run (`None`: [`FailoverPlan::thirds`] of the window).
@@ -70,6 +77,7 @@ impl Default for RunSettings {
             max_send_lag: Duration::from_millis(50),
             request_timeout: Duration::from_secs(5),
             processes: Vec::new(),
+            redis_addr: None,
             settle: SettleSettings::default(),
             failover: None,
         }
@@ -109,6 +117,13 @@ impl RunSettings {
         }
         if slots == 0 {
             return bad("the run would send no request");
+        }
+        if let Some(addr) = self.redis_addr {
+            if !addr.ip().is_loopback() {
+                return Err(Error::Settings(format!(
+                    "--redis-addr {addr} is not a loopback address: loadtest only talks to this machine"
+                )));
+            }
         }
         match (self.scenario, &self.failover) {
             (Scenario::Failover, _) => self.failover_plan().validate(self.duration)?,
@@ -205,14 +220,43 @@ pub async fn run(target: &Target, settings: &RunSettings) -> Result<Report, Erro
         _ => None,
     };
 
-    // CPU readings at the edges of the measured window, whatever the dispatcher is doing.
+    // CPU readings (and Redis's command counts) at the edges of the measured window,
+    // whatever the dispatcher is doing. Redis is the gateway's: read only when it is the
+    // target.
+    let redis_addr = settings
+        .redis_addr
+        .filter(|_| matches!(target, Target::Gateway(_)));
     let sampler = tokio::spawn(async move {
         tokio::time::sleep_until(window_start).await;
         let before = procstat::read_all(&processes);
         let from = Instant::now();
+        let redis_before = match redis_addr {
+            Some(addr) => Some(redis_info::commandstats(addr).await),
+            None => None,
+        };
         tokio::time::sleep_until(window_end).await;
         let after = procstat::read_all(&processes);
-        (before, after, from.elapsed())
+        let elapsed = from.elapsed();
+        let redis = match (redis_addr, redis_before) {
+            (Some(addr), Some(before)) => {
+                Some((addr, before, redis_info::commandstats(addr).await))
+            }
+            _ => None,
+        };
+        (before, after, elapsed, redis)
+    });
+    // RSS and the gateway's gauges once a second, its counters at the edges, on a task of
+    // their own so that a slow scrape never delays the CPU readings.
+    let probe = Probe {
+        metrics: target.metrics_uri(),
+        processes: settings.processes.clone(),
+    };
+    let probed = (!probe.is_empty()).then(|| {
+        tokio::spawn(resources::sample_window(
+            probe.clone(),
+            window_start,
+            window_end,
+        ))
     });
 
     let in_flight = Arc::new(Semaphore::new(settings.connections));
@@ -270,8 +314,14 @@ pub async fn run(target: &Target, settings: &RunSettings) -> Result<Report, Erro
         .acquire_many(settings.connections as u32)
         .await
         .expect("the in-flight semaphore is never closed");
-    let (before, after, window_elapsed) = sampler.await.expect("the CPU sampler does not panic");
+    let (before, after, window_elapsed, redis) =
+        sampler.await.expect("the CPU sampler does not panic");
     let answers_done_unix_ms = unix_ms();
+    // Its last scrape follows the window's end (bounded by its timeout).
+    let samples = match probed {
+        Some(task) => task.await.expect("the resource sampler does not panic"),
+        None => Samples::default(),
+    };
     // Every task has recorded (it records before it gives its permit back).
     let recorder = std::mem::replace(
         &mut *recorder.lock().unwrap_or_else(PoisonError::into_inner),
@@ -335,12 +385,28 @@ pub async fn run(target: &Target, settings: &RunSettings) -> Result<Report, Erro
         .as_ref()
         .map(|s| (s.settled_per_second * window_seconds).round() as u64);
     let cpu = before.since(after, window_elapsed, requests.answered, settled_in_window);
+    let units = Units {
+        answered: requests.answered,
+        settled: settled_in_window,
+    };
+    let mut resource_warnings = Vec::new();
+    let gateway_metrics = probe
+        .metrics
+        .as_ref()
+        .map(|uri| resources::gateway_metrics(uri, &samples, units, &mut resource_warnings));
+    let redis_commandstats = redis.map(|(addr, before, after)| {
+        resources::redis_commandstats(addr, before, after, units, &mut resource_warnings)
+    });
+    let rss = resources::rss_reports(&probe.processes, &samples.ticks);
+    let per_second =
+        resources::per_second(&probe.processes, &samples.ticks, recorder.seconds.len());
 
     let series = recorder
         .seconds
         .iter()
+        .zip(per_second)
         .enumerate()
-        .map(|(i, second)| {
+        .map(|(i, (second, resources))| {
             let answered_any = second.corrected.count() > 0;
             SecondPoint {
                 second: i as u32,
@@ -351,6 +417,9 @@ pub async fn run(target: &Target, settings: &RunSettings) -> Result<Report, Erro
                     .map(|s| s.per_second.get(i).copied().unwrap_or(0.0)),
                 p50_us: answered_any.then(|| second.corrected.quantile_us(0.50)),
                 p99_us: answered_any.then(|| second.corrected.quantile_us(0.99)),
+                rss_mib: resources.rss_mib,
+                settlement_queue_depth: resources.settlement_queue_depth,
+                webhook_backlog: resources.webhook_backlog,
             }
         })
         .collect();
@@ -378,8 +447,9 @@ pub async fn run(target: &Target, settings: &RunSettings) -> Result<Report, Erro
         uncorrected: recorder.uncorrected.percentiles(),
         send_lag: recorder.send_lag.percentiles(),
     };
-    let (generator_bottleneck, warnings) =
+    let (generator_bottleneck, mut warnings) =
         judge_generator(&requests, &cpu, &latency, settings, generator_threads);
+    warnings.extend(resource_warnings);
 
     let report = Report {
         run: RunEcho {
@@ -406,6 +476,9 @@ pub async fn run(target: &Target, settings: &RunSettings) -> Result<Report, Erro
         operations,
         settlement,
         cpu,
+        gateway_metrics,
+        redis_commandstats,
+        rss,
         series,
         failover,
         generator_bottleneck,

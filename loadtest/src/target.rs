@@ -172,6 +172,15 @@ impl Target {
         }
     }
 
+    /// The gateway's Prometheus endpoint (`{gateway_url}/metrics`, unauthenticated and never
+    /// shed), read at the edges of the window and once a second; the baseline has none.
+    pub fn metrics_uri(&self) -> Option<Uri> {
+        match self {
+            Target::Gateway(g) => Some(g.metrics_uri.clone()),
+            Target::Baseline(_) => None,
+        }
+    }
+
     /// `GET` of a payment as the merchant sees it (to check a settled payment), if the
     /// target has payments.
     pub fn payment_request(&self, payment_id: &str) -> Option<Request<Full<Bytes>>> {
@@ -310,6 +319,7 @@ pub struct GatewayTarget {
     accounts: Vec<String>,
     payments_uri: Uri,
     topup_uris: Vec<Uri>,
+    metrics_uri: Uri,
 }
 
 fn bearer(key: &Secret) -> Result<HeaderValue, Error> {
@@ -349,6 +359,7 @@ impl GatewayTarget {
             .collect::<Result<_, _>>()?;
         Ok(Self {
             payments_uri: uri(format!("{base_url}/v1/payments"))?,
+            metrics_uri: uri(format!("{base_url}/metrics"))?,
             topup_uris,
             sim_admin_url: manifest.sim_admin_url.trim_end_matches('/').to_owned(),
             merchant: merchant.clone(),

@@ -52,6 +52,13 @@ fn bad_arguments_and_missing_manifests_exit_2() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let out = loadtest(&["run", "--scenario", "authorize", "--pid", "gateway=notapid"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
+    // Redis too must be on this machine.
+    for addr in ["10.0.0.1:6379", "redis.example.com:6379", "127.0.0.1"] {
+        let out = loadtest(&["run", "--scenario", "authorize", "--redis-addr", addr]);
+        assert_eq!(out.status.code(), Some(2), "{addr}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("loopback"), "{addr}: {stderr}");
+    }
 }
 
 /// A manifest whose supplier-main channel has a secret file (nothing listens at its URLs).

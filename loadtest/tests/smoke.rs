@@ -10,7 +10,11 @@
 //! Checked: no unexpected error, no timeout, no missed send; the counts add up; every checkout
 //! payment the run created ended `succeeded` in the gateway and paid once, acknowledged, in
 //! channel-sim's own record; the baseline's orders reached channel-sim; a failover run's
-//! orders moved to `supplier-backup` while `supplier-main` was down. No assertion on a time:
+//! orders moved to `supplier-backup` while `supplier-main` was down; the gateway's counters
+//! were scraped at the window's edges (a settlement committed in the window shows as group
+//! commits; the in-process balance store makes no Redis round trips, so that counter is
+//! absent and reported as such), and the measured process's RSS sampled once a second. No
+//! assertion on a time:
 //! the rates are far below what a debug build serves, and the missed-send bound is set to a
 //! second so that a loaded CI machine's scheduling hiccups are not mistaken for misses.
 
@@ -23,6 +27,9 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use loadtest::procstat::ProcessSpec;
+use loadtest::prom::Scrape;
+use loadtest::resources::{BATCH_ROWS_COUNT, REDIS_ROUND_TRIPS, STORE_COMMITS};
 use loadtest::settle::SettleSettings;
 use loadtest::{
     compare, run, BaselineProxy, BaselineSettings, CompareSettings, FailoverPlan, FindMaxSettings,
@@ -113,6 +120,7 @@ fn settings(scenario: Scenario, rate: f64, duration_s: u64) -> RunSettings {
         max_send_lag: Duration::from_secs(1),
         request_timeout: Duration::from_secs(10),
         processes: Vec::new(),
+        redis_addr: None,
         settle: SettleSettings {
             wait: Duration::from_secs(30),
             poll_interval: Duration::from_millis(100),
@@ -161,6 +169,99 @@ fn assert_clean(report: &loadtest::Report) {
     );
 }
 
+async fn get_text(url: &str) -> String {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let response = client.get(url.parse().unwrap()).await.expect("GET");
+    assert_eq!(response.status(), 200, "{url}");
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+/// The resource figures of a gateway run: scraped at both edges, and bounded by what the
+/// test itself scraped before and after the whole run (`outer`).
+fn assert_gateway_resources(report: &loadtest::Report, outer: (&Scrape, &Scrape)) {
+    let summary = report.summary();
+    let metrics = report
+        .gateway_metrics
+        .as_ref()
+        .expect("the gateway's metrics are read when it is the target");
+    assert_eq!(metrics.error, None, "{summary}");
+    assert!(metrics.url.ends_with("/metrics"), "{summary}");
+    assert_eq!(metrics.malformed_lines, 0, "{summary}");
+    // The in-process balance store makes no Redis round trips: only the Redis store
+    // (gateway/src/preauth/redis.rs) increments gateway_redis_round_trips_total, and no
+    // such store exists in this process. Absent is reported as null, not as 0.
+    assert!(outer.1.total(REDIS_ROUND_TRIPS).is_none(), "{summary}");
+    assert_eq!(metrics.redis_round_trips, None, "{summary}");
+    assert!(
+        summary.contains("redis round trips  none counted"),
+        "{summary}"
+    );
+    // Group commits happened between the two scrapes (authorize: every request answered in
+    // the window waited for its settlement's commit; checkout: settlements were acknowledged
+    // in the window), and no more than the test saw around the whole run.
+    let batches = metrics
+        .settlement_batches
+        .as_ref()
+        .expect("group commits in the window");
+    assert!(batches.commits >= 1, "{summary}");
+    assert!(batches.rows >= batches.commits, "{summary}");
+    assert!(batches.rows_per_commit.unwrap() >= 1.0, "{summary}");
+    let outer_commits =
+        outer.1.total(BATCH_ROWS_COUNT).unwrap() - outer.0.total(BATCH_ROWS_COUNT).unwrap_or(0.0);
+    assert!(batches.commits as f64 <= outer_commits, "{summary}");
+    // gateway_store_commits_total, when this gateway exports it: positive, per unit too.
+    if let Some(commits) = &metrics.store_commits {
+        assert!(commits.total >= 1, "{summary}");
+        assert!(commits.per_request.unwrap() > 0.0, "{summary}");
+        assert_eq!(
+            commits.total,
+            commits.by_op.values().sum::<u64>(),
+            "{summary}"
+        );
+        let outer_total =
+            outer.1.total(STORE_COMMITS).unwrap() - outer.0.total(STORE_COMMITS).unwrap_or(0.0);
+        assert!(commits.total as f64 <= outer_total, "{summary}");
+    }
+    assert!(summary.contains("store commits"), "{summary}");
+    // The queue depth gauge is set by every settlement submitted (warm-up included): in
+    // every scrape that succeeded.
+    let depth = metrics
+        .settlement_queue_depth
+        .as_ref()
+        .expect("the queue depth was sampled");
+    assert_eq!(
+        depth.samples,
+        metrics.scrapes - metrics.failed_scrapes,
+        "{summary}"
+    );
+    assert!(depth.min >= 0.0 && depth.min <= depth.max, "{summary}");
+    if metrics.failed_scrapes == 0 {
+        assert!(
+            report.series[0].settlement_queue_depth.is_some(),
+            "{summary}"
+        );
+    }
+    // This test process was given as a --pid: its RSS, sampled at the window's start (and
+    // every second), is in the report and the series.
+    assert_eq!(report.rss.len(), 1, "{summary}");
+    let rss = &report.rss[0];
+    assert_eq!(rss.name, "self");
+    assert!(rss.samples >= 2, "{summary}");
+    assert_eq!(rss.error, None, "{summary}");
+    assert!(rss.first_mib.unwrap() > 0.0, "{summary}");
+    assert!(rss.min_mib.unwrap() <= rss.max_mib.unwrap(), "{summary}");
+    assert!(rss.growth.is_some() && rss.flat.is_some(), "{summary}");
+    assert!(report.series[0].rss_mib["self"] > 0.0, "{summary}");
+    assert!(summary.contains("rss self"), "{summary}");
+    // No Redis was given: no INFO.
+    assert!(report.redis_commandstats.is_none(), "{summary}");
+    let json = serde_json::to_value(report).unwrap();
+    assert!(json["gateway_metrics"]["settlement_batches"]["commits"].is_u64());
+    assert!(json["gateway_metrics"]["redis_round_trips"].is_null());
+    assert!(json["series"][0]["rss_mib"]["self"].is_number());
+}
+
 async fn get_json(url: &str) -> Value {
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let response = client.get(url.parse().unwrap()).await.expect("GET");
@@ -174,22 +275,35 @@ async fn authorize_checkout_and_mixed_against_a_real_sandbox() {
     let gateway = SandboxGateway::start().await;
     let manifest = Manifest::load(&gateway.manifest_path).expect("the manifest");
     let target = Target::gateway(&manifest, None, 16).expect("the target");
+    let metrics_url = format!("{}/metrics", manifest.gateway_url.trim_end_matches('/'));
+    // This test process stands for a measured --pid (its RSS is sampled).
+    let me = ProcessSpec::parse(&format!("self={}", std::process::id())).unwrap();
 
     // authorize: 50/s for 3 s after 1 s of warm-up.
-    let report = run(&target, &settings(Scenario::Authorize, 50.0, 3))
-        .await
-        .expect("the authorize run");
+    let mut authorize = settings(Scenario::Authorize, 50.0, 3);
+    authorize.processes = vec![me.clone()];
+    let outer_before = Scrape::parse(&get_text(&metrics_url).await);
+    let report = run(&target, &authorize).await.expect("the authorize run");
+    let outer_after = Scrape::parse(&get_text(&metrics_url).await);
     assert_clean(&report);
     assert_eq!(report.requests.scheduled, 150);
     assert_eq!(report.warmup.sent, 50);
     assert!(report.settlement.is_none());
+    assert_gateway_resources(&report, (&outer_before, &outer_after));
 
     // checkout: supplier charges, paid by channel-sim 20 ms after creation.
-    let report = run(&target, &settings(Scenario::Checkout, 50.0, 3))
-        .await
-        .expect("the checkout run");
+    let mut checkout = settings(Scenario::Checkout, 50.0, 3);
+    checkout.processes = vec![me];
+    let outer_before = Scrape::parse(&get_text(&metrics_url).await);
+    let report = run(&target, &checkout).await.expect("the checkout run");
+    let outer_after = Scrape::parse(&get_text(&metrics_url).await);
     assert_clean(&report);
+    assert_gateway_resources(&report, (&outer_before, &outer_after));
     let summary = report.summary();
+    // Checkout figures are also per settled payment, the unit of its CPU figures.
+    if let Some(commits) = &report.gateway_metrics.as_ref().unwrap().store_commits {
+        assert!(commits.per_settled.is_some(), "{summary}");
+    }
     let settlement = report
         .settlement
         .as_ref()
@@ -355,6 +469,18 @@ async fn the_baseline_proxy_and_a_compare_round_against_the_sandbox_channel_sim(
     assert_eq!(json["rounds"][0]["ratio"], ratio);
     assert!(json["median_ratio"].is_number());
     assert!(json["rounds"][0]["baseline"]["search"]["steps"].is_array());
+    // The gateway's resource figures are the gateway side's; the baseline has none.
+    let best = round.gateway.search.best.as_ref().expect("a best step");
+    assert!(best.gateway_metrics.is_some(), "{summary}");
+    assert_eq!(round.gateway.redis_round_trips_per_unit, None, "{summary}");
+    assert!(json["rounds"][0]["gateway"]
+        .as_object()
+        .unwrap()
+        .contains_key("store_commits_per_unit"));
+    let baseline_best = round.baseline.search.best.as_ref().expect("a best step");
+    assert!(baseline_best.gateway_metrics.is_none(), "{summary}");
+    assert_eq!(round.baseline.store_commits_per_unit, None, "{summary}");
+    assert_eq!(round.baseline.settlement_rows_per_commit, None, "{summary}");
 
     proxy.shutdown().await;
     gateway.stop().await;
