@@ -861,37 +861,23 @@ impl BalanceStore for RedisStore {
         if marks.is_empty() {
             return Ok(());
         }
-        // One pipeline: one round trip for a whole commit's worth of movements.
-        let mut pipe = ::redis::pipe();
+        // One script call: one round trip, one EVALSHA, for a whole commit's worth of
+        // movements (bounded by `store.batch_max_rows`).
+        let mut invocation = self.scripts.settled.prepare_invoke();
         for mark in marks {
             let k = Keys::of(mark.tag);
-            pipe.invoke_script(
-                self.scripts
-                    .settled
-                    .key(&k.unsettled)
-                    .key(Keys::idempotency(mark.tag, &mark.idempotency_key))
-                    .arg(&mark.id),
-            )
-            .ignore();
+            invocation
+                .key(k.unsettled)
+                .key(Keys::idempotency(mark.tag, &mark.idempotency_key))
+                .arg(&mark.id);
         }
-        telemetry::redis_round_trip("mark_settled");
         let mut conn = self.connection();
-        let first =
-            tokio::time::timeout(self.command_timeout, pipe.query_async::<()>(&mut conn)).await;
-        match first {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(err))
-                if err.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) =>
-            {
-                // A restarted Redis lost its scripts: load and retry once.
-                self.bounded("script_load", self.scripts.settled.load_async(&mut conn))
-                    .await?;
-                self.bounded("mark_settled", pipe.query_async::<()>(&mut conn))
-                    .await
-            }
-            Ok(Err(err)) => Err(unavailable(err)),
-            Err(_) => Err(StoreError::Timeout(self.command_timeout.as_millis() as u64)),
-        }
+        self.bounded(
+            "mark_settled",
+            invocation.invoke_async::<i64>(&mut conn),
+        )
+        .await
+        .map(|_| ())
     }
 
     async fn abandon(

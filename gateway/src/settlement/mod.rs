@@ -379,6 +379,18 @@ pub enum Write {
     Attempt(AttemptUpdate),
     /// A money movement ([`SettlementStore::commit`]).
     Settlement(Settlement),
+    /// What a webhook delivery attempt came to ([`SettlementStore::record_webhook_attempt`]).
+    Webhook(WebhookAttempt),
+}
+
+/// What a webhook delivery attempt came to (see [`SettlementStore::record_webhook_attempt`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookAttempt {
+    pub id: String,
+    pub outcome: WebhookOutcome,
+    pub http_status: Option<u16>,
+    pub error: Option<String>,
+    pub now_ms: u64,
 }
 
 impl Write {
@@ -388,6 +400,7 @@ impl Write {
             Write::Intent { .. } => "intent",
             Write::Attempt(_) => "attempt",
             Write::Settlement(_) => "settlement",
+            Write::Webhook(_) => "webhook",
         }
     }
 
@@ -398,7 +411,7 @@ impl Write {
                 payment,
                 first_attempt: Some(a),
             } => a.check_for(&payment.id),
-            Write::Intent { .. } | Write::Attempt(_) => Ok(()),
+            Write::Intent { .. } | Write::Attempt(_) | Write::Webhook(_) => Ok(()),
             Write::Settlement(s) => s.check(),
         }
     }
@@ -411,6 +424,8 @@ pub enum Written {
     /// Whether the attempt exists (and was updated).
     Attempt(bool),
     Settlement(CommitOutcome),
+    /// Whether the event was pending (and took the outcome).
+    Webhook(bool),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -529,7 +544,7 @@ pub trait SettlementStore: Send + Sync + 'static {
     async fn commit(&self, batch: &[Settlement]) -> Result<Vec<CommitOutcome>, SettleError>;
 
     /// Commits a group of writes in ONE transaction (one fsync): the intents first, then the
-    /// attempt outcomes, then the settlements, each with exactly the meaning of its own method
+    /// attempt outcomes, then the settlements, then the webhook outcomes, each with exactly the meaning of its own method
     /// above. The outer error is the transaction's (nothing written); an inner `Invalid` is
     /// that write's alone (nothing of it written, the others committed). An attempt outcome
     /// never overwrites `succeeded`.

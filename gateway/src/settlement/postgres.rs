@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use deadpool_postgres::tokio_postgres::{self, NoTls, Row};
 use deadpool_postgres::{
-    Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime, Transaction,
+    GenericClient, Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime, Transaction,
 };
 use futures_util::future::join_all;
 use tokio_postgres::types::FromSql;
@@ -34,7 +34,7 @@ use tokio_postgres::types::FromSql;
 use super::{
     AccountBalance, AccountRow, AttemptRow, AttemptUpdate, CommitOutcome, Flagged, IntentOutcome,
     PaymentRow, RefundRow, RefundStatusChange, SettleError, Settlement, SettlementKind,
-    SettlementStore, StatusChange, Write, Written, MIGRATIONS, SCHEMA_VERSION,
+    SettlementStore, StatusChange, WebhookAttempt, Write, Written, MIGRATIONS, SCHEMA_VERSION,
 };
 use crate::money::Currency;
 use crate::telemetry;
@@ -336,6 +336,9 @@ fn check_write_for_postgres(w: &Write) -> Result<(), SettleError> {
             ],
         ),
         Write::Settlement(s) => check_for_postgres(s).map(|_| ()),
+        // No such event can have a NUL in its id (it is then simply not found);
+        // `webhook_error_text` drops them from the error.
+        Write::Webhook(_) => Ok(()),
     }
 }
 
@@ -817,6 +820,47 @@ impl PostgresStore {
         Ok(updated == 1)
     }
 
+    /// Records a webhook delivery attempt of a pending event (on a client or inside a
+    /// transaction).
+    async fn webhook_attempt_in(
+        &self,
+        client: &impl GenericClient,
+        a: &WebhookAttempt,
+    ) -> Result<bool, SettleError> {
+        if a.id.contains('\0') {
+            return Ok(false);
+        }
+        let error = webhook_error_text(a.error.as_deref());
+        let (status, attempted, next) = a.outcome.transition();
+        let attempted = i32::try_from(attempted).unwrap_or(i32::MAX);
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        let stmt = client
+            .prepare_cached(
+                "UPDATE webhook_events SET status = $2, attempts = attempts + $3, \
+                 next_attempt_at_ms = $4, last_status = COALESCE($5, last_status), \
+                 last_error = COALESCE($6, last_error), updated_at_ms = $7 \
+                 WHERE id = $1 AND status = 'pending'",
+            )
+            .await
+            .map_err(db)?;
+        let updated = client
+            .execute(
+                &stmt,
+                &[
+                    &a.id,
+                    &status.as_str(),
+                    &attempted,
+                    &next.map(ms),
+                    &a.http_status.map(i32::from),
+                    &error,
+                    &ms(a.now_ms),
+                ],
+            )
+            .await
+            .map_err(db)?;
+        Ok(updated == 1)
+    }
+
     /// One transaction for a group of writes. Statements of independent writes are sent
     /// without waiting for each other's answers (tokio-postgres pipelines the futures polled
     /// together), so a batch costs a handful of round trips, not a few per row. An intent
@@ -910,6 +954,21 @@ impl PostgresStore {
         let outcomes = self.settle_in(&tx, &rows).await?;
         for ((index, _), outcome) in settlements.iter().zip(outcomes) {
             results[*index] = Some(Ok(Written::Settlement(outcome)));
+        }
+
+        // Webhook outcomes, all at once.
+        let hooks: Vec<(usize, &WebhookAttempt)> = batch
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| results[*i].is_none())
+            .filter_map(|(i, w)| match w {
+                Write::Webhook(a) => Some((i, a)),
+                _ => None,
+            })
+            .collect();
+        let recorded = join_all(hooks.iter().map(|(_, a)| self.webhook_attempt_in(&tx, a))).await;
+        for ((index, _), recorded) in hooks.iter().zip(recorded) {
+            results[*index] = Some(Ok(Written::Webhook(recorded?)));
         }
 
         tx.commit().await.map_err(db)?;
@@ -1741,40 +1800,15 @@ impl SettlementStore for PostgresStore {
         now_ms: u64,
     ) -> Result<bool, SettleError> {
         Self::timed("record_webhook_attempt", async {
-            // No such event can have a NUL in its id; `webhook_error_text` drops them.
-            if id.contains('\0') {
-                return Ok(false);
-            }
-            let error = webhook_error_text(error);
-            let (status, attempted, next) = outcome.transition();
-            let attempted = i32::try_from(attempted).unwrap_or(i32::MAX);
-            let db = |e: tokio_postgres::Error| self.unavailable(&e);
+            let attempt = WebhookAttempt {
+                id: id.to_owned(),
+                outcome,
+                http_status,
+                error: error.map(str::to_owned),
+                now_ms,
+            };
             let client = self.client().await?;
-            let stmt = client
-                .prepare_cached(
-                    "UPDATE webhook_events SET status = $2, attempts = attempts + $3, \
-                     next_attempt_at_ms = $4, last_status = COALESCE($5, last_status), \
-                     last_error = COALESCE($6, last_error), updated_at_ms = $7 \
-                     WHERE id = $1 AND status = 'pending'",
-                )
-                .await
-                .map_err(db)?;
-            let updated = client
-                .execute(
-                    &stmt,
-                    &[
-                        &id,
-                        &status.as_str(),
-                        &attempted,
-                        &next.map(ms),
-                        &http_status.map(i32::from),
-                        &error,
-                        &ms(now_ms),
-                    ],
-                )
-                .await
-                .map_err(db)?;
-            Ok(updated == 1)
+            self.webhook_attempt_in(&client, &attempt).await
         })
         .await
     }

@@ -43,6 +43,11 @@ impl Settler {
         }
     }
 
+    /// The group commit, for other writers that share it (webhook outcomes).
+    pub fn stream(&self) -> &SettlementStream {
+        &self.stream
+    }
+
     /// Whether a money movement may start now (checked before the Redis call).
     pub fn admit(&self) -> Result<(), StreamError> {
         self.stream.admit()

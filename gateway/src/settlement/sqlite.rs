@@ -11,7 +11,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use super::{
     AccountBalance, AccountRow, AttemptRow, AttemptUpdate, CommitOutcome, Flagged, IntentOutcome,
     PaymentRow, RefundRow, RefundStatusChange, SettleError, Settlement, SettlementKind,
-    SettlementStore, StatusChange, Write, Written, MIGRATIONS, SCHEMA_VERSION,
+    SettlementStore, StatusChange, WebhookAttempt, Write, Written, MIGRATIONS, SCHEMA_VERSION,
 };
 use crate::money::Currency;
 use crate::telemetry;
@@ -316,6 +316,29 @@ fn update_attempt_in(conn: &Connection, u: &AttemptUpdate) -> rusqlite::Result<b
             u.action,
             u.channel_txn_id,
             ms(u.now_ms)
+        ])?;
+    Ok(updated == 1)
+}
+
+/// Records a webhook delivery attempt of a pending event inside the caller's transaction.
+fn webhook_attempt_in(conn: &Connection, a: &WebhookAttempt) -> rusqlite::Result<bool> {
+    let error = webhook_error_text(a.error.as_deref());
+    let (status, attempted, next) = a.outcome.transition();
+    let updated = conn
+        .prepare_cached(
+            "UPDATE webhook_events SET status = ?2, attempts = attempts + ?3, \
+             next_attempt_at_ms = ?4, last_status = COALESCE(?5, last_status), \
+             last_error = COALESCE(?6, last_error), updated_at_ms = ?7 \
+             WHERE id = ?1 AND status = 'pending'",
+        )?
+        .execute(params![
+            a.id,
+            status.as_str(),
+            i64::from(attempted),
+            next.map(ms),
+            a.http_status,
+            error,
+            ms(a.now_ms)
         ])?;
     Ok(updated == 1)
 }
@@ -756,6 +779,12 @@ impl SettlementStore for SqliteStore {
                     *result = Some(Ok(Written::Settlement(settle_in(&tx, settlement)?)));
                 }
             }
+            for (write, result) in batch.iter().zip(results.iter_mut()) {
+                if let (Write::Webhook(attempt), None) = (write, &result) {
+                    let updated = webhook_attempt_in(&tx, attempt).map_err(db)?;
+                    *result = Some(Ok(Written::Webhook(updated)));
+                }
+            }
             tx.commit().map_err(db)?;
             Ok(results
                 .into_iter()
@@ -1126,28 +1155,15 @@ impl SettlementStore for SqliteStore {
         error: Option<&str>,
         now_ms: u64,
     ) -> Result<bool, SettleError> {
-        let id = id.to_owned();
-        let error = webhook_error_text(error);
-        let (status, attempted, next) = outcome.transition();
+        let attempt = WebhookAttempt {
+            id: id.to_owned(),
+            outcome,
+            http_status,
+            error: error.map(str::to_owned),
+            now_ms,
+        };
         self.run("record_webhook_attempt", move |conn| {
-            let updated = conn
-                .execute(
-                    "UPDATE webhook_events SET status = ?2, attempts = attempts + ?3, \
-                     next_attempt_at_ms = ?4, last_status = COALESCE(?5, last_status), \
-                     last_error = COALESCE(?6, last_error), updated_at_ms = ?7 \
-                     WHERE id = ?1 AND status = 'pending'",
-                    params![
-                        id,
-                        status.as_str(),
-                        i64::from(attempted),
-                        next.map(ms),
-                        http_status,
-                        error,
-                        ms(now_ms)
-                    ],
-                )
-                .map_err(db)?;
-            Ok(updated == 1)
+            webhook_attempt_in(conn, &attempt).map_err(db)
         })
         .await
     }

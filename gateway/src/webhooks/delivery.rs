@@ -41,7 +41,12 @@ use super::signature::WebhookKey;
 use crate::api::AppState;
 use crate::config::{Merchant, WebhookSettings};
 use crate::periodic::spawn_periodic;
-use crate::settlement::{SettleError, SettlementStore, WebhookEvent, WebhookOutcome};
+use futures_util::future::join_all;
+
+use crate::settlement::stream::SettlementStream;
+use crate::settlement::{
+    SettleError, SettlementStore, WebhookAttempt, WebhookEvent, WebhookOutcome, Write,
+};
 use crate::telemetry;
 
 /// A receiver's reply body is read up to this many bytes (so the connection can be reused),
@@ -55,6 +60,9 @@ const IDLE_TIMEOUT_MS: u64 = 30_000;
 /// How long shutdown waits for deliveries in flight beyond their own timeout; what is still
 /// running then is dropped, and its events come back when their lease ends.
 const DRAIN_MARGIN_MS: u64 = 1_000;
+
+/// Claims one tick makes at most while they come back full (see [`Deliverer::tick`]).
+pub const MAX_CLAIMS_PER_TICK: usize = 8;
 
 const USER_AGENT: &str = concat!("gateway-webhooks/", env!("CARGO_PKG_VERSION"));
 
@@ -81,6 +89,9 @@ pub struct TickReport {
 /// The worker's state, shared by its ticks and the deliveries they start.
 pub struct Deliverer {
     store: Arc<dyn SettlementStore>,
+    /// The group commit, when running in a server: outcomes share the payments' transactions
+    /// instead of costing a commit each.
+    writer: Option<SettlementStream>,
     settings: WebhookSettings,
     targets: HashMap<String, Target>,
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
@@ -143,12 +154,19 @@ impl Deliverer {
             .collect();
         Ok(Self {
             store,
+            writer: None,
             in_flight: Arc::new(Semaphore::new(settings.batch)),
             settings,
             targets,
             client,
             deliveries: Mutex::new(JoinSet::new()),
         })
+    }
+
+    /// Records outcomes through `writer` (the group commit) instead of a transaction each.
+    pub fn with_writer(mut self, writer: SettlementStream) -> Self {
+        self.writer = Some(writer);
+        self
     }
 
     fn deliveries(&self) -> std::sync::MutexGuard<'_, JoinSet<()>> {
@@ -164,23 +182,48 @@ impl Deliverer {
     }
 
     /// One tick: refreshes the backlog gauge, takes the due events there is room for, and
-    /// starts their deliveries (module docs). Does not wait for them.
+    /// starts their deliveries (module docs). Does not wait for them. While a claim comes back
+    /// full, deferred nothing and there is room again (events recorded without a delivery:
+    /// skipped), it claims again, at most [`MAX_CLAIMS_PER_TICK`] times.
     pub async fn tick(self: &Arc<Self>) -> Result<TickReport, SettleError> {
         while self.deliveries().try_join_next().is_some() {}
         let backlog = self.store.webhook_backlog().await?;
         telemetry::webhook_backlog(backlog);
         let mut report = TickReport::default();
-        let room = self.in_flight.available_permits().min(self.settings.batch);
         // Nothing pending: no claim (on SQLite, no write lock taken every tick).
-        if room == 0 || backlog == 0 {
+        if backlog == 0 {
             return Ok(report);
         }
+        for _ in 0..MAX_CLAIMS_PER_TICK {
+            let room = self.in_flight.available_permits().min(self.settings.batch);
+            if room == 0 {
+                break;
+            }
+            let deferred = report.deferred;
+            let claimed = self.claim_and_start(room, &mut report).await?;
+            // A short claim drained the backlog; a deferral means a merchant is at its limit.
+            if claimed < room || report.deferred > deferred {
+                break;
+            }
+        }
+        Ok(report)
+    }
+
+    /// One claim of at most `room` due events: starts their deliveries, and records the
+    /// outcome of those that need none together (they share one group commit).
+    async fn claim_and_start(
+        self: &Arc<Self>,
+        room: usize,
+        report: &mut TickReport,
+    ) -> Result<usize, SettleError> {
         let now = telemetry::now_ms();
         let claimed = self
             .store
             .claim_webhooks(now, now.saturating_add(self.settings.lease_ms), room)
             .await?;
-        report.claimed = claimed.len();
+        let count = claimed.len();
+        report.claimed += count;
+        let mut records = Vec::new();
         for event in claimed {
             let Some(target) = self.targets.get(&event.merchant_id) else {
                 // Perhaps configured on another instance first (a rolling change): retried
@@ -193,14 +236,12 @@ impl Deliverer {
                     now,
                     random_u64(),
                 );
-                self.record(&event, outcome, None, Some("merchant not configured"))
-                    .await;
+                records.push((event, outcome, Some("merchant not configured")));
                 continue;
             };
             let Some(url) = event.url.clone().or_else(|| target.webhook_url.clone()) else {
                 report.skipped += 1;
-                self.record(&event, WebhookOutcome::Skipped, None, None)
-                    .await;
+                records.push((event, WebhookOutcome::Skipped, None));
                 continue;
             };
             // Both limits are taken without waiting: a merchant at its limit waits in the
@@ -215,8 +256,7 @@ impl Deliverer {
             let Some(permits) = permits else {
                 report.deferred += 1;
                 let again = now.saturating_add(self.settings.interval_ms);
-                self.record(&event, WebhookOutcome::Deferred(again), None, None)
-                    .await;
+                records.push((event, WebhookOutcome::Deferred(again), None));
                 continue;
             };
             report.started += 1;
@@ -227,7 +267,13 @@ impl Deliverer {
                 drop(permits);
             });
         }
-        Ok(report)
+        join_all(
+            records
+                .iter()
+                .map(|(event, outcome, error)| self.record(event, *outcome, None, *error)),
+        )
+        .await;
+        Ok(count)
     }
 
     /// Waits (bounded) for the deliveries in flight, at shutdown.
@@ -283,11 +329,29 @@ impl Deliverer {
             WebhookOutcome::Deferred(_) => "deferred",
         });
         let now = telemetry::now_ms();
-        if let Err(err) = self
-            .store
-            .record_webhook_attempt(&event.id, outcome, http_status, error, now)
-            .await
-        {
+        let recorded = match &self.writer {
+            Some(writer) => {
+                let attempt = WebhookAttempt {
+                    id: event.id.clone(),
+                    outcome,
+                    http_status,
+                    error: error.map(str::to_owned),
+                    now_ms: now,
+                };
+                writer
+                    .submit_write(Write::Webhook(attempt), None)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+            None => self
+                .store
+                .record_webhook_attempt(&event.id, outcome, http_status, error, now)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        };
+        if let Err(err) = recorded {
             // The lease brings the event back: at worst it is sent once more.
             tracing::warn!(event_id = %event.id, error = %err, "webhook outcome not recorded; the event comes back when its lease ends");
         }
@@ -450,7 +514,10 @@ pub fn spawn_webhooks(state: Arc<AppState>, shutdown: watch::Receiver<bool>) -> 
         settings,
         &state.config.merchants,
     ) {
-        Ok(deliverer) => spawn_worker(Arc::new(deliverer), shutdown),
+        Ok(deliverer) => spawn_worker(
+            Arc::new(deliverer.with_writer(state.settler.stream().clone())),
+            shutdown,
+        ),
         Err(err) => {
             // Nothing is lost: the events wait in the outbox for a gateway that can send them.
             tracing::error!(error = %err, "webhook delivery disabled");

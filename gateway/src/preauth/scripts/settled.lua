@@ -1,13 +1,20 @@
--- settled.lua: the settlement store committed a movement: forget its pending record and let
--- its idempotency record replay.
+-- settled.lua: the settlement store committed movements: forget each one's pending record and
+-- let its idempotency record replay. One call for a whole group commit.
 --
--- KEYS: 1 u:{T}  2 i:{T}:<idempotency key>
--- ARGV: 1 id (payment or adjustment)
--- Returns 1 when the pending record was there, 0 when it was already settled.
+-- KEYS: for mark n (1-based): 2n-1 u:{T}  2n i:{T}:<idempotency key>
+-- ARGV: n id of mark n (payment or adjustment)
+-- Returns how many pending records were there (the others were already settled).
 -- Invariant: an idempotency record leaves 'F' only after the commit it waited for.
+--
+-- The keys of one call may carry several hash tags: fine on a single Redis; on a Redis
+-- Cluster the caller sends one call per hash slot.
 
-local removed = redis.call('HDEL', KEYS[1], ARGV[1])
-if redis.call('HGET', KEYS[2], 's') == 'F' then
-  redis.call('HSET', KEYS[2], 's', 'D')
+local removed = 0
+for n = 1, #ARGV do
+  removed = removed + redis.call('HDEL', KEYS[2 * n - 1], ARGV[n])
+  local idem = KEYS[2 * n]
+  if redis.call('HGET', idem, 's') == 'F' then
+    redis.call('HSET', idem, 's', 'D')
+  end
 end
 return removed
