@@ -30,7 +30,7 @@ use crate::channels::{
 };
 use crate::ids::PaymentId;
 use crate::money::{Amount, Currency};
-use crate::preauth::{Method, PaymentDoc};
+use crate::preauth::{Method, PaymentDoc, SettledMark};
 use crate::routing::{CallPermit, RouteRequest};
 use crate::settlement::{AttemptRow, AttemptUpdate};
 use crate::telemetry;
@@ -147,13 +147,15 @@ pub enum Routed {
 
 /// Runs the attempts of one payment. `attempts` holds the first attempt's row (committed with
 /// the intent) when `first` is some; rows of later attempts are committed here before their
-/// calls. Returns how it ended and every attempt as it stands.
+/// calls. An accepted attempt's outcome takes `release_key` (the idempotency key's release)
+/// into its group commit. Returns how it ended and every attempt as it stands.
 pub async fn attempt(
     state: &AppState,
     doc: &PaymentDoc,
     route: &mut Route,
     first: Option<Reserved>,
     mut attempts: Vec<AttemptRow>,
+    release_key: &mut Option<SettledMark>,
 ) -> (Routed, Vec<AttemptRow>) {
     let payment = PaymentId::parse(&doc.id).expect("a created payment has a valid id");
     let max_attempts = state.config.settings.payments.max_attempts as usize;
@@ -181,14 +183,14 @@ pub async fn attempt(
                 row.outcome = outcome::ACCEPTED.to_owned();
                 row.action = action_json(&created.action).map(|a| a.to_string());
                 row.channel_txn_id = created.channel_txn_id;
-                save(state, row).await;
+                save(state, row, release_key).await;
                 let action = action_json(&created.action);
                 return (Routed::Accepted { action }, attempts);
             }
             Err(err) if err.certainly_not_executed() => {
                 tracing::info!(payment_id = %payment, channel = %entry.route.channel_id, error = %err, "attempt refused; failing over");
                 row.outcome = outcome::REFUSED.to_owned();
-                save(state, row).await;
+                save(state, row, &mut None).await;
             }
             Err(err) => {
                 tracing::warn!(payment_id = %payment, channel = %entry.route.channel_id, error = %err, "attempt outcome unknown; closing it before anything else");
@@ -211,7 +213,7 @@ pub async fn attempt(
                         // Still `unknown` until the payment is settled as paid (the
                         // settling marks it `succeeded`): if that fails, the resolution
                         // loop finds the attempt open and settles it.
-                        save(state, row).await;
+                        save(state, row, &mut None).await;
                         let attempt = row.clone();
                         return (
                             Routed::Paid {
@@ -224,11 +226,11 @@ pub async fn attempt(
                         );
                     }
                     Ok(CloseOutcome::NotFound) | Err(_) => {
-                        save(state, row).await;
+                        save(state, row, &mut None).await;
                         return (Routed::Unknown, attempts);
                     }
                 }
-                save(state, row).await;
+                save(state, row, &mut None).await;
             }
         }
         if attempts.len() >= max_attempts {
@@ -258,7 +260,7 @@ fn customer_paid(kind: ChannelKind) -> bool {
 
 /// Writes an attempt's outcome through the group commit; a failure is logged (the resolution loop treats an attempt
 /// still recorded as unknown the same way as an accepted one).
-async fn save(state: &AppState, row: &AttemptRow) {
+async fn save(state: &AppState, row: &AttemptRow, release_key: &mut Option<SettledMark>) {
     let update = AttemptUpdate {
         payment_id: row.payment_id.clone(),
         attempt: row.attempt,
@@ -268,7 +270,9 @@ async fn save(state: &AppState, row: &AttemptRow) {
         channel_txn_id: row.channel_txn_id.clone(),
         now_ms: telemetry::now_ms(),
     };
-    if let Err(err) = state.settler.save_attempt(update).await {
+    // The mark goes with the write; if the write fails, the caller still holds none, and
+    // recovery releases the key (the intent is committed).
+    if let Err(err) = state.settler.save_attempt(update, release_key.take()).await {
         tracing::warn!(payment_id = %row.payment_id, attempt = row.attempt, error = %err, "attempt outcome not recorded");
     }
 }

@@ -199,6 +199,9 @@ pub struct PaymentSettings {
     pub max_expires_in_seconds: u64,
     /// Channel attempts per create call, the first included (DESIGN.md §6 failover).
     pub max_attempts: u32,
+    /// Documents of pending channel payments kept in memory, so a callback need not read
+    /// its payment back from Redis (0: off; a miss reads Redis).
+    pub pending_doc_cache: usize,
 }
 
 impl Default for PaymentSettings {
@@ -208,6 +211,7 @@ impl Default for PaymentSettings {
             min_expires_in_seconds: 60,
             max_expires_in_seconds: 86_400,
             max_attempts: 2,
+            pending_doc_cache: 100_000,
         }
     }
 }
@@ -795,6 +799,12 @@ fn validate(settings: Settings) -> Result<Config, ConfigError> {
         );
     }
     c.range("payments.max_attempts", s.payments.max_attempts, 1, 8);
+    c.range(
+        "payments.pending_doc_cache",
+        s.payments.pending_doc_cache,
+        0,
+        10_000_000,
+    );
     let r = &s.resolution;
     c.range("resolution.interval_ms", r.interval_ms, 10, 600_000);
     c.range(

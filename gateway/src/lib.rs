@@ -8,6 +8,7 @@ pub mod checkout;
 pub mod config;
 pub mod ids;
 pub mod money;
+pub mod pending_docs;
 pub mod periodic;
 pub mod preauth;
 pub mod refunds;

@@ -186,10 +186,18 @@ pub async fn settle_paid(
 ) -> Result<Settled, ResolveError> {
     let pid = PaymentId::parse(&attempt.payment_id)
         .ok_or_else(|| ResolveError::Unknown(attempt.payment_id.clone()))?;
-    let record = ensure_payment(state, &pid)
-        .await?
-        .ok_or_else(|| ResolveError::Unknown(pid.to_string()))?;
-    let doc = &record.doc;
+    // The document this instance kept when it created the payment, else Redis's (restoring
+    // a payment Redis lost). The status is the success script's to check either way.
+    let (doc, mut from_cache) = match state.pending_docs.get(pid.as_str()) {
+        Some(doc) => (doc, true),
+        None => {
+            let record = ensure_payment(state, &pid)
+                .await?
+                .ok_or_else(|| ResolveError::Unknown(pid.to_string()))?;
+            (std::sync::Arc::new(record.doc), false)
+        }
+    };
+    let doc = doc.as_ref();
     if doc.amount_minor != amount_minor || doc.currency != currency {
         telemetry::resolution("amount_mismatch");
         tracing::error!(payment_id = %pid, channel = %attempt.channel_id, amount_minor, %currency, "the channel reports another amount than the payment's: not settled");
@@ -237,24 +245,35 @@ pub async fn settle_paid(
         amount_minor: doc.amount_minor,
         pending_record: PendingRecord::Settlement(settlement.clone()).to_json(),
     };
-    let seq = match state.balances.succeed(&request, state.op()).await? {
-        SucceedOutcome::Done { seq } => seq,
-        SucceedOutcome::NotPending(status) => {
-            // A payment that already ended: late money, which the caller records
-            // (`record_late_money`).
-            return Ok(Settled::Already(status));
-        }
-        SucceedOutcome::NotFound => return Err(ResolveError::Unknown(pid.to_string())),
-        SucceedOutcome::OutOfRange => {
-            tracing::error!(payment_id = %pid, "crediting this top-up would overflow the account");
-            return Err(ResolveError::Refused {
-                payment_id: pid.to_string(),
-                outcome: CommitOutcome::Conflict {
-                    stored_hash: String::new(),
-                },
-            });
+    let seq = loop {
+        match state.balances.succeed(&request, state.op()).await? {
+            SucceedOutcome::Done { seq } => break seq,
+            SucceedOutcome::NotPending(status) => {
+                // A payment that already ended: late money, which the caller records
+                // (`record_late_money`).
+                state.pending_docs.remove(pid.as_str());
+                return Ok(Settled::Already(status));
+            }
+            SucceedOutcome::NotFound if from_cache => {
+                // Redis lost it: restore it from the settlement store, then once more.
+                from_cache = false;
+                ensure_payment(state, &pid)
+                    .await?
+                    .ok_or_else(|| ResolveError::Unknown(pid.to_string()))?;
+            }
+            SucceedOutcome::NotFound => return Err(ResolveError::Unknown(pid.to_string())),
+            SucceedOutcome::OutOfRange => {
+                tracing::error!(payment_id = %pid, "crediting this top-up would overflow the account");
+                return Err(ResolveError::Refused {
+                    payment_id: pid.to_string(),
+                    outcome: CommitOutcome::Conflict {
+                        stored_hash: String::new(),
+                    },
+                });
+            }
         }
     };
+    state.pending_docs.remove(pid.as_str());
     if effect.moves_balance() {
         settlement.account_seq = Some(seq);
     }
@@ -276,7 +295,7 @@ pub async fn settle_paid(
     // they usually share one transaction. The movement is in the outbox already: a failed
     // commit is re-driven by recovery.
     let (saved, settled) = tokio::join!(
-        state.settler.save_attempt(update),
+        state.settler.save_attempt(update, None),
         state.settler.settle(settlement, mark)
     );
     if let Err(err) = saved {
@@ -503,6 +522,7 @@ pub async fn settle_unpaid(
 ) -> Result<TransitionOutcome, ResolveError> {
     debug_assert!(!to.is_live());
     ensure_payment(state, pid).await?;
+    state.pending_docs.remove(pid.as_str());
     let outcome = state.balances.release(pid, to, state.op()).await?;
     if let TransitionOutcome::Done(_) = &outcome {
         telemetry::resolution(to.as_str());
@@ -644,7 +664,7 @@ async fn record_outcome(state: &AppState, attempt: &AttemptRow, to: &str) {
         channel_txn_id: None,
         now_ms: telemetry::now_ms(),
     };
-    if let Err(err) = state.settler.save_attempt(update).await {
+    if let Err(err) = state.settler.save_attempt(update, None).await {
         tracing::warn!(payment_id = %attempt.payment_id, error = %err, "attempt outcome not recorded");
     }
 }

@@ -239,7 +239,7 @@ async fn unpaid(state: &AppState, attempt: &AttemptRow, to: PaymentStatus) -> Ha
         channel_txn_id: None,
         now_ms: telemetry::now_ms(),
     };
-    if let Err(err) = state.settler.save_attempt(update).await {
+    if let Err(err) = state.settler.save_attempt(update, None).await {
         tracing::warn!(payment_id = %pid, error = %err, "attempt outcome not recorded");
         return Handled::Retry("retry");
     }

@@ -42,6 +42,8 @@ pub struct AppState {
     pub settler: Arc<Settler>,
     /// The configured upstream channels with their breakers.
     pub channels: Arc<ChannelRegistry>,
+    /// Documents of the channel payments this instance created, until they settle.
+    pub pending_docs: crate::pending_docs::PendingDocs,
     /// The gateway's URL as channels reach it: notify URLs are `<public_url>/v1/callbacks/<id>`.
     pub public_url: String,
     pub auth: Authenticator,
@@ -66,6 +68,9 @@ impl AppState {
             balances,
             settler,
             auth: Authenticator::new(&config),
+            pending_docs: crate::pending_docs::PendingDocs::new(
+                config.settings.payments.pending_doc_cache,
+            ),
             in_flight: Semaphore::new(config.settings.server.max_in_flight_requests),
             metrics: telemetry::prometheus(),
             draining: AtomicBool::new(false),

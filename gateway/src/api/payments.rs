@@ -603,12 +603,17 @@ async fn route_payment(
         first,
         first_row,
     } = plan;
+    // A callback may come before this call ends: it finds the document here.
+    state.pending_docs.insert(payment.doc.clone());
+    // An accepted attempt's outcome carries the key's release into the group commit.
+    let mut mark = Some(mark);
     let (routed, attempts) = checkout::attempt(
         state,
         &payment.doc,
         &mut route,
         first,
         first_row.into_iter().collect(),
+        &mut mark,
     )
     .await;
     let answer = match routed {
@@ -648,6 +653,7 @@ async fn route_payment(
         }
         Routed::NoChannel => {
             telemetry::routing("no_channel");
+            state.pending_docs.remove(id.as_str());
             match state.balances.fail_unrouted(&id, key, state.op()).await? {
                 TransitionOutcome::Done(_) => {
                     resolution::apply_final_status(state, &id, PaymentStatus::Failed).await;
@@ -664,9 +670,12 @@ async fn route_payment(
             )
         }
     };
-    // Now the key may replay (the answer above, or the payment as it stands).
-    if let Err(err) = state.balances.mark_settled(&[mark]).await {
-        tracing::warn!(payment_id = %id, error = %err, "intent committed but not marked; recovery will");
+    // Now the key may replay (the answer above, or the payment as it stands), unless the
+    // accepted attempt's commit did it already.
+    if let Some(mark) = mark {
+        if let Err(err) = state.balances.mark_settled(&[mark]).await {
+            tracing::warn!(payment_id = %id, error = %err, "intent committed but not marked; recovery will");
+        }
     }
     Ok(answer)
 }

@@ -872,12 +872,9 @@ impl BalanceStore for RedisStore {
                 .arg(&mark.id);
         }
         let mut conn = self.connection();
-        self.bounded(
-            "mark_settled",
-            invocation.invoke_async::<i64>(&mut conn),
-        )
-        .await
-        .map(|_| ())
+        self.bounded("mark_settled", invocation.invoke_async::<i64>(&mut conn))
+            .await
+            .map(|_| ())
     }
 
     async fn abandon(

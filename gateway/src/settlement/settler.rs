@@ -104,10 +104,15 @@ impl Settler {
     }
 
     /// Records an attempt's outcome through the group commit (it shares the transaction of
-    /// the payments committing beside it). `false` when there is no such attempt, or it has
+    /// the payments committing beside it); with a mark, then lets that record replay (in the
+    /// batch's one balance-store call). `false` when there is no such attempt, or it has
     /// succeeded already.
-    pub async fn save_attempt(&self, update: AttemptUpdate) -> Result<bool, SettleFailure> {
-        match self.write(Write::Attempt(update), None).await? {
+    pub async fn save_attempt(
+        &self,
+        update: AttemptUpdate,
+        mark: Option<SettledMark>,
+    ) -> Result<bool, SettleFailure> {
+        match self.write(Write::Attempt(update), mark).await? {
             Written::Attempt(updated) => Ok(updated),
             other => Err(unexpected(&other)),
         }

@@ -281,7 +281,7 @@ impl Writer {
                         CommitOutcome::Inserted | CommitOutcome::AlreadyCommitted
                     )) | Ok(Written::Intent(
                         IntentOutcome::Inserted | IntentOutcome::AlreadyRecorded
-                    ))
+                    )) | Ok(Written::Attempt(_))
                 )
             })
             .filter_map(|(waiter, _)| waiter.mark.take())
