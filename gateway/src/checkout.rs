@@ -247,6 +247,7 @@ pub async fn attempt(
             state.channels.entries()[next.index].release(next.permit);
             break;
         }
+        state.pending_docs.add_attempt(&row);
         attempts.push(row);
         current = Some(next);
     }

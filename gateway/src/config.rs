@@ -74,6 +74,9 @@ pub struct ServerSettings {
     /// notify URLs are `<public_url>/v1/callbacks/<channel id>`. Empty: `http://<bound
     /// address>` (the sandbox).
     pub public_url: String,
+    /// Threads of the async runtime; 0: one per CPU. Fewer threads than CPUs leave room for
+    /// Redis and the database on a shared machine (docs/PERFORMANCE.md).
+    pub worker_threads: usize,
 }
 
 impl Default for ServerSettings {
@@ -84,6 +87,7 @@ impl Default for ServerSettings {
             max_in_flight_requests: 4_096,
             max_body_bytes: 16 * 1024,
             public_url: String::new(),
+            worker_threads: 0,
         }
     }
 }
@@ -775,6 +779,7 @@ fn validate(settings: Settings) -> Result<Config, ConfigError> {
         1,
         600_000,
     );
+    c.range("server.worker_threads", s.server.worker_threads, 0, 1_024);
     c.range(
         "server.max_in_flight_requests",
         s.server.max_in_flight_requests,

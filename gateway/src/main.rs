@@ -3,6 +3,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// mimalloc rather than glibc's malloc: see gateway/Cargo.toml and docs/PERFORMANCE.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Parser, Subcommand};
 use gateway::config;
 use gateway::sandbox::{self, Sandbox};
@@ -205,10 +209,11 @@ fn serve(
     channel_overrides: Vec<(String, String)>,
 ) -> ExitCode {
     telemetry::init_tracing(&config.settings.telemetry);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if config.settings.server.worker_threads > 0 {
+        builder.worker_threads(config.settings.server.worker_threads);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("cannot start the runtime: {err}");

@@ -245,6 +245,13 @@ pub async fn settle_paid(
         amount_minor: doc.amount_minor,
         pending_record: PendingRecord::Settlement(settlement.clone()).to_json(),
     };
+    // Admission before any money moves (as for a new payment): a store the writer has seen
+    // fail refuses here, and the channel retries. A store that goes down while this runs
+    // leaves the movement in the balance store's outbox, committed by recovery later.
+    state
+        .settler
+        .admit()
+        .map_err(|e| ResolveError::Settle(SettleFailure::Stream(e)))?;
     let seq = loop {
         match state.balances.succeed(&request, state.op()).await? {
             SucceedOutcome::Done { seq } => break seq,

@@ -63,12 +63,19 @@ pub async fn receive(
             return reply(channel, CallbackAnswer::Refused, "verification failed");
         }
     };
-    let attempt = match state
-        .settler
-        .store
-        .attempt_by_channel_order(notice.order_id.as_str())
-        .await
-    {
+    // The attempt this instance committed before calling the channel, else the store's.
+    let cached = state.pending_docs.attempt(&notice.order_id);
+    let found = match cached {
+        Some(attempt) => Ok(Some(attempt)),
+        None => {
+            state
+                .settler
+                .store
+                .attempt_by_channel_order(notice.order_id.as_str())
+                .await
+        }
+    };
+    let attempt = match found {
         Ok(Some(attempt)) if attempt.channel_id == channel_id => attempt,
         Ok(_) => {
             tracing::warn!(channel = %channel_id, order = %notice.order_id, "callback for an order that is not an attempt of this channel");

@@ -603,8 +603,10 @@ async fn route_payment(
         first,
         first_row,
     } = plan;
-    // A callback may come before this call ends: it finds the document here.
-    state.pending_docs.insert(payment.doc.clone());
+    // A callback may come before this call ends: it finds the document and attempt here.
+    state
+        .pending_docs
+        .insert(payment.doc.clone(), first_row.iter().cloned().collect());
     // An accepted attempt's outcome carries the key's release into the group commit.
     let mut mark = Some(mark);
     let (routed, attempts) = checkout::attempt(

@@ -19,6 +19,9 @@ use crate::telemetry;
 /// Waits this long for a lock held by another process (`gateway migrate` beside a server).
 const BUSY_TIMEOUT_MS: u64 = 5_000;
 
+/// Prepared statements kept per connection: more than the store has distinct statements.
+const STATEMENT_CACHE: usize = 128;
+
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
     path: PathBuf,
@@ -89,6 +92,8 @@ impl SqliteStore {
         }
         conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
             .map_err(unavailable)?;
+        // Every hot statement stays prepared (the default cache holds 16).
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
             path: path.to_owned(),
@@ -167,44 +172,60 @@ fn attempt_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AttemptRow> {
 /// Inserts an attempt unless the very same one is stored; `Invalid` when it clashes with a
 /// stored attempt (another channel order id for the same attempt, or its channel order id
 /// taken by another attempt). Writes nothing unless it inserts.
+/// `execute` through the connection's statement cache (hot statements are parsed once).
+fn exec(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute(params)
+}
+
+/// `query_row` through the connection's statement cache.
+fn query_row<T>(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    conn.prepare_cached(sql)?.query_row(params, f)
+}
+
 fn insert_attempt(conn: &Connection, a: &AttemptRow) -> Result<(), SettleError> {
-    let inserted = conn
-        .execute(
-            &format!(
-                "INSERT INTO attempts ({ATTEMPT_COLUMNS}) VALUES \
+    let inserted = exec(
+        conn,
+        &format!(
+            "INSERT INTO attempts ({ATTEMPT_COLUMNS}) VALUES \
                  (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT DO NOTHING"
-            ),
-            params![
-                a.payment_id,
-                a.attempt,
-                a.channel_id,
-                a.channel_order_id,
-                a.outcome,
-                a.latency_ms.map(ms),
-                a.action,
-                a.channel_txn_id,
-                ms(a.created_at_ms),
-                ms(a.updated_at_ms)
-            ],
-        )
-        .map_err(db)?;
+        ),
+        params![
+            a.payment_id,
+            a.attempt,
+            a.channel_id,
+            a.channel_order_id,
+            a.outcome,
+            a.latency_ms.map(ms),
+            a.action,
+            a.channel_txn_id,
+            ms(a.created_at_ms),
+            ms(a.updated_at_ms)
+        ],
+    )
+    .map_err(db)?;
     if inserted == 1 {
         return Ok(());
     }
-    let stored: Option<String> = conn
-        .query_row(
-            "SELECT channel_order_id FROM attempts WHERE payment_id = ?1 AND attempt = ?2",
-            params![a.payment_id, a.attempt],
-            |r| r.get(0),
-        )
-        .optional()
-        .map_err(db)?;
+    let stored: Option<String> = query_row(
+        conn,
+        "SELECT channel_order_id FROM attempts WHERE payment_id = ?1 AND attempt = ?2",
+        params![a.payment_id, a.attempt],
+        |r| r.get(0),
+    )
+    .optional()
+    .map_err(db)?;
     a.explain_conflict(stored.as_deref())
 }
 
 /// Records that a payment reached `status` (once per status).
 fn record_event(conn: &Connection, id: &str, status: &str, at_ms: u64) -> rusqlite::Result<()> {
-    conn.execute(
+    exec(
+        conn,
         "INSERT INTO payment_events (payment_id, status, at_ms) VALUES (?1, ?2, ?3) \
          ON CONFLICT DO NOTHING",
         params![id, status, ms(at_ms)],
@@ -215,7 +236,8 @@ fn record_event(conn: &Connection, id: &str, status: &str, at_ms: u64) -> rusqli
 /// Inserts a payment, or updates its status if it exists (leaving its resolution schedule);
 /// `false` when another live payment holds its scoped order id.
 fn write_payment(conn: &Connection, p: &PaymentRow) -> rusqlite::Result<bool> {
-    let inserted = conn.execute(
+    let inserted = exec(
+        conn,
         &format!(
             "INSERT INTO payments ({PAYMENT_COLUMNS}) VALUES \
              (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18) \
@@ -248,7 +270,8 @@ fn write_payment(conn: &Connection, p: &PaymentRow) -> rusqlite::Result<bool> {
     }
     // Never moves a refunded payment back (two refunds' commits may arrive in either order;
     // the later status wins only if it is further along).
-    let updated = conn.execute(
+    let updated = exec(
+        conn,
         "UPDATE payments SET status = CASE \
          WHEN status = 'refunded' AND ?2 IN ('succeeded', 'partially_refunded') THEN status \
          WHEN status = 'partially_refunded' AND ?2 = 'succeeded' THEN status ELSE ?2 END, \
@@ -347,47 +370,47 @@ fn webhook_attempt_in(conn: &Connection, a: &WebhookAttempt) -> rusqlite::Result
 /// caller's transaction.
 fn settle_in(tx: &Connection, s: &Settlement) -> Result<CommitOutcome, SettleError> {
     let hash = s.content_hash();
-    let inserted = tx
-        .execute(
-            "INSERT INTO settlements (payment_id, kind, sequence, merchant_id, \
+    let inserted = exec(
+        tx,
+        "INSERT INTO settlements (payment_id, kind, sequence, merchant_id, \
              account_id, channel_id, channel_txn_id, amount_minor, currency, \
              channel_fee_minor, commission_minor, merchant_net_minor, account_seq, \
              settled_at_ms, content_hash) VALUES \
              (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) \
              ON CONFLICT DO NOTHING",
-            params![
-                s.payment_id,
-                s.kind.as_str(),
-                s.sequence,
-                s.merchant_id,
-                s.account_id,
-                s.channel_id,
-                s.channel_txn_id,
-                s.amount_minor,
-                s.currency.code(),
-                s.channel_fee_minor,
-                s.commission_minor,
-                s.merchant_net_minor,
-                s.account_seq.map(ms),
-                ms(s.settled_at_ms),
-                hash
-            ],
-        )
-        .map_err(db)?;
+        params![
+            s.payment_id,
+            s.kind.as_str(),
+            s.sequence,
+            s.merchant_id,
+            s.account_id,
+            s.channel_id,
+            s.channel_txn_id,
+            s.amount_minor,
+            s.currency.code(),
+            s.channel_fee_minor,
+            s.commission_minor,
+            s.merchant_net_minor,
+            s.account_seq.map(ms),
+            ms(s.settled_at_ms),
+            hash
+        ],
+    )
+    .map_err(db)?;
     if inserted == 0 {
-        let stored: Option<String> = tx
-            .query_row(
-                "SELECT content_hash FROM settlements WHERE payment_id = ?1 \
+        let stored: Option<String> = query_row(
+            tx,
+            "SELECT content_hash FROM settlements WHERE payment_id = ?1 \
                  AND kind = ?2 AND sequence = ?3",
-                params![s.payment_id, s.kind.as_str(), s.sequence],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(db)?;
+            params![s.payment_id, s.kind.as_str(), s.sequence],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(db)?;
         let Some(stored) = stored else {
             // Not our key: the account's sequence number is taken.
             let account_seq = s.account_seq.unwrap_or(0);
-            tx.execute(
+            exec(tx,
                 "INSERT INTO flagged (kind, payment_id, detail, created_at_ms) \
                  VALUES ('sequence_conflict', ?1, ?2, ?3) ON CONFLICT DO NOTHING",
                 params![
@@ -402,7 +425,8 @@ fn settle_in(tx: &Connection, s: &Settlement) -> Result<CommitOutcome, SettleErr
         if stored == hash {
             return Ok(CommitOutcome::AlreadyCommitted);
         } else {
-            tx.execute(
+            exec(
+                tx,
                 "INSERT INTO flagged (kind, payment_id, detail, created_at_ms) \
                  VALUES ('settlement_conflict', ?1, ?2, ?3) ON CONFLICT DO NOTHING",
                 params![
@@ -421,7 +445,8 @@ fn settle_in(tx: &Connection, s: &Settlement) -> Result<CommitOutcome, SettleErr
         }
     }
     for (line, p) in s.postings.iter().enumerate() {
-        tx.execute(
+        exec(
+            tx,
             "INSERT INTO postings (payment_id, kind, sequence, line, ledger, \
              amount_minor, currency) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
@@ -438,7 +463,8 @@ fn settle_in(tx: &Connection, s: &Settlement) -> Result<CommitOutcome, SettleErr
     }
     if let Some(payment) = &s.payment {
         if !write_payment(tx, payment).map_err(db)? {
-            tx.execute(
+            exec(
+                tx,
                 "INSERT INTO flagged (kind, payment_id, detail, created_at_ms) \
                  VALUES ('order_id_conflict', ?1, ?2, ?3) ON CONFLICT DO NOTHING",
                 params![
@@ -455,7 +481,8 @@ fn settle_in(tx: &Connection, s: &Settlement) -> Result<CommitOutcome, SettleErr
     }
     // A refund ends with its settlement.
     if s.kind == SettlementKind::Refund {
-        tx.execute(
+        exec(
+            tx,
             "UPDATE refunds SET status = 'succeeded', updated_at_ms = ?2 \
              WHERE refund_id = ?1 AND status = 'pending'",
             params![s.channel_txn_id, ms(s.settled_at_ms)],
@@ -1262,7 +1289,8 @@ fn insert_webhook(conn: &Connection, e: &WebhookEvent) -> rusqlite::Result<()> {
 /// Enqueues the event a just-inserted settlement announces (`events::for_settlement`).
 fn enqueue_settlement_webhook(conn: &Connection, s: &Settlement) -> rusqlite::Result<()> {
     let stored = if events::needs_stored_payment(s) {
-        conn.query_row(
+        query_row(
+            conn,
             &format!("SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = ?1"),
             [&s.payment_id],
             payment_from_row,
@@ -1280,7 +1308,8 @@ fn enqueue_settlement_webhook(conn: &Connection, s: &Settlement) -> rusqlite::Re
 
 /// Enqueues the event a payment's new final status announces (`events::for_final_status`).
 fn enqueue_status_webhook(conn: &Connection, payment_id: &str) -> rusqlite::Result<()> {
-    let payment = conn.query_row(
+    let payment = query_row(
+        conn,
         &format!("SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = ?1"),
         [payment_id],
         payment_from_row,
