@@ -543,9 +543,11 @@ pub trait SettlementStore: Send + Sync + 'static {
     /// resolution schedule (`next_check_at_ms`, `checks`) is left as stored.
     async fn commit(&self, batch: &[Settlement]) -> Result<Vec<CommitOutcome>, SettleError>;
 
-    /// Commits a group of writes in ONE transaction (one fsync): the intents first, then the
-    /// attempt outcomes, then the settlements, then the webhook outcomes, each with exactly the meaning of its own method
-    /// above. The outer error is the transaction's (nothing written); an inner `Invalid` is
+    /// Commits a group of writes in ONE transaction (one fsync), each with exactly the meaning
+    /// of its own method above. Writes of one kind apply in the order given; writes of
+    /// different kinds may apply in any order, so a batch must not hold writes of two kinds
+    /// for one row (the stream never does: a payment's next write waits for its previous
+    /// commit). The outer error is the transaction's (nothing written); an inner `Invalid` is
     /// that write's alone (nothing of it written, the others committed). An attempt outcome
     /// never overwrites `succeeded`.
     async fn commit_writes(

@@ -52,12 +52,37 @@ const PAYMENT_COLUMNS: &str = "id, merchant_id, account_id, scope_tag, merchant_
     amount_minor, currency, method, purpose, status, held_minor, hold_expires_at_ms, \
     created_at_ms, expires_at_ms, updated_at_ms, doc, next_check_at_ms, checks";
 
-const INSERT_PAYMENT: &str = "INSERT INTO payments (id, merchant_id, account_id, scope_tag, \
-    merchant_order_id, amount_minor, currency, method, purpose, status, held_minor, \
+/// Inserts a payment unless its id or its live scoped order id is taken, with its first event,
+/// in one statement (one round trip); the row count says whether it was inserted.
+const INSERT_PAYMENT: &str = "WITH ins AS (INSERT INTO payments (id, merchant_id, account_id, \
+    scope_tag, merchant_order_id, amount_minor, currency, method, purpose, status, held_minor, \
     hold_expires_at_ms, created_at_ms, expires_at_ms, updated_at_ms, doc, next_check_at_ms, \
     checks) VALUES \
     ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
-    ON CONFLICT DO NOTHING";
+    ON CONFLICT DO NOTHING RETURNING id, status, updated_at_ms), \
+    ev AS (INSERT INTO payment_events (payment_id, status, at_ms) \
+    SELECT id, status, updated_at_ms FROM ins ON CONFLICT DO NOTHING) \
+    SELECT id FROM ins";
+
+/// A settlement's payment in one statement (one round trip): inserted whole, or, when it
+/// exists, its status (never moving a refunded payment back: two refunds' commits may arrive
+/// in either order, the later status wins only if it is further along), hold and
+/// `updated_at_ms`; with the event of its status either way. Its one row says what was done.
+const WRITE_PAYMENT: &str = "WITH ins AS (INSERT INTO payments (id, merchant_id, account_id, \
+    scope_tag, merchant_order_id, amount_minor, currency, method, purpose, status, held_minor, \
+    hold_expires_at_ms, created_at_ms, expires_at_ms, updated_at_ms, doc, next_check_at_ms, \
+    checks) VALUES \
+    ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
+    ON CONFLICT DO NOTHING RETURNING id), \
+    upd AS (UPDATE payments SET status = CASE \
+    WHEN status = 'refunded' AND $10 IN ('succeeded', 'partially_refunded') THEN status \
+    WHEN status = 'partially_refunded' AND $10 = 'succeeded' THEN status ELSE $10 END, \
+    held_minor = $11, updated_at_ms = $15 \
+    WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM ins) RETURNING id), \
+    ev AS (INSERT INTO payment_events (payment_id, status, at_ms) \
+    SELECT id, $10, $15 FROM ins UNION ALL SELECT id, $10, $15 FROM upd \
+    ON CONFLICT DO NOTHING) \
+    SELECT (SELECT COUNT(*) FROM ins) + (SELECT COUNT(*) FROM upd)";
 
 const ATTEMPT_COLUMNS: &str = "payment_id, attempt, channel_id, channel_order_id, outcome, \
     latency_ms, action, channel_txn_id, created_at_ms, updated_at_ms";
@@ -78,13 +103,6 @@ const STORED_ATTEMPT_ORDER: &str =
 
 const INSERT_EVENT: &str = "INSERT INTO payment_events (payment_id, status, at_ms) \
     VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
-
-/// A settlement's payment row: never moves a refunded payment back (two refunds' commits may
-/// arrive in either order; the later status wins only if it is further along).
-const UPDATE_PAYMENT: &str = "UPDATE payments SET status = CASE \
-    WHEN status = 'refunded' AND $2 IN ('succeeded', 'partially_refunded') THEN status \
-    WHEN status = 'partially_refunded' AND $2 = 'succeeded' THEN status ELSE $2 END, \
-    held_minor = $3, updated_at_ms = $4 WHERE id = $1";
 
 const INSERT_SETTLEMENT: &str = "INSERT INTO settlements (payment_id, kind, sequence, \
     merchant_id, account_id, channel_id, channel_txn_id, amount_minor, currency, \
@@ -368,40 +386,56 @@ impl<'a> PostingColumns<'a> {
     }
 }
 
-/// Inserts a payment unless its id or its live scoped order id is taken; `true` if inserted.
-/// `checks` must fit (see [`checks_i32`]); it saturates otherwise.
+/// Runs `sql` (`INSERT_PAYMENT` or `WRITE_PAYMENT`) for `p`: its row, if any. `checks` must
+/// fit (see [`checks_i32`]); it saturates otherwise.
+async fn payment_statement(
+    tx: &Transaction<'_>,
+    sql: &str,
+    p: &PaymentRow,
+) -> Result<Option<Row>, tokio_postgres::Error> {
+    let checks = i32::try_from(p.checks).unwrap_or(i32::MAX);
+    let (currency, hold, created, expires, updated, next) = (
+        p.currency.code(),
+        p.hold_expires_at_ms.map(ms),
+        ms(p.created_at_ms),
+        ms(p.expires_at_ms),
+        ms(p.updated_at_ms),
+        p.next_check_at_ms.map(ms),
+    );
+    let stmt = tx.prepare_cached(sql).await?;
+    tx.query_opt(
+        &stmt,
+        &[
+            &p.id,
+            &p.merchant_id,
+            &p.account_id,
+            &p.scope_tag,
+            &p.merchant_order_id,
+            &p.amount_minor,
+            &currency,
+            &p.method,
+            &p.purpose,
+            &p.status,
+            &p.held_minor,
+            &hold,
+            &created,
+            &expires,
+            &updated,
+            &p.doc,
+            &next,
+            &checks,
+        ],
+    )
+    .await
+}
+
+/// Inserts a payment (with its first event) unless its id or its live scoped order id is
+/// taken; `true` if inserted.
 async fn insert_payment(
     tx: &Transaction<'_>,
     p: &PaymentRow,
 ) -> Result<bool, tokio_postgres::Error> {
-    let checks = i32::try_from(p.checks).unwrap_or(i32::MAX);
-    let insert = tx.prepare_cached(INSERT_PAYMENT).await?;
-    let inserted = tx
-        .execute(
-            &insert,
-            &[
-                &p.id,
-                &p.merchant_id,
-                &p.account_id,
-                &p.scope_tag,
-                &p.merchant_order_id,
-                &p.amount_minor,
-                &p.currency.code(),
-                &p.method,
-                &p.purpose,
-                &p.status,
-                &p.held_minor,
-                &p.hold_expires_at_ms.map(ms),
-                &ms(p.created_at_ms),
-                &ms(p.expires_at_ms),
-                &ms(p.updated_at_ms),
-                &p.doc,
-                &p.next_check_at_ms.map(ms),
-                &checks,
-            ],
-        )
-        .await?;
-    Ok(inserted == 1)
+    Ok(payment_statement(tx, INSERT_PAYMENT, p).await?.is_some())
 }
 
 /// Records that a payment reached `status` (once per status).
@@ -416,28 +450,16 @@ async fn record_event(
     Ok(())
 }
 
-/// Inserts a payment, or updates its status if it exists (leaving its resolution schedule);
-/// `false` when another live payment holds its scoped order id (as `write_payment` in
-/// sqlite.rs).
+/// Inserts a payment, or updates its status if it exists (leaving its resolution schedule),
+/// with its event, in one round trip; `false` when another live payment holds its scoped
+/// order id (as `write_payment` in sqlite.rs).
 async fn write_payment(
     tx: &Transaction<'_>,
     p: &PaymentRow,
 ) -> Result<bool, tokio_postgres::Error> {
-    if insert_payment(tx, p).await? {
-        record_event(tx, &p.id, &p.status, p.updated_at_ms).await?;
-        return Ok(true);
-    }
-    let update = tx.prepare_cached(UPDATE_PAYMENT).await?;
-    let updated = tx
-        .execute(
-            &update,
-            &[&p.id, &p.status, &p.held_minor, &ms(p.updated_at_ms)],
-        )
-        .await?;
-    if updated == 1 {
-        record_event(tx, &p.id, &p.status, p.updated_at_ms).await?;
-    }
-    Ok(updated == 1)
+    let row = payment_statement(tx, WRITE_PAYMENT, p).await?;
+    let written: i64 = row.map_or(Ok(0), |r| r.try_get(0))?;
+    Ok(written == 1)
 }
 
 async fn flag(
@@ -750,9 +772,6 @@ impl PostgresStore {
         // does nothing, and the look-ups below (each with a fresh snapshot) explain why.
         for _ in 0..INTENT_ATTEMPTS {
             if insert_payment(tx, p).await.map_err(db)? {
-                record_event(tx, &p.id, &p.status, p.updated_at_ms)
-                    .await
-                    .map_err(db)?;
                 if let Some((a, number)) = first_attempt {
                     self.insert_attempt(tx, a, number).await?;
                 }
@@ -903,11 +922,15 @@ impl PostgresStore {
         let mut results: Vec<Option<Result<Written, SettleError>>> =
             refused.iter().map(|r| r.clone().map(Err)).collect();
 
-        // Intents, all at once.
+        // Writes of different kinds never concern the same row in one batch (a payment's next
+        // write is submitted after its previous one committed; an attempt's success and its
+        // settlement touch different tables), so all four kinds go out together: one round
+        // trip for the lot instead of one per kind. Within a kind, the order given holds.
+        let pending = |i: &usize| results[*i].is_none();
         let intents: Vec<(usize, &PaymentRow, Option<&AttemptRow>)> = batch
             .iter()
             .enumerate()
-            .filter(|(i, _)| results[*i].is_none())
+            .filter(|(i, _)| pending(i))
             .filter_map(|(i, w)| match w {
                 Write::Intent {
                     payment,
@@ -916,57 +939,53 @@ impl PostgresStore {
                 _ => None,
             })
             .collect();
-        let outcomes = join_all(intents.iter().map(|(_, p, a)| self.intent_in(&tx, p, *a))).await;
-        for ((index, _, _), outcome) in intents.iter().zip(outcomes) {
+        let updates: Vec<(usize, &AttemptUpdate)> = batch
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| pending(i))
+            .filter_map(|(i, w)| match w {
+                Write::Attempt(u) => Some((i, u)),
+                _ => None,
+            })
+            .collect();
+        let settlements: Vec<(usize, &Settlement)> = batch
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| pending(i))
+            .filter_map(|(i, w)| match w {
+                Write::Settlement(s) => Some((i, s)),
+                _ => None,
+            })
+            .collect();
+        let hooks: Vec<(usize, &WebhookAttempt)> = batch
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| pending(i))
+            .filter_map(|(i, w)| match w {
+                Write::Webhook(a) => Some((i, a)),
+                _ => None,
+            })
+            .collect();
+        let rows: Vec<&Settlement> = settlements.iter().map(|(_, s)| *s).collect();
+        let (intended, updated, settled, recorded) = tokio::join!(
+            join_all(intents.iter().map(|(_, p, a)| self.intent_in(&tx, p, *a))),
+            join_all(updates.iter().map(|(_, u)| self.update_attempt_in(&tx, u))),
+            self.settle_in(&tx, &rows),
+            join_all(hooks.iter().map(|(_, a)| self.webhook_attempt_in(&tx, a))),
+        );
+        for ((index, _, _), outcome) in intents.iter().zip(intended) {
             match outcome {
                 Ok(outcome) => results[*index] = Some(Ok(Written::Intent(outcome))),
                 Err(e @ SettleError::Invalid(_)) => return Ok(Err((*index, e))),
                 Err(e) => return Err(e),
             }
         }
-
-        // Attempt outcomes, all at once.
-        let updates: Vec<(usize, &AttemptUpdate)> = batch
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| results[*i].is_none())
-            .filter_map(|(i, w)| match w {
-                Write::Attempt(u) => Some((i, u)),
-                _ => None,
-            })
-            .collect();
-        let updated = join_all(updates.iter().map(|(_, u)| self.update_attempt_in(&tx, u))).await;
         for ((index, _), updated) in updates.iter().zip(updated) {
             results[*index] = Some(Ok(Written::Attempt(updated?)));
         }
-
-        // Settlements.
-        let settlements: Vec<(usize, &Settlement)> = batch
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| results[*i].is_none())
-            .filter_map(|(i, w)| match w {
-                Write::Settlement(s) => Some((i, s)),
-                _ => None,
-            })
-            .collect();
-        let rows: Vec<&Settlement> = settlements.iter().map(|(_, s)| *s).collect();
-        let outcomes = self.settle_in(&tx, &rows).await?;
-        for ((index, _), outcome) in settlements.iter().zip(outcomes) {
+        for ((index, _), outcome) in settlements.iter().zip(settled?) {
             results[*index] = Some(Ok(Written::Settlement(outcome)));
         }
-
-        // Webhook outcomes, all at once.
-        let hooks: Vec<(usize, &WebhookAttempt)> = batch
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| results[*i].is_none())
-            .filter_map(|(i, w)| match w {
-                Write::Webhook(a) => Some((i, a)),
-                _ => None,
-            })
-            .collect();
-        let recorded = join_all(hooks.iter().map(|(_, a)| self.webhook_attempt_in(&tx, a))).await;
         for ((index, _), recorded) in hooks.iter().zip(recorded) {
             results[*index] = Some(Ok(Written::Webhook(recorded?)));
         }
