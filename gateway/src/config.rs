@@ -1228,6 +1228,31 @@ mod tests {
     }
 
     #[test]
+    fn runtime_threads_and_the_pending_cache_are_bounded() {
+        let err = load(
+            None,
+            env(&[
+                ("GATEWAY__SERVER__WORKER_THREADS", "1025"),
+                ("GATEWAY__PAYMENTS__PENDING_DOC_CACHE", "10000001"),
+            ]),
+        )
+        .unwrap_err();
+        let fields: Vec<&str> = err.0.iter().map(|e| e.field.as_str()).collect();
+        assert!(fields.contains(&"server.worker_threads"), "{err}");
+        assert!(fields.contains(&"payments.pending_doc_cache"), "{err}");
+        let config = load(
+            None,
+            env(&[
+                ("GATEWAY__SERVER__WORKER_THREADS", "1"),
+                ("GATEWAY__PAYMENTS__PENDING_DOC_CACHE", "0"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.settings.server.worker_threads, 1);
+        assert_eq!(config.settings.payments.pending_doc_cache, 0);
+    }
+
+    #[test]
     fn type_errors_and_unknown_fields_are_refused() {
         let err = load(None, env(&[("GATEWAY__SERVER__MAX_BODY_BYTES", "lots")])).unwrap_err();
         assert_eq!(err.0[0].field, "GATEWAY__SERVER__MAX_BODY_BYTES");

@@ -926,46 +926,24 @@ impl PostgresStore {
         // write is submitted after its previous one committed; an attempt's success and its
         // settlement touch different tables), so all four kinds go out together: one round
         // trip for the lot instead of one per kind. Within a kind, the order given holds.
-        let pending = |i: &usize| results[*i].is_none();
-        let intents: Vec<(usize, &PaymentRow, Option<&AttemptRow>)> = batch
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| pending(i))
-            .filter_map(|(i, w)| match w {
+        let mut intents: Vec<(usize, &PaymentRow, Option<&AttemptRow>)> = Vec::new();
+        let mut updates: Vec<(usize, &AttemptUpdate)> = Vec::new();
+        let mut settlements: Vec<(usize, &Settlement)> = Vec::new();
+        let mut hooks: Vec<(usize, &WebhookAttempt)> = Vec::new();
+        for (i, write) in batch.iter().enumerate() {
+            if results[i].is_some() {
+                continue; // refused before the transaction
+            }
+            match write {
                 Write::Intent {
                     payment,
                     first_attempt,
-                } => Some((i, payment, first_attempt.as_ref())),
-                _ => None,
-            })
-            .collect();
-        let updates: Vec<(usize, &AttemptUpdate)> = batch
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| pending(i))
-            .filter_map(|(i, w)| match w {
-                Write::Attempt(u) => Some((i, u)),
-                _ => None,
-            })
-            .collect();
-        let settlements: Vec<(usize, &Settlement)> = batch
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| pending(i))
-            .filter_map(|(i, w)| match w {
-                Write::Settlement(s) => Some((i, s)),
-                _ => None,
-            })
-            .collect();
-        let hooks: Vec<(usize, &WebhookAttempt)> = batch
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| pending(i))
-            .filter_map(|(i, w)| match w {
-                Write::Webhook(a) => Some((i, a)),
-                _ => None,
-            })
-            .collect();
+                } => intents.push((i, payment, first_attempt.as_ref())),
+                Write::Attempt(u) => updates.push((i, u)),
+                Write::Settlement(s) => settlements.push((i, s)),
+                Write::Webhook(a) => hooks.push((i, a)),
+            }
+        }
         let rows: Vec<&Settlement> = settlements.iter().map(|(_, s)| *s).collect();
         let (intended, updated, settled, recorded) = tokio::join!(
             join_all(intents.iter().map(|(_, p, a)| self.intent_in(&tx, p, *a))),

@@ -8,7 +8,7 @@ use gateway::settlement::sqlite::SqliteStore;
 use gateway::settlement::{
     check_schema, ledger, AccountRow, AttemptRow, AttemptUpdate, CommitOutcome, IntentOutcome,
     PaymentRow, PendingRecord, Posting, SettleError, Settlement, SettlementKind, SettlementStore,
-    StatusChange, Write, Written, MIGRATIONS, SCHEMA_VERSION,
+    StatusChange, WebhookAttempt, WebhookOutcome, Write, Written, MIGRATIONS, SCHEMA_VERSION,
 };
 
 pub struct Sqlite {
@@ -221,6 +221,14 @@ async fn a_group_commit_holds_intents_attempt_outcomes_and_settlements(
             payment: channel_payment("pay_1", Some(60_000)),
             first_attempt: Some(first.clone()),
         },
+        // No such event: nothing to record.
+        Write::Webhook(WebhookAttempt {
+            id: "evt_none".into(),
+            outcome: WebhookOutcome::Delivered,
+            http_status: Some(200),
+            error: None,
+            now_ms: 50,
+        }),
     ];
     let results: Vec<Written> = store
         .commit_writes(&batch)
@@ -240,6 +248,7 @@ async fn a_group_commit_holds_intents_attempt_outcomes_and_settlements(
             Written::Attempt(false),
             Written::Attempt(false),
             Written::Intent(IntentOutcome::AlreadyRecorded),
+            Written::Webhook(false),
         ]
     );
     assert_eq!(store.payment("pay_2").await.unwrap(), Some(second));
