@@ -73,6 +73,37 @@ async fn wait_on_disk(app: &TestApp, id: &str, want: &str) {
     panic!("payment {id} never reached {want} on disk");
 }
 
+/// The simulator records a callback once the gateway's answer is back, which can be after the
+/// gateway committed: polls the channel's record of `order` until `done` holds (bounded: 10 s)
+/// and returns it either way, for the caller to assert on.
+async fn sim_order_until(
+    app: &TestApp,
+    order: &str,
+    done: impl Fn(&channel_sim::OrderRecord) -> bool,
+) -> channel_sim::OrderRecord {
+    let mut record = app
+        .channels
+        .sim
+        .order(order)
+        .expect("the channel has the order");
+    for _ in 0..200 {
+        if done(&record) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        record = app
+            .channels
+            .sim
+            .order(order)
+            .expect("the channel has the order");
+    }
+    record
+}
+
+fn any_acknowledged(record: &channel_sim::OrderRecord) -> bool {
+    record.callbacks.iter().any(|c| c.acknowledged)
+}
+
 /// The movements committed for a payment, as (kind, sequence).
 async fn movements(app: &TestApp, id: &str) -> Vec<(String, u32)> {
     let mut found: Vec<(String, u32)> = app
@@ -251,7 +282,7 @@ async fn a_paid_callback_settles_the_payment_once(
             .await;
     }
     // The channel's record: its (first) callback acknowledged, on the first attempt.
-    let record = app.channels.sim.order(&order_of(&created.body)).unwrap();
+    let record = sim_order_until(&app, &order_of(&created.body), any_acknowledged).await;
     let first = record.callbacks.first().expect("a callback was sent");
     assert!(first.acknowledged, "{:?}", record.callbacks);
     assert_eq!(first.attempt, 1);
@@ -316,14 +347,9 @@ async fn duplicated_callbacks_settle_once() {
     let id = created.body["id"].as_str().unwrap();
     app.wait_status(id, "succeeded").await;
     let order = order_of(&created.body);
-    let mut callbacks = Vec::new();
-    for _ in 0..100 {
-        callbacks = app.channels.sim.order(&order).unwrap().callbacks;
-        if callbacks.iter().any(|c| c.duplicate) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let callbacks = sim_order_until(&app, &order, |r| r.callbacks.iter().any(|c| c.duplicate))
+        .await
+        .callbacks;
     assert!(callbacks.iter().any(|c| c.duplicate), "{callbacks:?}");
     assert!(callbacks.iter().all(|c| c.acknowledged), "{callbacks:?}");
     app.assert_account(ALPHA, "acc", "90.00", "0.00", "90.00")
@@ -664,13 +690,9 @@ async fn callbacks_are_refused_while_the_store_is_down_and_settle_once_it_is_bac
     // the outbox); after that, callbacks are refused before any money moves. Either way the
     // account's available money is unchanged and nothing is acknowledged.
     let first = order_of(&payments[0]);
-    for _ in 0..100 {
-        if !app.channels.sim.order(&first).unwrap().callbacks.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let callbacks = app.channels.sim.order(&first).unwrap().callbacks;
+    let callbacks = sim_order_until(&app, &first, |r| !r.callbacks.is_empty())
+        .await
+        .callbacks;
     assert!(!callbacks.is_empty());
     assert!(callbacks.iter().all(|c| !c.acknowledged), "{callbacks:?}");
     assert!(
@@ -704,16 +726,8 @@ async fn callbacks_are_refused_while_the_store_is_down_and_settle_once_it_is_bac
         assert_eq!(movements(&app, id).await, vec![("capture".to_owned(), 0)]);
         // The channel's next retry after the commit is acknowledged.
         let order = order_of(payment);
-        let mut acknowledged = false;
-        for _ in 0..200 {
-            let record = app.channels.sim.order(&order).unwrap();
-            if record.callbacks.iter().any(|c| c.acknowledged) {
-                acknowledged = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert!(acknowledged, "{:?}", app.channels.sim.order(&order));
+        let record = sim_order_until(&app, &order, any_acknowledged).await;
+        assert!(any_acknowledged(&record), "{record:?}");
     }
     app.assert_account(ALPHA, "acc", "70.00", "0.00", "70.00")
         .await;
@@ -882,14 +896,10 @@ async fn an_alipay_code_paid_after_cancel_is_refunded_automatically() {
         app.channels.sim.pay(&order),
         channel_sim::PayOutcome::Paid(_)
     ));
-    let mut record = app.channels.sim.order(&order).unwrap();
-    for _ in 0..100 {
-        if record.callbacks.iter().any(|c| c.acknowledged) && !record.refunds.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        record = app.channels.sim.order(&order).unwrap();
-    }
+    let record = sim_order_until(&app, &order, |r| {
+        any_acknowledged(r) && !r.refunds.is_empty()
+    })
+    .await;
     assert!(
         record.callbacks.iter().any(|c| c.acknowledged),
         "{:?}",
