@@ -178,7 +178,7 @@ impl Default for StoreSettings {
             connect_timeout_ms: 2_000,
             queue_capacity: 8_192,
             batch_max_rows: 256,
-            batch_max_wait_ms: 0,
+            batch_max_wait_ms: 2,
             settle_timeout_ms: 5_000,
             health_check_interval_ms: 500,
             recovery_interval_ms: 1_000,

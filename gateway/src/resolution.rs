@@ -248,7 +248,7 @@ pub async fn settle_paid(
     // Admission before any money moves (as for a new payment): a store the writer has seen
     // fail refuses here, and the channel retries. A store that goes down while this runs
     // leaves the movement in the balance store's outbox, committed by recovery later.
-    state
+    let admission = state
         .settler
         .admit()
         .map_err(|e| ResolveError::Settle(SettleFailure::Stream(e)))?;
@@ -280,6 +280,8 @@ pub async fn settle_paid(
             }
         }
     };
+    // On its way no more: the writes follow at once.
+    drop(admission);
     state.pending_docs.remove(pid.as_str());
     if effect.moves_balance() {
         settlement.account_seq = Some(seq);

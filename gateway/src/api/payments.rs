@@ -359,10 +359,14 @@ pub(super) async fn submit(
             plan.release(state);
         }
     };
-    if let Err(err) = state.settler.admit() {
-        give_back(plan);
-        return Err(ApiError::not_admitted(err));
-    }
+    // On its way to the writer until the balance store has answered (see `Admission`).
+    let admission = match state.settler.admit() {
+        Ok(admission) => admission,
+        Err(err) => {
+            give_back(plan);
+            return Err(ApiError::not_admitted(err));
+        }
+    };
     let mut outcome = match state.balances.authorize(&request, state.op()).await {
         Ok(outcome) => outcome,
         Err(err) => {
@@ -391,6 +395,8 @@ pub(super) async fn submit(
     if !matches!(outcome, AuthorizeOutcome::Created { .. }) {
         give_back(plan.take());
     }
+    // A created payment's write follows at once; any other outcome writes nothing.
+    drop(admission);
 
     // 4. Map the outcome (a created payment is made durable first: step 5).
     let insufficient = |available: i64, shortfall: i64| ApiError::InsufficientFunds {

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::stream::{SettlementStream, StreamError};
+use super::stream::{Admission, SettlementStream, StreamError};
 use super::{
     AttemptRow, AttemptUpdate, CommitOutcome, IntentOutcome, PaymentRow, RefundRow,
     RefundStatusChange, SettleError, Settlement, SettlementStore, StatusChange, Write, Written,
@@ -49,7 +49,8 @@ impl Settler {
     }
 
     /// Whether a money movement may start now (checked before the Redis call).
-    pub fn admit(&self) -> Result<(), StreamError> {
+    /// See [`SettlementStream::admit`]: drop the [`Admission`] right before submitting.
+    pub fn admit(&self) -> Result<Admission, StreamError> {
         self.stream.admit()
     }
 

@@ -2,13 +2,20 @@
 //!
 //! A request submits what its answer depends on (a settlement, a channel payment's intent, an
 //! attempt's outcome: a [`Write`]) and waits. The writer takes the first write, then
-//! everything already queued, then waits up to `batch_max_wait_ms` for more, up to
-//! `batch_max_rows`; it commits the batch in one transaction (one fsync for all of them) and
-//! wakes every waiter with its own outcome. Under load batches grow by themselves; at low
-//! load a write waits at most one short window.
+//! everything already queued, then — while payments admitted a moment ago are still on their
+//! way (their Redis call in flight) — waits for them, at most `batch_max_wait_ms`, up to
+//! `batch_max_rows`; it commits the batch in one transaction (one fsync for all of them). A
+//! lone write never waits: nothing is on its way.
+//!
+//! After a commit, one task marks the batch settled in the balance store (one round trip) and
+//! wakes every waiter with its own outcome, while the writer already commits the next batch:
+//! at most one such answer runs beside the writer (it is awaited before the next one starts),
+//! so marks go out in commit order and nothing piles up.
 //!
 //! Admission is checked *before* any money moves in Redis: a full queue or a store that failed
-//! its last commit refuses at once (`503 unavailable`), so nothing is half done.
+//! its last commit refuses at once (`503 unavailable`), so nothing is half done. The
+//! [`Admission`] it returns counts the payment as on its way until it is dropped, which the
+//! caller does right before it submits its write.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -70,6 +77,22 @@ struct Shared {
     healthy: AtomicBool,
     depth: AtomicUsize,
     capacity: usize,
+    /// Admitted movements whose write is not queued yet ([`Admission`]s alive).
+    inbound: AtomicUsize,
+}
+
+/// A movement admitted and on its way to the writer (its balance-store call in flight): the
+/// writer waits a little for such siblings before it commits. Drop it right before the write
+/// is submitted (or when the movement ends without one).
+#[must_use = "an admission counts a movement on its way until it is dropped"]
+pub struct Admission {
+    shared: Arc<Shared>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.shared.inbound.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl SettlementStream {
@@ -87,10 +110,10 @@ impl SettlementStream {
             healthy: AtomicBool::new(true),
             depth: AtomicUsize::new(0),
             capacity: settings.queue_capacity,
+            inbound: AtomicUsize::new(0),
         });
         let writer = Writer {
-            store,
-            balances,
+            answerer: Answerer { store, balances },
             settings,
             rx,
             shared: shared.clone(),
@@ -100,14 +123,23 @@ impl SettlementStream {
     }
 
     /// Whether a new money movement may start: the queue has room and the store is healthy.
-    pub fn admit(&self) -> Result<(), StreamError> {
+    /// The movement counts as on its way to the writer until the [`Admission`] is dropped.
+    pub fn admit(&self) -> Result<Admission, StreamError> {
         if !self.shared.healthy.load(Ordering::Relaxed) {
             return Err(StreamError::StoreUnavailable);
         }
         if self.shared.depth.load(Ordering::Relaxed) >= self.shared.capacity {
             return Err(StreamError::QueueFull);
         }
-        Ok(())
+        self.shared.inbound.fetch_add(1, Ordering::Relaxed);
+        Ok(Admission {
+            shared: self.shared.clone(),
+        })
+    }
+
+    /// Admitted movements not queued yet.
+    pub fn inbound(&self) -> usize {
+        self.shared.inbound.load(Ordering::Relaxed)
     }
 
     pub fn is_healthy(&self) -> bool {
@@ -160,17 +192,25 @@ impl SettlementStream {
 }
 
 struct Writer {
-    store: Arc<dyn SettlementStore>,
-    balances: Arc<dyn BalanceStore>,
+    answerer: Answerer,
     settings: StreamSettings,
     rx: mpsc::Receiver<Job>,
     shared: Arc<Shared>,
+}
+
+/// What a committed batch's answer needs: it runs beside the writer's next commit.
+#[derive(Clone)]
+struct Answerer {
+    store: Arc<dyn SettlementStore>,
+    balances: Arc<dyn BalanceStore>,
 }
 
 impl Writer {
     async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut batch: Vec<Job> = Vec::with_capacity(self.settings.batch_max_rows);
         let health_interval = Duration::from_millis(self.settings.health_check_interval_ms);
+        // The previous batch's answer, running while this one fills and commits.
+        let mut answering: Option<JoinHandle<()>> = None;
         loop {
             let first = tokio::select! {
                 job = self.rx.recv() => job,
@@ -189,11 +229,21 @@ impl Writer {
             };
             batch.push(first);
             self.fill(&mut batch).await;
-            self.commit(&mut batch).await;
+            if let Some(answer) = self.commit(&mut batch).await {
+                // One answer beside the writer at most, in commit order.
+                if let Some(previous) = answering.take() {
+                    let _ = previous.await;
+                }
+                answering = Some(tokio::spawn(answer));
+            }
+        }
+        if let Some(previous) = answering {
+            let _ = previous.await;
         }
     }
 
-    /// Adds what is queued, then waits up to `batch_max_wait_ms` for more.
+    /// Adds what is queued, then waits for the movements admitted and still on their way, at
+    /// most `batch_max_wait_ms` (a lone write does not wait: nothing is on its way).
     async fn fill(&mut self, batch: &mut Vec<Job>) {
         let max = self.settings.batch_max_rows;
         while batch.len() < max {
@@ -207,7 +257,7 @@ impl Writer {
         }
         let deadline =
             tokio::time::Instant::now() + Duration::from_millis(self.settings.batch_max_wait_ms);
-        while batch.len() < max {
+        while batch.len() < max && self.shared.inbound.load(Ordering::Relaxed) > 0 {
             match tokio::time::timeout_at(deadline, self.rx.recv()).await {
                 Ok(Some(job)) => batch.push(job),
                 Ok(None) | Err(_) => break,
@@ -215,7 +265,12 @@ impl Writer {
         }
     }
 
-    async fn commit(&mut self, batch: &mut Vec<Job>) {
+    /// Commits the batch; returns its answer (marks, then waiters) to run beside the next
+    /// commit. A failed commit is answered at once.
+    async fn commit(
+        &mut self,
+        batch: &mut Vec<Job>,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
         // Move the writes out (no copy on the hot path); keep who waits for what.
         let rows = batch.len();
         let (writes, waiters): (Vec<Write>, Vec<Waiter>) = batch
@@ -231,7 +286,7 @@ impl Writer {
             })
             .unzip();
         let started = Instant::now();
-        let result = self.store.commit_writes(&writes).await;
+        let result = self.answerer.store.commit_writes(&writes).await;
         telemetry::settlement_batch(rows, started.elapsed(), result.is_ok());
         let depth = self
             .shared
@@ -243,7 +298,8 @@ impl Writer {
             Ok(results) => {
                 debug_assert_eq!(results.len(), rows);
                 self.shared.healthy.store(true, Ordering::Relaxed);
-                self.answer(writes, waiters, results).await;
+                let answerer = self.answerer.clone();
+                return Some(async move { answerer.answer(writes, waiters, results).await });
             }
             Err(SettleError::Invalid(reason)) => {
                 // A bug, not an outage: refuse these without marking the store down.
@@ -260,8 +316,18 @@ impl Writer {
                 }
             }
         }
+        None
     }
 
+    async fn check_health(&self) {
+        if self.answerer.store.ping().await.is_ok() {
+            tracing::info!("settlement store answers again");
+            self.shared.healthy.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Answerer {
     /// After a committed batch: one balance-store round trip marks every committed movement
     /// and intent settled (if it fails the money is still safe: it is committed, and the
     /// recovery loop marks them later); then each waiter gets its own outcome.
@@ -351,11 +417,115 @@ impl Writer {
             CommitOutcome::Inserted | CommitOutcome::AlreadyCommitted => {}
         }
     }
+}
 
-    async fn check_health(&self) {
-        if self.store.ping().await.is_ok() {
-            tracing::info!("settlement store answers again");
-            self.shared.healthy.store(true, Ordering::Relaxed);
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::preauth::memory::MemoryStore;
+    use crate::settlement::sqlite::SqliteStore;
+    use crate::settlement::{WebhookAttempt, WebhookOutcome};
+
+    /// A window far longer than any commit here, so that who waited for whom shows.
+    const LONG_WAIT_MS: u64 = 1_000;
+
+    async fn stream(
+        dir: &tempfile::TempDir,
+        wait_ms: u64,
+    ) -> (SettlementStream, watch::Sender<bool>) {
+        let store = SqliteStore::open(&dir.path().join("s.sqlite3")).unwrap();
+        store.migrate().await.unwrap();
+        let (stop, shutdown) = watch::channel(false);
+        let (stream, _writer) = SettlementStream::spawn(
+            Arc::new(store),
+            Arc::new(MemoryStore::new()),
+            StreamSettings {
+                queue_capacity: 64,
+                batch_max_rows: 16,
+                batch_max_wait_ms: wait_ms,
+                health_check_interval_ms: 500,
+            },
+            shutdown,
+        );
+        (stream, stop)
+    }
+
+    /// A write that commits and changes nothing: an outcome for an event nobody enqueued.
+    fn noop(n: u32) -> Write {
+        Write::Webhook(WebhookAttempt {
+            id: format!("evt_none_{n}"),
+            outcome: WebhookOutcome::Delivered,
+            http_status: Some(200),
+            error: None,
+            now_ms: 1,
+        })
+    }
+
+    #[tokio::test]
+    async fn admissions_count_movements_on_their_way_until_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (stream, _stop) = stream(&dir, 0).await;
+        assert_eq!(stream.inbound(), 0);
+        let first = stream.admit().unwrap();
+        let second = stream.admit().unwrap();
+        assert_eq!(stream.inbound(), 2);
+        drop(first);
+        assert_eq!(stream.inbound(), 1);
+        drop(second);
+        assert_eq!(stream.inbound(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_lone_write_does_not_wait_for_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let (stream, _stop) = stream(&dir, LONG_WAIT_MS).await;
+        // Nothing admitted is on its way: committed at once, not after the window.
+        let written = tokio::time::timeout(
+            Duration::from_millis(LONG_WAIT_MS * 9 / 10),
+            stream.submit_write(noop(1), None),
+        )
+        .await
+        .expect("answered before the window ended")
+        .unwrap();
+        assert_eq!(written, Written::Webhook(false));
+    }
+
+    #[tokio::test]
+    async fn a_write_waits_for_an_admitted_sibling_and_commits_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (stream, _stop) = stream(&dir, LONG_WAIT_MS).await;
+        let sibling = stream.admit().unwrap();
+        let first = tokio::spawn({
+            let stream = stream.clone();
+            async move { stream.submit_write(noop(1), None).await }
+        });
+        // Not answered while the sibling is on its way (well inside the window)…
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !first.is_finished(),
+            "the writer did not wait for the sibling"
+        );
+        assert_eq!(stream.depth(), 1);
+        // …and answered once the sibling's write arrives: both in one commit.
+        drop(sibling);
+        let second = stream.submit_write(noop(2), None).await.unwrap();
+        assert_eq!(second, Written::Webhook(false));
+        assert_eq!(first.await.unwrap().unwrap(), Written::Webhook(false));
+        assert_eq!(stream.depth(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_sibling_that_never_writes_holds_a_batch_at_most_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let (stream, _stop) = stream(&dir, 50).await;
+        // Admitted, then refused by the balance store (say): it never writes, and is kept
+        // alive here on purpose for longer than the window.
+        let _stuck = stream.admit().unwrap();
+        let written =
+            tokio::time::timeout(Duration::from_secs(10), stream.submit_write(noop(1), None))
+                .await
+                .expect("the window bounds the wait")
+                .unwrap();
+        assert_eq!(written, Written::Webhook(false));
     }
 }
