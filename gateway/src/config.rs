@@ -156,8 +156,11 @@ pub struct StoreSettings {
     pub queue_capacity: usize,
     /// A group commit takes at most this many settlements…
     pub batch_max_rows: usize,
-    /// …and waits at most this long for more after the first.
+    /// …and waits at most this long for payments admitted and on their way.
     pub batch_max_wait_ms: u64,
+    /// Group commits running at once (PostgreSQL; SQLite's one connection commits one at a
+    /// time whatever this says).
+    pub commits_in_flight: usize,
     /// A request waits this long for its commit before answering 503 (the movement is then
     /// finished by recovery and the key replays once it is).
     pub settle_timeout_ms: u64,
@@ -179,6 +182,7 @@ impl Default for StoreSettings {
             queue_capacity: 8_192,
             batch_max_rows: 256,
             batch_max_wait_ms: 2,
+            commits_in_flight: 1,
             settle_timeout_ms: 5_000,
             health_check_interval_ms: 500,
             recovery_interval_ms: 1_000,
@@ -899,6 +903,7 @@ fn validate(settings: Settings) -> Result<Config, ConfigError> {
     c.range("store.queue_capacity", st.queue_capacity, 1, 1_000_000);
     c.range("store.batch_max_rows", st.batch_max_rows, 1, 10_000);
     c.range("store.batch_max_wait_ms", st.batch_max_wait_ms, 0, 1_000);
+    c.range("store.commits_in_flight", st.commits_in_flight, 1, 16);
     c.range("store.settle_timeout_ms", st.settle_timeout_ms, 1, 600_000);
     c.range(
         "store.health_check_interval_ms",
@@ -1250,6 +1255,33 @@ mod tests {
         .unwrap();
         assert_eq!(config.settings.server.worker_threads, 1);
         assert_eq!(config.settings.payments.pending_doc_cache, 0);
+    }
+
+    #[test]
+    fn the_group_commit_settings_are_bounded() {
+        let defaults = load(None, env(&[])).unwrap().settings.store;
+        assert_eq!(
+            (defaults.batch_max_wait_ms, defaults.commits_in_flight),
+            (2, 1)
+        );
+        let err = load(
+            None,
+            env(&[
+                ("GATEWAY__STORE__COMMITS_IN_FLIGHT", "0"),
+                ("GATEWAY__STORE__BATCH_MAX_WAIT_MS", "1001"),
+            ]),
+        )
+        .unwrap_err();
+        let fields: Vec<&str> = err.0.iter().map(|e| e.field.as_str()).collect();
+        assert!(fields.contains(&"store.commits_in_flight"), "{err}");
+        assert!(fields.contains(&"store.batch_max_wait_ms"), "{err}");
+        let err = load(None, env(&[("GATEWAY__STORE__COMMITS_IN_FLIGHT", "17")])).unwrap_err();
+        assert!(err.to_string().contains("store.commits_in_flight"), "{err}");
+        let store = load(None, env(&[("GATEWAY__STORE__COMMITS_IN_FLIGHT", "4")]))
+            .unwrap()
+            .settings
+            .store;
+        assert_eq!(store.commits_in_flight, 4);
     }
 
     #[test]

@@ -138,6 +138,11 @@ impl Application {
             .map_err(|source| StartError::Bind { addr, source })?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let s = &config.settings.store;
+        // SQLite has one connection: a second commit would only queue behind the first.
+        let commits_in_flight = match config.store_location() {
+            StoreLocation::Sqlite(_) => 1,
+            StoreLocation::Postgres(_) => s.commits_in_flight,
+        };
         let (stream, writer) = SettlementStream::spawn(
             store.clone(),
             balances.clone(),
@@ -145,6 +150,7 @@ impl Application {
                 queue_capacity: s.queue_capacity,
                 batch_max_rows: s.batch_max_rows,
                 batch_max_wait_ms: s.batch_max_wait_ms,
+                commits_in_flight,
                 health_check_interval_ms: s.health_check_interval_ms,
             },
             stop_rx,

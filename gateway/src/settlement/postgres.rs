@@ -944,6 +944,13 @@ impl PostgresStore {
                 Write::Webhook(a) => hooks.push((i, a)),
             }
         }
+        // Rows locked in one order by every transaction (by key, stable: one key's writes keep
+        // the order given), so that batches committing at once (`store.commits_in_flight`)
+        // wait for each other instead of deadlocking.
+        intents.sort_by(|a, b| a.1.id.cmp(&b.1.id));
+        updates.sort_by(|a, b| (&a.1.payment_id, a.1.attempt).cmp(&(&b.1.payment_id, b.1.attempt)));
+        settlements.sort_by(|a, b| a.1.payment_id.cmp(&b.1.payment_id));
+        hooks.sort_by(|a, b| a.1.id.cmp(&b.1.id));
         let rows: Vec<&Settlement> = settlements.iter().map(|(_, s)| *s).collect();
         let (intended, updated, settled, recorded) = tokio::join!(
             join_all(intents.iter().map(|(_, p, a)| self.intent_in(&tx, p, *a))),

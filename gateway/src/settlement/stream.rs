@@ -1,4 +1,5 @@
-//! The settlement stream: a bounded queue in front of ONE writer task that group-commits.
+//! The settlement stream: a bounded queue in front of ONE writer task that group-commits
+//! (with `commits_in_flight` batches committing at once on PostgreSQL, one on SQLite).
 //!
 //! A request submits what its answer depends on (a settlement, a channel payment's intent, an
 //! attempt's outcome: a [`Write`]) and waits. The writer takes the first write, then
@@ -17,10 +18,12 @@
 //! [`Admission`] it returns counts the payment as on its way until it is dropped, which the
 //! caller does right before it submits its write.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -37,6 +40,8 @@ pub struct StreamSettings {
     pub queue_capacity: usize,
     pub batch_max_rows: usize,
     pub batch_max_wait_ms: u64,
+    /// Batches committing at once (each its own transaction).
+    pub commits_in_flight: usize,
     /// While unhealthy, the writer pings the store this often to notice it came back.
     pub health_check_interval_ms: u64,
 }
@@ -104,7 +109,11 @@ impl SettlementStream {
         settings: StreamSettings,
         shutdown: watch::Receiver<bool>,
     ) -> (Self, JoinHandle<()>) {
-        debug_assert!(settings.queue_capacity > 0 && settings.batch_max_rows > 0);
+        debug_assert!(
+            settings.queue_capacity > 0
+                && settings.batch_max_rows > 0
+                && settings.commits_in_flight > 0
+        );
         let (tx, rx) = mpsc::channel(settings.queue_capacity);
         let shared = Arc::new(Shared {
             healthy: AtomicBool::new(true),
@@ -191,6 +200,13 @@ impl SettlementStream {
     }
 }
 
+/// A batch back from the store.
+struct Committed {
+    writes: Vec<Write>,
+    waiters: Vec<Waiter>,
+    result: Result<Vec<Result<Written, SettleError>>, SettleError>,
+}
+
 struct Writer {
     answerer: Answerer,
     settings: StreamSettings,
@@ -209,11 +225,23 @@ impl Writer {
     async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut batch: Vec<Job> = Vec::with_capacity(self.settings.batch_max_rows);
         let health_interval = Duration::from_millis(self.settings.health_check_interval_ms);
-        // The previous batch's answer, running while this one fills and commits.
+        // Batches committing (at most `commits_in_flight`), each its own transaction.
+        let mut commits = FuturesUnordered::new();
+        // The last committed batch's answer, running beside the commits.
         let mut answering: Option<JoinHandle<()>> = None;
         loop {
+            if commits.len() >= self.settings.commits_in_flight {
+                if let Some(committed) = commits.next().await {
+                    self.committed(committed, &mut answering).await;
+                }
+                continue;
+            }
             let first = tokio::select! {
                 job = self.rx.recv() => job,
+                Some(committed) = commits.next(), if !commits.is_empty() => {
+                    self.committed(committed, &mut answering).await;
+                    continue;
+                }
                 _ = tokio::time::sleep(health_interval), if !self.shared.healthy.load(Ordering::Relaxed) => {
                     self.check_health().await;
                     continue;
@@ -229,13 +257,10 @@ impl Writer {
             };
             batch.push(first);
             self.fill(&mut batch).await;
-            if let Some(answer) = self.commit(&mut batch).await {
-                // One answer beside the writer at most, in commit order.
-                if let Some(previous) = answering.take() {
-                    let _ = previous.await;
-                }
-                answering = Some(tokio::spawn(answer));
-            }
+            commits.push(self.commit(&mut batch));
+        }
+        while let Some(committed) = commits.next().await {
+            self.committed(committed, &mut answering).await;
         }
         if let Some(previous) = answering {
             let _ = previous.await;
@@ -265,14 +290,9 @@ impl Writer {
         }
     }
 
-    /// Commits the batch; returns its answer (marks, then waiters) to run beside the next
-    /// commit. A failed commit is answered at once.
-    async fn commit(
-        &mut self,
-        batch: &mut Vec<Job>,
-    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+    /// The batch's commit, to run beside the writer (and the other commits in flight).
+    fn commit(&mut self, batch: &mut Vec<Job>) -> impl Future<Output = Committed> + Send + 'static {
         // Move the writes out (no copy on the hot path); keep who waits for what.
-        let rows = batch.len();
         let (writes, waiters): (Vec<Write>, Vec<Waiter>) = batch
             .drain(..)
             .map(|job| {
@@ -285,9 +305,29 @@ impl Writer {
                 )
             })
             .unzip();
-        let started = Instant::now();
-        let result = self.answerer.store.commit_writes(&writes).await;
-        telemetry::settlement_batch(rows, started.elapsed(), result.is_ok());
+        let store = self.answerer.store.clone();
+        async move {
+            let started = Instant::now();
+            let result = store.commit_writes(&writes).await;
+            telemetry::settlement_batch(writes.len(), started.elapsed(), result.is_ok());
+            Committed {
+                writes,
+                waiters,
+                result,
+            }
+        }
+    }
+
+    /// After a commit: its answer (marks, then waiters) is spawned to run beside the next
+    /// commits, once the previous answer is done (one at most, in commit order); a failed
+    /// commit is answered at once.
+    async fn committed(&mut self, committed: Committed, answering: &mut Option<JoinHandle<()>>) {
+        let Committed {
+            writes,
+            waiters,
+            result,
+        } = committed;
+        let rows = writes.len();
         let depth = self
             .shared
             .depth
@@ -298,8 +338,13 @@ impl Writer {
             Ok(results) => {
                 debug_assert_eq!(results.len(), rows);
                 self.shared.healthy.store(true, Ordering::Relaxed);
+                if let Some(previous) = answering.take() {
+                    let _ = previous.await;
+                }
                 let answerer = self.answerer.clone();
-                return Some(async move { answerer.answer(writes, waiters, results).await });
+                *answering = Some(tokio::spawn(async move {
+                    answerer.answer(writes, waiters, results).await;
+                }));
             }
             Err(SettleError::Invalid(reason)) => {
                 // A bug, not an outage: refuse these without marking the store down.
@@ -316,7 +361,6 @@ impl Writer {
                 }
             }
         }
-        None
     }
 
     async fn check_health(&self) {
@@ -433,6 +477,14 @@ mod tests {
         dir: &tempfile::TempDir,
         wait_ms: u64,
     ) -> (SettlementStream, watch::Sender<bool>) {
+        stream_with(dir, wait_ms, 1).await
+    }
+
+    async fn stream_with(
+        dir: &tempfile::TempDir,
+        wait_ms: u64,
+        commits_in_flight: usize,
+    ) -> (SettlementStream, watch::Sender<bool>) {
         let store = SqliteStore::open(&dir.path().join("s.sqlite3")).unwrap();
         store.migrate().await.unwrap();
         let (stop, shutdown) = watch::channel(false);
@@ -441,8 +493,9 @@ mod tests {
             Arc::new(MemoryStore::new()),
             StreamSettings {
                 queue_capacity: 64,
-                batch_max_rows: 16,
+                batch_max_rows: 4,
                 batch_max_wait_ms: wait_ms,
+                commits_in_flight,
                 health_check_interval_ms: 500,
             },
             shutdown,
@@ -527,5 +580,22 @@ mod tests {
                 .expect("the window bounds the wait")
                 .unwrap();
         assert_eq!(written, Written::Webhook(false));
+    }
+
+    #[tokio::test]
+    async fn with_commits_in_flight_every_write_gets_its_own_answer_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (stream, _stop) = stream_with(&dir, 0, 3).await;
+        let mut tasks = Vec::new();
+        for n in 0..60 {
+            let stream = stream.clone();
+            tasks.push(tokio::spawn(async move {
+                stream.submit_write(noop(n), None).await
+            }));
+        }
+        for task in tasks {
+            assert_eq!(task.await.unwrap().unwrap(), Written::Webhook(false));
+        }
+        assert_eq!((stream.depth(), stream.inbound()), (0, 0));
     }
 }

@@ -5,11 +5,13 @@
 use gateway::money::Currency;
 use gateway::settlement::postgres::PostgresStore;
 use gateway::settlement::{
-    check_schema, ledger, AccountRow, CommitOutcome, IntentOutcome, PaymentRow, Posting,
-    SettleError, Settlement, SettlementKind, SettlementStore, SCHEMA_VERSION,
+    check_schema, ledger, AccountRow, AttemptUpdate, CommitOutcome, IntentOutcome, PaymentRow,
+    Posting, SettleError, Settlement, SettlementKind, SettlementStore, Write, Written,
+    SCHEMA_VERSION,
 };
 
 use crate::postgres_server::PostgresServer;
+use crate::settlement_conformance::attempt_row;
 
 async fn store(server: &PostgresServer) -> PostgresStore {
     PostgresStore::connect(&server.url(), 4, 2_000)
@@ -313,6 +315,58 @@ async fn concurrent_writers_from_several_instances_agree() {
     assert_eq!(sums.len(), 50);
     assert!(sums.iter().all(|(_, _, _, sum)| *sum == 0));
     assert!(one.flagged(10).await.unwrap().is_empty());
+}
+
+/// Two group commits at once (`store.commits_in_flight = 2`) whose batches update the same
+/// attempts listed in opposite orders: each transaction locks its rows in key order, so one
+/// waits for the other (no deadlock, no batch lost), and a success is never moved back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn group_commits_in_flight_over_the_same_rows_wait_instead_of_deadlocking() {
+    let server = PostgresServer::start().await;
+    let store = store(&server).await;
+    store.migrate().await.unwrap();
+    let update = |payment: &str, outcome: &str| {
+        Write::Attempt(AttemptUpdate {
+            payment_id: payment.into(),
+            attempt: 1,
+            outcome: outcome.into(),
+            latency_ms: None,
+            action: None,
+            channel_txn_id: None,
+            now_ms: 50,
+        })
+    };
+    for round in 0..20 {
+        let (a, b) = (format!("pay_a{round}"), format!("pay_b{round}"));
+        let mut intents = Vec::new();
+        for id in [&a, &b] {
+            let mut row = payment_row(id, &format!("order-{id}"));
+            row.status = "pending".into();
+            row.method = "supplier".into();
+            intents.push(Write::Intent {
+                payment: row,
+                first_attempt: Some(attempt_row(id, 1)),
+            });
+        }
+        store.commit_writes(&intents).await.unwrap();
+        let forward = [update(&a, "accepted"), update(&b, "accepted")];
+        let backward = [update(&b, "succeeded"), update(&a, "succeeded")];
+        let (one, two) = tokio::join!(
+            store.commit_writes(&forward),
+            store.commit_writes(&backward)
+        );
+        for results in [one.unwrap(), two.unwrap()] {
+            assert!(
+                results.iter().all(|r| matches!(r, Ok(Written::Attempt(_)))),
+                "{results:?}"
+            );
+        }
+        for id in [&a, &b] {
+            let attempts = store.attempts(id).await.unwrap();
+            assert_eq!(attempts.len(), 1);
+            assert_eq!(attempts[0].outcome, "succeeded", "round {round}");
+        }
+    }
 }
 
 /// Two instances run the resolution loop on one database: `FOR UPDATE SKIP LOCKED` and the
