@@ -29,7 +29,7 @@ use crate::settlement::recovery::{
 use crate::settlement::settler::Settler;
 use crate::settlement::sqlite::SqliteStore;
 use crate::settlement::stream::{SettlementStream, StreamSettings};
-use crate::settlement::{check_schema, SettleError, SettlementStore};
+use crate::settlement::{check_schema, NoWebhook, SettleError, SettlementStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -70,15 +70,27 @@ pub async fn open_settlement_store(
     config: &Config,
 ) -> Result<Arc<dyn SettlementStore>, StartError> {
     let settings = &config.settings.store;
+    // Events of a merchant without a webhook URL have nowhere to go unless the payment names
+    // one: stored `skipped` at once, never claimed by the worker.
+    let no_webhook = NoWebhook::new(
+        config
+            .merchants
+            .iter()
+            .filter(|m| m.webhook_url.is_none())
+            .map(|m| m.id.as_str().to_owned()),
+    );
     Ok(match config.store_location() {
-        StoreLocation::Sqlite(path) => Arc::new(SqliteStore::open(&path)?),
+        StoreLocation::Sqlite(path) => {
+            Arc::new(SqliteStore::open(&path)?.with_no_webhook(no_webhook))
+        }
         StoreLocation::Postgres(url) => Arc::new(
             PostgresStore::connect(
                 url.expose(),
                 settings.pool_size,
                 settings.connect_timeout_ms,
             )
-            .await?,
+            .await?
+            .with_no_webhook(no_webhook),
         ),
     })
 }

@@ -694,6 +694,30 @@ pub struct WebhookEvent {
 }
 
 /// Where an event is in its life: `pending` until delivered (a 2xx), `failed` (its horizon
+/// The merchants with no `webhook_url` configured. An event of theirs without the payment's
+/// `notify_url` has nowhere to go: a store records it `skipped` at once (in the transaction
+/// that enqueues it), and the delivery worker never claims it. Taken from the configuration at
+/// start; an instance decides by its own configuration. Empty (the default): every event waits
+/// for the worker, which decides when it claims it.
+#[derive(Debug, Clone, Default)]
+pub struct NoWebhook(std::sync::Arc<std::collections::HashSet<String>>);
+
+impl NoWebhook {
+    pub fn new(merchants: impl IntoIterator<Item = String>) -> Self {
+        Self(std::sync::Arc::new(merchants.into_iter().collect()))
+    }
+
+    /// The status and due time to store a new event with.
+    pub fn stored_state(&self, e: &WebhookEvent) -> (WebhookStatus, Option<u64>) {
+        if e.status == WebhookStatus::Pending && e.url.is_none() && self.0.contains(&e.merchant_id)
+        {
+            (WebhookStatus::Skipped, None)
+        } else {
+            (e.status, e.next_attempt_at_ms)
+        }
+    }
+}
+
 /// passed, or it can never be sent), or `skipped` (nowhere to send it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -130,6 +130,7 @@ pub struct PostgresStore {
     target: String,
     /// Strings that must never appear in an error (the URL, the password).
     secrets: Vec<String>,
+    no_webhook: NoWebhook,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -545,10 +546,17 @@ impl PostgresStore {
             pool,
             target,
             secrets,
+            no_webhook: NoWebhook::default(),
         };
         store.ping().await?;
         tracing::info!(server = %store.target, pool_size, "connected to PostgreSQL");
         Ok(store)
+    }
+
+    /// Events of these merchants with nowhere to go are stored `skipped` ([`NoWebhook`]).
+    pub fn with_no_webhook(mut self, no_webhook: NoWebhook) -> Self {
+        self.no_webhook = no_webhook;
+        self
     }
 
     fn unavailable(&self, e: &dyn std::error::Error) -> SettleError {
@@ -1167,7 +1175,10 @@ impl PostgresStore {
             .await
             .map(|_| ())
         };
-        let (posted, hooked) = tokio::join!(postings_insert, insert_webhooks(tx, &webhooks));
+        let (posted, hooked) = tokio::join!(
+            postings_insert,
+            insert_webhooks(tx, &webhooks, &self.no_webhook)
+        );
         posted.map_err(db)?;
         hooked.map_err(db)?;
         Ok(outcomes)
@@ -1318,7 +1329,9 @@ impl PostgresStore {
             // The merchant's webhook, in the same transaction as the status (webhooks).
             let stored = self.stored_payment(&tx, &change.payment_id).await?;
             let event = stored.and_then(|p| events::for_final_status(&p, telemetry::now_ms()));
-            insert_webhooks(&tx, event.as_slice()).await.map_err(db)?;
+            insert_webhooks(&tx, event.as_slice(), &self.no_webhook)
+                .await
+                .map_err(db)?;
         }
         tx.commit().await.map_err(db)?;
         Ok(updated == 1)
@@ -1646,7 +1659,7 @@ impl SettlementStore for PostgresStore {
                 let refund = refund_from_row(&row)?;
                 if let Some(payment) = self.stored_payment(&tx, &refund.payment_id).await? {
                     let event = events::for_failed_refund(&payment, &refund, change.updated_at_ms);
-                    insert_webhooks(&tx, std::slice::from_ref(&event))
+                    insert_webhooks(&tx, std::slice::from_ref(&event), &self.no_webhook)
                         .await
                         .map_err(db)?;
                 }
@@ -1855,7 +1868,7 @@ impl SettlementStore for PostgresStore {
 
 // ---- merchant webhooks: the outbox's rows (crate::webhooks) ----
 
-use super::{webhook_error_text, WebhookEvent, WebhookOutcome, WebhookStatus};
+use super::{webhook_error_text, NoWebhook, WebhookEvent, WebhookOutcome, WebhookStatus};
 use crate::webhooks::events;
 
 const WEBHOOK_COLUMNS: &str = "id, merchant_id, payment_id, type, sequence, payload, url, \
@@ -1897,6 +1910,7 @@ fn webhook_from_row(r: &Row) -> Result<WebhookEvent, SettleError> {
 async fn insert_webhooks(
     tx: &Transaction<'_>,
     events: &[WebhookEvent],
+    no_webhook: &NoWebhook,
 ) -> Result<(), tokio_postgres::Error> {
     if events.is_empty() {
         return Ok(());
@@ -1911,11 +1925,10 @@ async fn insert_webhooks(
         .map(|e| i32::try_from(e.attempts).unwrap_or(i32::MAX))
         .collect();
     let url: Vec<Option<&str>> = events.iter().map(|e| e.url.as_deref()).collect();
-    let status: Vec<&str> = events.iter().map(|e| e.status.as_str()).collect();
-    let next: Vec<Option<i64>> = events
-        .iter()
-        .map(|e| e.next_attempt_at_ms.map(ms))
-        .collect();
+    let stored: Vec<(WebhookStatus, Option<u64>)> =
+        events.iter().map(|e| no_webhook.stored_state(e)).collect();
+    let status: Vec<&str> = stored.iter().map(|(s, _)| s.as_str()).collect();
+    let next: Vec<Option<i64>> = stored.iter().map(|(_, n)| n.map(ms)).collect();
     let created: Vec<i64> = events.iter().map(|e| ms(e.created_at_ms)).collect();
     let updated: Vec<i64> = events.iter().map(|e| ms(e.updated_at_ms)).collect();
     let stmt = tx.prepare_cached(INSERT_WEBHOOKS).await?;

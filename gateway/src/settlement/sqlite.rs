@@ -25,6 +25,7 @@ const STATEMENT_CACHE: usize = 128;
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
     path: PathBuf,
+    no_webhook: NoWebhook,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -97,7 +98,14 @@ impl SqliteStore {
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
             path: path.to_owned(),
+            no_webhook: NoWebhook::default(),
         })
+    }
+
+    /// Events of these merchants with nowhere to go are stored `skipped` ([`NoWebhook`]).
+    pub fn with_no_webhook(mut self, no_webhook: NoWebhook) -> Self {
+        self.no_webhook = no_webhook;
+        self
     }
 
     async fn run<T: Send + 'static>(
@@ -368,7 +376,11 @@ fn webhook_attempt_in(conn: &Connection, a: &WebhookAttempt) -> rusqlite::Result
 
 /// Inserts one settlement (with its postings, payment, refund status and webhook) inside the
 /// caller's transaction.
-fn settle_in(tx: &Connection, s: &Settlement) -> Result<CommitOutcome, SettleError> {
+fn settle_in(
+    tx: &Connection,
+    s: &Settlement,
+    no_webhook: &NoWebhook,
+) -> Result<CommitOutcome, SettleError> {
     let hash = s.content_hash();
     let inserted = exec(
         tx,
@@ -490,7 +502,7 @@ fn settle_in(tx: &Connection, s: &Settlement) -> Result<CommitOutcome, SettleErr
         .map_err(db)?;
     }
     // The merchant's webhook, in the same transaction as the money (webhooks).
-    enqueue_settlement_webhook(tx, s).map_err(db)?;
+    enqueue_settlement_webhook(tx, s, no_webhook).map_err(db)?;
     Ok(CommitOutcome::Inserted)
 }
 
@@ -745,13 +757,14 @@ impl SettlementStore for SqliteStore {
             s.check()?;
         }
         let batch = batch.to_vec();
+        let no_webhook = self.no_webhook.clone();
         self.run("commit", move |conn| {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(db)?;
             let outcomes = batch
                 .iter()
-                .map(|s| settle_in(&tx, s))
+                .map(|s| settle_in(&tx, s, &no_webhook))
                 .collect::<Result<Vec<_>, _>>()?;
             tx.commit().map_err(db)?;
             Ok(outcomes)
@@ -766,6 +779,7 @@ impl SettlementStore for SqliteStore {
         // What is invalid on its face is refused alone, before the transaction.
         let checked: Vec<Option<SettleError>> = batch.iter().map(|w| w.check().err()).collect();
         let batch = batch.to_vec();
+        let no_webhook = self.no_webhook.clone();
         self.run("commit_writes", move |conn| {
             let mut tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -803,7 +817,11 @@ impl SettlementStore for SqliteStore {
             }
             for (write, result) in batch.iter().zip(results.iter_mut()) {
                 if let (Write::Settlement(settlement), None) = (write, &result) {
-                    *result = Some(Ok(Written::Settlement(settle_in(&tx, settlement)?)));
+                    *result = Some(Ok(Written::Settlement(settle_in(
+                        &tx,
+                        settlement,
+                        &no_webhook,
+                    )?)));
                 }
             }
             for (write, result) in batch.iter().zip(results.iter_mut()) {
@@ -896,6 +914,7 @@ impl SettlementStore for SqliteStore {
 
     async fn set_final_status(&self, change: &StatusChange) -> Result<bool, SettleError> {
         let change = change.clone();
+        let no_webhook = self.no_webhook.clone();
         self.run("set_final_status", move |conn| {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -916,7 +935,7 @@ impl SettlementStore for SqliteStore {
                 )
                 .map_err(db)?;
                 // The merchant's webhook, in the same transaction as the status (webhooks).
-                enqueue_status_webhook(&tx, &change.payment_id).map_err(db)?;
+                enqueue_status_webhook(&tx, &change.payment_id, &no_webhook).map_err(db)?;
             }
             tx.commit().map_err(db)?;
             Ok(updated == 1)
@@ -971,6 +990,7 @@ impl SettlementStore for SqliteStore {
 
     async fn set_refund_status(&self, change: &RefundStatusChange) -> Result<bool, SettleError> {
         let c = change.clone();
+        let no_webhook = self.no_webhook.clone();
         self.run("set_refund_status", move |conn| {
             let tx = conn.transaction().map_err(db)?;
             let changed = tx
@@ -999,7 +1019,7 @@ impl SettlementStore for SqliteStore {
                     .map_err(db)?;
                 if let Some(payment) = payment {
                     let event = events::for_failed_refund(&payment, &refund, c.updated_at_ms);
-                    insert_webhook(&tx, &event).map_err(db)?;
+                    insert_webhook(&tx, &event, &no_webhook).map_err(db)?;
                 }
             }
             tx.commit().map_err(db)?;
@@ -1229,7 +1249,7 @@ impl SettlementStore for SqliteStore {
 
 // ---- merchant webhooks: the outbox's rows (crate::webhooks) ----
 
-use super::{webhook_error_text, WebhookEvent, WebhookOutcome, WebhookStatus};
+use super::{webhook_error_text, NoWebhook, WebhookEvent, WebhookOutcome, WebhookStatus};
 use crate::webhooks::events;
 
 const WEBHOOK_COLUMNS: &str = "id, merchant_id, payment_id, type, sequence, payload, url, \
@@ -1262,7 +1282,12 @@ fn webhook_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<WebhookEvent> {
 }
 
 /// Inserts an event unless its `(payment_id, type, sequence)` is already enqueued.
-fn insert_webhook(conn: &Connection, e: &WebhookEvent) -> rusqlite::Result<()> {
+fn insert_webhook(
+    conn: &Connection,
+    e: &WebhookEvent,
+    no_webhook: &NoWebhook,
+) -> rusqlite::Result<()> {
+    let (status, next_attempt_at_ms) = no_webhook.stored_state(e);
     conn.prepare_cached(&format!(
         "INSERT INTO webhook_events ({WEBHOOK_COLUMNS}) VALUES \
          (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) ON CONFLICT DO NOTHING"
@@ -1275,9 +1300,9 @@ fn insert_webhook(conn: &Connection, e: &WebhookEvent) -> rusqlite::Result<()> {
         e.sequence,
         e.payload,
         e.url,
-        e.status.as_str(),
+        status.as_str(),
         e.attempts,
-        e.next_attempt_at_ms.map(ms),
+        next_attempt_at_ms.map(ms),
         e.last_status,
         e.last_error,
         ms(e.created_at_ms),
@@ -1287,7 +1312,11 @@ fn insert_webhook(conn: &Connection, e: &WebhookEvent) -> rusqlite::Result<()> {
 }
 
 /// Enqueues the event a just-inserted settlement announces (`events::for_settlement`).
-fn enqueue_settlement_webhook(conn: &Connection, s: &Settlement) -> rusqlite::Result<()> {
+fn enqueue_settlement_webhook(
+    conn: &Connection,
+    s: &Settlement,
+    no_webhook: &NoWebhook,
+) -> rusqlite::Result<()> {
     let stored = if events::needs_stored_payment(s) {
         query_row(
             conn,
@@ -1301,13 +1330,17 @@ fn enqueue_settlement_webhook(conn: &Connection, s: &Settlement) -> rusqlite::Re
     };
     let payment = s.payment.as_ref().or(stored.as_ref());
     if let Some(event) = events::for_settlement(s, payment, telemetry::now_ms()) {
-        insert_webhook(conn, &event)?;
+        insert_webhook(conn, &event, no_webhook)?;
     }
     Ok(())
 }
 
 /// Enqueues the event a payment's new final status announces (`events::for_final_status`).
-fn enqueue_status_webhook(conn: &Connection, payment_id: &str) -> rusqlite::Result<()> {
+fn enqueue_status_webhook(
+    conn: &Connection,
+    payment_id: &str,
+    no_webhook: &NoWebhook,
+) -> rusqlite::Result<()> {
     let payment = query_row(
         conn,
         &format!("SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = ?1"),
@@ -1315,7 +1348,7 @@ fn enqueue_status_webhook(conn: &Connection, payment_id: &str) -> rusqlite::Resu
         payment_from_row,
     )?;
     if let Some(event) = events::for_final_status(&payment, telemetry::now_ms()) {
-        insert_webhook(conn, &event)?;
+        insert_webhook(conn, &event, no_webhook)?;
     }
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! never send the same event at once) and POSTs each, signed, to its URL.
 //!
 //! - **Where**: the payment's `notify_url`, else the merchant's configured `webhook_url`;
-//!   neither → `skipped`. `https://` anywhere; plain `http://` only to loopback hosts (the
+//!   neither → `skipped` (usually already when the store enqueued it: `NoWebhook`). `https://` anywhere; plain `http://` only to loopback hosts (the
 //!   sandbox), like channels' base URLs; any other URL → `failed` at once.
 //! - **Bounds**: at most `webhooks.batch` events taken per tick and in flight overall, and
 //!   `webhooks.per_merchant_concurrency` in flight per merchant: an event whose merchant is

@@ -1200,7 +1200,7 @@ pub async fn claims_never_overlap(one: &dyn SettlementStore, two: &dyn Settlemen
 /// `commit` and `set_final_status` in their own transaction, once per (payment, type, sequence).
 mod webhook_outbox {
     use super::*;
-    use gateway::settlement::{WebhookEvent, WebhookOutcome, WebhookStatus};
+    use gateway::settlement::{NoWebhook, WebhookEvent, WebhookOutcome, WebhookStatus};
     use serde_json::Value;
 
     on_both_stores!(
@@ -1643,6 +1643,97 @@ mod webhook_outbox {
             }
         }
         assert_eq!(seen.len(), EVENTS, "every due event was claimed");
+    }
+
+    /// A store told which merchants have no webhook URL: their events without the payment's
+    /// `notify_url` are stored `skipped` (never due, never claimed, not in the backlog), in
+    /// the same transaction as the money; every other event waits for the worker as before.
+    async fn events_with_nowhere_to_go_are_stored_skipped(store: &dyn SettlementStore) {
+        store.migrate().await.unwrap();
+        store.upsert_account(&account_row("acc")).await.unwrap();
+        // alpha has no webhook URL; a payment of alpha's without notify_url…
+        let mut silent = capture("pay_1", "acc", 300, 1);
+        silent.payment = Some(payment_row("pay_1", "o1", "succeeded", 0));
+        // …and one with a notify_url: that one still goes out.
+        let mut named = capture("pay_2", "acc", 400, 2);
+        named.payment = Some(with_notify_url(
+            payment_row("pay_2", "o2", "succeeded", 0),
+            "https://m.example/hook",
+        ));
+        assert_eq!(
+            store
+                .commit_writes(&[Write::Settlement(silent), Write::Settlement(named)])
+                .await
+                .unwrap()
+                .into_iter()
+                .map(Result::unwrap)
+                .collect::<Vec<_>>(),
+            vec![
+                Written::Settlement(CommitOutcome::Inserted),
+                Written::Settlement(CommitOutcome::Inserted)
+            ]
+        );
+        // A final status of alpha's without notify_url: skipped too.
+        store
+            .record_intent(&channel_payment("pay_3", None), None)
+            .await
+            .unwrap();
+        store
+            .set_final_status(&StatusChange {
+                payment_id: "pay_3".into(),
+                status: "failed".into(),
+                updated_at_ms: 5,
+            })
+            .await
+            .unwrap();
+        let state = |e: &WebhookEvent| (e.event_type.clone(), e.status, e.next_attempt_at_ms);
+        let one = store.webhook_events("pay_1").await.unwrap();
+        assert_eq!(
+            one.iter().map(state).collect::<Vec<_>>(),
+            vec![("payment.succeeded".to_owned(), WebhookStatus::Skipped, None)]
+        );
+        assert_eq!(one[0].attempts, 0);
+        let three = store.webhook_events("pay_3").await.unwrap();
+        assert_eq!(
+            three.iter().map(state).collect::<Vec<_>>(),
+            vec![("payment.failed".to_owned(), WebhookStatus::Skipped, None)]
+        );
+        let two = store.webhook_events("pay_2").await.unwrap();
+        assert_eq!(two.len(), 1);
+        assert_eq!(two[0].status, WebhookStatus::Pending);
+        assert!(two[0].next_attempt_at_ms.is_some());
+        // Only the one with somewhere to go is due.
+        assert_eq!(store.webhook_backlog().await.unwrap(), 1);
+        let claimed = store
+            .claim_webhooks(now_ms() + 1_000, now_ms() + 60_000, 10)
+            .await
+            .unwrap();
+        assert_eq!(
+            claimed
+                .iter()
+                .map(|e| e.payment_id.as_str())
+                .collect::<Vec<_>>(),
+            vec!["pay_2"]
+        );
+    }
+
+    #[tokio::test]
+    async fn sqlite_events_with_nowhere_to_go_are_stored_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("gateway.sqlite3"))
+            .unwrap()
+            .with_no_webhook(NoWebhook::new(["alpha".to_owned()]));
+        events_with_nowhere_to_go_are_stored_skipped(&store).await;
+    }
+
+    #[tokio::test]
+    async fn postgres_events_with_nowhere_to_go_are_stored_skipped() {
+        let server = crate::postgres_server::PostgresServer::start().await;
+        let store = gateway::settlement::postgres::PostgresStore::connect(&server.url(), 4, 2_000)
+            .await
+            .expect("connect to the test PostgreSQL")
+            .with_no_webhook(NoWebhook::new(["alpha".to_owned()]));
+        events_with_nowhere_to_go_are_stored_skipped(&store).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
