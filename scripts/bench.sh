@@ -4,15 +4,17 @@
 # loopback ports, in temp dirs), runs `loadtest compare` (checkout, authorize), resources runs
 # (authorize and checkout at 80 % of the gateway's median max: Redis round trips, store commits
 # and PostgreSQL WAL fsyncs per payment, settlement lag, queue depth), an RSS run (authorize
-# at 50 % of the max, long) and a failover run on each store backend, then (full mode) the
+# at 50 % of the max, long), a half-max latency run (authorize at 50 % of the max, then the
+# baseline proxy at the same rate; the mean group-commit time and an fdatasync probe beside
+# them) and a failover run on each store backend, then (full mode) the
 # criterion benches, and prints / writes a summary (markdown) and the generated section of
 # docs/PERFORMANCE.md. Every loadtest command gets the stack's --pid list and --redis-addr.
 #
 #   scripts/bench.sh [--quick] [--out DIR] [--no-doc]
 #   scripts/bench.sh --serve postgres|sqlite [--out DIR]
 #
-# --quick  one round, short steps (factor 1.5), 10 s resources runs, a 60 s RSS run, no
-#          criterion benches (target: <= 6 minutes after the build). Full mode: 3 rounds,
+# --quick  one round, short steps (factor 1.5), 10 s resources and half-max runs, a 60 s RSS
+#          run, no criterion benches (target: <= 7 minutes after the build). Full mode: 3 rounds,
 #          longer steps, 60 s resources runs, a 300 s RSS run, both scenarios on both
 #          backends, then `cargo bench -p benches` (target: ~30 min; the arithmetic is at
 #          the settings below).
@@ -71,6 +73,7 @@ if [ "$QUICK" = 1 ]; then
   FAILOVER=(--rate 100 --duration-s 9 --warmup-s 1 --outage-at-s 3 --outage-for-s 3 --settle-wait-s 5)
   RESOURCES=(--duration-s 10 --warmup-s 1 --settle-wait-s 5)
   RSS_RUN=(--duration-s 60 --warmup-s 1)
+  HALF_RUN=(--duration-s 10 --warmup-s 1)
 else
   MODE=full
   COMMON=(--rounds 3 --duration-s 5 --warmup-s 1 --pause-ms 500 --step 1.25 --max-steps 20
@@ -78,11 +81,15 @@ else
   FAILOVER=(--rate 200 --duration-s 15 --warmup-s 2 --outage-at-s 5 --outage-for-s 5 --settle-wait-s 10)
   RESOURCES=(--duration-s 60 --warmup-s 2 --settle-wait-s 10)
   RSS_RUN=(--duration-s 300 --warmup-s 2)
+  HALF_RUN=(--duration-s 20 --warmup-s 2)
 fi
 # Resources runs at this share of the gateway's median max from the compare of the same
 # scenario and backend; the RSS run (authorize) at the second share. No max: this rate.
 RESOURCES_SHARE=0.8
 RSS_SHARE=0.5
+# The latency bar: authorize at this share of the gateway's own max, and the baseline proxy at
+# the same rate.
+HALF_SHARE=0.5
 FALLBACK_RATE=100
 SCENARIOS=(checkout authorize)
 GW_START_checkout=150
@@ -280,6 +287,55 @@ resources_run() {
   fi
 }
 
+# The gateway's mean group-commit time so far, in µs, from its /metrics (sum / count of
+# gateway_settlement_store_call_seconds{op="commit_writes"}), as "SUM COUNT".
+commit_sum_count() {
+  local gw_url; gw_url=$(jq -r .gateway_url "$MANIFEST")
+  curl -sf "$gw_url/metrics" | awk '
+    /^gateway_settlement_store_call_seconds_sum\{.*op="commit_writes"/ { s = $2 }
+    /^gateway_settlement_store_call_seconds_count\{.*op="commit_writes"/ { c = $2 }
+    END { printf "%s %s\n", s + 0, c + 0 }'
+}
+# Median time of one 4 KiB write + fdatasync(2) in DIR, µs (what one commit's fsync costs on
+# this disk; python3 when there, else empty).
+fsync_probe() {
+  command -v python3 >/dev/null 2>&1 || return 0
+  python3 - "$1" <<'PY' 2>/dev/null || true
+import os, sys, time, statistics
+path = os.path.join(sys.argv[1], "fsync-probe")
+fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+block, times = b"\0" * 4096, []
+for i in range(200):
+    os.pwrite(fd, block, (i % 64) * 4096)
+    t = time.perf_counter_ns()
+    os.fdatasync(fd)
+    times.append((time.perf_counter_ns() - t) / 1000)
+os.close(fd)
+os.unlink(path)
+print(int(statistics.median(times)))
+PY
+}
+# half_run BACKEND: authorize at HALF_SHARE of the gateway's max, then the baseline proxy at the
+# same rate (half-authorize-BACKEND.json, half-baseline-BACKEND.json, half-BACKEND.commit: the
+# mean commit time in µs over the gateway's run, and the fdatasync probe).
+half_run() {
+  local be=$1 rate c0 c1
+  rate=$(rate_of authorize "$be" "$HALF_SHARE")
+  c0=$(commit_sum_count)
+  resources_run "$be" authorize "$rate" half "${HALF_RUN[@]}"
+  c1=$(commit_sum_count)
+  log "$be: half run, the baseline proxy at $rate/s"
+  COMMANDS+=("loadtest run --scenario checkout --target baseline --baseline-url … --rate $rate ${HALF_RUN[*]} --out half-baseline-$be.json   # $be")
+  "$LOADTEST" run --scenario checkout --target baseline --baseline-url "$BASE_URL" \
+    --rate "$rate" "${HALF_RUN[@]}" --manifest "$MANIFEST" "${PIDARGS[@]}" \
+    --out "$OUT/half-baseline-$be.json" 2>&1 | tee "$OUT/half-baseline-$be.txt" \
+    || log "$be: half baseline exited non-zero"
+  awk -v a="$c0" -v b="$c1" -v f="$(fsync_probe "$TMP")" 'BEGIN {
+    split(a, x, " "); split(b, y, " "); n = y[2] - x[2]
+    printf "%s %s\n", (n > 0 ? int((y[1] - x[1]) / n * 1e6) : "-"), (f == "" ? "-" : f) }' \
+    >"$OUT/half-$be.commit"
+}
+
 COMMANDS=()
 run_backend() {
   local backend=$1; shift
@@ -305,6 +361,7 @@ run_backend() {
     resources "${RESOURCES[@]}"
   resources_run "$backend" authorize "$(rate_of authorize "$backend" "$RSS_SHARE")" \
     rss "${RSS_RUN[@]}"
+  half_run "$backend"
   pid_args
   if true; then
     log "$backend: failover"
@@ -402,6 +459,23 @@ fmt_cpu() {  # the cpu_us_per_unit map of a side, as "name µs, …" (pg<PID> su
       | .redis_commandstats as $r
       | "| \($be) | \($kind) \($sc) | \(.run.rate_per_second) | \(n(unit(.gateway_metrics.store_commits))) | \(if $wal == null or payments == 0 then "—" else n($wal / payments) end) | \(n(unit(.gateway_metrics.redis_round_trips))) | \(if $r == null then "—" elif .settlement != null then n($r.script_calls_per_settled) else n($r.script_calls_per_request) end) | \(if .settlement == null then "—" else ((.settlement.callback_to_ack.p99_us / 10 | round) / 100 | tostring) + " ms" end) | \(if $q == null then "—" else "\($q.max), \(if $q.grew then "**grew**" else "no" end)" end) | \(if $rss == null or $rss.growth == null then "—" else "\($rss.first_mib * 10 | round / 10) → \($rss.last_mib * 10 | round / 10) MiB (\($rss.growth * 1000 | round / 10) %\(if $rss.flat then ", flat" else ", **not flat**" end))" end) |"' "$f" 2>/dev/null \
       || echo "| $be | $kind $sc | (report unreadable) | | | | | | | |"
+  done
+  echo
+  echo "Latency at half the gateway's own maximum (\`authorize\` at ${HALF_SHARE} x its median max, \`${HALF_RUN[*]}\`; the baseline proxy at the same rate right after): the bar is gateway p50 ≤ baseline p50 + one group commit, p99 ≤ baseline p99 + 5 ms. One group commit: the mean \`commit_writes\` time over the gateway's run (its /metrics); fdatasync: median of 200 4 KiB write + fdatasync(2) on the same disk."
+  echo
+  echo "| backend | rate /s | gateway p50 / p99 | baseline p50 / p99 | p50 above the baseline | one group commit | fdatasync | p50 bar | p99 bar |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+  for f in "$OUT"/half-authorize-*.json; do
+    [ -e "$f" ] || continue
+    be=$(basename "$f" .json); be=${be#half-authorize-}
+    read -r commit_us fsync_us <"$OUT/half-$be.commit" 2>/dev/null || { commit_us=-; fsync_us=-; }
+    jq -r -n --slurpfile g "$f" --slurpfile b "$OUT/half-baseline-$be.json" --arg be "$be" \
+      --arg commit "$commit_us" --arg fsync "$fsync_us" '
+      def ms(x): ((x / 10 | round) / 100 | tostring) + " ms";
+      ($g[0].latency.corrected) as $gl | ($b[0].latency.corrected) as $bl
+      | ($gl.p50_us - $bl.p50_us) as $gap
+      | "| \($be) | \($g[0].run.rate_per_second) | \(ms($gl.p50_us)) / \(ms($gl.p99_us)) | \(ms($bl.p50_us)) / \(ms($bl.p99_us)) | \($gap) µs | \($commit) µs | \($fsync) µs | \(if $commit == "-" then "?" elif $gap <= ($commit | tonumber) then "met" else "no" end) | \(if $gl.p99_us <= $bl.p99_us + 5000 then "met" else "no" end) |"' \
+      2>/dev/null || echo "| $be | (report unreadable) | | | | | | | |"
   done
   for f in "$OUT"/failover-*.json; do
     [ -e "$f" ] || continue
