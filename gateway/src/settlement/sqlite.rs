@@ -2,11 +2,12 @@
 //! commit; group commit keeps the fsyncs per payment low instead of weakening them). SQLite
 //! is synchronous, so every call runs on tokio's blocking pool with the one connection.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use tokio::sync::{mpsc, oneshot};
 
 use super::{
     AccountBalance, AccountRow, AttemptRow, AttemptUpdate, CommitOutcome, Flagged, IntentOutcome,
@@ -22,8 +23,19 @@ const BUSY_TIMEOUT_MS: u64 = 5_000;
 /// Prepared statements kept per connection: more than the store has distinct statements.
 const STATEMENT_CACHE: usize = 128;
 
+/// Calls waiting for the connection's thread at most (the writer sends one at a time; the
+/// rest are background loops and the admin API).
+const CALL_QUEUE: usize = 1_024;
+
+/// A call for the connection's thread.
+type Call = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// One connection, owned by one long-lived thread of its own (`sqlite`) that runs the calls in
+/// the order they come. Not tokio's blocking pool: its threads come and go, and glibc's malloc
+/// (which SQLite allocates with; the Rust code uses mimalloc) keeps an arena per thread that it
+/// rarely gives back — the gateway's RSS was 3–4 times that of the PostgreSQL stack's.
 pub struct SqliteStore {
-    conn: Arc<Mutex<Connection>>,
+    calls: mpsc::Sender<Call>,
     path: PathBuf,
     no_webhook: NoWebhook,
 }
@@ -95,8 +107,25 @@ impl SqliteStore {
             .map_err(unavailable)?;
         // Every hot statement stays prepared (the default cache holds 16).
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        let (calls, mut queue) = mpsc::channel::<Call>(CALL_QUEUE);
+        std::thread::Builder::new()
+            .name("sqlite".into())
+            .spawn(move || {
+                let mut conn = conn;
+                // Ends when the store (the only sender) is dropped.
+                while let Some(call) = queue.blocking_recv() {
+                    // A panicking call drops its reply: its caller gets an error, the thread
+                    // (and the connection, its transaction rolled back) goes on.
+                    if catch_unwind(AssertUnwindSafe(|| call(&mut conn))).is_err() {
+                        tracing::error!("a SQLite store call panicked");
+                    }
+                }
+            })
+            .map_err(|e| {
+                SettleError::Misconfigured(format!("cannot start the SQLite thread: {e}"))
+            })?;
         Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
+            calls,
             path: path.to_owned(),
             no_webhook: NoWebhook::default(),
         })
@@ -113,16 +142,18 @@ impl SqliteStore {
         op: &'static str,
         f: impl FnOnce(&mut Connection) -> Result<T, SettleError> + Send + 'static,
     ) -> Result<T, SettleError> {
-        let conn = self.conn.clone();
         let started = std::time::Instant::now();
-        let result = tokio::task::spawn_blocking(move || {
-            let mut conn = conn
-                .lock()
-                .map_err(|_| unavailable("connection lock poisoned"))?;
-            f(&mut conn)
-        })
-        .await
-        .map_err(unavailable)?;
+        let (reply, answer) = oneshot::channel();
+        let call: Call = Box::new(move |conn| {
+            let _ = reply.send(f(conn));
+        });
+        self.calls
+            .send(call)
+            .await
+            .map_err(|_| unavailable("the SQLite thread has stopped"))?;
+        let result = answer
+            .await
+            .map_err(|_| unavailable("the SQLite call failed (panicked)"))?;
         telemetry::store_call("sqlite", op, started.elapsed());
         result
     }
@@ -1351,4 +1382,52 @@ fn enqueue_status_webhook(
         insert_webhook(conn, &event, no_webhook)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_call_fails_alone_and_the_connection_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.sqlite3")).unwrap();
+        store.migrate().await.unwrap();
+        let failed = store
+            .run("test", |conn| -> Result<(), SettleError> {
+                // Mid-transaction: the unwinding rolls it back.
+                let tx = conn.transaction().map_err(db)?;
+                tx.execute_batch("INSERT INTO flagged (kind, payment_id, detail, created_at_ms) VALUES ('t', 'p', 'd', 1)")
+                    .map_err(db)?;
+                panic!("a bug in a store call");
+            })
+            .await;
+        assert!(
+            matches!(&failed, Err(SettleError::Unavailable(m)) if m.contains("panicked")),
+            "{failed:?}"
+        );
+        // The thread and its connection still answer, and nothing of the failed call stayed.
+        assert_eq!(store.schema_version().await.unwrap(), Some(SCHEMA_VERSION));
+        assert!(store.flagged(10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn calls_run_in_the_order_they_were_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.sqlite3")).unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let calls: Vec<_> = (0..50)
+            .map(|n| {
+                let seen = seen.clone();
+                store.run("test", move |_| {
+                    seen.lock().unwrap().push(n);
+                    Ok(())
+                })
+            })
+            .collect();
+        for result in futures_util::future::join_all(calls).await {
+            result.unwrap();
+        }
+        assert_eq!(*seen.lock().unwrap(), (0..50).collect::<Vec<_>>());
+    }
 }
