@@ -225,21 +225,22 @@ impl Writer {
     async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut batch: Vec<Job> = Vec::with_capacity(self.settings.batch_max_rows);
         let health_interval = Duration::from_millis(self.settings.health_check_interval_ms);
-        // Batches committing (at most `commits_in_flight`), each its own transaction.
+        // Batches committing (at most `commits_in_flight`), each its own transaction and its
+        // own task, so that it goes on while the writer fills the next batch.
         let mut commits = FuturesUnordered::new();
         // The last committed batch's answer, running beside the commits.
         let mut answering: Option<JoinHandle<()>> = None;
         loop {
             if commits.len() >= self.settings.commits_in_flight {
-                if let Some(committed) = commits.next().await {
-                    self.committed(committed, &mut answering).await;
+                if let Some(joined) = commits.next().await {
+                    self.joined(joined, &mut answering).await;
                 }
                 continue;
             }
             let first = tokio::select! {
                 job = self.rx.recv() => job,
-                Some(committed) = commits.next(), if !commits.is_empty() => {
-                    self.committed(committed, &mut answering).await;
+                Some(joined) = commits.next(), if !commits.is_empty() => {
+                    self.joined(joined, &mut answering).await;
                     continue;
                 }
                 _ = tokio::time::sleep(health_interval), if !self.shared.healthy.load(Ordering::Relaxed) => {
@@ -257,10 +258,12 @@ impl Writer {
             };
             batch.push(first);
             self.fill(&mut batch).await;
-            commits.push(self.commit(&mut batch));
+            let rows = batch.len();
+            let commit = tokio::spawn(self.commit(&mut batch));
+            commits.push(async move { (rows, commit.await) });
         }
-        while let Some(committed) = commits.next().await {
-            self.committed(committed, &mut answering).await;
+        while let Some(joined) = commits.next().await {
+            self.joined(joined, &mut answering).await;
         }
         if let Some(previous) = answering {
             let _ = previous.await;
@@ -314,6 +317,27 @@ impl Writer {
                 writes,
                 waiters,
                 result,
+            }
+        }
+    }
+
+    /// A commit task ended: normally with its batch; if it panicked (a bug), its waiters have
+    /// been dropped (they see the writer as stopped) and only the queue's count is set right.
+    async fn joined(
+        &mut self,
+        (rows, joined): (usize, Result<Committed, tokio::task::JoinError>),
+        answering: &mut Option<JoinHandle<()>>,
+    ) {
+        match joined {
+            Ok(committed) => self.committed(committed, answering).await,
+            Err(err) => {
+                tracing::error!(error = %err, rows, "a group commit task failed");
+                let depth = self
+                    .shared
+                    .depth
+                    .fetch_sub(rows, Ordering::Relaxed)
+                    .saturating_sub(rows);
+                telemetry::settlement_queue_depth(depth);
             }
         }
     }
