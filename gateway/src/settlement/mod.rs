@@ -693,7 +693,6 @@ pub struct WebhookEvent {
     pub updated_at_ms: u64,
 }
 
-/// Where an event is in its life: `pending` until delivered (a 2xx), `failed` (its horizon
 /// The merchants with no `webhook_url` configured. An event of theirs without the payment's
 /// `notify_url` has nowhere to go: a store records it `skipped` at once (in the transaction
 /// that enqueues it), and the delivery worker never claims it. Taken from the configuration at
@@ -718,6 +717,7 @@ impl NoWebhook {
     }
 }
 
+/// Where an event is in its life: `pending` until delivered (a 2xx), `failed` (its horizon
 /// passed, or it can never be sent), or `skipped` (nowhere to send it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

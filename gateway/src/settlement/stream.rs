@@ -321,6 +321,16 @@ impl Writer {
         }
     }
 
+    /// `rows` left the queue (committed or failed): the admission count follows.
+    fn uncount(&self, rows: usize) {
+        let depth = self
+            .shared
+            .depth
+            .fetch_sub(rows, Ordering::Relaxed)
+            .saturating_sub(rows);
+        telemetry::settlement_queue_depth(depth);
+    }
+
     /// A commit task ended: normally with its batch; if it panicked (a bug), its waiters have
     /// been dropped (they see the writer as stopped) and only the queue's count is set right.
     async fn joined(
@@ -332,12 +342,7 @@ impl Writer {
             Ok(committed) => self.committed(committed, answering).await,
             Err(err) => {
                 tracing::error!(error = %err, rows, "a group commit task failed");
-                let depth = self
-                    .shared
-                    .depth
-                    .fetch_sub(rows, Ordering::Relaxed)
-                    .saturating_sub(rows);
-                telemetry::settlement_queue_depth(depth);
+                self.uncount(rows);
             }
         }
     }
@@ -352,12 +357,7 @@ impl Writer {
             result,
         } = committed;
         let rows = writes.len();
-        let depth = self
-            .shared
-            .depth
-            .fetch_sub(rows, Ordering::Relaxed)
-            .saturating_sub(rows);
-        telemetry::settlement_queue_depth(depth);
+        self.uncount(rows);
         match result {
             Ok(results) => {
                 debug_assert_eq!(results.len(), rows);
