@@ -461,6 +461,7 @@ on_both_backends!(
     order_ids_are_unique_among_live_payments_and_freed_by_release,
     a_hold_is_captured_or_released_exactly_once,
     expired_holds_are_released_lazily_and_by_the_sweeper,
+    an_authorize_spends_what_the_holds_it_releases_freed,
     adjustments_credit_debit_and_never_overdraw,
     concurrent_authorizations_never_overspend,
     payments_without_account_hold_nothing,
@@ -790,6 +791,83 @@ async fn expired_holds_are_released_lazily_and_by_the_sweeper(store: Arc<dyn Bal
         PaymentStatus::Expired
     );
     assert_eq!(snapshot(&store, &k, NOW + 5_000).await, (10_000, 0, 10_000));
+}
+
+/// The authorize that finds expired holds releases them first and checks the funds (and
+/// answers the account) with what they freed: nothing stale in between.
+async fn an_authorize_spends_what_the_holds_it_releases_freed(store: Arc<dyn BalanceStore>) {
+    let k = funded(&store, "acc", 10_000, 0).await;
+    for (idem, order) in [("i1", "o1"), ("i2", "o2")] {
+        let out = store
+            .authorize(
+                &authorize(&k, idem, order, 4_000, hold_until(NOW + 1_000)),
+                ctx(NOW),
+            )
+            .await
+            .unwrap();
+        assert!(matches!(out, AuthorizeOutcome::Created { .. }), "{out:?}");
+    }
+    // 2_000 available before the expiry: refused, nothing changed.
+    let early = store
+        .authorize(&authorize(&k, "i3", "o3", 9_000, CAPTURE), ctx(NOW + 999))
+        .await
+        .unwrap();
+    assert_eq!(
+        early,
+        AuthorizeOutcome::InsufficientFunds {
+            available: 2_000,
+            shortfall: 7_000
+        }
+    );
+    assert_eq!(
+        snapshot(&store, &k, NOW + 999).await,
+        (10_000, 8_000, 2_000)
+    );
+
+    // At the expiry, in the same call: both holds released, 9_000 captured from 10_000.
+    let out = store
+        .authorize(&authorize(&k, "i4", "o4", 9_000, CAPTURE), ctx(NOW + 1_000))
+        .await
+        .unwrap();
+    let AuthorizeOutcome::Created { payment, account } = out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(payment.status, PaymentStatus::Succeeded);
+    let account = account.expect("an account payment answers its account");
+    assert_eq!(
+        (account.balance, account.held, account.available()),
+        (1_000, 0, 1_000)
+    );
+    assert_eq!(snapshot(&store, &k, NOW + 1_000).await, (1_000, 0, 1_000));
+
+    // And a new hold over an expired one answers the held amount it leaves.
+    let k2 = funded(&store, "acc2", 10_000, 0).await;
+    store
+        .authorize(
+            &authorize(&k2, "j1", "p1", 6_000, hold_until(NOW + 1_000)),
+            ctx(NOW),
+        )
+        .await
+        .unwrap();
+    let out = store
+        .authorize(
+            &authorize(&k2, "j2", "p2", 7_000, hold_until(NOW + 9_000)),
+            ctx(NOW + 1_000),
+        )
+        .await
+        .unwrap();
+    let AuthorizeOutcome::Created { account, .. } = out else {
+        panic!("{out:?}")
+    };
+    let account = account.expect("an account payment answers its account");
+    assert_eq!(
+        (account.balance, account.held, account.seq),
+        (10_000, 7_000, 1)
+    );
+    assert_eq!(
+        snapshot(&store, &k2, NOW + 1_000).await,
+        (10_000, 7_000, 3_000)
+    );
 }
 
 async fn adjustments_credit_debit_and_never_overdraw(store: Arc<dyn BalanceStore>) {

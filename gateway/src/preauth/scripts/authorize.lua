@@ -23,16 +23,21 @@ if idem then
 end
 
 local has_account = ARGV[2] ~= ''
+-- The account, read once: {m, a, cur, bal, held, cred, seq} (the fields this script needs;
+-- it writes back what it changes and answers from these values).
+local acct
 if has_account then
-  local bad = check_account(KEYS[1], ARGV[1], ARGV[2], ARGV[7])
+  acct = redis.call('HMGET', KEYS[1], 'm', 'a', 'cur', 'bal', 'held', 'cred', 'seq')
+  local bad = account_mismatch(acct, ARGV[1], ARGV[2], ARGV[7])
   if bad then
     return bad
   end
-end
-
-if has_account then
   -- First, so that an order id whose hold just expired is free again.
-  release_expired(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[8], ARGV[10], tonumber(ARGV[11]))
+  local released = release_expired(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[8], ARGV[10],
+    tonumber(ARGV[11]))
+  if released > 0 then
+    acct[5] = redis.call('HGET', KEYS[1], 'held')
+  end
 end
 
 local existing = redis.call('HGET', KEYS[6], ARGV[12])
@@ -47,8 +52,8 @@ local status = 'pending'
 
 -- A top-up has an account but takes nothing from it: no check, no hold.
 if has_account and (ARGV[9] == '1' or hold_expiry > 0) then
-  local acct = redis.call('HMGET', KEYS[1], 'bal', 'held', 'cred')
-  local available = tonumber(acct[1]) + tonumber(acct[3]) - tonumber(acct[2])
+  local bal, held, cred = tonumber(acct[4]), tonumber(acct[5]), tonumber(acct[6])
+  local available = bal + cred - held
   if available < amount then
     local shortfall = amount - available
     record_idempotency(KEYS[7], ARGV[3], 'D',
@@ -56,11 +61,13 @@ if has_account and (ARGV[9] == '1' or hold_expiry > 0) then
     return {'insufficient', fmt(available), fmt(shortfall)}
   end
   if ARGV[9] == '1' then
-    redis.call('HINCRBY', KEYS[1], 'bal', -amount)
-    redis.call('HINCRBY', KEYS[1], 'seq', 1)
+    acct[4] = fmt(bal - amount)
+    acct[7] = fmt(tonumber(acct[7]) + 1)
+    redis.call('HSET', KEYS[1], 'bal', acct[4], 'seq', acct[7])
     status = 'succeeded'
   elseif hold_expiry > 0 then
-    redis.call('HINCRBY', KEYS[1], 'held', amount)
+    acct[5] = fmt(held + amount)
+    redis.call('HSET', KEYS[1], 'held', acct[5])
     redis.call('ZADD', KEYS[2], hold_expiry, pid)
     redis.call('HSET', KEYS[3], pid, ARGV[6])
   end
@@ -72,7 +79,7 @@ redis.call('HSET', KEYS[6], ARGV[12], pid)
 if ARGV[14] ~= '' then
   local seq = 0
   if has_account then
-    seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
+    seq = tonumber(acct[7])
   end
   record_unsettled(KEYS[8], pid, seq, ARGV[15], ARGV[14], tonumber(ARGV[10]))
   record_idempotency(KEYS[7], ARGV[3], 'F', 'P:' .. pid, ARGV[4])
@@ -82,9 +89,8 @@ end
 
 local reply = {'created', status}
 if has_account then
-  local snap = snapshot(KEYS[1])
-  for i = 1, 5 do
-    reply[#reply + 1] = snap[i]
+  for i = 3, 7 do
+    reply[#reply + 1] = acct[i]
   end
 end
 return reply

@@ -72,10 +72,9 @@ local function snapshot(akey)
   return redis.call('HMGET', akey, 'cur', 'bal', 'held', 'cred', 'seq')
 end
 
--- Checks the account exists and is the one the caller means (a tag collision is refused).
--- Returns nil when fine, else the reply to return.
-local function check_account(akey, merchant, account, currency)
-  local acct = redis.call('HMGET', akey, 'm', 'a', 'cur')
+-- Checks that an account read as {m, a, cur, ...} exists and is the one the caller means (a tag
+-- collision is refused). Returns nil when fine, else the reply to return.
+local function account_mismatch(acct, merchant, account, currency)
   if not acct[1] then
     return {'not_found'}
   end
@@ -86,6 +85,11 @@ local function check_account(akey, merchant, account, currency)
     return {'currency', acct[3]}
   end
   return nil
+end
+
+-- Same, reading the account's m, a and cur itself.
+local function check_account(akey, merchant, account, currency)
+  return account_mismatch(redis.call('HMGET', akey, 'm', 'a', 'cur'), merchant, account, currency)
 end
 
 -- Returns nil when the key is new, else the reply for a replay, conflict or in-flight request.
