@@ -1142,18 +1142,25 @@ impl PostgresStore {
             }
         }
 
-        // What follows an inserted settlement: its payment, its refund, its webhook.
+        // What follows an inserted settlement: its postings, its payment, its refund, its
+        // webhook, in one more round trip. The webhook of a refund or of late money without a
+        // payment row of its own is made from the payment as stored: those rare ones read it
+        // in this round trip and are inserted in a third.
         let mut postings = PostingColumns::default();
         let mut followers = Vec::new();
+        let mut readers = Vec::new();
+        let mut webhooks = Vec::new();
+        let now_ms = telemetry::now_ms();
         for ((s, &sequence), outcome) in batch.iter().zip(&sequences).zip(&outcomes) {
             if *outcome == CommitOutcome::Inserted {
                 postings.push(s, sequence);
                 followers.push(self.after_settlement(tx, s));
+                if events::needs_stored_payment(s) {
+                    readers.push(self.settlement_webhook(tx, s));
+                } else {
+                    webhooks.extend(events::for_settlement(s, s.payment.as_ref(), now_ms));
+                }
             }
-        }
-        let mut webhooks = Vec::new();
-        for webhook in join_all(followers).await {
-            webhooks.extend(webhook?);
         }
         let postings_insert = async {
             if postings.line.is_empty() {
@@ -1175,22 +1182,35 @@ impl PostgresStore {
             .await
             .map(|_| ())
         };
-        let (posted, hooked) = tokio::join!(
+        // Polled in this order, so sent in this order: a reader sees the rows its batch wrote.
+        let (followed, read, posted, hooked) = tokio::join!(
+            join_all(followers),
+            join_all(readers),
             postings_insert,
             insert_webhooks(tx, &webhooks, &self.no_webhook)
         );
+        for follower in followed {
+            follower?;
+        }
         posted.map_err(db)?;
         hooked.map_err(db)?;
+        let mut late = Vec::new();
+        for webhook in read {
+            late.extend(webhook?);
+        }
+        insert_webhooks(tx, &late, &self.no_webhook)
+            .await
+            .map_err(db)?;
         Ok(outcomes)
     }
 
     /// An inserted settlement's payment row (flagged when another live payment holds its
-    /// order id), its refund's status, and the webhook it announces.
+    /// order id) and its refund's status.
     async fn after_settlement(
         &self,
         tx: &Transaction<'_>,
         s: &Settlement,
-    ) -> Result<Option<WebhookEvent>, SettleError> {
+    ) -> Result<(), SettleError> {
         let db = |e: tokio_postgres::Error| self.unavailable(&e);
         if let Some(payment) = &s.payment {
             if !write_payment(tx, payment).await.map_err(db)? {
@@ -1213,7 +1233,7 @@ impl PostgresStore {
             .await
             .map_err(db)?;
         }
-        self.settlement_webhook(tx, s).await
+        Ok(())
     }
 
     async fn balances_inner(
