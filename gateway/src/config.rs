@@ -329,6 +329,10 @@ pub struct TelemetrySettings {
     pub log_format: String,
     /// A tracing filter (`info`, `gateway=debug,info`); `RUST_LOG` wins when set.
     pub log_filter: String,
+    /// How often the Prometheus recorder folds its histograms' pending samples (every
+    /// observation is kept until then, or until a scrape): the bound on that memory when
+    /// nobody scrapes `/metrics`.
+    pub metrics_upkeep_ms: u64,
 }
 
 impl Default for TelemetrySettings {
@@ -336,6 +340,7 @@ impl Default for TelemetrySettings {
         Self {
             log_format: "text".into(),
             log_filter: "info".into(),
+            metrics_upkeep_ms: 5_000,
         }
     }
 }
@@ -1135,6 +1140,12 @@ fn validate(settings: Settings) -> Result<Config, ConfigError> {
     s.sandbox.validate(&mut c);
     s.webhooks.validate(&mut c);
 
+    c.range(
+        "telemetry.metrics_upkeep_ms",
+        s.telemetry.metrics_upkeep_ms,
+        100,
+        60_000,
+    );
     if !matches!(s.telemetry.log_format.as_str(), "text" | "json") {
         c.fail("telemetry.log_format", "must be \"text\" or \"json\"");
     }
@@ -1282,6 +1293,28 @@ mod tests {
             .settings
             .store;
         assert_eq!(store.commits_in_flight, 4);
+    }
+
+    #[test]
+    fn the_metrics_upkeep_interval_is_bounded() {
+        let defaults = load(None, env(&[])).unwrap().settings.telemetry;
+        assert_eq!(defaults.metrics_upkeep_ms, 5_000);
+        for bad in ["99", "60001", "0"] {
+            let err =
+                load(None, env(&[("GATEWAY__TELEMETRY__METRICS_UPKEEP_MS", bad)])).unwrap_err();
+            assert!(
+                err.to_string().contains("telemetry.metrics_upkeep_ms"),
+                "{bad}: {err}"
+            );
+        }
+        let telemetry = load(
+            None,
+            env(&[("GATEWAY__TELEMETRY__METRICS_UPKEEP_MS", "100")]),
+        )
+        .unwrap()
+        .settings
+        .telemetry;
+        assert_eq!(telemetry.metrics_upkeep_ms, 100);
     }
 
     #[test]

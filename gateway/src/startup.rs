@@ -251,6 +251,11 @@ impl Application {
             stop_rx.clone(),
         );
 
+        let upkeep = crate::telemetry::spawn_metrics_upkeep(
+            self.state.metrics.clone(),
+            Duration::from_millis(settings.telemetry.metrics_upkeep_ms),
+            stop_rx.clone(),
+        );
         let resolution = spawn_resolution(self.state.clone(), stop_rx.clone());
         let webhooks = crate::webhooks::spawn_webhooks(self.state.clone(), stop_rx.clone());
 
@@ -287,6 +292,7 @@ impl Application {
         let _ = recovery.await;
         let _ = resolution.await;
         let _ = webhooks.await;
+        let _ = upkeep.await;
         drop(state);
         if tokio::time::timeout(grace, self.writer).await.is_err() {
             tracing::warn!("the settlement writer did not finish in time; recovery will redo its queue at the next start");

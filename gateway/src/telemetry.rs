@@ -61,6 +61,22 @@ pub fn prometheus() -> PrometheusHandle {
         .clone()
 }
 
+/// Folds the recorder's pending histogram samples every `interval` until shutdown. A recorder
+/// built with `build_recorder` (ours: the gateway serves `/metrics` itself) keeps every
+/// observation until a scrape renders it; without a scraper that memory grows with traffic
+/// (≈ 10 MiB in 5 minutes at 500 payments/s). Rendering folds them too, so a scrape between
+/// two upkeeps changes nothing.
+pub fn spawn_metrics_upkeep(
+    handle: PrometheusHandle,
+    interval: std::time::Duration,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    crate::periodic::spawn_periodic(interval, shutdown, move || {
+        handle.run_upkeep();
+        std::future::ready(())
+    })
+}
+
 fn describe() {
     metrics::describe_counter!(
         HTTP_REQUESTS_TOTAL,
