@@ -63,9 +63,9 @@ pub fn prometheus() -> PrometheusHandle {
 
 /// Folds the recorder's pending histogram samples every `interval` until shutdown. A recorder
 /// built with `build_recorder` (ours: the gateway serves `/metrics` itself) keeps every
-/// observation until a scrape renders it; without a scraper that memory grows with traffic
-/// (≈ 10 MiB in 5 minutes at 500 payments/s). Rendering folds them too, so a scrape between
-/// two upkeeps changes nothing.
+/// observation (an `f64` each, several per payment) until a scrape renders it; without a
+/// scraper that memory grows with traffic. Rendering folds them too, so a scrape between two
+/// upkeeps changes nothing.
 pub fn spawn_metrics_upkeep(
     handle: PrometheusHandle,
     interval: std::time::Duration,
