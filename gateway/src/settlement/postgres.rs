@@ -1182,7 +1182,9 @@ impl PostgresStore {
             .await
             .map(|_| ())
         };
-        // Polled in this order, so sent in this order: a reader sees the rows its batch wrote.
+        // The first poll sends the followers' statements before the readers' (prepared
+        // statements are cached after a connection's first batch), as the writes and reads of
+        // one follower went before; the order among a batch's own rows is not relied upon.
         let (followed, read, posted, hooked) = tokio::join!(
             join_all(followers),
             join_all(readers),
