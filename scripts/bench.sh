@@ -427,18 +427,20 @@ fmt_cpu() {  # the cpu_us_per_unit map of a side, as "name µs, …" (pg<PID> su
     jq -r --arg be "$be" --arg sc "$sc" '
       def n(x): if x == null then "—" else (x * 1000 | round / 1000 | tostring) end;
       def ms(x): if x == null then "—" else ((x / 10 | round) / 100 | tostring) + " ms" end;
-      "| \($be) | \($sc) (\(.gateway_measure)) | \(n(.median_ratio)) | \(n(.median_gateway_per_second)) | \(n(.median_baseline_per_second)) | \(ms(.rounds[-1].gateway.corrected_p99_us)) | \(ms(.rounds[-1].baseline.corrected_p99_us)) | gw capped: \([.rounds[].gateway.capped] | any), baseline capped: \([.rounds[].baseline.capped] | any), bound: \(.ratios_are_bounds) |"' "$f"
+      def lastp99(side): [.rounds[] | side.corrected_p99_us | select(. != null)] | last;
+      "| \($be) | \($sc) (\(.gateway_measure)) | \(n(.median_ratio)) | \(n(.median_gateway_per_second)) | \(n(.median_baseline_per_second)) | \(ms(lastp99(.gateway))) | \(ms(lastp99(.baseline))) | gw capped: \([.rounds[].gateway.capped] | any), baseline capped: \([.rounds[].baseline.capped] | any), bound: \(.ratios_are_bounds) |"' "$f"
   done
   echo
-  echo "CPU µs per unit of work in each side's best step of the last round (gateway checkout: per settled payment; otherwise per request):"
+  echo "CPU µs per unit of work in each side's best step of the last round that found one (gateway checkout: per settled payment; otherwise per request); the p99 columns above are from the same steps:"
   echo
   echo "| backend | scenario | side | CPU µs per unit, per process |"
   echo "| --- | --- | --- | --- |"
   for f in "$OUT"/compare-*-*.json; do
     [ -e "$f" ] || continue
     b=$(basename "$f" .json); b=${b#compare-}; sc=${b%%-*}; be=${b#*-}
-    echo "| $be | $sc | gateway | $(fmt_cpu '.rounds[-1].gateway.cpu_us_per_unit' "$f") |"
-    echo "| $be | $sc | baseline | $(fmt_cpu '.rounds[-1].baseline.cpu_us_per_unit' "$f") |"
+    # A round whose search found no passing step has an empty map: the last one that has one.
+    echo "| $be | $sc | gateway | $(fmt_cpu '[.rounds[].gateway.cpu_us_per_unit | select(length > 0)] | last // {}' "$f") |"
+    echo "| $be | $sc | baseline | $(fmt_cpu '[.rounds[].baseline.cpu_us_per_unit | select(length > 0)] | last // {}' "$f") |"
   done
   echo
   echo "Resources (gateway): \`run\` at ${RESOURCES_SHARE} x the gateway's median max of the backend's compare (${FALLBACK_RATE}/s when it found none), \`${RESOURCES[*]}\`; the RSS run: authorize at ${RSS_SHARE} x, \`${RSS_RUN[*]}\`. Per payment: per answered request (authorize), per settled payment (checkout); window figures, but wal_sync (PostgreSQL \`pg_stat_wal\`) covers the whole command (set-up, warm-up, settle wait): an upper bound. INFO evalsha+eval counts each script of a pipeline (the gateway counts the pipeline as one round trip)."
