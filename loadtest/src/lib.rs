@@ -63,4 +63,4 @@ pub use manifest::Manifest;
 pub use report::Report;
 pub use runner::{run, RunSettings};
 pub use scenario::{Operation, Scenario};
-pub use target::Target;
+pub use target::{CheckoutMethod, Target};

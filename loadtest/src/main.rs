@@ -12,8 +12,8 @@ use clap::{Args, Parser, Subcommand};
 use loadtest::procstat::ProcessSpec;
 use loadtest::settle::SettleSettings;
 use loadtest::{
-    compare, find_max, run, BaselineProxy, BaselineSettings, CompareSettings, Error, FailoverPlan,
-    FindMaxSettings, Manifest, RunSettings, Scenario, Target,
+    compare, find_max, run, BaselineProxy, BaselineSettings, CheckoutMethod, CompareSettings,
+    Error, FailoverPlan, FindMaxSettings, Manifest, RunSettings, Scenario, Target,
 };
 
 #[derive(Parser)]
@@ -114,6 +114,11 @@ struct Common {
     /// What to load (run, find-max): the gateway, or the baseline proxy (checkout only).
     #[arg(long, value_enum, default_value_t = TargetKind::Gateway)]
     target: TargetKind,
+    /// The channel kind checkouts pay through: supplier (an account's hold, HMAC callbacks;
+    /// the only kind the baseline proxy, `compare` and `failover` know), alipay or wechatpay
+    /// (customer payments without an account, RSA-signed callbacks: measured apart).
+    #[arg(long, default_value = "supplier", value_parser = parse_checkout_method)]
+    checkout_method: CheckoutMethod,
     /// A baseline proxy already running (`loadtest baseline-proxy`); without it one is
     /// started inside this process (its CPU then counts as the generator's).
     #[arg(long, value_name = "URL")]
@@ -217,6 +222,10 @@ fn parse_scenario(text: &str) -> Result<Scenario, String> {
     text.parse()
 }
 
+fn parse_checkout_method(text: &str) -> Result<CheckoutMethod, String> {
+    text.parse()
+}
+
 fn seconds(value: f64, flag: &str) -> Result<Duration, Error> {
     Duration::try_from_secs_f64(value)
         .map_err(|_| Error::Settings(format!("{flag} must be a non-negative number of seconds")))
@@ -256,8 +265,34 @@ impl Common {
         })
     }
 
+    /// The gateway of `manifest`; its checkouts pay through `--checkout-method`, which the
+    /// manifest must have a channel of.
     fn gateway(&self, manifest: &Manifest) -> Result<Target, Error> {
-        Target::gateway(manifest, self.merchant.as_deref(), self.accounts)
+        let method = self.checkout_method;
+        if self.scenario.share(loadtest::Operation::Checkout) > 0.0
+            && !manifest
+                .channels
+                .values()
+                .any(|c| c.kind == method.as_str())
+        {
+            return Err(Error::Settings(format!(
+                "--checkout-method {method}: the manifest has no {method} channel"
+            )));
+        }
+        Target::gateway(manifest, self.merchant.as_deref(), self.accounts, method)
+    }
+
+    /// Refuses `--checkout-method` other than supplier where only supplier is known: the
+    /// baseline proxy (and so `compare`) forwards supplier creates, and `failover` takes a
+    /// supplier channel down.
+    fn supplier_only(&self, what: &str) -> Result<(), Error> {
+        if self.checkout_method == CheckoutMethod::Supplier {
+            return Ok(());
+        }
+        Err(Error::Settings(format!(
+            "{what} measures supplier checkouts only, not --checkout-method {}",
+            self.checkout_method
+        )))
     }
 
     /// The baseline at `--baseline-url`, or a proxy started here (kept alive by the
@@ -282,6 +317,9 @@ impl Common {
     /// The target of `run` and `find-max`.
     async fn target(&self) -> Result<(Target, Option<BaselineProxy>), Error> {
         let manifest = Manifest::load(&self.manifest)?;
+        if self.scenario == Scenario::Failover {
+            self.supplier_only("failover")?;
+        }
         match self.target {
             TargetKind::Gateway => Ok((self.gateway(&manifest)?, None)),
             TargetKind::Baseline if self.scenario != Scenario::Checkout => {
@@ -290,7 +328,10 @@ impl Common {
                     self.scenario
                 )))
             }
-            TargetKind::Baseline => self.baseline(&manifest).await,
+            TargetKind::Baseline => {
+                self.supplier_only("the baseline proxy")?;
+                self.baseline(&manifest).await
+            }
         }
     }
 }
@@ -406,6 +447,7 @@ async fn execute(command: Command) -> Result<ExitCode, Error> {
                     "compare loads both targets: leave out --target".into(),
                 ));
             }
+            common.supplier_only("compare (its baseline proxies supplier creates)")?;
             let settings = CompareSettings {
                 baseline_start_rate: baseline_start.unwrap_or(search.start),
                 search: search.settings(&common)?,

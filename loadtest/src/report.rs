@@ -116,6 +116,9 @@ pub struct Throughput {
 pub struct RunEcho {
     pub scenario: String,
     pub target: String,
+    /// The channel kind the run's checkouts paid through (`supplier`, `alipay`,
+    /// `wechatpay`); `null` when the scenario has no checkout.
+    pub checkout_method: Option<String>,
     pub rate_per_second: f64,
     pub warmup_seconds: f64,
     pub duration_seconds: f64,
@@ -197,8 +200,13 @@ impl Report {
         let r = &self.run;
         let _ = writeln!(
             out,
-            "loadtest {} against the {}: {} req/s for {} s after {} s warm-up, {} connections, {} accounts (run {})",
-            r.scenario, r.target, r.rate_per_second, r.duration_seconds, r.warmup_seconds,
+            "loadtest {}{} against the {}: {} req/s for {} s after {} s warm-up, {} connections, {} accounts (run {})",
+            r.scenario,
+            r.checkout_method
+                .as_deref()
+                .map(|m| format!(" (checkout through {m})"))
+                .unwrap_or_default(),
+            r.target, r.rate_per_second, r.duration_seconds, r.warmup_seconds,
             r.connections, r.accounts, r.run_id
         );
         let q = &self.requests;

@@ -455,6 +455,8 @@ pub async fn run(target: &Target, settings: &RunSettings) -> Result<Report, Erro
         run: RunEcho {
             scenario: scenario.as_str().to_owned(),
             target: target.name().to_owned(),
+            checkout_method: (scenario.share(Operation::Checkout) > 0.0)
+                .then(|| target.checkout_method().as_str().to_owned()),
             rate_per_second: schedule.rate_per_second(),
             warmup_seconds: settings.warmup.as_secs_f64(),
             duration_seconds: window_seconds,

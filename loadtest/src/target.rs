@@ -41,6 +41,61 @@ pub const TOPUP_METHOD: &str = "alipay";
 /// (`payments.default_expires_in_seconds`), so both send the same order.
 pub const BASELINE_ORDER_LIFETIME_SECONDS: u64 = 900;
 
+/// The channel kind a `checkout` pays through (`--checkout-method`). The same-run baseline
+/// proxies supplier creates only, so the ratios are `supplier`'s; Alipay and WeChat Pay
+/// checkouts are measured apart (channel-sim signs their callbacks with RSA-2048, which
+/// costs it several times what the gateway spends verifying them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CheckoutMethod {
+    /// An account's hold, captured when the supplier reports the order paid (HMAC).
+    #[default]
+    Supplier,
+    /// A customer payment through Alipay (RSA2): no account.
+    Alipay,
+    /// A customer payment through WeChat Pay (RSA, AES-GCM callbacks): no account.
+    Wechatpay,
+}
+
+impl CheckoutMethod {
+    pub const ALL: [CheckoutMethod; 3] = [
+        CheckoutMethod::Supplier,
+        CheckoutMethod::Alipay,
+        CheckoutMethod::Wechatpay,
+    ];
+
+    /// The payment's `method`, which is also the manifest's channel `kind`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckoutMethod::Supplier => "supplier",
+            CheckoutMethod::Alipay => "alipay",
+            CheckoutMethod::Wechatpay => "wechatpay",
+        }
+    }
+
+    /// Whether the payment names an account (DESIGN.md §3: a supplier charge holds on one;
+    /// an Alipay or WeChat Pay charge must not name one).
+    pub fn needs_account(self) -> bool {
+        self == CheckoutMethod::Supplier
+    }
+}
+
+impl std::fmt::Display for CheckoutMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for CheckoutMethod {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        CheckoutMethod::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| format!("{s:?} is not a checkout method (supplier, alipay, wechatpay)"))
+    }
+}
+
 /// The system under test.
 #[derive(Debug, Clone)]
 pub enum Target {
@@ -82,8 +137,10 @@ impl Target {
         manifest: &Manifest,
         merchant: Option<&str>,
         accounts: usize,
+        checkout_method: CheckoutMethod,
     ) -> Result<Self, Error> {
-        GatewayTarget::new(manifest, merchant, accounts).map(|g| Target::Gateway(Arc::new(g)))
+        GatewayTarget::new(manifest, merchant, accounts, checkout_method)
+            .map(|g| Target::Gateway(Arc::new(g)))
     }
 
     /// The baseline proxy listening at `proxy_url` (`http://127.0.0.1:PORT`, loopback only),
@@ -109,6 +166,14 @@ impl Target {
             (Target::Baseline(_), other) => Err(Error::Settings(format!(
                 "the baseline serves only the checkout scenario (one proxied supplier create per request), not {other}"
             ))),
+        }
+    }
+
+    /// The channel kind its checkouts pay through (the baseline forwards supplier creates).
+    pub fn checkout_method(&self) -> CheckoutMethod {
+        match self {
+            Target::Gateway(g) => g.checkout_method,
+            Target::Baseline(_) => CheckoutMethod::Supplier,
         }
     }
 
@@ -320,6 +385,7 @@ pub struct GatewayTarget {
     payments_uri: Uri,
     topup_uris: Vec<Uri>,
     metrics_uri: Uri,
+    checkout_method: CheckoutMethod,
 }
 
 fn bearer(key: &Secret) -> Result<HeaderValue, Error> {
@@ -335,7 +401,12 @@ fn uri(text: String) -> Result<Uri, Error> {
 }
 
 impl GatewayTarget {
-    fn new(manifest: &Manifest, merchant: Option<&str>, accounts: usize) -> Result<Self, Error> {
+    fn new(
+        manifest: &Manifest,
+        merchant: Option<&str>,
+        accounts: usize,
+        checkout_method: CheckoutMethod,
+    ) -> Result<Self, Error> {
         manifest.check_loopback()?;
         if accounts == 0 || accounts > 100_000 {
             return Err(Error::Settings("--accounts must be 1..=100000".into()));
@@ -367,6 +438,7 @@ impl GatewayTarget {
             admin_auth: manifest.admin_key.as_ref().map(bearer).transpose()?,
             accounts,
             base_url,
+            checkout_method,
         })
     }
 
@@ -401,14 +473,23 @@ impl GatewayTarget {
         let amount = format_minor(AMOUNT_MINOR);
         match operation {
             Operation::Authorize | Operation::Checkout => {
-                let method = if operation == Operation::Authorize {
-                    "balance"
+                let (method, with_account) = if operation == Operation::Authorize {
+                    ("balance", true)
                 } else {
-                    "supplier"
+                    (
+                        self.checkout_method.as_str(),
+                        self.checkout_method.needs_account(),
+                    )
                 };
-                let body = format!(
-                    r#"{{"merchant_order_id":"{order_id}","amount":"{amount}","currency":"{CURRENCY}","method":"{method}","account_id":"{account}"}}"#
-                );
+                let body = if with_account {
+                    format!(
+                        r#"{{"merchant_order_id":"{order_id}","amount":"{amount}","currency":"{CURRENCY}","method":"{method}","account_id":"{account}"}}"#
+                    )
+                } else {
+                    format!(
+                        r#"{{"merchant_order_id":"{order_id}","amount":"{amount}","currency":"{CURRENCY}","method":"{method}"}}"#
+                    )
+                };
                 self.post(
                     self.payments_uri.clone(),
                     &self.merchant_auth,
@@ -734,7 +815,7 @@ mod tests {
 
     #[test]
     fn requests_are_valid_json_with_unique_ids_over_many_accounts() {
-        let target = Target::gateway(&manifest(true), None, 256).unwrap();
+        let target = Target::gateway(&manifest(true), None, 256, CheckoutMethod::Supplier).unwrap();
         let (head, json) = body(target.request(Operation::Authorize, "lt-run", 300));
         assert_eq!(head.uri(), "http://127.0.0.1:8080/v1/payments");
         assert_eq!(head.headers()["idempotency-key"], "lt-run-300");
@@ -757,12 +838,44 @@ mod tests {
     }
 
     #[test]
+    fn a_checkout_pays_through_the_chosen_method_and_names_an_account_only_for_supplier() {
+        for method in CheckoutMethod::ALL {
+            let target = Target::gateway(&manifest(true), None, 4, method).unwrap();
+            assert_eq!(target.checkout_method(), method);
+            let (head, json) = body(target.request(Operation::Checkout, "lt-run", 6));
+            assert_eq!(head.uri(), "http://127.0.0.1:8080/v1/payments");
+            assert_eq!(json["method"], method.as_str());
+            assert_eq!(json["merchant_order_id"], "lt-run-6");
+            assert_eq!(json["amount"], "1.00");
+            let account = json.get("account_id").and_then(|a| a.as_str());
+            if method == CheckoutMethod::Supplier {
+                assert_eq!(account, Some("lt-002"));
+            } else {
+                assert_eq!(account, None, "{method}: {json}");
+            }
+            // Authorize stays a balance payment on an account whatever the checkout method.
+            let (_, json) = body(target.request(Operation::Authorize, "lt-run", 7));
+            assert_eq!(json["method"], "balance");
+            assert_eq!(json["account_id"], "lt-003");
+        }
+        assert_eq!("alipay".parse(), Ok(CheckoutMethod::Alipay));
+        assert_eq!("wechatpay".parse(), Ok(CheckoutMethod::Wechatpay));
+        assert_eq!("supplier".parse(), Ok(CheckoutMethod::Supplier));
+        assert!("balance".parse::<CheckoutMethod>().is_err());
+        assert!("Alipay".parse::<CheckoutMethod>().is_err());
+        assert!("".parse::<CheckoutMethod>().is_err());
+    }
+
+    #[test]
     fn a_merchant_is_chosen_by_id() {
-        let target = Target::gateway(&manifest(false), Some("beta"), 1).unwrap();
+        let target =
+            Target::gateway(&manifest(false), Some("beta"), 1, CheckoutMethod::Supplier).unwrap();
         let (head, _) = body(target.request(Operation::Authorize, "r", 0));
         assert_eq!(head.headers()[AUTHORIZATION], "Bearer sk_test_beta");
-        assert!(Target::gateway(&manifest(false), Some("gamma"), 1).is_err());
-        assert!(Target::gateway(&manifest(false), None, 0).is_err());
+        assert!(
+            Target::gateway(&manifest(false), Some("gamma"), 1, CheckoutMethod::Supplier).is_err()
+        );
+        assert!(Target::gateway(&manifest(false), None, 0, CheckoutMethod::Supplier).is_err());
     }
 
     fn answer(status: u16, body: &str) -> Result<Answer, SendError> {
@@ -774,7 +887,7 @@ mod tests {
 
     #[test]
     fn answers_are_interpreted() {
-        let target = Target::gateway(&manifest(true), None, 1).unwrap();
+        let target = Target::gateway(&manifest(true), None, 1, CheckoutMethod::Supplier).unwrap();
         assert_eq!(
             target.interpret(Operation::Authorize, answer(201, "{}")),
             Outcome::Answered { created: None }

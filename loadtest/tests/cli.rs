@@ -61,6 +61,87 @@ fn bad_arguments_and_missing_manifests_exit_2() {
     }
 }
 
+#[test]
+fn a_checkout_method_the_manifest_or_the_command_cannot_serve_is_refused_with_exit_code_2() {
+    let dir = tempfile::tempdir().unwrap();
+    // A merchant and a supplier channel only (nothing listens at the URLs: every refusal
+    // below comes before anything is sent).
+    let manifest = dir.path().join("sandbox.json");
+    std::fs::write(
+        &manifest,
+        r#"{"merchants": {"alpha": {"api_key": "sk_test_alpha"}}, "admin_key": null,
+            "gateway_url": "http://127.0.0.1:9", "sim_admin_url": "http://127.0.0.1:9",
+            "channels": {"supplier-main": {"kind": "supplier", "priority": 1,
+                "base_url": "http://127.0.0.1:9", "callback_url": "http://127.0.0.1:9/cb"}}}"#,
+    )
+    .unwrap();
+    let manifest = manifest.to_str().unwrap();
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &[
+                "run",
+                "--scenario",
+                "checkout",
+                "--checkout-method",
+                "wechatpay",
+            ],
+            "the manifest has no wechatpay channel",
+        ),
+        (
+            &[
+                "run",
+                "--scenario",
+                "checkout",
+                "--checkout-method",
+                "alipay",
+                "--target",
+                "baseline",
+            ],
+            "supplier checkouts only",
+        ),
+        (
+            &[
+                "compare",
+                "--scenario",
+                "checkout",
+                "--checkout-method",
+                "alipay",
+                "--slo-p99-ms",
+                "50",
+            ],
+            "supplier checkouts only",
+        ),
+        (
+            &[
+                "run",
+                "--scenario",
+                "failover",
+                "--checkout-method",
+                "wechatpay",
+            ],
+            "supplier checkouts only",
+        ),
+        (
+            &[
+                "run",
+                "--scenario",
+                "checkout",
+                "--checkout-method",
+                "balance",
+            ],
+            "not a checkout method",
+        ),
+    ];
+    for (args, says) in cases {
+        let mut all = args.to_vec();
+        all.extend(["--manifest", manifest]);
+        let out = loadtest(&all);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+}
+
 /// A manifest whose supplier-main channel has a secret file (nothing listens at its URLs).
 fn manifest_with_secret(dir: &std::path::Path) -> std::path::PathBuf {
     std::fs::write(

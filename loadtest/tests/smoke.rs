@@ -32,8 +32,8 @@ use loadtest::prom::Scrape;
 use loadtest::resources::{BATCH_ROWS_COUNT, REDIS_ROUND_TRIPS, STORE_COMMITS};
 use loadtest::settle::SettleSettings;
 use loadtest::{
-    compare, run, BaselineProxy, BaselineSettings, CompareSettings, FailoverPlan, FindMaxSettings,
-    Manifest, RunSettings, Scenario, Target,
+    compare, run, BaselineProxy, BaselineSettings, CheckoutMethod, CompareSettings, FailoverPlan,
+    FindMaxSettings, Manifest, RunSettings, Scenario, Target,
 };
 use serde_json::Value;
 use tokio::sync::oneshot;
@@ -274,7 +274,8 @@ async fn get_json(url: &str) -> Value {
 async fn authorize_checkout_and_mixed_against_a_real_sandbox() {
     let gateway = SandboxGateway::start().await;
     let manifest = Manifest::load(&gateway.manifest_path).expect("the manifest");
-    let target = Target::gateway(&manifest, None, 16).expect("the target");
+    let target =
+        Target::gateway(&manifest, None, 16, CheckoutMethod::Supplier).expect("the target");
     let metrics_url = format!("{}/metrics", manifest.gateway_url.trim_end_matches('/'));
     // This test process stands for a measured --pid (its RSS is sampled).
     let me = ProcessSpec::parse(&format!("self={}", std::process::id())).unwrap();
@@ -369,6 +370,78 @@ async fn authorize_checkout_and_mixed_against_a_real_sandbox() {
     gateway.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alipay_and_wechatpay_checkouts_settle_through_their_own_channels() {
+    let gateway = SandboxGateway::start().await;
+    let manifest = Manifest::load(&gateway.manifest_path).expect("the manifest");
+    for method in [CheckoutMethod::Alipay, CheckoutMethod::Wechatpay] {
+        let target = Target::gateway(&manifest, None, 4, method).expect("the target");
+        let report = run(&target, &settings(Scenario::Checkout, 20.0, 2))
+            .await
+            .expect("the checkout run");
+        assert_clean(&report);
+        let summary = report.summary();
+        assert_eq!(
+            report.run.checkout_method.as_deref(),
+            Some(method.as_str()),
+            "{summary}"
+        );
+        assert!(
+            summary.contains(&format!("checkout through {method}")),
+            "{summary}"
+        );
+        let settlement = report
+            .settlement
+            .as_ref()
+            .expect("checkout follows settlement");
+        let created = report.requests.answered + report.warmup.answered;
+        assert_eq!(created, 60, "{summary}");
+        assert_eq!(settlement.tracked, created, "{summary}");
+        assert_eq!(settlement.settled, created, "{summary}");
+        assert_eq!(settlement.verified, created, "{summary}");
+        assert_eq!(settlement.verify_failures, 0, "{summary}");
+        assert_eq!(
+            settlement.unsettled + settlement.closed + settlement.missing + settlement.paid_twice,
+            0,
+            "{summary}"
+        );
+
+        // channel-sim's record: every order of the run went to a channel of this kind (and
+        // none to another kind), each paid once for 1.00 with its callback acknowledged.
+        let mut orders = Vec::new();
+        for (id, channel) in &manifest.channels {
+            let listed =
+                get_json(&format!("{}/channels/{id}/orders", manifest.sim_admin_url)).await;
+            let listed = listed.as_array().expect("a list").clone();
+            if channel.kind == method.as_str() {
+                orders.extend(listed);
+            } else if channel.kind != "alipay" || method != CheckoutMethod::Wechatpay {
+                // The Alipay run comes first: only its own kind has orders by then.
+                assert!(
+                    listed.is_empty(),
+                    "{id} ({}) has orders: {listed:?}",
+                    channel.kind
+                );
+            }
+        }
+        assert_eq!(orders.len() as u64, created, "{summary}");
+        for order in &orders {
+            assert_eq!(order["status"], "paid", "{order}");
+            assert_eq!(order["pay_count"], 1, "{order}");
+            assert_eq!(order["amount_cents"], 100, "{order}");
+            assert!(
+                order["callbacks"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|c| c["acknowledged"] == true),
+                "{order}"
+            );
+        }
+    }
+    gateway.stop().await;
+}
+
 /// The baseline proxy of `manifest`, in this process, on a free loopback port.
 async fn start_baseline(manifest: &Manifest) -> (BaselineProxy, Target) {
     let settings = BaselineSettings::from_manifest(
@@ -419,7 +492,8 @@ async fn the_baseline_proxy_and_a_compare_round_against_the_sandbox_channel_sim(
 
     // One short compare round at tiny rates: two steps of 1 s per side, an SLO no debug
     // build misses at these rates.
-    let gateway_target = Target::gateway(&manifest, None, 16).expect("the gateway target");
+    let gateway_target =
+        Target::gateway(&manifest, None, 16, CheckoutMethod::Supplier).expect("the gateway target");
     let mut step = settings(Scenario::Checkout, 20.0, 1);
     step.warmup = Duration::from_millis(500);
     let settings = CompareSettings {
@@ -490,7 +564,8 @@ async fn the_baseline_proxy_and_a_compare_round_against_the_sandbox_channel_sim(
 async fn failover_moves_checkouts_to_the_backup_channel_and_back() {
     let gateway = SandboxGateway::start().await;
     let manifest = Manifest::load(&gateway.manifest_path).expect("the manifest");
-    let target = Target::gateway(&manifest, None, 16).expect("the target");
+    let target =
+        Target::gateway(&manifest, None, 16, CheckoutMethod::Supplier).expect("the target");
 
     // 20 checkouts/s; supplier-main down from 2 s to 4 s of a 6 s window.
     let mut settings = settings(Scenario::Failover, 20.0, 6);
