@@ -6,7 +6,8 @@
 # and PostgreSQL WAL fsyncs per payment, settlement lag, queue depth), an RSS run (authorize
 # at 50 % of the max, long), a half-max latency run (authorize at 50 % of the max, then the
 # baseline proxy at the same rate; the mean group-commit time and an fdatasync probe beside
-# them) and a failover run on each store backend, then (full mode) the
+# them), a failover run and checkouts through each channel kind (supplier, WeChat Pay,
+# Alipay: CPU per settled payment at one rate) on each store backend, then (full mode) the
 # criterion benches, and prints / writes a summary (markdown) and the generated section of
 # docs/PERFORMANCE.md. Every loadtest command gets the stack's --pid list and --redis-addr.
 #
@@ -15,9 +16,9 @@
 #
 # --quick  one round, short steps (factor 1.5), 10 s resources and half-max runs, a 60 s RSS
 #          run, no criterion benches (target: <= 7 minutes after the build). Full mode: 3 rounds,
-#          longer steps, 60 s resources runs, a 300 s RSS run, both scenarios on both
-#          backends, then `cargo bench -p benches` (target: ~30 min; the arithmetic is at
-#          the settings below).
+#          longer steps, 60 s resources runs, a 300 s RSS run (PostgreSQL only), both
+#          scenarios on both backends, then `cargo bench -p benches` (target: ~30 min; the
+#          arithmetic is at the settings below).
 # --out    where the JSON reports, SVG plots, logs and the summary go (default target/bench).
 # --no-doc do not rewrite the generated section of docs/PERFORMANCE.md.
 # --serve  start one stack (release build), write its pids, URLs, Redis address, PostgreSQL
@@ -62,8 +63,9 @@ T0=$(date +%s)
 #   full:  factor 1.25: round 1 ~5-9 steps per side, rounds 2-3 start at 0.7 x the best so
 #          far and take ~3 each: ~13 steps per side, ~26 per compare, x (0.3+1+5+0.5+0.5)
 #          ~= 7.3 s ~= 3.2 min per compare, x 4 ~= 13 min; failover 2 x ~25 s ~= 1 min;
-#          resources 2 backends x (2 x ~65 s + ~305 s RSS) ~= 14.5 min; criterion ~3-4 min
-#          -> ~31-32 min. (The former warm-up 2 s, pause 1 s and resume share 0.5 made ~35
+#          resources 2 backends x 2 x ~65 s + one ~305 s RSS run ~= 9.5 min; channel kinds
+#          2 backends x 3 x ~12 s ~= 1.2 min; criterion ~4 min -> ~29 min after the build
+#          (the run of 396a6d6, with an RSS run on both backends: 33 min). (The former warm-up 2 s, pause 1 s and resume share 0.5 made ~35
 #          steps x 8.8 s ~= 5 min per compare: ~40 min in all with the resources runs.)
 SLO_MS=50
 if [ "$QUICK" = 1 ]; then
@@ -74,6 +76,7 @@ if [ "$QUICK" = 1 ]; then
   RESOURCES=(--duration-s 10 --warmup-s 1 --settle-wait-s 5)
   RSS_RUN=(--duration-s 60 --warmup-s 1)
   HALF_RUN=(--duration-s 10 --warmup-s 1)
+  CHANNEL_RUN=(--rate 100 --duration-s 4 --warmup-s 1 --settle-wait-s 5)
 else
   MODE=full
   COMMON=(--rounds 3 --duration-s 5 --warmup-s 1 --pause-ms 500 --step 1.25 --max-steps 20
@@ -82,7 +85,18 @@ else
   RESOURCES=(--duration-s 60 --warmup-s 2 --settle-wait-s 10)
   RSS_RUN=(--duration-s 300 --warmup-s 2)
   HALF_RUN=(--duration-s 20 --warmup-s 2)
+  # Shorter than channel-sim's Alipay TRADE_FINISHED delay (10 s after TRADE_SUCCESS), so
+  # that notice (one more callback per Alipay payment) falls after the window.
+  CHANNEL_RUN=(--rate 150 --duration-s 8 --warmup-s 1 --settle-wait-s 10)
 fi
+# Checkouts by channel kind at one fixed rate (CHANNEL_RUN), to set Alipay's and WeChat Pay's
+# RSA-signed callbacks beside supplier's HMAC: the baseline proxies supplier creates only, so
+# these have CPU per settled payment, not ratios. Alipay last: its TRADE_FINISHED notices
+# come after the stack's last run.
+CHANNEL_METHODS=(supplier wechatpay alipay)
+# The 300 s RSS run on these backends only (PostgreSQL: the production store), which keeps
+# the full run near its 30-minute budget.
+RSS_BACKENDS=" postgres "
 # Resources runs at this share of the gateway's median max from the compare of the same
 # scenario and backend; the RSS run (authorize) at the second share. No max: this rate.
 RESOURCES_SHARE=0.8
@@ -359,8 +373,10 @@ run_backend() {
     resources "${RESOURCES[@]}"
   resources_run "$backend" checkout "$(rate_of checkout "$backend" "$RESOURCES_SHARE")" \
     resources "${RESOURCES[@]}"
-  resources_run "$backend" authorize "$(rate_of authorize "$backend" "$RSS_SHARE")" \
-    rss "${RSS_RUN[@]}"
+  if [[ "$RSS_BACKENDS" == *" $backend "* ]]; then
+    resources_run "$backend" authorize "$(rate_of authorize "$backend" "$RSS_SHARE")" \
+      rss "${RSS_RUN[@]}"
+  fi
   half_run "$backend"
   pid_args
   if true; then
@@ -371,6 +387,16 @@ run_backend() {
       --out "$OUT/failover-$backend.json" --svg "$OUT/failover-$backend.svg" 2>&1 \
       | tee "$OUT/failover-$backend.txt" || log "$backend: failover exited non-zero"
   fi
+  local method
+  for method in "${CHANNEL_METHODS[@]}"; do
+    pid_args
+    log "$backend: checkout through $method (${CHANNEL_RUN[*]})"
+    COMMANDS+=("loadtest run --scenario checkout --checkout-method $method ${CHANNEL_RUN[*]} --redis-addr … --pid … --out channel-$method-$backend.json   # $backend")
+    "$LOADTEST" run --scenario checkout --checkout-method "$method" "${CHANNEL_RUN[@]}" \
+      --manifest "$MANIFEST" --redis-addr "$REDIS_ADDR" "${PIDARGS[@]}" \
+      --out "$OUT/channel-$method-$backend.json" 2>&1 \
+      | tee "$OUT/channel-$method-$backend.txt" || log "$backend: checkout through $method exited non-zero"
+  done
   stop_stack
 }
 
@@ -478,6 +504,25 @@ fmt_cpu() {  # the cpu_us_per_unit map of a side, as "name µs, …" (pg<PID> su
       | ($gl.p50_us - $bl.p50_us) as $gap
       | "| \($be) | \($g[0].run.rate_per_second) | \(ms($gl.p50_us)) / \(ms($gl.p99_us)) | \(ms($bl.p50_us)) / \(ms($bl.p99_us)) | \($gap) µs | \($commit) µs | \($fsync) µs | \(if $commit == "-" then "?" elif $gap <= ($commit | tonumber) then "met" else "no" end) | \(if $gl.p99_us <= $bl.p99_us + 5000 then "met" else "no" end) |"' \
       2>/dev/null || echo "| $be | (report unreadable) | | | | | | | |"
+  done
+  echo
+  echo "Checkouts by channel kind (\`run --scenario checkout --checkout-method M ${CHANNEL_RUN[*]}\`): the same rate for each, so the CPU each process spends per settled payment compares across kinds. Supplier: an account's hold, HMAC-signed create and callback. Alipay / WeChat Pay: customer payments (no account); the gateway signs each create with RSA-2048 and verifies each callback, channel-sim verifies each create and signs each callback (WeChat Pay's also AES-GCM encrypted)."
+  echo
+  echo "| backend | method | settled /s | p99 | callback→ack p99 | gateway µs / settled | channel-sim µs / settled | other processes µs / settled | Redis round trips / settled | store commits / settled |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+  for be in postgres sqlite; do
+    for m in "${CHANNEL_METHODS[@]}"; do
+      f="$OUT/channel-$m-$be.json"
+      [ -e "$f" ] || continue
+      jq -r --arg be "$be" --arg m "$m" '
+        def n(x): if x == null then "—" else (x * 100 | round / 100 | tostring) end;
+        def cpu(name): ([.cpu[] | select(.name == name) | .us_per_settled] | first);
+        ([.cpu[] | select(.name != "gateway" and .name != "channel-sim" and .name != "baseline" and .us_per_settled != null and .us_per_settled >= 1)
+          | if (.name | test("^pg[0-9]+$")) or .name == "postgres" then .name = "postgres(all)" else . end]
+          | group_by(.name) | map("\(.[0].name) \(map(.us_per_settled) | add | floor)") | join(", ")) as $others
+        | "| \($be) | \($m) | \(n(.throughput.settled_per_second)) | \(n(.latency.corrected.p99_us / 1000)) ms | \(if .settlement == null then "—" else n(.settlement.callback_to_ack.p99_us / 1000) + " ms" end) | \(cpu("gateway") // 0 | floor) | \(cpu("channel-sim") // 0 | floor) | \($others) | \(n(.gateway_metrics.redis_round_trips.per_settled)) | \(n(.gateway_metrics.store_commits.per_settled)) |"' "$f" 2>/dev/null \
+        || echo "| $be | $m | (report unreadable) | | | | | | | |"
+    done
   done
   for f in "$OUT"/failover-*.json; do
     [ -e "$f" ] || continue
