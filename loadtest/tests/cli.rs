@@ -13,17 +13,22 @@ fn loadtest(args: &[&str]) -> std::process::Output {
         .expect("run loadtest")
 }
 
+/// Writes `json` as `dir/sandbox.json` and returns its path.
+fn write_manifest(dir: &std::path::Path, json: &str) -> std::path::PathBuf {
+    let path = dir.join("sandbox.json");
+    std::fs::write(&path, json).unwrap();
+    path
+}
+
 #[test]
 fn a_non_loopback_gateway_is_refused_with_exit_code_2() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("sandbox.json");
-    std::fs::write(
-        &path,
+    let path = write_manifest(
+        dir.path(),
         r#"{"merchants": {"alpha": {"api_key": "sk_test_alpha"}}, "admin_key": null,
             "gateway_url": "http://192.168.1.20:8080", "sim_admin_url": "http://127.0.0.1:9",
             "channels": {}}"#,
-    )
-    .unwrap();
+    );
     let out = loadtest(&[
         "run",
         "--scenario",
@@ -66,15 +71,13 @@ fn a_checkout_method_the_manifest_or_the_command_cannot_serve_is_refused_with_ex
     let dir = tempfile::tempdir().unwrap();
     // A merchant and a supplier channel only (nothing listens at the URLs: every refusal
     // below comes before anything is sent).
-    let manifest = dir.path().join("sandbox.json");
-    std::fs::write(
-        &manifest,
+    let manifest = write_manifest(
+        dir.path(),
         r#"{"merchants": {"alpha": {"api_key": "sk_test_alpha"}}, "admin_key": null,
             "gateway_url": "http://127.0.0.1:9", "sim_admin_url": "http://127.0.0.1:9",
             "channels": {"supplier-main": {"kind": "supplier", "priority": 1,
                 "base_url": "http://127.0.0.1:9", "callback_url": "http://127.0.0.1:9/cb"}}}"#,
-    )
-    .unwrap();
+    );
     let manifest = manifest.to_str().unwrap();
     let cases: [(&[&str], &str); 5] = [
         (
@@ -149,17 +152,14 @@ fn manifest_with_secret(dir: &std::path::Path) -> std::path::PathBuf {
         "0123456789abcdef0123456789abcdef\n",
     )
     .unwrap();
-    let path = dir.join("sandbox.json");
-    std::fs::write(
-        &path,
+    write_manifest(
+        dir,
         r#"{"merchants": {}, "admin_key": null,
             "gateway_url": "http://127.0.0.1:9", "sim_admin_url": "http://127.0.0.1:9",
             "channels": {"supplier-main": {"kind": "supplier", "priority": 1,
                 "base_url": "http://127.0.0.1:9", "callback_url": "http://127.0.0.1:9/cb",
                 "channel_keys": {"supplier_secret": "supplier.secret"}}}}"#,
     )
-    .unwrap();
-    path
 }
 
 #[test]
