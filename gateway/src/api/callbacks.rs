@@ -143,6 +143,25 @@ async fn paid(
     amount_minor: i64,
     currency: crate::money::Currency,
 ) -> Handled {
+    // A repeat for an attempt the store already records as the one that succeeded (a
+    // channel's duplicate, Alipay's TRADE_FINISHED after TRADE_SUCCESS): acknowledged without
+    // a balance-store round trip when the stored payment shows its success committed (the
+    // payment row is written with the settlement) and agrees on the money. Anything else
+    // takes the full path below, which refuses and flags a mismatch.
+    if attempt.outcome == outcome::SUCCEEDED {
+        match state.settler.store.payment(&attempt.payment_id).await {
+            Ok(Some(row))
+                if row.amount_minor == amount_minor
+                    && row.currency == currency
+                    && PaymentStatus::parse(&row.status)
+                        .is_some_and(|s| s.is_live() && s != PaymentStatus::Pending) =>
+            {
+                return Handled::Ack("duplicate");
+            }
+            Ok(_) => {}
+            Err(_) => return Handled::Retry("retry"),
+        }
+    }
     match resolution::settle_paid(state, attempt, channel_txn_id, amount_minor, currency).await {
         Ok(Settled::Now) => Handled::Ack("processed"),
         Ok(Settled::Already(status)) if status.is_live() => {

@@ -355,6 +355,25 @@ async fn duplicated_callbacks_settle_once() {
     app.assert_account(ALPHA, "acc", "90.00", "0.00", "90.00")
         .await;
     assert_eq!(movements(&app, id).await, vec![("capture".to_owned(), 0)]);
+    // The duplicate was answered from the store: Redis ran the success script once.
+    let metrics = app
+        .request(hyper::Method::GET, "/metrics", None, None, None)
+        .await;
+    let text = metrics.body.as_str().unwrap();
+    let sample = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+    };
+    assert_eq!(
+        sample("gateway_redis_round_trips_total{op=\"succeed\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample("gateway_callbacks_total{channel=\"supplier-main\",result=\"duplicate\"}"),
+        Some(1.0),
+        "{text}"
+    );
 }
 
 /// The simulator never sends the callback: the resolution loop settles the payment anyway.
@@ -475,6 +494,19 @@ async fn forged_stale_and_mismatched_supplier_callbacks_change_nothing() {
     app.assert_account(ALPHA, "acc", "75.00", "1.00", "74.00")
         .await;
     assert_eq!(post_supplier(&app, paid, SUPPLIER_SECRET, now).await, 200);
+    app.assert_account(ALPHA, "acc", "75.00", "1.00", "74.00")
+        .await;
+    assert_eq!(movements(&app, id).await, vec![("capture".to_owned(), 0)]);
+    // A signed repeat that disagrees on the amount is still refused once the payment has
+    // succeeded (not acknowledged as a duplicate), and changes nothing.
+    let status = post_supplier(
+        &app,
+        supplier_notice(&order, "succeeded", "2.50"),
+        SUPPLIER_SECRET,
+        now,
+    )
+    .await;
+    assert!((400..500).contains(&status), "{status}");
     app.assert_account(ALPHA, "acc", "75.00", "1.00", "74.00")
         .await;
     assert_eq!(movements(&app, id).await, vec![("capture".to_owned(), 0)]);
