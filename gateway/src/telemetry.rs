@@ -186,33 +186,32 @@ pub fn http_request(route: &str, method: &str, status: u16, elapsed: Duration) {
         .record(elapsed.as_secs_f64());
 }
 
-pub fn store_call(backend: &'static str, op: &'static str, elapsed: Duration) {
-    metrics::histogram!(SETTLEMENT_STORE_CALL_SECONDS, "backend" => backend, "op" => op)
-        .record(elapsed.as_secs_f64());
-    if !READ_ONLY_STORE_OPS.contains(&op) {
-        metrics::counter!(STORE_COMMITS_TOTAL, "backend" => backend, "op" => op).increment(1);
+/// A settlement-store call: its `op` label, and whether it writes. Every write commits a
+/// transaction, so it is counted in `gateway_store_commits_total` (the gateway's own count of
+/// what may cost an fsync); reads are not. Each store names its calls with these, so a new
+/// call has to say which it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreOp {
+    Read(&'static str),
+    Write(&'static str),
+}
+
+impl StoreOp {
+    pub fn label(self) -> &'static str {
+        match self {
+            StoreOp::Read(label) | StoreOp::Write(label) => label,
+        }
     }
 }
 
-/// Settlement store operations that only read: every other one commits a write transaction
-/// (`gateway_store_commits_total`, the gateway's own count of what may cost an fsync).
-const READ_ONLY_STORE_OPS: &[&str] = &[
-    "schema_version",
-    "attempts",
-    "attempt_by_channel_order",
-    "balances",
-    "live_holds",
-    "payment",
-    "postings_sum",
-    "flagged",
-    "refunds",
-    "stale_refunds",
-    "flagged_count",
-    "payment_events",
-    "ping",
-    "webhook_events",
-    "webhook_backlog",
-];
+pub fn store_call(backend: &'static str, op: StoreOp, elapsed: Duration) {
+    let label = op.label();
+    metrics::histogram!(SETTLEMENT_STORE_CALL_SECONDS, "backend" => backend, "op" => label)
+        .record(elapsed.as_secs_f64());
+    if let StoreOp::Write(_) = op {
+        metrics::counter!(STORE_COMMITS_TOTAL, "backend" => backend, "op" => label).increment(1);
+    }
+}
 
 pub fn settlement_queue_depth(depth: usize) {
     metrics::gauge!(SETTLEMENT_QUEUE_DEPTH).set(depth as f64);

@@ -37,7 +37,7 @@ use super::{
     SettlementStore, StatusChange, WebhookAttempt, Write, Written, MIGRATIONS, SCHEMA_VERSION,
 };
 use crate::money::Currency;
-use crate::telemetry;
+use crate::telemetry::{self, StoreOp};
 
 /// The advisory lock every migrator takes inside its transaction ("gateway1" in ASCII).
 const MIGRATION_LOCK: i64 = 0x6761_7465_7761_7931;
@@ -614,7 +614,7 @@ impl PostgresStore {
     }
 
     async fn timed<T>(
-        op: &'static str,
+        op: StoreOp,
         call: impl std::future::Future<Output = Result<T, SettleError>>,
     ) -> Result<T, SettleError> {
         let started = Instant::now();
@@ -1437,15 +1437,19 @@ fn target_of(config: &tokio_postgres::Config) -> String {
 #[async_trait]
 impl SettlementStore for PostgresStore {
     async fn migrate(&self) -> Result<u32, SettleError> {
-        Self::timed("migrate", self.migrate_inner()).await
+        Self::timed(StoreOp::Write("migrate"), self.migrate_inner()).await
     }
 
     async fn schema_version(&self) -> Result<Option<u32>, SettleError> {
-        Self::timed("schema_version", self.schema_version_inner()).await
+        Self::timed(StoreOp::Read("schema_version"), self.schema_version_inner()).await
     }
 
     async fn upsert_account(&self, row: &AccountRow) -> Result<(), SettleError> {
-        Self::timed("upsert_account", self.upsert_account_inner(row)).await
+        Self::timed(
+            StoreOp::Write("upsert_account"),
+            self.upsert_account_inner(row),
+        )
+        .await
     }
 
     async fn record_intent(
@@ -1454,14 +1458,18 @@ impl SettlementStore for PostgresStore {
         first_attempt: Option<&AttemptRow>,
     ) -> Result<IntentOutcome, SettleError> {
         Self::timed(
-            "record_intent",
+            StoreOp::Write("record_intent"),
             self.record_intent_inner(payment, first_attempt),
         )
         .await
     }
 
     async fn record_attempt(&self, attempt: &AttemptRow) -> Result<(), SettleError> {
-        Self::timed("record_attempt", self.record_attempt_inner(attempt)).await
+        Self::timed(
+            StoreOp::Write("record_attempt"),
+            self.record_attempt_inner(attempt),
+        )
+        .await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1475,7 +1483,7 @@ impl SettlementStore for PostgresStore {
         channel_txn_id: Option<&str>,
         now_ms: u64,
     ) -> Result<bool, SettleError> {
-        Self::timed("update_attempt", async {
+        Self::timed(StoreOp::Write("update_attempt"), async {
             // No such attempt can exist past the column's range.
             let Ok(number) = i32::try_from(attempt) else {
                 return Ok(false);
@@ -1513,7 +1521,7 @@ impl SettlementStore for PostgresStore {
     }
 
     async fn attempts(&self, payment_id: &str) -> Result<Vec<AttemptRow>, SettleError> {
-        Self::timed("attempts", async {
+        Self::timed(StoreOp::Read("attempts"), async {
             let db = |e: tokio_postgres::Error| self.unavailable(&e);
             let client = self.client().await?;
             let stmt = client
@@ -1533,7 +1541,7 @@ impl SettlementStore for PostgresStore {
         &self,
         channel_order_id: &str,
     ) -> Result<Option<AttemptRow>, SettleError> {
-        Self::timed("attempt_by_channel_order", async {
+        Self::timed(StoreOp::Read("attempt_by_channel_order"), async {
             let db = |e: tokio_postgres::Error| self.unavailable(&e);
             let client = self.client().await?;
             let stmt = client
@@ -1558,7 +1566,7 @@ impl SettlementStore for PostgresStore {
         limit: usize,
     ) -> Result<Vec<PaymentRow>, SettleError> {
         Self::timed(
-            "claim_due",
+            StoreOp::Write("claim_due"),
             self.claim_due_inner(now_ms, lease_until_ms, limit),
         )
         .await
@@ -1569,7 +1577,7 @@ impl SettlementStore for PostgresStore {
         payment_id: &str,
         next_check_at_ms: Option<u64>,
     ) -> Result<(), SettleError> {
-        Self::timed("schedule_check", async {
+        Self::timed(StoreOp::Write("schedule_check"), async {
             let db = |e: tokio_postgres::Error| self.unavailable(&e);
             let client = self.client().await?;
             let stmt = client
@@ -1594,43 +1602,51 @@ impl SettlementStore for PostgresStore {
     }
 
     async fn commit(&self, batch: &[Settlement]) -> Result<Vec<CommitOutcome>, SettleError> {
-        Self::timed("commit", self.commit_inner(batch)).await
+        Self::timed(StoreOp::Write("commit"), self.commit_inner(batch)).await
     }
 
     async fn commit_writes(
         &self,
         batch: &[Write],
     ) -> Result<Vec<Result<Written, SettleError>>, SettleError> {
-        Self::timed("commit_writes", self.commit_writes_inner(batch)).await
+        Self::timed(
+            StoreOp::Write("commit_writes"),
+            self.commit_writes_inner(batch),
+        )
+        .await
     }
 
     async fn balances(
         &self,
         only: Option<(&str, &str)>,
     ) -> Result<Vec<AccountBalance>, SettleError> {
-        Self::timed("balances", self.balances_inner(only)).await
+        Self::timed(StoreOp::Read("balances"), self.balances_inner(only)).await
     }
 
     async fn live_holds(&self, only: Option<(&str, &str)>) -> Result<Vec<PaymentRow>, SettleError> {
-        Self::timed("live_holds", self.live_holds_inner(only)).await
+        Self::timed(StoreOp::Read("live_holds"), self.live_holds_inner(only)).await
     }
 
     async fn payment(&self, id: &str) -> Result<Option<PaymentRow>, SettleError> {
-        Self::timed("payment", self.payment_inner(id)).await
+        Self::timed(StoreOp::Read("payment"), self.payment_inner(id)).await
     }
 
     async fn set_final_status(&self, change: &StatusChange) -> Result<bool, SettleError> {
-        Self::timed("set_final_status", self.set_final_status_inner(change)).await
+        Self::timed(
+            StoreOp::Write("set_final_status"),
+            self.set_final_status_inner(change),
+        )
+        .await
     }
 
     async fn postings_sum_by_movement(
         &self,
     ) -> Result<Vec<(String, String, u32, i64)>, SettleError> {
-        Self::timed("postings_sum", self.postings_sum_inner()).await
+        Self::timed(StoreOp::Read("postings_sum"), self.postings_sum_inner()).await
     }
 
     async fn record_refund(&self, refund: &RefundRow) -> Result<(), SettleError> {
-        Self::timed("record_refund", async {
+        Self::timed(StoreOp::Write("record_refund"), async {
             let client = self.client().await?;
             let number = i32::try_from(refund.number)
                 .map_err(|_| SettleError::Invalid(format!("refund number {}", refund.number)))?;
@@ -1661,7 +1677,7 @@ impl SettlementStore for PostgresStore {
     }
 
     async fn set_refund_status(&self, change: &RefundStatusChange) -> Result<bool, SettleError> {
-        Self::timed("set_refund_status", async {
+        Self::timed(StoreOp::Write("set_refund_status"), async {
             let db = |e: tokio_postgres::Error| self.unavailable(&e);
             let mut client = self.client().await?;
             let tx = client.transaction().await.map_err(db)?;
@@ -1693,7 +1709,7 @@ impl SettlementStore for PostgresStore {
     }
 
     async fn refunds(&self, payment_id: &str) -> Result<Vec<RefundRow>, SettleError> {
-        Self::timed("refunds", async {
+        Self::timed(StoreOp::Read("refunds"), async {
             let client = self.client().await?;
             let rows = client
                 .query(
@@ -1714,7 +1730,7 @@ impl SettlementStore for PostgresStore {
         before_ms: u64,
         limit: usize,
     ) -> Result<Vec<RefundRow>, SettleError> {
-        Self::timed("stale_refunds", async {
+        Self::timed(StoreOp::Read("stale_refunds"), async {
             let client = self.client().await?;
             let limit = i64::try_from(limit).unwrap_or(i64::MAX);
             let rows = client
@@ -1733,7 +1749,7 @@ impl SettlementStore for PostgresStore {
     }
 
     async fn flagged_count(&self) -> Result<u64, SettleError> {
-        Self::timed("flagged_count", async {
+        Self::timed(StoreOp::Read("flagged_count"), async {
             let client = self.client().await?;
             let row = client
                 .query_one("SELECT COUNT(*) FROM flagged", &[])
@@ -1745,7 +1761,7 @@ impl SettlementStore for PostgresStore {
     }
 
     async fn flag(&self, item: &Flagged) -> Result<bool, SettleError> {
-        Self::timed("flag", async {
+        Self::timed(StoreOp::Write("flag"), async {
             let client = self.client().await?;
             let at = i64::try_from(item.created_at_ms).unwrap_or(i64::MAX);
             let inserted = client
@@ -1761,15 +1777,15 @@ impl SettlementStore for PostgresStore {
     }
 
     async fn flagged(&self, limit: usize) -> Result<Vec<Flagged>, SettleError> {
-        Self::timed("flagged", self.flagged_inner(limit)).await
+        Self::timed(StoreOp::Read("flagged"), self.flagged_inner(limit)).await
     }
 
     async fn ping(&self) -> Result<(), SettleError> {
-        Self::timed("ping", self.ping_inner()).await
+        Self::timed(StoreOp::Read("ping"), self.ping_inner()).await
     }
 
     async fn payment_events(&self, id: &str) -> Result<Vec<(String, u64)>, SettleError> {
-        Self::timed("payment_events", async {
+        Self::timed(StoreOp::Read("payment_events"), async {
             let db = |e: tokio_postgres::Error| self.unavailable(&e);
             let client = self.client().await?;
             let stmt = client
@@ -1795,7 +1811,7 @@ impl SettlementStore for PostgresStore {
         lease_until_ms: u64,
         limit: usize,
     ) -> Result<Vec<WebhookEvent>, SettleError> {
-        Self::timed("claim_webhooks", async {
+        Self::timed(StoreOp::Write("claim_webhooks"), async {
             if limit == 0 {
                 return Ok(Vec::new());
             }
@@ -1838,7 +1854,7 @@ impl SettlementStore for PostgresStore {
         error: Option<&str>,
         now_ms: u64,
     ) -> Result<bool, SettleError> {
-        Self::timed("record_webhook_attempt", async {
+        Self::timed(StoreOp::Write("record_webhook_attempt"), async {
             let attempt = WebhookAttempt {
                 id: id.to_owned(),
                 outcome,
@@ -1853,7 +1869,7 @@ impl SettlementStore for PostgresStore {
     }
 
     async fn webhook_events(&self, payment_id: &str) -> Result<Vec<WebhookEvent>, SettleError> {
-        Self::timed("webhook_events", async {
+        Self::timed(StoreOp::Read("webhook_events"), async {
             if payment_id.contains('\0') {
                 return Ok(Vec::new());
             }
@@ -1873,7 +1889,7 @@ impl SettlementStore for PostgresStore {
     }
 
     async fn webhook_backlog(&self) -> Result<u64, SettleError> {
-        Self::timed("webhook_backlog", async {
+        Self::timed(StoreOp::Read("webhook_backlog"), async {
             let client = self.client().await?;
             let row = client
                 .query_one(

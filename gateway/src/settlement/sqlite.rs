@@ -15,7 +15,7 @@ use super::{
     SettlementStore, StatusChange, WebhookAttempt, Write, Written, MIGRATIONS, SCHEMA_VERSION,
 };
 use crate::money::Currency;
-use crate::telemetry;
+use crate::telemetry::{self, StoreOp};
 
 /// Waits this long for a lock held by another process (`gateway migrate` beside a server).
 const BUSY_TIMEOUT_MS: u64 = 5_000;
@@ -139,7 +139,7 @@ impl SqliteStore {
 
     async fn run<T: Send + 'static>(
         &self,
-        op: &'static str,
+        op: StoreOp,
         f: impl FnOnce(&mut Connection) -> Result<T, SettleError> + Send + 'static,
     ) -> Result<T, SettleError> {
         let started = std::time::Instant::now();
@@ -540,7 +540,7 @@ fn settle_in(
 #[async_trait]
 impl SettlementStore for SqliteStore {
     async fn migrate(&self) -> Result<u32, SettleError> {
-        self.run("migrate", |conn| {
+        self.run(StoreOp::Write("migrate"), |conn| {
             conn.execute_batch(
                 "CREATE TABLE IF NOT EXISTS schema_migrations (\
                  version INTEGER PRIMARY KEY, applied_at_ms BIGINT NOT NULL)",
@@ -577,7 +577,7 @@ impl SettlementStore for SqliteStore {
     }
 
     async fn schema_version(&self) -> Result<Option<u32>, SettleError> {
-        self.run("schema_version", |conn| {
+        self.run(StoreOp::Read("schema_version"), |conn| {
             let exists: bool = conn
                 .query_row(
                     "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' \
@@ -599,7 +599,7 @@ impl SettlementStore for SqliteStore {
 
     async fn upsert_account(&self, row: &AccountRow) -> Result<(), SettleError> {
         let row = row.clone();
-        self.run("upsert_account", move |conn| {
+        self.run(StoreOp::Write("upsert_account"), move |conn| {
             conn.execute(
                 "INSERT INTO accounts (merchant_id, account_id, currency, credit_limit_minor, \
                  created_at_ms, updated_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
@@ -631,7 +631,7 @@ impl SettlementStore for SqliteStore {
         }
         let p = payment.clone();
         let first_attempt = first_attempt.cloned();
-        self.run("record_intent", move |conn| {
+        self.run(StoreOp::Write("record_intent"), move |conn| {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(db)?;
@@ -645,8 +645,10 @@ impl SettlementStore for SqliteStore {
     async fn record_attempt(&self, attempt: &AttemptRow) -> Result<(), SettleError> {
         attempt.check_for(&attempt.payment_id)?;
         let a = attempt.clone();
-        self.run("record_attempt", move |conn| insert_attempt(conn, &a))
-            .await
+        self.run(StoreOp::Write("record_attempt"), move |conn| {
+            insert_attempt(conn, &a)
+        })
+        .await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -669,7 +671,7 @@ impl SettlementStore for SqliteStore {
             channel_txn_id: channel_txn_id.map(str::to_owned),
             now_ms,
         };
-        self.run("update_attempt", move |conn| {
+        self.run(StoreOp::Write("update_attempt"), move |conn| {
             update_attempt_in(conn, &update).map_err(db)
         })
         .await
@@ -677,7 +679,7 @@ impl SettlementStore for SqliteStore {
 
     async fn attempts(&self, payment_id: &str) -> Result<Vec<AttemptRow>, SettleError> {
         let payment_id = payment_id.to_owned();
-        self.run("attempts", move |conn| {
+        self.run(StoreOp::Read("attempts"), move |conn| {
             let mut stmt = conn
                 .prepare_cached(&format!(
                     "SELECT {ATTEMPT_COLUMNS} FROM attempts WHERE payment_id = ?1 \
@@ -697,7 +699,7 @@ impl SettlementStore for SqliteStore {
         channel_order_id: &str,
     ) -> Result<Option<AttemptRow>, SettleError> {
         let channel_order_id = channel_order_id.to_owned();
-        self.run("attempt_by_channel_order", move |conn| {
+        self.run(StoreOp::Read("attempt_by_channel_order"), move |conn| {
             conn.query_row(
                 &format!("SELECT {ATTEMPT_COLUMNS} FROM attempts WHERE channel_order_id = ?1"),
                 [&channel_order_id],
@@ -718,7 +720,7 @@ impl SettlementStore for SqliteStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        self.run("claim_due", move |conn| {
+        self.run(StoreOp::Write("claim_due"), move |conn| {
             // One writer at a time (IMMEDIATE): no other process can claim the same rows
             // between the select and the update.
             let tx = conn
@@ -765,7 +767,7 @@ impl SettlementStore for SqliteStore {
         next_check_at_ms: Option<u64>,
     ) -> Result<(), SettleError> {
         let payment_id = payment_id.to_owned();
-        self.run("schedule_check", move |conn| {
+        self.run(StoreOp::Write("schedule_check"), move |conn| {
             let updated = conn
                 .execute(
                     "UPDATE payments SET next_check_at_ms = ?2, checks = checks + 1 \
@@ -789,7 +791,7 @@ impl SettlementStore for SqliteStore {
         }
         let batch = batch.to_vec();
         let no_webhook = self.no_webhook.clone();
-        self.run("commit", move |conn| {
+        self.run(StoreOp::Write("commit"), move |conn| {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(db)?;
@@ -811,7 +813,7 @@ impl SettlementStore for SqliteStore {
         let checked: Vec<Option<SettleError>> = batch.iter().map(|w| w.check().err()).collect();
         let batch = batch.to_vec();
         let no_webhook = self.no_webhook.clone();
-        self.run("commit_writes", move |conn| {
+        self.run(StoreOp::Write("commit_writes"), move |conn| {
             let mut tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(db)?;
@@ -875,7 +877,7 @@ impl SettlementStore for SqliteStore {
         only: Option<(&str, &str)>,
     ) -> Result<Vec<AccountBalance>, SettleError> {
         let only = only.map(|(m, a)| (m.to_owned(), a.to_owned()));
-        self.run("balances", move |conn| {
+        self.run(StoreOp::Read("balances"), move |conn| {
             let (merchant, account) = only.unzip();
             let mut stmt = conn
                 .prepare(
@@ -912,7 +914,7 @@ impl SettlementStore for SqliteStore {
 
     async fn live_holds(&self, only: Option<(&str, &str)>) -> Result<Vec<PaymentRow>, SettleError> {
         let only = only.map(|(m, a)| (m.to_owned(), a.to_owned()));
-        self.run("live_holds", move |conn| {
+        self.run(StoreOp::Read("live_holds"), move |conn| {
             let (merchant, account) = only.unzip();
             let mut stmt = conn
                 .prepare(&format!(
@@ -931,7 +933,7 @@ impl SettlementStore for SqliteStore {
 
     async fn payment(&self, id: &str) -> Result<Option<PaymentRow>, SettleError> {
         let id = id.to_owned();
-        self.run("payment", move |conn| {
+        self.run(StoreOp::Read("payment"), move |conn| {
             conn.query_row(
                 &format!("SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = ?1"),
                 [&id],
@@ -946,7 +948,7 @@ impl SettlementStore for SqliteStore {
     async fn set_final_status(&self, change: &StatusChange) -> Result<bool, SettleError> {
         let change = change.clone();
         let no_webhook = self.no_webhook.clone();
-        self.run("set_final_status", move |conn| {
+        self.run(StoreOp::Write("set_final_status"), move |conn| {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(db)?;
@@ -977,7 +979,7 @@ impl SettlementStore for SqliteStore {
     async fn postings_sum_by_movement(
         &self,
     ) -> Result<Vec<(String, String, u32, i64)>, SettleError> {
-        self.run("postings_sum", |conn| {
+        self.run(StoreOp::Read("postings_sum"), |conn| {
             let mut stmt = conn
                 .prepare(
                     "SELECT payment_id, kind, sequence, SUM(amount_minor) FROM postings \
@@ -994,7 +996,7 @@ impl SettlementStore for SqliteStore {
 
     async fn record_refund(&self, refund: &RefundRow) -> Result<(), SettleError> {
         let r = refund.clone();
-        self.run("record_refund", move |conn| {
+        self.run(StoreOp::Write("record_refund"), move |conn| {
             conn.execute(
                 "INSERT INTO refunds (refund_id, payment_id, number, amount_minor, currency, \
                  status, channel_id, channel_order_id, reason, created_at_ms, updated_at_ms) \
@@ -1022,7 +1024,7 @@ impl SettlementStore for SqliteStore {
     async fn set_refund_status(&self, change: &RefundStatusChange) -> Result<bool, SettleError> {
         let c = change.clone();
         let no_webhook = self.no_webhook.clone();
-        self.run("set_refund_status", move |conn| {
+        self.run(StoreOp::Write("set_refund_status"), move |conn| {
             let tx = conn.transaction().map_err(db)?;
             let changed = tx
                 .execute(
@@ -1061,7 +1063,7 @@ impl SettlementStore for SqliteStore {
 
     async fn refunds(&self, payment_id: &str) -> Result<Vec<RefundRow>, SettleError> {
         let payment_id = payment_id.to_owned();
-        self.run("refunds", move |conn| {
+        self.run(StoreOp::Read("refunds"), move |conn| {
             let mut stmt = conn
                 .prepare(&format!(
                     "SELECT {REFUND_COLUMNS} FROM refunds WHERE payment_id = ?1 ORDER BY number"
@@ -1078,7 +1080,7 @@ impl SettlementStore for SqliteStore {
         before_ms: u64,
         limit: usize,
     ) -> Result<Vec<RefundRow>, SettleError> {
-        self.run("stale_refunds", move |conn| {
+        self.run(StoreOp::Read("stale_refunds"), move |conn| {
             let mut stmt = conn
                 .prepare(&format!(
                     "SELECT {REFUND_COLUMNS} FROM refunds WHERE status = 'pending' \
@@ -1094,7 +1096,7 @@ impl SettlementStore for SqliteStore {
     }
 
     async fn flagged_count(&self) -> Result<u64, SettleError> {
-        self.run("flagged_count", |conn| {
+        self.run(StoreOp::Read("flagged_count"), |conn| {
             conn.query_row("SELECT COUNT(*) FROM flagged", [], |r| r.get::<_, i64>(0))
                 .map(|n| n.max(0) as u64)
                 .map_err(db)
@@ -1104,7 +1106,7 @@ impl SettlementStore for SqliteStore {
 
     async fn flag(&self, item: &Flagged) -> Result<bool, SettleError> {
         let item = item.clone();
-        self.run("flag", move |conn| {
+        self.run(StoreOp::Write("flag"), move |conn| {
             let inserted = conn
                 .execute(
                     "INSERT INTO flagged (kind, payment_id, detail, created_at_ms) \
@@ -1123,7 +1125,7 @@ impl SettlementStore for SqliteStore {
     }
 
     async fn flagged(&self, limit: usize) -> Result<Vec<Flagged>, SettleError> {
-        self.run("flagged", move |conn| {
+        self.run(StoreOp::Read("flagged"), move |conn| {
             let mut stmt = conn
                 .prepare(
                     "SELECT kind, payment_id, detail, created_at_ms FROM flagged \
@@ -1147,7 +1149,7 @@ impl SettlementStore for SqliteStore {
 
     async fn payment_events(&self, id: &str) -> Result<Vec<(String, u64)>, SettleError> {
         let id = id.to_owned();
-        self.run("payment_events", move |conn| {
+        self.run(StoreOp::Read("payment_events"), move |conn| {
             let mut stmt = conn
                 .prepare(
                     "SELECT status, at_ms FROM payment_events WHERE payment_id = ?1 \
@@ -1163,7 +1165,7 @@ impl SettlementStore for SqliteStore {
     }
 
     async fn ping(&self) -> Result<(), SettleError> {
-        self.run("ping", |conn| {
+        self.run(StoreOp::Read("ping"), |conn| {
             conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
                 .map_err(db)?;
             Ok(())
@@ -1182,7 +1184,7 @@ impl SettlementStore for SqliteStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        self.run("claim_webhooks", move |conn| {
+        self.run(StoreOp::Write("claim_webhooks"), move |conn| {
             // One writer at a time (IMMEDIATE): no other process can claim the same events
             // between the select and the update.
             let tx = conn
@@ -1240,7 +1242,7 @@ impl SettlementStore for SqliteStore {
             error: error.map(str::to_owned),
             now_ms,
         };
-        self.run("record_webhook_attempt", move |conn| {
+        self.run(StoreOp::Write("record_webhook_attempt"), move |conn| {
             webhook_attempt_in(conn, &attempt).map_err(db)
         })
         .await
@@ -1248,7 +1250,7 @@ impl SettlementStore for SqliteStore {
 
     async fn webhook_events(&self, payment_id: &str) -> Result<Vec<WebhookEvent>, SettleError> {
         let payment_id = payment_id.to_owned();
-        self.run("webhook_events", move |conn| {
+        self.run(StoreOp::Read("webhook_events"), move |conn| {
             let mut stmt = conn
                 .prepare_cached(&format!(
                     "SELECT {WEBHOOK_COLUMNS} FROM webhook_events WHERE payment_id = ?1 \
@@ -1264,7 +1266,7 @@ impl SettlementStore for SqliteStore {
     }
 
     async fn webhook_backlog(&self) -> Result<u64, SettleError> {
-        self.run("webhook_backlog", |conn| {
+        self.run(StoreOp::Read("webhook_backlog"), |conn| {
             let pending: i64 = conn
                 .query_row(
                     "SELECT COUNT(*) FROM webhook_events WHERE status = 'pending'",
@@ -1394,7 +1396,7 @@ mod tests {
         let store = SqliteStore::open(&dir.path().join("s.sqlite3")).unwrap();
         store.migrate().await.unwrap();
         let failed = store
-            .run("test", |conn| -> Result<(), SettleError> {
+            .run(StoreOp::Write("test"), |conn| -> Result<(), SettleError> {
                 // Mid-transaction: the unwinding rolls it back.
                 let tx = conn.transaction().map_err(db)?;
                 tx.execute_batch("INSERT INTO flagged (kind, payment_id, detail, created_at_ms) VALUES ('t', 'p', 'd', 1)")
@@ -1419,7 +1421,7 @@ mod tests {
         let calls: Vec<_> = (0..50)
             .map(|n| {
                 let seen = seen.clone();
-                store.run("test", move |_| {
+                store.run(StoreOp::Read("test"), move |_| {
                     seen.lock().unwrap().push(n);
                     Ok(())
                 })

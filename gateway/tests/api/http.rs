@@ -809,4 +809,30 @@ async fn metrics_and_health_are_served() {
         text.contains("gateway_http_request_duration_seconds_bucket"),
         "{text}"
     );
+    // Every store call is timed by op; only the writes count as commits (what may fsync).
+    assert_eq!(app.get("/v1/admin/flagged", ADMIN).await.status, 200);
+    let metrics = app.request(Method::GET, "/metrics", None, None, None).await;
+    let text = metrics.body.as_str().unwrap();
+    let commits: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("gateway_store_commits_total{"))
+        .collect();
+    assert!(
+        text.contains(
+            "gateway_settlement_store_call_seconds_count{backend=\"sqlite\",op=\"flagged\"}"
+        ),
+        "{text}"
+    );
+    assert!(
+        commits
+            .iter()
+            .any(|l| l.contains("op=\"commit_writes\"") && l.contains("backend=\"sqlite\"")),
+        "{commits:?}"
+    );
+    assert!(
+        commits
+            .iter()
+            .all(|l| !l.contains("op=\"flagged\"") && !l.contains("op=\"schema_version\"")),
+        "{commits:?}"
+    );
 }
