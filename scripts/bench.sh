@@ -43,7 +43,7 @@ while [ $# -gt 0 ]; do
     --out) OUT=$2; shift ;;
     --no-doc) WRITE_DOC=0 ;;
     --serve) SERVE=$2; shift ;;
-    -h|--help) sed -n 2,28p "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "scripts/bench.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
