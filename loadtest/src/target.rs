@@ -45,10 +45,9 @@ pub const BASELINE_ORDER_LIFETIME_SECONDS: u64 = 900;
 /// proxies supplier creates only, so the ratios are `supplier`'s; Alipay and WeChat Pay
 /// checkouts are measured apart (channel-sim signs their callbacks with RSA-2048, which
 /// costs it several times what the gateway spends verifying them).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CheckoutMethod {
     /// An account's hold, captured when the supplier reports the order paid (HMAC).
-    #[default]
     Supplier,
     /// A customer payment through Alipay (RSA2): no account.
     Alipay,
