@@ -376,16 +376,24 @@ impl TestApp {
     /// Polls `GET /v1/payments/{id}` (as alpha) until its status is `want` (bounded: 15 s);
     /// returns the payment.
     pub async fn wait_status(&self, id: &str, want: &str) -> Value {
+        self.wait_payment(id, want, |p| p["status"] == want).await
+    }
+
+    /// Polls `GET /v1/payments/{id}` (as alpha) until `done` holds for it (bounded: 15 s);
+    /// returns the payment. `what` names the wait in the panic. The status comes from the
+    /// balance store at once, the attempts from the settlement store once committed: a test
+    /// that reads both waits for both.
+    pub async fn wait_payment(&self, id: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
         let mut last = Value::Null;
         for _ in 0..300 {
             let reply = self.get(&format!("/v1/payments/{id}"), ALPHA).await;
-            if reply.body["status"] == want {
+            if done(&reply.body) {
                 return reply.body;
             }
             last = reply.body;
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("payment {id} never became {want}: {last}");
+        panic!("payment {id} never became {what}: {last}");
     }
 
     /// Polls `GET /readyz` until it answers `status` (bounded: 10 s).

@@ -113,7 +113,11 @@ async fn supplier_charge_is_captured_once_through_the_resolution_loop(
         .await;
 
     let id = created.body["id"].as_str().unwrap();
-    let done = app.wait_status(id, "succeeded").await;
+    let done = app
+        .wait_payment(id, "succeeded with its attempt", |p| {
+            p["status"] == "succeeded" && p["attempts"][0]["outcome"] == "succeeded"
+        })
+        .await;
     assert_eq!(attempts(&done)[0].1, "succeeded");
     // Captured exactly once.
     app.assert_account(ALPHA, "acc", "75.00", "0.00", "75.00")
@@ -740,7 +744,11 @@ async fn an_unpaid_payment_is_closed_and_expired_at_its_expiry() {
         .as_str()
         .unwrap()
         .to_owned();
-    let done = app.wait_status(id, "expired").await;
+    let done = app
+        .wait_payment(id, "expired with its attempt closed", |p| {
+            p["status"] == "expired" && p["attempts"][0]["outcome"] == "closed"
+        })
+        .await;
     assert_eq!(attempts(&done)[0].1, "closed");
     app.assert_account(ALPHA, "acc", "100.00", "0.00", "100.00")
         .await;
