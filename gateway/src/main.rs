@@ -152,9 +152,14 @@ fn main() -> ExitCode {
             let balances = open_balance_store(&config, Mode::Production)
                 .await
                 .map_err(|e| e.to_string())?;
-            let loaded = rebuild_balances(store.as_ref(), balances.as_ref(), only)
-                .await
-                .map_err(|e| e.to_string())?;
+            let loaded = rebuild_balances(
+                store.as_ref(),
+                balances.as_ref(),
+                only,
+                config.settings.preauth.idempotency_retention_seconds,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
             println!("rebuilt {loaded} account(s) from the settlement store");
             if only.is_some() && loaded == 0 {
                 return Err("no such account in the settlement store".into());

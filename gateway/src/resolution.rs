@@ -120,6 +120,7 @@ pub async fn ensure_payment(
                 store.as_ref(),
                 state.balances.as_ref(),
                 Some((doc.merchant_id.as_str(), account.as_str())),
+                state.settler.idempotency_retention_seconds(),
             )
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;

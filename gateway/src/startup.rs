@@ -136,7 +136,13 @@ impl Application {
     ) -> Result<Self, StartError> {
         check_schema(store.as_ref()).await?;
         if !balances.has_accounts().await? {
-            let loaded = rebuild_balances(store.as_ref(), balances.as_ref(), None).await?;
+            let loaded = rebuild_balances(
+                store.as_ref(),
+                balances.as_ref(),
+                None,
+                config.settings.preauth.idempotency_retention_seconds,
+            )
+            .await?;
             if loaded > 0 {
                 tracing::info!(
                     accounts = loaded,
@@ -164,6 +170,10 @@ impl Application {
                 batch_max_wait_ms: s.batch_max_wait_ms,
                 commits_in_flight,
                 health_check_interval_ms: s.health_check_interval_ms,
+                idempotency_retention_seconds: config
+                    .settings
+                    .preauth
+                    .idempotency_retention_seconds,
             },
             stop_rx,
         );
@@ -182,11 +192,12 @@ impl Application {
             total.intents += report.intents;
             total.statuses += report.statuses;
             total.failed += report.failed;
+            total.unwound += report.unwound;
             if report.complete || report.failed > 0 {
                 break;
             }
         }
-        if total.settled + total.intents + total.statuses + total.failed > 0 {
+        if total.settled + total.intents + total.statuses + total.failed + total.unwound > 0 {
             tracing::info!(?total, "startup recovery");
         }
         // The recorder first, so the breakers' initial state is exported from the start.

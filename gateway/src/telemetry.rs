@@ -25,6 +25,7 @@ pub const SETTLEMENT_COMMIT_SECONDS: &str = "gateway_settlement_commit_seconds";
 pub const SETTLEMENT_COMMITS_TOTAL: &str = "gateway_settlement_commits_total";
 pub const SETTLEMENT_CONFLICTS_TOTAL: &str = "gateway_settlement_conflicts_total";
 pub const ACCOUNTS_REBUILT_TOTAL: &str = "gateway_accounts_rebuilt_total";
+pub const STORE_REFUSED_PAYMENTS_TOTAL: &str = "gateway_store_refused_payments_total";
 pub const BREAKER_TRANSITIONS_TOTAL: &str = "gateway_breaker_transitions_total";
 pub const BREAKER_STATE: &str = "gateway_breaker_state";
 pub const CHANNEL_CALLS_TOTAL: &str = "gateway_channel_calls_total";
@@ -123,6 +124,10 @@ fn describe() {
     metrics::describe_counter!(
         SETTLEMENT_CONFLICTS_TOTAL,
         "Settlements whose content differs from the stored one (flagged)"
+    );
+    metrics::describe_counter!(
+        STORE_REFUSED_PAYMENTS_TOTAL,
+        "Payments the settlement store refused to create because it already held their idempotency key or a live payment under their order id (the balance store had forgotten them), by reason"
     );
     metrics::describe_histogram!(
         SETTLEMENT_STORE_CALL_SECONDS,
@@ -226,6 +231,13 @@ pub fn settlement_batch(rows: usize, elapsed: Duration, ok: bool) {
 
 pub fn settlement_conflict() {
     metrics::counter!(SETTLEMENT_CONFLICTS_TOTAL).increment(1);
+}
+
+/// The settlement store refused to create a payment the balance store had accepted (`reason`:
+/// `replay`, `idempotency_conflict` or `duplicate_order`): the balance store had forgotten the
+/// key or the order id, and was unwound.
+pub fn store_refused_payment(reason: &'static str) {
+    metrics::counter!(STORE_REFUSED_PAYMENTS_TOTAL, "reason" => reason).increment(1);
 }
 
 pub fn account_rebuilt() {

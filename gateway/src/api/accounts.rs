@@ -141,6 +141,7 @@ pub(super) async fn reload_account(state: &AppState, key: &AccountKey) -> Result
         state.settler.store.as_ref(),
         state.balances.as_ref(),
         Some((key.merchant.as_str(), key.account.as_str())),
+        state.settler.idempotency_retention_seconds(),
     )
     .await
     .map_err(|e| {

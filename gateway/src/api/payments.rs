@@ -26,6 +26,7 @@ use crate::preauth::{
     PaymentRecord, PaymentStatus, Purpose, Scope, StoredOutcome, TransitionOutcome,
 };
 use crate::resolution::{self, Cancel, ResolveError};
+use crate::settlement::recovery::{unwind_refused, Refusal};
 use crate::settlement::{
     movements, AttemptRow, CommitOutcome, IntentOutcome, PaymentRow, PendingRecord,
 };
@@ -173,24 +174,28 @@ pub async fn create_payment(
     // What must reach the settlement store before the client hears back: a balance payment's
     // capture (its sequence number is filled in from the script's answer), or any other
     // payment's intent (so a callback can always be matched and its hold rebuilt).
+    // The payment's row carries its key and request hash: the store decides on them in the
+    // same commit (see `SettlementStore::commit`).
     let tag = scope.tag();
+    let hash = request_hash("payment", &normalized);
     let pending = match method {
         Method::Balance => {
-            PendingRecord::Settlement(movements::balance_capture(&doc, tag, None, ctx.now_ms))
+            let mut capture = movements::balance_capture(&doc, tag, None, ctx.now_ms);
+            capture.payment = capture
+                .payment
+                .map(|row| row.with_idempotency(idempotency.as_str(), &hash));
+            PendingRecord::Settlement(capture)
         }
-        _ => PendingRecord::Intent(intent_row(
-            &state,
-            &doc,
-            tag,
-            hold.map(|h| h.expires_at_ms),
-            ctx.now_ms,
-        )),
+        _ => PendingRecord::Intent(
+            intent_row(&state, &doc, tag, hold.map(|h| h.expires_at_ms), ctx.now_ms)
+                .with_idempotency(idempotency.as_str(), &hash),
+        ),
     };
     let request = AuthorizeRequest {
         scope,
         idempotency: IdempotencyClaim {
             key: idempotency,
-            request_hash: request_hash("payment", &normalized),
+            request_hash: hash,
             retention_seconds: settings.preauth.idempotency_retention_seconds,
         },
         order_id,
@@ -298,12 +303,16 @@ pub async fn create_topup(
         notify_url: notify_url.map(str::to_owned),
         metadata,
     };
-    let pending = PendingRecord::Intent(intent_row(&state, &doc, scope.tag(), None, ctx.now_ms));
+    let hash = request_hash("topup", &normalized);
+    let pending = PendingRecord::Intent(
+        intent_row(&state, &doc, scope.tag(), None, ctx.now_ms)
+            .with_idempotency(idempotency.as_str(), &hash),
+    );
     let request = AuthorizeRequest {
         scope,
         idempotency: IdempotencyClaim {
             key: idempotency,
-            request_hash: request_hash("topup", &normalized),
+            request_hash: hash,
             retention_seconds: settings.preauth.idempotency_retention_seconds,
         },
         order_id,
@@ -415,11 +424,7 @@ pub(super) async fn submit(
             }
         },
         AuthorizeOutcome::Replay(StoredOutcome::Payment(id)) => {
-            let payment = state.balances.payment(&id).await?.ok_or_else(|| {
-                crate::preauth::StoreError::Corrupt(format!("replayed payment {id} is missing"))
-            })?;
-            let attempts = attempts_of(state, &payment).await?;
-            ("replayed", Ok(created(&payment, &attempts)))
+            ("replayed", Ok(replayed(state, id.as_str()).await?))
         }
         AuthorizeOutcome::Replay(StoredOutcome::NoChannelAvailable(id)) => (
             "no_channel_available",
@@ -491,13 +496,19 @@ async fn make_durable(
                 Ok(CommitOutcome::Inserted | CommitOutcome::AlreadyCommitted) => {
                     ("created", Ok(created(payment, &[])))
                 }
-                Ok(other) => (
-                    "unsettled",
-                    Err(ApiError::Unavailable {
-                        reason: rebuild_reason(&other),
-                        payment_id: Some(id.clone()),
-                    }),
-                ),
+                // The store knew the key or the order id Redis forgot: the writer unwound this
+                // payment (nothing was charged), and the store's answer is the answer. Any
+                // other outcome: the account must be rebuilt first.
+                Ok(outcome) => match Refusal::of_commit(&outcome) {
+                    Some(refusal) => refusal_answer(state, refusal).await?,
+                    None => (
+                        "unsettled",
+                        Err(ApiError::Unavailable {
+                            reason: rebuild_reason(&outcome),
+                            payment_id: Some(id.clone()),
+                        }),
+                    ),
+                },
                 Err(err) => ("unsettled", Err(ApiError::unsettled(id, &err))),
             }
         }
@@ -506,6 +517,46 @@ async fn make_durable(
             unreachable!("a new payment has no status change nor refund")
         }
     })
+}
+
+/// The answer to a payment the settlement store refused to create (already unwound): the first
+/// payment under the key, or the conflict.
+async fn refusal_answer(
+    state: &AppState,
+    refusal: Refusal<'_>,
+) -> Result<(&'static str, Result<Response, ApiError>), ApiError> {
+    Ok(match refusal {
+        Refusal::Replay(holder) => ("replayed", Ok(replayed(state, &holder.payment_id).await?)),
+        Refusal::IdempotencyConflict(_) => {
+            ("idempotency_conflict", Err(ApiError::IdempotencyConflict))
+        }
+        Refusal::DuplicateOrder(holder) => (
+            "duplicate_order",
+            Err(ApiError::DuplicateOrder {
+                payment_id: holder.to_owned(),
+            }),
+        ),
+    })
+}
+
+/// The first answer under a replayed key: `201` with the payment as it stands (from the
+/// balance store, or put back there from the settlement store when Redis lost it).
+async fn replayed(state: &AppState, id: &str) -> Result<Response, ApiError> {
+    let missing =
+        || crate::preauth::StoreError::Corrupt(format!("replayed payment {id} is missing"));
+    let pid = PaymentId::parse(id).ok_or_else(missing)?;
+    let payment = match resolution::ensure_payment(state, &pid).await {
+        Ok(Some(payment)) => payment,
+        Ok(None) => stored_payment(state, &pid).await?.ok_or_else(missing)?,
+        Err(ResolveError::Balances(err)) => return Err(err.into()),
+        Err(ResolveError::Store(err)) => return Err(err.into()),
+        Err(err) => {
+            tracing::warn!(payment_id = %pid, error = %err, "cannot restore a replayed payment");
+            stored_payment(state, &pid).await?.ok_or_else(missing)?
+        }
+    };
+    let attempts = attempts_of(state, &payment).await?;
+    Ok(created(&payment, &attempts))
 }
 
 fn created(payment: &PaymentRecord, attempts: &[AttemptRow]) -> Response {
@@ -575,11 +626,25 @@ async fn route_payment(
         .await;
     let failure = match recorded {
         Ok(IntentOutcome::Inserted | IntentOutcome::AlreadyRecorded) => None,
-        // The store knows a live payment Redis forgot: the store wins.
-        Ok(IntentOutcome::DuplicateOrder(holder)) => Some((
-            "duplicate_order",
-            ApiError::DuplicateOrder { payment_id: holder },
-        )),
+        Ok(outcome) => match Refusal::of_intent(&outcome) {
+            None => None,
+            // The store knows the key, or a live payment under the order id, that Redis
+            // forgot: the store wins. This payment never was: Redis lets go of it (its hold,
+            // its key), and the store's answer is the answer.
+            Some(refusal) => {
+                plan.release(state);
+                unwind_refused(
+                    state.balances.as_ref(),
+                    &row,
+                    0,
+                    refusal,
+                    &mark,
+                    state.settler.idempotency_retention_seconds(),
+                )
+                .await?;
+                return refusal_answer(state, refusal).await;
+            }
+        },
         Err(_) => Some((
             "unsettled",
             ApiError::Unavailable {

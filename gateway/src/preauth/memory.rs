@@ -10,11 +10,11 @@ use dashmap::DashMap;
 use super::{
     final_status_record, money_record_id, refund_outcome_id, status_record_id, AccountKey,
     AccountRebuild, AccountSnapshot, AdjustOutcome, AdjustRequest, AuthorizeOutcome,
-    AuthorizeRequest, BalanceStore, Direction, IdempotencyClaim, LateCaptureOutcome,
+    AuthorizeRequest, BalanceStore, Direction, IdempotencyClaim, KeyRestore, LateCaptureOutcome,
     LateCaptureRequest, OpContext, PaymentDoc, PaymentRecord, PaymentStatus, RefundFinishOutcome,
     RefundFinishRequest, RefundReserveOutcome, RefundReserveRequest, RestorePayment, Scope,
     SettledMark, StoreError, StoredOutcome, SucceedOutcome, SucceedRequest, SuccessEffect,
-    TransitionOutcome, Unsettled, UnsettledPage, UpsertOutcome, MAX_SAFE_MINOR,
+    TransitionOutcome, Unsettled, UnsettledPage, Unwind, UpsertOutcome, MAX_SAFE_MINOR,
 };
 use crate::ids::{IdempotencyKey, MerchantOrderId, PaymentId, ScopeTag};
 use crate::money::Currency;
@@ -915,6 +915,90 @@ impl BalanceStore for MemoryStore {
             state.idempotency.remove(&mark.idempotency_key);
         }
         Ok(())
+    }
+
+    async fn unwind(&self, unwind: &Unwind) -> Result<bool, StoreError> {
+        let mark = &unwind.mark;
+        let Some(mut state) = self.scopes.get_mut(&mark.tag) else {
+            return Ok(false);
+        };
+        let pid = mark.id.as_str();
+        // As unwind.lua: only while its pending record is there, so at most once.
+        if state.unsettled.remove(pid).is_none() {
+            return Ok(false);
+        }
+        let held = state.remove_hold(pid);
+        if let Some(row) = state.account.as_mut() {
+            row.held -= held;
+            row.balance += unwind.captured_minor;
+            debug_assert!(row.held >= 0, "held went negative unwinding {pid}");
+        }
+        state.statuses.remove(pid);
+        state.docs.remove(pid);
+        if state.orders.get(&unwind.order_id).map(String::as_str) == Some(pid) {
+            state.orders.remove(&unwind.order_id);
+        }
+        let key = mark.idempotency_key.clone();
+        match &unwind.key_record {
+            None => {
+                state.idempotency.remove(&key);
+            }
+            Some(record) => {
+                let outcome = match PaymentId::parse(&record.payment_id) {
+                    Some(id) => StoredOutcome::Payment(id),
+                    None => {
+                        return Err(StoreError::Corrupt(format!(
+                            "unwind: payment id {}",
+                            record.payment_id
+                        )))
+                    }
+                };
+                let now_ms = crate::telemetry::now_ms();
+                state.idempotency.insert(
+                    key,
+                    IdempotencyRow {
+                        request_hash: record.request_hash.clone(),
+                        outcome,
+                        in_flight: false,
+                        expires_at_ms: now_ms
+                            .saturating_add(record.ttl_seconds.saturating_mul(1000)),
+                    },
+                );
+            }
+        }
+        Ok(true)
+    }
+
+    async fn restore_keys(&self, records: &[KeyRestore]) -> Result<u64, StoreError> {
+        let now_ms = crate::telemetry::now_ms();
+        let mut restored = 0;
+        for r in records {
+            let Some(id) = PaymentId::parse(&r.record.payment_id) else {
+                return Err(StoreError::Corrupt(format!(
+                    "restore_keys: payment id {}",
+                    r.record.payment_id
+                )));
+            };
+            let mut state = self.scopes.entry(r.tag).or_default();
+            if state
+                .idempotency
+                .get(&r.key)
+                .is_some_and(|row| row.expires_at_ms > now_ms)
+            {
+                continue;
+            }
+            state.idempotency.insert(
+                r.key.clone(),
+                IdempotencyRow {
+                    request_hash: r.record.request_hash.clone(),
+                    outcome: StoredOutcome::Payment(id),
+                    in_flight: false,
+                    expires_at_ms: now_ms.saturating_add(r.record.ttl_seconds.saturating_mul(1000)),
+                },
+            );
+            restored += 1;
+        }
+        Ok(restored)
     }
 
     async fn unsettled(&self, budget: usize) -> Result<UnsettledPage, StoreError> {

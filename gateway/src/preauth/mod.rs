@@ -376,6 +376,60 @@ pub struct SettledMark {
     pub idempotency_key: String,
 }
 
+/// A payment the settlement store refused to create (it already holds the payment's
+/// idempotency key or a live payment under its order id: the store decides): everything the
+/// balance store did for it is undone — its capture given back, its hold released, the payment
+/// and its pending record gone — and its idempotency key answers as the store says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unwind {
+    /// The refused payment (`id`), its scope and the key it claimed.
+    pub mark: SettledMark,
+    pub order_id: String,
+    /// The amount its creation took from the account's balance at once (a balance payment's
+    /// capture), 0 for a payment that only held or took nothing.
+    pub captured_minor: i64,
+    /// What the key answers from now on; `None`: nothing (the record is removed, so the client
+    /// may use the key again once the order id is free).
+    pub key_record: Option<KeyRecord>,
+}
+
+/// An idempotency record as the settlement store knows it: the first request's hash and the
+/// payment it made, honoured for what is left of the retention.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub request_hash: String,
+    pub payment_id: String,
+    pub ttl_seconds: u64,
+}
+
+impl KeyRecord {
+    /// The record of a payment created at `created_at_ms`, for what is left at `now_ms` of
+    /// `retention_seconds` (at least one second: the answer just given must replay).
+    pub fn remaining(
+        request_hash: String,
+        payment_id: String,
+        created_at_ms: u64,
+        retention_seconds: u64,
+        now_ms: u64,
+    ) -> Self {
+        let age_seconds = now_ms.saturating_sub(created_at_ms) / 1000;
+        Self {
+            request_hash,
+            payment_id,
+            ttl_seconds: retention_seconds.saturating_sub(age_seconds).max(1),
+        }
+    }
+}
+
+/// An idempotency record to put back into the balance store (a rebuild): `key` in scope `tag`
+/// answers `record`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRestore {
+    pub tag: ScopeTag,
+    pub key: String,
+    pub record: KeyRecord,
+}
+
 /// A movement the balance store made that the settlement store may not have yet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unsettled {
@@ -783,6 +837,15 @@ pub trait BalanceStore: Send + Sync + 'static {
     /// sequence number was already used): the payment, if any, ends `failed`; its pending and
     /// idempotency records are removed. No money moves: the account is rebuilt right after.
     async fn void(&self, mark: &SettledMark) -> Result<(), StoreError>;
+
+    /// Undoes a payment the settlement store refused to create (see [`Unwind`]). `false` when
+    /// its pending record is gone (already settled, unwound or abandoned): nothing changes,
+    /// so a capture is never given back twice.
+    async fn unwind(&self, unwind: &Unwind) -> Result<bool, StoreError>;
+
+    /// Puts back idempotency records (a rebuild), each only where the key has none: one
+    /// round trip for the lot. Returns how many were put back.
+    async fn restore_keys(&self, records: &[KeyRestore]) -> Result<u64, StoreError>;
 
     /// Pending records not yet settled, at most about `budget` scopes' worth per call;
     /// repeated calls make progress through every scope.

@@ -19,11 +19,11 @@ use async_trait::async_trait;
 
 use super::{
     late_record_id, money_record_id, AccountKey, AccountRebuild, AccountSnapshot, AdjustOutcome,
-    AdjustRequest, AuthorizeOutcome, AuthorizeRequest, BalanceStore, Direction, LateCaptureOutcome,
-    LateCaptureRequest, OpContext, PaymentDoc, PaymentRecord, PaymentStatus, RefundFinishOutcome,
-    RefundFinishRequest, RefundReserveOutcome, RefundReserveRequest, RestorePayment, Scope,
-    SettledMark, StoreError, StoredOutcome, SucceedOutcome, SucceedRequest, TransitionOutcome,
-    Unsettled, UnsettledPage, UpsertOutcome,
+    AdjustRequest, AuthorizeOutcome, AuthorizeRequest, BalanceStore, Direction, KeyRestore,
+    LateCaptureOutcome, LateCaptureRequest, OpContext, PaymentDoc, PaymentRecord, PaymentStatus,
+    RefundFinishOutcome, RefundFinishRequest, RefundReserveOutcome, RefundReserveRequest,
+    RestorePayment, Scope, SettledMark, StoreError, StoredOutcome, SucceedOutcome, SucceedRequest,
+    TransitionOutcome, Unsettled, UnsettledPage, Unwind, UpsertOutcome,
 };
 use crate::config::RedisSettings;
 use crate::ids::{IdempotencyKey, MerchantOrderId, PaymentId, ScopeTag};
@@ -48,7 +48,8 @@ struct Scripts {
     settled: Script,
     abandon: Script,
     void: Script,
-
+    unwind: Script,
+    restore_keys: Script,
     rebuild_account: Script,
 }
 
@@ -70,11 +71,13 @@ impl Scripts {
             settled: with_common(include_str!("scripts/settled.lua")),
             abandon: with_common(include_str!("scripts/abandon.lua")),
             void: with_common(include_str!("scripts/void.lua")),
+            unwind: with_common(include_str!("scripts/unwind.lua")),
+            restore_keys: with_common(include_str!("scripts/restore_keys.lua")),
             rebuild_account: with_common(include_str!("scripts/rebuild_account.lua")),
         }
     }
 
-    fn all(&self) -> [&Script; 15] {
+    fn all(&self) -> [&Script; 17] {
         [
             &self.upsert_account,
             &self.read_account,
@@ -90,6 +93,8 @@ impl Scripts {
             &self.settled,
             &self.abandon,
             &self.void,
+            &self.unwind,
+            &self.restore_keys,
             &self.rebuild_account,
         ]
     }
@@ -918,6 +923,59 @@ impl BalanceStore for RedisStore {
             .bounded("void", invocation.invoke_async(&mut conn))
             .await?;
         Ok(())
+    }
+
+    async fn unwind(&self, unwind: &Unwind) -> Result<bool, StoreError> {
+        let mark = &unwind.mark;
+        let k = Keys::of(mark.tag);
+        let (hash, holder, ttl) = match &unwind.key_record {
+            Some(r) => (
+                r.request_hash.as_str(),
+                r.payment_id.as_str(),
+                r.ttl_seconds.to_string(),
+            ),
+            None => ("", "", String::new()),
+        };
+        let mut invocation = self.scripts.unwind.prepare_invoke();
+        invocation
+            .key(&k.account)
+            .key(&k.holds)
+            .key(&k.hold_amounts)
+            .key(&k.statuses)
+            .key(&k.docs)
+            .key(&k.orders)
+            .key(&k.unsettled)
+            .key(Keys::idempotency(mark.tag, &mark.idempotency_key))
+            .arg(&mark.id)
+            .arg(&unwind.order_id)
+            .arg(unwind.captured_minor.to_string())
+            .arg(hash)
+            .arg(holder)
+            .arg(ttl);
+        let mut conn = self.connection();
+        let undone: i64 = self
+            .bounded("unwind", invocation.invoke_async(&mut conn))
+            .await?;
+        Ok(undone == 1)
+    }
+
+    async fn restore_keys(&self, records: &[KeyRestore]) -> Result<u64, StoreError> {
+        if records.is_empty() {
+            return Ok(0);
+        }
+        let mut invocation = self.scripts.restore_keys.prepare_invoke();
+        for r in records {
+            invocation
+                .key(Keys::idempotency(r.tag, &r.key))
+                .arg(&r.record.request_hash)
+                .arg(&r.record.payment_id)
+                .arg(r.record.ttl_seconds);
+        }
+        let mut conn = self.connection();
+        let restored: i64 = self
+            .bounded("restore_keys", invocation.invoke_async(&mut conn))
+            .await?;
+        Ok(u64::try_from(restored).unwrap_or(0))
     }
 
     async fn unsettled(&self, budget: usize) -> Result<UnsettledPage, StoreError> {

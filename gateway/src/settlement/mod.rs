@@ -29,10 +29,11 @@ pub const MIGRATIONS: &[(u32, &str)] = &[
     (2, include_str!("migrations/0002_channels.sql")),
     (3, include_str!("migrations/0003_webhooks.sql")),
     (4, include_str!("migrations/0004_refunds.sql")),
+    (5, include_str!("migrations/0005_idempotency.sql")),
 ];
 
 /// The schema version this binary runs on.
-pub const SCHEMA_VERSION: u32 = 4;
+pub const SCHEMA_VERSION: u32 = 5;
 
 /// What kind of money movement a settlement records (DESIGN.md §3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -117,6 +118,32 @@ pub struct PaymentRow {
     /// How many times the resolution loop looked at this payment (bounds its backoff).
     #[serde(default)]
     pub checks: u32,
+    /// The `Idempotency-Key` the payment was created under, and the hash of its normalized
+    /// request: the store refuses a second payment under the same (scope, key) in the money's
+    /// own commit (see [`KeyHolder`]). `None` on rows written before the store kept keys.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    #[serde(default)]
+    pub request_hash: Option<String>,
+}
+
+impl PaymentRow {
+    /// The row, claiming `key` for its scope with the request's hash.
+    pub fn with_idempotency(mut self, key: &str, request_hash: &str) -> Self {
+        self.idempotency_key = Some(key.to_owned());
+        self.request_hash = Some(request_hash.to_owned());
+        self
+    }
+}
+
+/// The payment that already holds an idempotency key in the store, as a refused commit names
+/// it: what the first request under the key came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyHolder {
+    pub payment_id: String,
+    /// The first request's hash (a retry with another request under the key is a conflict).
+    pub request_hash: String,
+    pub created_at_ms: u64,
 }
 
 /// One attempt of a channel payment (DESIGN.md §4 `attempts`).
@@ -200,6 +227,18 @@ pub struct Settlement {
 }
 
 impl Settlement {
+    /// Whether this movement brings its payment into being (a balance payment: captured at
+    /// once, its row written with its settlement). Such a settlement is committed only with
+    /// its row: the store first checks the row's idempotency key and live order id, and
+    /// refuses the movement ([`CommitOutcome::Replay`] and its siblings) when either is taken.
+    pub fn creates_payment(&self) -> bool {
+        self.kind == SettlementKind::Capture
+            && self
+                .payment
+                .as_ref()
+                .is_some_and(|p| p.method == "balance" && p.id == self.payment_id)
+    }
+
     /// A digest of everything that defines the movement (not when it was written), so a
     /// re-driven settlement is recognized as the same and a different one as a conflict.
     pub fn content_hash(&self) -> String {
@@ -330,6 +369,84 @@ pub enum CommitOutcome {
     SequenceConflict {
         account_seq: u64,
     },
+    /// The settlement creates its payment (a balance payment), and the store already has a
+    /// payment under the same (scope, idempotency key) with the same request: the balance
+    /// store forgot the key. Nothing written; the first payment is the answer.
+    Replay(KeyHolder),
+    /// As `Replay`, but the stored payment was made by another request: nothing written.
+    IdempotencyConflict(KeyHolder),
+    /// The settlement creates its payment and another live payment holds its scoped order id
+    /// (named here): nothing written.
+    DuplicateOrder {
+        payment_id: String,
+    },
+}
+
+/// A payment's idempotency key as the store keeps it (what a rebuild puts back into the
+/// balance store, see [`SettlementStore::keyed_payments`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredKey {
+    pub scope_tag: String,
+    pub idempotency_key: String,
+    pub request_hash: String,
+    pub payment_id: String,
+    pub created_at_ms: u64,
+}
+
+/// Why the store refuses to create a payment (checked in the money's own commit, in this
+/// order): its (scope, idempotency key) or its live scoped order id is taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Taken {
+    /// The key, by the same request.
+    Replay(KeyHolder),
+    /// The key, by another request.
+    KeyConflict(KeyHolder),
+    /// The order id, by this live payment.
+    Order(String),
+}
+
+impl From<Taken> for IntentOutcome {
+    fn from(taken: Taken) -> Self {
+        match taken {
+            Taken::Replay(holder) => IntentOutcome::Replay(holder),
+            Taken::KeyConflict(holder) => IntentOutcome::IdempotencyConflict(holder),
+            Taken::Order(payment_id) => IntentOutcome::DuplicateOrder(payment_id),
+        }
+    }
+}
+
+impl From<Taken> for CommitOutcome {
+    fn from(taken: Taken) -> Self {
+        match taken {
+            Taken::Replay(holder) => CommitOutcome::Replay(holder),
+            Taken::KeyConflict(holder) => CommitOutcome::IdempotencyConflict(holder),
+            Taken::Order(payment_id) => CommitOutcome::DuplicateOrder { payment_id },
+        }
+    }
+}
+
+impl KeyHolder {
+    /// What a new payment claiming the same key (with `request_hash`) meets.
+    pub(crate) fn taken_by(self, request_hash: Option<&str>) -> Taken {
+        if request_hash == Some(self.request_hash.as_str()) {
+            Taken::Replay(self)
+        } else {
+            Taken::KeyConflict(self)
+        }
+    }
+}
+
+impl CommitOutcome {
+    /// The store refused to create the settlement's payment: what the balance store did for
+    /// it must be undone.
+    pub fn refused_payment(&self) -> bool {
+        matches!(
+            self,
+            CommitOutcome::Replay(_)
+                | CommitOutcome::IdempotencyConflict(_)
+                | CommitOutcome::DuplicateOrder { .. }
+        )
+    }
 }
 
 /// An account as the store keeps it, with what rebuilding Redis needs.
@@ -435,6 +552,11 @@ pub enum IntentOutcome {
     AlreadyRecorded,
     /// Another live payment holds the scoped order id.
     DuplicateOrder(String),
+    /// Another payment holds the idempotency key, made by the same request (see
+    /// [`CommitOutcome::Replay`]): nothing written.
+    Replay(KeyHolder),
+    /// Another payment holds the idempotency key, made by another request: nothing written.
+    IdempotencyConflict(KeyHolder),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -561,6 +683,18 @@ pub trait SettlementStore: Send + Sync + 'static {
         &self,
         only: Option<(&str, &str)>,
     ) -> Result<Vec<AccountBalance>, SettleError>;
+
+    /// The idempotency keys of payments created at or after `since_ms` (only those of
+    /// `scope_tag` when given), in (created_at_ms, payment id) order after `after`, at most
+    /// `limit`: a rebuild puts them back into the balance store page by page, so a retried
+    /// request replays instead of being charged again.
+    async fn keyed_payments(
+        &self,
+        since_ms: u64,
+        scope_tag: Option<&str>,
+        after: Option<(u64, &str)>,
+        limit: usize,
+    ) -> Result<Vec<StoredKey>, SettleError>;
 
     /// Every pending payment that holds money (or only those of `(merchant, account)`), to
     /// rebuild holds.

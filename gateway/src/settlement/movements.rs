@@ -40,6 +40,8 @@ pub fn payment_row(
         doc: serde_json::to_string(doc).expect("a payment document always serializes"),
         next_check_at_ms: None,
         checks: 0,
+        idempotency_key: None,
+        request_hash: None,
     }
 }
 

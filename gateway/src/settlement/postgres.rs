@@ -33,8 +33,9 @@ use tokio_postgres::types::FromSql;
 
 use super::{
     AccountBalance, AccountRow, AttemptRow, AttemptUpdate, CommitOutcome, Flagged, IntentOutcome,
-    PaymentRow, RefundRow, RefundStatusChange, SettleError, Settlement, SettlementKind,
-    SettlementStore, StatusChange, WebhookAttempt, Write, Written, MIGRATIONS, SCHEMA_VERSION,
+    KeyHolder, PaymentRow, RefundRow, RefundStatusChange, SettleError, Settlement, SettlementKind,
+    SettlementStore, StatusChange, StoredKey, Taken, WebhookAttempt, Write, Written, MIGRATIONS,
+    SCHEMA_VERSION,
 };
 use crate::money::Currency;
 use crate::telemetry::{self, StoreOp};
@@ -50,15 +51,17 @@ const LIVE_STATUSES: &str = "('pending', 'succeeded', 'partially_refunded', 'ref
 
 const PAYMENT_COLUMNS: &str = "id, merchant_id, account_id, scope_tag, merchant_order_id, \
     amount_minor, currency, method, purpose, status, held_minor, hold_expires_at_ms, \
-    created_at_ms, expires_at_ms, updated_at_ms, doc, next_check_at_ms, checks";
+    created_at_ms, expires_at_ms, updated_at_ms, doc, next_check_at_ms, checks, \
+    idempotency_key, request_hash";
 
-/// Inserts a payment unless its id or its live scoped order id is taken, with its first event,
+/// Inserts a payment unless its id, its idempotency key or its live scoped order id is taken,
+/// with its first event,
 /// in one statement (one round trip); the row count says whether it was inserted.
 const INSERT_PAYMENT: &str = "WITH ins AS (INSERT INTO payments (id, merchant_id, account_id, \
     scope_tag, merchant_order_id, amount_minor, currency, method, purpose, status, held_minor, \
     hold_expires_at_ms, created_at_ms, expires_at_ms, updated_at_ms, doc, next_check_at_ms, \
-    checks) VALUES \
-    ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
+    checks, idempotency_key, request_hash) VALUES \
+    ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20) \
     ON CONFLICT DO NOTHING RETURNING id, status, updated_at_ms), \
     ev AS (INSERT INTO payment_events (payment_id, status, at_ms) \
     SELECT id, status, updated_at_ms FROM ins ON CONFLICT DO NOTHING) \
@@ -71,8 +74,8 @@ const INSERT_PAYMENT: &str = "WITH ins AS (INSERT INTO payments (id, merchant_id
 const WRITE_PAYMENT: &str = "WITH ins AS (INSERT INTO payments (id, merchant_id, account_id, \
     scope_tag, merchant_order_id, amount_minor, currency, method, purpose, status, held_minor, \
     hold_expires_at_ms, created_at_ms, expires_at_ms, updated_at_ms, doc, next_check_at_ms, \
-    checks) VALUES \
-    ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
+    checks, idempotency_key, request_hash) VALUES \
+    ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20) \
     ON CONFLICT DO NOTHING RETURNING id), \
     upd AS (UPDATE payments SET status = CASE \
     WHEN status = 'refunded' AND $10 IN ('succeeded', 'partially_refunded') THEN status \
@@ -109,6 +112,28 @@ const INSERT_SETTLEMENT: &str = "INSERT INTO settlements (payment_id, kind, sequ
     channel_fee_minor, commission_minor, merchant_net_minor, account_seq, settled_at_ms, \
     content_hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
     ON CONFLICT DO NOTHING";
+
+/// A settlement that creates its payment (`Settlement::creates_payment`), in one statement:
+/// the payment row (with its first event) is inserted unless its id, idempotency key or live
+/// order id is taken, and the settlement only if the row was: the store never holds such a
+/// movement without its payment. Its one row counts what was inserted: (payments, settlements).
+/// Parameters: the payment's 20 (as `INSERT_PAYMENT`), then the settlement's 15 (as
+/// `INSERT_SETTLEMENT`).
+const INSERT_CREATING_SETTLEMENT: &str = "WITH pay AS (INSERT INTO payments (id, merchant_id, \
+    account_id, scope_tag, merchant_order_id, amount_minor, currency, method, purpose, status, \
+    held_minor, hold_expires_at_ms, created_at_ms, expires_at_ms, updated_at_ms, doc, \
+    next_check_at_ms, checks, idempotency_key, request_hash) VALUES \
+    ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20) \
+    ON CONFLICT DO NOTHING RETURNING id, status, updated_at_ms), \
+    ev AS (INSERT INTO payment_events (payment_id, status, at_ms) \
+    SELECT id, status, updated_at_ms FROM pay ON CONFLICT DO NOTHING), \
+    st AS (INSERT INTO settlements (payment_id, kind, sequence, merchant_id, account_id, \
+    channel_id, channel_txn_id, amount_minor, currency, channel_fee_minor, commission_minor, \
+    merchant_net_minor, account_seq, settled_at_ms, content_hash) \
+    SELECT $21::TEXT, $22::TEXT, $23::INTEGER, $24::TEXT, $25::TEXT, $26::TEXT, $27::TEXT, \
+    $28::BIGINT, $29::TEXT, $30::BIGINT, $31::BIGINT, $32::BIGINT, $33::BIGINT, $34::BIGINT, \
+    $35::TEXT WHERE EXISTS (SELECT 1 FROM pay) ON CONFLICT DO NOTHING RETURNING 1) \
+    SELECT (SELECT COUNT(*) FROM pay), (SELECT COUNT(*) FROM st)";
 
 const STORED_HASH: &str = "SELECT content_hash FROM settlements \
     WHERE payment_id = $1 AND kind = $2 AND sequence = $3";
@@ -232,6 +257,8 @@ fn payment_from_row(r: &Row) -> Result<PaymentRow, SettleError> {
             .map(|v| u64::try_from(v).map_err(|_| bad_row(format!("negative next check {v}"))))
             .transpose()?,
         checks: get_u32(r, 17)?,
+        idempotency_key: get(r, 18)?,
+        request_hash: get(r, 19)?,
     })
 }
 
@@ -277,6 +304,8 @@ fn check_payment_text(p: &PaymentRow) -> Result<(), SettleError> {
             p.purpose.as_str(),
             p.status.as_str(),
             p.doc.as_str(),
+            p.idempotency_key.as_deref().unwrap_or(""),
+            p.request_hash.as_deref().unwrap_or(""),
         ],
     )
 }
@@ -425,13 +454,72 @@ async fn payment_statement(
             &p.doc,
             &next,
             &checks,
+            &p.idempotency_key,
+            &p.request_hash,
         ],
     )
     .await
 }
 
-/// Inserts a payment (with its first event) unless its id or its live scoped order id is
-/// taken; `true` if inserted.
+/// Runs `INSERT_CREATING_SETTLEMENT` for `s` (whose payment is `p`, numbered `sequence`,
+/// hashed `hash`): (whether the payment was inserted, whether the settlement was).
+async fn insert_creating_settlement(
+    tx: &Transaction<'_>,
+    p: &PaymentRow,
+    s: &Settlement,
+    sequence: i32,
+    hash: &str,
+) -> Result<(bool, bool), tokio_postgres::Error> {
+    let checks = i32::try_from(p.checks).unwrap_or(i32::MAX);
+    let stmt = tx.prepare_cached(INSERT_CREATING_SETTLEMENT).await?;
+    let row = tx
+        .query_one(
+            &stmt,
+            &[
+                &p.id,
+                &p.merchant_id,
+                &p.account_id,
+                &p.scope_tag,
+                &p.merchant_order_id,
+                &p.amount_minor,
+                &p.currency.code(),
+                &p.method,
+                &p.purpose,
+                &p.status,
+                &p.held_minor,
+                &p.hold_expires_at_ms.map(ms),
+                &ms(p.created_at_ms),
+                &ms(p.expires_at_ms),
+                &ms(p.updated_at_ms),
+                &p.doc,
+                &p.next_check_at_ms.map(ms),
+                &checks,
+                &p.idempotency_key,
+                &p.request_hash,
+                &s.payment_id,
+                &s.kind.as_str(),
+                &sequence,
+                &s.merchant_id,
+                &s.account_id,
+                &s.channel_id,
+                &s.channel_txn_id,
+                &s.amount_minor,
+                &s.currency.code(),
+                &s.channel_fee_minor,
+                &s.commission_minor,
+                &s.merchant_net_minor,
+                &s.account_seq.map(ms),
+                &ms(s.settled_at_ms),
+                &hash,
+            ],
+        )
+        .await?;
+    let (payments, settlements): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+    Ok((payments == 1, settlements == 1))
+}
+
+/// Inserts a payment (with its first event) unless its id, its idempotency key or its live
+/// scoped order id is taken; `true` if inserted.
 async fn insert_payment(
     tx: &Transaction<'_>,
     p: &PaymentRow,
@@ -796,25 +884,61 @@ impl PostgresStore {
                 }
                 return Ok(IntentOutcome::AlreadyRecorded);
             }
-            let holder = tx
-                .prepare_cached(&format!(
-                    "SELECT id FROM payments WHERE scope_tag = $1 AND merchant_order_id = $2 \
-                     AND status IN {LIVE_STATUSES}"
-                ))
-                .await
-                .map_err(db)?;
-            if let Some(row) = tx
-                .query_opt(&holder, &[&p.scope_tag, &p.merchant_order_id])
-                .await
-                .map_err(db)?
-            {
-                return Ok(IntentOutcome::DuplicateOrder(get(&row, 0)?));
+            if let Some(taken) = self.arbitrate(tx, p).await? {
+                return Ok(taken.into());
             }
         }
         Err(SettleError::Unavailable(format!(
             "{}: the payment's order id kept changing hands, try again",
             p.id
         )))
+    }
+
+    /// What the store holds against a new payment row `p` whose insert did nothing (its id is
+    /// not taken): another payment under its (scope, idempotency key), or another live payment
+    /// under its scoped order id (as `arbitrate` in sqlite.rs). `None` when neither is there
+    /// any more (the holder changed meanwhile: the caller tries again).
+    async fn arbitrate(
+        &self,
+        tx: &Transaction<'_>,
+        p: &PaymentRow,
+    ) -> Result<Option<Taken>, SettleError> {
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        if let Some(key) = &p.idempotency_key {
+            let by_key = tx
+                .prepare_cached(
+                    "SELECT id, request_hash, created_at_ms FROM payments \
+                     WHERE scope_tag = $1 AND idempotency_key = $2",
+                )
+                .await
+                .map_err(db)?;
+            if let Some(row) = tx
+                .query_opt(&by_key, &[&p.scope_tag, key])
+                .await
+                .map_err(db)?
+            {
+                let holder = KeyHolder {
+                    payment_id: get(&row, 0)?,
+                    request_hash: get::<Option<String>>(&row, 1)?.unwrap_or_default(),
+                    created_at_ms: get_u64(&row, 2)?,
+                };
+                return Ok(Some(holder.taken_by(p.request_hash.as_deref())));
+            }
+        }
+        let by_order = tx
+            .prepare_cached(&format!(
+                "SELECT id FROM payments WHERE scope_tag = $1 AND merchant_order_id = $2 \
+                 AND status IN {LIVE_STATUSES}"
+            ))
+            .await
+            .map_err(db)?;
+        Ok(tx
+            .query_opt(&by_order, &[&p.scope_tag, &p.merchant_order_id])
+            .await
+            .map_err(db)?
+            .map(|row| get(&row, 0))
+            .transpose()?
+            .map(Taken::Order))
     }
 
     /// Applies an attempt's outcome inside `tx`; a `succeeded` attempt keeps its outcome.
@@ -1032,7 +1156,7 @@ impl PostgresStore {
             .map_err(db)?;
         let mut claimed = rows
             .iter()
-            .map(|r| Ok((get_u64(r, 18)?, payment_from_row(r)?)))
+            .map(|r| Ok((get_u64(r, 20)?, payment_from_row(r)?)))
             .collect::<Result<Vec<_>, SettleError>>()?;
         claimed.sort_by(|(a_was, a), (b_was, b)| (a_was, &a.id).cmp(&(b_was, &b.id)));
         Ok(claimed.into_iter().map(|(_, p)| p).collect())
@@ -1071,75 +1195,61 @@ impl PostgresStore {
             .collect::<Result<Vec<i32>, _>>()?;
         let hashes: Vec<String> = batch.iter().map(|s| s.content_hash()).collect();
         let insert = tx.prepare_cached(INSERT_SETTLEMENT).await.map_err(db)?;
+        // (payment row inserted, settlement inserted) per settlement: a settlement that creates
+        // its payment goes in with its row or not at all (`INSERT_CREATING_SETTLEMENT`).
         let inserted = join_all(batch.iter().zip(&sequences).zip(&hashes).map(
             |((s, sequence), hash)| {
                 let insert = &insert;
                 async move {
-                    tx.execute(
-                        insert,
-                        &[
-                            &s.payment_id,
-                            &s.kind.as_str(),
-                            sequence,
-                            &s.merchant_id,
-                            &s.account_id,
-                            &s.channel_id,
-                            &s.channel_txn_id,
-                            &s.amount_minor,
-                            &s.currency.code(),
-                            &s.channel_fee_minor,
-                            &s.commission_minor,
-                            &s.merchant_net_minor,
-                            &s.account_seq.map(ms),
-                            &ms(s.settled_at_ms),
-                            hash,
-                        ],
-                    )
-                    .await
+                    if let (true, Some(p)) = (s.creates_payment(), s.payment.as_ref()) {
+                        return insert_creating_settlement(tx, p, s, *sequence, hash).await;
+                    }
+                    let rows = tx
+                        .execute(
+                            insert,
+                            &[
+                                &s.payment_id,
+                                &s.kind.as_str(),
+                                sequence,
+                                &s.merchant_id,
+                                &s.account_id,
+                                &s.channel_id,
+                                &s.channel_txn_id,
+                                &s.amount_minor,
+                                &s.currency.code(),
+                                &s.channel_fee_minor,
+                                &s.commission_minor,
+                                &s.merchant_net_minor,
+                                &s.account_seq.map(ms),
+                                &ms(s.settled_at_ms),
+                                hash,
+                            ],
+                        )
+                        .await?;
+                    Ok((false, rows == 1))
                 }
             },
         ))
         .await;
         let mut outcomes = Vec::with_capacity(batch.len());
+        let mut rows_written = Vec::with_capacity(batch.len());
         for (((s, &sequence), hash), inserted) in
             batch.iter().zip(&sequences).zip(&hashes).zip(inserted)
         {
-            if inserted.map_err(db)? == 1 {
+            let (paid, settled) = inserted.map_err(db)?;
+            if settled {
                 outcomes.push(CommitOutcome::Inserted);
+                rows_written.push(paid);
                 continue;
             }
-            let stmt = tx.prepare_cached(STORED_HASH).await.map_err(db)?;
-            let row = tx
-                .query_opt(&stmt, &[&s.payment_id, &s.kind.as_str(), &sequence])
-                .await
-                .map_err(db)?;
-            let Some(row) = row else {
-                // Not our key: the account's sequence number is taken.
-                let account_seq = s.account_seq.unwrap_or(0);
-                let detail = format!(
-                    "account sequence {account_seq} is already used: the balance store rolled back"
-                );
-                flag(tx, "sequence_conflict", &s.payment_id, &detail)
-                    .await
-                    .map_err(db)?;
-                outcomes.push(CommitOutcome::SequenceConflict { account_seq });
-                continue;
-            };
-            let stored: String = get(&row, 0)?;
-            if &stored == hash {
-                outcomes.push(CommitOutcome::AlreadyCommitted);
-            } else {
-                let detail = format!(
-                    "{} #{}: stored {stored}, offered {hash}",
-                    s.kind, s.sequence
-                );
-                flag(tx, "settlement_conflict", &s.payment_id, &detail)
-                    .await
-                    .map_err(db)?;
-                outcomes.push(CommitOutcome::Conflict {
-                    stored_hash: stored,
-                });
+            if paid {
+                // The new payment's row went in but its settlement did not (its key or its
+                // account sequence is taken): the row goes too, nothing of it stays.
+                self.forget_payment(tx, &s.payment_id).await?;
             }
+            let (outcome, written) = self.explain_refused(tx, s, sequence, hash, !paid).await?;
+            outcomes.push(outcome);
+            rows_written.push(written);
         }
 
         // What follows an inserted settlement: its postings, its payment, its refund, its
@@ -1151,10 +1261,15 @@ impl PostgresStore {
         let mut readers = Vec::new();
         let mut webhooks = Vec::new();
         let now_ms = telemetry::now_ms();
-        for ((s, &sequence), outcome) in batch.iter().zip(&sequences).zip(&outcomes) {
+        for (((s, &sequence), outcome), written) in batch
+            .iter()
+            .zip(&sequences)
+            .zip(&outcomes)
+            .zip(&rows_written)
+        {
             if *outcome == CommitOutcome::Inserted {
                 postings.push(s, sequence);
-                followers.push(self.after_settlement(tx, s));
+                followers.push(self.after_settlement(tx, s, *written));
                 if events::needs_stored_payment(s) {
                     readers.push(self.settlement_webhook(tx, s));
                 } else {
@@ -1206,15 +1321,125 @@ impl PostgresStore {
         Ok(outcomes)
     }
 
-    /// An inserted settlement's payment row (flagged when another live payment holds its
-    /// order id) and its refund's status.
+    /// Why a settlement was not inserted: the same movement already committed, another one
+    /// under its key (flagged), its account sequence taken (flagged), or — for one that creates
+    /// its payment (`may_create`: its row was not taken in by `INSERT_CREATING_SETTLEMENT`) —
+    /// the payment's key or order id taken. Such a payment whose row exists without its
+    /// settlement gets the settlement alone, as any other. The `bool` says whether the
+    /// payment's row was written here.
+    async fn explain_refused(
+        &self,
+        tx: &Transaction<'_>,
+        s: &Settlement,
+        sequence: i32,
+        hash: &str,
+        may_create: bool,
+    ) -> Result<(CommitOutcome, bool), SettleError> {
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        let stmt = tx.prepare_cached(STORED_HASH).await.map_err(db)?;
+        let row = tx
+            .query_opt(&stmt, &[&s.payment_id, &s.kind.as_str(), &sequence])
+            .await
+            .map_err(db)?;
+        if let Some(row) = row {
+            let stored: String = get(&row, 0)?;
+            if stored == hash {
+                return Ok((CommitOutcome::AlreadyCommitted, false));
+            }
+            let detail = format!(
+                "{} #{}: stored {stored}, offered {hash}",
+                s.kind, s.sequence
+            );
+            flag(tx, "settlement_conflict", &s.payment_id, &detail)
+                .await
+                .map_err(db)?;
+            return Ok((
+                CommitOutcome::Conflict {
+                    stored_hash: stored,
+                },
+                false,
+            ));
+        }
+        if let (true, true, Some(p)) = (may_create, s.creates_payment(), s.payment.as_ref()) {
+            let by_id = tx
+                .prepare_cached("SELECT 1 FROM payments WHERE id = $1")
+                .await
+                .map_err(db)?;
+            if tx.query_opt(&by_id, &[&p.id]).await.map_err(db)?.is_none() {
+                return match self.arbitrate(tx, p).await? {
+                    Some(taken) => Ok((taken.into(), false)),
+                    None => Err(SettleError::Unavailable(format!(
+                        "{}: the payment's key or order id changed hands meanwhile, try again",
+                        p.id
+                    ))),
+                };
+            }
+            // Its row is there without its movement: the movement alone, as for any other.
+            let insert = tx.prepare_cached(INSERT_SETTLEMENT).await.map_err(db)?;
+            let rows = tx
+                .execute(
+                    &insert,
+                    &[
+                        &s.payment_id,
+                        &s.kind.as_str(),
+                        &sequence,
+                        &s.merchant_id,
+                        &s.account_id,
+                        &s.channel_id,
+                        &s.channel_txn_id,
+                        &s.amount_minor,
+                        &s.currency.code(),
+                        &s.channel_fee_minor,
+                        &s.commission_minor,
+                        &s.merchant_net_minor,
+                        &s.account_seq.map(ms),
+                        &ms(s.settled_at_ms),
+                        &hash,
+                    ],
+                )
+                .await
+                .map_err(db)?;
+            if rows == 1 {
+                return Ok((CommitOutcome::Inserted, false));
+            }
+        }
+        // Not our key: the account's sequence number is taken.
+        let account_seq = s.account_seq.unwrap_or(0);
+        let detail = format!(
+            "account sequence {account_seq} is already used: the balance store rolled back"
+        );
+        flag(tx, "sequence_conflict", &s.payment_id, &detail)
+            .await
+            .map_err(db)?;
+        Ok((CommitOutcome::SequenceConflict { account_seq }, false))
+    }
+
+    /// Deletes a payment row (and its events) this transaction inserted and must not keep.
+    async fn forget_payment(&self, tx: &Transaction<'_>, id: &str) -> Result<(), SettleError> {
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        let events = tx
+            .prepare_cached("DELETE FROM payment_events WHERE payment_id = $1")
+            .await
+            .map_err(db)?;
+        let payments = tx
+            .prepare_cached("DELETE FROM payments WHERE id = $1")
+            .await
+            .map_err(db)?;
+        tx.execute(&events, &[&id]).await.map_err(db)?;
+        tx.execute(&payments, &[&id]).await.map_err(db)?;
+        Ok(())
+    }
+
+    /// An inserted settlement's payment row unless `payment_written` (flagged when another
+    /// live payment holds its order id) and its refund's status.
     async fn after_settlement(
         &self,
         tx: &Transaction<'_>,
         s: &Settlement,
+        payment_written: bool,
     ) -> Result<(), SettleError> {
         let db = |e: tokio_postgres::Error| self.unavailable(&e);
-        if let Some(payment) = &s.payment {
+        if let (Some(payment), false) = (&s.payment, payment_written) {
             if !write_payment(tx, payment).await.map_err(db)? {
                 let detail = format!(
                     "order id {} is held by another live payment",
@@ -1298,6 +1523,46 @@ impl PostgresStore {
             .await
             .map_err(db)?;
         rows.iter().map(payment_from_row).collect()
+    }
+
+    async fn keyed_payments_inner(
+        &self,
+        since_ms: u64,
+        scope_tag: Option<&str>,
+        after: Option<(u64, &str)>,
+        limit: usize,
+    ) -> Result<Vec<StoredKey>, SettleError> {
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        let client = self.client().await?;
+        let (after_ms, after_id) = match after {
+            Some((at, id)) => (ms(at), id),
+            None => (-1, ""),
+        };
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // Ordered by the id's bytes ("C"), in the comparison as in the order, so the pages
+        // follow each other whatever the database's collation.
+        let rows = client
+            .query(
+                "SELECT scope_tag, idempotency_key, request_hash, id, created_at_ms \
+                 FROM payments WHERE idempotency_key IS NOT NULL AND created_at_ms >= $1 \
+                 AND ($2::TEXT IS NULL OR scope_tag = $2) \
+                 AND (created_at_ms > $3 OR (created_at_ms = $3 AND id COLLATE \"C\" > $4)) \
+                 ORDER BY created_at_ms, id COLLATE \"C\" LIMIT $5",
+                &[&ms(since_ms), &scope_tag, &after_ms, &after_id, &limit],
+            )
+            .await
+            .map_err(db)?;
+        rows.iter()
+            .map(|r| {
+                Ok(StoredKey {
+                    scope_tag: get(r, 0)?,
+                    idempotency_key: get(r, 1)?,
+                    request_hash: get::<Option<String>>(r, 2)?.unwrap_or_default(),
+                    payment_id: get(r, 3)?,
+                    created_at_ms: get_u64(r, 4)?,
+                })
+            })
+            .collect()
     }
 
     async fn payment_inner(&self, id: &str) -> Result<Option<PaymentRow>, SettleError> {
@@ -1625,6 +1890,20 @@ impl SettlementStore for PostgresStore {
 
     async fn live_holds(&self, only: Option<(&str, &str)>) -> Result<Vec<PaymentRow>, SettleError> {
         Self::timed(StoreOp::Read("live_holds"), self.live_holds_inner(only)).await
+    }
+
+    async fn keyed_payments(
+        &self,
+        since_ms: u64,
+        scope_tag: Option<&str>,
+        after: Option<(u64, &str)>,
+        limit: usize,
+    ) -> Result<Vec<StoredKey>, SettleError> {
+        Self::timed(
+            StoreOp::Read("keyed_payments"),
+            self.keyed_payments_inner(since_ms, scope_tag, after, limit),
+        )
+        .await
     }
 
     async fn payment(&self, id: &str) -> Result<Option<PaymentRow>, SettleError> {

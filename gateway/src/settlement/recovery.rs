@@ -18,12 +18,12 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::settler::{SettleFailure, Settler};
-use super::{CommitOutcome, IntentOutcome, PendingRecord, SettleError, SettlementStore};
-use crate::ids::{AccountId, MerchantId, PaymentId};
+use super::{CommitOutcome, IntentOutcome, KeyHolder, PendingRecord, SettleError, SettlementStore};
+use crate::ids::{AccountId, MerchantId, PaymentId, ScopeTag};
 use crate::periodic::spawn_periodic;
 use crate::preauth::{
-    AccountKey, AccountRebuild, BalanceStore, PaymentDoc, PaymentRecord, PaymentStatus,
-    SettledMark, StoreError,
+    AccountKey, AccountRebuild, BalanceStore, KeyRecord, KeyRestore, PaymentDoc, PaymentRecord,
+    PaymentStatus, SettledMark, StoreError, Unwind,
 };
 use crate::telemetry;
 
@@ -34,6 +34,9 @@ pub struct RecoveryReport {
     pub statuses: usize,
     pub skipped_young: usize,
     pub failed: usize,
+    /// Payments the store refused to create (it held their key or order id), unwound in the
+    /// balance store.
+    pub unwound: usize,
     /// The page read ended a full pass over the balance store's outbox.
     pub complete: bool,
 }
@@ -85,12 +88,12 @@ pub async fn recover_once(
                 if settlement.account_id.is_some() && settlement.account_seq.is_none() {
                     settlement.account_seq = Some(entry.seq);
                 }
-                                match settler.settle(settlement, mark).await {
+                match settler.settle(settlement, mark).await {
                     Ok(CommitOutcome::Inserted | CommitOutcome::AlreadyCommitted) => {
                         report.settled += 1;
                         Ok(())
                     }
-                                        // The writer voided it and rebuilt the account (see `void_and_rebuild`).
+                    // The writer voided it and rebuilt the account (see `void_and_rebuild`).
                     Ok(CommitOutcome::SequenceConflict { .. }) => {
                         report.failed += 1;
                         Ok(())
@@ -100,18 +103,45 @@ pub async fn recover_once(
                         report.failed += 1;
                         Ok(())
                     }
+                    // The store holds the key or the order id: the writer unwound the
+                    // payment in the balance store (see `unwind_refused`).
+                    Ok(
+                        CommitOutcome::Replay(_)
+                        | CommitOutcome::IdempotencyConflict(_)
+                        | CommitOutcome::DuplicateOrder { .. },
+                    ) => {
+                        report.unwound += 1;
+                        Ok(())
+                    }
                     Err(err) => Err(err),
                 }
             }
-            PendingRecord::Intent(row) => settler.record_intent(&row, None, Some(mark.clone())).await.map(|outcome| {
-                match outcome {
-                    IntentOutcome::Inserted | IntentOutcome::AlreadyRecorded => report.intents += 1,
-                    IntentOutcome::DuplicateOrder(holder) => {
-                        tracing::error!(payment_id = %row.id, %holder, "recovered intent collides with a live payment's order id; left for a human");
-                        report.failed += 1;
+            PendingRecord::Intent(row) => {
+                match settler.record_intent(&row, None, Some(mark.clone())).await {
+                    Ok(IntentOutcome::Inserted | IntentOutcome::AlreadyRecorded) => {
+                        report.intents += 1;
+                        Ok(())
                     }
+                    // The store holds the key or the order id: the payment never was, for
+                    // the store; the balance store lets go of it (its hold, its key).
+                    Ok(outcome) => {
+                        if let Some(refusal) = Refusal::of_intent(&outcome) {
+                            unwind_refused(
+                                settler.balances.as_ref(),
+                                &row,
+                                0,
+                                refusal,
+                                &mark,
+                                settler.idempotency_retention_seconds(),
+                            )
+                            .await?;
+                        }
+                        report.unwound += 1;
+                        Ok(())
+                    }
+                    Err(err) => Err(err),
                 }
-            }),
+            }
             PendingRecord::Status(change) => settler.apply_status(&change, mark).await.map(|_| {
                 report.statuses += 1;
             }),
@@ -151,7 +181,13 @@ pub fn spawn_recovery(
                     // What this page left in the outbox (young or failed records): the
                     // pipeline's backlog as SREs see it.
                     telemetry::unsettled_records(report.skipped_young + report.failed);
-                    if report.settled + report.intents + report.statuses + report.failed > 0 {
+                    if report.settled
+                        + report.intents
+                        + report.statuses
+                        + report.failed
+                        + report.unwound
+                        > 0
+                    {
                         tracing::info!(?report, "recovery pass")
                     }
                 }
@@ -169,12 +205,74 @@ fn corrupt(what: String) -> RecoveryError {
     RecoveryError::Store(SettleError::Invalid(what))
 }
 
+/// Idempotency records put back per balance-store call (and per store read) in a rebuild.
+pub const KEY_RESTORE_PAGE: usize = 500;
+
+/// At most this many pages in one rebuild (50 million keys): a bound, never met in practice.
+const KEY_RESTORE_PAGES_MAX: usize = 100_000;
+
+/// Puts back into the balance store the idempotency keys of every payment created within the
+/// retention (only those of `scope` when given), each where the key has no record, so a
+/// retried request replays its first payment instead of being charged again. Returns how many
+/// were put back.
+pub async fn restore_keys(
+    store: &dyn SettlementStore,
+    balances: &dyn BalanceStore,
+    scope: Option<ScopeTag>,
+    retention_seconds: u64,
+) -> Result<u64, RecoveryError> {
+    let now_ms = telemetry::now_ms();
+    let since_ms = now_ms.saturating_sub(retention_seconds.saturating_mul(1000));
+    let scope = scope.map(|tag| tag.to_string());
+    let mut after: Option<(u64, String)> = None;
+    let mut restored = 0;
+    for _ in 0..KEY_RESTORE_PAGES_MAX {
+        let page = store
+            .keyed_payments(
+                since_ms,
+                scope.as_deref(),
+                after.as_ref().map(|(at, id)| (*at, id.as_str())),
+                KEY_RESTORE_PAGE,
+            )
+            .await?;
+        let records = page
+            .iter()
+            .map(|k| {
+                let tag = ScopeTag::parse(&k.scope_tag)
+                    .ok_or_else(|| corrupt(format!("scope tag of payment {}", k.payment_id)))?;
+                Ok(KeyRestore {
+                    tag,
+                    key: k.idempotency_key.clone(),
+                    record: KeyRecord::remaining(
+                        k.request_hash.clone(),
+                        k.payment_id.clone(),
+                        k.created_at_ms,
+                        retention_seconds,
+                        now_ms,
+                    ),
+                })
+            })
+            .collect::<Result<Vec<_>, RecoveryError>>()?;
+        restored += balances.restore_keys(&records).await?;
+        match page.last() {
+            Some(last) if page.len() == KEY_RESTORE_PAGE => {
+                after = Some((last.created_at_ms, last.payment_id.clone()));
+            }
+            _ => break,
+        }
+    }
+    Ok(restored)
+}
+
 /// Loads every account (balance, sequence, credit limit, live holds) from the settlement store
-/// into the balance store, or only `only` when given. Returns the number of accounts loaded.
+/// into the balance store, or only `only` when given, with the idempotency keys of the
+/// payments made within `retention_seconds` (see [`restore_keys`]). Returns the number of
+/// accounts loaded.
 pub async fn rebuild_balances(
     store: &dyn SettlementStore,
     balances: &dyn BalanceStore,
     only: Option<(&str, &str)>,
+    retention_seconds: u64,
 ) -> Result<usize, RecoveryError> {
     let accounts = store.balances(only).await?;
     let holds = store.live_holds(only).await?;
@@ -231,7 +329,125 @@ pub async fn rebuild_balances(
             .await?;
         loaded += 1;
     }
+    // The keys after the accounts: a key replays only once its payment's account is there.
+    let scope = match only {
+        Some((merchant, account)) => Some(ScopeTag::account(
+            &MerchantId::parse(merchant)
+                .map_err(|e| corrupt(format!("merchant id {merchant}: {e}")))?,
+            &AccountId::parse(account)
+                .map_err(|e| corrupt(format!("account id {account}: {e}")))?,
+        )),
+        None => None,
+    };
+    let restored = restore_keys(store, balances, scope, retention_seconds).await?;
+    if restored > 0 {
+        tracing::info!(
+            restored,
+            "idempotency keys put back from the settlement store"
+        );
+    }
     Ok(loaded)
+}
+
+/// Why the store refused to create a payment, as the unwinding needs it.
+#[derive(Debug, Clone, Copy)]
+pub enum Refusal<'a> {
+    /// Its key is held by this payment, made by the same request.
+    Replay(&'a KeyHolder),
+    /// Its key is held by this payment, made by another request.
+    IdempotencyConflict(&'a KeyHolder),
+    /// Its order id is held by this live payment.
+    DuplicateOrder(&'a str),
+}
+
+impl<'a> Refusal<'a> {
+    pub fn of_commit(outcome: &'a CommitOutcome) -> Option<Self> {
+        match outcome {
+            CommitOutcome::Replay(holder) => Some(Refusal::Replay(holder)),
+            CommitOutcome::IdempotencyConflict(holder) => {
+                Some(Refusal::IdempotencyConflict(holder))
+            }
+            CommitOutcome::DuplicateOrder { payment_id } => {
+                Some(Refusal::DuplicateOrder(payment_id))
+            }
+            CommitOutcome::Inserted
+            | CommitOutcome::AlreadyCommitted
+            | CommitOutcome::Conflict { .. }
+            | CommitOutcome::SequenceConflict { .. } => None,
+        }
+    }
+
+    pub fn of_intent(outcome: &'a IntentOutcome) -> Option<Self> {
+        match outcome {
+            IntentOutcome::Replay(holder) => Some(Refusal::Replay(holder)),
+            IntentOutcome::IdempotencyConflict(holder) => {
+                Some(Refusal::IdempotencyConflict(holder))
+            }
+            IntentOutcome::DuplicateOrder(payment_id) => Some(Refusal::DuplicateOrder(payment_id)),
+            IntentOutcome::Inserted | IntentOutcome::AlreadyRecorded => None,
+        }
+    }
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::Replay(_) => "replay",
+            Refusal::IdempotencyConflict(_) => "idempotency_conflict",
+            Refusal::DuplicateOrder(_) => "duplicate_order",
+        }
+    }
+
+    /// The payment the store holds instead.
+    pub fn holder(self) -> &'a str {
+        match self {
+            Refusal::Replay(h) | Refusal::IdempotencyConflict(h) => &h.payment_id,
+            Refusal::DuplicateOrder(id) => id,
+        }
+    }
+}
+
+/// The store refused to create `payment` (the balance store had forgotten its key or its
+/// order id): undoes what the balance store did for it (`captured_minor` is what its creation
+/// took from the balance at once) and makes the key answer as the store says — the holder's
+/// payment, for what is left of its retention — or, for a taken order id, forgets the key.
+/// `false` when there was nothing left to undo (already unwound, or never pending).
+pub async fn unwind_refused(
+    balances: &dyn BalanceStore,
+    payment: &super::PaymentRow,
+    captured_minor: i64,
+    refusal: Refusal<'_>,
+    mark: &SettledMark,
+    retention_seconds: u64,
+) -> Result<bool, StoreError> {
+    telemetry::store_refused_payment(refusal.label());
+    let key_record = match refusal {
+        Refusal::Replay(holder) | Refusal::IdempotencyConflict(holder) => {
+            Some(KeyRecord::remaining(
+                holder.request_hash.clone(),
+                holder.payment_id.clone(),
+                holder.created_at_ms,
+                retention_seconds,
+                telemetry::now_ms(),
+            ))
+        }
+        Refusal::DuplicateOrder(_) => None,
+    };
+    let undone = balances
+        .unwind(&Unwind {
+            mark: mark.clone(),
+            order_id: payment.merchant_order_id.clone(),
+            captured_minor,
+            key_record,
+        })
+        .await?;
+    tracing::warn!(
+        payment_id = %payment.id,
+        holder = refusal.holder(),
+        reason = refusal.label(),
+        undone,
+        "the settlement store refused a payment the balance store had forgotten: unwound"
+    );
+    Ok(undone)
 }
 
 /// The balance store rolled back under this movement (its account sequence number is taken in
@@ -242,6 +458,7 @@ pub async fn void_and_rebuild(
     balances: &dyn BalanceStore,
     settlement: &super::Settlement,
     mark: &SettledMark,
+    retention_seconds: u64,
 ) {
     telemetry::account_rebuilt();
     if let Err(err) = balances.void(mark).await {
@@ -251,7 +468,14 @@ pub async fn void_and_rebuild(
     let Some(account) = settlement.account_id.as_deref() else {
         return;
     };
-    match rebuild_balances(store, balances, Some((&settlement.merchant_id, account))).await {
+    match rebuild_balances(
+        store,
+        balances,
+        Some((&settlement.merchant_id, account)),
+        retention_seconds,
+    )
+    .await
+    {
         Ok(_) => tracing::warn!(
             merchant = %settlement.merchant_id,
             account,

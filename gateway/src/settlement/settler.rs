@@ -54,6 +54,11 @@ impl Settler {
         self.stream.admit()
     }
 
+    /// How long an idempotency key is honoured (`preauth.idempotency_retention_seconds`).
+    pub fn idempotency_retention_seconds(&self) -> u64 {
+        self.stream.idempotency_retention_seconds()
+    }
+
     pub fn is_healthy(&self) -> bool {
         self.stream.is_healthy()
     }

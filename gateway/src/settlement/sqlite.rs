@@ -11,8 +11,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     AccountBalance, AccountRow, AttemptRow, AttemptUpdate, CommitOutcome, Flagged, IntentOutcome,
-    PaymentRow, RefundRow, RefundStatusChange, SettleError, Settlement, SettlementKind,
-    SettlementStore, StatusChange, WebhookAttempt, Write, Written, MIGRATIONS, SCHEMA_VERSION,
+    KeyHolder, PaymentRow, RefundRow, RefundStatusChange, SettleError, Settlement, SettlementKind,
+    SettlementStore, StatusChange, StoredKey, Taken, WebhookAttempt, Write, Written, MIGRATIONS,
+    SCHEMA_VERSION,
 };
 use crate::money::Currency;
 use crate::telemetry::{self, StoreOp};
@@ -183,12 +184,15 @@ fn payment_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PaymentRow> {
         doc: r.get(15)?,
         next_check_at_ms: r.get::<_, Option<i64>>(16)?.map(|v| v as u64),
         checks: r.get(17)?,
+        idempotency_key: r.get(18)?,
+        request_hash: r.get(19)?,
     })
 }
 
 const PAYMENT_COLUMNS: &str = "id, merchant_id, account_id, scope_tag, merchant_order_id, \
     amount_minor, currency, method, purpose, status, held_minor, hold_expires_at_ms, \
-    created_at_ms, expires_at_ms, updated_at_ms, doc, next_check_at_ms, checks";
+    created_at_ms, expires_at_ms, updated_at_ms, doc, next_check_at_ms, checks, \
+    idempotency_key, request_hash";
 
 const ATTEMPT_COLUMNS: &str = "payment_id, attempt, channel_id, channel_order_id, outcome, \
     latency_ms, action, channel_txn_id, created_at_ms, updated_at_ms";
@@ -279,8 +283,8 @@ fn write_payment(conn: &Connection, p: &PaymentRow) -> rusqlite::Result<bool> {
         conn,
         &format!(
             "INSERT INTO payments ({PAYMENT_COLUMNS}) VALUES \
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18) \
-             ON CONFLICT DO NOTHING"
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
+             ?19, ?20) ON CONFLICT DO NOTHING"
         ),
         params![
             p.id,
@@ -300,7 +304,9 @@ fn write_payment(conn: &Connection, p: &PaymentRow) -> rusqlite::Result<bool> {
             ms(p.updated_at_ms),
             p.doc,
             p.next_check_at_ms.map(ms),
-            p.checks
+            p.checks,
+            p.idempotency_key,
+            p.request_hash
         ],
     )?;
     if inserted == 1 {
@@ -323,6 +329,46 @@ fn write_payment(conn: &Connection, p: &PaymentRow) -> rusqlite::Result<bool> {
     Ok(updated == 1)
 }
 
+/// What the store holds against a new payment row `p` (not yet stored): another payment under
+/// its (scope, idempotency key) — the same request or another — or another live payment under
+/// its scoped order id; `None` when `p` may be written. The key is checked first: a retried
+/// request must be replayed, not refused as a duplicate of its own first payment.
+fn arbitrate(tx: &Connection, p: &PaymentRow) -> Result<Option<Taken>, SettleError> {
+    if let Some(key) = &p.idempotency_key {
+        let holder: Option<(String, Option<String>, i64)> = tx
+            .prepare_cached(
+                "SELECT id, request_hash, created_at_ms FROM payments \
+                 WHERE scope_tag = ?1 AND idempotency_key = ?2",
+            )
+            .and_then(|mut st| {
+                st.query_row(params![p.scope_tag, key], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .optional()
+            })
+            .map_err(db)?;
+        if let Some((payment_id, request_hash, created_at_ms)) = holder {
+            let holder = KeyHolder {
+                payment_id,
+                request_hash: request_hash.unwrap_or_default(),
+                created_at_ms: created_at_ms as u64,
+            };
+            return Ok(Some(holder.taken_by(p.request_hash.as_deref())));
+        }
+    }
+    let holder: Option<String> = tx
+        .prepare_cached(
+            "SELECT id FROM payments WHERE scope_tag = ?1 AND merchant_order_id = ?2 \
+             AND status IN ('pending', 'succeeded', 'partially_refunded', 'refunded')",
+        )
+        .and_then(|mut st| {
+            st.query_row(params![p.scope_tag, p.merchant_order_id], |r| r.get(0))
+                .optional()
+        })
+        .map_err(db)?;
+    Ok(holder.map(Taken::Order))
+}
+
 /// Records an intent inside the caller's transaction ([`SettlementStore::record_intent`]).
 fn intent_in(
     tx: &Connection,
@@ -340,18 +386,8 @@ fn intent_in(
         }
         return Ok(IntentOutcome::AlreadyRecorded);
     }
-    let holder: Option<String> = tx
-        .prepare_cached(
-            "SELECT id FROM payments WHERE scope_tag = ?1 AND merchant_order_id = ?2 \
-             AND status IN ('pending', 'succeeded', 'partially_refunded', 'refunded')",
-        )
-        .and_then(|mut st| {
-            st.query_row(params![p.scope_tag, p.merchant_order_id], |r| r.get(0))
-                .optional()
-        })
-        .map_err(db)?;
-    if let Some(holder) = holder {
-        return Ok(IntentOutcome::DuplicateOrder(holder));
+    if let Some(taken) = arbitrate(tx, p)? {
+        return Ok(taken.into());
     }
     write_payment(tx, p).map_err(db)?;
     if let Some(a) = first_attempt {
@@ -413,6 +449,23 @@ fn settle_in(
     no_webhook: &NoWebhook,
 ) -> Result<CommitOutcome, SettleError> {
     let hash = s.content_hash();
+    // A movement that creates its payment is written only with its row: the store decides
+    // whether the payment may exist (its key and order id), whatever the balance store said.
+    let creates = match &s.payment {
+        Some(payment) if s.creates_payment() => {
+            let exists = tx
+                .prepare_cached("SELECT 1 FROM payments WHERE id = ?1")
+                .and_then(|mut st| st.exists([&payment.id]))
+                .map_err(db)?;
+            if !exists {
+                if let Some(taken) = arbitrate(tx, payment)? {
+                    return Ok(taken.into());
+                }
+            }
+            !exists
+        }
+        _ => false,
+    };
     let inserted = exec(
         tx,
         "INSERT INTO settlements (payment_id, kind, sequence, merchant_id, \
@@ -505,7 +558,14 @@ fn settle_in(
         .map_err(db)?;
     }
     if let Some(payment) = &s.payment {
-        if !write_payment(tx, payment).map_err(db)? {
+        let written = write_payment(tx, payment).map_err(db)?;
+        // Checked above, in this transaction, on the one connection: it cannot be taken.
+        debug_assert!(
+            written || !creates,
+            "{}: a checked new payment was not written",
+            payment.id
+        );
+        if !written {
             exec(
                 tx,
                 "INSERT INTO flagged (kind, payment_id, detail, created_at_ms) \
@@ -908,6 +968,47 @@ impl SettlementStore for SqliteStore {
                 })
                 .map_err(db)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(db)
+        })
+        .await
+    }
+
+    async fn keyed_payments(
+        &self,
+        since_ms: u64,
+        scope_tag: Option<&str>,
+        after: Option<(u64, &str)>,
+        limit: usize,
+    ) -> Result<Vec<StoredKey>, SettleError> {
+        let scope_tag = scope_tag.map(str::to_owned);
+        let (after_ms, after_id) = match after {
+            Some((ms_, id)) => (ms(ms_), id.to_owned()),
+            None => (-1, String::new()),
+        };
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(StoreOp::Read("keyed_payments"), move |conn| {
+            let mut st = conn
+                .prepare_cached(
+                    "SELECT scope_tag, idempotency_key, request_hash, id, created_at_ms \
+                     FROM payments WHERE idempotency_key IS NOT NULL AND created_at_ms >= ?1 \
+                     AND (?2 IS NULL OR scope_tag = ?2) AND (created_at_ms, id) > (?3, ?4) \
+                     ORDER BY created_at_ms, id LIMIT ?5",
+                )
+                .map_err(db)?;
+            let rows = st
+                .query_map(
+                    params![ms(since_ms), scope_tag, after_ms, after_id, limit],
+                    |r| {
+                        Ok(StoredKey {
+                            scope_tag: r.get(0)?,
+                            idempotency_key: r.get(1)?,
+                            request_hash: r.get::<_, Option<String>>(2)?.unwrap_or_default(),
+                            payment_id: r.get(3)?,
+                            created_at_ms: r.get::<_, i64>(4)? as u64,
+                        })
+                    },
+                )
+                .map_err(db)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db)
         })
         .await
     }

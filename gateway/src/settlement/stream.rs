@@ -27,7 +27,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use super::recovery::void_and_rebuild;
+use super::recovery::{unwind_refused, void_and_rebuild, Refusal};
 use super::{
     CommitOutcome, IntentOutcome, SettleError, Settlement, SettlementStore, Write, Written,
 };
@@ -44,6 +44,10 @@ pub struct StreamSettings {
     pub commits_in_flight: usize,
     /// While unhealthy, the writer pings the store this often to notice it came back.
     pub health_check_interval_ms: u64,
+    /// How long an idempotency key is honoured (`preauth.idempotency_retention_seconds`): a
+    /// payment the store refused as a replay is unwound with its key answering the first
+    /// payment for what is left of it.
+    pub idempotency_retention_seconds: u64,
 }
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -78,12 +82,20 @@ pub struct SettlementStream {
     shared: Arc<Shared>,
 }
 
+impl SettlementStream {
+    /// How long an idempotency key is honoured (see [`StreamSettings`]).
+    pub fn idempotency_retention_seconds(&self) -> u64 {
+        self.shared.idempotency_retention_seconds
+    }
+}
+
 struct Shared {
     healthy: AtomicBool,
     depth: AtomicUsize,
     capacity: usize,
     /// Admitted movements whose write is not queued yet ([`Admission`]s alive).
     inbound: AtomicUsize,
+    idempotency_retention_seconds: u64,
 }
 
 /// A movement admitted and on its way to the writer (its balance-store call in flight): the
@@ -120,9 +132,14 @@ impl SettlementStream {
             depth: AtomicUsize::new(0),
             capacity: settings.queue_capacity,
             inbound: AtomicUsize::new(0),
+            idempotency_retention_seconds: settings.idempotency_retention_seconds,
         });
         let writer = Writer {
-            answerer: Answerer { store, balances },
+            answerer: Answerer {
+                store,
+                balances,
+                idempotency_retention_seconds: settings.idempotency_retention_seconds,
+            },
             settings,
             rx,
             shared: shared.clone(),
@@ -219,6 +236,7 @@ struct Writer {
 struct Answerer {
     store: Arc<dyn SettlementStore>,
     balances: Arc<dyn BalanceStore>,
+    idempotency_retention_seconds: u64,
 }
 
 impl Writer {
@@ -468,6 +486,7 @@ impl Answerer {
                         self.balances.as_ref(),
                         settlement,
                         mark,
+                        self.idempotency_retention_seconds,
                     )
                     .await;
                 }
@@ -481,6 +500,32 @@ impl Answerer {
                     offered_hash = %settlement.content_hash(),
                     "settlement conflicts with the stored one: flagged, nothing written"
                 );
+            }
+            CommitOutcome::Replay(_)
+            | CommitOutcome::IdempotencyConflict(_)
+            | CommitOutcome::DuplicateOrder { .. } => {
+                // The store holds the payment's key or order id: the balance store forgot it.
+                // Undone before the waiter answers, so the answer and a retry see it undone;
+                // without a mark (nobody to answer) the recovery loop meets it again.
+                let (Some(mark), Some(payment), Some(refusal)) = (
+                    mark,
+                    settlement.payment.as_ref(),
+                    Refusal::of_commit(outcome),
+                ) else {
+                    return;
+                };
+                if let Err(err) = unwind_refused(
+                    self.balances.as_ref(),
+                    payment,
+                    settlement.amount_minor,
+                    refusal,
+                    mark,
+                    self.idempotency_retention_seconds,
+                )
+                .await
+                {
+                    tracing::error!(payment_id = %settlement.payment_id, error = %err, "cannot unwind a payment the store refused; recovery will retry");
+                }
             }
             CommitOutcome::Inserted | CommitOutcome::AlreadyCommitted => {}
         }
@@ -521,6 +566,7 @@ mod tests {
                 batch_max_wait_ms: wait_ms,
                 commits_in_flight,
                 health_check_interval_ms: 500,
+                idempotency_retention_seconds: 86_400,
             },
             shutdown,
         );

@@ -274,6 +274,8 @@ mod tests {
             doc: doc.into(),
             next_check_at_ms: None,
             checks: 0,
+            idempotency_key: None,
+            request_hash: None,
         }
     }
 

@@ -3,6 +3,7 @@
 //! `TEST_LOG=1` turns the gateway's logs on.
 
 mod admin_channels;
+mod arbiter;
 mod binary;
 mod callbacks;
 mod channels;

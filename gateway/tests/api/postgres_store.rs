@@ -69,6 +69,8 @@ fn payment_row(id: &str, order: &str) -> PaymentRow {
         doc: format!("{{\"id\":\"{id}\"}}"),
         next_check_at_ms: None,
         checks: 0,
+        idempotency_key: None,
+        request_hash: None,
     }
 }
 

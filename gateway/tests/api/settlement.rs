@@ -241,9 +241,10 @@ async fn a_flushed_redis_is_rebuilt_exactly_from_the_store() {
         .await
         .unwrap();
     let disk = app.settlement_store().await;
-    let loaded = gateway::settlement::recovery::rebuild_balances(disk.as_ref(), &balances, None)
-        .await
-        .unwrap();
+    let loaded =
+        gateway::settlement::recovery::rebuild_balances(disk.as_ref(), &balances, None, 86_400)
+            .await
+            .unwrap();
     assert_eq!(loaded, 3);
     assert_eq!(snapshot(app.account(ALPHA, "a1").await), a1);
     assert_eq!(snapshot(app.account(ALPHA, "a2").await), a2);

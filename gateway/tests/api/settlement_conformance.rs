@@ -7,8 +7,9 @@ use gateway::money::Currency;
 use gateway::settlement::sqlite::SqliteStore;
 use gateway::settlement::{
     check_schema, ledger, AccountRow, AttemptRow, AttemptUpdate, CommitOutcome, IntentOutcome,
-    PaymentRow, PendingRecord, Posting, SettleError, Settlement, SettlementKind, SettlementStore,
-    StatusChange, WebhookAttempt, WebhookOutcome, Write, Written, MIGRATIONS, SCHEMA_VERSION,
+    KeyHolder, PaymentRow, PendingRecord, Posting, SettleError, Settlement, SettlementKind,
+    SettlementStore, StatusChange, WebhookAttempt, WebhookOutcome, Write, Written, MIGRATIONS,
+    SCHEMA_VERSION,
 };
 
 pub struct Sqlite {
@@ -56,6 +57,8 @@ pub fn payment_row(id: &str, order: &str, status: &str, held: i64) -> PaymentRow
         doc: format!("{{\"id\":\"{id}\"}}"),
         next_check_at_ms: None,
         checks: 0,
+        idempotency_key: None,
+        request_hash: None,
     }
 }
 
@@ -174,6 +177,8 @@ on_both_stores!(
     a_refunded_payment_never_moves_back_whatever_order_commits_arrive_in,
     a_group_commit_holds_intents_attempt_outcomes_and_settlements,
     a_refused_write_leaves_nothing_and_the_rest_of_its_batch_commits,
+    the_store_decides_on_idempotency_keys_and_order_ids,
+    keyed_payments_come_back_page_by_page,
 );
 
 fn outcome_update(payment: &str, attempt: u32, outcome: &str, txn: Option<&str>) -> AttemptUpdate {
@@ -1057,6 +1062,8 @@ fn payment_rows_without_a_schedule_still_deserialize() {
         PendingRecord::Intent(PaymentRow {
             next_check_at_ms: None,
             checks: 0,
+            idempotency_key: None,
+            request_hash: None,
             ..row
         })
     );
@@ -1756,4 +1763,245 @@ mod webhook_outbox {
         one.migrate().await.unwrap();
         webhook_claims_never_overlap(&one, &two).await;
     }
+}
+
+/// A balance payment of `amount` from alpha's `acc`, created under `key` with `hash`: its
+/// capture creates its row (`Settlement::creates_payment`).
+fn balance_payment(
+    id: &str,
+    order: &str,
+    key: &str,
+    hash: &str,
+    seq: u64,
+    amount: i64,
+) -> Settlement {
+    let mut s = capture(id, "acc", amount, seq);
+    let mut row = payment_row(id, order, "succeeded", 0);
+    row.method = "balance".into();
+    row.amount_minor = amount;
+    s.payment = Some(row.with_idempotency(key, hash));
+    assert!(s.creates_payment());
+    s
+}
+
+fn holder(id: &str, hash: &str) -> KeyHolder {
+    KeyHolder {
+        payment_id: id.into(),
+        request_hash: hash.into(),
+        created_at_ms: 1,
+    }
+}
+
+/// What the store holds of the account: (balance, sequence, payment ids with a movement).
+async fn account_state(store: &dyn SettlementStore) -> (i64, u64, Vec<String>) {
+    let balance = &store.balances(None).await.unwrap()[0];
+    let mut moved: Vec<String> = store
+        .postings_sum_by_movement()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(id, _, _, _)| id)
+        .collect();
+    moved.dedup();
+    (balance.balance_minor, balance.seq, moved)
+}
+
+async fn the_store_decides_on_idempotency_keys_and_order_ids(store: Arc<dyn SettlementStore>) {
+    store.migrate().await.unwrap();
+    store.upsert_account(&account_row("acc")).await.unwrap();
+    assert_eq!(
+        store
+            .commit(&[balance_payment("pay_1", "o1", "K", "h1", 1, 1_000)])
+            .await
+            .unwrap(),
+        vec![CommitOutcome::Inserted]
+    );
+    let before = account_state(store.as_ref()).await;
+    assert_eq!(before, (-1_000, 1, vec!["pay_1".to_owned()]));
+
+    // The balance store forgot the key: the same request made a new payment there. The store
+    // refuses it and names the first one; nothing of it is written.
+    assert_eq!(
+        store
+            .commit(&[balance_payment("pay_2", "o1", "K", "h1", 2, 1_000)])
+            .await
+            .unwrap(),
+        vec![CommitOutcome::Replay(holder("pay_1", "h1"))]
+    );
+    // Another request under the key: a conflict, naming the first one.
+    assert_eq!(
+        store
+            .commit(&[balance_payment("pay_3", "o3", "K", "h2", 2, 500)])
+            .await
+            .unwrap(),
+        vec![CommitOutcome::IdempotencyConflict(holder("pay_1", "h1"))]
+    );
+    // A new key for a live order id: a duplicate order.
+    assert_eq!(
+        store
+            .commit(&[balance_payment("pay_4", "o1", "K4", "h4", 2, 1_000)])
+            .await
+            .unwrap(),
+        vec![CommitOutcome::DuplicateOrder {
+            payment_id: "pay_1".into()
+        }]
+    );
+    // An account sequence taken (the balance store rolled back): nothing of it either.
+    assert_eq!(
+        store
+            .commit(&[balance_payment("pay_5", "o5", "K5", "h5", 1, 100)])
+            .await
+            .unwrap(),
+        vec![CommitOutcome::SequenceConflict { account_seq: 1 }]
+    );
+    for refused in ["pay_2", "pay_3", "pay_4", "pay_5"] {
+        assert_eq!(store.payment(refused).await.unwrap(), None, "{refused}");
+        assert!(store.payment_events(refused).await.unwrap().is_empty());
+    }
+    assert_eq!(account_state(store.as_ref()).await, before);
+
+    // Sequence 2 is still free; in one batch, the second payment under a key replays the
+    // first; a re-drive of pay_1 is recognized.
+    assert_eq!(
+        store
+            .commit(&[
+                balance_payment("pay_6", "o6", "K6", "h6", 2, 200),
+                balance_payment("pay_7", "o7", "K6", "h6", 3, 200),
+                balance_payment("pay_1", "o1", "K", "h1", 1, 1_000),
+            ])
+            .await
+            .unwrap(),
+        vec![
+            CommitOutcome::Inserted,
+            CommitOutcome::Replay(holder("pay_6", "h6")),
+            CommitOutcome::AlreadyCommitted,
+        ]
+    );
+    assert_eq!(
+        account_state(store.as_ref()).await,
+        (-1_200, 2, vec!["pay_1".to_owned(), "pay_6".to_owned()])
+    );
+
+    // Intents meet the same checks, key first.
+    let intent = |id: &str, order: &str, key: &str, hash: &str| {
+        payment_row(id, order, "pending", 0).with_idempotency(key, hash)
+    };
+    assert_eq!(
+        store
+            .record_intent(&intent("pay_8", "o8", "K", "h1"), None)
+            .await
+            .unwrap(),
+        IntentOutcome::Replay(holder("pay_1", "h1"))
+    );
+    assert_eq!(
+        store
+            .record_intent(&intent("pay_8", "o1", "K", "h9"), None)
+            .await
+            .unwrap(),
+        IntentOutcome::IdempotencyConflict(holder("pay_1", "h1"))
+    );
+    assert_eq!(
+        store
+            .record_intent(&intent("pay_8", "o6", "K8", "h8"), None)
+            .await
+            .unwrap(),
+        IntentOutcome::DuplicateOrder("pay_6".into())
+    );
+    assert_eq!(store.payment("pay_8").await.unwrap(), None);
+    // A key is scoped: another scope may use it.
+    let mut elsewhere = intent("pay_9", "o1", "K", "h1");
+    elsewhere.scope_tag = "TAG0000001".into();
+    assert_eq!(
+        store.record_intent(&elsewhere, None).await.unwrap(),
+        IntentOutcome::Inserted
+    );
+    // A payment that ended frees its order id, never its key.
+    let mut failed = intent("pay_10", "o10", "K10", "h10");
+    failed.status = "failed".into();
+    store.record_intent(&failed, None).await.unwrap();
+    assert_eq!(
+        store
+            .record_intent(&intent("pay_11", "o10", "K11", "h11"), None)
+            .await
+            .unwrap(),
+        IntentOutcome::Inserted
+    );
+    assert_eq!(
+        store
+            .record_intent(&intent("pay_12", "o12", "K10", "h10"), None)
+            .await
+            .unwrap(),
+        IntentOutcome::Replay(holder("pay_10", "h10"))
+    );
+}
+
+async fn keyed_payments_come_back_page_by_page(store: Arc<dyn SettlementStore>) {
+    store.migrate().await.unwrap();
+    let mut rows = Vec::new();
+    for (i, created) in [(1, 10), (2, 10), (3, 20), (4, 30)] {
+        let mut p = payment_row(&format!("pay_{i}"), &format!("o{i}"), "pending", 0)
+            .with_idempotency(&format!("K{i}"), &format!("h{i}"));
+        p.created_at_ms = created;
+        if i == 4 {
+            p.scope_tag = "TAG0000001".into();
+        }
+        rows.push(p);
+    }
+    // One without a key (written before keys were kept) is never listed.
+    rows.push(payment_row("pay_5", "o5", "pending", 0));
+    for row in &rows {
+        assert_eq!(
+            store.record_intent(row, None).await.unwrap(),
+            IntentOutcome::Inserted
+        );
+    }
+    let ids = |page: Vec<gateway::settlement::StoredKey>| {
+        page.into_iter()
+            .map(|k| {
+                (
+                    k.payment_id,
+                    k.idempotency_key,
+                    k.request_hash,
+                    k.created_at_ms,
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let key = |i: u32, created: u64| {
+        (
+            format!("pay_{i}"),
+            format!("K{i}"),
+            format!("h{i}"),
+            created,
+        )
+    };
+    assert_eq!(
+        ids(store.keyed_payments(0, None, None, 2).await.unwrap()),
+        vec![key(1, 10), key(2, 10)]
+    );
+    assert_eq!(
+        ids(store
+            .keyed_payments(0, None, Some((10, "pay_2")), 2)
+            .await
+            .unwrap()),
+        vec![key(3, 20), key(4, 30)]
+    );
+    assert_eq!(
+        ids(store
+            .keyed_payments(0, None, Some((30, "pay_4")), 2)
+            .await
+            .unwrap()),
+        vec![]
+    );
+    assert_eq!(
+        ids(store.keyed_payments(20, None, None, 10).await.unwrap()),
+        vec![key(3, 20), key(4, 30)]
+    );
+    assert_eq!(
+        ids(store
+            .keyed_payments(0, Some("TAG0000001"), None, 10)
+            .await
+            .unwrap()),
+        vec![key(4, 30)]
+    );
 }

@@ -1,0 +1,36 @@
+-- unwind.lua: undo a payment the settlement store refused to create (the store already holds
+-- its idempotency key, or a live payment under its order id: the store decides). Whatever
+-- authorize.lua did for it is reversed, and its idempotency key answers as the store says.
+--
+-- KEYS: 1 a:{T}  2 h:{T}  3 ph:{T}  4 ps:{T}  5 pd:{T}  6 o:{T}  7 u:{T}
+--       8 i:{T}:<idempotency key>
+-- ARGV: 1 payment id  2 merchant order id  3 amount captured at creation (minor units; '0'
+--       for a payment that only held or took nothing)  4 the key's request hash ('' = remove
+--       the key's record)  5 the key's payment id  6 the key's TTL (s)
+-- Returns 1 when undone, 0 when the payment's pending record was gone (nothing changed).
+-- Invariant: a payment is unwound at most once, and only while the settlement store has
+-- nothing of it (its pending record in u:{T} is still there): a capture is given back at
+-- most once, and never one that was committed.
+
+local pid = ARGV[1]
+if redis.call('HDEL', KEYS[7], pid) == 0 then
+  return 0
+end
+drop_hold(KEYS[1], KEYS[2], KEYS[3], pid)
+local captured = tonumber(ARGV[3])
+if captured > 0 then
+  redis.call('HINCRBY', KEYS[1], 'bal', captured)
+end
+redis.call('HDEL', KEYS[4], pid)
+redis.call('HDEL', KEYS[5], pid)
+if redis.call('HGET', KEYS[6], ARGV[2]) == pid then
+  redis.call('HDEL', KEYS[6], ARGV[2])
+end
+if ARGV[4] == '' then
+  redis.call('DEL', KEYS[8])
+else
+  redis.call('DEL', KEYS[8])
+  redis.call('HSET', KEYS[8], 'h', ARGV[4], 's', 'D', 'o', 'P:' .. ARGV[5])
+  redis.call('EXPIRE', KEYS[8], ARGV[6])
+end
+return 1

@@ -1,0 +1,15 @@
+-- 0005_idempotency: the store as the arbiter of idempotency (DESIGN.md §3, "the store
+-- decides"). A payment row carries the Idempotency-Key it was created under and the hash of
+-- the normalized request, so a retried request is recognized in the same commit as the money
+-- even when the balance store (Redis, or the sandbox's in-process store) forgot its record.
+-- Rows written before this migration have neither (NULL: no key to enforce). Portable SQL.
+
+ALTER TABLE payments ADD COLUMN idempotency_key TEXT;
+ALTER TABLE payments ADD COLUMN request_hash TEXT;
+
+-- One payment per (scope, Idempotency-Key): the key's first outcome is this row. The index
+-- holds a key for as long as its row keeps it (the balance store forgets it after the
+-- configured retention): a later request under that key is replayed or refused, never charged
+-- twice.
+CREATE UNIQUE INDEX payments_idempotency ON payments (scope_tag, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;

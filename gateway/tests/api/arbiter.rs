@@ -1,0 +1,309 @@
+//! The store decides (DESIGN.md §3): whatever the balance store forgot — a restarted sandbox,
+//! a flushed Redis, a Redis that lost only its idempotency and order-id records — a retried
+//! request is replayed, a new key for a live order id is refused, and nobody is charged twice.
+//! After each scenario the store's own invariants are checked.
+
+use serde_json::{json, Value};
+
+use gateway::settlement::SettlementStore;
+
+use crate::binary::Gateway;
+use crate::crash::fund;
+use crate::helpers::{
+    balance_payment, spawn_app_on, supplier_payment, Backend, Store, TestApp, ALPHA,
+};
+
+/// What must hold in the settlement store after any scenario: every movement of a payment
+/// belongs to a payment row and balances (its postings sum to zero), no refund total exceeds
+/// its payment, and each account's balance is what the API shows. (One live payment per
+/// scoped order id is the store's own unique index.)
+pub(crate) async fn assert_store_invariants(
+    store: &dyn SettlementStore,
+    api_balances: &[(&str, &str, i64)],
+) {
+    let movements = store.postings_sum_by_movement().await.unwrap();
+    for (payment_id, kind, sequence, sum) in &movements {
+        assert_eq!(
+            *sum, 0,
+            "{payment_id} {kind} #{sequence}: postings do not balance"
+        );
+        if kind == "adjustment" {
+            continue; // an adjustment is a movement of its own, without a payment
+        }
+        let payment = store.payment(payment_id).await.unwrap();
+        let Some(payment) = payment else {
+            panic!("{payment_id} {kind} #{sequence}: a movement without its payment row");
+        };
+        let refunded: i64 = store
+            .refunds(payment_id)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|r| r.status != "failed")
+            .map(|r| r.amount_minor)
+            .sum();
+        assert!(
+            refunded <= payment.amount_minor,
+            "{payment_id}: refunds {refunded} exceed {}",
+            payment.amount_minor
+        );
+    }
+    let balances = store.balances(None).await.unwrap();
+    for (merchant, account, minor) in api_balances {
+        let stored = balances
+            .iter()
+            .find(|b| b.account.merchant_id == *merchant && b.account.account_id == *account)
+            .unwrap_or_else(|| panic!("{merchant}/{account} is not in the store"));
+        assert_eq!(
+            stored.balance_minor, *minor,
+            "{merchant}/{account}: the store's balance is not the API's"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_restarted_sandbox_replays_a_retried_payment_instead_of_charging_it_again() {
+    let data = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(data.path(), None);
+    fund(&gw).await; // 1000.00
+    let pay = |key: &'static str, body: Value| {
+        let gw = &gw;
+        async move {
+            gw.call("POST", "/v1/payments", ALPHA, Some(key), body)
+                .await
+                .unwrap()
+        }
+    };
+    let charge = balance_payment("O", "acc", "980.00");
+    let first = pay("K", charge.clone()).await;
+    assert_eq!(first.0, 201, "{}", first.1);
+    let hold = supplier_payment("H", "acc", "5.00");
+    let held = pay("KH", hold.clone()).await;
+    assert_eq!(held.0, 201, "{}", held.1);
+    gw.kill(); // SIGKILL: the in-process balance store is gone
+
+    let gw = Gateway::start(data.path(), None);
+    let pay = |key: &'static str, body: Value| {
+        let gw = &gw;
+        async move {
+            gw.call("POST", "/v1/payments", ALPHA, Some(key), body)
+                .await
+                .unwrap()
+        }
+    };
+    // The identical request replays the first answer, though only 20.00 is left: the key came
+    // back with the account.
+    let again = pay("K", charge.clone()).await;
+    assert_eq!(
+        (again.0, &again.1["id"], &again.1["status"]),
+        (201, &first.1["id"], &json!("succeeded")),
+        "{}",
+        again.1
+    );
+    let held_again = pay("KH", hold.clone()).await;
+    assert_eq!(
+        (held_again.0, &held_again.1["id"]),
+        (201, &held.1["id"]),
+        "{}",
+        held_again.1
+    );
+    // A new key for the live order id is a duplicate order; another request under the key a
+    // conflict.
+    let duplicate = pay("K2", charge.clone()).await;
+    assert_eq!(
+        (
+            duplicate.0,
+            &duplicate.1["error"]["code"],
+            &duplicate.1["error"]["payment_id"]
+        ),
+        (409, &json!("duplicate_order"), &first.1["id"]),
+        "{}",
+        duplicate.1
+    );
+    let conflict = pay("K", balance_payment("O", "acc", "1.00")).await;
+    assert_eq!(
+        (conflict.0, &conflict.1["error"]["code"]),
+        (409, &json!("idempotency_conflict"))
+    );
+    let account = gw
+        .call("GET", "/v1/accounts/acc", ALPHA, None, Value::Null)
+        .await
+        .unwrap()
+        .1;
+    assert_eq!(
+        (account["balance"].as_str(), account["held"].as_str()),
+        (Some("20.00"), Some("5.00")),
+        "charged once: {account}"
+    );
+    gw.kill();
+
+    let store =
+        gateway::settlement::sqlite::SqliteStore::open(&data.path().join("gateway.sqlite3"))
+            .unwrap();
+    assert_store_invariants(&store, &[("alpha", "acc", 2_000)]).await;
+}
+
+/// Forgets every idempotency and order-id record in Redis, keeping accounts, holds and
+/// payments: a Redis that rolled back part of its writes.
+async fn forget_keys(app: &TestApp) {
+    let mut redis = app.redis.as_ref().unwrap().connection().await;
+    for pattern in ["i:*", "o:*"] {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(pattern)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        if keys.is_empty() {
+            continue;
+        }
+        let _: () = redis::cmd("DEL")
+            .arg(&keys)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    }
+}
+
+async fn refused_count(app: &TestApp, reason: &str) -> u64 {
+    // Prometheus text: the helper keeps a body that is not JSON as a string.
+    let metrics = app.get("/metrics", ALPHA).await;
+    let text = metrics.body.as_str().unwrap_or_default();
+    let prefix = format!("gateway_store_refused_payments_total{{reason=\"{reason}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+async fn keys_redis_forgot_are_decided_by_the_store(store: Store) {
+    let app = spawn_app_on(Backend::Redis, store, &[]).await;
+    app.funded_account(ALPHA, "alpha", "acc", "100.00", "0.00")
+        .await;
+    let charge = balance_payment("O", "acc", "30.00");
+    let first = app.pay(ALPHA, "K", charge.clone()).await;
+    assert_eq!(first.status, 201, "{:?}", first.body);
+    let hold = supplier_payment("H", "acc", "5.00");
+    let held = app.pay(ALPHA, "KH", hold.clone()).await;
+    assert_eq!(held.status, 201, "{:?}", held.body);
+    app.assert_account(ALPHA, "acc", "70.00", "5.00", "65.00")
+        .await;
+
+    // Each time Redis has forgotten the key and the order id, so it captures (or holds)
+    // again; the store refuses the new payment in the money's commit and it is unwound.
+    forget_keys(&app).await;
+    let again = app.pay(ALPHA, "K", charge.clone()).await;
+    assert_eq!(
+        (again.status, &again.body["id"], &again.body["status"]),
+        (201, &first.body["id"], &json!("succeeded")),
+        "{:?}",
+        again.body
+    );
+    app.assert_account(ALPHA, "acc", "70.00", "5.00", "65.00")
+        .await;
+    // The key answers from Redis again now: the same replay.
+    let cached = app.pay(ALPHA, "K", charge.clone()).await;
+    assert_eq!(
+        (cached.status, &cached.body["id"]),
+        (201, &first.body["id"])
+    );
+
+    forget_keys(&app).await;
+    let conflict = app
+        .pay(ALPHA, "K", balance_payment("O2", "acc", "31.00"))
+        .await;
+    assert_eq!(
+        (conflict.status, conflict.code()),
+        (409, "idempotency_conflict")
+    );
+    app.assert_account(ALPHA, "acc", "70.00", "5.00", "65.00")
+        .await;
+
+    forget_keys(&app).await;
+    let duplicate = app.pay(ALPHA, "K2", charge.clone()).await;
+    assert_eq!(
+        (
+            duplicate.status,
+            duplicate.code(),
+            &duplicate.body["error"]["payment_id"]
+        ),
+        (409, "duplicate_order", &first.body["id"])
+    );
+    app.assert_account(ALPHA, "acc", "70.00", "5.00", "65.00")
+        .await;
+
+    // A channel payment's intent meets the same checks: no second hold.
+    forget_keys(&app).await;
+    let held_again = app.pay(ALPHA, "KH", hold.clone()).await;
+    assert_eq!(
+        (held_again.status, &held_again.body["id"]),
+        (201, &held.body["id"]),
+        "{:?}",
+        held_again.body
+    );
+    forget_keys(&app).await;
+    let held_twice = app.pay(ALPHA, "KH2", hold.clone()).await;
+    assert_eq!(
+        (held_twice.status, held_twice.code()),
+        (409, "duplicate_order")
+    );
+    app.assert_account(ALPHA, "acc", "70.00", "5.00", "65.00")
+        .await;
+
+    for (reason, count) in [
+        ("replay", 2),
+        ("idempotency_conflict", 1),
+        ("duplicate_order", 2),
+    ] {
+        assert!(
+            refused_count(&app, reason).await >= count,
+            "gateway_store_refused_payments_total{{reason=\"{reason}\"}}"
+        );
+    }
+    let disk = app.settlement_store().await;
+    assert_store_invariants(disk.as_ref(), &[("alpha", "acc", 7_000)]).await;
+}
+
+#[tokio::test]
+async fn keys_redis_forgot_are_decided_by_the_sqlite_store() {
+    keys_redis_forgot_are_decided_by_the_store(Store::Sqlite).await;
+}
+
+#[tokio::test]
+async fn keys_redis_forgot_are_decided_by_the_postgres_store() {
+    keys_redis_forgot_are_decided_by_the_store(Store::Postgres).await;
+}
+
+/// Redis lost everything: the account is rebuilt on its next payment, with the keys of the
+/// payments made within the retention, so a retry replays (here: where the balance left would
+/// otherwise answer 402).
+#[tokio::test]
+async fn a_flushed_redis_comes_back_with_its_idempotency_keys() {
+    let app = spawn_app_on(Backend::Redis, Store::Sqlite, &[]).await;
+    app.funded_account(ALPHA, "alpha", "acc", "100.00", "0.00")
+        .await;
+    let charge = balance_payment("O", "acc", "80.00");
+    let first = app.pay(ALPHA, "K", charge.clone()).await;
+    assert_eq!(first.status, 201, "{:?}", first.body);
+
+    let mut redis = app.redis.as_ref().unwrap().connection().await;
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+
+    let again = app.pay(ALPHA, "K", charge.clone()).await;
+    assert_eq!(
+        (again.status, &again.body["id"]),
+        (201, &first.body["id"]),
+        "{:?}",
+        again.body
+    );
+    let duplicate = app.pay(ALPHA, "K2", charge.clone()).await;
+    assert_eq!(
+        (duplicate.status, duplicate.code()),
+        (409, "duplicate_order")
+    );
+    app.assert_account(ALPHA, "acc", "20.00", "0.00", "20.00")
+        .await;
+    let disk = app.settlement_store().await;
+    assert_store_invariants(disk.as_ref(), &[("alpha", "acc", 2_000)]).await;
+}
