@@ -702,6 +702,14 @@ pub trait SettlementStore: Send + Sync + 'static {
 
     async fn payment(&self, id: &str) -> Result<Option<PaymentRow>, SettleError>;
 
+    /// The live payment (pending, succeeded, partially refunded, refunded) holding
+    /// `merchant_order_id` in `scope_tag`, if any (the store's unique index keeps at most one).
+    async fn live_payment_by_order(
+        &self,
+        scope_tag: &str,
+        merchant_order_id: &str,
+    ) -> Result<Option<PaymentRow>, SettleError>;
+
     /// Records a pending payment's final status without money moving (cancel, expiry,
     /// failure): `false` when the payment is unknown or no longer pending.
     async fn set_final_status(&self, change: &StatusChange) -> Result<bool, SettleError>;

@@ -1565,6 +1565,29 @@ impl PostgresStore {
             .collect()
     }
 
+    async fn live_payment_by_order_inner(
+        &self,
+        scope_tag: &str,
+        merchant_order_id: &str,
+    ) -> Result<Option<PaymentRow>, SettleError> {
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {PAYMENT_COLUMNS} FROM payments WHERE scope_tag = $1 \
+                 AND merchant_order_id = $2 AND status IN {LIVE_STATUSES}"
+            ))
+            .await
+            .map_err(db)?;
+        client
+            .query_opt(&stmt, &[&scope_tag, &merchant_order_id])
+            .await
+            .map_err(db)?
+            .as_ref()
+            .map(payment_from_row)
+            .transpose()
+    }
+
     async fn payment_inner(&self, id: &str) -> Result<Option<PaymentRow>, SettleError> {
         let db = |e: tokio_postgres::Error| self.unavailable(&e);
         let client = self.client().await?;
@@ -1890,6 +1913,21 @@ impl SettlementStore for PostgresStore {
 
     async fn live_holds(&self, only: Option<(&str, &str)>) -> Result<Vec<PaymentRow>, SettleError> {
         Self::timed(StoreOp::Read("live_holds"), self.live_holds_inner(only)).await
+    }
+
+    async fn live_payment_by_order(
+        &self,
+        scope_tag: &str,
+        merchant_order_id: &str,
+    ) -> Result<Option<PaymentRow>, SettleError> {
+        if scope_tag.contains('\0') || merchant_order_id.contains('\0') {
+            return Ok(None);
+        }
+        Self::timed(
+            StoreOp::Read("live_payment_by_order"),
+            self.live_payment_by_order_inner(scope_tag, merchant_order_id),
+        )
+        .await
     }
 
     async fn keyed_payments(

@@ -1032,6 +1032,27 @@ impl SettlementStore for SqliteStore {
         .await
     }
 
+    async fn live_payment_by_order(
+        &self,
+        scope_tag: &str,
+        merchant_order_id: &str,
+    ) -> Result<Option<PaymentRow>, SettleError> {
+        let (tag, order) = (scope_tag.to_owned(), merchant_order_id.to_owned());
+        self.run(StoreOp::Read("live_payment_by_order"), move |conn| {
+            conn.prepare_cached(&format!(
+                "SELECT {PAYMENT_COLUMNS} FROM payments WHERE scope_tag = ?1 \
+                 AND merchant_order_id = ?2 \
+                 AND status IN ('pending', 'succeeded', 'partially_refunded', 'refunded')"
+            ))
+            .and_then(|mut st| {
+                st.query_row(params![tag, order], payment_from_row)
+                    .optional()
+            })
+            .map_err(db)
+        })
+        .await
+    }
+
     async fn payment(&self, id: &str) -> Result<Option<PaymentRow>, SettleError> {
         let id = id.to_owned();
         self.run(StoreOp::Read("payment"), move |conn| {

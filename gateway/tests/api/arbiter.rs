@@ -125,6 +125,23 @@ async fn a_restarted_sandbox_replays_a_retried_payment_instead_of_charging_it_ag
         (conflict.0, &conflict.1["error"]["code"]),
         (409, &json!("idempotency_conflict"))
     );
+    // The live order id is found though the balance store had forgotten it.
+    let found = gw
+        .call(
+            "GET",
+            "/v1/payments?merchant_order_id=O&account_id=acc",
+            ALPHA,
+            None,
+            Value::Null,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (found.0, &found.1["id"]),
+        (200, &first.1["id"]),
+        "{}",
+        found.1
+    );
     let account = gw
         .call("GET", "/v1/accounts/acc", ALPHA, None, Value::Null)
         .await

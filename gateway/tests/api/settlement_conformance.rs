@@ -1933,6 +1933,20 @@ async fn the_store_decides_on_idempotency_keys_and_order_ids(store: Arc<dyn Sett
             .unwrap(),
         IntentOutcome::Replay(holder("pay_10", "h10"))
     );
+    // The live payment of an order id, as the store knows it.
+    let live = |order: &'static str| {
+        let store = store.clone();
+        async move {
+            store
+                .live_payment_by_order("TAG0000000", order)
+                .await
+                .unwrap()
+                .map(|p| p.id)
+        }
+    };
+    assert_eq!(live("o1").await.as_deref(), Some("pay_1"));
+    assert_eq!(live("o10").await.as_deref(), Some("pay_11"));
+    assert_eq!(live("o2").await, None);
 }
 
 async fn keyed_payments_come_back_page_by_page(store: Arc<dyn SettlementStore>) {
