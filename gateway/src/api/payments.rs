@@ -27,6 +27,7 @@ use crate::preauth::{
 };
 use crate::resolution::{self, Cancel, ResolveError};
 use crate::settlement::recovery::{unwind_refused, Refusal};
+use crate::settlement::settler::SettleFailure;
 use crate::settlement::{
     movements, AttemptRow, CommitOutcome, IntentOutcome, PaymentRow, PendingRecord,
 };
@@ -619,10 +620,12 @@ async fn route_payment(
         id: id.as_str().to_owned(),
         idempotency_key: key.as_str().to_owned(),
     };
-    // Durable before any call, without letting the key replay yet.
+    // Durable before any call, without letting the key replay yet. A write that outlives the
+    // settle timeout is left to decide later (`give_up_late`): the key stays in flight.
+    let late = give_up_late(state, &row, &id, key);
     let recorded = state
         .settler
-        .record_intent(&row, plan.first_row.as_ref(), None)
+        .record_intent_or_later(&row, plan.first_row.as_ref(), late)
         .await;
     let failure = match recorded {
         Ok(IntentOutcome::Inserted | IntentOutcome::AlreadyRecorded) => None,
@@ -645,6 +648,16 @@ async fn route_payment(
                 return refusal_answer(state, refusal).await;
             }
         },
+        Err(SettleFailure::Timeout) => {
+            plan.release(state);
+            return Ok((
+                "unsettled",
+                Err(ApiError::Unavailable {
+                    reason: "settlement_store_unavailable",
+                    payment_id: Some(id.to_string()),
+                }),
+            ));
+        }
         Err(_) => Some((
             "unsettled",
             ApiError::Unavailable {
@@ -751,6 +764,78 @@ async fn route_payment(
         }
     }
     Ok(answer)
+}
+
+/// What becomes of a channel payment whose intent write outlived the request's wait (see
+/// `Settler::record_intent_or_later`): nothing was sent to any channel, and nothing will be.
+/// Committed after all → it ends `failed` in the store (freeing its order id), then Redis lets
+/// go of it (hold, key); refused by the store → unwound; never written → undone in Redis. Until
+/// then its key answers `409 idempotency_in_flight`; afterwards the client may retry with it.
+fn give_up_late(
+    state: &AppState,
+    row: &PaymentRow,
+    id: &PaymentId,
+    key: &crate::ids::IdempotencyKey,
+) -> impl FnOnce(Result<IntentOutcome, SettleFailure>) -> futures_util::future::BoxFuture<'static, ()>
+{
+    let balances = state.balances.clone();
+    let store = state.settler.store.clone();
+    let retention_seconds = state.settler.idempotency_retention_seconds();
+    let (row, id, key) = (row.clone(), id.clone(), key.clone());
+    move |fate| {
+        Box::pin(async move {
+            let mark = SettledMark {
+                tag: id.tag(),
+                id: id.as_str().to_owned(),
+                idempotency_key: key.as_str().to_owned(),
+            };
+            let undone = match &fate {
+                Ok(IntentOutcome::Inserted | IntentOutcome::AlreadyRecorded) => {
+                    let change = crate::settlement::StatusChange {
+                        payment_id: id.as_str().to_owned(),
+                        status: PaymentStatus::Failed.as_str().to_owned(),
+                        updated_at_ms: telemetry::now_ms(),
+                    };
+                    let ended = match store.set_final_status(&change).await {
+                        Ok(_) => store.release_idempotency_key(id.as_str()).await,
+                        Err(err) => Err(err),
+                    };
+                    match ended {
+                        Ok(_) => balances.abandon(&id, &key).await.map(|()| true),
+                        // The outbox keeps the intent: recovery records it, the key replays
+                        // the pending payment, and the resolution loop ends it at expiry.
+                        Err(err) => {
+                            tracing::warn!(payment_id = %id, error = %err, "a late intent could not be failed; recovery and resolution will end it");
+                            Ok(false)
+                        }
+                    }
+                }
+                Ok(outcome) => match Refusal::of_intent(outcome) {
+                    Some(refusal) => {
+                        unwind_refused(
+                            balances.as_ref(),
+                            &row,
+                            0,
+                            refusal,
+                            &mark,
+                            retention_seconds,
+                        )
+                        .await
+                    }
+                    None => Ok(false),
+                },
+                Err(_) => balances.abandon(&id, &key).await.map(|()| true),
+            };
+            match undone {
+                Ok(done) => {
+                    tracing::warn!(payment_id = %id, ?fate, done, "a channel payment's intent outlived its request: never routed, given up")
+                }
+                Err(err) => {
+                    tracing::error!(payment_id = %id, error = %err, "cannot give up a late intent in the balance store; recovery will meet it")
+                }
+            }
+        })
+    }
 }
 
 /// A payment as `GET` shows it: with its attempts, refunds and webhook deliveries (from the

@@ -702,6 +702,11 @@ pub trait SettlementStore: Send + Sync + 'static {
 
     async fn payment(&self, id: &str) -> Result<Option<PaymentRow>, SettleError>;
 
+    /// Lets go of an ended payment's idempotency key (a payment given up before any channel
+    /// was called: its request was never answered with it, so the client may use the key
+    /// again). `false` when the payment is unknown or not `failed` (nothing changes).
+    async fn release_idempotency_key(&self, payment_id: &str) -> Result<bool, SettleError>;
+
     /// The live payment (pending, succeeded, partially refunded, refunded) holding
     /// `merchant_order_id` in `scope_tag`, if any (the store's unique index keeps at most one).
     async fn live_payment_by_order(

@@ -1915,6 +1915,26 @@ impl SettlementStore for PostgresStore {
         Self::timed(StoreOp::Read("live_holds"), self.live_holds_inner(only)).await
     }
 
+    async fn release_idempotency_key(&self, payment_id: &str) -> Result<bool, SettleError> {
+        if payment_id.contains('\0') {
+            return Ok(false);
+        }
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        Self::timed(StoreOp::Write("release_idempotency_key"), async {
+            let client = self.client().await?;
+            let updated = client
+                .execute(
+                    "UPDATE payments SET idempotency_key = NULL, request_hash = NULL \
+                     WHERE id = $1 AND status = 'failed'",
+                    &[&payment_id],
+                )
+                .await
+                .map_err(db)?;
+            Ok(updated == 1)
+        })
+        .await
+    }
+
     async fn live_payment_by_order(
         &self,
         scope_tag: &str,

@@ -109,6 +109,43 @@ impl Settler {
         }
     }
 
+    /// As [`Settler::record_intent`] without a mark, for a caller that stops waiting after the
+    /// settle timeout: the write is already queued and may still commit, so when the timeout
+    /// ends the wait (`Err(Timeout)`), its fate is handed to `late`, in a task of its own, once
+    /// known. The caller must then undo nothing itself: `late` decides, so no intent committed
+    /// after its request gave up is left behind as a ghost holding money and an order id.
+    pub async fn record_intent_or_later<F, Fut>(
+        &self,
+        row: &PaymentRow,
+        first_attempt: Option<&AttemptRow>,
+        late: F,
+    ) -> Result<IntentOutcome, SettleFailure>
+    where
+        F: FnOnce(Result<IntentOutcome, SettleFailure>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let write = Write::Intent {
+            payment: row.clone(),
+            first_attempt: first_attempt.cloned(),
+        };
+        let stream = self.stream.clone();
+        let mut task = tokio::spawn(async move { stream.submit_write(write, None).await });
+        let fate =
+            |joined: Result<Result<Written, StreamError>, tokio::task::JoinError>| match joined {
+                Ok(Ok(Written::Intent(outcome))) => Ok(outcome),
+                Ok(Ok(other)) => Err(unexpected(&other)),
+                Ok(Err(err)) => Err(SettleFailure::Stream(err)),
+                Err(_) => Err(SettleFailure::Stream(StreamError::Stopped)),
+            };
+        match tokio::time::timeout(self.settle_timeout, &mut task).await {
+            Ok(joined) => fate(joined),
+            Err(_) => {
+                tokio::spawn(async move { late(fate(task.await)).await });
+                Err(SettleFailure::Timeout)
+            }
+        }
+    }
+
     /// Records an attempt's outcome through the group commit (it shares the transaction of
     /// the payments committing beside it); with a mark, then lets that record replay (in the
     /// batch's one balance-store call). `false` when there is no such attempt, or it has

@@ -1032,6 +1032,21 @@ impl SettlementStore for SqliteStore {
         .await
     }
 
+    async fn release_idempotency_key(&self, payment_id: &str) -> Result<bool, SettleError> {
+        let id = payment_id.to_owned();
+        self.run(StoreOp::Write("release_idempotency_key"), move |conn| {
+            let updated = exec(
+                conn,
+                "UPDATE payments SET idempotency_key = NULL, request_hash = NULL \
+                 WHERE id = ?1 AND status = 'failed'",
+                params![id],
+            )
+            .map_err(db)?;
+            Ok(updated == 1)
+        })
+        .await
+    }
+
     async fn live_payment_by_order(
         &self,
         scope_tag: &str,

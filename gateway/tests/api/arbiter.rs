@@ -324,3 +324,66 @@ async fn a_flushed_redis_comes_back_with_its_idempotency_keys() {
     let disk = app.settlement_store().await;
     assert_store_invariants(disk.as_ref(), &[("alpha", "acc", 2_000)]).await;
 }
+
+/// A channel payment's intent that commits only after its request stopped waiting (a slow
+/// store) is failed in the store and let go in Redis: no ghost keeps its hold or its order id,
+/// and until its fate is known its key is in flight.
+#[tokio::test]
+async fn an_intent_committed_after_its_request_gave_up_leaves_no_ghost() {
+    let app = spawn_app_on(
+        Backend::Memory,
+        Store::Sqlite,
+        &[("GATEWAY__STORE__SETTLE_TIMEOUT_MS", "200")],
+    )
+    .await;
+    app.funded_account(ALPHA, "alpha", "acc", "100.00", "0.00")
+        .await;
+    // Another connection holds SQLite's write lock: the intent's commit waits (busy timeout)
+    // longer than the request does.
+    let lock = rusqlite::Connection::open(app.data.path().join("gateway.sqlite3")).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let hold = supplier_payment("H", "acc", "5.00");
+    let gave_up = app.pay(ALPHA, "KH", hold.clone()).await;
+    assert_eq!(
+        (gave_up.status, gave_up.code()),
+        (503, "unavailable"),
+        "{:?}",
+        gave_up.body
+    );
+    let pid = gave_up.body["error"]["payment_id"]
+        .as_str()
+        .expect("the 503 names the payment")
+        .to_owned();
+    let retry = app.pay(ALPHA, "KH", hold.clone()).await;
+    assert_eq!((retry.status, retry.code()), (409, "idempotency_in_flight"));
+    lock.execute_batch("COMMIT").unwrap();
+    drop(lock);
+
+    // The intent commits late: it ends failed in the store, and Redis lets go of its hold and
+    // its key.
+    let disk = app.settlement_store().await;
+    let mut status = String::new();
+    for _ in 0..200 {
+        status = disk
+            .payment(&pid)
+            .await
+            .unwrap()
+            .map(|p| p.status)
+            .unwrap_or_default();
+        let held = app.account(ALPHA, "acc").await.body["held"].clone();
+        if status == "failed" && held == "0.00" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, "failed");
+    app.assert_account(ALPHA, "acc", "100.00", "0.00", "100.00")
+        .await;
+    // The key is free again, and so is the order id: a new payment.
+    let again = app.pay(ALPHA, "KH", hold).await;
+    assert_eq!(again.status, 201, "{:?}", again.body);
+    assert_ne!(again.body["id"], json!(pid));
+    app.assert_account(ALPHA, "acc", "100.00", "5.00", "95.00")
+        .await;
+    assert_store_invariants(disk.as_ref(), &[("alpha", "acc", 10_000)]).await;
+}

@@ -1933,6 +1933,17 @@ async fn the_store_decides_on_idempotency_keys_and_order_ids(store: Arc<dyn Sett
             .unwrap(),
         IntentOutcome::Replay(holder("pay_10", "h10"))
     );
+    // Until a failed payment given up before any channel call lets go of its key; a live
+    // one never does.
+    assert!(!store.release_idempotency_key("pay_1").await.unwrap());
+    assert!(store.release_idempotency_key("pay_10").await.unwrap());
+    assert_eq!(
+        store
+            .record_intent(&intent("pay_12", "o12", "K10", "h10"), None)
+            .await
+            .unwrap(),
+        IntentOutcome::Inserted
+    );
     // The live payment of an order id, as the store knows it.
     let live = |order: &'static str| {
         let store = store.clone();
