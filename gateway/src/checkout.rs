@@ -44,10 +44,14 @@ pub mod outcome {
     pub const FAILED: &str = "failed";
     pub const CLOSED: &str = "closed";
 
-    /// Whether the attempt may still take (or have taken) money: the resolution loop
-    /// queries and closes these.
+    /// Whether the attempt of a *pending* payment may still take (or have taken) money: the
+    /// resolution loop, a cancel and an expiring callback query or close these before ending
+    /// the payment. A `succeeded` attempt of a payment still pending is one of them: the
+    /// channel said paid but the money did not commit (the store refused the movement of a
+    /// rolled-back account and it was voided): asked again, the channel says paid again and
+    /// the payment succeeds — it must never be expired past it.
     pub fn is_open(outcome: &str) -> bool {
-        outcome == ACCEPTED || outcome == UNKNOWN
+        outcome == ACCEPTED || outcome == UNKNOWN || outcome == SUCCEEDED
     }
 }
 
@@ -365,6 +369,7 @@ mod tests {
         );
         assert_eq!(action_json(&Action::None), None);
         assert!(outcome::is_open(outcome::UNKNOWN) && outcome::is_open(outcome::ACCEPTED));
+        assert!(outcome::is_open(outcome::SUCCEEDED));
         assert!(!outcome::is_open(outcome::REFUSED) && !outcome::is_open(outcome::CLOSED));
     }
 }

@@ -692,7 +692,10 @@ pub enum Look {
 pub async fn look(state: &AppState, row: &PaymentRow, now_ms: u64) -> Result<Look, ResolveError> {
     let pid = PaymentId::parse(&row.id).ok_or_else(|| ResolveError::Unknown(row.id.clone()))?;
     match ensure_payment(state, &pid).await? {
-        Some(record) if record.status != PaymentStatus::Pending => return Ok(Look::Done),
+        // The store still has it pending (that is how it was claimed): its end is on its way
+        // to the store — or was refused there (a voided movement sets the payment back to
+        // pending). Look again: once the store has the end, it is no longer claimed.
+        Some(record) if record.status != PaymentStatus::Pending => return Ok(Look::Again),
         Some(_) => {}
         None => return Err(ResolveError::Unknown(pid.to_string())),
     }

@@ -907,13 +907,55 @@ impl BalanceStore for MemoryStore {
     }
 
     async fn void(&self, mark: &SettledMark) -> Result<(), StoreError> {
-        if let Some(mut state) = self.scopes.get_mut(&mark.tag) {
-            if let Some(status) = state.statuses.get_mut(&mark.id) {
-                *status = PaymentStatus::Failed;
+        let Some(mut state) = self.scopes.get_mut(&mark.tag) else {
+            return Ok(());
+        };
+        // As void.lua: what made the movement can make it again.
+        match mark.id.split_once('#') {
+            None => {
+                if let Some(status) = state.statuses.get_mut(&mark.id) {
+                    *status = PaymentStatus::Failed;
+                }
             }
-            state.unsettled.remove(&mark.id);
-            state.idempotency.remove(&mark.idempotency_key);
+            Some((pid, "m")) => {
+                if let Some(status) = state.statuses.get_mut(pid) {
+                    if *status == PaymentStatus::Succeeded {
+                        *status = PaymentStatus::Pending;
+                    }
+                }
+            }
+            Some((rid, "f")) => {
+                let refund = state.refunds.get(rid).cloned();
+                if let Some(refund) = refund.filter(|r| r.status == "succeeded") {
+                    let mut totals = state
+                        .refund_totals
+                        .get(&refund.payment_id)
+                        .copied()
+                        .unwrap_or_default();
+                    totals.succeeded -= refund.amount;
+                    debug_assert!(totals.succeeded >= 0, "refunded total below zero: {rid}");
+                    state
+                        .refund_totals
+                        .insert(refund.payment_id.clone(), totals);
+                    let status = if totals.succeeded > 0 {
+                        PaymentStatus::PartiallyRefunded
+                    } else {
+                        PaymentStatus::Succeeded
+                    };
+                    state.statuses.insert(refund.payment_id.clone(), status);
+                    if let Some(r) = state.refunds.get_mut(rid) {
+                        r.status = "pending";
+                    }
+                }
+            }
+            Some((pid, late)) => {
+                if let Some(attempt) = late.strip_prefix('l') {
+                    state.late_captures.remove(&format!("{pid}#{attempt}"));
+                }
+            }
         }
+        state.unsettled.remove(&mark.id);
+        state.idempotency.remove(&mark.idempotency_key);
         Ok(())
     }
 

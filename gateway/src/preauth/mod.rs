@@ -834,8 +834,12 @@ pub trait BalanceStore: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
 
     /// Forgets a movement the settlement store refused because this store rolled back (its
-    /// sequence number was already used): the payment, if any, ends `failed`; its pending and
-    /// idempotency records are removed. No money moves: the account is rebuilt right after.
+    /// sequence number was already used), and sets back what lets it happen again (see
+    /// `void.lua`): a payment made with its movement ends `failed` (the client retries with
+    /// its key); a channel success's payment is `pending` again; a refund's success is
+    /// `pending` again with the payment's refunded total and status back; a late capture's
+    /// marker goes. Its pending and idempotency records are removed. No balance moves here:
+    /// the account is rebuilt right after.
     async fn void(&self, mark: &SettledMark) -> Result<(), StoreError>;
 
     /// Undoes a payment the settlement store refused to create (see [`Unwind`]). `false` when

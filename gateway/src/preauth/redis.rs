@@ -917,6 +917,8 @@ impl BalanceStore for RedisStore {
             .key(&k.statuses)
             .key(&k.unsettled)
             .key(Keys::idempotency(mark.tag, &mark.idempotency_key))
+            .key(format!("rf:{{{}}}", mark.tag))
+            .key(format!("lc:{{{}}}", mark.tag))
             .arg(&mark.id);
         let mut conn = self.connection();
         let _: i64 = self

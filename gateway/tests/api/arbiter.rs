@@ -387,3 +387,84 @@ async fn an_intent_committed_after_its_request_gave_up_leaves_no_ghost() {
         .await;
     assert_store_invariants(disk.as_ref(), &[("alpha", "acc", 10_000)]).await;
 }
+
+/// A Redis that rolled back under a top-up's credit: the store refuses the credit (its account
+/// sequence is taken), the movement is voided and the account reloaded — and the top-up is
+/// pending again, so the channel's word credits it after all (never lost).
+#[tokio::test]
+async fn a_voided_topup_credit_is_credited_again() {
+    let options = crate::helpers::ChannelOptions {
+        auto_pay: true,
+        auto_pay_delay_ms: 400,
+        ..Default::default()
+    };
+    let app = crate::helpers::spawn_app_full(
+        Backend::Redis,
+        Store::Sqlite,
+        &[
+            ("GATEWAY__RESOLUTION__INTERVAL_MS", "50"),
+            ("GATEWAY__RESOLUTION__FIRST_CHECK_DELAY_MS", "100"),
+            ("GATEWAY__RESOLUTION__BACKOFF_INITIAL_MS", "100"),
+            ("GATEWAY__RESOLUTION__BACKOFF_MAX_MS", "200"),
+        ],
+        &options,
+    )
+    .await;
+    app.funded_account(ALPHA, "alpha", "acc", "10.00", "0.00")
+        .await;
+    let topup = app
+        .post(
+            "/v1/accounts/acc/topups",
+            ALPHA,
+            "t1",
+            json!({"amount": "50.00", "method": "supplier"}),
+        )
+        .await;
+    assert_eq!(topup.status, 201, "{:?}", topup.body);
+    // A failover loses Redis's last sequence number: the credit will reuse the funding's.
+    let tag = gateway::ids::ScopeTag::account(
+        &gateway::ids::MerchantId::parse("alpha").unwrap(),
+        &gateway::ids::AccountId::parse("acc").unwrap(),
+    );
+    let mut redis = app.redis.as_ref().unwrap().connection().await;
+    let _: i64 = redis::cmd("HINCRBY")
+        .arg(format!("a:{{{tag}}}"))
+        .arg("seq")
+        .arg(-1)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+
+    let id = topup.body["id"].as_str().unwrap();
+    let disk = app.settlement_store().await;
+    let mut credited = false;
+    for _ in 0..200 {
+        let stored = disk.payment(id).await.unwrap().map(|p| p.status);
+        let balance = app.account(ALPHA, "acc").await.body["balance"].clone();
+        if stored.as_deref() == Some("succeeded") && balance == "60.00" {
+            credited = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        credited,
+        "the voided credit came back: {:?} {:?} {:?}",
+        app.get(&format!("/v1/payments/{id}"), ALPHA).await.body,
+        disk.payment(id).await.unwrap().map(|p| p.status),
+        disk.attempts(id).await.unwrap()
+    );
+    let flagged = app.get("/v1/admin/flagged", crate::helpers::ADMIN).await;
+    assert!(
+        flagged.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["kind"] == "sequence_conflict"),
+        "the rollback was seen: {:?}",
+        flagged.body
+    );
+    app.assert_account(ALPHA, "acc", "60.00", "0.00", "60.00")
+        .await;
+    assert_store_invariants(disk.as_ref(), &[("alpha", "acc", 6_000)]).await;
+}

@@ -447,6 +447,9 @@ async fn settle_all(store: &Arc<dyn BalanceStore>) {
 }
 
 on_both_backends!(
+    a_voided_movement_can_happen_again,
+    an_unwound_payment_gives_back_what_it_took_once,
+    restored_keys_replay_and_never_overwrite,
     a_lost_payment_is_restored_once_with_its_refunds,
     a_late_capture_debits_once_and_never_below_available,
     topups_credit_once_and_collections_move_no_account,
@@ -1230,4 +1233,235 @@ async fn rebuild_replaces_balances_and_holds(store: Arc<dyn BalanceStore>) {
         })
     );
     assert_eq!(snapshot(&store, &k, NOW).await, (6_000, 0, 6_500));
+}
+
+/// Past `NOW` (in 2027) for either store: the in-process one dates a record from its own clock.
+const KEY_TTL_SECONDS: u64 = 10 * 365 * 24 * 3600;
+
+fn void_mark(k: &AccountKey, id: String) -> SettledMark {
+    SettledMark {
+        tag: k.tag,
+        id,
+        idempotency_key: String::new(),
+    }
+}
+
+/// A movement the settlement store refused (the balance store had rolled back) is voided and
+/// must not be lost: what made it can make it again (`void.lua`).
+async fn a_voided_movement_can_happen_again(store: Arc<dyn BalanceStore>) {
+    use gateway::preauth::{
+        LateCaptureOutcome, LateCaptureRequest, RefundFinishOutcome, RefundFinishRequest,
+        RefundReserveOutcome, RefundReserveRequest,
+    };
+    let k = funded(&store, "acc", 10_000, 0).await;
+
+    // A top-up's credit: the top-up is pending again, and succeeds again.
+    let topup = created_id(&store, &holdless(Some(&k), "top-1", 500)).await;
+    let done = succeed(&store, &topup, SuccessEffect::Credit, 500, NOW).await;
+    assert!(matches!(done, SucceedOutcome::Done { .. }), "{done:?}");
+    store
+        .void(&void_mark(&k, format!("{topup}#m")))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.payment(&topup).await.unwrap().unwrap().status,
+        PaymentStatus::Pending
+    );
+    let again = succeed(&store, &topup, SuccessEffect::Credit, 500, NOW).await;
+    assert!(matches!(again, SucceedOutcome::Done { .. }), "{again:?}");
+    assert!(!all_unsettled(&store)
+        .await
+        .iter()
+        .all(|u| u.id != format!("{topup}#m")));
+
+    // A refund's success: the refund is pending again, the payment's status goes back, and it
+    // finishes again.
+    let paid = created_id(&store, &authorize(&k, "b1", "b1", 1_000, CAPTURE)).await;
+    let reserved = store
+        .reserve_refund(
+            &RefundReserveRequest {
+                payment: paid.clone(),
+                amount_minor: Some(300),
+                idempotency: claim("r1", "r1"),
+                hold_expires_at_ms: NOW + 1_000,
+                intent_template: "{}".into(),
+            },
+            ctx(NOW),
+        )
+        .await
+        .unwrap();
+    let RefundReserveOutcome::Created { refund_id, .. } = reserved else {
+        panic!("{reserved:?}")
+    };
+    let finish = RefundFinishRequest {
+        payment: paid.clone(),
+        refund_id: refund_id.clone(),
+        succeeded: true,
+        pending_record: "{}".into(),
+    };
+    let first = store.finish_refund(&finish, ctx(NOW)).await.unwrap();
+    assert!(
+        matches!(
+            first,
+            RefundFinishOutcome::Done {
+                payment_status: PaymentStatus::PartiallyRefunded,
+                ..
+            }
+        ),
+        "{first:?}"
+    );
+    store
+        .void(&void_mark(&k, format!("{refund_id}#f")))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.payment(&paid).await.unwrap().unwrap().status,
+        PaymentStatus::Succeeded
+    );
+    let second = store.finish_refund(&finish, ctx(NOW)).await.unwrap();
+    assert!(
+        matches!(
+            second,
+            RefundFinishOutcome::Done {
+                payment_status: PaymentStatus::PartiallyRefunded,
+                ..
+            }
+        ),
+        "{second:?}"
+    );
+
+    // A late capture: its marker goes, so the retried callback captures again (a new
+    // sequence number, not the voided one's answer).
+    let held = created_id(
+        &store,
+        &authorize(&k, "h1", "h1", 400, hold_until(NOW + 60_000)),
+    )
+    .await;
+    store
+        .release(&held, PaymentStatus::Expired, ctx(NOW))
+        .await
+        .unwrap();
+    let late = LateCaptureRequest {
+        payment: held.clone(),
+        attempt: 1,
+        amount_minor: 400,
+        pending_record: "{\"settlement\":{}}".into(),
+    };
+    let LateCaptureOutcome::Done { seq: first_seq } =
+        store.late_capture(&late, ctx(NOW)).await.unwrap()
+    else {
+        panic!("the late capture was refused")
+    };
+    store
+        .void(&void_mark(&k, format!("{held}#l1")))
+        .await
+        .unwrap();
+    let LateCaptureOutcome::Done { seq: second_seq } =
+        store.late_capture(&late, ctx(NOW)).await.unwrap()
+    else {
+        panic!("the late capture was refused")
+    };
+    assert!(
+        second_seq > first_seq,
+        "captured again: {first_seq} -> {second_seq}"
+    );
+}
+
+/// A payment the settlement store refused to create is undone at most once: its capture (or
+/// hold) given back, the payment gone, its key answering the store's payment.
+async fn an_unwound_payment_gives_back_what_it_took_once(store: Arc<dyn BalanceStore>) {
+    use gateway::preauth::{KeyRecord, Unwind};
+    let k = funded(&store, "acc", 10_000, 0).await;
+    let mut charge = authorize(&k, "K", "O", 3_000, CAPTURE);
+    charge.pending_record = Some("{\"settlement\":{}}".into());
+    let id = created_id(&store, &charge).await;
+    assert_eq!(snapshot(&store, &k, NOW).await, (7_000, 0, 7_000));
+    let first = PaymentId::generate(k.tag, NOW - 1);
+    let unwind = Unwind {
+        mark: SettledMark {
+            tag: k.tag,
+            id: id.as_str().to_owned(),
+            idempotency_key: "K".into(),
+        },
+        order_id: "O".into(),
+        captured_minor: 3_000,
+        key_record: Some(KeyRecord {
+            request_hash: "hash-K".into(),
+            payment_id: first.as_str().to_owned(),
+            ttl_seconds: KEY_TTL_SECONDS,
+        }),
+    };
+    assert!(store.unwind(&unwind).await.unwrap());
+    assert_eq!(snapshot(&store, &k, NOW).await, (10_000, 0, 10_000));
+    assert!(!store.unwind(&unwind).await.unwrap(), "never twice");
+    assert_eq!(snapshot(&store, &k, NOW).await, (10_000, 0, 10_000));
+    assert_eq!(store.payment(&id).await.unwrap(), None);
+    assert!(all_unsettled(&store)
+        .await
+        .iter()
+        .all(|u| u.id != id.as_str()));
+    // The key answers the store's payment; the order id is free in this store.
+    assert_eq!(
+        store.authorize(&charge, ctx(NOW)).await.unwrap(),
+        AuthorizeOutcome::Replay(StoredOutcome::Payment(first))
+    );
+    let other = authorize(&k, "K2", "O", 1_000, hold_until(NOW + 60_000));
+    created_id(&store, &other).await;
+
+    // A held payment: its hold is released; without a key record its key is forgotten.
+    let mut held = authorize(&k, "H", "H", 2_000, hold_until(NOW + 60_000));
+    held.pending_record = Some("{\"intent\":{}}".into());
+    let held_id = created_id(&store, &held).await;
+    assert_eq!(snapshot(&store, &k, NOW).await, (10_000, 3_000, 7_000));
+    let unwind = Unwind {
+        mark: SettledMark {
+            tag: k.tag,
+            id: held_id.as_str().to_owned(),
+            idempotency_key: "H".into(),
+        },
+        order_id: "H".into(),
+        captured_minor: 0,
+        key_record: None,
+    };
+    assert!(store.unwind(&unwind).await.unwrap());
+    assert_eq!(snapshot(&store, &k, NOW).await, (10_000, 1_000, 9_000));
+    // The key is free: the same request is authorized afresh.
+    created_id(&store, &held).await;
+    assert_eq!(snapshot(&store, &k, NOW).await, (10_000, 3_000, 7_000));
+}
+
+/// A rebuild puts keys back: each replays its payment, and a record that is there stays.
+async fn restored_keys_replay_and_never_overwrite(store: Arc<dyn BalanceStore>) {
+    use gateway::preauth::{KeyRecord, KeyRestore};
+    let k = funded(&store, "acc", 10_000, 0).await;
+    let live = authorize(&k, "L", "L", 1_000, CAPTURE);
+    let live_id = created_id(&store, &live).await;
+    let stored = PaymentId::generate(k.tag, NOW - 5);
+    let record = |key: &str, hash: &str, id: &PaymentId| KeyRestore {
+        tag: k.tag,
+        key: key.into(),
+        record: KeyRecord {
+            request_hash: hash.into(),
+            payment_id: id.as_str().to_owned(),
+            ttl_seconds: KEY_TTL_SECONDS,
+        },
+    };
+    let restored = store
+        .restore_keys(&[
+            record("R", "hash-R", &stored),
+            record("L", "other", &stored),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(restored, 1, "the live record stays");
+    let retry = authorize(&k, "R", "R", 500, CAPTURE);
+    assert_eq!(
+        store.authorize(&retry, ctx(NOW)).await.unwrap(),
+        AuthorizeOutcome::Replay(StoredOutcome::Payment(stored))
+    );
+    assert_eq!(
+        store.authorize(&live, ctx(NOW)).await.unwrap(),
+        AuthorizeOutcome::Replay(StoredOutcome::Payment(live_id))
+    );
+    assert_eq!(snapshot(&store, &k, NOW).await, (9_000, 0, 9_000));
 }
