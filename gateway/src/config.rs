@@ -77,6 +77,9 @@ pub struct ServerSettings {
     /// Threads of the async runtime; 0: one per CPU. Fewer threads than CPUs leave room for
     /// Redis and the database on a shared machine (docs/PERFORMANCE.md).
     pub worker_threads: usize,
+    /// From the end of a request's headers to the end of its body at most; past it the answer
+    /// is `408` and the connection is closed.
+    pub body_read_timeout_ms: u64,
 }
 
 impl Default for ServerSettings {
@@ -88,6 +91,7 @@ impl Default for ServerSettings {
             max_body_bytes: 16 * 1024,
             public_url: String::new(),
             worker_threads: 0,
+            body_read_timeout_ms: 10_000,
         }
     }
 }
@@ -801,6 +805,12 @@ fn validate(settings: Settings) -> Result<Config, ConfigError> {
         1_024,
         1 << 20,
     );
+    c.range(
+        "server.body_read_timeout_ms",
+        s.server.body_read_timeout_ms,
+        10,
+        600_000,
+    );
     let public_url = &s.server.public_url;
     if !(public_url.is_empty()
         || ((public_url.starts_with("https://") || public_url.starts_with("http://"))
@@ -1241,6 +1251,20 @@ mod tests {
         assert!(fields.contains(&"server.max_body_bytes"), "{err}");
         assert!(fields.contains(&"redis.url"), "{err}");
         assert!(fields.contains(&"limits.max_payment_amount.CNY"), "{err}");
+    }
+
+    #[test]
+    fn the_body_read_timeout_defaults_and_is_bounded() {
+        let server = load(None, env(&[])).unwrap().settings.server;
+        assert_eq!(server.body_read_timeout_ms, 10_000);
+        for bad in ["9", "600001"] {
+            let err =
+                load(None, env(&[("GATEWAY__SERVER__BODY_READ_TIMEOUT_MS", bad)])).unwrap_err();
+            assert!(
+                err.to_string().contains("server.body_read_timeout_ms"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

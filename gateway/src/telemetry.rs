@@ -12,6 +12,7 @@ use crate::config::TelemetrySettings;
 pub const HTTP_REQUESTS_TOTAL: &str = "gateway_http_requests_total";
 pub const HTTP_REQUEST_DURATION_SECONDS: &str = "gateway_http_request_duration_seconds";
 pub const HTTP_REQUESTS_SHED_TOTAL: &str = "gateway_http_requests_shed_total";
+pub const HTTP_BODIES_REFUSED_TOTAL: &str = "gateway_http_bodies_refused_total";
 pub const PREAUTH_TOTAL: &str = "gateway_preauth_total";
 pub const ADJUSTMENTS_TOTAL: &str = "gateway_adjustments_total";
 pub const REDIS_ROUND_TRIPS_TOTAL: &str = "gateway_redis_round_trips_total";
@@ -177,6 +178,11 @@ pub fn holds_swept(count: u64) {
 
 pub fn request_shed() {
     metrics::counter!(HTTP_REQUESTS_SHED_TOTAL).increment(1);
+}
+
+/// A request body refused before routing: `reason` is `too_large`, `timeout` or `malformed`.
+pub fn http_body_refused(reason: &'static str) {
+    metrics::counter!(HTTP_BODIES_REFUSED_TOTAL, "reason" => reason).increment(1);
 }
 
 pub fn http_request(route: &str, method: &str, status: u16, elapsed: Duration) {

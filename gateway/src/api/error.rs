@@ -30,6 +30,9 @@ pub enum ApiError {
     NotFound(String),
     /// 405: a known route called with another method.
     MethodNotAllowed,
+    /// 408: the request body did not arrive within `server.body_read_timeout_ms` (code
+    /// `invalid_request`, naming `body`, like any other unusable body).
+    BodyTimeout { timeout_ms: u64 },
     /// 409: the key was used with another request; never retry with this key.
     IdempotencyConflict,
     /// 409: the first request with this key is still running; retry later.
@@ -70,6 +73,7 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::IdempotencyConflict
             | ApiError::IdempotencyInFlight
             | ApiError::DuplicateOrder { .. } => StatusCode::CONFLICT,
@@ -87,7 +91,7 @@ impl ApiError {
             ApiError::InsufficientFunds { .. } => "insufficient_funds",
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
-            ApiError::MethodNotAllowed => "invalid_request",
+            ApiError::MethodNotAllowed | ApiError::BodyTimeout { .. } => "invalid_request",
             ApiError::IdempotencyConflict => "idempotency_conflict",
             ApiError::IdempotencyInFlight => "idempotency_in_flight",
             ApiError::DuplicateOrder { .. } => "duplicate_order",
@@ -118,6 +122,10 @@ impl ApiError {
             }
             ApiError::Forbidden(message) | ApiError::NotFound(message) => message.clone(),
             ApiError::MethodNotAllowed => "this route does not take this HTTP method".into(),
+            ApiError::BodyTimeout { timeout_ms } => {
+                error.insert("field".into(), "body".into());
+                format!("body was not received within {timeout_ms} ms")
+            }
             ApiError::IdempotencyConflict => {
                 "this Idempotency-Key was already used with a different request; use a new key"
                     .into()
@@ -243,6 +251,11 @@ mod tests {
         let cases = [
             (ApiError::invalid("amount", "bad"), 400, "invalid_request"),
             (ApiError::Unauthorized, 401, "unauthorized"),
+            (
+                ApiError::BodyTimeout { timeout_ms: 10 },
+                408,
+                "invalid_request",
+            ),
             (ApiError::Forbidden("x".into()), 403, "forbidden"),
             (ApiError::NotFound("x".into()), 404, "not_found"),
             (ApiError::IdempotencyConflict, 409, "idempotency_conflict"),

@@ -5,6 +5,7 @@
 pub mod accounts;
 pub mod admin;
 pub mod auth;
+pub mod body;
 pub mod callbacks;
 pub mod error;
 pub mod extract;
@@ -109,10 +110,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/payments/{id}", get(payments::get_payment))
         .route("/v1/payments/{id}/cancel", post(payments::cancel_payment))
         .route("/v1/payments/{id}/refunds", post(refunds::create_refund))
-        .route("/v1/callbacks/{channel_id}", post(callbacks::receive))
+        .route(body::CALLBACK_ROUTE, post(callbacks::receive))
         .route("/v1/admin/flagged", get(admin::flagged))
         .route("/v1/admin/channels", get(admin::channels))
         // Only the API is shed under load: health checks and scrapes must still answer.
+        // Inside `body::read_whole` (a later layer wraps an earlier one): the permit is taken
+        // once the body is read.
         .route_layer(middleware::from_fn_with_state(state.clone(), admit));
     Router::new()
         .merge(v1)
@@ -121,12 +124,17 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(health::metrics))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        // Every route and both fallbacks: no answer leaves an unread body behind.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            body::read_whole,
+        ))
         .layer(middleware::from_fn(measure))
         .with_state(state)
 }
 
 /// Sheds load beyond `server.max_in_flight_requests` with an immediate 503 (never an unbounded
-/// queue).
+/// queue). Runs after `body::read_whole`: a request holds a permit only while it is served.
 async fn admit(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     match state.in_flight.try_acquire() {
         Ok(_permit) => next.run(request).await,

@@ -11,6 +11,7 @@ mod conformance;
 mod crash;
 mod helpers;
 mod http;
+mod http_server;
 mod outage;
 #[path = "harness/postgres_server.rs"]
 mod postgres_server;
