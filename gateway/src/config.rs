@@ -77,9 +77,18 @@ pub struct ServerSettings {
     /// Threads of the async runtime; 0: one per CPU. Fewer threads than CPUs leave room for
     /// Redis and the database on a shared machine (docs/PERFORMANCE.md).
     pub worker_threads: usize,
+    /// From a request's first byte to the end of its headers at most; a slower client is
+    /// disconnected (`crate::server`).
+    pub header_read_timeout_ms: u64,
     /// From the end of a request's headers to the end of its body at most; past it the answer
     /// is `408` and the connection is closed.
     pub body_read_timeout_ms: u64,
+    /// A keep-alive connection with no request under way is closed after this long.
+    pub idle_timeout_ms: u64,
+    /// Open client connections at most; one more is answered `503` and closed at once (never
+    /// queued), counted in `gateway_http_connections_refused_total`. Keep it below the
+    /// process's file descriptor limit.
+    pub max_connections: usize,
 }
 
 impl Default for ServerSettings {
@@ -91,7 +100,10 @@ impl Default for ServerSettings {
             max_body_bytes: 16 * 1024,
             public_url: String::new(),
             worker_threads: 0,
+            header_read_timeout_ms: 10_000,
             body_read_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            max_connections: 10_000,
         }
     }
 }
@@ -806,10 +818,28 @@ fn validate(settings: Settings) -> Result<Config, ConfigError> {
         1 << 20,
     );
     c.range(
+        "server.header_read_timeout_ms",
+        s.server.header_read_timeout_ms,
+        10,
+        300_000,
+    );
+    c.range(
         "server.body_read_timeout_ms",
         s.server.body_read_timeout_ms,
         10,
         600_000,
+    );
+    c.range(
+        "server.idle_timeout_ms",
+        s.server.idle_timeout_ms,
+        10,
+        3_600_000,
+    );
+    c.range(
+        "server.max_connections",
+        s.server.max_connections,
+        1,
+        1_000_000,
     );
     let public_url = &s.server.public_url;
     if !(public_url.is_empty()
@@ -1254,17 +1284,47 @@ mod tests {
     }
 
     #[test]
-    fn the_body_read_timeout_defaults_and_is_bounded() {
+    fn connection_timeouts_and_the_connection_cap_default_and_are_bounded() {
         let server = load(None, env(&[])).unwrap().settings.server;
-        assert_eq!(server.body_read_timeout_ms, 10_000);
-        for bad in ["9", "600001"] {
-            let err =
-                load(None, env(&[("GATEWAY__SERVER__BODY_READ_TIMEOUT_MS", bad)])).unwrap_err();
-            assert!(
-                err.to_string().contains("server.body_read_timeout_ms"),
-                "{bad}: {err}"
-            );
+        assert_eq!(
+            (
+                server.header_read_timeout_ms,
+                server.body_read_timeout_ms,
+                server.idle_timeout_ms,
+                server.max_connections
+            ),
+            (10_000, 10_000, 60_000, 10_000)
+        );
+        let err = load(
+            None,
+            env(&[
+                ("GATEWAY__SERVER__HEADER_READ_TIMEOUT_MS", "9"),
+                ("GATEWAY__SERVER__BODY_READ_TIMEOUT_MS", "600001"),
+                ("GATEWAY__SERVER__IDLE_TIMEOUT_MS", "0"),
+                ("GATEWAY__SERVER__MAX_CONNECTIONS", "0"),
+            ]),
+        )
+        .unwrap_err();
+        let fields: Vec<&str> = err.0.iter().map(|e| e.field.as_str()).collect();
+        for field in [
+            "server.header_read_timeout_ms",
+            "server.body_read_timeout_ms",
+            "server.idle_timeout_ms",
+            "server.max_connections",
+        ] {
+            assert!(fields.contains(&field), "{field}: {err}");
         }
+        let server = load(
+            None,
+            env(&[
+                ("GATEWAY__SERVER__IDLE_TIMEOUT_MS", "250"),
+                ("GATEWAY__SERVER__MAX_CONNECTIONS", "3"),
+            ]),
+        )
+        .unwrap()
+        .settings
+        .server;
+        assert_eq!((server.idle_timeout_ms, server.max_connections), (250, 3));
     }
 
     #[test]

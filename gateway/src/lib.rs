@@ -16,6 +16,7 @@ pub mod resolution;
 pub mod routing;
 pub mod sandbox;
 pub mod secret;
+pub mod server;
 pub mod settlement;
 pub mod startup;
 pub mod telemetry;

@@ -8,7 +8,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -22,6 +21,7 @@ use crate::preauth::redis::RedisStore;
 use crate::preauth::{spawn_sweeper, BalanceStore, StoreError};
 use crate::resolution::spawn_resolution;
 use crate::routing::ChannelRegistry;
+use crate::server::ConnectionLimits;
 use crate::settlement::postgres::PostgresStore;
 use crate::settlement::recovery::{
     rebuild_balances, recover_once, spawn_recovery, RecoveryError, RecoveryReport,
@@ -271,18 +271,9 @@ impl Application {
         let webhooks = crate::webhooks::spawn_webhooks(self.state.clone(), stop_rx.clone());
 
         let state = self.state.clone();
-        let mut drain_rx = stop_rx;
         let app = api::router(self.state.clone());
-        // Small request/response pairs: never wait on Nagle's algorithm.
-        let listener = self.listener.tap_io(|tcp| {
-            if let Err(err) = tcp.set_nodelay(true) {
-                tracing::warn!(error = %err, "cannot set TCP_NODELAY");
-            }
-        });
-        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-            let _ = drain_rx.wait_for(|stop| *stop).await;
-        });
-        let server = tokio::spawn(async move { server.await });
+        let limits = ConnectionLimits::from_settings(&settings.server);
+        let server = tokio::spawn(crate::server::serve(self.listener, app, limits, stop_rx));
 
         shutdown.await;
         tracing::info!(
@@ -292,7 +283,7 @@ impl Application {
         state.draining.store(true, Ordering::Relaxed);
         let _ = self.stop_tx.send(true);
         let result = match tokio::time::timeout(grace, server).await {
-            Ok(Ok(result)) => result,
+            Ok(Ok(())) => Ok(()),
             Ok(Err(join)) => Err(std::io::Error::other(join)),
             Err(_) => {
                 tracing::warn!("shutdown grace period over; abandoning remaining requests");

@@ -12,6 +12,9 @@ use crate::config::TelemetrySettings;
 pub const HTTP_REQUESTS_TOTAL: &str = "gateway_http_requests_total";
 pub const HTTP_REQUEST_DURATION_SECONDS: &str = "gateway_http_request_duration_seconds";
 pub const HTTP_REQUESTS_SHED_TOTAL: &str = "gateway_http_requests_shed_total";
+pub const HTTP_CONNECTIONS_OPEN: &str = "gateway_http_connections_open";
+pub const HTTP_CONNECTIONS_REFUSED_TOTAL: &str = "gateway_http_connections_refused_total";
+pub const HTTP_CONNECTION_TIMEOUTS_TOTAL: &str = "gateway_http_connection_timeouts_total";
 pub const HTTP_BODIES_REFUSED_TOTAL: &str = "gateway_http_bodies_refused_total";
 pub const PREAUTH_TOTAL: &str = "gateway_preauth_total";
 pub const ADJUSTMENTS_TOTAL: &str = "gateway_adjustments_total";
@@ -178,6 +181,25 @@ pub fn holds_swept(count: u64) {
 
 pub fn request_shed() {
     metrics::counter!(HTTP_REQUESTS_SHED_TOTAL).increment(1);
+}
+
+/// A client connection was accepted (`crate::server`).
+pub fn http_connection_opened() {
+    metrics::gauge!(HTTP_CONNECTIONS_OPEN).increment(1.0);
+}
+
+pub fn http_connection_closed() {
+    metrics::gauge!(HTTP_CONNECTIONS_OPEN).decrement(1.0);
+}
+
+/// A connection over `server.max_connections`, answered 503 and closed.
+pub fn http_connection_refused() {
+    metrics::counter!(HTTP_CONNECTIONS_REFUSED_TOTAL).increment(1);
+}
+
+/// A connection cut off by a timeout: `phase` is `idle` or `header`.
+pub fn http_connection_timeout(phase: &'static str) {
+    metrics::counter!(HTTP_CONNECTION_TIMEOUTS_TOTAL, "phase" => phase).increment(1);
 }
 
 /// A request body refused before routing: `reason` is `too_large`, `timeout` or `malformed`.

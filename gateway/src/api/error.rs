@@ -101,7 +101,9 @@ impl ApiError {
         }
     }
 
-    fn body(&self) -> Value {
+    /// The JSON answer `{"error": {...}}` (also written by hand where no router runs:
+    /// `crate::server` refusing a connection over the cap).
+    pub fn body(&self) -> Value {
         let mut error = Map::new();
         error.insert("code".into(), self.code().into());
         let message = match self {

@@ -1,8 +1,8 @@
 //! The HTTP server's connection handling, seen from raw sockets so that connection reuse and
-//! closing are observable: a slow body cut off by the body-read timeout; a keep-alive
-//! connection that stays usable after early answers (`401`, `403`, `404`, `405`, `409`, a
-//! load-shed `503`) when the body follows the headers a few ms later, as from real clients;
-//! the callback route's 64 KiB limit before reading.
+//! closing are observable: slow senders cut off by the header-read, body-read and idle
+//! timeouts; a keep-alive connection that stays usable after early answers (`401`, `403`,
+//! `404`, `405`, `409`, a load-shed `503`) when the body follows the headers a few ms later,
+//! as from real clients; the connection cap; the callback route's 64 KiB limit before reading.
 //! Timeouts in the tests are generous bounds, never pass criteria.
 
 use std::net::SocketAddr;
@@ -333,6 +333,41 @@ async fn a_slow_body_does_not_hold_an_admission_permit() {
 }
 
 #[tokio::test]
+async fn a_trickled_header_is_cut_off_by_the_header_read_timeout() {
+    let app = spawn_app_with(
+        Backend::Memory,
+        &[("GATEWAY__SERVER__HEADER_READ_TIMEOUT_MS", "300")],
+    )
+    .await;
+    let raw = Raw::connect(app.addr).await;
+    let (mut read, mut write) = raw.stream.into_split();
+    // One header byte every 50 ms, for far longer than the timeout, unless cut off.
+    let trickle = tokio::spawn(async move {
+        write
+            .write_all(b"GET /healthz HTTP/1.1\r\nx-slow: ")
+            .await?;
+        for _ in 0..200 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            write.write_all(b"a").await?;
+        }
+        write.write_all(b"\r\n\r\n").await
+    });
+    let mut chunk = [0u8; 1024];
+    let read = tokio::time::timeout(BOUND, read.read(&mut chunk))
+        .await
+        .expect("cut off in time");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "closed without an answer: {read:?} {:?}",
+        String::from_utf8_lossy(&chunk)
+    );
+    trickle.abort();
+    // A prompt client is still served.
+    let mut raw = Raw::connect(app.addr).await;
+    healthy(&mut raw).await;
+}
+
+#[tokio::test]
 async fn a_trickled_body_is_cut_off_by_the_body_read_timeout() {
     let app = spawn_app_with(
         Backend::Memory,
@@ -372,6 +407,71 @@ async fn a_trickled_body_is_cut_off_by_the_body_read_timeout() {
     // Nothing was paid.
     app.assert_account(ALPHA, "acc", "100.00", "0.00", "100.00")
         .await;
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_after_the_idle_timeout() {
+    let app = spawn_app_with(
+        Backend::Memory,
+        &[("GATEWAY__SERVER__IDLE_TIMEOUT_MS", "300")],
+    )
+    .await;
+    // Idle after an answer.
+    let mut raw = Raw::connect(app.addr).await;
+    healthy(&mut raw).await;
+    assert!(raw.closed_without_answer().await);
+    // Idle from the start: never sends a byte.
+    let mut silent = Raw::connect(app.addr).await;
+    assert!(silent.closed_without_answer().await);
+}
+
+#[tokio::test]
+async fn connections_over_the_cap_are_refused_at_once() {
+    let app = spawn_app_with(
+        Backend::Memory,
+        &[("GATEWAY__SERVER__MAX_CONNECTIONS", "2")],
+    )
+    .await;
+    let mut first = Raw::connect(app.addr).await;
+    let mut second = Raw::connect(app.addr).await;
+    healthy(&mut first).await;
+    healthy(&mut second).await;
+    // A third gets an answer without sending anything, and the connection ends.
+    let mut third = Raw::connect(app.addr).await;
+    let refused = third.response().await.expect("an answer");
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert_eq!(refused.code(), "unavailable");
+    assert_eq!(refused.body["error"]["reason"], "too_many_connections");
+    assert_eq!(refused.header("connection"), Some("close"));
+    assert!(third.closed_without_answer().await);
+    // The two are still served.
+    healthy(&mut first).await;
+    healthy(&mut second).await;
+    // Once one closes, its place is free again (the server sees the close shortly after).
+    drop(first);
+    let mut served = None;
+    for _ in 0..200 {
+        let mut next = Raw::connect(app.addr).await;
+        next.send(request("GET", "/healthz", None, None, "")).await;
+        match next.response().await {
+            Some(reply) if reply.status == 200 => {
+                served = Some(next);
+                break;
+            }
+            Some(reply) => assert_eq!(reply.status, 503, "{reply:?}"),
+            None => {}
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut served = served.expect("a freed place is taken again");
+    let metrics = served
+        .exchange(request("GET", "/metrics", None, None, ""))
+        .await;
+    let text = metrics.body.as_str().unwrap_or_default().to_owned();
+    assert!(
+        text.contains("gateway_http_connections_refused_total"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
