@@ -22,6 +22,16 @@ pub const SANDBOX_TOML: &str = include_str!("../../config/sandbox.toml");
 /// The prefix of environment overrides.
 pub const ENV_PREFIX: &str = "GATEWAY__";
 
+/// How the gateway may run. The sandbox (`serve --sandbox`, the embedded configuration) uses
+/// published test credentials, may use the in-process balance store, migrates its settlement
+/// store by itself, and lets merchants' webhook URLs point at loopback hosts; production does
+/// none of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Production,
+    Sandbox,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
@@ -610,6 +620,10 @@ pub struct Merchant {
 /// Configuration checked and turned into the types the gateway runs on.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The rules the configuration was checked under, and the ones it runs under (webhook
+    /// URLs): [`load`] checks the embedded sandbox configuration as the sandbox and a file as
+    /// production; [`load_for`] says which.
+    pub mode: Mode,
     pub settings: Settings,
     pub listen: SocketAddr,
     pub currencies: HashMap<Currency, CurrencyLimits>,
@@ -637,8 +651,23 @@ impl Config {
 }
 
 /// Reads `file` (or the embedded sandbox configuration when `None`), applies the environment
-/// overrides in `env`, and validates.
+/// overrides in `env`, and validates: a file under the production rules, the embedded
+/// sandbox configuration (with its published test keys) under the sandbox's.
 pub fn load(
+    file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Config, ConfigError> {
+    let mode = match file {
+        Some(_) => Mode::Production,
+        None => Mode::Sandbox,
+    };
+    load_for(mode, file, env)
+}
+
+/// As [`load`], under the rules of `mode` (`serve --sandbox --config FILE` checks its file as
+/// the sandbox).
+pub fn load_for(
+    mode: Mode,
     file: Option<&Path>,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Config, ConfigError> {
@@ -651,11 +680,12 @@ pub fn load(
         ),
         None => (SANDBOX_TOML.to_owned(), "embedded sandbox.toml".to_owned()),
     };
-    from_toml(&text, &origin, env)
+    from_toml(mode, &text, &origin, env)
 }
 
-/// Parses TOML text, applies environment overrides, validates.
+/// Parses TOML text, applies environment overrides, validates under the rules of `mode`.
 pub fn from_toml(
+    mode: Mode,
     text: &str,
     origin: &str,
     env: impl IntoIterator<Item = (String, String)>,
@@ -674,7 +704,7 @@ pub fn from_toml(
     let settings: Settings = toml::Value::Table(table)
         .try_into()
         .map_err(|e: toml::de::Error| ConfigError::one(origin, e.message().to_owned()))?;
-    validate(settings)
+    validate(settings, mode)
 }
 
 fn normalize(segment: &str) -> String {
@@ -787,7 +817,7 @@ impl Checker {
     }
 }
 
-fn validate(settings: Settings) -> Result<Config, ConfigError> {
+fn validate(settings: Settings, mode: Mode) -> Result<Config, ConfigError> {
     let mut c = Checker(Vec::new());
     let s = &settings;
 
@@ -1118,11 +1148,10 @@ fn validate(settings: Settings) -> Result<Config, ConfigError> {
         };
         let key_digests = c.digests(&format!("{field}.api_key_sha256"), &m.api_key_sha256);
         if let Some(url) = &m.webhook_url {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                c.fail(
-                    format!("{field}.webhook_url"),
-                    "must be an http:// or https:// URL",
-                );
+            // The rules of every webhook URL (crate::webhooks::url): production calls only
+            // https:// to public hosts; the sandbox also loopback hosts over http://.
+            if let Err(problem) = crate::webhooks::url::check_url(url, mode) {
+                c.fail(format!("{field}.webhook_url"), problem);
             }
         }
         if m.webhook_secret.expose().len() < 8 {
@@ -1201,6 +1230,7 @@ fn validate(settings: Settings) -> Result<Config, ConfigError> {
         return Err(ConfigError(c.0));
     }
     Ok(Config {
+        mode,
         listen,
         currencies,
         merchants,
@@ -1399,6 +1429,45 @@ mod tests {
         .settings
         .telemetry;
         assert_eq!(telemetry.metrics_upkeep_ms, 100);
+    }
+
+    #[test]
+    fn webhook_urls_follow_the_rules_of_the_mode() {
+        let loopback = [(
+            "GATEWAY__MERCHANTS__ALPHA__WEBHOOK_URL",
+            "http://127.0.0.1:9/h",
+        )];
+        assert!(load(None, env(&loopback)).is_ok());
+        for url in [
+            "http://127.0.0.1:9/h",
+            "https://10.0.0.7/h",
+            "https://localhost/h",
+        ] {
+            let err = from_toml(
+                Mode::Production,
+                SANDBOX_TOML,
+                "test",
+                env(&[("GATEWAY__MERCHANTS__ALPHA__WEBHOOK_URL", url)]),
+            )
+            .unwrap_err();
+            let fields: Vec<&str> = err.0.iter().map(|e| e.field.as_str()).collect();
+            assert!(
+                fields.contains(&"merchants.alpha.webhook_url"),
+                "{url}: {err}"
+            );
+        }
+        let err = load(
+            None,
+            env(&[(
+                "GATEWAY__MERCHANTS__ALPHA__WEBHOOK_URL",
+                "https://192.168.0.2/h",
+            )]),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("merchants.alpha.webhook_url"),
+            "{err}"
+        );
     }
 
     #[test]

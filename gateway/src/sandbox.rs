@@ -36,7 +36,7 @@ use sha2::{Digest, Sha256};
 
 use crate::channels::keys::{RsaPrivateKey, RsaPublicKey};
 use crate::channels::{ChannelKind, ChannelSettings};
-use crate::config::{self, Config, ConfigError, FieldError};
+use crate::config::{self, Config, ConfigError, FieldError, Mode};
 use crate::secret::KeyDigest;
 
 /// The manifest's file name under the data dir.
@@ -166,7 +166,7 @@ pub fn load_config(
     let (held, mut passed): (Vec<_>, Vec<_>) = env
         .into_iter()
         .partition(|(name, _)| sandbox_channel_of(name).is_some());
-    let config = config::load(file, passed.clone())?;
+    let config = config::load_for(Mode::Sandbox, file, passed.clone())?;
     let defined = |name: &str| {
         let target = sandbox_channel_of(name).map(config::normalize_name);
         config
@@ -182,7 +182,7 @@ pub fn load_config(
     }
     // Rare: the file defines a sandbox channel and the environment overrides it.
     passed.extend(for_file);
-    Ok((config::load(file, passed)?, for_sandbox))
+    Ok((config::load_for(Mode::Sandbox, file, passed)?, for_sandbox))
 }
 
 /// The sandbox channel a `GATEWAY__CHANNELS__<ID>__…` override names, if any.

@@ -50,13 +50,8 @@ pub enum StartError {
     Refused(String),
 }
 
-/// How the gateway may run: the in-process store is for the sandbox only, and only the
-/// sandbox migrates its settlement store by itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Production,
-    Sandbox,
-}
+/// How the gateway may run (defined with the configuration, whose rules depend on it).
+pub use crate::config::Mode;
 
 pub struct Application {
     listener: TcpListener,

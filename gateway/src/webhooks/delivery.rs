@@ -2,8 +2,9 @@
 //! never send the same event at once) and POSTs each, signed, to its URL.
 //!
 //! - **Where**: the payment's `notify_url`, else the merchant's configured `webhook_url`;
-//!   neither → `skipped` (usually already when the store enqueued it: `NoWebhook`). `https://` anywhere; plain `http://` only to loopback hosts (the
-//!   sandbox), like channels' base URLs; any other URL → `failed` at once.
+//!   neither → `skipped` (usually already when the store enqueued it: `NoWebhook`). Only URLs
+//!   [`check_url`] accepts are called: `https://` to public hosts, and in the sandbox also
+//!   loopback hosts (plain `http://` too); any other URL → `failed` at once.
 //! - **Bounds**: at most `webhooks.batch` events taken per tick and in flight overall, and
 //!   `webhooks.per_merchant_concurrency` in flight per merchant: an event whose merchant is
 //!   at its limit is *deferred* (due again next tick, no attempt counted), so one slow
@@ -29,7 +30,7 @@ use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
-use hyper::{Request, StatusCode, Uri};
+use hyper::{Request, StatusCode};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -38,8 +39,9 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::signature::WebhookKey;
+pub use super::url::check_url;
 use crate::api::AppState;
-use crate::config::{Merchant, WebhookSettings};
+use crate::config::{Merchant, Mode, WebhookSettings};
 use crate::periodic::spawn_periodic;
 use futures_util::future::join_all;
 
@@ -94,6 +96,8 @@ pub struct Deliverer {
     writer: Option<SettlementStream>,
     settings: WebhookSettings,
     targets: HashMap<String, Target>,
+    /// Which URLs may be called ([`check_url`]).
+    mode: Mode,
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     /// `webhooks.batch` permits: deliveries in flight overall.
     in_flight: Arc<Semaphore>,
@@ -120,6 +124,7 @@ impl Deliverer {
         store: Arc<dyn SettlementStore>,
         settings: WebhookSettings,
         merchants: &[Merchant],
+        mode: Mode,
     ) -> Result<Self, ClientBuildError> {
         let timeout = Duration::from_millis(settings.request_timeout_ms);
         let mut http = HttpConnector::new();
@@ -158,6 +163,7 @@ impl Deliverer {
             in_flight: Arc::new(Semaphore::new(settings.batch)),
             settings,
             targets,
+            mode,
             client,
             deliveries: Mutex::new(JoinSet::new()),
         })
@@ -359,7 +365,8 @@ impl Deliverer {
 
     /// POSTs the event's body, signed, within the request timeout.
     async fn send(&self, event: &WebhookEvent, url: &str, key: &WebhookKey) -> Sent {
-        let uri = match check_url(url) {
+        // Checked again here: an event may carry a URL accepted before the rules tightened.
+        let uri = match check_url(url, self.mode) {
             Ok(uri) => uri,
             Err(reason) => {
                 return Sent::Refused {
@@ -467,26 +474,6 @@ pub fn after_failure(
     }
 }
 
-/// A webhook URL the gateway will POST to: `https://…`, or `http://…` to a loopback host.
-pub fn check_url(text: &str) -> Result<Uri, String> {
-    let uri: Uri = text.parse().map_err(|e| format!("not a URL ({e})"))?;
-    let host = uri.host().ok_or("no host")?;
-    match uri.scheme_str() {
-        Some("https") => Ok(uri),
-        Some("http") if is_loopback(host) => Ok(uri),
-        Some("http") => Err("plain http is allowed only for loopback hosts".into()),
-        _ => Err("the scheme must be https (or http for loopback)".into()),
-    }
-}
-
-fn is_loopback(host: &str) -> bool {
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    bare.eq_ignore_ascii_case("localhost")
-        || bare
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
@@ -513,6 +500,7 @@ pub fn spawn_webhooks(state: Arc<AppState>, shutdown: watch::Receiver<bool>) -> 
         state.settler.store.clone(),
         settings,
         &state.config.merchants,
+        state.config.mode,
     ) {
         Ok(deliverer) => spawn_worker(
             Arc::new(deliverer.with_writer(state.settler.stream().clone())),
@@ -588,27 +576,5 @@ mod tests {
             WebhookOutcome::Failed
         );
         assert_eq!(after_failure(&s, 1, 0, 70_000, 0), WebhookOutcome::Failed);
-    }
-
-    #[test]
-    fn urls_are_https_or_loopback_http() {
-        for ok in [
-            "https://merchant.example/hooks?x=1",
-            "http://127.0.0.1:9000/h",
-            "http://[::1]:9000/h",
-            "http://localhost/h",
-        ] {
-            assert!(check_url(ok).is_ok(), "{ok}");
-        }
-        for bad in [
-            "http://merchant.example/h",
-            "http://10.0.0.1/h",
-            "ftp://127.0.0.1/h",
-            "/relative",
-            "not a url",
-            "https://m.example/%00x\u{0}",
-        ] {
-            assert!(check_url(bad).is_err(), "{bad}");
-        }
     }
 }

@@ -8,11 +8,13 @@
 //! - [`delivery`]: the worker that takes due events and sends them, with retries, backoff,
 //!   a horizon and bounded concurrency per merchant.
 //! - [`signature`]: `X-Signature: t=…,v1=hex(HMAC-SHA256(secret, "t.body"))`.
+//! - [`url`]: which URLs are called (`https://` to public hosts; loopback too in the sandbox).
 //! - [`render_deliveries`]: a payment's delivery status, for the API.
 
 pub mod delivery;
 pub mod events;
 pub mod signature;
+pub mod url;
 
 use serde_json::{json, Value};
 

@@ -18,8 +18,8 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::helpers::{
-    balance_payment, spawn_app_full, supplier_payment, Backend, ChannelOptions, Store, TestApp,
-    ALPHA, BETA,
+    balance_payment, spawn_app, spawn_app_full, supplier_payment, Backend, ChannelOptions, Store,
+    TestApp, ALPHA, BETA,
 };
 
 /// Quick ticks and retries, so a test takes well under a second per delivery.
@@ -539,4 +539,42 @@ async fn a_slow_receiver_gets_at_most_the_merchants_concurrency() {
         assert_eq!(e.attempts, 1, "a deferral is not an attempt");
     }
     receiver.nothing_more(Duration::from_millis(300)).await;
+}
+
+/// A merchant's `notify_url` never points into the gateway's own network (its delivery status
+/// is shown back to the merchant): the sandbox refuses private, link-local and numeric-name
+/// hosts and keeps loopback (its receivers run there); production refuses loopback too
+/// (`gateway::webhooks::url`'s unit tests). Nothing is created for a refused URL.
+#[tokio::test]
+async fn a_notify_url_into_the_gateways_network_is_refused() {
+    let app = spawn_app(Backend::Memory).await;
+    app.funded_account(ALPHA, "alpha", "acc", "100.00", "0.00")
+        .await;
+    let with_url = |order: &str, url: &str| {
+        let mut body = balance_payment(order, "acc", "10.00");
+        body["notify_url"] = json!(url);
+        body
+    };
+    for (i, url) in [
+        "https://169.254.169.254/latest/meta-data",
+        "https://10.0.0.1/hooks",
+        "https://[fd00::1]/hooks",
+        "https://2130706433/hooks",
+        "http://192.168.1.10:8080/hooks",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let reply = app
+            .pay(ALPHA, &format!("bad{i}"), with_url("o1", url))
+            .await;
+        assert_eq!(reply.status, 400, "{url}: {:?}", reply.body);
+        assert_eq!(reply.body["error"]["field"], "notify_url", "{url}");
+    }
+    app.assert_account(ALPHA, "acc", "100.00", "0.00", "100.00")
+        .await;
+    let reply = app
+        .pay(ALPHA, "ok", with_url("o1", "http://127.0.0.1:9/hooks"))
+        .await;
+    assert_eq!(reply.status, 201, "{:?}", reply.body);
 }
