@@ -22,6 +22,25 @@ pub const SANDBOX_TOML: &str = include_str!("../../config/sandbox.toml");
 /// The prefix of environment overrides.
 pub const ENV_PREFIX: &str = "GATEWAY__";
 
+/// Keys anyone can read, refused outside the sandbox: the placeholders whose digests
+/// config/production.example.toml carries, and the sandbox's test keys (DESIGN.md §10).
+pub const PUBLISHED_KEYS: &[&str] = &[
+    "replace-me-admin-key",
+    "replace-me-merchant-key-shop",
+    "replace-me-merchant-key-distributor",
+    "sk_test_alpha",
+    "sk_test_beta",
+    "sk_test_admin",
+];
+
+/// Parts of published secrets, refused outside the sandbox: the placeholder of
+/// config/production.example.toml (`replace-me-from-environment`) and the sandbox's and
+/// tests' secrets (`whsec_test_alpha`, `test_only_…`), compared case-insensitively.
+pub const PUBLISHED_SECRET_MARKERS: &[&str] = &["replace-me", "whsec_test_", "test_only"];
+
+/// The shortest secret accepted outside the sandbox: webhook secrets, channel secrets.
+pub const MIN_SECRET_BYTES: usize = 32;
+
 /// How the gateway may run. The sandbox (`serve --sandbox`, the embedded configuration) uses
 /// published test credentials, may use the in-process balance store, migrates its settlement
 /// store by itself, and lets merchants' webhook URLs point at loopback hosts; production does
@@ -796,6 +815,52 @@ impl Checker {
         }
     }
 
+    /// Outside the sandbox: no key digest of a published key (the placeholders of
+    /// config/production.example.toml, the sandbox's test keys).
+    fn no_published_keys(&mut self, field: &str, hexes: &[String]) {
+        for (i, hex) in hexes.iter().enumerate() {
+            let Some(digest) = KeyDigest::from_hex(hex) else {
+                continue;
+            };
+            if let Some(key) = PUBLISHED_KEYS
+                .iter()
+                .find(|key| KeyDigest::of(key).ct_eq(&digest))
+            {
+                self.fail(
+                    format!("{field}[{i}]"),
+                    format!(
+                        "is the digest of the published key {key:?}: anyone can use it; make a key \
+                         of your own (`openssl rand -hex 24`) and configure its digest"
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Outside the sandbox: a secret of at least [`MIN_SECRET_BYTES`] that is not a published
+    /// placeholder or test secret.
+    fn strong_secret(&mut self, field: &str, secret: &str) {
+        let lower = secret.to_ascii_lowercase();
+        if PUBLISHED_SECRET_MARKERS
+            .iter()
+            .any(|marker| lower.contains(marker))
+        {
+            self.fail(
+                field,
+                "is a published placeholder or test secret: set a secret of your own \
+                 (`openssl rand -hex 32`), preferably in the environment",
+            );
+        } else if secret.len() < MIN_SECRET_BYTES {
+            self.fail(
+                field,
+                format!(
+                    "must be at least {MIN_SECRET_BYTES} bytes outside the sandbox (`openssl rand \
+                     -hex 32`)"
+                ),
+            );
+        }
+    }
+
     fn digests(&mut self, field: &str, hexes: &[String]) -> Vec<KeyDigest> {
         if hexes.is_empty() {
             self.fail(field, "needs at least one key digest");
@@ -1133,6 +1198,9 @@ fn validate(settings: Settings, mode: Mode) -> Result<Config, ConfigError> {
     }
 
     let admin_key_digests = c.digests("admin.api_key_sha256", &s.admin.api_key_sha256);
+    if mode == Mode::Production {
+        c.no_published_keys("admin.api_key_sha256", &s.admin.api_key_sha256);
+    }
     let mut merchants = Vec::new();
     if s.merchants.is_empty() {
         c.fail("merchants", "needs at least one merchant");
@@ -1147,6 +1215,9 @@ fn validate(settings: Settings, mode: Mode) -> Result<Config, ConfigError> {
             }
         };
         let key_digests = c.digests(&format!("{field}.api_key_sha256"), &m.api_key_sha256);
+        if mode == Mode::Production {
+            c.no_published_keys(&format!("{field}.api_key_sha256"), &m.api_key_sha256);
+        }
         if let Some(url) = &m.webhook_url {
             // The rules of every webhook URL (crate::webhooks::url): production calls only
             // https:// to public hosts; the sandbox also loopback hosts over http://.
@@ -1154,11 +1225,16 @@ fn validate(settings: Settings, mode: Mode) -> Result<Config, ConfigError> {
                 c.fail(format!("{field}.webhook_url"), problem);
             }
         }
-        if m.webhook_secret.expose().len() < 8 {
-            c.fail(
+        match mode {
+            Mode::Sandbox if m.webhook_secret.expose().len() < 8 => c.fail(
                 format!("{field}.webhook_secret"),
                 "must be at least 8 characters",
-            );
+            ),
+            Mode::Sandbox => {}
+            Mode::Production => c.strong_secret(
+                &format!("{field}.webhook_secret"),
+                m.webhook_secret.expose(),
+            ),
         }
         merchants.push(Merchant {
             id,
@@ -1203,6 +1279,17 @@ fn validate(settings: Settings, mode: Mode) -> Result<Config, ConfigError> {
         }
         if let Err(problem) = channel.validate() {
             c.fail(format!("channels.{id}"), problem);
+        }
+        // The channel's shared secrets (the supplier's HMAC secret; an APIv3 key is exactly 32
+        // bytes by WeChat Pay's rules, checked when the channel is built). One that cannot be
+        // read is reported when the channel is built at start.
+        if let (Mode::Production, Some(source)) = (mode, &channel.keys.supplier_secret) {
+            if let Ok(secret) = source.secret() {
+                c.strong_secret(
+                    &format!("channels.{id}.keys.supplier_secret"),
+                    secret.expose(),
+                );
+            }
         }
     }
 
@@ -1468,6 +1555,136 @@ mod tests {
             err.to_string().contains("merchants.alpha.webhook_url"),
             "{err}"
         );
+    }
+
+    const PRODUCTION_EXAMPLE: &str = include_str!("../../config/production.example.toml");
+
+    fn production(overrides: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        from_toml(
+            Mode::Production,
+            PRODUCTION_EXAMPLE,
+            "production.example.toml",
+            env(overrides),
+        )
+    }
+
+    /// Real credentials for the example file: keys of 48 hex characters, secrets of 64.
+    fn real_credentials() -> Vec<(&'static str, String)> {
+        let digest = |key: &str| format!("[\"{}\"]", KeyDigest::of(key).to_hex());
+        vec![
+            ("GATEWAY__ADMIN__API_KEY_SHA256", digest(&"a1".repeat(24))),
+            (
+                "GATEWAY__MERCHANTS__EXAMPLE_SHOP__API_KEY_SHA256",
+                digest(&"b2".repeat(24)),
+            ),
+            (
+                "GATEWAY__MERCHANTS__EXAMPLE_DISTRIBUTOR__API_KEY_SHA256",
+                digest(&"c3".repeat(24)),
+            ),
+            (
+                "GATEWAY__MERCHANTS__EXAMPLE_SHOP__WEBHOOK_SECRET",
+                "d4".repeat(32),
+            ),
+            (
+                "GATEWAY__MERCHANTS__EXAMPLE_DISTRIBUTOR__WEBHOOK_SECRET",
+                "e5".repeat(32),
+            ),
+        ]
+    }
+
+    #[test]
+    fn the_production_example_stops_on_its_placeholders_naming_each() {
+        let err = production(&[]).unwrap_err();
+        let fields: Vec<&str> = err.0.iter().map(|e| e.field.as_str()).collect();
+        for field in [
+            "admin.api_key_sha256[0]",
+            "merchants.example_shop.api_key_sha256[0]",
+            "merchants.example_distributor.api_key_sha256[0]",
+            "merchants.example_shop.webhook_secret",
+            "merchants.example_distributor.webhook_secret",
+        ] {
+            assert!(fields.contains(&field), "{field}: {err}");
+        }
+        assert_eq!(fields.len(), 5, "nothing else is wrong with it: {err}");
+        // With credentials of its own, the example is a valid production configuration.
+        let real = real_credentials();
+        let overrides: Vec<(&str, &str)> = real.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let config = production(&overrides).expect("valid with real credentials");
+        assert_eq!(config.mode, Mode::Production);
+    }
+
+    #[test]
+    fn outside_the_sandbox_short_and_test_secrets_and_test_keys_stop_the_start() {
+        let real = real_credentials();
+        let mut overrides: Vec<(&str, &str)> = real.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let alpha = format!("[\"{}\"]", KeyDigest::of("sk_test_alpha").to_hex());
+        let short = "f".repeat(MIN_SECRET_BYTES - 1);
+        overrides.extend([
+            (
+                "GATEWAY__MERCHANTS__EXAMPLE_SHOP__API_KEY_SHA256",
+                alpha.as_str(),
+            ),
+            (
+                "GATEWAY__MERCHANTS__EXAMPLE_SHOP__WEBHOOK_SECRET",
+                short.as_str(),
+            ),
+            (
+                "GATEWAY__MERCHANTS__EXAMPLE_DISTRIBUTOR__WEBHOOK_SECRET",
+                "whsec_test_alpha_but_long_enough_to_pass_the_length_rule",
+            ),
+        ]);
+        let err = production(&overrides).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("merchants.example_shop.api_key_sha256[0]: is the digest of the published key \"sk_test_alpha\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("merchants.example_shop.webhook_secret: must be at least 32 bytes"),
+            "{text}"
+        );
+        assert!(
+            text.contains("merchants.example_distributor.webhook_secret: is a published"),
+            "{text}"
+        );
+        // A secret never appears in the message.
+        assert!(!text.contains(&short), "{text}");
+        // The same keys and secrets are the sandbox's own: accepted there.
+        let config = load(None, Vec::new()).unwrap();
+        assert_eq!(config.mode, Mode::Sandbox);
+    }
+
+    #[test]
+    fn outside_the_sandbox_a_short_supplier_secret_stops_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path.display().to_string()
+        };
+        let short = write("short", &"s".repeat(MIN_SECRET_BYTES - 1));
+        let long = write("long", &"s".repeat(MIN_SECRET_BYTES));
+        let channel = |path: &str| {
+            format!(
+                "{PRODUCTION_EXAMPLE}\n[channels.supplier-x]\nkind = \"supplier\"\npriority = 1\nmethods = [\"supplier\"]\n\
+                 currencies = [\"CNY\"]\nmin_amount = \"1.00\"\nmax_amount = \"10.00\"\n\
+                 base_url = \"https://supplier.example\"\n\
+                 keys = {{ supplier_secret = {{ file = \"{path}\" }} }}\n"
+            )
+        };
+        let real = real_credentials();
+        let overrides: Vec<(String, String)> = real
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        let err =
+            from_toml(Mode::Production, &channel(&short), "t", overrides.clone()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("channels.supplier-x.keys.supplier_secret: must be at least 32 bytes"),
+            "{err}"
+        );
+        from_toml(Mode::Production, &channel(&long), "t", overrides).expect("32 bytes will do");
     }
 
     #[test]

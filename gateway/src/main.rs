@@ -44,6 +44,10 @@ enum Command {
     },
     /// Validate a configuration file (with the environment's overrides) and exit.
     CheckConfig {
+        /// Check it as `serve --sandbox --config FILE` would (published test keys allowed);
+        /// without it, by the production rules of `serve --config FILE`.
+        #[arg(long)]
+        sandbox: bool,
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
@@ -99,7 +103,15 @@ impl ConfigSource {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { file } => match config::load(Some(&file), std::env::vars()) {
+        Command::CheckConfig { sandbox, file } => match config::load_for(
+            if sandbox {
+                Mode::Sandbox
+            } else {
+                Mode::Production
+            },
+            Some(&file),
+            std::env::vars(),
+        ) {
             Ok(config) => {
                 println!(
                     "{}: ok ({} merchants, currencies {:?}, balance store {})",

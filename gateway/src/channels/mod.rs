@@ -883,8 +883,8 @@ impl KeySource {
     }
 
     /// A text secret (APIv3 key, supplier secret), surrounding whitespace trimmed; at most
-    /// [`keys::MAX_PEM_BYTES`].
-    fn secret(&self) -> Result<Secret, String> {
+    /// [`keys::MAX_PEM_BYTES`]. Also read by the configuration's production checks.
+    pub(crate) fn secret(&self) -> Result<Secret, String> {
         let text = match self {
             KeySource::File(path) => {
                 let len = std::fs::metadata(path)

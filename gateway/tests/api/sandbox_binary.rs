@@ -85,7 +85,11 @@ async fn the_sandbox_serves_the_readme_walkthrough_and_stops_on_sigterm() {
 fn check_config_accepts_good_files_and_names_bad_fields() {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     let ok = Command::new(BIN)
-        .args(["check-config", &format!("{root}/config/sandbox.toml")])
+        .args([
+            "check-config",
+            "--sandbox",
+            &format!("{root}/config/sandbox.toml"),
+        ])
         .env_remove("GATEWAY__REDIS__URL")
         .output()
         .unwrap();
@@ -94,8 +98,27 @@ fn check_config_accepts_good_files_and_names_bad_fields() {
         "{}",
         String::from_utf8_lossy(&ok.stderr)
     );
-    let bad = Command::new(BIN)
+    // By the production rules, the sandbox's published keys and secrets stop it, each named.
+    let production = Command::new(BIN)
         .args(["check-config", &format!("{root}/config/sandbox.toml")])
+        .env_remove("GATEWAY__REDIS__URL")
+        .output()
+        .unwrap();
+    assert!(!production.status.success());
+    let stderr = String::from_utf8_lossy(&production.stderr);
+    for field in [
+        "admin.api_key_sha256[0]",
+        "merchants.alpha.api_key_sha256[0]",
+        "merchants.beta.webhook_secret",
+    ] {
+        assert!(stderr.contains(field), "{field}: {stderr}");
+    }
+    let bad = Command::new(BIN)
+        .args([
+            "check-config",
+            "--sandbox",
+            &format!("{root}/config/sandbox.toml"),
+        ])
         .env("GATEWAY__PREAUTH__LAZY_RELEASE_MAX", "0")
         .output()
         .unwrap();
