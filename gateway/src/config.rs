@@ -167,8 +167,10 @@ impl Default for RedisSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct PreauthSettings {
     pub idempotency_retention_seconds: u64,
-    /// A hold outlives its payment's `expires_at` by this much, so a channel never takes money
-    /// after the hold is gone.
+    /// When a supplier charge's hold is due to be settled by the channel's word at the latest
+    /// (its payment's `expires_at` plus this), as the store records it. No clock releases the
+    /// hold itself (`preauth::RELEASED_BY_CHANNEL_MS`): the resolution loop closes the order
+    /// at expiry and releases the hold only once the channel confirms it closed or failed.
     pub hold_grace_seconds: u64,
     /// Expired holds released inside one operation at most.
     pub lazy_release_max: u32,

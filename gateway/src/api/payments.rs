@@ -24,6 +24,7 @@ use crate::preauth::SettledMark;
 use crate::preauth::{
     AccountKey, AuthorizeOutcome, AuthorizeRequest, HoldSpec, IdempotencyClaim, Method, PaymentDoc,
     PaymentRecord, PaymentStatus, Purpose, Scope, StoredOutcome, TransitionOutcome,
+    RELEASED_BY_CHANNEL_MS,
 };
 use crate::resolution::{self, Cancel, ResolveError};
 use crate::settlement::recovery::{unwind_refused, Refusal};
@@ -160,10 +161,10 @@ pub async fn create_payment(
             expires_at_ms,
             capture_now: true,
         }),
-        // The hold outlives the payment's expiry, so the channel order (which carries the
-        // payment's expiry) can never be paid after the hold is gone.
+        // No clock releases it: only the channel's word that the order closed or failed
+        // (a supplier may execute up to its order's expiry and tell us late).
         Method::Supplier => Some(HoldSpec {
-            expires_at_ms: expires_at_ms + settings.preauth.hold_grace_seconds * 1000,
+            expires_at_ms: RELEASED_BY_CHANNEL_MS,
             capture_now: false,
         }),
         Method::Alipay | Method::Wechatpay => None,
@@ -183,10 +184,16 @@ pub async fn create_payment(
                 .map(|row| row.with_idempotency(idempotency.as_str(), &hash));
             PendingRecord::Settlement(capture)
         }
-        _ => PendingRecord::Intent(
-            intent_row(&state, &doc, tag, hold.map(|h| h.expires_at_ms), ctx.now_ms)
-                .with_idempotency(idempotency.as_str(), &hash),
-        ),
+        // The row records when the channel's word is due at the latest (the payment's expiry
+        // plus the grace); the hold itself has no clock.
+        _ => {
+            let hold_due_ms =
+                hold.map(|_| expires_at_ms + settings.preauth.hold_grace_seconds * 1000);
+            PendingRecord::Intent(
+                intent_row(&state, &doc, tag, hold_due_ms, ctx.now_ms)
+                    .with_idempotency(idempotency.as_str(), &hash),
+            )
+        }
     };
     let request = AuthorizeRequest {
         scope,

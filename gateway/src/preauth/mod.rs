@@ -303,6 +303,13 @@ pub struct OpContext {
     pub lazy_release_max: u32,
 }
 
+/// The expiry of a hold that no clock releases (a supplier charge's, DESIGN.md §3): past any
+/// `now`, so neither the lazy release inside authorize nor the sweeper ever takes it. Only the
+/// channel's word releases it: the resolution loop closes the order at the payment's expiry
+/// and releases the hold once the channel confirms it closed or failed (or captures it if the
+/// supplier executed after all).
+pub const RELEASED_BY_CHANNEL_MS: u64 = u64::MAX;
+
 /// A hold to place with a payment.
 #[derive(Debug, Clone, Copy)]
 pub struct HoldSpec {

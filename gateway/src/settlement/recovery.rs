@@ -23,7 +23,7 @@ use crate::ids::{AccountId, MerchantId, PaymentId, ScopeTag};
 use crate::periodic::spawn_periodic;
 use crate::preauth::{
     AccountKey, AccountRebuild, BalanceStore, KeyRecord, KeyRestore, PaymentDoc, PaymentRecord,
-    PaymentStatus, SettledMark, StoreError, Unwind,
+    PaymentStatus, SettledMark, StoreError, Unwind, RELEASED_BY_CHANNEL_MS,
 };
 use crate::telemetry;
 
@@ -308,7 +308,8 @@ pub async fn rebuild_balances(
             if PaymentId::parse(&doc.id).is_none() {
                 return Err(corrupt(format!("payment id {}", doc.id)));
             }
-            expiries.push(row.hold_expires_at_ms.unwrap_or(row.expires_at_ms));
+            // A payment's hold (a supplier charge's) is released by the channel's word only.
+            expiries.push(RELEASED_BY_CHANNEL_MS);
             holds.push(PaymentRecord {
                 doc,
                 status: PaymentStatus::Pending,

@@ -468,3 +468,64 @@ async fn a_voided_topup_credit_is_credited_again() {
         .await;
     assert_store_invariants(disk.as_ref(), &[("alpha", "acc", 6_000)]).await;
 }
+
+/// A supplier charge's hold outlives its payment's expiry for as long as the channel cannot
+/// confirm the order is dead: the supplier may have executed it. Once the channel answers, the
+/// hold is released and the payment expires.
+#[tokio::test]
+async fn a_supplier_hold_waits_for_the_channels_word() {
+    let app = spawn_app_on(
+        Backend::Redis,
+        Store::Sqlite,
+        &[
+            ("GATEWAY__PAYMENTS__MIN_EXPIRES_IN_SECONDS", "1"),
+            ("GATEWAY__PREAUTH__HOLD_GRACE_SECONDS", "0"),
+            ("GATEWAY__PREAUTH__SWEEP_INTERVAL_MS", "50"),
+            ("GATEWAY__RESOLUTION__INTERVAL_MS", "50"),
+            ("GATEWAY__RESOLUTION__FIRST_CHECK_DELAY_MS", "100"),
+            ("GATEWAY__RESOLUTION__BACKOFF_INITIAL_MS", "100"),
+            ("GATEWAY__RESOLUTION__BACKOFF_MAX_MS", "200"),
+        ],
+    )
+    .await;
+    app.funded_account(ALPHA, "alpha", "acc", "100.00", "0.00")
+        .await;
+    let mut body = supplier_payment("S", "acc", "30.00");
+    body["expires_in_seconds"] = json!(2);
+    let held = app.pay(ALPHA, "S", body).await;
+    assert_eq!(held.status, 201, "{:?}", held.body);
+    let id = held.body["id"].as_str().unwrap().to_owned();
+    let channel = held.body["attempts"][0]["channel_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The supplier is unreachable past the payment's expiry.
+    app.channels.set_faults(
+        &channel,
+        channel_sim::Faults {
+            outage: true,
+            ..Default::default()
+        },
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(3_500)).await;
+    // A payment made meanwhile runs the lazy release; the sweeper has run many times.
+    let other = app
+        .pay(ALPHA, "B", balance_payment("B", "acc", "1.00"))
+        .await;
+    assert_eq!(other.status, 201);
+    app.assert_account(ALPHA, "acc", "99.00", "30.00", "69.00")
+        .await;
+    assert_eq!(
+        app.get(&format!("/v1/payments/{id}"), ALPHA).await.body["status"],
+        "pending"
+    );
+
+    // The channel answers again: the order is closed unpaid, the hold released.
+    app.channels
+        .set_faults(&channel, channel_sim::Faults::default());
+    app.wait_status(&id, "expired").await;
+    app.assert_account(ALPHA, "acc", "99.00", "0.00", "99.00")
+        .await;
+    let disk = app.settlement_store().await;
+    assert_store_invariants(disk.as_ref(), &[("alpha", "acc", 9_900)]).await;
+}

@@ -447,6 +447,7 @@ async fn settle_all(store: &Arc<dyn BalanceStore>) {
 }
 
 on_both_backends!(
+    a_hold_released_by_the_channel_has_no_clock,
     a_voided_movement_can_happen_again,
     an_unwound_payment_gives_back_what_it_took_once,
     restored_keys_replay_and_never_overwrite,
@@ -1464,4 +1465,70 @@ async fn restored_keys_replay_and_never_overwrite(store: Arc<dyn BalanceStore>) 
         AuthorizeOutcome::Replay(StoredOutcome::Payment(live_id))
     );
     assert_eq!(snapshot(&store, &k, NOW).await, (9_000, 0, 9_000));
+}
+
+/// A supplier charge's hold: neither the lazy release nor the sweeper ever takes it, however
+/// late; only a release (the channel's word) or a capture does — also once rebuilt.
+async fn a_hold_released_by_the_channel_has_no_clock(store: Arc<dyn BalanceStore>) {
+    use gateway::preauth::RELEASED_BY_CHANNEL_MS;
+    let k = funded(&store, "acc", 10_000, 0).await;
+    let id = created_id(
+        &store,
+        &authorize(&k, "s1", "s1", 4_000, hold_until(RELEASED_BY_CHANNEL_MS)),
+    )
+    .await;
+    let years_later = NOW + 10 * 365 * 24 * 3600 * 1000;
+    assert_eq!(
+        snapshot(&store, &k, years_later).await,
+        (10_000, 4_000, 6_000)
+    );
+    assert_eq!(store.sweep_expired(ctx(years_later), 100).await.unwrap(), 0);
+    // An authorize's lazy release leaves it too.
+    let other = authorize(&k, "s2", "s2", 1_000, hold_until(NOW + 1));
+    created_id(&store, &other).await;
+    let later = authorize(&k, "s3", "s3", 500, CAPTURE);
+    let out = store.authorize(&later, ctx(years_later)).await.unwrap();
+    assert!(matches!(out, AuthorizeOutcome::Created { .. }), "{out:?}");
+    assert_eq!(
+        snapshot(&store, &k, years_later).await,
+        (9_500, 4_000, 5_500),
+        "the clocked hold went, the channel's stayed"
+    );
+    assert_eq!(
+        store.payment(&id).await.unwrap().unwrap().status,
+        PaymentStatus::Pending
+    );
+    // Rebuilt with its hold: still no clock.
+    let record = store.payment(&id).await.unwrap().unwrap();
+    store
+        .rebuild_account(&AccountRebuild {
+            key: k.clone(),
+            currency: Currency::Cny,
+            balance: 9_500,
+            credit_limit: 0,
+            seq: 10,
+            created_at_ms: NOW,
+            holds: vec![PaymentRecord {
+                held_minor: 4_000,
+                ..record
+            }],
+            hold_expiries_ms: vec![RELEASED_BY_CHANNEL_MS],
+        })
+        .await
+        .unwrap();
+    assert_eq!(store.sweep_expired(ctx(years_later), 100).await.unwrap(), 0);
+    assert_eq!(
+        snapshot(&store, &k, years_later).await,
+        (9_500, 4_000, 5_500)
+    );
+    // The channel's word.
+    let released = store
+        .release(&id, PaymentStatus::Expired, ctx(years_later))
+        .await
+        .unwrap();
+    assert!(
+        matches!(released, TransitionOutcome::Done(_)),
+        "{released:?}"
+    );
+    assert_eq!(snapshot(&store, &k, years_later).await, (9_500, 0, 9_500));
 }

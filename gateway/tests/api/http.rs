@@ -250,14 +250,21 @@ async fn cancel_releases_the_hold_frees_the_order_id_and_refuses_succeeded_payme
         .await;
 }
 
+/// A supplier charge's hold goes with the channel's word: at expiry the order is closed, the
+/// supplier confirms, the hold is released and the payment expires (the sweeper, running all
+/// along, never takes it: see `arbiter::a_supplier_hold_waits_for_the_channels_word`).
 #[tokio::test]
-async fn an_expired_hold_is_released_by_the_sweeper() {
+async fn an_expired_supplier_charge_is_closed_and_its_hold_released() {
     let app = spawn_app_with(
         Backend::Redis,
         &[
             ("GATEWAY__PAYMENTS__MIN_EXPIRES_IN_SECONDS", "1"),
             ("GATEWAY__PREAUTH__HOLD_GRACE_SECONDS", "0"),
             ("GATEWAY__PREAUTH__SWEEP_INTERVAL_MS", "50"),
+            ("GATEWAY__RESOLUTION__INTERVAL_MS", "50"),
+            ("GATEWAY__RESOLUTION__FIRST_CHECK_DELAY_MS", "100"),
+            ("GATEWAY__RESOLUTION__BACKOFF_INITIAL_MS", "100"),
+            ("GATEWAY__RESOLUTION__BACKOFF_MAX_MS", "200"),
         ],
     )
     .await;
@@ -268,7 +275,7 @@ async fn an_expired_hold_is_released_by_the_sweeper() {
     let pending = app.pay(ALPHA, "k1", body).await;
     assert_eq!(pending.status, 201);
     let id = pending.body["id"].as_str().unwrap().to_owned();
-    // Watch the payment (a read does not release holds) until the sweeper expires it.
+    // Watch the payment (a read does not release holds) until the resolution loop expires it.
     let mut status = String::new();
     for _ in 0..100 {
         status = app.get(&format!("/v1/payments/{id}"), ALPHA).await.body["status"]
