@@ -23,7 +23,7 @@ use crate::preauth::{
     IdempotencyClaim, Method, RefundReserveOutcome, RefundReserveRequest, SettledMark,
     StoredOutcome, REFUND_AMOUNT_PLACEHOLDER, REFUND_ID_PLACEHOLDER, REFUND_NUMBER_PLACEHOLDER,
 };
-use crate::settlement::{PendingRecord, RefundRow};
+use crate::settlement::{PendingRecord, RefundRecorded, RefundRow};
 use crate::telemetry;
 
 /// How long a top-up refund's hold lasts if nothing settles it (the retry loop settles it
@@ -118,6 +118,7 @@ pub async fn create_refund(
         reason: reason.map(str::to_owned),
         created_at_ms: now,
         updated_at_ms: now,
+        idempotency_key: Some(idempotency.as_str().to_owned()),
     });
     let request = RefundReserveRequest {
         payment: pid.clone(),
@@ -202,18 +203,50 @@ pub async fn create_refund(
         reason: reason.map(str::to_owned),
         created_at_ms: now,
         updated_at_ms: now,
+        idempotency_key: Some(idempotency.as_str().to_owned()),
     };
     let mark = SettledMark {
         tag: pid.tag(),
         id: refund_id.clone(),
         idempotency_key: idempotency.as_str().to_owned(),
     };
-    if let Err(err) = state.settler.record_refund(&row, mark).await {
-        tracing::warn!(%refund_id, error = %err, "refund reserved but not recorded; recovery will, then the retry loop sends it");
-        return Err(ApiError::Unavailable {
-            reason: "settlement_store_unavailable",
-            payment_id: Some(pid.to_string()),
-        });
+    match state.settler.record_refund(&row, mark, true).await {
+        Ok(RefundRecorded::Inserted) => {}
+        // This very request's refund, recorded before Redis forgot it (unwound there): the
+        // stored refund as it stands is the answer; nothing is sent again.
+        Ok(RefundRecorded::AlreadyRecorded) => {
+            let refunds = state.settler.store.refunds(pid.as_str()).await?;
+            let stored = refunds
+                .iter()
+                .find(|r| r.refund_id == refund_id)
+                .ok_or(ApiError::IdempotencyInFlight)?;
+            return Ok((StatusCode::CREATED, Json(render(stored))).into_response());
+        }
+        // The store knows refunds Redis forgot (both flagged, both unwound in Redis with its
+        // refund state set to the store's): nothing is sent to the channel.
+        Ok(RefundRecorded::Exceeds { remaining_minor }) => {
+            return Err(ApiError::InvalidState {
+                message: format!(
+                    "the refund is above what is left to refund ({} {})",
+                    format_minor(remaining_minor.max(0), doc.currency),
+                    doc.currency.code()
+                ),
+                status: Some(payment.status.as_str().to_owned()),
+            })
+        }
+        Ok(RefundRecorded::Conflict) => {
+            return Err(ApiError::Unavailable {
+                reason: "account_rebuild_required",
+                payment_id: Some(pid.to_string()),
+            })
+        }
+        Err(err) => {
+            tracing::warn!(%refund_id, error = %err, "refund reserved but not recorded; recovery will, then the retry loop sends it");
+            return Err(ApiError::Unavailable {
+                reason: "settlement_store_unavailable",
+                payment_id: Some(pid.to_string()),
+            });
+        }
     }
 
     // 5. The channel (or, for a balance payment, nothing to call).

@@ -12,8 +12,8 @@ use super::{
     AccountRebuild, AccountSnapshot, AdjustOutcome, AdjustRequest, AuthorizeOutcome,
     AuthorizeRequest, BalanceStore, Direction, IdempotencyClaim, KeyRestore, LateCaptureOutcome,
     LateCaptureRequest, OpContext, PaymentDoc, PaymentRecord, PaymentStatus, RefundFinishOutcome,
-    RefundFinishRequest, RefundReserveOutcome, RefundReserveRequest, RestorePayment, Scope,
-    SettledMark, StoreError, StoredOutcome, SucceedOutcome, SucceedRequest, SuccessEffect,
+    RefundFinishRequest, RefundReserveOutcome, RefundReserveRequest, RefundUnwind, RestorePayment,
+    Scope, SettledMark, StoreError, StoredOutcome, SucceedOutcome, SucceedRequest, SuccessEffect,
     TransitionOutcome, Unsettled, UnsettledPage, Unwind, UpsertOutcome, MAX_SAFE_MINOR,
 };
 use crate::ids::{IdempotencyKey, MerchantOrderId, PaymentId, ScopeTag};
@@ -1008,6 +1008,36 @@ impl BalanceStore for MemoryStore {
                 );
             }
         }
+        Ok(true)
+    }
+
+    async fn unwind_refund(&self, u: &RefundUnwind) -> Result<bool, StoreError> {
+        let Some(mut state) = self.scopes.get_mut(&u.payment.tag()) else {
+            return Ok(false);
+        };
+        // As refund_unwind.lua: only while its pending record is there.
+        if state.unsettled.remove(&u.refund_id).is_none() {
+            return Ok(false);
+        }
+        let held = state.remove_hold(&u.refund_id);
+        if let Some(row) = state.account.as_mut() {
+            row.held -= held;
+            debug_assert!(
+                row.held >= 0,
+                "held went negative unwinding {}",
+                u.refund_id
+            );
+        }
+        state.refunds.remove(&u.refund_id);
+        state.refund_totals.insert(
+            u.payment.as_str().to_owned(),
+            RefundTotals {
+                count: u.count,
+                reserved: u.reserved_minor,
+                succeeded: u.succeeded_minor,
+            },
+        );
+        state.idempotency.remove(&u.idempotency_key);
         Ok(true)
     }
 

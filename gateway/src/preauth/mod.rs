@@ -428,6 +428,20 @@ impl KeyRecord {
     }
 }
 
+/// A refund the settlement store refused to record (its cap, or another refund under its
+/// number): undone in the balance store — its reservation and a top-up refund's hold gone, its
+/// key forgotten — and the payment's refund state set to the store's totals.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefundUnwind {
+    pub payment: PaymentId,
+    pub refund_id: String,
+    pub idempotency_key: String,
+    /// The store's highest refund number, pending + succeeded total, succeeded total.
+    pub count: u32,
+    pub reserved_minor: i64,
+    pub succeeded_minor: i64,
+}
+
 /// An idempotency record to put back into the balance store (a rebuild): `key` in scope `tag`
 /// answers `record`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -853,6 +867,10 @@ pub trait BalanceStore: Send + Sync + 'static {
     /// its pending record is gone (already settled, unwound or abandoned): nothing changes,
     /// so a capture is never given back twice.
     async fn unwind(&self, unwind: &Unwind) -> Result<bool, StoreError>;
+
+    /// Undoes a refund the settlement store refused (see [`RefundUnwind`]). `false` when its
+    /// pending record is gone (nothing changes).
+    async fn unwind_refund(&self, unwind: &RefundUnwind) -> Result<bool, StoreError>;
 
     /// Puts back idempotency records (a rebuild), each only where the key has none: one
     /// round trip for the lot. Returns how many were put back.

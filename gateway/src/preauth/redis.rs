@@ -22,8 +22,8 @@ use super::{
     AdjustRequest, AuthorizeOutcome, AuthorizeRequest, BalanceStore, Direction, KeyRestore,
     LateCaptureOutcome, LateCaptureRequest, OpContext, PaymentDoc, PaymentRecord, PaymentStatus,
     RefundFinishOutcome, RefundFinishRequest, RefundReserveOutcome, RefundReserveRequest,
-    RestorePayment, Scope, SettledMark, StoreError, StoredOutcome, SucceedOutcome, SucceedRequest,
-    TransitionOutcome, Unsettled, UnsettledPage, Unwind, UpsertOutcome,
+    RefundUnwind, RestorePayment, Scope, SettledMark, StoreError, StoredOutcome, SucceedOutcome,
+    SucceedRequest, TransitionOutcome, Unsettled, UnsettledPage, Unwind, UpsertOutcome,
 };
 use crate::config::RedisSettings;
 use crate::ids::{IdempotencyKey, MerchantOrderId, PaymentId, ScopeTag};
@@ -50,6 +50,7 @@ struct Scripts {
     void: Script,
     unwind: Script,
     restore_keys: Script,
+    refund_unwind: Script,
     rebuild_account: Script,
 }
 
@@ -73,11 +74,12 @@ impl Scripts {
             void: with_common(include_str!("scripts/void.lua")),
             unwind: with_common(include_str!("scripts/unwind.lua")),
             restore_keys: with_common(include_str!("scripts/restore_keys.lua")),
+            refund_unwind: with_common(include_str!("scripts/refund_unwind.lua")),
             rebuild_account: with_common(include_str!("scripts/rebuild_account.lua")),
         }
     }
 
-    fn all(&self) -> [&Script; 17] {
+    fn all(&self) -> [&Script; 18] {
         [
             &self.upsert_account,
             &self.read_account,
@@ -95,6 +97,7 @@ impl Scripts {
             &self.void,
             &self.unwind,
             &self.restore_keys,
+            &self.refund_unwind,
             &self.rebuild_account,
         ]
     }
@@ -957,6 +960,29 @@ impl BalanceStore for RedisStore {
         let mut conn = self.connection();
         let undone: i64 = self
             .bounded("unwind", invocation.invoke_async(&mut conn))
+            .await?;
+        Ok(undone == 1)
+    }
+
+    async fn unwind_refund(&self, u: &RefundUnwind) -> Result<bool, StoreError> {
+        let tag = u.payment.tag();
+        let k = Keys::of(tag);
+        let mut invocation = self.scripts.refund_unwind.prepare_invoke();
+        invocation
+            .key(&k.account)
+            .key(&k.holds)
+            .key(&k.hold_amounts)
+            .key(&k.unsettled)
+            .key(format!("rf:{{{tag}}}"))
+            .key(Keys::idempotency(tag, &u.idempotency_key))
+            .arg(&u.refund_id)
+            .arg(u.payment.as_str())
+            .arg(u.count)
+            .arg(u.reserved_minor)
+            .arg(u.succeeded_minor);
+        let mut conn = self.connection();
+        let undone: i64 = self
+            .bounded("refund_unwind", invocation.invoke_async(&mut conn))
             .await?;
         Ok(undone == 1)
     }

@@ -321,6 +321,71 @@ pub struct RefundRow {
     pub reason: Option<String>,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
+    /// The `Idempotency-Key` of the request that made it (`None` on rows written before the
+    /// store kept it).
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+}
+
+impl RefundRow {
+    /// Whether `other` is this very refund: same payment, number, amount and currency, and the
+    /// same request's key when both have one.
+    pub fn same_as(&self, other: &RefundRow) -> bool {
+        self.payment_id == other.payment_id
+            && self.number == other.number
+            && self.amount_minor == other.amount_minor
+            && self.currency == other.currency
+            && match (&self.idempotency_key, &other.idempotency_key) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            }
+    }
+}
+
+/// What recording a refund came to (see [`SettlementStore::record_refund`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefundRecorded {
+    Inserted,
+    /// This very refund ([`RefundRow::same_as`]) was already recorded: a re-drive, or a retry
+    /// the balance store had forgotten.
+    AlreadyRecorded,
+    /// Another refund is stored under its id (the balance store lost the payment's refund
+    /// numbering): nothing written, flagged `refund_conflict`.
+    Conflict,
+    /// The payment's refunds (pending and succeeded) would exceed its amount (the balance
+    /// store lost what was refunded): nothing written, flagged `refund_cap`.
+    Exceeds {
+        remaining_minor: i64,
+    },
+}
+
+/// A payment's refunds as the store counts them: what a balance store that lost its refund
+/// state is reset to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RefundTotals {
+    /// The highest refund number used.
+    pub count: u32,
+    /// Pending and succeeded refunds.
+    pub reserved_minor: i64,
+    pub succeeded_minor: i64,
+}
+
+impl RefundTotals {
+    pub fn of(refunds: &[RefundRow]) -> Self {
+        Self {
+            count: refunds.iter().map(|r| r.number).max().unwrap_or(0),
+            reserved_minor: refunds
+                .iter()
+                .filter(|r| r.status != "failed")
+                .map(|r| r.amount_minor)
+                .sum(),
+            succeeded_minor: refunds
+                .iter()
+                .filter(|r| r.status == "succeeded")
+                .map(|r| r.amount_minor)
+                .sum(),
+        }
+    }
 }
 
 /// A refund's final status without money moving (a failed refund).
@@ -726,8 +791,11 @@ pub trait SettlementStore: Send + Sync + 'static {
 
     async fn flagged(&self, limit: usize) -> Result<Vec<Flagged>, SettleError>;
 
-    /// Records a refund before its channel is called (a repeat changes nothing).
-    async fn record_refund(&self, refund: &RefundRow) -> Result<(), SettleError>;
+    /// Records a refund before its channel is called, the store deciding on the cap as Redis
+    /// did: a repeat of the same refund changes nothing; another refund under its number is a
+    /// `Conflict`, and refunds above the payment's amount `Exceeds` — both flagged, nothing
+    /// written. An unknown payment is `Invalid`.
+    async fn record_refund(&self, refund: &RefundRow) -> Result<RefundRecorded, SettleError>;
 
     /// Ends a pending refund without money moving (`failed`): `false` when it is unknown or
     /// no longer pending. (A succeeded refund ends with its settlement, in `commit`.)

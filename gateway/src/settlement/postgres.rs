@@ -33,9 +33,9 @@ use tokio_postgres::types::FromSql;
 
 use super::{
     AccountBalance, AccountRow, AttemptRow, AttemptUpdate, CommitOutcome, Flagged, IntentOutcome,
-    KeyHolder, PaymentRow, RefundRow, RefundStatusChange, SettleError, Settlement, SettlementKind,
-    SettlementStore, StatusChange, StoredKey, Taken, WebhookAttempt, Write, Written, MIGRATIONS,
-    SCHEMA_VERSION,
+    KeyHolder, PaymentRow, RefundRecorded, RefundRow, RefundStatusChange, SettleError, Settlement,
+    SettlementKind, SettlementStore, StatusChange, StoredKey, Taken, WebhookAttempt, Write,
+    Written, MIGRATIONS, SCHEMA_VERSION,
 };
 use crate::money::Currency;
 use crate::telemetry::{self, StoreOp};
@@ -210,7 +210,7 @@ fn get_u32(row: &Row, idx: usize) -> Result<u32, SettleError> {
 }
 
 const REFUND_COLUMNS: &str = "refund_id, payment_id, number, amount_minor, currency, status, \
-    channel_id, channel_order_id, reason, created_at_ms, updated_at_ms";
+    channel_id, channel_order_id, reason, created_at_ms, updated_at_ms, idempotency_key";
 
 fn refund_from_row(r: &Row) -> Result<RefundRow, SettleError> {
     Ok(RefundRow {
@@ -225,6 +225,7 @@ fn refund_from_row(r: &Row) -> Result<RefundRow, SettleError> {
         reason: get(r, 8)?,
         created_at_ms: get_u64(r, 9)?,
         updated_at_ms: get_u64(r, 10)?,
+        idempotency_key: get(r, 11)?,
     })
 }
 
@@ -1414,6 +1415,23 @@ impl PostgresStore {
         Ok((CommitOutcome::SequenceConflict { account_seq }, false))
     }
 
+    /// Flags a refund the store refused (`kind`: `refund_conflict`, `refund_cap`).
+    async fn flag_refund(
+        &self,
+        tx: &Transaction<'_>,
+        r: &RefundRow,
+        kind: &str,
+        why: &str,
+    ) -> Result<(), SettleError> {
+        let detail = format!(
+            "refund {} of {} refused: {why} (the balance store had lost the payment's refunds)",
+            r.refund_id, r.amount_minor
+        );
+        flag(tx, kind, &r.payment_id, &detail)
+            .await
+            .map_err(|e| self.unavailable(&e))
+    }
+
     /// Deletes a payment row (and its events) this transaction inserted and must not keep.
     async fn forget_payment(&self, tx: &Transaction<'_>, id: &str) -> Result<(), SettleError> {
         let db = |e: tokio_postgres::Error| self.unavailable(&e);
@@ -1982,33 +2000,85 @@ impl SettlementStore for PostgresStore {
         Self::timed(StoreOp::Read("postings_sum"), self.postings_sum_inner()).await
     }
 
-    async fn record_refund(&self, refund: &RefundRow) -> Result<(), SettleError> {
+    async fn record_refund(&self, refund: &RefundRow) -> Result<RefundRecorded, SettleError> {
         Self::timed(StoreOp::Write("record_refund"), async {
-            let client = self.client().await?;
+            let db = |e: tokio_postgres::Error| self.unavailable(&e);
             let number = i32::try_from(refund.number)
                 .map_err(|_| SettleError::Invalid(format!("refund number {}", refund.number)))?;
-            client
-                .execute(
-                    "INSERT INTO refunds (refund_id, payment_id, number, amount_minor, currency, \
-                     status, channel_id, channel_order_id, reason, created_at_ms, updated_at_ms) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING",
-                    &[
-                        &refund.refund_id,
-                        &refund.payment_id,
-                        &number,
-                        &refund.amount_minor,
-                        &refund.currency.code(),
-                        &refund.status,
-                        &refund.channel_id,
-                        &refund.channel_order_id,
-                        &refund.reason,
-                        &ms(refund.created_at_ms),
-                        &ms(refund.updated_at_ms),
-                    ],
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(db)?;
+            // The payment's row, locked: refunds of one payment are decided one at a time,
+            // whichever instance records them.
+            let Some(payment) = tx
+                .query_opt(
+                    "SELECT amount_minor FROM payments WHERE id = $1 FOR UPDATE",
+                    &[&refund.payment_id],
                 )
                 .await
-                .map_err(|e| self.unavailable(&e))?;
-            Ok(())
+                .map_err(db)?
+            else {
+                return Err(SettleError::Invalid(format!(
+                    "{}: a refund of an unknown payment",
+                    refund.refund_id
+                )));
+            };
+            let amount: i64 = get(&payment, 0)?;
+            if let Some(row) = tx
+                .query_opt(
+                    &format!("SELECT {REFUND_COLUMNS} FROM refunds WHERE refund_id = $1"),
+                    &[&refund.refund_id],
+                )
+                .await
+                .map_err(db)?
+            {
+                if refund_from_row(&row)?.same_as(refund) {
+                    return Ok(RefundRecorded::AlreadyRecorded);
+                }
+                self.flag_refund(&tx, refund, "refund_conflict", "another refund has this id")
+                    .await?;
+                tx.commit().await.map_err(db)?;
+                return Ok(RefundRecorded::Conflict);
+            }
+            let refunded: i64 = get(
+                &tx.query_one(
+                    "SELECT COALESCE(SUM(amount_minor), 0)::BIGINT FROM refunds \
+                     WHERE payment_id = $1 AND status <> 'failed'",
+                    &[&refund.payment_id],
+                )
+                .await
+                .map_err(db)?,
+                0,
+            )?;
+            let remaining_minor = amount - refunded;
+            if refund.amount_minor > remaining_minor {
+                let detail = format!("{} left to refund", remaining_minor.max(0));
+                self.flag_refund(&tx, refund, "refund_cap", &detail).await?;
+                tx.commit().await.map_err(db)?;
+                return Ok(RefundRecorded::Exceeds { remaining_minor });
+            }
+            tx.execute(
+                "INSERT INTO refunds (refund_id, payment_id, number, amount_minor, currency, \
+                 status, channel_id, channel_order_id, reason, created_at_ms, updated_at_ms, \
+                 idempotency_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                &[
+                    &refund.refund_id,
+                    &refund.payment_id,
+                    &number,
+                    &refund.amount_minor,
+                    &refund.currency.code(),
+                    &refund.status,
+                    &refund.channel_id,
+                    &refund.channel_order_id,
+                    &refund.reason,
+                    &ms(refund.created_at_ms),
+                    &ms(refund.updated_at_ms),
+                    &refund.idempotency_key,
+                ],
+            )
+            .await
+            .map_err(db)?;
+            tx.commit().await.map_err(db)?;
+            Ok(RefundRecorded::Inserted)
         })
         .await
     }

@@ -18,12 +18,15 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::settler::{SettleFailure, Settler};
-use super::{CommitOutcome, IntentOutcome, KeyHolder, PendingRecord, SettleError, SettlementStore};
+use super::{
+    CommitOutcome, IntentOutcome, KeyHolder, PendingRecord, RefundRecorded, SettleError,
+    SettlementStore,
+};
 use crate::ids::{AccountId, MerchantId, PaymentId, ScopeTag};
 use crate::periodic::spawn_periodic;
 use crate::preauth::{
     AccountKey, AccountRebuild, BalanceStore, KeyRecord, KeyRestore, PaymentDoc, PaymentRecord,
-    PaymentStatus, SettledMark, StoreError, Unwind, RELEASED_BY_CHANNEL_MS,
+    PaymentStatus, RefundUnwind, SettledMark, StoreError, Unwind, RELEASED_BY_CHANNEL_MS,
 };
 use crate::telemetry;
 
@@ -145,9 +148,19 @@ pub async fn recover_once(
             PendingRecord::Status(change) => settler.apply_status(&change, mark).await.map(|_| {
                 report.statuses += 1;
             }),
-            PendingRecord::Refund(refund) => settler.record_refund(&refund, mark).await.map(|_| {
-                report.intents += 1;
-            }),
+            PendingRecord::Refund(refund) => {
+                settler
+                    .record_refund(&refund, mark, false)
+                    .await
+                    .map(|recorded| match recorded {
+                        RefundRecorded::Inserted | RefundRecorded::AlreadyRecorded => {
+                            report.intents += 1
+                        }
+                        RefundRecorded::Conflict | RefundRecorded::Exceeds { .. } => {
+                            report.unwound += 1
+                        }
+                    })
+            }
             PendingRecord::RefundStatus(change) => {
                 settler.apply_refund_status(&change, mark).await.map(|_| {
                     report.statuses += 1;
@@ -447,6 +460,44 @@ pub async fn unwind_refused(
         reason = refusal.label(),
         undone,
         "the settlement store refused a payment the balance store had forgotten: unwound"
+    );
+    Ok(undone)
+}
+
+/// A refund the store refused to record (another refund under its number, or above what is
+/// left: the balance store had lost the payment's refunds, flagged by the store): undone in
+/// the balance store — its reservation, a top-up refund's hold and its key gone — and the
+/// payment's refund numbering and totals set to the store's. `false` when there was nothing
+/// left to undo.
+pub async fn unwind_refused_refund(
+    store: &dyn SettlementStore,
+    balances: &dyn BalanceStore,
+    refund: &super::RefundRow,
+    idempotency_key: &str,
+) -> Result<bool, RecoveryError> {
+    let payment = PaymentId::parse(&refund.payment_id).ok_or_else(|| {
+        corrupt(format!(
+            "refund {} of payment {}",
+            refund.refund_id, refund.payment_id
+        ))
+    })?;
+    let totals = super::RefundTotals::of(&store.refunds(&refund.payment_id).await?);
+    let undone = balances
+        .unwind_refund(&RefundUnwind {
+            payment,
+            refund_id: refund.refund_id.clone(),
+            idempotency_key: idempotency_key.to_owned(),
+            count: totals.count,
+            reserved_minor: totals.reserved_minor,
+            succeeded_minor: totals.succeeded_minor,
+        })
+        .await?;
+    tracing::warn!(
+        refund_id = %refund.refund_id,
+        payment_id = %refund.payment_id,
+        undone,
+        ?totals,
+        "the settlement store refused a refund the balance store had reserved: unwound, refund state reset to the store's"
     );
     Ok(undone)
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::stream::{Admission, SettlementStream, StreamError};
 use super::{
-    AttemptRow, AttemptUpdate, CommitOutcome, IntentOutcome, PaymentRow, RefundRow,
+    AttemptRow, AttemptUpdate, CommitOutcome, IntentOutcome, PaymentRow, RefundRecorded, RefundRow,
     RefundStatusChange, SettleError, Settlement, SettlementStore, StatusChange, Write, Written,
 };
 use crate::preauth::{BalanceStore, SettledMark};
@@ -174,20 +174,42 @@ impl Settler {
         }
     }
 
-    /// Records a refund's intent, then lets its idempotency record replay.
+    /// Records a refund's intent; once recorded, lets its idempotency record replay. A refund
+    /// the store refused (`Conflict`, `Exceeds`) is unwound in the balance store, its refund
+    /// state set to the store's (see `recovery::unwind_refused_refund`). So is one `fresh`ly
+    /// reserved (a request's, not a re-drive) that the store already holds: the balance store
+    /// had forgotten it, and the caller answers with the stored refund.
     pub async fn record_refund(
         &self,
         refund: &RefundRow,
         mark: SettledMark,
-    ) -> Result<(), SettleFailure> {
-        tokio::time::timeout(self.settle_timeout, self.store.record_refund(refund))
+        fresh: bool,
+    ) -> Result<RefundRecorded, SettleFailure> {
+        let recorded = tokio::time::timeout(self.settle_timeout, self.store.record_refund(refund))
             .await
             .map_err(|_| SettleFailure::Timeout)??;
-        self.balances
-            .mark_settled(&[mark])
-            .await
-            .map_err(|e| SettleFailure::Store(SettleError::Unavailable(e.to_string())))?;
-        Ok(())
+        let forgotten = fresh && recorded == RefundRecorded::AlreadyRecorded;
+        match recorded {
+            RefundRecorded::Inserted | RefundRecorded::AlreadyRecorded if !forgotten => self
+                .balances
+                .mark_settled(&[mark])
+                .await
+                .map_err(|e| SettleFailure::Store(SettleError::Unavailable(e.to_string())))?,
+            RefundRecorded::Inserted
+            | RefundRecorded::AlreadyRecorded
+            | RefundRecorded::Conflict
+            | RefundRecorded::Exceeds { .. } => {
+                super::recovery::unwind_refused_refund(
+                    self.store.as_ref(),
+                    self.balances.as_ref(),
+                    refund,
+                    &mark.idempotency_key,
+                )
+                .await
+                .map_err(|e| SettleFailure::Store(SettleError::Unavailable(e.to_string())))?;
+            }
+        }
+        Ok(recorded)
     }
 
     /// Applies a failed refund's status, then forgets it in the balance store.

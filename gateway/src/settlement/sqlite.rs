@@ -11,9 +11,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     AccountBalance, AccountRow, AttemptRow, AttemptUpdate, CommitOutcome, Flagged, IntentOutcome,
-    KeyHolder, PaymentRow, RefundRow, RefundStatusChange, SettleError, Settlement, SettlementKind,
-    SettlementStore, StatusChange, StoredKey, Taken, WebhookAttempt, Write, Written, MIGRATIONS,
-    SCHEMA_VERSION,
+    KeyHolder, PaymentRow, RefundRecorded, RefundRow, RefundStatusChange, SettleError, Settlement,
+    SettlementKind, SettlementStore, StatusChange, StoredKey, Taken, WebhookAttempt, Write,
+    Written, MIGRATIONS, SCHEMA_VERSION,
 };
 use crate::money::Currency;
 use crate::telemetry::{self, StoreOp};
@@ -58,7 +58,7 @@ fn ms(v: u64) -> i64 {
 }
 
 const REFUND_COLUMNS: &str = "refund_id, payment_id, number, amount_minor, currency, status, \
-    channel_id, channel_order_id, reason, created_at_ms, updated_at_ms";
+    channel_id, channel_order_id, reason, created_at_ms, updated_at_ms, idempotency_key";
 
 fn refund_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RefundRow> {
     Ok(RefundRow {
@@ -73,6 +73,7 @@ fn refund_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RefundRow> {
         reason: r.get(8)?,
         created_at_ms: r.get::<_, i64>(9)? as u64,
         updated_at_ms: r.get::<_, i64>(10)? as u64,
+        idempotency_key: r.get(11)?,
     })
 }
 
@@ -367,6 +368,27 @@ fn arbitrate(tx: &Connection, p: &PaymentRow) -> Result<Option<Taken>, SettleErr
         })
         .map_err(db)?;
     Ok(holder.map(Taken::Order))
+}
+
+/// Flags a refund the store refused (`kind`: `refund_conflict`, `refund_cap`), under its
+/// payment.
+fn flag_refund(tx: &Connection, r: &RefundRow, kind: &str, why: &str) -> Result<(), SettleError> {
+    exec(
+        tx,
+        "INSERT INTO flagged (kind, payment_id, detail, created_at_ms) VALUES (?1, ?2, ?3, ?4) \
+         ON CONFLICT DO NOTHING",
+        params![
+            kind,
+            r.payment_id,
+            format!(
+                "refund {} of {} refused: {why} (the balance store had lost the payment's refunds)",
+                r.refund_id, r.amount_minor
+            ),
+            ms(telemetry::now_ms())
+        ],
+    )
+    .map_err(db)?;
+    Ok(())
 }
 
 /// Records an intent inside the caller's transaction ([`SettlementStore::record_intent`]).
@@ -1131,13 +1153,61 @@ impl SettlementStore for SqliteStore {
         .await
     }
 
-    async fn record_refund(&self, refund: &RefundRow) -> Result<(), SettleError> {
+    async fn record_refund(&self, refund: &RefundRow) -> Result<RefundRecorded, SettleError> {
         let r = refund.clone();
         self.run(StoreOp::Write("record_refund"), move |conn| {
-            conn.execute(
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db)?;
+            let stored: Option<RefundRow> = query_row(
+                &tx,
+                &format!("SELECT {REFUND_COLUMNS} FROM refunds WHERE refund_id = ?1"),
+                params![r.refund_id],
+                refund_from_row,
+            )
+            .optional()
+            .map_err(db)?;
+            if let Some(stored) = stored {
+                if !stored.same_as(&r) {
+                    flag_refund(&tx, &r, "refund_conflict", "another refund has this id")?;
+                    tx.commit().map_err(db)?;
+                    return Ok(RefundRecorded::Conflict);
+                }
+                return Ok(RefundRecorded::AlreadyRecorded);
+            }
+            let amount: Option<i64> = query_row(
+                &tx,
+                "SELECT amount_minor FROM payments WHERE id = ?1",
+                params![r.payment_id],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(db)?;
+            let Some(amount) = amount else {
+                return Err(SettleError::Invalid(format!(
+                    "{}: a refund of an unknown payment",
+                    r.refund_id
+                )));
+            };
+            let refunded: i64 = query_row(
+                &tx,
+                "SELECT COALESCE(SUM(amount_minor), 0) FROM refunds \
+                 WHERE payment_id = ?1 AND status <> 'failed'",
+                params![r.payment_id],
+                |row| row.get(0),
+            )
+            .map_err(db)?;
+            let remaining_minor = amount - refunded;
+            if r.amount_minor > remaining_minor {
+                let detail = format!("{} left to refund", remaining_minor.max(0));
+                flag_refund(&tx, &r, "refund_cap", &detail)?;
+                tx.commit().map_err(db)?;
+                return Ok(RefundRecorded::Exceeds { remaining_minor });
+            }
+            tx.execute(
                 "INSERT INTO refunds (refund_id, payment_id, number, amount_minor, currency, \
-                 status, channel_id, channel_order_id, reason, created_at_ms, updated_at_ms) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) ON CONFLICT DO NOTHING",
+                 status, channel_id, channel_order_id, reason, created_at_ms, updated_at_ms, \
+                 idempotency_key) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
                 params![
                     r.refund_id,
                     r.payment_id,
@@ -1149,11 +1219,13 @@ impl SettlementStore for SqliteStore {
                     r.channel_order_id,
                     r.reason,
                     ms(r.created_at_ms),
-                    ms(r.updated_at_ms)
+                    ms(r.updated_at_ms),
+                    r.idempotency_key
                 ],
             )
             .map_err(db)?;
-            Ok(())
+            tx.commit().map_err(db)?;
+            Ok(RefundRecorded::Inserted)
         })
         .await
     }

@@ -529,3 +529,122 @@ async fn a_supplier_hold_waits_for_the_channels_word() {
     let disk = app.settlement_store().await;
     assert_store_invariants(disk.as_ref(), &[("alpha", "acc", 9_900)]).await;
 }
+
+/// Redis lost a payment's refund state (its numbering, then its totals): the store refuses the
+/// refund it would have allowed twice over — nothing goes back to the account that was not
+/// paid — and Redis is set back to the store's refunds.
+#[tokio::test]
+async fn refunds_are_capped_by_the_store_when_redis_forgot_them() {
+    let app = spawn_app_on(Backend::Redis, Store::Sqlite, &[]).await;
+    app.funded_account(ALPHA, "alpha", "acc", "1000.00", "0.00")
+        .await;
+    let paid = app
+        .pay(ALPHA, "P", balance_payment("P", "acc", "100.00"))
+        .await;
+    assert_eq!(paid.status, 201);
+    let id = paid.body["id"].as_str().unwrap().to_owned();
+    let refund = |key: &'static str, amount: &'static str| {
+        let app = &app;
+        let path = format!("/v1/payments/{id}/refunds");
+        async move {
+            app.post(&path, ALPHA, key, json!({ "amount": amount }))
+                .await
+        }
+    };
+    let first = refund("r1", "60.00").await;
+    assert_eq!(
+        (first.status, &first.body["status"]),
+        (201, &json!("succeeded")),
+        "{:?}",
+        first.body
+    );
+    app.assert_account(ALPHA, "acc", "960.00", "0.00", "960.00")
+        .await;
+
+    let mut redis = app.redis.as_ref().unwrap().connection().await;
+    let forget = |pattern: &'static str| {
+        let mut redis = redis.clone();
+        async move {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(pattern)
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+            assert!(!keys.is_empty());
+            let _: () = redis::cmd("DEL")
+                .arg(&keys)
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+        }
+    };
+    // Redis forgets every refund and every key: the same request makes the same refund again
+    // in Redis; the store has it — replayed as it stands, nothing paid twice.
+    forget("rf:*").await;
+    forget("i:*").await;
+    let replayed = refund("r1", "60.00").await;
+    assert_eq!(
+        (replayed.status, &replayed.body["id"], &replayed.body["status"]),
+        (201, &first.body["id"], &json!("succeeded")),
+        "{:?}",
+        replayed.body
+    );
+    app.assert_account(ALPHA, "acc", "960.00", "0.00", "960.00")
+        .await;
+    // Redis forgets every refund: its numbering starts over, at a number the store has.
+    forget("rf:*").await;
+    let again = refund("r2", "60.00").await;
+    assert_eq!(
+        (again.status, again.body["error"]["reason"].as_str()),
+        (503, Some("account_rebuild_required")),
+        "{:?}",
+        again.body
+    );
+    app.assert_account(ALPHA, "acc", "960.00", "0.00", "960.00")
+        .await;
+    // Set back to the store's refunds: the retry meets the real cap.
+    let retried = refund("r2", "60.00").await;
+    assert_eq!(
+        (retried.status, retried.code()),
+        (422, "invalid_state"),
+        "{:?}",
+        retried.body
+    );
+
+    // Redis forgets only the totals (the numbering survives): the store's cap refuses.
+    let tag = gateway::ids::PaymentId::parse(&id).unwrap().tag();
+    let _: () = redis::cmd("HSET")
+        .arg(format!("rf:{{{tag}}}"))
+        .arg(format!("{id}#r"))
+        .arg(0)
+        .arg(format!("{id}#s"))
+        .arg(0)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let over = refund("r3", "50.00").await;
+    assert_eq!(
+        (over.status, over.code()),
+        (422, "invalid_state"),
+        "{:?}",
+        over.body
+    );
+    app.assert_account(ALPHA, "acc", "960.00", "0.00", "960.00")
+        .await;
+    // What is left is refundable, once.
+    let rest = refund("r4", "40.00").await;
+    assert_eq!(
+        (rest.status, &rest.body["status"]),
+        (201, &json!("succeeded")),
+        "{:?}",
+        rest.body
+    );
+    app.assert_account(ALPHA, "acc", "1000.00", "0.00", "1000.00")
+        .await;
+    assert_eq!(
+        app.get(&format!("/v1/payments/{id}"), ALPHA).await.body["status"],
+        "refunded"
+    );
+    let disk = app.settlement_store().await;
+    assert_store_invariants(disk.as_ref(), &[("alpha", "acc", 100_000)]).await;
+}

@@ -178,6 +178,7 @@ on_both_stores!(
     a_group_commit_holds_intents_attempt_outcomes_and_settlements,
     a_refused_write_leaves_nothing_and_the_rest_of_its_batch_commits,
     the_store_decides_on_idempotency_keys_and_order_ids,
+    the_store_caps_refunds_and_flags_a_conflict,
     keyed_payments_come_back_page_by_page,
 );
 
@@ -422,10 +423,21 @@ async fn refunds_are_recorded_once_end_once_and_announce_a_failure(
         reason: Some("why".into()),
         created_at_ms: 5,
         updated_at_ms: 5,
+        idempotency_key: None,
     };
-    store.record_refund(&refund(1)).await.unwrap();
-    store.record_refund(&refund(1)).await.unwrap();
-    store.record_refund(&refund(2)).await.unwrap();
+    use gateway::settlement::RefundRecorded;
+    assert_eq!(
+        store.record_refund(&refund(1)).await.unwrap(),
+        RefundRecorded::Inserted
+    );
+    assert_eq!(
+        store.record_refund(&refund(1)).await.unwrap(),
+        RefundRecorded::AlreadyRecorded
+    );
+    assert_eq!(
+        store.record_refund(&refund(2)).await.unwrap(),
+        RefundRecorded::Inserted
+    );
     assert_eq!(
         store.refunds("pay_r").await.unwrap(),
         vec![refund(1), refund(2)]
@@ -2029,4 +2041,82 @@ async fn keyed_payments_come_back_page_by_page(store: Arc<dyn SettlementStore>) 
             .unwrap()),
         vec![key(4, 30)]
     );
+}
+
+/// Refunds are capped by the store as by Redis, and another refund under a stored id is a
+/// conflict: both flagged, nothing written.
+async fn the_store_caps_refunds_and_flags_a_conflict(store: Arc<dyn SettlementStore>) {
+    use gateway::settlement::{RefundRecorded, RefundRow, RefundStatusChange};
+    store.migrate().await.unwrap();
+    // A 1_000 payment.
+    store
+        .record_intent(&channel_payment("pay_c", None), None)
+        .await
+        .unwrap();
+    let refund = |n: u32, amount: i64| RefundRow {
+        refund_id: format!("re_c_{n}"),
+        payment_id: "pay_c".into(),
+        number: n,
+        amount_minor: amount,
+        currency: gateway::money::Currency::Cny,
+        status: "pending".into(),
+        channel_id: None,
+        channel_order_id: None,
+        reason: None,
+        created_at_ms: 5,
+        updated_at_ms: 5,
+        idempotency_key: None,
+    };
+    assert_eq!(
+        store.record_refund(&refund(1, 600)).await.unwrap(),
+        RefundRecorded::Inserted
+    );
+    // The balance store lost its numbering: number 1 again, another amount.
+    assert_eq!(
+        store.record_refund(&refund(1, 300)).await.unwrap(),
+        RefundRecorded::Conflict
+    );
+    // It lost its totals: 600 + 500 > 1_000.
+    assert_eq!(
+        store.record_refund(&refund(2, 500)).await.unwrap(),
+        RefundRecorded::Exceeds {
+            remaining_minor: 400
+        }
+    );
+    assert_eq!(store.refunds("pay_c").await.unwrap(), vec![refund(1, 600)]);
+    let flagged = store.flagged(10).await.unwrap();
+    let kinds: Vec<&str> = flagged
+        .iter()
+        .filter(|f| f.payment_id == "pay_c")
+        .map(|f| f.kind.as_str())
+        .collect();
+    assert!(
+        kinds.contains(&"refund_conflict") && kinds.contains(&"refund_cap"),
+        "{kinds:?}"
+    );
+    // A failed refund frees what it reserved; exactly what is left fits.
+    assert!(store
+        .set_refund_status(&RefundStatusChange {
+            refund_id: "re_c_1".into(),
+            status: "failed".into(),
+            updated_at_ms: 6,
+        })
+        .await
+        .unwrap());
+    assert_eq!(
+        store.record_refund(&refund(2, 1_000)).await.unwrap(),
+        RefundRecorded::Inserted
+    );
+    assert_eq!(
+        store.record_refund(&refund(3, 1)).await.unwrap(),
+        RefundRecorded::Exceeds { remaining_minor: 0 }
+    );
+    // A refund of a payment the store does not know is refused.
+    let mut unknown = refund(1, 1);
+    unknown.refund_id = "re_x_1".into();
+    unknown.payment_id = "pay_x".into();
+    assert!(matches!(
+        store.record_refund(&unknown).await,
+        Err(SettleError::Invalid(_))
+    ));
 }

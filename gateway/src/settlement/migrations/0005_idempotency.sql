@@ -13,3 +13,8 @@ ALTER TABLE payments ADD COLUMN request_hash TEXT;
 -- twice.
 CREATE UNIQUE INDEX payments_idempotency ON payments (scope_tag, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
+
+-- A refund carries the Idempotency-Key of the request that made it, so the store can tell the
+-- same refund recorded again (a re-drive, or a retry Redis forgot: replayed) from another one
+-- under the same number (Redis lost the payment's refund numbering: refused and flagged).
+ALTER TABLE refunds ADD COLUMN idempotency_key TEXT;
