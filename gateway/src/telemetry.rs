@@ -140,16 +140,25 @@ fn describe() {
     );
 }
 
-/// Sets up logging: `RUST_LOG` wins over the configured filter. Safe to call twice.
+/// Sets up logging: `RUST_LOG` wins over the configured filter. Safe to call twice. Colours
+/// only on a terminal (never in a file, a pipe or a journal) and never with `NO_COLOR` set.
 pub fn init_tracing(settings: &TelemetrySettings) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&settings.log_filter));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(colours(&std::io::stdout()));
     let _ = if settings.log_format == "json" {
         builder.json().try_init()
     } else {
         builder.try_init()
     };
+}
+
+/// Whether log lines written to `stream` may carry ANSI colours: a terminal, and no
+/// `NO_COLOR` (https://no-color.org).
+pub fn colours(stream: &impl std::io::IsTerminal) -> bool {
+    stream.is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 pub fn now_ms() -> u64 {

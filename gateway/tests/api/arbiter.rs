@@ -584,7 +584,11 @@ async fn refunds_are_capped_by_the_store_when_redis_forgot_them() {
     forget("i:*").await;
     let replayed = refund("r1", "60.00").await;
     assert_eq!(
-        (replayed.status, &replayed.body["id"], &replayed.body["status"]),
+        (
+            replayed.status,
+            &replayed.body["id"],
+            &replayed.body["status"]
+        ),
         (201, &first.body["id"], &json!("succeeded")),
         "{:?}",
         replayed.body

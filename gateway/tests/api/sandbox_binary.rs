@@ -18,6 +18,13 @@ async fn the_sandbox_serves_the_readme_walkthrough_and_stops_on_sigterm() {
             gw.banner
         );
     }
+    // Its log lines, written to a pipe, carry no ANSI colour codes.
+    assert!(gw.banner.contains(" INFO "), "{}", gw.banner);
+    assert!(
+        !gw.banner.contains('\u{1b}'),
+        "colours in a pipe: {:?}",
+        gw.banner
+    );
 
     // The README's walk-through, step by step.
     let acc = gw
