@@ -737,7 +737,13 @@ pub async fn look(state: &AppState, row: &PaymentRow, now_ms: u64) -> Result<Loo
         telemetry::channel_call(
             &attempt.channel_id,
             "query",
-            result.as_ref().map_or_else(|e| e.label(), |_| "ok"),
+            result.as_ref().map_or_else(
+                |e| e.label(),
+                |state| match state {
+                    OrderState::NotFound => "not_found",
+                    _ => "ok",
+                },
+            ),
         );
         match result {
             Ok(
@@ -761,6 +767,28 @@ pub async fn look(state: &AppState, row: &PaymentRow, now_ms: u64) -> Result<Loo
             }
             // Closed before payment (by the channel at its expiry, or by us).
             Ok(OrderState::Closed) => record_outcome(state, attempt, outcome::CLOSED).await,
+            // An order the channel took (it answered its create) that it no longer knows: the
+            // channel lost it, or another system answers at its address. Never taken as dead
+            // before the payment's expiry; said and flagged once for a human.
+            Ok(OrderState::NotFound)
+                if attempt.outcome == outcome::ACCEPTED
+                    || attempt.outcome == outcome::SUCCEEDED =>
+            {
+                still_open += 1;
+                tracing::warn!(payment_id = %pid, channel = %attempt.channel_id, order = %attempt.channel_order_id, "the channel does not know an order it accepted");
+                let flag = Flagged {
+                    kind: "channel_order_missing".into(),
+                    payment_id: pid.to_string(),
+                    detail: format!(
+                        "{} answers \"no such order\" for {} (attempt {}), which it accepted",
+                        attempt.channel_id, attempt.channel_order_id, attempt.attempt
+                    ),
+                    created_at_ms: now_ms,
+                };
+                if let Err(err) = state.settler.store.flag(&flag).await {
+                    tracing::warn!(payment_id = %pid, error = %err, "missing channel order not flagged");
+                }
+            }
             Ok(OrderState::Pending | OrderState::NotFound) | Err(_) => still_open += 1,
         }
     }

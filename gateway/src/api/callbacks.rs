@@ -165,29 +165,34 @@ async fn paid(
     match resolution::settle_paid(state, attempt, channel_txn_id, amount_minor, currency).await {
         Ok(Settled::Now) => Handled::Ack("processed"),
         Ok(Settled::Already(status)) if status.is_live() => {
-            // Settled before (a duplicate, a replay, the loop won the race) — unless another
-            // attempt is the one that succeeded: then this is money for an abandoned attempt.
-            let attempts = match state.settler.store.attempts(&attempt.payment_id).await {
-                Ok(attempts) => attempts,
-                Err(_) => return Handled::Retry("retry"),
-            };
-            let abandoned = attempts
-                .iter()
-                .any(|a| a.attempt != attempt.attempt && a.outcome == outcome::SUCCEEDED)
-                && attempts
-                    .iter()
-                    .any(|a| a.attempt == attempt.attempt && a.outcome != outcome::SUCCEEDED);
-            if abandoned {
-                return late_money(
-                    state,
-                    attempt,
-                    channel_txn_id,
-                    amount_minor,
-                    "abandoned_attempt",
-                )
-                .await;
+            // Settled before (a duplicate, a replay, the loop won the race) — unless the
+            // committed success is another transaction: then this is money taken by an
+            // abandoned attempt. Decided on the committed capture, never on the attempts'
+            // outcomes (written best effort); a success not committed yet is retried.
+            match state
+                .settler
+                .store
+                .committed_success(&attempt.payment_id)
+                .await
+            {
+                Ok(Some((channel, txn)))
+                    if channel.as_deref() == Some(attempt.channel_id.as_str())
+                        && txn.as_deref() == Some(channel_txn_id) =>
+                {
+                    committed(state, &attempt.payment_id, "duplicate").await
+                }
+                Ok(Some(_)) => {
+                    late_money(
+                        state,
+                        attempt,
+                        channel_txn_id,
+                        amount_minor,
+                        "abandoned_attempt",
+                    )
+                    .await
+                }
+                Ok(None) | Err(_) => Handled::Retry("retry"),
             }
-            committed(state, &attempt.payment_id, "duplicate").await
         }
         Ok(Settled::Already(status)) => {
             let reason = match status {

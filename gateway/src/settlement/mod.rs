@@ -767,6 +767,15 @@ pub trait SettlementStore: Send + Sync + 'static {
 
     async fn payment(&self, id: &str) -> Result<Option<PaymentRow>, SettleError>;
 
+    /// The channel and channel transaction of a payment's committed success (its capture or
+    /// credit, sequence 0), if it has one: what tells a channel's repeated notice (the same
+    /// transaction) from money taken by an abandoned attempt (another one), whatever the
+    /// attempts' best-effort outcomes say.
+    async fn committed_success(
+        &self,
+        payment_id: &str,
+    ) -> Result<Option<(Option<String>, Option<String>)>, SettleError>;
+
     /// Lets go of an ended payment's idempotency key (a payment given up before any channel
     /// was called: its request was never answered with it, so the client may use the key
     /// again). `false` when the payment is unknown or not `failed` (nothing changes).

@@ -1933,6 +1933,31 @@ impl SettlementStore for PostgresStore {
         Self::timed(StoreOp::Read("live_holds"), self.live_holds_inner(only)).await
     }
 
+    async fn committed_success(
+        &self,
+        payment_id: &str,
+    ) -> Result<Option<(Option<String>, Option<String>)>, SettleError> {
+        if payment_id.contains('\0') {
+            return Ok(None);
+        }
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        Self::timed(StoreOp::Read("committed_success"), async {
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached(
+                    "SELECT channel_id, channel_txn_id FROM settlements WHERE payment_id = $1 \
+                     AND kind IN ('capture', 'credit') AND sequence = 0",
+                )
+                .await
+                .map_err(db)?;
+            match client.query_opt(&stmt, &[&payment_id]).await.map_err(db)? {
+                Some(row) => Ok(Some((get(&row, 0)?, get(&row, 1)?))),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
     async fn release_idempotency_key(&self, payment_id: &str) -> Result<bool, SettleError> {
         if payment_id.contains('\0') {
             return Ok(false);

@@ -1054,6 +1054,25 @@ impl SettlementStore for SqliteStore {
         .await
     }
 
+    async fn committed_success(
+        &self,
+        payment_id: &str,
+    ) -> Result<Option<(Option<String>, Option<String>)>, SettleError> {
+        let id = payment_id.to_owned();
+        self.run(StoreOp::Read("committed_success"), move |conn| {
+            conn.prepare_cached(
+                "SELECT channel_id, channel_txn_id FROM settlements WHERE payment_id = ?1 \
+                 AND kind IN ('capture', 'credit') AND sequence = 0",
+            )
+            .and_then(|mut st| {
+                st.query_row([&id], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+            })
+            .map_err(db)
+        })
+        .await
+    }
+
     async fn release_idempotency_key(&self, payment_id: &str) -> Result<bool, SettleError> {
         let id = payment_id.to_owned();
         self.run(StoreOp::Write("release_idempotency_key"), move |conn| {

@@ -1224,3 +1224,151 @@ async fn after_redis_lost_everything_callbacks_and_refunds_still_work_from_the_s
     assert_eq!(rest.body["id"], format!("re_{}_2", &earlier_id[4..]));
     app.wait_status(earlier_id, "refunded").await;
 }
+
+/// Money taken by an abandoned attempt is found against the payment's committed capture, not
+/// against the attempts' outcomes (written best effort): with the winning attempt's
+/// `succeeded` outcome lost, a paid notice for another attempt is still late money — never
+/// acknowledged as a duplicate and dropped.
+#[tokio::test]
+async fn money_for_an_abandoned_attempt_is_found_against_the_committed_capture() {
+    let app = spawn_app_full(
+        Backend::Memory,
+        Store::Sqlite,
+        &[("GATEWAY__RESOLUTION__FIRST_CHECK_DELAY_MS", "3600000")],
+        &ChannelOptions::default(),
+    )
+    .await;
+    app.funded_account(ALPHA, "alpha", "acc", "100.00", "0.00")
+        .await;
+    let created = app
+        .pay(ALPHA, "k1", supplier_payment("o1", "acc", "20.00"))
+        .await;
+    assert_eq!(created.status, 201, "{:?}", created.body);
+    let id = created.body["id"].as_str().unwrap().to_owned();
+    let first = order_of(&created.body);
+    let paid = supplier_notice(&first, "succeeded", "20.00");
+    assert_eq!(
+        post_supplier(&app, paid, SUPPLIER_SECRET, now_secs()).await,
+        200
+    );
+    app.wait_status(&id, "succeeded").await;
+    app.assert_account(ALPHA, "acc", "80.00", "0.00", "80.00")
+        .await;
+
+    // A second attempt of the payment (as a failover would have made), and the first
+    // attempt's `succeeded` outcome lost.
+    let disk = app.settlement_store().await;
+    let second = first.replace("-1", "-2");
+    disk.record_attempt(&gateway::settlement::AttemptRow {
+        payment_id: id.clone(),
+        attempt: 2,
+        channel_id: SUPPLIER_MAIN.into(),
+        channel_order_id: second.clone(),
+        outcome: "accepted".into(),
+        latency_ms: None,
+        action: None,
+        channel_txn_id: None,
+        created_at_ms: 1,
+        updated_at_ms: 1,
+    })
+    .await
+    .unwrap();
+    rusqlite::Connection::open(app.data.path().join("gateway.sqlite3"))
+        .unwrap()
+        .execute(
+            "UPDATE attempts SET outcome = 'accepted' WHERE payment_id = ?1 AND attempt = 1",
+            [&id],
+        )
+        .unwrap();
+
+    // The supplier says the second attempt's order was executed too.
+    let late = supplier_notice(&second, "succeeded", "20.00");
+    assert_eq!(
+        post_supplier(&app, late, SUPPLIER_SECRET, now_secs()).await,
+        200
+    );
+    app.assert_account(ALPHA, "acc", "60.00", "0.00", "60.00")
+        .await;
+    let flagged = app.get("/v1/admin/flagged", crate::helpers::ADMIN).await;
+    assert!(
+        flagged.body["items"].as_array().unwrap().iter().any(|i| {
+            i["kind"] == "late_money"
+                && i["payment_id"] == id.as_str()
+                && i["detail"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("abandoned_attempt")
+        }),
+        "{:?}",
+        flagged.body
+    );
+    // A repeat of the first attempt's notice is still a duplicate: nothing more moves.
+    let again = supplier_notice(&first, "succeeded", "20.00");
+    assert_eq!(
+        post_supplier(&app, again, SUPPLIER_SECRET, now_secs()).await,
+        200
+    );
+    app.assert_account(ALPHA, "acc", "60.00", "0.00", "60.00")
+        .await;
+}
+
+/// A channel that answers "no such order" for an order it accepted (it lost it, or something
+/// else answers at its address) is said and flagged for a human; the payment stays pending.
+#[tokio::test]
+async fn an_accepted_order_the_channel_no_longer_knows_is_flagged() {
+    let app = spawn_app_full(
+        Backend::Memory,
+        Store::Sqlite,
+        &[
+            ("GATEWAY__RESOLUTION__INTERVAL_MS", "50"),
+            ("GATEWAY__RESOLUTION__FIRST_CHECK_DELAY_MS", "100"),
+            ("GATEWAY__RESOLUTION__BACKOFF_INITIAL_MS", "100"),
+            ("GATEWAY__RESOLUTION__BACKOFF_MAX_MS", "200"),
+        ],
+        &ChannelOptions::default(),
+    )
+    .await;
+    app.funded_account(ALPHA, "alpha", "acc", "100.00", "0.00")
+        .await;
+    let created = app
+        .pay(ALPHA, "k1", supplier_payment("o1", "acc", "20.00"))
+        .await;
+    assert_eq!(created.status, 201, "{:?}", created.body);
+    let id = created.body["id"].as_str().unwrap().to_owned();
+    // An accepted attempt whose order the channel never heard of (as after its restart).
+    let disk = app.settlement_store().await;
+    disk.record_attempt(&gateway::settlement::AttemptRow {
+        payment_id: id.clone(),
+        attempt: 2,
+        channel_id: SUPPLIER_MAIN.into(),
+        channel_order_id: order_of(&created.body).replace("-1", "-2"),
+        outcome: "accepted".into(),
+        latency_ms: None,
+        action: None,
+        channel_txn_id: None,
+        created_at_ms: 1,
+        updated_at_ms: 1,
+    })
+    .await
+    .unwrap();
+    let mut flagged = false;
+    for _ in 0..100 {
+        let items = app.get("/v1/admin/flagged", ADMIN).await.body["items"].clone();
+        flagged = items
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["kind"] == "channel_order_missing" && i["payment_id"] == id.as_str());
+        if flagged {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(flagged, "the missing order was flagged");
+    assert_eq!(
+        app.get(&format!("/v1/payments/{id}"), ALPHA).await.body["status"],
+        "pending"
+    );
+    app.assert_account(ALPHA, "acc", "100.00", "20.00", "80.00")
+        .await;
+}
