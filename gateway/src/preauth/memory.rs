@@ -11,10 +11,11 @@ use super::{
     final_status_record, money_record_id, refund_outcome_id, status_record_id, AccountKey,
     AccountRebuild, AccountSnapshot, AdjustOutcome, AdjustRequest, AuthorizeOutcome,
     AuthorizeRequest, BalanceStore, Direction, IdempotencyClaim, KeyRestore, LateCaptureOutcome,
-    LateCaptureRequest, OpContext, PaymentDoc, PaymentRecord, PaymentStatus, RefundFinishOutcome,
-    RefundFinishRequest, RefundReserveOutcome, RefundReserveRequest, RefundUnwind, RestorePayment,
-    Scope, SettledMark, StoreError, StoredOutcome, SucceedOutcome, SucceedRequest, SuccessEffect,
-    TransitionOutcome, Unsettled, UnsettledPage, Unwind, UpsertOutcome, MAX_SAFE_MINOR,
+    LateCaptureRequest, OpContext, PaymentDoc, PaymentRecord, PaymentStatus, RebuildGuard,
+    RefundFinishOutcome, RefundFinishRequest, RefundReserveOutcome, RefundReserveRequest,
+    RefundUnwind, RestorePayment, Scope, SettledMark, StoreError, StoredOutcome, SucceedOutcome,
+    SucceedRequest, SuccessEffect, TransitionOutcome, Unsettled, UnsettledPage, Unwind,
+    UpsertOutcome, MAX_SAFE_MINOR,
 };
 use crate::ids::{IdempotencyKey, MerchantOrderId, PaymentId, ScopeTag};
 use crate::money::Currency;
@@ -1098,8 +1099,25 @@ impl BalanceStore for MemoryStore {
         })
     }
 
-    async fn rebuild_account(&self, rebuild: &AccountRebuild) -> Result<(), StoreError> {
+    async fn rebuild_guard(&self, key: &AccountKey) -> Result<Option<RebuildGuard>, StoreError> {
+        Ok(self.scopes.get(&key.tag).and_then(|state| {
+            state.account.as_ref().map(|row| RebuildGuard {
+                seq: row.seq,
+                held: row.held,
+            })
+        }))
+    }
+
+    async fn rebuild_account(&self, rebuild: &AccountRebuild) -> Result<bool, StoreError> {
         let mut state = self.scopes.entry(rebuild.key.tag).or_default();
+        // The fence, as in rebuild_account.lua.
+        let now = state.account.as_ref().map(|row| RebuildGuard {
+            seq: row.seq,
+            held: row.held,
+        });
+        if !state.unsettled.is_empty() || now != rebuild.expect {
+            return Ok(false);
+        }
         let held: i64 = rebuild.holds.iter().map(|h| h.held_minor).sum();
         state.account = Some(AccountRow {
             merchant: rebuild.key.merchant.as_str().to_owned(),
@@ -1137,7 +1155,7 @@ impl BalanceStore for MemoryStore {
             state.docs.insert(pid.clone(), hold.doc.clone());
             state.orders.insert(hold.doc.merchant_order_id.clone(), pid);
         }
-        Ok(())
+        Ok(true)
     }
 
     async fn has_accounts(&self) -> Result<bool, StoreError> {

@@ -488,6 +488,15 @@ pub struct UnsettledPage {
     pub complete: bool,
 }
 
+/// An account's sequence and held amount in the balance store, read before the settlement
+/// store's snapshot: a rebuild loads the snapshot only if the account has not moved since
+/// (see [`BalanceStore::rebuild_account`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RebuildGuard {
+    pub seq: u64,
+    pub held: i64,
+}
+
 /// One account as the settlement store knows it, to load into the balance store.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AccountRebuild {
@@ -501,6 +510,9 @@ pub struct AccountRebuild {
     pub holds: Vec<PaymentRecord>,
     /// Each hold's expiry, in the order of `holds`.
     pub hold_expiries_ms: Vec<u64>,
+    /// The account as the balance store had it before the snapshot was read (`None`: it did
+    /// not have it).
+    pub expect: Option<RebuildGuard>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -880,8 +892,15 @@ pub trait BalanceStore: Send + Sync + 'static {
     /// repeated calls make progress through every scope.
     async fn unsettled(&self, budget: usize) -> Result<UnsettledPage, StoreError>;
 
-    /// Replaces one account's balance, sequence and live holds with the given ones.
-    async fn rebuild_account(&self, rebuild: &AccountRebuild) -> Result<(), StoreError>;
+    /// The account's sequence and held amount now (`None`: no such account), to read before
+    /// a rebuild's snapshot of the settlement store. Moves nothing (no lazy release).
+    async fn rebuild_guard(&self, key: &AccountKey) -> Result<Option<RebuildGuard>, StoreError>;
+
+    /// Replaces one account's balance, sequence and live holds with the given ones — only if
+    /// no movement of the account is on its way to the settlement store and the account is
+    /// still as `rebuild.expect` says; otherwise nothing changes and `false` comes back (read
+    /// again and retry). The fence that keeps a rebuild and live traffic from interleaving.
+    async fn rebuild_account(&self, rebuild: &AccountRebuild) -> Result<bool, StoreError>;
 
     /// Whether the store holds any account at all (an empty Redis is rebuilt at start).
     async fn has_accounts(&self) -> Result<bool, StoreError>;

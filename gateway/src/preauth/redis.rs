@@ -21,9 +21,10 @@ use super::{
     late_record_id, money_record_id, AccountKey, AccountRebuild, AccountSnapshot, AdjustOutcome,
     AdjustRequest, AuthorizeOutcome, AuthorizeRequest, BalanceStore, Direction, KeyRestore,
     LateCaptureOutcome, LateCaptureRequest, OpContext, PaymentDoc, PaymentRecord, PaymentStatus,
-    RefundFinishOutcome, RefundFinishRequest, RefundReserveOutcome, RefundReserveRequest,
-    RefundUnwind, RestorePayment, Scope, SettledMark, StoreError, StoredOutcome, SucceedOutcome,
-    SucceedRequest, TransitionOutcome, Unsettled, UnsettledPage, Unwind, UpsertOutcome,
+    RebuildGuard, RefundFinishOutcome, RefundFinishRequest, RefundReserveOutcome,
+    RefundReserveRequest, RefundUnwind, RestorePayment, Scope, SettledMark, StoreError,
+    StoredOutcome, SucceedOutcome, SucceedRequest, TransitionOutcome, Unsettled, UnsettledPage,
+    Unwind, UpsertOutcome,
 };
 use crate::config::RedisSettings;
 use crate::ids::{IdempotencyKey, MerchantOrderId, PaymentId, ScopeTag};
@@ -1048,8 +1049,39 @@ impl BalanceStore for RedisStore {
         })
     }
 
-    async fn rebuild_account(&self, rebuild: &AccountRebuild) -> Result<(), StoreError> {
+    async fn rebuild_guard(&self, key: &AccountKey) -> Result<Option<RebuildGuard>, StoreError> {
+        let k = Keys::of(key.tag);
+        let mut conn = self.connection();
+        let (seq, held): (Option<String>, Option<String>) = self
+            .bounded(
+                "rebuild_guard",
+                ::redis::cmd("HMGET")
+                    .arg(&k.account)
+                    .arg("seq")
+                    .arg("held")
+                    .query_async(&mut conn),
+            )
+            .await?;
+        let Some(seq) = seq else {
+            return Ok(None);
+        };
+        let parse = |v: &str, what: &str| {
+            v.parse::<i64>()
+                .map_err(|_| StoreError::Corrupt(format!("account {what} {v:?}")))
+        };
+        Ok(Some(RebuildGuard {
+            seq: u64::try_from(parse(&seq, "seq")?)
+                .map_err(|_| StoreError::Corrupt(format!("account seq {seq:?}")))?,
+            held: parse(held.as_deref().unwrap_or("0"), "held")?,
+        }))
+    }
+
+    async fn rebuild_account(&self, rebuild: &AccountRebuild) -> Result<bool, StoreError> {
         let k = Keys::of(rebuild.key.tag);
+        let (expect_seq, expect_held) = match rebuild.expect {
+            Some(guard) => (guard.seq.to_string(), guard.held.to_string()),
+            None => (String::new(), String::new()),
+        };
         let mut args: Vec<String> = vec![
             rebuild.key.merchant.as_str().to_owned(),
             rebuild.key.account.as_str().to_owned(),
@@ -1058,6 +1090,8 @@ impl BalanceStore for RedisStore {
             rebuild.credit_limit.to_string(),
             rebuild.seq.to_string(),
             rebuild.created_at_ms.to_string(),
+            expect_seq,
+            expect_held,
         ];
         for (hold, expiry) in rebuild.holds.iter().zip(&rebuild.hold_expiries_ms) {
             args.push(hold.doc.id.clone());
@@ -1078,12 +1112,14 @@ impl BalanceStore for RedisStore {
                     &k.statuses,
                     &k.docs,
                     &k.orders,
+                    &k.unsettled,
                 ],
                 &arg_refs,
             )
             .await?;
         match field(&reply, 0, "rebuild_account")? {
-            "ok" => Ok(()),
+            "ok" => Ok(true),
+            "busy" => Ok(false),
             _ => Err(corrupt("rebuild_account", &reply)),
         }
     }

@@ -761,6 +761,15 @@ pub trait SettlementStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<StoredKey>, SettleError>;
 
+    /// One account's balance and sequence with its live holds, read in ONE snapshot (what a
+    /// rebuild loads: a balance and holds of two different moments would double or lose a
+    /// movement). `None` when the store has no such account.
+    async fn account_state(
+        &self,
+        merchant: &str,
+        account: &str,
+    ) -> Result<Option<(AccountBalance, Vec<PaymentRow>)>, SettleError>;
+
     /// Every pending payment that holds money (or only those of `(merchant, account)`), to
     /// rebuild holds.
     async fn live_holds(&self, only: Option<(&str, &str)>) -> Result<Vec<PaymentRow>, SettleError>;

@@ -1485,9 +1485,18 @@ impl PostgresStore {
         &self,
         only: Option<(&str, &str)>,
     ) -> Result<Vec<AccountBalance>, SettleError> {
+        let client = self.client().await?;
+        self.balances_in(&client, only).await
+    }
+
+    /// As [`SettlementStore::balances`], on `client` (a connection or a transaction).
+    async fn balances_in(
+        &self,
+        client: &impl GenericClient,
+        only: Option<(&str, &str)>,
+    ) -> Result<Vec<AccountBalance>, SettleError> {
         let (merchant, account) = only.unzip();
         let db = |e: tokio_postgres::Error| self.unavailable(&e);
-        let client = self.client().await?;
         let rows = client
             .query(
                 "SELECT a.merchant_id, a.account_id, a.currency, a.credit_limit_minor, \
@@ -1525,9 +1534,18 @@ impl PostgresStore {
         &self,
         only: Option<(&str, &str)>,
     ) -> Result<Vec<PaymentRow>, SettleError> {
+        let client = self.client().await?;
+        self.live_holds_in(&client, only).await
+    }
+
+    /// As [`SettlementStore::live_holds`], on `client` (a connection or a transaction).
+    async fn live_holds_in(
+        &self,
+        client: &impl GenericClient,
+        only: Option<(&str, &str)>,
+    ) -> Result<Vec<PaymentRow>, SettleError> {
         let (merchant, account) = only.unzip();
         let db = |e: tokio_postgres::Error| self.unavailable(&e);
-        let client = self.client().await?;
         let rows = client
             .query(
                 &format!(
@@ -1990,6 +2008,37 @@ impl SettlementStore for PostgresStore {
             StoreOp::Read("live_payment_by_order"),
             self.live_payment_by_order_inner(scope_tag, merchant_order_id),
         )
+        .await
+    }
+
+    async fn account_state(
+        &self,
+        merchant: &str,
+        account: &str,
+    ) -> Result<Option<(AccountBalance, Vec<PaymentRow>)>, SettleError> {
+        if merchant.contains('\0') || account.contains('\0') {
+            return Ok(None);
+        }
+        Self::timed(StoreOp::Read("account_state"), async {
+            let db = |e: tokio_postgres::Error| self.unavailable(&e);
+            let mut client = self.client().await?;
+            // One snapshot for both reads (REPEATABLE READ): the balance and the holds of
+            // the same committed state.
+            let tx = client
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await
+                .map_err(db)?;
+            let only = Some((merchant, account));
+            let Some(balance) = self.balances_in(&tx, only).await?.pop() else {
+                return Ok(None);
+            };
+            let holds = self.live_holds_in(&tx, only).await?;
+            tx.commit().await.map_err(db)?;
+            Ok(Some((balance, holds)))
+        })
         .await
     }
 

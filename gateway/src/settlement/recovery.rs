@@ -10,7 +10,6 @@
 //!   balance store: at start when the balance store is empty (a fresh in-process store, a
 //!   flushed or replaced Redis), and on demand (`gateway rebuild-balances`).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,6 +49,10 @@ pub enum RecoveryError {
     Balances(#[from] StoreError),
     #[error(transparent)]
     Store(#[from] SettleError),
+    /// The account kept moving (or had movements on their way to the store) through every
+    /// attempt of its rebuild: nothing was loaded; try again.
+    #[error("account {0} is busy: not rebuilt (movements on their way to the store); try again")]
+    Busy(String),
 }
 
 /// One pass over (a page of) the balance store's outbox.
@@ -287,61 +290,20 @@ pub async fn rebuild_balances(
     only: Option<(&str, &str)>,
     retention_seconds: u64,
 ) -> Result<usize, RecoveryError> {
-    let accounts = store.balances(only).await?;
-    let holds = store.live_holds(only).await?;
-    let mut holds_by_account: HashMap<(String, String), Vec<super::PaymentRow>> = HashMap::new();
-    for hold in holds {
-        if let Some(account) = hold.account_id.clone() {
-            holds_by_account
-                .entry((hold.merchant_id.clone(), account))
-                .or_default()
-                .push(hold);
-        }
-    }
+    let accounts: Vec<(String, String)> = match only {
+        Some((merchant, account)) => vec![(merchant.to_owned(), account.to_owned())],
+        None => store
+            .balances(None)
+            .await?
+            .into_iter()
+            .map(|b| (b.account.merchant_id, b.account.account_id))
+            .collect(),
+    };
     let mut loaded = 0;
-    for balance in accounts {
-        let a = &balance.account;
-        if only.is_some_and(|(m, acc)| m != a.merchant_id || acc != a.account_id) {
-            continue;
+    for (merchant, account) in &accounts {
+        if rebuild_account(store, balances, merchant, account).await? {
+            loaded += 1;
         }
-        let key = AccountKey::new(
-            MerchantId::parse(&a.merchant_id)
-                .map_err(|e| corrupt(format!("merchant id {}: {e}", a.merchant_id)))?,
-            AccountId::parse(&a.account_id)
-                .map_err(|e| corrupt(format!("account id {}: {e}", a.account_id)))?,
-        );
-        let rows = holds_by_account
-            .remove(&(a.merchant_id.clone(), a.account_id.clone()))
-            .unwrap_or_default();
-        let mut holds = Vec::with_capacity(rows.len());
-        let mut expiries = Vec::with_capacity(rows.len());
-        for row in rows {
-            let doc: PaymentDoc = serde_json::from_str(&row.doc)
-                .map_err(|e| corrupt(format!("payment {} document: {e}", row.id)))?;
-            if PaymentId::parse(&doc.id).is_none() {
-                return Err(corrupt(format!("payment id {}", doc.id)));
-            }
-            // A payment's hold (a supplier charge's) is released by the channel's word only.
-            expiries.push(RELEASED_BY_CHANNEL_MS);
-            holds.push(PaymentRecord {
-                doc,
-                status: PaymentStatus::Pending,
-                held_minor: row.held_minor,
-            });
-        }
-        balances
-            .rebuild_account(&AccountRebuild {
-                key,
-                currency: a.currency,
-                balance: balance.balance_minor,
-                credit_limit: a.credit_limit_minor,
-                seq: balance.seq,
-                created_at_ms: a.created_at_ms,
-                holds,
-                hold_expiries_ms: expiries,
-            })
-            .await?;
-        loaded += 1;
     }
     // The keys after the accounts: a key replays only once its payment's account is there.
     let scope = match only {
@@ -500,6 +462,72 @@ pub async fn unwind_refused_refund(
         "the settlement store refused a refund the balance store had reserved: unwound, refund state reset to the store's"
     );
     Ok(undone)
+}
+
+/// How many times one account's rebuild reads again when the account moved meanwhile, and how
+/// long it waits between two reads: about half a second in all, for the movements on their
+/// way to the store to commit.
+const REBUILD_ATTEMPTS: usize = 25;
+const REBUILD_RETRY_MS: u64 = 20;
+
+/// Loads one account from the settlement store into the balance store, fenced against live
+/// traffic: the account as the balance store has it is read first, then the store's balance,
+/// sequence and live holds in one snapshot, and the balance store takes them only if nothing
+/// of the account is on its way to the store and the account has not moved since (else read
+/// again, bounded). `false` when the store has no such account.
+async fn rebuild_account(
+    store: &dyn SettlementStore,
+    balances: &dyn BalanceStore,
+    merchant: &str,
+    account: &str,
+) -> Result<bool, RecoveryError> {
+    let key = AccountKey::new(
+        MerchantId::parse(merchant).map_err(|e| corrupt(format!("merchant id {merchant}: {e}")))?,
+        AccountId::parse(account).map_err(|e| corrupt(format!("account id {account}: {e}")))?,
+    );
+    for attempt in 0..REBUILD_ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(REBUILD_RETRY_MS)).await;
+        }
+        let expect = balances.rebuild_guard(&key).await?;
+        let Some((balance, rows)) = store.account_state(merchant, account).await? else {
+            return Ok(false);
+        };
+        let mut holds = Vec::with_capacity(rows.len());
+        let mut expiries = Vec::with_capacity(rows.len());
+        for row in rows {
+            let doc: PaymentDoc = serde_json::from_str(&row.doc)
+                .map_err(|e| corrupt(format!("payment {} document: {e}", row.id)))?;
+            if PaymentId::parse(&doc.id).is_none() {
+                return Err(corrupt(format!("payment id {}", doc.id)));
+            }
+            // A payment's hold (a supplier charge's) is released by the channel's word only.
+            expiries.push(RELEASED_BY_CHANNEL_MS);
+            holds.push(PaymentRecord {
+                doc,
+                status: PaymentStatus::Pending,
+                held_minor: row.held_minor,
+            });
+        }
+        let a = &balance.account;
+        let loaded = balances
+            .rebuild_account(&AccountRebuild {
+                key: key.clone(),
+                currency: a.currency,
+                balance: balance.balance_minor,
+                credit_limit: a.credit_limit_minor,
+                seq: balance.seq,
+                created_at_ms: a.created_at_ms,
+                holds,
+                hold_expiries_ms: expiries,
+                expect,
+            })
+            .await?;
+        if loaded {
+            return Ok(true);
+        }
+    }
+    Err(RecoveryError::Busy(format!("{merchant}/{account}")))
 }
 
 /// The balance store rolled back under this movement (its account sequence number is taken in

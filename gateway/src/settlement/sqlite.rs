@@ -370,6 +370,63 @@ fn arbitrate(tx: &Connection, p: &PaymentRow) -> Result<Option<Taken>, SettleErr
     Ok(holder.map(Taken::Order))
 }
 
+/// Every account (or only `(merchant, account)`) with its balance and sequence recomputed from
+/// the postings ([`SettlementStore::balances`]).
+fn balances_in(
+    conn: &Connection,
+    only: Option<(&str, &str)>,
+) -> Result<Vec<AccountBalance>, SettleError> {
+    let (merchant, account) = only.unzip();
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT a.merchant_id, a.account_id, a.currency, a.credit_limit_minor, \
+             a.created_at_ms, a.updated_at_ms, \
+             COALESCE((SELECT SUM(p.amount_minor) FROM postings p WHERE p.ledger = \
+               'account:' || a.merchant_id || ':' || a.account_id), 0), \
+             COALESCE((SELECT MAX(s.account_seq) FROM settlements s WHERE \
+               s.merchant_id = a.merchant_id AND s.account_id = a.account_id), 0) \
+             FROM accounts a WHERE (?1 IS NULL OR (a.merchant_id = ?1 AND a.account_id = ?2)) \
+             ORDER BY a.merchant_id, a.account_id",
+        )
+        .map_err(db)?;
+    let rows = stmt
+        .query_map(params![merchant, account], |r| {
+            Ok(AccountBalance {
+                account: AccountRow {
+                    merchant_id: r.get(0)?,
+                    account_id: r.get(1)?,
+                    currency: currency(r.get(2)?)?,
+                    credit_limit_minor: r.get(3)?,
+                    created_at_ms: r.get::<_, i64>(4)? as u64,
+                    updated_at_ms: r.get::<_, i64>(5)? as u64,
+                },
+                balance_minor: r.get(6)?,
+                seq: r.get::<_, i64>(7)? as u64,
+            })
+        })
+        .map_err(db)?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(db)
+}
+
+/// Every pending payment holding money (or only those of `(merchant, account)`).
+fn live_holds_in(
+    conn: &Connection,
+    only: Option<(&str, &str)>,
+) -> Result<Vec<PaymentRow>, SettleError> {
+    let (merchant, account) = only.unzip();
+    let mut stmt = conn
+        .prepare_cached(&format!(
+            "SELECT {PAYMENT_COLUMNS} FROM payments WHERE status = 'pending' \
+             AND held_minor > 0 \
+             AND (?1 IS NULL OR (merchant_id = ?1 AND account_id = ?2)) ORDER BY id"
+        ))
+        .map_err(db)?;
+    let rows = stmt
+        .query_map(params![merchant, account], payment_from_row)
+        .map_err(db)?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(db)
+}
+
 /// Flags a refund the store refused (`kind`: `refund_conflict`, `refund_cap`), under its
 /// payment.
 fn flag_refund(tx: &Connection, r: &RefundRow, kind: &str, why: &str) -> Result<(), SettleError> {
@@ -960,36 +1017,27 @@ impl SettlementStore for SqliteStore {
     ) -> Result<Vec<AccountBalance>, SettleError> {
         let only = only.map(|(m, a)| (m.to_owned(), a.to_owned()));
         self.run(StoreOp::Read("balances"), move |conn| {
-            let (merchant, account) = only.unzip();
-            let mut stmt = conn
-                .prepare(
-                    "SELECT a.merchant_id, a.account_id, a.currency, a.credit_limit_minor, \
-                     a.created_at_ms, a.updated_at_ms, \
-                     COALESCE((SELECT SUM(p.amount_minor) FROM postings p WHERE p.ledger = \
-                       'account:' || a.merchant_id || ':' || a.account_id), 0), \
-                     COALESCE((SELECT MAX(s.account_seq) FROM settlements s WHERE \
-                       s.merchant_id = a.merchant_id AND s.account_id = a.account_id), 0) \
-                     FROM accounts a WHERE (?1 IS NULL OR (a.merchant_id = ?1 AND a.account_id = ?2)) \
-                     ORDER BY a.merchant_id, a.account_id",
-                )
-                .map_err(db)?;
-            let rows = stmt
-                .query_map(params![merchant, account], |r| {
-                    Ok(AccountBalance {
-                        account: AccountRow {
-                            merchant_id: r.get(0)?,
-                            account_id: r.get(1)?,
-                            currency: currency(r.get(2)?)?,
-                            credit_limit_minor: r.get(3)?,
-                            created_at_ms: r.get::<_, i64>(4)? as u64,
-                            updated_at_ms: r.get::<_, i64>(5)? as u64,
-                        },
-                        balance_minor: r.get(6)?,
-                        seq: r.get::<_, i64>(7)? as u64,
-                    })
-                })
-                .map_err(db)?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(db)
+            balances_in(conn, only.as_ref().map(|(m, a)| (m.as_str(), a.as_str())))
+        })
+        .await
+    }
+
+    async fn account_state(
+        &self,
+        merchant: &str,
+        account: &str,
+    ) -> Result<Option<(AccountBalance, Vec<PaymentRow>)>, SettleError> {
+        let (merchant, account) = (merchant.to_owned(), account.to_owned());
+        self.run(StoreOp::Read("account_state"), move |conn| {
+            // One read transaction: both reads see the same committed state.
+            let tx = conn.transaction().map_err(db)?;
+            let only = Some((merchant.as_str(), account.as_str()));
+            let Some(balance) = balances_in(&tx, only)?.pop() else {
+                return Ok(None);
+            };
+            let holds = live_holds_in(&tx, only)?;
+            tx.commit().map_err(db)?;
+            Ok(Some((balance, holds)))
         })
         .await
     }
@@ -1038,18 +1086,7 @@ impl SettlementStore for SqliteStore {
     async fn live_holds(&self, only: Option<(&str, &str)>) -> Result<Vec<PaymentRow>, SettleError> {
         let only = only.map(|(m, a)| (m.to_owned(), a.to_owned()));
         self.run(StoreOp::Read("live_holds"), move |conn| {
-            let (merchant, account) = only.unzip();
-            let mut stmt = conn
-                .prepare(&format!(
-                    "SELECT {PAYMENT_COLUMNS} FROM payments WHERE status = 'pending' \
-                     AND held_minor > 0 \
-                     AND (?1 IS NULL OR (merchant_id = ?1 AND account_id = ?2)) ORDER BY id"
-                ))
-                .map_err(db)?;
-            let rows = stmt
-                .query_map(params![merchant, account], payment_from_row)
-                .map_err(db)?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(db)
+            live_holds_in(conn, only.as_ref().map(|(m, a)| (m.as_str(), a.as_str())))
         })
         .await
     }

@@ -652,3 +652,83 @@ async fn refunds_are_capped_by_the_store_when_redis_forgot_them() {
     let disk = app.settlement_store().await;
     assert_store_invariants(disk.as_ref(), &[("alpha", "acc", 100_000)]).await;
 }
+
+/// A rebuild never interleaves with live traffic: while a supplier hold's intent is on its
+/// way to the store (here: the store's write lock held elsewhere), a rebuild of the account
+/// loads nothing — before the fence it failed the hold the store did not know yet, after which
+/// the intent committed and the supplier was called without a hold. Once the intent is in,
+/// the rebuild loads the account with its hold.
+#[tokio::test]
+async fn a_rebuild_waits_for_movements_on_their_way_to_the_store() {
+    let app = std::sync::Arc::new(spawn_app_on(Backend::Redis, Store::Sqlite, &[]).await);
+    app.funded_account(ALPHA, "alpha", "acc", "100.00", "0.00")
+        .await;
+    let lock = rusqlite::Connection::open(app.data.path().join("gateway.sqlite3")).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let paying = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            app.pay(ALPHA, "S", supplier_payment("S", "acc", "5.00"))
+                .await
+        })
+    };
+    // The hold is placed in Redis; its intent waits for the store.
+    for _ in 0..100 {
+        if app.account(ALPHA, "acc").await.body["held"] == "5.00" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    app.assert_account(ALPHA, "acc", "100.00", "5.00", "95.00")
+        .await;
+
+    // `gateway rebuild-balances --account alpha/acc`, as the library call the command makes.
+    let config =
+        crate::helpers::test_config(&[("GATEWAY__REDIS__URL", &app.redis.as_ref().unwrap().url())]);
+    let redis = gateway::preauth::redis::RedisStore::connect(&config.settings.redis)
+        .await
+        .unwrap();
+    let disk = app.settlement_store().await;
+    let busy = gateway::settlement::recovery::rebuild_balances(
+        disk.as_ref(),
+        &redis,
+        Some(("alpha", "acc")),
+        86_400,
+    )
+    .await;
+    assert!(
+        matches!(
+            busy,
+            Err(gateway::settlement::recovery::RecoveryError::Busy(_))
+        ),
+        "{busy:?}"
+    );
+    app.assert_account(ALPHA, "acc", "100.00", "5.00", "95.00")
+        .await;
+
+    lock.execute_batch("COMMIT").unwrap();
+    drop(lock);
+    let paid = paying.await.unwrap();
+    assert_eq!(
+        (paid.status, &paid.body["status"]),
+        (201, &json!("pending")),
+        "{:?}",
+        paid.body
+    );
+    let loaded = gateway::settlement::recovery::rebuild_balances(
+        disk.as_ref(),
+        &redis,
+        Some(("alpha", "acc")),
+        86_400,
+    )
+    .await
+    .unwrap();
+    assert_eq!(loaded, 1);
+    app.assert_account(ALPHA, "acc", "100.00", "5.00", "95.00")
+        .await;
+    let id = paid.body["id"].as_str().unwrap();
+    assert_eq!(
+        app.get(&format!("/v1/payments/{id}"), ALPHA).await.body["status"],
+        "pending"
+    );
+}

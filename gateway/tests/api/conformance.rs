@@ -1189,19 +1189,41 @@ async fn rebuild_replaces_balances_and_holds(store: Arc<dyn BalanceStore>) {
         status: PaymentStatus::Pending,
         held_minor: 2_000,
     };
-    store
-        .rebuild_account(&AccountRebuild {
-            key: k.clone(),
-            currency: Currency::Cny,
-            balance: 8_000,
-            credit_limit: 500,
-            seq: 7,
-            created_at_ms: NOW,
-            holds: vec![kept_record],
-            hold_expiries_ms: vec![NOW + 30_000],
+    let rebuild = |expect| AccountRebuild {
+        key: k.clone(),
+        currency: Currency::Cny,
+        balance: 8_000,
+        credit_limit: 500,
+        seq: 7,
+        created_at_ms: NOW,
+        holds: vec![kept_record.clone()],
+        hold_expiries_ms: vec![NOW + 30_000],
+        expect,
+    };
+    // The fence: not while a movement is on its way to the settlement store (the funding)…
+    let guard = store.rebuild_guard(&k).await.unwrap();
+    assert_eq!(
+        guard,
+        Some(gateway::preauth::RebuildGuard {
+            seq: 1,
+            held: 3_000
         })
-        .await
-        .unwrap();
+    );
+    assert!(!store.rebuild_account(&rebuild(guard)).await.unwrap());
+    settle_all(&store).await;
+    // …nor when the account moved since it was read before the snapshot…
+    let moved = authorize(&k, "s3", "moved", 100, hold_until(NOW + 60_000));
+    store.authorize(&moved, ctx(NOW)).await.unwrap();
+    assert!(!store.rebuild_account(&rebuild(guard)).await.unwrap());
+    assert!(!store.rebuild_account(&rebuild(None)).await.unwrap());
+    assert_eq!(
+        snapshot(&store, &k, NOW).await,
+        (10_000, 3_100, 6_900),
+        "nothing loaded"
+    );
+    // …then, read again, it loads.
+    let guard = store.rebuild_guard(&k).await.unwrap();
+    assert!(store.rebuild_account(&rebuild(guard)).await.unwrap());
     let s = store.read_account(&k, ctx(NOW)).await.unwrap().unwrap();
     assert_eq!(
         (s.balance, s.held, s.credit_limit, s.seq, s.available()),
@@ -1500,7 +1522,9 @@ async fn a_hold_released_by_the_channel_has_no_clock(store: Arc<dyn BalanceStore
     );
     // Rebuilt with its hold: still no clock.
     let record = store.payment(&id).await.unwrap().unwrap();
-    store
+    settle_all(&store).await;
+    let expect = store.rebuild_guard(&k).await.unwrap();
+    let loaded = store
         .rebuild_account(&AccountRebuild {
             key: k.clone(),
             currency: Currency::Cny,
@@ -1513,9 +1537,11 @@ async fn a_hold_released_by_the_channel_has_no_clock(store: Arc<dyn BalanceStore
                 ..record
             }],
             hold_expiries_ms: vec![RELEASED_BY_CHANNEL_MS],
+            expect,
         })
         .await
         .unwrap();
+    assert!(loaded);
     assert_eq!(store.sweep_expired(ctx(years_later), 100).await.unwrap(), 0);
     assert_eq!(
         snapshot(&store, &k, years_later).await,
