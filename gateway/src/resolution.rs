@@ -372,9 +372,11 @@ pub async fn record_late_money(
         ),
         created_at_ms: now,
     };
-    state.settler.store.flag(&flag).await?;
-    telemetry::resolution("late_money");
-    tracing::error!(payment_id = %pid, channel = %attempt.channel_id, reason, %done, "late money");
+    // Said once per item: a repeated notice finds every step done and the item flagged.
+    if state.settler.store.flag(&flag).await? {
+        telemetry::resolution("late_money");
+        tracing::error!(payment_id = %pid, channel = %attempt.channel_id, reason, %done, "late money");
+    }
     Ok(())
 }
 

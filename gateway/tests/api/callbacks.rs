@@ -1080,6 +1080,18 @@ async fn a_supplier_charge_executed_after_expiry_is_captured_if_affordable() {
     };
     assert_eq!(kinds(rich), vec!["late_money"]);
     assert_eq!(kinds(poor), vec!["late_money", "overdraft"]);
+    // Each item is counted (and logged) once, though each notice came twice.
+    let metrics = app
+        .request(hyper::Method::GET, "/metrics", None, None, None)
+        .await;
+    let late_counted: u64 = metrics
+        .body
+        .as_str()
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("gateway_resolutions_total{result=\"late_money\"} "))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    assert_eq!(late_counted, 2, "once per item");
 }
 
 /// Push and pull race: callbacks and a fast resolution loop both try to settle the same auto-
