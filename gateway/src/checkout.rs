@@ -24,7 +24,6 @@
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
-use crate::api::AppState;
 use crate::channels::{
     Action, ChannelKind, ChannelOrderId, CloseOutcome, CreateOrder, MAX_DESCRIPTION_CHARS,
 };
@@ -33,6 +32,7 @@ use crate::money::{Amount, Currency};
 use crate::preauth::{Method, PaymentDoc, SettledMark};
 use crate::routing::{CallPermit, RouteRequest};
 use crate::settlement::{AttemptRow, AttemptUpdate};
+use crate::state::Core;
 use crate::telemetry;
 
 /// Attempt outcomes as the API shows them (DESIGN.md §4).
@@ -69,7 +69,7 @@ pub struct Reserved {
 
 impl Route {
     /// Ranks the channels for `doc` now and reserves the first one that grants a permit.
-    pub fn plan(state: &AppState, doc: &PaymentDoc) -> (Self, Option<Reserved>) {
+    pub fn plan(state: &Core, doc: &PaymentDoc) -> (Self, Option<Reserved>) {
         let method = method_name(doc.method);
         let request = RouteRequest {
             method,
@@ -85,7 +85,7 @@ impl Route {
 
     /// The next ranked channel whose breaker grants a permit now (the breaker may have
     /// changed since the ranking).
-    fn reserve_next(&mut self, state: &AppState) -> Option<Reserved> {
+    fn reserve_next(&mut self, state: &Core) -> Option<Reserved> {
         while let Some(&index) = self.order.get(self.next) {
             self.next += 1;
             if let Some(permit) = state.channels.entries()[index].try_acquire(Instant::now()) {
@@ -108,7 +108,7 @@ pub fn method_name(method: Method) -> &'static str {
 
 /// The attempt row committed before attempt `number` is sent to the reserved channel.
 pub fn attempt_row(
-    state: &AppState,
+    state: &Core,
     payment: &PaymentId,
     number: u8,
     reserved: &Reserved,
@@ -154,7 +154,7 @@ pub enum Routed {
 /// calls. An accepted attempt's outcome takes `release_key` (the idempotency key's release)
 /// into its group commit. Returns how it ended and every attempt as it stands.
 pub async fn attempt(
-    state: &AppState,
+    state: &Core,
     doc: &PaymentDoc,
     route: &mut Route,
     first: Option<Reserved>,
@@ -265,7 +265,7 @@ fn customer_paid(kind: ChannelKind) -> bool {
 
 /// Writes an attempt's outcome through the group commit; a failure is logged (the resolution loop treats an attempt
 /// still recorded as unknown the same way as an accepted one).
-async fn save(state: &AppState, row: &AttemptRow, release_key: &mut Option<SettledMark>) {
+async fn save(state: &Core, row: &AttemptRow, release_key: &mut Option<SettledMark>) {
     let update = AttemptUpdate {
         payment_id: row.payment_id.clone(),
         attempt: row.attempt,
@@ -284,7 +284,7 @@ async fn save(state: &AppState, row: &AttemptRow, release_key: &mut Option<Settl
 
 /// The channel's create request for one attempt of `doc`.
 fn create_request(
-    state: &AppState,
+    state: &Core,
     doc: &PaymentDoc,
     channel_id: &str,
     order_id: ChannelOrderId,

@@ -107,7 +107,7 @@ pub struct ServerSettings {
     /// Redis and the database on a shared machine (docs/PERFORMANCE.md).
     pub worker_threads: usize,
     /// From a request's first byte to the end of its headers at most; a slower client is
-    /// disconnected (`crate::server`).
+    /// disconnected (`api::server`).
     pub header_read_timeout_ms: u64,
     /// From the end of a request's headers to the end of its body at most; past it the answer
     /// is `408` and the connection is closed.

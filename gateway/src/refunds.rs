@@ -14,7 +14,6 @@
 //! Never more than was paid: the reservation is the only way to a refund, and a refund ends
 //! once (`refund_finish.lua`).
 
-use crate::api::AppState;
 use crate::channels::{
     ChannelError, ChannelOrderId, ChannelRefundId, RefundOutcome, RefundRequest,
 };
@@ -26,6 +25,7 @@ use crate::preauth::{
 };
 use crate::resolution::ResolveError;
 use crate::settlement::{movements, PendingRecord, RefundRow, RefundStatusChange};
+use crate::state::Core;
 use crate::telemetry;
 
 /// How far a refund got.
@@ -50,7 +50,7 @@ impl Executed {
 /// Sends `refund` of `doc` to its channel (or, for a balance payment, settles it at once) and
 /// records the outcome.
 pub async fn execute(
-    state: &AppState,
+    state: &Core,
     refund: &RefundRow,
     doc: &PaymentDoc,
 ) -> Result<Executed, ResolveError> {
@@ -70,7 +70,7 @@ pub async fn execute(
 }
 
 async fn call_channel(
-    state: &AppState,
+    state: &Core,
     refund: &RefundRow,
     doc: &PaymentDoc,
     channel_id: &str,
@@ -131,7 +131,7 @@ async fn call_channel(
 
 /// Ends the refund in the balance store (once), then in the settlement store.
 async fn finish(
-    state: &AppState,
+    state: &Core,
     refund: &RefundRow,
     doc: &PaymentDoc,
     succeeded: bool,
@@ -211,7 +211,7 @@ pub const RETRY_AFTER_MS: u64 = 10_000;
 
 /// Sends pending refunds that have waited [`RETRY_AFTER_MS`] again (the resolution loop's
 /// tick). Returns how many were looked at.
-pub async fn retry_stale(state: &AppState, limit: usize) -> Result<usize, ResolveError> {
+pub async fn retry_stale(state: &Core, limit: usize) -> Result<usize, ResolveError> {
     let now = telemetry::now_ms();
     let stale = state
         .settler

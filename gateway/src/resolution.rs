@@ -25,7 +25,6 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::api::AppState;
 use crate::channels::{
     ChannelKind, ChannelOrderId, ChannelRefundId, CloseOutcome, OrderState, RefundOutcome,
     RefundRequest,
@@ -44,6 +43,7 @@ use crate::settlement::{
     movements, AttemptRow, AttemptUpdate, CommitOutcome, Flagged, PaymentRow, PendingRecord,
     SettleError, StatusChange,
 };
+use crate::state::Core;
 use crate::telemetry;
 
 #[derive(Debug, thiserror::Error)]
@@ -88,7 +88,7 @@ pub enum Settled {
 /// refunds' state. `None` when neither store knows it, or when only its hold could be missing
 /// (a pending payment holding money whose account the balance store still has: never guessed).
 pub async fn ensure_payment(
-    state: &AppState,
+    state: &Core,
     pid: &PaymentId,
 ) -> Result<Option<crate::preauth::PaymentRecord>, ResolveError> {
     if let Some(record) = state.balances.payment(pid).await? {
@@ -179,7 +179,7 @@ pub fn success_effect(method: Method, purpose: Purpose) -> SuccessEffect {
 /// The channel reports `attempt`'s order paid with this amount: settle the payment (see the
 /// module docs). A mismatched amount or currency changes nothing.
 pub async fn settle_paid(
-    state: &AppState,
+    state: &Core,
     attempt: &AttemptRow,
     channel_txn_id: &str,
     amount_minor: i64,
@@ -332,7 +332,7 @@ pub async fn settle_paid(
 /// `GET /v1/admin/flagged` (every case is flagged, with what was done). The payment's status
 /// is not changed. Idempotent: a repeated notice finds every step done.
 pub async fn record_late_money(
-    state: &AppState,
+    state: &Core,
     attempt: &AttemptRow,
     channel_txn_id: &str,
     amount_minor: i64,
@@ -381,7 +381,7 @@ pub async fn record_late_money(
 }
 
 async fn commit_unmarked(
-    state: &AppState,
+    state: &Core,
     pid: &PaymentId,
     settlement: crate::settlement::Settlement,
 ) -> Result<(), ResolveError> {
@@ -396,7 +396,7 @@ async fn commit_unmarked(
 
 /// A supplier charge's late money, from its account when it can afford it.
 async fn late_capture(
-    state: &AppState,
+    state: &Core,
     pid: &PaymentId,
     doc: &crate::preauth::PaymentDoc,
     attempt: &AttemptRow,
@@ -460,7 +460,7 @@ async fn late_capture(
 /// A customer payment's late money, refunded through the channel under a refund number of its
 /// own (`late-<channel order id>`, reused on every retry so the channel refunds once).
 async fn late_refund(
-    state: &AppState,
+    state: &Core,
     doc: &crate::preauth::PaymentDoc,
     attempt: &AttemptRow,
     amount_minor: i64,
@@ -528,7 +528,7 @@ async fn late_refund(
 /// The channel confirmed the payment can no longer be paid: release its hold and end it
 /// with `to` (`failed`, `expired` or `canceled`), in the balance store and then the record.
 pub async fn settle_unpaid(
-    state: &AppState,
+    state: &Core,
     pid: &PaymentId,
     to: PaymentStatus,
 ) -> Result<TransitionOutcome, ResolveError> {
@@ -545,7 +545,7 @@ pub async fn settle_unpaid(
 
 /// Tells the settlement store a payment's final status now; if it cannot hear it, recovery
 /// will (the status waits in the balance store's outbox).
-pub async fn apply_final_status(state: &AppState, pid: &PaymentId, status: PaymentStatus) {
+pub async fn apply_final_status(state: &Core, pid: &PaymentId, status: PaymentStatus) {
     let change = StatusChange {
         payment_id: pid.as_str().to_owned(),
         status: status.as_str().to_owned(),
@@ -577,7 +577,7 @@ pub enum Cancel {
 
 /// Cancels a pending channel payment: closes every open attempt first (module docs).
 pub async fn cancel(
-    state: &AppState,
+    state: &Core,
     pid: &PaymentId,
     expires_at_ms: u64,
 ) -> Result<Cancel, ResolveError> {
@@ -621,7 +621,7 @@ enum Closed {
 /// Closes one attempt's order and records what the channel said. "No such order" counts as
 /// dead here: an attempt is closed this way only at its payment's expiry or its cancel, after
 /// the order's own expiry was sent to the channel (a create arriving later is refused).
-async fn close(state: &AppState, attempt: &AttemptRow, expires_at_ms: u64, now_ms: u64) -> Closed {
+async fn close(state: &Core, attempt: &AttemptRow, expires_at_ms: u64, now_ms: u64) -> Closed {
     let (Some(entry), Some(order)) = (
         state.channels.get(&attempt.channel_id),
         ChannelOrderId::parse(&attempt.channel_order_id),
@@ -666,7 +666,7 @@ async fn close(state: &AppState, attempt: &AttemptRow, expires_at_ms: u64, now_m
     }
 }
 
-async fn record_outcome(state: &AppState, attempt: &AttemptRow, to: &str) {
+async fn record_outcome(state: &Core, attempt: &AttemptRow, to: &str) {
     let update = AttemptUpdate {
         payment_id: attempt.payment_id.clone(),
         attempt: attempt.attempt,
@@ -691,7 +691,7 @@ pub enum Look {
 }
 
 /// Looks at one due payment once (module docs).
-pub async fn look(state: &AppState, row: &PaymentRow, now_ms: u64) -> Result<Look, ResolveError> {
+pub async fn look(state: &Core, row: &PaymentRow, now_ms: u64) -> Result<Look, ResolveError> {
     let pid = PaymentId::parse(&row.id).ok_or_else(|| ResolveError::Unknown(row.id.clone()))?;
     match ensure_payment(state, &pid).await? {
         // The store still has it pending (that is how it was claimed): its end is on its way
@@ -830,7 +830,7 @@ pub fn next_look_ms(
 
 /// One tick of the loop: take the due payments and look at each, `resolution.concurrency`
 /// at a time. Returns how many were taken.
-pub async fn resolve_due(state: &Arc<AppState>) -> Result<usize, ResolveError> {
+pub async fn resolve_due(state: &Arc<Core>) -> Result<usize, ResolveError> {
     let settings = &state.config.settings.resolution;
     let now = telemetry::now_ms();
     let due = state
@@ -876,7 +876,7 @@ pub async fn resolve_due(state: &Arc<AppState>) -> Result<usize, ResolveError> {
 }
 
 /// Runs [`resolve_due`] every `resolution.interval_ms` until shutdown.
-pub fn spawn_resolution(state: Arc<AppState>, shutdown: watch::Receiver<bool>) -> JoinHandle<()> {
+pub fn spawn_resolution(state: Arc<Core>, shutdown: watch::Receiver<bool>) -> JoinHandle<()> {
     let interval = Duration::from_millis(state.config.settings.resolution.interval_ms);
     spawn_periodic(interval, shutdown, move || {
         let state = state.clone();

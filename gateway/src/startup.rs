@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use tokio::task::JoinHandle;
 
+use crate::api::server::ConnectionLimits;
 use crate::api::{self, AppState};
 use crate::channels::ChannelSettingsError;
 use crate::config::{Config, StoreLocation};
@@ -21,7 +22,6 @@ use crate::preauth::redis::RedisStore;
 use crate::preauth::{spawn_sweeper, BalanceStore, StoreError};
 use crate::resolution::spawn_resolution;
 use crate::routing::ChannelRegistry;
-use crate::server::ConnectionLimits;
 use crate::settlement::postgres::PostgresStore;
 use crate::settlement::recovery::{
     rebuild_balances, recover_once, spawn_recovery, RecoveryError, RecoveryReport,
@@ -262,13 +262,18 @@ impl Application {
             Duration::from_millis(settings.telemetry.metrics_upkeep_ms),
             stop_rx.clone(),
         );
-        let resolution = spawn_resolution(self.state.clone(), stop_rx.clone());
-        let webhooks = crate::webhooks::spawn_webhooks(self.state.clone(), stop_rx.clone());
+        let resolution = spawn_resolution(self.state.core.clone(), stop_rx.clone());
+        let webhooks = crate::webhooks::spawn_webhooks(self.state.core.clone(), stop_rx.clone());
 
         let state = self.state.clone();
         let app = api::router(self.state.clone());
         let limits = ConnectionLimits::from_settings(&settings.server);
-        let server = tokio::spawn(crate::server::serve(self.listener, app, limits, stop_rx));
+        let server = tokio::spawn(crate::api::server::serve(
+            self.listener,
+            app,
+            limits,
+            stop_rx,
+        ));
 
         shutdown.await;
         tracing::info!(

@@ -192,7 +192,7 @@ pub fn request_shed() {
     metrics::counter!(HTTP_REQUESTS_SHED_TOTAL).increment(1);
 }
 
-/// A client connection was accepted (`crate::server`).
+/// A client connection was accepted (`api::server`).
 pub fn http_connection_opened() {
     metrics::gauge!(HTTP_CONNECTIONS_OPEN).increment(1.0);
 }

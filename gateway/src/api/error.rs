@@ -102,7 +102,7 @@ impl ApiError {
     }
 
     /// The JSON answer `{"error": {...}}` (also written by hand where no router runs:
-    /// `crate::server` refusing a connection over the cap).
+    /// `api::server` refusing a connection over the cap).
     pub fn body(&self) -> Value {
         let mut error = Map::new();
         error.insert("code".into(), self.code().into());

@@ -119,28 +119,7 @@ pub fn required_idempotency_key(
         .ok_or_else(|| ApiError::invalid("Idempotency-Key", "header is required on this request"))
 }
 
-/// RFC 3339 in UTC with second precision, e.g. `2026-11-26T12:00:00Z`.
-pub fn rfc3339(unix_ms: u64) -> String {
-    let secs = unix_ms / 1000;
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Howard Hinnant's civil-from-days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
+pub use crate::time::rfc3339;
 
 /// The digest an idempotency record keeps: the route and the *normalized* request (parsed
 /// values, keys sorted), so whitespace or key order never makes a retry look different, while
@@ -153,18 +132,4 @@ pub fn request_hash(route: &str, normalized: &Value) -> String {
     // serde_json's Map is ordered by key: the serialization is canonical.
     hasher.update(normalized.to_string().as_bytes());
     hex::encode(&hasher.finalize()[..16])
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rfc3339_matches_known_instants() {
-        // Independent vectors: `date -u -d @0`, `date -u -d @951782400` (a leap day),
-        // `date -u -d @1795694400`.
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339(1_795_694_400_999), "2026-11-26T12:00:00Z");
-    }
 }

@@ -13,6 +13,7 @@ pub mod health;
 pub mod payments;
 pub mod refunds;
 mod render;
+pub mod server;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -27,32 +28,32 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::Semaphore;
 
 use crate::config::Config;
-use crate::preauth::{BalanceStore, OpContext};
+use crate::preauth::BalanceStore;
 use crate::routing::ChannelRegistry;
 use crate::settlement::settler::Settler;
+use crate::state::Core;
 use crate::telemetry;
 use auth::Authenticator;
 use error::ApiError;
 
-/// What every handler shares.
+/// What every handler shares: the payment core, and what only the HTTP layer needs.
 pub struct AppState {
-    pub config: Arc<Config>,
-    /// The hot state: balances, holds, payments, idempotency (Redis or in-process).
-    pub balances: Arc<dyn BalanceStore>,
-    /// The system of record and the way to it.
-    pub settler: Arc<Settler>,
-    /// The configured upstream channels with their breakers.
-    pub channels: Arc<ChannelRegistry>,
-    /// Documents of the channel payments this instance created, until they settle.
-    pub pending_docs: crate::pending_docs::PendingDocs,
-    /// The gateway's URL as channels reach it: notify URLs are `<public_url>/v1/callbacks/<id>`.
-    pub public_url: String,
+    /// The payment core's shared state (the handlers reach it through `Deref`).
+    pub core: Arc<Core>,
     pub auth: Authenticator,
     pub metrics: PrometheusHandle,
     /// Set on shutdown: `/readyz` turns not-ready so load balancers stop sending traffic.
     pub draining: AtomicBool,
     /// Bounds the requests served at once (`server.max_in_flight_requests`).
     in_flight: Semaphore,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Core;
+
+    fn deref(&self) -> &Core {
+        &self.core
+    }
 }
 
 impl AppState {
@@ -64,31 +65,16 @@ impl AppState {
         public_url: String,
     ) -> Self {
         Self {
-            channels,
-            public_url,
-            balances,
-            settler,
             auth: Authenticator::new(&config),
-            pending_docs: crate::pending_docs::PendingDocs::new(
-                config.settings.payments.pending_doc_cache,
-            ),
             in_flight: Semaphore::new(config.settings.server.max_in_flight_requests),
             metrics: telemetry::prometheus(),
             draining: AtomicBool::new(false),
-            config,
+            core: Arc::new(Core::new(config, balances, settler, channels, public_url)),
         }
     }
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
-    }
-
-    /// The context of one store operation, at this instant.
-    pub fn op(&self) -> OpContext {
-        OpContext {
-            now_ms: telemetry::now_ms(),
-            lazy_release_max: self.config.settings.preauth.lazy_release_max,
-        }
     }
 }
 

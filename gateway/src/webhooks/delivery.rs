@@ -40,9 +40,9 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use super::signature::WebhookKey;
 pub use super::url::check_url;
-use crate::api::AppState;
 use crate::config::{Merchant, Mode, WebhookSettings};
 use crate::periodic::spawn_periodic;
+use crate::state::Core;
 use futures_util::future::join_all;
 
 use crate::settlement::stream::SettlementStream;
@@ -494,7 +494,7 @@ fn random_u64() -> u64 {
 
 /// Runs the worker for `state`'s merchants and store every `webhooks.interval_ms` until
 /// shutdown, then waits (bounded) for the deliveries in flight.
-pub fn spawn_webhooks(state: Arc<AppState>, shutdown: watch::Receiver<bool>) -> JoinHandle<()> {
+pub fn spawn_webhooks(state: Arc<Core>, shutdown: watch::Receiver<bool>) -> JoinHandle<()> {
     let settings = state.config.settings.webhooks.clone();
     match Deliverer::new(
         state.settler.store.clone(),

@@ -16,9 +16,9 @@
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::api::extract::rfc3339;
 use crate::money::format_minor;
 use crate::settlement::{PaymentRow, Settlement, SettlementKind, WebhookEvent, WebhookStatus};
+use crate::time::rfc3339;
 
 pub const PAYMENT_SUCCEEDED: &str = "payment.succeeded";
 pub const PAYMENT_FAILED: &str = "payment.failed";

@@ -18,8 +18,8 @@ pub mod url;
 
 use serde_json::{json, Value};
 
-use crate::api::extract::rfc3339;
 use crate::settlement::WebhookEvent;
+use crate::time::rfc3339;
 
 pub use delivery::{spawn_webhooks, Deliverer};
 
