@@ -30,7 +30,7 @@ use crate::resolution::{self, Cancel, ResolveError};
 use crate::settlement::recovery::{unwind_refused, Refusal};
 use crate::settlement::settler::SettleFailure;
 use crate::settlement::{
-    movements, AttemptRow, CommitOutcome, IntentOutcome, PaymentRow, PendingRecord,
+    movements, AttemptRow, CommitOutcome, IntentOutcome, PaymentRow, PendingRecord, RefusalRow,
 };
 use crate::telemetry;
 
@@ -436,14 +436,31 @@ pub(super) async fn submit(
                 payment_id: Some(id.to_string()),
             }),
         ),
+        AuthorizeOutcome::InsufficientFunds {
+            available,
+            shortfall,
+        } => {
+            // The refusal is the key's answer: kept in the store too, so its replay survives.
+            state.settler.record_refusal_later(RefusalRow {
+                scope_tag: request.scope.tag().to_string(),
+                idempotency_key: request.idempotency.key.as_str().to_owned(),
+                request_hash: request.idempotency.request_hash.clone(),
+                outcome: StoredOutcome::InsufficientFunds {
+                    available,
+                    shortfall,
+                }
+                .encode(),
+                created_at_ms: request.doc.created_at_ms,
+            });
+            (
+                "insufficient_funds",
+                Err(insufficient(available, shortfall)),
+            )
+        }
         AuthorizeOutcome::Replay(StoredOutcome::InsufficientFunds {
             available,
             shortfall,
-        })
-        | AuthorizeOutcome::InsufficientFunds {
-            available,
-            shortfall,
-        } => (
+        }) => (
             "insufficient_funds",
             Err(insufficient(available, shortfall)),
         ),

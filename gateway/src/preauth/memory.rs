@@ -987,21 +987,12 @@ impl BalanceStore for MemoryStore {
                 state.idempotency.remove(&key);
             }
             Some(record) => {
-                let outcome = match PaymentId::parse(&record.payment_id) {
-                    Some(id) => StoredOutcome::Payment(id),
-                    None => {
-                        return Err(StoreError::Corrupt(format!(
-                            "unwind: payment id {}",
-                            record.payment_id
-                        )))
-                    }
-                };
                 let now_ms = crate::telemetry::now_ms();
                 state.idempotency.insert(
                     key,
                     IdempotencyRow {
                         request_hash: record.request_hash.clone(),
-                        outcome,
+                        outcome: record.outcome.clone(),
                         in_flight: false,
                         expires_at_ms: now_ms
                             .saturating_add(record.ttl_seconds.saturating_mul(1000)),
@@ -1046,12 +1037,6 @@ impl BalanceStore for MemoryStore {
         let now_ms = crate::telemetry::now_ms();
         let mut restored = 0;
         for r in records {
-            let Some(id) = PaymentId::parse(&r.record.payment_id) else {
-                return Err(StoreError::Corrupt(format!(
-                    "restore_keys: payment id {}",
-                    r.record.payment_id
-                )));
-            };
             let mut state = self.scopes.entry(r.tag).or_default();
             if state
                 .idempotency
@@ -1064,7 +1049,7 @@ impl BalanceStore for MemoryStore {
                 r.key.clone(),
                 IdempotencyRow {
                     request_hash: r.record.request_hash.clone(),
-                    outcome: StoredOutcome::Payment(id),
+                    outcome: r.record.outcome.clone(),
                     in_flight: false,
                     expires_at_ms: now_ms.saturating_add(r.record.ttl_seconds.saturating_mul(1000)),
                 },

@@ -387,7 +387,7 @@ pub struct SettledMark {
 /// idempotency key or a live payment under its order id: the store decides): everything the
 /// balance store did for it is undone — its capture given back, its hold released, the payment
 /// and its pending record gone — and its idempotency key answers as the store says.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Unwind {
     /// The refused payment (`id`), its scope and the key it claimed.
     pub mark: SettledMark,
@@ -400,21 +400,22 @@ pub struct Unwind {
     pub key_record: Option<KeyRecord>,
 }
 
-/// An idempotency record as the settlement store knows it: the first request's hash and the
-/// payment it made, honoured for what is left of the retention.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// An idempotency record as the settlement store knows it: the first request's hash and what
+/// it came to (the payment it made, or its refusal), honoured for what is left of the
+/// retention.
+#[derive(Debug, Clone, PartialEq)]
 pub struct KeyRecord {
     pub request_hash: String,
-    pub payment_id: String,
+    pub outcome: StoredOutcome,
     pub ttl_seconds: u64,
 }
 
 impl KeyRecord {
-    /// The record of a payment created at `created_at_ms`, for what is left at `now_ms` of
-    /// `retention_seconds` (at least one second: the answer just given must replay).
+    /// The record of an answer first given at `created_at_ms`, for what is left at `now_ms`
+    /// of `retention_seconds` (at least one second: the answer just given must replay).
     pub fn remaining(
         request_hash: String,
-        payment_id: String,
+        outcome: StoredOutcome,
         created_at_ms: u64,
         retention_seconds: u64,
         now_ms: u64,
@@ -422,7 +423,7 @@ impl KeyRecord {
         let age_seconds = now_ms.saturating_sub(created_at_ms) / 1000;
         Self {
             request_hash,
-            payment_id,
+            outcome,
             ttl_seconds: retention_seconds.saturating_sub(age_seconds).max(1),
         }
     }
@@ -444,7 +445,7 @@ pub struct RefundUnwind {
 
 /// An idempotency record to put back into the balance store (a rebuild): `key` in scope `tag`
 /// answers `record`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct KeyRestore {
     pub tag: ScopeTag,
     pub key: String,

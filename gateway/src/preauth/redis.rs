@@ -934,13 +934,13 @@ impl BalanceStore for RedisStore {
     async fn unwind(&self, unwind: &Unwind) -> Result<bool, StoreError> {
         let mark = &unwind.mark;
         let k = Keys::of(mark.tag);
-        let (hash, holder, ttl) = match &unwind.key_record {
+        let (hash, outcome, ttl) = match &unwind.key_record {
             Some(r) => (
                 r.request_hash.as_str(),
-                r.payment_id.as_str(),
+                r.outcome.encode(),
                 r.ttl_seconds.to_string(),
             ),
-            None => ("", "", String::new()),
+            None => ("", String::new(), String::new()),
         };
         let mut invocation = self.scripts.unwind.prepare_invoke();
         invocation
@@ -956,7 +956,7 @@ impl BalanceStore for RedisStore {
             .arg(&unwind.order_id)
             .arg(unwind.captured_minor.to_string())
             .arg(hash)
-            .arg(holder)
+            .arg(outcome)
             .arg(ttl);
         let mut conn = self.connection();
         let undone: i64 = self
@@ -997,7 +997,7 @@ impl BalanceStore for RedisStore {
             invocation
                 .key(Keys::idempotency(r.tag, &r.key))
                 .arg(&r.record.request_hash)
-                .arg(&r.record.payment_id)
+                .arg(r.record.outcome.encode())
                 .arg(r.record.ttl_seconds);
         }
         let mut conn = self.connection();

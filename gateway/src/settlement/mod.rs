@@ -447,6 +447,18 @@ pub enum CommitOutcome {
     },
 }
 
+/// A refusal the payment logic answered under an idempotency key (`402 insufficient_funds`),
+/// kept so that its replay survives a balance store that forgot it (a rebuild puts it back).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusalRow {
+    pub scope_tag: String,
+    pub idempotency_key: String,
+    pub request_hash: String,
+    /// The answer as the balance store encodes it (`preauth::StoredOutcome::encode`).
+    pub outcome: String,
+    pub created_at_ms: u64,
+}
+
 /// A payment's idempotency key as the store keeps it (what a rebuild puts back into the
 /// balance store, see [`SettlementStore::keyed_payments`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -563,6 +575,8 @@ pub enum Write {
     Settlement(Settlement),
     /// What a webhook delivery attempt came to ([`SettlementStore::record_webhook_attempt`]).
     Webhook(WebhookAttempt),
+    /// A refusal under a key, kept for its replay (a key already there keeps its first answer).
+    Refusal(RefusalRow),
 }
 
 /// What a webhook delivery attempt came to (see [`SettlementStore::record_webhook_attempt`]).
@@ -583,6 +597,7 @@ impl Write {
             Write::Attempt(_) => "attempt",
             Write::Settlement(_) => "settlement",
             Write::Webhook(_) => "webhook",
+            Write::Refusal(_) => "refusal",
         }
     }
 
@@ -593,7 +608,9 @@ impl Write {
                 payment,
                 first_attempt: Some(a),
             } => a.check_for(&payment.id),
-            Write::Intent { .. } | Write::Attempt(_) | Write::Webhook(_) => Ok(()),
+            Write::Intent { .. } | Write::Attempt(_) | Write::Webhook(_) | Write::Refusal(_) => {
+                Ok(())
+            }
             Write::Settlement(s) => s.check(),
         }
     }
@@ -608,6 +625,8 @@ pub enum Written {
     Settlement(CommitOutcome),
     /// Whether the event was pending (and took the outcome).
     Webhook(bool),
+    /// Whether the refusal was recorded (`false`: the key had an answer already).
+    Refusal(bool),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -760,6 +779,17 @@ pub trait SettlementStore: Send + Sync + 'static {
         after: Option<(u64, &str)>,
         limit: usize,
     ) -> Result<Vec<StoredKey>, SettleError>;
+
+    /// The refusals recorded at or after `since_ms` (only those of `scope_tag` when given), in
+    /// (created_at_ms, key) order after `after`, at most `limit`: a rebuild puts them back
+    /// with the payments' keys.
+    async fn refusals(
+        &self,
+        since_ms: u64,
+        scope_tag: Option<&str>,
+        after: Option<(u64, &str)>,
+        limit: usize,
+    ) -> Result<Vec<RefusalRow>, SettleError>;
 
     /// One account's balance and sequence with its live holds, read in ONE snapshot (what a
     /// rebuild loads: a balance and holds of two different moments would double or lose a

@@ -33,9 +33,9 @@ use tokio_postgres::types::FromSql;
 
 use super::{
     AccountBalance, AccountRow, AttemptRow, AttemptUpdate, CommitOutcome, Flagged, IntentOutcome,
-    KeyHolder, PaymentRow, RefundRecorded, RefundRow, RefundStatusChange, SettleError, Settlement,
-    SettlementKind, SettlementStore, StatusChange, StoredKey, Taken, WebhookAttempt, Write,
-    Written, MIGRATIONS, SCHEMA_VERSION,
+    KeyHolder, PaymentRow, RefundRecorded, RefundRow, RefundStatusChange, RefusalRow, SettleError,
+    Settlement, SettlementKind, SettlementStore, StatusChange, StoredKey, Taken, WebhookAttempt,
+    Write, Written, MIGRATIONS, SCHEMA_VERSION,
 };
 use crate::money::Currency;
 use crate::telemetry::{self, StoreOp};
@@ -388,6 +388,15 @@ fn check_write_for_postgres(w: &Write) -> Result<(), SettleError> {
         // No such event can have a NUL in its id (it is then simply not found);
         // `webhook_error_text` drops them from the error.
         Write::Webhook(_) => Ok(()),
+        Write::Refusal(r) => no_nul(
+            &r.idempotency_key,
+            [
+                r.scope_tag.as_str(),
+                r.idempotency_key.as_str(),
+                r.request_hash.as_str(),
+                r.outcome.as_str(),
+            ],
+        ),
     }
 }
 
@@ -895,6 +904,32 @@ impl PostgresStore {
         )))
     }
 
+    /// Records a refusal inside `tx` (a key already there keeps its first answer).
+    async fn refusal_in(&self, tx: &Transaction<'_>, r: &RefusalRow) -> Result<bool, SettleError> {
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO refusals (scope_tag, idempotency_key, request_hash, outcome, \
+                 created_at_ms) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            )
+            .await
+            .map_err(db)?;
+        let inserted = tx
+            .execute(
+                &stmt,
+                &[
+                    &r.scope_tag,
+                    &r.idempotency_key,
+                    &r.request_hash,
+                    &r.outcome,
+                    &ms(r.created_at_ms),
+                ],
+            )
+            .await
+            .map_err(db)?;
+        Ok(inserted == 1)
+    }
+
     /// What the store holds against a new payment row `p` whose insert did nothing (its id is
     /// not taken): another payment under its (scope, idempotency key), or another live payment
     /// under its scoped order id (as `arbitrate` in sqlite.rs). `None` when neither is there
@@ -1063,6 +1098,7 @@ impl PostgresStore {
         let mut updates: Vec<(usize, &AttemptUpdate)> = Vec::new();
         let mut settlements: Vec<(usize, &Settlement)> = Vec::new();
         let mut hooks: Vec<(usize, &WebhookAttempt)> = Vec::new();
+        let mut refusals: Vec<(usize, &RefusalRow)> = Vec::new();
         for (i, write) in batch.iter().enumerate() {
             if results[i].is_some() {
                 continue; // refused before the transaction
@@ -1075,6 +1111,7 @@ impl PostgresStore {
                 Write::Attempt(u) => updates.push((i, u)),
                 Write::Settlement(s) => settlements.push((i, s)),
                 Write::Webhook(a) => hooks.push((i, a)),
+                Write::Refusal(r) => refusals.push((i, r)),
             }
         }
         // Rows locked in one order by every transaction (by key, stable: one key's writes keep
@@ -1084,12 +1121,16 @@ impl PostgresStore {
         updates.sort_by(|a, b| (&a.1.payment_id, a.1.attempt).cmp(&(&b.1.payment_id, b.1.attempt)));
         settlements.sort_by(|a, b| a.1.payment_id.cmp(&b.1.payment_id));
         hooks.sort_by(|a, b| a.1.id.cmp(&b.1.id));
+        refusals.sort_by(|a, b| {
+            (&a.1.scope_tag, &a.1.idempotency_key).cmp(&(&b.1.scope_tag, &b.1.idempotency_key))
+        });
         let rows: Vec<&Settlement> = settlements.iter().map(|(_, s)| *s).collect();
-        let (intended, updated, settled, recorded) = tokio::join!(
+        let (intended, updated, settled, recorded, refused) = tokio::join!(
             join_all(intents.iter().map(|(_, p, a)| self.intent_in(&tx, p, *a))),
             join_all(updates.iter().map(|(_, u)| self.update_attempt_in(&tx, u))),
             self.settle_in(&tx, &rows),
             join_all(hooks.iter().map(|(_, a)| self.webhook_attempt_in(&tx, a))),
+            join_all(refusals.iter().map(|(_, r)| self.refusal_in(&tx, r))),
         );
         for ((index, _, _), outcome) in intents.iter().zip(intended) {
             match outcome {
@@ -1106,6 +1147,9 @@ impl PostgresStore {
         }
         for ((index, _), recorded) in hooks.iter().zip(recorded) {
             results[*index] = Some(Ok(Written::Webhook(recorded?)));
+        }
+        for ((index, _), inserted) in refusals.iter().zip(refused) {
+            results[*index] = Some(Ok(Written::Refusal(inserted?)));
         }
 
         tx.commit().await.map_err(db)?;
@@ -2038,6 +2082,48 @@ impl SettlementStore for PostgresStore {
             let holds = self.live_holds_in(&tx, only).await?;
             tx.commit().await.map_err(db)?;
             Ok(Some((balance, holds)))
+        })
+        .await
+    }
+
+    async fn refusals(
+        &self,
+        since_ms: u64,
+        scope_tag: Option<&str>,
+        after: Option<(u64, &str)>,
+        limit: usize,
+    ) -> Result<Vec<RefusalRow>, SettleError> {
+        Self::timed(StoreOp::Read("refusals"), async {
+            let db = |e: tokio_postgres::Error| self.unavailable(&e);
+            let client = self.client().await?;
+            let (after_ms, after_key) = match after {
+                Some((at, key)) => (ms(at), key),
+                None => (-1, ""),
+            };
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let rows = client
+                .query(
+                    "SELECT scope_tag, idempotency_key, request_hash, outcome, created_at_ms \
+                     FROM refusals WHERE created_at_ms >= $1 \
+                     AND ($2::TEXT IS NULL OR scope_tag = $2) \
+                     AND (created_at_ms > $3 OR (created_at_ms = $3 \
+                          AND idempotency_key COLLATE \"C\" > $4)) \
+                     ORDER BY created_at_ms, idempotency_key COLLATE \"C\" LIMIT $5",
+                    &[&ms(since_ms), &scope_tag, &after_ms, &after_key, &limit],
+                )
+                .await
+                .map_err(db)?;
+            rows.iter()
+                .map(|r| {
+                    Ok(RefusalRow {
+                        scope_tag: get(r, 0)?,
+                        idempotency_key: get(r, 1)?,
+                        request_hash: get(r, 2)?,
+                        outcome: get(r, 3)?,
+                        created_at_ms: get_u64(r, 4)?,
+                    })
+                })
+                .collect()
         })
         .await
     }

@@ -25,7 +25,8 @@ use crate::ids::{AccountId, MerchantId, PaymentId, ScopeTag};
 use crate::periodic::spawn_periodic;
 use crate::preauth::{
     AccountKey, AccountRebuild, BalanceStore, KeyRecord, KeyRestore, PaymentDoc, PaymentRecord,
-    PaymentStatus, RefundUnwind, SettledMark, StoreError, Unwind, RELEASED_BY_CHANNEL_MS,
+    PaymentStatus, RefundUnwind, SettledMark, StoreError, StoredOutcome, Unwind,
+    RELEASED_BY_CHANNEL_MS,
 };
 use crate::telemetry;
 
@@ -256,12 +257,14 @@ pub async fn restore_keys(
             .map(|k| {
                 let tag = ScopeTag::parse(&k.scope_tag)
                     .ok_or_else(|| corrupt(format!("scope tag of payment {}", k.payment_id)))?;
+                let payment = PaymentId::parse(&k.payment_id)
+                    .ok_or_else(|| corrupt(format!("payment id {}", k.payment_id)))?;
                 Ok(KeyRestore {
                     tag,
                     key: k.idempotency_key.clone(),
                     record: KeyRecord::remaining(
                         k.request_hash.clone(),
-                        k.payment_id.clone(),
+                        StoredOutcome::Payment(payment),
                         k.created_at_ms,
                         retention_seconds,
                         now_ms,
@@ -273,6 +276,43 @@ pub async fn restore_keys(
         match page.last() {
             Some(last) if page.len() == KEY_RESTORE_PAGE => {
                 after = Some((last.created_at_ms, last.payment_id.clone()));
+            }
+            _ => break,
+        }
+    }
+    // The refusals' keys too: a retry replays its refusal, not a payment made since.
+    let mut after: Option<(u64, String)> = None;
+    for _ in 0..KEY_RESTORE_PAGES_MAX {
+        let page = store
+            .refusals(
+                since_ms,
+                scope.as_deref(),
+                after.as_ref().map(|(at, key)| (*at, key.as_str())),
+                KEY_RESTORE_PAGE,
+            )
+            .await?;
+        let records = page
+            .iter()
+            .map(|r| {
+                let tag = ScopeTag::parse(&r.scope_tag)
+                    .ok_or_else(|| corrupt(format!("scope tag of refusal {}", r.scope_tag)))?;
+                Ok(KeyRestore {
+                    tag,
+                    key: r.idempotency_key.clone(),
+                    record: KeyRecord::remaining(
+                        r.request_hash.clone(),
+                        StoredOutcome::decode(&r.outcome)?,
+                        r.created_at_ms,
+                        retention_seconds,
+                        now_ms,
+                    ),
+                })
+            })
+            .collect::<Result<Vec<_>, RecoveryError>>()?;
+        restored += balances.restore_keys(&records).await?;
+        match page.last() {
+            Some(last) if page.len() == KEY_RESTORE_PAGE => {
+                after = Some((last.created_at_ms, last.idempotency_key.clone()));
             }
             _ => break,
         }
@@ -398,9 +438,12 @@ pub async fn unwind_refused(
     telemetry::store_refused_payment(refusal.label());
     let key_record = match refusal {
         Refusal::Replay(holder) | Refusal::IdempotencyConflict(holder) => {
+            let first = PaymentId::parse(&holder.payment_id).ok_or_else(|| {
+                StoreError::Corrupt(format!("stored payment id {}", holder.payment_id))
+            })?;
             Some(KeyRecord::remaining(
                 holder.request_hash.clone(),
-                holder.payment_id.clone(),
+                StoredOutcome::Payment(first),
                 holder.created_at_ms,
                 retention_seconds,
                 telemetry::now_ms(),

@@ -7,7 +7,8 @@ use std::time::Duration;
 use super::stream::{Admission, SettlementStream, StreamError};
 use super::{
     AttemptRow, AttemptUpdate, CommitOutcome, IntentOutcome, PaymentRow, RefundRecorded, RefundRow,
-    RefundStatusChange, SettleError, Settlement, SettlementStore, StatusChange, Write, Written,
+    RefundStatusChange, RefusalRow, SettleError, Settlement, SettlementStore, StatusChange, Write,
+    Written,
 };
 use crate::preauth::{BalanceStore, SettledMark};
 
@@ -144,6 +145,20 @@ impl Settler {
                 Err(SettleFailure::Timeout)
             }
         }
+    }
+
+    /// Queues a refusal for the next group commit without waiting for it (the request's answer
+    /// does not depend on it: it only lets the replay survive a balance store that forgets
+    /// the key). A full queue or a failed commit loses it, said in the log: the balance store
+    /// still has the record for its retention.
+    pub fn record_refusal_later(&self, refusal: RefusalRow) {
+        let stream = self.stream.clone();
+        tokio::spawn(async move {
+            let key = refusal.idempotency_key.clone();
+            if let Err(err) = stream.submit_write(Write::Refusal(refusal), None).await {
+                tracing::warn!(idempotency_key = %key, error = %err, "refusal not recorded in the settlement store");
+            }
+        });
     }
 
     /// Records an attempt's outcome through the group commit (it shares the transaction of

@@ -11,9 +11,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     AccountBalance, AccountRow, AttemptRow, AttemptUpdate, CommitOutcome, Flagged, IntentOutcome,
-    KeyHolder, PaymentRow, RefundRecorded, RefundRow, RefundStatusChange, SettleError, Settlement,
-    SettlementKind, SettlementStore, StatusChange, StoredKey, Taken, WebhookAttempt, Write,
-    Written, MIGRATIONS, SCHEMA_VERSION,
+    KeyHolder, PaymentRow, RefundRecorded, RefundRow, RefundStatusChange, RefusalRow, SettleError,
+    Settlement, SettlementKind, SettlementStore, StatusChange, StoredKey, Taken, WebhookAttempt,
+    Write, Written, MIGRATIONS, SCHEMA_VERSION,
 };
 use crate::money::Currency;
 use crate::telemetry::{self, StoreOp};
@@ -1002,6 +1002,25 @@ impl SettlementStore for SqliteStore {
                     *result = Some(Ok(Written::Webhook(updated)));
                 }
             }
+            for (write, result) in batch.iter().zip(results.iter_mut()) {
+                if let (Write::Refusal(refusal), None) = (write, &result) {
+                    let inserted = exec(
+                        &tx,
+                        "INSERT INTO refusals (scope_tag, idempotency_key, request_hash, \
+                         outcome, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5) \
+                         ON CONFLICT DO NOTHING",
+                        params![
+                            refusal.scope_tag,
+                            refusal.idempotency_key,
+                            refusal.request_hash,
+                            refusal.outcome,
+                            ms(refusal.created_at_ms)
+                        ],
+                    )
+                    .map_err(db)?;
+                    *result = Some(Ok(Written::Refusal(inserted == 1)));
+                }
+            }
             tx.commit().map_err(db)?;
             Ok(results
                 .into_iter()
@@ -1038,6 +1057,48 @@ impl SettlementStore for SqliteStore {
             let holds = live_holds_in(&tx, only)?;
             tx.commit().map_err(db)?;
             Ok(Some((balance, holds)))
+        })
+        .await
+    }
+
+    async fn refusals(
+        &self,
+        since_ms: u64,
+        scope_tag: Option<&str>,
+        after: Option<(u64, &str)>,
+        limit: usize,
+    ) -> Result<Vec<RefusalRow>, SettleError> {
+        let scope_tag = scope_tag.map(str::to_owned);
+        let (after_ms, after_key) = match after {
+            Some((at, key)) => (ms(at), key.to_owned()),
+            None => (-1, String::new()),
+        };
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(StoreOp::Read("refusals"), move |conn| {
+            let mut st = conn
+                .prepare_cached(
+                    "SELECT scope_tag, idempotency_key, request_hash, outcome, created_at_ms \
+                     FROM refusals WHERE created_at_ms >= ?1 \
+                     AND (?2 IS NULL OR scope_tag = ?2) \
+                     AND (created_at_ms, idempotency_key) > (?3, ?4) \
+                     ORDER BY created_at_ms, idempotency_key LIMIT ?5",
+                )
+                .map_err(db)?;
+            let rows = st
+                .query_map(
+                    params![ms(since_ms), scope_tag, after_ms, after_key, limit],
+                    |r| {
+                        Ok(RefusalRow {
+                            scope_tag: r.get(0)?,
+                            idempotency_key: r.get(1)?,
+                            request_hash: r.get(2)?,
+                            outcome: r.get(3)?,
+                            created_at_ms: r.get::<_, i64>(4)? as u64,
+                        })
+                    },
+                )
+                .map_err(db)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db)
         })
         .await
     }

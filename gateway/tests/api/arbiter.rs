@@ -732,3 +732,54 @@ async fn a_rebuild_waits_for_movements_on_their_way_to_the_store() {
         "pending"
     );
 }
+
+/// A `402` is the key's answer too: kept in the store, it comes back with a rebuilt Redis, so
+/// the retry replays the refusal instead of charging an account that can afford it by now.
+#[tokio::test]
+async fn a_refusal_replays_after_redis_lost_it() {
+    let app = spawn_app_on(Backend::Redis, Store::Sqlite, &[]).await;
+    app.funded_account(ALPHA, "alpha", "acc", "100.00", "0.00")
+        .await;
+    let charge = balance_payment("O", "acc", "150.00");
+    let refused = app.pay(ALPHA, "K", charge.clone()).await;
+    assert_eq!(
+        (refused.status, refused.code()),
+        (402, "insufficient_funds")
+    );
+    // Written with the next group commit, not waited for.
+    let disk = app.settlement_store().await;
+    let mut kept = Vec::new();
+    for _ in 0..100 {
+        kept = disk.refusals(0, None, None, 10).await.unwrap();
+        if !kept.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(kept.len(), 1, "the refusal is in the store");
+    assert_eq!(kept[0].idempotency_key, "K");
+
+    let mut redis = app.redis.as_ref().unwrap().connection().await;
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    // The account is funded meanwhile (its rebuild brings the keys back).
+    let credited = app.credit("alpha", "acc", "100.00").await;
+    assert_eq!(credited.status, 201, "{:?}", credited.body);
+    app.assert_account(ALPHA, "acc", "200.00", "0.00", "200.00")
+        .await;
+    let again = app.pay(ALPHA, "K", charge).await;
+    assert_eq!(
+        (
+            again.status,
+            again.code(),
+            &again.body["error"]["available"]
+        ),
+        (402, "insufficient_funds", &json!("100.00")),
+        "{:?}",
+        again.body
+    );
+    app.assert_account(ALPHA, "acc", "200.00", "0.00", "200.00")
+        .await;
+}

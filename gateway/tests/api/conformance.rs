@@ -1410,7 +1410,7 @@ async fn an_unwound_payment_gives_back_what_it_took_once(store: Arc<dyn BalanceS
         captured_minor: 3_000,
         key_record: Some(KeyRecord {
             request_hash: "hash-K".into(),
-            payment_id: first.as_str().to_owned(),
+            outcome: StoredOutcome::Payment(first.clone()),
             ttl_seconds: KEY_TTL_SECONDS,
         }),
     };
@@ -1465,7 +1465,7 @@ async fn restored_keys_replay_and_never_overwrite(store: Arc<dyn BalanceStore>) 
         key: key.into(),
         record: KeyRecord {
             request_hash: hash.into(),
-            payment_id: id.as_str().to_owned(),
+            outcome: StoredOutcome::Payment(id.clone()),
             ttl_seconds: KEY_TTL_SECONDS,
         },
     };

@@ -24,6 +24,6 @@ mod sandbox_binary;
 mod sandbox_channels;
 mod settlement;
 mod settlement_conformance;
-mod structure;
 mod sim_channels;
+mod structure;
 mod webhooks;

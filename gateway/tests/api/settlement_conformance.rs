@@ -179,6 +179,7 @@ on_both_stores!(
     a_refused_write_leaves_nothing_and_the_rest_of_its_batch_commits,
     the_store_decides_on_idempotency_keys_and_order_ids,
     the_store_caps_refunds_and_flags_a_conflict,
+    refusals_are_kept_once_per_key,
     keyed_payments_come_back_page_by_page,
 );
 
@@ -2119,4 +2120,59 @@ async fn the_store_caps_refunds_and_flags_a_conflict(store: Arc<dyn SettlementSt
         store.record_refund(&unknown).await,
         Err(SettleError::Invalid(_))
     ));
+}
+
+/// A refusal under a key is kept with the group commit, once per key, and comes back page by
+/// page for a rebuild.
+async fn refusals_are_kept_once_per_key(store: Arc<dyn SettlementStore>) {
+    use gateway::settlement::RefusalRow;
+    store.migrate().await.unwrap();
+    let refusal = |key: &str, tag: &str, at: u64| RefusalRow {
+        scope_tag: tag.into(),
+        idempotency_key: key.into(),
+        request_hash: format!("h-{key}"),
+        outcome: "E:insufficient_funds:100:50".into(),
+        created_at_ms: at,
+    };
+    let written: Vec<Written> = store
+        .commit_writes(&[
+            Write::Refusal(refusal("K1", "TAG0000000", 10)),
+            Write::Refusal(refusal("K2", "TAG0000000", 20)),
+            Write::Refusal(refusal("K3", "TAG0000001", 30)),
+        ])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(written, vec![Written::Refusal(true); 3]);
+    // A key keeps its first answer.
+    let mut other = refusal("K1", "TAG0000000", 40);
+    other.outcome = "E:insufficient_funds:1:1".into();
+    let again = store.commit_writes(&[Write::Refusal(other)]).await.unwrap();
+    assert!(
+        matches!(again[..], [Ok(Written::Refusal(false))]),
+        "{again:?}"
+    );
+    let keys = |page: Vec<RefusalRow>| {
+        page.into_iter()
+            .map(|r| r.idempotency_key)
+            .collect::<Vec<_>>()
+    };
+    let first = store.refusals(0, None, None, 2).await.unwrap();
+    assert_eq!(first[0], refusal("K1", "TAG0000000", 10));
+    assert_eq!(keys(first), vec!["K1", "K2"]);
+    assert_eq!(
+        keys(store.refusals(0, None, Some((20, "K2")), 2).await.unwrap()),
+        vec!["K3"]
+    );
+    assert_eq!(
+        keys(
+            store
+                .refusals(15, Some("TAG0000000"), None, 10)
+                .await
+                .unwrap()
+        ),
+        vec!["K2"]
+    );
 }

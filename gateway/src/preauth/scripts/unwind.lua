@@ -6,7 +6,7 @@
 --       8 i:{T}:<idempotency key>
 -- ARGV: 1 payment id  2 merchant order id  3 amount captured at creation (minor units; '0'
 --       for a payment that only held or took nothing)  4 the key's request hash ('' = remove
---       the key's record)  5 the key's payment id  6 the key's TTL (s)
+--       the key's record)  5 the key's outcome, encoded ('P:<payment id>', …)  6 its TTL (s)
 -- Returns 1 when undone, 0 when the payment's pending record was gone (nothing changed).
 -- Invariant: a payment is unwound at most once, and only while the settlement store has
 -- nothing of it (its pending record in u:{T} is still there): a capture is given back at
@@ -30,7 +30,7 @@ if ARGV[4] == '' then
   redis.call('DEL', KEYS[8])
 else
   redis.call('DEL', KEYS[8])
-  redis.call('HSET', KEYS[8], 'h', ARGV[4], 's', 'D', 'o', 'P:' .. ARGV[5])
+  redis.call('HSET', KEYS[8], 'h', ARGV[4], 's', 'D', 'o', ARGV[5])
   redis.call('EXPIRE', KEYS[8], ARGV[6])
 end
 return 1

@@ -18,3 +18,17 @@ CREATE UNIQUE INDEX payments_idempotency ON payments (scope_tag, idempotency_key
 -- same refund recorded again (a re-drive, or a retry Redis forgot: replayed) from another one
 -- under the same number (Redis lost the payment's refund numbering: refused and flagged).
 ALTER TABLE refunds ADD COLUMN idempotency_key TEXT;
+
+-- What the payment logic refused under a key (402 insufficient_funds), written with the next
+-- group commit (not waited for), so a rebuild puts the key back and the retry replays the
+-- refusal — not a payment made once the account could afford it. Same scope as payments' keys.
+CREATE TABLE refusals (
+    scope_tag       TEXT    NOT NULL,
+    idempotency_key TEXT    NOT NULL,
+    request_hash    TEXT    NOT NULL,
+    -- The answer as the balance store encodes it: 'E:insufficient_funds:<available>:<shortfall>'.
+    outcome         TEXT    NOT NULL,
+    created_at_ms   BIGINT  NOT NULL,
+    PRIMARY KEY (scope_tag, idempotency_key)
+);
+CREATE INDEX refusals_created ON refusals (created_at_ms);
