@@ -176,6 +176,10 @@ pub struct PreauthSettings {
     pub lazy_release_max: u32,
     pub sweep_interval_ms: u64,
     pub sweep_accounts_per_tick: usize,
+    /// How often the settlement store's idempotency keys past the retention (+ 1 h) are
+    /// purged, one instance at a time (a store lease), and how many at most per turn.
+    pub key_purge_interval_ms: u64,
+    pub key_purge_batch: usize,
 }
 
 impl Default for PreauthSettings {
@@ -186,6 +190,8 @@ impl Default for PreauthSettings {
             lazy_release_max: 16,
             sweep_interval_ms: 1_000,
             sweep_accounts_per_tick: 500,
+            key_purge_interval_ms: 60_000,
+            key_purge_batch: 1_000,
         }
     }
 }
@@ -1038,6 +1044,18 @@ fn validate(settings: Settings, mode: Mode) -> Result<Config, ConfigError> {
         1,
         100_000,
     );
+    c.range(
+        "preauth.key_purge_interval_ms",
+        s.preauth.key_purge_interval_ms,
+        100,
+        3_600_000,
+    );
+    c.range(
+        "preauth.key_purge_batch",
+        s.preauth.key_purge_batch,
+        1,
+        100_000,
+    );
 
     let st = &s.store;
     c.range("store.pool_size", st.pool_size, 1, 256);
@@ -1496,6 +1514,40 @@ mod tests {
             .settings
             .store;
         assert_eq!(store.commits_in_flight, 4);
+    }
+
+    #[test]
+    fn the_key_purge_settings_default_and_are_bounded() {
+        let defaults = load(None, env(&[])).unwrap().settings.preauth;
+        assert_eq!(
+            (defaults.key_purge_interval_ms, defaults.key_purge_batch),
+            (60_000, 1_000)
+        );
+        let err = load(
+            None,
+            env(&[
+                ("GATEWAY__PREAUTH__KEY_PURGE_INTERVAL_MS", "99"),
+                ("GATEWAY__PREAUTH__KEY_PURGE_BATCH", "0"),
+            ]),
+        )
+        .unwrap_err();
+        let fields: Vec<&str> = err.0.iter().map(|e| e.field.as_str()).collect();
+        assert!(fields.contains(&"preauth.key_purge_interval_ms"), "{err}");
+        assert!(fields.contains(&"preauth.key_purge_batch"), "{err}");
+        let preauth = load(
+            None,
+            env(&[
+                ("GATEWAY__PREAUTH__KEY_PURGE_INTERVAL_MS", "100"),
+                ("GATEWAY__PREAUTH__KEY_PURGE_BATCH", "100000"),
+            ]),
+        )
+        .unwrap()
+        .settings
+        .preauth;
+        assert_eq!(
+            (preauth.key_purge_interval_ms, preauth.key_purge_batch),
+            (100, 100_000)
+        );
     }
 
     #[test]

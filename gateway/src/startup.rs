@@ -257,6 +257,13 @@ impl Application {
             stop_rx.clone(),
         );
 
+        let key_purge = crate::settlement::recovery::spawn_key_purge(
+            self.state.settler.store.clone(),
+            Duration::from_millis(settings.preauth.key_purge_interval_ms),
+            settings.preauth.key_purge_batch,
+            settings.preauth.idempotency_retention_seconds,
+            stop_rx.clone(),
+        );
         let upkeep = crate::telemetry::spawn_metrics_upkeep(
             self.state.metrics.clone(),
             Duration::from_millis(settings.telemetry.metrics_upkeep_ms),
@@ -292,6 +299,7 @@ impl Application {
         };
         let _ = sweeper.await;
         let _ = recovery.await;
+        let _ = key_purge.await;
         let _ = resolution.await;
         let _ = webhooks.await;
         let _ = upkeep.await;

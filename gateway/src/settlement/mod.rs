@@ -815,6 +815,19 @@ pub trait SettlementStore: Send + Sync + 'static {
         payment_id: &str,
     ) -> Result<Option<(Option<String>, Option<String>)>, SettleError>;
 
+    /// Clears the idempotency keys of payments created before `before_ms` and deletes the
+    /// refusals recorded before it, at most `limit` of each, under the lease `key_purge`
+    /// (held by `holder` until `now_ms + lease_ms`; one instance at a time). `None` when
+    /// another holder has the lease (nothing done), else how many keys went.
+    async fn purge_keys(
+        &self,
+        holder: &str,
+        now_ms: u64,
+        lease_ms: u64,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Option<u64>, SettleError>;
+
     /// Lets go of an ended payment's idempotency key (a payment given up before any channel
     /// was called: its request was never answered with it, so the client may use the key
     /// again). `false` when the payment is unknown or not `failed` (nothing changes).

@@ -2020,6 +2020,59 @@ impl SettlementStore for PostgresStore {
         .await
     }
 
+    async fn purge_keys(
+        &self,
+        holder: &str,
+        now_ms: u64,
+        lease_ms: u64,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Option<u64>, SettleError> {
+        if holder.contains('\0') {
+            return Ok(None);
+        }
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        Self::timed(StoreOp::Write("purge_keys"), async {
+            let db = |e: tokio_postgres::Error| self.unavailable(&e);
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(db)?;
+            let leased = tx
+                .execute(
+                    "INSERT INTO leases (name, holder, until_ms) VALUES ('key_purge', $1, $2) \
+                     ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, \
+                     until_ms = excluded.until_ms \
+                     WHERE leases.holder = excluded.holder OR leases.until_ms <= $3",
+                    &[&holder, &ms(now_ms.saturating_add(lease_ms)), &ms(now_ms)],
+                )
+                .await
+                .map_err(db)?;
+            if leased == 0 {
+                return Ok(None);
+            }
+            let keys = tx
+                .execute(
+                    "UPDATE payments SET idempotency_key = NULL, request_hash = NULL \
+                     WHERE id IN (SELECT id FROM payments WHERE idempotency_key IS NOT NULL \
+                     AND created_at_ms < $1 LIMIT $2)",
+                    &[&ms(before_ms), &limit],
+                )
+                .await
+                .map_err(db)?;
+            let refusals = tx
+                .execute(
+                    "DELETE FROM refusals WHERE (scope_tag, idempotency_key) IN \
+                     (SELECT scope_tag, idempotency_key FROM refusals \
+                      WHERE created_at_ms < $1 LIMIT $2)",
+                    &[&ms(before_ms), &limit],
+                )
+                .await
+                .map_err(db)?;
+            tx.commit().await.map_err(db)?;
+            Ok(Some(keys + refusals))
+        })
+        .await
+    }
+
     async fn release_idempotency_key(&self, payment_id: &str) -> Result<bool, SettleError> {
         if payment_id.contains('\0') {
             return Ok(false);

@@ -182,6 +182,47 @@ pub async fn recover_once(
     Ok(report)
 }
 
+/// How long past the retention the store keeps a key before the purge clears it.
+pub const KEY_PURGE_MARGIN_MS: u64 = 3_600_000;
+
+/// Clears, every `interval`, up to `batch` idempotency keys (payments' and refusals')
+/// created before now − retention − [`KEY_PURGE_MARGIN_MS`], under the store's `key_purge`
+/// lease (one instance at a time; a lease outlives three intervals, so a dead holder's
+/// passes to another).
+pub fn spawn_key_purge(
+    store: Arc<dyn SettlementStore>,
+    interval: Duration,
+    batch: usize,
+    retention_seconds: u64,
+    shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let mut id = [0u8; 8];
+    let holder = match getrandom::fill(&mut id) {
+        Ok(()) => format!("gateway-{}", hex::encode(id)),
+        Err(_) => format!("gateway-{}", std::process::id()),
+    };
+    let lease_ms = (interval.as_millis() as u64).saturating_mul(3);
+    spawn_periodic(interval, shutdown, move || {
+        let (store, holder) = (store.clone(), holder.clone());
+        async move {
+            let now = telemetry::now_ms();
+            let before = now
+                .saturating_sub(retention_seconds.saturating_mul(1000))
+                .saturating_sub(KEY_PURGE_MARGIN_MS);
+            match store
+                .purge_keys(&holder, now, lease_ms, before, batch)
+                .await
+            {
+                Ok(Some(purged)) if purged > 0 => {
+                    tracing::info!(purged, "idempotency keys past the retention purged")
+                }
+                Ok(_) => {}
+                Err(err) => tracing::warn!(error = %err, "key purge failed; will retry"),
+            }
+        }
+    })
+}
+
 /// Runs recovery every `interval` until `shutdown`.
 pub fn spawn_recovery(
     settler: Arc<Settler>,

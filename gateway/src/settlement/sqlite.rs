@@ -1171,6 +1171,53 @@ impl SettlementStore for SqliteStore {
         .await
     }
 
+    async fn purge_keys(
+        &self,
+        holder: &str,
+        now_ms: u64,
+        lease_ms: u64,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Option<u64>, SettleError> {
+        let holder = holder.to_owned();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(StoreOp::Write("purge_keys"), move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db)?;
+            let leased = exec(
+                &tx,
+                "INSERT INTO leases (name, holder, until_ms) VALUES ('key_purge', ?1, ?2) \
+                 ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, \
+                 until_ms = excluded.until_ms \
+                 WHERE leases.holder = excluded.holder OR leases.until_ms <= ?3",
+                params![holder, ms(now_ms.saturating_add(lease_ms)), ms(now_ms)],
+            )
+            .map_err(db)?;
+            if leased == 0 {
+                return Ok(None);
+            }
+            let keys = exec(
+                &tx,
+                "UPDATE payments SET idempotency_key = NULL, request_hash = NULL WHERE id IN \
+                 (SELECT id FROM payments WHERE idempotency_key IS NOT NULL \
+                  AND created_at_ms < ?1 LIMIT ?2)",
+                params![ms(before_ms), limit],
+            )
+            .map_err(db)?;
+            let refusals = exec(
+                &tx,
+                "DELETE FROM refusals WHERE rowid IN (SELECT rowid FROM refusals \
+                 WHERE created_at_ms < ?1 LIMIT ?2)",
+                params![ms(before_ms), limit],
+            )
+            .map_err(db)?;
+            tx.commit().map_err(db)?;
+            Ok(Some((keys + refusals) as u64))
+        })
+        .await
+    }
+
     async fn release_idempotency_key(&self, payment_id: &str) -> Result<bool, SettleError> {
         let id = payment_id.to_owned();
         self.run(StoreOp::Write("release_idempotency_key"), move |conn| {

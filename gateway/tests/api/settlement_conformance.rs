@@ -180,6 +180,7 @@ on_both_stores!(
     the_store_decides_on_idempotency_keys_and_order_ids,
     the_store_caps_refunds_and_flags_a_conflict,
     refusals_are_kept_once_per_key,
+    old_keys_are_purged_under_a_lease,
     keyed_payments_come_back_page_by_page,
 );
 
@@ -2174,5 +2175,79 @@ async fn refusals_are_kept_once_per_key(store: Arc<dyn SettlementStore>) {
                 .unwrap()
         ),
         vec!["K2"]
+    );
+}
+
+/// Keys past the retention are purged in bounded batches, by one lease holder at a time.
+async fn old_keys_are_purged_under_a_lease(store: Arc<dyn SettlementStore>) {
+    use gateway::settlement::RefusalRow;
+    store.migrate().await.unwrap();
+    for (i, created) in [(1, 100), (2, 200), (3, 900)] {
+        let mut p = payment_row(&format!("pay_{i}"), &format!("o{i}"), "pending", 0)
+            .with_idempotency(&format!("K{i}"), "h");
+        p.created_at_ms = created;
+        store.record_intent(&p, None).await.unwrap();
+    }
+    let refusal = |key: &str, at: u64| {
+        Write::Refusal(RefusalRow {
+            scope_tag: "TAG0000000".into(),
+            idempotency_key: key.into(),
+            request_hash: "h".into(),
+            outcome: "E:insufficient_funds:1:1".into(),
+            created_at_ms: at,
+        })
+    };
+    store
+        .commit_writes(&[refusal("R1", 150), refusal("R2", 950)])
+        .await
+        .unwrap();
+
+    // One key and one refusal per turn, only those older than 500.
+    assert_eq!(
+        store.purge_keys("a", 1_000, 10_000, 500, 1).await.unwrap(),
+        Some(2)
+    );
+    // Another instance waits while the lease runs; the holder goes on.
+    assert_eq!(
+        store.purge_keys("b", 2_000, 10_000, 500, 1).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.purge_keys("a", 3_000, 10_000, 500, 10).await.unwrap(),
+        Some(1)
+    );
+    assert_eq!(
+        store.purge_keys("a", 4_000, 10_000, 500, 10).await.unwrap(),
+        Some(0)
+    );
+    let key_of = |id: &'static str| {
+        let store = store.clone();
+        async move { store.payment(id).await.unwrap().unwrap().idempotency_key }
+    };
+    assert_eq!(key_of("pay_1").await, None);
+    assert_eq!(key_of("pay_2").await, None);
+    assert_eq!(key_of("pay_3").await.as_deref(), Some("K3"));
+    let left: Vec<String> = store
+        .refusals(0, None, None, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.idempotency_key)
+        .collect();
+    assert_eq!(left, vec!["R2"]);
+    // A purged key is free again in the store.
+    let mut reused = payment_row("pay_4", "o4", "pending", 0).with_idempotency("K1", "other");
+    reused.created_at_ms = 5_000;
+    assert_eq!(
+        store.record_intent(&reused, None).await.unwrap(),
+        IntentOutcome::Inserted
+    );
+    // Once the lease ran out, another instance takes it.
+    assert_eq!(
+        store
+            .purge_keys("b", 20_000, 10_000, 500, 10)
+            .await
+            .unwrap(),
+        Some(0)
     );
 }

@@ -32,3 +32,15 @@ CREATE TABLE refusals (
     PRIMARY KEY (scope_tag, idempotency_key)
 );
 CREATE INDEX refusals_created ON refusals (created_at_ms);
+
+-- The purge's scan: keyed payments by age. A purged row leaves the index (its key is NULL).
+CREATE INDEX payments_keyed_created ON payments (created_at_ms)
+    WHERE idempotency_key IS NOT NULL;
+
+-- Leases of periodic jobs that one instance at a time runs (the key purge): the holder until
+-- `until_ms`; a lease that ran out is anyone's.
+CREATE TABLE leases (
+    name     TEXT    PRIMARY KEY,
+    holder   TEXT    NOT NULL,
+    until_ms BIGINT  NOT NULL
+);
