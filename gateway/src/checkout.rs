@@ -31,29 +31,9 @@ use crate::ids::PaymentId;
 use crate::money::{Amount, Currency};
 use crate::preauth::{Method, PaymentDoc, SettledMark};
 use crate::routing::{CallPermit, RouteRequest};
-use crate::settlement::{AttemptRow, AttemptUpdate};
+use crate::settlement::{AttemptOutcome, AttemptRow, AttemptUpdate};
 use crate::state::Core;
 use crate::telemetry;
-
-/// Attempt outcomes as the API shows them (DESIGN.md §4).
-pub mod outcome {
-    pub const ACCEPTED: &str = "accepted";
-    pub const REFUSED: &str = "refused";
-    pub const UNKNOWN: &str = "unknown";
-    pub const SUCCEEDED: &str = "succeeded";
-    pub const FAILED: &str = "failed";
-    pub const CLOSED: &str = "closed";
-
-    /// Whether the attempt of a *pending* payment may still take (or have taken) money: the
-    /// resolution loop, a cancel and an expiring callback query or close these before ending
-    /// the payment. A `succeeded` attempt of a payment still pending is one of them: the
-    /// channel said paid but the money did not commit (the store refused the movement of a
-    /// rolled-back account and it was voided): asked again, the channel says paid again and
-    /// the payment succeeds — it must never be expired past it.
-    pub fn is_open(outcome: &str) -> bool {
-        outcome == ACCEPTED || outcome == UNKNOWN || outcome == SUCCEEDED
-    }
-}
 
 /// The failover order of one payment and where it stands.
 pub struct Route {
@@ -121,7 +101,7 @@ pub fn attempt_row(
         channel_id: entry.route.channel_id.clone(),
         channel_order_id: ChannelOrderId::for_attempt(payment, number).to_string(),
         // Until the channel answers, the attempt may or may not have taken effect.
-        outcome: outcome::UNKNOWN.to_owned(),
+        outcome: AttemptOutcome::Unknown,
         latency_ms: None,
         action: None,
         channel_txn_id: None,
@@ -184,7 +164,7 @@ pub async fn attempt(
         );
         match result {
             Ok(created) => {
-                row.outcome = outcome::ACCEPTED.to_owned();
+                row.outcome = AttemptOutcome::Accepted;
                 row.action = action_json(&created.action).map(|a| a.to_string());
                 row.channel_txn_id = created.channel_txn_id;
                 save(state, row, release_key).await;
@@ -193,7 +173,7 @@ pub async fn attempt(
             }
             Err(err) if err.certainly_not_executed() => {
                 tracing::info!(payment_id = %payment, channel = %entry.route.channel_id, error = %err, "attempt refused; failing over");
-                row.outcome = outcome::REFUSED.to_owned();
+                row.outcome = AttemptOutcome::Refused;
                 save(state, row, &mut None).await;
             }
             Err(err) => {
@@ -205,9 +185,9 @@ pub async fn attempt(
                     closed.as_ref().map_or_else(|e| e.label(), |_| "ok"),
                 );
                 match closed {
-                    Ok(CloseOutcome::Closed) => row.outcome = outcome::CLOSED.to_owned(),
+                    Ok(CloseOutcome::Closed) => row.outcome = AttemptOutcome::Closed,
                     Ok(CloseOutcome::NotFound) if customer_paid(entry.kind) => {
-                        row.outcome = outcome::CLOSED.to_owned()
+                        row.outcome = AttemptOutcome::Closed
                     }
                     Ok(CloseOutcome::AlreadyPaid {
                         channel_txn_id,
@@ -269,7 +249,7 @@ async fn save(state: &Core, row: &AttemptRow, release_key: &mut Option<SettledMa
     let update = AttemptUpdate {
         payment_id: row.payment_id.clone(),
         attempt: row.attempt,
-        outcome: row.outcome.clone(),
+        outcome: row.outcome,
         latency_ms: row.latency_ms,
         action: row.action.clone(),
         channel_txn_id: row.channel_txn_id.clone(),
@@ -368,8 +348,26 @@ mod tests {
             Some(json!({"type": "redirect", "url": "https://pay/x"}))
         );
         assert_eq!(action_json(&Action::None), None);
-        assert!(outcome::is_open(outcome::UNKNOWN) && outcome::is_open(outcome::ACCEPTED));
-        assert!(outcome::is_open(outcome::SUCCEEDED));
-        assert!(!outcome::is_open(outcome::REFUSED) && !outcome::is_open(outcome::CLOSED));
+        // Open: may still take (or have taken) money; the rest are over.
+        let open: Vec<AttemptOutcome> = AttemptOutcome::ALL
+            .into_iter()
+            .filter(|o| o.is_open())
+            .collect();
+        assert_eq!(
+            open,
+            vec![
+                AttemptOutcome::Accepted,
+                AttemptOutcome::Unknown,
+                AttemptOutcome::Succeeded
+            ]
+        );
+        for outcome in AttemptOutcome::ALL {
+            assert_eq!(AttemptOutcome::parse(outcome.as_str()), Some(outcome));
+            assert_eq!(
+                serde_json::to_value(outcome).unwrap(),
+                json!(outcome.as_str())
+            );
+        }
+        assert_eq!(AttemptOutcome::parse("paid"), None);
     }
 }

@@ -175,7 +175,7 @@ mod tests {
             attempt: u32::from(n),
             channel_id: format!("ch{n}"),
             channel_order_id: ChannelOrderId::for_attempt(&payment, n).to_string(),
-            outcome: "unknown".into(),
+            outcome: crate::settlement::AttemptOutcome::Unknown,
             latency_ms: None,
             action: None,
             channel_txn_id: None,

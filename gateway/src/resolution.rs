@@ -29,7 +29,6 @@ use crate::channels::{
     ChannelKind, ChannelOrderId, ChannelRefundId, CloseOutcome, OrderState, RefundOutcome,
     RefundRequest,
 };
-use crate::checkout::outcome;
 use crate::ids::PaymentId;
 use crate::money::Currency;
 use crate::periodic::spawn_periodic;
@@ -39,6 +38,7 @@ use crate::preauth::{
     SuccessEffect, TransitionOutcome,
 };
 use crate::settlement::settler::SettleFailure;
+use crate::settlement::AttemptOutcome;
 use crate::settlement::{
     movements, AttemptRow, AttemptUpdate, CommitOutcome, Flagged, PaymentRow, PendingRecord,
     SettleError, StatusChange,
@@ -295,7 +295,7 @@ pub async fn settle_paid(
     let update = AttemptUpdate {
         payment_id: attempt.payment_id.clone(),
         attempt: attempt.attempt,
-        outcome: outcome::SUCCEEDED.to_owned(),
+        outcome: AttemptOutcome::Succeeded,
         latency_ms: None,
         action: None,
         channel_txn_id: Some(channel_txn_id.to_owned()),
@@ -583,7 +583,7 @@ pub async fn cancel(
 ) -> Result<Cancel, ResolveError> {
     let attempts = state.settler.store.attempts(pid.as_str()).await?;
     let now = telemetry::now_ms();
-    for attempt in attempts.iter().filter(|a| outcome::is_open(&a.outcome)) {
+    for attempt in attempts.iter().filter(|a| a.outcome.is_open()) {
         match close(state, attempt, expires_at_ms, now).await {
             Closed::Dead => {}
             Closed::Paid {
@@ -640,14 +640,14 @@ async fn close(state: &Core, attempt: &AttemptRow, expires_at_ms: u64, now_ms: u
         // may still be travelling (unknown outcome) is no proof before the order's expiry.
         Ok(CloseOutcome::NotFound)
             if entry.kind == ChannelKind::Supplier
-                && attempt.outcome == outcome::UNKNOWN
+                && attempt.outcome == AttemptOutcome::Unknown
                 && now_ms < expires_at_ms =>
         {
             tracing::warn!(payment_id = %attempt.payment_id, channel = %attempt.channel_id, "the supplier does not know an order whose create may still arrive; not confirmed");
             Closed::Unreachable
         }
         Ok(CloseOutcome::Closed | CloseOutcome::NotFound) => {
-            record_outcome(state, attempt, outcome::CLOSED).await;
+            record_outcome(state, attempt, AttemptOutcome::Closed).await;
             Closed::Dead
         }
         Ok(CloseOutcome::AlreadyPaid {
@@ -666,11 +666,11 @@ async fn close(state: &Core, attempt: &AttemptRow, expires_at_ms: u64, now_ms: u
     }
 }
 
-async fn record_outcome(state: &Core, attempt: &AttemptRow, to: &str) {
+async fn record_outcome(state: &Core, attempt: &AttemptRow, to: AttemptOutcome) {
     let update = AttemptUpdate {
         payment_id: attempt.payment_id.clone(),
         attempt: attempt.attempt,
-        outcome: to.to_owned(),
+        outcome: to,
         latency_ms: None,
         action: None,
         channel_txn_id: None,
@@ -702,10 +702,7 @@ pub async fn look(state: &Core, row: &PaymentRow, now_ms: u64) -> Result<Look, R
         None => return Err(ResolveError::Unknown(pid.to_string())),
     }
     let attempts = state.settler.store.attempts(pid.as_str()).await?;
-    let open: Vec<&AttemptRow> = attempts
-        .iter()
-        .filter(|a| outcome::is_open(&a.outcome))
-        .collect();
+    let open: Vec<&AttemptRow> = attempts.iter().filter(|a| a.outcome.is_open()).collect();
     if now_ms >= row.expires_at_ms {
         for attempt in &open {
             match close(state, attempt, row.expires_at_ms, now_ms).await {
@@ -765,16 +762,16 @@ pub async fn look(state: &Core, row: &PaymentRow, now_ms: u64) -> Result<Look, R
             }
             Ok(OrderState::Failed) => {
                 declined = true;
-                record_outcome(state, attempt, outcome::FAILED).await
+                record_outcome(state, attempt, AttemptOutcome::Failed).await
             }
             // Closed before payment (by the channel at its expiry, or by us).
-            Ok(OrderState::Closed) => record_outcome(state, attempt, outcome::CLOSED).await,
+            Ok(OrderState::Closed) => record_outcome(state, attempt, AttemptOutcome::Closed).await,
             // An order the channel took (it answered its create) that it no longer knows: the
             // channel lost it, or another system answers at its address. Never taken as dead
             // before the payment's expiry; said and flagged once for a human.
             Ok(OrderState::NotFound)
-                if attempt.outcome == outcome::ACCEPTED
-                    || attempt.outcome == outcome::SUCCEEDED =>
+                if attempt.outcome == AttemptOutcome::Accepted
+                    || attempt.outcome == AttemptOutcome::Succeeded =>
             {
                 still_open += 1;
                 tracing::warn!(payment_id = %pid, channel = %attempt.channel_id, order = %attempt.channel_order_id, "the channel does not know an order it accepted");

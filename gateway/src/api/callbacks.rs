@@ -23,10 +23,10 @@ use axum::response::{IntoResponse, Response};
 
 use super::AppState;
 use crate::channels::{Callback, CallbackAnswer, Channel, NoticeEvent};
-use crate::checkout::outcome;
 use crate::ids::PaymentId;
 use crate::preauth::PaymentStatus;
 use crate::resolution::{self, ResolveError, Settled};
+use crate::settlement::AttemptOutcome;
 use crate::settlement::{AttemptRow, AttemptUpdate};
 use crate::telemetry;
 
@@ -148,7 +148,7 @@ async fn paid(
     // a balance-store round trip when the stored payment shows its success committed (the
     // payment row is written with the settlement) and agrees on the money. Anything else
     // takes the full path below, which refuses and flags a mismatch.
-    if attempt.outcome == outcome::SUCCEEDED {
+    if attempt.outcome == AttemptOutcome::Succeeded {
         match state.settler.store.payment(&attempt.payment_id).await {
             Ok(Some(row))
                 if row.amount_minor == amount_minor
@@ -257,9 +257,9 @@ async fn unpaid(state: &AppState, attempt: &AttemptRow, to: PaymentStatus) -> Ha
         Err(_) => return Handled::Retry("retry"),
     };
     let label = if to == PaymentStatus::Failed {
-        outcome::FAILED
+        AttemptOutcome::Failed
     } else {
-        outcome::CLOSED
+        AttemptOutcome::Closed
     };
     let update = AttemptUpdate {
         payment_id: pid.as_str().to_owned(),
@@ -276,7 +276,7 @@ async fn unpaid(state: &AppState, attempt: &AttemptRow, to: PaymentStatus) -> Ha
     }
     let others_open = attempts
         .iter()
-        .any(|a| a.attempt != attempt.attempt && outcome::is_open(&a.outcome));
+        .any(|a| a.attempt != attempt.attempt && a.outcome.is_open());
     if others_open {
         return Handled::Ack("processed");
     }

@@ -17,12 +17,12 @@ use super::error::ApiError;
 use super::extract::{request_hash, required_idempotency_key, rfc3339, JsonObject};
 use super::payments::{attempts_of, owned_payment};
 use super::AppState;
-use crate::checkout::outcome;
 use crate::money::{format_minor, Amount};
 use crate::preauth::{
     IdempotencyClaim, Method, RefundReserveOutcome, RefundReserveRequest, SettledMark,
     StoredOutcome, REFUND_AMOUNT_PLACEHOLDER, REFUND_ID_PLACEHOLDER, REFUND_NUMBER_PLACEHOLDER,
 };
+use crate::settlement::AttemptOutcome;
 use crate::settlement::{PendingRecord, RefundRecorded, RefundRow};
 use crate::telemetry;
 
@@ -76,12 +76,12 @@ pub async fn create_refund(
         let paid = attempts
             .iter()
             .rev()
-            .find(|a| a.outcome == outcome::SUCCEEDED)
+            .find(|a| a.outcome == AttemptOutcome::Succeeded)
             .or_else(|| {
                 attempts
                     .iter()
                     .rev()
-                    .find(|a| a.outcome == outcome::ACCEPTED)
+                    .find(|a| a.outcome == AttemptOutcome::Accepted)
             });
         match paid {
             Some(a) => (Some(a.channel_id.clone()), Some(a.channel_order_id.clone())),

@@ -146,6 +146,70 @@ pub struct KeyHolder {
     pub created_at_ms: u64,
 }
 
+/// What a channel answered for an attempt (DESIGN.md §4 `attempts[].outcome`); strings only
+/// on the wire and in rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptOutcome {
+    /// The channel took the order (it may still be paid).
+    Accepted,
+    /// The channel certainly did not take it (failover may go on).
+    Refused,
+    /// No one knows (a timeout, an unverifiable reply): closed at the channel before anything
+    /// else happens.
+    Unknown,
+    Succeeded,
+    /// The channel declined or failed the order.
+    Failed,
+    /// Closed before payment.
+    Closed,
+}
+
+impl AttemptOutcome {
+    pub const ALL: [AttemptOutcome; 6] = [
+        AttemptOutcome::Accepted,
+        AttemptOutcome::Refused,
+        AttemptOutcome::Unknown,
+        AttemptOutcome::Succeeded,
+        AttemptOutcome::Failed,
+        AttemptOutcome::Closed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptOutcome::Accepted => "accepted",
+            AttemptOutcome::Refused => "refused",
+            AttemptOutcome::Unknown => "unknown",
+            AttemptOutcome::Succeeded => "succeeded",
+            AttemptOutcome::Failed => "failed",
+            AttemptOutcome::Closed => "closed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|o| o.as_str() == s)
+    }
+
+    /// Whether the attempt of a *pending* payment may still take (or have taken) money: the
+    /// resolution loop, a cancel and an expiring callback query or close these before ending
+    /// the payment. A `succeeded` attempt of a payment still pending is one of them: the
+    /// channel said paid but the money did not commit (the store refused the movement of a
+    /// rolled-back account and it was voided): asked again, the channel says paid again and
+    /// the payment succeeds — it must never be expired past it.
+    pub fn is_open(self) -> bool {
+        matches!(
+            self,
+            AttemptOutcome::Accepted | AttemptOutcome::Unknown | AttemptOutcome::Succeeded
+        )
+    }
+}
+
+impl fmt::Display for AttemptOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One attempt of a channel payment (DESIGN.md §4 `attempts`).
 ///
 /// Written before the channel is called (DESIGN.md §3), so a callback can always be matched
@@ -156,8 +220,7 @@ pub struct AttemptRow {
     pub attempt: u32,
     pub channel_id: String,
     pub channel_order_id: String,
-    /// accepted | refused | unknown | succeeded | failed | closed
-    pub outcome: String,
+    pub outcome: AttemptOutcome,
     pub latency_ms: Option<u64>,
     /// The action object's JSON text (`{"type":"qr_code",...}`), once the channel gave one.
     pub action: Option<String>,
@@ -552,7 +615,7 @@ pub struct AccountBalance {
 pub struct AttemptUpdate {
     pub payment_id: String,
     pub attempt: u32,
-    pub outcome: String,
+    pub outcome: AttemptOutcome,
     pub latency_ms: Option<u64>,
     pub action: Option<String>,
     pub channel_txn_id: Option<String>,
@@ -707,7 +770,7 @@ pub trait SettlementStore: Send + Sync + 'static {
         &self,
         payment_id: &str,
         attempt: u32,
-        outcome: &str,
+        outcome: AttemptOutcome,
         latency_ms: Option<u64>,
         action: Option<&str>,
         channel_txn_id: Option<&str>,

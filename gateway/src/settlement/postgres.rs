@@ -32,10 +32,10 @@ use futures_util::future::join_all;
 use tokio_postgres::types::FromSql;
 
 use super::{
-    AccountBalance, AccountRow, AttemptRow, AttemptUpdate, CommitOutcome, Flagged, IntentOutcome,
-    KeyHolder, PaymentRow, RefundRecorded, RefundRow, RefundStatusChange, RefusalRow, SettleError,
-    Settlement, SettlementKind, SettlementStore, StatusChange, StoredKey, Taken, WebhookAttempt,
-    Write, Written, MIGRATIONS, SCHEMA_VERSION,
+    AccountBalance, AccountRow, AttemptOutcome, AttemptRow, AttemptUpdate, CommitOutcome, Flagged,
+    IntentOutcome, KeyHolder, PaymentRow, RefundRecorded, RefundRow, RefundStatusChange,
+    RefusalRow, SettleError, Settlement, SettlementKind, SettlementStore, StatusChange, StoredKey,
+    Taken, WebhookAttempt, Write, Written, MIGRATIONS, SCHEMA_VERSION,
 };
 use crate::money::Currency;
 use crate::telemetry::{self, StoreOp};
@@ -269,7 +269,11 @@ fn attempt_from_row(r: &Row) -> Result<AttemptRow, SettleError> {
         attempt: get_u32(r, 1)?,
         channel_id: get(r, 2)?,
         channel_order_id: get(r, 3)?,
-        outcome: get(r, 4)?,
+        outcome: {
+            let text: String = get(r, 4)?;
+            AttemptOutcome::parse(&text)
+                .ok_or_else(|| bad_row(format!("attempt outcome {text:?}")))?
+        },
         latency_ms: get::<Option<i64>>(r, 5)?
             .map(|v| u64::try_from(v).map_err(|_| bad_row(format!("negative latency {v}"))))
             .transpose()?,
@@ -686,7 +690,7 @@ impl PostgresStore {
                     &number,
                     &a.channel_id,
                     &a.channel_order_id,
-                    &a.outcome,
+                    &a.outcome.as_str(),
                     &a.latency_ms.map(ms),
                     &a.action,
                     &a.channel_txn_id,
@@ -995,7 +999,7 @@ impl PostgresStore {
                 &[
                     &u.payment_id,
                     &number,
-                    &u.outcome,
+                    &u.outcome.as_str(),
                     &u.latency_ms.map(ms),
                     &u.action,
                     &u.channel_txn_id,
@@ -1845,7 +1849,7 @@ impl SettlementStore for PostgresStore {
         &self,
         payment_id: &str,
         attempt: u32,
-        outcome: &str,
+        outcome: AttemptOutcome,
         latency_ms: Option<u64>,
         action: Option<&str>,
         channel_txn_id: Option<&str>,
@@ -1860,7 +1864,6 @@ impl SettlementStore for PostgresStore {
                 payment_id,
                 [
                     payment_id,
-                    outcome,
                     action.unwrap_or(""),
                     channel_txn_id.unwrap_or(""),
                 ],
@@ -1874,7 +1877,7 @@ impl SettlementStore for PostgresStore {
                     &[
                         &payment_id,
                         &number,
-                        &outcome,
+                        &outcome.as_str(),
                         &latency_ms.map(ms),
                         &action,
                         &channel_txn_id,

@@ -10,10 +10,10 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    AccountBalance, AccountRow, AttemptRow, AttemptUpdate, CommitOutcome, Flagged, IntentOutcome,
-    KeyHolder, PaymentRow, RefundRecorded, RefundRow, RefundStatusChange, RefusalRow, SettleError,
-    Settlement, SettlementKind, SettlementStore, StatusChange, StoredKey, Taken, WebhookAttempt,
-    Write, Written, MIGRATIONS, SCHEMA_VERSION,
+    AccountBalance, AccountRow, AttemptOutcome, AttemptRow, AttemptUpdate, CommitOutcome, Flagged,
+    IntentOutcome, KeyHolder, PaymentRow, RefundRecorded, RefundRow, RefundStatusChange,
+    RefusalRow, SettleError, Settlement, SettlementKind, SettlementStore, StatusChange, StoredKey,
+    Taken, WebhookAttempt, Write, Written, MIGRATIONS, SCHEMA_VERSION,
 };
 use crate::money::Currency;
 use crate::telemetry::{self, StoreOp};
@@ -204,7 +204,16 @@ fn attempt_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AttemptRow> {
         attempt: r.get(1)?,
         channel_id: r.get(2)?,
         channel_order_id: r.get(3)?,
-        outcome: r.get(4)?,
+        outcome: {
+            let text: String = r.get(4)?;
+            AttemptOutcome::parse(&text).ok_or_else(|| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    4,
+                    rusqlite::types::Type::Text,
+                    format!("attempt outcome {text:?}").into(),
+                )
+            })?
+        },
         latency_ms: r.get::<_, Option<i64>>(5)?.map(|v| v as u64),
         action: r.get(6)?,
         channel_txn_id: r.get(7)?,
@@ -243,7 +252,7 @@ fn insert_attempt(conn: &Connection, a: &AttemptRow) -> Result<(), SettleError> 
             a.attempt,
             a.channel_id,
             a.channel_order_id,
-            a.outcome,
+            a.outcome.as_str(),
             a.latency_ms.map(ms),
             a.action,
             a.channel_txn_id,
@@ -488,7 +497,7 @@ fn update_attempt_in(conn: &Connection, u: &AttemptUpdate) -> rusqlite::Result<b
         .execute(params![
             u.payment_id,
             u.attempt,
-            u.outcome,
+            u.outcome.as_str(),
             u.latency_ms.map(ms),
             u.action,
             u.channel_txn_id,
@@ -795,7 +804,7 @@ impl SettlementStore for SqliteStore {
         &self,
         payment_id: &str,
         attempt: u32,
-        outcome: &str,
+        outcome: AttemptOutcome,
         latency_ms: Option<u64>,
         action: Option<&str>,
         channel_txn_id: Option<&str>,
@@ -804,7 +813,7 @@ impl SettlementStore for SqliteStore {
         let update = AttemptUpdate {
             payment_id: payment_id.to_owned(),
             attempt,
-            outcome: outcome.to_owned(),
+            outcome,
             latency_ms,
             action: action.map(str::to_owned),
             channel_txn_id: channel_txn_id.map(str::to_owned),

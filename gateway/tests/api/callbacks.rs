@@ -13,6 +13,7 @@ use channel_sim::{CallbackPolicy, Faults};
 use gateway::channels::keys::RsaPrivateKey;
 use gateway::channels::{alipay, supplier, wechatpay};
 use gateway::secret::Secret;
+use gateway::settlement::AttemptOutcome;
 use serde_json::{json, Value};
 
 use crate::helpers::{
@@ -1276,7 +1277,7 @@ async fn money_for_an_abandoned_attempt_is_found_against_the_committed_capture()
         attempt: 2,
         channel_id: SUPPLIER_MAIN.into(),
         channel_order_id: second.clone(),
-        outcome: "accepted".into(),
+        outcome: AttemptOutcome::Accepted,
         latency_ms: None,
         action: None,
         channel_txn_id: None,
@@ -1354,7 +1355,7 @@ async fn an_accepted_order_the_channel_no_longer_knows_is_flagged() {
         attempt: 2,
         channel_id: SUPPLIER_MAIN.into(),
         channel_order_id: order_of(&created.body).replace("-1", "-2"),
-        outcome: "accepted".into(),
+        outcome: AttemptOutcome::Accepted,
         latency_ms: None,
         action: None,
         channel_txn_id: None,

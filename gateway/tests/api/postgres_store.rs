@@ -5,8 +5,8 @@
 use gateway::money::Currency;
 use gateway::settlement::postgres::PostgresStore;
 use gateway::settlement::{
-    check_schema, ledger, AccountRow, AttemptUpdate, CommitOutcome, IntentOutcome, PaymentRow,
-    Posting, SettleError, Settlement, SettlementKind, SettlementStore, Write, Written,
+    check_schema, ledger, AccountRow, AttemptOutcome, AttemptUpdate, CommitOutcome, IntentOutcome,
+    PaymentRow, Posting, SettleError, Settlement, SettlementKind, SettlementStore, Write, Written,
     SCHEMA_VERSION,
 };
 
@@ -331,7 +331,7 @@ async fn group_commits_in_flight_over_the_same_rows_wait_instead_of_deadlocking(
         Write::Attempt(AttemptUpdate {
             payment_id: payment.into(),
             attempt: 1,
-            outcome: outcome.into(),
+            outcome: AttemptOutcome::parse(outcome).unwrap(),
             latency_ms: None,
             action: None,
             channel_txn_id: None,
@@ -366,7 +366,11 @@ async fn group_commits_in_flight_over_the_same_rows_wait_instead_of_deadlocking(
         for id in [&a, &b] {
             let attempts = store.attempts(id).await.unwrap();
             assert_eq!(attempts.len(), 1);
-            assert_eq!(attempts[0].outcome, "succeeded", "round {round}");
+            assert_eq!(
+                attempts[0].outcome,
+                AttemptOutcome::Succeeded,
+                "round {round}"
+            );
         }
     }
 }

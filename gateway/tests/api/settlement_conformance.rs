@@ -6,10 +6,10 @@ use std::sync::Arc;
 use gateway::money::Currency;
 use gateway::settlement::sqlite::SqliteStore;
 use gateway::settlement::{
-    check_schema, ledger, AccountRow, AttemptRow, AttemptUpdate, CommitOutcome, IntentOutcome,
-    KeyHolder, PaymentRow, PendingRecord, Posting, SettleError, Settlement, SettlementKind,
-    SettlementStore, StatusChange, WebhookAttempt, WebhookOutcome, Write, Written, MIGRATIONS,
-    SCHEMA_VERSION,
+    check_schema, ledger, AccountRow, AttemptOutcome, AttemptRow, AttemptUpdate, CommitOutcome,
+    IntentOutcome, KeyHolder, PaymentRow, PendingRecord, Posting, SettleError, Settlement,
+    SettlementKind, SettlementStore, StatusChange, WebhookAttempt, WebhookOutcome, Write, Written,
+    MIGRATIONS, SCHEMA_VERSION,
 };
 
 pub struct Sqlite {
@@ -77,7 +77,7 @@ pub fn attempt_row(payment: &str, attempt: u32) -> AttemptRow {
         attempt,
         channel_id: format!("ch{attempt}"),
         channel_order_id: format!("{payment}-{attempt}"),
-        outcome: "accepted".into(),
+        outcome: AttemptOutcome::Accepted,
         latency_ms: None,
         action: None,
         channel_txn_id: None,
@@ -188,7 +188,7 @@ fn outcome_update(payment: &str, attempt: u32, outcome: &str, txn: Option<&str>)
     AttemptUpdate {
         payment_id: payment.into(),
         attempt,
-        outcome: outcome.into(),
+        outcome: AttemptOutcome::parse(outcome).unwrap(),
         latency_ms: None,
         action: None,
         channel_txn_id: txn.map(str::to_owned),
@@ -736,7 +736,15 @@ async fn a_retried_intent_adds_its_missing_attempt(store: Arc<dyn SettlementStor
     assert_eq!(store.attempts("pay_1").await.unwrap(), vec![first.clone()]);
     // Again, with the attempt already there (its outcome moved on meanwhile): nothing changes.
     store
-        .update_attempt("pay_1", 1, "unknown", Some(3_000), None, None, 5)
+        .update_attempt(
+            "pay_1",
+            1,
+            AttemptOutcome::Unknown,
+            Some(3_000),
+            None,
+            None,
+            5,
+        )
         .await
         .unwrap();
     let stored = store.attempts("pay_1").await.unwrap();
@@ -745,7 +753,7 @@ async fn a_retried_intent_adds_its_missing_attempt(store: Arc<dyn SettlementStor
         IntentOutcome::AlreadyRecorded
     );
     assert_eq!(store.attempts("pay_1").await.unwrap(), stored);
-    assert_eq!(stored[0].outcome, "unknown");
+    assert_eq!(stored[0].outcome, AttemptOutcome::Unknown);
     // A retry whose attempt clashes with the stored one is refused.
     let mut other = first.clone();
     other.channel_order_id = "pay_1-x".into();
@@ -779,7 +787,7 @@ async fn attempts_are_recorded_once_and_clashing_order_ids_are_refused(
 
     // The same attempt again (other fields differ): Ok, nothing changes.
     let mut again = two.clone();
-    again.outcome = "refused".into();
+    again.outcome = AttemptOutcome::Refused;
     again.channel_id = "elsewhere".into();
     again.updated_at_ms = 99;
     store.record_attempt(&again).await.unwrap();
@@ -837,7 +845,15 @@ async fn updating_an_attempt_keeps_what_it_does_not_replace(store: Arc<dyn Settl
         .unwrap();
     let action = r#"{"type":"qr_code","url":"https://qr.example/1"}"#;
     assert!(store
-        .update_attempt("pay_1", 1, "accepted", Some(120), Some(action), None, 10)
+        .update_attempt(
+            "pay_1",
+            1,
+            AttemptOutcome::Accepted,
+            Some(120),
+            Some(action),
+            None,
+            10
+        )
         .await
         .unwrap());
     let mut expected = AttemptRow {
@@ -855,7 +871,7 @@ async fn updating_an_attempt_keeps_what_it_does_not_replace(store: Arc<dyn Settl
         .update_attempt(
             "pay_1",
             1,
-            "unknown",
+            AttemptOutcome::Unknown,
             Some(7),
             Some("{}"),
             Some("txn-41"),
@@ -863,7 +879,7 @@ async fn updating_an_attempt_keeps_what_it_does_not_replace(store: Arc<dyn Settl
         )
         .await
         .unwrap());
-    expected.outcome = "unknown".into();
+    expected.outcome = AttemptOutcome::Unknown;
     expected.latency_ms = Some(7);
     expected.action = Some("{}".into());
     expected.channel_txn_id = Some("txn-41".into());
@@ -874,10 +890,18 @@ async fn updating_an_attempt_keeps_what_it_does_not_replace(store: Arc<dyn Settl
     );
     // The callback: outcome and transaction id; latency and action stay.
     assert!(store
-        .update_attempt("pay_1", 1, "succeeded", None, None, Some("txn-42"), 20)
+        .update_attempt(
+            "pay_1",
+            1,
+            AttemptOutcome::Succeeded,
+            None,
+            None,
+            Some("txn-42"),
+            20
+        )
         .await
         .unwrap());
-    expected.outcome = "succeeded".into();
+    expected.outcome = AttemptOutcome::Succeeded;
     expected.channel_txn_id = Some("txn-42".into());
     expected.updated_at_ms = 20;
     assert_eq!(
@@ -887,7 +911,15 @@ async fn updating_an_attempt_keeps_what_it_does_not_replace(store: Arc<dyn Settl
     // A succeeded attempt stays so (a late `accepted` or `closed` must not move it back).
     for late in ["accepted", "closed"] {
         assert!(!store
-            .update_attempt("pay_1", 1, late, Some(9), Some("[]"), Some("txn-43"), 30)
+            .update_attempt(
+                "pay_1",
+                1,
+                AttemptOutcome::parse(late).unwrap(),
+                Some(9),
+                Some("[]"),
+                Some("txn-43"),
+                30
+            )
             .await
             .unwrap());
     }
@@ -897,11 +929,11 @@ async fn updating_an_attempt_keeps_what_it_does_not_replace(store: Arc<dyn Settl
     );
     // No such attempt: false, nothing written.
     assert!(!store
-        .update_attempt("pay_1", 2, "failed", None, None, None, 40)
+        .update_attempt("pay_1", 2, AttemptOutcome::Failed, None, None, None, 40)
         .await
         .unwrap());
     assert!(!store
-        .update_attempt("pay_x", 1, "failed", None, None, None, 40)
+        .update_attempt("pay_x", 1, AttemptOutcome::Failed, None, None, None, 40)
         .await
         .unwrap());
     assert_eq!(store.attempts("pay_1").await.unwrap().len(), 1);
@@ -1127,7 +1159,15 @@ async fn a_version_1_store_migrates(store: Arc<dyn SettlementStore>) {
     assert_eq!(ids(&claimed), vec![("pay_old", Some(20))]);
     assert_eq!(claimed[0].checks, 1);
     assert!(store
-        .update_attempt("pay_old", 1, "succeeded", None, None, Some("t"), 30)
+        .update_attempt(
+            "pay_old",
+            1,
+            AttemptOutcome::Succeeded,
+            None,
+            None,
+            Some("t"),
+            30
+        )
         .await
         .unwrap());
     assert_eq!(
