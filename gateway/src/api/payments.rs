@@ -513,9 +513,25 @@ async fn make_durable(
     Ok(match pending {
         PendingRecord::Settlement(mut settlement) => {
             settlement.account_seq = seq;
+            // The `payment.succeeded` event the commit enqueues, as a `GET` right after shows
+            // it (its id is derived, its date the movement's): no read back.
+            let merchant = state
+                .config
+                .merchants
+                .iter()
+                .find(|m| m.id.as_str() == payment.doc.merchant_id);
+            let skipped = payment.doc.notify_url.is_none()
+                && merchant.is_some_and(|m| m.webhook_url.is_none());
+            let webhooks = json!([crate::webhooks::announced(
+                id,
+                crate::webhooks::events::PAYMENT_SUCCEEDED,
+                0,
+                skipped,
+                settlement.settled_at_ms,
+            )]);
             match state.settler.settle(settlement, mark).await {
                 Ok(CommitOutcome::Inserted | CommitOutcome::AlreadyCommitted) => {
-                    ("created", Ok(created(payment, &[])))
+                    ("created", Ok(created_with(payment, &[], webhooks)))
                 }
                 // The store knew the key or the order id Redis forgot: the writer unwound this
                 // payment (nothing was charged), and the store's answer is the answer. Any
@@ -576,19 +592,19 @@ async fn replayed(state: &AppState, id: &str) -> Result<Response, ApiError> {
             stored_payment(state, &pid).await?.ok_or_else(missing)?
         }
     };
-    let attempts = attempts_of(state, &payment).await?;
-    Ok(created(&payment, &attempts))
+    let view = full_view(state, &payment).await?;
+    Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
 fn created(payment: &PaymentRecord, attempts: &[AttemptRow]) -> Response {
+    created_with(payment, attempts, Value::Array(Vec::new()))
+}
+
+/// `201` with the payment, its attempts and its webhook deliveries.
+fn created_with(payment: &PaymentRecord, attempts: &[AttemptRow], webhooks: Value) -> Response {
     (
         StatusCode::CREATED,
-        Json(render::payment(
-            payment,
-            attempts,
-            &[],
-            Value::Array(Vec::new()),
-        )),
+        Json(render::payment(payment, attempts, &[], webhooks)),
     )
         .into_response()
 }

@@ -40,27 +40,41 @@ pub const CATALOGUE: &[&str] = &[
     REFUND_FAILED,
 ];
 
-/// Characters of an event id after `evt_` (≈ 155 random bits).
-const EVENT_ID_RANDOM_CHARS: usize = 26;
+/// Characters of an event id after `evt_` (≈ 155 bits).
+const EVENT_ID_CHARS: usize = 26;
 const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
-/// A new event id: `evt_` + 26 random base62 characters (uniform: bytes ≥ 248 are drawn again).
-pub fn new_event_id() -> String {
-    let mut id = String::with_capacity(4 + EVENT_ID_RANDOM_CHARS);
-    id.push_str("evt_");
-    let mut pool = [0u8; 64];
-    while id.len() < 4 + EVENT_ID_RANDOM_CHARS {
-        // The OS generator failing is not an operating error we can handle: ids would collide.
-        getrandom::fill(&mut pool).expect("the operating system's random generator failed");
-        for b in pool {
-            if id.len() == 4 + EVENT_ID_RANDOM_CHARS {
-                break;
-            }
-            if b < 248 {
-                id.push(BASE62[usize::from(b % 62)] as char);
-            }
-        }
+/// The id of a payment's event of `event_type` numbered `sequence` (the store holds one such
+/// event: `webhook_events_once`): `evt_` + 26 base62 characters of a SHA-256 of the three.
+/// Derived rather than drawn, so a creation's answer names the event its commit enqueued
+/// without reading it back, and a re-driven commit names the same event.
+pub fn event_id(payment_id: &str, event_type: &str, sequence: u32) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for part in [payment_id.as_bytes(), event_type.as_bytes()] {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part);
     }
+    hasher.update(sequence.to_be_bytes());
+    let digest = hasher.finalize();
+    // 26 digits of a 248-bit number, base 62 (62^26 < 2^155 < 2^248: every digit is uniform
+    // enough; the first 31 bytes are read as the number, most significant first).
+    let mut number = [0u8; 31];
+    number.copy_from_slice(&digest[..31]);
+    let mut id = String::with_capacity(4 + EVENT_ID_CHARS);
+    id.push_str("evt_");
+    let mut digits = [0u8; EVENT_ID_CHARS];
+    for digit in digits.iter_mut().rev() {
+        // number /= 62, keeping the remainder: long division over the bytes.
+        let mut remainder = 0u32;
+        for byte in number.iter_mut() {
+            let value = (remainder << 8) | u32::from(*byte);
+            *byte = (value / 62) as u8;
+            remainder = value % 62;
+        }
+        *digit = BASE62[remainder as usize];
+    }
+    id.push_str(std::str::from_utf8(&digits).expect("base62 is ASCII"));
     id
 }
 
@@ -119,7 +133,8 @@ pub(crate) fn for_settlement(
         s.sequence,
         payment.and_then(notify_url),
         json!({"payment": payment_json, "settlement": settlement}),
-        now_ms,
+        // Dated by the movement (not the commit), so a creation's answer can name it.
+        s.settled_at_ms.min(now_ms),
     ))
 }
 
@@ -177,7 +192,7 @@ fn build(
     data: Value,
     now_ms: u64,
 ) -> WebhookEvent {
-    let id = new_event_id();
+    let id = event_id(payment_id, event_type, sequence);
     let payload = json!({
         "id": id,
         "type": event_type,
@@ -310,13 +325,26 @@ mod tests {
     }
 
     #[test]
-    fn event_ids_are_evt_and_26_base62_characters_and_differ() {
-        let a = new_event_id();
-        let b = new_event_id();
-        assert_eq!(a.len(), 30);
+    fn event_ids_are_evt_and_26_base62_characters_one_per_event() {
+        let a = event_id("pay_1", PAYMENT_SUCCEEDED, 0);
+        assert_eq!(
+            a,
+            event_id("pay_1", PAYMENT_SUCCEEDED, 0),
+            "derived, not drawn"
+        );
         assert!(a.starts_with("evt_"));
-        assert!(a[4..].bytes().all(|c| c.is_ascii_alphanumeric()), "{a}");
-        assert_ne!(a, b);
+        assert_eq!(a.len(), 4 + EVENT_ID_CHARS);
+        assert!(a[4..].bytes().all(|b| b.is_ascii_alphanumeric()));
+        let others = [
+            event_id("pay_2", PAYMENT_SUCCEEDED, 0),
+            event_id("pay_1", REFUND_SUCCEEDED, 0),
+            event_id("pay_1", PAYMENT_SUCCEEDED, 1),
+            // The parts are length-prefixed: no two splits of one string meet.
+            event_id("pay_1p", "ayment.succeeded", 0),
+        ];
+        for other in &others {
+            assert_ne!(&a, other);
+        }
     }
 
     #[test]
@@ -325,8 +353,11 @@ mod tests {
             "succeeded",
             r#"{"id":"pay_1","notify_url":"https://m.example/h"}"#,
         );
-        let s = settlement(SettlementKind::Capture, Some(p.clone()));
-        let e = for_settlement(&s, s.payment.as_ref(), 1_714_565_700_000).unwrap();
+        let mut s = settlement(SettlementKind::Capture, Some(p.clone()));
+        // Dated by the movement (a minute before the commit), due at once.
+        s.settled_at_ms = 1_714_565_700_000;
+        let e = for_settlement(&s, s.payment.as_ref(), 1_714_565_760_000).unwrap();
+        assert_eq!(e.id, event_id("pay_1", PAYMENT_SUCCEEDED, 2));
         assert_eq!(e.event_type, PAYMENT_SUCCEEDED);
         assert_eq!(e.url.as_deref(), Some("https://m.example/h"));
         assert_eq!(

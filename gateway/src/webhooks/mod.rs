@@ -18,7 +18,7 @@ pub mod url;
 
 use serde_json::{json, Value};
 
-use crate::settlement::WebhookEvent;
+use crate::settlement::{WebhookEvent, WebhookStatus};
 use crate::time::rfc3339;
 
 pub use delivery::{spawn_webhooks, Deliverer};
@@ -43,6 +43,32 @@ pub fn render_deliveries(events: &[WebhookEvent]) -> Value {
             })
             .collect(),
     )
+}
+
+/// The delivery of an event a commit has just enqueued, as `GET /v1/payments/{id}` shows it
+/// (see [`render_deliveries`]) before the worker touched it: a creation answers with it
+/// without reading it back. `skipped`: it has nowhere to go (no `notify_url`, no merchant
+/// `webhook_url`).
+pub fn announced(
+    payment_id: &str,
+    event_type: &str,
+    sequence: u32,
+    skipped: bool,
+    created_at_ms: u64,
+) -> Value {
+    let status = if skipped {
+        WebhookStatus::Skipped
+    } else {
+        WebhookStatus::Pending
+    };
+    json!({
+        "id": events::event_id(payment_id, event_type, sequence),
+        "type": event_type,
+        "status": status.as_str(),
+        "attempts": 0,
+        "last_status": null,
+        "created_at": rfc3339(created_at_ms),
+    })
 }
 
 #[cfg(test)]

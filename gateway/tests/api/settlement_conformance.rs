@@ -1298,7 +1298,6 @@ mod webhook_outbox {
         store.record_intent(&pending, None).await.unwrap();
         // Recording the intent announces nothing.
         assert!(store.webhook_events("pay_1").await.unwrap().is_empty());
-        let before = now_ms();
         let mut settled = capture("pay_1", "acc", 1_000, 1);
         let mut done = pending.clone();
         done.status = "succeeded".into();
@@ -1324,7 +1323,8 @@ mod webhook_outbox {
         );
         assert_eq!((e.status, e.attempts), (WebhookStatus::Pending, 0));
         assert_eq!((e.last_status, e.last_error.as_deref()), (None, None));
-        assert!(e.created_at_ms >= before && e.next_attempt_at_ms == Some(e.created_at_ms));
+        // Dated by the movement (the capture's `settled_at_ms`), due at once.
+        assert_eq!((e.created_at_ms, e.next_attempt_at_ms), (10, Some(10)));
         let b = body(e);
         assert_eq!(b["id"], e.id.as_str());
         assert_eq!(b["type"], "payment.succeeded");

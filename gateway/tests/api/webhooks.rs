@@ -578,3 +578,29 @@ async fn a_notify_url_into_the_gateways_network_is_refused() {
         .await;
     assert_eq!(reply.status, 201, "{:?}", reply.body);
 }
+
+/// The create answer and a `GET` right after agree on the payment's webhook deliveries: the
+/// `payment.succeeded` event its commit enqueued (its id derived, so named without a read).
+#[tokio::test]
+async fn the_create_answer_and_a_get_agree_on_webhooks() {
+    let app = crate::helpers::spawn_app(crate::helpers::Backend::Memory).await;
+    app.funded_account(crate::helpers::ALPHA, "alpha", "acc", "100.00", "0.00")
+        .await;
+    let created = app
+        .pay(
+            crate::helpers::ALPHA,
+            "k1",
+            crate::helpers::balance_payment("o1", "acc", "10.00"),
+        )
+        .await;
+    assert_eq!(created.status, 201, "{:?}", created.body);
+    let id = created.body["id"].as_str().unwrap();
+    let read = app
+        .get(&format!("/v1/payments/{id}"), crate::helpers::ALPHA)
+        .await;
+    assert_eq!(read.status, 200);
+    let webhooks = &created.body["webhooks"];
+    assert_eq!(webhooks.as_array().map(Vec::len), Some(1), "{webhooks}");
+    assert_eq!(webhooks[0]["type"], "payment.succeeded");
+    assert_eq!(webhooks, &read.body["webhooks"]);
+}
