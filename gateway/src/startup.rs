@@ -207,13 +207,13 @@ impl Application {
             ),
             url => url.to_owned(),
         };
-        let state = Arc::new(AppState::new(
+        let state = Arc::new(AppState::new(crate::state::Core::new(
             Arc::new(config),
             balances,
             settler,
             channels,
             public_url,
-        ));
+        )));
         Ok(Self {
             listener,
             state,

@@ -27,10 +27,6 @@ use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::Semaphore;
 
-use crate::config::Config;
-use crate::preauth::BalanceStore;
-use crate::routing::ChannelRegistry;
-use crate::settlement::settler::Settler;
 use crate::state::Core;
 use crate::telemetry;
 use auth::Authenticator;
@@ -57,19 +53,14 @@ impl std::ops::Deref for AppState {
 }
 
 impl AppState {
-    pub fn new(
-        config: Arc<Config>,
-        balances: Arc<dyn BalanceStore>,
-        settler: Arc<Settler>,
-        channels: Arc<ChannelRegistry>,
-        public_url: String,
-    ) -> Self {
+    /// The HTTP layer around the payment core.
+    pub fn new(core: Core) -> Self {
         Self {
-            auth: Authenticator::new(&config),
-            in_flight: Semaphore::new(config.settings.server.max_in_flight_requests),
+            auth: Authenticator::new(&core.config),
+            in_flight: Semaphore::new(core.config.settings.server.max_in_flight_requests),
             metrics: telemetry::prometheus(),
             draining: AtomicBool::new(false),
-            core: Arc::new(Core::new(config, balances, settler, channels, public_url)),
+            core: Arc::new(core),
         }
     }
 

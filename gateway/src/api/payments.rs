@@ -207,7 +207,7 @@ pub async fn create_payment(
         hold,
         pending_record: Some(pending.to_json()),
     };
-    submit(&state, request, pending).await
+    submit(&state, &merchant, request, pending).await
 }
 
 const TOPUP_FIELDS: &[&str] = &[
@@ -324,7 +324,7 @@ pub async fn create_topup(
         hold: None,
         pending_record: Some(pending.to_json()),
     };
-    submit(&state, request, pending).await
+    submit(&state, &merchant, request, pending).await
 }
 
 /// A channel payment's row as its intent: pending, holding what it holds, first looked at by
@@ -358,6 +358,7 @@ pub(super) fn intent_row(
 /// is made durable first).
 pub(super) async fn submit(
     state: &AppState,
+    merchant: &Merchant,
     request: AuthorizeRequest,
     pending: PendingRecord,
 ) -> Result<Response, ApiError> {
@@ -424,7 +425,7 @@ pub(super) async fn submit(
             }
             (pending, _) => {
                 let seq = account.map(|a| a.seq);
-                make_durable(state, &request, pending, &payment, seq).await?
+                make_durable(state, merchant, &request, pending, &payment, seq).await?
             }
         },
         AuthorizeOutcome::Replay(StoredOutcome::Payment(id)) => {
@@ -499,6 +500,7 @@ pub(super) async fn submit(
 /// recovery, never answered `201`.
 async fn make_durable(
     state: &AppState,
+    merchant: &Merchant,
     request: &AuthorizeRequest,
     pending: PendingRecord,
     payment: &PaymentRecord,
@@ -515,13 +517,7 @@ async fn make_durable(
             settlement.account_seq = seq;
             // The `payment.succeeded` event the commit enqueues, as a `GET` right after shows
             // it (its id is derived, its date the movement's): no read back.
-            let merchant = state
-                .config
-                .merchants
-                .iter()
-                .find(|m| m.id.as_str() == payment.doc.merchant_id);
-            let skipped = payment.doc.notify_url.is_none()
-                && merchant.is_some_and(|m| m.webhook_url.is_none());
+            let skipped = payment.doc.notify_url.is_none() && merchant.webhook_url.is_none();
             let webhooks = json!([crate::webhooks::announced(
                 id,
                 crate::webhooks::events::PAYMENT_SUCCEEDED,

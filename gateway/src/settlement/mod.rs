@@ -545,6 +545,16 @@ pub(crate) enum Taken {
     Order(String),
 }
 
+impl Taken {
+    /// The payment that holds the key or the order id.
+    pub(crate) fn holder(&self) -> &str {
+        match self {
+            Taken::Replay(holder) | Taken::KeyConflict(holder) => &holder.payment_id,
+            Taken::Order(payment_id) => payment_id,
+        }
+    }
+}
+
 impl From<Taken> for IntentOutcome {
     fn from(taken: Taken) -> Self {
         match taken {

@@ -475,6 +475,38 @@ async fn payment_statement(
     .await
 }
 
+/// Runs `INSERT_SETTLEMENT` (prepared as `insert`) for `s`, numbered `sequence`, hashed
+/// `hash`: the rows inserted (0 when its key or its account sequence is taken).
+async fn insert_settlement(
+    tx: &Transaction<'_>,
+    insert: &tokio_postgres::Statement,
+    s: &Settlement,
+    sequence: i32,
+    hash: &str,
+) -> Result<u64, tokio_postgres::Error> {
+    tx.execute(
+        insert,
+        &[
+            &s.payment_id,
+            &s.kind.as_str(),
+            &sequence,
+            &s.merchant_id,
+            &s.account_id,
+            &s.channel_id,
+            &s.channel_txn_id,
+            &s.amount_minor,
+            &s.currency.code(),
+            &s.channel_fee_minor,
+            &s.commission_minor,
+            &s.merchant_net_minor,
+            &s.account_seq.map(ms),
+            &ms(s.settled_at_ms),
+            &hash,
+        ],
+    )
+    .await
+}
+
 /// Runs `INSERT_CREATING_SETTLEMENT` for `s` (whose payment is `p`, numbered `sequence`,
 /// hashed `hash`): (whether the payment was inserted, whether the settlement was).
 async fn insert_creating_settlement(
@@ -1253,28 +1285,7 @@ impl PostgresStore {
                     if let (true, Some(p)) = (s.creates_payment(), s.payment.as_ref()) {
                         return insert_creating_settlement(tx, p, s, *sequence, hash).await;
                     }
-                    let rows = tx
-                        .execute(
-                            insert,
-                            &[
-                                &s.payment_id,
-                                &s.kind.as_str(),
-                                sequence,
-                                &s.merchant_id,
-                                &s.account_id,
-                                &s.channel_id,
-                                &s.channel_txn_id,
-                                &s.amount_minor,
-                                &s.currency.code(),
-                                &s.channel_fee_minor,
-                                &s.commission_minor,
-                                &s.merchant_net_minor,
-                                &s.account_seq.map(ms),
-                                &ms(s.settled_at_ms),
-                                hash,
-                            ],
-                        )
-                        .await?;
+                    let rows = insert_settlement(tx, insert, s, *sequence, hash).await?;
                     Ok((false, rows == 1))
                 }
             },
@@ -1425,27 +1436,7 @@ impl PostgresStore {
             }
             // Its row is there without its movement: the movement alone, as for any other.
             let insert = tx.prepare_cached(INSERT_SETTLEMENT).await.map_err(db)?;
-            let rows = tx
-                .execute(
-                    &insert,
-                    &[
-                        &s.payment_id,
-                        &s.kind.as_str(),
-                        &sequence,
-                        &s.merchant_id,
-                        &s.account_id,
-                        &s.channel_id,
-                        &s.channel_txn_id,
-                        &s.amount_minor,
-                        &s.currency.code(),
-                        &s.channel_fee_minor,
-                        &s.commission_minor,
-                        &s.merchant_net_minor,
-                        &s.account_seq.map(ms),
-                        &ms(s.settled_at_ms),
-                        &hash,
-                    ],
-                )
+            let rows = insert_settlement(tx, &insert, s, sequence, hash)
                 .await
                 .map_err(db)?;
             if rows == 1 {

@@ -282,79 +282,90 @@ pub async fn restore_keys(
     let now_ms = telemetry::now_ms();
     let since_ms = now_ms.saturating_sub(retention_seconds.saturating_mul(1000));
     let scope = scope.map(|tag| tag.to_string());
-    let mut after: Option<(u64, String)> = None;
+    let scope = scope.as_deref();
+    let record = |tag: &str, key: &str, hash: &str, outcome, created_at_ms| {
+        Ok(KeyRestore {
+            tag: ScopeTag::parse(tag).ok_or_else(|| corrupt(format!("scope tag {tag}")))?,
+            key: key.to_owned(),
+            record: KeyRecord::remaining(
+                hash.to_owned(),
+                outcome,
+                created_at_ms,
+                retention_seconds,
+                now_ms,
+            ),
+        })
+    };
+    let payments = restore_pages(
+        balances,
+        |after: Option<(u64, String)>| async move {
+            let after = after.as_ref().map(|(at, id)| (*at, id.as_str()));
+            store
+                .keyed_payments(since_ms, scope, after, KEY_RESTORE_PAGE)
+                .await
+        },
+        |k: &super::StoredKey| {
+            let payment = PaymentId::parse(&k.payment_id)
+                .ok_or_else(|| corrupt(format!("payment id {}", k.payment_id)))?;
+            record(
+                &k.scope_tag,
+                &k.idempotency_key,
+                &k.request_hash,
+                StoredOutcome::Payment(payment),
+                k.created_at_ms,
+            )
+        },
+        |k| (k.created_at_ms, k.payment_id.clone()),
+    )
+    .await?;
+    // The refusals' keys too: a retry replays its refusal, not a payment made since.
+    let refusals = restore_pages(
+        balances,
+        |after: Option<(u64, String)>| async move {
+            let after = after.as_ref().map(|(at, key)| (*at, key.as_str()));
+            store
+                .refusals(since_ms, scope, after, KEY_RESTORE_PAGE)
+                .await
+        },
+        |r: &super::RefusalRow| {
+            record(
+                &r.scope_tag,
+                &r.idempotency_key,
+                &r.request_hash,
+                StoredOutcome::decode(&r.outcome)?,
+                r.created_at_ms,
+            )
+        },
+        |r| (r.created_at_ms, r.idempotency_key.clone()),
+    )
+    .await?;
+    Ok(payments + refusals)
+}
+
+/// Reads one kind of stored key page by page (`read` from after the cursor it is given: a
+/// page's last row's `cursor`), putting each page back into the balance store; bounded by
+/// [`KEY_RESTORE_PAGES_MAX`] pages. Returns how many were put back.
+async fn restore_pages<T, Read, Page>(
+    balances: &dyn BalanceStore,
+    read: Read,
+    to_restore: impl Fn(&T) -> Result<KeyRestore, RecoveryError>,
+    cursor: impl Fn(&T) -> (u64, String),
+) -> Result<u64, RecoveryError>
+where
+    Read: Fn(Option<(u64, String)>) -> Page,
+    Page: std::future::Future<Output = Result<Vec<T>, SettleError>>,
+{
+    let mut after = None;
     let mut restored = 0;
     for _ in 0..KEY_RESTORE_PAGES_MAX {
-        let page = store
-            .keyed_payments(
-                since_ms,
-                scope.as_deref(),
-                after.as_ref().map(|(at, id)| (*at, id.as_str())),
-                KEY_RESTORE_PAGE,
-            )
-            .await?;
+        let page = read(after.take()).await?;
         let records = page
             .iter()
-            .map(|k| {
-                let tag = ScopeTag::parse(&k.scope_tag)
-                    .ok_or_else(|| corrupt(format!("scope tag of payment {}", k.payment_id)))?;
-                let payment = PaymentId::parse(&k.payment_id)
-                    .ok_or_else(|| corrupt(format!("payment id {}", k.payment_id)))?;
-                Ok(KeyRestore {
-                    tag,
-                    key: k.idempotency_key.clone(),
-                    record: KeyRecord::remaining(
-                        k.request_hash.clone(),
-                        StoredOutcome::Payment(payment),
-                        k.created_at_ms,
-                        retention_seconds,
-                        now_ms,
-                    ),
-                })
-            })
+            .map(&to_restore)
             .collect::<Result<Vec<_>, RecoveryError>>()?;
         restored += balances.restore_keys(&records).await?;
         match page.last() {
-            Some(last) if page.len() == KEY_RESTORE_PAGE => {
-                after = Some((last.created_at_ms, last.payment_id.clone()));
-            }
-            _ => break,
-        }
-    }
-    // The refusals' keys too: a retry replays its refusal, not a payment made since.
-    let mut after: Option<(u64, String)> = None;
-    for _ in 0..KEY_RESTORE_PAGES_MAX {
-        let page = store
-            .refusals(
-                since_ms,
-                scope.as_deref(),
-                after.as_ref().map(|(at, key)| (*at, key.as_str())),
-                KEY_RESTORE_PAGE,
-            )
-            .await?;
-        let records = page
-            .iter()
-            .map(|r| {
-                let tag = ScopeTag::parse(&r.scope_tag)
-                    .ok_or_else(|| corrupt(format!("scope tag of refusal {}", r.scope_tag)))?;
-                Ok(KeyRestore {
-                    tag,
-                    key: r.idempotency_key.clone(),
-                    record: KeyRecord::remaining(
-                        r.request_hash.clone(),
-                        StoredOutcome::decode(&r.outcome)?,
-                        r.created_at_ms,
-                        retention_seconds,
-                        now_ms,
-                    ),
-                })
-            })
-            .collect::<Result<Vec<_>, RecoveryError>>()?;
-        restored += balances.restore_keys(&records).await?;
-        match page.last() {
-            Some(last) if page.len() == KEY_RESTORE_PAGE => {
-                after = Some((last.created_at_ms, last.idempotency_key.clone()));
-            }
+            Some(last) if page.len() == KEY_RESTORE_PAGE => after = Some(cursor(last)),
             _ => break,
         }
     }

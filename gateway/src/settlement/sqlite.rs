@@ -540,18 +540,13 @@ fn settle_in(
     // A movement that creates its payment is written only with its row: the store decides
     // whether the payment may exist (its key and order id), whatever the balance store said.
     let creates = match &s.payment {
-        Some(payment) if s.creates_payment() => {
-            let exists = tx
-                .prepare_cached("SELECT 1 FROM payments WHERE id = ?1")
-                .and_then(|mut st| st.exists([&payment.id]))
-                .map_err(db)?;
-            if !exists {
-                if let Some(taken) = arbitrate(tx, payment)? {
-                    return Ok(taken.into());
-                }
-            }
-            !exists
-        }
+        // Two index look-ups: a row already holding the key or order id is either this very
+        // payment (a re-drive: its settlement is recognized below) or another one (refused).
+        Some(payment) if s.creates_payment() => match arbitrate(tx, payment)? {
+            None => true,
+            Some(taken) if taken.holder() == payment.id => false,
+            Some(taken) => return Ok(taken.into()),
+        },
         _ => false,
     };
     let inserted = exec(

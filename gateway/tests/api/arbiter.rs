@@ -401,12 +401,7 @@ async fn a_voided_topup_credit_is_credited_again() {
     let app = crate::helpers::spawn_app_full(
         Backend::Redis,
         Store::Sqlite,
-        &[
-            ("GATEWAY__RESOLUTION__INTERVAL_MS", "50"),
-            ("GATEWAY__RESOLUTION__FIRST_CHECK_DELAY_MS", "100"),
-            ("GATEWAY__RESOLUTION__BACKOFF_INITIAL_MS", "100"),
-            ("GATEWAY__RESOLUTION__BACKOFF_MAX_MS", "200"),
-        ],
+        crate::helpers::FAST_RESOLUTION,
         &options,
     )
     .await;
@@ -478,14 +473,10 @@ async fn a_supplier_hold_waits_for_the_channels_word() {
         Backend::Redis,
         Store::Sqlite,
         &[
-            ("GATEWAY__PAYMENTS__MIN_EXPIRES_IN_SECONDS", "1"),
-            ("GATEWAY__PREAUTH__HOLD_GRACE_SECONDS", "0"),
-            ("GATEWAY__PREAUTH__SWEEP_INTERVAL_MS", "50"),
-            ("GATEWAY__RESOLUTION__INTERVAL_MS", "50"),
-            ("GATEWAY__RESOLUTION__FIRST_CHECK_DELAY_MS", "100"),
-            ("GATEWAY__RESOLUTION__BACKOFF_INITIAL_MS", "100"),
-            ("GATEWAY__RESOLUTION__BACKOFF_MAX_MS", "200"),
-        ],
+            crate::helpers::QUICK_EXPIRY,
+            crate::helpers::FAST_RESOLUTION,
+        ]
+        .concat(),
     )
     .await;
     app.funded_account(ALPHA, "alpha", "acc", "100.00", "0.00")

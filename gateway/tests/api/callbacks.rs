@@ -977,13 +977,10 @@ async fn an_alipay_code_paid_after_cancel_is_refunded_automatically() {
 #[tokio::test]
 async fn a_supplier_charge_executed_after_expiry_is_captured_if_affordable() {
     let overrides = [
-        ("GATEWAY__RESOLUTION__INTERVAL_MS", "50"),
-        ("GATEWAY__RESOLUTION__FIRST_CHECK_DELAY_MS", "100"),
-        ("GATEWAY__RESOLUTION__BACKOFF_INITIAL_MS", "100"),
-        ("GATEWAY__RESOLUTION__BACKOFF_MAX_MS", "200"),
-        ("GATEWAY__PAYMENTS__MIN_EXPIRES_IN_SECONDS", "1"),
-        ("GATEWAY__PREAUTH__HOLD_GRACE_SECONDS", "0"),
-    ];
+        crate::helpers::FAST_RESOLUTION,
+        crate::helpers::QUICK_EXPIRY,
+    ]
+    .concat();
     let app = spawn_app_full(
         Backend::Memory,
         Store::Sqlite,
@@ -1332,12 +1329,7 @@ async fn an_accepted_order_the_channel_no_longer_knows_is_flagged() {
     let app = spawn_app_full(
         Backend::Memory,
         Store::Sqlite,
-        &[
-            ("GATEWAY__RESOLUTION__INTERVAL_MS", "50"),
-            ("GATEWAY__RESOLUTION__FIRST_CHECK_DELAY_MS", "100"),
-            ("GATEWAY__RESOLUTION__BACKOFF_INITIAL_MS", "100"),
-            ("GATEWAY__RESOLUTION__BACKOFF_MAX_MS", "200"),
-        ],
+        crate::helpers::FAST_RESOLUTION,
         &ChannelOptions::default(),
     )
     .await;

@@ -27,6 +27,22 @@ pub const ALPHA: &str = "sk_test_alpha";
 pub const BETA: &str = "sk_test_beta";
 pub const ADMIN: &str = "sk_test_admin";
 
+/// The resolution loop looking often (tests that wait for it to query or close).
+pub const FAST_RESOLUTION: &[(&str, &str)] = &[
+    ("GATEWAY__RESOLUTION__INTERVAL_MS", "50"),
+    ("GATEWAY__RESOLUTION__FIRST_CHECK_DELAY_MS", "100"),
+    ("GATEWAY__RESOLUTION__BACKOFF_INITIAL_MS", "100"),
+    ("GATEWAY__RESOLUTION__BACKOFF_MAX_MS", "200"),
+];
+
+/// Payments that may expire within seconds (`expires_in_seconds` ≥ 1, no hold grace), the
+/// sweeper running often.
+pub const QUICK_EXPIRY: &[(&str, &str)] = &[
+    ("GATEWAY__PAYMENTS__MIN_EXPIRES_IN_SECONDS", "1"),
+    ("GATEWAY__PREAUTH__HOLD_GRACE_SECONDS", "0"),
+    ("GATEWAY__PREAUTH__SWEEP_INTERVAL_MS", "50"),
+];
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
     Memory,

@@ -258,14 +258,10 @@ async fn an_expired_supplier_charge_is_closed_and_its_hold_released() {
     let app = spawn_app_with(
         Backend::Redis,
         &[
-            ("GATEWAY__PAYMENTS__MIN_EXPIRES_IN_SECONDS", "1"),
-            ("GATEWAY__PREAUTH__HOLD_GRACE_SECONDS", "0"),
-            ("GATEWAY__PREAUTH__SWEEP_INTERVAL_MS", "50"),
-            ("GATEWAY__RESOLUTION__INTERVAL_MS", "50"),
-            ("GATEWAY__RESOLUTION__FIRST_CHECK_DELAY_MS", "100"),
-            ("GATEWAY__RESOLUTION__BACKOFF_INITIAL_MS", "100"),
-            ("GATEWAY__RESOLUTION__BACKOFF_MAX_MS", "200"),
-        ],
+            crate::helpers::QUICK_EXPIRY,
+            crate::helpers::FAST_RESOLUTION,
+        ]
+        .concat(),
     )
     .await;
     app.funded_account(ALPHA, "alpha", "acc", "100.00", "0.00")

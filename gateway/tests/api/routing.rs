@@ -16,13 +16,7 @@ use crate::sim_channels::{
     ALIPAY_BACKUP, ALIPAY_MAIN, SUPPLIER_BACKUP, SUPPLIER_MAIN, WECHATPAY_MAIN,
 };
 
-/// The resolution loop looks early and often (tests only).
-const FAST_RESOLUTION: &[(&str, &str)] = &[
-    ("GATEWAY__RESOLUTION__INTERVAL_MS", "50"),
-    ("GATEWAY__RESOLUTION__FIRST_CHECK_DELAY_MS", "100"),
-    ("GATEWAY__RESOLUTION__BACKOFF_INITIAL_MS", "100"),
-    ("GATEWAY__RESOLUTION__BACKOFF_MAX_MS", "200"),
-];
+use crate::helpers::FAST_RESOLUTION;
 
 /// The resolution loop out of the way (its first look after an hour).
 const NO_RESOLUTION: &[(&str, &str)] = &[("GATEWAY__RESOLUTION__FIRST_CHECK_DELAY_MS", "3600000")];
