@@ -4,15 +4,13 @@
 
 pub mod api;
 pub mod channels;
-pub mod checkout;
 pub mod config;
 pub mod ids;
 pub mod money;
+pub mod payments;
 pub mod pending_docs;
 pub mod periodic;
 pub mod preauth;
-pub mod refunds;
-pub mod resolution;
 pub mod routing;
 pub mod sandbox;
 pub mod secret;

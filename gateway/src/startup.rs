@@ -17,10 +17,10 @@ use crate::api::server::ConnectionLimits;
 use crate::api::{self, AppState};
 use crate::channels::ChannelSettingsError;
 use crate::config::{Config, StoreLocation};
+use crate::payments::resolution::spawn_resolution;
 use crate::preauth::memory::MemoryStore;
 use crate::preauth::redis::RedisStore;
 use crate::preauth::{spawn_sweeper, BalanceStore, StoreError};
-use crate::resolution::spawn_resolution;
 use crate::routing::ChannelRegistry;
 use crate::settlement::postgres::PostgresStore;
 use crate::settlement::recovery::{

@@ -6,24 +6,16 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::auth::{AuthAdmin, AuthMerchant};
 use super::error::ApiError;
-use super::extract::{
-    idempotency_key, request_hash, required_idempotency_key, rfc3339, JsonObject,
-};
+use super::extract::{idempotency_key, required_idempotency_key, JsonObject};
 use super::{render, AppState};
-use crate::ids::{AccountId, AdjustmentId, MerchantId};
-use crate::money::{format_minor, parse_non_negative_minor, Amount, Currency, MoneyError};
-use crate::preauth::AccountSnapshot;
-use crate::preauth::{
-    AccountKey, AdjustOutcome, AdjustRequest, Direction, IdempotencyClaim, SettledMark,
-    StoredOutcome, UpsertOutcome,
-};
-use crate::settlement::recovery::rebuild_balances;
-use crate::settlement::{movements, AccountRow, CommitOutcome, PendingRecord};
-use crate::telemetry;
+use crate::ids::{AccountId, MerchantId};
+use crate::money::{format_minor, parse_non_negative_minor, Currency, MoneyError};
+use crate::payments::accounts::{self, Adjusted, NewAdjustment, Upserted};
+use crate::preauth::{AccountKey, Direction};
 
 /// An account id from the path of a write: malformed is a bad request.
 fn path_account(id: &str) -> Result<AccountId, ApiError> {
@@ -64,41 +56,11 @@ pub async fn put_account(
     }
 
     let key = AccountKey::new(merchant.id.clone(), account);
-    let ctx = state.op();
-    let (status, snapshot) = match state
-        .balances
-        .upsert_account(&key, currency, credit_limit, ctx)
-        .await?
-    {
-        UpsertOutcome::Created(snapshot) => (StatusCode::CREATED, snapshot),
-        UpsertOutcome::Updated(snapshot) => (StatusCode::OK, snapshot),
-        UpsertOutcome::CurrencyMismatch(existing) => {
-            return Err(ApiError::InvalidState {
-                message: format!("the account exists in {existing}; its currency cannot change"),
-                status: None,
-            })
-        }
-        UpsertOutcome::OutOfRange => {
-            return Err(ApiError::invalid(
-                "credit_limit",
-                "makes balance + credit_limit out of range",
-            ))
-        }
+    let (upserted, snapshot) = accounts::upsert(&state.core, &key, currency, credit_limit).await?;
+    let status = match upserted {
+        Upserted::Created => StatusCode::CREATED,
+        Upserted::Updated => StatusCode::OK,
     };
-    // The account must survive a restart even before money moves: the store has it before
-    // the client hears of it (a failure here is a 503; the PUT is safe to retry).
-    state
-        .settler
-        .store
-        .upsert_account(&AccountRow {
-            merchant_id: key.merchant.as_str().to_owned(),
-            account_id: key.account.as_str().to_owned(),
-            currency,
-            credit_limit_minor: credit_limit,
-            created_at_ms: ctx.now_ms,
-            updated_at_ms: ctx.now_ms,
-        })
-        .await?;
     Ok((
         status,
         Json(render::account(key.account.as_str(), &snapshot)),
@@ -115,46 +77,10 @@ pub async fn get_account(
     let not_found = || ApiError::NotFound("no such account".into());
     let account = AccountId::parse(&id).map_err(|_| not_found())?;
     let key = AccountKey::new(merchant.id.clone(), account);
-    let snapshot = read_or_reload(&state, &key).await?.ok_or_else(not_found)?;
+    let snapshot = accounts::read(&state.core, &key)
+        .await?
+        .ok_or_else(not_found)?;
     Ok(Json(render::account(key.account.as_str(), &snapshot)))
-}
-
-/// The account from the balance store; when that store does not know it but the settlement
-/// store does (Redis lost it), the account is reloaded from the record first.
-pub(super) async fn read_or_reload(
-    state: &AppState,
-    key: &AccountKey,
-) -> Result<Option<AccountSnapshot>, ApiError> {
-    if let Some(snapshot) = state.balances.read_account(key, state.op()).await? {
-        return Ok(Some(snapshot));
-    }
-    if !reload_account(state, key).await? {
-        return Ok(None);
-    }
-    Ok(state.balances.read_account(key, state.op()).await?)
-}
-
-/// Loads one account from the settlement store into the balance store; `false` when the
-/// settlement store does not know it either.
-pub(super) async fn reload_account(state: &AppState, key: &AccountKey) -> Result<bool, ApiError> {
-    let loaded = rebuild_balances(
-        state.settler.store.as_ref(),
-        state.balances.as_ref(),
-        Some((key.merchant.as_str(), key.account.as_str())),
-        state.settler.idempotency_retention_seconds(),
-    )
-    .await
-    .map_err(|e| {
-        tracing::warn!(error = %e, "cannot reload an account from the settlement store");
-        ApiError::Unavailable {
-            reason: "settlement_store_unavailable",
-            payment_id: None,
-        }
-    })?;
-    if loaded > 0 {
-        tracing::warn!(merchant = %key.merchant, account = %key.account, "account missing from the balance store: reloaded from the settlement store");
-    }
-    Ok(loaded > 0)
 }
 
 /// `POST /v1/accounts/{id}/adjustments` (admin key): `{"merchant_id", "direction":
@@ -185,173 +111,22 @@ pub async fn post_adjustment(
             ))
         }
     };
-    let amount_text = body.required_str("amount")?;
+    let amount = body.required_str("amount")?;
     let reason = body
         .bounded_str("reason", limits.max_reason_chars)?
         .filter(|r| !r.trim().is_empty())
         .ok_or_else(|| ApiError::invalid("reason", "is required (say why money moves)"))?;
-
-    // The amount's precision depends on the account's currency, so read the account first.
     let key = AccountKey::new(merchant.id.clone(), account);
-    let snapshot = read_or_reload(&state, &key)
-        .await?
-        .ok_or_else(|| ApiError::NotFound("no such account".into()))?;
-    let currency = snapshot.currency;
-    let amount = Amount::parse(amount_text, currency).map_err(|e| money_error("amount", e))?;
-    let max = state
-        .config
-        .currencies
-        .get(&currency)
-        .map_or(0, |l| l.max_adjustment_minor);
-    if amount.minor() > max {
-        return Err(ApiError::invalid(
-            "amount",
-            format!("must be at most {}", format_minor(max, currency)),
-        ));
-    }
-
-    let normalized = json!({
-        "account_id": key.account.as_str(),
-        "merchant_id": key.merchant.as_str(),
-        "direction": direction,
-        "amount": amount.minor(),
-        "reason": reason,
-    });
-    // Admission before any money moves: the store must be able to take the settlement.
-    // (An adjustment is rare: it does not ask the writer to wait for it.)
-    drop(state.settler.admit().map_err(ApiError::not_admitted)?);
-    let now_ms = telemetry::now_ms();
-    let adjustment_id = AdjustmentId::generate(key.tag, now_ms);
-    let template = movements::adjustment(
-        &key,
-        &adjustment_id,
+    let new = NewAdjustment {
+        key: idempotency,
+        account: key.clone(),
         direction,
-        amount.minor(),
-        currency,
-        None,
-        now_ms,
-    );
-    let doc = json!({
-        "id": adjustment_id.as_str(),
-        "merchant_id": key.merchant.as_str(),
-        "account_id": key.account.as_str(),
-        "direction": direction,
-        "amount": format_minor(amount.minor(), currency),
-        "currency": currency.code(),
-        "reason": reason,
-        "created_at": rfc3339(now_ms),
-    });
-    let request = AdjustRequest {
-        idempotency: IdempotencyClaim {
-            key: idempotency,
-            request_hash: request_hash("adjustment", &normalized),
-            retention_seconds: state.config.settings.preauth.idempotency_retention_seconds,
-        },
-        adjustment_id,
-        direction,
-        amount_minor: amount.minor(),
-        currency,
-        doc: doc.to_string(),
-        pending_record: PendingRecord::Settlement(template.clone()).to_json(),
-        account: key,
+        amount,
+        reason,
     };
-    let outcome = state.balances.adjust(&request, state.op()).await?;
-    let key = &request.account;
-    let insufficient = |available: i64, shortfall: i64| ApiError::InsufficientFunds {
-        available: format_minor(available, currency),
-        shortfall: format_minor(shortfall, currency),
-        currency: currency.code().into(),
-    };
-    let (label, result) = match outcome {
-        AdjustOutcome::Applied(snapshot) => {
-            // Answered only once the settlement is committed.
-            let mut settlement = template;
-            settlement.account_seq = Some(snapshot.seq);
-            let mark = SettledMark {
-                tag: key.tag,
-                id: request.adjustment_id.as_str().to_owned(),
-                idempotency_key: request.idempotency.key.as_str().to_owned(),
-            };
-            match state.settler.settle(settlement, mark).await {
-                Ok(CommitOutcome::Inserted | CommitOutcome::AlreadyCommitted) => {
-                    let mut body = doc;
-                    body["account"] = render::account(key.account.as_str(), &snapshot);
-                    (
-                        "applied",
-                        Ok((StatusCode::CREATED, Json(body)).into_response()),
-                    )
-                }
-                Ok(other) => (
-                    "unsettled",
-                    Err(ApiError::Unavailable {
-                        reason: rebuild_reason(&other),
-                        payment_id: Some(request.adjustment_id.as_str().to_owned()),
-                    }),
-                ),
-                Err(err) => (
-                    "unsettled",
-                    Err(ApiError::unsettled(request.adjustment_id.as_str(), &err)),
-                ),
-            }
-        }
-        AdjustOutcome::Replay(StoredOutcome::Adjustment(stored)) => {
-            let mut body: Value = serde_json::from_str(&stored)
-                .map_err(|e| ApiError::from(crate::preauth::StoreError::Corrupt(e.to_string())))?;
-            let snapshot = state
-                .balances
-                .read_account(key, state.op())
-                .await?
-                .ok_or_else(|| ApiError::NotFound("no such account".into()))?;
-            body["account"] = render::account(key.account.as_str(), &snapshot);
-            (
-                "replayed",
-                Ok((StatusCode::CREATED, Json(body)).into_response()),
-            )
-        }
-        AdjustOutcome::Replay(StoredOutcome::InsufficientFunds {
-            available,
-            shortfall,
-        })
-        | AdjustOutcome::InsufficientFunds {
-            available,
-            shortfall,
-        } => (
-            "insufficient_funds",
-            Err(insufficient(available, shortfall)),
-        ),
-        // A payment's outcome under this key: the request hash differs, so this is a conflict.
-        AdjustOutcome::Replay(
-            StoredOutcome::Payment(_)
-            | StoredOutcome::NoChannelAvailable(_)
-            | StoredOutcome::Refund(_),
-        )
-        | AdjustOutcome::IdempotencyConflict => {
-            ("idempotency_conflict", Err(ApiError::IdempotencyConflict))
-        }
-        AdjustOutcome::IdempotencyInFlight => {
-            ("idempotency_in_flight", Err(ApiError::IdempotencyInFlight))
-        }
-        AdjustOutcome::AccountNotFound => (
-            "not_found",
-            Err(ApiError::NotFound("no such account".into())),
-        ),
-        AdjustOutcome::CurrencyMismatch(existing) => (
-            "currency_mismatch",
-            Err(ApiError::invalid(
-                "amount",
-                format!("the account is in {existing}"),
-            )),
-        ),
-        AdjustOutcome::OutOfRange => (
-            "out_of_range",
-            Err(ApiError::invalid(
-                "amount",
-                "would take the balance out of range",
-            )),
-        ),
-    };
-    telemetry::adjustment_outcome(label);
-    result
+    let Adjusted { mut doc, account } = accounts::adjust(&state.core, new).await?;
+    doc["account"] = render::account(key.account.as_str(), &account);
+    Ok((StatusCode::CREATED, Json(doc)).into_response())
 }
 
 /// A currency the configuration accepts, else 400 naming `currency`.
@@ -368,13 +143,4 @@ pub(super) fn supported_currency(state: &AppState, code: &str) -> Result<Currenc
                 format!("must be one of {}", accepted.join(", ")),
             )
         })
-}
-
-/// Why a settlement that was refused is a 503: a sequence conflict means the balance store
-/// rolled back and the account must be rebuilt; a content conflict is flagged for a human.
-pub(super) fn rebuild_reason(outcome: &CommitOutcome) -> &'static str {
-    match outcome {
-        CommitOutcome::SequenceConflict { .. } => "account_rebuild_required",
-        _ => "settlement_conflict",
-    }
 }

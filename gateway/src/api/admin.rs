@@ -37,10 +37,7 @@ pub async fn flagged(
             format!("must be between 1 and {MAX_FLAGGED_LIMIT}"),
         ));
     }
-    let items: Vec<Value> = state
-        .settler
-        .store
-        .flagged(limit)
+    let items: Vec<Value> = crate::payments::view::flagged(&state.core, limit)
         .await?
         .into_iter()
         .map(|f| {

@@ -6,11 +6,8 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
 
-use crate::preauth::StoreError;
-use crate::settlement::settler::SettleFailure;
-use crate::settlement::stream::StreamError;
-use crate::settlement::SettleError;
-use crate::telemetry;
+use crate::money::format_minor;
+use crate::payments::PaymentError;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ApiError {
@@ -181,65 +178,38 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Every store failure fails closed: 503, nothing authorized. Logged here, once.
-impl From<StoreError> for ApiError {
-    fn from(err: StoreError) -> Self {
-        let kind = match &err {
-            StoreError::Unavailable(_) => "unavailable",
-            StoreError::Timeout(_) => "timeout",
-            StoreError::Corrupt(_) => "corrupt",
-            StoreError::TagCollision(_) => "tag_collision",
-            StoreError::Misconfigured(_) => "misconfigured",
-        };
-        telemetry::store_error(kind);
-        match &err {
-            StoreError::Unavailable(_) | StoreError::Timeout(_) => {
-                tracing::warn!(error = %err, "balance store unavailable")
+/// The core's answers, mapped to HTTP in this one place.
+impl From<PaymentError> for ApiError {
+    fn from(err: PaymentError) -> Self {
+        match err {
+            PaymentError::Invalid { field, message } => ApiError::invalid(field, message),
+            PaymentError::NotFound(missing) => ApiError::NotFound(missing.message().into()),
+            PaymentError::OtherMerchant => {
+                ApiError::Forbidden("this payment belongs to another merchant".into())
             }
-            _ => tracing::error!(error = %err, "balance store failure"),
-        }
-        ApiError::Unavailable {
-            reason: "balance_store_unavailable",
-            payment_id: None,
-        }
-    }
-}
-
-impl ApiError {
-    /// Admission refused before any money moved: nothing to finish later.
-    pub fn not_admitted(err: StreamError) -> Self {
-        let reason = match err {
-            StreamError::QueueFull => "settlement_queue_full",
-            _ => "settlement_store_unavailable",
-        };
-        ApiError::Unavailable {
-            reason,
-            payment_id: None,
-        }
-    }
-
-    /// Money moved in the balance store but its commit did not complete: the answer names the
-    /// payment (or adjustment); its key stays in flight until recovery has committed it.
-    pub fn unsettled(id: &str, err: &SettleFailure) -> Self {
-        tracing::warn!(id, error = %err, "movement not committed; recovery will finish it");
-        let reason = match err {
-            SettleFailure::Stream(StreamError::QueueFull) => "settlement_queue_full",
-            _ => "settlement_store_unavailable",
-        };
-        ApiError::Unavailable {
-            reason,
-            payment_id: Some(id.to_owned()),
-        }
-    }
-}
-
-/// Settlement store failures outside the money path (accounts, reads): fail closed.
-impl From<SettleError> for ApiError {
-    fn from(err: SettleError) -> Self {
-        tracing::warn!(error = %err, "settlement store unavailable");
-        ApiError::Unavailable {
-            reason: "settlement_store_unavailable",
-            payment_id: None,
+            PaymentError::InsufficientFunds {
+                available,
+                shortfall,
+                currency,
+            } => ApiError::InsufficientFunds {
+                available: format_minor(available, currency),
+                shortfall: format_minor(shortfall, currency),
+                currency: currency.code().into(),
+            },
+            PaymentError::IdempotencyConflict => ApiError::IdempotencyConflict,
+            PaymentError::IdempotencyInFlight => ApiError::IdempotencyInFlight,
+            PaymentError::DuplicateOrder { payment_id } => ApiError::DuplicateOrder { payment_id },
+            PaymentError::InvalidState { message, status } => ApiError::InvalidState {
+                message,
+                status: status.map(|s| s.as_str().to_owned()),
+            },
+            PaymentError::NoChannelAvailable { payment_id } => {
+                ApiError::NoChannelAvailable { payment_id }
+            }
+            PaymentError::Unavailable { reason, payment_id } => ApiError::Unavailable {
+                reason: reason.as_str(),
+                payment_id,
+            },
         }
     }
 }

@@ -120,16 +120,3 @@ pub fn required_idempotency_key(
 }
 
 pub use crate::time::rfc3339;
-
-/// The digest an idempotency record keeps: the route and the *normalized* request (parsed
-/// values, keys sorted), so whitespace or key order never makes a retry look different, while
-/// any change of meaning does.
-pub fn request_hash(route: &str, normalized: &Value) -> String {
-    use sha2::{Digest, Sha256};
-    let mut hasher = Sha256::new();
-    hasher.update(route.as_bytes());
-    hasher.update(b"\n");
-    // serde_json's Map is ordered by key: the serialization is canonical.
-    hasher.update(normalized.to_string().as_bytes());
-    hex::encode(&hasher.finalize()[..16])
-}

@@ -29,16 +29,8 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             Json(json!({"status": "not_ready", "reason": reason})),
         )
     };
-    if let Err(err) = state.balances.ping().await {
-        tracing::warn!(error = %err, "readiness: balance store unreachable");
-        return not_ready("balance_store_unavailable");
-    }
-    if let Err(err) = state.settler.store.ping().await {
-        tracing::warn!(error = %err, "readiness: settlement store unreachable");
-        return not_ready("settlement_store_unavailable");
-    }
-    if !state.settler.is_healthy() {
-        return not_ready("settlement_store_unavailable");
+    if let Err(reason) = state.core.readiness().await {
+        return not_ready(reason.as_str());
     }
     (StatusCode::OK, Json(json!({"status": "ready"})))
 }

@@ -1,6 +1,7 @@
 //! The layering the code keeps (issue 13, "the payment core out of the HTTP layer"): no module
 //! outside `api/` reaches into the HTTP layer — only `lib.rs`, `main.rs` and `startup.rs`,
-//! which mount it — and the shared time formatting is a leaf. Checked on the sources, so an
+//! which mount it —, the HTTP layer reaches the stores only through the payment core, and the
+//! shared time formatting is a leaf. Checked on the sources, so an
 //! upward import fails here before it spreads.
 
 use std::path::{Path, PathBuf};
@@ -74,5 +75,47 @@ fn time_formatting_is_a_leaf() {
     assert!(
         !text.contains("crate::") && !text.contains("super::super"),
         "src/time.rs imports the gateway"
+    );
+}
+
+/// The code lines of `file` (comments left out), numbered from 1.
+fn code_lines(file: &Path) -> Vec<(usize, String)> {
+    std::fs::read_to_string(file)
+        .unwrap()
+        .lines()
+        .enumerate()
+        .map(|(n, line)| (n + 1, line.trim_start().to_owned()))
+        .filter(|(_, code)| !code.starts_with("//"))
+        .collect()
+}
+
+#[test]
+fn the_http_layer_reaches_the_stores_only_through_the_core() {
+    let api = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/api");
+    let mut files = Vec::new();
+    sources(&api, &mut files);
+    assert!(files.len() > 5, "found the HTTP layer: {files:?}");
+    // The balance store and the settlement store (and its writer, recovery and stream).
+    let stores = [
+        ".balances",
+        ".settler",
+        "settlement::recovery",
+        "settlement::settler",
+        "settlement::stream",
+        "BalanceStore",
+        "SettlementStore",
+    ];
+    let mut offenders = Vec::new();
+    for file in &files {
+        for (n, code) in code_lines(file) {
+            if let Some(store) = stores.iter().find(|s| code.contains(*s)) {
+                offenders.push(format!("{}:{n}: {store}: {code}", file.display()));
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "the HTTP layer reaches a store around the payment core:\n{}",
+        offenders.join("\n")
     );
 }

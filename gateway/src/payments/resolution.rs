@@ -606,6 +606,62 @@ pub async fn cancel(
     )
 }
 
+/// `cancel` for a merchant's payment by id, as the client sees it: the payment as it stands
+/// once canceled (again: a safe retry); any other status, or a channel that says it was paid,
+/// is an invalid state; a channel that cannot confirm either way leaves it unchanged.
+pub async fn cancel_owned(
+    core: &Core,
+    merchant: &crate::ids::MerchantId,
+    id: &str,
+) -> Result<super::view::PaymentView, super::PaymentError> {
+    use super::{view, Missing, PaymentError, Unavailable};
+    let (pid, payment) = view::owned(core, merchant, id).await?;
+    let not_pending = |status: PaymentStatus| PaymentError::InvalidState {
+        message: format!("only a pending payment can be canceled; this one is {status}"),
+        status: Some(status),
+    };
+    match payment.status {
+        PaymentStatus::Canceled => return view::full(core, payment).await,
+        PaymentStatus::Pending => {}
+        status => return Err(not_pending(status)),
+    }
+    let outcome = match cancel(core, &pid, payment.doc.expires_at_ms).await {
+        Ok(outcome) => outcome,
+        Err(ResolveError::Balances(err)) => return Err(err.into()),
+        Err(ResolveError::Store(err)) => return Err(err.into()),
+        Err(ResolveError::AmountMismatch { .. }) => {
+            return Err(PaymentError::InvalidState {
+                message: "the channel reports this order paid with another amount; it is flagged for review and cannot be canceled".into(),
+                status: Some(PaymentStatus::Pending),
+            })
+        }
+        Err(err) => {
+            tracing::warn!(payment_id = %pid, error = %err, "cancel could not finish");
+            return Err(PaymentError::unavailable(
+                Unavailable::SettlementStore,
+                Some(pid.as_str()),
+            ));
+        }
+    };
+    match outcome {
+        Cancel::Canceled | Cancel::NotPending(PaymentStatus::Canceled) => {
+            let (_, payment) = view::owned(core, merchant, pid.as_str()).await?;
+            view::full(core, payment).await
+        }
+        Cancel::NotPending(status) => Err(not_pending(status)),
+        Cancel::NotFound => Err(PaymentError::NotFound(Missing::Payment)),
+        Cancel::Paid => Err(PaymentError::InvalidState {
+            message: "the channel reports this payment paid: it succeeded and cannot be canceled"
+                .into(),
+            status: Some(PaymentStatus::Succeeded),
+        }),
+        Cancel::ChannelUnreachable => Err(PaymentError::unavailable(
+            Unavailable::Channel,
+            Some(pid.as_str()),
+        )),
+    }
+}
+
 enum Closed {
     /// Closed or unknown to the channel: it will not take money for this order.
     Dead,
@@ -882,7 +938,7 @@ pub fn spawn_resolution(state: Arc<Core>, shutdown: watch::Receiver<bool>) -> Jo
                 tracing::warn!(error = %err, "resolution tick failed");
             }
             let batch = state.config.settings.resolution.batch;
-            if let Err(err) = crate::refunds::retry_stale(&state, batch).await {
+            if let Err(err) = crate::payments::refunds::retry_stale(&state, batch).await {
                 tracing::warn!(error = %err, "refund retry tick failed");
             }
         }
