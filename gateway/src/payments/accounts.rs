@@ -227,14 +227,29 @@ pub async fn adjust(core: &Core, new: NewAdjustment<'_>) -> Result<Adjusted, Pay
                 .ok_or(PaymentError::NotFound(Missing::Account))?;
             ("replayed", Ok(Adjusted { doc, account }))
         }
+        AdjustOutcome::InsufficientFunds {
+            available,
+            shortfall,
+        } => {
+            // The key's answer, kept in the store too, so its replay survives.
+            let refused = StoredOutcome::InsufficientFunds {
+                available,
+                shortfall,
+            };
+            super::keep_refusal(core, key.tag, &request.idempotency, refused, now_ms);
+            (
+                "insufficient_funds",
+                Err(PaymentError::InsufficientFunds {
+                    available,
+                    shortfall,
+                    currency,
+                }),
+            )
+        }
         AdjustOutcome::Replay(StoredOutcome::InsufficientFunds {
             available,
             shortfall,
-        })
-        | AdjustOutcome::InsufficientFunds {
-            available,
-            shortfall,
-        } => (
+        }) => (
             "insufficient_funds",
             Err(PaymentError::InsufficientFunds {
                 available,

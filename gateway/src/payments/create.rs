@@ -28,8 +28,7 @@ use crate::preauth::{
 use crate::settlement::recovery::{unwind_refused, Refusal};
 use crate::settlement::settler::SettleFailure;
 use crate::settlement::{
-    movements, AttemptRow, CommitOutcome, IntentOutcome, PaymentRow, PendingRecord, RefusalRow,
-    Settlement,
+    movements, AttemptRow, CommitOutcome, IntentOutcome, PaymentRow, PendingRecord, Settlement,
 };
 use crate::state::Core;
 use crate::telemetry;
@@ -279,17 +278,16 @@ async fn not_created(
             shortfall,
         } => {
             // The refusal is the key's answer: kept in the store too, so its replay survives.
-            core.settler.record_refusal_later(RefusalRow {
-                scope_tag: request.scope.tag().to_string(),
-                idempotency_key: request.idempotency.key.as_str().to_owned(),
-                request_hash: request.idempotency.request_hash.clone(),
-                outcome: StoredOutcome::InsufficientFunds {
+            super::keep_refusal(
+                core,
+                request.scope.tag(),
+                &request.idempotency,
+                StoredOutcome::InsufficientFunds {
                     available,
                     shortfall,
-                }
-                .encode(),
-                created_at_ms: request.doc.created_at_ms,
-            });
+                },
+                request.doc.created_at_ms,
+            );
             PaymentError::InsufficientFunds {
                 available,
                 shortfall,

@@ -26,6 +26,29 @@ pub use error::{Missing, PaymentError, Unavailable};
 
 use serde_json::Value;
 
+use crate::ids::ScopeTag;
+use crate::preauth::{IdempotencyClaim, StoredOutcome};
+use crate::settlement::RefusalRow;
+use crate::state::Core;
+
+/// A refusal that is a key's first answer (`402`): kept in the store with the next group
+/// commit, not waited for, so its replay survives a lost Redis (`recovery::restore_keys`).
+pub(crate) fn keep_refusal(
+    core: &Core,
+    tag: ScopeTag,
+    claim: &IdempotencyClaim,
+    outcome: StoredOutcome,
+    created_at_ms: u64,
+) {
+    core.settler.record_refusal_later(RefusalRow {
+        scope_tag: tag.to_string(),
+        idempotency_key: claim.key.as_str().to_owned(),
+        request_hash: claim.request_hash.clone(),
+        outcome: outcome.encode(),
+        created_at_ms,
+    });
+}
+
 /// The digest an idempotency record keeps: the route and the *normalized* request (parsed
 /// values, keys sorted), so whitespace or key order never makes a retry look different, while
 /// any change of meaning does.

@@ -382,14 +382,27 @@ pub async fn create(
             RefundReserveOutcome::Replay(StoredOutcome::Refund(refund_id)) => {
                 return stored_refund(core, &pid, &refund_id).await
             }
-            RefundReserveOutcome::Replay(StoredOutcome::InsufficientFunds {
-                available,
-                shortfall,
-            })
-            | RefundReserveOutcome::InsufficientFunds {
+            RefundReserveOutcome::InsufficientFunds {
                 available,
                 shortfall,
             } => {
+                // A top-up refund the account cannot cover: the key's answer, kept in the
+                // store too.
+                let refused = StoredOutcome::InsufficientFunds {
+                    available,
+                    shortfall,
+                };
+                super::keep_refusal(core, pid.tag(), &request.idempotency, refused, now);
+                return Err(PaymentError::InsufficientFunds {
+                    available,
+                    shortfall,
+                    currency: doc.currency,
+                });
+            }
+            RefundReserveOutcome::Replay(StoredOutcome::InsufficientFunds {
+                available,
+                shortfall,
+            }) => {
                 return Err(PaymentError::InsufficientFunds {
                     available,
                     shortfall,

@@ -774,3 +774,58 @@ async fn a_refusal_replays_after_redis_lost_it() {
     app.assert_account(ALPHA, "acc", "200.00", "0.00", "200.00")
         .await;
 }
+
+/// The same for an admin's debit: its `402` is kept in the store under the account's scope and
+/// replayed after Redis lost it, even though the account could cover the debit by then.
+#[tokio::test]
+async fn an_adjustments_refusal_replays_after_redis_lost_it() {
+    let app = spawn_app_on(Backend::Redis, Store::Sqlite, &[]).await;
+    app.funded_account(ALPHA, "alpha", "acc", "100.00", "0.00")
+        .await;
+    let debit = json!({
+        "merchant_id": "alpha", "direction": "debit", "amount": "150.00", "reason": "chargeback"
+    });
+    let path = "/v1/accounts/acc/adjustments";
+    let refused = app
+        .post(path, crate::helpers::ADMIN, "D", debit.clone())
+        .await;
+    assert_eq!(
+        (refused.status, refused.code()),
+        (402, "insufficient_funds"),
+        "{:?}",
+        refused.body
+    );
+    let disk = app.settlement_store().await;
+    let mut kept = Vec::new();
+    for _ in 0..100 {
+        kept = disk.refusals(0, None, None, 10).await.unwrap();
+        if !kept.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(kept.len(), 1, "the refusal is in the store");
+    assert_eq!(kept[0].idempotency_key, "D");
+
+    let mut redis = app.redis.as_ref().unwrap().connection().await;
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let credited = app.credit("alpha", "acc", "100.00").await;
+    assert_eq!(credited.status, 201, "{:?}", credited.body);
+    let again = app.post(path, crate::helpers::ADMIN, "D", debit).await;
+    assert_eq!(
+        (
+            again.status,
+            again.code(),
+            &again.body["error"]["available"]
+        ),
+        (402, "insufficient_funds", &json!("100.00")),
+        "{:?}",
+        again.body
+    );
+    app.assert_account(ALPHA, "acc", "200.00", "0.00", "200.00")
+        .await;
+    assert_store_invariants(disk.as_ref(), &[("alpha", "acc", 20_000)]).await;
+}
