@@ -2,6 +2,7 @@
 //! shares — customer payment, expiry, and callback delivery with retries.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -69,6 +70,8 @@ pub(crate) struct Channel {
     pub faults: watch::Sender<Faults>,
     pub rng: Mutex<SplitMix64>,
     orders: Mutex<Orders>,
+    /// Set whenever the orders may have changed since they were last saved.
+    changed: AtomicBool,
     pub runtime: Arc<Runtime>,
 }
 
@@ -151,6 +154,7 @@ impl Channel {
                 by_id: HashMap::new(),
                 next_seq: 0,
             }),
+            changed: AtomicBool::new(false),
             runtime,
         })
     }
@@ -167,8 +171,75 @@ impl Channel {
     }
 
     /// The orders, locked; expiry is applied lazily by the callers that read an order.
+    /// Counted as a change (to be saved): most callers change something.
     pub fn orders(&self) -> MutexGuard<'_, Orders> {
+        self.changed.store(true, Ordering::Relaxed);
         lock(&self.orders)
+    }
+
+    /// Whether the orders may have changed since the last call (and clears it).
+    pub(crate) fn take_changed(&self) -> bool {
+        self.changed.swap(false, Ordering::Relaxed)
+    }
+
+    pub(crate) fn mark_changed(&self) {
+        self.changed.store(true, Ordering::Relaxed);
+    }
+
+    /// Every order with its create fingerprint, oldest first: what `persist` keeps.
+    pub(crate) fn saved_orders(&self) -> Vec<(OrderRecord, String)> {
+        let orders = lock(&self.orders);
+        let mut list: Vec<(OrderRecord, String)> = orders
+            .by_id
+            .values()
+            .map(|order| (order.clone(), order.fingerprint.clone()))
+            .collect();
+        list.sort_by_key(|(order, _)| order.seq);
+        list
+    }
+
+    /// Takes back the orders saved before a restart (oldest first), then picks up what was
+    /// under way: an unpaid order is still auto-paid (when the channel auto-pays), and a paid
+    /// order whose success notice was never acknowledged is notified again, as a real channel
+    /// goes on notifying.
+    pub(crate) fn restore(self: &Arc<Self>, saved: Vec<(OrderRecord, String)>) {
+        let mut unpaid = Vec::new();
+        let mut unnotified = Vec::new();
+        {
+            let mut orders = lock(&self.orders);
+            for (mut order, fingerprint) in saved {
+                order.fingerprint = fingerprint;
+                order.seq = orders.next_seq;
+                orders.next_seq += 1;
+                match order.status {
+                    OrderStatus::Unpaid => unpaid.push(order.channel_order_id.clone()),
+                    OrderStatus::Paid if !order.callbacks.iter().any(|c| c.acknowledged) => {
+                        unnotified.push(order.clone())
+                    }
+                    OrderStatus::Paid | OrderStatus::Closed => {}
+                }
+                orders.by_id.insert(order.channel_order_id.clone(), order);
+            }
+        }
+        tracing::info!(channel = %self.id, unpaid = unpaid.len(), unnotified = unnotified.len(), "orders restored");
+        if self.auto_pay {
+            for id in unpaid {
+                self.schedule_auto_pay(id);
+            }
+        }
+        for order in unnotified {
+            let channel = Arc::clone(self);
+            tokio::spawn(async move { channel.notify_paid(order).await });
+        }
+    }
+
+    fn schedule_auto_pay(self: &Arc<Self>, channel_order_id: String) {
+        let channel = Arc::clone(self);
+        tokio::spawn(async move {
+            if channel.runtime.sleep(channel.auto_pay_delay_ms).await {
+                channel.pay(&channel_order_id);
+            }
+        });
     }
 
     /// A snapshot of every order, oldest first, expiry applied.
@@ -239,13 +310,7 @@ impl Channel {
                 .insert(order.channel_order_id.clone(), order.clone());
         }
         if self.auto_pay {
-            let channel = Arc::clone(self);
-            let id = order.channel_order_id.clone();
-            tokio::spawn(async move {
-                if channel.runtime.sleep(channel.auto_pay_delay_ms).await {
-                    channel.pay(&id);
-                }
-            });
+            self.schedule_auto_pay(order.channel_order_id.clone());
         }
         Ok(order)
     }

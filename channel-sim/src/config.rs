@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -192,6 +193,11 @@ pub struct SimConfig {
     pub callbacks: CallbackPolicy,
     /// Orders kept per channel; a create beyond it is refused as a server error.
     pub max_orders_per_channel: usize,
+    /// Where the orders are kept across a restart, as a real channel keeps them (`None`: in
+    /// memory only). Loaded at start; written when they changed, at most every
+    /// `orders_save_interval_ms`, and at shutdown.
+    pub orders_file: Option<PathBuf>,
+    pub orders_save_interval_ms: u64,
 }
 
 impl SimConfig {
@@ -201,9 +207,18 @@ impl SimConfig {
             admin_listen: None,
             callbacks: CallbackPolicy::default(),
             max_orders_per_channel: 1_000_000,
+            orders_file: None,
+            orders_save_interval_ms: DEFAULT_ORDERS_SAVE_INTERVAL_MS,
         }
     }
 }
+
+/// The orders file's name in a sandbox's data dir (beside `sandbox.json`).
+pub const ORDERS_FILE_NAME: &str = "channel-sim-orders.json";
+
+/// How often changed orders are written to `orders_file` by default: a `kill -9` loses at
+/// most this much of the channel's record.
+pub const DEFAULT_ORDERS_SAVE_INTERVAL_MS: u64 = 1_000;
 
 /// The most callback attempts per notice accepted in configuration.
 pub const MAX_CALLBACK_ATTEMPTS: u32 = 32;

@@ -12,6 +12,7 @@
 //! - `alipay`, `wechatpay`, `supplier`: one module per protocol.
 //! - [`record`]: what each channel did, for tests and the admin API.
 //! - [`manifest`]: the sandbox manifest (`sandbox.json`) → [`SimConfig`].
+//! - `persist`: the orders kept across a restart (`SimConfig::orders_file`).
 
 #![forbid(unsafe_code)]
 
@@ -21,6 +22,7 @@ pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod manifest;
+mod persist;
 pub mod record;
 mod rng;
 pub mod server;

@@ -34,6 +34,10 @@ enum Command {
             default_value_t = 500
         )]
         auto_pay_delay_ms: u64,
+        /// Where the orders are kept across a restart (default: `channel-sim-orders.json`
+        /// beside the manifest).
+        #[arg(long)]
+        orders_file: Option<PathBuf>,
     },
 }
 
@@ -57,6 +61,7 @@ async fn main() -> ExitCode {
                 manifest,
                 auto_pay,
                 auto_pay_delay_ms,
+                orders_file,
             },
     } = Cli::parse();
     let mut config = match channel_sim::manifest::load(&manifest) {
@@ -66,6 +71,10 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    config.orders_file = Some(
+        orders_file
+            .unwrap_or_else(|| manifest.with_file_name(channel_sim::config::ORDERS_FILE_NAME)),
+    );
     for channel in &mut config.channels {
         channel.auto_pay = auto_pay;
         channel.auto_pay_delay_ms = auto_pay_delay_ms;

@@ -2,11 +2,11 @@
 //! and each callback attempt with its answer, so tests can prove nothing happened twice.
 //! Served by the admin API and by `SimHandle::orders`.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::ChannelKind;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OrderStatus {
     /// Accepted, not paid (Alipay `WAIT_BUYER_PAY` once scanned, WeChat `NOTPAY`, supplier
@@ -16,7 +16,7 @@ pub enum OrderStatus {
     Closed,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CloseReason {
     /// Closed by a close call.
@@ -26,7 +26,7 @@ pub enum CloseReason {
 }
 
 /// One refund, executed once; repeats of its number only count in `requests`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RefundRecord {
     /// `out_request_no` / `out_refund_no` / `refund_id`.
     pub refund_no: String,
@@ -39,7 +39,7 @@ pub struct RefundRecord {
 }
 
 /// One callback attempt.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CallbackRecord {
     /// `TRADE_SUCCESS`, `TRADE_FINISHED`, `TRANSACTION.SUCCESS`, `succeeded`.
     pub event: String,
@@ -57,7 +57,7 @@ pub struct CallbackRecord {
 }
 
 /// An order as the channel sees it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OrderRecord {
     pub channel_id: String,
     pub kind: ChannelKind,

@@ -50,6 +50,10 @@ impl Sim {
             policy: config.callbacks.clone(),
             max_orders: config.max_orders_per_channel,
         });
+        let mut saved = match &config.orders_file {
+            Some(path) => crate::persist::load(path)?,
+            None => BTreeMap::new(),
+        };
         let mut channels: BTreeMap<String, Arc<Channel>> = BTreeMap::new();
         let mut listeners = Vec::new();
         for spec in &config.channels {
@@ -66,6 +70,9 @@ impl Sim {
             let listener = TcpListener::bind(addr)
                 .await
                 .map_err(|source| SimError::Bind { addr, source })?;
+            if let Some(orders) = saved.remove(&spec.id) {
+                channel.restore(orders);
+            }
             listeners.push((Arc::clone(&channel), listener));
             channels.insert(spec.id.clone(), channel);
         }
@@ -103,6 +110,14 @@ impl Sim {
                 addr: admin_addr,
                 source,
             })?;
+        if let Some(path) = config.orders_file.clone() {
+            tasks.spawn(crate::persist::keep(
+                path,
+                Arc::clone(&channels),
+                config.orders_save_interval_ms.max(1),
+                shutdown_rx.clone(),
+            ));
+        }
         tasks.spawn(serve_admin(
             admin_listener,
             admin_router(Arc::clone(&channels)),

@@ -4,5 +4,6 @@ mod alipay;
 mod binary;
 mod faults;
 mod helpers;
+mod persist;
 mod supplier;
 mod wechatpay;
