@@ -1,8 +1,9 @@
 //! The PostgreSQL backend: the production settlement store, shared by several gateway
 //! instances. It owns the connection pool (deadpool-postgres, no TLS, bounded size, connect and
 //! wait timeouts), the embedded migrations applied under an advisory lock (so concurrent
-//! `gateway migrate` runs serialize), and the SQL of every [`SettlementStore`] call with the
-//! same semantics as the SQLite backend (`sqlite.rs`, the reference).
+//! `gateway migrate` runs serialize), and the SQL of every
+//! [`SettlementStore`](super::SettlementStore) call with the same semantics as the SQLite
+//! backend (`sqlite.rs`, the reference).
 //!
 //! Durability comes from the server: `synchronous_commit=on` (the default) fsyncs every commit,
 //! and a batch of settlements is one transaction, so group commit keeps the fsyncs per payment
@@ -32,10 +33,11 @@ use futures_util::future::join_all;
 use tokio_postgres::types::FromSql;
 
 use super::{
-    AccountBalance, AccountRow, AttemptOutcome, AttemptRow, AttemptUpdate, CommitOutcome, Flagged,
-    IntentOutcome, KeyHolder, PaymentRow, RefundRecorded, RefundRow, RefundStatusChange,
-    RefusalRow, SettleError, Settlement, SettlementKind, SettlementStore, StatusChange, StoredKey,
-    Taken, WebhookAttempt, Write, Written, MIGRATIONS, SCHEMA_VERSION,
+    AccountBalance, AccountRow, AttemptOutcome, AttemptRow, AttemptUpdate, CheckStore,
+    CommitOutcome, FlagStore, Flagged, IntentOutcome, KeyHolder, KeyStore, MoneyStore, PaymentRow,
+    PaymentStore, RefundRecorded, RefundRow, RefundStatusChange, RefundStore, RefusalRow,
+    SchemaStore, SettleError, Settlement, SettlementKind, StatusChange, StoredKey, Taken,
+    WebhookAttempt, WebhookStore, Write, WriteStore, Written, MIGRATIONS, SCHEMA_VERSION,
 };
 use crate::money::Currency;
 use crate::telemetry::{self, StoreOp};
@@ -95,7 +97,7 @@ const INSERT_ATTEMPT: &str = "INSERT INTO attempts (payment_id, attempt, channel
     updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING";
 
 /// An attempt's outcome; given values replace stored ones, and a succeeded attempt keeps its
-/// outcome (see `SettlementStore::update_attempt`).
+/// outcome (see `PaymentStore::update_attempt`).
 const UPDATE_ATTEMPT: &str = "UPDATE attempts SET outcome = $3, \
     latency_ms = COALESCE($4, latency_ms), action = COALESCE($5, action), \
     channel_txn_id = COALESCE($6, channel_txn_id), updated_at_ms = $7 \
@@ -897,7 +899,7 @@ impl PostgresStore {
         }
     }
 
-    /// Records an intent inside `tx` (see [`SettlementStore::record_intent`]). An `Invalid`
+    /// Records an intent inside `tx` (see [`PaymentStore::record_intent`]). An `Invalid`
     /// may leave the payment row written: the caller rolls the transaction back.
     async fn intent_in(
         &self,
@@ -1528,7 +1530,7 @@ impl PostgresStore {
         self.balances_in(&client, only).await
     }
 
-    /// As [`SettlementStore::balances`], on `client` (a connection or a transaction).
+    /// As [`MoneyStore::balances`], on `client` (a connection or a transaction).
     async fn balances_in(
         &self,
         client: &impl GenericClient,
@@ -1577,7 +1579,7 @@ impl PostgresStore {
         self.live_holds_in(&client, only).await
     }
 
-    /// As [`SettlementStore::live_holds`], on `client` (a connection or a transaction).
+    /// As [`MoneyStore::live_holds`], on `client` (a connection or a transaction).
     async fn live_holds_in(
         &self,
         client: &impl GenericClient,
@@ -1798,7 +1800,7 @@ fn target_of(config: &tokio_postgres::Config) -> String {
 }
 
 #[async_trait]
-impl SettlementStore for PostgresStore {
+impl SchemaStore for PostgresStore {
     async fn migrate(&self) -> Result<u32, SettleError> {
         Self::timed(StoreOp::Write("migrate"), self.migrate_inner()).await
     }
@@ -1807,14 +1809,13 @@ impl SettlementStore for PostgresStore {
         Self::timed(StoreOp::Read("schema_version"), self.schema_version_inner()).await
     }
 
-    async fn upsert_account(&self, row: &AccountRow) -> Result<(), SettleError> {
-        Self::timed(
-            StoreOp::Write("upsert_account"),
-            self.upsert_account_inner(row),
-        )
-        .await
+    async fn ping(&self) -> Result<(), SettleError> {
+        Self::timed(StoreOp::Read("ping"), self.ping_inner()).await
     }
+}
 
+#[async_trait]
+impl PaymentStore for PostgresStore {
     async fn record_intent(
         &self,
         payment: &PaymentRow,
@@ -1921,6 +1922,40 @@ impl SettlementStore for PostgresStore {
         .await
     }
 
+    async fn payment(&self, id: &str) -> Result<Option<PaymentRow>, SettleError> {
+        Self::timed(StoreOp::Read("payment"), self.payment_inner(id)).await
+    }
+
+    async fn set_final_status(&self, change: &StatusChange) -> Result<bool, SettleError> {
+        Self::timed(
+            StoreOp::Write("set_final_status"),
+            self.set_final_status_inner(change),
+        )
+        .await
+    }
+
+    async fn payment_events(&self, id: &str) -> Result<Vec<(String, u64)>, SettleError> {
+        Self::timed(StoreOp::Read("payment_events"), async {
+            let db = |e: tokio_postgres::Error| self.unavailable(&e);
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached(
+                    "SELECT status, at_ms FROM payment_events WHERE payment_id = $1 \
+                     ORDER BY at_ms, status COLLATE \"C\"",
+                )
+                .await
+                .map_err(db)?;
+            let rows = client.query(&stmt, &[&id]).await.map_err(db)?;
+            rows.iter()
+                .map(|r| Ok((get(r, 0)?, get_u64(r, 1)?)))
+                .collect()
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl CheckStore for PostgresStore {
     async fn claim_due(
         &self,
         now_ms: u64,
@@ -1962,20 +1997,20 @@ impl SettlementStore for PostgresStore {
         })
         .await
     }
+}
+
+#[async_trait]
+impl MoneyStore for PostgresStore {
+    async fn upsert_account(&self, row: &AccountRow) -> Result<(), SettleError> {
+        Self::timed(
+            StoreOp::Write("upsert_account"),
+            self.upsert_account_inner(row),
+        )
+        .await
+    }
 
     async fn commit(&self, batch: &[Settlement]) -> Result<Vec<CommitOutcome>, SettleError> {
         Self::timed(StoreOp::Write("commit"), self.commit_inner(batch)).await
-    }
-
-    async fn commit_writes(
-        &self,
-        batch: &[Write],
-    ) -> Result<Vec<Result<Written, SettleError>>, SettleError> {
-        Self::timed(
-            StoreOp::Write("commit_writes"),
-            self.commit_writes_inner(batch),
-        )
-        .await
     }
 
     async fn balances(
@@ -1983,123 +2018,6 @@ impl SettlementStore for PostgresStore {
         only: Option<(&str, &str)>,
     ) -> Result<Vec<AccountBalance>, SettleError> {
         Self::timed(StoreOp::Read("balances"), self.balances_inner(only)).await
-    }
-
-    async fn live_holds(&self, only: Option<(&str, &str)>) -> Result<Vec<PaymentRow>, SettleError> {
-        Self::timed(StoreOp::Read("live_holds"), self.live_holds_inner(only)).await
-    }
-
-    async fn committed_success(
-        &self,
-        payment_id: &str,
-    ) -> Result<Option<(Option<String>, Option<String>)>, SettleError> {
-        if payment_id.contains('\0') {
-            return Ok(None);
-        }
-        let db = |e: tokio_postgres::Error| self.unavailable(&e);
-        Self::timed(StoreOp::Read("committed_success"), async {
-            let client = self.client().await?;
-            let stmt = client
-                .prepare_cached(
-                    "SELECT channel_id, channel_txn_id FROM settlements WHERE payment_id = $1 \
-                     AND kind IN ('capture', 'credit') AND sequence = 0",
-                )
-                .await
-                .map_err(db)?;
-            match client.query_opt(&stmt, &[&payment_id]).await.map_err(db)? {
-                Some(row) => Ok(Some((get(&row, 0)?, get(&row, 1)?))),
-                None => Ok(None),
-            }
-        })
-        .await
-    }
-
-    async fn purge_keys(
-        &self,
-        holder: &str,
-        now_ms: u64,
-        lease_ms: u64,
-        before_ms: u64,
-        limit: usize,
-    ) -> Result<Option<u64>, SettleError> {
-        if holder.contains('\0') {
-            return Ok(None);
-        }
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        Self::timed(StoreOp::Write("purge_keys"), async {
-            let db = |e: tokio_postgres::Error| self.unavailable(&e);
-            let mut client = self.client().await?;
-            let tx = client.transaction().await.map_err(db)?;
-            let leased = tx
-                .execute(
-                    "INSERT INTO leases (name, holder, until_ms) VALUES ('key_purge', $1, $2) \
-                     ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, \
-                     until_ms = excluded.until_ms \
-                     WHERE leases.holder = excluded.holder OR leases.until_ms <= $3",
-                    &[&holder, &ms(now_ms.saturating_add(lease_ms)), &ms(now_ms)],
-                )
-                .await
-                .map_err(db)?;
-            if leased == 0 {
-                return Ok(None);
-            }
-            let keys = tx
-                .execute(
-                    "UPDATE payments SET idempotency_key = NULL, request_hash = NULL \
-                     WHERE id IN (SELECT id FROM payments WHERE idempotency_key IS NOT NULL \
-                     AND created_at_ms < $1 LIMIT $2)",
-                    &[&ms(before_ms), &limit],
-                )
-                .await
-                .map_err(db)?;
-            let refusals = tx
-                .execute(
-                    "DELETE FROM refusals WHERE (scope_tag, idempotency_key) IN \
-                     (SELECT scope_tag, idempotency_key FROM refusals \
-                      WHERE created_at_ms < $1 LIMIT $2)",
-                    &[&ms(before_ms), &limit],
-                )
-                .await
-                .map_err(db)?;
-            tx.commit().await.map_err(db)?;
-            Ok(Some(keys + refusals))
-        })
-        .await
-    }
-
-    async fn release_idempotency_key(&self, payment_id: &str) -> Result<bool, SettleError> {
-        if payment_id.contains('\0') {
-            return Ok(false);
-        }
-        let db = |e: tokio_postgres::Error| self.unavailable(&e);
-        Self::timed(StoreOp::Write("release_idempotency_key"), async {
-            let client = self.client().await?;
-            let updated = client
-                .execute(
-                    "UPDATE payments SET idempotency_key = NULL, request_hash = NULL \
-                     WHERE id = $1 AND status = 'failed'",
-                    &[&payment_id],
-                )
-                .await
-                .map_err(db)?;
-            Ok(updated == 1)
-        })
-        .await
-    }
-
-    async fn live_payment_by_order(
-        &self,
-        scope_tag: &str,
-        merchant_order_id: &str,
-    ) -> Result<Option<PaymentRow>, SettleError> {
-        if scope_tag.contains('\0') || merchant_order_id.contains('\0') {
-            return Ok(None);
-        }
-        Self::timed(
-            StoreOp::Read("live_payment_by_order"),
-            self.live_payment_by_order_inner(scope_tag, merchant_order_id),
-        )
-        .await
     }
 
     async fn account_state(
@@ -2133,71 +2051,32 @@ impl SettlementStore for PostgresStore {
         .await
     }
 
-    async fn refusals(
+    async fn live_holds(&self, only: Option<(&str, &str)>) -> Result<Vec<PaymentRow>, SettleError> {
+        Self::timed(StoreOp::Read("live_holds"), self.live_holds_inner(only)).await
+    }
+
+    async fn committed_success(
         &self,
-        since_ms: u64,
-        scope_tag: Option<&str>,
-        after: Option<(u64, &str)>,
-        limit: usize,
-    ) -> Result<Vec<RefusalRow>, SettleError> {
-        Self::timed(StoreOp::Read("refusals"), async {
-            let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        payment_id: &str,
+    ) -> Result<Option<(Option<String>, Option<String>)>, SettleError> {
+        if payment_id.contains('\0') {
+            return Ok(None);
+        }
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        Self::timed(StoreOp::Read("committed_success"), async {
             let client = self.client().await?;
-            let (after_ms, after_key) = match after {
-                Some((at, key)) => (ms(at), key),
-                None => (-1, ""),
-            };
-            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-            let rows = client
-                .query(
-                    "SELECT scope_tag, idempotency_key, request_hash, outcome, created_at_ms \
-                     FROM refusals WHERE created_at_ms >= $1 \
-                     AND ($2::TEXT IS NULL OR scope_tag = $2) \
-                     AND (created_at_ms > $3 OR (created_at_ms = $3 \
-                          AND idempotency_key COLLATE \"C\" > $4)) \
-                     ORDER BY created_at_ms, idempotency_key COLLATE \"C\" LIMIT $5",
-                    &[&ms(since_ms), &scope_tag, &after_ms, &after_key, &limit],
+            let stmt = client
+                .prepare_cached(
+                    "SELECT channel_id, channel_txn_id FROM settlements WHERE payment_id = $1 \
+                     AND kind IN ('capture', 'credit') AND sequence = 0",
                 )
                 .await
                 .map_err(db)?;
-            rows.iter()
-                .map(|r| {
-                    Ok(RefusalRow {
-                        scope_tag: get(r, 0)?,
-                        idempotency_key: get(r, 1)?,
-                        request_hash: get(r, 2)?,
-                        outcome: get(r, 3)?,
-                        created_at_ms: get_u64(r, 4)?,
-                    })
-                })
-                .collect()
+            match client.query_opt(&stmt, &[&payment_id]).await.map_err(db)? {
+                Some(row) => Ok(Some((get(&row, 0)?, get(&row, 1)?))),
+                None => Ok(None),
+            }
         })
-        .await
-    }
-
-    async fn keyed_payments(
-        &self,
-        since_ms: u64,
-        scope_tag: Option<&str>,
-        after: Option<(u64, &str)>,
-        limit: usize,
-    ) -> Result<Vec<StoredKey>, SettleError> {
-        Self::timed(
-            StoreOp::Read("keyed_payments"),
-            self.keyed_payments_inner(since_ms, scope_tag, after, limit),
-        )
-        .await
-    }
-
-    async fn payment(&self, id: &str) -> Result<Option<PaymentRow>, SettleError> {
-        Self::timed(StoreOp::Read("payment"), self.payment_inner(id)).await
-    }
-
-    async fn set_final_status(&self, change: &StatusChange) -> Result<bool, SettleError> {
-        Self::timed(
-            StoreOp::Write("set_final_status"),
-            self.set_final_status_inner(change),
-        )
         .await
     }
 
@@ -2206,7 +2085,24 @@ impl SettlementStore for PostgresStore {
     ) -> Result<Vec<(String, String, u32, i64)>, SettleError> {
         Self::timed(StoreOp::Read("postings_sum"), self.postings_sum_inner()).await
     }
+}
 
+#[async_trait]
+impl WriteStore for PostgresStore {
+    async fn commit_writes(
+        &self,
+        batch: &[Write],
+    ) -> Result<Vec<Result<Written, SettleError>>, SettleError> {
+        Self::timed(
+            StoreOp::Write("commit_writes"),
+            self.commit_writes_inner(batch),
+        )
+        .await
+    }
+}
+
+#[async_trait]
+impl RefundStore for PostgresStore {
     async fn record_refund(&self, refund: &RefundRow) -> Result<RefundRecorded, SettleError> {
         Self::timed(StoreOp::Write("record_refund"), async {
             let db = |e: tokio_postgres::Error| self.unavailable(&e);
@@ -2361,19 +2257,157 @@ impl SettlementStore for PostgresStore {
         })
         .await
     }
+}
 
-    async fn flagged_count(&self) -> Result<u64, SettleError> {
-        Self::timed(StoreOp::Read("flagged_count"), async {
+#[async_trait]
+impl KeyStore for PostgresStore {
+    async fn keyed_payments(
+        &self,
+        since_ms: u64,
+        scope_tag: Option<&str>,
+        after: Option<(u64, &str)>,
+        limit: usize,
+    ) -> Result<Vec<StoredKey>, SettleError> {
+        Self::timed(
+            StoreOp::Read("keyed_payments"),
+            self.keyed_payments_inner(since_ms, scope_tag, after, limit),
+        )
+        .await
+    }
+
+    async fn refusals(
+        &self,
+        since_ms: u64,
+        scope_tag: Option<&str>,
+        after: Option<(u64, &str)>,
+        limit: usize,
+    ) -> Result<Vec<RefusalRow>, SettleError> {
+        Self::timed(StoreOp::Read("refusals"), async {
+            let db = |e: tokio_postgres::Error| self.unavailable(&e);
             let client = self.client().await?;
-            let row = client
-                .query_one("SELECT COUNT(*) FROM flagged", &[])
+            let (after_ms, after_key) = match after {
+                Some((at, key)) => (ms(at), key),
+                None => (-1, ""),
+            };
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let rows = client
+                .query(
+                    "SELECT scope_tag, idempotency_key, request_hash, outcome, created_at_ms \
+                     FROM refusals WHERE created_at_ms >= $1 \
+                     AND ($2::TEXT IS NULL OR scope_tag = $2) \
+                     AND (created_at_ms > $3 OR (created_at_ms = $3 \
+                          AND idempotency_key COLLATE \"C\" > $4)) \
+                     ORDER BY created_at_ms, idempotency_key COLLATE \"C\" LIMIT $5",
+                    &[&ms(since_ms), &scope_tag, &after_ms, &after_key, &limit],
+                )
                 .await
-                .map_err(|e| self.unavailable(&e))?;
-            Ok(get::<i64>(&row, 0)?.max(0) as u64)
+                .map_err(db)?;
+            rows.iter()
+                .map(|r| {
+                    Ok(RefusalRow {
+                        scope_tag: get(r, 0)?,
+                        idempotency_key: get(r, 1)?,
+                        request_hash: get(r, 2)?,
+                        outcome: get(r, 3)?,
+                        created_at_ms: get_u64(r, 4)?,
+                    })
+                })
+                .collect()
         })
         .await
     }
 
+    async fn purge_keys(
+        &self,
+        holder: &str,
+        now_ms: u64,
+        lease_ms: u64,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Option<u64>, SettleError> {
+        if holder.contains('\0') {
+            return Ok(None);
+        }
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        Self::timed(StoreOp::Write("purge_keys"), async {
+            let db = |e: tokio_postgres::Error| self.unavailable(&e);
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(db)?;
+            let leased = tx
+                .execute(
+                    "INSERT INTO leases (name, holder, until_ms) VALUES ('key_purge', $1, $2) \
+                     ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, \
+                     until_ms = excluded.until_ms \
+                     WHERE leases.holder = excluded.holder OR leases.until_ms <= $3",
+                    &[&holder, &ms(now_ms.saturating_add(lease_ms)), &ms(now_ms)],
+                )
+                .await
+                .map_err(db)?;
+            if leased == 0 {
+                return Ok(None);
+            }
+            let keys = tx
+                .execute(
+                    "UPDATE payments SET idempotency_key = NULL, request_hash = NULL \
+                     WHERE id IN (SELECT id FROM payments WHERE idempotency_key IS NOT NULL \
+                     AND created_at_ms < $1 LIMIT $2)",
+                    &[&ms(before_ms), &limit],
+                )
+                .await
+                .map_err(db)?;
+            let refusals = tx
+                .execute(
+                    "DELETE FROM refusals WHERE (scope_tag, idempotency_key) IN \
+                     (SELECT scope_tag, idempotency_key FROM refusals \
+                      WHERE created_at_ms < $1 LIMIT $2)",
+                    &[&ms(before_ms), &limit],
+                )
+                .await
+                .map_err(db)?;
+            tx.commit().await.map_err(db)?;
+            Ok(Some(keys + refusals))
+        })
+        .await
+    }
+
+    async fn release_idempotency_key(&self, payment_id: &str) -> Result<bool, SettleError> {
+        if payment_id.contains('\0') {
+            return Ok(false);
+        }
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        Self::timed(StoreOp::Write("release_idempotency_key"), async {
+            let client = self.client().await?;
+            let updated = client
+                .execute(
+                    "UPDATE payments SET idempotency_key = NULL, request_hash = NULL \
+                     WHERE id = $1 AND status = 'failed'",
+                    &[&payment_id],
+                )
+                .await
+                .map_err(db)?;
+            Ok(updated == 1)
+        })
+        .await
+    }
+
+    async fn live_payment_by_order(
+        &self,
+        scope_tag: &str,
+        merchant_order_id: &str,
+    ) -> Result<Option<PaymentRow>, SettleError> {
+        if scope_tag.contains('\0') || merchant_order_id.contains('\0') {
+            return Ok(None);
+        }
+        Self::timed(
+            StoreOp::Read("live_payment_by_order"),
+            self.live_payment_by_order_inner(scope_tag, merchant_order_id),
+        )
+        .await
+    }
+}
+
+#[async_trait]
+impl FlagStore for PostgresStore {
     async fn flag(&self, item: &Flagged) -> Result<bool, SettleError> {
         Self::timed(StoreOp::Write("flag"), async {
             let client = self.client().await?;
@@ -2394,31 +2428,21 @@ impl SettlementStore for PostgresStore {
         Self::timed(StoreOp::Read("flagged"), self.flagged_inner(limit)).await
     }
 
-    async fn ping(&self) -> Result<(), SettleError> {
-        Self::timed(StoreOp::Read("ping"), self.ping_inner()).await
-    }
-
-    async fn payment_events(&self, id: &str) -> Result<Vec<(String, u64)>, SettleError> {
-        Self::timed(StoreOp::Read("payment_events"), async {
-            let db = |e: tokio_postgres::Error| self.unavailable(&e);
+    async fn flagged_count(&self) -> Result<u64, SettleError> {
+        Self::timed(StoreOp::Read("flagged_count"), async {
             let client = self.client().await?;
-            let stmt = client
-                .prepare_cached(
-                    "SELECT status, at_ms FROM payment_events WHERE payment_id = $1 \
-                     ORDER BY at_ms, status COLLATE \"C\"",
-                )
+            let row = client
+                .query_one("SELECT COUNT(*) FROM flagged", &[])
                 .await
-                .map_err(db)?;
-            let rows = client.query(&stmt, &[&id]).await.map_err(db)?;
-            rows.iter()
-                .map(|r| Ok((get(r, 0)?, get_u64(r, 1)?)))
-                .collect()
+                .map_err(|e| self.unavailable(&e))?;
+            Ok(get::<i64>(&row, 0)?.max(0) as u64)
         })
         .await
     }
+}
 
-    // ---- merchant webhooks: the outbox (crate::webhooks) ----
-
+#[async_trait]
+impl WebhookStore for PostgresStore {
     async fn claim_webhooks(
         &self,
         now_ms: u64,

@@ -10,10 +10,11 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    AccountBalance, AccountRow, AttemptOutcome, AttemptRow, AttemptUpdate, CommitOutcome, Flagged,
-    IntentOutcome, KeyHolder, PaymentRow, RefundRecorded, RefundRow, RefundStatusChange,
-    RefusalRow, SettleError, Settlement, SettlementKind, SettlementStore, StatusChange, StoredKey,
-    Taken, WebhookAttempt, Write, Written, MIGRATIONS, SCHEMA_VERSION,
+    AccountBalance, AccountRow, AttemptOutcome, AttemptRow, AttemptUpdate, CheckStore,
+    CommitOutcome, FlagStore, Flagged, IntentOutcome, KeyHolder, KeyStore, MoneyStore, PaymentRow,
+    PaymentStore, RefundRecorded, RefundRow, RefundStatusChange, RefundStore, RefusalRow,
+    SchemaStore, SettleError, Settlement, SettlementKind, StatusChange, StoredKey, Taken,
+    WebhookAttempt, WebhookStore, Write, WriteStore, Written, MIGRATIONS, SCHEMA_VERSION,
 };
 use crate::money::Currency;
 use crate::telemetry::{self, StoreOp};
@@ -380,7 +381,7 @@ fn arbitrate(tx: &Connection, p: &PaymentRow) -> Result<Option<Taken>, SettleErr
 }
 
 /// Every account (or only `(merchant, account)`) with its balance and sequence recomputed from
-/// the postings ([`SettlementStore::balances`]).
+/// the postings ([`MoneyStore::balances`]).
 fn balances_in(
     conn: &Connection,
     only: Option<(&str, &str)>,
@@ -457,7 +458,7 @@ fn flag_refund(tx: &Connection, r: &RefundRow, kind: &str, why: &str) -> Result<
     Ok(())
 }
 
-/// Records an intent inside the caller's transaction ([`SettlementStore::record_intent`]).
+/// Records an intent inside the caller's transaction ([`PaymentStore::record_intent`]).
 fn intent_in(
     tx: &Connection,
     p: &PaymentRow,
@@ -681,7 +682,7 @@ fn settle_in(
 }
 
 #[async_trait]
-impl SettlementStore for SqliteStore {
+impl SchemaStore for SqliteStore {
     async fn migrate(&self) -> Result<u32, SettleError> {
         self.run(StoreOp::Write("migrate"), |conn| {
             conn.execute_batch(
@@ -740,30 +741,18 @@ impl SettlementStore for SqliteStore {
         .await
     }
 
-    async fn upsert_account(&self, row: &AccountRow) -> Result<(), SettleError> {
-        let row = row.clone();
-        self.run(StoreOp::Write("upsert_account"), move |conn| {
-            conn.execute(
-                "INSERT INTO accounts (merchant_id, account_id, currency, credit_limit_minor, \
-                 created_at_ms, updated_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
-                 ON CONFLICT (merchant_id, account_id) DO UPDATE SET \
-                 credit_limit_minor = excluded.credit_limit_minor, \
-                 updated_at_ms = excluded.updated_at_ms",
-                params![
-                    row.merchant_id,
-                    row.account_id,
-                    row.currency.code(),
-                    row.credit_limit_minor,
-                    ms(row.created_at_ms),
-                    ms(row.updated_at_ms)
-                ],
-            )
-            .map_err(db)?;
+    async fn ping(&self) -> Result<(), SettleError> {
+        self.run(StoreOp::Read("ping"), |conn| {
+            conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
+                .map_err(db)?;
             Ok(())
         })
         .await
     }
+}
 
+#[async_trait]
+impl PaymentStore for SqliteStore {
     async fn record_intent(
         &self,
         payment: &PaymentRow,
@@ -854,6 +843,71 @@ impl SettlementStore for SqliteStore {
         .await
     }
 
+    async fn payment(&self, id: &str) -> Result<Option<PaymentRow>, SettleError> {
+        let id = id.to_owned();
+        self.run(StoreOp::Read("payment"), move |conn| {
+            conn.query_row(
+                &format!("SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = ?1"),
+                [&id],
+                payment_from_row,
+            )
+            .optional()
+            .map_err(db)
+        })
+        .await
+    }
+
+    async fn set_final_status(&self, change: &StatusChange) -> Result<bool, SettleError> {
+        let change = change.clone();
+        let no_webhook = self.no_webhook.clone();
+        self.run(StoreOp::Write("set_final_status"), move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db)?;
+            let updated = tx
+                .execute(
+                    "UPDATE payments SET status = ?2, held_minor = 0, updated_at_ms = ?3 \
+                     WHERE id = ?1 AND status = 'pending'",
+                    params![change.payment_id, change.status, ms(change.updated_at_ms)],
+                )
+                .map_err(db)?;
+            if updated == 1 {
+                record_event(
+                    &tx,
+                    &change.payment_id,
+                    &change.status,
+                    change.updated_at_ms,
+                )
+                .map_err(db)?;
+                // The merchant's webhook, in the same transaction as the status (webhooks).
+                enqueue_status_webhook(&tx, &change.payment_id, &no_webhook).map_err(db)?;
+            }
+            tx.commit().map_err(db)?;
+            Ok(updated == 1)
+        })
+        .await
+    }
+
+    async fn payment_events(&self, id: &str) -> Result<Vec<(String, u64)>, SettleError> {
+        let id = id.to_owned();
+        self.run(StoreOp::Read("payment_events"), move |conn| {
+            let mut stmt = conn
+                .prepare(
+                    "SELECT status, at_ms FROM payment_events WHERE payment_id = ?1 \
+                     ORDER BY at_ms, status",
+                )
+                .map_err(db)?;
+            let rows = stmt
+                .query_map([&id], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))
+                .map_err(db)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl CheckStore for SqliteStore {
     async fn claim_due(
         &self,
         now_ms: u64,
@@ -927,6 +981,33 @@ impl SettlementStore for SqliteStore {
         })
         .await
     }
+}
+
+#[async_trait]
+impl MoneyStore for SqliteStore {
+    async fn upsert_account(&self, row: &AccountRow) -> Result<(), SettleError> {
+        let row = row.clone();
+        self.run(StoreOp::Write("upsert_account"), move |conn| {
+            conn.execute(
+                "INSERT INTO accounts (merchant_id, account_id, currency, credit_limit_minor, \
+                 created_at_ms, updated_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                 ON CONFLICT (merchant_id, account_id) DO UPDATE SET \
+                 credit_limit_minor = excluded.credit_limit_minor, \
+                 updated_at_ms = excluded.updated_at_ms",
+                params![
+                    row.merchant_id,
+                    row.account_id,
+                    row.currency.code(),
+                    row.credit_limit_minor,
+                    ms(row.created_at_ms),
+                    ms(row.updated_at_ms)
+                ],
+            )
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
 
     async fn commit(&self, batch: &[Settlement]) -> Result<Vec<CommitOutcome>, SettleError> {
         for s in batch {
@@ -948,6 +1029,85 @@ impl SettlementStore for SqliteStore {
         .await
     }
 
+    async fn balances(
+        &self,
+        only: Option<(&str, &str)>,
+    ) -> Result<Vec<AccountBalance>, SettleError> {
+        let only = only.map(|(m, a)| (m.to_owned(), a.to_owned()));
+        self.run(StoreOp::Read("balances"), move |conn| {
+            balances_in(conn, only.as_ref().map(|(m, a)| (m.as_str(), a.as_str())))
+        })
+        .await
+    }
+
+    async fn account_state(
+        &self,
+        merchant: &str,
+        account: &str,
+    ) -> Result<Option<(AccountBalance, Vec<PaymentRow>)>, SettleError> {
+        let (merchant, account) = (merchant.to_owned(), account.to_owned());
+        self.run(StoreOp::Read("account_state"), move |conn| {
+            // One read transaction: both reads see the same committed state.
+            let tx = conn.transaction().map_err(db)?;
+            let only = Some((merchant.as_str(), account.as_str()));
+            let Some(balance) = balances_in(&tx, only)?.pop() else {
+                return Ok(None);
+            };
+            let holds = live_holds_in(&tx, only)?;
+            tx.commit().map_err(db)?;
+            Ok(Some((balance, holds)))
+        })
+        .await
+    }
+
+    async fn live_holds(&self, only: Option<(&str, &str)>) -> Result<Vec<PaymentRow>, SettleError> {
+        let only = only.map(|(m, a)| (m.to_owned(), a.to_owned()));
+        self.run(StoreOp::Read("live_holds"), move |conn| {
+            live_holds_in(conn, only.as_ref().map(|(m, a)| (m.as_str(), a.as_str())))
+        })
+        .await
+    }
+
+    async fn committed_success(
+        &self,
+        payment_id: &str,
+    ) -> Result<Option<(Option<String>, Option<String>)>, SettleError> {
+        let id = payment_id.to_owned();
+        self.run(StoreOp::Read("committed_success"), move |conn| {
+            conn.prepare_cached(
+                "SELECT channel_id, channel_txn_id FROM settlements WHERE payment_id = ?1 \
+                 AND kind IN ('capture', 'credit') AND sequence = 0",
+            )
+            .and_then(|mut st| {
+                st.query_row([&id], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+            })
+            .map_err(db)
+        })
+        .await
+    }
+
+    async fn postings_sum_by_movement(
+        &self,
+    ) -> Result<Vec<(String, String, u32, i64)>, SettleError> {
+        self.run(StoreOp::Read("postings_sum"), |conn| {
+            let mut stmt = conn
+                .prepare(
+                    "SELECT payment_id, kind, sequence, SUM(amount_minor) FROM postings \
+                     GROUP BY payment_id, kind, sequence ORDER BY payment_id, kind, sequence",
+                )
+                .map_err(db)?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                .map_err(db)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl WriteStore for SqliteStore {
     async fn commit_writes(
         &self,
         batch: &[Write],
@@ -1033,294 +1193,10 @@ impl SettlementStore for SqliteStore {
         })
         .await
     }
+}
 
-    async fn balances(
-        &self,
-        only: Option<(&str, &str)>,
-    ) -> Result<Vec<AccountBalance>, SettleError> {
-        let only = only.map(|(m, a)| (m.to_owned(), a.to_owned()));
-        self.run(StoreOp::Read("balances"), move |conn| {
-            balances_in(conn, only.as_ref().map(|(m, a)| (m.as_str(), a.as_str())))
-        })
-        .await
-    }
-
-    async fn account_state(
-        &self,
-        merchant: &str,
-        account: &str,
-    ) -> Result<Option<(AccountBalance, Vec<PaymentRow>)>, SettleError> {
-        let (merchant, account) = (merchant.to_owned(), account.to_owned());
-        self.run(StoreOp::Read("account_state"), move |conn| {
-            // One read transaction: both reads see the same committed state.
-            let tx = conn.transaction().map_err(db)?;
-            let only = Some((merchant.as_str(), account.as_str()));
-            let Some(balance) = balances_in(&tx, only)?.pop() else {
-                return Ok(None);
-            };
-            let holds = live_holds_in(&tx, only)?;
-            tx.commit().map_err(db)?;
-            Ok(Some((balance, holds)))
-        })
-        .await
-    }
-
-    async fn refusals(
-        &self,
-        since_ms: u64,
-        scope_tag: Option<&str>,
-        after: Option<(u64, &str)>,
-        limit: usize,
-    ) -> Result<Vec<RefusalRow>, SettleError> {
-        let scope_tag = scope_tag.map(str::to_owned);
-        let (after_ms, after_key) = match after {
-            Some((at, key)) => (ms(at), key.to_owned()),
-            None => (-1, String::new()),
-        };
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.run(StoreOp::Read("refusals"), move |conn| {
-            let mut st = conn
-                .prepare_cached(
-                    "SELECT scope_tag, idempotency_key, request_hash, outcome, created_at_ms \
-                     FROM refusals WHERE created_at_ms >= ?1 \
-                     AND (?2 IS NULL OR scope_tag = ?2) \
-                     AND (created_at_ms, idempotency_key) > (?3, ?4) \
-                     ORDER BY created_at_ms, idempotency_key LIMIT ?5",
-                )
-                .map_err(db)?;
-            let rows = st
-                .query_map(
-                    params![ms(since_ms), scope_tag, after_ms, after_key, limit],
-                    |r| {
-                        Ok(RefusalRow {
-                            scope_tag: r.get(0)?,
-                            idempotency_key: r.get(1)?,
-                            request_hash: r.get(2)?,
-                            outcome: r.get(3)?,
-                            created_at_ms: r.get::<_, i64>(4)? as u64,
-                        })
-                    },
-                )
-                .map_err(db)?;
-            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db)
-        })
-        .await
-    }
-
-    async fn keyed_payments(
-        &self,
-        since_ms: u64,
-        scope_tag: Option<&str>,
-        after: Option<(u64, &str)>,
-        limit: usize,
-    ) -> Result<Vec<StoredKey>, SettleError> {
-        let scope_tag = scope_tag.map(str::to_owned);
-        let (after_ms, after_id) = match after {
-            Some((ms_, id)) => (ms(ms_), id.to_owned()),
-            None => (-1, String::new()),
-        };
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.run(StoreOp::Read("keyed_payments"), move |conn| {
-            let mut st = conn
-                .prepare_cached(
-                    "SELECT scope_tag, idempotency_key, request_hash, id, created_at_ms \
-                     FROM payments WHERE idempotency_key IS NOT NULL AND created_at_ms >= ?1 \
-                     AND (?2 IS NULL OR scope_tag = ?2) AND (created_at_ms, id) > (?3, ?4) \
-                     ORDER BY created_at_ms, id LIMIT ?5",
-                )
-                .map_err(db)?;
-            let rows = st
-                .query_map(
-                    params![ms(since_ms), scope_tag, after_ms, after_id, limit],
-                    |r| {
-                        Ok(StoredKey {
-                            scope_tag: r.get(0)?,
-                            idempotency_key: r.get(1)?,
-                            request_hash: r.get::<_, Option<String>>(2)?.unwrap_or_default(),
-                            payment_id: r.get(3)?,
-                            created_at_ms: r.get::<_, i64>(4)? as u64,
-                        })
-                    },
-                )
-                .map_err(db)?;
-            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db)
-        })
-        .await
-    }
-
-    async fn live_holds(&self, only: Option<(&str, &str)>) -> Result<Vec<PaymentRow>, SettleError> {
-        let only = only.map(|(m, a)| (m.to_owned(), a.to_owned()));
-        self.run(StoreOp::Read("live_holds"), move |conn| {
-            live_holds_in(conn, only.as_ref().map(|(m, a)| (m.as_str(), a.as_str())))
-        })
-        .await
-    }
-
-    async fn committed_success(
-        &self,
-        payment_id: &str,
-    ) -> Result<Option<(Option<String>, Option<String>)>, SettleError> {
-        let id = payment_id.to_owned();
-        self.run(StoreOp::Read("committed_success"), move |conn| {
-            conn.prepare_cached(
-                "SELECT channel_id, channel_txn_id FROM settlements WHERE payment_id = ?1 \
-                 AND kind IN ('capture', 'credit') AND sequence = 0",
-            )
-            .and_then(|mut st| {
-                st.query_row([&id], |r| Ok((r.get(0)?, r.get(1)?)))
-                    .optional()
-            })
-            .map_err(db)
-        })
-        .await
-    }
-
-    async fn purge_keys(
-        &self,
-        holder: &str,
-        now_ms: u64,
-        lease_ms: u64,
-        before_ms: u64,
-        limit: usize,
-    ) -> Result<Option<u64>, SettleError> {
-        let holder = holder.to_owned();
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.run(StoreOp::Write("purge_keys"), move |conn| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(db)?;
-            let leased = exec(
-                &tx,
-                "INSERT INTO leases (name, holder, until_ms) VALUES ('key_purge', ?1, ?2) \
-                 ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, \
-                 until_ms = excluded.until_ms \
-                 WHERE leases.holder = excluded.holder OR leases.until_ms <= ?3",
-                params![holder, ms(now_ms.saturating_add(lease_ms)), ms(now_ms)],
-            )
-            .map_err(db)?;
-            if leased == 0 {
-                return Ok(None);
-            }
-            let keys = exec(
-                &tx,
-                "UPDATE payments SET idempotency_key = NULL, request_hash = NULL WHERE id IN \
-                 (SELECT id FROM payments WHERE idempotency_key IS NOT NULL \
-                  AND created_at_ms < ?1 LIMIT ?2)",
-                params![ms(before_ms), limit],
-            )
-            .map_err(db)?;
-            let refusals = exec(
-                &tx,
-                "DELETE FROM refusals WHERE rowid IN (SELECT rowid FROM refusals \
-                 WHERE created_at_ms < ?1 LIMIT ?2)",
-                params![ms(before_ms), limit],
-            )
-            .map_err(db)?;
-            tx.commit().map_err(db)?;
-            Ok(Some((keys + refusals) as u64))
-        })
-        .await
-    }
-
-    async fn release_idempotency_key(&self, payment_id: &str) -> Result<bool, SettleError> {
-        let id = payment_id.to_owned();
-        self.run(StoreOp::Write("release_idempotency_key"), move |conn| {
-            let updated = exec(
-                conn,
-                "UPDATE payments SET idempotency_key = NULL, request_hash = NULL \
-                 WHERE id = ?1 AND status = 'failed'",
-                params![id],
-            )
-            .map_err(db)?;
-            Ok(updated == 1)
-        })
-        .await
-    }
-
-    async fn live_payment_by_order(
-        &self,
-        scope_tag: &str,
-        merchant_order_id: &str,
-    ) -> Result<Option<PaymentRow>, SettleError> {
-        let (tag, order) = (scope_tag.to_owned(), merchant_order_id.to_owned());
-        self.run(StoreOp::Read("live_payment_by_order"), move |conn| {
-            conn.prepare_cached(&format!(
-                "SELECT {PAYMENT_COLUMNS} FROM payments WHERE scope_tag = ?1 \
-                 AND merchant_order_id = ?2 \
-                 AND status IN ('pending', 'succeeded', 'partially_refunded', 'refunded')"
-            ))
-            .and_then(|mut st| {
-                st.query_row(params![tag, order], payment_from_row)
-                    .optional()
-            })
-            .map_err(db)
-        })
-        .await
-    }
-
-    async fn payment(&self, id: &str) -> Result<Option<PaymentRow>, SettleError> {
-        let id = id.to_owned();
-        self.run(StoreOp::Read("payment"), move |conn| {
-            conn.query_row(
-                &format!("SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = ?1"),
-                [&id],
-                payment_from_row,
-            )
-            .optional()
-            .map_err(db)
-        })
-        .await
-    }
-
-    async fn set_final_status(&self, change: &StatusChange) -> Result<bool, SettleError> {
-        let change = change.clone();
-        let no_webhook = self.no_webhook.clone();
-        self.run(StoreOp::Write("set_final_status"), move |conn| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(db)?;
-            let updated = tx
-                .execute(
-                    "UPDATE payments SET status = ?2, held_minor = 0, updated_at_ms = ?3 \
-                     WHERE id = ?1 AND status = 'pending'",
-                    params![change.payment_id, change.status, ms(change.updated_at_ms)],
-                )
-                .map_err(db)?;
-            if updated == 1 {
-                record_event(
-                    &tx,
-                    &change.payment_id,
-                    &change.status,
-                    change.updated_at_ms,
-                )
-                .map_err(db)?;
-                // The merchant's webhook, in the same transaction as the status (webhooks).
-                enqueue_status_webhook(&tx, &change.payment_id, &no_webhook).map_err(db)?;
-            }
-            tx.commit().map_err(db)?;
-            Ok(updated == 1)
-        })
-        .await
-    }
-
-    async fn postings_sum_by_movement(
-        &self,
-    ) -> Result<Vec<(String, String, u32, i64)>, SettleError> {
-        self.run(StoreOp::Read("postings_sum"), |conn| {
-            let mut stmt = conn
-                .prepare(
-                    "SELECT payment_id, kind, sequence, SUM(amount_minor) FROM postings \
-                     GROUP BY payment_id, kind, sequence ORDER BY payment_id, kind, sequence",
-                )
-                .map_err(db)?;
-            let rows = stmt
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-                .map_err(db)?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(db)
-        })
-        .await
-    }
-
+#[async_trait]
+impl RefundStore for SqliteStore {
     async fn record_refund(&self, refund: &RefundRow) -> Result<RefundRecorded, SettleError> {
         let r = refund.clone();
         self.run(StoreOp::Write("record_refund"), move |conn| {
@@ -1471,16 +1347,179 @@ impl SettlementStore for SqliteStore {
         })
         .await
     }
+}
 
-    async fn flagged_count(&self) -> Result<u64, SettleError> {
-        self.run(StoreOp::Read("flagged_count"), |conn| {
-            conn.query_row("SELECT COUNT(*) FROM flagged", [], |r| r.get::<_, i64>(0))
-                .map(|n| n.max(0) as u64)
-                .map_err(db)
+#[async_trait]
+impl KeyStore for SqliteStore {
+    async fn keyed_payments(
+        &self,
+        since_ms: u64,
+        scope_tag: Option<&str>,
+        after: Option<(u64, &str)>,
+        limit: usize,
+    ) -> Result<Vec<StoredKey>, SettleError> {
+        let scope_tag = scope_tag.map(str::to_owned);
+        let (after_ms, after_id) = match after {
+            Some((ms_, id)) => (ms(ms_), id.to_owned()),
+            None => (-1, String::new()),
+        };
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(StoreOp::Read("keyed_payments"), move |conn| {
+            let mut st = conn
+                .prepare_cached(
+                    "SELECT scope_tag, idempotency_key, request_hash, id, created_at_ms \
+                     FROM payments WHERE idempotency_key IS NOT NULL AND created_at_ms >= ?1 \
+                     AND (?2 IS NULL OR scope_tag = ?2) AND (created_at_ms, id) > (?3, ?4) \
+                     ORDER BY created_at_ms, id LIMIT ?5",
+                )
+                .map_err(db)?;
+            let rows = st
+                .query_map(
+                    params![ms(since_ms), scope_tag, after_ms, after_id, limit],
+                    |r| {
+                        Ok(StoredKey {
+                            scope_tag: r.get(0)?,
+                            idempotency_key: r.get(1)?,
+                            request_hash: r.get::<_, Option<String>>(2)?.unwrap_or_default(),
+                            payment_id: r.get(3)?,
+                            created_at_ms: r.get::<_, i64>(4)? as u64,
+                        })
+                    },
+                )
+                .map_err(db)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db)
         })
         .await
     }
 
+    async fn refusals(
+        &self,
+        since_ms: u64,
+        scope_tag: Option<&str>,
+        after: Option<(u64, &str)>,
+        limit: usize,
+    ) -> Result<Vec<RefusalRow>, SettleError> {
+        let scope_tag = scope_tag.map(str::to_owned);
+        let (after_ms, after_key) = match after {
+            Some((at, key)) => (ms(at), key.to_owned()),
+            None => (-1, String::new()),
+        };
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(StoreOp::Read("refusals"), move |conn| {
+            let mut st = conn
+                .prepare_cached(
+                    "SELECT scope_tag, idempotency_key, request_hash, outcome, created_at_ms \
+                     FROM refusals WHERE created_at_ms >= ?1 \
+                     AND (?2 IS NULL OR scope_tag = ?2) \
+                     AND (created_at_ms, idempotency_key) > (?3, ?4) \
+                     ORDER BY created_at_ms, idempotency_key LIMIT ?5",
+                )
+                .map_err(db)?;
+            let rows = st
+                .query_map(
+                    params![ms(since_ms), scope_tag, after_ms, after_key, limit],
+                    |r| {
+                        Ok(RefusalRow {
+                            scope_tag: r.get(0)?,
+                            idempotency_key: r.get(1)?,
+                            request_hash: r.get(2)?,
+                            outcome: r.get(3)?,
+                            created_at_ms: r.get::<_, i64>(4)? as u64,
+                        })
+                    },
+                )
+                .map_err(db)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db)
+        })
+        .await
+    }
+
+    async fn purge_keys(
+        &self,
+        holder: &str,
+        now_ms: u64,
+        lease_ms: u64,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Option<u64>, SettleError> {
+        let holder = holder.to_owned();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(StoreOp::Write("purge_keys"), move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db)?;
+            let leased = exec(
+                &tx,
+                "INSERT INTO leases (name, holder, until_ms) VALUES ('key_purge', ?1, ?2) \
+                 ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, \
+                 until_ms = excluded.until_ms \
+                 WHERE leases.holder = excluded.holder OR leases.until_ms <= ?3",
+                params![holder, ms(now_ms.saturating_add(lease_ms)), ms(now_ms)],
+            )
+            .map_err(db)?;
+            if leased == 0 {
+                return Ok(None);
+            }
+            let keys = exec(
+                &tx,
+                "UPDATE payments SET idempotency_key = NULL, request_hash = NULL WHERE id IN \
+                 (SELECT id FROM payments WHERE idempotency_key IS NOT NULL \
+                  AND created_at_ms < ?1 LIMIT ?2)",
+                params![ms(before_ms), limit],
+            )
+            .map_err(db)?;
+            let refusals = exec(
+                &tx,
+                "DELETE FROM refusals WHERE rowid IN (SELECT rowid FROM refusals \
+                 WHERE created_at_ms < ?1 LIMIT ?2)",
+                params![ms(before_ms), limit],
+            )
+            .map_err(db)?;
+            tx.commit().map_err(db)?;
+            Ok(Some((keys + refusals) as u64))
+        })
+        .await
+    }
+
+    async fn release_idempotency_key(&self, payment_id: &str) -> Result<bool, SettleError> {
+        let id = payment_id.to_owned();
+        self.run(StoreOp::Write("release_idempotency_key"), move |conn| {
+            let updated = exec(
+                conn,
+                "UPDATE payments SET idempotency_key = NULL, request_hash = NULL \
+                 WHERE id = ?1 AND status = 'failed'",
+                params![id],
+            )
+            .map_err(db)?;
+            Ok(updated == 1)
+        })
+        .await
+    }
+
+    async fn live_payment_by_order(
+        &self,
+        scope_tag: &str,
+        merchant_order_id: &str,
+    ) -> Result<Option<PaymentRow>, SettleError> {
+        let (tag, order) = (scope_tag.to_owned(), merchant_order_id.to_owned());
+        self.run(StoreOp::Read("live_payment_by_order"), move |conn| {
+            conn.prepare_cached(&format!(
+                "SELECT {PAYMENT_COLUMNS} FROM payments WHERE scope_tag = ?1 \
+                 AND merchant_order_id = ?2 \
+                 AND status IN ('pending', 'succeeded', 'partially_refunded', 'refunded')"
+            ))
+            .and_then(|mut st| {
+                st.query_row(params![tag, order], payment_from_row)
+                    .optional()
+            })
+            .map_err(db)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl FlagStore for SqliteStore {
     async fn flag(&self, item: &Flagged) -> Result<bool, SettleError> {
         let item = item.clone();
         self.run(StoreOp::Write("flag"), move |conn| {
@@ -1524,34 +1563,18 @@ impl SettlementStore for SqliteStore {
         .await
     }
 
-    async fn payment_events(&self, id: &str) -> Result<Vec<(String, u64)>, SettleError> {
-        let id = id.to_owned();
-        self.run(StoreOp::Read("payment_events"), move |conn| {
-            let mut stmt = conn
-                .prepare(
-                    "SELECT status, at_ms FROM payment_events WHERE payment_id = ?1 \
-                     ORDER BY at_ms, status",
-                )
-                .map_err(db)?;
-            let rows = stmt
-                .query_map([&id], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))
-                .map_err(db)?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(db)
+    async fn flagged_count(&self) -> Result<u64, SettleError> {
+        self.run(StoreOp::Read("flagged_count"), |conn| {
+            conn.query_row("SELECT COUNT(*) FROM flagged", [], |r| r.get::<_, i64>(0))
+                .map(|n| n.max(0) as u64)
+                .map_err(db)
         })
         .await
     }
+}
 
-    async fn ping(&self) -> Result<(), SettleError> {
-        self.run(StoreOp::Read("ping"), |conn| {
-            conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
-                .map_err(db)?;
-            Ok(())
-        })
-        .await
-    }
-
-    // ---- merchant webhooks: the outbox (crate::webhooks) ----
-
+#[async_trait]
+impl WebhookStore for SqliteStore {
     async fn claim_webhooks(
         &self,
         now_ms: u64,

@@ -537,7 +537,7 @@ mod tests {
     use super::*;
     use crate::preauth::memory::MemoryStore;
     use crate::settlement::sqlite::SqliteStore;
-    use crate::settlement::{WebhookAttempt, WebhookOutcome};
+    use crate::settlement::{SchemaStore, WebhookAttempt, WebhookOutcome};
 
     /// A window far longer than any commit here, so that who waited for whom shows.
     const LONG_WAIT_MS: u64 = 1_000;
