@@ -1,7 +1,7 @@
 //! PostgreSQL: payments flagged for a human.
 
 use async_trait::async_trait;
-use deadpool_postgres::tokio_postgres::{self};
+use deadpool_postgres::tokio_postgres;
 use deadpool_postgres::Transaction;
 
 use crate::settlement::{FlagStore, Flagged, SettleError};

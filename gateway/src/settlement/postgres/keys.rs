@@ -2,7 +2,7 @@
 //! purge, and the live payment holding an order id.
 
 use async_trait::async_trait;
-use deadpool_postgres::tokio_postgres::{self};
+use deadpool_postgres::tokio_postgres;
 use deadpool_postgres::Transaction;
 
 use crate::settlement::{
@@ -10,10 +10,14 @@ use crate::settlement::{
 };
 use crate::telemetry::StoreOp;
 
+use super::lease::take_lease;
 use super::payments::{payment_from_row, PAYMENT_COLUMNS};
 use super::{get, get_u64, ms, PostgresStore};
 
 const LIVE_STATUSES: &str = "('pending', 'succeeded', 'partially_refunded', 'refunded')";
+
+/// The lease under which one instance at a time purges keys (`purge_keys`).
+const KEY_PURGE_LEASE: &str = "key_purge";
 
 impl PostgresStore {
     /// Records a refusal inside `tx` (a key already there keeps its first answer).
@@ -231,17 +235,10 @@ impl KeyStore for PostgresStore {
             let db = |e: tokio_postgres::Error| self.unavailable(&e);
             let mut client = self.client().await?;
             let tx = client.transaction().await.map_err(db)?;
-            let leased = tx
-                .execute(
-                    "INSERT INTO leases (name, holder, until_ms) VALUES ('key_purge', $1, $2) \
-                     ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, \
-                     until_ms = excluded.until_ms \
-                     WHERE leases.holder = excluded.holder OR leases.until_ms <= $3",
-                    &[&holder, &ms(now_ms.saturating_add(lease_ms)), &ms(now_ms)],
-                )
+            if !take_lease(&tx, KEY_PURGE_LEASE, holder, now_ms, lease_ms)
                 .await
-                .map_err(db)?;
-            if leased == 0 {
+                .map_err(db)?
+            {
                 return Ok(None);
             }
             let keys = tx

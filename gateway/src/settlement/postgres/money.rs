@@ -3,7 +3,7 @@
 //! from postings.
 
 use async_trait::async_trait;
-use deadpool_postgres::tokio_postgres::{self};
+use deadpool_postgres::tokio_postgres;
 use deadpool_postgres::{GenericClient, Transaction};
 use futures_util::future::join_all;
 

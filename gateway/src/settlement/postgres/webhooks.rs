@@ -12,6 +12,7 @@ use crate::settlement::{
 use crate::telemetry::{self, StoreOp};
 use crate::webhooks::events;
 
+use super::lease::Leased;
 use super::{bad_row, get, get_u32, get_u64, ms, PostgresStore};
 
 const WEBHOOK_COLUMNS: &str = "id, merchant_id, payment_id, type, sequence, payload, url, \
@@ -96,6 +97,21 @@ pub(super) async fn insert_webhooks(
     Ok(())
 }
 
+/// The delivery worker's queue: pending events, due at `next_attempt_at_ms`.
+impl Leased for WebhookEvent {
+    const TABLE: &'static str = "webhook_events";
+    const COLUMNS: &'static str = WEBHOOK_COLUMNS;
+    const DUE: &'static str = "next_attempt_at_ms";
+
+    fn from_row(r: &Row) -> Result<Self, SettleError> {
+        webhook_from_row(r)
+    }
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
 impl PostgresStore {
     /// Records a webhook delivery attempt of a pending event (on a client or inside a
     /// transaction).
@@ -162,38 +178,10 @@ impl WebhookStore for PostgresStore {
         lease_until_ms: u64,
         limit: usize,
     ) -> Result<Vec<WebhookEvent>, SettleError> {
-        Self::timed(StoreOp::Write("claim_webhooks"), async {
-            if limit == 0 {
-                return Ok(Vec::new());
-            }
-            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-            let db = |e: tokio_postgres::Error| self.unavailable(&e);
-            let client = self.client().await?;
-            // As `claim_due`: due pending events, oldest first, locked (skipping those another
-            // instance is claiming right now) and leased in one statement. `RETURNING` keeps
-            // no order: the old `next_attempt_at_ms` (`was`) orders them below.
-            let stmt = client
-                .prepare_cached(&format!(
-                    "WITH due AS (SELECT id AS due_id, next_attempt_at_ms AS was \
-                     FROM webhook_events WHERE status = 'pending' AND next_attempt_at_ms <= $1 \
-                     ORDER BY next_attempt_at_ms, id COLLATE \"C\" LIMIT $3 \
-                     FOR UPDATE SKIP LOCKED) \
-                     UPDATE webhook_events SET next_attempt_at_ms = $2 FROM due \
-                     WHERE id = due.due_id RETURNING {WEBHOOK_COLUMNS}, due.was"
-                ))
-                .await
-                .map_err(db)?;
-            let rows = client
-                .query(&stmt, &[&ms(now_ms), &ms(lease_until_ms), &limit])
-                .await
-                .map_err(db)?;
-            let mut claimed = rows
-                .iter()
-                .map(|r| Ok((get_u64(r, 14)?, webhook_from_row(r)?)))
-                .collect::<Result<Vec<_>, SettleError>>()?;
-            claimed.sort_by(|(a_was, a), (b_was, b)| (a_was, &a.id).cmp(&(b_was, &b.id)));
-            Ok(claimed.into_iter().map(|(_, e)| e).collect())
-        })
+        Self::timed(
+            StoreOp::Write("claim_webhooks"),
+            self.claim(now_ms, lease_until_ms, limit),
+        )
         .await
     }
 

@@ -2,7 +2,7 @@
 //! one transaction, their statements pipelined.
 
 use async_trait::async_trait;
-use deadpool_postgres::tokio_postgres::{self};
+use deadpool_postgres::tokio_postgres;
 use futures_util::future::join_all;
 
 use crate::settlement::{

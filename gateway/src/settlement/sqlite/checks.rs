@@ -1,13 +1,33 @@
 //! SQLite: the resolution loop's schedule (claiming due payments, scheduling the next check).
 
 use async_trait::async_trait;
-use rusqlite::{params, TransactionBehavior};
+use rusqlite::params;
 
 use crate::settlement::{CheckStore, PaymentRow, SettleError};
 use crate::telemetry::StoreOp;
 
+use super::lease::Leased;
 use super::payments::{payment_from_row, PAYMENT_COLUMNS};
 use super::{db, ms, SqliteStore};
+
+/// The resolution loop's queue: pending payments, due at `next_check_at_ms`.
+impl Leased for PaymentRow {
+    const TABLE: &'static str = "payments";
+    const COLUMNS: &'static str = PAYMENT_COLUMNS;
+    const DUE: &'static str = "next_check_at_ms";
+
+    fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        payment_from_row(r)
+    }
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn leased_until(&mut self, until_ms: u64) {
+        self.next_check_at_ms = Some(until_ms);
+    }
+}
 
 #[async_trait]
 impl CheckStore for SqliteStore {
@@ -17,48 +37,8 @@ impl CheckStore for SqliteStore {
         lease_until_ms: u64,
         limit: usize,
     ) -> Result<Vec<PaymentRow>, SettleError> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        self.run(StoreOp::Write("claim_due"), move |conn| {
-            // One writer at a time (IMMEDIATE): no other process can claim the same rows
-            // between the select and the update.
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(db)?;
-            let mut due = {
-                let mut stmt = tx
-                    .prepare_cached(&format!(
-                        "SELECT {PAYMENT_COLUMNS} FROM payments WHERE status = 'pending' \
-                         AND next_check_at_ms <= ?1 ORDER BY next_check_at_ms, id LIMIT ?2"
-                    ))
-                    .map_err(db)?;
-                let rows = stmt
-                    .query_map(
-                        params![ms(now_ms), i64::try_from(limit).unwrap_or(i64::MAX)],
-                        payment_from_row,
-                    )
-                    .map_err(db)?;
-                rows.collect::<Result<Vec<_>, _>>().map_err(db)?
-            };
-            if due.is_empty() {
-                return Ok(due);
-            }
-            {
-                let mut lease = tx
-                    .prepare_cached("UPDATE payments SET next_check_at_ms = ?2 WHERE id = ?1")
-                    .map_err(db)?;
-                for p in &mut due {
-                    lease
-                        .execute(params![p.id, ms(lease_until_ms)])
-                        .map_err(db)?;
-                    p.next_check_at_ms = Some(lease_until_ms);
-                }
-            }
-            tx.commit().map_err(db)?;
-            Ok(due)
-        })
-        .await
+        self.claim(StoreOp::Write("claim_due"), now_ms, lease_until_ms, limit)
+            .await
     }
 
     async fn schedule_check(

@@ -9,8 +9,12 @@ use crate::settlement::{
 };
 use crate::telemetry::StoreOp;
 
+use super::lease::take_lease;
 use super::payments::{payment_from_row, PAYMENT_COLUMNS};
 use super::{db, exec, ms, SqliteStore};
+
+/// The lease under which one instance at a time purges keys (`purge_keys`).
+const KEY_PURGE_LEASE: &str = "key_purge";
 
 /// What the store holds against a new payment row `p` (not yet stored): another payment under
 /// its (scope, idempotency key) — the same request or another — or another live payment under
@@ -170,16 +174,7 @@ impl KeyStore for SqliteStore {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(db)?;
-            let leased = exec(
-                &tx,
-                "INSERT INTO leases (name, holder, until_ms) VALUES ('key_purge', ?1, ?2) \
-                 ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, \
-                 until_ms = excluded.until_ms \
-                 WHERE leases.holder = excluded.holder OR leases.until_ms <= ?3",
-                params![holder, ms(now_ms.saturating_add(lease_ms)), ms(now_ms)],
-            )
-            .map_err(db)?;
-            if leased == 0 {
+            if !take_lease(&tx, KEY_PURGE_LEASE, &holder, now_ms, lease_ms)? {
                 return Ok(None);
             }
             let keys = exec(

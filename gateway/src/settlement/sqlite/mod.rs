@@ -4,11 +4,13 @@
 //!
 //! This module holds the connection (its thread and the calls it runs), the migrations and the
 //! helpers every table group shares; each table group's SQL is in its own file: `payments`,
-//! `checks`, `money`, `writes` (the group commit), `refunds`, `keys`, `flags`, `webhooks`.
+//! `checks`, `money`, `writes` (the group commit), `refunds`, `keys`, `flags`, `webhooks`;
+//! `lease` holds the lease claim that `checks`, `webhooks` and the key purge share.
 
 mod checks;
 mod flags;
 mod keys;
+mod lease;
 mod money;
 mod payments;
 mod refunds;

@@ -2,7 +2,7 @@
 //! status's own transaction, claiming due events, recording delivery attempts.
 
 use async_trait::async_trait;
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::settlement::{
     webhook_error_text, NoWebhook, SettleError, Settlement, WebhookAttempt, WebhookEvent,
@@ -11,6 +11,7 @@ use crate::settlement::{
 use crate::telemetry::{self, StoreOp};
 use crate::webhooks::events;
 
+use super::lease::Leased;
 use super::payments::{payment_from_row, PAYMENT_COLUMNS};
 use super::{db, ms, query_row, SqliteStore};
 
@@ -41,6 +42,25 @@ fn webhook_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<WebhookEvent> {
         created_at_ms: r.get::<_, i64>(12)? as u64,
         updated_at_ms: r.get::<_, i64>(13)? as u64,
     })
+}
+
+/// The delivery worker's queue: pending events, due at `next_attempt_at_ms`.
+impl Leased for WebhookEvent {
+    const TABLE: &'static str = "webhook_events";
+    const COLUMNS: &'static str = WEBHOOK_COLUMNS;
+    const DUE: &'static str = "next_attempt_at_ms";
+
+    fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        webhook_from_row(r)
+    }
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn leased_until(&mut self, until_ms: u64) {
+        self.next_attempt_at_ms = Some(until_ms);
+    }
 }
 
 /// Inserts an event unless its `(payment_id, type, sequence)` is already enqueued.
@@ -146,49 +166,12 @@ impl WebhookStore for SqliteStore {
         lease_until_ms: u64,
         limit: usize,
     ) -> Result<Vec<WebhookEvent>, SettleError> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        self.run(StoreOp::Write("claim_webhooks"), move |conn| {
-            // One writer at a time (IMMEDIATE): no other process can claim the same events
-            // between the select and the update.
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(db)?;
-            let mut due = {
-                let mut stmt = tx
-                    .prepare_cached(&format!(
-                        "SELECT {WEBHOOK_COLUMNS} FROM webhook_events WHERE status = 'pending' \
-                         AND next_attempt_at_ms <= ?1 ORDER BY next_attempt_at_ms, id LIMIT ?2"
-                    ))
-                    .map_err(db)?;
-                let rows = stmt
-                    .query_map(
-                        params![ms(now_ms), i64::try_from(limit).unwrap_or(i64::MAX)],
-                        webhook_from_row,
-                    )
-                    .map_err(db)?;
-                rows.collect::<Result<Vec<_>, _>>().map_err(db)?
-            };
-            if due.is_empty() {
-                return Ok(due);
-            }
-            {
-                let mut lease = tx
-                    .prepare_cached(
-                        "UPDATE webhook_events SET next_attempt_at_ms = ?2 WHERE id = ?1",
-                    )
-                    .map_err(db)?;
-                for e in &mut due {
-                    lease
-                        .execute(params![e.id, ms(lease_until_ms)])
-                        .map_err(db)?;
-                    e.next_attempt_at_ms = Some(lease_until_ms);
-                }
-            }
-            tx.commit().map_err(db)?;
-            Ok(due)
-        })
+        self.claim(
+            StoreOp::Write("claim_webhooks"),
+            now_ms,
+            lease_until_ms,
+            limit,
+        )
         .await
     }
 
