@@ -21,7 +21,7 @@ use crate::preauth::{
     AccountKey, AdjustOutcome, AdjustRequest, Direction, IdempotencyClaim, SettledMark,
     StoredOutcome, UpsertOutcome,
 };
-use crate::settlement::recovery::rebuild_balances;
+use crate::settlement::rebuild::rebuild_balances;
 use crate::settlement::{movements, AccountRow, CommitOutcome, PendingRecord};
 use crate::telemetry;
 

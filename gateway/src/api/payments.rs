@@ -27,7 +27,7 @@ use crate::preauth::{
     RELEASED_BY_CHANNEL_MS,
 };
 use crate::resolution::{self, Cancel, ResolveError};
-use crate::settlement::recovery::{unwind_refused, Refusal};
+use crate::settlement::rebuild::{unwind_refused, Refusal};
 use crate::settlement::settler::SettleFailure;
 use crate::settlement::{
     movements, AttemptRow, CommitOutcome, IntentOutcome, PaymentRow, PendingRecord, RefusalRow,

@@ -10,6 +10,7 @@
 
 pub mod movements;
 pub mod postgres;
+pub mod rebuild;
 pub mod recovery;
 pub mod settler;
 pub mod sqlite;

@@ -27,7 +27,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use super::recovery::{unwind_refused, void_and_rebuild, Refusal};
+use super::rebuild::{unwind_refused, void_and_rebuild, Refusal};
 use super::{
     CommitOutcome, IntentOutcome, SettleError, Settlement, SettlementStore, Write, Written,
 };
