@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use gateway::config;
 use gateway::sandbox::{self, Sandbox};
 use gateway::settlement::check_schema;
-use gateway::settlement::recovery::rebuild_balances;
+use gateway::settlement::rebuild::rebuild_balances;
 use gateway::startup::{
     open_balance_store, open_settlement_store, shutdown_signal, Application, Mode,
 };

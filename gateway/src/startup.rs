@@ -23,9 +23,8 @@ use crate::preauth::redis::RedisStore;
 use crate::preauth::{spawn_sweeper, BalanceStore, StoreError};
 use crate::routing::ChannelRegistry;
 use crate::settlement::postgres::PostgresStore;
-use crate::settlement::recovery::{
-    rebuild_balances, recover_once, spawn_recovery, RecoveryError, RecoveryReport,
-};
+use crate::settlement::rebuild::{rebuild_balances, RecoveryError};
+use crate::settlement::recovery::{recover_once, spawn_recovery, RecoveryReport};
 use crate::settlement::settler::Settler;
 use crate::settlement::sqlite::SqliteStore;
 use crate::settlement::stream::{SettlementStream, StreamSettings};

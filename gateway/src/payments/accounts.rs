@@ -10,7 +10,7 @@ use crate::preauth::{
     AccountKey, AccountSnapshot, AdjustOutcome, AdjustRequest, Direction, IdempotencyClaim,
     SettledMark, StoreError, StoredOutcome, UpsertOutcome,
 };
-use crate::settlement::recovery::rebuild_balances;
+use crate::settlement::rebuild::rebuild_balances;
 use crate::settlement::{movements, AccountRow, CommitOutcome, PendingRecord};
 use crate::state::Core;
 use crate::telemetry;

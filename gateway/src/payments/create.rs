@@ -25,7 +25,7 @@ use crate::preauth::{
     PaymentRecord, PaymentStatus, Purpose, Scope, SettledMark, StoredOutcome, TransitionOutcome,
     RELEASED_BY_CHANNEL_MS,
 };
-use crate::settlement::recovery::{unwind_refused, Refusal};
+use crate::settlement::rebuild::{unwind_refused, Refusal};
 use crate::settlement::settler::SettleFailure;
 use crate::settlement::{
     movements, AttemptRow, CommitOutcome, IntentOutcome, PaymentRow, PendingRecord, Settlement,

@@ -116,7 +116,7 @@ pub async fn ensure_payment(
             .await?
             .is_none()
         {
-            crate::settlement::recovery::rebuild_balances(
+            crate::settlement::rebuild::rebuild_balances(
                 store.as_ref(),
                 state.balances.as_ref(),
                 Some((doc.merchant_id.as_str(), account.as_str())),

@@ -10,6 +10,7 @@
 
 pub mod movements;
 pub mod postgres;
+pub mod rebuild;
 pub mod recovery;
 pub mod settler;
 pub mod sqlite;
@@ -405,7 +406,7 @@ impl RefundRow {
     }
 }
 
-/// What recording a refund came to (see [`SettlementStore::record_refund`]).
+/// What recording a refund came to (see [`RefundStore::record_refund`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RefundRecorded {
     Inserted,
@@ -523,7 +524,7 @@ pub struct RefusalRow {
 }
 
 /// A payment's idempotency key as the store keeps it (what a rebuild puts back into the
-/// balance store, see [`SettlementStore::keyed_payments`]).
+/// balance store, see [`KeyStore::keyed_payments`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredKey {
     pub scope_tag: String,
@@ -620,7 +621,7 @@ pub struct AccountBalance {
     pub seq: u64,
 }
 
-/// What a channel answered for an attempt (see [`SettlementStore::update_attempt`]).
+/// What a channel answered for an attempt (see [`PaymentStore::update_attempt`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttemptUpdate {
     pub payment_id: String,
@@ -632,27 +633,27 @@ pub struct AttemptUpdate {
     pub now_ms: u64,
 }
 
-/// One write of a group commit ([`SettlementStore::commit_writes`]): what a payment's hot
+/// One write of a group commit ([`WriteStore::commit_writes`]): what a payment's hot
 /// path must have on disk before it is answered. Many payments' writes share one transaction
 /// (one fsync).
 #[derive(Debug, Clone)]
 pub enum Write {
-    /// A payment's intent with its first attempt ([`SettlementStore::record_intent`]).
+    /// A payment's intent with its first attempt ([`PaymentStore::record_intent`]).
     Intent {
         payment: PaymentRow,
         first_attempt: Option<AttemptRow>,
     },
-    /// An attempt's outcome ([`SettlementStore::update_attempt`]).
+    /// An attempt's outcome ([`PaymentStore::update_attempt`]).
     Attempt(AttemptUpdate),
-    /// A money movement ([`SettlementStore::commit`]).
+    /// A money movement ([`MoneyStore::commit`]).
     Settlement(Settlement),
-    /// What a webhook delivery attempt came to ([`SettlementStore::record_webhook_attempt`]).
+    /// What a webhook delivery attempt came to ([`WebhookStore::record_webhook_attempt`]).
     Webhook(WebhookAttempt),
     /// A refusal under a key, kept for its replay (a key already there keeps its first answer).
     Refusal(RefusalRow),
 }
 
-/// What a webhook delivery attempt came to (see [`SettlementStore::record_webhook_attempt`]).
+/// What a webhook delivery attempt came to (see [`WebhookStore::record_webhook_attempt`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WebhookAttempt {
     pub id: String,
@@ -738,25 +739,29 @@ pub enum SettleError {
     Misconfigured(String),
 }
 
-/// The system of record.
+/// The store itself: its schema (migrations) and whether it answers.
 #[async_trait]
-pub trait SettlementStore: Send + Sync + 'static {
+pub trait SchemaStore: Send + Sync {
     /// Applies every migration not yet applied; returns the schema version.
     async fn migrate(&self) -> Result<u32, SettleError>;
 
     /// The applied schema version, `None` when the store was never migrated.
     async fn schema_version(&self) -> Result<Option<u32>, SettleError>;
 
-    /// Creates or updates an account (currency, credit limit).
-    async fn upsert_account(&self, row: &AccountRow) -> Result<(), SettleError>;
+    async fn ping(&self) -> Result<(), SettleError>;
+}
 
+/// Payments, their attempts and their status history (`payments`, `attempts`,
+/// `payment_events`).
+#[async_trait]
+pub trait PaymentStore: Send + Sync {
     /// Records a payment before anything else happens to it, with its first channel attempt
     /// (if any) in the same transaction, so the attempt's channel order id is durable before
     /// the channel is called.
     ///
     /// `AlreadyRecorded` (a retry) still inserts the attempt if it is absent. `DuplicateOrder`
     /// writes nothing. The attempt must belong to `payment`, and an attempt that clashes with
-    /// a stored one (see [`SettlementStore::record_attempt`]) is `Invalid`, with nothing
+    /// a stored one (see [`PaymentStore::record_attempt`]) is `Invalid`, with nothing
     /// written: the channel must not be called with an order id the store does not hold.
     async fn record_intent(
         &self,
@@ -796,6 +801,19 @@ pub trait SettlementStore: Send + Sync + 'static {
         channel_order_id: &str,
     ) -> Result<Option<AttemptRow>, SettleError>;
 
+    async fn payment(&self, id: &str) -> Result<Option<PaymentRow>, SettleError>;
+
+    /// Records a pending payment's final status without money moving (cancel, expiry,
+    /// failure): `false` when the payment is unknown or no longer pending.
+    async fn set_final_status(&self, change: &StatusChange) -> Result<bool, SettleError>;
+
+    /// The statuses a payment reached, oldest first, with when.
+    async fn payment_events(&self, id: &str) -> Result<Vec<(String, u64)>, SettleError>;
+}
+
+/// The resolution loop's schedule of pending payments (`payments.next_check_at_ms`).
+#[async_trait]
+pub trait CheckStore: Send + Sync {
     /// Claims up to `limit` pending payments whose `next_check_at_ms <= now_ms`, oldest
     /// check first, for the resolution loop: in the same atomic step their
     /// `next_check_at_ms` becomes `lease_until_ms`, so neither another gateway instance nor
@@ -815,6 +833,13 @@ pub trait SettlementStore: Send + Sync + 'static {
         payment_id: &str,
         next_check_at_ms: Option<u64>,
     ) -> Result<(), SettleError>;
+}
+
+/// Money: accounts, settlements and their postings, and the balances recomputed from them.
+#[async_trait]
+pub trait MoneyStore: Send + Sync {
+    /// Creates or updates an account (currency, credit limit).
+    async fn upsert_account(&self, row: &AccountRow) -> Result<(), SettleError>;
 
     /// Commits a batch in ONE transaction (one fsync): each settlement is inserted, recognized
     /// as already committed, or refused as a conflict (and flagged). A settlement's payment
@@ -822,6 +847,44 @@ pub trait SettlementStore: Send + Sync + 'static {
     /// resolution schedule (`next_check_at_ms`, `checks`) is left as stored.
     async fn commit(&self, batch: &[Settlement]) -> Result<Vec<CommitOutcome>, SettleError>;
 
+    /// Every account (or only `(merchant, account)`) with its balance and sequence
+    /// recomputed from the postings.
+    async fn balances(
+        &self,
+        only: Option<(&str, &str)>,
+    ) -> Result<Vec<AccountBalance>, SettleError>;
+
+    /// One account's balance and sequence with its live holds, read in ONE snapshot (what a
+    /// rebuild loads: a balance and holds of two different moments would double or lose a
+    /// movement). `None` when the store has no such account.
+    async fn account_state(
+        &self,
+        merchant: &str,
+        account: &str,
+    ) -> Result<Option<(AccountBalance, Vec<PaymentRow>)>, SettleError>;
+
+    /// Every pending payment that holds money (or only those of `(merchant, account)`), to
+    /// rebuild holds.
+    async fn live_holds(&self, only: Option<(&str, &str)>) -> Result<Vec<PaymentRow>, SettleError>;
+
+    /// The channel and channel transaction of a payment's committed success (its capture or
+    /// credit, sequence 0), if it has one: what tells a channel's repeated notice (the same
+    /// transaction) from money taken by an abandoned attempt (another one), whatever the
+    /// attempts' best-effort outcomes say.
+    async fn committed_success(
+        &self,
+        payment_id: &str,
+    ) -> Result<Option<(Option<String>, Option<String>)>, SettleError>;
+
+    /// The postings of every settlement, as (payment id, kind, sequence, ledger, amount).
+    async fn postings_sum_by_movement(
+        &self,
+    ) -> Result<Vec<(String, String, u32, i64)>, SettleError>;
+}
+
+/// The group commit: writes of several table groups in one transaction.
+#[async_trait]
+pub trait WriteStore: Send + Sync {
     /// Commits a group of writes in ONE transaction (one fsync), each with exactly the meaning
     /// of its own method above. Writes of one kind apply in the order given; writes of
     /// different kinds may apply in any order, so a batch must not hold writes of two kinds
@@ -833,14 +896,37 @@ pub trait SettlementStore: Send + Sync + 'static {
         &self,
         batch: &[Write],
     ) -> Result<Vec<Result<Written, SettleError>>, SettleError>;
+}
 
-    /// Every account (or only `(merchant, account)`) with its balance and sequence
-    /// recomputed from the postings.
-    async fn balances(
+/// Refunds, recorded before their channel is called (`refunds`).
+#[async_trait]
+pub trait RefundStore: Send + Sync {
+    /// Records a refund before its channel is called, the store deciding on the cap as Redis
+    /// did: a repeat of the same refund changes nothing; another refund under its number is a
+    /// `Conflict`, and refunds above the payment's amount `Exceeds` — both flagged, nothing
+    /// written. An unknown payment is `Invalid`.
+    async fn record_refund(&self, refund: &RefundRow) -> Result<RefundRecorded, SettleError>;
+
+    /// Ends a pending refund without money moving (`failed`): `false` when it is unknown or
+    /// no longer pending. (A succeeded refund ends with its settlement, in `commit`.)
+    async fn set_refund_status(&self, change: &RefundStatusChange) -> Result<bool, SettleError>;
+
+    /// A payment's refunds, oldest first.
+    async fn refunds(&self, payment_id: &str) -> Result<Vec<RefundRow>, SettleError>;
+
+    /// Pending refunds last touched before `before_ms`, oldest first (to retry at their
+    /// channel under the same number).
+    async fn stale_refunds(
         &self,
-        only: Option<(&str, &str)>,
-    ) -> Result<Vec<AccountBalance>, SettleError>;
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<RefundRow>, SettleError>;
+}
 
+/// Idempotency keys and order ids as the store arbitrates them: payments' keys, refusals,
+/// their purge, and the live payment holding an order id.
+#[async_trait]
+pub trait KeyStore: Send + Sync {
     /// The idempotency keys of payments created at or after `since_ms` (only those of
     /// `scope_tag` when given), in (created_at_ms, payment id) order after `after`, at most
     /// `limit`: a rebuild puts them back into the balance store page by page, so a retried
@@ -863,30 +949,6 @@ pub trait SettlementStore: Send + Sync + 'static {
         after: Option<(u64, &str)>,
         limit: usize,
     ) -> Result<Vec<RefusalRow>, SettleError>;
-
-    /// One account's balance and sequence with its live holds, read in ONE snapshot (what a
-    /// rebuild loads: a balance and holds of two different moments would double or lose a
-    /// movement). `None` when the store has no such account.
-    async fn account_state(
-        &self,
-        merchant: &str,
-        account: &str,
-    ) -> Result<Option<(AccountBalance, Vec<PaymentRow>)>, SettleError>;
-
-    /// Every pending payment that holds money (or only those of `(merchant, account)`), to
-    /// rebuild holds.
-    async fn live_holds(&self, only: Option<(&str, &str)>) -> Result<Vec<PaymentRow>, SettleError>;
-
-    async fn payment(&self, id: &str) -> Result<Option<PaymentRow>, SettleError>;
-
-    /// The channel and channel transaction of a payment's committed success (its capture or
-    /// credit, sequence 0), if it has one: what tells a channel's repeated notice (the same
-    /// transaction) from money taken by an abandoned attempt (another one), whatever the
-    /// attempts' best-effort outcomes say.
-    async fn committed_success(
-        &self,
-        payment_id: &str,
-    ) -> Result<Option<(Option<String>, Option<String>)>, SettleError>;
 
     /// Clears the idempotency keys of payments created before `before_ms` and deletes the
     /// refusals recorded before it, at most `limit` of each, under the lease `key_purge`
@@ -913,56 +975,28 @@ pub trait SettlementStore: Send + Sync + 'static {
         scope_tag: &str,
         merchant_order_id: &str,
     ) -> Result<Option<PaymentRow>, SettleError>;
+}
 
-    /// Records a pending payment's final status without money moving (cancel, expiry,
-    /// failure): `false` when the payment is unknown or no longer pending.
-    async fn set_final_status(&self, change: &StatusChange) -> Result<bool, SettleError>;
-
-    /// The postings of every settlement, as (payment id, kind, sequence, ledger, amount).
-    async fn postings_sum_by_movement(
-        &self,
-    ) -> Result<Vec<(String, String, u32, i64)>, SettleError>;
-
-    async fn flagged(&self, limit: usize) -> Result<Vec<Flagged>, SettleError>;
-
-    /// Records a refund before its channel is called, the store deciding on the cap as Redis
-    /// did: a repeat of the same refund changes nothing; another refund under its number is a
-    /// `Conflict`, and refunds above the payment's amount `Exceeds` — both flagged, nothing
-    /// written. An unknown payment is `Invalid`.
-    async fn record_refund(&self, refund: &RefundRow) -> Result<RefundRecorded, SettleError>;
-
-    /// Ends a pending refund without money moving (`failed`): `false` when it is unknown or
-    /// no longer pending. (A succeeded refund ends with its settlement, in `commit`.)
-    async fn set_refund_status(&self, change: &RefundStatusChange) -> Result<bool, SettleError>;
-
-    /// A payment's refunds, oldest first.
-    async fn refunds(&self, payment_id: &str) -> Result<Vec<RefundRow>, SettleError>;
-
-    /// Pending refunds last touched before `before_ms`, oldest first (to retry at their
-    /// channel under the same number).
-    async fn stale_refunds(
-        &self,
-        before_ms: u64,
-        limit: usize,
-    ) -> Result<Vec<RefundRow>, SettleError>;
-
-    /// How many rows `flagged` holds.
-    async fn flagged_count(&self) -> Result<u64, SettleError>;
-
+/// Payments flagged for a human (`flagged`).
+#[async_trait]
+pub trait FlagStore: Send + Sync {
     /// Flags a payment for a human (late money, overdrafts, …): `false` when the same
     /// (kind, payment) is already flagged (nothing written).
     async fn flag(&self, item: &Flagged) -> Result<bool, SettleError>;
 
-    /// The statuses a payment reached, oldest first, with when.
-    async fn payment_events(&self, id: &str) -> Result<Vec<(String, u64)>, SettleError>;
+    async fn flagged(&self, limit: usize) -> Result<Vec<Flagged>, SettleError>;
 
-    async fn ping(&self) -> Result<(), SettleError>;
+    /// How many rows `flagged` holds.
+    async fn flagged_count(&self) -> Result<u64, SettleError>;
+}
 
-    // ---- merchant webhooks: the outbox (crate::webhooks, docs/webhooks.md) ----
-    // Events are enqueued by `commit` and `set_final_status` themselves, in their own
-    // transaction (see `crate::webhooks::events`); these calls serve the delivery worker and
-    // the API.
-
+/// Merchant webhooks: the outbox (crate::webhooks, docs/webhooks.md).
+///
+/// Events are enqueued by `commit` and `set_final_status` themselves, in their own
+/// transaction (see `crate::webhooks::events`); these calls serve the delivery worker and
+/// the API.
+#[async_trait]
+pub trait WebhookStore: Send + Sync {
     /// Claims up to `limit` pending events whose `next_attempt_at_ms <= now_ms`, oldest first,
     /// leasing them as `claim_due` does payments: in the same atomic step their
     /// `next_attempt_at_ms` becomes `lease_until_ms`, so no other worker (or instance) takes
@@ -992,6 +1026,40 @@ pub trait SettlementStore: Send + Sync + 'static {
 
     /// How many events are pending (delivered, failed and skipped ones are not).
     async fn webhook_backlog(&self) -> Result<u64, SettleError>;
+}
+
+/// The system of record: every table group's calls, as one trait object
+/// (`Arc<dyn SettlementStore>`). Implemented by every type that implements them all.
+pub trait SettlementStore:
+    SchemaStore
+    + PaymentStore
+    + CheckStore
+    + MoneyStore
+    + WriteStore
+    + RefundStore
+    + KeyStore
+    + FlagStore
+    + WebhookStore
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<T> SettlementStore for T where
+    T: SchemaStore
+        + PaymentStore
+        + CheckStore
+        + MoneyStore
+        + WriteStore
+        + RefundStore
+        + KeyStore
+        + FlagStore
+        + WebhookStore
+        + Send
+        + Sync
+        + 'static
+{
 }
 
 /// Refuses to run on a store whose schema this binary does not know.

@@ -191,7 +191,7 @@ impl Settler {
 
     /// Records a refund's intent; once recorded, lets its idempotency record replay. A refund
     /// the store refused (`Conflict`, `Exceeds`) is unwound in the balance store, its refund
-    /// state set to the store's (see `recovery::unwind_refused_refund`). So is one `fresh`ly
+    /// state set to the store's (see `rebuild::unwind_refused_refund`). So is one `fresh`ly
     /// reserved (a request's, not a re-drive) that the store already holds: the balance store
     /// had forgotten it, and the caller answers with the stored refund.
     pub async fn record_refund(
@@ -214,7 +214,7 @@ impl Settler {
             | RefundRecorded::AlreadyRecorded
             | RefundRecorded::Conflict
             | RefundRecorded::Exceeds { .. } => {
-                super::recovery::unwind_refused_refund(
+                super::rebuild::unwind_refused_refund(
                     self.store.as_ref(),
                     self.balances.as_ref(),
                     refund,

@@ -27,7 +27,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use super::recovery::{unwind_refused, void_and_rebuild, Refusal};
+use super::rebuild::{unwind_refused, void_and_rebuild, Refusal};
 use super::{
     CommitOutcome, IntentOutcome, SettleError, Settlement, SettlementStore, Write, Written,
 };
@@ -537,7 +537,7 @@ mod tests {
     use super::*;
     use crate::preauth::memory::MemoryStore;
     use crate::settlement::sqlite::SqliteStore;
-    use crate::settlement::{WebhookAttempt, WebhookOutcome};
+    use crate::settlement::{SchemaStore, WebhookAttempt, WebhookOutcome};
 
     /// A window far longer than any commit here, so that who waited for whom shows.
     const LONG_WAIT_MS: u64 = 1_000;

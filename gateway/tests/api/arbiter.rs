@@ -680,7 +680,7 @@ async fn a_rebuild_waits_for_movements_on_their_way_to_the_store() {
         .await
         .unwrap();
     let disk = app.settlement_store().await;
-    let busy = gateway::settlement::recovery::rebuild_balances(
+    let busy = gateway::settlement::rebuild::rebuild_balances(
         disk.as_ref(),
         &redis,
         Some(("alpha", "acc")),
@@ -690,7 +690,7 @@ async fn a_rebuild_waits_for_movements_on_their_way_to_the_store() {
     assert!(
         matches!(
             busy,
-            Err(gateway::settlement::recovery::RecoveryError::Busy(_))
+            Err(gateway::settlement::rebuild::RecoveryError::Busy(_))
         ),
         "{busy:?}"
     );
@@ -706,7 +706,7 @@ async fn a_rebuild_waits_for_movements_on_their_way_to_the_store() {
         "{:?}",
         paid.body
     );
-    let loaded = gateway::settlement::recovery::rebuild_balances(
+    let loaded = gateway::settlement::rebuild::rebuild_balances(
         disk.as_ref(),
         &redis,
         Some(("alpha", "acc")),

@@ -854,7 +854,7 @@ async fn sigkill_during_a_callback_burst_loses_nothing_and_settles_nothing_twice
     let store =
         gateway::settlement::sqlite::SqliteStore::open(&data.path().join("gateway.sqlite3"))
             .unwrap();
-    use gateway::settlement::SettlementStore;
+    use gateway::settlement::{MoneyStore, PaymentStore};
     for (id, order) in &orders {
         let mut row = None;
         for _ in 0..200 {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gateway::settlement::sqlite::SqliteStore;
-use gateway::settlement::SettlementStore;
+use gateway::settlement::{MoneyStore, PaymentStore};
 use serde_json::{json, Value};
 
 use crate::binary::Gateway;

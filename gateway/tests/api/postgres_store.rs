@@ -5,9 +5,9 @@
 use gateway::money::Currency;
 use gateway::settlement::postgres::PostgresStore;
 use gateway::settlement::{
-    check_schema, ledger, AccountRow, AttemptOutcome, AttemptUpdate, CommitOutcome, IntentOutcome,
-    PaymentRow, Posting, SettleError, Settlement, SettlementKind, SettlementStore, Write, Written,
-    SCHEMA_VERSION,
+    check_schema, ledger, AccountRow, AttemptOutcome, AttemptUpdate, CommitOutcome, FlagStore,
+    IntentOutcome, MoneyStore, PaymentRow, PaymentStore, Posting, SchemaStore, SettleError,
+    Settlement, SettlementKind, Write, WriteStore, Written, SCHEMA_VERSION,
 };
 
 use crate::postgres_server::PostgresServer;

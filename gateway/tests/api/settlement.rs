@@ -242,7 +242,7 @@ async fn a_flushed_redis_is_rebuilt_exactly_from_the_store() {
         .unwrap();
     let disk = app.settlement_store().await;
     let loaded =
-        gateway::settlement::recovery::rebuild_balances(disk.as_ref(), &balances, None, 86_400)
+        gateway::settlement::rebuild::rebuild_balances(disk.as_ref(), &balances, None, 86_400)
             .await
             .unwrap();
     assert_eq!(loaded, 3);

@@ -7,9 +7,9 @@ use gateway::money::Currency;
 use gateway::settlement::sqlite::SqliteStore;
 use gateway::settlement::{
     check_schema, ledger, AccountRow, AttemptOutcome, AttemptRow, AttemptUpdate, CommitOutcome,
-    IntentOutcome, KeyHolder, PaymentRow, PendingRecord, Posting, SettleError, Settlement,
-    SettlementKind, SettlementStore, StatusChange, WebhookAttempt, WebhookOutcome, Write, Written,
-    MIGRATIONS, SCHEMA_VERSION,
+    IntentOutcome, KeyHolder, PaymentRow, PendingRecord, Posting, SchemaStore, SettleError,
+    Settlement, SettlementKind, SettlementStore, StatusChange, WebhookAttempt, WebhookOutcome,
+    Write, Written, MIGRATIONS, SCHEMA_VERSION,
 };
 
 pub struct Sqlite {

@@ -1,0 +1,680 @@
+//! PostgreSQL: the money commit (settlements with their postings, payment rows, refund statuses
+//! and webhooks, pipelined in the caller's transaction), accounts and the balances recomputed
+//! from postings.
+
+use async_trait::async_trait;
+use deadpool_postgres::tokio_postgres;
+use deadpool_postgres::{GenericClient, Transaction};
+use futures_util::future::join_all;
+
+use crate::settlement::{
+    AccountBalance, AccountRow, CommitOutcome, MoneyStore, PaymentRow, SettleError, Settlement,
+    SettlementKind,
+};
+use crate::telemetry::{self, StoreOp};
+use crate::webhooks::events;
+
+use super::flags::flag;
+use super::payments::{
+    check_payment_text, checks_i32, payment_from_row, write_payment, PAYMENT_COLUMNS,
+};
+use super::webhooks::insert_webhooks;
+use super::{get, get_currency, get_u32, get_u64, invalid, ms, no_nul, PostgresStore};
+
+const INSERT_SETTLEMENT: &str = "INSERT INTO settlements (payment_id, kind, sequence, \
+    merchant_id, account_id, channel_id, channel_txn_id, amount_minor, currency, \
+    channel_fee_minor, commission_minor, merchant_net_minor, account_seq, settled_at_ms, \
+    content_hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+    ON CONFLICT DO NOTHING";
+
+/// A settlement that creates its payment (`Settlement::creates_payment`), in one statement:
+/// the payment row (with its first event) is inserted unless its id, idempotency key or live
+/// order id is taken, and the settlement only if the row was: the store never holds such a
+/// movement without its payment. Its one row counts what was inserted: (payments, settlements).
+/// Parameters: the payment's 20 (as `INSERT_PAYMENT`), then the settlement's 15 (as
+/// `INSERT_SETTLEMENT`).
+const INSERT_CREATING_SETTLEMENT: &str = "WITH pay AS (INSERT INTO payments (id, merchant_id, \
+    account_id, scope_tag, merchant_order_id, amount_minor, currency, method, purpose, status, \
+    held_minor, hold_expires_at_ms, created_at_ms, expires_at_ms, updated_at_ms, doc, \
+    next_check_at_ms, checks, idempotency_key, request_hash) VALUES \
+    ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20) \
+    ON CONFLICT DO NOTHING RETURNING id, status, updated_at_ms), \
+    ev AS (INSERT INTO payment_events (payment_id, status, at_ms) \
+    SELECT id, status, updated_at_ms FROM pay ON CONFLICT DO NOTHING), \
+    st AS (INSERT INTO settlements (payment_id, kind, sequence, merchant_id, account_id, \
+    channel_id, channel_txn_id, amount_minor, currency, channel_fee_minor, commission_minor, \
+    merchant_net_minor, account_seq, settled_at_ms, content_hash) \
+    SELECT $21::TEXT, $22::TEXT, $23::INTEGER, $24::TEXT, $25::TEXT, $26::TEXT, $27::TEXT, \
+    $28::BIGINT, $29::TEXT, $30::BIGINT, $31::BIGINT, $32::BIGINT, $33::BIGINT, $34::BIGINT, \
+    $35::TEXT WHERE EXISTS (SELECT 1 FROM pay) ON CONFLICT DO NOTHING RETURNING 1) \
+    SELECT (SELECT COUNT(*) FROM pay), (SELECT COUNT(*) FROM st)";
+
+const STORED_HASH: &str = "SELECT content_hash FROM settlements \
+    WHERE payment_id = $1 AND kind = $2 AND sequence = $3";
+
+/// All postings of one batch in one statement (one round trip instead of one per line).
+const INSERT_POSTINGS: &str = "INSERT INTO postings (payment_id, kind, sequence, line, ledger, \
+    amount_minor, currency) SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::INTEGER[], \
+    $4::INTEGER[], $5::TEXT[], $6::BIGINT[], $7::TEXT[])";
+
+/// What PostgreSQL's column types need beyond [`Settlement::check`].
+pub(super) fn check_for_postgres(s: &Settlement) -> Result<i32, SettleError> {
+    let sequence = i32::try_from(s.sequence)
+        .map_err(|_| invalid(&s.payment_id, "sequence exceeds the store's INTEGER range"))?;
+    if i32::try_from(s.postings.len()).is_err() {
+        return Err(invalid(&s.payment_id, "too many postings"));
+    }
+    no_nul(
+        &s.payment_id,
+        [
+            s.payment_id.as_str(),
+            s.merchant_id.as_str(),
+            s.account_id.as_deref().unwrap_or(""),
+            s.channel_id.as_deref().unwrap_or(""),
+            s.channel_txn_id.as_deref().unwrap_or(""),
+        ]
+        .into_iter()
+        .chain(s.postings.iter().map(|p| p.ledger.as_str())),
+    )?;
+    if let Some(p) = &s.payment {
+        check_payment_text(p)?;
+        checks_i32(p)?;
+    }
+    Ok(sequence)
+}
+
+/// The postings of a batch's inserted settlements, as the columns `INSERT_POSTINGS` unnests.
+#[derive(Default)]
+struct PostingColumns<'a> {
+    payment_id: Vec<&'a str>,
+    kind: Vec<&'static str>,
+    sequence: Vec<i32>,
+    line: Vec<i32>,
+    ledger: Vec<&'a str>,
+    amount_minor: Vec<i64>,
+    currency: Vec<&'static str>,
+}
+
+impl<'a> PostingColumns<'a> {
+    fn push(&mut self, s: &'a Settlement, sequence: i32) {
+        for (line, p) in (0i32..).zip(&s.postings) {
+            self.payment_id.push(&s.payment_id);
+            self.kind.push(s.kind.as_str());
+            self.sequence.push(sequence);
+            self.line.push(line);
+            self.ledger.push(&p.ledger);
+            self.amount_minor.push(p.amount_minor);
+            self.currency.push(s.currency.code());
+        }
+    }
+}
+
+/// Runs `INSERT_SETTLEMENT` (prepared as `insert`) for `s`, numbered `sequence`, hashed
+/// `hash`: the rows inserted (0 when its key or its account sequence is taken).
+async fn insert_settlement(
+    tx: &Transaction<'_>,
+    insert: &tokio_postgres::Statement,
+    s: &Settlement,
+    sequence: i32,
+    hash: &str,
+) -> Result<u64, tokio_postgres::Error> {
+    tx.execute(
+        insert,
+        &[
+            &s.payment_id,
+            &s.kind.as_str(),
+            &sequence,
+            &s.merchant_id,
+            &s.account_id,
+            &s.channel_id,
+            &s.channel_txn_id,
+            &s.amount_minor,
+            &s.currency.code(),
+            &s.channel_fee_minor,
+            &s.commission_minor,
+            &s.merchant_net_minor,
+            &s.account_seq.map(ms),
+            &ms(s.settled_at_ms),
+            &hash,
+        ],
+    )
+    .await
+}
+
+/// Runs `INSERT_CREATING_SETTLEMENT` for `s` (whose payment is `p`, numbered `sequence`,
+/// hashed `hash`): (whether the payment was inserted, whether the settlement was).
+async fn insert_creating_settlement(
+    tx: &Transaction<'_>,
+    p: &PaymentRow,
+    s: &Settlement,
+    sequence: i32,
+    hash: &str,
+) -> Result<(bool, bool), tokio_postgres::Error> {
+    let checks = i32::try_from(p.checks).unwrap_or(i32::MAX);
+    let stmt = tx.prepare_cached(INSERT_CREATING_SETTLEMENT).await?;
+    let row = tx
+        .query_one(
+            &stmt,
+            &[
+                &p.id,
+                &p.merchant_id,
+                &p.account_id,
+                &p.scope_tag,
+                &p.merchant_order_id,
+                &p.amount_minor,
+                &p.currency.code(),
+                &p.method,
+                &p.purpose,
+                &p.status,
+                &p.held_minor,
+                &p.hold_expires_at_ms.map(ms),
+                &ms(p.created_at_ms),
+                &ms(p.expires_at_ms),
+                &ms(p.updated_at_ms),
+                &p.doc,
+                &p.next_check_at_ms.map(ms),
+                &checks,
+                &p.idempotency_key,
+                &p.request_hash,
+                &s.payment_id,
+                &s.kind.as_str(),
+                &sequence,
+                &s.merchant_id,
+                &s.account_id,
+                &s.channel_id,
+                &s.channel_txn_id,
+                &s.amount_minor,
+                &s.currency.code(),
+                &s.channel_fee_minor,
+                &s.commission_minor,
+                &s.merchant_net_minor,
+                &s.account_seq.map(ms),
+                &ms(s.settled_at_ms),
+                &hash,
+            ],
+        )
+        .await?;
+    let (payments, settlements): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+    Ok((payments == 1, settlements == 1))
+}
+
+impl PostgresStore {
+    async fn upsert_account_inner(&self, row: &AccountRow) -> Result<(), SettleError> {
+        no_nul(
+            &row.account_id,
+            [row.merchant_id.as_str(), row.account_id.as_str()],
+        )?;
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "INSERT INTO accounts (merchant_id, account_id, currency, credit_limit_minor, \
+                 created_at_ms, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (merchant_id, account_id) DO UPDATE SET \
+                 credit_limit_minor = excluded.credit_limit_minor, \
+                 updated_at_ms = excluded.updated_at_ms",
+            )
+            .await
+            .map_err(db)?;
+        client
+            .execute(
+                &stmt,
+                &[
+                    &row.merchant_id,
+                    &row.account_id,
+                    &row.currency.code(),
+                    &row.credit_limit_minor,
+                    &ms(row.created_at_ms),
+                    &ms(row.updated_at_ms),
+                ],
+            )
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    async fn commit_inner(&self, batch: &[Settlement]) -> Result<Vec<CommitOutcome>, SettleError> {
+        for s in batch {
+            s.check()?;
+            check_for_postgres(s)?;
+        }
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db)?;
+        let rows: Vec<&Settlement> = batch.iter().collect();
+        let outcomes = self.settle_in(&tx, &rows).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(outcomes)
+    }
+
+    /// Inserts settlements inside `tx` (checked by the caller): every settlement row in one
+    /// pipelined burst, then the inserted ones' payments, refund statuses and webhooks in
+    /// another, then all postings and webhooks with one statement each. The rare conflicts
+    /// are explained one by one.
+    pub(super) async fn settle_in(
+        &self,
+        tx: &Transaction<'_>,
+        batch: &[&Settlement],
+    ) -> Result<Vec<CommitOutcome>, SettleError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        let sequences = batch
+            .iter()
+            .map(|s| check_for_postgres(s))
+            .collect::<Result<Vec<i32>, _>>()?;
+        let hashes: Vec<String> = batch.iter().map(|s| s.content_hash()).collect();
+        let insert = tx.prepare_cached(INSERT_SETTLEMENT).await.map_err(db)?;
+        // (payment row inserted, settlement inserted) per settlement: a settlement that creates
+        // its payment goes in with its row or not at all (`INSERT_CREATING_SETTLEMENT`).
+        let inserted = join_all(batch.iter().zip(&sequences).zip(&hashes).map(
+            |((s, sequence), hash)| {
+                let insert = &insert;
+                async move {
+                    if let (true, Some(p)) = (s.creates_payment(), s.payment.as_ref()) {
+                        return insert_creating_settlement(tx, p, s, *sequence, hash).await;
+                    }
+                    let rows = insert_settlement(tx, insert, s, *sequence, hash).await?;
+                    Ok((false, rows == 1))
+                }
+            },
+        ))
+        .await;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut rows_written = Vec::with_capacity(batch.len());
+        for (((s, &sequence), hash), inserted) in
+            batch.iter().zip(&sequences).zip(&hashes).zip(inserted)
+        {
+            let (paid, settled) = inserted.map_err(db)?;
+            if settled {
+                outcomes.push(CommitOutcome::Inserted);
+                rows_written.push(paid);
+                continue;
+            }
+            if paid {
+                // The new payment's row went in but its settlement did not (its key or its
+                // account sequence is taken): the row goes too, nothing of it stays.
+                self.forget_payment(tx, &s.payment_id).await?;
+            }
+            let (outcome, written) = self.explain_refused(tx, s, sequence, hash, !paid).await?;
+            outcomes.push(outcome);
+            rows_written.push(written);
+        }
+
+        // What follows an inserted settlement: its postings, its payment, its refund, its
+        // webhook, in one more round trip. The webhook of a refund or of late money without a
+        // payment row of its own is made from the payment as stored: those rare ones read it
+        // in this round trip and are inserted in a third.
+        let mut postings = PostingColumns::default();
+        let mut followers = Vec::new();
+        let mut readers = Vec::new();
+        let mut webhooks = Vec::new();
+        let now_ms = telemetry::now_ms();
+        for (((s, &sequence), outcome), written) in batch
+            .iter()
+            .zip(&sequences)
+            .zip(&outcomes)
+            .zip(&rows_written)
+        {
+            if *outcome == CommitOutcome::Inserted {
+                postings.push(s, sequence);
+                followers.push(self.after_settlement(tx, s, *written));
+                if events::needs_stored_payment(s) {
+                    readers.push(self.settlement_webhook(tx, s));
+                } else {
+                    webhooks.extend(events::for_settlement(s, s.payment.as_ref(), now_ms));
+                }
+            }
+        }
+        let postings_insert = async {
+            if postings.line.is_empty() {
+                return Ok(());
+            }
+            let stmt = tx.prepare_cached(INSERT_POSTINGS).await?;
+            tx.execute(
+                &stmt,
+                &[
+                    &postings.payment_id,
+                    &postings.kind,
+                    &postings.sequence,
+                    &postings.line,
+                    &postings.ledger,
+                    &postings.amount_minor,
+                    &postings.currency,
+                ],
+            )
+            .await
+            .map(|_| ())
+        };
+        // The first poll sends the followers' statements before the readers' (prepared
+        // statements are cached after a connection's first batch), as the writes and reads of
+        // one follower went before; the order among a batch's own rows is not relied upon.
+        let (followed, read, posted, hooked) = tokio::join!(
+            join_all(followers),
+            join_all(readers),
+            postings_insert,
+            insert_webhooks(tx, &webhooks, &self.no_webhook)
+        );
+        for follower in followed {
+            follower?;
+        }
+        posted.map_err(db)?;
+        hooked.map_err(db)?;
+        let mut late = Vec::new();
+        for webhook in read {
+            late.extend(webhook?);
+        }
+        insert_webhooks(tx, &late, &self.no_webhook)
+            .await
+            .map_err(db)?;
+        Ok(outcomes)
+    }
+
+    /// Why a settlement was not inserted: the same movement already committed, another one
+    /// under its key (flagged), its account sequence taken (flagged), or — for one that creates
+    /// its payment (`may_create`: its row was not taken in by `INSERT_CREATING_SETTLEMENT`) —
+    /// the payment's key or order id taken. Such a payment whose row exists without its
+    /// settlement gets the settlement alone, as any other. The `bool` says whether the
+    /// payment's row was written here.
+    async fn explain_refused(
+        &self,
+        tx: &Transaction<'_>,
+        s: &Settlement,
+        sequence: i32,
+        hash: &str,
+        may_create: bool,
+    ) -> Result<(CommitOutcome, bool), SettleError> {
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        let stmt = tx.prepare_cached(STORED_HASH).await.map_err(db)?;
+        let row = tx
+            .query_opt(&stmt, &[&s.payment_id, &s.kind.as_str(), &sequence])
+            .await
+            .map_err(db)?;
+        if let Some(row) = row {
+            let stored: String = get(&row, 0)?;
+            if stored == hash {
+                return Ok((CommitOutcome::AlreadyCommitted, false));
+            }
+            let detail = format!(
+                "{} #{}: stored {stored}, offered {hash}",
+                s.kind, s.sequence
+            );
+            flag(tx, "settlement_conflict", &s.payment_id, &detail)
+                .await
+                .map_err(db)?;
+            return Ok((
+                CommitOutcome::Conflict {
+                    stored_hash: stored,
+                },
+                false,
+            ));
+        }
+        if let (true, true, Some(p)) = (may_create, s.creates_payment(), s.payment.as_ref()) {
+            let by_id = tx
+                .prepare_cached("SELECT 1 FROM payments WHERE id = $1")
+                .await
+                .map_err(db)?;
+            if tx.query_opt(&by_id, &[&p.id]).await.map_err(db)?.is_none() {
+                return match self.arbitrate(tx, p).await? {
+                    Some(taken) => Ok((taken.into(), false)),
+                    None => Err(SettleError::Unavailable(format!(
+                        "{}: the payment's key or order id changed hands meanwhile, try again",
+                        p.id
+                    ))),
+                };
+            }
+            // Its row is there without its movement: the movement alone, as for any other.
+            let insert = tx.prepare_cached(INSERT_SETTLEMENT).await.map_err(db)?;
+            let rows = insert_settlement(tx, &insert, s, sequence, hash)
+                .await
+                .map_err(db)?;
+            if rows == 1 {
+                return Ok((CommitOutcome::Inserted, false));
+            }
+        }
+        // Not our key: the account's sequence number is taken.
+        let account_seq = s.account_seq.unwrap_or(0);
+        let detail = format!(
+            "account sequence {account_seq} is already used: the balance store rolled back"
+        );
+        flag(tx, "sequence_conflict", &s.payment_id, &detail)
+            .await
+            .map_err(db)?;
+        Ok((CommitOutcome::SequenceConflict { account_seq }, false))
+    }
+
+    /// Deletes a payment row (and its events) this transaction inserted and must not keep.
+    async fn forget_payment(&self, tx: &Transaction<'_>, id: &str) -> Result<(), SettleError> {
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        let events = tx
+            .prepare_cached("DELETE FROM payment_events WHERE payment_id = $1")
+            .await
+            .map_err(db)?;
+        let payments = tx
+            .prepare_cached("DELETE FROM payments WHERE id = $1")
+            .await
+            .map_err(db)?;
+        tx.execute(&events, &[&id]).await.map_err(db)?;
+        tx.execute(&payments, &[&id]).await.map_err(db)?;
+        Ok(())
+    }
+
+    /// An inserted settlement's payment row unless `payment_written` (flagged when another
+    /// live payment holds its order id) and its refund's status.
+    async fn after_settlement(
+        &self,
+        tx: &Transaction<'_>,
+        s: &Settlement,
+        payment_written: bool,
+    ) -> Result<(), SettleError> {
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        if let (Some(payment), false) = (&s.payment, payment_written) {
+            if !write_payment(tx, payment).await.map_err(db)? {
+                let detail = format!(
+                    "order id {} is held by another live payment",
+                    payment.merchant_order_id
+                );
+                flag(tx, "order_id_conflict", &payment.id, &detail)
+                    .await
+                    .map_err(db)?;
+            }
+        }
+        // A refund ends with its settlement.
+        if s.kind == SettlementKind::Refund {
+            tx.execute(
+                "UPDATE refunds SET status = 'succeeded', updated_at_ms = $2 \
+                 WHERE refund_id = $1 AND status = 'pending'",
+                &[&s.channel_txn_id, &ms(s.settled_at_ms)],
+            )
+            .await
+            .map_err(db)?;
+        }
+        Ok(())
+    }
+
+    async fn balances_inner(
+        &self,
+        only: Option<(&str, &str)>,
+    ) -> Result<Vec<AccountBalance>, SettleError> {
+        let client = self.client().await?;
+        self.balances_in(&client, only).await
+    }
+
+    /// As [`MoneyStore::balances`], on `client` (a connection or a transaction).
+    async fn balances_in(
+        &self,
+        client: &impl GenericClient,
+        only: Option<(&str, &str)>,
+    ) -> Result<Vec<AccountBalance>, SettleError> {
+        let (merchant, account) = only.unzip();
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        let rows = client
+            .query(
+                "SELECT a.merchant_id, a.account_id, a.currency, a.credit_limit_minor, \
+                 a.created_at_ms, a.updated_at_ms, \
+                 COALESCE((SELECT SUM(p.amount_minor) FROM postings p WHERE p.ledger = \
+                   'account:' || a.merchant_id || ':' || a.account_id), 0)::BIGINT, \
+                 COALESCE((SELECT MAX(s.account_seq) FROM settlements s WHERE \
+                   s.merchant_id = a.merchant_id AND s.account_id = a.account_id), 0)::BIGINT \
+                 FROM accounts a \
+                 WHERE ($1::TEXT IS NULL OR (a.merchant_id = $1 AND a.account_id = $2)) \
+                 ORDER BY a.merchant_id COLLATE \"C\", a.account_id COLLATE \"C\"",
+                &[&merchant, &account],
+            )
+            .await
+            .map_err(db)?;
+        rows.iter()
+            .map(|r| {
+                Ok(AccountBalance {
+                    account: AccountRow {
+                        merchant_id: get(r, 0)?,
+                        account_id: get(r, 1)?,
+                        currency: get_currency(r, 2)?,
+                        credit_limit_minor: get(r, 3)?,
+                        created_at_ms: get_u64(r, 4)?,
+                        updated_at_ms: get_u64(r, 5)?,
+                    },
+                    balance_minor: get(r, 6)?,
+                    seq: get_u64(r, 7)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn live_holds_inner(
+        &self,
+        only: Option<(&str, &str)>,
+    ) -> Result<Vec<PaymentRow>, SettleError> {
+        let client = self.client().await?;
+        self.live_holds_in(&client, only).await
+    }
+
+    /// As [`MoneyStore::live_holds`], on `client` (a connection or a transaction).
+    async fn live_holds_in(
+        &self,
+        client: &impl GenericClient,
+        only: Option<(&str, &str)>,
+    ) -> Result<Vec<PaymentRow>, SettleError> {
+        let (merchant, account) = only.unzip();
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {PAYMENT_COLUMNS} FROM payments WHERE status = 'pending' \
+                     AND held_minor > 0 \
+                     AND ($1::TEXT IS NULL OR (merchant_id = $1 AND account_id = $2)) \
+                     ORDER BY id COLLATE \"C\""
+                ),
+                &[&merchant, &account],
+            )
+            .await
+            .map_err(db)?;
+        rows.iter().map(payment_from_row).collect()
+    }
+
+    async fn postings_sum_inner(&self) -> Result<Vec<(String, String, u32, i64)>, SettleError> {
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT payment_id, kind, sequence, SUM(amount_minor)::BIGINT FROM postings \
+                 GROUP BY payment_id, kind, sequence \
+                 ORDER BY payment_id COLLATE \"C\", kind COLLATE \"C\", sequence",
+                &[],
+            )
+            .await
+            .map_err(db)?;
+        rows.iter()
+            .map(|r| Ok((get(r, 0)?, get(r, 1)?, get_u32(r, 2)?, get(r, 3)?)))
+            .collect()
+    }
+}
+
+#[async_trait]
+impl MoneyStore for PostgresStore {
+    async fn upsert_account(&self, row: &AccountRow) -> Result<(), SettleError> {
+        Self::timed(
+            StoreOp::Write("upsert_account"),
+            self.upsert_account_inner(row),
+        )
+        .await
+    }
+
+    async fn commit(&self, batch: &[Settlement]) -> Result<Vec<CommitOutcome>, SettleError> {
+        Self::timed(StoreOp::Write("commit"), self.commit_inner(batch)).await
+    }
+
+    async fn balances(
+        &self,
+        only: Option<(&str, &str)>,
+    ) -> Result<Vec<AccountBalance>, SettleError> {
+        Self::timed(StoreOp::Read("balances"), self.balances_inner(only)).await
+    }
+
+    async fn account_state(
+        &self,
+        merchant: &str,
+        account: &str,
+    ) -> Result<Option<(AccountBalance, Vec<PaymentRow>)>, SettleError> {
+        if merchant.contains('\0') || account.contains('\0') {
+            return Ok(None);
+        }
+        Self::timed(StoreOp::Read("account_state"), async {
+            let db = |e: tokio_postgres::Error| self.unavailable(&e);
+            let mut client = self.client().await?;
+            // One snapshot for both reads (REPEATABLE READ): the balance and the holds of
+            // the same committed state.
+            let tx = client
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await
+                .map_err(db)?;
+            let only = Some((merchant, account));
+            let Some(balance) = self.balances_in(&tx, only).await?.pop() else {
+                return Ok(None);
+            };
+            let holds = self.live_holds_in(&tx, only).await?;
+            tx.commit().await.map_err(db)?;
+            Ok(Some((balance, holds)))
+        })
+        .await
+    }
+
+    async fn live_holds(&self, only: Option<(&str, &str)>) -> Result<Vec<PaymentRow>, SettleError> {
+        Self::timed(StoreOp::Read("live_holds"), self.live_holds_inner(only)).await
+    }
+
+    async fn committed_success(
+        &self,
+        payment_id: &str,
+    ) -> Result<Option<(Option<String>, Option<String>)>, SettleError> {
+        if payment_id.contains('\0') {
+            return Ok(None);
+        }
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        Self::timed(StoreOp::Read("committed_success"), async {
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached(
+                    "SELECT channel_id, channel_txn_id FROM settlements WHERE payment_id = $1 \
+                     AND kind IN ('capture', 'credit') AND sequence = 0",
+                )
+                .await
+                .map_err(db)?;
+            match client.query_opt(&stmt, &[&payment_id]).await.map_err(db)? {
+                Some(row) => Ok(Some((get(&row, 0)?, get(&row, 1)?))),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn postings_sum_by_movement(
+        &self,
+    ) -> Result<Vec<(String, String, u32, i64)>, SettleError> {
+        Self::timed(StoreOp::Read("postings_sum"), self.postings_sum_inner()).await
+    }
+}
