@@ -102,8 +102,8 @@ async fn paid(
             Ok(Some(row))
                 if row.amount_minor == amount_minor
                     && row.currency == currency
-                    && PaymentStatus::parse(&row.status)
-                        .is_some_and(|s| s.is_live() && s != PaymentStatus::Pending) =>
+                    && row.status.is_live()
+                    && row.status != PaymentStatus::Pending =>
             {
                 return Handled::Ack("duplicate");
             }
@@ -163,7 +163,7 @@ async fn paid(
 /// final state in the settlement store.
 async fn committed(core: &Core, payment_id: &str, label: &'static str) -> Handled {
     match core.settler.store.payment(payment_id).await {
-        Ok(Some(row)) if row.status != PaymentStatus::Pending.as_str() => Handled::Ack(label),
+        Ok(Some(row)) if row.status != PaymentStatus::Pending => Handled::Ack(label),
         // Still in the outbox (a commit in flight or failed): recovery commits it; the
         // channel's next retry is acknowledged then.
         Ok(_) | Err(_) => Handled::Retry("retry"),
@@ -212,7 +212,7 @@ async fn unpaid(core: &Core, attempt: &AttemptRow, to: PaymentStatus) -> Handled
     let update = AttemptUpdate {
         payment_id: pid.as_str().to_owned(),
         attempt: attempt.attempt,
-        outcome: label.to_owned(),
+        outcome: label,
         latency_ms: None,
         action: None,
         channel_txn_id: None,

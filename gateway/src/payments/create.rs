@@ -612,7 +612,7 @@ fn give_up_late(
                 Ok(IntentOutcome::Inserted | IntentOutcome::AlreadyRecorded) => {
                     let change = crate::settlement::StatusChange {
                         payment_id: id.as_str().to_owned(),
-                        status: PaymentStatus::Failed.as_str().to_owned(),
+                        status: PaymentStatus::Failed,
                         updated_at_ms: telemetry::now_ms(),
                     };
                     let ended = match store.set_final_status(&change).await {

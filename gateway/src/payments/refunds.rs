@@ -38,29 +38,11 @@ use crate::preauth::{
     REFUND_AMOUNT_PLACEHOLDER, REFUND_ID_PLACEHOLDER, REFUND_NUMBER_PLACEHOLDER,
 };
 use crate::settlement::{
-    movements, AttemptOutcome, PendingRecord, RefundRecorded, RefundRow, RefundStatusChange,
+    movements, AttemptOutcome, PendingRecord, RefundRecorded, RefundRow, RefundStatus,
+    RefundStatusChange,
 };
 use crate::state::Core;
 use crate::telemetry;
-
-/// How far a refund got.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Executed {
-    Succeeded,
-    Failed,
-    /// Not final yet: retried later.
-    Pending,
-}
-
-impl Executed {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Executed::Succeeded => "succeeded",
-            Executed::Failed => "failed",
-            Executed::Pending => "pending",
-        }
-    }
-}
 
 /// Sends `refund` of `doc` to its channel (or, for a balance payment, settles it at once) and
 /// records the outcome.
@@ -68,17 +50,17 @@ pub async fn execute(
     state: &Core,
     refund: &RefundRow,
     doc: &PaymentDoc,
-) -> Result<Executed, ResolveError> {
+) -> Result<RefundStatus, ResolveError> {
     let outcome = match (&refund.channel_id, &refund.channel_order_id) {
         (Some(channel_id), Some(order_id)) => {
             call_channel(state, refund, doc, channel_id, order_id).await
         }
-        _ => Executed::Succeeded,
+        _ => RefundStatus::Succeeded,
     };
     match outcome {
-        Executed::Succeeded => finish(state, refund, doc, true).await?,
-        Executed::Failed => finish(state, refund, doc, false).await?,
-        Executed::Pending => {}
+        RefundStatus::Succeeded => finish(state, refund, doc, true).await?,
+        RefundStatus::Failed => finish(state, refund, doc, false).await?,
+        RefundStatus::Pending => {}
     }
     telemetry::refund(outcome.as_str());
     Ok(outcome)
@@ -90,20 +72,20 @@ async fn call_channel(
     doc: &PaymentDoc,
     channel_id: &str,
     order_id: &str,
-) -> Executed {
+) -> RefundStatus {
     let (Some(entry), Some(order_id), Some(refund_id)) = (
         state.channels.get(channel_id),
         ChannelOrderId::parse(order_id),
         ChannelRefundId::parse(&refund.refund_id),
     ) else {
         tracing::error!(refund_id = %refund.refund_id, channel = %channel_id, "the refund's channel is not configured; left pending");
-        return Executed::Pending;
+        return RefundStatus::Pending;
     };
     let (Ok(amount), Ok(total)) = (
         Amount::from_minor(refund.amount_minor),
         Amount::from_minor(doc.amount_minor),
     ) else {
-        return Executed::Failed;
+        return RefundStatus::Failed;
     };
     let request = RefundRequest {
         order_id,
@@ -121,12 +103,12 @@ async fn call_channel(
         result.as_ref().map_or_else(|e| e.label(), |_| "ok"),
     );
     match result {
-        Ok(RefundOutcome::Succeeded { .. }) => Executed::Succeeded,
+        Ok(RefundOutcome::Succeeded { .. }) => RefundStatus::Succeeded,
         Ok(RefundOutcome::Failed { status, .. }) => {
             tracing::warn!(refund_id = %refund.refund_id, %status, "the channel refused the refund");
-            Executed::Failed
+            RefundStatus::Failed
         }
-        Ok(RefundOutcome::Pending { .. }) => Executed::Pending,
+        Ok(RefundOutcome::Pending { .. }) => RefundStatus::Pending,
         // A verified refusal (or a request the channel can never take): final.
         Err(
             err @ (ChannelError::Declined { .. }
@@ -134,12 +116,12 @@ async fn call_channel(
             | ChannelError::InvalidRequest { .. }),
         ) => {
             tracing::warn!(refund_id = %refund.refund_id, error = %err, "refund refused");
-            Executed::Failed
+            RefundStatus::Failed
         }
         // Not sent, or an unknown outcome: the same number is sent again later.
         Err(err) => {
             tracing::warn!(refund_id = %refund.refund_id, error = %err, "refund not confirmed; will retry");
-            Executed::Pending
+            RefundStatus::Pending
         }
     }
 }
@@ -167,15 +149,15 @@ async fn finish(
     );
     let change = RefundStatusChange {
         refund_id: refund.refund_id.clone(),
-        status: "failed".into(),
+        status: RefundStatus::Failed,
         updated_at_ms: now,
     };
     let record = if succeeded {
-        let mut template = settlement.clone();
-        if let Some(row) = template.payment.as_mut() {
-            row.status = REFUND_STATUS_PLACEHOLDER.to_owned();
-        }
-        PendingRecord::Settlement(template).to_json()
+        // The payment's row says `partially_refunded`: the balance store puts the status it
+        // reached in its place (`REFUND_STATUS_PLACEHOLDER`, the one such member).
+        let record = PendingRecord::Settlement(settlement.clone()).to_json();
+        debug_assert_eq!(record.matches(REFUND_STATUS_PLACEHOLDER).count(), 1);
+        record
     } else {
         PendingRecord::RefundStatus(change.clone()).to_json()
     };
@@ -210,7 +192,7 @@ async fn finish(
             settlement.account_seq = Some(seq);
         }
         if let Some(row) = settlement.payment.as_mut() {
-            row.status = status.as_str().to_owned();
+            row.status = status;
         }
         if let Err(err) = state.settler.settle(settlement, mark).await {
             tracing::warn!(refund_id = %refund.refund_id, error = %err, "refund settled in Redis, not yet committed; recovery will");
@@ -247,7 +229,7 @@ pub async fn retry_stale(state: &Core, limit: usize) -> Result<usize, ResolveErr
             .store
             .set_refund_status(&RefundStatusChange {
                 refund_id: refund.refund_id.clone(),
-                status: "pending".into(),
+                status: RefundStatus::Pending,
                 updated_at_ms: now,
             })
             .await;
@@ -345,7 +327,7 @@ pub async fn create(
         number,
         amount_minor,
         currency: doc.currency,
-        status: Executed::Pending.as_str().into(),
+        status: RefundStatus::Pending,
         channel_id: channel_id.clone(),
         channel_order_id: channel_order_id.clone(),
         reason: new.reason.map(str::to_owned),
@@ -456,7 +438,7 @@ pub async fn create(
 
     // The channel (or, for a balance payment, nothing to call).
     match execute(core, &row, doc).await {
-        Ok(executed) => row.status = executed.as_str().to_owned(),
+        Ok(executed) => row.status = executed,
         Err(err) => {
             tracing::warn!(%refund_id, error = %err, "refund execution failed; it stays pending")
         }

@@ -38,11 +38,11 @@ use crate::preauth::{
     SuccessEffect, TransitionOutcome,
 };
 use crate::settlement::settler::SettleFailure;
-use crate::settlement::AttemptOutcome;
 use crate::settlement::{
     movements, AttemptRow, AttemptUpdate, CommitOutcome, Flagged, PaymentRow, PendingRecord,
     SettleError, StatusChange,
 };
+use crate::settlement::{AttemptOutcome, RefundStatus};
 use crate::state::Core;
 use crate::telemetry;
 
@@ -100,8 +100,7 @@ pub async fn ensure_payment(
     };
     let doc: crate::preauth::PaymentDoc = serde_json::from_str(&row.doc)
         .map_err(|e| StoreError::Corrupt(format!("stored payment {pid}: {e}")))?;
-    let status = PaymentStatus::parse(&row.status)
-        .ok_or_else(|| StoreError::Corrupt(format!("stored status of {pid}")))?;
+    let status = row.status;
     if let Some(account) = &doc.account_id {
         let (Ok(merchant), Ok(account_id)) = (
             crate::ids::MerchantId::parse(&doc.merchant_id),
@@ -134,7 +133,7 @@ pub async fn ensure_payment(
         return Ok(None);
     }
     let refunds = store.refunds(pid.as_str()).await?;
-    let live = |r: &&crate::settlement::RefundRow| r.status != "failed";
+    let live = |r: &&crate::settlement::RefundRow| r.status != RefundStatus::Failed;
     let restore = crate::preauth::RestorePayment {
         record: crate::preauth::PaymentRecord {
             doc,
@@ -145,12 +144,12 @@ pub async fn ensure_payment(
         refunds_reserved: refunds.iter().filter(live).map(|r| r.amount_minor).sum(),
         refunds_succeeded: refunds
             .iter()
-            .filter(|r| r.status == "succeeded")
+            .filter(|r| r.status == RefundStatus::Succeeded)
             .map(|r| r.amount_minor)
             .sum(),
         pending_refunds: refunds
             .iter()
-            .filter(|r| r.status == "pending")
+            .filter(|r| r.status == RefundStatus::Pending)
             .map(|r| {
                 (
                     r.refund_id.clone(),
@@ -548,7 +547,7 @@ pub async fn settle_unpaid(
 pub async fn apply_final_status(state: &Core, pid: &PaymentId, status: PaymentStatus) {
     let change = StatusChange {
         payment_id: pid.as_str().to_owned(),
-        status: status.as_str().to_owned(),
+        status,
         updated_at_ms: telemetry::now_ms(),
     };
     let mark = SettledMark {

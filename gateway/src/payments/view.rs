@@ -7,7 +7,7 @@ use serde_json::Value;
 use super::resolution::{self, ResolveError};
 use super::{Missing, PaymentError};
 use crate::ids::{MerchantId, MerchantOrderId, PaymentId};
-use crate::preauth::{Method, PaymentDoc, PaymentRecord, PaymentStatus, Scope, StoreError};
+use crate::preauth::{Method, PaymentDoc, PaymentRecord, Scope, StoreError};
 use crate::settlement::{AttemptRow, Flagged, RefundRow};
 use crate::state::Core;
 
@@ -60,11 +60,9 @@ pub async fn stored(core: &Core, id: &PaymentId) -> Result<Option<PaymentRecord>
     };
     let doc: PaymentDoc = serde_json::from_str(&row.doc)
         .map_err(|e| StoreError::Corrupt(format!("stored payment {id}: {e}")))?;
-    let status = PaymentStatus::parse(&row.status)
-        .ok_or_else(|| StoreError::Corrupt(format!("stored status of {id}")))?;
     Ok(Some(PaymentRecord {
         doc,
-        status,
+        status: row.status,
         held_minor: row.held_minor,
     }))
 }

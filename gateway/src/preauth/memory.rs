@@ -651,7 +651,11 @@ impl BalanceStore for MemoryStore {
         let payment_status = *state.statuses.get(&pid).expect("exists");
         let record = if req.succeeded {
             req.pending_record
-                .replace(super::REFUND_STATUS_PLACEHOLDER, payment_status.as_str())
+                .replacen(
+                    super::REFUND_STATUS_PLACEHOLDER,
+                    &format!("\"status\":\"{}\"", payment_status.as_str()),
+                    1,
+                )
                 .replace(&super::REFUND_SEQ_PLACEHOLDER.to_string(), &seq.to_string())
         } else {
             req.pending_record.clone()

@@ -172,14 +172,24 @@ pub enum Method {
 }
 
 impl Method {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "balance" => Some(Method::Balance),
-            "supplier" => Some(Method::Supplier),
-            "alipay" => Some(Method::Alipay),
-            "wechatpay" => Some(Method::Wechatpay),
-            _ => None,
+    pub const ALL: [Method; 4] = [
+        Method::Balance,
+        Method::Supplier,
+        Method::Alipay,
+        Method::Wechatpay,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Balance => "balance",
+            Method::Supplier => "supplier",
+            Method::Alipay => "alipay",
+            Method::Wechatpay => "wechatpay",
         }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|method| method.as_str() == s)
     }
 }
 
@@ -189,6 +199,37 @@ pub enum Purpose {
     Charge,
     Topup,
 }
+
+impl Purpose {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Purpose::Charge => "charge",
+            Purpose::Topup => "topup",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Purpose::Charge, Purpose::Topup]
+            .into_iter()
+            .find(|purpose| purpose.as_str() == s)
+    }
+}
+
+/// The wire and row names of `PaymentStatus`, `Method` and `Purpose` parse back (an unknown
+/// name is an error naming it).
+macro_rules! from_str_by_name {
+    ($($kind:ident),*) => {$(
+        impl std::str::FromStr for $kind {
+            type Err = String;
+
+            fn from_str(s: &str) -> Result<Self, String> {
+                Self::parse(s).ok_or_else(|| format!("unknown {} {s:?}", stringify!($kind)))
+            }
+        }
+    )*};
+}
+
+from_str_by_name!(PaymentStatus, Method, Purpose);
 
 /// The parts of a payment fixed at creation. Stored once, as JSON, never rewritten.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -703,9 +744,10 @@ pub enum RefundFinishOutcome {
 pub const REFUND_ID_PLACEHOLDER: &str = "%ID%";
 pub const REFUND_NUMBER_PLACEHOLDER: u32 = 4_294_967_290;
 pub const REFUND_AMOUNT_PLACEHOLDER: i64 = 9_007_199_254_740_990;
-/// In a succeeded refund's settlement: the payment's new status and the account's sequence,
-/// filled in by the store.
-pub const REFUND_STATUS_PLACEHOLDER: &str = "%STATUS%";
+/// In a succeeded refund's settlement: the payment row's status member (written
+/// `partially_refunded`) and the account's sequence, replaced by the balance store with the
+/// status the refund reached and the sequence it took (`refund_finish.lua`).
+pub const REFUND_STATUS_PLACEHOLDER: &str = "\"status\":\"partially_refunded\"";
 pub const REFUND_SEQ_PLACEHOLDER: u64 = 18_446_744_073_709_551_608;
 
 /// The outbox id of a refund's outcome.

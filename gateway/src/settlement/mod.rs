@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::money::Currency;
+use crate::preauth::{Method, PaymentStatus, Purpose};
 
 /// The migrations, in order. Both backends run the same portable SQL.
 pub const MIGRATIONS: &[(u32, &str)] = &[
@@ -102,9 +103,9 @@ pub struct PaymentRow {
     pub merchant_order_id: String,
     pub amount_minor: i64,
     pub currency: Currency,
-    pub method: String,
-    pub purpose: String,
-    pub status: String,
+    pub method: Method,
+    pub purpose: Purpose,
+    pub status: PaymentStatus,
     pub held_minor: i64,
     pub hold_expires_at_ms: Option<u64>,
     pub created_at_ms: u64,
@@ -300,7 +301,7 @@ impl Settlement {
             && self
                 .payment
                 .as_ref()
-                .is_some_and(|p| p.method == "balance" && p.id == self.payment_id)
+                .is_some_and(|p| p.method == Method::Balance && p.id == self.payment_id)
     }
 
     /// A digest of everything that defines the movement (not when it was written), so a
@@ -363,8 +364,52 @@ impl Settlement {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusChange {
     pub payment_id: String,
-    pub status: String,
+    pub status: PaymentStatus,
     pub updated_at_ms: u64,
+}
+
+/// Where a refund is: `pending` until its channel's answer is final, then `succeeded` or
+/// `failed`, once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefundStatus {
+    Pending,
+    Succeeded,
+    Failed,
+}
+
+impl RefundStatus {
+    pub const ALL: [RefundStatus; 3] = [
+        RefundStatus::Pending,
+        RefundStatus::Succeeded,
+        RefundStatus::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefundStatus::Pending => "pending",
+            RefundStatus::Succeeded => "succeeded",
+            RefundStatus::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|status| status.as_str() == s)
+    }
+}
+
+impl std::str::FromStr for RefundStatus {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::parse(s).ok_or_else(|| format!("unknown refund status {s:?}"))
+    }
+}
+
+impl fmt::Display for RefundStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A refund as recorded before its channel is called (DESIGN.md §7).
@@ -377,8 +422,7 @@ pub struct RefundRow {
     pub number: u32,
     pub amount_minor: i64,
     pub currency: Currency,
-    /// pending | succeeded | failed
-    pub status: String,
+    pub status: RefundStatus,
     /// The channel and order refunded (none for a balance payment).
     pub channel_id: Option<String>,
     pub channel_order_id: Option<String>,
@@ -440,12 +484,12 @@ impl RefundTotals {
             count: refunds.iter().map(|r| r.number).max().unwrap_or(0),
             reserved_minor: refunds
                 .iter()
-                .filter(|r| r.status != "failed")
+                .filter(|r| r.status != RefundStatus::Failed)
                 .map(|r| r.amount_minor)
                 .sum(),
             succeeded_minor: refunds
                 .iter()
-                .filter(|r| r.status == "succeeded")
+                .filter(|r| r.status == RefundStatus::Succeeded)
                 .map(|r| r.amount_minor)
                 .sum(),
         }
@@ -456,7 +500,7 @@ impl RefundTotals {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RefundStatusChange {
     pub refund_id: String,
-    pub status: String,
+    pub status: RefundStatus,
     pub updated_at_ms: u64,
 }
 

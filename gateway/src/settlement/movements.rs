@@ -23,15 +23,9 @@ pub fn payment_row(
         merchant_order_id: doc.merchant_order_id.clone(),
         amount_minor: doc.amount_minor,
         currency: doc.currency,
-        method: serde_json::to_value(doc.method)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default(),
-        purpose: serde_json::to_value(doc.purpose)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default(),
-        status: status.as_str().to_owned(),
+        method: doc.method,
+        purpose: doc.purpose,
+        status,
         held_minor,
         hold_expires_at_ms,
         created_at_ms: doc.created_at_ms,
@@ -245,7 +239,7 @@ pub fn refund(
         (Purpose::Topup, _) | (Purpose::Charge, Method::Balance | Method::Supplier)
     );
     let mut row = payment_row(doc, tag, status, 0, None, now_ms);
-    row.status = status.as_str().to_owned();
+    row.status = status;
     Settlement {
         payment_id: doc.id.clone(),
         kind: SettlementKind::Refund,
@@ -490,7 +484,7 @@ mod tests {
             a.content_hash(),
             balance_capture(&doc(900), key.tag, Some(4), 5).content_hash()
         );
-        assert_eq!(a.payment.as_ref().unwrap().status, "succeeded");
-        assert_eq!(a.payment.as_ref().unwrap().method, "balance");
+        assert_eq!(a.payment.as_ref().unwrap().status, PaymentStatus::Succeeded);
+        assert_eq!(a.payment.as_ref().unwrap().method, Method::Balance);
     }
 }

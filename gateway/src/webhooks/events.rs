@@ -94,7 +94,7 @@ pub(crate) fn for_settlement(
 ) -> Option<WebhookEvent> {
     let event_type = match s.kind {
         SettlementKind::Capture | SettlementKind::Credit => {
-            if payment?.status != "succeeded" {
+            if payment?.status != crate::preauth::PaymentStatus::Succeeded {
                 return None;
             }
             PAYMENT_SUCCEEDED
@@ -278,9 +278,9 @@ mod tests {
             merchant_order_id: "o1".into(),
             amount_minor: 12_345,
             currency: Currency::Cny,
-            method: "balance".into(),
-            purpose: "charge".into(),
-            status: status.into(),
+            method: "balance".parse().unwrap(),
+            purpose: "charge".parse().unwrap(),
+            status: status.parse().unwrap(),
             held_minor: 0,
             hold_expires_at_ms: None,
             created_at_ms: 1,

@@ -39,7 +39,7 @@ pub(crate) async fn assert_store_invariants(
             .await
             .unwrap()
             .iter()
-            .filter(|r| r.status != "failed")
+            .filter(|r| r.status.as_str() != "failed")
             .map(|r| r.amount_minor)
             .sum();
         assert!(
@@ -368,7 +368,7 @@ async fn an_intent_committed_after_its_request_gave_up_leaves_no_ghost() {
             .payment(&pid)
             .await
             .unwrap()
-            .map(|p| p.status)
+            .map(|p| p.status.as_str().to_owned())
             .unwrap_or_default();
         let held = app.account(ALPHA, "acc").await.body["held"].clone();
         if status == "failed" && held == "0.00" {
@@ -434,9 +434,9 @@ async fn a_voided_topup_credit_is_credited_again() {
     let disk = app.settlement_store().await;
     let mut credited = false;
     for _ in 0..200 {
-        let stored = disk.payment(id).await.unwrap().map(|p| p.status);
+        let stored = disk.payment(id).await.unwrap().map(|p| p.status.as_str());
         let balance = app.account(ALPHA, "acc").await.body["balance"].clone();
-        if stored.as_deref() == Some("succeeded") && balance == "60.00" {
+        if stored == Some("succeeded") && balance == "60.00" {
             credited = true;
             break;
         }

@@ -65,7 +65,7 @@ async fn wait_on_disk(app: &TestApp, id: &str, want: &str) {
             .payment(id)
             .await
             .unwrap()
-            .is_some_and(|r| r.status == want)
+            .is_some_and(|r| r.status.as_str() == want)
         {
             return;
         }
@@ -859,12 +859,15 @@ async fn sigkill_during_a_callback_burst_loses_nothing_and_settles_nothing_twice
         let mut row = None;
         for _ in 0..200 {
             row = store.payment(id).await.unwrap();
-            if row.as_ref().is_some_and(|r| r.status == "succeeded") {
+            if row
+                .as_ref()
+                .is_some_and(|r| r.status.as_str() == "succeeded")
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert_eq!(row.unwrap().status, "succeeded", "{id}");
+        assert_eq!(row.unwrap().status.as_str(), "succeeded", "{id}");
         let record = sim.order(order).unwrap();
         assert_eq!(record.status, channel_sim::OrderStatus::Paid);
     }

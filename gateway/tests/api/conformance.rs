@@ -1,6 +1,7 @@
 //! The BalanceStore conformance suite: every scenario runs against the in-process store and
 //! against a real Redis, and both must give the same answers.
 
+use serde_json::{json, Value};
 use std::sync::Arc;
 
 use gateway::ids::{
@@ -449,6 +450,7 @@ async fn settle_all(store: &Arc<dyn BalanceStore>) {
 on_both_backends!(
     a_hold_released_by_the_channel_has_no_clock,
     a_voided_movement_can_happen_again,
+    a_refunds_outcome_in_the_outbox_names_the_status_it_reached,
     an_unwound_payment_gives_back_what_it_took_once,
     restored_keys_replay_and_never_overwrite,
     a_lost_payment_is_restored_once_with_its_refunds,
@@ -1560,4 +1562,79 @@ async fn a_hold_released_by_the_channel_has_no_clock(store: Arc<dyn BalanceStore
         "{released:?}"
     );
     assert_eq!(snapshot(&store, &k, years_later).await, (9_500, 0, 9_500));
+}
+
+/// A succeeded refund's settlement waits in the outbox with its payment row's status and the
+/// account's sequence as the balance store reached them (the template says
+/// `partially_refunded` and a placeholder sequence): what recovery commits after a crash.
+async fn a_refunds_outcome_in_the_outbox_names_the_status_it_reached(store: Arc<dyn BalanceStore>) {
+    use gateway::preauth::{
+        RefundFinishOutcome, RefundFinishRequest, RefundReserveOutcome, RefundReserveRequest,
+        REFUND_SEQ_PLACEHOLDER, REFUND_STATUS_PLACEHOLDER,
+    };
+    let k = funded(&store, "acc", 10_000, 0).await;
+    let paid = created_id(&store, &authorize(&k, "b1", "b1", 1_000, CAPTURE)).await;
+    let mut refunded = Vec::new();
+    for (key, amount, reached) in [
+        ("r1", 300, PaymentStatus::PartiallyRefunded),
+        ("r2", 700, PaymentStatus::Refunded),
+    ] {
+        let reserved = store
+            .reserve_refund(
+                &RefundReserveRequest {
+                    payment: paid.clone(),
+                    amount_minor: Some(amount),
+                    idempotency: claim(key, key),
+                    hold_expires_at_ms: NOW + 1_000,
+                    intent_template: "{}".into(),
+                },
+                ctx(NOW),
+            )
+            .await
+            .unwrap();
+        let RefundReserveOutcome::Created { refund_id, .. } = reserved else {
+            panic!("{reserved:?}")
+        };
+        let template = format!(
+            "{{\"settlement\":{{\"account_seq\":{REFUND_SEQ_PLACEHOLDER},\"payment\":{{\"id\":\"{paid}\",{REFUND_STATUS_PLACEHOLDER},\"doc\":\"{{\\\"status\\\":1}}\"}}}}}}"
+        );
+        let finish = RefundFinishRequest {
+            payment: paid.clone(),
+            refund_id: refund_id.clone(),
+            succeeded: true,
+            pending_record: template,
+        };
+        let done = store.finish_refund(&finish, ctx(NOW)).await.unwrap();
+        let RefundFinishOutcome::Done {
+            seq,
+            payment_status,
+        } = done
+        else {
+            panic!("{done:?}")
+        };
+        assert_eq!(payment_status, reached);
+        refunded.push((format!("{refund_id}#f"), seq, reached));
+    }
+    let outbox = all_unsettled(&store).await;
+    for (id, seq, reached) in refunded {
+        let entry = outbox
+            .iter()
+            .find(|u| u.id == id)
+            .unwrap_or_else(|| panic!("{id} is in the outbox: {outbox:?}"));
+        let record: Value = serde_json::from_str(&entry.record).unwrap();
+        assert_eq!(
+            (
+                &record["settlement"]["payment"]["status"],
+                &record["settlement"]["account_seq"],
+                &record["settlement"]["payment"]["doc"],
+            ),
+            (
+                &json!(reached.as_str()),
+                &json!(seq),
+                &json!("{\"status\":1}")
+            ),
+            "{}",
+            entry.record
+        );
+    }
 }

@@ -91,7 +91,7 @@ async fn verify(data: &std::path::Path, redis: &RedisServer, answered: Vec<Optio
             .await
             .unwrap()
             .unwrap_or_else(|| panic!("{id} was answered 201 but is not on disk"));
-        assert_eq!(row.status, "succeeded");
+        assert_eq!(row.status.as_str(), "succeeded");
     }
     // Every settlement has its debit in Redis, and the balances agree.
     let stored = store.balances(None).await.unwrap();

@@ -58,9 +58,9 @@ fn payment_row(id: &str, order: &str) -> PaymentRow {
         merchant_order_id: order.into(),
         amount_minor: 100,
         currency: Currency::Cny,
-        method: "balance".into(),
-        purpose: "charge".into(),
-        status: "succeeded".into(),
+        method: "balance".parse().unwrap(),
+        purpose: "charge".parse().unwrap(),
+        status: "succeeded".parse().unwrap(),
         held_minor: 0,
         hold_expires_at_ms: None,
         created_at_ms: 1,
@@ -262,8 +262,8 @@ async fn concurrent_writers_from_several_instances_agree() {
         let order = format!("order-{round}");
         let mut left = payment_row(&format!("pay_l{round}"), &order);
         let mut right = payment_row(&format!("pay_r{round}"), &order);
-        left.status = "pending".into();
-        right.status = "pending".into();
+        left.status = "pending".parse().unwrap();
+        right.status = "pending".parse().unwrap();
         let (l, r) = tokio::join!(
             one.record_intent(&left, None),
             two.record_intent(&right, None)
@@ -343,8 +343,8 @@ async fn group_commits_in_flight_over_the_same_rows_wait_instead_of_deadlocking(
         let mut intents = Vec::new();
         for id in [&a, &b] {
             let mut row = payment_row(id, &format!("order-{id}"));
-            row.status = "pending".into();
-            row.method = "supplier".into();
+            row.status = "pending".parse().unwrap();
+            row.method = "supplier".parse().unwrap();
             intents.push(Write::Intent {
                 payment: row,
                 first_attempt: Some(attempt_row(id, 1)),

@@ -127,12 +127,15 @@ async fn supplier_charge_is_captured_once_through_the_resolution_loop(
     let mut row = None;
     for _ in 0..100 {
         row = disk.payment(id).await.unwrap();
-        if row.as_ref().is_some_and(|r| r.status == "succeeded") {
+        if row
+            .as_ref()
+            .is_some_and(|r| r.status.as_str() == "succeeded")
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(row.unwrap().status, "succeeded");
+    assert_eq!(row.unwrap().status.as_str(), "succeeded");
     let movements: Vec<_> = disk
         .postings_sum_by_movement()
         .await
@@ -195,7 +198,7 @@ async fn an_auto_paid_alipay_charge_succeeds_through_the_resolution_loop() {
     assert_eq!(orders[0].status, OrderStatus::Paid);
     let disk = app.settlement_store().await;
     for _ in 0..100 {
-        if disk.payment(id).await.unwrap().unwrap().status == "succeeded" {
+        if disk.payment(id).await.unwrap().unwrap().status.as_str() == "succeeded" {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

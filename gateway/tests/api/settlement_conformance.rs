@@ -46,9 +46,9 @@ pub fn payment_row(id: &str, order: &str, status: &str, held: i64) -> PaymentRow
         merchant_order_id: order.into(),
         amount_minor: 1_000,
         currency: Currency::Cny,
-        method: "supplier".into(),
-        purpose: "charge".into(),
-        status: status.into(),
+        method: "supplier".parse().unwrap(),
+        purpose: "charge".parse().unwrap(),
+        status: status.parse().unwrap(),
         held_minor: held,
         hold_expires_at_ms: (held > 0).then_some(9_000),
         created_at_ms: 1,
@@ -66,7 +66,7 @@ pub fn payment_row(id: &str, order: &str, status: &str, held: i64) -> PaymentRow
 pub fn channel_payment(id: &str, next_check: Option<u64>) -> PaymentRow {
     let mut p = payment_row(id, &format!("order-{id}"), "pending", 0);
     p.account_id = None;
-    p.method = "alipay".into();
+    p.method = "alipay".parse().unwrap();
     p.next_check_at_ms = next_check;
     p
 }
@@ -388,7 +388,7 @@ async fn a_refunded_payment_never_moves_back_whatever_order_commits_arrive_in(
         s.kind = SettlementKind::Refund;
         s.sequence = seq;
         let mut row = payment.clone();
-        row.status = status.into();
+        row.status = status.parse().unwrap();
         s.payment = Some(row);
         s
     };
@@ -399,7 +399,13 @@ async fn a_refunded_payment_never_moves_back_whatever_order_commits_arrive_in(
         .await
         .unwrap();
     assert_eq!(
-        store.payment("pay_o").await.unwrap().unwrap().status,
+        store
+            .payment("pay_o")
+            .await
+            .unwrap()
+            .unwrap()
+            .status
+            .as_str(),
         "refunded"
     );
     let flagged = store.flagged(10).await.unwrap();
@@ -419,7 +425,7 @@ async fn refunds_are_recorded_once_end_once_and_announce_a_failure(
         number: n,
         amount_minor: 100 * i64::from(n),
         currency: gateway::money::Currency::Cny,
-        status: "pending".into(),
+        status: "pending".parse().unwrap(),
         channel_id: Some("ch".into()),
         channel_order_id: Some("pay_r-1".into()),
         reason: Some("why".into()),
@@ -449,7 +455,7 @@ async fn refunds_are_recorded_once_end_once_and_announce_a_failure(
 
     let failed = RefundStatusChange {
         refund_id: "re_r_2".into(),
-        status: "failed".into(),
+        status: "failed".parse().unwrap(),
         updated_at_ms: 9,
     };
     assert!(store.set_refund_status(&failed).await.unwrap());
@@ -660,7 +666,13 @@ async fn a_settlement_finalizes_its_payment_in_the_same_transaction(
     balance.payment = Some(payment_row("pay_9", "o9", "succeeded", 0));
     store.commit(&[balance]).await.unwrap();
     assert_eq!(
-        store.payment("pay_9").await.unwrap().unwrap().status,
+        store
+            .payment("pay_9")
+            .await
+            .unwrap()
+            .unwrap()
+            .status
+            .as_str(),
         "succeeded"
     );
     assert_eq!(store.balances(None).await.unwrap()[0].balance_minor, -1_300);
@@ -962,7 +974,7 @@ async fn claim_due_leases_due_pending_payments_oldest_first(store: Arc<dyn Settl
     assert!(store
         .set_final_status(&StatusChange {
             payment_id: "pay_e".into(),
-            status: "expired".into(),
+            status: "expired".parse().unwrap(),
             updated_at_ms: 5,
         })
         .await
@@ -972,7 +984,7 @@ async fn claim_due_leases_due_pending_payments_oldest_first(store: Arc<dyn Settl
     paid.account_id = None;
     paid.account_seq = None;
     let mut done = channel_payment("pay_f", None);
-    done.status = "succeeded".into();
+    done.status = "succeeded".parse().unwrap();
     paid.payment = Some(done);
     assert_eq!(
         store.commit(&[paid]).await.unwrap(),
@@ -984,7 +996,7 @@ async fn claim_due_leases_due_pending_payments_oldest_first(store: Arc<dyn Settl
     assert_eq!(ids(&claimed), vec![("pay_b", Some(1_000))]);
     let claimed = store.claim_due(150, 1_000, 10).await.unwrap();
     assert_eq!(ids(&claimed), vec![("pay_a", Some(1_000))]);
-    assert_eq!(claimed[0].status, "pending");
+    assert_eq!(claimed[0].status.as_str(), "pending");
     assert_eq!(
         claimed[0],
         PaymentRow {
@@ -1300,7 +1312,7 @@ mod webhook_outbox {
         assert!(store.webhook_events("pay_1").await.unwrap().is_empty());
         let mut settled = capture("pay_1", "acc", 1_000, 1);
         let mut done = pending.clone();
-        done.status = "succeeded".into();
+        done.status = "succeeded".parse().unwrap();
         done.held_minor = 0;
         done.hold_expires_at_ms = None;
         settled.payment = Some(done.clone());
@@ -1383,7 +1395,7 @@ mod webhook_outbox {
         }
         let change = |id: &str, status: &str| StatusChange {
             payment_id: id.into(),
-            status: status.into(),
+            status: status.parse().unwrap(),
             updated_at_ms: 50,
         };
         assert!(store
@@ -1432,7 +1444,7 @@ mod webhook_outbox {
         store
             .set_final_status(&StatusChange {
                 payment_id: "pay_1".into(),
-                status: "canceled".into(),
+                status: "canceled".parse().unwrap(),
                 updated_at_ms: 5,
             })
             .await
@@ -1512,7 +1524,7 @@ mod webhook_outbox {
             store
                 .set_final_status(&StatusChange {
                     payment_id: id.into(),
-                    status: "failed".into(),
+                    status: "failed".parse().unwrap(),
                     updated_at_ms: 5,
                 })
                 .await
@@ -1676,7 +1688,7 @@ mod webhook_outbox {
             assert!(one
                 .set_final_status(&StatusChange {
                     payment_id: id,
-                    status: "expired".into(),
+                    status: "expired".parse().unwrap(),
                     updated_at_ms: 5,
                 })
                 .await
@@ -1742,7 +1754,7 @@ mod webhook_outbox {
         store
             .set_final_status(&StatusChange {
                 payment_id: "pay_3".into(),
-                status: "failed".into(),
+                status: "failed".parse().unwrap(),
                 updated_at_ms: 5,
             })
             .await
@@ -1831,7 +1843,7 @@ fn balance_payment(
 ) -> Settlement {
     let mut s = capture(id, "acc", amount, seq);
     let mut row = payment_row(id, order, "succeeded", 0);
-    row.method = "balance".into();
+    row.method = "balance".parse().unwrap();
     row.amount_minor = amount;
     s.payment = Some(row.with_idempotency(key, hash));
     assert!(s.creates_payment());
@@ -1971,7 +1983,7 @@ async fn the_store_decides_on_idempotency_keys_and_order_ids(store: Arc<dyn Sett
     );
     // A payment that ended frees its order id, never its key.
     let mut failed = intent("pay_10", "o10", "K10", "h10");
-    failed.status = "failed".into();
+    failed.status = "failed".parse().unwrap();
     store.record_intent(&failed, None).await.unwrap();
     assert_eq!(
         store
@@ -2101,7 +2113,7 @@ async fn the_store_caps_refunds_and_flags_a_conflict(store: Arc<dyn SettlementSt
         number: n,
         amount_minor: amount,
         currency: gateway::money::Currency::Cny,
-        status: "pending".into(),
+        status: "pending".parse().unwrap(),
         channel_id: None,
         channel_order_id: None,
         reason: None,
@@ -2140,7 +2152,7 @@ async fn the_store_caps_refunds_and_flags_a_conflict(store: Arc<dyn SettlementSt
     assert!(store
         .set_refund_status(&RefundStatusChange {
             refund_id: "re_c_1".into(),
-            status: "failed".into(),
+            status: "failed".parse().unwrap(),
             updated_at_ms: 6,
         })
         .await

@@ -326,7 +326,7 @@ async fn a_paid_supplier_payment_is_announced_after_its_settlement(store: Store)
         .starts_with("supplier-"));
     // Announced only once the money is on disk.
     let stored = app.settlement_store().await.payment(id).await.unwrap();
-    assert_eq!(stored.unwrap().status, "succeeded");
+    assert_eq!(stored.unwrap().status.as_str(), "succeeded");
     wait_event(&app, id, "payment.succeeded", |e| {
         e.status == WebhookStatus::Delivered
     })

@@ -2,9 +2,9 @@
 --
 -- KEYS: 1 a:{T}  2 h:{T}  3 ph:{T}  4 ps:{T}  5 pd:{T}  6 u:{T}  7 rf:{T}
 -- ARGV: 1 refund id  2 result ('succeeded' | 'failed')  3 now (unix ms)
---       4 the pending record (JSON: the settlement when succeeded — with the placeholders
---         "%STATUS%" for the payment's new status and 18446744073709551608 for the account's
---         sequence —, the refund's status when failed)
+--       4 the pending record (JSON: the settlement when succeeded — its payment row's one
+--         member "status":"partially_refunded" is replaced with the status reached, and
+--         18446744073709551608 with the account's sequence —, the refund's status when failed)
 -- Returns {'done', seq, payment status} | {'already', refund status} | {'not_found'}
 -- Invariants: a refund ends once. Succeeded: the payment's refunded total grows (its status
 -- becomes 'partially_refunded' or 'refunded'); a top-up refund captures its hold (balance -=
@@ -45,7 +45,8 @@ else
 end
 local record = ARGV[4]
 if ARGV[2] == 'succeeded' then
-  record = string.gsub(record, '%%STATUS%%', redis.call('HGET', KEYS[4], pid))
+  record = string.gsub(record, '"status":"partially_refunded"',
+    '"status":"' .. redis.call('HGET', KEYS[4], pid) .. '"', 1)
   record = string.gsub(record, '18446744073709551608', fmt(seq))
 end
 rec.status = ARGV[2]

@@ -106,6 +106,12 @@ fn get<'a, T: FromSql<'a>>(row: &'a Row, idx: usize) -> Result<T, SettleError> {
     row.try_get(idx).map_err(|e| bad_row(describe(&e)))
 }
 
+/// A text column holding one of an enum's names (a status, a method, a purpose).
+fn get_named<T>(row: &Row, idx: usize, parse: fn(&str) -> Option<T>) -> Result<T, SettleError> {
+    let text: String = get(row, idx)?;
+    parse(&text).ok_or_else(|| bad_row(format!("unknown value {text:?} in column {idx}")))
+}
+
 fn get_u64(row: &Row, idx: usize) -> Result<u64, SettleError> {
     let v: i64 = get(row, idx)?;
     u64::try_from(v).map_err(|_| bad_row(format!("negative value {v} in column {idx}")))

@@ -12,7 +12,10 @@ use crate::telemetry::{self, StoreOp};
 use crate::webhooks::events;
 
 use super::webhooks::insert_webhooks;
-use super::{bad_row, get, get_currency, get_u32, get_u64, invalid, ms, no_nul, PostgresStore};
+use super::{
+    bad_row, get, get_currency, get_named, get_u32, get_u64, invalid, ms, no_nul, PostgresStore,
+};
+use crate::preauth::{Method, PaymentStatus, Purpose};
 
 /// How often `record_intent` retries when a conflicting payment vanished between its insert
 /// and the look-up that explains the conflict (another instance changed it meanwhile).
@@ -86,9 +89,9 @@ pub(super) fn payment_from_row(r: &Row) -> Result<PaymentRow, SettleError> {
         merchant_order_id: get(r, 4)?,
         amount_minor: get(r, 5)?,
         currency: get_currency(r, 6)?,
-        method: get(r, 7)?,
-        purpose: get(r, 8)?,
-        status: get(r, 9)?,
+        method: get_named(r, 7, Method::parse)?,
+        purpose: get_named(r, 8, Purpose::parse)?,
+        status: get_named(r, 9, PaymentStatus::parse)?,
         held_minor: get(r, 10)?,
         hold_expires_at_ms: get::<Option<i64>>(r, 11)?
             .map(|v| u64::try_from(v).map_err(|_| bad_row(format!("negative hold expiry {v}"))))
@@ -197,9 +200,9 @@ async fn payment_statement(
             &p.merchant_order_id,
             &p.amount_minor,
             &currency,
-            &p.method,
-            &p.purpose,
-            &p.status,
+            &p.method.as_str(),
+            &p.purpose.as_str(),
+            &p.status.as_str(),
             &p.held_minor,
             &hold,
             &created,
@@ -435,7 +438,7 @@ impl PostgresStore {
                 &stmt,
                 &[
                     &change.payment_id,
-                    &change.status,
+                    &change.status.as_str(),
                     &ms(change.updated_at_ms),
                 ],
             )
@@ -445,7 +448,7 @@ impl PostgresStore {
             record_event(
                 &tx,
                 &change.payment_id,
-                &change.status,
+                change.status.as_str(),
                 change.updated_at_ms,
             )
             .await

@@ -4,13 +4,15 @@ use async_trait::async_trait;
 use deadpool_postgres::tokio_postgres::{self, Row};
 use deadpool_postgres::Transaction;
 
-use crate::settlement::{RefundRecorded, RefundRow, RefundStatusChange, RefundStore, SettleError};
+use crate::settlement::{
+    RefundRecorded, RefundRow, RefundStatus, RefundStatusChange, RefundStore, SettleError,
+};
 use crate::telemetry::StoreOp;
 use crate::webhooks::events;
 
 use super::flags::flag;
 use super::webhooks::insert_webhooks;
-use super::{get, get_currency, get_u32, get_u64, ms, PostgresStore};
+use super::{get, get_currency, get_named, get_u32, get_u64, ms, PostgresStore};
 
 const REFUND_COLUMNS: &str = "refund_id, payment_id, number, amount_minor, currency, status, \
     channel_id, channel_order_id, reason, created_at_ms, updated_at_ms, idempotency_key";
@@ -22,7 +24,7 @@ fn refund_from_row(r: &Row) -> Result<RefundRow, SettleError> {
         number: get_u32(r, 2)?,
         amount_minor: get(r, 3)?,
         currency: get_currency(r, 4)?,
-        status: get(r, 5)?,
+        status: get_named(r, 5, RefundStatus::parse)?,
         channel_id: get(r, 6)?,
         channel_order_id: get(r, 7)?,
         reason: get(r, 8)?,
@@ -119,7 +121,7 @@ impl RefundStore for PostgresStore {
                     &number,
                     &refund.amount_minor,
                     &refund.currency.code(),
-                    &refund.status,
+                    &refund.status.as_str(),
                     &refund.channel_id,
                     &refund.channel_order_id,
                     &refund.reason,
@@ -147,7 +149,11 @@ impl RefundStore for PostgresStore {
                         "UPDATE refunds SET status = $2, updated_at_ms = $3 \
                          WHERE refund_id = $1 AND status = 'pending' RETURNING {REFUND_COLUMNS}"
                     ),
-                    &[&change.refund_id, &change.status, &ms(change.updated_at_ms)],
+                    &[
+                        &change.refund_id,
+                        &change.status.as_str(),
+                        &ms(change.updated_at_ms),
+                    ],
                 )
                 .await
                 .map_err(db)?;

@@ -11,7 +11,8 @@ use crate::telemetry::StoreOp;
 
 use super::keys::arbitrate;
 use super::webhooks::enqueue_status_webhook;
-use super::{currency, db, exec, ms, query_row, SqliteStore};
+use super::{currency, db, exec, ms, named, query_row, SqliteStore};
+use crate::preauth::{Method, PaymentStatus, Purpose};
 
 pub(super) fn payment_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PaymentRow> {
     Ok(PaymentRow {
@@ -22,9 +23,9 @@ pub(super) fn payment_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Paymen
         merchant_order_id: r.get(4)?,
         amount_minor: r.get(5)?,
         currency: currency(r.get(6)?)?,
-        method: r.get(7)?,
-        purpose: r.get(8)?,
-        status: r.get(9)?,
+        method: named(r.get(7)?, Method::parse)?,
+        purpose: named(r.get(8)?, Purpose::parse)?,
+        status: named(r.get(9)?, PaymentStatus::parse)?,
         held_minor: r.get(10)?,
         hold_expires_at_ms: r.get::<_, Option<i64>>(11)?.map(|v| v as u64),
         created_at_ms: r.get::<_, i64>(12)? as u64,
@@ -138,9 +139,9 @@ pub(super) fn write_payment(conn: &Connection, p: &PaymentRow) -> rusqlite::Resu
             p.merchant_order_id,
             p.amount_minor,
             p.currency.code(),
-            p.method,
-            p.purpose,
-            p.status,
+            p.method.as_str(),
+            p.purpose.as_str(),
+            p.status.as_str(),
             p.held_minor,
             p.hold_expires_at_ms.map(ms),
             ms(p.created_at_ms),
@@ -154,7 +155,7 @@ pub(super) fn write_payment(conn: &Connection, p: &PaymentRow) -> rusqlite::Resu
         ],
     )?;
     if inserted == 1 {
-        record_event(conn, &p.id, &p.status, p.updated_at_ms)?;
+        record_event(conn, &p.id, p.status.as_str(), p.updated_at_ms)?;
         return Ok(true);
     }
     // Never moves a refunded payment back (two refunds' commits may arrive in either order;
@@ -165,10 +166,10 @@ pub(super) fn write_payment(conn: &Connection, p: &PaymentRow) -> rusqlite::Resu
          WHEN status = 'refunded' AND ?2 IN ('succeeded', 'partially_refunded') THEN status \
          WHEN status = 'partially_refunded' AND ?2 = 'succeeded' THEN status ELSE ?2 END, \
          held_minor = ?3, updated_at_ms = ?4 WHERE id = ?1",
-        params![p.id, p.status, p.held_minor, ms(p.updated_at_ms)],
+        params![p.id, p.status.as_str(), p.held_minor, ms(p.updated_at_ms)],
     )?;
     if updated == 1 {
-        record_event(conn, &p.id, &p.status, p.updated_at_ms)?;
+        record_event(conn, &p.id, p.status.as_str(), p.updated_at_ms)?;
     }
     Ok(updated == 1)
 }
@@ -339,14 +340,18 @@ impl PaymentStore for SqliteStore {
                 .execute(
                     "UPDATE payments SET status = ?2, held_minor = 0, updated_at_ms = ?3 \
                      WHERE id = ?1 AND status = 'pending'",
-                    params![change.payment_id, change.status, ms(change.updated_at_ms)],
+                    params![
+                        change.payment_id,
+                        change.status.as_str(),
+                        ms(change.updated_at_ms)
+                    ],
                 )
                 .map_err(db)?;
             if updated == 1 {
                 record_event(
                     &tx,
                     &change.payment_id,
-                    &change.status,
+                    change.status.as_str(),
                     change.updated_at_ms,
                 )
                 .map_err(db)?;

@@ -3,13 +3,15 @@
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use crate::settlement::{RefundRecorded, RefundRow, RefundStatusChange, RefundStore, SettleError};
+use crate::settlement::{
+    RefundRecorded, RefundRow, RefundStatus, RefundStatusChange, RefundStore, SettleError,
+};
 use crate::telemetry::{self, StoreOp};
 use crate::webhooks::events;
 
 use super::payments::{payment_from_row, PAYMENT_COLUMNS};
 use super::webhooks::insert_webhook;
-use super::{currency, db, exec, ms, query_row, SqliteStore};
+use super::{currency, db, exec, ms, named, query_row, SqliteStore};
 
 const REFUND_COLUMNS: &str = "refund_id, payment_id, number, amount_minor, currency, status, \
     channel_id, channel_order_id, reason, created_at_ms, updated_at_ms, idempotency_key";
@@ -21,7 +23,7 @@ fn refund_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RefundRow> {
         number: r.get(2)?,
         amount_minor: r.get(3)?,
         currency: currency(r.get(4)?)?,
-        status: r.get(5)?,
+        status: named(r.get(5)?, RefundStatus::parse)?,
         channel_id: r.get(6)?,
         channel_order_id: r.get(7)?,
         reason: r.get(8)?,
@@ -115,7 +117,7 @@ impl RefundStore for SqliteStore {
                     r.number,
                     r.amount_minor,
                     r.currency.code(),
-                    r.status,
+                    r.status.as_str(),
                     r.channel_id,
                     r.channel_order_id,
                     r.reason,
@@ -140,10 +142,10 @@ impl RefundStore for SqliteStore {
                 .execute(
                     "UPDATE refunds SET status = ?2, updated_at_ms = ?3 \
                      WHERE refund_id = ?1 AND status = 'pending'",
-                    params![c.refund_id, c.status, ms(c.updated_at_ms)],
+                    params![c.refund_id, c.status.as_str(), ms(c.updated_at_ms)],
                 )
                 .map_err(db)?;
-            if changed == 1 && c.status == "failed" {
+            if changed == 1 && c.status == RefundStatus::Failed {
                 // The merchant's webhook, in the same transaction as the status.
                 let refund = tx
                     .query_row(
