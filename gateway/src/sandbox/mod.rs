@@ -1136,13 +1136,13 @@ mod tests {
     use super::*;
 
     const MERCHANT_PKCS8: &str =
-        include_str!("../tests/fixtures/keys/test-only-merchant-rsa2048.pkcs8.pem");
+        include_str!("../../tests/fixtures/keys/test-only-merchant-rsa2048.pkcs8.pem");
     const MERCHANT_SPKI: &str =
-        include_str!("../tests/fixtures/keys/test-only-merchant-rsa2048.spki.pem");
+        include_str!("../../tests/fixtures/keys/test-only-merchant-rsa2048.spki.pem");
     const PLATFORM_PKCS1: &str =
-        include_str!("../tests/fixtures/keys/test-only-platform-rsa2048.pkcs1.pem");
+        include_str!("../../tests/fixtures/keys/test-only-platform-rsa2048.pkcs1.pem");
     const PLATFORM_SPKI: &str =
-        include_str!("../tests/fixtures/keys/test-only-platform-rsa2048.spki.pem");
+        include_str!("../../tests/fixtures/keys/test-only-platform-rsa2048.spki.pem");
 
     /// The fixture keys in place of generated ones (generation is slow in debug builds).
     fn place_fixture_keys(dir: &Path) {
