@@ -5,6 +5,7 @@
 pub mod api;
 pub mod channels;
 pub mod checkout;
+pub mod cli;
 pub mod config;
 pub mod ids;
 pub mod money;
