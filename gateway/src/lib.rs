@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod channels;
+pub mod cli;
 pub mod config;
 pub mod ids;
 pub mod money;
