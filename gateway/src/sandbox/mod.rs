@@ -543,6 +543,9 @@ async fn start_sim(
     };
     let text = serde_json::to_string(&manifest).expect("the manifest serializes");
     let mut sim_config = channel_sim::manifest::parse(&text, dir)?;
+    // As a real channel, the simulator remembers its orders across a restart: a pending
+    // supplier charge made before it is still queried, closed or paid afterwards.
+    sim_config.orders_file = Some(dir.join(channel_sim::config::ORDERS_FILE_NAME));
     for channel in &mut sim_config.channels {
         channel.auto_pay = auto_pay;
         channel.auto_pay_delay_ms = auto_pay_delay_ms;

@@ -384,3 +384,110 @@ fn start_with_env(data: &Path, env: &[(&str, &str)]) -> Gateway {
         output.lock().unwrap()
     );
 }
+
+/// The simulator keeps its orders across a restart of the sandbox, as a real channel does: a
+/// supplier charge made before the restart is paid at the channel afterwards, its callback
+/// reaches the restarted gateway, and the payment succeeds (its hold captured).
+#[tokio::test]
+async fn a_channel_order_made_before_a_restart_is_paid_after_it() {
+    let data = tempfile::tempdir().unwrap();
+    // The same gateway address after the restart: the order's notify URL names it.
+    let listen = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().to_string()
+    };
+    let manual = [("GATEWAY__SANDBOX__AUTO_PAY", "false")];
+    let gw = Gateway::start_with(data.path(), None, &listen, &manual);
+    let (status, body) = gw
+        .call(
+            "PUT",
+            "/v1/accounts/acc",
+            "sk_test_alpha",
+            None,
+            serde_json::json!({"currency": "CNY"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = gw
+        .call(
+            "POST",
+            "/v1/accounts/acc/adjustments",
+            "sk_test_admin",
+            Some("fund"),
+            serde_json::json!({"merchant_id": "alpha", "direction": "credit", "amount": "50.00", "reason": "test"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    let (status, payment) = gw
+        .call(
+            "POST",
+            "/v1/payments",
+            "sk_test_alpha",
+            Some("charge"),
+            serde_json::json!({
+                "merchant_order_id": "o-restart", "amount": "20.00", "currency": "CNY",
+                "method": "supplier", "account_id": "acc"
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, payment["status"].as_str()),
+        (201, Some("pending")),
+        "{payment}"
+    );
+    let id = payment["id"].as_str().unwrap().to_owned();
+    let order = payment["attempts"][0]["channel_order_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let status = gw.terminate().await;
+    assert!(status.success(), "{status:?}");
+    assert!(
+        data.path().join("channel-sim-orders.json").exists(),
+        "the simulator kept its orders"
+    );
+
+    let gw = Gateway::start_with(data.path(), None, &listen, &manual);
+    let manifest = read_json(&data.path().join("sandbox.json"));
+    let sim_admin = manifest["sim_admin_url"].as_str().unwrap();
+    let (status, paid) = http("POST", &format!("{sim_admin}/orders/{order}/pay")).await;
+    assert_eq!(status, 200, "the channel still knows {order}: {paid}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let view = loop {
+        let (_, view) = gw
+            .call(
+                "GET",
+                &format!("/v1/payments/{id}"),
+                "sk_test_alpha",
+                None,
+                Value::Null,
+            )
+            .await
+            .unwrap();
+        if view["status"] == "succeeded" || Instant::now() > deadline {
+            break view;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(view["status"], "succeeded", "{view}");
+    let (_, account) = gw
+        .call(
+            "GET",
+            "/v1/accounts/acc",
+            "sk_test_alpha",
+            None,
+            Value::Null,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (&account["balance"], &account["held"]),
+        (&serde_json::json!("30.00"), &serde_json::json!("0.00")),
+        "{account}"
+    );
+    let status = gw.terminate().await;
+    assert!(status.success(), "{status:?}");
+}
