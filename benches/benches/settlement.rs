@@ -47,6 +47,7 @@ fn capture() -> Settlement {
             },
         ],
         payment: None,
+        adjustment: None,
     }
 }
 

@@ -11,7 +11,7 @@ use crate::preauth::{
     SettledMark, StoreError, StoredOutcome, UpsertOutcome,
 };
 use crate::settlement::rebuild::rebuild_balances;
-use crate::settlement::{movements, AccountRow, CommitOutcome, PendingRecord};
+use crate::settlement::{movements, AccountRow, AdjustmentKey, CommitOutcome, PendingRecord};
 use crate::state::Core;
 use crate::telemetry;
 use crate::time::rfc3339;
@@ -155,7 +155,7 @@ pub async fn adjust(core: &Core, new: NewAdjustment<'_>) -> Result<Adjusted, Pay
     drop(core.settler.admit().map_err(PaymentError::not_admitted)?);
     let now_ms = telemetry::now_ms();
     let adjustment_id = AdjustmentId::generate(key.tag, now_ms);
-    let template = movements::adjustment(
+    let mut template = movements::adjustment(
         key,
         &adjustment_id,
         new.direction,
@@ -174,12 +174,21 @@ pub async fn adjust(core: &Core, new: NewAdjustment<'_>) -> Result<Adjusted, Pay
         "reason": new.reason,
         "created_at": rfc3339(now_ms),
     });
+    let claim = IdempotencyClaim {
+        key: new.key.clone(),
+        request_hash: request_hash("adjustment", &normalized),
+        retention_seconds: core.config.settings.preauth.idempotency_retention_seconds,
+    };
+    // The key goes to the store with the movement: a retry Redis forgot replays this one.
+    template.adjustment = Some(AdjustmentKey {
+        scope_tag: key.tag.to_string(),
+        idempotency_key: claim.key.as_str().to_owned(),
+        request_hash: claim.request_hash.clone(),
+        doc: doc.to_string(),
+        created_at_ms: now_ms,
+    });
     let request = AdjustRequest {
-        idempotency: IdempotencyClaim {
-            key: new.key.clone(),
-            request_hash: request_hash("adjustment", &normalized),
-            retention_seconds: core.config.settings.preauth.idempotency_retention_seconds,
-        },
+        idempotency: claim,
         adjustment_id,
         direction: new.direction,
         amount_minor: amount.minor(),
@@ -206,6 +215,29 @@ pub async fn adjust(core: &Core, new: NewAdjustment<'_>) -> Result<Adjusted, Pay
                         doc,
                         account: snapshot,
                     }),
+                ),
+                // The store holds the key (Redis forgot it): the writer moved the money back,
+                // and the first adjustment is the answer, or the conflict.
+                Ok(CommitOutcome::Replay(holder)) => {
+                    let doc = holder
+                        .doc
+                        .as_deref()
+                        .map(serde_json::from_str)
+                        .transpose()
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?
+                        .ok_or_else(|| {
+                            StoreError::Corrupt("adjustment without its document".into())
+                        })?;
+                    let account = core
+                        .balances
+                        .read_account(key, core.op())
+                        .await?
+                        .ok_or(PaymentError::NotFound(Missing::Account))?;
+                    ("replayed", Ok(Adjusted { doc, account }))
+                }
+                Ok(CommitOutcome::IdempotencyConflict(_)) => (
+                    "idempotency_conflict",
+                    Err(PaymentError::IdempotencyConflict),
                 ),
                 Ok(other) => (
                     "unsettled",

@@ -434,7 +434,8 @@ pub struct Unwind {
     pub mark: SettledMark,
     pub order_id: String,
     /// The amount its creation took from the account's balance at once (a balance payment's
-    /// capture), 0 for a payment that only held or took nothing.
+    /// capture, an adjustment's debit), given back; 0 for a payment that only held or took
+    /// nothing; negative for an adjustment's credit (taken back).
     pub captured_minor: i64,
     /// What the key answers from now on; `None`: nothing (the record is removed, so the client
     /// may use the key again once the order id is free).

@@ -32,10 +32,11 @@ pub const MIGRATIONS: &[(u32, &str)] = &[
     (3, include_str!("migrations/0003_webhooks.sql")),
     (4, include_str!("migrations/0004_refunds.sql")),
     (5, include_str!("migrations/0005_idempotency.sql")),
+    (6, include_str!("migrations/0006_adjustment_keys.sql")),
 ];
 
 /// The schema version this binary runs on.
-pub const SCHEMA_VERSION: u32 = 5;
+pub const SCHEMA_VERSION: u32 = 6;
 
 /// What kind of money movement a settlement records (DESIGN.md §3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -142,10 +143,13 @@ impl PaymentRow {
 /// it: what the first request under the key came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyHolder {
+    /// The payment (or adjustment) the key made.
     pub payment_id: String,
     /// The first request's hash (a retry with another request under the key is a conflict).
     pub request_hash: String,
     pub created_at_ms: u64,
+    /// An adjustment's document as first answered (`None` for a payment: read it by id).
+    pub doc: Option<String>,
 }
 
 /// What a channel answered for an attempt (DESIGN.md §4 `attempts[].outcome`); strings only
@@ -289,6 +293,23 @@ pub struct Settlement {
     /// The payment this movement finalizes, written (inserted or updated) in the same
     /// transaction.
     pub payment: Option<PaymentRow>,
+    /// An admin adjustment's idempotency key: the store checks it in this movement's commit
+    /// and keeps it with the movement (none for every other movement).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adjustment: Option<AdjustmentKey>,
+}
+
+/// The idempotency key an admin adjustment was made under, kept with its movement (table
+/// `adjustments`), so that a retry the balance store forgot replays the first adjustment
+/// instead of moving the money again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdjustmentKey {
+    pub scope_tag: String,
+    pub idempotency_key: String,
+    pub request_hash: String,
+    /// The adjustment as first answered (JSON): what a replay answers.
+    pub doc: String,
+    pub created_at_ms: u64,
 }
 
 impl Settlement {

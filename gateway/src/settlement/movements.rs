@@ -82,6 +82,7 @@ pub fn balance_capture(
             None,
             now_ms,
         )),
+        adjustment: None,
     }
 }
 
@@ -126,6 +127,7 @@ pub fn adjustment(
             },
         ],
         payment: None,
+        adjustment: None,
     }
 }
 
@@ -197,6 +199,7 @@ pub fn channel_success(
             None,
             now_ms,
         )),
+        adjustment: None,
     }
 }
 
@@ -267,6 +270,7 @@ pub fn refund(
             })
             .collect(),
         payment: Some(row),
+        adjustment: None,
     }
 }
 
@@ -399,6 +403,7 @@ fn late_movement(
             })
             .collect(),
         payment: None,
+        adjustment: None,
     }
 }
 

@@ -295,6 +295,56 @@ pub async fn unwind_refused(
     Ok(undone)
 }
 
+/// The store refused an admin adjustment: another adjustment holds its key (the balance store
+/// had forgotten it). What the adjustment moved in the balance store is moved back, at most
+/// once, and the key answers the first adjustment's document (same request) or refuses (another
+/// request) for what is left of its retention. `false` when there was nothing left to undo.
+pub async fn unwind_refused_adjustment(
+    balances: &dyn BalanceStore,
+    settlement: &super::Settlement,
+    refusal: Refusal<'_>,
+    mark: &SettledMark,
+    retention_seconds: u64,
+) -> Result<bool, StoreError> {
+    let (Refusal::Replay(holder) | Refusal::IdempotencyConflict(holder)) = refusal else {
+        return Ok(false);
+    };
+    let doc = holder.doc.clone().ok_or_else(|| {
+        StoreError::Corrupt(format!("adjustment {} has no document", holder.payment_id))
+    })?;
+    // What the adjustment did to the account's balance (its account posting), undone.
+    let account = settlement.account_id.as_deref().unwrap_or_default();
+    let ledger = super::ledger::account(&settlement.merchant_id, account);
+    let moved = settlement
+        .postings
+        .iter()
+        .find(|p| p.ledger == ledger)
+        .map_or(0, |p| p.amount_minor);
+    telemetry::store_refused_payment(refusal.label());
+    let undone = balances
+        .unwind(&Unwind {
+            mark: mark.clone(),
+            order_id: String::new(),
+            captured_minor: -moved,
+            key_record: Some(KeyRecord::remaining(
+                holder.request_hash.clone(),
+                StoredOutcome::Adjustment(doc),
+                holder.created_at_ms,
+                retention_seconds,
+                telemetry::now_ms(),
+            )),
+        })
+        .await?;
+    tracing::warn!(
+        adjustment_id = %settlement.payment_id,
+        holder = %holder.payment_id,
+        reason = refusal.label(),
+        undone,
+        "the settlement store refused an adjustment the balance store had forgotten: unwound"
+    );
+    Ok(undone)
+}
+
 /// A refund the store refused to record (another refund under its number, or above what is
 /// left: the balance store had lost the payment's refunds, flagged by the store): undone in
 /// the balance store — its reservation, a top-up refund's hold and its key gone — and the

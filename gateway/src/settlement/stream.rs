@@ -27,7 +27,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use super::rebuild::{unwind_refused, void_and_rebuild, Refusal};
+use super::rebuild::{unwind_refused, unwind_refused_adjustment, void_and_rebuild, Refusal};
 use super::{
     CommitOutcome, IntentOutcome, SettleError, Settlement, SettlementStore, Write, Written,
 };
@@ -507,11 +507,24 @@ impl Answerer {
                 // The store holds the payment's key or order id: the balance store forgot it.
                 // Undone before the waiter answers, so the answer and a retry see it undone;
                 // without a mark (nobody to answer) the recovery loop meets it again.
-                let (Some(mark), Some(payment), Some(refusal)) = (
-                    mark,
-                    settlement.payment.as_ref(),
-                    Refusal::of_commit(outcome),
-                ) else {
+                let (Some(mark), Some(refusal)) = (mark, Refusal::of_commit(outcome)) else {
+                    return;
+                };
+                if settlement.adjustment.is_some() {
+                    if let Err(err) = unwind_refused_adjustment(
+                        self.balances.as_ref(),
+                        settlement,
+                        refusal,
+                        mark,
+                        self.idempotency_retention_seconds,
+                    )
+                    .await
+                    {
+                        tracing::error!(adjustment_id = %settlement.payment_id, error = %err, "cannot unwind an adjustment the store refused; recovery will retry");
+                    }
+                    return;
+                }
+                let Some(payment) = settlement.payment.as_ref() else {
                     return;
                 };
                 if let Err(err) = unwind_refused(

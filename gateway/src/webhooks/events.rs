@@ -321,6 +321,7 @@ mod tests {
                 },
             ],
             payment,
+            adjustment: None,
         }
     }
 

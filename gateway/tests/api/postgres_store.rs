@@ -46,6 +46,7 @@ fn capture(payment: &str, amount: i64) -> Settlement {
             },
         ],
         payment: None,
+        adjustment: None,
     }
 }
 

@@ -114,6 +114,7 @@ pub fn capture(payment: &str, account: &str, amount: i64, seq: u64) -> Settlemen
             },
         ],
         payment: None,
+        adjustment: None,
     }
 }
 
@@ -1855,6 +1856,7 @@ fn holder(id: &str, hash: &str) -> KeyHolder {
         payment_id: id.into(),
         request_hash: hash.into(),
         created_at_ms: 1,
+        doc: None,
     }
 }
 

@@ -6,7 +6,7 @@ use deadpool_postgres::tokio_postgres;
 use deadpool_postgres::Transaction;
 
 use crate::settlement::{
-    KeyHolder, KeyStore, PaymentRow, RefusalRow, SettleError, StoredKey, Taken,
+    AdjustmentKey, KeyHolder, KeyStore, PaymentRow, RefusalRow, SettleError, StoredKey, Taken,
 };
 use crate::telemetry::StoreOp;
 
@@ -77,6 +77,7 @@ impl PostgresStore {
                     payment_id: get(&row, 0)?,
                     request_hash: get::<Option<String>>(&row, 1)?.unwrap_or_default(),
                     created_at_ms: get_u64(&row, 2)?,
+                    doc: None,
                 };
                 return Ok(Some(holder.taken_by(p.request_hash.as_deref())));
             }
@@ -95,6 +96,73 @@ impl PostgresStore {
             .map(|row| get(&row, 0))
             .transpose()?
             .map(Taken::Order))
+    }
+
+    /// Who holds an adjustment's (scope, idempotency key) other than adjustment `id` itself
+    /// (see the SQLite twin); `None`: `id` may be committed with the key.
+    pub(super) async fn adjustment_taken(
+        &self,
+        tx: &Transaction<'_>,
+        id: &str,
+        a: &AdjustmentKey,
+    ) -> Result<Option<Taken>, SettleError> {
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        let by_key = tx
+            .prepare_cached(
+                "SELECT adjustment_id, request_hash, created_at_ms, doc FROM adjustments \
+                 WHERE scope_tag = $1 AND idempotency_key = $2",
+            )
+            .await
+            .map_err(db)?;
+        let Some(row) = tx
+            .query_opt(&by_key, &[&a.scope_tag, &a.idempotency_key])
+            .await
+            .map_err(db)?
+        else {
+            return Ok(None);
+        };
+        let holder = KeyHolder {
+            payment_id: get(&row, 0)?,
+            request_hash: get(&row, 1)?,
+            created_at_ms: get_u64(&row, 2)?,
+            doc: Some(get(&row, 3)?),
+        };
+        if holder.payment_id == id {
+            return Ok(None);
+        }
+        Ok(Some(holder.taken_by(Some(&a.request_hash))))
+    }
+
+    /// Keeps an adjustment's key with its movement (inside the movement's transaction).
+    pub(super) async fn insert_adjustment(
+        &self,
+        tx: &Transaction<'_>,
+        id: &str,
+        a: &AdjustmentKey,
+    ) -> Result<(), SettleError> {
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO adjustments (adjustment_id, scope_tag, idempotency_key, \
+                 request_hash, doc, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (adjustment_id) DO NOTHING",
+            )
+            .await
+            .map_err(db)?;
+        tx.execute(
+            &insert,
+            &[
+                &id,
+                &a.scope_tag,
+                &a.idempotency_key,
+                &a.request_hash,
+                &a.doc,
+                &ms(a.created_at_ms),
+            ],
+        )
+        .await
+        .map_err(db)?;
+        Ok(())
     }
 
     async fn keyed_payments_inner(

@@ -265,13 +265,26 @@ impl PostgresStore {
             .map(|s| check_for_postgres(s))
             .collect::<Result<Vec<i32>, _>>()?;
         let hashes: Vec<String> = batch.iter().map(|s| s.content_hash()).collect();
+        // An adjustment whose key another adjustment holds is refused before its movement
+        // (one look-up per adjustment: they are rare). Two racing for one key: the unique
+        // index fails the later transaction, and its retry meets the first here.
+        let mut taken = Vec::with_capacity(batch.len());
+        for s in batch {
+            taken.push(match &s.adjustment {
+                Some(a) => self.adjustment_taken(tx, &s.payment_id, a).await?,
+                None => None,
+            });
+        }
         let insert = tx.prepare_cached(INSERT_SETTLEMENT).await.map_err(db)?;
         // (payment row inserted, settlement inserted) per settlement: a settlement that creates
         // its payment goes in with its row or not at all (`INSERT_CREATING_SETTLEMENT`).
-        let inserted = join_all(batch.iter().zip(&sequences).zip(&hashes).map(
-            |((s, sequence), hash)| {
+        let inserted = join_all(batch.iter().zip(&sequences).zip(&hashes).zip(&taken).map(
+            |(((s, sequence), hash), taken)| {
                 let insert = &insert;
                 async move {
+                    if taken.is_some() {
+                        return Ok((false, false));
+                    }
                     if let (true, Some(p)) = (s.creates_payment(), s.payment.as_ref()) {
                         return insert_creating_settlement(tx, p, s, *sequence, hash).await;
                     }
@@ -283,10 +296,19 @@ impl PostgresStore {
         .await;
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut rows_written = Vec::with_capacity(batch.len());
-        for (((s, &sequence), hash), inserted) in
-            batch.iter().zip(&sequences).zip(&hashes).zip(inserted)
+        for ((((s, &sequence), hash), inserted), taken) in batch
+            .iter()
+            .zip(&sequences)
+            .zip(&hashes)
+            .zip(inserted)
+            .zip(taken)
         {
             let (paid, settled) = inserted.map_err(db)?;
+            if let Some(taken) = taken {
+                outcomes.push(taken.into());
+                rows_written.push(false);
+                continue;
+            }
             if settled {
                 outcomes.push(CommitOutcome::Inserted);
                 rows_written.push(paid);
@@ -489,6 +511,9 @@ impl PostgresStore {
             )
             .await
             .map_err(db)?;
+        }
+        if let Some(a) = &s.adjustment {
+            self.insert_adjustment(tx, &s.payment_id, a).await?;
         }
         Ok(())
     }

@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use crate::settlement::{
-    KeyHolder, KeyStore, PaymentRow, RefusalRow, SettleError, StoredKey, Taken,
+    AdjustmentKey, KeyHolder, KeyStore, PaymentRow, RefusalRow, SettleError, StoredKey, Taken,
 };
 use crate::telemetry::StoreOp;
 
@@ -39,6 +39,7 @@ pub(super) fn arbitrate(tx: &Connection, p: &PaymentRow) -> Result<Option<Taken>
                 payment_id,
                 request_hash: request_hash.unwrap_or_default(),
                 created_at_ms: created_at_ms as u64,
+                doc: None,
             };
             return Ok(Some(holder.taken_by(p.request_hash.as_deref())));
         }
@@ -54,6 +55,62 @@ pub(super) fn arbitrate(tx: &Connection, p: &PaymentRow) -> Result<Option<Taken>
         })
         .map_err(db)?;
     Ok(holder.map(Taken::Order))
+}
+
+/// Who holds an adjustment's (scope, idempotency key) other than adjustment `id` itself: the
+/// first adjustment, to replay (same request) or refuse (another request). `None`: `id` may
+/// be committed with the key.
+pub(super) fn adjustment_taken(
+    tx: &Connection,
+    id: &str,
+    a: &AdjustmentKey,
+) -> Result<Option<Taken>, SettleError> {
+    let holder: Option<(String, String, i64, String)> = tx
+        .prepare_cached(
+            "SELECT adjustment_id, request_hash, created_at_ms, doc FROM adjustments \
+             WHERE scope_tag = ?1 AND idempotency_key = ?2",
+        )
+        .and_then(|mut st| {
+            st.query_row(params![a.scope_tag, a.idempotency_key], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .optional()
+        })
+        .map_err(db)?;
+    Ok(holder.filter(|(holder, ..)| holder != id).map(
+        |(payment_id, request_hash, created_at_ms, doc)| {
+            KeyHolder {
+                payment_id,
+                request_hash,
+                created_at_ms: created_at_ms as u64,
+                doc: Some(doc),
+            }
+            .taken_by(Some(&a.request_hash))
+        },
+    ))
+}
+
+/// Keeps an adjustment's key with its movement (inside the movement's transaction).
+pub(super) fn insert_adjustment(
+    tx: &Connection,
+    id: &str,
+    a: &AdjustmentKey,
+) -> Result<(), SettleError> {
+    exec(
+        tx,
+        "INSERT INTO adjustments (adjustment_id, scope_tag, idempotency_key, request_hash, doc, \
+         created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (adjustment_id) DO NOTHING",
+        params![
+            id,
+            a.scope_tag,
+            a.idempotency_key,
+            a.request_hash,
+            a.doc,
+            ms(a.created_at_ms)
+        ],
+    )
+    .map_err(db)?;
+    Ok(())
 }
 
 /// Records a refusal inside the caller's transaction (a key already there keeps its first

@@ -10,7 +10,7 @@ use crate::settlement::{
 };
 use crate::telemetry::{self, StoreOp};
 
-use super::keys::arbitrate;
+use super::keys::{adjustment_taken, arbitrate, insert_adjustment};
 use super::payments::{payment_from_row, write_payment, PAYMENT_COLUMNS};
 use super::webhooks::enqueue_settlement_webhook;
 use super::{currency, db, exec, ms, query_row, SqliteStore};
@@ -92,6 +92,12 @@ pub(super) fn settle_in(
         },
         _ => false,
     };
+    // An adjustment's key, held by another adjustment: the first one is the answer.
+    if let Some(a) = &s.adjustment {
+        if let Some(taken) = adjustment_taken(tx, &s.payment_id, a)? {
+            return Ok(taken.into());
+        }
+    }
     let inserted = exec(
         tx,
         "INSERT INTO settlements (payment_id, kind, sequence, merchant_id, \
@@ -165,6 +171,9 @@ pub(super) fn settle_in(
                 stored_hash: stored,
             });
         }
+    }
+    if let Some(a) = &s.adjustment {
+        insert_adjustment(tx, &s.payment_id, a)?;
     }
     for (line, p) in s.postings.iter().enumerate() {
         exec(
