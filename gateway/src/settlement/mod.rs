@@ -1015,6 +1015,17 @@ pub trait KeyStore: Send + Sync {
         limit: usize,
     ) -> Result<Vec<RefusalRow>, SettleError>;
 
+    /// The admin adjustments' keys made at or after `since_ms`, paged as [`Self::refusals`]: a
+    /// rebuild puts them back too, so a retry replays its adjustment (even a debit the
+    /// rebuilt balance could no longer cover).
+    async fn adjustment_keys(
+        &self,
+        since_ms: u64,
+        scope_tag: Option<&str>,
+        after: Option<(u64, &str)>,
+        limit: usize,
+    ) -> Result<Vec<AdjustmentKey>, SettleError>;
+
     /// Clears the idempotency keys of payments created before `before_ms` and deletes the
     /// refusals recorded before it, at most `limit` of each, under the lease `key_purge`
     /// (held by `holder` until `now_ms + lease_ms`; one instance at a time). `None` when

@@ -113,7 +113,28 @@ pub async fn restore_keys(
         |r| (r.created_at_ms, r.idempotency_key.clone()),
     )
     .await?;
-    Ok(payments + refusals)
+    // And the admin adjustments' keys: a retried adjustment replays, never moves money again.
+    let adjustments = restore_pages(
+        balances,
+        |after: Option<(u64, String)>| async move {
+            let after = after.as_ref().map(|(at, key)| (*at, key.as_str()));
+            store
+                .adjustment_keys(since_ms, scope, after, KEY_RESTORE_PAGE)
+                .await
+        },
+        |a: &super::AdjustmentKey| {
+            record(
+                &a.scope_tag,
+                &a.idempotency_key,
+                &a.request_hash,
+                StoredOutcome::Adjustment(a.doc.clone()),
+                a.created_at_ms,
+            )
+        },
+        |a| (a.created_at_ms, a.idempotency_key.clone()),
+    )
+    .await?;
+    Ok(payments + refusals + adjustments)
 }
 
 /// Reads one kind of stored key page by page (`read` from after the cursor it is given: a

@@ -287,6 +287,48 @@ impl KeyStore for PostgresStore {
         .await
     }
 
+    async fn adjustment_keys(
+        &self,
+        since_ms: u64,
+        scope_tag: Option<&str>,
+        after: Option<(u64, &str)>,
+        limit: usize,
+    ) -> Result<Vec<AdjustmentKey>, SettleError> {
+        Self::timed(StoreOp::Read("adjustment_keys"), async {
+            let db = |e: tokio_postgres::Error| self.unavailable(&e);
+            let client = self.client().await?;
+            let (after_ms, after_key) = match after {
+                Some((at, key)) => (ms(at), key),
+                None => (-1, ""),
+            };
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let rows = client
+                .query(
+                    "SELECT scope_tag, idempotency_key, request_hash, doc, created_at_ms \
+                     FROM adjustments WHERE created_at_ms >= $1 \
+                     AND ($2::TEXT IS NULL OR scope_tag = $2) \
+                     AND (created_at_ms > $3 OR (created_at_ms = $3 \
+                          AND idempotency_key COLLATE \"C\" > $4)) \
+                     ORDER BY created_at_ms, idempotency_key COLLATE \"C\" LIMIT $5",
+                    &[&ms(since_ms), &scope_tag, &after_ms, &after_key, &limit],
+                )
+                .await
+                .map_err(db)?;
+            rows.iter()
+                .map(|r| {
+                    Ok(AdjustmentKey {
+                        scope_tag: get(r, 0)?,
+                        idempotency_key: get(r, 1)?,
+                        request_hash: get(r, 2)?,
+                        doc: get(r, 3)?,
+                        created_at_ms: get_u64(r, 4)?,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
     async fn purge_keys(
         &self,
         holder: &str,

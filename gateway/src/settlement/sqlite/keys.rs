@@ -217,6 +217,48 @@ impl KeyStore for SqliteStore {
         .await
     }
 
+    async fn adjustment_keys(
+        &self,
+        since_ms: u64,
+        scope_tag: Option<&str>,
+        after: Option<(u64, &str)>,
+        limit: usize,
+    ) -> Result<Vec<AdjustmentKey>, SettleError> {
+        let scope_tag = scope_tag.map(str::to_owned);
+        let (after_ms, after_key) = match after {
+            Some((at, key)) => (ms(at), key.to_owned()),
+            None => (-1, String::new()),
+        };
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(StoreOp::Read("adjustment_keys"), move |conn| {
+            let mut st = conn
+                .prepare_cached(
+                    "SELECT scope_tag, idempotency_key, request_hash, doc, created_at_ms \
+                     FROM adjustments WHERE created_at_ms >= ?1 \
+                     AND (?2 IS NULL OR scope_tag = ?2) \
+                     AND (created_at_ms, idempotency_key) > (?3, ?4) \
+                     ORDER BY created_at_ms, idempotency_key LIMIT ?5",
+                )
+                .map_err(db)?;
+            let rows = st
+                .query_map(
+                    params![ms(since_ms), scope_tag, after_ms, after_key, limit],
+                    |r| {
+                        Ok(AdjustmentKey {
+                            scope_tag: r.get(0)?,
+                            idempotency_key: r.get(1)?,
+                            request_hash: r.get(2)?,
+                            doc: r.get(3)?,
+                            created_at_ms: r.get::<_, i64>(4)? as u64,
+                        })
+                    },
+                )
+                .map_err(db)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db)
+        })
+        .await
+    }
+
     async fn purge_keys(
         &self,
         holder: &str,
