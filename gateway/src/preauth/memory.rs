@@ -20,6 +20,10 @@ use super::{
 use crate::ids::{IdempotencyKey, MerchantOrderId, PaymentId, ScopeTag};
 use crate::money::Currency;
 
+/// Marks an order id a rebuild put back (`restore_keys`): `!<payment id>`, held by a payment
+/// that ended live, as `restore_keys.lua` marks it in Redis.
+const RESTORED_ORDER: &str = "!";
+
 #[derive(Debug)]
 struct AccountRow {
     merchant: String,
@@ -318,9 +322,14 @@ impl BalanceStore for MemoryStore {
             state.release_expired(ctx.now_ms, ctx.lazy_release_max);
         }
         if let Some(existing) = state.orders.get(req.order_id.as_str()) {
-            if state.statuses.get(existing).is_some_and(|s| s.is_live()) {
-                let id = PaymentId::parse(existing)
-                    .ok_or_else(|| StoreError::Corrupt(format!("payment id {existing:?}")))?;
+            // `!<id>`: put back by a rebuild, held by a payment that ended live.
+            let (restored, holder) = match existing.strip_prefix(RESTORED_ORDER) {
+                Some(holder) => (true, holder),
+                None => (false, existing.as_str()),
+            };
+            if restored || state.statuses.get(holder).is_some_and(|s| s.is_live()) {
+                let id = PaymentId::parse(holder)
+                    .ok_or_else(|| StoreError::Corrupt(format!("payment id {holder:?}")))?;
                 return Ok(AuthorizeOutcome::DuplicateOrder(id));
             }
         }
@@ -1059,6 +1068,22 @@ impl BalanceStore for MemoryStore {
                 },
             );
             restored += 1;
+        }
+        // As restore_keys.lua: an ended live payment's order id, unless a live one holds it.
+        for r in records {
+            let Some((order, payment)) = &r.order else {
+                continue;
+            };
+            let mut state = self.scopes.entry(r.tag).or_default();
+            let held = state.orders.get(order).is_some_and(|holder| {
+                holder.starts_with(RESTORED_ORDER)
+                    || state.statuses.get(holder).is_some_and(|s| s.is_live())
+            });
+            if !held {
+                state
+                    .orders
+                    .insert(order.clone(), format!("{RESTORED_ORDER}{payment}"));
+            }
         }
         Ok(restored)
     }

@@ -492,6 +492,10 @@ pub struct KeyRestore {
     pub tag: ScopeTag,
     pub key: String,
     pub record: KeyRecord,
+    /// A payment that ended live (succeeded, refunded in part or whole) holds its merchant
+    /// order id for good: (order id, payment id), put back where the scope's order index does
+    /// not name a live payment (a pending payment comes back with its hold instead).
+    pub order: Option<(String, String)>,
 }
 
 /// A movement the balance store made that the settlement store may not have yet.

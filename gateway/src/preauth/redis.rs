@@ -994,11 +994,19 @@ impl BalanceStore for RedisStore {
         }
         let mut invocation = self.scripts.restore_keys.prepare_invoke();
         for r in records {
+            let scope = Keys::of(r.tag);
+            let (order, payment) = r.order.as_ref().map_or(("", ""), |(order, payment)| {
+                (order.as_str(), payment.as_str())
+            });
             invocation
                 .key(Keys::idempotency(r.tag, &r.key))
+                .key(scope.orders)
+                .key(scope.statuses)
                 .arg(&r.record.request_hash)
                 .arg(r.record.outcome.encode())
-                .arg(r.record.ttl_seconds);
+                .arg(r.record.ttl_seconds)
+                .arg(order)
+                .arg(payment);
         }
         let mut conn = self.connection();
         let restored: i64 = self

@@ -597,6 +597,10 @@ pub struct StoredKey {
     pub request_hash: String,
     pub payment_id: String,
     pub created_at_ms: u64,
+    /// The payment's order id and status: a live one holds its order id (a rebuild puts it
+    /// back too).
+    pub merchant_order_id: String,
+    pub status: PaymentStatus,
 }
 
 /// Why the store refuses to create a payment (checked in the money's own commit, in this

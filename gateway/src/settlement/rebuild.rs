@@ -68,6 +68,7 @@ pub async fn restore_keys(
                 retention_seconds,
                 now_ms,
             ),
+            order: None,
         })
     };
     let payments = restore_pages(
@@ -81,13 +82,19 @@ pub async fn restore_keys(
         |k: &super::StoredKey| {
             let payment = PaymentId::parse(&k.payment_id)
                 .ok_or_else(|| corrupt(format!("payment id {}", k.payment_id)))?;
-            record(
+            let mut restore = record(
                 &k.scope_tag,
                 &k.idempotency_key,
                 &k.request_hash,
                 StoredOutcome::Payment(payment),
                 k.created_at_ms,
-            )
+            )?;
+            // An ended live payment holds its order id for good (a pending one comes back
+            // with its hold, order id included).
+            if k.status.is_live() && k.status != PaymentStatus::Pending {
+                restore.order = Some((k.merchant_order_id.clone(), k.payment_id.clone()));
+            }
+            Ok(restore)
         },
         |k| (k.created_at_ms, k.payment_id.clone()),
     )

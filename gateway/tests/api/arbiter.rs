@@ -289,9 +289,9 @@ async fn keys_redis_forgot_are_decided_by_the_postgres_store() {
     keys_redis_forgot_are_decided_by_the_store(Store::Postgres).await;
 }
 
-/// Redis lost everything: the account is rebuilt on its next payment, with the keys of the
-/// payments made within the retention, so a retry replays (here: where the balance left would
-/// otherwise answer 402).
+/// Redis lost everything: the account is rebuilt on its next payment, with the keys and order
+/// ids of the payments made within the retention, so a retry replays (here: where the balance
+/// left would otherwise answer 402) and a new key for a taken order id is refused at once.
 #[tokio::test]
 async fn a_flushed_redis_comes_back_with_its_idempotency_keys() {
     let app = spawn_app_on(Backend::Redis, Store::Sqlite, &[]).await;
@@ -319,6 +319,8 @@ async fn a_flushed_redis_comes_back_with_its_idempotency_keys() {
         (duplicate.status, duplicate.code()),
         (409, "duplicate_order")
     );
+    // The rebuild put the order id back: refused up front, nothing to unwind at commit.
+    assert_eq!(refused_count(&app, "duplicate_order").await, 0);
     app.assert_account(ALPHA, "acc", "20.00", "0.00", "20.00")
         .await;
     let disk = app.settlement_store().await;

@@ -1458,7 +1458,9 @@ async fn an_unwound_payment_gives_back_what_it_took_once(store: Arc<dyn BalanceS
     assert_eq!(snapshot(&store, &k, NOW).await, (10_000, 3_000, 7_000));
 }
 
-/// A rebuild puts keys back: each replays its payment, and a record that is there stays.
+/// A rebuild puts keys back: each replays its payment, and a record that is there stays. The
+/// order id of a payment that ended live comes back too (a new key for it is a duplicate),
+/// but never takes an order id from the live payment that holds it.
 async fn restored_keys_replay_and_never_overwrite(store: Arc<dyn BalanceStore>) {
     use gateway::preauth::{KeyRecord, KeyRestore};
     let k = funded(&store, "acc", 10_000, 0).await;
@@ -1473,15 +1475,40 @@ async fn restored_keys_replay_and_never_overwrite(store: Arc<dyn BalanceStore>) 
             outcome: StoredOutcome::Payment(id.clone()),
             ttl_seconds: KEY_TTL_SECONDS,
         },
+        order: None,
+    };
+    let holding = |key: &str, order: &str| KeyRestore {
+        order: Some((order.into(), stored.to_string())),
+        ..record(key, &format!("hash-{key}"), &stored)
     };
     let restored = store
         .restore_keys(&[
             record("R", "hash-R", &stored),
             record("L", "other", &stored),
+            holding("D", "done-order"),
+            holding("X", "L"),
         ])
         .await
         .unwrap();
-    assert_eq!(restored, 1, "the live record stays");
+    assert_eq!(restored, 3, "the live record stays");
+    // The ended payment's order id is held again; the live payment keeps its own.
+    let reuse = authorize(&k, "N1", "done-order", 100, CAPTURE);
+    assert_eq!(
+        store.authorize(&reuse, ctx(NOW)).await.unwrap(),
+        AuthorizeOutcome::DuplicateOrder(stored.clone())
+    );
+    let steal = authorize(&k, "N2", "L", 100, CAPTURE);
+    assert_eq!(
+        store.authorize(&steal, ctx(NOW)).await.unwrap(),
+        AuthorizeOutcome::DuplicateOrder(live_id.clone())
+    );
+    // Nobody reads a payment by a restored order id here: the store is asked instead.
+    let scope = Scope::Account(k.clone());
+    let order = MerchantOrderId::parse("done-order", 64).unwrap();
+    assert_eq!(
+        store.live_payment_by_order(&scope, &order).await.unwrap(),
+        None
+    );
     let retry = authorize(&k, "R", "R", 500, CAPTURE);
     assert_eq!(
         store.authorize(&retry, ctx(NOW)).await.unwrap(),

@@ -41,6 +41,10 @@ if has_account then
 end
 
 local existing = redis.call('HGET', KEYS[6], ARGV[12])
+if existing and string.sub(existing, 1, 1) == '!' then
+  -- Put back by a rebuild: held by a payment that ended live (restore_keys.lua).
+  return {'duplicate', string.sub(existing, 2)}
+end
 if existing and is_live(redis.call('HGET', KEYS[4], existing)) then
   return {'duplicate', existing}
 end

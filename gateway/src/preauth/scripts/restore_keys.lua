@@ -1,22 +1,38 @@
 -- restore_keys.lua: put back idempotency records the balance store lost, as the settlement
 -- store keeps them (a rebuild: an empty or rolled-back Redis, a restarted sandbox), so a
--- retried request replays its first answer (a payment, or a refusal) instead of being charged.
+-- retried request replays its first answer (a payment, an adjustment, or a refusal) instead of
+-- being charged; and the order ids of the payments that ended live (succeeded, refunded), so
+-- a new key for such an order id is refused here, as the store would refuse it at commit.
 --
--- KEYS: n  i:{T}:<idempotency key> of record n
--- ARGV: for record n (1-based): 3n-2 request hash  3n-1 its outcome, encoded ('P:<payment
---       id>', 'E:insufficient_funds:<available>:<shortfall>', …)  3n TTL (s)
--- Returns how many records were put back.
--- Invariant: a record that is there (in flight, or newer) is never overwritten.
+-- KEYS: for record n (1-based): 3n-2 i:{T}:<idempotency key>  3n-1 o:{T}  3n ps:{T}
+-- ARGV: for record n: 5n-4 request hash  5n-3 its outcome, encoded ('P:<payment id>',
+--       'A:<adjustment>', 'E:insufficient_funds:<available>:<shortfall>', …)  5n-2 TTL (s)
+--       5n-1 the merchant order id its payment holds ('' = none)  5n that payment's id
+-- Returns how many idempotency records were put back.
+-- Invariants: a record that is there (in flight, or newer) is never overwritten; an order id
+-- already held by a live payment keeps its holder. A restored order id names its payment as
+-- '!<payment id>' ("held, per the store"): authorize.lua refuses it as a duplicate; readers
+-- by order id find no payment here and ask the store.
 --
 -- The keys of one call may carry several hash tags: fine on a single Redis; on a Redis
 -- Cluster the caller sends one call per hash slot.
 
 local restored = 0
-for n = 1, #KEYS do
-  if redis.call('EXISTS', KEYS[n]) == 0 then
-    redis.call('HSET', KEYS[n], 'h', ARGV[3 * n - 2], 's', 'D', 'o', ARGV[3 * n - 1])
-    redis.call('EXPIRE', KEYS[n], ARGV[3 * n])
+for n = 1, #KEYS / 3 do
+  local key, orders, statuses = KEYS[3 * n - 2], KEYS[3 * n - 1], KEYS[3 * n]
+  if redis.call('EXISTS', key) == 0 then
+    redis.call('HSET', key, 'h', ARGV[5 * n - 4], 's', 'D', 'o', ARGV[5 * n - 3])
+    redis.call('EXPIRE', key, ARGV[5 * n - 2])
     restored = restored + 1
+  end
+  local order = ARGV[5 * n - 1]
+  if order ~= '' then
+    local holder = redis.call('HGET', orders, order)
+    local held = holder and (string.sub(holder, 1, 1) == '!'
+      or is_live(redis.call('HGET', statuses, holder)))
+    if not held then
+      redis.call('HSET', orders, order, '!' .. ARGV[5 * n])
+    end
   end
 end
 return restored

@@ -12,7 +12,8 @@ use crate::telemetry::StoreOp;
 
 use super::lease::take_lease;
 use super::payments::{payment_from_row, PAYMENT_COLUMNS};
-use super::{get, get_u64, ms, PostgresStore};
+use super::{get, get_named, get_u64, ms, PostgresStore};
+use crate::preauth::PaymentStatus;
 
 const LIVE_STATUSES: &str = "('pending', 'succeeded', 'partially_refunded', 'refunded')";
 
@@ -183,7 +184,8 @@ impl PostgresStore {
         // follow each other whatever the database's collation.
         let rows = client
             .query(
-                "SELECT scope_tag, idempotency_key, request_hash, id, created_at_ms \
+                "SELECT scope_tag, idempotency_key, request_hash, id, created_at_ms, \
+                 merchant_order_id, status \
                  FROM payments WHERE idempotency_key IS NOT NULL AND created_at_ms >= $1 \
                  AND ($2::TEXT IS NULL OR scope_tag = $2) \
                  AND (created_at_ms > $3 OR (created_at_ms = $3 AND id COLLATE \"C\" > $4)) \
@@ -200,6 +202,8 @@ impl PostgresStore {
                     request_hash: get::<Option<String>>(r, 2)?.unwrap_or_default(),
                     payment_id: get(r, 3)?,
                     created_at_ms: get_u64(r, 4)?,
+                    merchant_order_id: get(r, 5)?,
+                    status: get_named(r, 6, PaymentStatus::parse)?,
                 })
             })
             .collect()

@@ -11,7 +11,8 @@ use crate::telemetry::StoreOp;
 
 use super::lease::take_lease;
 use super::payments::{payment_from_row, PAYMENT_COLUMNS};
-use super::{db, exec, ms, SqliteStore};
+use super::{db, exec, ms, named, SqliteStore};
+use crate::preauth::PaymentStatus;
 
 /// The lease under which one instance at a time purges keys (`purge_keys`).
 const KEY_PURGE_LEASE: &str = "key_purge";
@@ -150,7 +151,8 @@ impl KeyStore for SqliteStore {
         self.run(StoreOp::Read("keyed_payments"), move |conn| {
             let mut st = conn
                 .prepare_cached(
-                    "SELECT scope_tag, idempotency_key, request_hash, id, created_at_ms \
+                    "SELECT scope_tag, idempotency_key, request_hash, id, created_at_ms, \
+                     merchant_order_id, status \
                      FROM payments WHERE idempotency_key IS NOT NULL AND created_at_ms >= ?1 \
                      AND (?2 IS NULL OR scope_tag = ?2) AND (created_at_ms, id) > (?3, ?4) \
                      ORDER BY created_at_ms, id LIMIT ?5",
@@ -166,6 +168,8 @@ impl KeyStore for SqliteStore {
                             request_hash: r.get::<_, Option<String>>(2)?.unwrap_or_default(),
                             payment_id: r.get(3)?,
                             created_at_ms: r.get::<_, i64>(4)? as u64,
+                            merchant_order_id: r.get(5)?,
+                            status: named(r.get(6)?, PaymentStatus::parse)?,
                         })
                     },
                 )
