@@ -217,24 +217,34 @@ pub async fn adjust(core: &Core, new: NewAdjustment<'_>) -> Result<Adjusted, Pay
                     }),
                 ),
                 // The store holds the key (Redis forgot it): the writer moved the money back,
-                // and the first adjustment is the answer, or the conflict.
-                Ok(CommitOutcome::Replay(holder)) => {
-                    let doc = holder
-                        .doc
-                        .as_deref()
-                        .map(serde_json::from_str)
-                        .transpose()
-                        .map_err(|e| StoreError::Corrupt(e.to_string()))?
-                        .ok_or_else(|| {
-                            StoreError::Corrupt("adjustment without its document".into())
-                        })?;
-                    let account = core
-                        .balances
-                        .read_account(key, core.op())
-                        .await?
-                        .ok_or(PaymentError::NotFound(Missing::Account))?;
-                    ("replayed", Ok(Adjusted { doc, account }))
-                }
+                // and the key's first answer is the answer: the first adjustment, or its 402.
+                Ok(CommitOutcome::Replay(holder)) => match &holder.answer {
+                    Some(StoredOutcome::Adjustment(doc)) => {
+                        let doc: Value = serde_json::from_str(doc)
+                            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                        let account = core
+                            .balances
+                            .read_account(key, core.op())
+                            .await?
+                            .ok_or(PaymentError::NotFound(Missing::Account))?;
+                        ("replayed", Ok(Adjusted { doc, account }))
+                    }
+                    Some(StoredOutcome::InsufficientFunds {
+                        available,
+                        shortfall,
+                    }) => (
+                        "insufficient_funds",
+                        Err(PaymentError::InsufficientFunds {
+                            available: *available,
+                            shortfall: *shortfall,
+                            currency,
+                        }),
+                    ),
+                    _ => (
+                        "idempotency_conflict",
+                        Err(PaymentError::IdempotencyConflict),
+                    ),
+                },
                 Ok(CommitOutcome::IdempotencyConflict(_)) => (
                     "idempotency_conflict",
                     Err(PaymentError::IdempotencyConflict),

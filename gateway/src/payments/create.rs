@@ -346,7 +346,7 @@ async fn commit_capture(
         // (nothing was charged), and the store's answer is the answer. Any other outcome: the
         // account must be rebuilt first.
         Ok(outcome) => match Refusal::of_commit(&outcome) {
-            Some(refusal) => store_answer(core, refusal).await,
+            Some(refusal) => store_answer(core, request, refusal).await,
             None => Err(PaymentError::unavailable(
                 Unavailable::of_commit(&outcome),
                 Some(&id),
@@ -358,11 +358,30 @@ async fn commit_capture(
 
 /// The answer to a payment the settlement store refused to create (already unwound): the first
 /// payment under the key, or the conflict.
-async fn store_answer(core: &Core, refusal: Refusal<'_>) -> Result<Creation, PaymentError> {
+async fn store_answer(
+    core: &Core,
+    request: &AuthorizeRequest,
+    refusal: Refusal<'_>,
+) -> Result<Creation, PaymentError> {
     match refusal {
-        Refusal::Replay(holder) => Ok(Creation::Replayed(
-            view::replayed(core, &holder.payment_id).await?,
-        )),
+        Refusal::Replay(holder) => match &holder.answer {
+            None => Ok(Creation::Replayed(
+                view::replayed(core, &holder.payment_id).await?,
+            )),
+            // The key's first answer was a refusal (a 402 Redis forgot): it still is.
+            Some(StoredOutcome::InsufficientFunds {
+                available,
+                shortfall,
+            }) => Err(PaymentError::InsufficientFunds {
+                available: *available,
+                shortfall: *shortfall,
+                currency: request.doc.currency,
+            }),
+            Some(StoredOutcome::NoChannelAvailable(id)) => Err(PaymentError::NoChannelAvailable {
+                payment_id: Some(id.to_string()),
+            }),
+            Some(_) => Err(PaymentError::IdempotencyConflict),
+        },
         Refusal::IdempotencyConflict(_) => Err(PaymentError::IdempotencyConflict),
         Refusal::DuplicateOrder(holder) => Err(PaymentError::DuplicateOrder {
             payment_id: holder.to_owned(),
@@ -472,7 +491,7 @@ async fn route_payment(
                     core.settler.idempotency_retention_seconds(),
                 )
                 .await?;
-                return store_answer(core, refusal).await;
+                return store_answer(core, request, refusal).await;
             }
         },
         Err(SettleFailure::Timeout) => {

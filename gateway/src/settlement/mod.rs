@@ -22,8 +22,9 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::ids::PaymentId;
 use crate::money::Currency;
-use crate::preauth::{Method, PaymentStatus, Purpose};
+use crate::preauth::{Method, PaymentStatus, Purpose, StoredOutcome};
 
 /// The migrations, in order. Both backends run the same portable SQL.
 pub const MIGRATIONS: &[(u32, &str)] = &[
@@ -143,13 +144,28 @@ impl PaymentRow {
 /// it: what the first request under the key came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyHolder {
-    /// The payment (or adjustment) the key made.
+    /// The payment (or adjustment) the key made; empty when its first answer was a refusal.
     pub payment_id: String,
     /// The first request's hash (a retry with another request under the key is a conflict).
     pub request_hash: String,
     pub created_at_ms: u64,
-    /// An adjustment's document as first answered (`None` for a payment: read it by id).
-    pub doc: Option<String>,
+    /// The key's first answer when it is not the payment `payment_id` (read by id): an
+    /// adjustment's document, or a refusal (`402`) kept in the store's `refusals`.
+    pub answer: Option<StoredOutcome>,
+}
+
+impl KeyHolder {
+    /// The key's first answer, as the balance store keeps it.
+    pub fn outcome(&self) -> Result<StoredOutcome, SettleError> {
+        match &self.answer {
+            Some(answer) => Ok(answer.clone()),
+            None => PaymentId::parse(&self.payment_id)
+                .map(StoredOutcome::Payment)
+                .ok_or_else(|| {
+                    SettleError::Invalid(format!("stored payment id {:?}", self.payment_id))
+                }),
+        }
+    }
 }
 
 /// What a channel answered for an attempt (DESIGN.md §4 `attempts[].outcome`); strings only

@@ -292,12 +292,13 @@ pub async fn unwind_refused(
     telemetry::store_refused_payment(refusal.label());
     let key_record = match refusal {
         Refusal::Replay(holder) | Refusal::IdempotencyConflict(holder) => {
-            let first = PaymentId::parse(&holder.payment_id).ok_or_else(|| {
-                StoreError::Corrupt(format!("stored payment id {}", holder.payment_id))
-            })?;
+            // The first payment, or the refusal the key answered first.
+            let first = holder
+                .outcome()
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
             Some(KeyRecord::remaining(
                 holder.request_hash.clone(),
-                StoredOutcome::Payment(first),
+                first,
                 holder.created_at_ms,
                 retention_seconds,
                 telemetry::now_ms(),
@@ -337,9 +338,10 @@ pub async fn unwind_refused_adjustment(
     let (Refusal::Replay(holder) | Refusal::IdempotencyConflict(holder)) = refusal else {
         return Ok(false);
     };
-    let doc = holder.doc.clone().ok_or_else(|| {
-        StoreError::Corrupt(format!("adjustment {} has no document", holder.payment_id))
-    })?;
+    // The first adjustment's document, or the refusal the key answered first.
+    let first = holder
+        .outcome()
+        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
     // What the adjustment did to the account's balance (its account posting), undone.
     let account = settlement.account_id.as_deref().unwrap_or_default();
     let ledger = super::ledger::account(&settlement.merchant_id, account);
@@ -356,7 +358,7 @@ pub async fn unwind_refused_adjustment(
             captured_minor: -moved,
             key_record: Some(KeyRecord::remaining(
                 holder.request_hash.clone(),
-                StoredOutcome::Adjustment(doc),
+                first,
                 holder.created_at_ms,
                 retention_seconds,
                 telemetry::now_ms(),

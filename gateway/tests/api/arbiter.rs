@@ -905,3 +905,63 @@ async fn adjustments_redis_forgot_are_replayed_by_the_sqlite_store() {
 async fn adjustments_redis_forgot_are_replayed_by_the_postgres_store() {
     adjustments_redis_forgot_are_replayed_not_applied_twice(Store::Postgres).await;
 }
+
+/// A `402` the store keeps is the key's answer at commit too: when Redis forgot the key (and no
+/// rebuild put it back), the retry that Redis now lets through is refused by the store in the
+/// money's commit, unwound, and answered with the first refusal — for a payment and for an
+/// admin's debit, on both stores.
+async fn a_kept_refusal_is_the_answer_at_commit(store: Store) {
+    let app = spawn_app_on(Backend::Redis, store, &[]).await;
+    app.funded_account(ALPHA, "alpha", "acc", "100.00", "0.00")
+        .await;
+    let charge = balance_payment("O", "acc", "150.00");
+    let path = "/v1/accounts/acc/adjustments";
+    let admin = crate::helpers::ADMIN;
+    let debit = json!({
+        "merchant_id": "alpha", "direction": "debit", "amount": "150.00", "reason": "chargeback"
+    });
+    let refused = app.pay(ALPHA, "K", charge.clone()).await;
+    assert_eq!(refused.status, 402, "{:?}", refused.body);
+    let refused = app.post(path, admin, "D", debit.clone()).await;
+    assert_eq!(refused.status, 402, "{:?}", refused.body);
+    let disk = app.settlement_store().await;
+    for _ in 0..100 {
+        if disk.refusals(0, None, None, 10).await.unwrap().len() == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(disk.refusals(0, None, None, 10).await.unwrap().len(), 2);
+
+    // Redis forgets the keys, and the account can afford both by now.
+    forget_keys(&app).await;
+    let credited = app.credit("alpha", "acc", "200.00").await;
+    assert_eq!(credited.status, 201, "{:?}", credited.body);
+    let again = app.pay(ALPHA, "K", charge).await;
+    assert_eq!(
+        (again.status, &again.body["error"]["available"]),
+        (402, &json!("100.00")),
+        "{:?}",
+        again.body
+    );
+    let again = app.post(path, admin, "D", debit).await;
+    assert_eq!(
+        (again.status, &again.body["error"]["available"]),
+        (402, &json!("100.00")),
+        "{:?}",
+        again.body
+    );
+    app.assert_account(ALPHA, "acc", "300.00", "0.00", "300.00")
+        .await;
+    assert_store_invariants(disk.as_ref(), &[("alpha", "acc", 30_000)]).await;
+}
+
+#[tokio::test]
+async fn a_kept_refusal_is_the_answer_at_commit_on_sqlite() {
+    a_kept_refusal_is_the_answer_at_commit(Store::Sqlite).await;
+}
+
+#[tokio::test]
+async fn a_kept_refusal_is_the_answer_at_commit_on_postgres() {
+    a_kept_refusal_is_the_answer_at_commit(Store::Postgres).await;
+}

@@ -1856,7 +1856,7 @@ fn holder(id: &str, hash: &str) -> KeyHolder {
         payment_id: id.into(),
         request_hash: hash.into(),
         created_at_ms: 1,
-        doc: None,
+        answer: None,
     }
 }
 

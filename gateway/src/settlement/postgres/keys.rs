@@ -13,7 +13,7 @@ use crate::telemetry::StoreOp;
 use super::lease::take_lease;
 use super::payments::{payment_from_row, PAYMENT_COLUMNS};
 use super::{get, get_named, get_u64, ms, PostgresStore};
-use crate::preauth::PaymentStatus;
+use crate::preauth::{PaymentStatus, StoredOutcome};
 
 const LIVE_STATUSES: &str = "('pending', 'succeeded', 'partially_refunded', 'refunded')";
 
@@ -78,8 +78,12 @@ impl PostgresStore {
                     payment_id: get(&row, 0)?,
                     request_hash: get::<Option<String>>(&row, 1)?.unwrap_or_default(),
                     created_at_ms: get_u64(&row, 2)?,
-                    doc: None,
+                    answer: None,
                 };
+                return Ok(Some(holder.taken_by(p.request_hash.as_deref())));
+            }
+            // A key whose first answer was a refusal (a 402 Redis forgot): that is the answer.
+            if let Some(holder) = self.refused(tx, &p.scope_tag, key).await? {
                 return Ok(Some(holder.taken_by(p.request_hash.as_deref())));
             }
         }
@@ -115,23 +119,63 @@ impl PostgresStore {
             )
             .await
             .map_err(db)?;
-        let Some(row) = tx
+        let holder = match tx
             .query_opt(&by_key, &[&a.scope_tag, &a.idempotency_key])
+            .await
+            .map_err(db)?
+        {
+            Some(row) => {
+                let holder = KeyHolder {
+                    payment_id: get(&row, 0)?,
+                    request_hash: get(&row, 1)?,
+                    created_at_ms: get_u64(&row, 2)?,
+                    answer: Some(StoredOutcome::Adjustment(get(&row, 3)?)),
+                };
+                if holder.payment_id == id {
+                    return Ok(None);
+                }
+                holder
+            }
+            None => match self.refused(tx, &a.scope_tag, &a.idempotency_key).await? {
+                Some(holder) => holder,
+                None => return Ok(None),
+            },
+        };
+        Ok(Some(holder.taken_by(Some(&a.request_hash))))
+    }
+
+    /// The refusal kept under (scope, key), as the key's holder.
+    async fn refused(
+        &self,
+        tx: &Transaction<'_>,
+        scope_tag: &str,
+        key: &str,
+    ) -> Result<Option<KeyHolder>, SettleError> {
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        let by_key = tx
+            .prepare_cached(
+                "SELECT request_hash, outcome, created_at_ms FROM refusals \
+                 WHERE scope_tag = $1 AND idempotency_key = $2",
+            )
+            .await
+            .map_err(db)?;
+        let Some(row) = tx
+            .query_opt(&by_key, &[&scope_tag, &key])
             .await
             .map_err(db)?
         else {
             return Ok(None);
         };
-        let holder = KeyHolder {
-            payment_id: get(&row, 0)?,
-            request_hash: get(&row, 1)?,
+        let outcome: String = get(&row, 1)?;
+        Ok(Some(KeyHolder {
+            payment_id: String::new(),
+            request_hash: get(&row, 0)?,
             created_at_ms: get_u64(&row, 2)?,
-            doc: Some(get(&row, 3)?),
-        };
-        if holder.payment_id == id {
-            return Ok(None);
-        }
-        Ok(Some(holder.taken_by(Some(&a.request_hash))))
+            answer: Some(
+                StoredOutcome::decode(&outcome)
+                    .map_err(|e| SettleError::Invalid(format!("refusal of {key}: {e}")))?,
+            ),
+        }))
     }
 
     /// Keeps an adjustment's key with its movement (inside the movement's transaction).

@@ -28,16 +28,17 @@ const INSERT_SETTLEMENT: &str = "INSERT INTO settlements (payment_id, kind, sequ
     ON CONFLICT DO NOTHING";
 
 /// A settlement that creates its payment (`Settlement::creates_payment`), in one statement:
-/// the payment row (with its first event) is inserted unless its id, idempotency key or live
-/// order id is taken, and the settlement only if the row was: the store never holds such a
+/// the payment row (with its first event) is inserted unless its id, idempotency key (by a
+/// payment or a kept refusal) or live order id is taken, and the settlement only if the row was: the store never holds such a
 /// movement without its payment. Its one row counts what was inserted: (payments, settlements).
 /// Parameters: the payment's 20 (as `INSERT_PAYMENT`), then the settlement's 15 (as
 /// `INSERT_SETTLEMENT`).
 const INSERT_CREATING_SETTLEMENT: &str = "WITH pay AS (INSERT INTO payments (id, merchant_id, \
     account_id, scope_tag, merchant_order_id, amount_minor, currency, method, purpose, status, \
     held_minor, hold_expires_at_ms, created_at_ms, expires_at_ms, updated_at_ms, doc, \
-    next_check_at_ms, checks, idempotency_key, request_hash) VALUES \
-    ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20) \
+    next_check_at_ms, checks, idempotency_key, request_hash) SELECT \
+    $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20 \
+    WHERE NOT EXISTS (SELECT 1 FROM refusals WHERE scope_tag = $4 AND idempotency_key = $19) \
     ON CONFLICT DO NOTHING RETURNING id, status, updated_at_ms), \
     ev AS (INSERT INTO payment_events (payment_id, status, at_ms) \
     SELECT id, status, updated_at_ms FROM pay ON CONFLICT DO NOTHING), \

@@ -27,14 +27,15 @@ pub(super) const PAYMENT_COLUMNS: &str =
     created_at_ms, expires_at_ms, updated_at_ms, doc, next_check_at_ms, checks, \
     idempotency_key, request_hash";
 
-/// Inserts a payment unless its id, its idempotency key or its live scoped order id is taken,
-/// with its first event,
+/// Inserts a payment unless its id, its idempotency key (by a payment or a kept refusal) or its
+/// live scoped order id is taken, with its first event,
 /// in one statement (one round trip); the row count says whether it was inserted.
 const INSERT_PAYMENT: &str = "WITH ins AS (INSERT INTO payments (id, merchant_id, account_id, \
     scope_tag, merchant_order_id, amount_minor, currency, method, purpose, status, held_minor, \
     hold_expires_at_ms, created_at_ms, expires_at_ms, updated_at_ms, doc, next_check_at_ms, \
-    checks, idempotency_key, request_hash) VALUES \
-    ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20) \
+    checks, idempotency_key, request_hash) SELECT \
+    $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20 \
+    WHERE NOT EXISTS (SELECT 1 FROM refusals WHERE scope_tag = $4 AND idempotency_key = $19) \
     ON CONFLICT DO NOTHING RETURNING id, status, updated_at_ms), \
     ev AS (INSERT INTO payment_events (payment_id, status, at_ms) \
     SELECT id, status, updated_at_ms FROM ins ON CONFLICT DO NOTHING) \

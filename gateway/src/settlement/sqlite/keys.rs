@@ -12,7 +12,7 @@ use crate::telemetry::StoreOp;
 use super::lease::take_lease;
 use super::payments::{payment_from_row, PAYMENT_COLUMNS};
 use super::{db, exec, ms, named, SqliteStore};
-use crate::preauth::PaymentStatus;
+use crate::preauth::{PaymentStatus, StoredOutcome};
 
 /// The lease under which one instance at a time purges keys (`purge_keys`).
 const KEY_PURGE_LEASE: &str = "key_purge";
@@ -40,8 +40,12 @@ pub(super) fn arbitrate(tx: &Connection, p: &PaymentRow) -> Result<Option<Taken>
                 payment_id,
                 request_hash: request_hash.unwrap_or_default(),
                 created_at_ms: created_at_ms as u64,
-                doc: None,
+                answer: None,
             };
+            return Ok(Some(holder.taken_by(p.request_hash.as_deref())));
+        }
+        // A key whose first answer was a refusal (a 402 Redis forgot): that is the answer.
+        if let Some(holder) = refused(tx, &p.scope_tag, key)? {
             return Ok(Some(holder.taken_by(p.request_hash.as_deref())));
         }
     }
@@ -78,17 +82,46 @@ pub(super) fn adjustment_taken(
             .optional()
         })
         .map_err(db)?;
-    Ok(holder.filter(|(holder, ..)| holder != id).map(
-        |(payment_id, request_hash, created_at_ms, doc)| {
-            KeyHolder {
-                payment_id,
+    let holder = match holder {
+        Some((holder, ..)) if holder == id => return Ok(None),
+        Some((payment_id, request_hash, created_at_ms, doc)) => Some(KeyHolder {
+            payment_id,
+            request_hash,
+            created_at_ms: created_at_ms as u64,
+            answer: Some(StoredOutcome::Adjustment(doc)),
+        }),
+        None => refused(tx, &a.scope_tag, &a.idempotency_key)?,
+    };
+    Ok(holder.map(|holder| holder.taken_by(Some(&a.request_hash))))
+}
+
+/// The refusal kept under (scope, key), as the key's holder.
+fn refused(tx: &Connection, scope_tag: &str, key: &str) -> Result<Option<KeyHolder>, SettleError> {
+    let refusal: Option<(String, String, i64)> = tx
+        .prepare_cached(
+            "SELECT request_hash, outcome, created_at_ms FROM refusals \
+             WHERE scope_tag = ?1 AND idempotency_key = ?2",
+        )
+        .and_then(|mut st| {
+            st.query_row(params![scope_tag, key], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .optional()
+        })
+        .map_err(db)?;
+    refusal
+        .map(|(request_hash, outcome, created_at_ms)| {
+            Ok(KeyHolder {
+                payment_id: String::new(),
                 request_hash,
                 created_at_ms: created_at_ms as u64,
-                doc: Some(doc),
-            }
-            .taken_by(Some(&a.request_hash))
-        },
-    ))
+                answer: Some(
+                    StoredOutcome::decode(&outcome)
+                        .map_err(|e| SettleError::Invalid(format!("refusal of {key}: {e}")))?,
+                ),
+            })
+        })
+        .transpose()
 }
 
 /// Keeps an adjustment's key with its movement (inside the movement's transaction).
