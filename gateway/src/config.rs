@@ -41,15 +41,7 @@ pub const PUBLISHED_SECRET_MARKERS: &[&str] = &["replace-me", "whsec_test_", "te
 /// The shortest secret accepted outside the sandbox: webhook secrets, channel secrets.
 pub const MIN_SECRET_BYTES: usize = 32;
 
-/// How the gateway may run. The sandbox (`serve --sandbox`, the embedded configuration) uses
-/// published test credentials, may use the in-process balance store, migrates its settlement
-/// store by itself, and lets merchants' webhook URLs point at loopback hosts; production does
-/// none of these.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Production,
-    Sandbox,
-}
+pub use crate::mode::Mode;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

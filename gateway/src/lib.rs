@@ -7,6 +7,7 @@ pub mod channels;
 pub mod cli;
 pub mod config;
 pub mod ids;
+pub mod mode;
 pub mod money;
 pub mod payments;
 pub mod pending_docs;

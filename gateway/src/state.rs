@@ -53,21 +53,4 @@ impl Core {
             lazy_release_max: self.config.settings.preauth.lazy_release_max,
         }
     }
-
-    /// Whether both stores answer and the settlement stream is healthy; else why not.
-    pub async fn readiness(&self) -> Result<(), crate::payments::Unavailable> {
-        use crate::payments::Unavailable;
-        if let Err(err) = self.balances.ping().await {
-            tracing::warn!(error = %err, "readiness: balance store unreachable");
-            return Err(Unavailable::BalanceStore);
-        }
-        if let Err(err) = self.settler.store.ping().await {
-            tracing::warn!(error = %err, "readiness: settlement store unreachable");
-            return Err(Unavailable::SettlementStore);
-        }
-        if !self.settler.is_healthy() {
-            return Err(Unavailable::SettlementStore);
-        }
-        Ok(())
-    }
 }

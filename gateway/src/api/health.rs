@@ -29,7 +29,7 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             Json(json!({"status": "not_ready", "reason": reason})),
         )
     };
-    if let Err(reason) = state.core.readiness().await {
+    if let Err(reason) = crate::payments::readiness(&state.core).await {
         return not_ready(reason.as_str());
     }
     (StatusCode::OK, Json(json!({"status": "ready"})))

@@ -192,7 +192,7 @@ async fn unpaid(core: &Core, attempt: &AttemptRow, to: PaymentStatus) -> Handled
     let Some(pid) = PaymentId::parse(&attempt.payment_id) else {
         return Handled::Refuse("malformed");
     };
-    let record = match resolution::ensure_payment(core, &pid).await {
+    let record = match super::view::ensure_payment(core, &pid).await {
         Ok(Some(record)) => record,
         Ok(None) | Err(_) => return Handled::Retry("retry"),
     };

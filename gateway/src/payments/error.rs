@@ -175,3 +175,31 @@ impl From<SettleError> for PaymentError {
         Self::unavailable(Unavailable::SettlementStore, None)
     }
 }
+
+/// Why settling or resolving a payment did not finish (the paths that follow a payment after
+/// its creation: callbacks, the resolution loop, cancel, refunds).
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error(transparent)]
+    Balances(#[from] StoreError),
+    #[error(transparent)]
+    Store(#[from] SettleError),
+    #[error(transparent)]
+    Settle(#[from] SettleFailure),
+    /// The channel reports another amount or currency than the payment's: never settled.
+    #[error("payment {payment_id}: the channel reports {amount_minor} {currency}, not the payment's amount")]
+    AmountMismatch {
+        payment_id: String,
+        amount_minor: i64,
+        currency: Currency,
+    },
+    /// The balance store does not know the payment (it lost it): left for recovery/rebuild.
+    #[error("payment {0} is not in the balance store")]
+    Unknown(String),
+    /// The settlement store refused the settlement (a conflict, flagged).
+    #[error("payment {payment_id}: settlement refused ({outcome:?})")]
+    Refused {
+        payment_id: String,
+        outcome: CommitOutcome,
+    },
+}

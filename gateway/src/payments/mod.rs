@@ -22,7 +22,7 @@ pub mod refunds;
 pub mod resolution;
 pub mod view;
 
-pub use error::{Missing, PaymentError, Unavailable};
+pub use error::{Missing, PaymentError, ResolveError, Unavailable};
 
 use serde_json::Value;
 
@@ -60,4 +60,20 @@ pub(crate) fn request_hash(route: &str, normalized: &Value) -> String {
     // serde_json's Map is ordered by key: the serialization is canonical.
     hasher.update(normalized.to_string().as_bytes());
     hex::encode(&hasher.finalize()[..16])
+}
+
+/// Whether both stores answer and the settlement stream is healthy; else why not (`/readyz`).
+pub async fn readiness(core: &Core) -> Result<(), Unavailable> {
+    if let Err(err) = core.balances.ping().await {
+        tracing::warn!(error = %err, "readiness: balance store unreachable");
+        return Err(Unavailable::BalanceStore);
+    }
+    if let Err(err) = core.settler.store.ping().await {
+        tracing::warn!(error = %err, "readiness: settlement store unreachable");
+        return Err(Unavailable::SettlementStore);
+    }
+    if !core.settler.is_healthy() {
+        return Err(Unavailable::SettlementStore);
+    }
+    Ok(())
 }

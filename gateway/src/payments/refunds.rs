@@ -19,8 +19,8 @@
 //! Never more than was paid: the reservation is the only way to a refund, and a refund ends
 //! once (`refund_finish.lua`).
 
-use super::resolution::ResolveError;
 use super::view;
+use super::ResolveError;
 use super::{request_hash, Missing, PaymentError, Unavailable};
 use crate::channels::{
     ChannelError, ChannelOrderId, ChannelRefundId, RefundOutcome, RefundRequest,
@@ -219,7 +219,7 @@ pub async fn retry_stale(state: &Core, limit: usize) -> Result<usize, ResolveErr
         let Some(pid) = PaymentId::parse(&refund.payment_id) else {
             continue;
         };
-        let Some(record) = crate::payments::resolution::ensure_payment(state, &pid).await? else {
+        let Some(record) = view::ensure_payment(state, &pid).await? else {
             tracing::warn!(refund_id = %refund.refund_id, "a pending refund's payment is in neither store; skipped");
             continue;
         };
@@ -314,12 +314,10 @@ pub async fn create(
     // balance store lost, first put back from the settlement store).
     let unavailable =
         || PaymentError::unavailable(Unavailable::SettlementStore, Some(pid.as_str()));
-    super::resolution::ensure_payment(core, &pid)
-        .await
-        .map_err(|err| {
-            tracing::warn!(payment_id = %pid, error = %err, "cannot restore the payment");
-            unavailable()
-        })?;
+    view::ensure_payment(core, &pid).await.map_err(|err| {
+        tracing::warn!(payment_id = %pid, error = %err, "cannot restore the payment");
+        unavailable()
+    })?;
     let now = telemetry::now_ms();
     let row_of = |refund_id: String, number: u32, amount_minor: i64| RefundRow {
         refund_id,

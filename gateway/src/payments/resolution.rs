@@ -38,39 +38,16 @@ use crate::preauth::{
     SuccessEffect, TransitionOutcome,
 };
 use crate::settlement::settler::SettleFailure;
+use crate::settlement::AttemptOutcome;
 use crate::settlement::{
     movements, AttemptRow, AttemptUpdate, CommitOutcome, Flagged, PaymentRow, PendingRecord,
-    SettleError, StatusChange,
+    StatusChange,
 };
-use crate::settlement::{AttemptOutcome, RefundStatus};
 use crate::state::Core;
 use crate::telemetry;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ResolveError {
-    #[error(transparent)]
-    Balances(#[from] StoreError),
-    #[error(transparent)]
-    Store(#[from] SettleError),
-    #[error(transparent)]
-    Settle(#[from] SettleFailure),
-    /// The channel reports another amount or currency than the payment's: never settled.
-    #[error("payment {payment_id}: the channel reports {amount_minor} {currency}, not the payment's amount")]
-    AmountMismatch {
-        payment_id: String,
-        amount_minor: i64,
-        currency: Currency,
-    },
-    /// The balance store does not know the payment (it lost it): left for recovery/rebuild.
-    #[error("payment {0} is not in the balance store")]
-    Unknown(String),
-    /// The settlement store refused the settlement (a conflict, flagged).
-    #[error("payment {payment_id}: settlement refused ({outcome:?})")]
-    Refused {
-        payment_id: String,
-        outcome: CommitOutcome,
-    },
-}
+pub use super::error::ResolveError;
+use super::view::ensure_payment;
 
 /// What settling did.
 #[derive(Debug, Clone, PartialEq)]
@@ -79,91 +56,6 @@ pub enum Settled {
     Now,
     /// It had already left `pending` (another path settled it): nothing changed.
     Already(PaymentStatus),
-}
-
-/// The payment as the balance store has it — put back from the settlement store (the system
-/// of record) when the balance store lost it (a Redis failover, a restarted in-process
-/// sandbox): an account payment comes back with its account (balance, sequence and live holds,
-/// if the account is gone too); a payment without a hold comes back on its own, with its
-/// refunds' state. `None` when neither store knows it, or when only its hold could be missing
-/// (a pending payment holding money whose account the balance store still has: never guessed).
-pub async fn ensure_payment(
-    state: &Core,
-    pid: &PaymentId,
-) -> Result<Option<crate::preauth::PaymentRecord>, ResolveError> {
-    if let Some(record) = state.balances.payment(pid).await? {
-        return Ok(Some(record));
-    }
-    let store = &state.settler.store;
-    let Some(row) = store.payment(pid.as_str()).await? else {
-        return Ok(None);
-    };
-    let doc: crate::preauth::PaymentDoc = serde_json::from_str(&row.doc)
-        .map_err(|e| StoreError::Corrupt(format!("stored payment {pid}: {e}")))?;
-    let status = row.status;
-    if let Some(account) = &doc.account_id {
-        let (Ok(merchant), Ok(account_id)) = (
-            crate::ids::MerchantId::parse(&doc.merchant_id),
-            crate::ids::AccountId::parse(account),
-        ) else {
-            return Ok(None);
-        };
-        let key = crate::preauth::AccountKey::new(merchant, account_id);
-        if state
-            .balances
-            .read_account(&key, state.op())
-            .await?
-            .is_none()
-        {
-            crate::settlement::rebuild::rebuild_balances(
-                store.as_ref(),
-                state.balances.as_ref(),
-                Some((doc.merchant_id.as_str(), account.as_str())),
-                state.settler.idempotency_retention_seconds(),
-            )
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-            if let Some(record) = state.balances.payment(pid).await? {
-                return Ok(Some(record));
-            }
-        }
-    }
-    if status == PaymentStatus::Pending && row.held_minor > 0 {
-        tracing::error!(payment_id = %pid, "a pending payment's hold is missing from the balance store while its account is there; not restored (needs `gateway rebuild-balances`)");
-        return Ok(None);
-    }
-    let refunds = store.refunds(pid.as_str()).await?;
-    let live = |r: &&crate::settlement::RefundRow| r.status != RefundStatus::Failed;
-    let restore = crate::preauth::RestorePayment {
-        record: crate::preauth::PaymentRecord {
-            doc,
-            status,
-            held_minor: 0,
-        },
-        refund_count: refunds.iter().map(|r| r.number).max().unwrap_or(0),
-        refunds_reserved: refunds.iter().filter(live).map(|r| r.amount_minor).sum(),
-        refunds_succeeded: refunds
-            .iter()
-            .filter(|r| r.status == RefundStatus::Succeeded)
-            .map(|r| r.amount_minor)
-            .sum(),
-        pending_refunds: refunds
-            .iter()
-            .filter(|r| r.status == RefundStatus::Pending)
-            .map(|r| {
-                (
-                    r.refund_id.clone(),
-                    r.number,
-                    r.amount_minor,
-                    r.created_at_ms,
-                )
-            })
-            .collect(),
-    };
-    if state.balances.restore_payment(&restore).await? {
-        tracing::warn!(payment_id = %pid, status = %status, "payment missing from the balance store: restored from the settlement store");
-    }
-    Ok(state.balances.payment(pid).await?)
 }
 
 /// What a channel's success does to the money (DESIGN.md §3's table).

@@ -4,11 +4,10 @@
 
 use serde_json::Value;
 
-use super::resolution::{self, ResolveError};
-use super::{Missing, PaymentError};
+use super::{Missing, PaymentError, ResolveError};
 use crate::ids::{MerchantId, MerchantOrderId, PaymentId};
-use crate::preauth::{Method, PaymentDoc, PaymentRecord, Scope, StoreError};
-use crate::settlement::{AttemptRow, Flagged, RefundRow};
+use crate::preauth::{Method, PaymentDoc, PaymentRecord, PaymentStatus, Scope, StoreError};
+use crate::settlement::{AttemptRow, Flagged, RefundRow, RefundStatus};
 use crate::state::Core;
 
 /// A payment with what the record knows of it: what `GET /v1/payments/{id}` shows.
@@ -136,7 +135,7 @@ pub async fn live_by_order(
 pub async fn replayed(core: &Core, id: &str) -> Result<PaymentView, PaymentError> {
     let missing = || StoreError::Corrupt(format!("replayed payment {id} is missing"));
     let pid = PaymentId::parse(id).ok_or_else(missing)?;
-    let payment = match resolution::ensure_payment(core, &pid).await {
+    let payment = match ensure_payment(core, &pid).await {
         Ok(Some(payment)) => payment,
         Ok(None) => stored(core, &pid).await?.ok_or_else(missing)?,
         Err(ResolveError::Balances(err)) => return Err(err.into()),
@@ -152,4 +151,84 @@ pub async fn replayed(core: &Core, id: &str) -> Result<PaymentView, PaymentError
 /// Items flagged for a human, newest first.
 pub async fn flagged(core: &Core, limit: usize) -> Result<Vec<Flagged>, PaymentError> {
     Ok(core.settler.store.flagged(limit).await?)
+}
+
+/// The payment as the balance store has it — put back from the settlement store (the system
+/// of record) when the balance store lost it (a Redis failover, a restarted in-process
+/// sandbox): an account payment comes back with its account (balance, sequence and live holds,
+/// if the account is gone too); a payment without a hold comes back on its own, with its
+/// refunds' core. `None` when neither store knows it, or when only its hold could be missing
+/// (a pending payment holding money whose account the balance store still has: never guessed).
+pub async fn ensure_payment(
+    core: &Core,
+    pid: &PaymentId,
+) -> Result<Option<crate::preauth::PaymentRecord>, ResolveError> {
+    if let Some(record) = core.balances.payment(pid).await? {
+        return Ok(Some(record));
+    }
+    let store = &core.settler.store;
+    let Some(row) = store.payment(pid.as_str()).await? else {
+        return Ok(None);
+    };
+    let doc: crate::preauth::PaymentDoc = serde_json::from_str(&row.doc)
+        .map_err(|e| StoreError::Corrupt(format!("stored payment {pid}: {e}")))?;
+    let status = row.status;
+    if let Some(account) = &doc.account_id {
+        let (Ok(merchant), Ok(account_id)) = (
+            crate::ids::MerchantId::parse(&doc.merchant_id),
+            crate::ids::AccountId::parse(account),
+        ) else {
+            return Ok(None);
+        };
+        let key = crate::preauth::AccountKey::new(merchant, account_id);
+        if core.balances.read_account(&key, core.op()).await?.is_none() {
+            crate::settlement::rebuild::rebuild_balances(
+                store.as_ref(),
+                core.balances.as_ref(),
+                Some((doc.merchant_id.as_str(), account.as_str())),
+                core.settler.idempotency_retention_seconds(),
+            )
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            if let Some(record) = core.balances.payment(pid).await? {
+                return Ok(Some(record));
+            }
+        }
+    }
+    if status == PaymentStatus::Pending && row.held_minor > 0 {
+        tracing::error!(payment_id = %pid, "a pending payment's hold is missing from the balance store while its account is there; not restored (needs `gateway rebuild-balances`)");
+        return Ok(None);
+    }
+    let refunds = store.refunds(pid.as_str()).await?;
+    let live = |r: &&crate::settlement::RefundRow| r.status != RefundStatus::Failed;
+    let restore = crate::preauth::RestorePayment {
+        record: crate::preauth::PaymentRecord {
+            doc,
+            status,
+            held_minor: 0,
+        },
+        refund_count: refunds.iter().map(|r| r.number).max().unwrap_or(0),
+        refunds_reserved: refunds.iter().filter(live).map(|r| r.amount_minor).sum(),
+        refunds_succeeded: refunds
+            .iter()
+            .filter(|r| r.status == RefundStatus::Succeeded)
+            .map(|r| r.amount_minor)
+            .sum(),
+        pending_refunds: refunds
+            .iter()
+            .filter(|r| r.status == RefundStatus::Pending)
+            .map(|r| {
+                (
+                    r.refund_id.clone(),
+                    r.number,
+                    r.amount_minor,
+                    r.created_at_ms,
+                )
+            })
+            .collect(),
+    };
+    if core.balances.restore_payment(&restore).await? {
+        tracing::warn!(payment_id = %pid, status = %status, "payment missing from the balance store: restored from the settlement store");
+    }
+    Ok(core.balances.payment(pid).await?)
 }

@@ -4,7 +4,7 @@
 
 use hyper::Uri;
 
-use crate::config::Mode;
+use crate::mode::Mode;
 
 /// A webhook URL the gateway will POST to. Merchants choose `notify_url`, and a delivery's
 /// status is shown back to them, so a URL must not reach the gateway's own network:

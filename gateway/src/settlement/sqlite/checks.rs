@@ -7,7 +7,7 @@ use crate::settlement::{CheckStore, PaymentRow, SettleError};
 use crate::telemetry::StoreOp;
 
 use super::lease::Leased;
-use super::payments::{payment_from_row, PAYMENT_COLUMNS};
+use super::rows::{payment_from_row, PAYMENT_COLUMNS};
 use super::{db, ms, SqliteStore};
 
 /// The resolution loop's queue: pending payments, due at `next_check_at_ms`.

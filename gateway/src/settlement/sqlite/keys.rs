@@ -10,7 +10,7 @@ use crate::settlement::{
 use crate::telemetry::StoreOp;
 
 use super::lease::take_lease;
-use super::payments::{payment_from_row, PAYMENT_COLUMNS};
+use super::rows::{payment_from_row, PAYMENT_COLUMNS};
 use super::{db, exec, ms, named, SqliteStore};
 use crate::preauth::{PaymentStatus, StoredOutcome};
 

@@ -14,6 +14,7 @@ mod lease;
 mod money;
 mod payments;
 mod refunds;
+mod rows;
 mod webhooks;
 mod writes;
 

@@ -11,7 +11,8 @@ use crate::settlement::{
 use crate::telemetry::{self, StoreOp};
 
 use super::keys::{adjustment_taken, arbitrate, insert_adjustment};
-use super::payments::{payment_from_row, write_payment, PAYMENT_COLUMNS};
+use super::payments::write_payment;
+use super::rows::{payment_from_row, PAYMENT_COLUMNS};
 use super::webhooks::enqueue_settlement_webhook;
 use super::{currency, db, exec, ms, query_row, SqliteStore};
 

@@ -9,7 +9,7 @@ use crate::settlement::{
 use crate::telemetry::{self, StoreOp};
 use crate::webhooks::events;
 
-use super::payments::{payment_from_row, PAYMENT_COLUMNS};
+use super::rows::{payment_from_row, PAYMENT_COLUMNS};
 use super::webhooks::insert_webhook;
 use super::{currency, db, exec, ms, named, query_row, SqliteStore};
 

@@ -12,7 +12,7 @@ use crate::telemetry::{self, StoreOp};
 use crate::webhooks::events;
 
 use super::lease::Leased;
-use super::payments::{payment_from_row, PAYMENT_COLUMNS};
+use super::rows::{payment_from_row, PAYMENT_COLUMNS};
 use super::{db, ms, query_row, SqliteStore};
 
 const WEBHOOK_COLUMNS: &str = "id, merchant_id, payment_id, type, sequence, payload, url, \
