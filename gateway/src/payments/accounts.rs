@@ -320,6 +320,13 @@ pub async fn adjust(core: &Core, new: NewAdjustment<'_>) -> Result<Adjusted, Pay
             "currency_mismatch",
             Err(invalid_amount(format!("the account is in {existing}"))),
         ),
+        AdjustOutcome::AccountBusy => (
+            "busy",
+            Err(PaymentError::unavailable(
+                Unavailable::AccountRebuildInProgress,
+                None,
+            )),
+        ),
         AdjustOutcome::OutOfRange => (
             "out_of_range",
             Err(invalid_amount("would take the balance out of range".into())),

@@ -310,6 +310,9 @@ async fn not_created(
             payment_id: existing.as_str().to_owned(),
         },
         AuthorizeOutcome::AccountNotFound => PaymentError::NotFound(Missing::Account),
+        AuthorizeOutcome::AccountBusy => {
+            PaymentError::unavailable(Unavailable::AccountRebuildInProgress, None)
+        }
         AuthorizeOutcome::CurrencyMismatch(existing) => PaymentError::Invalid {
             field: "currency",
             message: format!("does not match the account's currency ({existing})"),

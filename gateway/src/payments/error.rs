@@ -40,6 +40,8 @@ pub enum Unavailable {
     SettlementConflict,
     /// A channel could not confirm either way.
     Channel,
+    /// The account is being rebuilt from the store (a rebuild fences it for a moment).
+    AccountRebuildInProgress,
 }
 
 impl Unavailable {
@@ -51,6 +53,7 @@ impl Unavailable {
             Unavailable::AccountRebuildRequired => "account_rebuild_required",
             Unavailable::SettlementConflict => "settlement_conflict",
             Unavailable::Channel => "channel_unavailable",
+            Unavailable::AccountRebuildInProgress => "account_rebuild_in_progress",
         }
     }
 

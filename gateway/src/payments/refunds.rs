@@ -405,6 +405,12 @@ pub async fn create(
                 })
             }
             RefundReserveOutcome::Exceeds { remaining } => return Err(exceeds(remaining)),
+            RefundReserveOutcome::AccountBusy => {
+                return Err(PaymentError::unavailable(
+                    Unavailable::AccountRebuildInProgress,
+                    Some(pid.as_str()),
+                ))
+            }
         };
 
     // Recorded before the channel is called; then the key may replay.

@@ -33,9 +33,16 @@ struct AccountRow {
     held: i64,
     credit_limit: i64,
     seq: u64,
+    /// A rebuild's fence (as `rb` in Redis): no new movement before this instant (unix ms).
+    fence_until_ms: u64,
 }
 
 impl AccountRow {
+    /// Whether a rebuild holds new movements off (see `BalanceStore::rebuild_guard`).
+    fn fenced(&self, now_ms: u64) -> bool {
+        self.fence_until_ms > now_ms
+    }
+
     fn snapshot(&self) -> AccountSnapshot {
         AccountSnapshot {
             currency: self.currency,
@@ -256,6 +263,7 @@ impl BalanceStore for MemoryStore {
                 held: 0,
                 credit_limit,
                 seq: 0,
+                fence_until_ms: 0,
             };
             let snapshot = row.snapshot();
             state.account = Some(row);
@@ -318,6 +326,13 @@ impl BalanceStore for MemoryStore {
                 Err(Reject::NotFound) => return Ok(AuthorizeOutcome::AccountNotFound),
                 Err(Reject::Collision) => return Err(collision(tag)),
                 Err(Reject::Currency(c)) => return Ok(AuthorizeOutcome::CurrencyMismatch(c)),
+            }
+            if state
+                .account
+                .as_ref()
+                .is_some_and(|row| row.fenced(ctx.now_ms))
+            {
+                return Ok(AuthorizeOutcome::AccountBusy);
             }
             state.release_expired(ctx.now_ms, ctx.lazy_release_max);
         }
@@ -537,6 +552,9 @@ impl BalanceStore for MemoryStore {
             let Some(row) = state.account.as_mut() else {
                 return Ok(RefundReserveOutcome::NotFound);
             };
+            if row.fenced(ctx.now_ms) {
+                return Ok(RefundReserveOutcome::AccountBusy);
+            }
             let available = row.snapshot().available();
             if available < amount {
                 let outcome = StoredOutcome::InsufficientFunds {
@@ -792,6 +810,13 @@ impl BalanceStore for MemoryStore {
             Err(Reject::NotFound) => return Ok(AdjustOutcome::AccountNotFound),
             Err(Reject::Collision) => return Err(collision(req.account.tag)),
             Err(Reject::Currency(c)) => return Ok(AdjustOutcome::CurrencyMismatch(c)),
+        }
+        if state
+            .account
+            .as_ref()
+            .is_some_and(|row| row.fenced(ctx.now_ms))
+        {
+            return Ok(AdjustOutcome::AccountBusy);
         }
         state.release_expired(ctx.now_ms, ctx.lazy_release_max);
         let row = state.account.as_ref().expect("checked");
@@ -1113,12 +1138,20 @@ impl BalanceStore for MemoryStore {
         })
     }
 
-    async fn rebuild_guard(&self, key: &AccountKey) -> Result<Option<RebuildGuard>, StoreError> {
-        Ok(self.scopes.get(&key.tag).and_then(|state| {
-            state.account.as_ref().map(|row| RebuildGuard {
+    async fn rebuild_guard(
+        &self,
+        key: &AccountKey,
+        fence_until_ms: u64,
+    ) -> Result<Option<RebuildGuard>, StoreError> {
+        let Some(mut state) = self.scopes.get_mut(&key.tag) else {
+            return Ok(None);
+        };
+        Ok(state.account.as_mut().map(|row| {
+            row.fence_until_ms = fence_until_ms;
+            RebuildGuard {
                 seq: row.seq,
                 held: row.held,
-            })
+            }
         }))
     }
 
@@ -1141,6 +1174,8 @@ impl BalanceStore for MemoryStore {
             held,
             credit_limit: rebuild.credit_limit,
             seq: rebuild.seq,
+            // Loaded: new movements may start again.
+            fence_until_ms: 0,
         });
         let known: std::collections::HashSet<&str> =
             rebuild.holds.iter().map(|h| h.doc.id.as_str()).collect();

@@ -392,6 +392,9 @@ pub enum AuthorizeOutcome {
     },
     AccountNotFound,
     CurrencyMismatch(Currency),
+    /// The account is being rebuilt from the settlement store (its fence, see
+    /// [`BalanceStore::rebuild_guard`]): nothing was done; retry shortly.
+    AccountBusy,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -576,6 +579,8 @@ pub enum AdjustOutcome {
     CurrencyMismatch(Currency),
     /// The balance would leave the exactly representable range.
     OutOfRange,
+    /// The account is being rebuilt: nothing was done; retry shortly.
+    AccountBusy,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -720,6 +725,8 @@ pub enum RefundReserveOutcome {
         available: i64,
         shortfall: i64,
     },
+    /// A top-up refund while its account is being rebuilt: nothing was done; retry shortly.
+    AccountBusy,
 }
 
 /// A refund's outcome at the channel.
@@ -941,8 +948,16 @@ pub trait BalanceStore: Send + Sync + 'static {
     async fn unsettled(&self, budget: usize) -> Result<UnsettledPage, StoreError>;
 
     /// The account's sequence and held amount now (`None`: no such account), to read before
-    /// a rebuild's snapshot of the settlement store. Moves nothing (no lazy release).
-    async fn rebuild_guard(&self, key: &AccountKey) -> Result<Option<RebuildGuard>, StoreError>;
+    /// a rebuild's snapshot of the settlement store; and the account fenced off new movements
+    /// until `fence_until_ms` (authorize, adjust and a top-up refund's reserve answer
+    /// `AccountBusy`), so the movements on their way to the store drain and the rebuild is not
+    /// starved by live traffic. [`BalanceStore::rebuild_account`] lifts the fence; a rebuild
+    /// that gives up leaves it to lapse. Moves no money (no lazy release).
+    async fn rebuild_guard(
+        &self,
+        key: &AccountKey,
+        fence_until_ms: u64,
+    ) -> Result<Option<RebuildGuard>, StoreError>;
 
     /// Replaces one account's balance, sequence and live holds with the given ones — only if
     /// no movement of the account is on its way to the settlement store and the account is

@@ -53,6 +53,7 @@ struct Scripts {
     restore_keys: Script,
     refund_unwind: Script,
     rebuild_account: Script,
+    rebuild_fence: Script,
 }
 
 impl Scripts {
@@ -77,6 +78,7 @@ impl Scripts {
             restore_keys: with_common(include_str!("scripts/restore_keys.lua")),
             refund_unwind: with_common(include_str!("scripts/refund_unwind.lua")),
             rebuild_account: with_common(include_str!("scripts/rebuild_account.lua")),
+            rebuild_fence: Script::new(include_str!("scripts/rebuild_fence.lua")),
         }
     }
 
@@ -483,6 +485,7 @@ impl BalanceStore for RedisStore {
                 available: number(&reply, 1, what)?,
                 shortfall: number(&reply, 2, what)?,
             },
+            "busy" => AuthorizeOutcome::AccountBusy,
             "collision" => return Err(tag_collision(tag)),
             _ => return Err(corrupt(what, &reply)),
         })
@@ -625,6 +628,7 @@ impl BalanceStore for RedisStore {
                 available: number(&reply, 1, what)?,
                 shortfall: number(&reply, 2, what)?,
             },
+            "busy" => RefundReserveOutcome::AccountBusy,
             _ => return Err(corrupt(what, &reply)),
         })
     }
@@ -820,6 +824,7 @@ impl BalanceStore for RedisStore {
                 available: number(&reply, 1, what)?,
                 shortfall: number(&reply, 2, what)?,
             },
+            "busy" => AdjustOutcome::AccountBusy,
             "collision" => return Err(tag_collision(tag)),
             _ => return Err(corrupt(what, &reply)),
         })
@@ -1057,22 +1062,23 @@ impl BalanceStore for RedisStore {
         })
     }
 
-    async fn rebuild_guard(&self, key: &AccountKey) -> Result<Option<RebuildGuard>, StoreError> {
+    async fn rebuild_guard(
+        &self,
+        key: &AccountKey,
+        fence_until_ms: u64,
+    ) -> Result<Option<RebuildGuard>, StoreError> {
         let k = Keys::of(key.tag);
         let mut conn = self.connection();
-        let (seq, held): (Option<String>, Option<String>) = self
-            .bounded(
-                "rebuild_guard",
-                ::redis::cmd("HMGET")
-                    .arg(&k.account)
-                    .arg("seq")
-                    .arg("held")
-                    .query_async(&mut conn),
-            )
+        let mut invocation = self.scripts.rebuild_fence.prepare_invoke();
+        invocation.key(&k.account).arg(fence_until_ms);
+        let state: Vec<String> = self
+            .bounded("rebuild_guard", invocation.invoke_async(&mut conn))
             .await?;
-        let Some(seq) = seq else {
+        let [seq, held] = <[String; 2]>::try_from(state).unwrap_or_default();
+        if seq.is_empty() {
             return Ok(None);
-        };
+        }
+        let held = Some(held);
         let parse = |v: &str, what: &str| {
             v.parse::<i64>()
                 .map_err(|_| StoreError::Corrupt(format!("account {what} {v:?}")))

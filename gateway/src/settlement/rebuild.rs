@@ -420,6 +420,10 @@ const REBUILD_ATTEMPTS: usize = 25;
 
 const REBUILD_RETRY_MS: u64 = 20;
 
+/// How long one attempt fences the account off new movements (each attempt renews it; a
+/// rebuild that gives up leaves it to lapse within this).
+const REBUILD_FENCE_MS: u64 = 1_000;
+
 /// Loads one account from the settlement store into the balance store, fenced against live
 /// traffic: the account as the balance store has it is read first, then the store's balance,
 /// sequence and live holds in one snapshot, and the balance store takes them only if nothing
@@ -439,7 +443,8 @@ async fn rebuild_account(
         if attempt > 0 {
             tokio::time::sleep(Duration::from_millis(REBUILD_RETRY_MS)).await;
         }
-        let expect = balances.rebuild_guard(&key).await?;
+        let fence_until_ms = telemetry::now_ms() + REBUILD_FENCE_MS;
+        let expect = balances.rebuild_guard(&key, fence_until_ms).await?;
         let Some((balance, rows)) = store.account_state(merchant, account).await? else {
             return Ok(false);
         };

@@ -1203,7 +1203,8 @@ async fn rebuild_replaces_balances_and_holds(store: Arc<dyn BalanceStore>) {
         expect,
     };
     // The fence: not while a movement is on its way to the settlement store (the funding)…
-    let guard = store.rebuild_guard(&k).await.unwrap();
+    let fence = NOW + 1_000;
+    let guard = store.rebuild_guard(&k, fence).await.unwrap();
     assert_eq!(
         guard,
         Some(gateway::preauth::RebuildGuard {
@@ -1213,9 +1214,21 @@ async fn rebuild_replaces_balances_and_holds(store: Arc<dyn BalanceStore>) {
     );
     assert!(!store.rebuild_account(&rebuild(guard)).await.unwrap());
     settle_all(&store).await;
-    // …nor when the account moved since it was read before the snapshot…
+    // Meanwhile no new movement starts (the account is fenced off; nothing is recorded, not
+    // even the key), so the movements on their way drain…
     let moved = authorize(&k, "s3", "moved", 100, hold_until(NOW + 60_000));
-    store.authorize(&moved, ctx(NOW)).await.unwrap();
+    assert_eq!(
+        store.authorize(&moved, ctx(NOW)).await.unwrap(),
+        AuthorizeOutcome::AccountBusy
+    );
+    let credit = adjust(&k, "s3-credit", Direction::Credit, 100);
+    assert_eq!(
+        store.adjust(&credit, ctx(NOW)).await.unwrap(),
+        AdjustOutcome::AccountBusy
+    );
+    // …nor when the account moved since it was read before the snapshot (here: once the
+    // fence lapsed)…
+    store.authorize(&moved, ctx(fence)).await.unwrap();
     assert!(!store.rebuild_account(&rebuild(guard)).await.unwrap());
     assert!(!store.rebuild_account(&rebuild(None)).await.unwrap());
     assert_eq!(
@@ -1223,9 +1236,15 @@ async fn rebuild_replaces_balances_and_holds(store: Arc<dyn BalanceStore>) {
         (10_000, 3_100, 6_900),
         "nothing loaded"
     );
-    // …then, read again, it loads.
-    let guard = store.rebuild_guard(&k).await.unwrap();
+    // …then, read again, it loads, and lifts the fence.
+    let guard = store.rebuild_guard(&k, NOW + 1_000).await.unwrap();
     assert!(store.rebuild_account(&rebuild(guard)).await.unwrap());
+    // (An authorize is heard again: refused for the money, not for the fence.)
+    let after = authorize(&k, "s4", "after", 1_000_000, CAPTURE);
+    assert!(matches!(
+        store.authorize(&after, ctx(NOW)).await.unwrap(),
+        AuthorizeOutcome::InsufficientFunds { .. }
+    ));
     let s = store.read_account(&k, ctx(NOW)).await.unwrap().unwrap();
     assert_eq!(
         (s.balance, s.held, s.credit_limit, s.seq, s.available()),
@@ -1555,7 +1574,7 @@ async fn a_hold_released_by_the_channel_has_no_clock(store: Arc<dyn BalanceStore
     // Rebuilt with its hold: still no clock.
     let record = store.payment(&id).await.unwrap().unwrap();
     settle_all(&store).await;
-    let expect = store.rebuild_guard(&k).await.unwrap();
+    let expect = store.rebuild_guard(&k, NOW).await.unwrap();
     let loaded = store
         .rebuild_account(&AccountRebuild {
             key: k.clone(),

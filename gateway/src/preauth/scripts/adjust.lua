@@ -8,7 +8,7 @@
 -- The idempotency record stays in flight ('F') until settled.lua: an adjustment is answered
 -- only once its settlement is committed.
 -- Returns {'replay', outcome} | {'conflict'} | {'in_flight'} | {'not_found'} | {'collision'}
---   | {'currency', cur} | {'range'} | {'insufficient', available, shortfall}
+--   | {'currency', cur} | {'range'} | {'insufficient', available, shortfall} | {'busy'}
 --   | {'applied', cur, bal, held, cred, seq}
 -- Invariant: a debit never takes available (bal + cred - held) below zero; bal + cred stays
 -- within +-(2^53 - 1); seq += 1 per applied adjustment; one outcome per idempotency key.
@@ -20,6 +20,9 @@ end
 local bad = check_account(KEYS[1], ARGV[1], ARGV[2], ARGV[7])
 if bad then
   return bad
+end
+if fenced(KEYS[1], ARGV[8]) then
+  return {'busy'}
 end
 release_expired(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[6], ARGV[8], tonumber(ARGV[9]))
 

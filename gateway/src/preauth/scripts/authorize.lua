@@ -12,6 +12,7 @@
 -- Returns one of:
 --   {'replay', outcome} {'conflict'} {'in_flight'} {'not_found'} {'collision'}
 --   {'currency', account currency} {'duplicate', live payment id}
+--   {'busy'}                                         (the account is being rebuilt: retry)
 --   {'insufficient', available, shortfall}           (recorded under the idempotency key)
 --   {'created', status, cur, bal, held, cred, seq}   (account fields empty without account)
 -- Invariant: the hold is placed only if balance + cred - held >= amount, atomically with the
@@ -31,6 +32,9 @@ if has_account then
   local bad = account_mismatch(acct, ARGV[1], ARGV[2], ARGV[7])
   if bad then
     return bad
+  end
+  if fenced(KEYS[1], ARGV[10]) then
+    return {'busy'}
   end
   -- First, so that an order id whose hold just expired is free again.
   local released = release_expired(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[8], ARGV[10],

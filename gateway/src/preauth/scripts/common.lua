@@ -87,6 +87,14 @@ local function account_mismatch(acct, merchant, account, currency)
   return nil
 end
 
+-- Whether a rebuild of the account is under way (its fence, 'rb' in a:{T}, set by
+-- rebuild_fence.lua until a time): no new movement of the account starts until the rebuild
+-- has loaded the store's state (rebuild_account.lua lifts the fence) or the fence lapsed.
+local function fenced(akey, now)
+  local until_ms = redis.call('HGET', akey, 'rb')
+  return until_ms and tonumber(until_ms) > tonumber(now)
+end
+
 -- Same, reading the account's m, a and cur itself.
 local function check_account(akey, merchant, account, currency)
   return account_mismatch(redis.call('HMGET', akey, 'm', 'a', 'cur'), merchant, account, currency)

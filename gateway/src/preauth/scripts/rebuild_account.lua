@@ -27,6 +27,8 @@ elseif now_state[1] ~= ARGV[8] or (now_state[2] or '0') ~= ARGV[9] then
 end
 redis.call('HSET', KEYS[1], 'm', ARGV[1], 'a', ARGV[2], 'cur', ARGV[3], 'bal', ARGV[4],
   'cred', ARGV[5], 'seq', ARGV[6], 'ca', ARGV[7])
+-- Loaded: new movements may start again (rebuild_fence.lua held them off).
+redis.call('HDEL', KEYS[1], 'rb')
 local known = {}
 local held = 0
 local n = 0

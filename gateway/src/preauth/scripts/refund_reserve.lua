@@ -12,6 +12,7 @@
 -- Returns {'replay', outcome} | {'conflict'} | {'in_flight'} | {'not_found'}
 --   | {'invalid_state', status} | {'exceeds', remaining}
 --   | {'insufficient', available, shortfall}                (a top-up refund the account lacks)
+--   | {'busy'}                                  (a top-up refund while its account is rebuilt)
 --   | {'created', refund id, n, amount}
 -- Numbers inside the refund's JSON are strings (cjson would round large numbers).
 -- Invariants: reserved never exceeds the payment's amount; a top-up refund holds the amount on
@@ -47,6 +48,9 @@ if doc.purpose == 'topup' then
   local acct = redis.call('HMGET', KEYS[1], 'bal', 'held', 'cred')
   if not acct[1] then
     return {'not_found'}
+  end
+  if fenced(KEYS[1], ARGV[3]) then
+    return {'busy'}
   end
   local available = tonumber(acct[1]) + tonumber(acct[3]) - tonumber(acct[2])
   if available < amount then
