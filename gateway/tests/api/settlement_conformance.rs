@@ -2255,11 +2255,30 @@ async fn old_keys_are_purged_under_a_lease(store: Arc<dyn SettlementStore>) {
         .commit_writes(&[refusal("R1", 150), refusal("R2", 950)])
         .await
         .unwrap();
+    let adjusted = |id: &str, key: &str, at: u64, seq: u64| {
+        let mut s = credit(id, "acc", 100, seq);
+        s.adjustment = Some(gateway::settlement::AdjustmentKey {
+            scope_tag: "TAG0000000".into(),
+            idempotency_key: key.into(),
+            request_hash: "h".into(),
+            doc: "{}".into(),
+            created_at_ms: at,
+        });
+        s
+    };
+    let committed = store
+        .commit(&[
+            adjusted("adj_1", "A1", 120, 1),
+            adjusted("adj_2", "A2", 990, 2),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(committed, vec![CommitOutcome::Inserted; 2]);
 
-    // One key and one refusal per turn, only those older than 500.
+    // One payment key, one refusal and one adjustment key per turn, only those older than 500.
     assert_eq!(
         store.purge_keys("a", 1_000, 10_000, 500, 1).await.unwrap(),
-        Some(2)
+        Some(3)
     );
     // Another instance waits while the lease runs; the holder goes on.
     assert_eq!(
@@ -2289,6 +2308,27 @@ async fn old_keys_are_purged_under_a_lease(store: Arc<dyn SettlementStore>) {
         .map(|r| r.idempotency_key)
         .collect();
     assert_eq!(left, vec!["R2"]);
+    let left: Vec<String> = store
+        .adjustment_keys(0, None, None, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.idempotency_key)
+        .collect();
+    assert_eq!(
+        left,
+        vec!["A2"],
+        "the movements stay, only the old key goes"
+    );
+    let moved: Vec<String> = store
+        .postings_sum_by_movement()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(id, ..)| id)
+        .filter(|id| id.starts_with("adj_"))
+        .collect();
+    assert_eq!(moved, vec!["adj_1", "adj_2"]);
     // A purged key is free again in the store.
     let mut reused = payment_row("pay_4", "o4", "pending", 0).with_idempotency("K1", "other");
     reused.created_at_ms = 5_000;

@@ -417,8 +417,17 @@ impl KeyStore for PostgresStore {
                 )
                 .await
                 .map_err(db)?;
+            // An adjustment's key row goes whole: its movement (the record) stays.
+            let adjustments = tx
+                .execute(
+                    "DELETE FROM adjustments WHERE adjustment_id IN \
+                     (SELECT adjustment_id FROM adjustments WHERE created_at_ms < $1 LIMIT $2)",
+                    &[&ms(before_ms), &limit],
+                )
+                .await
+                .map_err(db)?;
             tx.commit().await.map_err(db)?;
-            Ok(Some(keys + refusals))
+            Ok(Some(keys + refusals + adjustments))
         })
         .await
     }

@@ -328,8 +328,16 @@ impl KeyStore for SqliteStore {
                 params![ms(before_ms), limit],
             )
             .map_err(db)?;
+            // An adjustment's key row goes whole: its movement (the record) stays.
+            let adjustments = exec(
+                &tx,
+                "DELETE FROM adjustments WHERE adjustment_id IN (SELECT adjustment_id \
+                 FROM adjustments WHERE created_at_ms < ?1 LIMIT ?2)",
+                params![ms(before_ms), limit],
+            )
+            .map_err(db)?;
             tx.commit().map_err(db)?;
-            Ok(Some((keys + refusals) as u64))
+            Ok(Some((keys + refusals + adjustments) as u64))
         })
         .await
     }
