@@ -604,6 +604,34 @@ pub struct RefusalRow {
     pub created_at_ms: u64,
 }
 
+/// The tables that keep a key with its first answer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Kept {
+    /// `refusals`: the refusal, encoded.
+    Refusals,
+    /// `adjustments`: the adjustment's document.
+    Adjustments,
+}
+
+impl Kept {
+    /// (table, answer column, operation label).
+    pub(crate) fn names(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Kept::Refusals => ("refusals", "outcome", "refusals"),
+            Kept::Adjustments => ("adjustments", "doc", "adjustment_keys"),
+        }
+    }
+}
+
+/// A kept key as both tables hold it.
+pub(crate) struct KeptKey {
+    pub scope_tag: String,
+    pub idempotency_key: String,
+    pub request_hash: String,
+    pub answer: String,
+    pub created_at_ms: u64,
+}
+
 /// A payment's idempotency key as the store keeps it (what a rebuild puts back into the
 /// balance store, see [`KeyStore::keyed_payments`]).
 #[derive(Debug, Clone, PartialEq, Eq)]

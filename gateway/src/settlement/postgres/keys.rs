@@ -6,7 +6,8 @@ use deadpool_postgres::tokio_postgres;
 use deadpool_postgres::Transaction;
 
 use crate::settlement::{
-    AdjustmentKey, KeyHolder, KeyStore, PaymentRow, RefusalRow, SettleError, StoredKey, Taken,
+    AdjustmentKey, Kept, KeptKey, KeyHolder, KeyStore, PaymentRow, RefusalRow, SettleError,
+    StoredKey, Taken,
 };
 use crate::telemetry::StoreOp;
 
@@ -300,37 +301,14 @@ impl KeyStore for PostgresStore {
         after: Option<(u64, &str)>,
         limit: usize,
     ) -> Result<Vec<RefusalRow>, SettleError> {
-        Self::timed(StoreOp::Read("refusals"), async {
-            let db = |e: tokio_postgres::Error| self.unavailable(&e);
-            let client = self.client().await?;
-            let (after_ms, after_key) = match after {
-                Some((at, key)) => (ms(at), key),
-                None => (-1, ""),
-            };
-            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-            let rows = client
-                .query(
-                    "SELECT scope_tag, idempotency_key, request_hash, outcome, created_at_ms \
-                     FROM refusals WHERE created_at_ms >= $1 \
-                     AND ($2::TEXT IS NULL OR scope_tag = $2) \
-                     AND (created_at_ms > $3 OR (created_at_ms = $3 \
-                          AND idempotency_key COLLATE \"C\" > $4)) \
-                     ORDER BY created_at_ms, idempotency_key COLLATE \"C\" LIMIT $5",
-                    &[&ms(since_ms), &scope_tag, &after_ms, &after_key, &limit],
-                )
-                .await
-                .map_err(db)?;
-            rows.iter()
-                .map(|r| {
-                    Ok(RefusalRow {
-                        scope_tag: get(r, 0)?,
-                        idempotency_key: get(r, 1)?,
-                        request_hash: get(r, 2)?,
-                        outcome: get(r, 3)?,
-                        created_at_ms: get_u64(r, 4)?,
-                    })
-                })
-                .collect()
+        self.key_page(Kept::Refusals, since_ms, scope_tag, after, limit, |k| {
+            RefusalRow {
+                scope_tag: k.scope_tag,
+                idempotency_key: k.idempotency_key,
+                request_hash: k.request_hash,
+                outcome: k.answer,
+                created_at_ms: k.created_at_ms,
+            }
         })
         .await
     }
@@ -342,37 +320,14 @@ impl KeyStore for PostgresStore {
         after: Option<(u64, &str)>,
         limit: usize,
     ) -> Result<Vec<AdjustmentKey>, SettleError> {
-        Self::timed(StoreOp::Read("adjustment_keys"), async {
-            let db = |e: tokio_postgres::Error| self.unavailable(&e);
-            let client = self.client().await?;
-            let (after_ms, after_key) = match after {
-                Some((at, key)) => (ms(at), key),
-                None => (-1, ""),
-            };
-            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-            let rows = client
-                .query(
-                    "SELECT scope_tag, idempotency_key, request_hash, doc, created_at_ms \
-                     FROM adjustments WHERE created_at_ms >= $1 \
-                     AND ($2::TEXT IS NULL OR scope_tag = $2) \
-                     AND (created_at_ms > $3 OR (created_at_ms = $3 \
-                          AND idempotency_key COLLATE \"C\" > $4)) \
-                     ORDER BY created_at_ms, idempotency_key COLLATE \"C\" LIMIT $5",
-                    &[&ms(since_ms), &scope_tag, &after_ms, &after_key, &limit],
-                )
-                .await
-                .map_err(db)?;
-            rows.iter()
-                .map(|r| {
-                    Ok(AdjustmentKey {
-                        scope_tag: get(r, 0)?,
-                        idempotency_key: get(r, 1)?,
-                        request_hash: get(r, 2)?,
-                        doc: get(r, 3)?,
-                        created_at_ms: get_u64(r, 4)?,
-                    })
-                })
-                .collect()
+        self.key_page(Kept::Adjustments, since_ms, scope_tag, after, limit, |k| {
+            AdjustmentKey {
+                scope_tag: k.scope_tag,
+                idempotency_key: k.idempotency_key,
+                request_hash: k.request_hash,
+                doc: k.answer,
+                created_at_ms: k.created_at_ms,
+            }
         })
         .await
     }
@@ -464,6 +419,59 @@ impl KeyStore for PostgresStore {
             StoreOp::Read("live_payment_by_order"),
             self.live_payment_by_order_inner(scope_tag, merchant_order_id),
         )
+        .await
+    }
+}
+
+impl PostgresStore {
+    /// One page of a [`Kept`] table at or after `since_ms` (of `scope_tag` when given), in
+    /// (created_at_ms, key) order after `after`, at most `limit`, each row made a `T`.
+    async fn key_page<T>(
+        &self,
+        kept: Kept,
+        since_ms: u64,
+        scope_tag: Option<&str>,
+        after: Option<(u64, &str)>,
+        limit: usize,
+        row: fn(KeptKey) -> T,
+    ) -> Result<Vec<T>, SettleError> {
+        let (table, answer, op) = kept.names();
+        Self::timed(StoreOp::Read(op), async {
+            let db = |e: tokio_postgres::Error| self.unavailable(&e);
+            let client = self.client().await?;
+            let (after_ms, after_key) = match after {
+                Some((at, key)) => (ms(at), key),
+                None => (-1, ""),
+            };
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            // Ordered by the key's bytes ("C"), in the comparison as in the order, so the pages
+            // follow each other whatever the database's collation.
+            let rows = client
+                .query(
+                    &format!(
+                        "SELECT scope_tag, idempotency_key, request_hash, {answer}, created_at_ms \
+                         FROM {table} WHERE created_at_ms >= $1 \
+                         AND ($2::TEXT IS NULL OR scope_tag = $2) \
+                         AND (created_at_ms > $3 OR (created_at_ms = $3 \
+                              AND idempotency_key COLLATE \"C\" > $4)) \
+                         ORDER BY created_at_ms, idempotency_key COLLATE \"C\" LIMIT $5"
+                    ),
+                    &[&ms(since_ms), &scope_tag, &after_ms, &after_key, &limit],
+                )
+                .await
+                .map_err(db)?;
+            rows.iter()
+                .map(|r| {
+                    Ok(row(KeptKey {
+                        scope_tag: get(r, 0)?,
+                        idempotency_key: get(r, 1)?,
+                        request_hash: get(r, 2)?,
+                        answer: get(r, 3)?,
+                        created_at_ms: get_u64(r, 4)?,
+                    }))
+                })
+                .collect()
+        })
         .await
     }
 }

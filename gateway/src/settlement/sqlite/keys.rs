@@ -5,7 +5,8 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use crate::settlement::{
-    AdjustmentKey, KeyHolder, KeyStore, PaymentRow, RefusalRow, SettleError, StoredKey, Taken,
+    AdjustmentKey, Kept, KeptKey, KeyHolder, KeyStore, PaymentRow, RefusalRow, SettleError,
+    StoredKey, Taken,
 };
 use crate::telemetry::StoreOp;
 
@@ -219,37 +220,13 @@ impl KeyStore for SqliteStore {
         after: Option<(u64, &str)>,
         limit: usize,
     ) -> Result<Vec<RefusalRow>, SettleError> {
-        let scope_tag = scope_tag.map(str::to_owned);
-        let (after_ms, after_key) = match after {
-            Some((at, key)) => (ms(at), key.to_owned()),
-            None => (-1, String::new()),
-        };
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.run(StoreOp::Read("refusals"), move |conn| {
-            let mut st = conn
-                .prepare_cached(
-                    "SELECT scope_tag, idempotency_key, request_hash, outcome, created_at_ms \
-                     FROM refusals WHERE created_at_ms >= ?1 \
-                     AND (?2 IS NULL OR scope_tag = ?2) \
-                     AND (created_at_ms, idempotency_key) > (?3, ?4) \
-                     ORDER BY created_at_ms, idempotency_key LIMIT ?5",
-                )
-                .map_err(db)?;
-            let rows = st
-                .query_map(
-                    params![ms(since_ms), scope_tag, after_ms, after_key, limit],
-                    |r| {
-                        Ok(RefusalRow {
-                            scope_tag: r.get(0)?,
-                            idempotency_key: r.get(1)?,
-                            request_hash: r.get(2)?,
-                            outcome: r.get(3)?,
-                            created_at_ms: r.get::<_, i64>(4)? as u64,
-                        })
-                    },
-                )
-                .map_err(db)?;
-            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db)
+        let page = KeyPage::new(Kept::Refusals, since_ms, scope_tag, after, limit);
+        self.key_page(page, |k| RefusalRow {
+            scope_tag: k.scope_tag,
+            idempotency_key: k.idempotency_key,
+            request_hash: k.request_hash,
+            outcome: k.answer,
+            created_at_ms: k.created_at_ms,
         })
         .await
     }
@@ -261,37 +238,13 @@ impl KeyStore for SqliteStore {
         after: Option<(u64, &str)>,
         limit: usize,
     ) -> Result<Vec<AdjustmentKey>, SettleError> {
-        let scope_tag = scope_tag.map(str::to_owned);
-        let (after_ms, after_key) = match after {
-            Some((at, key)) => (ms(at), key.to_owned()),
-            None => (-1, String::new()),
-        };
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.run(StoreOp::Read("adjustment_keys"), move |conn| {
-            let mut st = conn
-                .prepare_cached(
-                    "SELECT scope_tag, idempotency_key, request_hash, doc, created_at_ms \
-                     FROM adjustments WHERE created_at_ms >= ?1 \
-                     AND (?2 IS NULL OR scope_tag = ?2) \
-                     AND (created_at_ms, idempotency_key) > (?3, ?4) \
-                     ORDER BY created_at_ms, idempotency_key LIMIT ?5",
-                )
-                .map_err(db)?;
-            let rows = st
-                .query_map(
-                    params![ms(since_ms), scope_tag, after_ms, after_key, limit],
-                    |r| {
-                        Ok(AdjustmentKey {
-                            scope_tag: r.get(0)?,
-                            idempotency_key: r.get(1)?,
-                            request_hash: r.get(2)?,
-                            doc: r.get(3)?,
-                            created_at_ms: r.get::<_, i64>(4)? as u64,
-                        })
-                    },
-                )
-                .map_err(db)?;
-            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db)
+        let page = KeyPage::new(Kept::Adjustments, since_ms, scope_tag, after, limit);
+        self.key_page(page, |k| AdjustmentKey {
+            scope_tag: k.scope_tag,
+            idempotency_key: k.idempotency_key,
+            request_hash: k.request_hash,
+            doc: k.answer,
+            created_at_ms: k.created_at_ms,
         })
         .await
     }
@@ -374,6 +327,83 @@ impl KeyStore for SqliteStore {
                     .optional()
             })
             .map_err(db)
+        })
+        .await
+    }
+}
+
+/// One page of a [`Kept`] table, in (created_at_ms, key) order after the cursor.
+struct KeyPage {
+    kept: Kept,
+    since_ms: u64,
+    scope_tag: Option<String>,
+    after_ms: i64,
+    after_key: String,
+    limit: i64,
+}
+
+impl KeyPage {
+    fn new(
+        kept: Kept,
+        since_ms: u64,
+        scope_tag: Option<&str>,
+        after: Option<(u64, &str)>,
+        limit: usize,
+    ) -> Self {
+        let (after_ms, after_key) = match after {
+            Some((at, key)) => (ms(at), key.to_owned()),
+            None => (-1, String::new()),
+        };
+        Self {
+            kept,
+            since_ms,
+            scope_tag: scope_tag.map(str::to_owned),
+            after_ms,
+            after_key,
+            limit: i64::try_from(limit).unwrap_or(i64::MAX),
+        }
+    }
+}
+
+impl SqliteStore {
+    /// Reads one [`KeyPage`], each row made a `T` by `row`.
+    async fn key_page<T: Send + 'static>(
+        &self,
+        page: KeyPage,
+        row: fn(KeptKey) -> T,
+    ) -> Result<Vec<T>, SettleError> {
+        let (table, answer, op) = page.kept.names();
+        self.run(StoreOp::Read(op), move |conn| {
+            let mut st = conn
+                .prepare_cached(&format!(
+                    "SELECT scope_tag, idempotency_key, request_hash, {answer}, created_at_ms \
+                     FROM {table} WHERE created_at_ms >= ?1 \
+                     AND (?2 IS NULL OR scope_tag = ?2) \
+                     AND (created_at_ms, idempotency_key) > (?3, ?4) \
+                     ORDER BY created_at_ms, idempotency_key LIMIT ?5"
+                ))
+                .map_err(db)?;
+            let rows = st
+                .query_map(
+                    params![
+                        ms(page.since_ms),
+                        page.scope_tag,
+                        page.after_ms,
+                        page.after_key,
+                        page.limit
+                    ],
+                    |r| {
+                        Ok(row(KeptKey {
+                            scope_tag: r.get(0)?,
+                            idempotency_key: r.get(1)?,
+                            request_hash: r.get(2)?,
+                            answer: r.get(3)?,
+                            created_at_ms: r.get::<_, i64>(4)? as u64,
+                        }))
+                    },
+                )
+                .map_err(db)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db)
         })
         .await
     }
