@@ -473,20 +473,11 @@ pub async fn cancel(
     expires_at_ms: u64,
 ) -> Result<Cancel, ResolveError> {
     let attempts = state.settler.store.attempts(pid.as_str()).await?;
-    let now = telemetry::now_ms();
-    for attempt in attempts.iter().filter(|a| a.outcome.is_open()) {
-        match close(state, attempt, expires_at_ms, now).await {
-            Closed::Dead => {}
-            Closed::Paid {
-                channel_txn_id,
-                amount_minor,
-                currency,
-            } => {
-                settle_paid(state, attempt, &channel_txn_id, amount_minor, currency).await?;
-                return Ok(Cancel::Paid);
-            }
-            Closed::Unreachable => return Ok(Cancel::ChannelUnreachable),
-        }
+    let open: Vec<&AttemptRow> = attempts.iter().filter(|a| a.outcome.is_open()).collect();
+    match close_open(state, &open, expires_at_ms, telemetry::now_ms()).await? {
+        AllClosed::Dead => {}
+        AllClosed::Paid => return Ok(Cancel::Paid),
+        AllClosed::Unreachable => return Ok(Cancel::ChannelUnreachable),
     }
     Ok(
         match settle_unpaid(state, pid, PaymentStatus::Canceled).await? {
@@ -551,6 +542,41 @@ pub async fn cancel_owned(
             Some(pid.as_str()),
         )),
     }
+}
+
+/// What closing every open attempt of a payment came to.
+enum AllClosed {
+    /// None will take money.
+    Dead,
+    /// One was paid: the payment was settled as paid (the others are left to the channel).
+    Paid,
+    /// A channel could not confirm its order is dead: nothing decided.
+    Unreachable,
+}
+
+/// Closes `open` attempts one by one, the channel's word first: the first one paid is settled
+/// (and ends the round), a channel that cannot answer ends it undecided.
+async fn close_open(
+    state: &Core,
+    open: &[&AttemptRow],
+    expires_at_ms: u64,
+    now_ms: u64,
+) -> Result<AllClosed, ResolveError> {
+    for &attempt in open {
+        match close(state, attempt, expires_at_ms, now_ms).await {
+            Closed::Dead => {}
+            Closed::Paid {
+                channel_txn_id,
+                amount_minor,
+                currency,
+            } => {
+                settle_paid(state, attempt, &channel_txn_id, amount_minor, currency).await?;
+                return Ok(AllClosed::Paid);
+            }
+            Closed::Unreachable => return Ok(AllClosed::Unreachable),
+        }
+    }
+    Ok(AllClosed::Dead)
 }
 
 enum Closed {
@@ -651,19 +677,10 @@ pub async fn look(state: &Core, row: &PaymentRow, now_ms: u64) -> Result<Look, R
     let attempts = state.settler.store.attempts(pid.as_str()).await?;
     let open: Vec<&AttemptRow> = attempts.iter().filter(|a| a.outcome.is_open()).collect();
     if now_ms >= row.expires_at_ms {
-        for attempt in &open {
-            match close(state, attempt, row.expires_at_ms, now_ms).await {
-                Closed::Dead => {}
-                Closed::Paid {
-                    channel_txn_id,
-                    amount_minor,
-                    currency,
-                } => {
-                    settle_paid(state, attempt, &channel_txn_id, amount_minor, currency).await?;
-                    return Ok(Look::Done);
-                }
-                Closed::Unreachable => return Ok(Look::Again),
-            }
+        match close_open(state, &open, row.expires_at_ms, now_ms).await? {
+            AllClosed::Dead => {}
+            AllClosed::Paid => return Ok(Look::Done),
+            AllClosed::Unreachable => return Ok(Look::Again),
         }
         settle_unpaid(state, &pid, PaymentStatus::Expired).await?;
         return Ok(Look::Done);
