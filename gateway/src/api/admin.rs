@@ -42,7 +42,7 @@ pub async fn flagged(
         .into_iter()
         .map(|f| {
             json!({
-                "kind": f.kind,
+                "kind": f.kind.as_str(),
                 "payment_id": f.payment_id,
                 "detail": f.detail,
                 "created_at": rfc3339(f.created_at_ms),

@@ -48,6 +48,7 @@ use crate::telemetry;
 
 pub use super::error::ResolveError;
 use super::view::ensure_payment;
+use crate::settlement::FlagKind;
 
 /// What settling did.
 #[derive(Debug, Clone, PartialEq)]
@@ -94,7 +95,7 @@ pub async fn settle_paid(
         telemetry::resolution("amount_mismatch");
         tracing::error!(payment_id = %pid, channel = %attempt.channel_id, amount_minor, %currency, "the channel reports another amount than the payment's: not settled");
         let flag = Flagged {
-            kind: "amount_mismatch".into(),
+            kind: FlagKind::AmountMismatch,
             payment_id: pid.to_string(),
             detail: format!(
                 "{} reports {} {} for attempt {}; the payment is {} {}: not settled",
@@ -251,7 +252,7 @@ pub async fn record_late_money(
         late_refund(state, &doc, attempt, amount_minor).await?
     };
     let flag = Flagged {
-        kind: "late_money".into(),
+        kind: FlagKind::LateMoney,
         payment_id: pid.to_string(),
         detail: format!(
             "{reason}: {} {} paid on {} (attempt {}, channel transaction {channel_txn_id}) \
@@ -327,7 +328,7 @@ async fn late_capture(
         }
         LateCaptureOutcome::Insufficient { available } => {
             let flag = Flagged {
-                kind: "overdraft".into(),
+                kind: FlagKind::Overdraft,
                 payment_id: pid.to_string(),
                 detail: format!(
                     "the supplier executed this charge after it ended, but the account has only {} {} available: recover {} {} by hand",
@@ -740,7 +741,7 @@ pub async fn look(state: &Core, row: &PaymentRow, now_ms: u64) -> Result<Look, R
                 still_open += 1;
                 tracing::warn!(payment_id = %pid, channel = %attempt.channel_id, order = %attempt.channel_order_id, "the channel does not know an order it accepted");
                 let flag = Flagged {
-                    kind: "channel_order_missing".into(),
+                    kind: FlagKind::ChannelOrderMissing,
                     payment_id: pid.to_string(),
                     detail: format!(
                         "{} answers \"no such order\" for {} (attempt {}), which it accepted",

@@ -830,9 +830,71 @@ pub enum IntentOutcome {
     IdempotencyConflict(KeyHolder),
 }
 
+/// Why an item waits for a human (`GET /v1/admin/flagged` `kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlagKind {
+    /// A settlement whose content differs from the one stored under its key.
+    SettlementConflict,
+    /// An account sequence number used twice: the balance store rolled back.
+    SequenceConflict,
+    /// A payment row whose live order id another live payment holds.
+    OrderIdConflict,
+    /// Another refund under a refund's id or number.
+    RefundConflict,
+    /// Refunds above what was paid (the balance store had lost the payment's refunds).
+    RefundCap,
+    /// Money for a payment that had ended, or for an abandoned attempt.
+    LateMoney,
+    /// A late capture the account could not cover.
+    Overdraft,
+    /// A channel reported another amount or currency than the payment's.
+    AmountMismatch,
+    /// A channel said it has no such order for an attempt it had accepted.
+    ChannelOrderMissing,
+}
+
+impl FlagKind {
+    pub const ALL: [FlagKind; 9] = [
+        FlagKind::SettlementConflict,
+        FlagKind::SequenceConflict,
+        FlagKind::OrderIdConflict,
+        FlagKind::RefundConflict,
+        FlagKind::RefundCap,
+        FlagKind::LateMoney,
+        FlagKind::Overdraft,
+        FlagKind::AmountMismatch,
+        FlagKind::ChannelOrderMissing,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FlagKind::SettlementConflict => "settlement_conflict",
+            FlagKind::SequenceConflict => "sequence_conflict",
+            FlagKind::OrderIdConflict => "order_id_conflict",
+            FlagKind::RefundConflict => "refund_conflict",
+            FlagKind::RefundCap => "refund_cap",
+            FlagKind::LateMoney => "late_money",
+            FlagKind::Overdraft => "overdraft",
+            FlagKind::AmountMismatch => "amount_mismatch",
+            FlagKind::ChannelOrderMissing => "channel_order_missing",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.as_str() == s)
+    }
+}
+
+impl fmt::Display for FlagKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Flagged {
-    pub kind: String,
+    pub kind: FlagKind,
     pub payment_id: String,
     pub detail: String,
     pub created_at_ms: u64,

@@ -155,7 +155,7 @@ async fn postgres_store_migrates_commits_and_survives_a_restart() {
     );
     let flagged = store.flagged(10).await.unwrap();
     assert_eq!(flagged.len(), 1, "{flagged:?}");
-    assert_eq!(flagged[0].kind, "settlement_conflict");
+    assert_eq!(flagged[0].kind.as_str(), "settlement_conflict");
     assert_eq!(flagged[0].payment_id, "pay_x");
 
     // Unbalanced: refused before anything is written.

@@ -7,21 +7,27 @@ use deadpool_postgres::Transaction;
 use crate::settlement::{FlagStore, Flagged, SettleError};
 use crate::telemetry::{self, StoreOp};
 
-use super::{get, get_u64, ms, PostgresStore};
+use super::{get, get_named, get_u64, ms, PostgresStore};
+use crate::settlement::FlagKind;
 
 const INSERT_FLAG: &str = "INSERT INTO flagged (kind, payment_id, detail, created_at_ms) \
     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING";
 
 pub(super) async fn flag(
     tx: &Transaction<'_>,
-    kind: &str,
+    kind: FlagKind,
     payment_id: &str,
     detail: &str,
 ) -> Result<(), tokio_postgres::Error> {
     let stmt = tx.prepare_cached(INSERT_FLAG).await?;
     tx.execute(
         &stmt,
-        &[&kind, &payment_id, &detail, &ms(telemetry::now_ms())],
+        &[
+            &kind.as_str(),
+            &payment_id,
+            &detail,
+            &ms(telemetry::now_ms()),
+        ],
     )
     .await?;
     Ok(())
@@ -43,7 +49,7 @@ impl PostgresStore {
         rows.iter()
             .map(|r| {
                 Ok(Flagged {
-                    kind: get(r, 0)?,
+                    kind: get_named(r, 0, FlagKind::parse)?,
                     payment_id: get(r, 1)?,
                     detail: get(r, 2)?,
                     created_at_ms: get_u64(r, 3)?,
@@ -62,7 +68,7 @@ impl FlagStore for PostgresStore {
             let inserted = client
                 .execute(
                     INSERT_FLAG,
-                    &[&item.kind, &item.payment_id, &item.detail, &at],
+                    &[&item.kind.as_str(), &item.payment_id, &item.detail, &at],
                 )
                 .await
                 .map_err(|e| self.unavailable(&e))?;

@@ -20,6 +20,7 @@ use super::payments::{
 };
 use super::webhooks::insert_webhooks;
 use super::{get, get_currency, get_u32, get_u64, invalid, ms, no_nul, PostgresStore};
+use crate::settlement::FlagKind;
 
 const INSERT_SETTLEMENT: &str = "INSERT INTO settlements (payment_id, kind, sequence, \
     merchant_id, account_id, channel_id, channel_txn_id, amount_minor, currency, \
@@ -423,7 +424,7 @@ impl PostgresStore {
                 "{} #{}: stored {stored}, offered {hash}",
                 s.kind, s.sequence
             );
-            flag(tx, "settlement_conflict", &s.payment_id, &detail)
+            flag(tx, FlagKind::SettlementConflict, &s.payment_id, &detail)
                 .await
                 .map_err(db)?;
             return Ok((
@@ -461,7 +462,7 @@ impl PostgresStore {
         let detail = format!(
             "account sequence {account_seq} is already used: the balance store rolled back"
         );
-        flag(tx, "sequence_conflict", &s.payment_id, &detail)
+        flag(tx, FlagKind::SequenceConflict, &s.payment_id, &detail)
             .await
             .map_err(db)?;
         Ok((CommitOutcome::SequenceConflict { account_seq }, false))
@@ -498,7 +499,7 @@ impl PostgresStore {
                     "order id {} is held by another live payment",
                     payment.merchant_order_id
                 );
-                flag(tx, "order_id_conflict", &payment.id, &detail)
+                flag(tx, FlagKind::OrderIdConflict, &payment.id, &detail)
                     .await
                     .map_err(db)?;
             }

@@ -13,6 +13,7 @@ use crate::webhooks::events;
 use super::flags::flag;
 use super::webhooks::insert_webhooks;
 use super::{get, get_currency, get_named, get_u32, get_u64, ms, PostgresStore};
+use crate::settlement::FlagKind;
 
 const REFUND_COLUMNS: &str = "refund_id, payment_id, number, amount_minor, currency, status, \
     channel_id, channel_order_id, reason, created_at_ms, updated_at_ms, idempotency_key";
@@ -40,7 +41,7 @@ impl PostgresStore {
         &self,
         tx: &Transaction<'_>,
         r: &RefundRow,
-        kind: &str,
+        kind: FlagKind,
         why: &str,
     ) -> Result<(), SettleError> {
         let detail = format!(
@@ -89,8 +90,13 @@ impl RefundStore for PostgresStore {
                 if refund_from_row(&row)?.same_as(refund) {
                     return Ok(RefundRecorded::AlreadyRecorded);
                 }
-                self.flag_refund(&tx, refund, "refund_conflict", "another refund has this id")
-                    .await?;
+                self.flag_refund(
+                    &tx,
+                    refund,
+                    FlagKind::RefundConflict,
+                    "another refund has this id",
+                )
+                .await?;
                 tx.commit().await.map_err(db)?;
                 return Ok(RefundRecorded::Conflict);
             }
@@ -107,7 +113,8 @@ impl RefundStore for PostgresStore {
             let remaining_minor = amount - refunded;
             if refund.amount_minor > remaining_minor {
                 let detail = format!("{} left to refund", remaining_minor.max(0));
-                self.flag_refund(&tx, refund, "refund_cap", &detail).await?;
+                self.flag_refund(&tx, refund, FlagKind::RefundCap, &detail)
+                    .await?;
                 tx.commit().await.map_err(db)?;
                 return Ok(RefundRecorded::Exceeds { remaining_minor });
             }

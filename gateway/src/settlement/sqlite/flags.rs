@@ -3,10 +3,10 @@
 use async_trait::async_trait;
 use rusqlite::params;
 
-use crate::settlement::{FlagStore, Flagged, SettleError};
+use crate::settlement::{FlagKind, FlagStore, Flagged, SettleError};
 use crate::telemetry::StoreOp;
 
-use super::{db, ms, SqliteStore};
+use super::{db, ms, named, SqliteStore};
 
 #[async_trait]
 impl FlagStore for SqliteStore {
@@ -18,7 +18,7 @@ impl FlagStore for SqliteStore {
                     "INSERT INTO flagged (kind, payment_id, detail, created_at_ms) \
                      VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
                     params![
-                        item.kind,
+                        item.kind.as_str(),
                         item.payment_id,
                         item.detail,
                         ms(item.created_at_ms)
@@ -41,7 +41,7 @@ impl FlagStore for SqliteStore {
             let rows = stmt
                 .query_map([limit as i64], |r| {
                     Ok(Flagged {
-                        kind: r.get(0)?,
+                        kind: named(r.get(0)?, FlagKind::parse)?,
                         payment_id: r.get(1)?,
                         detail: r.get(2)?,
                         created_at_ms: r.get::<_, i64>(3)? as u64,

@@ -15,6 +15,7 @@ use super::payments::write_payment;
 use super::rows::{payment_from_row, PAYMENT_COLUMNS};
 use super::webhooks::enqueue_settlement_webhook;
 use super::{currency, db, exec, ms, query_row, SqliteStore};
+use crate::settlement::FlagKind;
 
 /// Every account (or only `(merchant, account)`) with its balance and sequence recomputed from
 /// the postings ([`MoneyStore::balances`]).
@@ -141,11 +142,12 @@ pub(super) fn settle_in(
             let account_seq = s.account_seq.unwrap_or(0);
             exec(tx,
                 "INSERT INTO flagged (kind, payment_id, detail, created_at_ms) \
-                 VALUES ('sequence_conflict', ?1, ?2, ?3) ON CONFLICT DO NOTHING",
+                 VALUES (?4, ?1, ?2, ?3) ON CONFLICT DO NOTHING",
                 params![
                     s.payment_id,
                     format!("account sequence {account_seq} is already used: the balance store rolled back"),
-                    ms(telemetry::now_ms())
+                    ms(telemetry::now_ms()),
+                    FlagKind::SequenceConflict.as_str()
                 ],
             )
             .map_err(db)?;
@@ -157,14 +159,15 @@ pub(super) fn settle_in(
             exec(
                 tx,
                 "INSERT INTO flagged (kind, payment_id, detail, created_at_ms) \
-                 VALUES ('settlement_conflict', ?1, ?2, ?3) ON CONFLICT DO NOTHING",
+                 VALUES (?4, ?1, ?2, ?3) ON CONFLICT DO NOTHING",
                 params![
                     s.payment_id,
                     format!(
                         "{} #{}: stored {stored}, offered {hash}",
                         s.kind, s.sequence
                     ),
-                    ms(telemetry::now_ms())
+                    ms(telemetry::now_ms()),
+                    FlagKind::SettlementConflict.as_str()
                 ],
             )
             .map_err(db)?;
@@ -205,14 +208,15 @@ pub(super) fn settle_in(
             exec(
                 tx,
                 "INSERT INTO flagged (kind, payment_id, detail, created_at_ms) \
-                 VALUES ('order_id_conflict', ?1, ?2, ?3) ON CONFLICT DO NOTHING",
+                 VALUES (?4, ?1, ?2, ?3) ON CONFLICT DO NOTHING",
                 params![
                     payment.id,
                     format!(
                         "order id {} is held by another live payment",
                         payment.merchant_order_id
                     ),
-                    ms(telemetry::now_ms())
+                    ms(telemetry::now_ms()),
+                    FlagKind::OrderIdConflict.as_str()
                 ],
             )
             .map_err(db)?;

@@ -12,6 +12,7 @@ use crate::webhooks::events;
 use super::rows::{payment_from_row, PAYMENT_COLUMNS};
 use super::webhooks::insert_webhook;
 use super::{currency, db, exec, ms, named, query_row, SqliteStore};
+use crate::settlement::FlagKind;
 
 const REFUND_COLUMNS: &str = "refund_id, payment_id, number, amount_minor, currency, status, \
     channel_id, channel_order_id, reason, created_at_ms, updated_at_ms, idempotency_key";
@@ -35,13 +36,18 @@ fn refund_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RefundRow> {
 
 /// Flags a refund the store refused (`kind`: `refund_conflict`, `refund_cap`), under its
 /// payment.
-fn flag_refund(tx: &Connection, r: &RefundRow, kind: &str, why: &str) -> Result<(), SettleError> {
+fn flag_refund(
+    tx: &Connection,
+    r: &RefundRow,
+    kind: FlagKind,
+    why: &str,
+) -> Result<(), SettleError> {
     exec(
         tx,
         "INSERT INTO flagged (kind, payment_id, detail, created_at_ms) VALUES (?1, ?2, ?3, ?4) \
          ON CONFLICT DO NOTHING",
         params![
-            kind,
+            kind.as_str(),
             r.payment_id,
             format!(
                 "refund {} of {} refused: {why} (the balance store had lost the payment's refunds)",
@@ -72,7 +78,12 @@ impl RefundStore for SqliteStore {
             .map_err(db)?;
             if let Some(stored) = stored {
                 if !stored.same_as(&r) {
-                    flag_refund(&tx, &r, "refund_conflict", "another refund has this id")?;
+                    flag_refund(
+                        &tx,
+                        &r,
+                        FlagKind::RefundConflict,
+                        "another refund has this id",
+                    )?;
                     tx.commit().map_err(db)?;
                     return Ok(RefundRecorded::Conflict);
                 }
@@ -103,7 +114,7 @@ impl RefundStore for SqliteStore {
             let remaining_minor = amount - refunded;
             if r.amount_minor > remaining_minor {
                 let detail = format!("{} left to refund", remaining_minor.max(0));
-                flag_refund(&tx, &r, "refund_cap", &detail)?;
+                flag_refund(&tx, &r, FlagKind::RefundCap, &detail)?;
                 tx.commit().map_err(db)?;
                 return Ok(RefundRecorded::Exceeds { remaining_minor });
             }
