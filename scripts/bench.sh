@@ -13,6 +13,7 @@
 #
 #   scripts/bench.sh [--quick] [--out DIR] [--no-doc]
 #   scripts/bench.sh --serve postgres|sqlite [--out DIR]
+#   scripts/bench.sh --closed-loop [--runs N] [--duration-s S] [--out DIR]
 #
 # --quick  one round, short steps (factor 1.5), 10 s resources and half-max runs, a 60 s RSS
 #          run, no criterion benches (target: <= 7 minutes after the build). Full mode: 3 rounds,
@@ -21,6 +22,8 @@
 #          arithmetic is at the settings below).
 # --out    where the JSON reports, SVG plots, logs and the summary go (default target/bench).
 # --no-doc do not rewrite the generated section of docs/PERFORMANCE.md.
+# --closed-loop  the closed-loop bench of issue 14 (`scripts/closed-loop.sh`: wrk against the
+#          sandbox on SQLite with Redis, CPU µs per payment by process, beside nginx).
 # --serve  start one stack (release build), write its pids, URLs, Redis address, PostgreSQL
 #          port and manifest path to DIR/stack.env and keep it up until interrupted: for
 #          profiling (perf record -p $GW_PID) and hand-run loadtest commands against the same
@@ -43,6 +46,7 @@ while [ $# -gt 0 ]; do
     --out) OUT=$2; shift ;;
     --no-doc) WRITE_DOC=0 ;;
     --serve) SERVE=$2; shift ;;
+    --closed-loop) shift; exec "$ROOT/scripts/closed-loop.sh" "$@" ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "scripts/bench.sh: unknown argument $1" >&2; exit 2 ;;
   esac

@@ -1,0 +1,195 @@
+#!/usr/bin/env bash
+# The closed-loop bench of issue 14: how much CPU each process spends per balance payment at
+# saturation, beside an nginx reverse proxy measured the same way.
+#
+#   scripts/closed-loop.sh [--runs N] [--duration-s S] [--out DIR]
+#
+# Starts, on random loopback ports in a temp dir: redis-server (AOF off, no snapshots), the
+# sandbox gateway (release build) on its SQLite store with that Redis as its balance store, and
+# nginx-light as a reverse proxy in front of channel-sim's admin API (the sandbox's in-process
+# simulator). Funds 64 accounts, then `wrk -t1 -c32 -d S` sends balance payments of 0.01 over
+# them (unique Idempotency-Keys and order ids, `scripts/closed-loop.lua`), N times; then the
+# same wrk against nginx (GET /channels through the proxy). Each run reads utime + stime of
+# every process from /proc/<pid>/stat before and after: CPU µs per payment (or per proxied
+# request) = CPU time / requests answered. Every payment must be answered 201: a run with a
+# non-2xx answer fails. Installs wrk and nginx-light with apt-get when missing (root).
+# Writes DIR/closed-loop.md (default target/bench) and prints it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+RUNS=3
+DURATION_S=10
+OUT=target/bench
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --runs) RUNS=$2; shift ;;
+    --duration-s) DURATION_S=$2; shift ;;
+    --out) OUT=$2; shift ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+    *) echo "scripts/closed-loop.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+
+# The load: fixed, so every figure of a run comes from these.
+ACCOUNTS=64
+CONNECTIONS=32
+FUNDING=1000.00
+
+need=()
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
+[ -x /usr/sbin/nginx ] || need+=(nginx-light)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v jq >/dev/null 2>&1 || need+=(jq)
+command -v curl >/dev/null 2>&1 || need+=(curl)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "closed-loop.sh: installing ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    echo "closed-loop.sh: please install: ${need[*]}" >&2
+    exit 1
+  fi
+fi
+
+TMP=$(mktemp -d /tmp/closed-loop.XXXXXX)
+PIDS=()
+cleanup() {
+  local rc=$?
+  set +e
+  for ((i=${#PIDS[@]}-1; i>=0; i--)); do kill -TERM "${PIDS[$i]}" 2>/dev/null; done
+  sleep 0.5
+  for ((i=${#PIDS[@]}-1; i>=0; i--)); do kill -KILL "${PIDS[$i]}" 2>/dev/null; done
+  rm -rf "$TMP"
+  exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+wait_for() {     # wait_for SECONDS DESCRIPTION COMMAND...
+  local secs=$1 what=$2; shift 2
+  for _ in $(seq $((secs * 10))); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  echo "closed-loop.sh: timed out waiting for $what" >&2
+  return 1
+}
+# cpu_ticks PID...: the sum of utime + stime (clock ticks) of the processes.
+cpu_ticks() {
+  local total=0 pid
+  for pid in "$@"; do
+    # Fields after the command name (which may hold spaces): utime is 14th, stime 15th.
+    total=$((total + $(sed 's/.*) //' "/proc/$pid/stat" | awk '{print $12 + $13}')))
+  done
+  echo "$total"
+}
+TICK=$(getconf CLK_TCK)
+
+echo "closed-loop.sh: cargo build --release -p gateway"
+cargo build --release -p gateway
+BIN=$ROOT/target/release
+
+# ---- the stack ------------------------------------------------------------------------------
+rport=$(free_port)
+mkdir -p "$TMP/redis" "$TMP/gw"
+redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no \
+  --maxmemory-policy noeviction --dir "$TMP/redis" >"$OUT/closed-loop-redis.log" 2>&1 &
+REDIS_PID=$!; PIDS+=("$REDIS_PID")
+wait_for 10 redis-server redis-cli -p "$rport" ping
+
+gport=$(free_port)
+GW_URL=http://127.0.0.1:$gport
+env GATEWAY__REDIS__URL="redis://127.0.0.1:$rport" GATEWAY__TELEMETRY__LOG_FILTER=warn \
+    GATEWAY__SANDBOX__AUTO_PAY=false \
+    "$BIN/gateway" serve --sandbox --data-dir "$TMP/gw" --listen "127.0.0.1:$gport" \
+    >"$OUT/closed-loop-gateway.log" 2>&1 &
+GW_PID=$!; PIDS+=("$GW_PID")
+wait_for 60 "the gateway" curl -sf -o /dev/null "$GW_URL/readyz"
+SIM_ADMIN=$(jq -r .sim_admin_url "$TMP/gw/sandbox.json")
+
+# nginx in front of channel-sim's admin API, one worker (as the gateway: one process).
+nport=$(free_port)
+mkdir -p "$TMP/nginx"
+cat >"$TMP/nginx/nginx.conf" <<EOF
+worker_processes 1;
+pid $TMP/nginx/nginx.pid;
+error_log $TMP/nginx/error.log warn;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path $TMP/nginx;
+  proxy_temp_path $TMP/nginx;
+  fastcgi_temp_path $TMP/nginx;
+  uwsgi_temp_path $TMP/nginx;
+  scgi_temp_path $TMP/nginx;
+  upstream sim { server ${SIM_ADMIN#http://}; keepalive 32; }
+  server {
+    listen 127.0.0.1:$nport;
+    location / { proxy_pass http://sim; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+EOF
+/usr/sbin/nginx -c "$TMP/nginx/nginx.conf" -g 'daemon off;' >"$OUT/closed-loop-nginx.log" 2>&1 &
+NGINX_PID=$!; PIDS+=("$NGINX_PID")
+wait_for 10 nginx curl -sf -o /dev/null "http://127.0.0.1:$nport/channels"
+NGINX_WORKERS=$(pgrep -P "$NGINX_PID" | tr '\n' ' ')
+
+# ---- the accounts ---------------------------------------------------------------------------
+echo "closed-loop.sh: funding $ACCOUNTS accounts with $FUNDING each"
+for i in $(seq 0 $((ACCOUNTS - 1))); do
+  curl -sf -o /dev/null -X PUT "$GW_URL/v1/accounts/cl_$i" -H 'Authorization: Bearer sk_test_alpha' \
+    -H 'Content-Type: application/json' -d '{"currency": "CNY"}'
+  curl -sf -o /dev/null -X POST "$GW_URL/v1/accounts/cl_$i/adjustments" \
+    -H 'Authorization: Bearer sk_test_admin' -H 'Content-Type: application/json' \
+    -H "Idempotency-Key: fund-cl-$i" \
+    -d "{\"merchant_id\": \"alpha\", \"direction\": \"credit\", \"amount\": \"$FUNDING\", \"reason\": \"closed-loop bench\"}"
+done
+
+# ---- the runs -------------------------------------------------------------------------------
+# run_wrk NAME URL SCRIPT PIDS...: one wrk run; prints "requests non2xx cpu_us_per_request..."
+run_wrk() {
+  local name=$1 url=$2 script=$3; shift 3
+  local before after report requests non2xx
+  before=()
+  for pid in "$@"; do before+=("$(cpu_ticks "$pid")"); done
+  report=$(RUN="$name" ACCOUNTS=$ACCOUNTS wrk -t1 -c"$CONNECTIONS" -d"${DURATION_S}s" \
+    ${script:+-s "$script"} "$url")
+  echo "$report" >"$OUT/closed-loop-$name.txt"
+  requests=$(echo "$report" | awk '/requests in/ {print $1; exit}')
+  non2xx=$(echo "$report" | awk '/Non-2xx/ {print $NF; exit}')
+  local out="$requests ${non2xx:-0}" i=0
+  for pid in "$@"; do
+    after=$(cpu_ticks "$pid")
+    out+=" $(( (after - before[i]) * 1000000 / TICK / requests ))"
+    i=$((i + 1))
+  done
+  echo "$out"
+}
+
+ROWS=()
+for r in $(seq "$RUNS"); do
+  read -r req bad gw rd <<<"$(run_wrk "pay-$r" "$GW_URL/v1/payments" scripts/closed-loop.lua "$GW_PID" "$REDIS_PID")"
+  if [ "$bad" != 0 ]; then
+    echo "closed-loop.sh: run $r: $bad answers were not 2xx (see $OUT/closed-loop-pay-$r.txt)" >&2
+    exit 1
+  fi
+  ROWS+=("| balance payments, run $r | $((req / DURATION_S))/s | gateway $gw µs, Redis $rd µs |")
+  echo "run $r: $req payments, gateway $gw µs, Redis $rd µs per payment"
+done
+# shellcheck disable=SC2086
+read -r req bad ng sim <<<"$(run_wrk nginx "http://127.0.0.1:$nport/channels" "" $NGINX_WORKERS "$GW_PID")"
+ROWS+=("| nginx → channel-sim (GET /channels) | $((req / DURATION_S))/s | nginx $ng µs (the simulator in the gateway's process: $sim µs) |")
+
+{
+  echo "Closed loop, $(date -u +'%Y-%m-%d %H:%M') UTC, commit \`$(git rev-parse --short HEAD)\`:"
+  echo "\`scripts/closed-loop.sh --runs $RUNS --duration-s $DURATION_S\` (wrk -t1 -c$CONNECTIONS, $ACCOUNTS accounts, SQLite store, Redis AOF off)."
+  echo
+  echo "| load | rate | CPU per request, by process |"
+  echo "| --- | --- | --- |"
+  printf '%s\n' "${ROWS[@]}"
+} | tee "$OUT/closed-loop.md"
