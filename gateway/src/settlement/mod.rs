@@ -632,6 +632,30 @@ pub(crate) struct KeptKey {
     pub created_at_ms: u64,
 }
 
+impl From<KeptKey> for RefusalRow {
+    fn from(k: KeptKey) -> Self {
+        RefusalRow {
+            scope_tag: k.scope_tag,
+            idempotency_key: k.idempotency_key,
+            request_hash: k.request_hash,
+            outcome: k.answer,
+            created_at_ms: k.created_at_ms,
+        }
+    }
+}
+
+impl From<KeptKey> for AdjustmentKey {
+    fn from(k: KeptKey) -> Self {
+        AdjustmentKey {
+            scope_tag: k.scope_tag,
+            idempotency_key: k.idempotency_key,
+            request_hash: k.request_hash,
+            doc: k.answer,
+            created_at_ms: k.created_at_ms,
+        }
+    }
+}
+
 /// A payment's idempotency key as the store keeps it (what a rebuild puts back into the
 /// balance store, see [`KeyStore::keyed_payments`]).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -301,15 +301,14 @@ impl KeyStore for PostgresStore {
         after: Option<(u64, &str)>,
         limit: usize,
     ) -> Result<Vec<RefusalRow>, SettleError> {
-        self.key_page(Kept::Refusals, since_ms, scope_tag, after, limit, |k| {
-            RefusalRow {
-                scope_tag: k.scope_tag,
-                idempotency_key: k.idempotency_key,
-                request_hash: k.request_hash,
-                outcome: k.answer,
-                created_at_ms: k.created_at_ms,
-            }
-        })
+        self.key_page(
+            Kept::Refusals,
+            since_ms,
+            scope_tag,
+            after,
+            limit,
+            RefusalRow::from,
+        )
         .await
     }
 
@@ -320,15 +319,14 @@ impl KeyStore for PostgresStore {
         after: Option<(u64, &str)>,
         limit: usize,
     ) -> Result<Vec<AdjustmentKey>, SettleError> {
-        self.key_page(Kept::Adjustments, since_ms, scope_tag, after, limit, |k| {
-            AdjustmentKey {
-                scope_tag: k.scope_tag,
-                idempotency_key: k.idempotency_key,
-                request_hash: k.request_hash,
-                doc: k.answer,
-                created_at_ms: k.created_at_ms,
-            }
-        })
+        self.key_page(
+            Kept::Adjustments,
+            since_ms,
+            scope_tag,
+            after,
+            limit,
+            AdjustmentKey::from,
+        )
         .await
     }
 

@@ -221,14 +221,7 @@ impl KeyStore for SqliteStore {
         limit: usize,
     ) -> Result<Vec<RefusalRow>, SettleError> {
         let page = KeyPage::new(Kept::Refusals, since_ms, scope_tag, after, limit);
-        self.key_page(page, |k| RefusalRow {
-            scope_tag: k.scope_tag,
-            idempotency_key: k.idempotency_key,
-            request_hash: k.request_hash,
-            outcome: k.answer,
-            created_at_ms: k.created_at_ms,
-        })
-        .await
+        self.key_page(page, RefusalRow::from).await
     }
 
     async fn adjustment_keys(
@@ -239,14 +232,7 @@ impl KeyStore for SqliteStore {
         limit: usize,
     ) -> Result<Vec<AdjustmentKey>, SettleError> {
         let page = KeyPage::new(Kept::Adjustments, since_ms, scope_tag, after, limit);
-        self.key_page(page, |k| AdjustmentKey {
-            scope_tag: k.scope_tag,
-            idempotency_key: k.idempotency_key,
-            request_hash: k.request_hash,
-            doc: k.answer,
-            created_at_ms: k.created_at_ms,
-        })
-        .await
+        self.key_page(page, AdjustmentKey::from).await
     }
 
     async fn purge_keys(
