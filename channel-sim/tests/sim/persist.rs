@@ -110,3 +110,26 @@ async fn a_paid_order_never_acknowledged_is_notified_again_after_a_restart() {
     assert_eq!(record.pay_count, 1, "notified again, never paid again");
     sim.shutdown().await;
 }
+
+/// An orders file the simulator cannot read (not JSON, another format version) stops the
+/// start with a message naming it, and is left as it was: never silently replaced by an
+/// empty record.
+#[tokio::test]
+async fn an_unreadable_orders_file_stops_the_start_and_is_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("orders.json");
+    for text in ["{not json", r#"{"version": 99, "channels": {}}"#] {
+        std::fs::write(&file, text).unwrap();
+        let mut config = SimConfig::new(vec![spec("supplier", ChannelKind::Supplier)]);
+        config.orders_file = Some(file.clone());
+        let refused = Sim::start(config)
+            .await
+            .err()
+            .expect("the start is refused");
+        assert!(
+            refused.to_string().contains("orders file"),
+            "{text}: {refused}"
+        );
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), text);
+    }
+}

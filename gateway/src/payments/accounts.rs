@@ -218,33 +218,9 @@ pub async fn adjust(core: &Core, new: NewAdjustment<'_>) -> Result<Adjusted, Pay
                 ),
                 // The store holds the key (Redis forgot it): the writer moved the money back,
                 // and the key's first answer is the answer: the first adjustment, or its 402.
-                Ok(CommitOutcome::Replay(holder)) => match &holder.answer {
-                    Some(StoredOutcome::Adjustment(doc)) => {
-                        let doc: Value = serde_json::from_str(doc)
-                            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                        let account = core
-                            .balances
-                            .read_account(key, core.op())
-                            .await?
-                            .ok_or(PaymentError::NotFound(Missing::Account))?;
-                        ("replayed", Ok(Adjusted { doc, account }))
-                    }
-                    Some(StoredOutcome::InsufficientFunds {
-                        available,
-                        shortfall,
-                    }) => (
-                        "insufficient_funds",
-                        Err(PaymentError::InsufficientFunds {
-                            available: *available,
-                            shortfall: *shortfall,
-                            currency,
-                        }),
-                    ),
-                    _ => (
-                        "idempotency_conflict",
-                        Err(PaymentError::IdempotencyConflict),
-                    ),
-                },
+                Ok(CommitOutcome::Replay(holder)) => {
+                    replay(core, key, currency, holder.outcome()?).await?
+                }
                 Ok(CommitOutcome::IdempotencyConflict(_)) => (
                     "idempotency_conflict",
                     Err(PaymentError::IdempotencyConflict),
@@ -259,16 +235,7 @@ pub async fn adjust(core: &Core, new: NewAdjustment<'_>) -> Result<Adjusted, Pay
                 Err(err) => ("unsettled", Err(PaymentError::unsettled(id, &err))),
             }
         }
-        AdjustOutcome::Replay(StoredOutcome::Adjustment(stored)) => {
-            let doc: Value =
-                serde_json::from_str(&stored).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            let account = core
-                .balances
-                .read_account(key, core.op())
-                .await?
-                .ok_or(PaymentError::NotFound(Missing::Account))?;
-            ("replayed", Ok(Adjusted { doc, account }))
-        }
+        AdjustOutcome::Replay(first) => replay(core, key, currency, first).await?,
         AdjustOutcome::InsufficientFunds {
             available,
             shortfall,
@@ -288,24 +255,7 @@ pub async fn adjust(core: &Core, new: NewAdjustment<'_>) -> Result<Adjusted, Pay
                 }),
             )
         }
-        AdjustOutcome::Replay(StoredOutcome::InsufficientFunds {
-            available,
-            shortfall,
-        }) => (
-            "insufficient_funds",
-            Err(PaymentError::InsufficientFunds {
-                available,
-                shortfall,
-                currency,
-            }),
-        ),
-        // A payment's outcome under this key: the request hash differs, so this is a conflict.
-        AdjustOutcome::Replay(
-            StoredOutcome::Payment(_)
-            | StoredOutcome::NoChannelAvailable(_)
-            | StoredOutcome::Refund(_),
-        )
-        | AdjustOutcome::IdempotencyConflict => (
+        AdjustOutcome::IdempotencyConflict => (
             "idempotency_conflict",
             Err(PaymentError::IdempotencyConflict),
         ),
@@ -334,4 +284,44 @@ pub async fn adjust(core: &Core, new: NewAdjustment<'_>) -> Result<Adjusted, Pay
     };
     telemetry::adjustment_outcome(label);
     result
+}
+
+/// The first answer under an adjustment's key, replayed (from the balance store's record or
+/// the settlement store's), with its metric label: the first adjustment with the account as it
+/// is now, or its 402; another kind of request's answer under the key is a conflict.
+async fn replay(
+    core: &Core,
+    key: &AccountKey,
+    currency: Currency,
+    first: StoredOutcome,
+) -> Result<(&'static str, Result<Adjusted, PaymentError>), PaymentError> {
+    Ok(match first {
+        StoredOutcome::Adjustment(doc) => {
+            let doc: Value =
+                serde_json::from_str(&doc).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let account = core
+                .balances
+                .read_account(key, core.op())
+                .await?
+                .ok_or(PaymentError::NotFound(Missing::Account))?;
+            ("replayed", Ok(Adjusted { doc, account }))
+        }
+        StoredOutcome::InsufficientFunds {
+            available,
+            shortfall,
+        } => (
+            "insufficient_funds",
+            Err(PaymentError::InsufficientFunds {
+                available,
+                shortfall,
+                currency,
+            }),
+        ),
+        StoredOutcome::Payment(_)
+        | StoredOutcome::NoChannelAvailable(_)
+        | StoredOutcome::Refund(_) => (
+            "idempotency_conflict",
+            Err(PaymentError::IdempotencyConflict),
+        ),
+    })
 }

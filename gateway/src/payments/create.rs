@@ -92,14 +92,11 @@ pub async fn create(
 
 /// The payment's document, its hold and its idempotency claim, as the balance store takes
 /// them; the pending record is attached by the path.
-fn authorize_request(core: &Core, merchant: &Merchant, new: &NewPayment) -> AuthorizeRequest {
+fn authorize_request(core: &Core, merchant: &Merchant, new: NewPayment) -> AuthorizeRequest {
     let settings = &core.config.settings;
     let now_ms = core.op().now_ms;
     let expires_at_ms = now_ms + new.expires_in_seconds * 1000;
     let id = PaymentId::generate(new.scope.tag(), now_ms);
-    let order_id = new.merchant_order_id.clone().unwrap_or_else(|| {
-        MerchantOrderId::parse(id.as_str(), usize::MAX).expect("a payment id is an order id")
-    });
     let normalized = json!({
         "merchant_order_id": new.merchant_order_id.as_ref().map(MerchantOrderId::as_str),
         "amount": new.amount.minor(),
@@ -110,6 +107,9 @@ fn authorize_request(core: &Core, merchant: &Merchant, new: &NewPayment) -> Auth
         "notify_url": new.notify_url,
         "metadata": new.metadata,
         "expires_in_seconds": new.expires_in_seconds,
+    });
+    let order_id = new.merchant_order_id.unwrap_or_else(|| {
+        MerchantOrderId::parse(id.as_str(), usize::MAX).expect("a payment id is an order id")
     });
     let route = match new.purpose {
         Purpose::Topup => "topup",
@@ -139,14 +139,14 @@ fn authorize_request(core: &Core, merchant: &Merchant, new: &NewPayment) -> Auth
         purpose: new.purpose,
         created_at_ms: now_ms,
         expires_at_ms,
-        description: new.description.clone(),
-        notify_url: new.notify_url.clone(),
-        metadata: new.metadata.clone(),
+        description: new.description,
+        notify_url: new.notify_url,
+        metadata: new.metadata,
     };
     AuthorizeRequest {
-        scope: new.scope.clone(),
+        scope: new.scope,
         idempotency: IdempotencyClaim {
-            key: new.key.clone(),
+            key: new.key,
             request_hash: request_hash(route, &normalized),
             retention_seconds: settings.preauth.idempotency_retention_seconds,
         },
@@ -163,7 +163,7 @@ async fn create_balance(
     merchant: &Merchant,
     new: NewPayment,
 ) -> Result<Creation, PaymentError> {
-    let mut request = authorize_request(core, merchant, &new);
+    let mut request = authorize_request(core, merchant, new);
     let mut capture = movements::balance_capture(
         &request.doc,
         request.scope.tag(),
@@ -176,7 +176,12 @@ async fn create_balance(
             &request.idempotency.request_hash,
         )
     });
-    request.pending_record = Some(PendingRecord::Settlement(capture.clone()).to_json());
+    // Serialized once for the outbox, then taken back (no copy of the movement).
+    let pending = PendingRecord::Settlement(capture);
+    request.pending_record = Some(pending.to_json());
+    let PendingRecord::Settlement(mut capture) = pending else {
+        unreachable!("built as a settlement just above")
+    };
 
     // On its way to the writer until the balance store has answered (see `Admission`).
     let admission = core.settler.admit().map_err(PaymentError::not_admitted)?;
@@ -199,7 +204,7 @@ async fn create_channel(
     merchant: &Merchant,
     new: NewPayment,
 ) -> Result<Creation, PaymentError> {
-    let mut request = authorize_request(core, merchant, &new);
+    let mut request = authorize_request(core, merchant, new);
     // The row records when the channel's word is due at the latest (the payment's expiry plus
     // the grace); the hold itself has no clock.
     let hold_due_ms = request.hold.map(|_| {
@@ -209,7 +214,11 @@ async fn create_channel(
         request.idempotency.key.as_str(),
         &request.idempotency.request_hash,
     );
-    request.pending_record = Some(PendingRecord::Intent(intent.clone()).to_json());
+    let pending = PendingRecord::Intent(intent);
+    request.pending_record = Some(pending.to_json());
+    let PendingRecord::Intent(intent) = pending else {
+        unreachable!("built as an intent just above")
+    };
 
     // The route first: the intent names its first attempt.
     let plan = ChannelPlan::new(core, &request);
@@ -265,14 +274,7 @@ async fn not_created(
     let currency = request.doc.currency;
     Err(match outcome {
         AuthorizeOutcome::Created { .. } => unreachable!("a created payment is made durable"),
-        AuthorizeOutcome::Replay(StoredOutcome::Payment(id)) => {
-            return Ok(Creation::Replayed(view::replayed(core, id.as_str()).await?))
-        }
-        AuthorizeOutcome::Replay(StoredOutcome::NoChannelAvailable(id)) => {
-            PaymentError::NoChannelAvailable {
-                payment_id: Some(id.to_string()),
-            }
-        }
+        AuthorizeOutcome::Replay(first) => return replay(core, request, first).await,
         AuthorizeOutcome::InsufficientFunds {
             available,
             shortfall,
@@ -294,17 +296,7 @@ async fn not_created(
                 currency,
             }
         }
-        AuthorizeOutcome::Replay(StoredOutcome::InsufficientFunds {
-            available,
-            shortfall,
-        }) => PaymentError::InsufficientFunds {
-            available,
-            shortfall,
-            currency,
-        },
-        // Another kind of request's outcome under this key: the hash differs, a conflict.
-        AuthorizeOutcome::Replay(StoredOutcome::Adjustment(_) | StoredOutcome::Refund(_))
-        | AuthorizeOutcome::IdempotencyConflict => PaymentError::IdempotencyConflict,
+        AuthorizeOutcome::IdempotencyConflict => PaymentError::IdempotencyConflict,
         AuthorizeOutcome::IdempotencyInFlight => PaymentError::IdempotencyInFlight,
         AuthorizeOutcome::DuplicateOrder(existing) => PaymentError::DuplicateOrder {
             payment_id: existing.as_str().to_owned(),
@@ -359,6 +351,35 @@ async fn commit_capture(
     }
 }
 
+/// The first answer under a key, replayed (from the balance store's record or the settlement
+/// store's): the first payment as it stands, or its refusal; another kind of request's answer
+/// under the key is a conflict (the request hash differs).
+async fn replay(
+    core: &Core,
+    request: &AuthorizeRequest,
+    first: StoredOutcome,
+) -> Result<Creation, PaymentError> {
+    match first {
+        StoredOutcome::Payment(id) => {
+            Ok(Creation::Replayed(view::replayed(core, id.as_str()).await?))
+        }
+        StoredOutcome::NoChannelAvailable(id) => Err(PaymentError::NoChannelAvailable {
+            payment_id: Some(id.to_string()),
+        }),
+        StoredOutcome::InsufficientFunds {
+            available,
+            shortfall,
+        } => Err(PaymentError::InsufficientFunds {
+            available,
+            shortfall,
+            currency: request.doc.currency,
+        }),
+        StoredOutcome::Adjustment(_) | StoredOutcome::Refund(_) => {
+            Err(PaymentError::IdempotencyConflict)
+        }
+    }
+}
+
 /// The answer to a payment the settlement store refused to create (already unwound): the first
 /// payment under the key, or the conflict.
 async fn store_answer(
@@ -367,24 +388,8 @@ async fn store_answer(
     refusal: Refusal<'_>,
 ) -> Result<Creation, PaymentError> {
     match refusal {
-        Refusal::Replay(holder) => match &holder.answer {
-            None => Ok(Creation::Replayed(
-                view::replayed(core, &holder.payment_id).await?,
-            )),
-            // The key's first answer was a refusal (a 402 Redis forgot): it still is.
-            Some(StoredOutcome::InsufficientFunds {
-                available,
-                shortfall,
-            }) => Err(PaymentError::InsufficientFunds {
-                available: *available,
-                shortfall: *shortfall,
-                currency: request.doc.currency,
-            }),
-            Some(StoredOutcome::NoChannelAvailable(id)) => Err(PaymentError::NoChannelAvailable {
-                payment_id: Some(id.to_string()),
-            }),
-            Some(_) => Err(PaymentError::IdempotencyConflict),
-        },
+        // The key's first answer (a payment, or a 402 Redis forgot) is the answer.
+        Refusal::Replay(holder) => replay(core, request, holder.outcome()?).await,
         Refusal::IdempotencyConflict(_) => Err(PaymentError::IdempotencyConflict),
         Refusal::DuplicateOrder(holder) => Err(PaymentError::DuplicateOrder {
             payment_id: holder.to_owned(),

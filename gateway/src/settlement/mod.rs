@@ -1122,8 +1122,8 @@ pub trait RefundStore: Send + Sync {
     ) -> Result<Vec<RefundRow>, SettleError>;
 }
 
-/// Idempotency keys and order ids as the store arbitrates them: payments' keys, refusals,
-/// their purge, and the live payment holding an order id.
+/// Idempotency keys and order ids as the store arbitrates them: payments', adjustments' and
+/// refusals' keys, their purge, and the live payment holding an order id.
 #[async_trait]
 pub trait KeyStore: Send + Sync {
     /// The idempotency keys of payments created at or after `since_ms` (only those of
@@ -1161,7 +1161,8 @@ pub trait KeyStore: Send + Sync {
     ) -> Result<Vec<AdjustmentKey>, SettleError>;
 
     /// Clears the idempotency keys of payments created before `before_ms` and deletes the
-    /// refusals recorded before it, at most `limit` of each, under the lease `key_purge`
+    /// refusals and adjustments' key rows (not their movements) recorded before it, at most
+    /// `limit` of each, under the lease `key_purge`
     /// (held by `holder` until `now_ms + lease_ms`; one instance at a time). `None` when
     /// another holder has the lease (nothing done), else how many keys went.
     async fn purge_keys(

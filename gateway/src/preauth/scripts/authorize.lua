@@ -24,16 +24,16 @@ if idem then
 end
 
 local has_account = ARGV[2] ~= ''
--- The account, read once: {m, a, cur, bal, held, cred, seq} (the fields this script needs;
+-- The account, read once: {m, a, cur, bal, held, cred, seq, rb} (the fields this script needs;
 -- it writes back what it changes and answers from these values).
 local acct
 if has_account then
-  acct = redis.call('HMGET', KEYS[1], 'm', 'a', 'cur', 'bal', 'held', 'cred', 'seq')
+  acct = redis.call('HMGET', KEYS[1], 'm', 'a', 'cur', 'bal', 'held', 'cred', 'seq', 'rb')
   local bad = account_mismatch(acct, ARGV[1], ARGV[2], ARGV[7])
   if bad then
     return bad
   end
-  if fenced(KEYS[1], ARGV[10]) then
+  if fence_holds(acct[8], ARGV[10]) then
     return {'busy'}
   end
   -- First, so that an order id whose hold just expired is free again.

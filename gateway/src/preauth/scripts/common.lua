@@ -90,9 +90,13 @@ end
 -- Whether a rebuild of the account is under way (its fence, 'rb' in a:{T}, set by
 -- rebuild_fence.lua until a time): no new movement of the account starts until the rebuild
 -- has loaded the store's state (rebuild_account.lua lifts the fence) or the fence lapsed.
-local function fenced(akey, now)
-  local until_ms = redis.call('HGET', akey, 'rb')
+local function fence_holds(until_ms, now)
   return until_ms and tonumber(until_ms) > tonumber(now)
+end
+
+-- Same, reading the fence itself (authorize.lua reads it with the account's other fields).
+local function fenced(akey, now)
+  return fence_holds(redis.call('HGET', akey, 'rb'), now)
 end
 
 -- Same, reading the account's m, a and cur itself.
