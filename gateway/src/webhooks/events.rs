@@ -254,7 +254,7 @@ struct NotifyUrl {
 
 /// The payment's `notify_url`, with control characters percent-encoded (PostgreSQL text cannot
 /// hold NUL; the worker refuses such a URL rather than the store refusing the commit).
-fn notify_url(p: &PaymentRow) -> Option<String> {
+pub(crate) fn notify_url(p: &PaymentRow) -> Option<String> {
     let url = serde_json::from_str::<NotifyUrl>(&p.doc).ok()?.notify_url?;
     if !url.chars().any(char::is_control) {
         return Some(url);

@@ -26,4 +26,5 @@ mod settlement;
 mod settlement_conformance;
 mod sim_channels;
 mod structure;
+mod transfers_migration;
 mod webhooks;

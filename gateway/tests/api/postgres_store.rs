@@ -166,21 +166,27 @@ async fn postgres_store_migrates_commits_and_survives_a_restart() {
         Err(SettleError::Invalid(_))
     ));
 
-    // What PostgreSQL holds: the postings' line numbers, one settlement, the payment.
+    // What PostgreSQL holds: one transfer for the movement (debit, credit, amount).
     let client = server.client().await;
-    let lines: Vec<(String, i32, i64)> = client
+    let transfers: Vec<(String, String, String, i64)> = client
         .query(
-            "SELECT payment_id, line, amount_minor FROM postings ORDER BY payment_id, line",
+            "SELECT payment_id, debit_ledger, credit_ledger, amount_minor FROM transfers \
+             ORDER BY payment_id",
             &[],
         )
         .await
         .unwrap()
         .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
         .collect();
     assert_eq!(
-        lines,
-        vec![("pay_x".to_owned(), 0, -100), ("pay_x".to_owned(), 1, 100)]
+        transfers,
+        vec![(
+            "pay_x".to_owned(),
+            ledger::account("alpha", "acc"),
+            ledger::merchant_sales("alpha"),
+            100
+        )]
     );
     drop(client);
 

@@ -1197,9 +1197,9 @@ async fn sqlite_a_version_1_store_migrates() {
     let path = dir.path().join("gateway.sqlite3");
     {
         let conn = rusqlite::Connection::open(&path).unwrap();
-        let (version, init) = MIGRATIONS[0];
-        assert_eq!(version, 1);
-        conn.execute_batch(init).unwrap();
+        let init = MIGRATIONS[0];
+        assert_eq!(init.version, 1);
+        conn.execute_batch(init.sqlite).unwrap();
         for statement in VERSION_1_DATA {
             conn.execute_batch(statement).unwrap();
         }
@@ -1213,9 +1213,9 @@ async fn postgres_a_version_1_store_migrates() {
     let server = crate::postgres_server::PostgresServer::start().await;
     {
         let client = server.client().await;
-        let (version, init) = MIGRATIONS[0];
-        assert_eq!(version, 1);
-        client.batch_execute(init).await.unwrap();
+        let init = MIGRATIONS[0];
+        assert_eq!(init.version, 1);
+        client.batch_execute(init.postgres).await.unwrap();
         for statement in VERSION_1_DATA {
             client.batch_execute(statement).await.unwrap();
         }
@@ -1720,9 +1720,11 @@ mod webhook_outbox {
     }
 
     /// A store told which merchants have no webhook URL: their events without the payment's
-    /// `notify_url` are stored `skipped` (never due, never claimed, not in the backlog), in
-    /// the same transaction as the money; every other event waits for the worker as before.
-    async fn events_with_nowhere_to_go_are_stored_skipped(store: &dyn SettlementStore) {
+    /// `notify_url` are not written (nor the payment's status history), and read back as
+    /// `skipped` (never due, never claimed, not in the backlog), derived from the payment and
+    /// its transfers with the ids and dates the commit would have given them; every other
+    /// event is stored and waits for the worker as before.
+    async fn events_with_nowhere_to_go_are_derived_not_stored(store: &dyn SettlementStore) {
         store.migrate().await.unwrap();
         store.upsert_account(&account_row("acc")).await.unwrap();
         // alpha has no webhook URL; a payment of alpha's without notify_url…
@@ -1767,6 +1769,11 @@ mod webhook_outbox {
             vec![("payment.succeeded".to_owned(), WebhookStatus::Skipped, None)]
         );
         assert_eq!(one[0].attempts, 0);
+        assert_eq!(
+            one[0].id,
+            gateway::webhooks::events::event_id("pay_1", "payment.succeeded", 0)
+        );
+        assert_eq!(store.payment_events("pay_1").await.unwrap(), Vec::new());
         let three = store.webhook_events("pay_3").await.unwrap();
         assert_eq!(
             three.iter().map(state).collect::<Vec<_>>(),
@@ -1792,22 +1799,22 @@ mod webhook_outbox {
     }
 
     #[tokio::test]
-    async fn sqlite_events_with_nowhere_to_go_are_stored_skipped() {
+    async fn sqlite_events_with_nowhere_to_go_are_derived_not_stored() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("gateway.sqlite3"))
             .unwrap()
             .with_no_webhook(NoWebhook::new(["alpha".to_owned()]));
-        events_with_nowhere_to_go_are_stored_skipped(&store).await;
+        events_with_nowhere_to_go_are_derived_not_stored(&store).await;
     }
 
     #[tokio::test]
-    async fn postgres_events_with_nowhere_to_go_are_stored_skipped() {
+    async fn postgres_events_with_nowhere_to_go_are_derived_not_stored() {
         let server = crate::postgres_server::PostgresServer::start().await;
         let store = gateway::settlement::postgres::PostgresStore::connect(&server.url(), 4, 2_000)
             .await
             .expect("connect to the test PostgreSQL")
             .with_no_webhook(NoWebhook::new(["alpha".to_owned()]));
-        events_with_nowhere_to_go_are_stored_skipped(&store).await;
+        events_with_nowhere_to_go_are_derived_not_stored(&store).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

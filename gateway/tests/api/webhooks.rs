@@ -253,27 +253,28 @@ async fn a_balance_payment_sends_one_signed_payment_succeeded(store: Store) {
     assert_eq!(rendered[0]["attempts"], 1);
 
     // A payment with no notify_url, for a merchant with no webhook_url: nowhere to send it,
-    // so the event is stored `skipped` in the payment's own commit (before its 201), never
-    // claimed by the worker.
+    // so the event is not written at all (nor the payment's status history: nothing reads
+    // them), never claimed by the worker; `GET` shows it `skipped`, derived from the payment.
     let quiet = app
         .pay(ALPHA, "k2", balance_payment("o2", "acc", "1.00"))
         .await;
     assert_eq!(quiet.status, 201, "{:?}", quiet.body);
-    let stored = app
-        .settlement_store()
-        .await
-        .webhook_events(quiet.body["id"].as_str().unwrap())
-        .await
-        .unwrap();
-    assert_eq!(stored.len(), 1, "{stored:?}");
+    let quiet_id = quiet.body["id"].as_str().unwrap();
     assert_eq!(
-        (
-            stored[0].status,
-            stored[0].attempts,
-            stored[0].next_attempt_at_ms
-        ),
-        (WebhookStatus::Skipped, 0, None)
+        quiet.body["webhooks"][0]["status"], "skipped",
+        "{:?}",
+        quiet.body
     );
+    let shown = app.get(&format!("/v1/payments/{quiet_id}"), ALPHA).await;
+    assert_eq!(shown.status, 200, "{:?}", shown.body);
+    assert_eq!(
+        shown.body["webhooks"], quiet.body["webhooks"],
+        "GET shows the delivery the creation announced"
+    );
+    let store = app.settlement_store().await;
+    assert_eq!(store.webhook_events(quiet_id).await.unwrap(), Vec::new());
+    assert_eq!(store.payment_events(quiet_id).await.unwrap(), Vec::new());
+    assert_eq!(store.webhook_backlog().await.unwrap(), 0);
     receiver.nothing_more(Duration::from_millis(300)).await;
 }
 

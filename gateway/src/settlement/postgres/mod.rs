@@ -10,8 +10,8 @@
 //! low instead of weakening them.
 //!
 //! Differences the column types force (everything else behaves as on SQLite):
-//! - `sequence` and `line` are `INTEGER` (i32 here): a settlement whose sequence or number of
-//!   postings does not fit is refused as [`SettleError::Invalid`] before anything is written;
+//! - `sequence` is `INTEGER` (i32 here): a settlement whose sequence does not fit is refused as
+//!   [`SettleError::Invalid`] before anything is written;
 //!   so is an attempt whose number, or a payment whose `checks`, does not fit;
 //! - PostgreSQL text cannot hold a NUL character: a settlement, payment or account with one in
 //!   any text field is refused as [`SettleError::Invalid`] (rather than failing the whole batch
@@ -47,7 +47,9 @@ use deadpool_postgres::{
 use tokio_postgres::types::FromSql;
 
 use crate::money::Currency;
-use crate::settlement::{NoWebhook, SchemaStore, SettleError, MIGRATIONS, SCHEMA_VERSION};
+use crate::settlement::{
+    Migration, NoWebhook, SchemaStore, SettleError, MIGRATIONS, SCHEMA_VERSION,
+};
 use crate::telemetry::{self, StoreOp};
 
 /// The advisory lock every migrator takes inside its transaction ("gateway1" in ASCII).
@@ -107,7 +109,11 @@ fn get<'a, T: FromSql<'a>>(row: &'a Row, idx: usize) -> Result<T, SettleError> {
 }
 
 /// A text column holding one of an enum's names (a status, a method, a purpose).
-fn get_named<T>(row: &Row, idx: usize, parse: fn(&str) -> Option<T>) -> Result<T, SettleError> {
+pub(super) fn get_named<T>(
+    row: &Row,
+    idx: usize,
+    parse: fn(&str) -> Option<T>,
+) -> Result<T, SettleError> {
     let text: String = get(row, idx)?;
     parse(&text).ok_or_else(|| bad_row(format!("unknown value {text:?} in column {idx}")))
 }
@@ -279,7 +285,12 @@ impl PostgresStore {
                     expected: SCHEMA_VERSION,
                 });
             }
-            let Some((version, sql)) = MIGRATIONS.iter().find(|(v, _)| *v > current) else {
+            let Some(Migration {
+                version,
+                postgres: sql,
+                ..
+            }) = MIGRATIONS.iter().find(|m| m.version > current)
+            else {
                 tx.commit().await.map_err(db)?;
                 return Ok(SCHEMA_VERSION);
             };

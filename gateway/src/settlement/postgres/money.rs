@@ -1,6 +1,6 @@
-//! PostgreSQL: the money commit (settlements with their postings, payment rows, refund statuses
+//! PostgreSQL: the money commit (a movement's transfer, payment rows, refund statuses
 //! and webhooks, pipelined in the caller's transaction), accounts and the balances recomputed
-//! from postings.
+//! from transfers.
 
 use async_trait::async_trait;
 use deadpool_postgres::tokio_postgres;
@@ -8,8 +8,8 @@ use deadpool_postgres::{GenericClient, Transaction};
 use futures_util::future::join_all;
 
 use crate::settlement::{
-    AccountBalance, AccountRow, CommitOutcome, MoneyStore, PaymentRow, SettleError, Settlement,
-    SettlementKind,
+    AccountBalance, AccountRow, CommitOutcome, MoneyStore, NoWebhook, PaymentRow, SettleError,
+    Settlement, SettlementKind,
 };
 use crate::telemetry::{self, StoreOp};
 use crate::webhooks::events;
@@ -22,18 +22,18 @@ use super::webhooks::insert_webhooks;
 use super::{get, get_currency, get_u32, get_u64, invalid, ms, no_nul, PostgresStore};
 use crate::settlement::FlagKind;
 
-const INSERT_SETTLEMENT: &str = "INSERT INTO settlements (payment_id, kind, sequence, \
-    merchant_id, account_id, channel_id, channel_txn_id, amount_minor, currency, \
-    channel_fee_minor, commission_minor, merchant_net_minor, account_seq, settled_at_ms, \
-    content_hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
-    ON CONFLICT DO NOTHING";
+/// A movement's transfer (15 parameters; as `transfer_params` orders them).
+const INSERT_TRANSFER: &str = "INSERT INTO transfers (payment_id, kind, sequence, \
+    debit_ledger, credit_ledger, amount_minor, currency, merchant_id, account_id, account_seq, \
+    channel_id, channel_txn_id, fee_minor, settled_at_ms, content_hash) VALUES \
+    ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) ON CONFLICT DO NOTHING";
 
 /// A settlement that creates its payment (`Settlement::creates_payment`), in one statement:
-/// the payment row (with its first event) is inserted unless its id, idempotency key (by a
-/// payment or a kept refusal) or live order id is taken, and the settlement only if the row was: the store never holds such a
-/// movement without its payment. Its one row counts what was inserted: (payments, settlements).
-/// Parameters: the payment's 20 (as `INSERT_PAYMENT`), then the settlement's 15 (as
-/// `INSERT_SETTLEMENT`).
+/// the payment row (with its first event when the merchant's history is kept) is inserted
+/// unless its id, idempotency key (by a payment or a kept refusal) or live order id is taken,
+/// and the transfer only if the row was: the store never holds such a movement without its
+/// payment. Its one row counts what was inserted: (payments, transfers). Parameters: the
+/// payment's 21 (as `INSERT_PAYMENT`), then the transfer's 15 (as `INSERT_TRANSFER`).
 const INSERT_CREATING_SETTLEMENT: &str = "WITH pay AS (INSERT INTO payments (id, merchant_id, \
     account_id, scope_tag, merchant_order_id, amount_minor, currency, method, purpose, status, \
     held_minor, hold_expires_at_ms, created_at_ms, expires_at_ms, updated_at_ms, doc, \
@@ -42,30 +42,22 @@ const INSERT_CREATING_SETTLEMENT: &str = "WITH pay AS (INSERT INTO payments (id,
     WHERE NOT EXISTS (SELECT 1 FROM refusals WHERE scope_tag = $4 AND idempotency_key = $19) \
     ON CONFLICT DO NOTHING RETURNING id, status, updated_at_ms), \
     ev AS (INSERT INTO payment_events (payment_id, status, at_ms) \
-    SELECT id, status, updated_at_ms FROM pay ON CONFLICT DO NOTHING), \
-    st AS (INSERT INTO settlements (payment_id, kind, sequence, merchant_id, account_id, \
-    channel_id, channel_txn_id, amount_minor, currency, channel_fee_minor, commission_minor, \
-    merchant_net_minor, account_seq, settled_at_ms, content_hash) \
-    SELECT $21::TEXT, $22::TEXT, $23::INTEGER, $24::TEXT, $25::TEXT, $26::TEXT, $27::TEXT, \
-    $28::BIGINT, $29::TEXT, $30::BIGINT, $31::BIGINT, $32::BIGINT, $33::BIGINT, $34::BIGINT, \
-    $35::TEXT WHERE EXISTS (SELECT 1 FROM pay) ON CONFLICT DO NOTHING RETURNING 1) \
-    SELECT (SELECT COUNT(*) FROM pay), (SELECT COUNT(*) FROM st)";
+    SELECT id, status, updated_at_ms FROM pay WHERE $21::BOOLEAN ON CONFLICT DO NOTHING), \
+    tr AS (INSERT INTO transfers (payment_id, kind, sequence, debit_ledger, credit_ledger, \
+    amount_minor, currency, merchant_id, account_id, account_seq, channel_id, channel_txn_id, \
+    fee_minor, settled_at_ms, content_hash) \
+    SELECT $22::TEXT, $23::TEXT, $24::INTEGER, $25::TEXT, $26::TEXT, $27::BIGINT, $28::TEXT, \
+    $29::TEXT, $30::TEXT, $31::BIGINT, $32::TEXT, $33::TEXT, $34::BIGINT, $35::BIGINT, \
+    $36::TEXT WHERE EXISTS (SELECT 1 FROM pay) ON CONFLICT DO NOTHING RETURNING 1) \
+    SELECT (SELECT COUNT(*) FROM pay), (SELECT COUNT(*) FROM tr)";
 
-const STORED_HASH: &str = "SELECT content_hash FROM settlements \
+const STORED_HASH: &str = "SELECT content_hash FROM transfers \
     WHERE payment_id = $1 AND kind = $2 AND sequence = $3";
-
-/// All postings of one batch in one statement (one round trip instead of one per line).
-const INSERT_POSTINGS: &str = "INSERT INTO postings (payment_id, kind, sequence, line, ledger, \
-    amount_minor, currency) SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::INTEGER[], \
-    $4::INTEGER[], $5::TEXT[], $6::BIGINT[], $7::TEXT[])";
 
 /// What PostgreSQL's column types need beyond [`Settlement::check`].
 pub(super) fn check_for_postgres(s: &Settlement) -> Result<i32, SettleError> {
     let sequence = i32::try_from(s.sequence)
         .map_err(|_| invalid(&s.payment_id, "sequence exceeds the store's INTEGER range"))?;
-    if i32::try_from(s.postings.len()).is_err() {
-        return Err(invalid(&s.payment_id, "too many postings"));
-    }
     no_nul(
         &s.payment_id,
         [
@@ -85,33 +77,7 @@ pub(super) fn check_for_postgres(s: &Settlement) -> Result<i32, SettleError> {
     Ok(sequence)
 }
 
-/// The postings of a batch's inserted settlements, as the columns `INSERT_POSTINGS` unnests.
-#[derive(Default)]
-struct PostingColumns<'a> {
-    payment_id: Vec<&'a str>,
-    kind: Vec<&'static str>,
-    sequence: Vec<i32>,
-    line: Vec<i32>,
-    ledger: Vec<&'a str>,
-    amount_minor: Vec<i64>,
-    currency: Vec<&'static str>,
-}
-
-impl<'a> PostingColumns<'a> {
-    fn push(&mut self, s: &'a Settlement, sequence: i32) {
-        for (line, p) in (0i32..).zip(&s.postings) {
-            self.payment_id.push(&s.payment_id);
-            self.kind.push(s.kind.as_str());
-            self.sequence.push(sequence);
-            self.line.push(line);
-            self.ledger.push(&p.ledger);
-            self.amount_minor.push(p.amount_minor);
-            self.currency.push(s.currency.code());
-        }
-    }
-}
-
-/// Runs `INSERT_SETTLEMENT` (prepared as `insert`) for `s`, numbered `sequence`, hashed
+/// Runs `INSERT_TRANSFER` (prepared as `insert`) for `s`, numbered `sequence`, hashed
 /// `hash`: the rows inserted (0 when its key or its account sequence is taken).
 async fn insert_settlement(
     tx: &Transaction<'_>,
@@ -120,22 +86,28 @@ async fn insert_settlement(
     sequence: i32,
     hash: &str,
 ) -> Result<u64, tokio_postgres::Error> {
+    let (kind, debit, credit, currency) = (
+        s.kind.as_str(),
+        s.debit_ledger(),
+        s.credit_ledger(),
+        s.currency.code(),
+    );
     tx.execute(
         insert,
         &[
             &s.payment_id,
-            &s.kind.as_str(),
+            &kind,
             &sequence,
+            &debit,
+            &credit,
+            &s.amount_minor,
+            &currency,
             &s.merchant_id,
             &s.account_id,
+            &s.account_seq.map(ms),
             &s.channel_id,
             &s.channel_txn_id,
-            &s.amount_minor,
-            &s.currency.code(),
             &s.channel_fee_minor,
-            &s.commission_minor,
-            &s.merchant_net_minor,
-            &s.account_seq.map(ms),
             &ms(s.settled_at_ms),
             &hash,
         ],
@@ -151,8 +123,11 @@ async fn insert_creating_settlement(
     s: &Settlement,
     sequence: i32,
     hash: &str,
+    history: &NoWebhook,
 ) -> Result<(bool, bool), tokio_postgres::Error> {
     let checks = i32::try_from(p.checks).unwrap_or(i32::MAX);
+    let keeps_history = history.keeps_history(&p.merchant_id);
+    let (debit, credit) = (s.debit_ledger(), s.credit_ledger());
     let stmt = tx.prepare_cached(INSERT_CREATING_SETTLEMENT).await?;
     let row = tx
         .query_one(
@@ -178,26 +153,27 @@ async fn insert_creating_settlement(
                 &checks,
                 &p.idempotency_key,
                 &p.request_hash,
+                &keeps_history,
                 &s.payment_id,
                 &s.kind.as_str(),
                 &sequence,
-                &s.merchant_id,
-                &s.account_id,
-                &s.channel_id,
-                &s.channel_txn_id,
+                &debit,
+                &credit,
                 &s.amount_minor,
                 &s.currency.code(),
-                &s.channel_fee_minor,
-                &s.commission_minor,
-                &s.merchant_net_minor,
+                &s.merchant_id,
+                &s.account_id,
                 &s.account_seq.map(ms),
+                &s.channel_id,
+                &s.channel_txn_id,
+                &s.channel_fee_minor,
                 &ms(s.settled_at_ms),
                 &hash,
             ],
         )
         .await?;
-    let (payments, settlements): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
-    Ok((payments == 1, settlements == 1))
+    let (payments, transfers): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+    Ok((payments == 1, transfers == 1))
 }
 
 impl PostgresStore {
@@ -251,7 +227,7 @@ impl PostgresStore {
 
     /// Inserts settlements inside `tx` (checked by the caller): every settlement row in one
     /// pipelined burst, then the inserted ones' payments, refund statuses and webhooks in
-    /// another, then all postings and webhooks with one statement each. The rare conflicts
+    /// another, then all webhooks with one statement. The rare conflicts
     /// are explained one by one.
     pub(super) async fn settle_in(
         &self,
@@ -277,7 +253,7 @@ impl PostgresStore {
                 None => None,
             });
         }
-        let insert = tx.prepare_cached(INSERT_SETTLEMENT).await.map_err(db)?;
+        let insert = tx.prepare_cached(INSERT_TRANSFER).await.map_err(db)?;
         // (payment row inserted, settlement inserted) per settlement: a settlement that creates
         // its payment goes in with its row or not at all (`INSERT_CREATING_SETTLEMENT`).
         let inserted = join_all(batch.iter().zip(&sequences).zip(&hashes).zip(&taken).map(
@@ -288,7 +264,15 @@ impl PostgresStore {
                         return Ok((false, false));
                     }
                     if let (true, Some(p)) = (s.creates_payment(), s.payment.as_ref()) {
-                        return insert_creating_settlement(tx, p, s, *sequence, hash).await;
+                        return insert_creating_settlement(
+                            tx,
+                            p,
+                            s,
+                            *sequence,
+                            hash,
+                            &self.no_webhook,
+                        )
+                        .await;
                     }
                     let rows = insert_settlement(tx, insert, s, *sequence, hash).await?;
                     Ok((false, rows == 1))
@@ -326,23 +310,16 @@ impl PostgresStore {
             rows_written.push(written);
         }
 
-        // What follows an inserted settlement: its postings, its payment, its refund, its
-        // webhook, in one more round trip. The webhook of a refund or of late money without a
+        // What follows an inserted settlement: its payment, its refund, its webhook, in one
+        // more round trip. The webhook of a refund or of late money without a
         // payment row of its own is made from the payment as stored: those rare ones read it
         // in this round trip and are inserted in a third.
-        let mut postings = PostingColumns::default();
         let mut followers = Vec::new();
         let mut readers = Vec::new();
         let mut webhooks = Vec::new();
         let now_ms = telemetry::now_ms();
-        for (((s, &sequence), outcome), written) in batch
-            .iter()
-            .zip(&sequences)
-            .zip(&outcomes)
-            .zip(&rows_written)
-        {
+        for ((s, outcome), written) in batch.iter().zip(&outcomes).zip(&rows_written) {
             if *outcome == CommitOutcome::Inserted {
-                postings.push(s, sequence);
                 followers.push(self.after_settlement(tx, s, *written));
                 if events::needs_stored_payment(s) {
                     readers.push(self.settlement_webhook(tx, s));
@@ -351,39 +328,17 @@ impl PostgresStore {
                 }
             }
         }
-        let postings_insert = async {
-            if postings.line.is_empty() {
-                return Ok(());
-            }
-            let stmt = tx.prepare_cached(INSERT_POSTINGS).await?;
-            tx.execute(
-                &stmt,
-                &[
-                    &postings.payment_id,
-                    &postings.kind,
-                    &postings.sequence,
-                    &postings.line,
-                    &postings.ledger,
-                    &postings.amount_minor,
-                    &postings.currency,
-                ],
-            )
-            .await
-            .map(|_| ())
-        };
         // The first poll sends the followers' statements before the readers' (prepared
         // statements are cached after a connection's first batch), as the writes and reads of
         // one follower went before; the order among a batch's own rows is not relied upon.
-        let (followed, read, posted, hooked) = tokio::join!(
+        let (followed, read, hooked) = tokio::join!(
             join_all(followers),
             join_all(readers),
-            postings_insert,
             insert_webhooks(tx, &webhooks, &self.no_webhook)
         );
         for follower in followed {
             follower?;
         }
-        posted.map_err(db)?;
         hooked.map_err(db)?;
         let mut late = Vec::new();
         for webhook in read {
@@ -449,7 +404,7 @@ impl PostgresStore {
                 };
             }
             // Its row is there without its movement: the movement alone, as for any other.
-            let insert = tx.prepare_cached(INSERT_SETTLEMENT).await.map_err(db)?;
+            let insert = tx.prepare_cached(INSERT_TRANSFER).await.map_err(db)?;
             let rows = insert_settlement(tx, &insert, s, sequence, hash)
                 .await
                 .map_err(db)?;
@@ -494,7 +449,10 @@ impl PostgresStore {
     ) -> Result<(), SettleError> {
         let db = |e: tokio_postgres::Error| self.unavailable(&e);
         if let (Some(payment), false) = (&s.payment, payment_written) {
-            if !write_payment(tx, payment).await.map_err(db)? {
+            if !write_payment(tx, payment, &self.no_webhook)
+                .await
+                .map_err(db)?
+            {
                 let detail = format!(
                     "order id {} is held by another live payment",
                     payment.merchant_order_id
@@ -540,10 +498,13 @@ impl PostgresStore {
             .query(
                 "SELECT a.merchant_id, a.account_id, a.currency, a.credit_limit_minor, \
                  a.created_at_ms, a.updated_at_ms, \
-                 COALESCE((SELECT SUM(p.amount_minor) FROM postings p WHERE p.ledger = \
-                   'account:' || a.merchant_id || ':' || a.account_id), 0)::BIGINT, \
-                 COALESCE((SELECT MAX(s.account_seq) FROM settlements s WHERE \
-                   s.merchant_id = a.merchant_id AND s.account_id = a.account_id), 0)::BIGINT \
+                 COALESCE((SELECT SUM(CASE 'account:' || a.merchant_id || ':' || a.account_id \
+                   WHEN t.credit_ledger THEN t.amount_minor \
+                   WHEN t.debit_ledger THEN -t.amount_minor ELSE 0 END) FROM transfers t \
+                   WHERE t.merchant_id = a.merchant_id AND t.account_id = a.account_id), \
+                   0)::BIGINT, \
+                 COALESCE((SELECT MAX(t.account_seq) FROM transfers t WHERE \
+                   t.merchant_id = a.merchant_id AND t.account_id = a.account_id), 0)::BIGINT \
                  FROM accounts a \
                  WHERE ($1::TEXT IS NULL OR (a.merchant_id = $1 AND a.account_id = $2)) \
                  ORDER BY a.merchant_id COLLATE \"C\", a.account_id COLLATE \"C\"",
@@ -605,8 +566,7 @@ impl PostgresStore {
         let client = self.client().await?;
         let rows = client
             .query(
-                "SELECT payment_id, kind, sequence, SUM(amount_minor)::BIGINT FROM postings \
-                 GROUP BY payment_id, kind, sequence \
+                "SELECT payment_id, kind, sequence, amount_minor - amount_minor FROM transfers \
                  ORDER BY payment_id COLLATE \"C\", kind COLLATE \"C\", sequence",
                 &[],
             )
@@ -686,7 +646,7 @@ impl MoneyStore for PostgresStore {
             let client = self.client().await?;
             let stmt = client
                 .prepare_cached(
-                    "SELECT channel_id, channel_txn_id FROM settlements WHERE payment_id = $1 \
+                    "SELECT channel_id, channel_txn_id FROM transfers WHERE payment_id = $1 \
                      AND kind IN ('capture', 'credit') AND sequence = 0",
                 )
                 .await

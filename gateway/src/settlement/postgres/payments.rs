@@ -5,7 +5,7 @@ use deadpool_postgres::tokio_postgres::{self, Row};
 use deadpool_postgres::Transaction;
 
 use crate::settlement::{
-    AttemptOutcome, AttemptRow, AttemptUpdate, IntentOutcome, PaymentRow, PaymentStore,
+    AttemptOutcome, AttemptRow, AttemptUpdate, IntentOutcome, NoWebhook, PaymentRow, PaymentStore,
     SettleError, StatusChange, Write, Written,
 };
 use crate::telemetry::{self, StoreOp};
@@ -28,8 +28,9 @@ pub(super) const PAYMENT_COLUMNS: &str =
     idempotency_key, request_hash";
 
 /// Inserts a payment unless its id, its idempotency key (by a payment or a kept refusal) or its
-/// live scoped order id is taken, with its first event,
-/// in one statement (one round trip); the row count says whether it was inserted.
+/// live scoped order id is taken, with its first event when the merchant's history is kept
+/// (`$21`, [`NoWebhook::keeps_history`]), in one statement (one round trip); the row count
+/// says whether it was inserted.
 const INSERT_PAYMENT: &str = "WITH ins AS (INSERT INTO payments (id, merchant_id, account_id, \
     scope_tag, merchant_order_id, amount_minor, currency, method, purpose, status, held_minor, \
     hold_expires_at_ms, created_at_ms, expires_at_ms, updated_at_ms, doc, next_check_at_ms, \
@@ -38,13 +39,14 @@ const INSERT_PAYMENT: &str = "WITH ins AS (INSERT INTO payments (id, merchant_id
     WHERE NOT EXISTS (SELECT 1 FROM refusals WHERE scope_tag = $4 AND idempotency_key = $19) \
     ON CONFLICT DO NOTHING RETURNING id, status, updated_at_ms), \
     ev AS (INSERT INTO payment_events (payment_id, status, at_ms) \
-    SELECT id, status, updated_at_ms FROM ins ON CONFLICT DO NOTHING) \
+    SELECT id, status, updated_at_ms FROM ins WHERE $21::BOOLEAN ON CONFLICT DO NOTHING) \
     SELECT id FROM ins";
 
 /// A settlement's payment in one statement (one round trip): inserted whole, or, when it
 /// exists, its status (never moving a refunded payment back: two refunds' commits may arrive
 /// in either order, the later status wins only if it is further along), hold and
-/// `updated_at_ms`; with the event of its status either way. Its one row says what was done.
+/// `updated_at_ms`; with the event of its status either way when the merchant's history is
+/// kept (`$21`). Its one row says what was done.
 const WRITE_PAYMENT: &str = "WITH ins AS (INSERT INTO payments (id, merchant_id, account_id, \
     scope_tag, merchant_order_id, amount_minor, currency, method, purpose, status, held_minor, \
     hold_expires_at_ms, created_at_ms, expires_at_ms, updated_at_ms, doc, next_check_at_ms, \
@@ -57,8 +59,8 @@ const WRITE_PAYMENT: &str = "WITH ins AS (INSERT INTO payments (id, merchant_id,
     held_minor = $11, updated_at_ms = $15 \
     WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM ins) RETURNING id), \
     ev AS (INSERT INTO payment_events (payment_id, status, at_ms) \
-    SELECT id, $10, $15 FROM ins UNION ALL SELECT id, $10, $15 FROM upd \
-    ON CONFLICT DO NOTHING) \
+    SELECT id, $10, $15 FROM (SELECT id FROM ins UNION ALL SELECT id FROM upd) w \
+    WHERE $21::BOOLEAN ON CONFLICT DO NOTHING) \
     SELECT (SELECT COUNT(*) FROM ins) + (SELECT COUNT(*) FROM upd)";
 
 const ATTEMPT_COLUMNS: &str = "payment_id, attempt, channel_id, channel_order_id, outcome, \
@@ -180,7 +182,9 @@ async fn payment_statement(
     tx: &Transaction<'_>,
     sql: &str,
     p: &PaymentRow,
+    history: &NoWebhook,
 ) -> Result<Option<Row>, tokio_postgres::Error> {
+    let keeps_history = history.keeps_history(&p.merchant_id);
     let checks = i32::try_from(p.checks).unwrap_or(i32::MAX);
     let (currency, hold, created, expires, updated, next) = (
         p.currency.code(),
@@ -214,6 +218,7 @@ async fn payment_statement(
             &checks,
             &p.idempotency_key,
             &p.request_hash,
+            &keeps_history,
         ],
     )
     .await
@@ -224,11 +229,15 @@ async fn payment_statement(
 async fn insert_payment(
     tx: &Transaction<'_>,
     p: &PaymentRow,
+    history: &NoWebhook,
 ) -> Result<bool, tokio_postgres::Error> {
-    Ok(payment_statement(tx, INSERT_PAYMENT, p).await?.is_some())
+    Ok(payment_statement(tx, INSERT_PAYMENT, p, history)
+        .await?
+        .is_some())
 }
 
-/// Records that a payment reached `status` (once per status).
+/// Records that a payment reached `status` (once per status; the caller checked that the
+/// merchant's history is kept).
 async fn record_event(
     tx: &Transaction<'_>,
     id: &str,
@@ -246,8 +255,9 @@ async fn record_event(
 pub(super) async fn write_payment(
     tx: &Transaction<'_>,
     p: &PaymentRow,
+    history: &NoWebhook,
 ) -> Result<bool, tokio_postgres::Error> {
-    let row = payment_statement(tx, WRITE_PAYMENT, p).await?;
+    let row = payment_statement(tx, WRITE_PAYMENT, p, history).await?;
     let written: i64 = row.map_or(Ok(0), |r| r.try_get(0))?;
     Ok(written == 1)
 }
@@ -338,7 +348,7 @@ impl PostgresStore {
         // Insert first: it waits for a concurrent insert of the same id or order id and then
         // does nothing, and the look-ups below (each with a fresh snapshot) explain why.
         for _ in 0..INTENT_ATTEMPTS {
-            if insert_payment(tx, p).await.map_err(db)? {
+            if insert_payment(tx, p, &self.no_webhook).await.map_err(db)? {
                 if let Some((a, number)) = first_attempt {
                     self.insert_attempt(tx, a, number).await?;
                 }
@@ -446,16 +456,15 @@ impl PostgresStore {
             .await
             .map_err(db)?;
         if updated == 1 {
-            record_event(
-                &tx,
-                &change.payment_id,
-                change.status.as_str(),
-                change.updated_at_ms,
-            )
-            .await
-            .map_err(db)?;
             // The merchant's webhook, in the same transaction as the status (webhooks).
             let stored = self.stored_payment(&tx, &change.payment_id).await?;
+            if let Some(p) = stored.as_ref() {
+                if self.no_webhook.keeps_history(&p.merchant_id) {
+                    record_event(&tx, &p.id, change.status.as_str(), change.updated_at_ms)
+                        .await
+                        .map_err(db)?;
+                }
+            }
             let event = stored.and_then(|p| events::for_final_status(&p, telemetry::now_ms()));
             insert_webhooks(&tx, event.as_slice(), &self.no_webhook)
                 .await

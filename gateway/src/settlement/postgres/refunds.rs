@@ -15,10 +15,11 @@ use super::webhooks::insert_webhooks;
 use super::{get, get_currency, get_named, get_u32, get_u64, ms, PostgresStore};
 use crate::settlement::FlagKind;
 
-const REFUND_COLUMNS: &str = "refund_id, payment_id, number, amount_minor, currency, status, \
+pub(super) const REFUND_COLUMNS: &str =
+    "refund_id, payment_id, number, amount_minor, currency, status, \
     channel_id, channel_order_id, reason, created_at_ms, updated_at_ms, idempotency_key";
 
-fn refund_from_row(r: &Row) -> Result<RefundRow, SettleError> {
+pub(super) fn refund_from_row(r: &Row) -> Result<RefundRow, SettleError> {
     Ok(RefundRow {
         refund_id: get(r, 0)?,
         payment_id: get(r, 1)?,

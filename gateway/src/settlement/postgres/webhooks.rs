@@ -13,7 +13,11 @@ use crate::telemetry::{self, StoreOp};
 use crate::webhooks::events;
 
 use super::lease::Leased;
-use super::{bad_row, get, get_u32, get_u64, ms, PostgresStore};
+use super::payments::{payment_from_row, PAYMENT_COLUMNS};
+use super::refunds::{refund_from_row, REFUND_COLUMNS};
+use super::{bad_row, get, get_named, get_u32, get_u64, ms, PostgresStore};
+use crate::settlement::skipped::{self, MovementStamp};
+use crate::settlement::SettlementKind;
 
 const WEBHOOK_COLUMNS: &str = "id, merchant_id, payment_id, type, sequence, payload, url, \
     status, attempts, next_attempt_at_ms, last_status, last_error, created_at_ms, updated_at_ms";
@@ -56,10 +60,18 @@ pub(super) async fn insert_webhooks(
     events: &[WebhookEvent],
     no_webhook: &NoWebhook,
 ) -> Result<(), tokio_postgres::Error> {
+    // Events with nowhere to go are not written: derived when read (`settlement::skipped`).
+    let events: Vec<&WebhookEvent> = events
+        .iter()
+        .filter(|e| {
+            e.status == WebhookStatus::Skipped
+                || no_webhook.stored_state(e).0 != WebhookStatus::Skipped
+        })
+        .collect();
     if events.is_empty() {
         return Ok(());
     }
-    let column = |f: fn(&WebhookEvent) -> &str| events.iter().map(f).collect::<Vec<_>>();
+    let column = |f: fn(&WebhookEvent) -> &str| events.iter().map(|e| f(e)).collect::<Vec<_>>();
     let sequence: Vec<i32> = events
         .iter()
         .map(|e| i32::try_from(e.sequence).unwrap_or(i32::MAX))
@@ -222,7 +234,52 @@ impl WebhookStore for PostgresStore {
                 .await
                 .map_err(db)?;
             let rows = client.query(&stmt, &[&payment_id]).await.map_err(db)?;
-            rows.iter().map(webhook_from_row).collect()
+            let stored = rows
+                .iter()
+                .map(webhook_from_row)
+                .collect::<Result<Vec<_>, _>>()?;
+            let payment = client
+                .query_opt(
+                    &format!("SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = $1"),
+                    &[&payment_id],
+                )
+                .await
+                .map_err(db)?
+                .map(|r| payment_from_row(&r))
+                .transpose()?;
+            let Some(payment) = payment.filter(|p| self.no_webhook.derives_events_of(p)) else {
+                return Ok(stored);
+            };
+            let movements = client
+                .query(
+                    "SELECT kind, sequence, settled_at_ms FROM transfers WHERE payment_id = $1",
+                    &[&payment_id],
+                )
+                .await
+                .map_err(db)?
+                .iter()
+                .map(|r| {
+                    Ok(MovementStamp {
+                        kind: get_named(r, 0, SettlementKind::parse)?,
+                        sequence: get_u32(r, 1)?,
+                        settled_at_ms: get_u64(r, 2)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, SettleError>>()?;
+            let refunds = client
+                .query(
+                    &format!("SELECT {REFUND_COLUMNS} FROM refunds WHERE payment_id = $1"),
+                    &[&payment_id],
+                )
+                .await
+                .map_err(db)?
+                .iter()
+                .map(refund_from_row)
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(skipped::merge(
+                stored,
+                skipped::derive(&payment, &movements, &refunds),
+            ))
         })
         .await
     }

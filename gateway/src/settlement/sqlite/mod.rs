@@ -203,11 +203,12 @@ impl SchemaStore for SqliteStore {
                     expected: SCHEMA_VERSION,
                 });
             }
-            for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+            for m in MIGRATIONS.iter().filter(|m| m.version > current) {
+                let version = m.version;
                 let tx = conn
                     .transaction_with_behavior(TransactionBehavior::Immediate)
                     .map_err(db)?;
-                tx.execute_batch(sql).map_err(db)?;
+                tx.execute_batch(m.sqlite).map_err(db)?;
                 tx.execute(
                     "INSERT INTO schema_migrations (version, applied_at_ms) VALUES (?1, ?2)",
                     params![version, ms(telemetry::now_ms())],

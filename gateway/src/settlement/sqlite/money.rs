@@ -1,5 +1,5 @@
-//! SQLite: the money commit (settlements with their postings, payment rows, refund statuses and
-//! webhooks, in the caller's transaction), accounts and the balances recomputed from postings.
+//! SQLite: the money commit (a movement's transfer, payment rows, refund statuses and webhooks,
+//! in the caller's transaction), accounts and the balances recomputed from transfers.
 
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
@@ -18,7 +18,7 @@ use super::{currency, db, exec, ms, query_row, SqliteStore};
 use crate::settlement::FlagKind;
 
 /// Every account (or only `(merchant, account)`) with its balance and sequence recomputed from
-/// the postings ([`MoneyStore::balances`]).
+/// the transfers ([`MoneyStore::balances`]).
 fn balances_in(
     conn: &Connection,
     only: Option<(&str, &str)>,
@@ -28,10 +28,12 @@ fn balances_in(
         .prepare_cached(
             "SELECT a.merchant_id, a.account_id, a.currency, a.credit_limit_minor, \
              a.created_at_ms, a.updated_at_ms, \
-             COALESCE((SELECT SUM(p.amount_minor) FROM postings p WHERE p.ledger = \
-               'account:' || a.merchant_id || ':' || a.account_id), 0), \
-             COALESCE((SELECT MAX(s.account_seq) FROM settlements s WHERE \
-               s.merchant_id = a.merchant_id AND s.account_id = a.account_id), 0) \
+             COALESCE((SELECT SUM(CASE 'account:' || a.merchant_id || ':' || a.account_id \
+               WHEN t.credit_ledger THEN t.amount_minor WHEN t.debit_ledger THEN -t.amount_minor \
+               ELSE 0 END) FROM transfers t WHERE t.merchant_id = a.merchant_id \
+               AND t.account_id = a.account_id), 0), \
+             COALESCE((SELECT MAX(t.account_seq) FROM transfers t WHERE \
+               t.merchant_id = a.merchant_id AND t.account_id = a.account_id), 0) \
              FROM accounts a WHERE (?1 IS NULL OR (a.merchant_id = ?1 AND a.account_id = ?2)) \
              ORDER BY a.merchant_id, a.account_id",
         )
@@ -74,7 +76,7 @@ fn live_holds_in(
     rows.collect::<Result<Vec<_>, _>>().map_err(db)
 }
 
-/// Inserts one settlement (with its postings, payment, refund status and webhook) inside the
+/// Inserts one settlement (its transfer, payment, refund status and webhook) inside the
 /// caller's transaction.
 pub(super) fn settle_in(
     tx: &Connection,
@@ -102,26 +104,25 @@ pub(super) fn settle_in(
     }
     let inserted = exec(
         tx,
-        "INSERT INTO settlements (payment_id, kind, sequence, merchant_id, \
-             account_id, channel_id, channel_txn_id, amount_minor, currency, \
-             channel_fee_minor, commission_minor, merchant_net_minor, account_seq, \
-             settled_at_ms, content_hash) VALUES \
+        "INSERT INTO transfers (payment_id, kind, sequence, debit_ledger, credit_ledger, \
+             amount_minor, currency, merchant_id, account_id, account_seq, channel_id, \
+             channel_txn_id, fee_minor, settled_at_ms, content_hash) VALUES \
              (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) \
              ON CONFLICT DO NOTHING",
         params![
             s.payment_id,
             s.kind.as_str(),
             s.sequence,
-            s.merchant_id,
-            s.account_id,
-            s.channel_id,
-            s.channel_txn_id,
+            s.debit_ledger(),
+            s.credit_ledger(),
             s.amount_minor,
             s.currency.code(),
-            s.channel_fee_minor,
-            s.commission_minor,
-            s.merchant_net_minor,
+            s.merchant_id,
+            s.account_id,
             s.account_seq.map(ms),
+            s.channel_id,
+            s.channel_txn_id,
+            s.channel_fee_minor,
             ms(s.settled_at_ms),
             hash
         ],
@@ -130,7 +131,7 @@ pub(super) fn settle_in(
     if inserted == 0 {
         let stored: Option<String> = query_row(
             tx,
-            "SELECT content_hash FROM settlements WHERE payment_id = ?1 \
+            "SELECT content_hash FROM transfers WHERE payment_id = ?1 \
                  AND kind = ?2 AND sequence = ?3",
             params![s.payment_id, s.kind.as_str(), s.sequence],
             |r| r.get(0),
@@ -179,25 +180,8 @@ pub(super) fn settle_in(
     if let Some(a) = &s.adjustment {
         insert_adjustment(tx, &s.payment_id, a)?;
     }
-    for (line, p) in s.postings.iter().enumerate() {
-        exec(
-            tx,
-            "INSERT INTO postings (payment_id, kind, sequence, line, ledger, \
-             amount_minor, currency) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                s.payment_id,
-                s.kind.as_str(),
-                s.sequence,
-                line as i64,
-                p.ledger,
-                p.amount_minor,
-                s.currency.code()
-            ],
-        )
-        .map_err(db)?;
-    }
     if let Some(payment) = &s.payment {
-        let written = write_payment(tx, payment).map_err(db)?;
+        let written = write_payment(tx, payment, no_webhook).map_err(db)?;
         // Checked above, in this transaction, on the one connection: it cannot be taken.
         debug_assert!(
             written || !creates,
@@ -329,7 +313,7 @@ impl MoneyStore for SqliteStore {
         let id = payment_id.to_owned();
         self.run(StoreOp::Read("committed_success"), move |conn| {
             conn.prepare_cached(
-                "SELECT channel_id, channel_txn_id FROM settlements WHERE payment_id = ?1 \
+                "SELECT channel_id, channel_txn_id FROM transfers WHERE payment_id = ?1 \
                  AND kind IN ('capture', 'credit') AND sequence = 0",
             )
             .and_then(|mut st| {
@@ -347,8 +331,8 @@ impl MoneyStore for SqliteStore {
         self.run(StoreOp::Read("postings_sum"), |conn| {
             let mut stmt = conn
                 .prepare(
-                    "SELECT payment_id, kind, sequence, SUM(amount_minor) FROM postings \
-                     GROUP BY payment_id, kind, sequence ORDER BY payment_id, kind, sequence",
+                    "SELECT payment_id, kind, sequence, amount_minor - amount_minor \
+                     FROM transfers ORDER BY payment_id, kind, sequence",
                 )
                 .map_err(db)?;
             let rows = stmt

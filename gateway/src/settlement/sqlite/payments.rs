@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use crate::settlement::{
-    AttemptOutcome, AttemptRow, AttemptUpdate, IntentOutcome, PaymentRow, PaymentStore,
+    AttemptOutcome, AttemptRow, AttemptUpdate, IntentOutcome, NoWebhook, PaymentRow, PaymentStore,
     SettleError, StatusChange,
 };
 use crate::telemetry::StoreOp;
@@ -79,8 +79,19 @@ fn insert_attempt(conn: &Connection, a: &AttemptRow) -> Result<(), SettleError> 
     a.explain_conflict(stored.as_deref())
 }
 
-/// Records that a payment reached `status` (once per status).
-fn record_event(conn: &Connection, id: &str, status: &str, at_ms: u64) -> rusqlite::Result<()> {
+/// Records that a payment reached `status` (once per status), for a merchant whose history
+/// something reads ([`NoWebhook::keeps_history`]).
+fn record_event(
+    conn: &Connection,
+    p: (&str, &str),
+    status: &str,
+    at_ms: u64,
+    history: &NoWebhook,
+) -> rusqlite::Result<()> {
+    let (id, merchant) = p;
+    if !history.keeps_history(merchant) {
+        return Ok(());
+    }
     exec(
         conn,
         "INSERT INTO payment_events (payment_id, status, at_ms) VALUES (?1, ?2, ?3) \
@@ -92,7 +103,11 @@ fn record_event(conn: &Connection, id: &str, status: &str, at_ms: u64) -> rusqli
 
 /// Inserts a payment, or updates its status if it exists (leaving its resolution schedule);
 /// `false` when another live payment holds its scoped order id.
-pub(super) fn write_payment(conn: &Connection, p: &PaymentRow) -> rusqlite::Result<bool> {
+pub(super) fn write_payment(
+    conn: &Connection,
+    p: &PaymentRow,
+    history: &NoWebhook,
+) -> rusqlite::Result<bool> {
     let inserted = exec(
         conn,
         &format!(
@@ -124,7 +139,8 @@ pub(super) fn write_payment(conn: &Connection, p: &PaymentRow) -> rusqlite::Resu
         ],
     )?;
     if inserted == 1 {
-        record_event(conn, &p.id, p.status.as_str(), p.updated_at_ms)?;
+        let key = (p.id.as_str(), p.merchant_id.as_str());
+        record_event(conn, key, p.status.as_str(), p.updated_at_ms, history)?;
         return Ok(true);
     }
     // Never moves a refunded payment back (two refunds' commits may arrive in either order;
@@ -138,7 +154,8 @@ pub(super) fn write_payment(conn: &Connection, p: &PaymentRow) -> rusqlite::Resu
         params![p.id, p.status.as_str(), p.held_minor, ms(p.updated_at_ms)],
     )?;
     if updated == 1 {
-        record_event(conn, &p.id, p.status.as_str(), p.updated_at_ms)?;
+        let key = (p.id.as_str(), p.merchant_id.as_str());
+        record_event(conn, key, p.status.as_str(), p.updated_at_ms, history)?;
     }
     Ok(updated == 1)
 }
@@ -148,6 +165,7 @@ pub(super) fn intent_in(
     tx: &Connection,
     p: &PaymentRow,
     first_attempt: Option<&AttemptRow>,
+    history: &NoWebhook,
 ) -> Result<IntentOutcome, SettleError> {
     let existing: Option<String> = tx
         .prepare_cached("SELECT id FROM payments WHERE id = ?1")
@@ -163,7 +181,7 @@ pub(super) fn intent_in(
     if let Some(taken) = arbitrate(tx, p)? {
         return Ok(taken.into());
     }
-    write_payment(tx, p).map_err(db)?;
+    write_payment(tx, p, history).map_err(db)?;
     if let Some(a) = first_attempt {
         insert_attempt(tx, a)?;
     }
@@ -204,11 +222,12 @@ impl PaymentStore for SqliteStore {
         }
         let p = payment.clone();
         let first_attempt = first_attempt.cloned();
+        let history = self.no_webhook.clone();
         self.run(StoreOp::Write("record_intent"), move |conn| {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(db)?;
-            let outcome = intent_in(&tx, &p, first_attempt.as_ref())?;
+            let outcome = intent_in(&tx, &p, first_attempt.as_ref(), &history)?;
             tx.commit().map_err(db)?;
             Ok(outcome)
         })
@@ -317,11 +336,19 @@ impl PaymentStore for SqliteStore {
                 )
                 .map_err(db)?;
             if updated == 1 {
+                let merchant: String = query_row(
+                    &tx,
+                    "SELECT merchant_id FROM payments WHERE id = ?1",
+                    [&change.payment_id],
+                    |r| r.get(0),
+                )
+                .map_err(db)?;
                 record_event(
                     &tx,
-                    &change.payment_id,
+                    (&change.payment_id, &merchant),
                     change.status.as_str(),
                     change.updated_at_ms,
+                    &no_webhook,
                 )
                 .map_err(db)?;
                 // The merchant's webhook, in the same transaction as the status (webhooks).

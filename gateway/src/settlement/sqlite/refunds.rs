@@ -14,10 +14,11 @@ use super::webhooks::insert_webhook;
 use super::{currency, db, exec, ms, named, query_row, SqliteStore};
 use crate::settlement::FlagKind;
 
-const REFUND_COLUMNS: &str = "refund_id, payment_id, number, amount_minor, currency, status, \
+pub(super) const REFUND_COLUMNS: &str =
+    "refund_id, payment_id, number, amount_minor, currency, status, \
     channel_id, channel_order_id, reason, created_at_ms, updated_at_ms, idempotency_key";
 
-fn refund_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RefundRow> {
+pub(super) fn refund_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RefundRow> {
     Ok(RefundRow {
         refund_id: r.get(0)?,
         payment_id: r.get(1)?,

@@ -12,8 +12,11 @@ use crate::telemetry::{self, StoreOp};
 use crate::webhooks::events;
 
 use super::lease::Leased;
+use super::refunds::{refund_from_row, REFUND_COLUMNS};
 use super::rows::{payment_from_row, PAYMENT_COLUMNS};
-use super::{db, ms, query_row, SqliteStore};
+use super::{db, ms, named, query_row, SqliteStore};
+use crate::settlement::skipped::{self, MovementStamp};
+use crate::settlement::SettlementKind;
 
 const WEBHOOK_COLUMNS: &str = "id, merchant_id, payment_id, type, sequence, payload, url, \
     status, attempts, next_attempt_at_ms, last_status, last_error, created_at_ms, updated_at_ms";
@@ -70,6 +73,10 @@ pub(super) fn insert_webhook(
     no_webhook: &NoWebhook,
 ) -> rusqlite::Result<()> {
     let (status, next_attempt_at_ms) = no_webhook.stored_state(e);
+    if status == WebhookStatus::Skipped && e.status != WebhookStatus::Skipped {
+        // Nowhere to go: not written, derived when read (`settlement::skipped`).
+        return Ok(());
+    }
     conn.prepare_cached(&format!(
         "INSERT INTO webhook_events ({WEBHOOK_COLUMNS}) VALUES \
          (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) ON CONFLICT DO NOTHING"
@@ -198,6 +205,7 @@ impl WebhookStore for SqliteStore {
 
     async fn webhook_events(&self, payment_id: &str) -> Result<Vec<WebhookEvent>, SettleError> {
         let payment_id = payment_id.to_owned();
+        let no_webhook = self.no_webhook.clone();
         self.run(StoreOp::Read("webhook_events"), move |conn| {
             let mut stmt = conn
                 .prepare_cached(&format!(
@@ -205,10 +213,50 @@ impl WebhookStore for SqliteStore {
                      ORDER BY created_at_ms, id"
                 ))
                 .map_err(db)?;
-            let rows = stmt
+            let stored = stmt
                 .query_map([&payment_id], webhook_from_row)
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
                 .map_err(db)?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(db)
+            let payment = query_row(
+                conn,
+                &format!("SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = ?1"),
+                [&payment_id],
+                payment_from_row,
+            )
+            .optional()
+            .map_err(db)?;
+            let Some(payment) = payment.filter(|p| no_webhook.derives_events_of(p)) else {
+                return Ok(stored);
+            };
+            let movements = conn
+                .prepare_cached(
+                    "SELECT kind, sequence, settled_at_ms FROM transfers WHERE payment_id = ?1",
+                )
+                .map_err(db)?
+                .query_map([&payment_id], |r| {
+                    Ok(MovementStamp {
+                        kind: named(r.get(0)?, SettlementKind::parse)?,
+                        sequence: r.get(1)?,
+                        settled_at_ms: r.get::<_, i64>(2)? as u64,
+                    })
+                })
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+            let refunds = conn
+                .prepare_cached(&format!(
+                    "SELECT {REFUND_COLUMNS} FROM refunds WHERE payment_id = ?1"
+                ))
+                .map_err(db)?
+                .query_map([&payment_id], refund_from_row)
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+            Ok(skipped::merge(
+                stored,
+                skipped::derive(&payment, &movements, &refunds),
+            ))
         })
         .await
     }

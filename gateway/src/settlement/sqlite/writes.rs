@@ -43,7 +43,7 @@ impl WriteStore for SqliteStore {
                 }
                 // A savepoint per intent: an attempt that clashes leaves nothing behind.
                 let sp = tx.savepoint().map_err(db)?;
-                match intent_in(&sp, payment, first_attempt.as_ref()) {
+                match intent_in(&sp, payment, first_attempt.as_ref(), &no_webhook) {
                     Ok(outcome) => {
                         sp.commit().map_err(db)?;
                         *result = Some(Ok(Written::Intent(outcome)));
