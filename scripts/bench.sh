@@ -178,7 +178,7 @@ log() { echo "[bench $(date -u +%H:%M:%S) +$(( $(date +%s) - T0 ))s] $*"; }
 # ---- build ------------------------------------------------------------------------------------
 log "cargo build --release -p gateway -p channel-sim -p loadtest"
 cargo build --release -p gateway -p channel-sim -p loadtest
-BIN=$ROOT/target/release
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
 LOADTEST=$BIN/loadtest
 
 # ---- one stack: Redis (+ PostgreSQL) + gateway + channel-sim + baseline proxy -----------------

@@ -12,7 +12,11 @@
 # same wrk against nginx (GET /channels through the proxy). Each run reads utime + stime of
 # every process from /proc/<pid>/stat before and after: CPU µs per payment (or per proxied
 # request) = CPU time / requests answered. Every payment must be answered 201: a run with a
-# non-2xx answer fails. Installs wrk and nginx-light with apt-get when missing (root).
+# non-2xx answer fails. Each run also counts what the store wrote per payment: rows and B-tree
+# entries (tables and indexes, from SQLite's dbstat: leaf cells of rowid tables, every cell of
+# indexes and WITHOUT ROWID tables) and WAL bytes (the gateway's gateway_sqlite_wal_bytes_total).
+# The last rows are the medians of the runs. Installs wrk, nginx-light and sqlite3 with apt-get
+# when missing (root).
 # Writes DIR/closed-loop.md (default target/bench) and prints it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +48,7 @@ command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v jq >/dev/null 2>&1 || need+=(jq)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v sqlite3 >/dev/null 2>&1 || need+=(sqlite3)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "closed-loop.sh: installing ${need[*]}"
@@ -92,7 +97,7 @@ TICK=$(getconf CLK_TCK)
 
 echo "closed-loop.sh: cargo build --release -p gateway"
 cargo build --release -p gateway
-BIN=$ROOT/target/release
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
 
 # ---- the stack ------------------------------------------------------------------------------
 rport=$(free_port)
@@ -150,6 +155,28 @@ for i in $(seq 0 $((ACCOUNTS - 1))); do
     -d "{\"merchant_id\": \"alpha\", \"direction\": \"credit\", \"amount\": \"$FUNDING\", \"reason\": \"closed-loop bench\"}"
 done
 
+# ---- what the store writes ------------------------------------------------------------------
+DB=$TMP/gw/gateway.sqlite3
+# btree_counts: "rows entries" over every table and index of the store (not sqlite_schema).
+btree_counts() {
+  sqlite3 -readonly "$DB" "
+    SELECT COALESCE(SUM(CASE WHEN m.type = 'table' THEN n ELSE 0 END), 0), COALESCE(SUM(n), 0)
+    FROM (SELECT d.name AS name, SUM(CASE
+            WHEN t.type = 'table' AND COALESCE(t.sql, '') NOT LIKE '%WITHOUT ROWID%'
+              THEN CASE WHEN d.pagetype = 'leaf' THEN d.ncell ELSE 0 END
+            ELSE d.ncell END) AS n
+          FROM dbstat d JOIN sqlite_master t ON t.name = d.name GROUP BY d.name) c
+    JOIN sqlite_master m ON m.name = c.name;" | tr '|' ' '
+}
+wal_bytes() {
+  local metrics
+  metrics=$(curl -sS --retry 3 --retry-all-errors "$GW_URL/metrics") \
+    || { echo "closed-loop.sh: cannot read the gateway's metrics" >&2; return 1; }
+  awk '/^gateway_sqlite_wal_bytes_total/ {print $2; found=1; exit} END {if (!found) print 0}' \
+    <<<"$metrics"
+}
+median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR + 1) / 2)]}'; }
+
 # ---- the runs -------------------------------------------------------------------------------
 # run_wrk NAME URL SCRIPT PIDS...: one wrk run; prints "requests non2xx cpu_us_per_request..."
 run_wrk() {
@@ -172,24 +199,36 @@ run_wrk() {
 }
 
 ROWS=()
+M_RATE=(); M_GW=(); M_RD=(); M_ROWS=(); M_ENTRIES=(); M_WAL=()
 for r in $(seq "$RUNS"); do
+  read -r rows0 entries0 <<<"$(btree_counts)"
+  wal0=$(wal_bytes)
   read -r req bad gw rd <<<"$(run_wrk "pay-$r" "$GW_URL/v1/payments" scripts/closed-loop.lua "$GW_PID" "$REDIS_PID")"
   if [ "$bad" != 0 ]; then
     echo "closed-loop.sh: run $r: $bad answers were not 2xx (see $OUT/closed-loop-pay-$r.txt)" >&2
     exit 1
   fi
-  ROWS+=("| balance payments, run $r | $((req / DURATION_S))/s | gateway $gw µs, Redis $rd µs |")
-  echo "run $r: $req payments, gateway $gw µs, Redis $rd µs per payment"
+  # Answered 201 = committed (durable before answered): the store holds every payment now.
+  read -r rows1 entries1 <<<"$(btree_counts)"
+  wal1=$(wal_bytes)
+  per() { awk -v d="$1" -v n="$req" 'BEGIN {printf "%.2f", d / n}'; }
+  prow=$(per $((rows1 - rows0))); pent=$(per $((entries1 - entries0)))
+  pwal=$(awk -v d="$(( ${wal1%.*} - ${wal0%.*} ))" -v n="$req" 'BEGIN {printf "%.1f", d / n / 1024}')
+  ROWS+=("| balance payments, run $r | $((req / DURATION_S))/s | gateway $gw µs, Redis $rd µs | $prow | $pent | $pwal KiB |")
+  M_RATE+=($((req / DURATION_S))); M_GW+=("$gw"); M_RD+=("$rd")
+  M_ROWS+=("$prow"); M_ENTRIES+=("$pent"); M_WAL+=("$pwal")
+  echo "run $r: $req payments, gateway $gw µs, Redis $rd µs per payment; store: $prow rows, $pent B-tree entries, $pwal KiB WAL per payment"
 done
+ROWS+=("| **balance payments, median of $RUNS** | $(median "${M_RATE[@]}")/s | gateway $(median "${M_GW[@]}") µs, Redis $(median "${M_RD[@]}") µs | $(median "${M_ROWS[@]}") | $(median "${M_ENTRIES[@]}") | $(median "${M_WAL[@]}") KiB |")
 # shellcheck disable=SC2086
 read -r req bad ng sim <<<"$(run_wrk nginx "http://127.0.0.1:$nport/channels" "" $NGINX_WORKERS "$GW_PID")"
-ROWS+=("| nginx → channel-sim (GET /channels) | $((req / DURATION_S))/s | nginx $ng µs (the simulator in the gateway's process: $sim µs) |")
+ROWS+=("| nginx → channel-sim (GET /channels) | $((req / DURATION_S))/s | nginx $ng µs (the simulator in the gateway's process: $sim µs) | — | — | — |")
 
 {
   echo "Closed loop, $(date -u +'%Y-%m-%d %H:%M') UTC, commit \`$(git rev-parse --short HEAD)\`:"
   echo "\`scripts/closed-loop.sh --runs $RUNS --duration-s $DURATION_S\` (wrk -t1 -c$CONNECTIONS, $ACCOUNTS accounts, SQLite store, Redis AOF off)."
   echo
-  echo "| load | rate | CPU per request, by process |"
-  echo "| --- | --- | --- |"
+  echo "| load | rate | CPU per request, by process | store rows / payment | B-tree entries / payment | SQLite WAL / payment |"
+  echo "| --- | --- | --- | --- | --- | --- |"
   printf '%s\n' "${ROWS[@]}"
 } | tee "$OUT/closed-loop.md"
