@@ -179,6 +179,7 @@ on_both_stores!(
     a_group_commit_holds_intents_attempt_outcomes_and_settlements,
     a_refused_write_leaves_nothing_and_the_rest_of_its_batch_commits,
     the_store_decides_on_idempotency_keys_and_order_ids,
+    new_payments_of_one_batch_are_decided_each_on_its_own,
     the_store_caps_refunds_and_flags_a_conflict,
     refusals_are_kept_once_per_key,
     old_keys_are_purged_under_a_lease,
@@ -1879,6 +1880,53 @@ async fn account_state(store: &dyn SettlementStore) -> (i64, u64, Vec<String>) {
         .collect();
     moved.dedup();
     (balance.balance_minor, balance.seq, moved)
+}
+
+/// New balance payments of one group commit (on PostgreSQL, one statement for all of them)
+/// are each decided as if committed alone: a twin of one in the same batch (a re-drive beside
+/// the first) is the same movement, and one refused (its key, order id or sequence taken)
+/// leaves nothing while the others commit.
+async fn new_payments_of_one_batch_are_decided_each_on_its_own(store: Arc<dyn SettlementStore>) {
+    store.migrate().await.unwrap();
+    store.upsert_account(&account_row("acc")).await.unwrap();
+    let results = store
+        .commit_writes(&[
+            Write::Settlement(balance_payment("pay_1", "o1", "K1", "h1", 1, 100)),
+            Write::Settlement(balance_payment("pay_2", "o2", "K2", "h2", 2, 200)),
+            Write::Settlement(balance_payment("pay_1", "o1", "K1", "h1", 1, 100)),
+            Write::Settlement(balance_payment("pay_3", "o2", "K3", "h3", 3, 300)),
+            Write::Settlement(balance_payment("pay_4", "o4", "K4", "h4", 2, 400)),
+            Write::Settlement(balance_payment("pay_5", "o5", "K5", "h5", 4, 500)),
+        ])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect::<Vec<_>>();
+    assert_eq!(
+        results,
+        vec![
+            Written::Settlement(CommitOutcome::Inserted),
+            Written::Settlement(CommitOutcome::Inserted),
+            Written::Settlement(CommitOutcome::AlreadyCommitted),
+            Written::Settlement(CommitOutcome::DuplicateOrder {
+                payment_id: "pay_2".into()
+            }),
+            Written::Settlement(CommitOutcome::SequenceConflict { account_seq: 2 }),
+            Written::Settlement(CommitOutcome::Inserted),
+        ]
+    );
+    for refused in ["pay_3", "pay_4"] {
+        assert_eq!(store.payment(refused).await.unwrap(), None, "{refused}");
+    }
+    assert_eq!(
+        account_state(store.as_ref()).await,
+        (
+            -800,
+            4,
+            vec!["pay_1".to_owned(), "pay_2".to_owned(), "pay_5".to_owned()]
+        )
+    );
 }
 
 async fn the_store_decides_on_idempotency_keys_and_order_ids(store: Arc<dyn SettlementStore>) {

@@ -28,28 +28,45 @@ const INSERT_TRANSFER: &str = "INSERT INTO transfers (payment_id, kind, sequence
     channel_id, channel_txn_id, fee_minor, settled_at_ms, content_hash) VALUES \
     ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) ON CONFLICT DO NOTHING";
 
-/// A settlement that creates its payment (`Settlement::creates_payment`), in one statement:
-/// the payment row (with its first event when the merchant's history is kept) is inserted
-/// unless its id, idempotency key (by a payment or a kept refusal) or live order id is taken,
-/// and the transfer only if the row was: the store never holds such a movement without its
-/// payment. Its one row counts what was inserted: (payments, transfers). Parameters: the
-/// payment's 21 (as `INSERT_PAYMENT`), then the transfer's 15 (as `INSERT_TRANSFER`).
-const INSERT_CREATING_SETTLEMENT: &str = "WITH pay AS (INSERT INTO payments (id, merchant_id, \
+/// Every settlement of a batch that creates its payment (`Settlement::creates_payment`: the
+/// balance payments), in one statement however many there are (arrays, `UNNEST`): each payment
+/// row (with its first event when the merchant's history is kept) is inserted unless its id,
+/// idempotency key (by a payment or a kept refusal) or live order id is taken, and its
+/// transfer only if the row was: the store never holds such a movement without its payment.
+/// One row back per input, in input order: (payment inserted, transfer inserted). Rows are
+/// inserted in payment id order (the lock order every batch keeps).
+const INSERT_CREATING_SETTLEMENTS: &str = "WITH i AS (SELECT * FROM UNNEST(\
+    $1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::BIGINT[], $7::TEXT[], \
+    $8::TEXT[], $9::TEXT[], $10::TEXT[], $11::BIGINT[], $12::BIGINT[], $13::BIGINT[], \
+    $14::BIGINT[], $15::BIGINT[], $16::TEXT[], $17::BIGINT[], $18::INTEGER[], $19::TEXT[], \
+    $20::TEXT[], $21::BOOLEAN[], $22::TEXT[], $23::INTEGER[], $24::TEXT[], $25::TEXT[], \
+    $26::BIGINT[], $27::TEXT[], $28::TEXT[], $29::BIGINT[], $30::TEXT[], $31::TEXT[], \
+    $32::BIGINT[], $33::BIGINT[], $34::TEXT[]) WITH ORDINALITY AS i(id, merchant_id, \
     account_id, scope_tag, merchant_order_id, amount_minor, currency, method, purpose, status, \
     held_minor, hold_expires_at_ms, created_at_ms, expires_at_ms, updated_at_ms, doc, \
-    next_check_at_ms, checks, idempotency_key, request_hash) SELECT \
-    $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20 \
-    WHERE NOT EXISTS (SELECT 1 FROM refusals WHERE scope_tag = $4 AND idempotency_key = $19) \
-    ON CONFLICT DO NOTHING RETURNING id, status, updated_at_ms), \
-    ev AS (INSERT INTO payment_events (payment_id, status, at_ms) \
-    SELECT id, status, updated_at_ms FROM pay WHERE $21::BOOLEAN ON CONFLICT DO NOTHING), \
+    next_check_at_ms, checks, idempotency_key, request_hash, keeps_history, kind, sequence, \
+    debit_ledger, credit_ledger, t_amount, t_merchant, t_account, account_seq, channel_id, \
+    channel_txn_id, fee_minor, settled_at_ms, content_hash, n)), \
+    pay AS (INSERT INTO payments (id, merchant_id, account_id, scope_tag, merchant_order_id, \
+    amount_minor, currency, method, purpose, status, held_minor, hold_expires_at_ms, \
+    created_at_ms, expires_at_ms, updated_at_ms, doc, next_check_at_ms, checks, \
+    idempotency_key, request_hash) SELECT id, merchant_id, account_id, scope_tag, \
+    merchant_order_id, amount_minor, currency, method, purpose, status, held_minor, \
+    hold_expires_at_ms, created_at_ms, expires_at_ms, updated_at_ms, doc, next_check_at_ms, \
+    checks, idempotency_key, request_hash FROM i WHERE NOT EXISTS (SELECT 1 FROM refusals r \
+    WHERE r.scope_tag = i.scope_tag AND r.idempotency_key = i.idempotency_key) \
+    ORDER BY id COLLATE \"C\" ON CONFLICT DO NOTHING RETURNING id, status, updated_at_ms), \
+    ev AS (INSERT INTO payment_events (payment_id, status, at_ms) SELECT pay.id, pay.status, \
+    pay.updated_at_ms FROM pay WHERE EXISTS (SELECT 1 FROM i WHERE i.id = pay.id \
+    AND i.keeps_history) ON CONFLICT DO NOTHING), \
     tr AS (INSERT INTO transfers (payment_id, kind, sequence, debit_ledger, credit_ledger, \
     amount_minor, currency, merchant_id, account_id, account_seq, channel_id, channel_txn_id, \
-    fee_minor, settled_at_ms, content_hash) \
-    SELECT $22::TEXT, $23::TEXT, $24::INTEGER, $25::TEXT, $26::TEXT, $27::BIGINT, $28::TEXT, \
-    $29::TEXT, $30::TEXT, $31::BIGINT, $32::TEXT, $33::TEXT, $34::BIGINT, $35::BIGINT, \
-    $36::TEXT WHERE EXISTS (SELECT 1 FROM pay) ON CONFLICT DO NOTHING RETURNING 1) \
-    SELECT (SELECT COUNT(*) FROM pay), (SELECT COUNT(*) FROM tr)";
+    fee_minor, settled_at_ms, content_hash) SELECT id, kind, sequence, debit_ledger, \
+    credit_ledger, t_amount, currency, t_merchant, t_account, account_seq, channel_id, \
+    channel_txn_id, fee_minor, settled_at_ms, content_hash FROM i \
+    WHERE i.id IN (SELECT id FROM pay) ORDER BY id COLLATE \"C\" \
+    ON CONFLICT DO NOTHING RETURNING payment_id) \
+    SELECT i.id IN (SELECT id FROM pay), i.id IN (SELECT payment_id FROM tr) FROM i ORDER BY n";
 
 const STORED_HASH: &str = "SELECT content_hash FROM transfers \
     WHERE payment_id = $1 AND kind = $2 AND sequence = $3";
@@ -115,65 +132,72 @@ async fn insert_settlement(
     .await
 }
 
-/// Runs `INSERT_CREATING_SETTLEMENT` for `s` (whose payment is `p`, numbered `sequence`,
-/// hashed `hash`): (whether the payment was inserted, whether the settlement was).
-async fn insert_creating_settlement(
-    tx: &Transaction<'_>,
-    p: &PaymentRow,
-    s: &Settlement,
+/// A settlement that creates its payment `p`, as `INSERT_CREATING_SETTLEMENTS` takes it.
+struct Creating<'a> {
+    p: &'a PaymentRow,
+    s: &'a Settlement,
     sequence: i32,
-    hash: &str,
+    hash: &'a str,
+}
+
+/// Runs `INSERT_CREATING_SETTLEMENTS` for `items` (in one statement): per item, in order,
+/// (whether its payment was inserted, whether its transfer was).
+async fn insert_creating_settlements(
+    tx: &Transaction<'_>,
+    items: &[Creating<'_>],
     history: &NoWebhook,
-) -> Result<(bool, bool), tokio_postgres::Error> {
-    let checks = i32::try_from(p.checks).unwrap_or(i32::MAX);
-    let keeps_history = history.keeps_history(&p.merchant_id);
-    let (debit, credit) = (s.debit_ledger(), s.credit_ledger());
-    let stmt = tx.prepare_cached(INSERT_CREATING_SETTLEMENT).await?;
-    let row = tx
-        .query_one(
+) -> Result<Vec<(bool, bool)>, tokio_postgres::Error> {
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
+    fn col<'a, T>(items: &'a [Creating<'a>], f: impl Fn(&'a Creating<'a>) -> T) -> Vec<T> {
+        items.iter().map(f).collect()
+    }
+    let stmt = tx.prepare_cached(INSERT_CREATING_SETTLEMENTS).await?;
+    let rows = tx
+        .query(
             &stmt,
             &[
-                &p.id,
-                &p.merchant_id,
-                &p.account_id,
-                &p.scope_tag,
-                &p.merchant_order_id,
-                &p.amount_minor,
-                &p.currency.code(),
-                &p.method.as_str(),
-                &p.purpose.as_str(),
-                &p.status.as_str(),
-                &p.held_minor,
-                &p.hold_expires_at_ms.map(ms),
-                &ms(p.created_at_ms),
-                &ms(p.expires_at_ms),
-                &ms(p.updated_at_ms),
-                &p.doc,
-                &p.next_check_at_ms.map(ms),
-                &checks,
-                &p.idempotency_key,
-                &p.request_hash,
-                &keeps_history,
-                &s.payment_id,
-                &s.kind.as_str(),
-                &sequence,
-                &debit,
-                &credit,
-                &s.amount_minor,
-                &s.currency.code(),
-                &s.merchant_id,
-                &s.account_id,
-                &s.account_seq.map(ms),
-                &s.channel_id,
-                &s.channel_txn_id,
-                &s.channel_fee_minor,
-                &ms(s.settled_at_ms),
-                &hash,
+                &col(items, |c| c.p.id.as_str()),
+                &col(items, |c| c.p.merchant_id.as_str()),
+                &col(items, |c| c.p.account_id.as_deref()),
+                &col(items, |c| c.p.scope_tag.as_str()),
+                &col(items, |c| c.p.merchant_order_id.as_str()),
+                &col(items, |c| c.p.amount_minor),
+                &col(items, |c| c.p.currency.code()),
+                &col(items, |c| c.p.method.as_str()),
+                &col(items, |c| c.p.purpose.as_str()),
+                &col(items, |c| c.p.status.as_str()),
+                &col(items, |c| c.p.held_minor),
+                &col(items, |c| c.p.hold_expires_at_ms.map(ms)),
+                &col(items, |c| ms(c.p.created_at_ms)),
+                &col(items, |c| ms(c.p.expires_at_ms)),
+                &col(items, |c| ms(c.p.updated_at_ms)),
+                &col(items, |c| c.p.doc.as_str()),
+                &col(items, |c| c.p.next_check_at_ms.map(ms)),
+                &col(items, |c| i32::try_from(c.p.checks).unwrap_or(i32::MAX)),
+                &col(items, |c| c.p.idempotency_key.as_deref()),
+                &col(items, |c| c.p.request_hash.as_deref()),
+                &col(items, |c| history.keeps_history(&c.p.merchant_id)),
+                &col(items, |c| c.s.kind.as_str()),
+                &col(items, |c| c.sequence),
+                &col(items, |c| c.s.debit_ledger()),
+                &col(items, |c| c.s.credit_ledger()),
+                &col(items, |c| c.s.amount_minor),
+                &col(items, |c| c.s.merchant_id.as_str()),
+                &col(items, |c| c.s.account_id.as_deref()),
+                &col(items, |c| c.s.account_seq.map(ms)),
+                &col(items, |c| c.s.channel_id.as_deref()),
+                &col(items, |c| c.s.channel_txn_id.as_deref()),
+                &col(items, |c| c.s.channel_fee_minor),
+                &col(items, |c| ms(c.s.settled_at_ms)),
+                &col(items, |c| c.hash),
             ],
         )
         .await?;
-    let (payments, transfers): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
-    Ok((payments == 1, transfers == 1))
+    rows.iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect()
 }
 
 impl PostgresStore {
@@ -254,32 +278,68 @@ impl PostgresStore {
             });
         }
         let insert = tx.prepare_cached(INSERT_TRANSFER).await.map_err(db)?;
-        // (payment row inserted, settlement inserted) per settlement: a settlement that creates
-        // its payment goes in with its row or not at all (`INSERT_CREATING_SETTLEMENT`).
-        let inserted = join_all(batch.iter().zip(&sequences).zip(&hashes).zip(&taken).map(
-            |(((s, sequence), hash), taken)| {
-                let insert = &insert;
-                async move {
-                    if taken.is_some() {
-                        return Ok((false, false));
-                    }
-                    if let (true, Some(p)) = (s.creates_payment(), s.payment.as_ref()) {
-                        return insert_creating_settlement(
-                            tx,
-                            p,
-                            s,
-                            *sequence,
-                            hash,
-                            &self.no_webhook,
-                        )
-                        .await;
-                    }
-                    let rows = insert_settlement(tx, insert, s, *sequence, hash).await?;
-                    Ok((false, rows == 1))
+        // Settlements that create their payment (balance payments) go in together, each with
+        // its row or not at all (`INSERT_CREATING_SETTLEMENTS`): one statement per batch. A
+        // second one for a payment already in that statement (a re-drive beside the first)
+        // goes alone below, and finds the first one's movement.
+        let mut creating = Vec::new();
+        let mut creating_at = vec![None; batch.len()];
+        let mut ids = std::collections::HashSet::new();
+        for (index, (((s, &sequence), hash), taken)) in batch
+            .iter()
+            .zip(&sequences)
+            .zip(&hashes)
+            .zip(&taken)
+            .enumerate()
+        {
+            if let (true, None, Some(p)) = (s.creates_payment(), taken, s.payment.as_ref()) {
+                if ids.insert(p.id.as_str()) {
+                    creating_at[index] = Some(creating.len());
+                    creating.push(Creating {
+                        p,
+                        s,
+                        sequence,
+                        hash,
+                    });
                 }
-            },
-        ))
-        .await;
+            }
+        }
+        // (payment row inserted, settlement inserted) per settlement; the others' statements
+        // are pipelined with the batch's one.
+        let (created, others) = tokio::join!(
+            insert_creating_settlements(tx, &creating, &self.no_webhook),
+            join_all(
+                batch
+                    .iter()
+                    .zip(&sequences)
+                    .zip(&hashes)
+                    .zip(&taken)
+                    .zip(&creating_at)
+                    .map(|((((s, sequence), hash), taken), at)| {
+                        let insert = &insert;
+                        async move {
+                            if taken.is_some() || at.is_some() {
+                                return Ok((false, false));
+                            }
+                            if s.creates_payment() {
+                                // A duplicate of one in the batch's statement.
+                                return Ok((false, false));
+                            }
+                            let rows = insert_settlement(tx, insert, s, *sequence, hash).await?;
+                            Ok((false, rows == 1))
+                        }
+                    })
+            )
+        );
+        let created = created.map_err(db)?;
+        debug_assert_eq!(created.len(), creating.len());
+        let inserted = others
+            .into_iter()
+            .zip(&creating_at)
+            .map(|(other, at)| match at {
+                Some(at) => Ok(created[*at]),
+                None => other,
+            });
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut rows_written = Vec::with_capacity(batch.len());
         for ((((s, &sequence), hash), inserted), taken) in batch
