@@ -14,6 +14,7 @@
 #   scripts/bench.sh [--quick] [--out DIR] [--no-doc]
 #   scripts/bench.sh --serve postgres|sqlite [--out DIR]
 #   scripts/bench.sh --closed-loop [--runs N] [--duration-s S] [--out DIR]
+#   scripts/bench.sh --budgets [--runs N] [--out DIR]
 #
 # --quick  one round, short steps (factor 1.5), 10 s resources and half-max runs, a 60 s RSS
 #          run, no criterion benches (target: <= 7 minutes after the build). Full mode: 3 rounds,
@@ -24,6 +25,11 @@
 # --no-doc do not rewrite the generated section of docs/PERFORMANCE.md.
 # --closed-loop  the closed-loop bench of issue 14 (`scripts/closed-loop.sh`: wrk against the
 #          sandbox on SQLite with Redis, CPU µs per payment by process, beside nginx).
+# --budgets  issue 14's CPU budgets at fixed rates, each N times (default 3; medians): on the
+#          SQLite and the PostgreSQL stack, `authorize` at 1000/s and `checkout` (supplier) at
+#          500/s for 10 s; CPU µs per payment of the gateway, PostgreSQL (all its processes)
+#          and Redis, and the group commit's efficiency (payments per commit against arrival
+#          rate x mean commit time). Writes DIR/budgets.md.
 # --serve  start one stack (release build), write its pids, URLs, Redis address, PostgreSQL
 #          port and manifest path to DIR/stack.env and keep it up until interrupted: for
 #          profiling (perf record -p $GW_PID) and hand-run loadtest commands against the same
@@ -40,12 +46,16 @@ QUICK=0
 OUT=target/bench
 WRITE_DOC=1
 SERVE=
+BUDGETS=0
+BUDGET_RUNS=3
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
     --out) OUT=$2; shift ;;
     --no-doc) WRITE_DOC=0 ;;
     --serve) SERVE=$2; shift ;;
+    --budgets) BUDGETS=1 ;;
+    --runs) BUDGET_RUNS=$2; shift ;;
     --closed-loop) shift; exec "$ROOT/scripts/closed-loop.sh" "$@" ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "scripts/bench.sh: unknown argument $1" >&2; exit 2 ;;
@@ -417,6 +427,60 @@ if [ -n "$SERVE" ]; then
   log "stack up; its pids and URLs are in $OUT/stack.env; Ctrl-C (or SIGTERM) stops it"
   while kill -0 "$GW_PID" 2>/dev/null; do sleep 1; done
   log "the gateway exited"; exit 1
+fi
+
+# ---- budgets (issue 14) -----------------------------------------------------------------------
+BUDGET_AUTHORIZE_RATE=1000
+BUDGET_CHECKOUT_RATE=500
+BUDGET_RUN=(--duration-s 10 --warmup-s 2 --settle-wait-s 10)
+# budget_figures FILE: "gateway postgres(all) redis payments_per_commit efficiency_bar" of one
+# run report, per payment (per settled payment for checkout); efficiency_bar = 0.8 x arrival
+# rate x mean commit time (the window's).
+budget_figures() {
+  jq -r '
+    def unit: if .settlement != null then .us_per_settled else .us_per_request end;
+    def cpu(f): [.cpu[] | select(.name | f) | unit // 0] | add // 0;
+    def payments: if .settlement != null then .settlement.settled else .requests.answered end;
+    (cpu(. == "gateway")) as $gw
+    | (cpu(. == "postgres" or test("^pg[0-9]+$"))) as $pg
+    | (cpu(. == "redis")) as $rd
+    | (.gateway_metrics.store_commits.by_op.commit_writes // 0) as $commits
+    | "\($gw | round) \($pg | round) \($rd | round) \(if $commits > 0 then (payments / $commits * 100 | round / 100) else 0 end)"' "$1"
+}
+if [ "$BUDGETS" = 1 ]; then
+  BUDGET_ROWS=()
+  median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR + 1) / 2)]}'; }
+  for be in sqlite postgres; do
+    start_stack "$be"
+    for sc in authorize checkout; do
+      rate_var=BUDGET_${sc^^}_RATE
+      gws=(); pgs=(); rds=(); ppcs=(); bars=()
+      for r in $(seq "$BUDGET_RUNS"); do
+        read -r cs0 cc0 <<<"$(commit_sum_count)"
+        resources_run "$be" "$sc" "${!rate_var}" "budget$r" "${BUDGET_RUN[@]}"
+        read -r cs1 cc1 <<<"$(commit_sum_count)"
+        f=$OUT/budget$r-$sc-$be.json
+        [ -s "$f" ] || { log "$be: $sc run $r wrote no report"; continue; }
+        read -r gw pg rd ppc <<<"$(budget_figures "$f")"
+        # Mean commit time over the run (set-up and settle wait included: a bound).
+        bar=$(awk -v s0="$cs0" -v s1="$cs1" -v c0="$cc0" -v c1="$cc1" -v rate="${!rate_var}" \
+          'BEGIN { if (c1 > c0) printf "%.2f", 0.8 * rate * (s1 - s0) / (c1 - c0); else print 0 }')
+        gws+=("$gw"); pgs+=("$pg"); rds+=("$rd"); ppcs+=("$ppc"); bars+=("$bar")
+        log "$be $sc run $r: gateway $gw µs, postgres $pg µs, redis $rd µs per payment; $ppc payments per commit (bar $bar)"
+      done
+      [ ${#gws[@]} -gt 0 ] || continue
+      BUDGET_ROWS+=("| $be | $sc at ${!rate_var}/s | $(median "${gws[@]}") µs | $(if [ "$be" = postgres ]; then echo "$(median "${pgs[@]}") µs"; else echo "— (in the gateway)"; fi) | $(median "${rds[@]}") µs | $(median "${ppcs[@]}") (≥ $(median "${bars[@]}")) | ${gws[*]} |")
+    done
+    stop_stack
+  done
+  {
+    echo "Budgets, $(date -u +'%Y-%m-%d %H:%M') UTC, commit \`$(git rev-parse --short HEAD)\`: \`scripts/bench.sh --budgets --runs $BUDGET_RUNS\` (${BUDGET_RUN[*]}; medians of $BUDGET_RUNS runs)."
+    echo
+    echo "| store | load | gateway CPU / payment | PostgreSQL CPU / payment | Redis CPU / payment | payments per commit (bar: 0.8 × rate × mean commit time) | gateway, each run |"
+    echo "| --- | --- | --- | --- | --- | --- | --- |"
+    printf '%s\n' "${BUDGET_ROWS[@]}"
+  } | tee "$OUT/budgets.md"
+  exit 0
 fi
 
 run_backend postgres "${SCENARIOS[@]}"
