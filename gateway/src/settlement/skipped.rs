@@ -104,3 +104,149 @@ pub fn merge(mut stored: Vec<WebhookEvent>, derived: Vec<WebhookEvent>) -> Vec<W
     stored.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
     stored
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::money::Currency;
+    use crate::preauth::{Method, Purpose};
+
+    fn row(status: PaymentStatus, notify_url: Option<&str>) -> PaymentRow {
+        let doc = match notify_url {
+            Some(url) => format!(r#"{{"id":"pay_1","notify_url":"{url}"}}"#),
+            None => r#"{"id":"pay_1","notify_url":null}"#.to_owned(),
+        };
+        PaymentRow {
+            id: "pay_1".into(),
+            merchant_id: "alpha".into(),
+            account_id: Some("acc".into()),
+            scope_tag: "TAG0000000".into(),
+            merchant_order_id: "o1".into(),
+            amount_minor: 1_000,
+            currency: Currency::Cny,
+            method: Method::Balance,
+            purpose: Purpose::Charge,
+            status,
+            held_minor: 0,
+            hold_expires_at_ms: None,
+            created_at_ms: 1,
+            expires_at_ms: 100,
+            updated_at_ms: 50,
+            doc,
+            next_check_at_ms: None,
+            checks: 0,
+            idempotency_key: None,
+            request_hash: None,
+        }
+    }
+
+    fn refund(number: u32, status: RefundStatus, at: u64) -> RefundRow {
+        RefundRow {
+            refund_id: format!("re_1_{number}"),
+            payment_id: "pay_1".into(),
+            number,
+            amount_minor: 100,
+            currency: Currency::Cny,
+            status,
+            channel_id: None,
+            channel_order_id: None,
+            reason: None,
+            created_at_ms: at,
+            updated_at_ms: at,
+            idempotency_key: None,
+        }
+    }
+
+    fn stamp(kind: SettlementKind, sequence: u32, at: u64) -> MovementStamp {
+        MovementStamp {
+            kind,
+            sequence,
+            settled_at_ms: at,
+        }
+    }
+
+    fn kinds(events: &[WebhookEvent]) -> Vec<(&str, u32, u64)> {
+        events
+            .iter()
+            .map(|e| (e.event_type.as_str(), e.sequence, e.created_at_ms))
+            .collect()
+    }
+
+    #[test]
+    fn a_refunded_payment_shows_what_each_commit_announced_in_order() {
+        let events = derive(
+            &row(PaymentStatus::PartiallyRefunded, None),
+            &[
+                stamp(SettlementKind::Refund, 2, 30),
+                stamp(SettlementKind::Capture, 0, 10),
+                stamp(SettlementKind::Refund, 1, 20),
+                // Late capture of another attempt and an adjustment announce nothing.
+                stamp(SettlementKind::Capture, 3, 25),
+                stamp(SettlementKind::Adjustment, 0, 26),
+            ],
+            &[
+                refund(1, RefundStatus::Succeeded, 20),
+                refund(2, RefundStatus::Succeeded, 30),
+                refund(3, RefundStatus::Failed, 40),
+                refund(4, RefundStatus::Pending, 45),
+            ],
+        );
+        assert_eq!(
+            kinds(&events),
+            vec![
+                (events::PAYMENT_SUCCEEDED, 0, 10),
+                (events::REFUND_SUCCEEDED, 1, 20),
+                (events::REFUND_SUCCEEDED, 2, 30),
+                (events::REFUND_FAILED, 3, 40),
+            ]
+        );
+        assert!(events.iter().all(|e| e.status == WebhookStatus::Skipped
+            && e.attempts == 0
+            && e.next_attempt_at_ms.is_none()
+            && e.id == events::event_id("pay_1", &e.event_type, e.sequence)));
+    }
+
+    #[test]
+    fn a_final_status_without_money_and_late_money_are_shown() {
+        let events = derive(
+            &row(PaymentStatus::Expired, None),
+            &[stamp(SettlementKind::Suspense, 2, 70)],
+            &[],
+        );
+        assert_eq!(
+            kinds(&events),
+            vec![
+                (events::PAYMENT_EXPIRED, 0, 50),
+                (events::PAYMENT_LATE_MONEY, 2, 70)
+            ]
+        );
+        assert!(derive(&row(PaymentStatus::Pending, None), &[], &[]).is_empty());
+    }
+
+    #[test]
+    fn only_merchants_without_a_url_on_payments_without_one_are_derived() {
+        let quiet = NoWebhook::new(["alpha".to_owned()]);
+        assert!(!quiet.keeps_history("alpha"));
+        assert!(quiet.keeps_history("beta"));
+        assert!(quiet.derives_events_of(&row(PaymentStatus::Succeeded, None)));
+        assert!(!quiet.derives_events_of(&row(
+            PaymentStatus::Succeeded,
+            Some("https://m.example/hook")
+        )));
+        assert!(!NoWebhook::default().derives_events_of(&row(PaymentStatus::Succeeded, None)));
+    }
+
+    #[test]
+    fn stored_events_win_over_derived_ones() {
+        let derived = derive(
+            &row(PaymentStatus::Succeeded, None),
+            &[stamp(SettlementKind::Capture, 0, 10)],
+            &[],
+        );
+        let mut stored = derived[0].clone();
+        stored.status = WebhookStatus::Delivered;
+        stored.attempts = 1;
+        let merged = merge(vec![stored.clone()], derived);
+        assert_eq!(merged, vec![stored]);
+    }
+}
