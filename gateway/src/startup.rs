@@ -162,6 +162,7 @@ impl Application {
                 queue_capacity: s.queue_capacity,
                 batch_max_rows: s.batch_max_rows,
                 batch_max_wait_ms: s.batch_max_wait_ms,
+                commit_spacing: Duration::from_micros(s.commit_spacing_us),
                 commits_in_flight,
                 health_check_interval_ms: s.health_check_interval_ms,
                 idempotency_retention_seconds: config

@@ -40,6 +40,9 @@ pub struct StreamSettings {
     pub queue_capacity: usize,
     pub batch_max_rows: usize,
     pub batch_max_wait_ms: u64,
+    /// A commit starts at least this long after the previous one started (`Duration::ZERO`:
+    /// at once): see `store.commit_spacing_us`.
+    pub commit_spacing: Duration,
     /// Batches committing at once (each its own transaction).
     pub commits_in_flight: usize,
     /// While unhealthy, the writer pings the store this often to notice it came back.
@@ -143,6 +146,7 @@ impl SettlementStream {
             settings,
             rx,
             shared: shared.clone(),
+            last_commit: None,
         };
         let handle = tokio::spawn(writer.run(shutdown));
         (Self { tx, shared }, handle)
@@ -229,6 +233,8 @@ struct Writer {
     settings: StreamSettings,
     rx: mpsc::Receiver<Job>,
     shared: Arc<Shared>,
+    /// When the last commit started (the spacing counts from it).
+    last_commit: Option<tokio::time::Instant>,
 }
 
 /// What a committed batch's answer needs: it runs beside the writer's next commit.
@@ -277,6 +283,7 @@ impl Writer {
             batch.push(first);
             self.fill(&mut batch).await;
             let rows = batch.len();
+            self.last_commit = Some(tokio::time::Instant::now());
             let commit = tokio::spawn(self.commit(&mut batch));
             commits.push(async move { (rows, commit.await) });
         }
@@ -296,6 +303,20 @@ impl Writer {
             match self.rx.try_recv() {
                 Ok(job) => batch.push(job),
                 Err(_) => break,
+            }
+        }
+        // The spacing: what arrives until `commit_spacing` after the last commit started
+        // joins this one.
+        if let Some(spaced) = self
+            .last_commit
+            .map(|last| last + self.settings.commit_spacing)
+            .filter(|spaced| *spaced > tokio::time::Instant::now())
+        {
+            while batch.len() < max {
+                match tokio::time::timeout_at(spaced, self.rx.recv()).await {
+                    Ok(Some(job)) => batch.push(job),
+                    Ok(None) | Err(_) => break,
+                }
             }
         }
         if batch.len() >= max || self.settings.batch_max_wait_ms == 0 {
@@ -567,6 +588,15 @@ mod tests {
         wait_ms: u64,
         commits_in_flight: usize,
     ) -> (SettlementStream, watch::Sender<bool>) {
+        stream_spaced(dir, wait_ms, commits_in_flight, Duration::ZERO).await
+    }
+
+    async fn stream_spaced(
+        dir: &tempfile::TempDir,
+        wait_ms: u64,
+        commits_in_flight: usize,
+        commit_spacing: Duration,
+    ) -> (SettlementStream, watch::Sender<bool>) {
         let store = SqliteStore::open(&dir.path().join("s.sqlite3")).unwrap();
         store.migrate().await.unwrap();
         let (stop, shutdown) = watch::channel(false);
@@ -577,6 +607,7 @@ mod tests {
                 queue_capacity: 64,
                 batch_max_rows: 4,
                 batch_max_wait_ms: wait_ms,
+                commit_spacing,
                 commits_in_flight,
                 health_check_interval_ms: 500,
                 idempotency_retention_seconds: 86_400,
@@ -624,6 +655,31 @@ mod tests {
         .expect("answered before the window ended")
         .unwrap();
         assert_eq!(written, Written::Webhook(false));
+    }
+
+    #[tokio::test]
+    async fn writes_soon_after_a_commit_wait_for_the_spacing_and_commit_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let spacing = Duration::from_millis(LONG_WAIT_MS);
+        let (stream, _stop) = stream_spaced(&dir, 0, 1, spacing).await;
+        // The first commit has no previous one to keep its distance from: at once.
+        let first = tokio::time::timeout(spacing * 9 / 10, stream.submit_write(noop(1), None))
+            .await
+            .expect("the first commit does not wait")
+            .unwrap();
+        assert_eq!(first, Written::Webhook(false));
+        // The next, right after: held until the spacing ends, with what arrives meanwhile.
+        let second = tokio::spawn({
+            let stream = stream.clone();
+            async move { stream.submit_write(noop(2), None).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!second.is_finished(), "the second commit did not wait");
+        assert_eq!(stream.depth(), 1);
+        let third = stream.submit_write(noop(3), None).await.unwrap();
+        assert_eq!(third, Written::Webhook(false));
+        assert_eq!(second.await.unwrap().unwrap(), Written::Webhook(false));
+        assert_eq!(stream.depth(), 0);
     }
 
     #[tokio::test]
