@@ -25,6 +25,7 @@ use crate::preauth::{
     PaymentRecord, PaymentStatus, Purpose, Scope, SettledMark, StoredOutcome, TransitionOutcome,
     RELEASED_BY_CHANNEL_MS,
 };
+use crate::settlement::outbox::{self, CompactRecord};
 use crate::settlement::rebuild::{unwind_refused, Refusal};
 use crate::settlement::settler::SettleFailure;
 use crate::settlement::{
@@ -164,24 +165,16 @@ async fn create_balance(
     new: NewPayment,
 ) -> Result<Creation, PaymentError> {
     let mut request = authorize_request(core, merchant, new);
-    let mut capture = movements::balance_capture(
+    // The outbox keeps only what the document Redis holds does not say (see `outbox`);
+    // recovery rebuilds this very settlement from it.
+    let mut capture = outbox::balance_capture(
         &request.doc,
         request.scope.tag(),
-        None,
-        request.doc.created_at_ms,
+        request.idempotency.key.as_str(),
+        &request.idempotency.request_hash,
     );
-    capture.payment = capture.payment.map(|row| {
-        row.with_idempotency(
-            request.idempotency.key.as_str(),
-            &request.idempotency.request_hash,
-        )
-    });
-    // Serialized once for the outbox, then taken back (no copy of the movement).
-    let pending = PendingRecord::Settlement(capture);
-    request.pending_record = Some(pending.to_json());
-    let PendingRecord::Settlement(mut capture) = pending else {
-        unreachable!("built as a settlement just above")
-    };
+    request.pending_record =
+        Some(CompactRecord::balance_capture(&request.idempotency.request_hash).to_json());
 
     // On its way to the writer until the balance store has answered (see `Admission`).
     let admission = core.settler.admit().map_err(PaymentError::not_admitted)?;
@@ -214,11 +207,18 @@ async fn create_channel(
         request.idempotency.key.as_str(),
         &request.idempotency.request_hash,
     );
-    let pending = PendingRecord::Intent(intent);
-    request.pending_record = Some(pending.to_json());
-    let PendingRecord::Intent(intent) = pending else {
-        unreachable!("built as an intent just above")
-    };
+    // Compact in the outbox (see `outbox`): recovery rebuilds this row from it.
+    let compact = CompactRecord::channel_intent(&intent);
+    debug_assert_eq!(
+        compact.expand(
+            &request.doc,
+            request.scope.tag(),
+            request.idempotency.key.as_str()
+        ),
+        PendingRecord::Intent(intent.clone()),
+        "the outbox's intent rebuilds the row"
+    );
+    request.pending_record = Some(compact.to_json());
 
     // The route first: the intent names its first attempt.
     let plan = ChannelPlan::new(core, &request);

@@ -9,6 +9,7 @@
 //! refuses to run on an unmigrated or unknown schema.
 
 pub mod movements;
+pub mod outbox;
 pub mod postgres;
 pub mod rebuild;
 pub mod recovery;

@@ -14,11 +14,13 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use super::outbox::OutboxRecord;
 use super::rebuild::{unwind_refused, RecoveryError, Refusal};
 use super::settler::{SettleFailure, Settler};
 use super::{CommitOutcome, IntentOutcome, PendingRecord, RefundRecorded, SettlementStore};
+use crate::ids::PaymentId;
 use crate::periodic::spawn_periodic;
-use crate::preauth::SettledMark;
+use crate::preauth::{SettledMark, StoreError, Unsettled};
 use crate::telemetry;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -61,11 +63,15 @@ pub async fn recover_once(
             id: entry.id.clone(),
             idempotency_key: entry.idempotency_key.clone(),
         };
-        let record: PendingRecord = match serde_json::from_str(&entry.record) {
-            Ok(record) => record,
-            Err(err) => {
-                tracing::error!(id = %entry.id, error = %err, "unreadable pending record; left for a human");
+        let record = match full_record(settler, &entry).await {
+            Ok(Some(record)) => record,
+            Ok(None) => {
                 report.failed += 1;
+                continue;
+            }
+            Err(err) => {
+                report.failed += 1;
+                tracing::warn!(id = %entry.id, error = %err, "cannot read a compact record's payment; will retry");
                 continue;
             }
         };
@@ -159,6 +165,38 @@ pub async fn recover_once(
         }
     }
     Ok(report)
+}
+
+/// The entry's full record: as written, or rebuilt from a compact one and the payment's
+/// document in the balance store (see [`super::outbox`]). `None` (logged) when it cannot be
+/// read: left for a human.
+async fn full_record(
+    settler: &Settler,
+    entry: &Unsettled,
+) -> Result<Option<PendingRecord>, StoreError> {
+    let compact = match OutboxRecord::parse(&entry.record) {
+        Ok(OutboxRecord::Full(record)) => return Ok(Some(record)),
+        Ok(OutboxRecord::Compact(compact)) => compact,
+        Err(err) => {
+            tracing::error!(id = %entry.id, error = %err, "unreadable pending record; left for a human");
+            return Ok(None);
+        }
+    };
+    let payment = match PaymentId::parse(&entry.id) {
+        Some(pid) => settler.balances.payment(&pid).await?,
+        None => None,
+    };
+    match payment {
+        Some(payment) => Ok(Some(compact.expand(
+            &payment.doc,
+            entry.tag,
+            &entry.idempotency_key,
+        ))),
+        None => {
+            tracing::error!(id = %entry.id, "a compact pending record's payment is missing from the balance store; left for a human");
+            Ok(None)
+        }
+    }
 }
 
 /// How long past the retention the store keeps a key before the purge clears it.

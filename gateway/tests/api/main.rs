@@ -18,6 +18,7 @@ mod postgres_server;
 mod postgres_store;
 #[path = "harness/redis_server.rs"]
 mod redis_server;
+mod redis_state;
 mod refunds;
 mod routing;
 mod sandbox_binary;
