@@ -140,6 +140,15 @@ pub struct RedisSettings {
     pub command_timeout_ms: u64,
     pub reconnect_retries: usize,
     pub reconnect_max_delay_ms: u64,
+    /// A finished payment's state (status, document, order-id entry, refunds) leaves Redis
+    /// this long after it was written, once nothing there still needs it; the settlement
+    /// store answers for it from then on (reads, refunds, callbacks put back what they need).
+    pub payment_retention_seconds: u64,
+    /// Index keys (one per cluster slot, 16384) one sweeper or recovery call reads at most,
+    /// pipelined in one round trip.
+    pub index_slots_per_call: usize,
+    /// Finished payments past the retention let go of per sweeper tick at most.
+    pub evictions_per_tick: usize,
 }
 
 impl Default for RedisSettings {
@@ -151,6 +160,9 @@ impl Default for RedisSettings {
             command_timeout_ms: 1_000,
             reconnect_retries: 2,
             reconnect_max_delay_ms: 1_000,
+            payment_retention_seconds: 86_400,
+            index_slots_per_call: 1_024,
+            evictions_per_tick: 10_000,
         }
     }
 }
@@ -1012,11 +1024,29 @@ fn validate(settings: Settings, mode: Mode) -> Result<Config, ConfigError> {
         1,
         60_000,
     );
+    c.range(
+        "redis.payment_retention_seconds",
+        s.redis.payment_retention_seconds,
+        1,
+        30 * 86_400,
+    );
+    c.range(
+        "redis.index_slots_per_call",
+        s.redis.index_slots_per_call,
+        1,
+        usize::from(crate::preauth::slots::SLOTS),
+    );
+    c.range(
+        "redis.evictions_per_tick",
+        s.redis.evictions_per_tick,
+        1,
+        1_000_000,
+    );
 
     c.range(
         "preauth.idempotency_retention_seconds",
         s.preauth.idempotency_retention_seconds,
-        60,
+        1,
         30 * 86_400,
     );
     c.range(

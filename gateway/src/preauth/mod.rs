@@ -17,6 +17,7 @@
 
 pub mod memory;
 pub mod redis;
+pub mod slots;
 mod sweeper;
 
 use std::fmt;
@@ -908,6 +909,16 @@ pub trait BalanceStore: Send + Sync + 'static {
     /// Releases expired holds across all accounts, at most `budget` accounts per call;
     /// returns how many holds it released. Repeated calls make progress through every account.
     async fn sweep_expired(&self, ctx: OpContext, budget: usize) -> Result<u64, StoreError>;
+
+    /// Lets go of finished payments whose state is older than the backend's retention, a
+    /// bounded number per call (see `scripts/evict.lua`); returns how many left. Repeated
+    /// calls make progress through every payment. The settlement store answers for a payment
+    /// once it is gone ([`crate::payments::view::ensure_payment`] puts it back when needed).
+    /// The in-process store keeps everything (it lives as long as its sandbox process).
+    async fn evict_finished(&self, now_ms: u64) -> Result<u64, StoreError> {
+        let _ = now_ms;
+        Ok(0)
+    }
 
     /// Forgets committed movements' pending records and lets their idempotency records
     /// replay. One round trip for the whole batch.

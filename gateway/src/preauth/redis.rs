@@ -4,6 +4,12 @@
 //! with EVALSHA; redis-rs re-loads a script when Redis answers NOSCRIPT (after a restart or a
 //! failover).
 //!
+//! What must be found without knowing its key — scopes with unsettled records (recovery),
+//! scopes with live holds (the sweeper), payments whose state leaves after
+//! `redis.payment_retention_seconds` — is indexed in one key per cluster slot (see `slots`),
+//! written by the same script as the state, read a bounded number of slots per call: no
+//! keyspace SCAN on any periodic path (only `has_accounts`, once at start).
+//!
 //! Connections are a few multiplexed `ConnectionManager`s used round-robin: each pipelines
 //! every concurrent request, and reconnects by itself when Redis comes back. Every call is
 //! bounded by `redis.command_timeout_ms`; a failure or a timeout is an operating error that
@@ -17,6 +23,7 @@ use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::{Client, Script};
 use async_trait::async_trait;
 
+use super::slots;
 use super::{
     late_record_id, money_record_id, AccountKey, AccountRebuild, AccountSnapshot, AdjustOutcome,
     AdjustRequest, AuthorizeOutcome, AuthorizeRequest, BalanceStore, Direction, KeyRestore,
@@ -32,6 +39,15 @@ use crate::money::Currency;
 use crate::telemetry;
 
 const COMMON: &str = include_str!("scripts/common.lua");
+
+/// The index keys' prefixes (each followed by a slot's tag and `}`; see `common.lua`).
+const UNSETTLED_INDEX: &str = "ux:{";
+const HOLDS_INDEX: &str = "hx:{";
+const RETENTION_INDEX: &str = "rx:{";
+
+/// Payments handed to one `evict.lua` call at most: bounds one script's run time (about ten
+/// commands each).
+const EVICTIONS_PER_SCRIPT: usize = 128;
 
 /// The scripts, each prepended with `common.lua`.
 struct Scripts {
@@ -54,6 +70,8 @@ struct Scripts {
     refund_unwind: Script,
     rebuild_account: Script,
     rebuild_fence: Script,
+    evict: Script,
+    prune_index: Script,
 }
 
 impl Scripts {
@@ -79,10 +97,12 @@ impl Scripts {
             refund_unwind: with_common(include_str!("scripts/refund_unwind.lua")),
             rebuild_account: with_common(include_str!("scripts/rebuild_account.lua")),
             rebuild_fence: Script::new(include_str!("scripts/rebuild_fence.lua")),
+            evict: with_common(include_str!("scripts/evict.lua")),
+            prune_index: Script::new(include_str!("scripts/prune_index.lua")),
         }
     }
 
-    fn all(&self) -> [&Script; 18] {
+    fn all(&self) -> [&Script; 20] {
         [
             &self.upsert_account,
             &self.read_account,
@@ -102,11 +122,13 @@ impl Scripts {
             &self.restore_keys,
             &self.refund_unwind,
             &self.rebuild_account,
+            &self.evict,
+            &self.prune_index,
         ]
     }
 }
 
-/// The keys of one scope (see `scripts/common.lua` for the layout).
+/// The keys of one scope (see `scripts/common.lua` for the layout), and its slot's index keys.
 struct Keys {
     account: String,
     holds: String,
@@ -115,6 +137,11 @@ struct Keys {
     docs: String,
     orders: String,
     unsettled: String,
+    refunds: String,
+    late_captures: String,
+    /// `ux:{S}`, `hx:{S}`, `rx:{S}` of the scope's slot S (see `slots`): passed as the last
+    /// keys of every script that may add to them.
+    indexes: [String; 3],
 }
 
 impl Keys {
@@ -127,19 +154,44 @@ impl Keys {
             statuses: format!("ps:{{{tag}}}"),
             docs: format!("pd:{{{tag}}}"),
             orders: format!("o:{{{tag}}}"),
+            refunds: format!("rf:{{{tag}}}"),
+            late_captures: format!("lc:{{{tag}}}"),
+            indexes: Self::slot_indexes(slots::slot_of(tag)),
         }
     }
 
+    /// The index keys of one slot: outbox (`ux`), holds (`hx`), retention (`rx`).
+    fn slot_indexes(slot: u16) -> [String; 3] {
+        let s = slots::slot_tag(slot);
+        [
+            format!("{UNSETTLED_INDEX}{s}}}"),
+            format!("{HOLDS_INDEX}{s}}}"),
+            format!("{RETENTION_INDEX}{s}}}"),
+        ]
+    }
+
     /// The keys of the scripts that work on one account and release its expired holds
-    /// (upsert, read, sweep, release): `a h ph ps u`.
-    fn account_script_keys(&self) -> [&str; 5] {
+    /// (upsert, read, sweep, succeed, release): `a h ph ps u`, then the slot's indexes.
+    fn account_script_keys(&self) -> [&str; 8] {
+        let [ux, hx, rx] = &self.indexes;
         [
             &self.account,
             &self.holds,
             &self.hold_amounts,
             &self.statuses,
             &self.unsettled,
+            ux,
+            hx,
+            rx,
         ]
+    }
+
+    /// `keys` followed by the slot's index keys (they come last: see `common.lua`).
+    fn with_indexes<'a>(&'a self, keys: &[&'a str]) -> Vec<&'a str> {
+        let mut all = Vec::with_capacity(keys.len() + 3);
+        all.extend_from_slice(keys);
+        all.extend(self.indexes.iter().map(String::as_str));
+        all
     }
 
     fn idempotency(tag: ScopeTag, key: &str) -> String {
@@ -154,10 +206,18 @@ pub struct RedisStore {
     next: AtomicUsize,
     scripts: Scripts,
     command_timeout: Duration,
-    /// Where the sweeper's SCAN continues.
-    sweep_cursor: Mutex<u64>,
-    /// Where the recovery loop's SCAN continues.
-    unsettled_cursor: Mutex<u64>,
+    /// The slot whose holds index the sweeper reads next.
+    sweep_cursor: Mutex<u16>,
+    /// The slot whose outbox index the recovery loop reads next.
+    unsettled_cursor: Mutex<u16>,
+    /// The slot whose retention index the sweeper reads next.
+    retention_cursor: Mutex<u16>,
+    /// `redis.index_slots_per_call`.
+    index_slots_per_call: u16,
+    /// `redis.payment_retention_seconds`, in ms.
+    retention_ms: u64,
+    /// `redis.evictions_per_tick`.
+    evictions_per_tick: usize,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -203,6 +263,12 @@ impl RedisStore {
             command_timeout,
             sweep_cursor: Mutex::new(0),
             unsettled_cursor: Mutex::new(0),
+            retention_cursor: Mutex::new(0),
+            index_slots_per_call: u16::try_from(settings.index_slots_per_call)
+                .unwrap_or(slots::SLOTS)
+                .clamp(1, slots::SLOTS),
+            retention_ms: settings.payment_retention_seconds.saturating_mul(1000),
+            evictions_per_tick: settings.evictions_per_tick.max(1),
         };
         store.check_eviction_policy().await?;
         for script in store.scripts.all() {
@@ -420,7 +486,7 @@ impl BalanceStore for RedisStore {
             .run(
                 "authorize",
                 &self.scripts.authorize,
-                &[
+                &k.with_indexes(&[
                     &k.account,
                     &k.holds,
                     &k.hold_amounts,
@@ -429,7 +495,7 @@ impl BalanceStore for RedisStore {
                     &k.orders,
                     &idempotency_key,
                     &k.unsettled,
-                ],
+                ]),
                 &[
                     req.scope.merchant_id().as_str(),
                     req.scope.account_id().map_or("", |a| a.as_str()),
@@ -538,14 +604,19 @@ impl BalanceStore for RedisStore {
         let payment = &req.payment;
         let tag = payment.tag();
         let k = Keys::of(tag);
-        let [a, h, ph, ps, u] = k.account_script_keys();
-        let late = format!("lc:{{{tag}}}");
         let what = "late_capture";
         let reply = self
             .run(
                 what,
                 &self.scripts.late_capture,
-                &[a, h, ph, ps, u, &late],
+                &k.with_indexes(&[
+                    &k.account,
+                    &k.holds,
+                    &k.hold_amounts,
+                    &k.statuses,
+                    &k.unsettled,
+                    &k.late_captures,
+                ]),
                 &[
                     payment.as_str(),
                     &req.amount_minor.to_string(),
@@ -578,23 +649,23 @@ impl BalanceStore for RedisStore {
         let payment = &req.payment;
         let tag = payment.tag();
         let k = Keys::of(tag);
-        let refunds = format!("rf:{{{tag}}}");
         let key = req.idempotency.key.as_str();
+        let idempotency_key = Keys::idempotency(tag, key);
         let what = "refund_reserve";
         let reply = self
             .run(
                 what,
                 &self.scripts.refund_reserve,
-                &[
+                &k.with_indexes(&[
                     &k.account,
                     &k.holds,
                     &k.hold_amounts,
                     &k.statuses,
                     &k.docs,
                     &k.unsettled,
-                    &Keys::idempotency(tag, key),
-                    &refunds,
-                ],
+                    &idempotency_key,
+                    &k.refunds,
+                ]),
                 &[
                     payment.as_str(),
                     &req.amount_minor.map(|a| a.to_string()).unwrap_or_default(),
@@ -640,21 +711,20 @@ impl BalanceStore for RedisStore {
     ) -> Result<RefundFinishOutcome, StoreError> {
         let tag = req.payment.tag();
         let k = Keys::of(tag);
-        let refunds = format!("rf:{{{tag}}}");
         let what = "refund_finish";
         let reply = self
             .run(
                 what,
                 &self.scripts.refund_finish,
-                &[
+                &k.with_indexes(&[
                     &k.account,
                     &k.holds,
                     &k.hold_amounts,
                     &k.statuses,
                     &k.docs,
                     &k.unsettled,
-                    &refunds,
-                ],
+                    &k.refunds,
+                ]),
                 &[
                     &req.refund_id,
                     if req.succeeded { "succeeded" } else { "failed" },
@@ -680,7 +750,6 @@ impl BalanceStore for RedisStore {
             .ok_or_else(|| StoreError::Corrupt(format!("payment id {:?}", doc.id)))?;
         let tag = id.tag();
         let k = Keys::of(tag);
-        let refunds = format!("rf:{{{tag}}}");
         let mut args = vec![
             doc.id.clone(),
             restore.record.status.as_str().to_owned(),
@@ -703,7 +772,7 @@ impl BalanceStore for RedisStore {
             .run(
                 "restore_payment",
                 &self.scripts.restore_payment,
-                &[&k.statuses, &k.docs, &k.orders, &refunds],
+                &k.with_indexes(&[&k.statuses, &k.docs, &k.orders, &k.refunds]),
                 &args,
             )
             .await?;
@@ -718,19 +787,19 @@ impl BalanceStore for RedisStore {
     ) -> Result<TransitionOutcome, StoreError> {
         let tag = payment.tag();
         let k = Keys::of(tag);
-        let [a, h, ph, ps, u] = k.account_script_keys();
+        let idempotency_key = Keys::idempotency(tag, idempotency.as_str());
         let reply = self
             .run(
                 "fail_unrouted",
                 &self.scripts.release,
-                &[
-                    a,
-                    h,
-                    ph,
-                    ps,
-                    u,
-                    &Keys::idempotency(tag, idempotency.as_str()),
-                ],
+                &k.with_indexes(&[
+                    &k.account,
+                    &k.holds,
+                    &k.hold_amounts,
+                    &k.statuses,
+                    &k.unsettled,
+                    &idempotency_key,
+                ]),
                 &[
                     payment.as_str(),
                     PaymentStatus::Failed.as_str(),
@@ -786,14 +855,14 @@ impl BalanceStore for RedisStore {
             .run(
                 "adjust",
                 &self.scripts.adjust,
-                &[
+                &k.with_indexes(&[
                     &k.account,
                     &k.holds,
                     &k.hold_amounts,
                     &k.statuses,
                     &idempotency_key,
                     &k.unsettled,
-                ],
+                ]),
                 &[
                     req.account.merchant.as_str(),
                     req.account.account.as_str(),
@@ -844,12 +913,10 @@ impl BalanceStore for RedisStore {
     }
 
     async fn sweep_expired(&self, ctx: OpContext, budget: usize) -> Result<u64, StoreError> {
-        let (keys, _) = self.scan_page(&self.sweep_cursor, "h:{*", budget).await?;
+        // The scopes with live holds, from the holds index of the next slots (no SCAN).
+        let (scopes, _) = self.indexed_scopes(&self.sweep_cursor, 1, budget).await?;
         let mut released = 0;
-        for key in keys {
-            let Some(tag) = tag_of(&key, "h:{") else {
-                continue;
-            };
+        for (_, tag) in scopes {
             let k = Keys::of(tag);
             let reply = self
                 .run(
@@ -866,9 +933,51 @@ impl BalanceStore for RedisStore {
                 .await?;
             if field(&reply, 0, "sweep")? == "ok" {
                 released += number::<u64>(&reply, 1, "sweep")?;
+            } else {
+                // The account is gone (its holds with it): out of the index.
+                self.forget_scope(&k.indexes[1], tag).await?;
             }
         }
         Ok(released)
+    }
+
+    async fn evict_finished(&self, now_ms: u64) -> Result<u64, StoreError> {
+        let cutoff = now_ms.saturating_sub(self.retention_ms);
+        let mut budget = self.evictions_per_tick;
+        let start = *self.retention_cursor.lock().expect("retention cursor lock");
+        let count = self.index_slots_per_call.min(slots::SLOTS - start);
+        let mut pipe = ::redis::pipe();
+        for slot in start..start + count {
+            pipe.cmd("ZRANGEBYSCORE")
+                .arg(&Keys::slot_indexes(slot)[2])
+                .arg("-inf")
+                .arg(cutoff)
+                .arg("LIMIT")
+                .arg(0)
+                .arg(budget);
+        }
+        let mut conn = self.connection();
+        let due: Vec<Vec<String>> = self
+            .bounded("retention_index", pipe.query_async(&mut conn))
+            .await?;
+        let mut evicted = 0;
+        let mut next = start + count;
+        for (slot, members) in (start..).zip(due) {
+            if budget == 0 {
+                next = slot;
+                break;
+            }
+            let members = &members[..members.len().min(budget)];
+            budget -= members.len();
+            evicted += self.evict_slot(slot, members, cutoff, now_ms).await?;
+            if budget == 0 {
+                // This slot may hold more: it comes first next time.
+                next = slot;
+                break;
+            }
+        }
+        *self.retention_cursor.lock().expect("retention cursor lock") = next % slots::SLOTS;
+        Ok(evicted)
     }
 
     async fn mark_settled(&self, marks: &[SettledMark]) -> Result<(), StoreError> {
@@ -926,8 +1035,8 @@ impl BalanceStore for RedisStore {
             .key(&k.statuses)
             .key(&k.unsettled)
             .key(Keys::idempotency(mark.tag, &mark.idempotency_key))
-            .key(format!("rf:{{{}}}", mark.tag))
-            .key(format!("lc:{{{}}}", mark.tag))
+            .key(&k.refunds)
+            .key(&k.late_captures)
             .arg(&mark.id);
         let mut conn = self.connection();
         let _: i64 = self
@@ -979,7 +1088,7 @@ impl BalanceStore for RedisStore {
             .key(&k.holds)
             .key(&k.hold_amounts)
             .key(&k.unsettled)
-            .key(format!("rf:{{{tag}}}"))
+            .key(&k.refunds)
             .key(Keys::idempotency(tag, &u.idempotency_key))
             .arg(&u.refund_id)
             .arg(u.payment.as_str())
@@ -1021,21 +1130,25 @@ impl BalanceStore for RedisStore {
     }
 
     async fn unsettled(&self, budget: usize) -> Result<UnsettledPage, StoreError> {
-        let (keys, complete) = self
-            .scan_page(&self.unsettled_cursor, "u:{*", budget)
+        // The scopes with records, from the outbox index of the next slots (no SCAN).
+        let (scopes, complete) = self
+            .indexed_scopes(&self.unsettled_cursor, 0, budget)
             .await?;
         let mut out = Vec::new();
-        for key in keys {
-            let Some(tag) = tag_of(&key, "u:{") else {
-                continue;
-            };
+        for (_, tag) in scopes {
+            let k = Keys::of(tag);
             let mut conn = self.connection();
             let entries: Vec<(String, String)> = self
                 .bounded(
                     "unsettled",
-                    ::redis::cmd("HGETALL").arg(&key).query_async(&mut conn),
+                    ::redis::cmd("HGETALL")
+                        .arg(&k.unsettled)
+                        .query_async(&mut conn),
                 )
                 .await?;
+            if entries.is_empty() {
+                self.prune_unsettled(&k, tag).await?;
+            }
             for (id, json) in entries {
                 #[derive(serde::Deserialize)]
                 struct Entry {
@@ -1119,7 +1232,7 @@ impl BalanceStore for RedisStore {
             .run(
                 "rebuild_account",
                 &self.scripts.rebuild_account,
-                &[
+                &k.with_indexes(&[
                     &k.account,
                     &k.holds,
                     &k.hold_amounts,
@@ -1127,7 +1240,7 @@ impl BalanceStore for RedisStore {
                     &k.docs,
                     &k.orders,
                     &k.unsettled,
-                ],
+                ]),
                 &arg_refs,
             )
             .await?;
@@ -1167,12 +1280,6 @@ impl BalanceStore for RedisStore {
     }
 }
 
-/// The scope tag in a key `<prefix>T}`.
-fn tag_of(key: &str, prefix: &str) -> Option<ScopeTag> {
-    let tag = key.strip_prefix(prefix)?.strip_suffix('}')?;
-    ScopeTag::parse(tag)
-}
-
 impl RedisStore {
     /// One SCAN call: the next cursor and the keys of this page.
     async fn scan(
@@ -1195,18 +1302,135 @@ impl RedisStore {
         .await
     }
 
-    /// One page of a SCAN over `pattern`, continuing where the last page of `cursor` ended;
-    /// `true` when this page ended a full pass.
-    async fn scan_page(
+    /// The scopes listed in one kind of slot index (`which`: 0 outbox, 1 holds), read from
+    /// the slot `cursor` names onwards: at most `redis.index_slots_per_call` slots in one
+    /// pipelined round trip, and about `budget` scopes (a slot's whole set is taken). The
+    /// cursor moves past what was read; `true` when this call reached the last slot (a full
+    /// pass ended).
+    async fn indexed_scopes(
         &self,
-        cursor: &Mutex<u64>,
-        pattern: &str,
-        count: usize,
-    ) -> Result<(Vec<String>, bool), StoreError> {
-        let at = *cursor.lock().expect("scan cursor lock");
-        let (next, keys) = self.scan(at, pattern, count).await?;
-        *cursor.lock().expect("scan cursor lock") = next;
-        Ok((keys, next == 0))
+        cursor: &Mutex<u16>,
+        which: usize,
+        budget: usize,
+    ) -> Result<(Vec<(u16, ScopeTag)>, bool), StoreError> {
+        let start = *cursor.lock().expect("index cursor lock");
+        let count = self.index_slots_per_call.min(slots::SLOTS - start);
+        let mut pipe = ::redis::pipe();
+        for slot in start..start + count {
+            pipe.cmd("SMEMBERS").arg(&Keys::slot_indexes(slot)[which]);
+        }
+        let mut conn = self.connection();
+        let sets: Vec<Vec<String>> = self
+            .bounded("slot_index", pipe.query_async(&mut conn))
+            .await?;
+        let mut scopes = Vec::new();
+        let mut next = start + count;
+        for (slot, members) in (start..).zip(sets) {
+            scopes.extend(
+                members
+                    .iter()
+                    .filter_map(|tag| ScopeTag::parse(tag))
+                    .map(|tag| (slot, tag)),
+            );
+            if scopes.len() >= budget.max(1) {
+                next = slot + 1;
+                break;
+            }
+        }
+        *cursor.lock().expect("index cursor lock") = next % slots::SLOTS;
+        Ok((scopes, next == slots::SLOTS))
+    }
+
+    /// Takes a scope whose outbox is empty out of its slot's outbox index (atomically: a
+    /// record written meanwhile keeps it there).
+    async fn prune_unsettled(&self, k: &Keys, tag: ScopeTag) -> Result<(), StoreError> {
+        let mut invocation = self.scripts.prune_index.prepare_invoke();
+        invocation
+            .key(&k.unsettled)
+            .key(&k.indexes[0])
+            .arg(tag.as_str());
+        let mut conn = self.connection();
+        let _: i64 = self
+            .bounded("prune_index", invocation.invoke_async(&mut conn))
+            .await?;
+        Ok(())
+    }
+
+    /// Takes a scope out of an index outright (its account is gone).
+    async fn forget_scope(&self, index: &str, tag: ScopeTag) -> Result<(), StoreError> {
+        let mut conn = self.connection();
+        let _: i64 = self
+            .bounded(
+                "slot_index",
+                ::redis::cmd("SREM")
+                    .arg(index)
+                    .arg(tag.as_str())
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Lets go of the due payments `members` of slot `slot`'s retention index: one
+    /// `evict.lua` call per scope and [`EVICTIONS_PER_SCRIPT`] payments. Returns how many left.
+    async fn evict_slot(
+        &self,
+        slot: u16,
+        members: &[String],
+        cutoff_ms: u64,
+        now_ms: u64,
+    ) -> Result<u64, StoreError> {
+        let index = &Keys::slot_indexes(slot)[2];
+        let mut by_scope: Vec<(ScopeTag, Vec<&str>)> = Vec::new();
+        let mut junk: Vec<&str> = Vec::new();
+        for member in members {
+            match PaymentId::parse(member) {
+                Some(pid) => match by_scope.iter_mut().find(|(tag, _)| *tag == pid.tag()) {
+                    Some((_, pids)) => pids.push(member),
+                    None => by_scope.push((pid.tag(), vec![member])),
+                },
+                None => junk.push(member),
+            }
+        }
+        if !junk.is_empty() {
+            let mut conn = self.connection();
+            let _: i64 = self
+                .bounded(
+                    "retention_index",
+                    ::redis::cmd("ZREM")
+                        .arg(index)
+                        .arg(&junk)
+                        .query_async(&mut conn),
+                )
+                .await?;
+        }
+        let mut evicted = 0;
+        let (cutoff, now) = (cutoff_ms.to_string(), now_ms.to_string());
+        for (tag, pids) in by_scope {
+            let k = Keys::of(tag);
+            for chunk in pids.chunks(EVICTIONS_PER_SCRIPT) {
+                let mut invocation = self.scripts.evict.prepare_invoke();
+                invocation
+                    .key(index)
+                    .key(&k.statuses)
+                    .key(&k.docs)
+                    .key(&k.orders)
+                    .key(&k.refunds)
+                    .key(&k.late_captures)
+                    .key(&k.unsettled)
+                    .arg(&cutoff)
+                    .arg(&now);
+                for pid in chunk {
+                    invocation.arg(*pid);
+                }
+                let mut conn = self.connection();
+                let (done, _deferred): (u64, u64) = self
+                    .bounded("evict", invocation.invoke_async(&mut conn))
+                    .await?;
+                evicted += done;
+            }
+        }
+        Ok(evicted)
     }
 
     async fn read_payment(

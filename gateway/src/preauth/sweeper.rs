@@ -1,6 +1,7 @@
 //! The hold sweeper: releases expired holds of accounts nobody touches (active accounts have
-//! theirs released lazily inside every operation). Runs until shutdown, a bounded amount of
-//! work per tick.
+//! theirs released lazily inside every operation), and lets go of finished payments' state
+//! past the retention (`BalanceStore::evict_finished`). Runs until shutdown, a bounded amount
+//! of work per tick.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +32,14 @@ pub fn spawn_sweeper(
             match store.sweep_expired(ctx, accounts_per_tick).await {
                 Ok(released) => telemetry::holds_swept(released),
                 Err(err) => tracing::warn!(error = %err, "hold sweep failed; will retry"),
+            }
+            match store.evict_finished(ctx.now_ms).await {
+                Ok(0) => {}
+                Ok(evicted) => tracing::debug!(
+                    evicted,
+                    "finished payments past the retention left the balance store"
+                ),
+                Err(err) => tracing::warn!(error = %err, "retention sweep failed; will retry"),
             }
         }
     })

@@ -1,6 +1,8 @@
 //! What the gateway keeps in Redis, against a real redis-server: the outbox record of a balance
 //! payment is compact (the document is already in Redis) and recovery rebuilds the very
-//! settlement from it; records in the previous, full format still settle.
+//! settlement from it; records in the previous, full format still settle; a finished payment's
+//! state leaves after the retention (Redis returns to its size) and the store answers for it;
+//! the outbox and the holds are found through per-slot indexes, not a keyspace scan.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,6 +10,7 @@ use std::time::Duration;
 use gateway::ids::{AccountId, IdempotencyKey, MerchantId, MerchantOrderId, PaymentId, ScopeTag};
 use gateway::money::Currency;
 use gateway::preauth::redis::RedisStore;
+use gateway::preauth::slots;
 use gateway::preauth::{
     AccountKey, AuthorizeOutcome, AuthorizeRequest, BalanceStore, HoldSpec, IdempotencyClaim,
     Method, OpContext, PaymentDoc, Purpose, Scope,
@@ -249,7 +252,8 @@ async fn the_outbox_record_of_a_real_balance_payment_is_compact_and_recovers() {
     let app = spawn_app_with(Backend::Memory, &first_run).await;
     app.funded_account(ALPHA, "alpha", "acc", "100.00", "0.00")
         .await;
-    let key = uuidish();
+    // As long as a UUID, as clients commonly send.
+    let key = format!("{:-<36}", uuidish());
     let body = balance_payment("o-real", "acc", "10.00");
     assert_eq!(
         app.pay(ALPHA, &uuidish(), balance_payment("o-ok", "acc", "1.00"))
@@ -275,6 +279,7 @@ async fn the_outbox_record_of_a_real_balance_payment_is_compact_and_recovers() {
         "the outbox record is {} bytes: {stored}",
         stored.len()
     );
+    eprintln!("outbox record: {} bytes: {stored}", stored.len());
     let doc: String = conn.hget(format!("pd:{{{tag}}}"), &id).await.unwrap();
     assert!(
         !stored.contains(&doc) && !stored.contains("merchant_order_id"),
@@ -306,4 +311,415 @@ async fn the_outbox_record_of_a_real_balance_payment_is_compact_and_recovers() {
     assert!(row.request_hash.is_some());
     let left: bool = conn.hexists(format!("u:{{{tag}}}"), &id).await.unwrap();
     assert!(!left);
+}
+
+/// Finished payments leave Redis one second after they were written; the sweeper runs every
+/// 50 ms and recovery prunes its index every 100 ms.
+const SHORT_RETENTION: &[(&str, &str)] = &[
+    ("GATEWAY__REDIS__PAYMENT_RETENTION_SECONDS", "1"),
+    ("GATEWAY__PREAUTH__IDEMPOTENCY_RETENTION_SECONDS", "1"),
+    ("GATEWAY__PREAUTH__SWEEP_INTERVAL_MS", "50"),
+    ("GATEWAY__STORE__RECOVERY_INTERVAL_MS", "100"),
+    ("GATEWAY__STORE__RECOVERY_MIN_AGE_MS", "100"),
+];
+
+/// `DBSIZE` and `INFO memory`'s `used_memory`.
+async fn redis_size(redis: &RedisServer) -> (u64, u64) {
+    let mut conn = redis.connection().await;
+    let keys: u64 = redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let used = info
+        .lines()
+        .find_map(|line| line.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("used_memory in INFO memory");
+    (keys, used)
+}
+
+/// Polls until the keyspace is back to `keys` keys at most and `used_memory` within `slack`
+/// bytes of `used` (bounded: 30 s); returns what it saw last.
+async fn wait_back_to(redis: &RedisServer, keys: u64, used: u64, slack: u64) -> (u64, u64) {
+    let mut now = redis_size(redis).await;
+    for _ in 0..300 {
+        if now.0 <= keys && now.1 <= used + slack {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        now = redis_size(redis).await;
+    }
+    now
+}
+
+const ACCOUNTS: usize = 8;
+const PAYMENTS: usize = 2_000;
+const WORKERS: usize = 16;
+
+#[tokio::test]
+async fn finished_payments_leave_redis_after_the_retention() {
+    let app = Arc::new(spawn_app_with(Backend::Redis, SHORT_RETENTION).await);
+    for a in 0..ACCOUNTS {
+        app.funded_account(ALPHA, "alpha", &format!("acc{a}"), "100000.00", "0.00")
+            .await;
+    }
+    // A first round, so that what every run keeps (loaded scripts, connections, the accounts)
+    // is in the baseline; then the baseline once it has left.
+    for i in 0..20 {
+        let account = format!("acc{}", i % ACCOUNTS);
+        let paid = app
+            .pay(
+                ALPHA,
+                &uuidish(),
+                balance_payment(&format!("warm{i}"), &account, "1.00"),
+            )
+            .await;
+        assert_eq!(paid.status, 201, "{:?}", paid.body);
+    }
+    let redis = app.redis.as_ref().unwrap();
+    let (accounts_only, _) = wait_back_to(redis, ACCOUNTS as u64, u64::MAX / 2, 0).await;
+    assert_eq!(accounts_only, ACCOUNTS as u64, "only the accounts are left");
+    let (keys_before, used_before) = redis_size(redis).await;
+
+    let mut workers = Vec::new();
+    for w in 0..WORKERS {
+        let app = app.clone();
+        workers.push(tokio::spawn(async move {
+            for i in (w..PAYMENTS).step_by(WORKERS) {
+                let account = format!("acc{}", i % ACCOUNTS);
+                let paid = app
+                    .pay(
+                        ALPHA,
+                        &uuidish(),
+                        balance_payment(&format!("o{i}"), &account, "1.00"),
+                    )
+                    .await;
+                assert_eq!(paid.status, 201, "{:?}", paid.body);
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let (keys_peak, used_peak) = redis_size(redis).await;
+    assert!(
+        keys_peak > keys_before + 100 && used_peak > used_before + 100_000,
+        "the payments were in Redis: {keys_before} -> {keys_peak} keys, {used_before} -> \
+         {used_peak} bytes"
+    );
+
+    // Everything of theirs leaves: their state (ps, pd, o), their keys, the indexes.
+    let (keys_after, used_after) = wait_back_to(redis, keys_before, used_before, 64 * 1024).await;
+    eprintln!(
+        "DBSIZE {keys_before} -> {keys_peak} -> {keys_after}; used_memory {used_before} -> \
+         {used_peak} -> {used_after}"
+    );
+    assert_eq!(
+        keys_after, keys_before,
+        "DBSIZE {keys_before} -> {keys_peak} -> {keys_after}"
+    );
+    assert!(
+        used_after <= used_before + 64 * 1024,
+        "used_memory {used_before} -> {used_peak} -> {used_after}"
+    );
+    // Every balance is exact, as the store has it.
+    let disk = app.settlement_store().await;
+    let balances = disk.balances(None).await.unwrap();
+    assert_eq!(balances.len(), ACCOUNTS);
+    for balance in balances {
+        let a: usize = balance.account.account_id[3..].parse().unwrap();
+        let paid = (0..20)
+            .chain(0..PAYMENTS)
+            .filter(|i| i % ACCOUNTS == a)
+            .count() as i64;
+        assert_eq!(
+            balance.balance_minor,
+            10_000_000 - paid * 100,
+            "{balance:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_evicted_payment_is_read_refunded_and_replayed_from_the_store() {
+    let app = spawn_app_with(Backend::Redis, SHORT_RETENTION).await;
+    app.funded_account(ALPHA, "alpha", "acc", "100.00", "0.00")
+        .await;
+    let body = balance_payment("o-evicted", "acc", "10.00");
+    let paid = app.pay(ALPHA, "k-evicted", body.clone()).await;
+    assert_eq!(paid.status, 201, "{:?}", paid.body);
+    let id = paid.body["id"].as_str().unwrap().to_owned();
+
+    // Gone from Redis: its state and its idempotency record.
+    let tag = alpha_acc().tag;
+    let mut conn = app.redis.as_ref().unwrap().connection().await;
+    let mut gone = false;
+    for _ in 0..100 {
+        let state: bool = conn.hexists(format!("ps:{{{tag}}}"), &id).await.unwrap();
+        let doc: bool = conn.hexists(format!("pd:{{{tag}}}"), &id).await.unwrap();
+        let order: bool = conn
+            .hexists(format!("o:{{{tag}}}"), "o-evicted")
+            .await
+            .unwrap();
+        let key: bool = conn.exists(format!("i:{{{tag}}}:k-evicted")).await.unwrap();
+        if !(state || doc || order || key) {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "the payment's state never left Redis");
+
+    // Read from the store.
+    let got = app.get(&format!("/v1/payments/{id}"), ALPHA).await;
+    assert_eq!(
+        (got.status, got.body["status"].as_str()),
+        (200, Some("succeeded"))
+    );
+    // Its key replays it (the store decides): no second charge.
+    let replay = app.pay(ALPHA, "k-evicted", body).await;
+    assert_eq!(
+        (replay.status, replay.body["id"].as_str()),
+        (201, Some(id.as_str())),
+        "{:?}",
+        replay.body
+    );
+    app.assert_account(ALPHA, "acc", "90.00", "0.00", "90.00")
+        .await;
+    // Its order id is still taken (the store's live order index).
+    let again = app
+        .pay(
+            ALPHA,
+            "k-other",
+            balance_payment("o-evicted", "acc", "10.00"),
+        )
+        .await;
+    assert_eq!(
+        (again.status, again.code()),
+        (409, "duplicate_order"),
+        "{:?}",
+        again.body
+    );
+    app.assert_account(ALPHA, "acc", "90.00", "0.00", "90.00")
+        .await;
+    // Refunded: put back from the store, then refunded as usual.
+    let back = app
+        .post(
+            &format!("/v1/payments/{id}/refunds"),
+            ALPHA,
+            "r-evicted",
+            json!({"amount": "4.00"}),
+        )
+        .await;
+    assert_eq!(
+        (back.status, back.body["status"].as_str()),
+        (201, Some("succeeded")),
+        "{:?}",
+        back.body
+    );
+    app.assert_account(ALPHA, "acc", "94.00", "0.00", "94.00")
+        .await;
+    let got = app.wait_status(&id, "partially_refunded").await;
+    assert_eq!(got["refunds"][0]["amount"], "4.00");
+}
+
+/// Index keys of the slot of alpha's account `account` (`ux`, `hx`, `rx`).
+fn slot_keys(account: &str) -> [String; 3] {
+    let key = AccountKey::new(
+        MerchantId::parse("alpha").unwrap(),
+        AccountId::parse(account).unwrap(),
+    );
+    let s = slots::slot_tag(slots::slot_of(key.tag));
+    [
+        format!("ux:{{{s}}}"),
+        format!("hx:{{{s}}}"),
+        format!("rx:{{{s}}}"),
+    ]
+}
+
+/// Recovery finds the outbox through one index key per cluster slot, a bounded number of slots
+/// per call (here 64: a full pass is 256 calls), never by scanning the keyspace; the sweeper
+/// finds live holds the same way; both indexes empty themselves once nothing is left.
+#[tokio::test]
+async fn the_outbox_and_the_holds_are_found_through_slot_indexes() {
+    let redis = RedisServer::start().await;
+    let config = test_config(&[
+        ("GATEWAY__REDIS__URL", &redis.url()),
+        ("GATEWAY__REDIS__INDEX_SLOTS_PER_CALL", "64"),
+    ]);
+    let store: Arc<dyn BalanceStore> =
+        Arc::new(RedisStore::connect(&config.settings.redis).await.unwrap());
+    let now_ms = gateway::telemetry::now_ms();
+    let ctx = |now_ms| OpContext {
+        now_ms,
+        lazy_release_max: 16,
+    };
+    const SCOPES: usize = 40;
+    let mut ids = Vec::new();
+    for a in 0..SCOPES {
+        let account = AccountKey::new(
+            MerchantId::parse("alpha").unwrap(),
+            AccountId::parse(&format!("acc{a}")).unwrap(),
+        );
+        store
+            .upsert_account(
+                &account,
+                Currency::parse("CNY").unwrap(),
+                100_000,
+                ctx(now_ms),
+            )
+            .await
+            .unwrap();
+        // One captured payment waiting for its commit, one hold expiring in a second.
+        for (n, capture_now) in [(0, true), (1, false)] {
+            let id = PaymentId::generate(account.tag, now_ms);
+            let order = format!("o{a}-{n}");
+            let doc = PaymentDoc {
+                id: id.as_str().to_owned(),
+                merchant_id: "alpha".into(),
+                account_id: Some(format!("acc{a}")),
+                merchant_order_id: order.clone(),
+                amount_minor: 100,
+                currency: Currency::parse("CNY").unwrap(),
+                method: if capture_now {
+                    Method::Balance
+                } else {
+                    Method::Supplier
+                },
+                purpose: Purpose::Charge,
+                created_at_ms: now_ms,
+                expires_at_ms: now_ms + 1_000,
+                description: None,
+                notify_url: None,
+                metadata: None,
+            };
+            let request = AuthorizeRequest {
+                scope: Scope::Account(account.clone()),
+                idempotency: IdempotencyClaim {
+                    key: IdempotencyKey::parse(&format!("k{a}-{n}"), 255).unwrap(),
+                    request_hash: "h".into(),
+                    retention_seconds: 86_400,
+                },
+                order_id: MerchantOrderId::parse(&order, 64).unwrap(),
+                doc,
+                hold: Some(HoldSpec {
+                    expires_at_ms: now_ms + 1_000,
+                    capture_now,
+                }),
+                pending_record: capture_now.then(|| CompactRecord::balance_capture("h").to_json()),
+            };
+            let created = store.authorize(&request, ctx(now_ms)).await.unwrap();
+            assert!(
+                matches!(created, AuthorizeOutcome::Created { .. }),
+                "{created:?}"
+            );
+            if capture_now {
+                ids.push(id.as_str().to_owned());
+            }
+        }
+        let [ux, hx, rx] = slot_keys(&format!("acc{a}"));
+        let mut conn = redis.connection().await;
+        let tag = account.tag.to_string();
+        assert!(conn.sismember::<_, _, bool>(&ux, &tag).await.unwrap());
+        assert!(conn.sismember::<_, _, bool>(&hx, &tag).await.unwrap());
+        assert!(conn.zcard::<_, u64>(&rx).await.unwrap() >= 2);
+    }
+    // A record no index names (written by hand) is not found: nothing scans the keyspace.
+    let mut conn = redis.connection().await;
+    let _: () = conn
+        .hset("u:{0000000000}", "pay_unindexed", "{}")
+        .await
+        .unwrap();
+
+    // A full pass takes 16384 / 64 calls; it finds every record, once.
+    let mut found = Vec::new();
+    let mut calls = 0;
+    loop {
+        let page = store.unsettled(SCOPES).await.unwrap();
+        calls += 1;
+        found.extend(page.entries.into_iter().map(|e| e.id));
+        if page.complete {
+            break;
+        }
+    }
+    assert_eq!(calls, 16_384 / 64);
+    found.sort();
+    ids.sort();
+    assert_eq!(found, ids);
+
+    // Settled, then pruned by the next pass: the outbox index is empty.
+    let marks: Vec<_> = found
+        .iter()
+        .map(|id| gateway::preauth::SettledMark {
+            tag: PaymentId::parse(id).unwrap().tag(),
+            id: id.clone(),
+            idempotency_key: String::new(),
+        })
+        .collect();
+    store.mark_settled(&marks).await.unwrap();
+    loop {
+        let page = store.unsettled(SCOPES).await.unwrap();
+        assert!(page.entries.is_empty());
+        if page.complete {
+            break;
+        }
+    }
+    // The holds expire; the sweeper (64 slots a call) releases every one and empties its index.
+    let mut released = 0;
+    for _ in 0..(16_384 / 64) {
+        released += store
+            .sweep_expired(ctx(now_ms + 2_000), 1_000)
+            .await
+            .unwrap();
+    }
+    assert_eq!(released, SCOPES as u64);
+    let tag_of = |a: usize| {
+        AccountKey::new(
+            MerchantId::parse("alpha").unwrap(),
+            AccountId::parse(&format!("acc{a}")).unwrap(),
+        )
+        .tag
+        .to_string()
+    };
+    for a in 0..SCOPES {
+        let [_, hx, _] = slot_keys(&format!("acc{a}"));
+        assert!(
+            !conn.sismember::<_, _, bool>(&hx, tag_of(a)).await.unwrap(),
+            "hx of acc{a}"
+        );
+    }
+    // The releases' final statuses went to the outbox, found through the index again; once
+    // settled, the next pass empties the index.
+    let mut statuses = Vec::new();
+    loop {
+        let page = store.unsettled(SCOPES).await.unwrap();
+        statuses.extend(page.entries.into_iter().filter(|e| e.id.ends_with("#s")));
+        if page.complete {
+            break;
+        }
+    }
+    assert_eq!(statuses.len(), SCOPES);
+    let marks: Vec<_> = statuses
+        .iter()
+        .map(|e| gateway::preauth::SettledMark {
+            tag: e.tag,
+            id: e.id.clone(),
+            idempotency_key: String::new(),
+        })
+        .collect();
+    store.mark_settled(&marks).await.unwrap();
+    loop {
+        if store.unsettled(SCOPES).await.unwrap().complete {
+            break;
+        }
+    }
+    for a in 0..SCOPES {
+        let [ux, _, _] = slot_keys(&format!("acc{a}"));
+        assert!(
+            !conn.sismember::<_, _, bool>(&ux, tag_of(a)).await.unwrap(),
+            "ux of acc{a}"
+        );
+    }
 }

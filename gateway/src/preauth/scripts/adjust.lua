@@ -1,6 +1,7 @@
 -- adjust.lua: a manual credit or debit of an account, idempotent.
 --
--- KEYS: 1 a:{T}  2 h:{T}  3 ph:{T}  4 ps:{T}  5 i:{T}:<idempotency key>  6 u:{T}
+-- KEYS: 1 a:{T}  2 h:{T}  3 ph:{T}  4 ps:{T}  5 i:{T}:<idempotency key>  6 u:{T}  then ux:{S}
+--       hx:{S} rx:{S} (the slot's indexes, last: see common.lua)
 -- ARGV: 1 merchant  2 account  3 request hash  4 idempotency retention (s)
 --       5 direction ('credit' | 'debit')  6 amount (minor units)  7 currency  8 now (unix ms)
 --       9 lazy release limit  10 outcome to record ('A:<adjustment json>')

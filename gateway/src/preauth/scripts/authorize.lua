@@ -1,7 +1,7 @@
 -- authorize.lua: create a payment with its pre-authorization, in one round trip.
 --
 -- KEYS: 1 a:{T}  2 h:{T}  3 ph:{T}  4 ps:{T}  5 pd:{T}  6 o:{T}  7 i:{T}:<idempotency key>
---       8 u:{T}
+--       8 u:{T}  9 ux:{S}  10 hx:{S}  11 rx:{S}  (the slot's indexes, see common.lua)
 -- ARGV: 1 merchant  2 account ('' for a payment without account)  3 request hash
 --       4 idempotency retention (s)  5 payment id  6 amount (minor units)  7 currency
 --       8 hold expiry (unix ms; '0' = no hold)  9 capture now ('1' | '0')  10 now (unix ms)
@@ -78,12 +78,14 @@ if has_account and (ARGV[9] == '1' or hold_expiry > 0) then
     redis.call('HSET', KEYS[1], 'held', acct[5])
     redis.call('ZADD', KEYS[2], hold_expiry, pid)
     redis.call('HSET', KEYS[3], pid, ARGV[6])
+    index_hold(KEYS[2])
   end
 end
 
 redis.call('HSET', KEYS[4], pid, status)
 redis.call('HSET', KEYS[5], pid, ARGV[13])
 redis.call('HSET', KEYS[6], ARGV[12], pid)
+index_payment(pid, ARGV[10])
 if ARGV[14] ~= '' then
   local seq = 0
   if has_account then

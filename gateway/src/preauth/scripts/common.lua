@@ -11,13 +11,66 @@
 --                  o (outcome); expires after the configured retention
 --   u:{T}   hash   id -> what must still reach the settlement store, as JSON
 --                  {"seq": account seq after the movement, "key": idempotency key,
---                   "record": {"settlement": …} | {"intent": …}}; removed by settled.lua
+--                   "record": {"settlement": …} | {"intent": …} | a compact record}; removed
+--                  by settled.lua
+--   rf:{T}  hash   refunds: '<pid>#n' count, '<pid>#r' reserved, '<pid>#s' succeeded,
+--                  '<refund id>' its JSON
+--   lc:{T}  hash   '<pid>#<attempt>' -> seq of the attempt's late capture
+--
+-- Index keys, one per cluster slot S (a short tag hashing to the slot of every {T} it lists,
+-- see preauth/slots.rs), passed as the LAST keys of a script that may add to them:
+--   ux:{S}  set    scope tags whose u:{T} may hold records (added with each record; removed
+--                  by prune_index.lua once u:{T} is empty): recovery reads these, not SCAN
+--   hx:{S}  set    scope tags whose h:{T} may hold live holds (added with each hold; removed
+--                  by the sweep once h:{T} is empty)
+--   rx:{S}  zset   payment id -> when its state was written (unix ms): evict.lua removes a
+--                  finished payment's fields (ps, pd, o, rf, lc) once that is older than the
+--                  retention (redis.payment_retention_seconds)
 --
 -- Invariant kept by every script: a:{T}.held == sum of ph:{T}; every member of h:{T} has an
 -- entry in ph:{T} and status pending. Numbers are Lua doubles: the gateway bounds every stored
 -- value by 2^53 - 1, so arithmetic here stays exact.
 
 local MAX_SAFE = 9007199254740991
+
+-- The slot index keys this call was given (the last keys, by convention; nil when absent).
+local UNSETTLED_INDEX, HOLDS_INDEX, RETENTION_INDEX
+for i = math.max(1, #KEYS - 2), #KEYS do
+  local prefix = string.sub(KEYS[i], 1, 4)
+  if prefix == 'ux:{' then
+    UNSETTLED_INDEX = KEYS[i]
+  elseif prefix == 'hx:{' then
+    HOLDS_INDEX = KEYS[i]
+  elseif prefix == 'rx:{' then
+    RETENTION_INDEX = KEYS[i]
+  end
+end
+
+-- The hash tag T of a key 'x:{T}'.
+local function tag_of(key)
+  return string.match(key, '{([^}]*)}')
+end
+
+-- A live hold was placed in h:{T}: the sweeper finds the scope through hx:{S}.
+local function index_hold(hkey)
+  if HOLDS_INDEX then
+    redis.call('SADD', HOLDS_INDEX, tag_of(hkey))
+  end
+end
+
+-- A payment's state was written (created, or put back from the store) at `at_ms`: it leaves
+-- once it is finished and that is older than the retention (evict.lua).
+local function index_payment(pid, at_ms)
+  if RETENTION_INDEX then
+    redis.call('ZADD', RETENTION_INDEX, at_ms, pid)
+  end
+end
+
+-- Now (unix ms) by the server's clock, for scripts not given one.
+local function server_now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 
 local function fmt(n)
   return string.format('%d', n)
@@ -31,6 +84,9 @@ end
 -- Records a movement or a status change that must reach the settlement store (its outbox).
 -- `id` is the payment or adjustment id, or '<payment id>#s' for a status change.
 local function record_unsettled(ukey, id, seq, idempotency_key, record_json, now_ms)
+  if UNSETTLED_INDEX then
+    redis.call('SADD', UNSETTLED_INDEX, tag_of(ukey))
+  end
   redis.call('HSET', ukey, id,
     '{"seq":' .. fmt(seq) .. ',"key":' .. cjson.encode(idempotency_key) .. ',"at":' .. fmt(now_ms)
     .. ',"record":' .. record_json .. '}')

@@ -5,6 +5,7 @@
 --
 -- KEYS: 1 a:{T}  2 h:{T}  3 ph:{T}  4 ps:{T}  5 u:{T}  6 lc:{T} ('<payment id>#<attempt>' ->
 --       seq of its late capture: at most one per attempt)
+--       then ux:{S} hx:{S} rx:{S} (the slot's indexes, last: see common.lua)
 -- ARGV: 1 payment id  2 amount (minor units)  3 now (unix ms)  4 pending settlement record
 --       (JSON)  5 its outbox id  6 lazy release limit  7 the attempt number
 -- Returns {'done', seq} | {'insufficient', available} | {'not_found'} | {'pending'}

@@ -1,6 +1,7 @@
 -- rebuild_account.lua: load one account from the settlement store (the system of record).
 --
--- KEYS: 1 a:{T}  2 h:{T}  3 ph:{T}  4 ps:{T}  5 pd:{T}  6 o:{T}  7 u:{T}
+-- KEYS: 1 a:{T}  2 h:{T}  3 ph:{T}  4 ps:{T}  5 pd:{T}  6 o:{T}  7 u:{T}  8 ux:{S}  9 hx:{S}
+--       10 rx:{S}
 -- ARGV: 1 merchant  2 account  3 currency  4 balance  5 credit limit  6 seq  7 created (ms)
 --       8 the account's seq and 9 its held as read before the store's snapshot ('' and '':
 --       it was not here then)
@@ -41,6 +42,8 @@ for i = 10, #ARGV, 5 do
   redis.call('HSET', KEYS[4], pid, 'pending')
   redis.call('HSET', KEYS[5], pid, ARGV[i + 4])
   redis.call('HSET', KEYS[6], ARGV[i + 3], pid)
+  index_hold(KEYS[2])
+  index_payment(pid, server_now_ms())
   held = held + amount
   n = n + 1
 end

@@ -1,6 +1,7 @@
 -- refund_finish.lua: a refund's outcome at the channel, once.
 --
--- KEYS: 1 a:{T}  2 h:{T}  3 ph:{T}  4 ps:{T}  5 pd:{T}  6 u:{T}  7 rf:{T}
+-- KEYS: 1 a:{T}  2 h:{T}  3 ph:{T}  4 ps:{T}  5 pd:{T}  6 u:{T}  7 rf:{T}  then ux:{S} hx:{S}
+--       rx:{S} (the slot's indexes, last: see common.lua)
 -- ARGV: 1 refund id  2 result ('succeeded' | 'failed')  3 now (unix ms)
 --       4 the pending record (JSON: the settlement when succeeded — its payment row's one
 --         member "status":"partially_refunded" is replaced with the status reached, and

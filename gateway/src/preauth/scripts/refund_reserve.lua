@@ -3,7 +3,7 @@
 --
 -- KEYS: 1 a:{T}  2 h:{T}  3 ph:{T}  4 ps:{T}  5 pd:{T}  6 u:{T}  7 i:{T}:<idempotency key>
 --       8 rf:{T} (refunds: '<pid>#n' count, '<pid>#r' reserved (pending + succeeded),
---       '<pid>#s' succeeded, '<refund id>' its JSON)
+--       '<pid>#s' succeeded, '<refund id>' its JSON)  9 ux:{S}  10 hx:{S}  11 rx:{S}
 -- ARGV: 1 payment id  2 amount (minor units; '' = all that is left)  3 now (unix ms)
 --       4 request hash  5 idempotency retention (s)  6 the idempotency key itself
 --       7 hold expiry for a top-up refund (unix ms)  8 lazy release limit
@@ -61,6 +61,7 @@ if doc.purpose == 'topup' then
   redis.call('HINCRBY', KEYS[1], 'held', amount)
   redis.call('ZADD', KEYS[2], tonumber(ARGV[7]), rid)
   redis.call('HSET', KEYS[3], rid, fmt(amount))
+  index_hold(KEYS[2])
 end
 redis.call('HSET', KEYS[8], pid .. '#n', fmt(n))
 redis.call('HINCRBY', KEYS[8], pid .. '#r', amount)

@@ -1,6 +1,7 @@
 -- release.lua: end a pending payment without capture, releasing its hold if it has one.
 --
--- KEYS: 1 a:{T}  2 h:{T}  3 ph:{T}  4 ps:{T}  5 u:{T}  [6 i:{T}:<idempotency key>]
+-- KEYS: 1 a:{T}  2 h:{T}  3 ph:{T}  4 ps:{T}  5 u:{T}  [6 i:{T}:<idempotency key>, with ARGV[4]]
+--       then ux:{S} hx:{S} rx:{S} (the slot's indexes, last: see common.lua)
 -- ARGV: 1 payment id  2 final status ('failed' | 'canceled' | 'expired')  3 now (unix ms)
 --       [4 the idempotency record's new outcome, e.g. 'E:no_channel_available']
 -- The final status also goes to u:{T}, for the settlement store. With KEYS[6] and ARGV[4], the

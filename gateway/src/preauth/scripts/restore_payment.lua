@@ -2,7 +2,7 @@
 -- in-process sandbox), as the settlement store (the system of record) has it, so callbacks,
 -- the resolution loop and refunds can act on it. Never overwrites a payment that is there.
 --
--- KEYS: 1 ps:{T}  2 pd:{T}  3 o:{T}  4 rf:{T}
+-- KEYS: 1 ps:{T}  2 pd:{T}  3 o:{T}  4 rf:{T}  5 ux:{S}  6 hx:{S}  7 rx:{S}
 -- ARGV: 1 payment id  2 status  3 document (JSON)  4 merchant order id
 --       5 refund count  6 refunds reserved (pending + succeeded)  7 refunds succeeded
 --       then, per pending refund, 4 values: refund id, number, amount, created (ms)
@@ -16,6 +16,8 @@ if redis.call('HEXISTS', KEYS[1], pid) == 1 then
 end
 redis.call('HSET', KEYS[1], pid, ARGV[2])
 redis.call('HSET', KEYS[2], pid, ARGV[3])
+-- Put back now: it stays a retention's time before leaving again.
+index_payment(pid, server_now_ms())
 if is_live(ARGV[2]) then
   local holder = redis.call('HGET', KEYS[3], ARGV[4])
   if not holder or not is_live(redis.call('HGET', KEYS[1], holder)) then

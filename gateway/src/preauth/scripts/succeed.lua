@@ -1,7 +1,8 @@
 -- succeed.lua: a pending payment succeeded at its channel: its effect on the money, its status
 -- and its settlement (into the outbox), in one step.
 --
--- KEYS: 1 a:{T}  2 h:{T}  3 ph:{T}  4 ps:{T}  5 u:{T}
+-- KEYS: 1 a:{T}  2 h:{T}  3 ph:{T}  4 ps:{T}  5 u:{T}  then ux:{S} hx:{S} rx:{S} (the slot's
+--       indexes, last: see common.lua)
 -- ARGV: 1 payment id  2 effect ('capture' | 'credit' | 'collect')  3 amount (minor units; the
 --       credit)  4 now (unix ms)  5 pending settlement record (JSON)  6 its outbox id
 -- Returns {'done', seq} | {'not_pending', status} | {'not_found'} | {'no_hold'}

@@ -1,6 +1,7 @@
 -- upsert_account.lua: create an account (balance 0) or update its credit limit.
 --
--- KEYS: 1 a:{T}  2 h:{T}  3 ph:{T}  4 ps:{T}  5 u:{T}
+-- KEYS: 1 a:{T}  2 h:{T}  3 ph:{T}  4 ps:{T}  5 u:{T}  then ux:{S} hx:{S} rx:{S} (the slot's
+--       indexes, last: see common.lua)
 -- ARGV: 1 merchant  2 account  3 currency  4 credit limit (minor units)  5 now (unix ms)
 --       6 lazy release limit
 -- Returns {'created'|'updated', cur, bal, held, cred, seq} | {'currency', cur} | {'collision'}
