@@ -37,6 +37,7 @@ use crate::preauth::{
     Method, PaymentStatus, Purpose, SettledMark, StoreError, SucceedOutcome, SucceedRequest,
     SuccessEffect, TransitionOutcome,
 };
+use crate::settlement::outbox::CompactRecord;
 use crate::settlement::settler::SettleFailure;
 use crate::settlement::AttemptOutcome;
 use crate::settlement::{
@@ -132,11 +133,19 @@ pub async fn settle_paid(
         None,
         now,
     );
+    // Compact in the outbox (see `settlement::outbox`): recovery rebuilds this settlement.
+    let compact =
+        CompactRecord::channel_success(&attempt.channel_id, Some(channel_txn_id), fee_bps, now);
+    debug_assert_eq!(
+        compact.expand(doc, pid.tag(), ""),
+        PendingRecord::Settlement(settlement.clone()),
+        "the outbox's record rebuilds the settlement"
+    );
     let request = SucceedRequest {
         payment: pid.clone(),
         effect,
         amount_minor: doc.amount_minor,
-        pending_record: PendingRecord::Settlement(settlement.clone()).to_json(),
+        pending_record: compact.to_json(),
     };
     // Admission before any money moves (as for a new payment): a store the writer has seen
     // fail refuses here, and the channel retries. A store that goes down while this runs

@@ -38,6 +38,15 @@ pub enum CompactRecord {
         /// When the resolution loop first looks at it.
         next_check_ms: u64,
     },
+    /// A channel payment's success (outbox id `<payment id>#m`): its settlement, from the
+    /// channel's word and the route's fee.
+    ChannelSuccess {
+        channel_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        channel_txn_id: Option<String>,
+        fee_bps: u32,
+        settled_at_ms: u64,
+    },
 }
 
 /// What an outbox entry holds: a compact record, or a full one.
@@ -76,6 +85,31 @@ impl CompactRecord {
         }
     }
 
+    /// The record of a channel payment's success, as `movements::channel_success` takes it.
+    pub fn channel_success(
+        channel_id: &str,
+        channel_txn_id: Option<&str>,
+        fee_bps: u32,
+        settled_at_ms: u64,
+    ) -> Self {
+        CompactRecord::ChannelSuccess {
+            channel_id: channel_id.to_owned(),
+            channel_txn_id: channel_txn_id.map(str::to_owned),
+            fee_bps,
+            settled_at_ms,
+        }
+    }
+
+    /// The payment whose document the record names, from its outbox id.
+    pub fn payment_id<'a>(&self, outbox_id: &'a str) -> &'a str {
+        match self {
+            CompactRecord::ChannelSuccess { .. } => {
+                outbox_id.strip_suffix("#m").unwrap_or(outbox_id)
+            }
+            _ => outbox_id,
+        }
+    }
+
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("a compact record always serializes")
     }
@@ -109,6 +143,20 @@ impl CompactRecord {
                 row.next_check_at_ms = Some(*next_check_ms);
                 PendingRecord::Intent(row.with_idempotency(idempotency_key, request_hash))
             }
+            CompactRecord::ChannelSuccess {
+                channel_id,
+                channel_txn_id,
+                fee_bps,
+                settled_at_ms,
+            } => PendingRecord::Settlement(movements::channel_success(
+                doc,
+                tag,
+                channel_id,
+                channel_txn_id.as_deref(),
+                *fee_bps,
+                None,
+                *settled_at_ms,
+            )),
         }
     }
 }
@@ -200,6 +248,23 @@ mod tests {
         assert_eq!(
             parsed.expand(&doc, tag(), "key-2"),
             PendingRecord::Intent(row)
+        );
+    }
+
+    #[test]
+    fn a_compact_channel_success_expands_to_its_settlement() {
+        let doc = doc(Method::Supplier);
+        let record = CompactRecord::channel_success("supplier-main", Some("T-1"), 60, 7);
+        let json = record.to_json();
+        let OutboxRecord::Compact(parsed) = OutboxRecord::parse(&json).unwrap() else {
+            panic!("compact")
+        };
+        assert_eq!(parsed.payment_id("pay_x#m"), "pay_x");
+        let direct =
+            movements::channel_success(&doc, tag(), "supplier-main", Some("T-1"), 60, None, 7);
+        assert_eq!(
+            parsed.expand(&doc, tag(), ""),
+            PendingRecord::Settlement(direct)
         );
     }
 

@@ -182,7 +182,7 @@ async fn full_record(
             return Ok(None);
         }
     };
-    let payment = match PaymentId::parse(&entry.id) {
+    let payment = match PaymentId::parse(compact.payment_id(&entry.id)) {
         Some(pid) => settler.balances.payment(&pid).await?,
         None => None,
     };

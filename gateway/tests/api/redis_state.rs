@@ -723,3 +723,60 @@ async fn the_outbox_and_the_holds_are_found_through_slot_indexes() {
         );
     }
 }
+
+/// A supplier's success captured in Redis and cut before its commit: recovery settles the
+/// payment from the compact record (`<payment id>#m`) and the payment's document.
+#[tokio::test]
+async fn a_channel_success_cut_before_its_commit_is_settled_from_its_compact_record() {
+    let app = spawn_app_with(Backend::Redis, FAST_RECOVERY).await;
+    app.funded_account(ALPHA, "alpha", "acc", "100.00", "0.00")
+        .await;
+    let created = app
+        .pay(
+            ALPHA,
+            &uuidish(),
+            supplier_payment("o-supplier", "acc", "30.00"),
+        )
+        .await;
+    assert_eq!(created.status, 201, "{:?}", created.body);
+    assert_eq!(created.body["status"], "pending");
+    let id = created.body["id"].as_str().unwrap().to_owned();
+    let channel = created.body["attempts"][0]["channel_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let pid = PaymentId::parse(&id).unwrap();
+    let balances = redis_store(&app.redis.as_ref().unwrap().url()).await;
+    let now_ms = gateway::telemetry::now_ms();
+    let request = gateway::preauth::SucceedRequest {
+        payment: pid.clone(),
+        effect: gateway::preauth::SuccessEffect::Capture,
+        amount_minor: 3_000,
+        pending_record: CompactRecord::channel_success(&channel, Some("TXN-cut"), 0, now_ms)
+            .to_json(),
+    };
+    let ctx = OpContext {
+        now_ms,
+        lazy_release_max: 16,
+    };
+    assert!(matches!(
+        balances.succeed(&request, ctx).await.unwrap(),
+        gateway::preauth::SucceedOutcome::Done { .. }
+    ));
+    let disk = app.settlement_store().await;
+    let mut committed = None;
+    for _ in 0..200 {
+        committed = disk.committed_success(&id).await.unwrap();
+        if committed.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(committed, Some((Some(channel), Some("TXN-cut".to_owned()))));
+    app.assert_account(ALPHA, "acc", "70.00", "0.00", "70.00")
+        .await;
+    assert_eq!(
+        disk.payment(&id).await.unwrap().unwrap().status,
+        gateway::preauth::PaymentStatus::Succeeded
+    );
+}
