@@ -134,7 +134,8 @@ impl Default for ServerSettings {
 pub struct RedisSettings {
     /// `redis://…`; empty selects the in-process store (sandbox only).
     pub url: Secret,
-    /// Multiplexed connections, used round-robin.
+    /// Multiplexed connections in the pool (each call borrows a handle to one for an instant;
+    /// one connection pipelines many calls).
     pub connections: usize,
     pub connect_timeout_ms: u64,
     pub command_timeout_ms: u64,
