@@ -134,8 +134,7 @@ impl Default for ServerSettings {
 pub struct RedisSettings {
     /// `redis://…`; empty selects the in-process store (sandbox only).
     pub url: Secret,
-    /// Multiplexed connections in the pool (each call borrows a handle to one for an instant;
-    /// one connection pipelines many calls).
+    /// Multiplexed connections, used round-robin.
     pub connections: usize,
     pub connect_timeout_ms: u64,
     pub command_timeout_ms: u64,

@@ -10,21 +10,18 @@
 //! written by the same script as the state, read a bounded number of slots per call: no
 //! keyspace SCAN on any periodic path (only `has_accounts`, once at start).
 //!
-//! Connections come from a `deadpool-redis` pool of multiplexed connections (`redis.connections`
-//! of them): each call takes a handle to one (the pool hands them out in turn, checking each
-//! with a PING and replacing a broken one) and gives it back at once, so one connection
-//! pipelines many concurrent calls; each pipelines
+//! Connections are a few multiplexed `ConnectionManager`s used round-robin: each pipelines
 //! every concurrent request, and reconnects by itself when Redis comes back. Every call is
 //! bounded by `redis.command_timeout_ms`; a failure or a timeout is an operating error that
 //! the API answers with `503 unavailable`, never an authorization.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use ::redis::aio::MultiplexedConnection;
-use ::redis::{AsyncConnectionConfig, Script};
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::{Client, Script};
 use async_trait::async_trait;
-use deadpool_redis::{Manager, Pool, Runtime};
 
 use super::slots;
 use super::{
@@ -205,7 +202,8 @@ impl Keys {
 type Reply = Vec<Option<String>>;
 
 pub struct RedisStore {
-    pool: Pool,
+    connections: Vec<ConnectionManager>,
+    next: AtomicUsize,
     scripts: Scripts,
     command_timeout: Duration,
     /// The slot whose holds index the sweeper reads next.
@@ -225,7 +223,7 @@ pub struct RedisStore {
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
-            .field("connections", &self.pool.status().max_size)
+            .field("connections", &self.connections.len())
             .finish_non_exhaustive()
     }
 }
@@ -237,24 +235,30 @@ fn unavailable(err: ::redis::RedisError) -> StoreError {
 impl RedisStore {
     /// Connects, refuses a Redis that may evict keys, and loads every script.
     pub async fn connect(settings: &RedisSettings) -> Result<Self, StoreError> {
-        let command_timeout = Duration::from_millis(settings.command_timeout_ms);
-        let connect_timeout = Duration::from_millis(settings.connect_timeout_ms);
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(connect_timeout))
-            .set_response_timeout(Some(command_timeout));
-        let manager = Manager::new_with_config(settings.url.expose(), config).map_err(|e| {
+        let client = Client::open(settings.url.expose()).map_err(|e| {
             StoreError::Misconfigured(format!("redis.url is not a valid Redis URL: {e}"))
         })?;
-        let pool = Pool::builder(manager)
-            .max_size(settings.connections)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(command_timeout))
-            .create_timeout(Some(connect_timeout))
-            .recycle_timeout(Some(command_timeout))
-            .build()
-            .map_err(|e| StoreError::Misconfigured(format!("redis connection pool: {e}")))?;
+        let command_timeout = Duration::from_millis(settings.command_timeout_ms);
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(settings.connect_timeout_ms)))
+            .set_response_timeout(Some(command_timeout))
+            .set_number_of_retries(settings.reconnect_retries)
+            .set_max_delay(Duration::from_millis(settings.reconnect_max_delay_ms));
+        let mut connections = Vec::with_capacity(settings.connections);
+        for _ in 0..settings.connections {
+            let connect = client.get_connection_manager_with_config(config.clone());
+            let connection = tokio::time::timeout(
+                command_timeout.max(Duration::from_millis(settings.connect_timeout_ms)),
+                connect,
+            )
+            .await
+            .map_err(|_| StoreError::Timeout(settings.connect_timeout_ms))?
+            .map_err(unavailable)?;
+            connections.push(connection);
+        }
         let store = Self {
-            pool,
+            connections,
+            next: AtomicUsize::new(0),
             scripts: Scripts::new(),
             command_timeout,
             sweep_cursor: Mutex::new(0),
@@ -268,7 +272,7 @@ impl RedisStore {
         };
         store.check_eviction_policy().await?;
         for script in store.scripts.all() {
-            let mut conn = store.connection().await?;
+            let mut conn = store.connection();
             store
                 .bounded("script_load", script.load_async(&mut conn))
                 .await?;
@@ -279,7 +283,7 @@ impl RedisStore {
     /// Redis must never evict a key: a vanished hold or idempotency record is lost money or a
     /// double charge. `INFO memory` works where `CONFIG GET` is disabled (managed Redis).
     async fn check_eviction_policy(&self) -> Result<(), StoreError> {
-        let mut conn = self.connection().await?;
+        let mut conn = self.connection();
         let info: String = self
             .bounded(
                 "info",
@@ -299,16 +303,9 @@ impl RedisStore {
         Ok(())
     }
 
-    /// A handle to one of the pool's connections (checked by the pool), given back to the
-    /// pool at once: the handle multiplexes, so concurrent calls share the connection.
-    async fn connection(&self) -> Result<MultiplexedConnection, StoreError> {
-        use deadpool_redis::PoolError;
-        let pooled = self.pool.get().await.map_err(|err| match err {
-            PoolError::Timeout(_) => StoreError::Timeout(self.command_timeout.as_millis() as u64),
-            PoolError::Backend(err) => unavailable(err),
-            other => StoreError::Unavailable(other.to_string()),
-        })?;
-        Ok((*pooled).clone())
+    fn connection(&self) -> ConnectionManager {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.connections.len();
+        self.connections[i].clone()
     }
 
     /// One round trip, counted and bounded by the command timeout.
@@ -339,7 +336,7 @@ impl RedisStore {
         for arg in args {
             invocation.arg(*arg);
         }
-        let mut conn = self.connection().await?;
+        let mut conn = self.connection();
         self.bounded(op, invocation.invoke_async(&mut conn)).await
     }
 }
@@ -959,7 +956,7 @@ impl BalanceStore for RedisStore {
                 .arg(0)
                 .arg(budget);
         }
-        let mut conn = self.connection().await?;
+        let mut conn = self.connection();
         let due: Vec<Vec<String>> = self
             .bounded("retention_index", pipe.query_async(&mut conn))
             .await?;
@@ -997,7 +994,7 @@ impl BalanceStore for RedisStore {
                 .key(Keys::idempotency(mark.tag, &mark.idempotency_key))
                 .arg(&mark.id);
         }
-        let mut conn = self.connection().await?;
+        let mut conn = self.connection();
         self.bounded("mark_settled", invocation.invoke_async::<i64>(&mut conn))
             .await
             .map(|_| ())
@@ -1041,7 +1038,7 @@ impl BalanceStore for RedisStore {
             .key(&k.refunds)
             .key(&k.late_captures)
             .arg(&mark.id);
-        let mut conn = self.connection().await?;
+        let mut conn = self.connection();
         let _: i64 = self
             .bounded("void", invocation.invoke_async(&mut conn))
             .await?;
@@ -1075,7 +1072,7 @@ impl BalanceStore for RedisStore {
             .arg(hash)
             .arg(outcome)
             .arg(ttl);
-        let mut conn = self.connection().await?;
+        let mut conn = self.connection();
         let undone: i64 = self
             .bounded("unwind", invocation.invoke_async(&mut conn))
             .await?;
@@ -1098,7 +1095,7 @@ impl BalanceStore for RedisStore {
             .arg(u.count)
             .arg(u.reserved_minor)
             .arg(u.succeeded_minor);
-        let mut conn = self.connection().await?;
+        let mut conn = self.connection();
         let undone: i64 = self
             .bounded("refund_unwind", invocation.invoke_async(&mut conn))
             .await?;
@@ -1125,7 +1122,7 @@ impl BalanceStore for RedisStore {
                 .arg(order)
                 .arg(payment);
         }
-        let mut conn = self.connection().await?;
+        let mut conn = self.connection();
         let restored: i64 = self
             .bounded("restore_keys", invocation.invoke_async(&mut conn))
             .await?;
@@ -1140,7 +1137,7 @@ impl BalanceStore for RedisStore {
         let mut out = Vec::new();
         for (_, tag) in scopes {
             let k = Keys::of(tag);
-            let mut conn = self.connection().await?;
+            let mut conn = self.connection();
             let entries: Vec<(String, String)> = self
                 .bounded(
                     "unsettled",
@@ -1184,7 +1181,7 @@ impl BalanceStore for RedisStore {
         fence_until_ms: u64,
     ) -> Result<Option<RebuildGuard>, StoreError> {
         let k = Keys::of(key.tag);
-        let mut conn = self.connection().await?;
+        let mut conn = self.connection();
         let mut invocation = self.scripts.rebuild_fence.prepare_invoke();
         invocation.key(&k.account).arg(fence_until_ms);
         let state: Vec<String> = self
@@ -1271,7 +1268,7 @@ impl BalanceStore for RedisStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.connection().await?;
+        let mut conn = self.connection();
         let pong: String = self
             .bounded("ping", ::redis::cmd("PING").query_async(&mut conn))
             .await?;
@@ -1291,7 +1288,7 @@ impl RedisStore {
         pattern: &str,
         count: usize,
     ) -> Result<(u64, Vec<String>), StoreError> {
-        let mut conn = self.connection().await?;
+        let mut conn = self.connection();
         self.bounded(
             "scan",
             ::redis::cmd("SCAN")
@@ -1322,7 +1319,7 @@ impl RedisStore {
         for slot in start..start + count {
             pipe.cmd("SMEMBERS").arg(&Keys::slot_indexes(slot)[which]);
         }
-        let mut conn = self.connection().await?;
+        let mut conn = self.connection();
         let sets: Vec<Vec<String>> = self
             .bounded("slot_index", pipe.query_async(&mut conn))
             .await?;
@@ -1352,7 +1349,7 @@ impl RedisStore {
             .key(&k.unsettled)
             .key(&k.indexes[0])
             .arg(tag.as_str());
-        let mut conn = self.connection().await?;
+        let mut conn = self.connection();
         let _: i64 = self
             .bounded("prune_index", invocation.invoke_async(&mut conn))
             .await?;
@@ -1361,7 +1358,7 @@ impl RedisStore {
 
     /// Takes a scope out of an index outright (its account is gone).
     async fn forget_scope(&self, index: &str, tag: ScopeTag) -> Result<(), StoreError> {
-        let mut conn = self.connection().await?;
+        let mut conn = self.connection();
         let _: i64 = self
             .bounded(
                 "slot_index",
@@ -1396,7 +1393,7 @@ impl RedisStore {
             }
         }
         if !junk.is_empty() {
-            let mut conn = self.connection().await?;
+            let mut conn = self.connection();
             let _: i64 = self
                 .bounded(
                     "retention_index",
@@ -1426,7 +1423,7 @@ impl RedisStore {
                 for pid in chunk {
                     invocation.arg(*pid);
                 }
-                let mut conn = self.connection().await?;
+                let mut conn = self.connection();
                 let (done, _deferred): (u64, u64) = self
                     .bounded("evict", invocation.invoke_async(&mut conn))
                     .await?;
