@@ -1112,10 +1112,12 @@ impl BalanceStore for RedisStore {
             let (order, payment) = r.order.as_ref().map_or(("", ""), |(order, payment)| {
                 (order.as_str(), payment.as_str())
             });
+            let [_, _, retention] = scope.indexes;
             invocation
                 .key(Keys::idempotency(r.tag, &r.key))
                 .key(scope.orders)
                 .key(scope.statuses)
+                .key(retention)
                 .arg(&r.record.request_hash)
                 .arg(r.record.outcome.encode())
                 .arg(r.record.ttl_seconds)
@@ -1384,7 +1386,12 @@ impl RedisStore {
         let mut by_scope: Vec<(ScopeTag, Vec<&str>)> = Vec::new();
         let mut junk: Vec<&str> = Vec::new();
         for member in members {
-            match PaymentId::parse(member) {
+            // An order-id marker a rebuild put back: '!<payment id>:<order id>'.
+            let pid = match member.strip_prefix('!') {
+                Some(marker) => marker.split_once(':').map_or(marker, |(pid, _)| pid),
+                None => member,
+            };
+            match PaymentId::parse(pid) {
                 Some(pid) => match by_scope.iter_mut().find(|(tag, _)| *tag == pid.tag()) {
                     Some((_, pids)) => pids.push(member),
                     None => by_scope.push((pid.tag(), vec![member])),

@@ -472,11 +472,23 @@ async fn an_evicted_payment_is_read_refunded_and_replayed_from_the_store() {
     }
     assert!(gone, "the payment's state never left Redis");
 
-    // Read from the store.
+    // Read from the store, by id and by its live order id.
     let got = app.get(&format!("/v1/payments/{id}"), ALPHA).await;
     assert_eq!(
         (got.status, got.body["status"].as_str()),
         (200, Some("succeeded"))
+    );
+    let by_order = app
+        .get(
+            "/v1/payments?merchant_order_id=o-evicted&account_id=acc",
+            ALPHA,
+        )
+        .await;
+    assert_eq!(
+        (by_order.status, by_order.body["id"].as_str()),
+        (200, Some(id.as_str())),
+        "{:?}",
+        by_order.body
     );
     // Its key replays it (the store decides): no second charge.
     let replay = app.pay(ALPHA, "k-evicted", body).await;
@@ -779,4 +791,70 @@ async fn a_channel_success_cut_before_its_commit_is_settled_from_its_compact_rec
         disk.payment(&id).await.unwrap().unwrap().status,
         gateway::preauth::PaymentStatus::Succeeded
     );
+}
+
+/// A rebuild puts back the order ids of payments that ended live as markers (`!<payment id>`
+/// in `o:{T}`); they leave after the retention too, and the store still refuses the order id.
+#[tokio::test]
+async fn order_markers_a_rebuild_puts_back_leave_after_the_retention() {
+    let app = spawn_app_with(Backend::Redis, SHORT_RETENTION).await;
+    app.funded_account(ALPHA, "alpha", "acc", "100.00", "0.00")
+        .await;
+    let paid = app
+        .pay(
+            ALPHA,
+            "k-marker",
+            balance_payment("o-marker", "acc", "10.00"),
+        )
+        .await;
+    assert_eq!(paid.status, 201, "{:?}", paid.body);
+    let id = paid.body["id"].as_str().unwrap().to_owned();
+    let redis = app.redis.as_ref().unwrap();
+    let mut conn = redis.connection().await;
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+
+    let balances = redis_store(&redis.url()).await;
+    let disk = app.settlement_store().await;
+    gateway::settlement::rebuild::rebuild_balances(disk.as_ref(), balances.as_ref(), None, 86_400)
+        .await
+        .unwrap();
+    let tag = alpha_acc().tag;
+    let marker: Option<String> = conn.hget(format!("o:{{{tag}}}"), "o-marker").await.unwrap();
+    assert_eq!(marker, Some(format!("!{id}")));
+    let [_, _, rx] = slot_keys("acc");
+    let indexed: Option<f64> = conn.zscore(&rx, format!("!{id}:o-marker")).await.unwrap();
+    assert!(indexed.is_some());
+
+    // The app's sweeper lets the marker go after the retention (the idempotency record put
+    // back expires on its own TTL).
+    let mut left = true;
+    for _ in 0..100 {
+        let marker: bool = conn
+            .hexists(format!("o:{{{tag}}}"), "o-marker")
+            .await
+            .unwrap();
+        let indexed: bool = conn.exists(&rx).await.unwrap();
+        if !marker && !indexed {
+            left = false;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!left, "the order-id marker never left");
+    // The store still holds the order id for the payment.
+    let again = app
+        .pay(
+            ALPHA,
+            "k-marker-2",
+            balance_payment("o-marker", "acc", "10.00"),
+        )
+        .await;
+    assert_eq!(
+        (again.status, again.code()),
+        (409, "duplicate_order"),
+        "{:?}",
+        again.body
+    );
+    app.assert_account(ALPHA, "acc", "90.00", "0.00", "90.00")
+        .await;
 }

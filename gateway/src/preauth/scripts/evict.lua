@@ -5,7 +5,8 @@
 -- KEYS: 1 rx:{S} (the slot's retention index)  2 ps:{T}  3 pd:{T}  4 o:{T}  5 rf:{T}  6 lc:{T}
 --       7 u:{T}  (one scope T of slot S)
 -- ARGV: 1 cutoff (unix ms: state written at or before it is due)  2 now (unix ms)
---       3.. payment ids of scope T found due in rx:{S}
+--       3.. payment ids of scope T found due in rx:{S}, or order-id markers a rebuild put
+--       back ('!<payment id>:<order id>', see restore_keys.lua)
 -- Returns {evicted, deferred}.
 -- A due payment leaves — its status, document, order-id entry (if still its own), refunds'
 -- state and late-capture markers — unless something may still need it here: it is pending, or
@@ -59,7 +60,16 @@ local cutoff = tonumber(ARGV[1])
 for i = 3, #ARGV do
   local pid = ARGV[i]
   local score = redis.call('ZSCORE', KEYS[1], pid)
-  if score and tonumber(score) <= cutoff then
+  local marked, order = string.match(pid, '^!([^:]+):(.*)$')
+  if marked then
+    if score and tonumber(score) <= cutoff then
+      if redis.call('HGET', KEYS[4], order) == '!' .. marked then
+        redis.call('HDEL', KEYS[4], order)
+      end
+      redis.call('ZREM', KEYS[1], pid)
+      evicted = evicted + 1
+    end
+  elseif score and tonumber(score) <= cutoff then
     local status = redis.call('HGET', KEYS[2], pid)
     if not status then
       redis.call('ZREM', KEYS[1], pid)

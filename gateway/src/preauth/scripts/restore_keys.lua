@@ -4,7 +4,8 @@
 -- being charged; and the order ids of the payments that ended live (succeeded, refunded), so
 -- a new key for such an order id is refused here, as the store would refuse it at commit.
 --
--- KEYS: for record n (1-based): 3n-2 i:{T}:<idempotency key>  3n-1 o:{T}  3n ps:{T}
+-- KEYS: for record n (1-based): 4n-3 i:{T}:<idempotency key>  4n-2 o:{T}  4n-1 ps:{T}
+--       4n rx:{S} (the retention index of T's slot)
 -- ARGV: for record n: 5n-4 request hash  5n-3 its outcome, encoded ('P:<payment id>',
 --       'A:<adjustment>', 'E:insufficient_funds:<available>:<shortfall>', …)  5n-2 TTL (s)
 --       5n-1 the merchant order id its payment holds ('' = none)  5n that payment's id
@@ -12,14 +13,17 @@
 -- Invariants: a record that is there (in flight, or newer) is never overwritten; an order id
 -- already held by a live payment keeps its holder. A restored order id names its payment as
 -- '!<payment id>' ("held, per the store"): authorize.lua refuses it as a duplicate; readers
--- by order id find no payment here and ask the store.
+-- by order id find no payment here and ask the store. The marker leaves after the retention
+-- like a payment's state: it is indexed in rx:{S} as '!<payment id>:<order id>' (evict.lua).
 --
 -- The keys of one call may carry several hash tags: fine on a single Redis; on a Redis
 -- Cluster the caller sends one call per hash slot.
 
 local restored = 0
-for n = 1, #KEYS / 3 do
-  local key, orders, statuses = KEYS[3 * n - 2], KEYS[3 * n - 1], KEYS[3 * n]
+local now_ms
+for n = 1, #KEYS / 4 do
+  local key, orders, statuses, retention = KEYS[4 * n - 3], KEYS[4 * n - 2], KEYS[4 * n - 1],
+    KEYS[4 * n]
   if redis.call('EXISTS', key) == 0 then
     redis.call('HSET', key, 'h', ARGV[5 * n - 4], 's', 'D', 'o', ARGV[5 * n - 3])
     redis.call('EXPIRE', key, ARGV[5 * n - 2])
@@ -32,6 +36,8 @@ for n = 1, #KEYS / 3 do
       or is_live(redis.call('HGET', statuses, holder)))
     if not held then
       redis.call('HSET', orders, order, '!' .. ARGV[5 * n])
+      now_ms = now_ms or server_now_ms()
+      redis.call('ZADD', retention, now_ms, '!' .. ARGV[5 * n] .. ':' .. order)
     end
   end
 end
