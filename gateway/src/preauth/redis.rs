@@ -45,6 +45,9 @@ const UNSETTLED_INDEX: &str = "ux:{";
 const HOLDS_INDEX: &str = "hx:{";
 const RETENTION_INDEX: &str = "rx:{";
 
+/// Set once the slot indexes cover everything in this Redis (see `index_existing`).
+const INDEXES_BUILT: &str = "gateway:slot-indexes:v1";
+
 /// Payments handed to one `evict.lua` call at most: bounds one script's run time (about ten
 /// commands each).
 const EVICTIONS_PER_SCRIPT: usize = 128;
@@ -277,7 +280,97 @@ impl RedisStore {
                 .bounded("script_load", script.load_async(&mut conn))
                 .await?;
         }
+        store.index_existing().await?;
         Ok(store)
+    }
+
+    /// Indexes what a Redis written by a release without the slot indexes holds — outboxes
+    /// (`u:{T}` → `ux`), holds (`h:{T}` → `hx`), payments (`ps:{T}` → `rx`, dated now) — so
+    /// nothing it left is missed by recovery, the sweeper or the retention. Once per Redis:
+    /// [`INDEXES_BUILT`] marks it done (every script keeps the indexes from then on; mixed
+    /// versions are not supported). Walks the keyspace with SCAN: start only, like
+    /// `has_accounts`.
+    async fn index_existing(&self) -> Result<(), StoreError> {
+        let mut conn = self.connection();
+        let built: bool = self
+            .bounded(
+                "index_existing",
+                ::redis::cmd("EXISTS")
+                    .arg(INDEXES_BUILT)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        if built {
+            return Ok(());
+        }
+        let now_ms = crate::telemetry::now_ms();
+        let mut indexed = 0u64;
+        for (pattern, prefix, which) in
+            [("u:{*", "u:{", 0), ("h:{*", "h:{", 1), ("ps:{*", "ps:{", 2)]
+        {
+            let mut cursor = 0u64;
+            loop {
+                let (next, keys) = self.scan(cursor, pattern, 1_000).await?;
+                for key in keys {
+                    let Some(tag) = key
+                        .strip_prefix(prefix)
+                        .and_then(|rest| rest.strip_suffix('}'))
+                        .and_then(ScopeTag::parse)
+                    else {
+                        continue;
+                    };
+                    let index = &Keys::of(tag).indexes[which];
+                    let mut conn = self.connection();
+                    if which < 2 {
+                        let _: i64 = self
+                            .bounded(
+                                "index_existing",
+                                ::redis::cmd("SADD")
+                                    .arg(index)
+                                    .arg(tag.as_str())
+                                    .query_async(&mut conn),
+                            )
+                            .await?;
+                        indexed += 1;
+                        continue;
+                    }
+                    let pids: Vec<String> = self
+                        .bounded(
+                            "index_existing",
+                            ::redis::cmd("HKEYS").arg(&key).query_async(&mut conn),
+                        )
+                        .await?;
+                    for chunk in pids.chunks(1_000) {
+                        let mut zadd = ::redis::cmd("ZADD");
+                        zadd.arg(index).arg("NX");
+                        for pid in chunk {
+                            zadd.arg(now_ms).arg(pid);
+                        }
+                        let _: i64 = self
+                            .bounded("index_existing", zadd.query_async(&mut conn))
+                            .await?;
+                        indexed += chunk.len() as u64;
+                    }
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        let _: () = self
+            .bounded(
+                "index_existing",
+                ::redis::cmd("SET")
+                    .arg(INDEXES_BUILT)
+                    .arg(now_ms)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        if indexed > 0 {
+            tracing::info!(indexed, "indexed what an earlier release left in Redis");
+        }
+        Ok(())
     }
 
     /// Redis must never evict a key: a vanished hold or idempotency record is lost money or a
