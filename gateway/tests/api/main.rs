@@ -19,6 +19,7 @@ mod postgres_store;
 #[path = "harness/redis_server.rs"]
 mod redis_server;
 mod refunds;
+mod request_bodies;
 mod routing;
 mod sandbox_binary;
 mod sandbox_channels;
