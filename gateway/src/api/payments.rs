@@ -92,11 +92,18 @@ fn parse_extras(state: &AppState, body: ExtraFields<'_>) -> Result<Extras, ApiEr
 
 /// `201` with the payment, its attempts, refunds and webhook deliveries.
 fn created(view: PaymentView) -> Response {
-    (StatusCode::CREATED, Json(rendered(view))).into_response()
+    (StatusCode::CREATED, rendered(&view)).into_response()
 }
 
-fn rendered(view: PaymentView) -> Value {
-    render::payment(&view.payment, &view.attempts, &view.refunds, view.webhooks)
+/// The payment resource, written straight into the response.
+fn rendered(view: &PaymentView) -> Response {
+    Json(render::payment(
+        &view.payment,
+        &view.attempts,
+        &view.refunds,
+        &view.webhooks,
+    ))
+    .into_response()
 }
 
 /// `POST /v1/payments`.
@@ -336,9 +343,9 @@ pub async fn get_payment(
     State(state): State<Arc<AppState>>,
     AuthMerchant(merchant): AuthMerchant,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let view = view::get(&state.core, &merchant.id, &id).await?;
-    Ok(Json(rendered(view)))
+    Ok(rendered(&view))
 }
 
 #[derive(Debug, Deserialize)]
@@ -353,7 +360,7 @@ pub async fn find_payment(
     State(state): State<Arc<AppState>>,
     AuthMerchant(merchant): AuthMerchant,
     query: Result<Query<FindQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::invalid("query", e.body_text()))?;
     let order_text = query
         .merchant_order_id
@@ -370,7 +377,7 @@ pub async fn find_payment(
         None => Scope::merchant(merchant.id.clone()),
     };
     let view = view::live_by_order(&state.core, &merchant.id, &scope, &order_id).await?;
-    Ok(Json(rendered(view)))
+    Ok(rendered(&view))
 }
 
 /// `POST /v1/payments/{id}/cancel`: a pending payment's open channel orders are closed first;
@@ -384,9 +391,9 @@ pub async fn cancel_payment(
     AuthMerchant(merchant): AuthMerchant,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let limits = &state.config.settings.limits;
     required_idempotency_key(&headers, limits.max_idempotency_key_chars)?;
     let view = resolution::cancel_owned(&state.core, &merchant.id, &id).await?;
-    Ok(Json(rendered(view)))
+    Ok(rendered(&view))
 }
