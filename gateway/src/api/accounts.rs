@@ -47,8 +47,7 @@ pub async fn put_account(
     let limits = &state.config.settings.limits;
     idempotency_key(&headers, limits.max_idempotency_key_chars)?;
     let account = path_account(&id)?;
-    body.only_known()?;
-    let body = body.fields;
+    let body = body.into_known()?;
     let currency = supported_currency(&state, body.currency.required_str()?)?;
     let max_credit = state.config.currencies[&currency].max_credit_limit_minor;
     let credit_limit = match body.credit_limit.str()? {
@@ -114,8 +113,7 @@ pub async fn post_adjustment(
     let limits = &state.config.settings.limits;
     let idempotency = required_idempotency_key(&headers, limits.max_idempotency_key_chars)?;
     let account = path_account(&id)?;
-    body.only_known()?;
-    let body = body.fields;
+    let body = body.into_known()?;
     let merchant_text = body.merchant_id.required_str()?;
     let merchant = MerchantId::parse(merchant_text)
         .ok()

@@ -115,8 +115,7 @@ pub async fn create_payment(
 ) -> Result<Response, ApiError> {
     let limits = &state.config.settings.limits;
     let key = required_idempotency_key(&headers, limits.max_idempotency_key_chars)?;
-    body.only_known()?;
-    let mut body = body.fields;
+    let mut body = body.into_known()?;
     let order_id = MerchantOrderId::parse(
         body.merchant_order_id.required_str()?,
         limits.max_merchant_order_id_chars,
@@ -191,8 +190,7 @@ pub async fn create_topup(
     let key = required_idempotency_key(&headers, limits.max_idempotency_key_chars)?;
     let account =
         AccountId::parse(&account).map_err(|e| ApiError::invalid("account_id", e.to_string()))?;
-    body.only_known()?;
-    let mut body = body.fields;
+    let mut body = body.into_known()?;
     let method = match Method::parse(body.method.required_str()?) {
         Some(method @ (Method::Alipay | Method::Wechatpay | Method::Supplier)) => method,
         _ => {

@@ -48,8 +48,7 @@ pub async fn create_refund(
 ) -> Result<Response, ApiError> {
     let limits = &state.config.settings.limits;
     let key = required_idempotency_key(&headers, limits.max_idempotency_key_chars)?;
-    body.only_known()?;
-    let body = body.fields;
+    let body = body.into_known()?;
     let new = NewRefund {
         key,
         amount: body.amount.str()?,
