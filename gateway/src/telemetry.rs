@@ -2,9 +2,12 @@
 //! Names carry the `gateway_` prefix and base units; labels are low-cardinality (route,
 //! status, outcome, operation), never a merchant, account or payment id.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::{OnceLock, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use metrics::{Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::config::TelemetrySettings;
@@ -61,9 +64,107 @@ pub fn prometheus() -> PrometheusHandle {
             // still renders what was recorded through it (nothing), which is the honest answer.
             let _ = metrics::set_global_recorder(recorder);
             describe();
+            // Handles only once a recorder is installed: taken before, they would record
+            // nowhere for good.
+            let _ = HOT.set(Hot::new());
             handle
         })
         .clone()
+}
+
+/// The handles of the metrics recorded on every request or payment, resolved once.
+/// `metrics::counter!(name, labels)` builds its key (label strings copied) and looks it up in
+/// the registry on every call; a kept handle is one atomic add. Labelled ones are registered on
+/// first use (a series appears in `/metrics` when it is first recorded, as before) and kept;
+/// their label values are low-cardinality by rule (static strings, route patterns, HTTP
+/// statuses), which bounds each map.
+struct Hot {
+    preauth: Handles<&'static str, Counter>,
+    redis_round_trips: Handles<&'static str, Counter>,
+    /// By route pattern: the latency histogram, and the counters by method and status.
+    http: Handles<Box<str>, std::sync::Arc<HttpRoute>>,
+    store_calls: Handles<(&'static str, StoreOp), StoreCall>,
+    queue_depth: Gauge,
+    batch_rows: Histogram,
+    commit_seconds: Histogram,
+    commits_ok: Counter,
+    commits_error: Counter,
+}
+
+struct HttpRoute {
+    duration: Histogram,
+    requests: Handles<(&'static str, u16), Counter>,
+}
+
+#[derive(Clone)]
+struct StoreCall {
+    seconds: Histogram,
+    /// Writes only (`gateway_store_commits_total`).
+    commits: Option<Counter>,
+}
+
+static HOT: OnceLock<Hot> = OnceLock::new();
+
+impl Hot {
+    fn new() -> Self {
+        Self {
+            preauth: Handles::default(),
+            redis_round_trips: Handles::default(),
+            http: Handles::default(),
+            store_calls: Handles::default(),
+            queue_depth: metrics::gauge!(SETTLEMENT_QUEUE_DEPTH),
+            batch_rows: metrics::histogram!(SETTLEMENT_BATCH_ROWS),
+            commit_seconds: metrics::histogram!(SETTLEMENT_COMMIT_SECONDS),
+            commits_ok: metrics::counter!(SETTLEMENT_COMMITS_TOTAL, "result" => "ok"),
+            commits_error: metrics::counter!(SETTLEMENT_COMMITS_TOTAL, "result" => "error"),
+        }
+    }
+}
+
+/// Handles of one metric by label values, each registered once.
+struct Handles<K, H> {
+    map: RwLock<HashMap<K, H>>,
+}
+
+impl<K, H> Default for Handles<K, H> {
+    fn default() -> Self {
+        Self {
+            map: RwLock::new(HashMap::new()),
+        }
+    }
+}
+
+impl<K: Hash + Eq, H: Clone> Handles<K, H> {
+    /// The handle of `key` (borrowed as `Q`), registered by `register` the first time.
+    fn get<Q>(&self, key: &Q, owned: impl FnOnce() -> K, register: impl FnOnce() -> H) -> H
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        if let Some(handle) = self.map.read().unwrap_or_else(|e| e.into_inner()).get(key) {
+            return handle.clone();
+        }
+        self.map
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(owned())
+            .or_insert_with(register)
+            .clone()
+    }
+}
+
+/// A method's label as a static string (the methods the API serves; `None` for any other).
+fn static_method(method: &axum::http::Method) -> Option<&'static str> {
+    Some(match *method {
+        axum::http::Method::GET => "GET",
+        axum::http::Method::POST => "POST",
+        axum::http::Method::PUT => "PUT",
+        axum::http::Method::DELETE => "DELETE",
+        axum::http::Method::HEAD => "HEAD",
+        axum::http::Method::OPTIONS => "OPTIONS",
+        axum::http::Method::PATCH => "PATCH",
+        _ => return None,
+    })
 }
 
 /// Folds the recorder's pending histogram samples every `interval` until shutdown. A recorder
@@ -169,11 +270,27 @@ pub fn now_ms() -> u64 {
 }
 
 pub fn redis_round_trip(op: &'static str) {
-    metrics::counter!(REDIS_ROUND_TRIPS_TOTAL, "op" => op).increment(1);
+    match HOT.get() {
+        Some(hot) => hot.redis_round_trips.get(
+            &op,
+            || op,
+            || metrics::counter!(REDIS_ROUND_TRIPS_TOTAL, "op" => op),
+        ),
+        None => metrics::counter!(REDIS_ROUND_TRIPS_TOTAL, "op" => op),
+    }
+    .increment(1);
 }
 
 pub fn preauth_outcome(outcome: &'static str) {
-    metrics::counter!(PREAUTH_TOTAL, "outcome" => outcome).increment(1);
+    match HOT.get() {
+        Some(hot) => hot.preauth.get(
+            &outcome,
+            || outcome,
+            || metrics::counter!(PREAUTH_TOTAL, "outcome" => outcome),
+        ),
+        None => metrics::counter!(PREAUTH_TOTAL, "outcome" => outcome),
+    }
+    .increment(1);
 }
 
 pub fn adjustment_outcome(outcome: &'static str) {
@@ -216,23 +333,48 @@ pub fn http_body_refused(reason: &'static str) {
     metrics::counter!(HTTP_BODIES_REFUSED_TOTAL, "reason" => reason).increment(1);
 }
 
-pub fn http_request(route: &str, method: &str, status: u16, elapsed: Duration) {
-    metrics::counter!(
-        HTTP_REQUESTS_TOTAL,
-        "route" => route.to_owned(),
-        "method" => method.to_owned(),
-        "status" => status.to_string()
-    )
+/// One answered request: `route` is the matched route's pattern (or `unmatched`).
+pub fn http_request(route: &str, method: &axum::http::Method, status: u16, elapsed: Duration) {
+    let requests = |method: &str| {
+        metrics::counter!(
+            HTTP_REQUESTS_TOTAL,
+            "route" => route.to_owned(),
+            "method" => method.to_owned(),
+            "status" => status.to_string()
+        )
+    };
+    let duration =
+        || metrics::histogram!(HTTP_REQUEST_DURATION_SECONDS, "route" => route.to_owned());
+    let Some(hot) = HOT.get() else {
+        requests(method.as_str()).increment(1);
+        duration().record(elapsed.as_secs_f64());
+        return;
+    };
+    let http = hot.http.get(
+        route,
+        || route.into(),
+        || {
+            std::sync::Arc::new(HttpRoute {
+                duration: duration(),
+                requests: Handles::default(),
+            })
+        },
+    );
+    match static_method(method) {
+        Some(name) => http
+            .requests
+            .get(&(name, status), || (name, status), || requests(name)),
+        None => requests(method.as_str()),
+    }
     .increment(1);
-    metrics::histogram!(HTTP_REQUEST_DURATION_SECONDS, "route" => route.to_owned())
-        .record(elapsed.as_secs_f64());
+    http.duration.record(elapsed.as_secs_f64());
 }
 
 /// A settlement-store call: its `op` label, and whether it writes. Every write commits a
 /// transaction, so it is counted in `gateway_store_commits_total` (the gateway's own count of
 /// what may cost an fsync); reads are not. Each store names its calls with these, so a new
 /// call has to say which it is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StoreOp {
     Read(&'static str),
     Write(&'static str),
@@ -247,23 +389,53 @@ impl StoreOp {
 }
 
 pub fn store_call(backend: &'static str, op: StoreOp, elapsed: Duration) {
-    let label = op.label();
-    metrics::histogram!(SETTLEMENT_STORE_CALL_SECONDS, "backend" => backend, "op" => label)
-        .record(elapsed.as_secs_f64());
-    if let StoreOp::Write(_) = op {
-        metrics::counter!(STORE_COMMITS_TOTAL, "backend" => backend, "op" => label).increment(1);
+    let register = || {
+        let label = op.label();
+        StoreCall {
+            seconds: metrics::histogram!(SETTLEMENT_STORE_CALL_SECONDS, "backend" => backend, "op" => label),
+            commits: match op {
+                StoreOp::Write(_) => Some(
+                    metrics::counter!(STORE_COMMITS_TOTAL, "backend" => backend, "op" => label),
+                ),
+                StoreOp::Read(_) => None,
+            },
+        }
+    };
+    let call = match HOT.get() {
+        Some(hot) => hot
+            .store_calls
+            .get(&(backend, op), || (backend, op), register),
+        None => register(),
+    };
+    call.seconds.record(elapsed.as_secs_f64());
+    if let Some(commits) = call.commits {
+        commits.increment(1);
     }
 }
 
 pub fn settlement_queue_depth(depth: usize) {
-    metrics::gauge!(SETTLEMENT_QUEUE_DEPTH).set(depth as f64);
+    match HOT.get() {
+        Some(hot) => hot.queue_depth.set(depth as f64),
+        None => metrics::gauge!(SETTLEMENT_QUEUE_DEPTH).set(depth as f64),
+    }
 }
 
 pub fn settlement_batch(rows: usize, elapsed: Duration, ok: bool) {
-    metrics::histogram!(SETTLEMENT_BATCH_ROWS).record(rows as f64);
-    metrics::histogram!(SETTLEMENT_COMMIT_SECONDS).record(elapsed.as_secs_f64());
-    metrics::counter!(SETTLEMENT_COMMITS_TOTAL, "result" => if ok { "ok" } else { "error" })
-        .increment(1);
+    let Some(hot) = HOT.get() else {
+        metrics::histogram!(SETTLEMENT_BATCH_ROWS).record(rows as f64);
+        metrics::histogram!(SETTLEMENT_COMMIT_SECONDS).record(elapsed.as_secs_f64());
+        metrics::counter!(SETTLEMENT_COMMITS_TOTAL, "result" => if ok { "ok" } else { "error" })
+            .increment(1);
+        return;
+    };
+    hot.batch_rows.record(rows as f64);
+    hot.commit_seconds.record(elapsed.as_secs_f64());
+    if ok {
+        &hot.commits_ok
+    } else {
+        &hot.commits_error
+    }
+    .increment(1);
 }
 
 pub fn settlement_conflict() {
@@ -351,4 +523,55 @@ pub fn webhook_delivery(result: &'static str) {
 /// Pending webhook events in the outbox, as counted at the worker's last tick.
 pub fn webhook_backlog(pending: u64) {
     metrics::gauge!(WEBHOOK_BACKLOG).set(pending as f64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The series a kept handle records into are the ones the macros name: counted once per
+    /// call, rendered under the same labels.
+    #[test]
+    fn kept_handles_record_into_the_named_series() {
+        let handle = prometheus();
+        assert!(HOT.get().is_some(), "handles are taken with the recorder");
+        let post = axum::http::Method::POST;
+        let other = axum::http::Method::from_bytes(b"PROBE").unwrap();
+        for _ in 0..3 {
+            preauth_outcome("kept_handle_probe");
+            redis_round_trip("kept_handle_probe");
+            http_request("/kept/{probe}", &post, 201, Duration::from_millis(1));
+            store_call(
+                "probe",
+                StoreOp::Write("kept_handle"),
+                Duration::from_millis(1),
+            );
+        }
+        http_request("/kept/{probe}", &post, 400, Duration::from_millis(1));
+        http_request("/kept/{probe}", &other, 405, Duration::from_millis(1));
+        store_call(
+            "probe",
+            StoreOp::Read("kept_read"),
+            Duration::from_millis(1),
+        );
+        settlement_batch(4, Duration::from_millis(1), true);
+        let text = handle.render();
+        for sample in [
+            "gateway_preauth_total{outcome=\"kept_handle_probe\"} 3",
+            "gateway_redis_round_trips_total{op=\"kept_handle_probe\"} 3",
+            "gateway_http_requests_total{route=\"/kept/{probe}\",method=\"POST\",status=\"201\"} 3",
+            "gateway_http_requests_total{route=\"/kept/{probe}\",method=\"POST\",status=\"400\"} 1",
+            "gateway_http_requests_total{route=\"/kept/{probe}\",method=\"PROBE\",status=\"405\"} 1",
+            "gateway_http_request_duration_seconds_count{route=\"/kept/{probe}\"} 5",
+            "gateway_store_commits_total{backend=\"probe\",op=\"kept_handle\"} 3",
+            "gateway_settlement_store_call_seconds_count{backend=\"probe\",op=\"kept_handle\"} 3",
+            "gateway_settlement_store_call_seconds_count{backend=\"probe\",op=\"kept_read\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == sample), "{sample} in:\n{text}");
+        }
+        assert!(
+            !text.contains("gateway_store_commits_total{backend=\"probe\",op=\"kept_read\"}"),
+            "a read commits nothing"
+        );
+    }
 }

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use super::auth::{AuthAdmin, AuthMerchant};
 use super::error::ApiError;
-use super::extract::{idempotency_key, required_idempotency_key, JsonObject};
+use super::extract::{body_fields, idempotency_key, required_idempotency_key, JsonBody};
 use super::{render, AppState};
 use crate::ids::{AccountId, MerchantId};
 use crate::money::{format_minor, parse_non_negative_minor, Currency, MoneyError};
@@ -26,6 +26,14 @@ fn money_error(field: &str, e: MoneyError) -> ApiError {
     ApiError::invalid(field, e.to_string())
 }
 
+body_fields! {
+    /// The body of `PUT /v1/accounts/{id}`.
+    pub struct AccountBody {
+        currency: String,
+        credit_limit: String,
+    }
+}
+
 /// `PUT /v1/accounts/{id}`: `{"currency": "CNY", "credit_limit": "0.00"}`. Creates the account
 /// with a zero balance (201) or updates its credit limit (200). The currency never changes.
 /// PUT is idempotent by nature; an `Idempotency-Key`, if sent, is checked for form only.
@@ -34,15 +42,15 @@ pub async fn put_account(
     AuthMerchant(merchant): AuthMerchant,
     Path(id): Path<String>,
     headers: HeaderMap,
-    body: JsonObject,
+    body: JsonBody<AccountBody>,
 ) -> Result<Response, ApiError> {
     let limits = &state.config.settings.limits;
     idempotency_key(&headers, limits.max_idempotency_key_chars)?;
     let account = path_account(&id)?;
-    body.only(&["currency", "credit_limit"])?;
-    let currency = supported_currency(&state, body.required_str("currency")?)?;
+    let body = body.into_known()?;
+    let currency = supported_currency(&state, body.currency.required_str()?)?;
     let max_credit = state.config.currencies[&currency].max_credit_limit_minor;
-    let credit_limit = match body.str("credit_limit")? {
+    let credit_limit = match body.credit_limit.str()? {
         Some(text) => {
             parse_non_negative_minor(text, currency).map_err(|e| money_error("credit_limit", e))?
         }
@@ -83,6 +91,16 @@ pub async fn get_account(
     Ok(Json(render::account(key.account.as_str(), &snapshot)))
 }
 
+body_fields! {
+    /// The body of `POST /v1/accounts/{id}/adjustments`.
+    pub struct AdjustmentBody {
+        merchant_id: String,
+        direction: String,
+        amount: String,
+        reason: String,
+    }
+}
+
 /// `POST /v1/accounts/{id}/adjustments` (admin key): `{"merchant_id", "direction":
 /// "credit"|"debit", "amount", "reason"}`. A debit never takes `available` below zero (402).
 pub async fn post_adjustment(
@@ -90,18 +108,18 @@ pub async fn post_adjustment(
     _admin: AuthAdmin,
     Path(id): Path<String>,
     headers: HeaderMap,
-    body: JsonObject,
+    body: JsonBody<AdjustmentBody>,
 ) -> Result<Response, ApiError> {
     let limits = &state.config.settings.limits;
     let idempotency = required_idempotency_key(&headers, limits.max_idempotency_key_chars)?;
     let account = path_account(&id)?;
-    body.only(&["merchant_id", "direction", "amount", "reason"])?;
-    let merchant_text = body.required_str("merchant_id")?;
+    let body = body.into_known()?;
+    let merchant_text = body.merchant_id.required_str()?;
     let merchant = MerchantId::parse(merchant_text)
         .ok()
         .and_then(|m| state.auth.merchant(m.as_str()))
         .ok_or_else(|| ApiError::invalid("merchant_id", "is not a configured merchant"))?;
-    let direction = match body.required_str("direction")? {
+    let direction = match body.direction.required_str()? {
         "credit" => Direction::Credit,
         "debit" => Direction::Debit,
         _ => {
@@ -111,9 +129,10 @@ pub async fn post_adjustment(
             ))
         }
     };
-    let amount = body.required_str("amount")?;
+    let amount = body.amount.required_str()?;
     let reason = body
-        .bounded_str("reason", limits.max_reason_chars)?
+        .reason
+        .bounded_str(limits.max_reason_chars)?
         .filter(|r| !r.trim().is_empty())
         .ok_or_else(|| ApiError::invalid("reason", "is required (say why money moves)"))?;
     let key = AccountKey::new(merchant.id.clone(), account);

@@ -129,15 +129,12 @@ async fn admit(State(state): State<Arc<AppState>>, request: Request, next: Next)
 /// Records every request's route, method, status and latency.
 async fn measure(request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", |p| p.as_str())
-        .to_owned();
-    let method = request.method().as_str().to_owned();
+    // The matched pattern is shared (no copy of the string).
+    let route = request.extensions().get::<MatchedPath>().cloned();
+    let method = request.method().clone();
     let response = next.run(request).await;
     telemetry::http_request(
-        &route,
+        route.as_ref().map_or("unmatched", MatchedPath::as_str),
         &method,
         response.status().as_u16(),
         started.elapsed(),

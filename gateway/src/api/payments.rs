@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 use super::accounts::supported_currency;
 use super::auth::AuthMerchant;
 use super::error::ApiError;
-use super::extract::{required_idempotency_key, JsonObject};
+use super::extract::{body_fields, required_idempotency_key, Field, JsonBody};
 use super::{render, AppState};
 use crate::config::Merchant;
 use crate::ids::{AccountId, MerchantOrderId};
@@ -25,17 +25,28 @@ use crate::payments::view::{self, PaymentView};
 use crate::payments::{accounts, Missing, PaymentError};
 use crate::preauth::{AccountKey, Method, Purpose, Scope};
 
-const CREATE_FIELDS: &[&str] = &[
-    "merchant_order_id",
-    "amount",
-    "currency",
-    "method",
-    "account_id",
-    "description",
-    "notify_url",
-    "metadata",
-    "expires_in_seconds",
-];
+body_fields! {
+    /// The body of `POST /v1/payments`.
+    pub struct CreateBody {
+        merchant_order_id: String,
+        amount: String,
+        currency: String,
+        method: String,
+        account_id: String,
+        description: String,
+        notify_url: String,
+        metadata: Map<String, Value>,
+        expires_in_seconds: u64,
+    }
+}
+
+/// The optional fields every payment creation takes, as given.
+struct ExtraFields<'a> {
+    description: &'a Field<String>,
+    notify_url: &'a Field<String>,
+    metadata: &'a mut Field<Map<String, Value>>,
+    expires_in_seconds: &'a Field<u64>,
+}
 
 /// The optional fields every payment creation takes, checked.
 struct Extras {
@@ -45,19 +56,19 @@ struct Extras {
     expires_in_seconds: u64,
 }
 
-fn parse_extras(state: &AppState, body: &JsonObject) -> Result<Extras, ApiError> {
+fn parse_extras(state: &AppState, body: ExtraFields<'_>) -> Result<Extras, ApiError> {
     let settings = &state.config.settings;
     let limits = &settings.limits;
-    let description = body.bounded_str("description", limits.max_description_chars)?;
-    let notify_url = body.bounded_str("notify_url", limits.max_notify_url_chars)?;
+    let description = body.description.bounded_str(limits.max_description_chars)?;
+    let notify_url = body.notify_url.bounded_str(limits.max_notify_url_chars)?;
     if let Some(url) = notify_url {
         // Where the merchant's webhooks go: refused here rather than failing every delivery.
         crate::webhooks::delivery::check_url(url, state.config.mode)
             .map_err(|e| ApiError::invalid("notify_url", format!("is not accepted: {e}")))?;
     }
-    let metadata = parse_metadata(state, body.object("metadata")?)?;
-    let expires_in_seconds = match body.u64("expires_in_seconds")? {
-        Some(s) => s,
+    let metadata = parse_metadata(state, body.metadata.take()?)?;
+    let expires_in_seconds = match body.expires_in_seconds.get()? {
+        Some(s) => *s,
         None => settings.payments.default_expires_in_seconds,
     };
     let (min, max) = (
@@ -81,11 +92,18 @@ fn parse_extras(state: &AppState, body: &JsonObject) -> Result<Extras, ApiError>
 
 /// `201` with the payment, its attempts, refunds and webhook deliveries.
 fn created(view: PaymentView) -> Response {
-    (StatusCode::CREATED, Json(rendered(view))).into_response()
+    (StatusCode::CREATED, rendered(&view)).into_response()
 }
 
-fn rendered(view: PaymentView) -> Value {
-    render::payment(&view.payment, &view.attempts, &view.refunds, view.webhooks)
+/// The payment resource, written straight into the response.
+fn rendered(view: &PaymentView) -> Response {
+    Json(render::payment(
+        &view.payment,
+        &view.attempts,
+        &view.refunds,
+        &view.webhooks,
+    ))
+    .into_response()
 }
 
 /// `POST /v1/payments`.
@@ -93,30 +111,39 @@ pub async fn create_payment(
     State(state): State<Arc<AppState>>,
     AuthMerchant(merchant): AuthMerchant,
     headers: HeaderMap,
-    body: JsonObject,
+    body: JsonBody<CreateBody>,
 ) -> Result<Response, ApiError> {
     let limits = &state.config.settings.limits;
     let key = required_idempotency_key(&headers, limits.max_idempotency_key_chars)?;
-    body.only(CREATE_FIELDS)?;
+    let mut body = body.into_known()?;
     let order_id = MerchantOrderId::parse(
-        body.required_str("merchant_order_id")?,
+        body.merchant_order_id.required_str()?,
         limits.max_merchant_order_id_chars,
     )
     .map_err(|e| ApiError::invalid("merchant_order_id", e.to_string()))?;
-    let method = Method::parse(body.required_str("method")?).ok_or_else(|| {
+    let method = Method::parse(body.method.required_str()?).ok_or_else(|| {
         ApiError::invalid(
             "method",
             "must be one of balance, supplier, alipay, wechatpay",
         )
     })?;
-    let currency = supported_currency(&state, body.required_str("currency")?)?;
-    let amount = parse_payment_amount(&state, body.required_str("amount")?, currency)?;
+    let currency = supported_currency(&state, body.currency.required_str()?)?;
+    let amount = parse_payment_amount(&state, body.amount.required_str()?, currency)?;
     let account = body
-        .str("account_id")?
+        .account_id
+        .str()?
         .map(|a| AccountId::parse(a).map_err(|e| ApiError::invalid("account_id", e.to_string())))
         .transpose()?;
     let scope = payment_scope(&merchant, method, account)?;
-    let extras = parse_extras(&state, &body)?;
+    let extras = parse_extras(
+        &state,
+        ExtraFields {
+            description: &body.description,
+            notify_url: &body.notify_url,
+            metadata: &mut body.metadata,
+            expires_in_seconds: &body.expires_in_seconds,
+        },
+    )?;
     let new = NewPayment {
         key,
         purpose: Purpose::Charge,
@@ -134,16 +161,19 @@ pub async fn create_payment(
     Ok(created(creation.view()))
 }
 
-const TOPUP_FIELDS: &[&str] = &[
-    "amount",
-    "method",
-    "currency",
-    "merchant_order_id",
-    "description",
-    "notify_url",
-    "metadata",
-    "expires_in_seconds",
-];
+body_fields! {
+    /// The body of `POST /v1/accounts/{id}/topups`.
+    pub struct TopupBody {
+        amount: String,
+        method: String,
+        currency: String,
+        merchant_order_id: String,
+        description: String,
+        notify_url: String,
+        metadata: Map<String, Value>,
+        expires_in_seconds: u64,
+    }
+}
 
 /// `POST /v1/accounts/{id}/topups`: a `topup` payment through a channel (`amount`, `method`
 /// ∈ alipay, wechatpay, supplier; `currency` defaults to the account's and must equal it;
@@ -154,14 +184,14 @@ pub async fn create_topup(
     AuthMerchant(merchant): AuthMerchant,
     Path(account): Path<String>,
     headers: HeaderMap,
-    body: JsonObject,
+    body: JsonBody<TopupBody>,
 ) -> Result<Response, ApiError> {
     let limits = &state.config.settings.limits;
     let key = required_idempotency_key(&headers, limits.max_idempotency_key_chars)?;
     let account =
         AccountId::parse(&account).map_err(|e| ApiError::invalid("account_id", e.to_string()))?;
-    body.only(TOPUP_FIELDS)?;
-    let method = match Method::parse(body.required_str("method")?) {
+    let mut body = body.into_known()?;
+    let method = match Method::parse(body.method.required_str()?) {
         Some(method @ (Method::Alipay | Method::Wechatpay | Method::Supplier)) => method,
         _ => {
             return Err(ApiError::invalid(
@@ -171,7 +201,7 @@ pub async fn create_topup(
         }
     };
     let account = AccountKey::new(merchant.id.clone(), account);
-    let currency = match body.str("currency")? {
+    let currency = match body.currency.str()? {
         Some(code) => supported_currency(&state, code)?,
         // The account's own currency (one read; a missing account is a 404).
         None => {
@@ -181,15 +211,24 @@ pub async fn create_topup(
                 .currency
         }
     };
-    let amount = parse_payment_amount(&state, body.required_str("amount")?, currency)?;
+    let amount = parse_payment_amount(&state, body.amount.required_str()?, currency)?;
     let order_id = body
-        .str("merchant_order_id")?
+        .merchant_order_id
+        .str()?
         .map(|text| {
             MerchantOrderId::parse(text, limits.max_merchant_order_id_chars)
                 .map_err(|e| ApiError::invalid("merchant_order_id", e.to_string()))
         })
         .transpose()?;
-    let extras = parse_extras(&state, &body)?;
+    let extras = parse_extras(
+        &state,
+        ExtraFields {
+            description: &body.description,
+            notify_url: &body.notify_url,
+            metadata: &mut body.metadata,
+            expires_in_seconds: &body.expires_in_seconds,
+        },
+    )?;
     let new = NewPayment {
         key,
         purpose: Purpose::Topup,
@@ -253,7 +292,7 @@ fn payment_scope(
 /// Metadata: at most `max_metadata_keys` string values, keys and values bounded.
 fn parse_metadata(
     state: &AppState,
-    metadata: Option<&Map<String, Value>>,
+    metadata: Option<Map<String, Value>>,
 ) -> Result<Option<Map<String, Value>>, ApiError> {
     let Some(map) = metadata else {
         return Ok(None);
@@ -265,7 +304,7 @@ fn parse_metadata(
             format!("may have at most {} keys", limits.max_metadata_keys),
         ));
     }
-    for (key, value) in map {
+    for (key, value) in &map {
         if key.is_empty() || key.chars().count() > limits.max_metadata_key_chars {
             return Err(ApiError::invalid(
                 format!("metadata.{key}"),
@@ -294,7 +333,7 @@ fn parse_metadata(
             }
         }
     }
-    Ok(Some(map.clone()))
+    Ok(Some(map))
 }
 
 /// `GET /v1/payments/{id}`.
@@ -302,9 +341,9 @@ pub async fn get_payment(
     State(state): State<Arc<AppState>>,
     AuthMerchant(merchant): AuthMerchant,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let view = view::get(&state.core, &merchant.id, &id).await?;
-    Ok(Json(rendered(view)))
+    Ok(rendered(&view))
 }
 
 #[derive(Debug, Deserialize)]
@@ -319,7 +358,7 @@ pub async fn find_payment(
     State(state): State<Arc<AppState>>,
     AuthMerchant(merchant): AuthMerchant,
     query: Result<Query<FindQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::invalid("query", e.body_text()))?;
     let order_text = query
         .merchant_order_id
@@ -336,7 +375,7 @@ pub async fn find_payment(
         None => Scope::merchant(merchant.id.clone()),
     };
     let view = view::live_by_order(&state.core, &merchant.id, &scope, &order_id).await?;
-    Ok(Json(rendered(view)))
+    Ok(rendered(&view))
 }
 
 /// `POST /v1/payments/{id}/cancel`: a pending payment's open channel orders are closed first;
@@ -350,9 +389,9 @@ pub async fn cancel_payment(
     AuthMerchant(merchant): AuthMerchant,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let limits = &state.config.settings.limits;
     required_idempotency_key(&headers, limits.max_idempotency_key_chars)?;
     let view = resolution::cancel_owned(&state.core, &merchant.id, &id).await?;
-    Ok(Json(rendered(view)))
+    Ok(rendered(&view))
 }

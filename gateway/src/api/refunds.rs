@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use super::auth::AuthMerchant;
 use super::error::ApiError;
-use super::extract::{required_idempotency_key, rfc3339, JsonObject};
+use super::extract::{body_fields, required_idempotency_key, rfc3339, JsonBody};
 use super::AppState;
 use crate::money::format_minor;
 use crate::payments::refunds::{self, NewRefund};
@@ -31,20 +31,28 @@ pub fn render(refund: &RefundRow) -> Value {
     })
 }
 
+body_fields! {
+    /// The body of `POST /v1/payments/{id}/refunds`.
+    pub struct RefundBody {
+        amount: String,
+        reason: String,
+    }
+}
+
 pub async fn create_refund(
     State(state): State<Arc<AppState>>,
     AuthMerchant(merchant): AuthMerchant,
     Path(id): Path<String>,
     headers: HeaderMap,
-    body: JsonObject,
+    body: JsonBody<RefundBody>,
 ) -> Result<Response, ApiError> {
     let limits = &state.config.settings.limits;
     let key = required_idempotency_key(&headers, limits.max_idempotency_key_chars)?;
-    body.only(&["amount", "reason"])?;
+    let body = body.into_known()?;
     let new = NewRefund {
         key,
-        amount: body.str("amount")?,
-        reason: body.bounded_str("reason", limits.max_reason_chars)?,
+        amount: body.amount.str()?,
+        reason: body.reason.bounded_str(limits.max_reason_chars)?,
     };
     let refund = refunds::create(&state.core, &merchant.id, &id, new).await?;
     Ok((StatusCode::CREATED, Json(render(&refund))).into_response())

@@ -11,7 +11,7 @@
 //! Per balance payment: one balance-store script, one settlement in the next group commit
 //! (payment row, settlement, two postings), one mark that lets the key replay.
 
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 use super::checkout::{self, Reserved, Route, Routed};
 use super::resolution;
@@ -30,9 +30,11 @@ use crate::settlement::rebuild::{unwind_refused, Refusal};
 use crate::settlement::settler::SettleFailure;
 use crate::settlement::{
     movements, AttemptRow, CommitOutcome, IntentOutcome, PaymentRow, PendingRecord, Settlement,
+    WebhookStatus,
 };
 use crate::state::Core;
 use crate::telemetry;
+use crate::webhooks::Delivery;
 
 /// A payment or top-up as the client asked for it, every field checked at the edge.
 #[derive(Debug, Clone)]
@@ -91,6 +93,30 @@ pub async fn create(
     result
 }
 
+/// The request as its idempotency record's hash sees it (`request_hash`): the parsed values,
+/// fields in byte order of their names (the hashes already kept were made from a
+/// `serde_json::Map`).
+#[derive(serde::Serialize)]
+struct Normalized<'a> {
+    account_id: Option<&'a str>,
+    amount: i64,
+    currency: &'static str,
+    description: &'a Option<String>,
+    expires_in_seconds: u64,
+    merchant_order_id: Option<&'a str>,
+    metadata: &'a Option<Map<String, Value>>,
+    method: Method,
+    notify_url: &'a Option<String>,
+}
+
+/// The route a request hash names.
+fn route_of(purpose: Purpose) -> &'static str {
+    match purpose {
+        Purpose::Topup => "topup",
+        Purpose::Charge => "payment",
+    }
+}
+
 /// The payment's document, its hold and its idempotency claim, as the balance store takes
 /// them; the pending record is attached by the path.
 fn authorize_request(core: &Core, merchant: &Merchant, new: NewPayment) -> AuthorizeRequest {
@@ -98,24 +124,21 @@ fn authorize_request(core: &Core, merchant: &Merchant, new: NewPayment) -> Autho
     let now_ms = core.op().now_ms;
     let expires_at_ms = now_ms + new.expires_in_seconds * 1000;
     let id = PaymentId::generate(new.scope.tag(), now_ms);
-    let normalized = json!({
-        "merchant_order_id": new.merchant_order_id.as_ref().map(MerchantOrderId::as_str),
-        "amount": new.amount.minor(),
-        "currency": new.currency.code(),
-        "method": new.method,
-        "account_id": new.scope.account_id().map(AccountId::as_str),
-        "description": new.description,
-        "notify_url": new.notify_url,
-        "metadata": new.metadata,
-        "expires_in_seconds": new.expires_in_seconds,
-    });
+    let normalized = Normalized {
+        account_id: new.scope.account_id().map(AccountId::as_str),
+        amount: new.amount.minor(),
+        currency: new.currency.code(),
+        description: &new.description,
+        expires_in_seconds: new.expires_in_seconds,
+        merchant_order_id: new.merchant_order_id.as_ref().map(MerchantOrderId::as_str),
+        metadata: &new.metadata,
+        method: new.method,
+        notify_url: &new.notify_url,
+    };
+    let request_hash = request_hash(route_of(new.purpose), &normalized);
     let order_id = new.merchant_order_id.unwrap_or_else(|| {
         MerchantOrderId::parse(id.as_str(), usize::MAX).expect("a payment id is an order id")
     });
-    let route = match new.purpose {
-        Purpose::Topup => "topup",
-        Purpose::Charge => "payment",
-    };
     let hold = match (new.purpose, new.method) {
         (Purpose::Charge, Method::Balance) => Some(HoldSpec {
             expires_at_ms,
@@ -148,7 +171,7 @@ fn authorize_request(core: &Core, merchant: &Merchant, new: NewPayment) -> Autho
         scope: new.scope,
         idempotency: IdempotencyClaim {
             key: new.key,
-            request_hash: request_hash(route, &normalized),
+            request_hash,
             retention_seconds: settings.preauth.idempotency_retention_seconds,
         },
         order_id,
@@ -325,14 +348,18 @@ async fn commit_capture(
     let mark = settled_mark(request);
     // The `payment.succeeded` event the commit enqueues, as a `GET` right after shows it (its
     // id is derived, its date the movement's): no read back.
-    let skipped = payment.doc.notify_url.is_none() && merchant.webhook_url.is_none();
-    let webhooks = json!([crate::webhooks::announced(
+    let status = if payment.doc.notify_url.is_none() && merchant.webhook_url.is_none() {
+        WebhookStatus::Skipped
+    } else {
+        WebhookStatus::Pending
+    };
+    let webhooks = vec![Delivery::announced(
         &id,
         crate::webhooks::events::PAYMENT_SUCCEEDED,
         0,
-        skipped,
+        status,
         capture.settled_at_ms,
-    )]);
+    )];
     match core.settler.settle(capture, mark).await {
         Ok(CommitOutcome::Inserted | CommitOutcome::AlreadyCommitted) => Ok(Creation::Created(
             PaymentView::new(payment, Vec::new(), webhooks),
@@ -549,7 +576,7 @@ async fn route_payment(
             Ok(Creation::Created(PaymentView::new(
                 payment,
                 attempts,
-                Value::Array(Vec::new()),
+                Vec::new(),
             )))
         }
         Routed::Unknown => {
@@ -557,7 +584,7 @@ async fn route_payment(
             Ok(Creation::Created(PaymentView::new(
                 payment,
                 attempts,
-                Value::Array(Vec::new()),
+                Vec::new(),
             )))
         }
         Routed::Paid {
@@ -583,7 +610,7 @@ async fn route_payment(
             Ok(Creation::Created(PaymentView::new(
                 now,
                 attempts,
-                Value::Array(Vec::new()),
+                Vec::new(),
             )))
         }
         Routed::NoChannel => {
@@ -681,5 +708,60 @@ fn give_up_late(
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn the_request_hash_is_the_one_of_the_sorted_value_tree() {
+        let mut metadata = Map::new();
+        metadata.insert("z".into(), json!("last \"quoted\""));
+        metadata.insert("a".into(), json!("é"));
+        for extras in [false, true] {
+            let description = extras.then(|| "line\nbreak".to_owned());
+            let notify_url = extras.then(|| "https://m.example/h".to_owned());
+            let metadata = extras.then(|| metadata.clone());
+            let (account_id, merchant_order_id) = if extras {
+                (Some("acc"), Some("o-1"))
+            } else {
+                (None, None)
+            };
+            let typed = Normalized {
+                account_id,
+                amount: 12_345,
+                currency: "CNY",
+                description: &description,
+                expires_in_seconds: 900,
+                merchant_order_id,
+                metadata: &metadata,
+                method: Method::Balance,
+                notify_url: &notify_url,
+            };
+            // As the hashes already kept were made.
+            let tree = json!({
+                "merchant_order_id": merchant_order_id,
+                "amount": 12_345,
+                "currency": "CNY",
+                "method": Method::Balance,
+                "account_id": account_id,
+                "description": description,
+                "notify_url": notify_url,
+                "metadata": metadata,
+                "expires_in_seconds": 900,
+            });
+            assert_eq!(
+                request_hash("payment", &typed),
+                request_hash("payment", &tree)
+            );
+            assert_ne!(
+                request_hash("topup", &typed),
+                request_hash("payment", &typed)
+            );
+        }
     }
 }

@@ -24,8 +24,6 @@ pub mod view;
 
 pub use error::{Missing, PaymentError, ResolveError, Unavailable};
 
-use serde_json::Value;
-
 use crate::ids::ScopeTag;
 use crate::preauth::{IdempotencyClaim, StoredOutcome};
 use crate::settlement::RefusalRow;
@@ -52,14 +50,32 @@ pub(crate) fn keep_refusal(
 /// The digest an idempotency record keeps: the route and the *normalized* request (parsed
 /// values, keys sorted), so whitespace or key order never makes a retry look different, while
 /// any change of meaning does.
-pub(crate) fn request_hash(route: &str, normalized: &Value) -> String {
+///
+/// `normalized` is written as compact JSON straight into the digest. Keys must come out
+/// sorted, as a `serde_json::Map` orders them (the hashes already kept were made that way):
+/// a struct declares its fields in byte order of their names.
+pub(crate) fn request_hash(route: &str, normalized: &impl serde::Serialize) -> String {
     use sha2::{Digest, Sha256};
-    let mut hasher = Sha256::new();
-    hasher.update(route.as_bytes());
-    hasher.update(b"\n");
-    // serde_json's Map is ordered by key: the serialization is canonical.
-    hasher.update(normalized.to_string().as_bytes());
-    hex::encode(&hasher.finalize()[..16])
+
+    /// The digest as an `io::Write`, so the JSON is never held as a string.
+    struct Hashing(Sha256);
+
+    impl std::io::Write for Hashing {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.update(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    let mut hasher = Hashing(Sha256::new());
+    hasher.0.update(route.as_bytes());
+    hasher.0.update(b"\n");
+    serde_json::to_writer(&mut hasher, normalized).expect("a normalized request serializes");
+    hex::encode(&hasher.0.finalize()[..16])
 }
 
 /// Whether both stores answer and the settlement stream is healthy; else why not (`/readyz`).

@@ -2,8 +2,6 @@
 //! the balance store lost them (failover, flush, restart), with their attempts, refunds and
 //! webhook deliveries.
 
-use serde_json::Value;
-
 use super::{Missing, PaymentError, ResolveError};
 use crate::ids::{MerchantId, MerchantOrderId, PaymentId};
 use crate::preauth::{Method, PaymentDoc, PaymentRecord, PaymentStatus, Scope, StoreError};
@@ -16,13 +14,17 @@ pub struct PaymentView {
     pub payment: PaymentRecord,
     pub attempts: Vec<AttemptRow>,
     pub refunds: Vec<RefundRow>,
-    /// The webhook deliveries, rendered (`webhooks::render_deliveries`).
-    pub webhooks: Value,
+    /// The webhook deliveries (`webhooks::deliveries`).
+    pub webhooks: Vec<crate::webhooks::Delivery>,
 }
 
 impl PaymentView {
     /// A payment just created: what is known without reading it back.
-    pub fn new(payment: PaymentRecord, attempts: Vec<AttemptRow>, webhooks: Value) -> Self {
+    pub fn new(
+        payment: PaymentRecord,
+        attempts: Vec<AttemptRow>,
+        webhooks: Vec<crate::webhooks::Delivery>,
+    ) -> Self {
         Self {
             payment,
             attempts,
@@ -76,7 +78,7 @@ pub async fn full(core: &Core, payment: PaymentRecord) -> Result<PaymentView, Pa
         payment,
         attempts,
         refunds,
-        webhooks: crate::webhooks::render_deliveries(&webhooks),
+        webhooks: crate::webhooks::deliveries(&webhooks),
     })
 }
 

@@ -129,19 +129,19 @@ impl Settler {
             payment: row.clone(),
             first_attempt: first_attempt.cloned(),
         };
+        // Waited for here; only a wait that outlives the timeout moves to a task of its own
+        // (no spawn, and no hop back from it, on the common path).
         let stream = self.stream.clone();
-        let mut task = tokio::spawn(async move { stream.submit_write(write, None).await });
-        let fate =
-            |joined: Result<Result<Written, StreamError>, tokio::task::JoinError>| match joined {
-                Ok(Ok(Written::Intent(outcome))) => Ok(outcome),
-                Ok(Ok(other)) => Err(unexpected(&other)),
-                Ok(Err(err)) => Err(SettleFailure::Stream(err)),
-                Err(_) => Err(SettleFailure::Stream(StreamError::Stopped)),
-            };
-        match tokio::time::timeout(self.settle_timeout, &mut task).await {
-            Ok(joined) => fate(joined),
+        let mut written = Box::pin(async move { stream.submit_write(write, None).await });
+        let fate = |written: Result<Written, StreamError>| match written {
+            Ok(Written::Intent(outcome)) => Ok(outcome),
+            Ok(other) => Err(unexpected(&other)),
+            Err(err) => Err(SettleFailure::Stream(err)),
+        };
+        match tokio::time::timeout(self.settle_timeout, &mut written).await {
+            Ok(result) => fate(result),
             Err(_) => {
-                tokio::spawn(async move { late(fate(task.await)).await });
+                tokio::spawn(async move { late(fate(written.await)).await });
                 Err(SettleFailure::Timeout)
             }
         }

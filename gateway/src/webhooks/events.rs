@@ -13,8 +13,7 @@
 //!
 //! | a refund ending `failed` (`set_refund_status`) | `refund.failed` (sequence = the refund's number) |
 
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 
 use crate::money::format_minor;
 use crate::settlement::{PaymentRow, Settlement, SettlementKind, WebhookEvent, WebhookStatus};
@@ -116,28 +115,20 @@ pub(crate) fn for_settlement(
         SettlementKind::Suspense => PAYMENT_LATE_MONEY,
         SettlementKind::Adjustment => return None,
     };
-    let settlement = json!({
-        "kind": s.kind.as_str(),
-        "sequence": s.sequence,
-        "amount": format_minor(s.amount_minor, s.currency),
-        "currency": s.currency.code(),
-        "channel_id": s.channel_id,
-        "channel_txn_id": s.channel_txn_id,
-    });
     let payment_json = match payment {
-        Some(p) => payment_object(p),
+        Some(p) => EventPayment::of(p),
         // No stored payment (should not happen for a refund or late money): name what the
         // settlement knows.
-        None => json!({
-            "id": s.payment_id,
-            "merchant_order_id": null,
-            "account_id": s.account_id,
-            "amount": null,
-            "currency": s.currency.code(),
-            "method": null,
-            "purpose": null,
-            "status": null,
-        }),
+        None => EventPayment {
+            account_id: s.account_id.as_deref(),
+            amount: None,
+            currency: s.currency.code(),
+            id: &s.payment_id,
+            merchant_order_id: None,
+            method: None,
+            purpose: None,
+            status: None,
+        },
     };
     Some(build(
         event_type,
@@ -145,7 +136,18 @@ pub(crate) fn for_settlement(
         &s.payment_id,
         s.sequence,
         payment.and_then(notify_url),
-        json!({"payment": payment_json, "settlement": settlement}),
+        &EventData {
+            payment: payment_json,
+            refund: None,
+            settlement: Some(EventSettlement {
+                amount: format_minor(s.amount_minor, s.currency),
+                channel_id: s.channel_id.as_deref(),
+                channel_txn_id: s.channel_txn_id.as_deref(),
+                currency: s.currency.code(),
+                kind: s.kind.as_str(),
+                sequence: s.sequence,
+            }),
+        },
         // Dated by the movement (not the commit), so a creation's answer can name it.
         s.settled_at_ms.min(now_ms),
     ))
@@ -166,7 +168,11 @@ pub(crate) fn for_final_status(payment: &PaymentRow, now_ms: u64) -> Option<Webh
         &payment.id,
         0,
         notify_url(payment),
-        json!({"payment": payment_object(payment)}),
+        &EventData {
+            payment: EventPayment::of(payment),
+            refund: None,
+            settlement: None,
+        },
         now_ms,
     ))
 }
@@ -184,16 +190,83 @@ pub(crate) fn for_failed_refund(
         &payment.id,
         refund.number,
         notify_url(payment),
-        json!({
-            "payment": payment_object(payment),
-            "refund": {
-                "id": refund.refund_id,
-                "amount": format_minor(refund.amount_minor, refund.currency),
-                "status": "failed",
-            },
-        }),
+        &EventData {
+            payment: EventPayment::of(payment),
+            refund: Some(EventRefund {
+                amount: format_minor(refund.amount_minor, refund.currency),
+                id: &refund.refund_id,
+                status: "failed",
+            }),
+            settlement: None,
+        },
         now_ms,
     )
+}
+
+/// An event's JSON body, written in one pass: `{"created_at", "data", "id", "type"}`. Every
+/// object's fields are declared in byte order of their names: the order the payloads have
+/// always had (they were `serde_json::Value` trees), which receivers may have pinned.
+#[derive(Serialize)]
+struct Payload<'a> {
+    created_at: String,
+    data: &'a EventData<'a>,
+    id: &'a str,
+    #[serde(rename = "type")]
+    event_type: &'a str,
+}
+
+#[derive(Serialize)]
+struct EventData<'a> {
+    payment: EventPayment<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refund: Option<EventRefund<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    settlement: Option<EventSettlement<'a>>,
+}
+
+/// The payment as an event shows it (a subset of the API's payment resource, DESIGN.md §4).
+#[derive(Serialize)]
+struct EventPayment<'a> {
+    account_id: Option<&'a str>,
+    amount: Option<String>,
+    currency: &'static str,
+    id: &'a str,
+    merchant_order_id: Option<&'a str>,
+    method: Option<crate::preauth::Method>,
+    purpose: Option<crate::preauth::Purpose>,
+    status: Option<crate::preauth::PaymentStatus>,
+}
+
+impl<'a> EventPayment<'a> {
+    fn of(p: &'a PaymentRow) -> Self {
+        Self {
+            account_id: p.account_id.as_deref(),
+            amount: Some(format_minor(p.amount_minor, p.currency)),
+            currency: p.currency.code(),
+            id: &p.id,
+            merchant_order_id: Some(&p.merchant_order_id),
+            method: Some(p.method),
+            purpose: Some(p.purpose),
+            status: Some(p.status),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct EventRefund<'a> {
+    amount: String,
+    id: &'a str,
+    status: &'static str,
+}
+
+#[derive(Serialize)]
+struct EventSettlement<'a> {
+    amount: String,
+    channel_id: Option<&'a str>,
+    channel_txn_id: Option<&'a str>,
+    currency: &'static str,
+    kind: &'static str,
+    sequence: u32,
 }
 
 fn build(
@@ -202,23 +275,24 @@ fn build(
     payment_id: &str,
     sequence: u32,
     url: Option<String>,
-    data: Value,
+    data: &EventData<'_>,
     now_ms: u64,
 ) -> WebhookEvent {
     let id = event_id(payment_id, event_type, sequence);
-    let payload = json!({
-        "id": id,
-        "type": event_type,
-        "created_at": rfc3339(now_ms),
-        "data": data,
-    });
+    let payload = serde_json::to_string(&Payload {
+        created_at: rfc3339(now_ms),
+        data,
+        id: &id,
+        event_type,
+    })
+    .expect("an event payload serializes");
     WebhookEvent {
         id,
         merchant_id: merchant_id.to_owned(),
         payment_id: payment_id.to_owned(),
         event_type: event_type.to_owned(),
         sequence,
-        payload: payload.to_string(),
+        payload,
         url,
         status: WebhookStatus::Pending,
         attempts: 0,
@@ -228,20 +302,6 @@ fn build(
         created_at_ms: now_ms,
         updated_at_ms: now_ms,
     }
-}
-
-/// The payment as an event shows it (a subset of the API's payment resource, DESIGN.md §4).
-fn payment_object(p: &PaymentRow) -> Value {
-    json!({
-        "id": p.id,
-        "merchant_order_id": p.merchant_order_id,
-        "account_id": p.account_id,
-        "amount": format_minor(p.amount_minor, p.currency),
-        "currency": p.currency.code(),
-        "method": p.method,
-        "purpose": p.purpose,
-        "status": p.status,
-    })
 }
 
 /// The only part of the payment document an event needs. Read leniently: a document that does
@@ -278,6 +338,8 @@ pub(crate) fn notify_url(p: &PaymentRow) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::{json, Value};
+
     use super::*;
     use crate::money::Currency;
     use crate::settlement::Posting;
@@ -476,5 +538,112 @@ mod tests {
         let p = row("failed", r#"{"notify_url":"https://m.example/\u0000x"}"#);
         let e = for_final_status(&p, 1).unwrap();
         assert_eq!(e.url.as_deref(), Some("https://m.example/%00x"));
+    }
+
+    /// A payload as first written: a `serde_json::Value` tree.
+    fn reference_payload(e: &WebhookEvent, data: Value) -> String {
+        json!({
+            "id": e.id,
+            "type": e.event_type,
+            "created_at": rfc3339(e.created_at_ms),
+            "data": data,
+        })
+        .to_string()
+    }
+
+    fn reference_payment(p: &PaymentRow) -> Value {
+        json!({
+            "id": p.id,
+            "merchant_order_id": p.merchant_order_id,
+            "account_id": p.account_id,
+            "amount": format_minor(p.amount_minor, p.currency),
+            "currency": p.currency.code(),
+            "method": p.method,
+            "purpose": p.purpose,
+            "status": p.status,
+        })
+    }
+
+    fn reference_settlement(s: &Settlement) -> Value {
+        json!({
+            "kind": s.kind.as_str(),
+            "sequence": s.sequence,
+            "amount": format_minor(s.amount_minor, s.currency),
+            "currency": s.currency.code(),
+            "channel_id": s.channel_id,
+            "channel_txn_id": s.channel_txn_id,
+        })
+    }
+
+    #[test]
+    fn payloads_are_byte_for_byte_the_value_trees_they_were() {
+        let mut p = row("succeeded", "{}");
+        p.merchant_order_id = "o-\"quoted\"\n".into();
+        let mut no_account = p.clone();
+        no_account.account_id = None;
+        for p in [p, no_account] {
+            for kind in [
+                SettlementKind::Capture,
+                SettlementKind::Refund,
+                SettlementKind::Suspense,
+            ] {
+                let mut s = settlement(kind, Some(p.clone()));
+                for channel in [None, Some("supplier-main".to_owned())] {
+                    s.channel_id = channel.clone();
+                    s.channel_txn_id = channel.clone();
+                    let e = for_settlement(&s, Some(&p), 7).unwrap();
+                    let data = json!({"payment": reference_payment(&p), "settlement": reference_settlement(&s)});
+                    assert_eq!(e.payload, reference_payload(&e, data));
+                    if kind != SettlementKind::Capture {
+                        let e = for_settlement(&s, None, 7).unwrap();
+                        let data = json!({
+                            "payment": {
+                                "id": s.payment_id,
+                                "merchant_order_id": null,
+                                "account_id": s.account_id,
+                                "amount": null,
+                                "currency": s.currency.code(),
+                                "method": null,
+                                "purpose": null,
+                                "status": null,
+                            },
+                            "settlement": reference_settlement(&s),
+                        });
+                        assert_eq!(e.payload, reference_payload(&e, data));
+                    }
+                }
+            }
+            for status in ["failed", "canceled", "expired"] {
+                let mut ended = p.clone();
+                ended.status = status.parse().unwrap();
+                let e = for_final_status(&ended, 9).unwrap();
+                let data = json!({"payment": reference_payment(&ended)});
+                assert_eq!(e.payload, reference_payload(&e, data));
+            }
+            let refund = crate::settlement::RefundRow {
+                refund_id: "re_1_1".into(),
+                payment_id: p.id.clone(),
+                number: 1,
+                amount_minor: 250,
+                currency: Currency::Cny,
+                status: crate::settlement::RefundStatus::Failed,
+                channel_id: None,
+                channel_order_id: None,
+                reason: None,
+                created_at_ms: 1,
+                updated_at_ms: 2,
+                idempotency_key: None,
+            };
+            let e = for_failed_refund(&p, &refund, 11);
+            let data = json!({
+                "payment": reference_payment(&p),
+                "refund": {
+                    "id": refund.refund_id,
+                    "amount": format_minor(refund.amount_minor, refund.currency),
+                    "status": "failed",
+                },
+            });
+            assert_eq!(e.payload, reference_payload(&e, data));
+        }
     }
 }

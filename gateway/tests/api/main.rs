@@ -20,6 +20,7 @@ mod postgres_store;
 mod redis_server;
 mod redis_state;
 mod refunds;
+mod request_bodies;
 mod routing;
 mod sandbox_binary;
 mod sandbox_channels;
