@@ -384,7 +384,14 @@ impl PostgresStore {
                 if events::needs_stored_payment(s) {
                     readers.push(self.settlement_webhook(tx, s));
                 } else {
-                    webhooks.extend(events::for_settlement(s, s.payment.as_ref(), now_ms));
+                    // Nowhere to go: no payload built, nothing written (derived when read).
+                    if !s
+                        .payment
+                        .as_ref()
+                        .is_some_and(|p| self.no_webhook.derives_events_of(p))
+                    {
+                        webhooks.extend(events::for_settlement(s, s.payment.as_ref(), now_ms));
+                    }
                 }
             }
         }

@@ -465,7 +465,9 @@ impl PostgresStore {
                         .map_err(db)?;
                 }
             }
-            let event = stored.and_then(|p| events::for_final_status(&p, telemetry::now_ms()));
+            let event = stored
+                .filter(|p| !self.no_webhook.derives_events_of(p))
+                .and_then(|p| events::for_final_status(&p, telemetry::now_ms()));
             insert_webhooks(&tx, event.as_slice(), &self.no_webhook)
                 .await
                 .map_err(db)?;

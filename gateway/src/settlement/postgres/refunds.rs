@@ -169,7 +169,8 @@ impl RefundStore for PostgresStore {
             if let (Some(row), "failed") = (row, change.status.as_str()) {
                 // The merchant's webhook, in the same transaction as the status.
                 let refund = refund_from_row(&row)?;
-                if let Some(payment) = self.stored_payment(&tx, &refund.payment_id).await? {
+                let stored = self.stored_payment(&tx, &refund.payment_id).await?;
+                if let Some(payment) = stored.filter(|p| !self.no_webhook.derives_events_of(p)) {
                     let event = events::for_failed_refund(&payment, &refund, change.updated_at_ms);
                     insert_webhooks(&tx, std::slice::from_ref(&event), &self.no_webhook)
                         .await

@@ -178,6 +178,9 @@ impl PostgresStore {
             None
         };
         let payment = s.payment.as_ref().or(stored.as_ref());
+        if payment.is_some_and(|p| self.no_webhook.derives_events_of(p)) {
+            return Ok(None);
+        }
         Ok(events::for_settlement(s, payment, telemetry::now_ms()))
     }
 }

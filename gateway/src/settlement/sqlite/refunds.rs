@@ -174,7 +174,7 @@ impl RefundStore for SqliteStore {
                     )
                     .optional()
                     .map_err(db)?;
-                if let Some(payment) = payment {
+                if let Some(payment) = payment.filter(|p| !no_webhook.derives_events_of(p)) {
                     let event = events::for_failed_refund(&payment, &refund, c.updated_at_ms);
                     insert_webhook(&tx, &event, &no_webhook).map_err(db)?;
                 }

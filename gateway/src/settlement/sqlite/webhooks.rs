@@ -118,6 +118,10 @@ pub(super) fn enqueue_settlement_webhook(
         None
     };
     let payment = s.payment.as_ref().or(stored.as_ref());
+    if payment.is_some_and(|p| no_webhook.derives_events_of(p)) {
+        // Nowhere to go: no payload built, nothing written (derived when read).
+        return Ok(());
+    }
     if let Some(event) = events::for_settlement(s, payment, telemetry::now_ms()) {
         insert_webhook(conn, &event, no_webhook)?;
     }
@@ -136,6 +140,9 @@ pub(super) fn enqueue_status_webhook(
         [payment_id],
         payment_from_row,
     )?;
+    if no_webhook.derives_events_of(&payment) {
+        return Ok(());
+    }
     if let Some(event) = events::for_final_status(&payment, telemetry::now_ms()) {
         insert_webhook(conn, &event, no_webhook)?;
     }
