@@ -23,7 +23,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::panic::AssertUnwindSafe;
+
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -221,6 +224,11 @@ impl SettlementStream {
     }
 }
 
+/// A batch's commit as the writer holds it: its rows, then the batch back from the store (or
+/// why its task failed).
+type CommitTask =
+    std::pin::Pin<Box<dyn Future<Output = (usize, Result<Committed, String>)> + Send>>;
+
 /// A batch back from the store.
 struct Committed {
     writes: Vec<Write>,
@@ -284,8 +292,20 @@ impl Writer {
             self.fill(&mut batch).await;
             let rows = batch.len();
             self.last_commit = Some(tokio::time::Instant::now());
-            let commit = tokio::spawn(self.commit(&mut batch));
-            commits.push(async move { (rows, commit.await) });
+            let commit = self.commit(&mut batch);
+            let commit: CommitTask = if self.settings.commits_in_flight == 1 {
+                // One at a time (SQLite): the writer waits for it anyway, so it is polled
+                // here, not spawned, and the store's answer wakes this task directly (a task
+                // and a wake-up less per commit); a panic stays the commit's own.
+                let commit = AssertUnwindSafe(commit).catch_unwind();
+                Box::pin(async move { (rows, commit.await.map_err(|_| "panicked".to_owned())) })
+            } else {
+                // Several at once: each on its own task, going on while the writer fills the
+                // next batch.
+                let commit = tokio::spawn(commit);
+                Box::pin(async move { (rows, commit.await.map_err(|e| e.to_string())) })
+            };
+            commits.push(commit);
         }
         while let Some(joined) = commits.next().await {
             self.joined(joined, &mut answering).await;
@@ -374,12 +394,13 @@ impl Writer {
     /// been dropped (they see the writer as stopped) and only the queue's count is set right.
     async fn joined(
         &mut self,
-        (rows, joined): (usize, Result<Committed, tokio::task::JoinError>),
+        (rows, joined): (usize, Result<Committed, String>),
         answering: &mut Option<JoinHandle<()>>,
     ) {
         match joined {
             Ok(committed) => self.committed(committed, answering).await,
             Err(err) => {
+                // Its waiters' senders were dropped with it: they are answered `Stopped`.
                 tracing::error!(error = %err, rows, "a group commit task failed");
                 self.uncount(rows);
             }
