@@ -81,9 +81,11 @@ async fn supplier_charge_is_captured_once_through_the_resolution_loop(
     backend: Backend,
     store: Store,
 ) {
+    // Paid a while after its create, so the hold is still there when the test looks (the
+    // create's answer waits on two commits; a slow machine must not capture it first).
     let options = ChannelOptions {
         auto_pay: true,
-        auto_pay_delay_ms: 100,
+        auto_pay_delay_ms: 1_000,
         ..ChannelOptions::default()
     };
     let app = app(backend, store, FAST_RESOLUTION, options).await;
