@@ -440,22 +440,8 @@ fn intent_row(
     tag: ScopeTag,
     hold_expires_at_ms: Option<u64>,
 ) -> PaymentRow {
-    let now_ms = doc.created_at_ms;
-    let held = if hold_expires_at_ms.is_some() {
-        doc.amount_minor
-    } else {
-        0
-    };
-    let mut row = movements::payment_row(
-        doc,
-        tag,
-        PaymentStatus::Pending,
-        held,
-        hold_expires_at_ms,
-        now_ms,
-    );
-    row.next_check_at_ms = Some(now_ms + core.config.settings.resolution.first_check_delay_ms);
-    row
+    let first_check_ms = doc.created_at_ms + core.config.settings.resolution.first_check_delay_ms;
+    movements::intent_row(doc, tag, hold_expires_at_ms, first_check_ms)
 }
 
 /// A channel payment's route, reserved before it is authorized (see `checkout`).

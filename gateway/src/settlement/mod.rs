@@ -54,10 +54,20 @@ pub const MIGRATIONS: &[Migration] = &[
     portable(4, include_str!("migrations/0004_refunds.sql")),
     portable(5, include_str!("migrations/0005_idempotency.sql")),
     portable(6, include_str!("migrations/0006_adjustment_keys.sql")),
+    // The transfers table, clustered on its key on SQLite; the copy; SQLite's payments rebuild.
     Migration {
         version: 7,
-        sqlite: include_str!("migrations/0007_transfers.sqlite.sql"),
-        postgres: include_str!("migrations/0007_transfers.postgres.sql"),
+        sqlite: concat!(
+            include_str!("migrations/0007_transfers.table.sql"),
+            " WITHOUT ROWID;\n",
+            include_str!("migrations/0007_transfers.copy.sql"),
+            include_str!("migrations/0007_transfers.sqlite.sql"),
+        ),
+        postgres: concat!(
+            include_str!("migrations/0007_transfers.table.sql"),
+            ";\n",
+            include_str!("migrations/0007_transfers.copy.sql"),
+        ),
     },
 ];
 

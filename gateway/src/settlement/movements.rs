@@ -6,6 +6,31 @@ use crate::ids::{AdjustmentId, ScopeTag};
 use crate::money::Currency;
 use crate::preauth::{AccountKey, Direction, Method, PaymentDoc, PaymentStatus, Purpose};
 
+/// A channel payment's row as its intent: pending, holding its amount when it has a hold (due
+/// at `hold_expires_at_ms`), first looked at by the resolution loop at `next_check_at_ms`.
+pub fn intent_row(
+    doc: &PaymentDoc,
+    tag: ScopeTag,
+    hold_expires_at_ms: Option<u64>,
+    next_check_at_ms: u64,
+) -> PaymentRow {
+    let held = if hold_expires_at_ms.is_some() {
+        doc.amount_minor
+    } else {
+        0
+    };
+    let mut row = payment_row(
+        doc,
+        tag,
+        PaymentStatus::Pending,
+        held,
+        hold_expires_at_ms,
+        doc.created_at_ms,
+    );
+    row.next_check_at_ms = Some(next_check_at_ms);
+    row
+}
+
 /// A payment's store row from its document and state.
 pub fn payment_row(
     doc: &PaymentDoc,

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{movements, PaymentRow, PendingRecord, Settlement};
 use crate::ids::ScopeTag;
-use crate::preauth::{PaymentDoc, PaymentStatus};
+use crate::preauth::PaymentDoc;
 
 /// A record that names its payment's document instead of carrying it. Serialized as
 /// `{"balance_capture": {...}}` or `{"channel_intent": {...}}`: tags no [`PendingRecord`] uses.
@@ -126,23 +126,10 @@ impl CompactRecord {
                 request_hash,
                 hold_due_ms,
                 next_check_ms,
-            } => {
-                let held = if hold_due_ms.is_some() {
-                    doc.amount_minor
-                } else {
-                    0
-                };
-                let mut row = movements::payment_row(
-                    doc,
-                    tag,
-                    PaymentStatus::Pending,
-                    held,
-                    *hold_due_ms,
-                    doc.created_at_ms,
-                );
-                row.next_check_at_ms = Some(*next_check_ms);
-                PendingRecord::Intent(row.with_idempotency(idempotency_key, request_hash))
-            }
+            } => PendingRecord::Intent(
+                movements::intent_row(doc, tag, *hold_due_ms, *next_check_ms)
+                    .with_idempotency(idempotency_key, request_hash),
+            ),
             CompactRecord::ChannelSuccess {
                 channel_id,
                 channel_txn_id,
@@ -181,7 +168,7 @@ mod tests {
     use super::*;
     use crate::ids::{AccountId, MerchantId};
     use crate::money::Currency;
-    use crate::preauth::{Method, Purpose};
+    use crate::preauth::{Method, PaymentStatus, Purpose};
 
     fn doc(method: Method) -> PaymentDoc {
         PaymentDoc {
