@@ -245,7 +245,7 @@ impl Default for StoreSettings {
             queue_capacity: 8_192,
             batch_max_rows: 256,
             batch_max_wait_ms: 2,
-            commit_spacing_us: 2_000,
+            commit_spacing_us: 5_000,
             commits_in_flight: 1,
             settle_timeout_ms: 5_000,
             health_check_interval_ms: 500,
