@@ -163,6 +163,7 @@ impl Application {
                 batch_max_rows: s.batch_max_rows,
                 batch_max_wait_ms: s.batch_max_wait_ms,
                 commit_spacing: Duration::from_micros(s.commit_spacing_us),
+                commit_spacing_rows: s.commit_spacing_rows,
                 commits_in_flight,
                 health_check_interval_ms: s.health_check_interval_ms,
                 idempotency_retention_seconds: config

@@ -46,6 +46,8 @@ pub struct StreamSettings {
     /// A commit starts at least this long after the previous one started (`Duration::ZERO`:
     /// at once): see `store.commit_spacing_us`.
     pub commit_spacing: Duration,
+    /// A batch holding this many writes does not wait for the spacing.
+    pub commit_spacing_rows: usize,
     /// Batches committing at once (each its own transaction).
     pub commits_in_flight: usize,
     /// While unhealthy, the writer pings the store this often to notice it came back.
@@ -326,13 +328,13 @@ impl Writer {
             }
         }
         // The spacing: what arrives until `commit_spacing` after the last commit started
-        // joins this one.
+        // joins this one, unless the batch is big enough already.
         if let Some(spaced) = self
             .last_commit
             .map(|last| last + self.settings.commit_spacing)
             .filter(|spaced| *spaced > tokio::time::Instant::now())
         {
-            while batch.len() < max {
+            while batch.len() < max.min(self.settings.commit_spacing_rows) {
                 match tokio::time::timeout_at(spaced, self.rx.recv()).await {
                     Ok(Some(job)) => batch.push(job),
                     Ok(None) | Err(_) => break,
@@ -629,6 +631,7 @@ mod tests {
                 batch_max_rows: 4,
                 batch_max_wait_ms: wait_ms,
                 commit_spacing,
+                commit_spacing_rows: 2,
                 commits_in_flight,
                 health_check_interval_ms: 500,
                 idempotency_retention_seconds: 86_400,
@@ -679,7 +682,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn writes_soon_after_a_commit_wait_for_the_spacing_and_commit_together() {
+    async fn writes_soon_after_a_commit_wait_for_the_spacing_or_enough_company() {
         let dir = tempfile::tempdir().unwrap();
         let spacing = Duration::from_millis(LONG_WAIT_MS);
         let (stream, _stop) = stream_spaced(&dir, 0, 1, spacing).await;
@@ -697,7 +700,11 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!second.is_finished(), "the second commit did not wait");
         assert_eq!(stream.depth(), 1);
-        let third = stream.submit_write(noop(3), None).await.unwrap();
+        // The third makes the batch `commit_spacing_rows` (2) big: it goes at once.
+        let third = tokio::time::timeout(spacing * 9 / 10, stream.submit_write(noop(3), None))
+            .await
+            .expect("a batch of commit_spacing_rows does not wait for the spacing")
+            .unwrap();
         assert_eq!(third, Written::Webhook(false));
         assert_eq!(second.await.unwrap().unwrap(), Written::Webhook(false));
         assert_eq!(stream.depth(), 0);
