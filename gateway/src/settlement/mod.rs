@@ -1150,9 +1150,10 @@ pub trait MoneyStore: Send + Sync {
         payment_id: &str,
     ) -> Result<Option<(Option<String>, Option<String>)>, SettleError>;
 
-    /// Every movement as (payment id, kind, sequence, the sum of its two postings): 0 for each,
-    /// a transfer being one amount taken from one ledger and given to another (the schema's
-    /// checks); kept for the invariant checks of the tests and the chaos run.
+    /// Every movement as (payment id, kind, sequence, the sum of its two postings): 0 for each
+    /// well-formed transfer (one positive amount taken from one ledger and given to another,
+    /// as the schema's checks require), the amount itself for a malformed row; for the
+    /// invariant checks of the tests and the chaos run.
     async fn postings_sum_by_movement(
         &self,
     ) -> Result<Vec<(String, String, u32, i64)>, SettleError>;

@@ -633,7 +633,9 @@ impl PostgresStore {
         let client = self.client().await?;
         let rows = client
             .query(
-                "SELECT payment_id, kind, sequence, amount_minor - amount_minor FROM transfers \
+                // As on SQLite: 0 for every well-formed transfer, the amount for a malformed one.
+                "SELECT payment_id, kind, sequence, CASE WHEN amount_minor > 0 \
+                 AND credit_ledger <> debit_ledger THEN 0 ELSE amount_minor END FROM transfers \
                  ORDER BY payment_id COLLATE \"C\", kind COLLATE \"C\", sequence",
                 &[],
             )

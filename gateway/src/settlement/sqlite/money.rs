@@ -331,7 +331,12 @@ impl MoneyStore for SqliteStore {
         self.run(StoreOp::Read("postings_sum"), |conn| {
             let mut stmt = conn
                 .prepare(
-                    "SELECT payment_id, kind, sequence, amount_minor - amount_minor \
+                    // A transfer's legs (−amount on the debit ledger, +amount on the credit
+                    // ledger) cancel unless the row is malformed (a non-positive amount, one
+                    // ledger on both sides: what the schema's checks forbid), shown as the
+                    // amount itself.
+                    "SELECT payment_id, kind, sequence, CASE WHEN amount_minor > 0 \
+                     AND credit_ledger <> debit_ledger THEN 0 ELSE amount_minor END \
                      FROM transfers ORDER BY payment_id, kind, sequence",
                 )
                 .map_err(db)?;
