@@ -41,6 +41,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+SCRIPT=bench.sh
+# shellcheck source=scripts/lib.sh
+. "$ROOT/scripts/lib.sh"
 
 QUICK=0
 OUT=target/bench
@@ -130,17 +133,7 @@ command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || need+
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
 command -v jq >/dev/null 2>&1 || need+=(jq)
 command -v curl >/dev/null 2>&1 || need+=(curl)
-if [ ${#need[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "bench.sh: installing ${need[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq "${need[@]}" >/dev/null
-  else
-    echo "bench.sh: please install: ${need[*]}" >&2
-    exit 1
-  fi
-fi
+install_missing "${need[@]}"
 REDIS_SERVER=$(command -v redis-server || echo /usr/bin/redis-server)
 PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
 
@@ -174,15 +167,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-wait_for() {     # wait_for SECONDS DESCRIPTION COMMAND...
-  local secs=$1 what=$2; shift 2
-  for _ in $(seq $((secs * 10))); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
-  echo "bench.sh: timed out waiting for $what" >&2
-  return 1
-}
 log() { echo "[bench $(date -u +%H:%M:%S) +$(( $(date +%s) - T0 ))s] $*"; }
 
 # ---- build ------------------------------------------------------------------------------------
@@ -449,7 +433,6 @@ budget_figures() {
 }
 if [ "$BUDGETS" = 1 ]; then
   BUDGET_ROWS=()
-  median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR + 1) / 2)]}'; }
   for be in sqlite postgres; do
     start_stack "$be"
     for sc in authorize checkout; do

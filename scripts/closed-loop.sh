@@ -21,6 +21,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+SCRIPT=closed-loop.sh
+# shellcheck source=scripts/lib.sh
+. "$ROOT/scripts/lib.sh"
 RUNS=3
 DURATION_S=10
 OUT=target/bench
@@ -49,17 +52,7 @@ command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v jq >/dev/null 2>&1 || need+=(jq)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v sqlite3 >/dev/null 2>&1 || need+=(sqlite3)
-if [ ${#need[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "closed-loop.sh: installing ${need[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq "${need[@]}" >/dev/null
-  else
-    echo "closed-loop.sh: please install: ${need[*]}" >&2
-    exit 1
-  fi
-fi
+install_missing "${need[@]}"
 
 TMP=$(mktemp -d /tmp/closed-loop.XXXXXX)
 PIDS=()
@@ -75,15 +68,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-wait_for() {     # wait_for SECONDS DESCRIPTION COMMAND...
-  local secs=$1 what=$2; shift 2
-  for _ in $(seq $((secs * 10))); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
-  echo "closed-loop.sh: timed out waiting for $what" >&2
-  return 1
-}
 # cpu_ticks PID...: the sum of utime + stime (clock ticks) of the processes.
 cpu_ticks() {
   local total=0 pid
@@ -175,7 +159,6 @@ wal_bytes() {
   awk '/^gateway_sqlite_wal_bytes_total/ {print $2; found=1; exit} END {if (!found) print 0}' \
     <<<"$metrics"
 }
-median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR + 1) / 2)]}'; }
 
 # ---- the runs -------------------------------------------------------------------------------
 # run_wrk NAME URL SCRIPT PIDS...: one wrk run; prints "requests non2xx cpu_us_per_request..."

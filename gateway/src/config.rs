@@ -1548,6 +1548,27 @@ mod tests {
         let fields: Vec<&str> = err.0.iter().map(|e| e.field.as_str()).collect();
         assert!(fields.contains(&"store.commits_in_flight"), "{err}");
         assert!(fields.contains(&"store.batch_max_wait_ms"), "{err}");
+        // The commit spacing: 5 ms unless 16 writes are waiting; at most 100 ms, at least one.
+        assert_eq!(
+            (defaults.commit_spacing_us, defaults.commit_spacing_rows),
+            (5_000, 16)
+        );
+        let err = load(
+            None,
+            env(&[
+                ("GATEWAY__STORE__COMMIT_SPACING_US", "100001"),
+                ("GATEWAY__STORE__COMMIT_SPACING_ROWS", "0"),
+            ]),
+        )
+        .unwrap_err();
+        let fields: Vec<&str> = err.0.iter().map(|e| e.field.as_str()).collect();
+        assert!(fields.contains(&"store.commit_spacing_us"), "{err}");
+        assert!(fields.contains(&"store.commit_spacing_rows"), "{err}");
+        let off = load(None, env(&[("GATEWAY__STORE__COMMIT_SPACING_US", "0")]))
+            .unwrap()
+            .settings
+            .store;
+        assert_eq!(off.commit_spacing_us, 0);
         let err = load(None, env(&[("GATEWAY__STORE__COMMITS_IN_FLIGHT", "17")])).unwrap_err();
         assert!(err.to_string().contains("store.commits_in_flight"), "{err}");
         let store = load(None, env(&[("GATEWAY__STORE__COMMITS_IN_FLIGHT", "4")]))

@@ -30,6 +30,7 @@ pub const SETTLEMENT_QUEUE_DEPTH: &str = "gateway_settlement_queue_depth";
 pub const SETTLEMENT_BATCH_ROWS: &str = "gateway_settlement_batch_rows";
 pub const SETTLEMENT_COMMIT_SECONDS: &str = "gateway_settlement_commit_seconds";
 pub const SETTLEMENT_COMMITS_TOTAL: &str = "gateway_settlement_commits_total";
+pub const SQLITE_WAL_BYTES_TOTAL: &str = "gateway_sqlite_wal_bytes_total";
 pub const SETTLEMENT_CONFLICTS_TOTAL: &str = "gateway_settlement_conflicts_total";
 pub const ACCOUNTS_REBUILT_TOTAL: &str = "gateway_accounts_rebuilt_total";
 pub const STORE_REFUSED_PAYMENTS_TOTAL: &str = "gateway_store_refused_payments_total";
@@ -89,6 +90,7 @@ struct Hot {
     commit_seconds: Histogram,
     commits_ok: Counter,
     commits_error: Counter,
+    sqlite_wal_bytes: Counter,
 }
 
 struct HttpRoute {
@@ -117,6 +119,7 @@ impl Hot {
             commit_seconds: metrics::histogram!(SETTLEMENT_COMMIT_SECONDS),
             commits_ok: metrics::counter!(SETTLEMENT_COMMITS_TOTAL, "result" => "ok"),
             commits_error: metrics::counter!(SETTLEMENT_COMMITS_TOTAL, "result" => "error"),
+            sqlite_wal_bytes: metrics::counter!(SQLITE_WAL_BYTES_TOTAL),
         }
     }
 }
@@ -184,6 +187,11 @@ pub fn spawn_metrics_upkeep(
 }
 
 fn describe() {
+    metrics::describe_counter!(
+        SQLITE_WAL_BYTES_TOTAL,
+        metrics::Unit::Bytes,
+        "Bytes the SQLite store's commits appended to its write-ahead log (frames with headers)"
+    );
     metrics::describe_counter!(
         HTTP_REQUESTS_TOTAL,
         "HTTP requests answered, by route, method and status"
@@ -417,6 +425,14 @@ pub fn settlement_queue_depth(depth: usize) {
     match HOT.get() {
         Some(hot) => hot.queue_depth.set(depth as f64),
         None => metrics::gauge!(SETTLEMENT_QUEUE_DEPTH).set(depth as f64),
+    }
+}
+
+/// A SQLite commit appended `bytes` to the write-ahead log.
+pub fn sqlite_wal_bytes(bytes: u64) {
+    match HOT.get() {
+        Some(hot) => hot.sqlite_wal_bytes.increment(bytes),
+        None => metrics::counter!(SQLITE_WAL_BYTES_TOTAL).increment(bytes),
     }
 }
 

@@ -189,8 +189,7 @@ fn count_wal_bytes(conn: &mut Connection) -> Result<(), SettleError> {
             pages
         };
         last_pages = pages;
-        metrics::counter!("gateway_sqlite_wal_bytes_total")
-            .increment(u64::try_from(appended).unwrap_or(0) * frame_bytes);
+        telemetry::sqlite_wal_bytes(u64::try_from(appended).unwrap_or(0) * frame_bytes);
         if pages >= WAL_CHECKPOINT_PAGES {
             // PASSIVE: copies what no reader needs, never waits. Never an error: the commit
             // that called the hook has happened, and an error here would report it failed; a
