@@ -202,6 +202,7 @@ mod tests {
             },
             status,
             held_minor: 0,
+            accepted: None,
         }
     }
 

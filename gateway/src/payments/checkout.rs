@@ -5,7 +5,9 @@
 //! 1. [`Route::plan`] ranks the channels that accept it now, and reserves a breaker permit on
 //!    the first one that grants it, so the payment's intent (committed before anything is
 //!    sent) names its first attempt and its channel order id;
-//! 2. [`attempt`] calls the channel. Accepted → done (`201 pending` with the action). Certainly
+//! 2. [`attempt`] calls the channel. Accepted → done (`201 pending` with the action; the
+//!    outcome rides the next group commit, unwaited, and the balance store keeps the action
+//!    meanwhile: see `BalanceStore::accept`). Certainly
 //!    not executed (connection refused, open breaker, verified refusal) → the next channel,
 //!    whose attempt row is committed before its call. Unknown (timeout, 5xx, unverifiable
 //!    reply) → the attempt is closed at the channel first: a close that confirms the order
@@ -29,7 +31,7 @@ use crate::channels::{
 };
 use crate::ids::PaymentId;
 use crate::money::{Amount, Currency};
-use crate::preauth::{Method, PaymentDoc, SettledMark};
+use crate::preauth::{AcceptedAttempt, Method, PaymentDoc};
 use crate::routing::{CallPermit, RouteRequest};
 use crate::settlement::{AttemptOutcome, AttemptRow, AttemptUpdate};
 use crate::state::Core;
@@ -113,8 +115,9 @@ pub fn attempt_row(
 /// How the create call ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Routed {
-    /// A channel accepted the order: the customer's next step, if any.
-    Accepted { action: Option<Value> },
+    /// A channel accepted the order: the customer's next step, if any, for the balance store
+    /// to keep until the attempt's outcome is committed (see `BalanceStore::accept`).
+    Accepted(AcceptedAttempt),
     /// An attempt's outcome is unknown and could not be settled by closing it: the payment
     /// stays pending with its hold, to be resolved by query/close.
     Unknown,
@@ -131,15 +134,15 @@ pub enum Routed {
 
 /// Runs the attempts of one payment. `attempts` holds the first attempt's row (committed with
 /// the intent) when `first` is some; rows of later attempts are committed here before their
-/// calls. An accepted attempt's outcome takes `release_key` (the idempotency key's release)
-/// into its group commit. Returns how it ended and every attempt as it stands.
+/// calls. An accepted attempt's outcome is queued for the next group commit, not waited for:
+/// the caller hands the acceptance to the balance store before it answers. Returns how it
+/// ended and every attempt as it stands.
 pub async fn attempt(
     state: &Core,
     doc: &PaymentDoc,
     route: &mut Route,
     first: Option<Reserved>,
     mut attempts: Vec<AttemptRow>,
-    release_key: &mut Option<SettledMark>,
 ) -> (Routed, Vec<AttemptRow>) {
     let payment = PaymentId::parse(&doc.id).expect("a created payment has a valid id");
     let max_attempts = state.config.settings.payments.max_attempts as usize;
@@ -164,17 +167,28 @@ pub async fn attempt(
         );
         match result {
             Ok(created) => {
+                let now_ms = telemetry::now_ms();
                 row.outcome = AttemptOutcome::Accepted;
                 row.action = action_json(&created.action).map(|a| a.to_string());
                 row.channel_txn_id = created.channel_txn_id;
-                save(state, row, release_key).await;
-                let action = action_json(&created.action);
-                return (Routed::Accepted { action }, attempts);
+                row.updated_at_ms = now_ms;
+                if let Err(err) = state.settler.save_attempt_later(update_of(row, now_ms)) {
+                    // Still `unknown` in the store: the resolution loop queries it.
+                    tracing::warn!(payment_id = %row.payment_id, attempt = row.attempt, error = %err, "accepted attempt not queued");
+                }
+                let accepted = AcceptedAttempt {
+                    attempt: row.attempt,
+                    action: row.action.clone(),
+                    channel_txn_id: row.channel_txn_id.clone(),
+                    latency_ms: row.latency_ms,
+                    at_ms: now_ms,
+                };
+                return (Routed::Accepted(accepted), attempts);
             }
             Err(err) if err.certainly_not_executed() => {
                 tracing::info!(payment_id = %payment, channel = %entry.route.channel_id, error = %err, "attempt refused; failing over");
                 row.outcome = AttemptOutcome::Refused;
-                save(state, row, &mut None).await;
+                save(state, row).await;
             }
             Err(err) => {
                 tracing::warn!(payment_id = %payment, channel = %entry.route.channel_id, error = %err, "attempt outcome unknown; closing it before anything else");
@@ -197,7 +211,7 @@ pub async fn attempt(
                         // Still `unknown` until the payment is settled as paid (the
                         // settling marks it `succeeded`): if that fails, the resolution
                         // loop finds the attempt open and settles it.
-                        save(state, row, &mut None).await;
+                        save(state, row).await;
                         let attempt = row.clone();
                         return (
                             Routed::Paid {
@@ -210,11 +224,11 @@ pub async fn attempt(
                         );
                     }
                     Ok(CloseOutcome::NotFound) | Err(_) => {
-                        save(state, row, &mut None).await;
+                        save(state, row).await;
                         return (Routed::Unknown, attempts);
                     }
                 }
-                save(state, row, &mut None).await;
+                save(state, row).await;
             }
         }
         if attempts.len() >= max_attempts {
@@ -245,20 +259,23 @@ fn customer_paid(kind: ChannelKind) -> bool {
 
 /// Writes an attempt's outcome through the group commit; a failure is logged (the resolution loop treats an attempt
 /// still recorded as unknown the same way as an accepted one).
-async fn save(state: &Core, row: &AttemptRow, release_key: &mut Option<SettledMark>) {
-    let update = AttemptUpdate {
+async fn save(state: &Core, row: &AttemptRow) {
+    let update = update_of(row, telemetry::now_ms());
+    if let Err(err) = state.settler.save_attempt(update, None).await {
+        tracing::warn!(payment_id = %row.payment_id, attempt = row.attempt, error = %err, "attempt outcome not recorded");
+    }
+}
+
+/// The store's update for `row` as it stands.
+fn update_of(row: &AttemptRow, now_ms: u64) -> AttemptUpdate {
+    AttemptUpdate {
         payment_id: row.payment_id.clone(),
         attempt: row.attempt,
         outcome: row.outcome,
         latency_ms: row.latency_ms,
         action: row.action.clone(),
         channel_txn_id: row.channel_txn_id.clone(),
-        now_ms: telemetry::now_ms(),
-    };
-    // The mark goes with the write; if the write fails, the caller still holds none, and
-    // recovery releases the key (the intent is committed).
-    if let Err(err) = state.settler.save_attempt(update, release_key.take()).await {
-        tracing::warn!(payment_id = %row.payment_id, attempt = row.attempt, error = %err, "attempt outcome not recorded");
+        now_ms,
     }
 }
 

@@ -545,25 +545,28 @@ async fn route_payment(
     // A callback may come before this call ends: it finds the document and attempt here.
     core.pending_docs
         .insert(payment.doc.clone(), first_row.iter().cloned().collect());
-    // An accepted attempt's outcome carries the key's release into the group commit.
-    let mut mark = Some(mark);
     let (routed, attempts) = checkout::attempt(
         core,
         &payment.doc,
         &mut route,
         first,
         first_row.into_iter().collect(),
-        &mut mark,
     )
     .await;
     let answer = match routed {
-        Routed::Accepted { .. } => {
+        Routed::Accepted(accepted) => {
             telemetry::routing("accepted");
-            Ok(Creation::Created(PaymentView::new(
+            // The key may replay now, with the action: the balance store keeps the acceptance
+            // until the attempt's outcome (queued, not waited for) is committed. If this
+            // fails, the key stays in flight until recovery marks the intent.
+            if let Err(err) = core.balances.accept(&mark, &accepted).await {
+                tracing::warn!(payment_id = %id, error = %err, "accepted but not kept in the balance store; recovery will release the key");
+            }
+            return Ok(Creation::Created(PaymentView::new(
                 payment,
                 attempts,
                 Vec::new(),
-            )))
+            )));
         }
         Routed::Unknown => {
             telemetry::routing("unknown");
@@ -615,12 +618,9 @@ async fn route_payment(
             })
         }
     };
-    // Now the key may replay (the answer above, or the payment as it stands), unless the
-    // accepted attempt's commit did it already.
-    if let Some(mark) = mark {
-        if let Err(err) = core.balances.mark_settled(&[mark]).await {
-            tracing::warn!(payment_id = %id, error = %err, "intent committed but not marked; recovery will");
-        }
+    // Now the key may replay (the answer above, or the payment as it stands).
+    if let Err(err) = core.balances.mark_settled(&[mark]).await {
+        tracing::warn!(payment_id = %id, error = %err, "intent committed but not marked; recovery will");
     }
     answer
 }

@@ -4,8 +4,10 @@
 
 use super::{Missing, PaymentError, ResolveError};
 use crate::ids::{MerchantId, MerchantOrderId, PaymentId};
-use crate::preauth::{Method, PaymentDoc, PaymentRecord, PaymentStatus, Scope, StoreError};
-use crate::settlement::{AttemptRow, Flagged, RefundRow, RefundStatus};
+use crate::preauth::{
+    AcceptedAttempt, Method, PaymentDoc, PaymentRecord, PaymentStatus, Scope, StoreError,
+};
+use crate::settlement::{AttemptOutcome, AttemptRow, Flagged, RefundRow, RefundStatus};
 use crate::state::Core;
 
 /// A payment with what the record knows of it: what `GET /v1/payments/{id}` shows.
@@ -65,12 +67,16 @@ pub async fn stored(core: &Core, id: &PaymentId) -> Result<Option<PaymentRecord>
         doc,
         status: row.status,
         held_minor: row.held_minor,
+        accepted: None,
     }))
 }
 
 /// The payment with its attempts, refunds and webhook deliveries (from the settlement store).
 pub async fn full(core: &Core, payment: PaymentRecord) -> Result<PaymentView, PaymentError> {
-    let attempts = attempts_of(core, &payment).await?;
+    let mut attempts = attempts_of(core, &payment).await?;
+    if let Some(accepted) = &payment.accepted {
+        with_acceptance(&mut attempts, accepted);
+    }
     let store = &core.settler.store;
     let refunds = store.refunds(&payment.doc.id).await?;
     let webhooks = store.webhook_events(&payment.doc.id).await?;
@@ -150,6 +156,23 @@ pub async fn replayed(core: &Core, id: &str) -> Result<PaymentView, PaymentError
     full(core, payment).await
 }
 
+/// The store's attempts with a channel's acceptance the balance store holds and the store
+/// may not have committed yet (see [`crate::preauth::BalanceStore::accept`]): it applies to
+/// its attempt while that is still `unknown` as recorded before the call; any later outcome
+/// the store holds (succeeded, failed, closed) stands.
+pub fn with_acceptance(attempts: &mut [AttemptRow], accepted: &AcceptedAttempt) {
+    if let Some(row) = attempts
+        .iter_mut()
+        .find(|row| row.attempt == accepted.attempt && row.outcome == AttemptOutcome::Unknown)
+    {
+        row.outcome = AttemptOutcome::Accepted;
+        row.action.clone_from(&accepted.action);
+        row.channel_txn_id.clone_from(&accepted.channel_txn_id);
+        row.latency_ms = accepted.latency_ms;
+        row.updated_at_ms = accepted.at_ms;
+    }
+}
+
 /// Items flagged for a human, newest first.
 pub async fn flagged(core: &Core, limit: usize) -> Result<Vec<Flagged>, PaymentError> {
     Ok(core.settler.store.flagged(limit).await?)
@@ -208,6 +231,7 @@ pub async fn ensure_payment(
             doc,
             status,
             held_minor: 0,
+            accepted: None,
         },
         refund_count: refunds.iter().map(|r| r.number).max().unwrap_or(0),
         refunds_reserved: refunds.iter().filter(live).map(|r| r.amount_minor).sum(),
@@ -233,4 +257,65 @@ pub async fn ensure_payment(
         tracing::warn!(payment_id = %pid, status = %status, "payment missing from the balance store: restored from the settlement store");
     }
     Ok(core.balances.payment(pid).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(attempt: u32, outcome: AttemptOutcome) -> AttemptRow {
+        AttemptRow {
+            payment_id: "pay_1".into(),
+            attempt,
+            channel_id: format!("ch{attempt}"),
+            channel_order_id: format!("pay_1_{attempt}"),
+            outcome,
+            latency_ms: None,
+            action: None,
+            channel_txn_id: None,
+            created_at_ms: 1,
+            updated_at_ms: 1,
+        }
+    }
+
+    #[test]
+    fn an_acceptance_applies_to_its_attempt_while_the_store_has_it_unknown() {
+        let accepted = AcceptedAttempt {
+            attempt: 2,
+            action: Some("{}".into()),
+            channel_txn_id: Some("T".into()),
+            latency_ms: Some(9),
+            at_ms: 5,
+        };
+        let mut attempts = vec![
+            row(1, AttemptOutcome::Refused),
+            row(2, AttemptOutcome::Unknown),
+        ];
+        with_acceptance(&mut attempts, &accepted);
+        assert_eq!(attempts[0], row(1, AttemptOutcome::Refused));
+        assert_eq!(
+            attempts[1],
+            AttemptRow {
+                action: Some("{}".into()),
+                channel_txn_id: Some("T".into()),
+                latency_ms: Some(9),
+                updated_at_ms: 5,
+                ..row(2, AttemptOutcome::Accepted)
+            }
+        );
+        // What the store holds past it stands: a success, a failure, a close.
+        for later in [
+            AttemptOutcome::Succeeded,
+            AttemptOutcome::Failed,
+            AttemptOutcome::Closed,
+        ] {
+            let mut attempts = vec![row(2, later)];
+            with_acceptance(&mut attempts, &accepted);
+            assert_eq!(attempts, vec![row(2, later)]);
+        }
+        // An attempt the store does not list yet: nothing invented.
+        let mut attempts = vec![row(1, AttemptOutcome::Unknown)];
+        with_acceptance(&mut attempts, &accepted);
+        assert_eq!(attempts, vec![row(1, AttemptOutcome::Unknown)]);
+    }
 }

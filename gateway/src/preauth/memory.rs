@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 
 use super::{
-    final_status_record, money_record_id, refund_outcome_id, status_record_id, AccountKey,
-    AccountRebuild, AccountSnapshot, AdjustOutcome, AdjustRequest, AuthorizeOutcome,
+    final_status_record, money_record_id, refund_outcome_id, status_record_id, AcceptedAttempt,
+    AccountKey, AccountRebuild, AccountSnapshot, AdjustOutcome, AdjustRequest, AuthorizeOutcome,
     AuthorizeRequest, BalanceStore, Direction, IdempotencyClaim, KeyRestore, LateCaptureOutcome,
     LateCaptureRequest, OpContext, PaymentDoc, PaymentRecord, PaymentStatus, RebuildGuard,
     RefundFinishOutcome, RefundFinishRequest, RefundReserveOutcome, RefundReserveRequest,
@@ -89,6 +89,8 @@ struct ScopeState {
     refund_totals: HashMap<String, RefundTotals>,
     /// refund id -> the refund.
     refunds: HashMap<String, RefundState>,
+    /// payment id -> a channel's acceptance of one of its attempts ('<id>#a' in pd:{T}).
+    accepted: HashMap<String, AcceptedAttempt>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -214,6 +216,7 @@ impl ScopeState {
             doc,
             status,
             held_minor,
+            accepted: self.accepted.get(pid).cloned(),
         })
     }
 
@@ -917,6 +920,22 @@ impl BalanceStore for MemoryStore {
             }
         }
         Ok(())
+    }
+
+    async fn accept(
+        &self,
+        mark: &SettledMark,
+        accepted: &AcceptedAttempt,
+    ) -> Result<(), StoreError> {
+        let Some(mut state) = self.scopes.get_mut(&mark.tag) else {
+            return Ok(());
+        };
+        if !state.docs.contains_key(&mark.id) {
+            return Ok(());
+        }
+        state.accepted.insert(mark.id.clone(), accepted.clone());
+        drop(state);
+        self.mark_settled(std::slice::from_ref(mark)).await
     }
 
     async fn abandon(

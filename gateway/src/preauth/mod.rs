@@ -260,6 +260,30 @@ pub struct PaymentRecord {
     pub status: PaymentStatus,
     /// The amount still held for this payment (0 once captured or released, or without one).
     pub held_minor: i64,
+    /// A channel's acceptance of one of its attempts, kept here from the answer until the
+    /// payment's state leaves (see [`BalanceStore::accept`]); the settlement store gets it in
+    /// a later group commit.
+    pub accepted: Option<AcceptedAttempt>,
+}
+
+/// What a channel answered when it took an attempt's order: the customer's next step and
+/// the channel's transaction id. The balance store keeps it with the payment so that the
+/// answer replays, and reads show it, before the attempt's row is committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcceptedAttempt {
+    /// The attempt's number (1-based).
+    #[serde(rename = "n")]
+    pub attempt: u32,
+    /// The API's `action` object, as JSON text.
+    #[serde(rename = "a", default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    #[serde(rename = "t", default, skip_serializing_if = "Option::is_none")]
+    pub channel_txn_id: Option<String>,
+    #[serde(rename = "l", default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<u64>,
+    /// When the channel answered (unix ms).
+    #[serde(rename = "at")]
+    pub at_ms: u64,
 }
 
 /// What an idempotency record says was answered the first time.
@@ -923,6 +947,18 @@ pub trait BalanceStore: Send + Sync + 'static {
     /// Forgets committed movements' pending records and lets their idempotency records
     /// replay. One round trip for the whole batch.
     async fn mark_settled(&self, marks: &[SettledMark]) -> Result<(), StoreError>;
+
+    /// A channel took the order of an attempt of `mark`'s payment, whose intent is committed:
+    /// keeps `accepted` with the payment (read back by [`BalanceStore::payment`]), then does
+    /// what [`BalanceStore::mark_settled`] does for `mark`, in one call. The answer may go
+    /// out after it: its replay and every read show the action, while the attempt's outcome
+    /// rides a later group commit (DESIGN.md §7: a checkout waits on two commits, not three).
+    /// Nothing is kept for a payment this store does not have.
+    async fn accept(
+        &self,
+        mark: &SettledMark,
+        accepted: &AcceptedAttempt,
+    ) -> Result<(), StoreError>;
 
     /// Undoes a pending payment whose intent could not be committed: hold released, status
     /// `failed`, pending and idempotency records removed (the client may retry).

@@ -25,10 +25,10 @@ use async_trait::async_trait;
 
 use super::slots;
 use super::{
-    late_record_id, money_record_id, AccountKey, AccountRebuild, AccountSnapshot, AdjustOutcome,
-    AdjustRequest, AuthorizeOutcome, AuthorizeRequest, BalanceStore, Direction, KeyRestore,
-    LateCaptureOutcome, LateCaptureRequest, OpContext, PaymentDoc, PaymentRecord, PaymentStatus,
-    RebuildGuard, RefundFinishOutcome, RefundFinishRequest, RefundReserveOutcome,
+    late_record_id, money_record_id, AcceptedAttempt, AccountKey, AccountRebuild, AccountSnapshot,
+    AdjustOutcome, AdjustRequest, AuthorizeOutcome, AuthorizeRequest, BalanceStore, Direction,
+    KeyRestore, LateCaptureOutcome, LateCaptureRequest, OpContext, PaymentDoc, PaymentRecord,
+    PaymentStatus, RebuildGuard, RefundFinishOutcome, RefundFinishRequest, RefundReserveOutcome,
     RefundReserveRequest, RefundUnwind, RestorePayment, Scope, SettledMark, StoreError,
     StoredOutcome, SucceedOutcome, SucceedRequest, TransitionOutcome, Unsettled, UnsettledPage,
     Unwind, UpsertOutcome,
@@ -66,6 +66,7 @@ struct Scripts {
     adjust: Script,
     read_payment: Script,
     settled: Script,
+    accept: Script,
     abandon: Script,
     void: Script,
     unwind: Script,
@@ -93,6 +94,7 @@ impl Scripts {
             adjust: with_common(include_str!("scripts/adjust.lua")),
             read_payment: with_common(include_str!("scripts/read_payment.lua")),
             settled: with_common(include_str!("scripts/settled.lua")),
+            accept: Script::new(include_str!("scripts/accept.lua")),
             abandon: with_common(include_str!("scripts/abandon.lua")),
             void: with_common(include_str!("scripts/void.lua")),
             unwind: with_common(include_str!("scripts/unwind.lua")),
@@ -105,7 +107,7 @@ impl Scripts {
         }
     }
 
-    fn all(&self) -> [&Script; 20] {
+    fn all(&self) -> [&Script; 21] {
         [
             &self.upsert_account,
             &self.read_account,
@@ -119,6 +121,7 @@ impl Scripts {
             &self.adjust,
             &self.read_payment,
             &self.settled,
+            &self.accept,
             &self.abandon,
             &self.void,
             &self.unwind,
@@ -628,6 +631,7 @@ impl BalanceStore for RedisStore {
                         doc: req.doc.clone(),
                         status,
                         held_minor,
+                        accepted: None,
                     },
                     account,
                 }
@@ -1093,6 +1097,26 @@ impl BalanceStore for RedisStore {
             .map(|_| ())
     }
 
+    async fn accept(
+        &self,
+        mark: &SettledMark,
+        accepted: &AcceptedAttempt,
+    ) -> Result<(), StoreError> {
+        let k = Keys::of(mark.tag);
+        let json = serde_json::to_string(accepted).expect("an acceptance serializes");
+        let mut invocation = self.scripts.accept.prepare_invoke();
+        invocation
+            .key(&k.docs)
+            .key(&k.unsettled)
+            .key(Keys::idempotency(mark.tag, &mark.idempotency_key))
+            .arg(&mark.id)
+            .arg(json);
+        let mut conn = self.connection();
+        self.bounded("accept", invocation.invoke_async::<i64>(&mut conn))
+            .await
+            .map(|_| ())
+    }
+
     async fn abandon(
         &self,
         payment: &PaymentId,
@@ -1554,10 +1578,18 @@ impl RedisStore {
         let what = "read_payment";
         let doc: PaymentDoc = serde_json::from_str(field(&reply, 0, what)?)
             .map_err(|e| StoreError::Corrupt(format!("payment document: {e}")))?;
+        // An older release's script answers three fields: no acceptance then.
+        let accepted = match reply.get(3).and_then(Option::as_deref) {
+            None | Some("") => None,
+            Some(json) => Some(serde_json::from_str(json).map_err(|e| {
+                StoreError::Corrupt(format!("payment {value}'s channel acceptance: {e}"))
+            })?),
+        };
         Ok(Some(PaymentRecord {
             doc,
             status: status(&reply, 1, what)?,
             held_minor: number(&reply, 2, what)?,
+            accepted,
         }))
     }
 }

@@ -1053,7 +1053,8 @@ pub trait PaymentStore: Send + Sync {
     /// `latency_ms`, `action` and `channel_txn_id` only when given (`None` keeps the stored
     /// value). `false` when there is no such attempt, or when it has `succeeded`: a succeeded
     /// attempt keeps its outcome (an `accepted` arriving after the callback's `succeeded`
-    /// must not move it back).
+    /// must not move it back); and `false` for `accepted` unless the attempt is still the
+    /// `unknown` recorded before its call or `accepted`: an outcome that overtook it stands.
     #[allow(clippy::too_many_arguments)]
     async fn update_attempt(
         &self,

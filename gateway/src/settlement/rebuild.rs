@@ -462,6 +462,7 @@ async fn rebuild_account(
                 doc,
                 status: PaymentStatus::Pending,
                 held_minor: row.held_minor,
+                accepted: None,
             });
         }
         let a = &balance.account;

@@ -176,6 +176,13 @@ impl Settler {
         }
     }
 
+    /// Queues an attempt's outcome for the next group commit without waiting for it (an
+    /// accepted attempt: the balance store holds the acceptance for reads and replays until
+    /// then, and the resolution loop treats an attempt still `unknown` like an accepted one).
+    pub fn save_attempt_later(&self, update: AttemptUpdate) -> Result<(), StreamError> {
+        self.stream.enqueue(Write::Attempt(update))
+    }
+
     /// One write through the stream, waited for at most the settle timeout.
     async fn write(
         &self,

@@ -203,6 +203,18 @@ impl SettlementStream {
         }
     }
 
+    /// Queues a write that no one waits for: it rides the next group commit, and a refusal is
+    /// only logged. For what a later reader can do without (see
+    /// [`crate::settlement::Settler::save_attempt_later`]).
+    pub fn enqueue(&self, write: Write) -> Result<(), StreamError> {
+        let (done, _unheard) = oneshot::channel();
+        self.queue(Job {
+            write,
+            mark: None,
+            done,
+        })
+    }
+
     /// Queues any write and waits for its commit (and, when an intent or a settlement was
     /// committed, for `mark` to be settled in the balance store).
     pub async fn submit_write(
@@ -211,10 +223,15 @@ impl SettlementStream {
         mark: Option<SettledMark>,
     ) -> Result<Written, StreamError> {
         let (done, wait) = oneshot::channel();
+        self.queue(Job { write, mark, done })?;
+        wait.await.map_err(|_| StreamError::Stopped)?
+    }
+
+    fn queue(&self, job: Job) -> Result<(), StreamError> {
         // Counted before it is queued: the writer may take and uncount it before `try_send`
         // even returns, and the count must never go below zero.
         let depth = self.shared.depth.fetch_add(1, Ordering::Relaxed) + 1;
-        if let Err(e) = self.tx.try_send(Job { write, mark, done }) {
+        if let Err(e) = self.tx.try_send(job) {
             self.shared.depth.fetch_sub(1, Ordering::Relaxed);
             return Err(match e {
                 mpsc::error::TrySendError::Full(_) => StreamError::QueueFull,
@@ -222,7 +239,7 @@ impl SettlementStream {
             });
         }
         telemetry::settlement_queue_depth(depth);
-        wait.await.map_err(|_| StreamError::Stopped)?
+        Ok(())
     }
 }
 

@@ -9,10 +9,10 @@ use gateway::ids::{
 };
 use gateway::money::Currency;
 use gateway::preauth::{
-    AccountKey, AccountRebuild, AdjustOutcome, AdjustRequest, AuthorizeOutcome, AuthorizeRequest,
-    BalanceStore, Direction, HoldSpec, IdempotencyClaim, Method, OpContext, PaymentDoc,
-    PaymentRecord, PaymentStatus, Purpose, Scope, SettledMark, StoredOutcome, SucceedOutcome,
-    SucceedRequest, SuccessEffect, TransitionOutcome, UpsertOutcome,
+    AcceptedAttempt, AccountKey, AccountRebuild, AdjustOutcome, AdjustRequest, AuthorizeOutcome,
+    AuthorizeRequest, BalanceStore, Direction, HoldSpec, IdempotencyClaim, Method, OpContext,
+    PaymentDoc, PaymentRecord, PaymentStatus, Purpose, Scope, SettledMark, StoredOutcome,
+    SucceedOutcome, SucceedRequest, SuccessEffect, TransitionOutcome, UpsertOutcome,
 };
 
 use crate::helpers::{store_for, Backend, RedisServer};
@@ -361,6 +361,7 @@ async fn a_lost_payment_is_restored_once_with_its_refunds(store: Arc<dyn Balance
             doc: request.doc.clone(),
             status: PaymentStatus::PartiallyRefunded,
             held_minor: 0,
+            accepted: None,
         },
         refund_count: 2,
         refunds_reserved: 700,
@@ -460,6 +461,7 @@ on_both_backends!(
     pending_records_wait_in_the_outbox_until_settled,
     final_statuses_reach_the_outbox,
     abandon_undoes_a_pending_payment_and_frees_its_key,
+    an_acceptance_is_kept_with_the_payment_and_lets_the_key_replay,
     rebuild_replaces_balances_and_holds,
     accounts_are_created_updated_and_keep_their_currency,
     holds_count_against_available_and_insufficient_funds_is_recorded,
@@ -1178,6 +1180,58 @@ async fn abandon_undoes_a_pending_payment_and_frees_its_key(store: Arc<dyn Balan
     assert_eq!(snapshot(&store, &k, NOW).await, (9_000, 4_000, 5_000));
 }
 
+async fn an_acceptance_is_kept_with_the_payment_and_lets_the_key_replay(
+    store: Arc<dyn BalanceStore>,
+) {
+    let k = funded(&store, "acc", 10_000, 0).await;
+    settle_all(&store).await;
+    let mut request = authorize(&k, "c1", "o1", 4_000, hold_until(NOW + 60_000));
+    request.pending_record = Some("{\"intent\":{}}".into());
+    store.authorize(&request, ctx(NOW)).await.unwrap();
+    let id = PaymentId::parse(&request.doc.id).unwrap();
+    let retry = || authorize(&k, "c1", "o1", 4_000, hold_until(NOW + 60_000));
+    assert_eq!(
+        store.authorize(&retry(), ctx(NOW)).await.unwrap(),
+        AuthorizeOutcome::IdempotencyInFlight
+    );
+    assert_eq!(store.payment(&id).await.unwrap().unwrap().accepted, None);
+    let accepted = AcceptedAttempt {
+        attempt: 2,
+        action: Some(r#"{"type":"qr_code","qr_code":"https://qr.example/\"x\""}"#.into()),
+        channel_txn_id: Some("T-1".into()),
+        latency_ms: Some(12),
+        at_ms: NOW + 5,
+    };
+    let mark = SettledMark {
+        tag: k.tag,
+        id: id.as_str().to_owned(),
+        idempotency_key: "c1".into(),
+    };
+    store.accept(&mark, &accepted).await.unwrap();
+    // Kept with the payment, the intent's pending record gone, the key replaying; the hold
+    // and the status untouched.
+    let record = store.payment(&id).await.unwrap().unwrap();
+    assert_eq!(record.accepted.as_ref(), Some(&accepted));
+    assert_eq!(
+        (record.status, record.held_minor),
+        (PaymentStatus::Pending, 4_000)
+    );
+    assert!(all_unsettled(&store).await.is_empty());
+    assert_eq!(
+        store.authorize(&retry(), ctx(NOW)).await.unwrap(),
+        AuthorizeOutcome::Replay(StoredOutcome::Payment(id.clone()))
+    );
+    assert_eq!(snapshot(&store, &k, NOW).await, (10_000, 4_000, 6_000));
+    // A payment the store does not have keeps nothing.
+    let ghost = PaymentId::generate(k.tag, NOW);
+    let ghost_mark = SettledMark {
+        id: ghost.as_str().to_owned(),
+        ..mark
+    };
+    store.accept(&ghost_mark, &accepted).await.unwrap();
+    assert_eq!(store.payment(&ghost).await.unwrap(), None);
+}
+
 async fn rebuild_replaces_balances_and_holds(store: Arc<dyn BalanceStore>) {
     assert!(!store.has_accounts().await.unwrap());
     let k = funded(&store, "acc", 10_000, 0).await;
@@ -1190,6 +1244,7 @@ async fn rebuild_replaces_balances_and_holds(store: Arc<dyn BalanceStore>) {
         doc: kept.doc.clone(),
         status: PaymentStatus::Pending,
         held_minor: 2_000,
+        accepted: None,
     };
     let rebuild = |expect| AccountRebuild {
         key: k.clone(),
@@ -1273,7 +1328,8 @@ async fn rebuild_replaces_balances_and_holds(store: Arc<dyn BalanceStore>) {
         TransitionOutcome::Done(PaymentRecord {
             doc: kept.doc.clone(),
             status: PaymentStatus::Succeeded,
-            held_minor: 0
+            held_minor: 0,
+            accepted: None,
         })
     );
     assert_eq!(snapshot(&store, &k, NOW).await, (6_000, 0, 6_500));

@@ -208,6 +208,76 @@ async fn an_auto_paid_alipay_charge_succeeds_through_the_resolution_loop() {
     panic!("the collection never reached the store");
 }
 
+/// A checkout waits on two commits (intent, then its success), not three: the accepted
+/// attempt's outcome rides a later group commit, and until it lands the balance store's
+/// acceptance answers. A replay right after the `201` is that `201`, action and all; `GET`
+/// shows the accepted attempt; the store gets it (and the resolution loop, an hour away, is
+/// not what writes it).
+async fn an_accepted_checkout_replays_its_action_before_the_attempt_is_committed(backend: Backend) {
+    // Wide commit spacing: the accepted attempt's write waits well after the answer.
+    let overrides = &[
+        ("GATEWAY__RESOLUTION__FIRST_CHECK_DELAY_MS", "3600000"),
+        ("GATEWAY__STORE__COMMIT_SPACING_US", "100000"),
+    ];
+    let app = app(backend, Store::Sqlite, overrides, ChannelOptions::default()).await;
+    let body = customer_payment("alipay", "ali-acc-1", "66.60");
+    let created = app.pay(ALPHA, "acc-1", body.clone()).await;
+    assert_eq!(created.status, 201, "{:?}", created.body);
+    assert_eq!(created.body["action"]["type"], "qr_code");
+    let id = created.body["id"].as_str().unwrap();
+    let replay = app.pay(ALPHA, "acc-1", body.clone()).await;
+    assert_eq!(replay.status, 201, "{:?}", replay.body);
+    assert_eq!(replay.body, created.body, "the replay is the first answer");
+    let read = app.get(&format!("/v1/payments/{id}"), ALPHA).await;
+    assert_eq!(read.status, 200, "{:?}", read.body);
+    assert_eq!(read.body["action"], created.body["action"]);
+    assert_eq!(read.body["attempts"], created.body["attempts"]);
+    assert_eq!(
+        attempts(&read.body),
+        vec![(ALIPAY_MAIN.to_owned(), "accepted".to_owned())]
+    );
+    // A changed request under the key is still refused, and the order id stays taken.
+    let changed = app
+        .pay(
+            ALPHA,
+            "acc-1",
+            customer_payment("alipay", "ali-acc-1", "66.61"),
+        )
+        .await;
+    assert_eq!(changed.status, 409, "{:?}", changed.body);
+    assert_eq!(changed.body["error"]["code"], "idempotency_conflict");
+    let disk = app.settlement_store().await;
+    let mut stored = Vec::new();
+    for _ in 0..200 {
+        stored = disk.attempts(id).await.unwrap();
+        if stored.first().map(|a| a.outcome.as_str()) == Some("accepted") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(stored[0].outcome.as_str(), "accepted", "{stored:?}");
+    let action: Value = serde_json::from_str(stored[0].action.as_deref().unwrap()).unwrap();
+    assert_eq!(action, created.body["action"]);
+    // Once it is: the same answer, now from the store's row.
+    let again = app.pay(ALPHA, "acc-1", body).await;
+    assert_eq!(again.body, created.body);
+    assert_eq!(
+        executed(&app, &created.body, &[ALIPAY_MAIN, ALIPAY_BACKUP]).len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn an_accepted_checkout_replays_at_once_on_redis() {
+    an_accepted_checkout_replays_its_action_before_the_attempt_is_committed(Backend::Redis).await;
+}
+
+#[tokio::test]
+async fn an_accepted_checkout_replays_at_once_in_process() {
+    an_accepted_checkout_replays_its_action_before_the_attempt_is_committed(Backend::Memory).await;
+}
+
 /// WeChat Pay: the loop's query (`GET …/out-trade-no/{no}?mchid=…`, signed over the path and
 /// query) is accepted by the simulator and finds the order paid.
 #[tokio::test]

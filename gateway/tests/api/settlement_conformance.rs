@@ -171,6 +171,7 @@ on_both_stores!(
     a_retried_intent_adds_its_missing_attempt,
     attempts_are_recorded_once_and_clashing_order_ids_are_refused,
     updating_an_attempt_keeps_what_it_does_not_replace,
+    an_accepted_outcome_only_follows_the_unknown_recorded_before_the_call,
     claim_due_leases_due_pending_payments_oldest_first,
     schedule_check_sets_the_next_check_and_counts,
     payment_rows_keep_their_resolution_schedule,
@@ -848,6 +849,59 @@ async fn attempts_are_recorded_once_and_clashing_order_ids_are_refused(
         Err(SettleError::Invalid(_))
     ));
     assert_eq!(store.attempts("pay_1").await.unwrap().len(), 3);
+}
+
+/// The accepted outcome rides a later group commit than the checkout's answer: an outcome
+/// that overtook it (the channel's failure, a close) stands.
+async fn an_accepted_outcome_only_follows_the_unknown_recorded_before_the_call(
+    store: Arc<dyn SettlementStore>,
+) {
+    let before_the_call = |attempt| AttemptRow {
+        outcome: AttemptOutcome::Unknown,
+        ..attempt_row("pay_1", attempt)
+    };
+    store.migrate().await.unwrap();
+    store
+        .record_intent(
+            &channel_payment("pay_1", Some(60_000)),
+            Some(&before_the_call(1)),
+        )
+        .await
+        .unwrap();
+    store.record_attempt(&before_the_call(2)).await.unwrap();
+    let accept = |attempt| {
+        store.update_attempt(
+            "pay_1",
+            attempt,
+            AttemptOutcome::Accepted,
+            Some(5),
+            Some("{}"),
+            None,
+            20,
+        )
+    };
+    // Attempt 1 failed at the channel before its acceptance landed.
+    assert!(store
+        .update_attempt("pay_1", 1, AttemptOutcome::Failed, None, None, None, 10)
+        .await
+        .unwrap());
+    assert!(!accept(1).await.unwrap());
+    // Attempt 2 is still as recorded before its call: accepted.
+    assert!(accept(2).await.unwrap());
+    let outcomes: Vec<(u32, AttemptOutcome, Option<String>)> = store
+        .attempts("pay_1")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| (a.attempt, a.outcome, a.action))
+        .collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            (1, AttemptOutcome::Failed, None),
+            (2, AttemptOutcome::Accepted, Some("{}".into()))
+        ]
+    );
 }
 
 async fn updating_an_attempt_keeps_what_it_does_not_replace(store: Arc<dyn SettlementStore>) {

@@ -8,7 +8,7 @@
 --       3.. payment ids of scope T found due in rx:{S}, or order-id markers a rebuild put
 --       back ('!<payment id>:<order id>', see restore_keys.lua)
 -- Returns {evicted, deferred}.
--- A due payment leaves — its status, document, order-id entry (if still its own), refunds'
+-- A due payment leaves — its status, document (and channel acceptance), order-id entry (if still its own), refunds'
 -- state and late-capture markers — unless something may still need it here: it is pending, or
 -- a movement of it (its intent or settlement, status change, a late capture, a refund) waits
 -- in the outbox, or one of its refunds is pending. Then it is looked at again a retention
@@ -93,7 +93,7 @@ for i = 3, #ARGV do
         redis.call('HDEL', KEYS[6], pid .. '#' .. attempt)
       end
       redis.call('HDEL', KEYS[2], pid)
-      redis.call('HDEL', KEYS[3], pid)
+      redis.call('HDEL', KEYS[3], pid, pid .. '#a')
       redis.call('ZREM', KEYS[1], pid)
       evicted = evicted + 1
     end

@@ -2,7 +2,8 @@
 --
 -- KEYS: 1 pd:{T}  2 ps:{T}  3 ph:{T}  4 o:{T}
 -- ARGV: 1 mode ('id' | 'order')  2 payment id or merchant order id
--- Returns {doc, status, held} | {} when there is none (or, by order, none live).
+-- Returns {doc, status, held, acceptance ('' when none: see accept.lua)} | {} when there is
+-- none (or, by order, none live).
 -- Invariant: read-only.
 
 local pid = ARGV[2]
@@ -16,4 +17,5 @@ local status = redis.call('HGET', KEYS[2], pid)
 if not status or (ARGV[1] == 'order' and not is_live(status)) then
   return {}
 end
-return {redis.call('HGET', KEYS[1], pid), status, redis.call('HGET', KEYS[3], pid) or '0'}
+return {redis.call('HGET', KEYS[1], pid), status, redis.call('HGET', KEYS[3], pid) or '0',
+  redis.call('HGET', KEYS[1], pid .. '#a') or ''}

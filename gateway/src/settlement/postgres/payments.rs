@@ -70,12 +70,13 @@ const INSERT_ATTEMPT: &str = "INSERT INTO attempts (payment_id, attempt, channel
     channel_order_id, outcome, latency_ms, action, channel_txn_id, created_at_ms, \
     updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING";
 
-/// An attempt's outcome; given values replace stored ones, and a succeeded attempt keeps its
-/// outcome (see `PaymentStore::update_attempt`).
+/// An attempt's outcome; given values replace stored ones, a succeeded attempt keeps its
+/// outcome, and `accepted` only follows `unknown` or itself (see `PaymentStore::update_attempt`).
 const UPDATE_ATTEMPT: &str = "UPDATE attempts SET outcome = $3, \
     latency_ms = COALESCE($4, latency_ms), action = COALESCE($5, action), \
     channel_txn_id = COALESCE($6, channel_txn_id), updated_at_ms = $7 \
-    WHERE payment_id = $1 AND attempt = $2 AND outcome <> 'succeeded'";
+    WHERE payment_id = $1 AND attempt = $2 AND outcome <> 'succeeded' \
+    AND ($3 <> 'accepted' OR outcome IN ('unknown', 'accepted'))";
 
 const STORED_ATTEMPT_ORDER: &str =
     "SELECT channel_order_id FROM attempts WHERE payment_id = $1 AND attempt = $2";

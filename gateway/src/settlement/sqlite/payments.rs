@@ -188,15 +188,18 @@ pub(super) fn intent_in(
     Ok(IntentOutcome::Inserted)
 }
 
-/// Applies an attempt's outcome; a `succeeded` attempt keeps its outcome (a late `accepted`
-/// must not move it back). `false` when no such attempt can take it.
+/// Applies an attempt's outcome; a `succeeded` attempt keeps its outcome, and `accepted` only
+/// follows the `unknown` recorded before the call or itself (the accepted outcome rides a later commit
+/// than the answer: an outcome that overtook it stands). `false` when no such attempt can
+/// take it.
 pub(super) fn update_attempt_in(conn: &Connection, u: &AttemptUpdate) -> rusqlite::Result<bool> {
     let updated = conn
         .prepare_cached(
             "UPDATE attempts SET outcome = ?3, \
              latency_ms = COALESCE(?4, latency_ms), action = COALESCE(?5, action), \
              channel_txn_id = COALESCE(?6, channel_txn_id), updated_at_ms = ?7 \
-             WHERE payment_id = ?1 AND attempt = ?2 AND outcome <> 'succeeded'",
+             WHERE payment_id = ?1 AND attempt = ?2 AND outcome <> 'succeeded' \
+             AND (?3 <> 'accepted' OR outcome IN ('unknown', 'accepted'))",
         )?
         .execute(params![
             u.payment_id,
