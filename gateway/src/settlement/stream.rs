@@ -27,7 +27,7 @@ use std::panic::AssertUnwindSafe;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
 use super::rebuild::{unwind_refused, unwind_refused_adjustment, void_and_rebuild, Refusal};
@@ -104,6 +104,14 @@ struct Shared {
     /// Admitted movements whose write is not queued yet ([`Admission`]s alive).
     inbound: AtomicUsize,
     idempotency_retention_seconds: u64,
+    /// Writes queued that make the writer stop waiting for the spacing
+    /// (`commit_spacing_rows`): the writer sleeps through the spacing instead of waking for
+    /// every write that arrives, and a submitter that makes the queue this long wakes it.
+    spacing_rows: usize,
+    /// Wakes the writer out of the spacing: enough company has arrived.
+    company: Notify,
+    /// Wakes the writer waiting for admitted movements: none is on its way any more.
+    all_in: Notify,
 }
 
 /// A movement admitted and on its way to the writer (its balance-store call in flight): the
@@ -141,6 +149,9 @@ impl SettlementStream {
             capacity: settings.queue_capacity,
             inbound: AtomicUsize::new(0),
             idempotency_retention_seconds: settings.idempotency_retention_seconds,
+            spacing_rows: settings.commit_spacing_rows.max(1),
+            company: Notify::new(),
+            all_in: Notify::new(),
         });
         let writer = Writer {
             answerer: Answerer {
@@ -239,6 +250,15 @@ impl SettlementStream {
             });
         }
         telemetry::settlement_queue_depth(depth);
+        // Queued and not taken yet: enough for a batch that need not wait for the spacing.
+        let queued = self.tx.max_capacity() - self.tx.capacity();
+        if queued >= self.shared.spacing_rows {
+            self.shared.company.notify_one();
+        }
+        // The caller's admission is dropped before its write is queued.
+        if self.shared.inbound.load(Ordering::Relaxed) == 0 {
+            self.shared.all_in.notify_one();
+        }
         Ok(())
     }
 }
@@ -338,35 +358,56 @@ impl Writer {
     /// most `batch_max_wait_ms` (a lone write does not wait: nothing is on its way).
     async fn fill(&mut self, batch: &mut Vec<Job>) {
         let max = self.settings.batch_max_rows;
-        while batch.len() < max {
-            match self.rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
+        self.take_queued(batch, max);
         // The spacing: what arrives until `commit_spacing` after the last commit started
-        // joins this one, unless the batch is big enough already.
+        // joins this one, unless the batch is big enough already. The writer sleeps through
+        // it (one wake-up per commit, not one per write): a submitter wakes it early when the
+        // queue alone holds `commit_spacing_rows`.
         if let Some(spaced) = self
             .last_commit
             .map(|last| last + self.settings.commit_spacing)
             .filter(|spaced| *spaced > tokio::time::Instant::now())
         {
-            while batch.len() < max.min(self.settings.commit_spacing_rows) {
-                match tokio::time::timeout_at(spaced, self.rx.recv()).await {
-                    Ok(Some(job)) => batch.push(job),
-                    Ok(None) | Err(_) => break,
+            let enough = max.min(self.settings.commit_spacing_rows);
+            loop {
+                self.take_queued(batch, enough);
+                if batch.len() >= enough {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep_until(spaced) => break,
+                    _ = self.shared.company.notified() => {}
                 }
             }
+            self.take_queued(batch, max);
         }
         if batch.len() >= max || self.settings.batch_max_wait_ms == 0 {
             return;
         }
         let deadline =
             tokio::time::Instant::now() + Duration::from_millis(self.settings.batch_max_wait_ms);
-        while batch.len() < max && self.shared.inbound.load(Ordering::Relaxed) > 0 {
-            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
-                Ok(Some(job)) => batch.push(job),
-                Ok(None) | Err(_) => break,
+        // Woken when the last movement on its way has queued its write (or the queue holds
+        // a spacing's worth), not by every write.
+        loop {
+            self.take_queued(batch, max);
+            if batch.len() >= max || self.shared.inbound.load(Ordering::Relaxed) == 0 {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = self.shared.all_in.notified() => {}
+                _ = self.shared.company.notified() => {}
+            }
+        }
+        self.take_queued(batch, max);
+    }
+
+    /// Moves queued writes into `batch` until it holds `up_to`.
+    fn take_queued(&mut self, batch: &mut Vec<Job>, up_to: usize) {
+        while batch.len() < up_to {
+            match self.rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
             }
         }
     }
