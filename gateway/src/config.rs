@@ -95,8 +95,8 @@ pub struct ServerSettings {
     /// notify URLs are `<public_url>/v1/callbacks/<channel id>`. Empty: `http://<bound
     /// address>` (the sandbox).
     pub public_url: String,
-    /// Threads of the async runtime; 0: one per CPU. Fewer threads than CPUs leave room for
-    /// Redis and the database on a shared machine (docs/PERFORMANCE.md).
+    /// Threads of the async runtime; 0: one per CPU but one (at least one), leaving room for
+    /// the SQLite thread, Redis and the database on a shared machine (docs/PERFORMANCE.md).
     pub worker_threads: usize,
     /// From a request's first byte to the end of its headers at most; a slower client is
     /// disconnected (`api::server`).
