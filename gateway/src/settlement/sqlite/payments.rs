@@ -181,10 +181,12 @@ pub(super) fn intent_in(
     if let Some(taken) = arbitrate(tx, p)? {
         return Ok(taken.into());
     }
-    write_payment(tx, p, history).map_err(db)?;
+    // The attempt first: when it clashes (refused `Invalid`), nothing has been written, so a
+    // group commit needs no savepoint per intent (each would copy every page it touches).
     if let Some(a) = first_attempt {
         insert_attempt(tx, a)?;
     }
+    write_payment(tx, p, history).map_err(db)?;
     Ok(IntentOutcome::Inserted)
 }
 

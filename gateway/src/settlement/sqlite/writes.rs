@@ -24,7 +24,7 @@ impl WriteStore for SqliteStore {
         let batch = batch.to_vec();
         let no_webhook = self.no_webhook.clone();
         self.run(StoreOp::Write("commit_writes"), move |conn| {
-            let mut tx = conn
+            let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(db)?;
             let mut results: Vec<Option<Result<Written, SettleError>>> =
@@ -41,13 +41,9 @@ impl WriteStore for SqliteStore {
                 if result.is_some() {
                     continue;
                 }
-                // A savepoint per intent: an attempt that clashes leaves nothing behind.
-                let sp = tx.savepoint().map_err(db)?;
-                match intent_in(&sp, payment, first_attempt.as_ref(), &no_webhook) {
-                    Ok(outcome) => {
-                        sp.commit().map_err(db)?;
-                        *result = Some(Ok(Written::Intent(outcome)));
-                    }
+                // An intent refused `Invalid` (a clashing attempt) has written nothing.
+                match intent_in(&tx, payment, first_attempt.as_ref(), &no_webhook) {
+                    Ok(outcome) => *result = Some(Ok(Written::Intent(outcome))),
                     Err(e @ SettleError::Invalid(_)) => *result = Some(Err(e)),
                     Err(e) => return Err(e),
                 }
