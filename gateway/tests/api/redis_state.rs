@@ -885,3 +885,60 @@ async fn order_markers_a_rebuild_puts_back_leave_after_the_retention() {
     app.assert_account(ALPHA, "acc", "90.00", "0.00", "90.00")
         .await;
 }
+
+/// A channel's acceptance kept beside the payment's document (`<id>#a` in `pd:{T}`, see
+/// `accept.lua`) leaves with the document once the payment is finished and past the
+/// retention; the store then answers with the attempt as it committed it.
+#[tokio::test]
+async fn a_kept_acceptance_leaves_redis_with_its_payment() {
+    let app = spawn_app_with(Backend::Redis, SHORT_RETENTION).await;
+    let created = app
+        .pay(
+            ALPHA,
+            "k-accepted",
+            json!({"merchant_order_id": "o-accepted", "amount": "3.00", "currency": "CNY",
+                   "method": "alipay"}),
+        )
+        .await;
+    assert_eq!(created.status, 201, "{:?}", created.body);
+    let id = created.body["id"].as_str().unwrap().to_owned();
+    let tag = PaymentId::parse(&id).unwrap().tag();
+    let accepted_field = format!("{id}#a");
+    let mut conn = app.redis.as_ref().unwrap().connection().await;
+    let kept: Option<String> = conn
+        .hget(format!("pd:{{{tag}}}"), &accepted_field)
+        .await
+        .unwrap();
+    let kept: serde_json::Value = serde_json::from_str(&kept.expect("kept at the answer")).unwrap();
+    assert_eq!(kept["n"], 1);
+    let action: serde_json::Value = serde_json::from_str(kept["a"].as_str().unwrap()).unwrap();
+    assert_eq!(action, created.body["action"]);
+
+    // Paid at the channel: its callback settles it; then, past the retention, it leaves.
+    let order = created.body["attempts"][0]["channel_order_id"]
+        .as_str()
+        .unwrap();
+    assert!(matches!(
+        app.channels.sim.pay(order),
+        channel_sim::PayOutcome::Paid(_)
+    ));
+    app.wait_status(&id, "succeeded").await;
+    let mut gone = false;
+    for _ in 0..100 {
+        let doc: bool = conn.hexists(format!("pd:{{{tag}}}"), &id).await.unwrap();
+        let acceptance: bool = conn
+            .hexists(format!("pd:{{{tag}}}"), &accepted_field)
+            .await
+            .unwrap();
+        if !doc && !acceptance {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "the document or the acceptance stayed in Redis");
+    let got = app.get(&format!("/v1/payments/{id}"), ALPHA).await;
+    assert_eq!(got.status, 200, "{:?}", got.body);
+    assert_eq!(got.body["status"], "succeeded");
+    assert_eq!(got.body["attempts"][0]["outcome"], "succeeded");
+}
