@@ -1167,7 +1167,9 @@ pub trait WriteStore: Send + Sync {
     /// of its own method above. Writes of one kind apply in the order given; writes of
     /// different kinds may apply in any order, so a batch must not hold writes of two kinds
     /// for one row (the stream never does: a payment's next write waits for its previous
-    /// commit). The outer error is the transaction's (nothing written); an inner `Invalid` is
+    /// commit — except an accepted attempt's outcome, queued unwaited, which the stores take
+    /// only over the attempt's `unknown`, so a success or failure beside it wins in either
+    /// order). The outer error is the transaction's (nothing written); an inner `Invalid` is
     /// that write's alone (nothing of it written, the others committed). An attempt outcome
     /// never overwrites `succeeded`.
     async fn commit_writes(

@@ -19,7 +19,7 @@
 //! caller does right before it submits its write.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -110,6 +110,8 @@ struct Shared {
     spacing_rows: usize,
     /// Wakes the writer out of the spacing: enough company has arrived.
     company: Notify,
+    /// Writes in the batch the writer is filling while it waits for the spacing (0 else).
+    filling: AtomicUsize,
     /// Wakes the writer waiting for admitted movements: none is on its way any more.
     all_in: Notify,
 }
@@ -151,6 +153,7 @@ impl SettlementStream {
             idempotency_retention_seconds: settings.idempotency_retention_seconds,
             spacing_rows: settings.commit_spacing_rows.max(1),
             company: Notify::new(),
+            filling: AtomicUsize::new(0),
             all_in: Notify::new(),
         });
         let writer = Writer {
@@ -250,9 +253,12 @@ impl SettlementStream {
             });
         }
         telemetry::settlement_queue_depth(depth);
-        // Queued and not taken yet: enough for a batch that need not wait for the spacing.
+        // Queued and not taken yet, with the batch waiting for the spacing: enough for a
+        // batch that need not wait.
+        // (The fence pairs with the writer's: it sees this write queued, or this sees its batch.)
+        fence(Ordering::SeqCst);
         let queued = self.tx.max_capacity() - self.tx.capacity();
-        if queued >= self.shared.spacing_rows {
+        if queued + self.shared.filling.load(Ordering::Relaxed) >= self.shared.spacing_rows {
             self.shared.company.notify_one();
         }
         // The caller's admission is dropped before its write is queued.
@@ -374,11 +380,20 @@ impl Writer {
                 if batch.len() >= enough {
                     break;
                 }
+                // Published before the queue is looked at again: a write queued after this
+                // counts it, one queued before is taken below.
+                self.shared.filling.store(batch.len(), Ordering::Relaxed);
+                fence(Ordering::SeqCst);
+                self.take_queued(batch, enough);
+                if batch.len() >= enough {
+                    break;
+                }
                 tokio::select! {
                     _ = tokio::time::sleep_until(spaced) => break,
                     _ = self.shared.company.notified() => {}
                 }
             }
+            self.shared.filling.store(0, Ordering::Relaxed);
             self.take_queued(batch, max);
         }
         if batch.len() >= max || self.settings.batch_max_wait_ms == 0 {
@@ -758,8 +773,9 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!second.is_finished(), "the second commit did not wait");
         assert_eq!(stream.depth(), 1);
-        // The third makes the batch `commit_spacing_rows` (2) big: it goes at once.
-        let third = tokio::time::timeout(spacing * 9 / 10, stream.submit_write(noop(3), None))
+        // The third makes the batch `commit_spacing_rows` (2) big: it goes at once, long
+        // before the spacing ends.
+        let third = tokio::time::timeout(spacing / 2, stream.submit_write(noop(3), None))
             .await
             .expect("a batch of commit_spacing_rows does not wait for the spacing")
             .unwrap();
