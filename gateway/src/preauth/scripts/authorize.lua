@@ -36,11 +36,14 @@ if has_account then
   if fence_holds(acct[8], ARGV[10]) then
     return {'busy'}
   end
-  -- First, so that an order id whose hold just expired is free again.
-  local released = release_expired(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[8], ARGV[10],
-    tonumber(ARGV[11]))
-  if released > 0 then
-    acct[5] = redis.call('HGET', KEYS[1], 'held')
+  -- First, so that an order id whose hold just expired is free again. An account holding
+  -- nothing has no hold to release (held == the sum of its holds, each > 0): no scan.
+  if tonumber(acct[5] or '0') > 0 then
+    local released = release_expired(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[8], ARGV[10],
+      tonumber(ARGV[11]))
+    if released > 0 then
+      acct[5] = redis.call('HGET', KEYS[1], 'held')
+    end
   end
 end
 
