@@ -95,6 +95,7 @@ fn request() -> AuthorizeRequest {
             capture_now: true,
         }),
         pending_record: None,
+        doc_json: None,
         scope: Scope::Account(key),
     }
 }

@@ -178,6 +178,7 @@ fn authorize_request(core: &Core, merchant: &Merchant, new: NewPayment) -> Autho
         doc,
         hold,
         pending_record: None,
+        doc_json: None,
     }
 }
 
@@ -198,6 +199,8 @@ async fn create_balance(
     );
     request.pending_record =
         Some(CompactRecord::balance_capture(&request.idempotency.request_hash).to_json());
+    // The document as the store row encoded it: encoded once for both stores.
+    request.doc_json = capture.payment.as_ref().map(|row| row.doc.clone());
 
     // On its way to the writer until the balance store has answered (see `Admission`).
     let admission = core.settler.admit().map_err(PaymentError::not_admitted)?;
@@ -242,6 +245,8 @@ async fn create_channel(
         "the outbox's intent rebuilds the row"
     );
     request.pending_record = Some(compact.to_json());
+    // The document as the intent row encoded it: encoded once for both stores.
+    request.doc_json = Some(intent.doc.clone());
 
     // The route first: the intent names its first attempt.
     let plan = ChannelPlan::new(core, &request);

@@ -396,6 +396,9 @@ pub struct AuthorizeRequest {
     /// the store): kept with the payment until `mark_settled`, and the idempotency record
     /// stays in flight meanwhile. `None` answers at once.
     pub pending_record: Option<String>,
+    /// `doc` as JSON when the caller has encoded it already (the store row's), so that a
+    /// payment's document is encoded once; `None`: the store encodes it.
+    pub doc_json: Option<String>,
 }
 
 // Returned by value once per call and matched at once: boxing the large variant would add an

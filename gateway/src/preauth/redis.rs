@@ -573,7 +573,13 @@ impl BalanceStore for RedisStore {
         let tag = req.scope.tag();
         let k = Keys::of(tag);
         let idempotency_key = Keys::idempotency(tag, req.idempotency.key.as_str());
-        let doc = doc_json(&req.doc)?;
+        let doc = match &req.doc_json {
+            Some(json) => {
+                debug_assert_eq!(Some(json), doc_json(&req.doc).ok().as_ref());
+                std::borrow::Cow::Borrowed(json.as_str())
+            }
+            None => std::borrow::Cow::Owned(doc_json(&req.doc)?),
+        };
         let (hold_expiry, capture_now) = match req.hold {
             Some(hold) => (hold.expires_at_ms, hold.capture_now),
             None => (0, false),

@@ -75,6 +75,7 @@ fn authorize(
         },
         hold: Some(hold),
         pending_record: None,
+        doc_json: None,
     }
 }
 
@@ -223,6 +224,7 @@ fn holdless(account: Option<&AccountKey>, idem: &str, amount: i64) -> AuthorizeR
         scope,
         hold: None,
         pending_record: Some("{\"intent\":{}}".into()),
+        doc_json: None,
     }
 }
 
@@ -1024,6 +1026,7 @@ async fn payments_without_account_hold_nothing(store: Arc<dyn BalanceStore>) {
         },
         hold: None,
         pending_record: None,
+        doc_json: None,
     };
     let out = store.authorize(&request, ctx(NOW)).await.unwrap();
     let AuthorizeOutcome::Created { payment, account } = out else {

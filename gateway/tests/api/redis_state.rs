@@ -91,6 +91,7 @@ fn balance_request(
             capture_now: true,
         }),
         pending_record: Some(pending),
+        doc_json: None,
     }
 }
 
@@ -648,6 +649,7 @@ async fn the_outbox_and_the_holds_are_found_through_slot_indexes() {
                     capture_now,
                 }),
                 pending_record: capture_now.then(|| CompactRecord::balance_capture("h").to_json()),
+                doc_json: None,
             };
             let created = store.authorize(&request, ctx(now_ms)).await.unwrap();
             assert!(
