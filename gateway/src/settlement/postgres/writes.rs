@@ -100,7 +100,9 @@ impl PostgresStore {
         // Writes of different kinds never concern the same row in one batch (a payment's next
         // write is submitted after its previous one committed; an attempt's success and its
         // settlement touch different tables), so all four kinds go out together: one round
-        // trip for the lot instead of one per kind. Within a kind, the order given holds.
+        // trip for the lot instead of one per kind. Within a kind, the order given holds (an
+        // accepted attempt's unwaited outcome and its success, both attempt updates, keep
+        // theirs; the store takes `accepted` only over `unknown` anyway).
         let mut intents: Vec<(usize, &PaymentRow, Option<&AttemptRow>)> = Vec::new();
         let mut updates: Vec<(usize, &AttemptUpdate)> = Vec::new();
         let mut settlements: Vec<(usize, &Settlement)> = Vec::new();
