@@ -104,9 +104,10 @@ struct Shared {
     /// Admitted movements whose write is not queued yet ([`Admission`]s alive).
     inbound: AtomicUsize,
     idempotency_retention_seconds: u64,
-    /// Writes queued that make the writer stop waiting for the spacing
-    /// (`commit_spacing_rows`): the writer sleeps through the spacing instead of waking for
-    /// every write that arrives, and a submitter that makes the queue this long wakes it.
+    /// Writes that make the writer stop waiting for the spacing (`commit_spacing_rows`, at
+    /// most `batch_max_rows`): the writer sleeps through the spacing instead of waking for
+    /// every write that arrives, and a submitter that makes its batch and the queue this long
+    /// wakes it.
     spacing_rows: usize,
     /// Wakes the writer out of the spacing: enough company has arrived.
     company: Notify,
@@ -151,7 +152,10 @@ impl SettlementStream {
             capacity: settings.queue_capacity,
             inbound: AtomicUsize::new(0),
             idempotency_retention_seconds: settings.idempotency_retention_seconds,
-            spacing_rows: settings.commit_spacing_rows.max(1),
+            spacing_rows: settings
+                .commit_spacing_rows
+                .min(settings.batch_max_rows)
+                .max(1),
             company: Notify::new(),
             filling: AtomicUsize::new(0),
             all_in: Notify::new(),
@@ -368,7 +372,7 @@ impl Writer {
         // The spacing: what arrives until `commit_spacing` after the last commit started
         // joins this one, unless the batch is big enough already. The writer sleeps through
         // it (one wake-up per commit, not one per write): a submitter wakes it early when the
-        // queue alone holds `commit_spacing_rows`.
+        // batch and the queue together hold `commit_spacing_rows`.
         if let Some(spaced) = self
             .last_commit
             .map(|last| last + self.settings.commit_spacing)
