@@ -181,6 +181,7 @@ on_both_stores!(
     a_refused_write_leaves_nothing_and_the_rest_of_its_batch_commits,
     the_store_decides_on_idempotency_keys_and_order_ids,
     new_payments_of_one_batch_are_decided_each_on_its_own,
+    intents_of_one_batch_are_decided_each_on_its_own,
     the_store_caps_refunds_and_flags_a_conflict,
     refusals_are_kept_once_per_key,
     old_keys_are_purged_under_a_lease,
@@ -1981,6 +1982,79 @@ async fn new_payments_of_one_batch_are_decided_each_on_its_own(store: Arc<dyn Se
             vec!["pay_1".to_owned(), "pay_2".to_owned(), "pay_5".to_owned()]
         )
     );
+}
+
+/// A batch's intents (PostgreSQL: one statement for the new ones) are decided one by one, as
+/// each would be alone: new, a retry, a twin, a taken order id, a key another payment or a
+/// refusal holds.
+async fn intents_of_one_batch_are_decided_each_on_its_own(store: Arc<dyn SettlementStore>) {
+    use gateway::settlement::RefusalRow;
+    store.migrate().await.unwrap();
+    let refused = RefusalRow {
+        scope_tag: "TAG0000000".into(),
+        idempotency_key: "K9".into(),
+        request_hash: "h9".into(),
+        outcome: "E:insufficient_funds:100:50".into(),
+        created_at_ms: 1,
+    };
+    store
+        .commit_writes(&[Write::Refusal(refused)])
+        .await
+        .unwrap();
+    let intent = |id: &str, order: &str, key: &str, hash: &str, attempt: bool| {
+        let mut p = channel_payment(id, Some(60_000)).with_idempotency(key, hash);
+        p.merchant_order_id = order.into();
+        Write::Intent {
+            payment: p,
+            first_attempt: attempt.then(|| attempt_row(id, 1)),
+        }
+    };
+    let results = store
+        .commit_writes(&[
+            intent("pay_1", "o1", "K1", "h1", true),
+            intent("pay_2", "o2", "K2", "h2", true),
+            intent("pay_1", "o1", "K1", "h1", true),
+            intent("pay_3", "o2", "K3", "h3", true),
+            intent("pay_4", "o4", "K1", "h1", true),
+            intent("pay_5", "o5", "K9", "h9", true),
+            intent("pay_6", "o6", "K6", "h6", false),
+        ])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect::<Vec<_>>();
+    assert_eq!(results[0], Written::Intent(IntentOutcome::Inserted));
+    assert_eq!(results[1], Written::Intent(IntentOutcome::Inserted));
+    assert_eq!(results[2], Written::Intent(IntentOutcome::AlreadyRecorded));
+    assert_eq!(
+        results[3],
+        Written::Intent(IntentOutcome::DuplicateOrder("pay_2".into()))
+    );
+    assert!(
+        matches!(&results[4], Written::Intent(IntentOutcome::Replay(h)) if h.payment_id == "pay_1"),
+        "{:?}",
+        results[4]
+    );
+    assert!(
+        matches!(&results[5], Written::Intent(IntentOutcome::Replay(_))),
+        "{:?}",
+        results[5]
+    );
+    assert_eq!(results[6], Written::Intent(IntentOutcome::Inserted));
+    for (id, kept) in [
+        ("pay_1", true),
+        ("pay_2", true),
+        ("pay_3", false),
+        ("pay_4", false),
+        ("pay_5", false),
+        ("pay_6", true),
+    ] {
+        assert_eq!(store.payment(id).await.unwrap().is_some(), kept, "{id}");
+    }
+    for (id, attempts) in [("pay_1", 1), ("pay_2", 1), ("pay_3", 0), ("pay_6", 0)] {
+        assert_eq!(store.attempts(id).await.unwrap().len(), attempts, "{id}");
+    }
 }
 
 async fn the_store_decides_on_idempotency_keys_and_order_ids(store: Arc<dyn SettlementStore>) {

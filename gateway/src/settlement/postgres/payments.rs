@@ -66,6 +66,107 @@ const WRITE_PAYMENT: &str = "WITH ins AS (INSERT INTO payments (id, merchant_id,
 const ATTEMPT_COLUMNS: &str = "payment_id, attempt, channel_id, channel_order_id, outcome, \
     latency_ms, action, channel_txn_id, created_at_ms, updated_at_ms";
 
+/// A batch's new intents in one statement: the payments (where neither their id, their
+/// idempotency key, a refusal under it, nor their live scoped order id is taken), their first
+/// events (kept histories only) and their first attempts (of the payments inserted). Per
+/// intent, in order: (payment inserted, attempt inserted). Rows go in by id, as every
+/// transaction locks them. The caller sends each id at most once per statement.
+const INSERT_INTENTS: &str = "WITH i AS (SELECT * FROM UNNEST(\
+    $1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::BIGINT[], $7::TEXT[], \
+    $8::TEXT[], $9::TEXT[], $10::TEXT[], $11::BIGINT[], $12::BIGINT[], $13::BIGINT[], \
+    $14::BIGINT[], $15::BIGINT[], $16::TEXT[], $17::BIGINT[], $18::INTEGER[], $19::TEXT[], \
+    $20::TEXT[], $21::BOOLEAN[], $22::INTEGER[], $23::TEXT[], $24::TEXT[], $25::TEXT[], \
+    $26::BIGINT[], $27::TEXT[], $28::TEXT[], $29::BIGINT[], $30::BIGINT[]) WITH ORDINALITY \
+    AS i(id, merchant_id, account_id, scope_tag, merchant_order_id, amount_minor, currency, \
+    method, purpose, status, held_minor, hold_expires_at_ms, created_at_ms, expires_at_ms, \
+    updated_at_ms, doc, next_check_at_ms, checks, idempotency_key, request_hash, keeps_history, \
+    attempt, channel_id, channel_order_id, outcome, latency_ms, action, channel_txn_id, \
+    a_created_at_ms, a_updated_at_ms, n)), \
+    pay AS (INSERT INTO payments (id, merchant_id, account_id, scope_tag, merchant_order_id, \
+    amount_minor, currency, method, purpose, status, held_minor, hold_expires_at_ms, \
+    created_at_ms, expires_at_ms, updated_at_ms, doc, next_check_at_ms, checks, \
+    idempotency_key, request_hash) SELECT id, merchant_id, account_id, scope_tag, \
+    merchant_order_id, amount_minor, currency, method, purpose, status, held_minor, \
+    hold_expires_at_ms, created_at_ms, expires_at_ms, updated_at_ms, doc, next_check_at_ms, \
+    checks, idempotency_key, request_hash FROM i WHERE NOT EXISTS (SELECT 1 FROM refusals r \
+    WHERE r.scope_tag = i.scope_tag AND r.idempotency_key = i.idempotency_key) \
+    ORDER BY id COLLATE \"C\" ON CONFLICT DO NOTHING RETURNING id, status, updated_at_ms), \
+    ev AS (INSERT INTO payment_events (payment_id, status, at_ms) SELECT pay.id, pay.status, \
+    pay.updated_at_ms FROM pay WHERE EXISTS (SELECT 1 FROM i WHERE i.id = pay.id \
+    AND i.keeps_history) ON CONFLICT DO NOTHING), \
+    att AS (INSERT INTO attempts (payment_id, attempt, channel_id, channel_order_id, outcome, \
+    latency_ms, action, channel_txn_id, created_at_ms, updated_at_ms) SELECT id, attempt, \
+    channel_id, channel_order_id, outcome, latency_ms, action, channel_txn_id, \
+    a_created_at_ms, a_updated_at_ms FROM i WHERE i.attempt IS NOT NULL \
+    AND i.id IN (SELECT id FROM pay) ORDER BY id COLLATE \"C\" ON CONFLICT DO NOTHING \
+    RETURNING payment_id) \
+    SELECT i.id IN (SELECT id FROM pay), i.id IN (SELECT payment_id FROM att) FROM i ORDER BY n";
+
+/// One intent as `INSERT_INTENTS` takes it: its payment and its first attempt (checked by
+/// [`check_attempt_for_postgres`]: `number` is its attempt as an INTEGER).
+pub(super) struct NewIntent<'a> {
+    pub p: &'a PaymentRow,
+    pub first: Option<(&'a AttemptRow, i32)>,
+}
+
+/// Runs `INSERT_INTENTS` for `items` (ids distinct): per item, in order, (whether its payment
+/// was inserted, whether its attempt was).
+pub(super) async fn insert_intents(
+    tx: &Transaction<'_>,
+    items: &[NewIntent<'_>],
+    history: &NoWebhook,
+) -> Result<Vec<(bool, bool)>, tokio_postgres::Error> {
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
+    fn col<'a, T>(items: &'a [NewIntent<'a>], f: impl Fn(&'a NewIntent<'a>) -> T) -> Vec<T> {
+        items.iter().map(f).collect()
+    }
+    let stmt = tx.prepare_cached(INSERT_INTENTS).await?;
+    let rows = tx
+        .query(
+            &stmt,
+            &[
+                &col(items, |c| c.p.id.as_str()),
+                &col(items, |c| c.p.merchant_id.as_str()),
+                &col(items, |c| c.p.account_id.as_deref()),
+                &col(items, |c| c.p.scope_tag.as_str()),
+                &col(items, |c| c.p.merchant_order_id.as_str()),
+                &col(items, |c| c.p.amount_minor),
+                &col(items, |c| c.p.currency.code()),
+                &col(items, |c| c.p.method.as_str()),
+                &col(items, |c| c.p.purpose.as_str()),
+                &col(items, |c| c.p.status.as_str()),
+                &col(items, |c| c.p.held_minor),
+                &col(items, |c| c.p.hold_expires_at_ms.map(ms)),
+                &col(items, |c| ms(c.p.created_at_ms)),
+                &col(items, |c| ms(c.p.expires_at_ms)),
+                &col(items, |c| ms(c.p.updated_at_ms)),
+                &col(items, |c| c.p.doc.as_str()),
+                &col(items, |c| c.p.next_check_at_ms.map(ms)),
+                &col(items, |c| i32::try_from(c.p.checks).unwrap_or(i32::MAX)),
+                &col(items, |c| c.p.idempotency_key.as_deref()),
+                &col(items, |c| c.p.request_hash.as_deref()),
+                &col(items, |c| history.keeps_history(&c.p.merchant_id)),
+                &col(items, |c| c.first.map(|(_, n)| n)),
+                &col(items, |c| c.first.map(|(a, _)| a.channel_id.as_str())),
+                &col(items, |c| c.first.map(|(a, _)| a.channel_order_id.as_str())),
+                &col(items, |c| c.first.map(|(a, _)| a.outcome.as_str())),
+                &col(items, |c| c.first.and_then(|(a, _)| a.latency_ms.map(ms))),
+                &col(items, |c| c.first.and_then(|(a, _)| a.action.as_deref())),
+                &col(items, |c| {
+                    c.first.and_then(|(a, _)| a.channel_txn_id.as_deref())
+                }),
+                &col(items, |c| c.first.map(|(a, _)| ms(a.created_at_ms))),
+                &col(items, |c| c.first.map(|(a, _)| ms(a.updated_at_ms))),
+            ],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect()
+}
+
 const INSERT_ATTEMPT: &str = "INSERT INTO attempts (payment_id, attempt, channel_id, \
     channel_order_id, outcome, latency_ms, action, channel_txn_id, created_at_ms, \
     updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING";
@@ -267,7 +368,7 @@ impl PostgresStore {
     /// Inserts an attempt unless the very same one is stored; `Invalid` when it clashes with
     /// a stored attempt (as `insert_attempt` in sqlite/payments.rs). `number` is `a.attempt` as
     /// checked by [`check_attempt_for_postgres`].
-    async fn insert_attempt(
+    pub(super) async fn insert_attempt(
         &self,
         tx: &Transaction<'_>,
         a: &AttemptRow,

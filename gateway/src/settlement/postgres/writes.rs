@@ -6,13 +6,15 @@ use deadpool_postgres::tokio_postgres;
 use futures_util::future::join_all;
 
 use crate::settlement::{
-    AttemptRow, AttemptUpdate, PaymentRow, RefusalRow, SettleError, Settlement, WebhookAttempt,
-    Write, WriteStore, Written,
+    AttemptRow, AttemptUpdate, IntentOutcome, PaymentRow, RefusalRow, SettleError, Settlement,
+    WebhookAttempt, Write, WriteStore, Written,
 };
 use crate::telemetry::StoreOp;
 
 use super::money::check_for_postgres;
-use super::payments::{check_attempt_for_postgres, check_payment_text, checks_i32};
+use super::payments::{
+    check_attempt_for_postgres, check_payment_text, checks_i32, insert_intents, NewIntent,
+};
 use super::{no_nul, PostgresStore};
 
 /// The checks of one write that only PostgreSQL needs (NUL bytes, column ranges).
@@ -135,13 +137,13 @@ impl PostgresStore {
         });
         let rows: Vec<&Settlement> = settlements.iter().map(|(_, s)| *s).collect();
         let (intended, updated, settled, recorded, refused) = tokio::join!(
-            join_all(intents.iter().map(|(_, p, a)| self.intent_in(&tx, p, *a))),
+            self.intents_in(&tx, &intents),
             join_all(updates.iter().map(|(_, u)| self.update_attempt_in(&tx, u))),
             self.settle_in(&tx, &rows),
             join_all(hooks.iter().map(|(_, a)| self.webhook_attempt_in(&tx, a))),
             join_all(refusals.iter().map(|(_, r)| self.refusal_in(&tx, r))),
         );
-        for ((index, _, _), outcome) in intents.iter().zip(intended) {
+        for ((index, _, _), outcome) in intents.iter().zip(intended?) {
             match outcome {
                 Ok(outcome) => results[*index] = Some(Ok(Written::Intent(outcome))),
                 Err(e @ SettleError::Invalid(_)) => return Ok(Err((*index, e))),
@@ -166,6 +168,63 @@ impl PostgresStore {
             .into_iter()
             .map(|r| r.expect("every write has its result"))
             .collect()))
+    }
+}
+
+impl PostgresStore {
+    /// A batch's intents: the new ones in one statement (`insert_intents`), each decided on
+    /// its own; what that statement did not insert (a retry, a taken key or order id, a twin
+    /// of an id earlier in the batch) and a first attempt that did not go in (a clash: its
+    /// explanation) go through `intent_in` one by one, as before. Per intent, in order, its
+    /// outcome; an `Invalid` may leave its payment row written (the caller rolls back).
+    async fn intents_in(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        intents: &[(usize, &PaymentRow, Option<&AttemptRow>)],
+    ) -> Result<Vec<Result<IntentOutcome, SettleError>>, SettleError> {
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        let mut seen = std::collections::HashSet::with_capacity(intents.len());
+        let mut items = Vec::with_capacity(intents.len());
+        // Per intent: its place among `items`, if it went into the statement.
+        let mut placed = Vec::with_capacity(intents.len());
+        for (_, p, a) in intents {
+            let first = match a {
+                Some(a) => match check_attempt_for_postgres(a) {
+                    Ok(number) => Some((*a, number)),
+                    Err(_) => {
+                        placed.push(None);
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            if seen.insert(p.id.as_str()) {
+                placed.push(Some(items.len()));
+                items.push(NewIntent { p, first });
+            } else {
+                placed.push(None);
+            }
+        }
+        let inserted = insert_intents(tx, &items, &self.no_webhook)
+            .await
+            .map_err(db)?;
+        let mut outcomes = Vec::with_capacity(intents.len());
+        for ((_, p, a), place) in intents.iter().zip(placed) {
+            let outcome = match place.map(|i| (&items[i], inserted[i])) {
+                Some((_, (true, true))) => Ok(IntentOutcome::Inserted),
+                Some((item, (true, false))) => match item.first {
+                    None => Ok(IntentOutcome::Inserted),
+                    // It clashed: the one-row insert explains how (`Invalid`).
+                    Some((a, number)) => self
+                        .insert_attempt(tx, a, number)
+                        .await
+                        .map(|()| IntentOutcome::Inserted),
+                },
+                _ => self.intent_in(tx, p, *a).await,
+            };
+            outcomes.push(outcome);
+        }
+        Ok(outcomes)
     }
 }
 
