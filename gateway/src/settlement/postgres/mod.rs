@@ -26,6 +26,44 @@
 //! commit), `refunds`, `keys`, `flags`, `webhooks`; `lease` holds the lease claim that
 //! `checks`, `webhooks` and the key purge share.
 
+/// The batch statements' shared parts (`INSERT_INTENTS`, `INSERT_CREATING_SETTLEMENTS`): the
+/// first 21 `UNNEST` parameters and their names in `i` (what `payments::PaymentColumns` sends),
+/// then `pay` (the payments inserted, where neither their id, their idempotency key, a refusal
+/// under it nor their live scoped order id is taken; in id order, the lock order every batch
+/// keeps) and `ev` (their first events, kept histories only).
+macro_rules! unnest_payment_types {
+    () => {
+        "$1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::BIGINT[], $7::TEXT[], \
+        $8::TEXT[], $9::TEXT[], $10::TEXT[], $11::BIGINT[], $12::BIGINT[], $13::BIGINT[], \
+        $14::BIGINT[], $15::BIGINT[], $16::TEXT[], $17::BIGINT[], $18::INTEGER[], $19::TEXT[], \
+        $20::TEXT[], $21::BOOLEAN[]"
+    };
+}
+macro_rules! unnest_payment_names {
+    () => {
+        "id, merchant_id, account_id, scope_tag, merchant_order_id, amount_minor, currency, \
+        method, purpose, status, held_minor, hold_expires_at_ms, created_at_ms, expires_at_ms, \
+        updated_at_ms, doc, next_check_at_ms, checks, idempotency_key, request_hash, \
+        keeps_history"
+    };
+}
+macro_rules! insert_unnested_payments {
+    () => {
+        "pay AS (INSERT INTO payments (id, merchant_id, account_id, scope_tag, \
+        merchant_order_id, amount_minor, currency, method, purpose, status, held_minor, \
+        hold_expires_at_ms, created_at_ms, expires_at_ms, updated_at_ms, doc, next_check_at_ms, \
+        checks, idempotency_key, request_hash) SELECT id, merchant_id, account_id, scope_tag, \
+        merchant_order_id, amount_minor, currency, method, purpose, status, held_minor, \
+        hold_expires_at_ms, created_at_ms, expires_at_ms, updated_at_ms, doc, next_check_at_ms, \
+        checks, idempotency_key, request_hash FROM i WHERE NOT EXISTS (SELECT 1 FROM refusals r \
+        WHERE r.scope_tag = i.scope_tag AND r.idempotency_key = i.idempotency_key) \
+        ORDER BY id COLLATE \"C\" ON CONFLICT DO NOTHING RETURNING id, status, updated_at_ms), \
+        ev AS (INSERT INTO payment_events (payment_id, status, at_ms) SELECT pay.id, pay.status, \
+        pay.updated_at_ms FROM pay WHERE EXISTS (SELECT 1 FROM i WHERE i.id = pay.id \
+        AND i.keeps_history) ON CONFLICT DO NOTHING)"
+    };
+}
+
 mod checks;
 mod flags;
 mod keys;

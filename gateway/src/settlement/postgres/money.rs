@@ -3,7 +3,7 @@
 //! from transfers.
 
 use async_trait::async_trait;
-use deadpool_postgres::tokio_postgres;
+use deadpool_postgres::tokio_postgres::{self, types::ToSql};
 use deadpool_postgres::{GenericClient, Transaction};
 use futures_util::future::join_all;
 
@@ -16,7 +16,8 @@ use crate::webhooks::events;
 
 use super::flags::flag;
 use super::payments::{
-    check_payment_text, checks_i32, payment_from_row, write_payment, PAYMENT_COLUMNS,
+    check_payment_text, checks_i32, payment_from_row, write_payment, PaymentColumns,
+    PAYMENT_COLUMNS,
 };
 use super::webhooks::insert_webhooks;
 use super::{get, get_currency, get_u32, get_u64, invalid, ms, no_nul, PostgresStore};
@@ -35,38 +36,25 @@ const INSERT_TRANSFER: &str = "INSERT INTO transfers (payment_id, kind, sequence
 /// transfer only if the row was: the store never holds such a movement without its payment.
 /// One row back per input, in input order: (payment inserted, transfer inserted). Rows are
 /// inserted in payment id order (the lock order every batch keeps).
-const INSERT_CREATING_SETTLEMENTS: &str = "WITH i AS (SELECT * FROM UNNEST(\
-    $1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::BIGINT[], $7::TEXT[], \
-    $8::TEXT[], $9::TEXT[], $10::TEXT[], $11::BIGINT[], $12::BIGINT[], $13::BIGINT[], \
-    $14::BIGINT[], $15::BIGINT[], $16::TEXT[], $17::BIGINT[], $18::INTEGER[], $19::TEXT[], \
-    $20::TEXT[], $21::BOOLEAN[], $22::TEXT[], $23::INTEGER[], $24::TEXT[], $25::TEXT[], \
-    $26::BIGINT[], $27::TEXT[], $28::TEXT[], $29::BIGINT[], $30::TEXT[], $31::TEXT[], \
-    $32::BIGINT[], $33::BIGINT[], $34::TEXT[]) WITH ORDINALITY AS i(id, merchant_id, \
-    account_id, scope_tag, merchant_order_id, amount_minor, currency, method, purpose, status, \
-    held_minor, hold_expires_at_ms, created_at_ms, expires_at_ms, updated_at_ms, doc, \
-    next_check_at_ms, checks, idempotency_key, request_hash, keeps_history, kind, sequence, \
-    debit_ledger, credit_ledger, t_amount, t_merchant, t_account, account_seq, channel_id, \
-    channel_txn_id, fee_minor, settled_at_ms, content_hash, n)), \
-    pay AS (INSERT INTO payments (id, merchant_id, account_id, scope_tag, merchant_order_id, \
-    amount_minor, currency, method, purpose, status, held_minor, hold_expires_at_ms, \
-    created_at_ms, expires_at_ms, updated_at_ms, doc, next_check_at_ms, checks, \
-    idempotency_key, request_hash) SELECT id, merchant_id, account_id, scope_tag, \
-    merchant_order_id, amount_minor, currency, method, purpose, status, held_minor, \
-    hold_expires_at_ms, created_at_ms, expires_at_ms, updated_at_ms, doc, next_check_at_ms, \
-    checks, idempotency_key, request_hash FROM i WHERE NOT EXISTS (SELECT 1 FROM refusals r \
-    WHERE r.scope_tag = i.scope_tag AND r.idempotency_key = i.idempotency_key) \
-    ORDER BY id COLLATE \"C\" ON CONFLICT DO NOTHING RETURNING id, status, updated_at_ms), \
-    ev AS (INSERT INTO payment_events (payment_id, status, at_ms) SELECT pay.id, pay.status, \
-    pay.updated_at_ms FROM pay WHERE EXISTS (SELECT 1 FROM i WHERE i.id = pay.id \
-    AND i.keeps_history) ON CONFLICT DO NOTHING), \
-    tr AS (INSERT INTO transfers (payment_id, kind, sequence, debit_ledger, credit_ledger, \
+const INSERT_CREATING_SETTLEMENTS: &str = concat!(
+    "WITH i AS (SELECT * FROM UNNEST(",
+    unnest_payment_types!(),
+    ", $22::TEXT[], $23::INTEGER[], $24::TEXT[], $25::TEXT[], $26::BIGINT[], $27::TEXT[], \
+    $28::TEXT[], $29::BIGINT[], $30::TEXT[], $31::TEXT[], $32::BIGINT[], $33::BIGINT[], \
+    $34::TEXT[]) WITH ORDINALITY AS i(",
+    unnest_payment_names!(),
+    ", kind, sequence, debit_ledger, credit_ledger, t_amount, t_merchant, t_account, \
+    account_seq, channel_id, channel_txn_id, fee_minor, settled_at_ms, content_hash, n)), ",
+    insert_unnested_payments!(),
+    ", tr AS (INSERT INTO transfers (payment_id, kind, sequence, debit_ledger, credit_ledger, \
     amount_minor, currency, merchant_id, account_id, account_seq, channel_id, channel_txn_id, \
     fee_minor, settled_at_ms, content_hash) SELECT id, kind, sequence, debit_ledger, \
     credit_ledger, t_amount, currency, t_merchant, t_account, account_seq, channel_id, \
     channel_txn_id, fee_minor, settled_at_ms, content_hash FROM i \
     WHERE i.id IN (SELECT id FROM pay) ORDER BY id COLLATE \"C\" \
     ON CONFLICT DO NOTHING RETURNING payment_id) \
-    SELECT i.id IN (SELECT id FROM pay), i.id IN (SELECT payment_id FROM tr) FROM i ORDER BY n";
+    SELECT i.id IN (SELECT id FROM pay), i.id IN (SELECT payment_id FROM tr) FROM i ORDER BY n"
+);
 
 const STORED_HASH: &str = "SELECT content_hash FROM transfers \
     WHERE payment_id = $1 AND kind = $2 AND sequence = $3";
@@ -153,48 +141,38 @@ async fn insert_creating_settlements(
     fn col<'a, T>(items: &'a [Creating<'a>], f: impl Fn(&'a Creating<'a>) -> T) -> Vec<T> {
         items.iter().map(f).collect()
     }
+    let payments = PaymentColumns::of(items.iter().map(|c| c.p), history);
+    let kind = col(items, |c| c.s.kind.as_str());
+    let sequence = col(items, |c| c.sequence);
+    let debit = col(items, |c| c.s.debit_ledger());
+    let credit = col(items, |c| c.s.credit_ledger());
+    let amount = col(items, |c| c.s.amount_minor);
+    let merchant = col(items, |c| c.s.merchant_id.as_str());
+    let account = col(items, |c| c.s.account_id.as_deref());
+    let account_seq = col(items, |c| c.s.account_seq.map(ms));
+    let channel = col(items, |c| c.s.channel_id.as_deref());
+    let txn = col(items, |c| c.s.channel_txn_id.as_deref());
+    let fee = col(items, |c| c.s.channel_fee_minor);
+    let settled = col(items, |c| ms(c.s.settled_at_ms));
+    let hash = col(items, |c| c.hash);
+    let mut params = payments.params();
+    params.extend([
+        &kind as &(dyn ToSql + Sync),
+        &sequence,
+        &debit,
+        &credit,
+        &amount,
+        &merchant,
+        &account,
+        &account_seq,
+        &channel,
+        &txn,
+        &fee,
+        &settled,
+        &hash,
+    ]);
     let stmt = tx.prepare_cached(INSERT_CREATING_SETTLEMENTS).await?;
-    let rows = tx
-        .query(
-            &stmt,
-            &[
-                &col(items, |c| c.p.id.as_str()),
-                &col(items, |c| c.p.merchant_id.as_str()),
-                &col(items, |c| c.p.account_id.as_deref()),
-                &col(items, |c| c.p.scope_tag.as_str()),
-                &col(items, |c| c.p.merchant_order_id.as_str()),
-                &col(items, |c| c.p.amount_minor),
-                &col(items, |c| c.p.currency.code()),
-                &col(items, |c| c.p.method.as_str()),
-                &col(items, |c| c.p.purpose.as_str()),
-                &col(items, |c| c.p.status.as_str()),
-                &col(items, |c| c.p.held_minor),
-                &col(items, |c| c.p.hold_expires_at_ms.map(ms)),
-                &col(items, |c| ms(c.p.created_at_ms)),
-                &col(items, |c| ms(c.p.expires_at_ms)),
-                &col(items, |c| ms(c.p.updated_at_ms)),
-                &col(items, |c| c.p.doc.as_str()),
-                &col(items, |c| c.p.next_check_at_ms.map(ms)),
-                &col(items, |c| i32::try_from(c.p.checks).unwrap_or(i32::MAX)),
-                &col(items, |c| c.p.idempotency_key.as_deref()),
-                &col(items, |c| c.p.request_hash.as_deref()),
-                &col(items, |c| history.keeps_history(&c.p.merchant_id)),
-                &col(items, |c| c.s.kind.as_str()),
-                &col(items, |c| c.sequence),
-                &col(items, |c| c.s.debit_ledger()),
-                &col(items, |c| c.s.credit_ledger()),
-                &col(items, |c| c.s.amount_minor),
-                &col(items, |c| c.s.merchant_id.as_str()),
-                &col(items, |c| c.s.account_id.as_deref()),
-                &col(items, |c| c.s.account_seq.map(ms)),
-                &col(items, |c| c.s.channel_id.as_deref()),
-                &col(items, |c| c.s.channel_txn_id.as_deref()),
-                &col(items, |c| c.s.channel_fee_minor),
-                &col(items, |c| ms(c.s.settled_at_ms)),
-                &col(items, |c| c.hash),
-            ],
-        )
-        .await?;
+    let rows = tx.query(&stmt, &params).await?;
     rows.iter()
         .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
         .collect()

@@ -1,7 +1,7 @@
 //! PostgreSQL: payments, their attempts and status events, final statuses.
 
 use async_trait::async_trait;
-use deadpool_postgres::tokio_postgres::{self, Row};
+use deadpool_postgres::tokio_postgres::{self, types::ToSql, Row};
 use deadpool_postgres::Transaction;
 
 use crate::settlement::{
@@ -71,36 +71,113 @@ const ATTEMPT_COLUMNS: &str = "payment_id, attempt, channel_id, channel_order_id
 /// events (kept histories only) and their first attempts (of the payments inserted). Per
 /// intent, in order: (payment inserted, attempt inserted). Rows go in by id, as every
 /// transaction locks them. The caller sends each id at most once per statement.
-const INSERT_INTENTS: &str = "WITH i AS (SELECT * FROM UNNEST(\
-    $1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::BIGINT[], $7::TEXT[], \
-    $8::TEXT[], $9::TEXT[], $10::TEXT[], $11::BIGINT[], $12::BIGINT[], $13::BIGINT[], \
-    $14::BIGINT[], $15::BIGINT[], $16::TEXT[], $17::BIGINT[], $18::INTEGER[], $19::TEXT[], \
-    $20::TEXT[], $21::BOOLEAN[], $22::INTEGER[], $23::TEXT[], $24::TEXT[], $25::TEXT[], \
-    $26::BIGINT[], $27::TEXT[], $28::TEXT[], $29::BIGINT[], $30::BIGINT[]) WITH ORDINALITY \
-    AS i(id, merchant_id, account_id, scope_tag, merchant_order_id, amount_minor, currency, \
-    method, purpose, status, held_minor, hold_expires_at_ms, created_at_ms, expires_at_ms, \
-    updated_at_ms, doc, next_check_at_ms, checks, idempotency_key, request_hash, keeps_history, \
+const INSERT_INTENTS: &str = concat!(
+    "WITH i AS (SELECT * FROM UNNEST(",
+    unnest_payment_types!(),
+    ", $22::INTEGER[], $23::TEXT[], $24::TEXT[], $25::TEXT[], $26::BIGINT[], $27::TEXT[], \
+    $28::TEXT[], $29::BIGINT[], $30::BIGINT[]) WITH ORDINALITY AS i(",
+    unnest_payment_names!(),
+    ", attempt, channel_id, channel_order_id, outcome, latency_ms, action, channel_txn_id, \
+    a_created_at_ms, a_updated_at_ms, n)), ",
+    insert_unnested_payments!(),
+    ", att AS (INSERT INTO attempts (payment_id, attempt, channel_id, channel_order_id, \
+    outcome, latency_ms, action, channel_txn_id, created_at_ms, updated_at_ms) SELECT id, \
     attempt, channel_id, channel_order_id, outcome, latency_ms, action, channel_txn_id, \
-    a_created_at_ms, a_updated_at_ms, n)), \
-    pay AS (INSERT INTO payments (id, merchant_id, account_id, scope_tag, merchant_order_id, \
-    amount_minor, currency, method, purpose, status, held_minor, hold_expires_at_ms, \
-    created_at_ms, expires_at_ms, updated_at_ms, doc, next_check_at_ms, checks, \
-    idempotency_key, request_hash) SELECT id, merchant_id, account_id, scope_tag, \
-    merchant_order_id, amount_minor, currency, method, purpose, status, held_minor, \
-    hold_expires_at_ms, created_at_ms, expires_at_ms, updated_at_ms, doc, next_check_at_ms, \
-    checks, idempotency_key, request_hash FROM i WHERE NOT EXISTS (SELECT 1 FROM refusals r \
-    WHERE r.scope_tag = i.scope_tag AND r.idempotency_key = i.idempotency_key) \
-    ORDER BY id COLLATE \"C\" ON CONFLICT DO NOTHING RETURNING id, status, updated_at_ms), \
-    ev AS (INSERT INTO payment_events (payment_id, status, at_ms) SELECT pay.id, pay.status, \
-    pay.updated_at_ms FROM pay WHERE EXISTS (SELECT 1 FROM i WHERE i.id = pay.id \
-    AND i.keeps_history) ON CONFLICT DO NOTHING), \
-    att AS (INSERT INTO attempts (payment_id, attempt, channel_id, channel_order_id, outcome, \
-    latency_ms, action, channel_txn_id, created_at_ms, updated_at_ms) SELECT id, attempt, \
-    channel_id, channel_order_id, outcome, latency_ms, action, channel_txn_id, \
     a_created_at_ms, a_updated_at_ms FROM i WHERE i.attempt IS NOT NULL \
     AND i.id IN (SELECT id FROM pay) ORDER BY id COLLATE \"C\" ON CONFLICT DO NOTHING \
     RETURNING payment_id) \
-    SELECT i.id IN (SELECT id FROM pay), i.id IN (SELECT payment_id FROM att) FROM i ORDER BY n";
+    SELECT i.id IN (SELECT id FROM pay), i.id IN (SELECT payment_id FROM att) FROM i ORDER BY n"
+);
+
+/// The 21 payment columns (20 and `keeps_history`) of a batch, as the `UNNEST` statements
+/// (`INSERT_INTENTS`, `INSERT_CREATING_SETTLEMENTS`) take them first, in this order.
+pub(super) struct PaymentColumns<'a> {
+    id: Vec<&'a str>,
+    merchant_id: Vec<&'a str>,
+    account_id: Vec<Option<&'a str>>,
+    scope_tag: Vec<&'a str>,
+    merchant_order_id: Vec<&'a str>,
+    amount_minor: Vec<i64>,
+    currency: Vec<&'static str>,
+    method: Vec<&'static str>,
+    purpose: Vec<&'static str>,
+    status: Vec<&'static str>,
+    held_minor: Vec<i64>,
+    hold_expires_at_ms: Vec<Option<i64>>,
+    created_at_ms: Vec<i64>,
+    expires_at_ms: Vec<i64>,
+    updated_at_ms: Vec<i64>,
+    doc: Vec<&'a str>,
+    next_check_at_ms: Vec<Option<i64>>,
+    checks: Vec<i32>,
+    idempotency_key: Vec<Option<&'a str>>,
+    request_hash: Vec<Option<&'a str>>,
+    keeps_history: Vec<bool>,
+}
+
+impl<'a> PaymentColumns<'a> {
+    pub(super) fn of(
+        rows: impl Iterator<Item = &'a PaymentRow> + Clone,
+        history: &NoWebhook,
+    ) -> Self {
+        fn col<'a, T>(
+            rows: &(impl Iterator<Item = &'a PaymentRow> + Clone),
+            f: impl Fn(&'a PaymentRow) -> T,
+        ) -> Vec<T> {
+            rows.clone().map(f).collect()
+        }
+        Self {
+            id: col(&rows, |p| p.id.as_str()),
+            merchant_id: col(&rows, |p| p.merchant_id.as_str()),
+            account_id: col(&rows, |p| p.account_id.as_deref()),
+            scope_tag: col(&rows, |p| p.scope_tag.as_str()),
+            merchant_order_id: col(&rows, |p| p.merchant_order_id.as_str()),
+            amount_minor: col(&rows, |p| p.amount_minor),
+            currency: col(&rows, |p| p.currency.code()),
+            method: col(&rows, |p| p.method.as_str()),
+            purpose: col(&rows, |p| p.purpose.as_str()),
+            status: col(&rows, |p| p.status.as_str()),
+            held_minor: col(&rows, |p| p.held_minor),
+            hold_expires_at_ms: col(&rows, |p| p.hold_expires_at_ms.map(ms)),
+            created_at_ms: col(&rows, |p| ms(p.created_at_ms)),
+            expires_at_ms: col(&rows, |p| ms(p.expires_at_ms)),
+            updated_at_ms: col(&rows, |p| ms(p.updated_at_ms)),
+            doc: col(&rows, |p| p.doc.as_str()),
+            next_check_at_ms: col(&rows, |p| p.next_check_at_ms.map(ms)),
+            checks: col(&rows, |p| i32::try_from(p.checks).unwrap_or(i32::MAX)),
+            idempotency_key: col(&rows, |p| p.idempotency_key.as_deref()),
+            request_hash: col(&rows, |p| p.request_hash.as_deref()),
+            keeps_history: col(&rows, |p| history.keeps_history(&p.merchant_id)),
+        }
+    }
+
+    /// The statement's first 21 parameters.
+    pub(super) fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        vec![
+            &self.id,
+            &self.merchant_id,
+            &self.account_id,
+            &self.scope_tag,
+            &self.merchant_order_id,
+            &self.amount_minor,
+            &self.currency,
+            &self.method,
+            &self.purpose,
+            &self.status,
+            &self.held_minor,
+            &self.hold_expires_at_ms,
+            &self.created_at_ms,
+            &self.expires_at_ms,
+            &self.updated_at_ms,
+            &self.doc,
+            &self.next_check_at_ms,
+            &self.checks,
+            &self.idempotency_key,
+            &self.request_hash,
+            &self.keeps_history,
+        ]
+    }
+}
 
 /// One intent as `INSERT_INTENTS` takes it: its payment and its first attempt (checked by
 /// [`check_attempt_for_postgres`]: `number` is its attempt as an INTEGER).
@@ -122,46 +199,32 @@ pub(super) async fn insert_intents(
     fn col<'a, T>(items: &'a [NewIntent<'a>], f: impl Fn(&'a NewIntent<'a>) -> T) -> Vec<T> {
         items.iter().map(f).collect()
     }
+    let payments = PaymentColumns::of(items.iter().map(|c| c.p), history);
+    let attempt = col(items, |c| c.first.map(|(_, n)| n));
+    let channel_id = col(items, |c| c.first.map(|(a, _)| a.channel_id.as_str()));
+    let channel_order_id = col(items, |c| c.first.map(|(a, _)| a.channel_order_id.as_str()));
+    let outcome = col(items, |c| c.first.map(|(a, _)| a.outcome.as_str()));
+    let latency_ms = col(items, |c| c.first.and_then(|(a, _)| a.latency_ms.map(ms)));
+    let action = col(items, |c| c.first.and_then(|(a, _)| a.action.as_deref()));
+    let txn = col(items, |c| {
+        c.first.and_then(|(a, _)| a.channel_txn_id.as_deref())
+    });
+    let created = col(items, |c| c.first.map(|(a, _)| ms(a.created_at_ms)));
+    let updated = col(items, |c| c.first.map(|(a, _)| ms(a.updated_at_ms)));
+    let mut params = payments.params();
+    params.extend([
+        &attempt as &(dyn ToSql + Sync),
+        &channel_id,
+        &channel_order_id,
+        &outcome,
+        &latency_ms,
+        &action,
+        &txn,
+        &created,
+        &updated,
+    ]);
     let stmt = tx.prepare_cached(INSERT_INTENTS).await?;
-    let rows = tx
-        .query(
-            &stmt,
-            &[
-                &col(items, |c| c.p.id.as_str()),
-                &col(items, |c| c.p.merchant_id.as_str()),
-                &col(items, |c| c.p.account_id.as_deref()),
-                &col(items, |c| c.p.scope_tag.as_str()),
-                &col(items, |c| c.p.merchant_order_id.as_str()),
-                &col(items, |c| c.p.amount_minor),
-                &col(items, |c| c.p.currency.code()),
-                &col(items, |c| c.p.method.as_str()),
-                &col(items, |c| c.p.purpose.as_str()),
-                &col(items, |c| c.p.status.as_str()),
-                &col(items, |c| c.p.held_minor),
-                &col(items, |c| c.p.hold_expires_at_ms.map(ms)),
-                &col(items, |c| ms(c.p.created_at_ms)),
-                &col(items, |c| ms(c.p.expires_at_ms)),
-                &col(items, |c| ms(c.p.updated_at_ms)),
-                &col(items, |c| c.p.doc.as_str()),
-                &col(items, |c| c.p.next_check_at_ms.map(ms)),
-                &col(items, |c| i32::try_from(c.p.checks).unwrap_or(i32::MAX)),
-                &col(items, |c| c.p.idempotency_key.as_deref()),
-                &col(items, |c| c.p.request_hash.as_deref()),
-                &col(items, |c| history.keeps_history(&c.p.merchant_id)),
-                &col(items, |c| c.first.map(|(_, n)| n)),
-                &col(items, |c| c.first.map(|(a, _)| a.channel_id.as_str())),
-                &col(items, |c| c.first.map(|(a, _)| a.channel_order_id.as_str())),
-                &col(items, |c| c.first.map(|(a, _)| a.outcome.as_str())),
-                &col(items, |c| c.first.and_then(|(a, _)| a.latency_ms.map(ms))),
-                &col(items, |c| c.first.and_then(|(a, _)| a.action.as_deref())),
-                &col(items, |c| {
-                    c.first.and_then(|(a, _)| a.channel_txn_id.as_deref())
-                }),
-                &col(items, |c| c.first.map(|(a, _)| ms(a.created_at_ms))),
-                &col(items, |c| c.first.map(|(a, _)| ms(a.updated_at_ms))),
-            ],
-        )
-        .await?;
+    let rows = tx.query(&stmt, &params).await?;
     rows.iter()
         .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
         .collect()
