@@ -349,6 +349,29 @@ const SHORT_RETENTION: &[(&str, &str)] = &[
     ("GATEWAY__STORE__RECOVERY_MIN_AGE_MS", "100"),
 ];
 
+/// Polls (every 100 ms, 10 s at most) until none of these hash fields (key, field) and keys
+/// is in Redis; whether they all left.
+async fn left_redis(
+    conn: &mut redis::aio::MultiplexedConnection,
+    fields: &[(String, &str)],
+    keys: &[String],
+) -> bool {
+    for _ in 0..100 {
+        let mut here = false;
+        for (key, field) in fields {
+            here |= conn.hexists::<_, _, bool>(key, *field).await.unwrap();
+        }
+        for key in keys {
+            here |= conn.exists::<_, bool>(key).await.unwrap();
+        }
+        if !here {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 /// `DBSIZE` and `INFO memory`'s `used_memory`.
 async fn redis_size(redis: &RedisServer) -> (u64, u64) {
     let mut conn = redis.connection().await;
@@ -483,21 +506,16 @@ async fn an_evicted_payment_is_read_refunded_and_replayed_from_the_store() {
     // Gone from Redis: its state and its idempotency record.
     let tag = alpha_acc().tag;
     let mut conn = app.redis.as_ref().unwrap().connection().await;
-    let mut gone = false;
-    for _ in 0..100 {
-        let state: bool = conn.hexists(format!("ps:{{{tag}}}"), &id).await.unwrap();
-        let doc: bool = conn.hexists(format!("pd:{{{tag}}}"), &id).await.unwrap();
-        let order: bool = conn
-            .hexists(format!("o:{{{tag}}}"), "o-evicted")
-            .await
-            .unwrap();
-        let key: bool = conn.exists(format!("i:{{{tag}}}:k-evicted")).await.unwrap();
-        if !(state || doc || order || key) {
-            gone = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let gone = left_redis(
+        &mut conn,
+        &[
+            (format!("ps:{{{tag}}}"), &id),
+            (format!("pd:{{{tag}}}"), &id),
+            (format!("o:{{{tag}}}"), "o-evicted"),
+        ],
+        &[format!("i:{{{tag}}}:k-evicted")],
+    )
+    .await;
     assert!(gone, "the payment's state never left Redis");
 
     // Read from the store, by id and by its live order id.
@@ -856,20 +874,13 @@ async fn order_markers_a_rebuild_puts_back_leave_after_the_retention() {
 
     // The app's sweeper lets the marker go after the retention (the idempotency record put
     // back expires on its own TTL).
-    let mut left = true;
-    for _ in 0..100 {
-        let marker: bool = conn
-            .hexists(format!("o:{{{tag}}}"), "o-marker")
-            .await
-            .unwrap();
-        let indexed: bool = conn.exists(&rx).await.unwrap();
-        if !marker && !indexed {
-            left = false;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(!left, "the order-id marker never left");
+    let gone = left_redis(
+        &mut conn,
+        &[(format!("o:{{{tag}}}"), "o-marker")],
+        std::slice::from_ref(&rx),
+    )
+    .await;
+    assert!(gone, "the order-id marker never left");
     // The store still holds the order id for the payment.
     let again = app
         .pay(
@@ -925,19 +936,15 @@ async fn a_kept_acceptance_leaves_redis_with_its_payment() {
         channel_sim::PayOutcome::Paid(_)
     ));
     app.wait_status(&id, "succeeded").await;
-    let mut gone = false;
-    for _ in 0..100 {
-        let doc: bool = conn.hexists(format!("pd:{{{tag}}}"), &id).await.unwrap();
-        let acceptance: bool = conn
-            .hexists(format!("pd:{{{tag}}}"), &accepted_field)
-            .await
-            .unwrap();
-        if !doc && !acceptance {
-            gone = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let gone = left_redis(
+        &mut conn,
+        &[
+            (format!("pd:{{{tag}}}"), &id),
+            (format!("pd:{{{tag}}}"), &accepted_field),
+        ],
+        &[],
+    )
+    .await;
     assert!(gone, "the document or the acceptance stayed in Redis");
     let got = app.get(&format!("/v1/payments/{id}"), ALPHA).await;
     assert_eq!(got.status, 200, "{:?}", got.body);
