@@ -15,6 +15,7 @@
 //! keeps is bounded by [`MAX_SAFE_MINOR`] (2^53 − 1 fen ≈ 90 trillion CNY), checked on the way
 //! in, which keeps the scripts' arithmetic exact.
 
+mod lua;
 pub mod memory;
 pub mod redis;
 pub mod slots;

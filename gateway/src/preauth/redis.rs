@@ -23,7 +23,6 @@ use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::{Client, Script};
 use async_trait::async_trait;
 
-use super::slots;
 use super::{
     late_record_id, money_record_id, AcceptedAttempt, AccountKey, AccountRebuild, AccountSnapshot,
     AdjustOutcome, AdjustRequest, AuthorizeOutcome, AuthorizeRequest, BalanceStore, Direction,
@@ -33,6 +32,7 @@ use super::{
     StoredOutcome, SucceedOutcome, SucceedRequest, TransitionOutcome, Unsettled, UnsettledPage,
     Unwind, UpsertOutcome,
 };
+use super::{lua, slots};
 use crate::config::RedisSettings;
 use crate::ids::{IdempotencyKey, MerchantOrderId, PaymentId, ScopeTag};
 use crate::money::Currency;
@@ -52,7 +52,7 @@ const INDEXES_BUILT: &str = "gateway:slot-indexes:v1";
 /// commands each).
 const EVICTIONS_PER_SCRIPT: usize = 128;
 
-/// The scripts, each prepended with `common.lua`.
+/// The scripts, each prepended with the helpers of `common.lua` it uses (`lua.rs`).
 struct Scripts {
     upsert_account: Script,
     read_account: Script,
@@ -80,7 +80,7 @@ struct Scripts {
 
 impl Scripts {
     fn new() -> Self {
-        let with_common = |body: &str| Script::new(&format!("{COMMON}\n{body}"));
+        let with_common = |body: &str| Script::new(&lua::with_helpers(COMMON, body));
         Self {
             upsert_account: with_common(include_str!("scripts/upsert_account.lua")),
             read_account: with_common(include_str!("scripts/read_account.lua")),
@@ -94,7 +94,7 @@ impl Scripts {
             adjust: with_common(include_str!("scripts/adjust.lua")),
             read_payment: with_common(include_str!("scripts/read_payment.lua")),
             settled: with_common(include_str!("scripts/settled.lua")),
-            accept: Script::new(include_str!("scripts/accept.lua")),
+            accept: with_common(include_str!("scripts/accept.lua")),
             abandon: with_common(include_str!("scripts/abandon.lua")),
             void: with_common(include_str!("scripts/void.lua")),
             unwind: with_common(include_str!("scripts/unwind.lua")),

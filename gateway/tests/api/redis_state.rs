@@ -157,14 +157,15 @@ async fn assert_settled_as_built(app: &TestApp, request: &AuthorizeRequest, seq:
             .hexists(format!("u:{{{tag}}}"), &request.doc.id)
             .await
             .unwrap();
-        let state: Option<String> = conn
-            .hget(
-                format!("i:{{{tag}}}:{}", request.idempotency.key.as_str()),
-                "s",
-            )
+        // A done record keeps its request hash and has no in-flight state ('s' absent).
+        let (hash, state): (Option<String>, Option<String>) = redis::cmd("HMGET")
+            .arg(format!("i:{{{tag}}}:{}", request.idempotency.key.as_str()))
+            .arg("h")
+            .arg("s")
+            .query_async(&mut conn)
             .await
             .unwrap();
-        if !left && state.as_deref() == Some("D") {
+        if !left && hash.is_some() && state.is_none() {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -15,7 +15,5 @@ if redis.call('HEXISTS', KEYS[1], pid) == 0 then
 end
 redis.call('HSET', KEYS[1], pid .. '#a', ARGV[2])
 redis.call('HDEL', KEYS[2], pid)
-if redis.call('HGET', KEYS[3], 's') == 'F' then
-  redis.call('HSET', KEYS[3], 's', 'D')
-end
+release_idempotency(KEYS[3])
 return 1

@@ -7,8 +7,8 @@
 --   ps:{T}  hash   payment id -> status
 --   pd:{T}  hash   payment id -> the payment's fixed JSON document (never rewritten)
 --   o:{T}   hash   merchant order id -> payment id (stale when that payment is no longer live)
---   i:{T}:K hash   idempotency record of key K: h (request hash), s (F in flight | D done),
---                  o (outcome); expires after the configured retention
+--   i:{T}:K hash   idempotency record of key K: h (request hash), s ('F' while in flight;
+--                  absent or 'D' once done), o (outcome); expires after the configured retention
 --   u:{T}   hash   id -> what must still reach the settlement store, as JSON
 --                  {"seq": account seq after the movement, "key": idempotency key,
 --                   "record": {"settlement": …} | {"intent": …} | a compact record}; removed
@@ -175,8 +175,19 @@ local function check_idempotency(ikey, request_hash)
   return {'replay', rec[3]}
 end
 
+-- Records the outcome of a new key: in flight ('F') or done ('D', kept as an absent 's').
 local function record_idempotency(ikey, request_hash, state, outcome, retention_seconds)
-  redis.call('HSET', ikey, 'h', request_hash, 's', state, 'o', outcome)
+  if state == 'F' then
+    redis.call('HSET', ikey, 'h', request_hash, 's', 'F', 'o', outcome)
+  else
+    redis.call('HSET', ikey, 'h', request_hash, 'o', outcome)
+  end
   redis.call('EXPIRE', ikey, retention_seconds)
+end
+
+-- The commit an in-flight record waited for has happened: it replays from now on. One command,
+-- and nothing is written when the record has expired (no record without its request hash).
+local function release_idempotency(ikey)
+  redis.call('HDEL', ikey, 's')
 end
 

@@ -12,9 +12,6 @@
 local removed = 0
 for n = 1, #ARGV do
   removed = removed + redis.call('HDEL', KEYS[2 * n - 1], ARGV[n])
-  local idem = KEYS[2 * n]
-  if redis.call('HGET', idem, 's') == 'F' then
-    redis.call('HSET', idem, 's', 'D')
-  end
+  release_idempotency(KEYS[2 * n])
 end
 return removed
