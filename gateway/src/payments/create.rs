@@ -29,8 +29,8 @@ use crate::settlement::outbox::{self, CompactRecord};
 use crate::settlement::rebuild::{unwind_refused, Refusal};
 use crate::settlement::settler::SettleFailure;
 use crate::settlement::{
-    movements, AttemptRow, CommitOutcome, IntentOutcome, PaymentRow, PendingRecord, Settlement,
-    WebhookStatus,
+    movements, AttemptRow, CommitOutcome, IntentOutcome, PaymentRow, PendingRecord, SettleError,
+    Settlement, WebhookStatus,
 };
 use crate::state::Core;
 use crate::telemetry;
@@ -212,6 +212,7 @@ async fn create_balance(
             capture.account_seq = account.map(|a| a.seq);
             commit_capture(core, merchant, &request, capture, payment).await
         }
+        AuthorizeOutcome::IdempotencyInFlight => balance_key_in_flight(core, &request).await,
         other => not_created(core, &request, other).await,
     }
 }
@@ -290,6 +291,43 @@ async fn authorize(
             Ok(core.balances.authorize(request, core.op()).await?)
         }
         _ => Ok(outcome),
+    }
+}
+
+/// A balance payment's key the balance store still has in flight. Once the payment is
+/// committed its answer is decided — and may have gone out already: a batch's waiters are
+/// answered before its keys are marked settled — so the store's payment under the key is the
+/// answer; before the commit the key is in flight. (A channel payment's key stays in flight
+/// until its channel has answered, whatever the store holds: not here.)
+async fn balance_key_in_flight(
+    core: &Core,
+    request: &AuthorizeRequest,
+) -> Result<Creation, PaymentError> {
+    let stored = core
+        .settler
+        .store
+        .payment_by_key(
+            request.scope.tag().as_str(),
+            request.idempotency.key.as_str(),
+        )
+        .await;
+    match stored {
+        Ok(Some(first)) if first.request_hash == request.idempotency.request_hash => {
+            let id = PaymentId::parse(&first.payment_id).ok_or_else(|| {
+                PaymentError::from(SettleError::Invalid(format!(
+                    "stored payment id {:?}",
+                    first.payment_id
+                )))
+            })?;
+            replay(core, request, StoredOutcome::Payment(id)).await
+        }
+        Ok(Some(_)) => Err(PaymentError::IdempotencyConflict),
+        Ok(None) => Err(PaymentError::IdempotencyInFlight),
+        Err(err) => {
+            // The key is in flight either way: the client retries.
+            tracing::warn!(error = %err, "cannot read a key in flight from the store");
+            Err(PaymentError::IdempotencyInFlight)
+        }
     }
 }
 

@@ -1255,6 +1255,15 @@ pub trait KeyStore: Send + Sync {
         limit: usize,
     ) -> Result<Option<u64>, SettleError>;
 
+    /// The payment created under (scope, idempotency key), if the store has one: what a retry
+    /// is answered from while the balance store still has the key in flight after the
+    /// payment's commit (a waiter is answered before the batch's keys are marked settled).
+    async fn payment_by_key(
+        &self,
+        scope_tag: &str,
+        idempotency_key: &str,
+    ) -> Result<Option<StoredKey>, SettleError>;
+
     /// Lets go of an ended payment's idempotency key (a payment given up before any channel
     /// was called: its request was never answered with it, so the client may use the key
     /// again). `false` when the payment is unknown or not `failed` (nothing changes).

@@ -535,9 +535,12 @@ impl Writer {
 }
 
 impl Answerer {
-    /// After a committed batch: one balance-store round trip marks every committed movement
-    /// and intent settled (if it fails the money is still safe: it is committed, and the
-    /// recovery loop marks them later); then each waiter gets its own outcome.
+    /// After a committed batch: each waiter gets its own outcome, then one balance-store round
+    /// trip marks every committed movement and intent settled (if it fails the money is still
+    /// safe: it is committed, and the recovery loop marks them later). Until the mark, a
+    /// retry finds its key in flight in the balance store, and a balance payment's retry is
+    /// answered from the store (`payments::create`); the answers do not wait for that round
+    /// trip.
     async fn answer(
         &self,
         writes: Vec<Write>,
@@ -559,11 +562,6 @@ impl Answerer {
             })
             .filter_map(|(waiter, _)| waiter.mark.take())
             .collect();
-        if !marks.is_empty() {
-            if let Err(err) = self.balances.mark_settled(&marks).await {
-                tracing::warn!(error = %err, rows = marks.len(), "cannot mark committed settlements in the balance store; recovery will");
-            }
-        }
         for ((write, waiter), result) in writes.into_iter().zip(waiters).zip(results) {
             let result = match result {
                 Ok(written) => {
@@ -581,6 +579,11 @@ impl Answerer {
                 }
             };
             let _ = waiter.done.send(result);
+        }
+        if !marks.is_empty() {
+            if let Err(err) = self.balances.mark_settled(&marks).await {
+                tracing::warn!(error = %err, rows = marks.len(), "cannot mark committed settlements in the balance store; recovery will");
+            }
         }
     }
 

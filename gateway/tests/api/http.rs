@@ -541,35 +541,75 @@ async fn conflicts_duplicates_and_in_flight_keys_are_409_and_change_nothing() {
         .await;
     assert_eq!(other.status, 201, "{:?}", other.body);
 
-    // A first request still in flight (as a request waiting on its settlement is, from the
-    // store issue on): mark k3's record in flight the way the store does, then retry.
+    // A committed payment whose key Redis still has in flight (its waiter is answered before
+    // the batch's keys are marked settled): the retry is the store's answer, not a 409.
     let third = app
         .pay(ALPHA, "k3", balance_payment("o3", "acc", "1.00"))
         .await;
     assert_eq!(third.status, 201);
-    let tag = gateway::ids::ScopeTag::account(
-        &gateway::ids::MerchantId::parse("alpha").unwrap(),
-        &gateway::ids::AccountId::parse("acc").unwrap(),
-    );
     let mut redis = app.redis.as_ref().unwrap().connection().await;
     let _: () = redis::cmd("HSET")
-        .arg(format!("i:{{{tag}}}:k3"))
+        .arg(format!("i:{{{}}}:k3", acc_tag()))
         .arg("s")
         .arg("F")
         .query_async(&mut redis)
         .await
         .unwrap();
-    let in_flight = app
+    let retried = app
         .pay(ALPHA, "k3", balance_payment("o3", "acc", "1.00"))
+        .await;
+    assert_eq!(retried.status, 201, "{:?}", retried.body);
+    assert_eq!(retried.body, third.body, "the replay is the first answer");
+    // Under another request the key is still refused.
+    let changed = app
+        .pay(ALPHA, "k3", balance_payment("o3", "acc", "2.00"))
+        .await;
+    assert_eq!(
+        (changed.status, changed.code()),
+        (409, "idempotency_conflict")
+    );
+    // A key in flight that the store does not hold (its first request has not committed):
+    // k4 gets k3's record (same request hash: the same body) in flight, and k3's body is
+    // retried under k4. 409, and nothing is charged.
+    let record: Vec<String> = redis::cmd("HMGET")
+        .arg(format!("i:{{{}}}:k3", acc_tag()))
+        .arg("h")
+        .arg("o")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(format!("i:{{{}}}:k4", acc_tag()))
+        .arg("h")
+        .arg(&record[0])
+        .arg("s")
+        .arg("F")
+        .arg("o")
+        .arg(&record[1])
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let in_flight = app
+        .pay(ALPHA, "k4", balance_payment("o3", "acc", "1.00"))
         .await;
     assert_eq!(
         (in_flight.status, in_flight.code()),
-        (409, "idempotency_in_flight")
+        (409, "idempotency_in_flight"),
+        "{:?}",
+        in_flight.body
     );
     assert_eq!(in_flight.headers.get("retry-after").unwrap(), "1");
 
     app.assert_account(ALPHA, "acc", "84.00", "0.00", "84.00")
         .await;
+}
+
+/// The scope tag of ALPHA's account `acc` (its Redis keys' hash tag).
+fn acc_tag() -> gateway::ids::ScopeTag {
+    gateway::ids::ScopeTag::account(
+        &gateway::ids::MerchantId::parse("alpha").unwrap(),
+        &gateway::ids::AccountId::parse("acc").unwrap(),
+    )
 }
 
 #[tokio::test]

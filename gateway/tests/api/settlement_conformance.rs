@@ -186,6 +186,7 @@ on_both_stores!(
     refusals_are_kept_once_per_key,
     old_keys_are_purged_under_a_lease,
     keyed_payments_come_back_page_by_page,
+    a_payment_is_found_by_its_scope_and_key,
 );
 
 fn outcome_update(payment: &str, attempt: u32, outcome: &str, txn: Option<&str>) -> AttemptUpdate {
@@ -2280,6 +2281,52 @@ async fn keyed_payments_come_back_page_by_page(store: Arc<dyn SettlementStore>) 
             .unwrap()),
         vec![key(4, 30)]
     );
+}
+
+/// `payment_by_key`: the payment under exactly (scope, key), with its request hash and status;
+/// nothing for another scope, another key, or a payment written without a key.
+async fn a_payment_is_found_by_its_scope_and_key(store: Arc<dyn SettlementStore>) {
+    store.migrate().await.unwrap();
+    let mut other_scope = payment_row("pay_2", "o2", "pending", 0).with_idempotency("K1", "h2");
+    other_scope.scope_tag = "TAG0000001".into();
+    for row in [
+        payment_row("pay_1", "o1", "succeeded", 0).with_idempotency("K1", "h1"),
+        other_scope,
+        payment_row("pay_3", "o3", "pending", 0),
+    ] {
+        assert_eq!(
+            store.record_intent(&row, None).await.unwrap(),
+            IntentOutcome::Inserted
+        );
+    }
+    let tag = payment_row("pay_x", "ox", "pending", 0).scope_tag;
+    let found = store.payment_by_key(&tag, "K1").await.unwrap().unwrap();
+    assert_eq!(
+        (
+            found.payment_id.as_str(),
+            found.request_hash.as_str(),
+            found.status.as_str()
+        ),
+        ("pay_1", "h1", "succeeded")
+    );
+    let found = store
+        .payment_by_key("TAG0000001", "K1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.payment_id, "pay_2");
+    assert!(store.payment_by_key(&tag, "K2").await.unwrap().is_none());
+    assert!(store
+        .payment_by_key("TAG0000009", "K1")
+        .await
+        .unwrap()
+        .is_none());
+    // A NUL cannot be stored: never found, never an error.
+    assert!(store
+        .payment_by_key(&tag, "K\u{0}1")
+        .await
+        .unwrap()
+        .is_none());
 }
 
 /// Refunds are capped by the store as by Redis, and another refund under a stored id is a

@@ -16,6 +16,20 @@ use super::payments::{payment_from_row, PAYMENT_COLUMNS};
 use super::{get, get_named, get_u64, ms, PostgresStore};
 use crate::preauth::{PaymentStatus, StoredOutcome};
 
+/// A key's payment from `scope_tag, idempotency_key, request_hash, id, created_at_ms,
+/// merchant_order_id, status`.
+fn stored_key(r: &tokio_postgres::Row) -> Result<StoredKey, SettleError> {
+    Ok(StoredKey {
+        scope_tag: get(r, 0)?,
+        idempotency_key: get(r, 1)?,
+        request_hash: get::<Option<String>>(r, 2)?.unwrap_or_default(),
+        payment_id: get(r, 3)?,
+        created_at_ms: get_u64(r, 4)?,
+        merchant_order_id: get(r, 5)?,
+        status: get_named(r, 6, PaymentStatus::parse)?,
+    })
+}
+
 const LIVE_STATUSES: &str = "('pending', 'succeeded', 'partially_refunded', 'refunded')";
 
 /// The lease under which one instance at a time purges keys (`purge_keys`).
@@ -239,19 +253,31 @@ impl PostgresStore {
             )
             .await
             .map_err(db)?;
-        rows.iter()
-            .map(|r| {
-                Ok(StoredKey {
-                    scope_tag: get(r, 0)?,
-                    idempotency_key: get(r, 1)?,
-                    request_hash: get::<Option<String>>(r, 2)?.unwrap_or_default(),
-                    payment_id: get(r, 3)?,
-                    created_at_ms: get_u64(r, 4)?,
-                    merchant_order_id: get(r, 5)?,
-                    status: get_named(r, 6, PaymentStatus::parse)?,
-                })
-            })
-            .collect()
+        rows.iter().map(stored_key).collect()
+    }
+
+    async fn payment_by_key_inner(
+        &self,
+        scope_tag: &str,
+        idempotency_key: &str,
+    ) -> Result<Option<StoredKey>, SettleError> {
+        let db = |e: tokio_postgres::Error| self.unavailable(&e);
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT scope_tag, idempotency_key, request_hash, id, created_at_ms, \
+                 merchant_order_id, status \
+                 FROM payments WHERE scope_tag = $1 AND idempotency_key = $2",
+            )
+            .await
+            .map_err(db)?;
+        client
+            .query_opt(&stmt, &[&scope_tag, &idempotency_key])
+            .await
+            .map_err(db)?
+            .as_ref()
+            .map(stored_key)
+            .transpose()
     }
 
     async fn live_payment_by_order_inner(
@@ -382,6 +408,22 @@ impl KeyStore for PostgresStore {
             tx.commit().await.map_err(db)?;
             Ok(Some(keys + refusals + adjustments))
         })
+        .await
+    }
+
+    async fn payment_by_key(
+        &self,
+        scope_tag: &str,
+        idempotency_key: &str,
+    ) -> Result<Option<StoredKey>, SettleError> {
+        // PostgreSQL text holds no NUL: no row has such a key.
+        if scope_tag.contains('\0') || idempotency_key.contains('\0') {
+            return Ok(None);
+        }
+        Self::timed(
+            StoreOp::Read("payment_by_key"),
+            self.payment_by_key_inner(scope_tag, idempotency_key),
+        )
         .await
     }
 

@@ -96,6 +96,20 @@ pub(super) fn adjustment_taken(
     Ok(holder.map(|holder| holder.taken_by(Some(&a.request_hash))))
 }
 
+/// A key's payment from `scope_tag, idempotency_key, request_hash, id, created_at_ms,
+/// merchant_order_id, status`.
+fn stored_key(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredKey> {
+    Ok(StoredKey {
+        scope_tag: r.get(0)?,
+        idempotency_key: r.get(1)?,
+        request_hash: r.get::<_, Option<String>>(2)?.unwrap_or_default(),
+        payment_id: r.get(3)?,
+        created_at_ms: r.get::<_, i64>(4)? as u64,
+        merchant_order_id: r.get(5)?,
+        status: named(r.get(6)?, PaymentStatus::parse)?,
+    })
+}
+
 /// The refusal kept under (scope, key), as the key's holder.
 fn refused(tx: &Connection, scope_tag: &str, key: &str) -> Result<Option<KeyHolder>, SettleError> {
     let refusal: Option<(String, String, i64)> = tx
@@ -195,17 +209,7 @@ impl KeyStore for SqliteStore {
             let rows = st
                 .query_map(
                     params![ms(since_ms), scope_tag, after_ms, after_id, limit],
-                    |r| {
-                        Ok(StoredKey {
-                            scope_tag: r.get(0)?,
-                            idempotency_key: r.get(1)?,
-                            request_hash: r.get::<_, Option<String>>(2)?.unwrap_or_default(),
-                            payment_id: r.get(3)?,
-                            created_at_ms: r.get::<_, i64>(4)? as u64,
-                            merchant_order_id: r.get(5)?,
-                            status: named(r.get(6)?, PaymentStatus::parse)?,
-                        })
-                    },
+                    stored_key,
                 )
                 .map_err(db)?;
             rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db)
@@ -277,6 +281,24 @@ impl KeyStore for SqliteStore {
             .map_err(db)?;
             tx.commit().map_err(db)?;
             Ok(Some((keys + refusals + adjustments) as u64))
+        })
+        .await
+    }
+
+    async fn payment_by_key(
+        &self,
+        scope_tag: &str,
+        idempotency_key: &str,
+    ) -> Result<Option<StoredKey>, SettleError> {
+        let (tag, key) = (scope_tag.to_owned(), idempotency_key.to_owned());
+        self.run(StoreOp::Read("payment_by_key"), move |conn| {
+            conn.prepare_cached(
+                "SELECT scope_tag, idempotency_key, request_hash, id, created_at_ms, \
+                 merchant_order_id, status \
+                 FROM payments WHERE scope_tag = ?1 AND idempotency_key = ?2",
+            )
+            .and_then(|mut st| st.query_row(params![tag, key], stored_key).optional())
+            .map_err(db)
         })
         .await
     }
