@@ -80,7 +80,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use deadpool_postgres::tokio_postgres::{self, NoTls, Row};
 use deadpool_postgres::{
-    Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime, Transaction,
+    Manager, ManagerConfig, Object, Pool, QueueMode, RecyclingMethod, Runtime, Transaction,
 };
 use tokio_postgres::types::FromSql;
 
@@ -241,6 +241,10 @@ impl PostgresStore {
         );
         let pool = Pool::builder(manager)
             .max_size(pool_size)
+            // The connection returned last is handed out first: the writer's commits, one
+            // after another, keep to one backend (its caches warm) instead of going round
+            // every connection of the pool.
+            .queue_mode(QueueMode::Lifo)
             .runtime(Runtime::Tokio1)
             .create_timeout(Some(timeout))
             .wait_timeout(Some(timeout))
