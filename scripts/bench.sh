@@ -240,7 +240,8 @@ stop_stack() {
 # PostgreSQL is one process per connection: besides the postmaster, every child alive when the
 # command starts (backends of the gateway's pool, WAL writer, checkpointer…) is measured as
 # `pg<PID>`; the summary adds them up as `postgres(all)`. A backend forked during the command
-# is not counted (the pool is warm from the second command on).
+# is not counted (the pool is warm from the second command on; `--budgets` runs an unmeasured
+# warm-up first).
 pid_args() {
   PIDARGS=(--pid "gateway=$GW_PID" --pid "channel-sim=$SIM_PID" --pid "redis=$REDIS_PID"
            --pid "baseline=$BASE_PID")
@@ -435,6 +436,13 @@ if [ "$BUDGETS" = 1 ]; then
   BUDGET_ROWS=()
   for be in sqlite postgres; do
     start_stack "$be"
+    # Unmeasured warm-up: PostgreSQL's pool opens its connections under load, and a backend
+    # forked during a command is not counted (pid_args lists the children before it), so
+    # without it the first run would leave out the backends that did half of the work.
+    log "$be: warm-up, authorize at $BUDGET_AUTHORIZE_RATE/s for 3 s (not measured)"
+    "$LOADTEST" run --scenario authorize --rate "$BUDGET_AUTHORIZE_RATE" --duration-s 3 \
+      --warmup-s 1 --settle-wait-s 2 --manifest "$MANIFEST" >/dev/null 2>&1 \
+      || log "$be: warm-up exited non-zero"
     for sc in authorize checkout; do
       rate_var=BUDGET_${sc^^}_RATE
       gws=(); pgs=(); rds=(); ppcs=(); bars=()
