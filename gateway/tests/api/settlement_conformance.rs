@@ -187,6 +187,7 @@ on_both_stores!(
     old_keys_are_purged_under_a_lease,
     keyed_payments_come_back_page_by_page,
     a_payment_is_found_by_its_scope_and_key,
+    a_batchs_attempt_outcomes_apply_each_as_alone,
 );
 
 fn outcome_update(payment: &str, attempt: u32, outcome: &str, txn: Option<&str>) -> AttemptUpdate {
@@ -2280,6 +2281,87 @@ async fn keyed_payments_come_back_page_by_page(store: Arc<dyn SettlementStore>) 
             .await
             .unwrap()),
         vec![key(4, 30)]
+    );
+}
+
+/// Many attempt outcomes in one batch (PostgreSQL: one statement for the first outcome of each
+/// attempt): each applies, or not, exactly as it would alone and in the order given.
+async fn a_batchs_attempt_outcomes_apply_each_as_alone(store: Arc<dyn SettlementStore>) {
+    store.migrate().await.unwrap();
+    for p in ["pay_1", "pay_2", "pay_3", "pay_4"] {
+        store
+            .record_intent(&channel_payment(p, Some(60_000)), Some(&attempt_row(p, 1)))
+            .await
+            .unwrap();
+    }
+    // pay_4's attempt already succeeded: nothing moves it.
+    assert!(store
+        .update_attempt(
+            "pay_4",
+            1,
+            AttemptOutcome::Succeeded,
+            None,
+            None,
+            Some("t4"),
+            5
+        )
+        .await
+        .unwrap());
+    let mut accepted = outcome_update("pay_1", 1, "accepted", None);
+    accepted.latency_ms = Some(80);
+    accepted.action = Some(r#"{"type":"qr_code"}"#.into());
+    let batch = vec![
+        // Accepted, then its success: both apply, in this order.
+        Write::Attempt(accepted),
+        Write::Attempt(outcome_update("pay_2", 1, "failed", None)),
+        Write::Attempt(outcome_update("pay_1", 1, "succeeded", Some("t1"))),
+        Write::Attempt(outcome_update("pay_4", 1, "failed", None)),
+        // No such attempt.
+        Write::Attempt(outcome_update("pay_3", 2, "failed", None)),
+        Write::Attempt(outcome_update("pay_3", 1, "unknown", Some("t3"))),
+        // Beyond any stored attempt number.
+        Write::Attempt(outcome_update("pay_3", u32::MAX, "failed", None)),
+    ];
+    let results: Vec<Written> = store
+        .commit_writes(&batch)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        results,
+        [true, true, true, false, false, true, false].map(Written::Attempt)
+    );
+    let first = |p: &'static str| {
+        let store = store.clone();
+        async move { store.attempts(p).await.unwrap().remove(0) }
+    };
+    let one = first("pay_1").await;
+    assert_eq!(
+        (
+            one.outcome.as_str(),
+            one.latency_ms,
+            one.action.as_deref(),
+            one.channel_txn_id.as_deref(),
+        ),
+        (
+            "succeeded",
+            Some(80),
+            Some(r#"{"type":"qr_code"}"#),
+            Some("t1")
+        )
+    );
+    assert_eq!(first("pay_2").await.outcome.as_str(), "failed");
+    let three = first("pay_3").await;
+    assert_eq!(
+        (three.outcome.as_str(), three.channel_txn_id.as_deref()),
+        ("unknown", Some("t3"))
+    );
+    let four = first("pay_4").await;
+    assert_eq!(
+        (four.outcome.as_str(), four.channel_txn_id.as_deref()),
+        ("succeeded", Some("t4"))
     );
 }
 
