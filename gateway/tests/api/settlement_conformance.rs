@@ -190,6 +190,17 @@ on_both_stores!(
     a_batchs_attempt_outcomes_apply_each_as_alone,
 );
 
+/// Commits `batch` in one group commit: what each write did, every one of them accepted.
+async fn all_written(store: &dyn SettlementStore, batch: &[Write]) -> Vec<Written> {
+    store
+        .commit_writes(batch)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect()
+}
+
 fn outcome_update(payment: &str, attempt: u32, outcome: &str, txn: Option<&str>) -> AttemptUpdate {
     AttemptUpdate {
         payment_id: payment.into(),
@@ -244,13 +255,7 @@ async fn a_group_commit_holds_intents_attempt_outcomes_and_settlements(
             now_ms: 50,
         }),
     ];
-    let results: Vec<Written> = store
-        .commit_writes(&batch)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
+    let results = all_written(store.as_ref(), &batch).await;
     assert_eq!(
         results,
         vec![
@@ -289,13 +294,7 @@ async fn a_group_commit_holds_intents_attempt_outcomes_and_settlements(
         vec![(-100, 1)]
     );
     // The same batch again: every write is recognized, nothing doubles.
-    let again: Vec<Written> = store
-        .commit_writes(&batch)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
+    let again = all_written(store.as_ref(), &batch).await;
     assert_eq!(
         again[0],
         Written::Settlement(CommitOutcome::AlreadyCommitted)
@@ -2322,13 +2321,7 @@ async fn a_batchs_attempt_outcomes_apply_each_as_alone(store: Arc<dyn Settlement
         // Beyond any stored attempt number.
         Write::Attempt(outcome_update("pay_3", u32::MAX, "failed", None)),
     ];
-    let results: Vec<Written> = store
-        .commit_writes(&batch)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
+    let results = all_written(store.as_ref(), &batch).await;
     assert_eq!(
         results,
         [true, true, true, false, false, true, false].map(Written::Attempt)
