@@ -244,7 +244,9 @@ const UPDATE_ATTEMPT: &str = "UPDATE attempts SET outcome = $3, \
 
 /// `UPDATE_ATTEMPT` for a batch's attempt outcomes in one statement (at most one per attempt:
 /// an `UPDATE … FROM` changes a row once): per outcome, in the order given, whether it applied.
-/// Rows are taken in (payment, attempt) order, the lock order every batch keeps.
+/// Rows are locked first in (payment, attempt) order, the lock order every batch keeps:
+/// `locked` (`FOR UPDATE` above its sort) runs as the update's init plan, before any row is
+/// changed.
 const UPDATE_ATTEMPTS: &str = "WITH u AS (SELECT * FROM UNNEST($1::TEXT[], $2::INTEGER[], \
     $3::TEXT[], $4::BIGINT[], $5::TEXT[], $6::TEXT[], $7::BIGINT[]) WITH ORDINALITY \
     AS u(payment_id, attempt, outcome, latency_ms, action, channel_txn_id, now_ms, n)), \
