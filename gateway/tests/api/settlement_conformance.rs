@@ -1339,6 +1339,7 @@ mod webhook_outbox {
         a_final_status_enqueues_its_event_once,
         refunds_and_late_money_name_the_stored_payment,
         claimed_webhooks_are_leased_and_attempts_recorded,
+        a_batchs_delivery_outcomes_apply_each_as_alone,
     );
 
     fn now_ms() -> u64 {
@@ -1569,6 +1570,92 @@ mod webhook_outbox {
         assert_eq!(
             refunds,
             vec![(1, "\"2.00\"".to_owned()), (2, "\"2.00\"".to_owned())]
+        );
+    }
+
+    /// Many delivery outcomes in one batch (PostgreSQL: one statement for the first outcome of
+    /// each event): each applies, or not, exactly as it would alone and in the order given.
+    async fn a_batchs_delivery_outcomes_apply_each_as_alone(store: Arc<dyn SettlementStore>) {
+        store.migrate().await.unwrap();
+        let mut ids = Vec::new();
+        for id in ["pay_a", "pay_b", "pay_c"] {
+            store
+                .record_intent(&channel_payment(id, None), None)
+                .await
+                .unwrap();
+            store
+                .set_final_status(&StatusChange {
+                    payment_id: id.into(),
+                    status: "failed".parse().unwrap(),
+                    updated_at_ms: 5,
+                })
+                .await
+                .unwrap();
+            ids.push(store.webhook_events(id).await.unwrap().remove(0).id);
+        }
+        let now = now_ms();
+        // pay_c's event is delivered already: nothing moves it.
+        assert!(store
+            .record_webhook_attempt(&ids[2], WebhookOutcome::Delivered, Some(200), None, now)
+            .await
+            .unwrap());
+        let attempt =
+            |id: &str, outcome: WebhookOutcome, status: Option<u16>, error: Option<&str>| {
+                Write::Webhook(WebhookAttempt {
+                    id: id.to_owned(),
+                    outcome,
+                    http_status: status,
+                    error: error.map(str::to_owned),
+                    now_ms: now + 1,
+                })
+            };
+        let batch = vec![
+            // Put off, then delivered: both apply, in this order.
+            attempt(&ids[0], WebhookOutcome::Deferred(now + 9_000), None, None),
+            attempt(
+                &ids[1],
+                WebhookOutcome::RetryAt(now + 500),
+                Some(502),
+                Some("bad gateway"),
+            ),
+            attempt(&ids[0], WebhookOutcome::Delivered, Some(204), None),
+            attempt(&ids[2], WebhookOutcome::Failed, Some(500), Some("late")),
+            attempt("evt_none", WebhookOutcome::Delivered, Some(200), None),
+        ];
+        assert_eq!(
+            all_written(store.as_ref(), &batch).await,
+            [true, true, true, false, false].map(Written::Webhook)
+        );
+        let stored = |payment: &'static str| {
+            let store = store.clone();
+            async move { store.webhook_events(payment).await.unwrap().remove(0) }
+        };
+        let a = stored("pay_a").await;
+        assert_eq!(
+            (a.status, a.attempts, a.last_status),
+            (WebhookStatus::Delivered, 1, Some(204))
+        );
+        let b = stored("pay_b").await;
+        assert_eq!(
+            (
+                b.status,
+                b.attempts,
+                b.next_attempt_at_ms,
+                b.last_status,
+                b.last_error.as_deref()
+            ),
+            (
+                WebhookStatus::Pending,
+                1,
+                Some(now + 500),
+                Some(502),
+                Some("bad gateway")
+            )
+        );
+        let c = stored("pay_c").await;
+        assert_eq!(
+            (c.status, c.attempts, c.last_status, c.last_error),
+            (WebhookStatus::Delivered, 1, Some(200), None)
         );
     }
 
