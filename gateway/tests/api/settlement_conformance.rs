@@ -188,6 +188,7 @@ on_both_stores!(
     keyed_payments_come_back_page_by_page,
     a_payment_is_found_by_its_scope_and_key,
     a_batchs_attempt_outcomes_apply_each_as_alone,
+    a_batchs_movements_are_decided_each_as_alone,
 );
 
 /// Commits `batch` in one group commit: what each write did, every one of them accepted.
@@ -2367,6 +2368,58 @@ async fn keyed_payments_come_back_page_by_page(store: Arc<dyn SettlementStore>) 
             .await
             .unwrap()),
         vec![key(4, 30)]
+    );
+}
+
+/// Many movements of existing payments in one batch (PostgreSQL: one statement for the first
+/// of each movement key): each is inserted, recognized or refused exactly as it would be alone
+/// and in the order given.
+async fn a_batchs_movements_are_decided_each_as_alone(store: Arc<dyn SettlementStore>) {
+    store.migrate().await.unwrap();
+    store.upsert_account(&account_row("acc")).await.unwrap();
+    store.upsert_account(&account_row("acc2")).await.unwrap();
+    // pay_a's key (its capture, sequence 0) with other contents.
+    let other = capture("pay_a", "acc", 300, 9);
+    let batch = vec![
+        Write::Settlement(capture("pay_a", "acc", 200, 1)),
+        Write::Settlement(capture("pay_b", "acc", 100, 2)),
+        // The same movement again (a re-drive beside the first): recognized.
+        Write::Settlement(capture("pay_a", "acc", 200, 1)),
+        // Another movement under pay_a's key: a conflict.
+        Write::Settlement(other),
+        // acc's sequence 2 again, by another payment: the balance store rolled back.
+        Write::Settlement(capture("pay_c", "acc", 50, 2)),
+        Write::Settlement(capture("pay_d", "acc2", 70, 1)),
+    ];
+    let first_hash = capture("pay_a", "acc", 200, 1).content_hash();
+    assert_eq!(
+        all_written(store.as_ref(), &batch).await,
+        vec![
+            Written::Settlement(CommitOutcome::Inserted),
+            Written::Settlement(CommitOutcome::Inserted),
+            Written::Settlement(CommitOutcome::AlreadyCommitted),
+            Written::Settlement(CommitOutcome::Conflict {
+                stored_hash: first_hash
+            }),
+            Written::Settlement(CommitOutcome::SequenceConflict { account_seq: 2 }),
+            Written::Settlement(CommitOutcome::Inserted),
+        ]
+    );
+    let balances = store.balances(Some(("alpha", "acc"))).await.unwrap();
+    assert_eq!(
+        balances
+            .iter()
+            .map(|b| (b.balance_minor, b.seq))
+            .collect::<Vec<_>>(),
+        vec![(-300, 2)]
+    );
+    let balances = store.balances(Some(("alpha", "acc2"))).await.unwrap();
+    assert_eq!(
+        balances
+            .iter()
+            .map(|b| (b.balance_minor, b.seq))
+            .collect::<Vec<_>>(),
+        vec![(-70, 1)]
     );
 }
 

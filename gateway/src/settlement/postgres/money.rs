@@ -29,6 +29,26 @@ const INSERT_TRANSFER: &str = "INSERT INTO transfers (payment_id, kind, sequence
     channel_id, channel_txn_id, fee_minor, settled_at_ms, content_hash) VALUES \
     ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) ON CONFLICT DO NOTHING";
 
+/// `INSERT_TRANSFER` for a batch's other settlements in one statement (at most one per
+/// movement key: which of two twins went in is then clear): per settlement, in the order given,
+/// whether its transfer was inserted (not when its key or its account sequence is taken, also
+/// by one earlier in the statement). Rows go in in the order given (the batch's payment id
+/// order, the lock order every batch keeps).
+const INSERT_TRANSFERS: &str = "WITH i AS (SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], \
+    $3::INTEGER[], $4::TEXT[], $5::TEXT[], $6::BIGINT[], $7::TEXT[], $8::TEXT[], $9::TEXT[], \
+    $10::BIGINT[], $11::TEXT[], $12::TEXT[], $13::BIGINT[], $14::BIGINT[], $15::TEXT[]) \
+    WITH ORDINALITY AS i(payment_id, kind, sequence, debit_ledger, credit_ledger, \
+    amount_minor, currency, merchant_id, account_id, account_seq, channel_id, channel_txn_id, \
+    fee_minor, settled_at_ms, content_hash, n)), \
+    ins AS (INSERT INTO transfers (payment_id, kind, sequence, debit_ledger, credit_ledger, \
+    amount_minor, currency, merchant_id, account_id, account_seq, channel_id, channel_txn_id, \
+    fee_minor, settled_at_ms, content_hash) SELECT payment_id, kind, sequence, debit_ledger, \
+    credit_ledger, amount_minor, currency, merchant_id, account_id, account_seq, channel_id, \
+    channel_txn_id, fee_minor, settled_at_ms, content_hash FROM i ORDER BY n \
+    ON CONFLICT DO NOTHING RETURNING payment_id, kind, sequence) \
+    SELECT EXISTS (SELECT 1 FROM ins WHERE ins.payment_id = i.payment_id \
+    AND ins.kind = i.kind AND ins.sequence = i.sequence) FROM i ORDER BY n";
+
 /// Every settlement of a batch that creates its payment (`Settlement::creates_payment`: the
 /// balance payments), in one statement however many there are (arrays, `UNNEST`): each payment
 /// row (with its first event when the merchant's history is kept) is inserted unless its id,
@@ -118,6 +138,47 @@ async fn insert_settlement(
         ],
     )
     .await
+}
+
+/// Runs `INSERT_TRANSFERS` for `items` (settlement, its sequence, its hash): per item, in order,
+/// whether its transfer was inserted. Keys must be distinct (the caller sends twins alone).
+async fn insert_transfers(
+    tx: &Transaction<'_>,
+    items: &[(&Settlement, i32, &str)],
+) -> Result<Vec<bool>, tokio_postgres::Error> {
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
+    fn col<'a, T>(
+        items: &'a [(&'a Settlement, i32, &'a str)],
+        f: impl Fn(&'a Settlement, i32, &'a str) -> T,
+    ) -> Vec<T> {
+        items.iter().map(|(s, q, h)| f(s, *q, h)).collect()
+    }
+    let stmt = tx.prepare_cached(INSERT_TRANSFERS).await?;
+    let rows = tx
+        .query(
+            &stmt,
+            &[
+                &col(items, |s, _, _| s.payment_id.as_str()),
+                &col(items, |s, _, _| s.kind.as_str()),
+                &col(items, |_, q, _| q),
+                &col(items, |s, _, _| s.debit_ledger()),
+                &col(items, |s, _, _| s.credit_ledger()),
+                &col(items, |s, _, _| s.amount_minor),
+                &col(items, |s, _, _| s.currency.code()),
+                &col(items, |s, _, _| s.merchant_id.as_str()),
+                &col(items, |s, _, _| s.account_id.as_deref()),
+                &col(items, |s, _, _| s.account_seq.map(ms)),
+                &col(items, |s, _, _| s.channel_id.as_deref()),
+                &col(items, |s, _, _| s.channel_txn_id.as_deref()),
+                &col(items, |s, _, _| s.channel_fee_minor),
+                &col(items, |s, _, _| ms(s.settled_at_ms)),
+                &col(items, |_, _, h| h),
+            ],
+        )
+        .await?;
+    rows.iter().map(|r| r.try_get::<_, bool>(0)).collect()
 }
 
 /// A settlement that creates its payment `p`, as `INSERT_CREATING_SETTLEMENTS` takes it.
@@ -282,42 +343,45 @@ impl PostgresStore {
                 }
             }
         }
-        // (payment row inserted, settlement inserted) per settlement; the others' statements
-        // are pipelined with the batch's one.
-        let (created, others) = tokio::join!(
+        // The other settlements (a checkout's success, refunds, late money…) go in together
+        // too (`INSERT_TRANSFERS`), pipelined with the batch's creating statement; a twin of
+        // one already in it (a re-drive beside the first) goes alone after it and finds the
+        // first one's movement.
+        let mut keys = std::collections::HashSet::new();
+        let mut placed = vec![None; batch.len()];
+        let mut transfers = Vec::new();
+        for (index, ((s, &sequence), hash)) in batch.iter().zip(&sequences).zip(&hashes).enumerate()
+        {
+            if taken[index].is_some() || s.creates_payment() {
+                continue;
+            }
+            if keys.insert((s.payment_id.as_str(), s.kind.as_str(), sequence)) {
+                placed[index] = Some(transfers.len());
+                transfers.push((*s, sequence, hash.as_str()));
+            }
+        }
+        let (created, transferred) = tokio::join!(
             insert_creating_settlements(tx, &creating, &self.no_webhook),
-            join_all(
-                batch
-                    .iter()
-                    .zip(&sequences)
-                    .zip(&hashes)
-                    .zip(&taken)
-                    .zip(&creating_at)
-                    .map(|((((s, sequence), hash), taken), at)| {
-                        let insert = &insert;
-                        async move {
-                            if taken.is_some() || at.is_some() {
-                                return Ok((false, false));
-                            }
-                            if s.creates_payment() {
-                                // A duplicate of one in the batch's statement.
-                                return Ok((false, false));
-                            }
-                            let rows = insert_settlement(tx, insert, s, *sequence, hash).await?;
-                            Ok((false, rows == 1))
-                        }
-                    })
-            )
+            insert_transfers(tx, &transfers)
         );
         let created = created.map_err(db)?;
         debug_assert_eq!(created.len(), creating.len());
-        let inserted = others
-            .into_iter()
-            .zip(&creating_at)
-            .map(|(other, at)| match at {
-                Some(at) => Ok(created[*at]),
-                None => other,
+        let transferred = transferred.map_err(db)?;
+        debug_assert_eq!(transferred.len(), transfers.len());
+        // (payment row inserted, settlement inserted) per settlement.
+        let mut inserted = Vec::with_capacity(batch.len());
+        for (index, ((s, &sequence), hash)) in batch.iter().zip(&sequences).zip(&hashes).enumerate()
+        {
+            inserted.push(match (creating_at[index], placed[index]) {
+                (Some(at), _) => Ok(created[at]),
+                (None, Some(at)) => Ok((false, transferred[at])),
+                // Taken, or a twin of one in the creating statement: explained below.
+                _ if taken[index].is_some() || s.creates_payment() => Ok((false, false)),
+                _ => insert_settlement(tx, &insert, s, sequence, hash)
+                    .await
+                    .map(|rows| (false, rows == 1)),
             });
+        }
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut rows_written = Vec::with_capacity(batch.len());
         for ((((s, &sequence), hash), inserted), taken) in batch
