@@ -1352,6 +1352,22 @@ mod webhook_outbox {
         p
     }
 
+    /// A channel payment `id` that failed: its `payment.failed` event is enqueued, pending.
+    async fn failed_with_event(store: &dyn SettlementStore, id: &str) {
+        store
+            .record_intent(&channel_payment(id, None), None)
+            .await
+            .unwrap();
+        store
+            .set_final_status(&StatusChange {
+                payment_id: id.into(),
+                status: "failed".parse().unwrap(),
+                updated_at_ms: 5,
+            })
+            .await
+            .unwrap();
+    }
+
     fn body(e: &WebhookEvent) -> Value {
         serde_json::from_str(&e.payload).expect("the payload is JSON")
     }
@@ -1580,18 +1596,7 @@ mod webhook_outbox {
         store.migrate().await.unwrap();
         let mut ids = Vec::new();
         for id in ["pay_a", "pay_b", "pay_c"] {
-            store
-                .record_intent(&channel_payment(id, None), None)
-                .await
-                .unwrap();
-            store
-                .set_final_status(&StatusChange {
-                    payment_id: id.into(),
-                    status: "failed".parse().unwrap(),
-                    updated_at_ms: 5,
-                })
-                .await
-                .unwrap();
+            failed_with_event(store.as_ref(), id).await;
             ids.push(store.webhook_events(id).await.unwrap().remove(0).id);
         }
         let now = now_ms();
@@ -1663,18 +1668,7 @@ mod webhook_outbox {
     async fn claimed_webhooks_are_leased_and_attempts_recorded(store: Arc<dyn SettlementStore>) {
         store.migrate().await.unwrap();
         for id in ["pay_a", "pay_b", "pay_c"] {
-            store
-                .record_intent(&channel_payment(id, None), None)
-                .await
-                .unwrap();
-            store
-                .set_final_status(&StatusChange {
-                    payment_id: id.into(),
-                    status: "failed".parse().unwrap(),
-                    updated_at_ms: 5,
-                })
-                .await
-                .unwrap();
+            failed_with_event(store.as_ref(), id).await;
         }
         assert_eq!(store.webhook_backlog().await.unwrap(), 3);
         let now = now_ms() + 1_000;

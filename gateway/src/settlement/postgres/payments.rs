@@ -621,7 +621,6 @@ impl PostgresStore {
         tx: &Transaction<'_>,
         updates: &[&AttemptUpdate],
     ) -> Result<Vec<Result<bool, SettleError>>, SettleError> {
-        let db = |e: tokio_postgres::Error| self.unavailable(&e);
         if updates.len() < 2 {
             // One statement either way: the one-row form's plan is the simpler.
             let mut out = Vec::with_capacity(updates.len());
@@ -644,12 +643,11 @@ impl PostgresStore {
                 _ => placed.push(None),
             }
         }
-        let applied: Vec<bool> = if cols.payment_id.is_empty() {
-            Vec::new()
-        } else {
-            let stmt = tx.prepare_cached(UPDATE_ATTEMPTS).await.map_err(db)?;
-            tx.query(
-                &stmt,
+        let applied = self
+            .batch_flags(
+                tx,
+                UPDATE_ATTEMPTS,
+                cols.payment_id.len(),
                 &[
                     &cols.payment_id,
                     &cols.attempt,
@@ -660,13 +658,7 @@ impl PostgresStore {
                     &cols.now_ms,
                 ],
             )
-            .await
-            .map_err(db)?
-            .iter()
-            .map(|r| get::<bool>(r, 0))
-            .collect::<Result<_, _>>()?
-        };
-        debug_assert_eq!(applied.len(), cols.payment_id.len());
+            .await?;
         let mut out = Vec::with_capacity(updates.len());
         for (u, place) in updates.iter().zip(placed) {
             out.push(match place {

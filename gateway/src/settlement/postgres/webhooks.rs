@@ -234,13 +234,11 @@ impl PostgresStore {
                 placed.push(None);
             }
         }
-        let applied: Vec<bool> = if cols.id.is_empty() {
-            Vec::new()
-        } else {
-            let db = |e: tokio_postgres::Error| self.unavailable(&e);
-            let stmt = tx.prepare_cached(UPDATE_WEBHOOKS).await.map_err(db)?;
-            tx.query(
-                &stmt,
+        let applied = self
+            .batch_flags(
+                tx,
+                UPDATE_WEBHOOKS,
+                cols.id.len(),
                 &[
                     &cols.id,
                     &cols.status,
@@ -251,13 +249,7 @@ impl PostgresStore {
                     &cols.now_ms,
                 ],
             )
-            .await
-            .map_err(db)?
-            .iter()
-            .map(|r| get::<bool>(r, 0))
-            .collect::<Result<_, _>>()?
-        };
-        debug_assert_eq!(applied.len(), cols.id.len());
+            .await?;
         let mut out = Vec::with_capacity(attempts.len());
         for (a, place) in attempts.iter().zip(placed) {
             out.push(match place {
