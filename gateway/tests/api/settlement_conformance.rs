@@ -191,6 +191,17 @@ on_both_stores!(
     a_batchs_movements_are_decided_each_as_alone,
 );
 
+/// alpha's `account` as the store's transfers make it: (balance, sequence) per currency.
+async fn balance_and_seq(store: &dyn SettlementStore, account: &str) -> Vec<(i64, u64)> {
+    store
+        .balances(Some(("alpha", account)))
+        .await
+        .unwrap()
+        .iter()
+        .map(|b| (b.balance_minor, b.seq))
+        .collect()
+}
+
 /// Commits `batch` in one group commit: what each write did, every one of them accepted.
 async fn all_written(store: &dyn SettlementStore, batch: &[Write]) -> Vec<Written> {
     store
@@ -286,12 +297,8 @@ async fn a_group_commit_holds_intents_attempt_outcomes_and_settlements(
         ),
         ("succeeded", Some("txn-1"))
     );
-    let balances = store.balances(Some(("alpha", "acc"))).await.unwrap();
     assert_eq!(
-        balances
-            .iter()
-            .map(|b| (b.balance_minor, b.seq))
-            .collect::<Vec<_>>(),
+        balance_and_seq(store.as_ref(), "acc").await,
         vec![(-100, 1)]
     );
     // The same batch again: every write is recognized, nothing doubles.
@@ -2399,20 +2406,12 @@ async fn a_batchs_movements_are_decided_each_as_alone(store: Arc<dyn SettlementS
             Written::Settlement(CommitOutcome::Inserted),
         ]
     );
-    let balances = store.balances(Some(("alpha", "acc"))).await.unwrap();
     assert_eq!(
-        balances
-            .iter()
-            .map(|b| (b.balance_minor, b.seq))
-            .collect::<Vec<_>>(),
+        balance_and_seq(store.as_ref(), "acc").await,
         vec![(-300, 2)]
     );
-    let balances = store.balances(Some(("alpha", "acc2"))).await.unwrap();
     assert_eq!(
-        balances
-            .iter()
-            .map(|b| (b.balance_minor, b.seq))
-            .collect::<Vec<_>>(),
+        balance_and_seq(store.as_ref(), "acc2").await,
         vec![(-70, 1)]
     );
 }
