@@ -272,31 +272,6 @@ impl PostgresStore {
         SettleError::Unavailable(scrub(describe(e), &self.secrets))
     }
 
-    /// Runs a batch statement of `rows` input rows that answers one `bool` per input row, in
-    /// input order (the `UNNEST … WITH ORDINALITY` updates); sends nothing for no rows.
-    async fn batch_flags(
-        &self,
-        tx: &Transaction<'_>,
-        sql: &str,
-        rows: usize,
-        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> Result<Vec<bool>, SettleError> {
-        if rows == 0 {
-            return Ok(Vec::new());
-        }
-        let db = |e: tokio_postgres::Error| self.unavailable(&e);
-        let stmt = tx.prepare_cached(sql).await.map_err(db)?;
-        let flags = tx
-            .query(&stmt, params)
-            .await
-            .map_err(db)?
-            .iter()
-            .map(|r| get::<bool>(r, 0))
-            .collect::<Result<Vec<_>, _>>()?;
-        debug_assert_eq!(flags.len(), rows);
-        Ok(flags)
-    }
-
     async fn client(&self) -> Result<Object, SettleError> {
         self.pool.get().await.map_err(|e| self.unavailable(&e))
     }

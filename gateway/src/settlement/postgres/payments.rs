@@ -242,49 +242,6 @@ const UPDATE_ATTEMPT: &str = "UPDATE attempts SET outcome = $3, \
     WHERE payment_id = $1 AND attempt = $2 AND outcome <> 'succeeded' \
     AND ($3 <> 'accepted' OR outcome IN ('unknown', 'accepted'))";
 
-/// `UPDATE_ATTEMPT` for a batch's attempt outcomes in one statement (at most one per attempt:
-/// an `UPDATE … FROM` changes a row once): per outcome, in the order given, whether it applied.
-/// Rows are locked first in (payment, attempt) order, the lock order every batch keeps:
-/// `locked` (`FOR UPDATE` above its sort) runs as the update's init plan, before any row is
-/// changed.
-const UPDATE_ATTEMPTS: &str = "WITH u AS (SELECT * FROM UNNEST($1::TEXT[], $2::INTEGER[], \
-    $3::TEXT[], $4::BIGINT[], $5::TEXT[], $6::TEXT[], $7::BIGINT[]) WITH ORDINALITY \
-    AS u(payment_id, attempt, outcome, latency_ms, action, channel_txn_id, now_ms, n)), \
-    locked AS (SELECT a.payment_id, a.attempt FROM attempts a JOIN u \
-    ON a.payment_id = u.payment_id AND a.attempt = u.attempt \
-    ORDER BY a.payment_id COLLATE \"C\", a.attempt FOR UPDATE OF a), \
-    up AS (UPDATE attempts a SET outcome = u.outcome, \
-    latency_ms = COALESCE(u.latency_ms, a.latency_ms), action = COALESCE(u.action, a.action), \
-    channel_txn_id = COALESCE(u.channel_txn_id, a.channel_txn_id), updated_at_ms = u.now_ms \
-    FROM u WHERE a.payment_id = u.payment_id AND a.attempt = u.attempt \
-    AND a.outcome <> 'succeeded' AND (u.outcome <> 'accepted' OR a.outcome IN ('unknown', 'accepted')) \
-    AND (SELECT count(*) FROM locked) >= 0 RETURNING u.n) \
-    SELECT u.n IN (SELECT n FROM up) FROM u ORDER BY u.n";
-
-/// `UPDATE_ATTEMPTS`'s arrays.
-#[derive(Default)]
-struct AttemptUpdateColumns<'a> {
-    payment_id: Vec<&'a str>,
-    attempt: Vec<i32>,
-    outcome: Vec<&'a str>,
-    latency_ms: Vec<Option<i64>>,
-    action: Vec<Option<&'a str>>,
-    channel_txn_id: Vec<Option<&'a str>>,
-    now_ms: Vec<i64>,
-}
-
-impl<'a> AttemptUpdateColumns<'a> {
-    fn push(&mut self, u: &'a AttemptUpdate, number: i32) {
-        self.payment_id.push(&u.payment_id);
-        self.attempt.push(number);
-        self.outcome.push(u.outcome.as_str());
-        self.latency_ms.push(u.latency_ms.map(ms));
-        self.action.push(u.action.as_deref());
-        self.channel_txn_id.push(u.channel_txn_id.as_deref());
-        self.now_ms.push(ms(u.now_ms));
-    }
-}
-
 const STORED_ATTEMPT_ORDER: &str =
     "SELECT channel_order_id FROM attempts WHERE payment_id = $1 AND attempt = $2";
 
@@ -611,62 +568,6 @@ impl PostgresStore {
             .await
             .map_err(db)?;
         Ok(updated == 1)
-    }
-
-    /// A batch's attempt outcomes, each applied as [`Self::update_attempt_in`] would, in the
-    /// order given: the first outcome of each attempt in one statement (`UPDATE_ATTEMPTS`), a
-    /// second one of the same attempt after it, on its own.
-    pub(super) async fn update_attempts_in(
-        &self,
-        tx: &Transaction<'_>,
-        updates: &[&AttemptUpdate],
-    ) -> Result<Vec<Result<bool, SettleError>>, SettleError> {
-        if updates.len() < 2 {
-            // One statement either way: the one-row form's plan is the simpler.
-            let mut out = Vec::with_capacity(updates.len());
-            for u in updates {
-                out.push(self.update_attempt_in(tx, u).await);
-            }
-            return Ok(out);
-        }
-        let mut seen = std::collections::HashSet::with_capacity(updates.len());
-        // Per update: its place in the statement, when it is the first of its attempt (and
-        // the attempt number fits the column).
-        let mut placed = Vec::with_capacity(updates.len());
-        let mut cols = AttemptUpdateColumns::default();
-        for u in updates {
-            match i32::try_from(u.attempt) {
-                Ok(number) if seen.insert((u.payment_id.as_str(), u.attempt)) => {
-                    placed.push(Some(cols.payment_id.len()));
-                    cols.push(u, number);
-                }
-                _ => placed.push(None),
-            }
-        }
-        let applied = self
-            .batch_flags(
-                tx,
-                UPDATE_ATTEMPTS,
-                cols.payment_id.len(),
-                &[
-                    &cols.payment_id,
-                    &cols.attempt,
-                    &cols.outcome,
-                    &cols.latency_ms,
-                    &cols.action,
-                    &cols.channel_txn_id,
-                    &cols.now_ms,
-                ],
-            )
-            .await?;
-        let mut out = Vec::with_capacity(updates.len());
-        for (u, place) in updates.iter().zip(placed) {
-            out.push(match place {
-                Some(i) => Ok(applied[i]),
-                None => self.update_attempt_in(tx, u).await,
-            });
-        }
-        Ok(out)
     }
 
     async fn record_attempt_inner(&self, a: &AttemptRow) -> Result<(), SettleError> {

@@ -22,54 +22,6 @@ use crate::settlement::SettlementKind;
 const WEBHOOK_COLUMNS: &str = "id, merchant_id, payment_id, type, sequence, payload, url, \
     status, attempts, next_attempt_at_ms, last_status, last_error, created_at_ms, updated_at_ms";
 
-/// The one-event update of a delivery outcome (`webhook_attempt_in`).
-const UPDATE_WEBHOOK: &str = "UPDATE webhook_events SET status = $2, attempts = attempts + $3, \
-    next_attempt_at_ms = $4, last_status = COALESCE($5, last_status), \
-    last_error = COALESCE($6, last_error), updated_at_ms = $7 \
-    WHERE id = $1 AND status = 'pending'";
-
-/// `UPDATE_WEBHOOK` for a batch's delivery outcomes in one statement (at most one per event: an
-/// `UPDATE … FROM` changes a row once): per outcome, in the order given, whether it applied.
-/// Rows are locked first in id order, the lock order every batch keeps: `locked` (`FOR
-/// UPDATE` above its sort) runs as the update's init plan, before any row is changed.
-const UPDATE_WEBHOOKS: &str = "WITH u AS (SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], \
-    $3::INTEGER[], $4::BIGINT[], $5::INTEGER[], $6::TEXT[], $7::BIGINT[]) WITH ORDINALITY \
-    AS u(id, status, attempted, next_at, http_status, error, now_ms, n)), \
-    locked AS (SELECT w.id FROM webhook_events w JOIN u ON w.id = u.id \
-    ORDER BY w.id COLLATE \"C\" FOR UPDATE OF w), \
-    up AS (UPDATE webhook_events w SET status = u.status, attempts = w.attempts + u.attempted, \
-    next_attempt_at_ms = u.next_at, last_status = COALESCE(u.http_status, w.last_status), \
-    last_error = COALESCE(u.error, w.last_error), updated_at_ms = u.now_ms \
-    FROM u WHERE w.id = u.id AND w.status = 'pending' \
-    AND (SELECT count(*) FROM locked) >= 0 RETURNING u.n) \
-    SELECT u.n IN (SELECT n FROM up) FROM u ORDER BY u.n";
-
-/// `UPDATE_WEBHOOKS`'s arrays.
-#[derive(Default)]
-struct WebhookAttemptColumns<'a> {
-    id: Vec<&'a str>,
-    status: Vec<&'static str>,
-    attempted: Vec<i32>,
-    next_at: Vec<Option<i64>>,
-    http_status: Vec<Option<i32>>,
-    error: Vec<Option<String>>,
-    now_ms: Vec<i64>,
-}
-
-impl<'a> WebhookAttemptColumns<'a> {
-    fn push(&mut self, a: &'a WebhookAttempt) {
-        let (status, attempted, next) = a.outcome.transition();
-        self.id.push(&a.id);
-        self.status.push(status.as_str());
-        self.attempted
-            .push(i32::try_from(attempted).unwrap_or(i32::MAX));
-        self.next_at.push(next.map(ms));
-        self.http_status.push(a.http_status.map(i32::from));
-        self.error.push(webhook_error_text(a.error.as_deref()));
-        self.now_ms.push(ms(a.now_ms));
-    }
-}
-
 /// A batch's events in one statement; an event whose `(payment_id, type, sequence)` is already
 /// enqueued is skipped. Text fields come from rows checked for NUL (see `events`).
 const INSERT_WEBHOOKS: &str = "INSERT INTO webhook_events (id, merchant_id, payment_id, type, \
@@ -187,7 +139,15 @@ impl PostgresStore {
         let (status, attempted, next) = a.outcome.transition();
         let attempted = i32::try_from(attempted).unwrap_or(i32::MAX);
         let db = |e: tokio_postgres::Error| self.unavailable(&e);
-        let stmt = client.prepare_cached(UPDATE_WEBHOOK).await.map_err(db)?;
+        let stmt = client
+            .prepare_cached(
+                "UPDATE webhook_events SET status = $2, attempts = attempts + $3, \
+                 next_attempt_at_ms = $4, last_status = COALESCE($5, last_status), \
+                 last_error = COALESCE($6, last_error), updated_at_ms = $7 \
+                 WHERE id = $1 AND status = 'pending'",
+            )
+            .await
+            .map_err(db)?;
         let updated = client
             .execute(
                 &stmt,
@@ -204,60 +164,6 @@ impl PostgresStore {
             .await
             .map_err(db)?;
         Ok(updated == 1)
-    }
-
-    /// A batch's delivery outcomes, each applied as [`Self::webhook_attempt_in`] would, in the
-    /// order given: the first outcome of each event in one statement (`UPDATE_WEBHOOKS`), a
-    /// second one of the same event after it, on its own.
-    pub(super) async fn webhook_attempts_in(
-        &self,
-        tx: &Transaction<'_>,
-        attempts: &[&WebhookAttempt],
-    ) -> Result<Vec<Result<bool, SettleError>>, SettleError> {
-        if attempts.len() < 2 {
-            let mut out = Vec::with_capacity(attempts.len());
-            for a in attempts {
-                out.push(self.webhook_attempt_in(tx, a).await);
-            }
-            return Ok(out);
-        }
-        let mut seen = std::collections::HashSet::with_capacity(attempts.len());
-        // Per outcome: its place in the statement, when it is the first of its event (and its
-        // id can be stored at all).
-        let mut placed = Vec::with_capacity(attempts.len());
-        let mut cols = WebhookAttemptColumns::default();
-        for a in attempts {
-            if !a.id.contains('\0') && seen.insert(a.id.as_str()) {
-                placed.push(Some(cols.id.len()));
-                cols.push(a);
-            } else {
-                placed.push(None);
-            }
-        }
-        let applied = self
-            .batch_flags(
-                tx,
-                UPDATE_WEBHOOKS,
-                cols.id.len(),
-                &[
-                    &cols.id,
-                    &cols.status,
-                    &cols.attempted,
-                    &cols.next_at,
-                    &cols.http_status,
-                    &cols.error,
-                    &cols.now_ms,
-                ],
-            )
-            .await?;
-        let mut out = Vec::with_capacity(attempts.len());
-        for (a, place) in attempts.iter().zip(placed) {
-            out.push(match place {
-                Some(i) => Ok(applied[i]),
-                None => self.webhook_attempt_in(tx, a).await,
-            });
-        }
-        Ok(out)
     }
 
     /// The event a just-inserted settlement announces (`events::for_settlement`).

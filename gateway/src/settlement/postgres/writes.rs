@@ -136,13 +136,11 @@ impl PostgresStore {
             (&a.1.scope_tag, &a.1.idempotency_key).cmp(&(&b.1.scope_tag, &b.1.idempotency_key))
         });
         let rows: Vec<&Settlement> = settlements.iter().map(|(_, s)| *s).collect();
-        let attempt_updates: Vec<&AttemptUpdate> = updates.iter().map(|(_, u)| *u).collect();
-        let hook_attempts: Vec<&WebhookAttempt> = hooks.iter().map(|(_, a)| *a).collect();
         let (intended, updated, settled, recorded, refused) = tokio::join!(
             self.intents_in(&tx, &intents),
-            self.update_attempts_in(&tx, &attempt_updates),
+            join_all(updates.iter().map(|(_, u)| self.update_attempt_in(&tx, u))),
             self.settle_in(&tx, &rows),
-            self.webhook_attempts_in(&tx, &hook_attempts),
+            join_all(hooks.iter().map(|(_, a)| self.webhook_attempt_in(&tx, a))),
             join_all(refusals.iter().map(|(_, r)| self.refusal_in(&tx, r))),
         );
         for ((index, _, _), outcome) in intents.iter().zip(intended?) {
@@ -152,13 +150,13 @@ impl PostgresStore {
                 Err(e) => return Err(e),
             }
         }
-        for ((index, _), updated) in updates.iter().zip(updated?) {
+        for ((index, _), updated) in updates.iter().zip(updated) {
             results[*index] = Some(Ok(Written::Attempt(updated?)));
         }
         for ((index, _), outcome) in settlements.iter().zip(settled?) {
             results[*index] = Some(Ok(Written::Settlement(outcome)));
         }
-        for ((index, _), recorded) in hooks.iter().zip(recorded?) {
+        for ((index, _), recorded) in hooks.iter().zip(recorded) {
             results[*index] = Some(Ok(Written::Webhook(recorded?)));
         }
         for ((index, _), inserted) in refusals.iter().zip(refused) {
