@@ -35,10 +35,10 @@ const INSERT_TRANSFER: &str = "INSERT INTO transfers (payment_id, kind, sequence
 /// by one earlier in the statement). Rows go in in the order given (the batch's payment id
 /// order, the lock order every batch keeps).
 const INSERT_TRANSFERS: &str = "WITH i AS (SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], \
-    $3::INTEGER[], $4::TEXT[], $5::TEXT[], $6::BIGINT[], $7::TEXT[], $8::TEXT[], $9::TEXT[], \
+    $3::TEXT[], $4::INTEGER[], $5::TEXT[], $6::TEXT[], $7::BIGINT[], $8::TEXT[], $9::TEXT[], \
     $10::BIGINT[], $11::TEXT[], $12::TEXT[], $13::BIGINT[], $14::BIGINT[], $15::TEXT[]) \
-    WITH ORDINALITY AS i(payment_id, kind, sequence, debit_ledger, credit_ledger, \
-    amount_minor, currency, merchant_id, account_id, account_seq, channel_id, channel_txn_id, \
+    WITH ORDINALITY AS i(payment_id, currency, kind, sequence, debit_ledger, credit_ledger, \
+    amount_minor, merchant_id, account_id, account_seq, channel_id, channel_txn_id, \
     fee_minor, settled_at_ms, content_hash, n)), \
     ins AS (INSERT INTO transfers (payment_id, kind, sequence, debit_ledger, credit_ledger, \
     amount_minor, currency, merchant_id, account_id, account_seq, channel_id, channel_txn_id, \
@@ -149,36 +149,84 @@ async fn insert_transfers(
     if items.is_empty() {
         return Ok(Vec::new());
     }
-    fn col<'a, T>(
-        items: &'a [(&'a Settlement, i32, &'a str)],
-        f: impl Fn(&'a Settlement, i32, &'a str) -> T,
-    ) -> Vec<T> {
-        items.iter().map(|(s, q, h)| f(s, *q, h)).collect()
-    }
+    let payment_id: Vec<&str> = items.iter().map(|(s, ..)| s.payment_id.as_str()).collect();
+    let currency: Vec<&str> = items.iter().map(|(s, ..)| s.currency.code()).collect();
+    let transfers = TransferColumns::of(items.iter().copied());
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&payment_id, &currency];
+    params.extend(transfers.params());
     let stmt = tx.prepare_cached(INSERT_TRANSFERS).await?;
-    let rows = tx
-        .query(
-            &stmt,
-            &[
-                &col(items, |s, _, _| s.payment_id.as_str()),
-                &col(items, |s, _, _| s.kind.as_str()),
-                &col(items, |_, q, _| q),
-                &col(items, |s, _, _| s.debit_ledger()),
-                &col(items, |s, _, _| s.credit_ledger()),
-                &col(items, |s, _, _| s.amount_minor),
-                &col(items, |s, _, _| s.currency.code()),
-                &col(items, |s, _, _| s.merchant_id.as_str()),
-                &col(items, |s, _, _| s.account_id.as_deref()),
-                &col(items, |s, _, _| s.account_seq.map(ms)),
-                &col(items, |s, _, _| s.channel_id.as_deref()),
-                &col(items, |s, _, _| s.channel_txn_id.as_deref()),
-                &col(items, |s, _, _| s.channel_fee_minor),
-                &col(items, |s, _, _| ms(s.settled_at_ms)),
-                &col(items, |_, _, h| h),
-            ],
-        )
-        .await?;
+    let rows = tx.query(&stmt, &params).await?;
     rows.iter().map(|r| r.try_get::<_, bool>(0)).collect()
+}
+
+/// A batch's transfers as the batch statements take them, one array per column (a transfer's
+/// payment id and currency aside: the creating statement takes them from the payment's row):
+/// kind, sequence, debit and credit ledgers, amount, merchant, account, account sequence,
+/// channel, channel transaction, fee, settled at, content hash.
+struct TransferColumns<'a> {
+    kind: Vec<&'a str>,
+    sequence: Vec<i32>,
+    debit: Vec<&'a str>,
+    credit: Vec<&'a str>,
+    amount: Vec<i64>,
+    merchant: Vec<&'a str>,
+    account: Vec<Option<&'a str>>,
+    account_seq: Vec<Option<i64>>,
+    channel: Vec<Option<&'a str>>,
+    txn: Vec<Option<&'a str>>,
+    fee: Vec<i64>,
+    settled: Vec<i64>,
+    hash: Vec<&'a str>,
+}
+
+impl<'a> TransferColumns<'a> {
+    /// From (settlement, its sequence, its content hash) per transfer.
+    fn of(items: impl Iterator<Item = (&'a Settlement, i32, &'a str)>) -> Self {
+        let items: Vec<_> = items.collect();
+        Self {
+            kind: items.iter().map(|(s, ..)| s.kind.as_str()).collect(),
+            sequence: items.iter().map(|(_, q, _)| *q).collect(),
+            debit: items.iter().map(|(s, ..)| s.debit_ledger()).collect(),
+            credit: items.iter().map(|(s, ..)| s.credit_ledger()).collect(),
+            amount: items.iter().map(|(s, ..)| s.amount_minor).collect(),
+            merchant: items.iter().map(|(s, ..)| s.merchant_id.as_str()).collect(),
+            account: items
+                .iter()
+                .map(|(s, ..)| s.account_id.as_deref())
+                .collect(),
+            account_seq: items.iter().map(|(s, ..)| s.account_seq.map(ms)).collect(),
+            channel: items
+                .iter()
+                .map(|(s, ..)| s.channel_id.as_deref())
+                .collect(),
+            txn: items
+                .iter()
+                .map(|(s, ..)| s.channel_txn_id.as_deref())
+                .collect(),
+            fee: items.iter().map(|(s, ..)| s.channel_fee_minor).collect(),
+            settled: items.iter().map(|(s, ..)| ms(s.settled_at_ms)).collect(),
+            hash: items.iter().map(|(.., h)| *h).collect(),
+        }
+    }
+
+    /// The arrays, in the order above.
+    fn params(&self) -> [&(dyn ToSql + Sync); 13] {
+        [
+            &self.kind,
+            &self.sequence,
+            &self.debit,
+            &self.credit,
+            &self.amount,
+            &self.merchant,
+            &self.account,
+            &self.account_seq,
+            &self.channel,
+            &self.txn,
+            &self.fee,
+            &self.settled,
+            &self.hash,
+        ]
+    }
 }
 
 /// A settlement that creates its payment `p`, as `INSERT_CREATING_SETTLEMENTS` takes it.
@@ -199,39 +247,10 @@ async fn insert_creating_settlements(
     if items.is_empty() {
         return Ok(Vec::new());
     }
-    fn col<'a, T>(items: &'a [Creating<'a>], f: impl Fn(&'a Creating<'a>) -> T) -> Vec<T> {
-        items.iter().map(f).collect()
-    }
     let payments = PaymentColumns::of(items.iter().map(|c| c.p), history);
-    let kind = col(items, |c| c.s.kind.as_str());
-    let sequence = col(items, |c| c.sequence);
-    let debit = col(items, |c| c.s.debit_ledger());
-    let credit = col(items, |c| c.s.credit_ledger());
-    let amount = col(items, |c| c.s.amount_minor);
-    let merchant = col(items, |c| c.s.merchant_id.as_str());
-    let account = col(items, |c| c.s.account_id.as_deref());
-    let account_seq = col(items, |c| c.s.account_seq.map(ms));
-    let channel = col(items, |c| c.s.channel_id.as_deref());
-    let txn = col(items, |c| c.s.channel_txn_id.as_deref());
-    let fee = col(items, |c| c.s.channel_fee_minor);
-    let settled = col(items, |c| ms(c.s.settled_at_ms));
-    let hash = col(items, |c| c.hash);
+    let transfers = TransferColumns::of(items.iter().map(|c| (c.s, c.sequence, c.hash)));
     let mut params = payments.params();
-    params.extend([
-        &kind as &(dyn ToSql + Sync),
-        &sequence,
-        &debit,
-        &credit,
-        &amount,
-        &merchant,
-        &account,
-        &account_seq,
-        &channel,
-        &txn,
-        &fee,
-        &settled,
-        &hash,
-    ]);
+    params.extend(transfers.params());
     let stmt = tx.prepare_cached(INSERT_CREATING_SETTLEMENTS).await?;
     let rows = tx.query(&stmt, &params).await?;
     rows.iter()
