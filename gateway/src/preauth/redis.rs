@@ -40,10 +40,10 @@ use crate::telemetry;
 
 const COMMON: &str = include_str!("scripts/common.lua");
 
-/// The index keys' prefixes (each followed by a slot's tag and `}`; see `common.lua`).
-const UNSETTLED_INDEX: &str = "ux:{";
-const HOLDS_INDEX: &str = "hx:{";
-const RETENTION_INDEX: &str = "rx:{";
+/// The index keys' prefixes (each followed by `{`, a slot's tag and `}`; see `common.lua`).
+const UNSETTLED_INDEX: &str = "ux:";
+const HOLDS_INDEX: &str = "hx:";
+const RETENTION_INDEX: &str = "rx:";
 
 /// Set once the slot indexes cover everything in this Redis (see `index_existing`).
 const INDEXES_BUILT: &str = "gateway:slot-indexes:v1";
@@ -152,28 +152,35 @@ struct Keys {
 
 impl Keys {
     fn of(tag: ScopeTag) -> Self {
+        let tag = tag.as_str();
         Self {
-            unsettled: format!("u:{{{tag}}}"),
-            account: format!("a:{{{tag}}}"),
-            holds: format!("h:{{{tag}}}"),
-            hold_amounts: format!("ph:{{{tag}}}"),
-            statuses: format!("ps:{{{tag}}}"),
-            docs: format!("pd:{{{tag}}}"),
-            orders: format!("o:{{{tag}}}"),
-            refunds: format!("rf:{{{tag}}}"),
-            late_captures: format!("lc:{{{tag}}}"),
-            indexes: Self::slot_indexes(slots::slot_of(tag)),
+            unsettled: tagged("u:", tag),
+            account: tagged("a:", tag),
+            holds: tagged("h:", tag),
+            hold_amounts: tagged("ph:", tag),
+            statuses: tagged("ps:", tag),
+            docs: tagged("pd:", tag),
+            orders: tagged("o:", tag),
+            refunds: tagged("rf:", tag),
+            late_captures: tagged("lc:", tag),
+            indexes: Self::slot_indexes(slots::slot_of_str(tag)),
         }
+    }
+
+    /// The outbox key `u:{T}` alone (what `settled.lua` needs of a scope).
+    fn unsettled(tag: ScopeTag) -> String {
+        tagged("u:", tag.as_str())
     }
 
     /// The index keys of one slot: outbox (`ux`), holds (`hx`), retention (`rx`).
     fn slot_indexes(slot: u16) -> [String; 3] {
-        let s = slots::slot_tag(slot);
-        [
-            format!("{UNSETTLED_INDEX}{s}}}"),
-            format!("{HOLDS_INDEX}{s}}}"),
-            format!("{RETENTION_INDEX}{s}}}"),
-        ]
+        [0, 1, 2].map(|which| Self::slot_index(slot, which))
+    }
+
+    /// One index key of a slot: `which` is 0 (`ux`), 1 (`hx`) or 2 (`rx`).
+    fn slot_index(slot: u16, which: usize) -> String {
+        const PREFIXES: [&str; 3] = [UNSETTLED_INDEX, HOLDS_INDEX, RETENTION_INDEX];
+        tagged(PREFIXES[which], slots::slot_tag(slot))
     }
 
     /// The keys of the scripts that work on one account and release its expired holds
@@ -201,8 +208,24 @@ impl Keys {
     }
 
     fn idempotency(tag: ScopeTag, key: &str) -> String {
-        format!("i:{{{tag}}}:{key}")
+        let mut k = tagged("i:", tag.as_str());
+        k.reserve(1 + key.len());
+        k.push(':');
+        k.push_str(key);
+        k
     }
+}
+
+/// `prefix{tag}`: a key of a scope or slot. Built by hand, not with `format!`: the hot path
+/// builds a dozen per payment and the background loops thousands per second (`format!` costs
+/// about five times the instructions, `callgrind`, docs/PERFORMANCE.md).
+fn tagged(prefix: &str, tag: &str) -> String {
+    let mut key = String::with_capacity(prefix.len() + tag.len() + 2);
+    key.push_str(prefix);
+    key.push('{');
+    key.push_str(tag);
+    key.push('}');
+    key
 }
 
 type Reply = Vec<Option<String>>;
@@ -322,7 +345,7 @@ impl RedisStore {
                     else {
                         continue;
                     };
-                    let index = &Keys::of(tag).indexes[which];
+                    let index = &Keys::slot_index(slots::slot_of(tag), which);
                     let mut conn = self.connection();
                     if which < 2 {
                         let _: i64 = self
@@ -1052,7 +1075,7 @@ impl BalanceStore for RedisStore {
         let mut pipe = ::redis::pipe();
         for slot in start..start + count {
             pipe.cmd("ZRANGEBYSCORE")
-                .arg(&Keys::slot_indexes(slot)[2])
+                .arg(Keys::slot_index(slot, 2))
                 .arg("-inf")
                 .arg(cutoff)
                 .arg("LIMIT")
@@ -1091,9 +1114,8 @@ impl BalanceStore for RedisStore {
         // movements (bounded by `store.batch_max_rows`).
         let mut invocation = self.scripts.settled.prepare_invoke();
         for mark in marks {
-            let k = Keys::of(mark.tag);
             invocation
-                .key(k.unsettled)
+                .key(Keys::unsettled(mark.tag))
                 .key(Keys::idempotency(mark.tag, &mark.idempotency_key))
                 .arg(&mark.id);
         }
@@ -1442,7 +1464,7 @@ impl RedisStore {
         let count = self.index_slots_per_call.min(slots::SLOTS - start);
         let mut pipe = ::redis::pipe();
         for slot in start..start + count {
-            pipe.cmd("SMEMBERS").arg(&Keys::slot_indexes(slot)[which]);
+            pipe.cmd("SMEMBERS").arg(Keys::slot_index(slot, which));
         }
         let mut conn = self.connection();
         let sets: Vec<Vec<String>> = self
@@ -1505,7 +1527,7 @@ impl RedisStore {
         cutoff_ms: u64,
         now_ms: u64,
     ) -> Result<u64, StoreError> {
-        let index = &Keys::slot_indexes(slot)[2];
+        let index = &Keys::slot_index(slot, 2);
         let mut by_scope: Vec<(ScopeTag, Vec<&str>)> = Vec::new();
         let mut junk: Vec<&str> = Vec::new();
         for member in members {
@@ -1597,5 +1619,48 @@ impl RedisStore {
             held_minor: number(&reply, 2, what)?,
             accepted,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{AccountId, MerchantId};
+
+    #[test]
+    fn keys_carry_the_scope_and_slot_tags_the_scripts_expect() {
+        let tag = ScopeTag::account(
+            &MerchantId::parse("alpha").unwrap(),
+            &AccountId::parse("acct_1").unwrap(),
+        );
+        let t = tag.as_str();
+        let k = Keys::of(tag);
+        assert_eq!(k.account, format!("a:{{{t}}}"));
+        assert_eq!(k.holds, format!("h:{{{t}}}"));
+        assert_eq!(k.hold_amounts, format!("ph:{{{t}}}"));
+        assert_eq!(k.statuses, format!("ps:{{{t}}}"));
+        assert_eq!(k.docs, format!("pd:{{{t}}}"));
+        assert_eq!(k.orders, format!("o:{{{t}}}"));
+        assert_eq!(k.unsettled, format!("u:{{{t}}}"));
+        assert_eq!(Keys::unsettled(tag), k.unsettled);
+        assert_eq!(k.refunds, format!("rf:{{{t}}}"));
+        assert_eq!(k.late_captures, format!("lc:{{{t}}}"));
+        assert_eq!(Keys::idempotency(tag, "key-1"), format!("i:{{{t}}}:key-1"));
+        // The slot's index keys: `common.lua` finds them by these prefixes, and each hashes to
+        // the scope's own slot (Redis Cluster: one slot per script call).
+        let slot = slots::slot_of(tag);
+        let s = slots::slot_tag(slot);
+        assert_eq!(
+            k.indexes,
+            [
+                format!("ux:{{{s}}}"),
+                format!("hx:{{{s}}}"),
+                format!("rx:{{{s}}}")
+            ]
+        );
+        for (which, index) in k.indexes.iter().enumerate() {
+            assert_eq!(&Keys::slot_index(slot, which), index);
+            assert_eq!(slots::slot_of_str(s), slot);
+        }
     }
 }

@@ -33,7 +33,12 @@ pub fn crc16(data: &[u8]) -> u16 {
 
 /// The slot of every key of a scope (its hash tag is the scope tag).
 pub fn slot_of(tag: ScopeTag) -> u16 {
-    crc16(tag.as_str().as_bytes()) % SLOTS
+    slot_of_str(tag.as_str())
+}
+
+/// The slot of the hash tag `tag` (a scope tag's text).
+pub fn slot_of_str(tag: &str) -> u16 {
+    crc16(tag.as_bytes()) % SLOTS
 }
 
 /// The shortest base-62 string (first in counting order) whose slot is `slot`: the hash tag of
