@@ -1,5 +1,7 @@
 //! SQLite: payments, their attempts and status events, final statuses.
 
+use std::sync::LazyLock;
+
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
@@ -108,13 +110,17 @@ pub(super) fn write_payment(
     p: &PaymentRow,
     history: &NoWebhook,
 ) -> rusqlite::Result<bool> {
-    let inserted = exec(
-        conn,
-        &format!(
+    // Built once: every payment runs it (the statement cache finds it by its text).
+    static INSERT_PAYMENT: LazyLock<String> = LazyLock::new(|| {
+        format!(
             "INSERT INTO payments ({PAYMENT_COLUMNS}) VALUES \
              (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
              ?19, ?20) ON CONFLICT DO NOTHING"
-        ),
+        )
+    });
+    let inserted = exec(
+        conn,
+        &INSERT_PAYMENT,
         params![
             p.id,
             p.merchant_id,
