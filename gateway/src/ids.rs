@@ -187,11 +187,32 @@ fn encode_base62(mut value: u64, out: &mut [u8]) {
     }
 }
 
+/// Random bytes drawn from the operating system at once for the ids of one thread: one
+/// `getrandom` call per 32 ids instead of one per id (a system call per payment, measured with
+/// `perf stat` at 1000 payments/s). The bytes are the OS generator's, used once each.
+const RANDOM_POOL_BYTES: usize = 256;
+
 fn random_u64() -> u64 {
-    let mut bytes = [0u8; 8];
-    // The OS generator failing is not an operating error we can handle: ids would collide.
-    getrandom::fill(&mut bytes).expect("the operating system's random generator failed");
-    u64::from_le_bytes(bytes)
+    use std::cell::RefCell;
+    thread_local! {
+        static POOL: RefCell<([u8; RANDOM_POOL_BYTES], usize)> =
+            const { RefCell::new(([0; RANDOM_POOL_BYTES], RANDOM_POOL_BYTES)) };
+    }
+    POOL.with(|pool| {
+        let (bytes, used) = &mut *pool.borrow_mut();
+        if *used + 8 > RANDOM_POOL_BYTES {
+            // The OS generator failing is not an operating error we can handle: ids would
+            // collide.
+            getrandom::fill(bytes).expect("the operating system's random generator failed");
+            *used = 0;
+        }
+        let mut next = [0u8; 8];
+        next.copy_from_slice(&bytes[*used..*used + 8]);
+        // Each byte serves once.
+        bytes[*used..*used + 8].fill(0);
+        *used += 8;
+        u64::from_le_bytes(next)
+    })
 }
 
 macro_rules! tagged_id {
@@ -260,6 +281,18 @@ tagged_id!(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn random_draws_cross_refills_and_never_repeat() {
+        // Several pools' worth: every draw distinct (a repeat of 64 random bits would mean a
+        // byte served twice).
+        let draws: Vec<u64> = (0..10 * RANDOM_POOL_BYTES / 8)
+            .map(|_| random_u64())
+            .collect();
+        let distinct: std::collections::HashSet<_> = draws.iter().collect();
+        assert_eq!(distinct.len(), draws.len());
+        assert!(draws.iter().all(|&d| d != 0));
+    }
     use proptest::prelude::*;
 
     fn m(s: &str) -> MerchantId {
