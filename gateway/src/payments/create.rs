@@ -78,8 +78,11 @@ pub async fn create(
 ) -> Result<Creation, PaymentError> {
     let result = match new.method {
         Method::Balance => create_balance(core, merchant, new).await,
+        // Boxed: a channel payment's future (HTTP calls to the channel: 8.6 KB) is larger than
+        // a balance payment's (5.1 KB), and the router's layers move the handler's future,
+        // whole, into boxes of their own (9.9 KB per request before, 6.4 KB after).
         Method::Supplier | Method::Alipay | Method::Wechatpay => {
-            create_channel(core, merchant, new).await
+            Box::pin(create_channel(core, merchant, new)).await
         }
     };
     let label = match &result {
@@ -212,8 +215,11 @@ async fn create_balance(
             capture.account_seq = account.map(|a| a.seq);
             commit_capture(core, merchant, &request, capture, payment).await
         }
-        AuthorizeOutcome::IdempotencyInFlight => balance_key_in_flight(core, &request).await,
-        other => not_created(core, &request, other).await,
+        // The rare outcomes read the store: boxed, so the common path's future stays small.
+        AuthorizeOutcome::IdempotencyInFlight => {
+            Box::pin(balance_key_in_flight(core, &request)).await
+        }
+        other => Box::pin(not_created(core, &request, other)).await,
     }
 }
 
@@ -411,7 +417,7 @@ async fn commit_capture(
         // (nothing was charged), and the store's answer is the answer. Any other outcome: the
         // account must be rebuilt first.
         Ok(outcome) => match Refusal::of_commit(&outcome) {
-            Some(refusal) => store_answer(core, request, refusal).await,
+            Some(refusal) => Box::pin(store_answer(core, request, refusal)).await,
             None => Err(PaymentError::unavailable(
                 Unavailable::of_commit(&outcome),
                 Some(&id),
