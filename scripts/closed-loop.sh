@@ -56,16 +56,7 @@ install_missing "${need[@]}"
 
 TMP=$(mktemp -d /tmp/closed-loop.XXXXXX)
 PIDS=()
-cleanup() {
-  local rc=$?
-  set +e
-  for ((i=${#PIDS[@]}-1; i>=0; i--)); do kill -TERM "${PIDS[$i]}" 2>/dev/null; done
-  sleep 0.5
-  for ((i=${#PIDS[@]}-1; i>=0; i--)); do kill -KILL "${PIDS[$i]}" 2>/dev/null; done
-  rm -rf "$TMP"
-  exit $rc
-}
-trap cleanup EXIT
+trap stop_started EXIT
 trap 'exit 130' INT TERM
 
 # cpu_ticks PID...: the sum of utime + stime (clock ticks) of the processes.
@@ -130,14 +121,7 @@ NGINX_WORKERS=$(pgrep -P "$NGINX_PID" | tr '\n' ' ')
 
 # ---- the accounts ---------------------------------------------------------------------------
 echo "closed-loop.sh: funding $ACCOUNTS accounts with $FUNDING each"
-for i in $(seq 0 $((ACCOUNTS - 1))); do
-  curl -sf -o /dev/null -X PUT "$GW_URL/v1/accounts/cl_$i" -H 'Authorization: Bearer sk_test_alpha' \
-    -H 'Content-Type: application/json' -d '{"currency": "CNY"}'
-  curl -sf -o /dev/null -X POST "$GW_URL/v1/accounts/cl_$i/adjustments" \
-    -H 'Authorization: Bearer sk_test_admin' -H 'Content-Type: application/json' \
-    -H "Idempotency-Key: fund-cl-$i" \
-    -d "{\"merchant_id\": \"alpha\", \"direction\": \"credit\", \"amount\": \"$FUNDING\", \"reason\": \"closed-loop bench\"}"
-done
+fund_accounts "$GW_URL" "$ACCOUNTS" "$FUNDING" fund-cl- "closed-loop bench"
 
 # ---- what the store writes ------------------------------------------------------------------
 DB=$TMP/gw/gateway.sqlite3

@@ -63,16 +63,7 @@ install_missing "${need[@]}"
 
 TMP=$(mktemp -d /tmp/instructions.XXXXXX)
 PIDS=()
-cleanup() {
-  local rc=$?
-  set +e
-  for ((i=${#PIDS[@]}-1; i>=0; i--)); do kill -TERM "${PIDS[$i]}" 2>/dev/null; done
-  sleep 0.5
-  for ((i=${#PIDS[@]}-1; i>=0; i--)); do kill -KILL "${PIDS[$i]}" 2>/dev/null; done
-  rm -rf "$TMP"
-  exit $rc
-}
-trap cleanup EXIT
+trap stop_started EXIT
 trap 'exit 130' INT TERM
 
 echo "$SCRIPT: cargo build --release -p gateway"
@@ -97,14 +88,7 @@ GW_PID=$!; PIDS+=("$GW_PID")
 wait_for 300 "the gateway under callgrind" curl -sf -o /dev/null "$GW_URL/readyz"
 
 echo "$SCRIPT: funding $ACCOUNTS accounts"
-for i in $(seq 0 $((ACCOUNTS - 1))); do
-  curl -sf -o /dev/null -X PUT "$GW_URL/v1/accounts/cl_$i" -H 'Authorization: Bearer sk_test_alpha' \
-    -H 'Content-Type: application/json' -d '{"currency": "CNY"}'
-  curl -sf -o /dev/null -X POST "$GW_URL/v1/accounts/cl_$i/adjustments" \
-    -H 'Authorization: Bearer sk_test_admin' -H 'Content-Type: application/json' \
-    -H "Idempotency-Key: fund-ins-$i" \
-    -d "{\"merchant_id\": \"alpha\", \"direction\": \"credit\", \"amount\": \"1000.00\", \"reason\": \"instructions bench\"}"
-done
+fund_accounts "$GW_URL" "$ACCOUNTS" "1000.00" fund-ins- "instructions bench"
 
 echo "$SCRIPT: warming up for $WARMUP_S s"
 RUN=warm ACCOUNTS=$ACCOUNTS wrk -t1 -c"$CONNECTIONS" -d"${WARMUP_S}s" -s scripts/closed-loop.lua \

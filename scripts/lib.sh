@@ -1,4 +1,5 @@
-# Helpers the bench scripts share (sourced, not run): bench.sh and closed-loop.sh. Each sets
+# Helpers the bench scripts share (sourced, not run): bench.sh, closed-loop.sh and
+# instructions.sh. Each sets
 # SCRIPT (its name, for messages) before sourcing.
 
 # install_missing PACKAGE...: installs the Debian packages named (none: nothing) with apt-get
@@ -31,3 +32,32 @@ wait_for() {
 
 # median NUMBER...: the median (the lower middle of an even count).
 median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR + 1) / 2)]}'; }
+
+# stop_started: the EXIT trap of a script that starts processes (closed-loop.sh,
+# instructions.sh): stops those in PIDS, newest first (TERM, then KILL half a second later),
+# removes TMP and exits with the script's status.
+stop_started() {
+  local rc=$?
+  set +e
+  for ((i=${#PIDS[@]}-1; i>=0; i--)); do kill -TERM "${PIDS[$i]}" 2>/dev/null; done
+  sleep 0.5
+  for ((i=${#PIDS[@]}-1; i>=0; i--)); do kill -KILL "${PIDS[$i]}" 2>/dev/null; done
+  rm -rf "$TMP"
+  exit $rc
+}
+
+# fund_accounts URL COUNT AMOUNT KEY_PREFIX REASON: creates the sandbox merchant alpha's
+# accounts cl_0 … cl_<COUNT-1> (CNY) on the gateway at URL and credits each AMOUNT with an admin
+# adjustment (Idempotency-Key KEY_PREFIX<i>): the accounts `scripts/closed-loop.lua` pays from.
+fund_accounts() {
+  local url=$1 count=$2 amount=$3 key_prefix=$4 reason=$5 i
+  for i in $(seq 0 $((count - 1))); do
+    curl -sf -o /dev/null -X PUT "$url/v1/accounts/cl_$i" \
+      -H 'Authorization: Bearer sk_test_alpha' -H 'Content-Type: application/json' \
+      -d '{"currency": "CNY"}'
+    curl -sf -o /dev/null -X POST "$url/v1/accounts/cl_$i/adjustments" \
+      -H 'Authorization: Bearer sk_test_admin' -H 'Content-Type: application/json' \
+      -H "Idempotency-Key: $key_prefix$i" \
+      -d "{\"merchant_id\": \"alpha\", \"direction\": \"credit\", \"amount\": \"$amount\", \"reason\": \"$reason\"}"
+  done
+}
