@@ -281,6 +281,7 @@ tagged_id!(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn random_draws_cross_refills_and_never_repeat() {
@@ -293,7 +294,6 @@ mod tests {
         assert_eq!(distinct.len(), draws.len());
         assert!(draws.iter().all(|&d| d != 0));
     }
-    use proptest::prelude::*;
 
     fn m(s: &str) -> MerchantId {
         MerchantId::parse(s).unwrap()

@@ -42,7 +42,8 @@ fn civil(unix_seconds: u64, offset_seconds: u64) -> Civil {
 impl Civil {
     /// `yyyy-MM-dd{sep}HH:mm:ss{suffix}`, as `format!("{:04}-{:02}-…")` writes it (a year past
     /// 9999 takes the digits it needs), digit by digit: the API writes a few of these per
-    /// payment, and the formatting machinery costs about ten times the instructions.
+    /// payment, and six padded fields through the formatting machinery cost several times the
+    /// instructions.
     fn text(&self, sep: char, suffix: &str) -> String {
         fn two(out: &mut String, v: u64) {
             debug_assert!(v < 100);

@@ -217,8 +217,8 @@ impl Keys {
 }
 
 /// `prefix{tag}`: a key of a scope or slot. Built by hand, not with `format!`: the hot path
-/// builds a dozen per payment and the background loops thousands per second (`format!` costs
-/// about five times the instructions, `callgrind`, docs/PERFORMANCE.md).
+/// builds a dozen per payment and the background loops thousands per second (`format!` took
+/// about four times the instructions: `Keys::of` 8.3k → 2.2k by `scripts/instructions.sh`).
 fn tagged(prefix: &str, tag: &str) -> String {
     let mut key = String::with_capacity(prefix.len() + tag.len() + 2);
     key.push_str(prefix);
