@@ -248,6 +248,11 @@ impl Application {
             Duration::from_millis(settings.preauth.sweep_interval_ms),
             settings.preauth.sweep_accounts_per_tick,
             settings.preauth.lazy_release_max,
+            crate::preauth::Eviction {
+                retention: Duration::from_secs(settings.redis.payment_retention_seconds),
+                slots_per_call: settings.redis.index_slots_per_call,
+                per_call: settings.redis.evictions_per_tick,
+            },
             stop_rx.clone(),
         );
         let recovery = spawn_recovery(

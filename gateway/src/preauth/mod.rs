@@ -31,7 +31,7 @@ use crate::ids::{
 };
 use crate::money::Currency;
 
-pub use sweeper::spawn_sweeper;
+pub use sweeper::{spawn_sweeper, Eviction};
 
 /// The largest magnitude of any stored value (balance, credit limit, balance + credit limit,
 /// amounts): 2^53 − 1, the largest integer a Lua number holds exactly.

@@ -13,17 +13,50 @@ use super::{BalanceStore, OpContext};
 use crate::periodic::spawn_periodic;
 use crate::telemetry;
 
+/// How the sweeper paces the retention eviction (`BalanceStore::evict_finished`).
+#[derive(Debug, Clone, Copy)]
+pub struct Eviction {
+    /// `redis.payment_retention_seconds`.
+    pub retention: Duration,
+    /// Index slots one eviction call reads (`redis.index_slots_per_call`).
+    pub slots_per_call: usize,
+    /// Evictions one call makes at most (`redis.evictions_per_tick`).
+    pub per_call: usize,
+}
+
+impl Eviction {
+    /// Ticks between two eviction calls while nothing is pending: a full pass over the slot
+    /// indexes then takes about a quarter of the retention, so a finished payment leaves
+    /// within 1.25 retentions, and an idle gateway does not read 1024 retention indexes every
+    /// tick (a pass every 16 s for a 24 h retention was a third of the background loops'
+    /// work). A call that used its whole budget is followed by another at the next tick.
+    pub fn every_ticks(&self, interval: Duration) -> u64 {
+        let calls_per_pass =
+            crate::preauth::slots::SLOTS as u128 / self.slots_per_call.max(1) as u128;
+        let pass = self.retention.as_millis() / 4;
+        let tick = interval.as_millis().max(1);
+        u64::try_from(pass / calls_per_pass.max(1) / tick)
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+}
+
 /// Sweeps every `interval` until `shutdown` turns true. `accounts_per_tick` bounds one tick's
-/// work; `holds_per_account` bounds one account's.
+/// work; `holds_per_account` bounds one account's; `eviction` paces the retention.
 pub fn spawn_sweeper(
     store: Arc<dyn BalanceStore>,
     interval: Duration,
     accounts_per_tick: usize,
     holds_per_account: u32,
+    eviction: Eviction,
     shutdown: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
+    let every = eviction.every_ticks(interval);
+    // Ticks since the last eviction call, and whether that call used its whole budget.
+    let pace = Arc::new(std::sync::Mutex::new((u64::MAX, false)));
     spawn_periodic(interval, shutdown, move || {
         let store = store.clone();
+        let pace = pace.clone();
         async move {
             let ctx = OpContext {
                 now_ms: telemetry::now_ms(),
@@ -33,14 +66,61 @@ pub fn spawn_sweeper(
                 Ok(released) => telemetry::holds_swept(released),
                 Err(err) => tracing::warn!(error = %err, "hold sweep failed; will retry"),
             }
-            match store.evict_finished(ctx.now_ms).await {
-                Ok(0) => {}
-                Ok(evicted) => tracing::debug!(
-                    evicted,
-                    "finished payments past the retention left the balance store"
-                ),
-                Err(err) => tracing::warn!(error = %err, "retention sweep failed; will retry"),
+            let due = {
+                let mut pace = pace.lock().expect("sweeper pace lock");
+                pace.0 = pace.0.saturating_add(1);
+                pace.0 >= every || pace.1
+            };
+            if !due {
+                return;
             }
+            let full = match store.evict_finished(ctx.now_ms).await {
+                Ok(0) => false,
+                Ok(evicted) => {
+                    tracing::debug!(
+                        evicted,
+                        "finished payments past the retention left the balance store"
+                    );
+                    evicted >= eviction.per_call as u64
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "retention sweep failed; will retry");
+                    true
+                }
+            };
+            *pace.lock().expect("sweeper pace lock") = (0, full);
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eviction(retention_s: u64) -> Eviction {
+        Eviction {
+            retention: Duration::from_secs(retention_s),
+            slots_per_call: 1024,
+            per_call: 10_000,
+        }
+    }
+
+    #[test]
+    fn a_full_pass_takes_about_a_quarter_of_the_retention() {
+        let tick = Duration::from_secs(1);
+        // 24 h: 16 calls per pass over 6 h, one every 1350 ticks.
+        let every = eviction(86_400).every_ticks(tick);
+        assert_eq!(every, 1_350);
+        assert_eq!(16 * every, 86_400 / 4);
+        // Retentions shorter than 16 ticks per quarter: every tick, as before.
+        assert_eq!(eviction(60).every_ticks(tick), 1);
+        assert_eq!(eviction(1).every_ticks(Duration::from_millis(50)), 1);
+        assert_eq!(eviction(0).every_ticks(tick), 1);
+        // Fewer slots per call: more calls per pass, closer together.
+        let small = Eviction {
+            slots_per_call: 256,
+            ..eviction(86_400)
+        };
+        assert_eq!(small.every_ticks(tick), 337);
+    }
 }
