@@ -251,7 +251,6 @@ impl Application {
             crate::preauth::Eviction {
                 retention: Duration::from_secs(settings.redis.payment_retention_seconds),
                 slots_per_call: settings.redis.index_slots_per_call,
-                per_call: settings.redis.evictions_per_tick,
             },
             stop_rx.clone(),
         );
