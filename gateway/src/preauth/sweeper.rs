@@ -23,7 +23,7 @@ pub struct Eviction {
 }
 
 impl Eviction {
-    /// Ticks between two eviction calls while nothing is pending: a full pass over the slot
+    /// Ticks between two eviction calls while there is nothing to evict: a full pass over the slot
     /// indexes then takes about a quarter of the retention, so a finished payment leaves
     /// within 1.25 retentions, and an idle gateway does not read 1024 retention indexes every
     /// tick (a pass every 16 s for a 24 h retention was half of the background loops'
