@@ -60,7 +60,7 @@ while [ $# -gt 0 ]; do
     --budgets) BUDGETS=1 ;;
     --runs) BUDGET_RUNS=$2; shift ;;
     --closed-loop) shift; exec "$ROOT/scripts/closed-loop.sh" "$@" ;;
-    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+    -h|--help) print_help "$0"; exit 0 ;;
     *) echo "scripts/bench.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift

@@ -27,7 +27,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --duration-s) DURATION_S=$2; shift ;;
     --out) OUT=$2; shift ;;
-    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+    -h|--help) print_help "$0"; exit 0 ;;
     *) echo "$SCRIPT: unknown argument $1" >&2; exit 2 ;;
   esac
   shift

@@ -61,3 +61,8 @@ fund_accounts() {
       -d "{\"merchant_id\": \"alpha\", \"direction\": \"credit\", \"amount\": \"$amount\", \"reason\": \"$reason\"}"
   done
 }
+
+# print_help SCRIPT_PATH: the script's header comment (its usage), without the shebang.
+print_help() {
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$1"
+}

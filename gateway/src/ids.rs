@@ -206,10 +206,9 @@ fn random_u64() -> u64 {
             getrandom::fill(bytes).expect("the operating system's random generator failed");
             *used = 0;
         }
+        // Each byte serves once: `used` only moves forward until the next refill.
         let mut next = [0u8; 8];
         next.copy_from_slice(&bytes[*used..*used + 8]);
-        // Each byte serves once.
-        bytes[*used..*used + 8].fill(0);
         *used += 8;
         u64::from_le_bytes(next)
     })

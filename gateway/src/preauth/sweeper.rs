@@ -39,6 +39,38 @@ impl Eviction {
     }
 }
 
+/// When the next eviction call is due: after `every` ticks, or at the next tick when the last
+/// call evicted anything (there may be more behind it: a backlog, or a busy Redis's next
+/// slots) or failed. The first tick is due.
+#[derive(Debug)]
+struct Pace {
+    every: u64,
+    since: u64,
+    more: bool,
+}
+
+impl Pace {
+    fn new(every: u64) -> Self {
+        Self {
+            every: every.max(1),
+            since: u64::MAX,
+            more: false,
+        }
+    }
+
+    /// One tick: whether it calls.
+    fn tick(&mut self) -> bool {
+        self.since = self.since.saturating_add(1);
+        self.since >= self.every || self.more
+    }
+
+    /// A call ended: `more` when it evicted anything or failed.
+    fn called(&mut self, more: bool) {
+        self.since = 0;
+        self.more = more;
+    }
+}
+
 /// Sweeps every `interval` until `shutdown` turns true. `accounts_per_tick` bounds one tick's
 /// work; `holds_per_account` bounds one account's; `eviction` paces the retention.
 pub fn spawn_sweeper(
@@ -49,9 +81,9 @@ pub fn spawn_sweeper(
     eviction: Eviction,
     shutdown: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
-    let every = eviction.every_ticks(interval);
-    // Ticks since the last eviction call, and whether that call evicted anything (or failed).
-    let pace = Arc::new(std::sync::Mutex::new((u64::MAX, false)));
+    let pace = Arc::new(std::sync::Mutex::new(Pace::new(
+        eviction.every_ticks(interval),
+    )));
     spawn_periodic(interval, shutdown, move || {
         let store = store.clone();
         let pace = pace.clone();
@@ -64,16 +96,9 @@ pub fn spawn_sweeper(
                 Ok(released) => telemetry::holds_swept(released),
                 Err(err) => tracing::warn!(error = %err, "hold sweep failed; will retry"),
             }
-            let due = {
-                let mut pace = pace.lock().expect("sweeper pace lock");
-                pace.0 = pace.0.saturating_add(1);
-                pace.0 >= every || pace.1
-            };
-            if !due {
+            if !pace.lock().expect("sweeper pace lock").tick() {
                 return;
             }
-            // Any eviction: there may be more behind it (a backlog, or the next slots of a busy
-            // Redis), so the next tick goes on; a call that found nothing waits `every` ticks.
             let more = match store.evict_finished(ctx.now_ms).await {
                 Ok(0) => false,
                 Ok(evicted) => {
@@ -88,7 +113,7 @@ pub fn spawn_sweeper(
                     true
                 }
             };
-            *pace.lock().expect("sweeper pace lock") = (0, more);
+            pace.lock().expect("sweeper pace lock").called(more);
         }
     })
 }
@@ -121,5 +146,27 @@ mod tests {
             ..eviction(86_400)
         };
         assert_eq!(small.every_ticks(tick), 337);
+    }
+
+    #[test]
+    fn a_call_that_evicted_is_followed_at_once_one_that_found_nothing_waits() {
+        let mut pace = Pace::new(3);
+        assert!(pace.tick(), "the first tick calls");
+        pace.called(false);
+        // Nothing evicted: the next call three ticks later.
+        assert_eq!(
+            [pace.tick(), pace.tick(), pace.tick()],
+            [false, false, true]
+        );
+        pace.called(true);
+        // Something evicted (or an error): every tick until a call finds nothing.
+        assert!(pace.tick());
+        pace.called(true);
+        assert!(pace.tick());
+        pace.called(false);
+        assert_eq!(
+            [pace.tick(), pace.tick(), pace.tick()],
+            [false, false, true]
+        );
     }
 }
