@@ -1,0 +1,246 @@
+//! The least a SQLite store can do per balance payment, measured on this machine: the floor
+//! under issue 14's SQLite budgets (docs/PERFORMANCE.md, "The store's floor").
+//!
+//! A database made by the gateway's own migrations (`SqliteStore::open`), then one thread on a
+//! plain connection with the gateway's pragmas writes what a balance payment's commit must
+//! hold: its payment row (which carries the idempotency key and the live order id, each under
+//! its unique index) and its transfer row (the account's sequence under its unique index), a
+//! group of them per commit, `synchronous=FULL` (an fsync per commit), SQLite's automatic
+//! checkpoint at the gateway's size. No HTTP, no Redis, no look-ups beyond what the unique
+//! indexes do on insert, no content hash, no tasks: what is left is what the schema and the
+//! durability rule cost. Prints the thread's CPU (user + system, from
+//! `/proc/thread-self/schedstat`) per payment.
+//!
+//! ```text
+//! cargo run --release -p benches --bin store_floor -- [--rate N | --saturate] [--per-commit N]
+//!     [--spacing-ms N] [--prefill N] [--seconds N] [--doc-bytes N] [--dir DIR]
+//! ```
+//!
+//! `--rate N` (default 1000) commits every `--spacing-ms` (default 5, the gateway's
+//! `store.commit_spacing_us`) the payments that arrived meanwhile; `--saturate` commits
+//! `--per-commit` (default 16, the gateway's `store.commit_spacing_rows`) at a time with no
+//! pause. `--prefill` payments (default 60000, about what a bench stack holds after its runs)
+//! are written first so the indexes have their working size; keys are random as clients'
+//! idempotency keys and order ids are; 64 accounts as the closed loop's.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use gateway::settlement::sqlite::SqliteStore;
+use gateway::settlement::SchemaStore;
+use rusqlite::{params, Connection};
+
+/// WAL pages after which SQLite checkpoints: the gateway's 4 096 000 bytes of 2 KiB pages.
+const CHECKPOINT_PAGES: u32 = 2_000;
+/// Accounts the payments spread over (the closed loop's 64).
+const ACCOUNTS: u64 = 64;
+/// Payments per prefill transaction.
+const PREFILL_BATCH: u64 = 1_000;
+
+struct Options {
+    rate: Option<u64>,
+    per_commit: u64,
+    spacing: Duration,
+    prefill: u64,
+    seconds: u64,
+    doc_bytes: usize,
+    dir: Option<PathBuf>,
+}
+
+fn options() -> Result<Options, String> {
+    let mut o = Options {
+        rate: Some(1_000),
+        per_commit: 16,
+        spacing: Duration::from_millis(5),
+        prefill: 60_000,
+        seconds: 10,
+        doc_bytes: 300,
+        dir: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        if flag == "--saturate" {
+            o.rate = None;
+            continue;
+        }
+        let value = args.next().ok_or(format!("{flag} needs a value"))?;
+        let number = || {
+            value
+                .parse::<u64>()
+                .map_err(|e| format!("{flag} {value}: {e}"))
+        };
+        match flag.as_str() {
+            "--rate" => o.rate = Some(number()?.max(1)),
+            "--per-commit" => o.per_commit = number()?.max(1),
+            "--spacing-ms" => o.spacing = Duration::from_millis(number()?.max(1)),
+            "--prefill" => o.prefill = number()?,
+            "--seconds" => o.seconds = number()?.max(1),
+            "--doc-bytes" => o.doc_bytes = usize::try_from(number()?).unwrap_or(300),
+            "--dir" => o.dir = Some(PathBuf::from(value)),
+            _ => return Err(format!("unknown option {flag}")),
+        }
+    }
+    Ok(o)
+}
+
+/// CPU time of the calling thread (user + system), nanoseconds.
+fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// xorshift64: keys as random as clients' (idempotency keys, order ids), reproducible.
+struct Keys(u64);
+
+impl Keys {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// 36 characters, as a UUID-shaped key.
+    fn key(&mut self) -> String {
+        format!(
+            "{:016x}{:016x}{:04x}",
+            self.next(),
+            self.next(),
+            self.next() & 0xffff
+        )
+    }
+}
+
+struct Writer {
+    keys: Keys,
+    doc: String,
+    seqs: Vec<i64>,
+    written: u64,
+}
+
+impl Writer {
+    /// One balance payment's rows: the payment (succeeded, its key and order id) and its
+    /// capture transfer (the account's next sequence).
+    fn payment(&mut self, conn: &Connection, now_ms: i64) -> rusqlite::Result<()> {
+        let id = format!("pay_{now_ms:012x}{:08x}", self.written);
+        let account = usize::try_from(self.keys.next() % ACCOUNTS).unwrap_or(0);
+        self.seqs[account] += 1;
+        let account_id = format!("lt-{account:03}");
+        let scope = format!("m_alpha/{account_id}");
+        let (key, order) = (self.keys.key(), self.keys.key());
+        conn.prepare_cached(
+            "INSERT INTO payments (id, merchant_id, account_id, scope_tag, merchant_order_id, \
+             amount_minor, currency, method, purpose, status, held_minor, created_at_ms, \
+             expires_at_ms, updated_at_ms, doc, idempotency_key, request_hash) VALUES \
+             (?1, 'm_alpha', ?2, ?3, ?4, 100, 'CNY', 'balance', 'payment', 'succeeded', 0, ?5, \
+             ?5, ?5, ?6, ?7, ?8)",
+        )?
+        .execute(params![
+            id, account_id, scope, order, now_ms, self.doc, key, HASH
+        ])?;
+        conn.prepare_cached(
+            "INSERT INTO transfers (payment_id, kind, sequence, debit_ledger, credit_ledger, \
+             amount_minor, currency, merchant_id, account_id, account_seq, fee_minor, \
+             settled_at_ms, content_hash) VALUES \
+             (?1, 'capture', 1, ?2, 'sales', 100, 'CNY', 'm_alpha', ?3, ?4, 0, ?5, ?6)",
+        )?
+        .execute(params![
+            id,
+            format!("account:{scope}"),
+            account_id,
+            self.seqs[account],
+            now_ms,
+            HASH
+        ])?;
+        self.written += 1;
+        Ok(())
+    }
+
+    fn commit(&mut self, conn: &Connection, n: u64, now_ms: i64) -> rusqlite::Result<()> {
+        conn.execute_batch("BEGIN")?;
+        for _ in 0..n {
+            self.payment(conn, now_ms)?;
+        }
+        conn.execute_batch("COMMIT")
+    }
+}
+
+/// A SHA-256 in hex, as the request hash and the content hash are.
+const HASH: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+fn main() {
+    let o = match options() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("store_floor: {e} (see the doc comment in benches/src/bin/store_floor.rs)");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = run(&o) {
+        eprintln!("store_floor: {e:?}");
+        std::process::exit(1);
+    }
+}
+
+fn run(o: &Options) -> Result<(), Box<dyn std::error::Error>> {
+    let temp = tempfile::tempdir_in(o.dir.clone().unwrap_or_else(std::env::temp_dir))?;
+    let path = temp.path().join("floor.sqlite3");
+    // The gateway's schema, by its own migrations; its connection thread ends with the drop.
+    let store = SqliteStore::open(&path)?;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(store.migrate())?;
+    drop(store);
+    let conn = Connection::open(&path)?;
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; \
+         PRAGMA wal_autocheckpoint={CHECKPOINT_PAGES};"
+    ))?;
+    let mut w = Writer {
+        keys: Keys(0x9e37_79b9_7f4a_7c15),
+        doc: "x".repeat(o.doc_bytes),
+        seqs: vec![0; usize::try_from(ACCOUNTS)?],
+        written: 0,
+    };
+    let epoch_ms: i64 = 1_800_000_000_000;
+    let mut filled = 0;
+    while filled < o.prefill {
+        let n = PREFILL_BATCH.min(o.prefill - filled);
+        w.commit(&conn, n, epoch_ms + i64::try_from(filled)?)?;
+        filled += n;
+    }
+    conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
+
+    let per_commit = match o.rate {
+        Some(rate) => (u128::from(rate) * o.spacing.as_millis() / 1_000).max(1),
+        None => u128::from(o.per_commit),
+    };
+    let per_commit = u64::try_from(per_commit)?;
+    let (start, cpu0, paid0) = (Instant::now(), thread_cpu_ns(), w.written);
+    let mut commits = 0u64;
+    let mut next = start;
+    while start.elapsed() < Duration::from_secs(o.seconds) {
+        let now_ms =
+            epoch_ms + i64::try_from(o.prefill)? + i64::try_from(start.elapsed().as_millis())?;
+        w.commit(&conn, per_commit, now_ms)?;
+        commits += 1;
+        if o.rate.is_some() {
+            next += o.spacing;
+            if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+    let (cpu, paid) = (thread_cpu_ns() - cpu0, w.written - paid0);
+    let wall = start.elapsed().as_secs_f64();
+    println!(
+        "{} payments in {commits} commits ({per_commit} per commit, {:.0}/s): {:.1} µs of CPU per payment",
+        paid,
+        paid as f64 / wall,
+        cpu as f64 / 1_000.0 / paid as f64
+    );
+    Ok(())
+}
