@@ -183,7 +183,8 @@ start_stack() {
 
   local rport; rport=$(free_port)
   "$REDIS_SERVER" --port "$rport" --bind 127.0.0.1 --save '' --appendonly yes \
-    --appendfsync everysec --maxmemory-policy noeviction --dir "$dir/redis" \
+    --appendfsync everysec --maxmemory-policy noeviction \
+    "${REDIS_TUNING[@]}" --dir "$dir/redis" \
     >"$OUT/$backend-redis.log" 2>&1 &
   REDIS_PID=$!; PIDS+=("$REDIS_PID")
   REDIS_ADDR=127.0.0.1:$rport

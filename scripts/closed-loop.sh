@@ -78,7 +78,8 @@ BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
 rport=$(free_port)
 mkdir -p "$TMP/redis" "$TMP/gw"
 redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no \
-  --maxmemory-policy noeviction --dir "$TMP/redis" >"$OUT/closed-loop-redis.log" 2>&1 &
+  --maxmemory-policy noeviction "${REDIS_TUNING[@]}" --dir "$TMP/redis" \
+  >"$OUT/closed-loop-redis.log" 2>&1 &
 REDIS_PID=$!; PIDS+=("$REDIS_PID")
 wait_for 10 redis-server redis-cli -p "$rport" ping
 

@@ -17,6 +17,10 @@ install_missing() {
   fi
 }
 
+# Redis settings of deploy/redis.conf that change what a command costs, for the Redis every
+# bench starts (each on its own port and temp dir, with its own persistence flags).
+REDIS_TUNING=(--hash-max-listpack-entries 32)
+
 # A free TCP port on loopback.
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
