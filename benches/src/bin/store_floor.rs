@@ -11,9 +11,16 @@
 //! durability rule cost. Prints the thread's CPU (user + system, from
 //! `/proc/thread-self/schedstat`) per payment.
 //!
+//! With `--postgres URL` the same rows go to that PostgreSQL instead (its schema by the
+//! gateway's migrations): per commit one `INSERT … SELECT FROM UNNEST` per table, pipelined
+//! with `BEGIN` and `COMMIT` on one connection, as the gateway's writer does; printed: the CPU
+//! of every PostgreSQL process (the postmaster's children, from `/proc/<pid>/stat`) and of this
+//! program's thread, per payment. Run it on the machine that runs PostgreSQL.
+//!
 //! ```text
 //! cargo run --release -p benches --bin store_floor -- [--rate N | --saturate] [--per-commit N]
 //!     [--spacing-ms N] [--prefill N] [--seconds N] [--doc-bytes N] [--dir DIR]
+//!     [--postgres URL]
 //! ```
 //!
 //! `--rate N` (default 1000) commits every `--spacing-ms` (default 5, the gateway's
@@ -45,6 +52,7 @@ struct Options {
     seconds: u64,
     doc_bytes: usize,
     dir: Option<PathBuf>,
+    postgres: Option<String>,
 }
 
 fn options() -> Result<Options, String> {
@@ -56,6 +64,7 @@ fn options() -> Result<Options, String> {
         seconds: 10,
         doc_bytes: 300,
         dir: None,
+        postgres: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -77,10 +86,20 @@ fn options() -> Result<Options, String> {
             "--seconds" => o.seconds = number()?.max(1),
             "--doc-bytes" => o.doc_bytes = usize::try_from(number()?).unwrap_or(300),
             "--dir" => o.dir = Some(PathBuf::from(value)),
+            "--postgres" => o.postgres = Some(value),
             _ => return Err(format!("unknown option {flag}")),
         }
     }
     Ok(o)
+}
+
+/// Unix time in ms: ids and keys differ from one run to the next on the same database.
+fn now_ms() -> Result<i64, Box<dyn std::error::Error>> {
+    Ok(i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis(),
+    )?)
 }
 
 /// CPU time of the calling thread (user + system), nanoseconds.
@@ -116,6 +135,8 @@ impl Keys {
 struct Writer {
     keys: Keys,
     doc: String,
+    /// Each account's last sequence; a run starts them at its start time in ms, so runs on one
+    /// database never hand out the same one (a run adds far fewer per account than 10 000).
     seqs: Vec<i64>,
     written: u64,
 }
@@ -178,8 +199,14 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if let Err(e) = run(&o) {
-        eprintln!("store_floor: {e:?}");
+    let result = match o.postgres.clone() {
+        Some(url) => run_postgres(&o, &url),
+        None => run(&o),
+    };
+    if let Err(e) = result {
+        // tokio-postgres says "db error" and keeps PostgreSQL's message in the source.
+        let source = e.source().map(|s| format!(": {s}")).unwrap_or_default();
+        eprintln!("store_floor: {e}{source}");
         std::process::exit(1);
     }
 }
@@ -199,13 +226,13 @@ fn run(o: &Options) -> Result<(), Box<dyn std::error::Error>> {
         "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; \
          PRAGMA wal_autocheckpoint={CHECKPOINT_PAGES};"
     ))?;
+    let epoch_ms = now_ms()?;
     let mut w = Writer {
-        keys: Keys(0x9e37_79b9_7f4a_7c15),
+        keys: Keys(0x9e37_79b9_7f4a_7c15 ^ epoch_ms.unsigned_abs()),
         doc: "x".repeat(o.doc_bytes),
-        seqs: vec![0; usize::try_from(ACCOUNTS)?],
+        seqs: vec![epoch_ms; usize::try_from(ACCOUNTS)?],
         written: 0,
     };
-    let epoch_ms: i64 = 1_800_000_000_000;
     let mut filled = 0;
     while filled < o.prefill {
         let n = PREFILL_BATCH.min(o.prefill - filled);
@@ -243,4 +270,207 @@ fn run(o: &Options) -> Result<(), Box<dyn std::error::Error>> {
         cpu as f64 / 1_000.0 / paid as f64
     );
     Ok(())
+}
+
+/// CPU ticks (user + system) of the processes `pids`, from `/proc/<pid>/stat`.
+fn ticks(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|stat| {
+            // The fields after the command's closing parenthesis; utime and stime are 14 and 15.
+            let rest = stat.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum()
+}
+
+/// The postmaster of backend `backend` and every child of it alive now.
+fn postgres_processes(backend: u32) -> Vec<u32> {
+    let parent_of = |pid: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let Some(postmaster) = parent_of(backend) else {
+        return Vec::new();
+    };
+    let mut pids = vec![postmaster];
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            if let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            {
+                if parent_of(pid) == Some(postmaster) {
+                    pids.push(pid);
+                }
+            }
+        }
+    }
+    pids
+}
+
+/// One commit's rows as the arrays the two `UNNEST` statements take.
+#[derive(Default)]
+struct Batch {
+    ids: Vec<String>,
+    accounts: Vec<String>,
+    scopes: Vec<String>,
+    orders: Vec<String>,
+    keys: Vec<String>,
+    ledgers: Vec<String>,
+    seqs: Vec<i64>,
+}
+
+const PG_INSERT_PAYMENTS: &str = "INSERT INTO payments (id, merchant_id, account_id, scope_tag, \
+     merchant_order_id, amount_minor, currency, method, purpose, status, held_minor, \
+     created_at_ms, expires_at_ms, updated_at_ms, doc, idempotency_key, request_hash) \
+     SELECT i.id, 'm_alpha', i.account, i.scope, i.ord, 100, 'CNY', 'balance', 'payment', \
+     'succeeded', 0, $6, $6, $6, $7, i.k, $8 \
+     FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[]) \
+     AS i(id, account, scope, ord, k)";
+
+const PG_INSERT_TRANSFERS: &str = "INSERT INTO transfers (payment_id, kind, sequence, \
+     debit_ledger, credit_ledger, amount_minor, currency, merchant_id, account_id, \
+     account_seq, fee_minor, settled_at_ms, content_hash) \
+     SELECT i.id, 'capture', 1, i.ledger, 'sales', 100, 'CNY', 'm_alpha', i.account, i.seq, \
+     0, $5, $6 FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::BIGINT[]) \
+     AS i(id, ledger, account, seq)";
+
+impl Writer {
+    fn batch(&mut self, n: u64, now_ms: i64) -> Batch {
+        let mut b = Batch::default();
+        for _ in 0..n {
+            let account = usize::try_from(self.keys.next() % ACCOUNTS).unwrap_or(0);
+            self.seqs[account] += 1;
+            let account_id = format!("lt-{account:03}");
+            let scope = format!("m_alpha/{account_id}");
+            b.ids.push(format!("pay_{now_ms:012x}{:08x}", self.written));
+            b.ledgers.push(format!("account:{scope}"));
+            b.scopes.push(scope);
+            b.accounts.push(account_id);
+            b.orders.push(self.keys.key());
+            b.keys.push(self.keys.key());
+            b.seqs.push(self.seqs[account]);
+            self.written += 1;
+        }
+        b
+    }
+}
+
+async fn commit_postgres(
+    client: &tokio_postgres::Client,
+    statements: &(tokio_postgres::Statement, tokio_postgres::Statement),
+    w: &mut Writer,
+    n: u64,
+    now_ms: i64,
+) -> Result<(), tokio_postgres::Error> {
+    let b = w.batch(n, now_ms);
+    let doc = w.doc.as_str();
+    let payment_params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+        &b.ids,
+        &b.accounts,
+        &b.scopes,
+        &b.orders,
+        &b.keys,
+        &now_ms,
+        &doc,
+        &HASH,
+    ];
+    let transfer_params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
+        [&b.ids, &b.ledgers, &b.accounts, &b.seqs, &now_ms, &HASH];
+    // One round trip: tokio-postgres pipelines the four on the connection.
+    let (begin, payments, transfers, commit) = tokio::join!(
+        client.batch_execute("BEGIN"),
+        client.execute(&statements.0, &payment_params),
+        client.execute(&statements.1, &transfer_params),
+        client.batch_execute("COMMIT"),
+    );
+    begin?;
+    payments?;
+    transfers?;
+    commit
+}
+
+fn run_postgres(o: &Options, url: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let store = gateway::settlement::postgres::PostgresStore::connect(url, 1, 5_000).await?;
+        store.migrate().await?;
+        drop(store);
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        let statements = (
+            client.prepare(PG_INSERT_PAYMENTS).await?,
+            client.prepare(PG_INSERT_TRANSFERS).await?,
+        );
+        let backend: i32 = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await?
+            .get(0);
+        let epoch_ms = now_ms()?;
+        let mut w = Writer {
+            keys: Keys(0x9e37_79b9_7f4a_7c15 ^ epoch_ms.unsigned_abs()),
+            doc: "x".repeat(o.doc_bytes),
+            seqs: vec![epoch_ms; usize::try_from(ACCOUNTS)?],
+            written: 0,
+        };
+        let mut filled = 0;
+        while filled < o.prefill {
+            let n = PREFILL_BATCH.min(o.prefill - filled);
+            commit_postgres(
+                &client,
+                &statements,
+                &mut w,
+                n,
+                epoch_ms + i64::try_from(filled)?,
+            )
+            .await?;
+            filled += n;
+        }
+        client.batch_execute("CHECKPOINT").await?;
+
+        let per_commit = match o.rate {
+            Some(rate) => u64::try_from((u128::from(rate) * o.spacing.as_millis() / 1_000).max(1))?,
+            None => o.per_commit,
+        };
+        let pids = postgres_processes(u32::try_from(backend)?);
+        let (start, pg0, own0, paid0) = (Instant::now(), ticks(&pids), thread_cpu_ns(), w.written);
+        let mut commits = 0u64;
+        let mut next = tokio::time::Instant::now();
+        while start.elapsed() < Duration::from_secs(o.seconds) {
+            let now_ms =
+                epoch_ms + i64::try_from(o.prefill)? + i64::try_from(start.elapsed().as_millis())?;
+            commit_postgres(&client, &statements, &mut w, per_commit, now_ms).await?;
+            commits += 1;
+            if o.rate.is_some() {
+                next += o.spacing;
+                tokio::time::sleep_until(next).await;
+            }
+        }
+        let (pg, own, paid) = (
+            ticks(&pids) - pg0,
+            thread_cpu_ns() - own0,
+            w.written - paid0,
+        );
+        let wall = start.elapsed().as_secs_f64();
+        // /proc/<pid>/stat counts in clock ticks of 10 ms (USER_HZ = 100 on Linux).
+        let pg_us = pg as f64 * 10_000.0 / paid as f64;
+        println!(
+            "{paid} payments in {commits} commits ({per_commit} per commit, {:.0}/s): PostgreSQL \
+             {pg_us:.1} µs of CPU per payment ({} processes), this client {:.1} µs",
+            paid as f64 / wall,
+            pids.len(),
+            own as f64 / 1_000.0 / paid as f64
+        );
+        Ok(())
+    })
 }
