@@ -55,6 +55,19 @@ struct Options {
     postgres: Option<String>,
 }
 
+impl Options {
+    /// Payments per commit: those arriving within one spacing at the rate, or the set number.
+    fn per_commit(&self) -> u64 {
+        match self.rate {
+            Some(rate) => {
+                let n = u128::from(rate) * self.spacing.as_millis() / 1_000;
+                u64::try_from(n).unwrap_or(u64::MAX).max(1)
+            }
+            None => self.per_commit,
+        }
+    }
+}
+
 fn options() -> Result<Options, String> {
     let mut o = Options {
         rate: Some(1_000),
@@ -142,6 +155,17 @@ struct Writer {
 }
 
 impl Writer {
+    /// Keys seeded and account sequences started from `epoch_ms`, the run's start.
+    fn new(o: &Options, epoch_ms: i64) -> Self {
+        let accounts = usize::try_from(ACCOUNTS).unwrap_or(64);
+        Writer {
+            keys: Keys(0x9e37_79b9_7f4a_7c15 ^ epoch_ms.unsigned_abs()),
+            doc: "x".repeat(o.doc_bytes),
+            seqs: vec![epoch_ms; accounts],
+            written: 0,
+        }
+    }
+
     /// One balance payment's rows: the payment (succeeded, its key and order id) and its
     /// capture transfer (the account's next sequence).
     fn payment(&mut self, conn: &Connection, now_ms: i64) -> rusqlite::Result<()> {
@@ -227,12 +251,7 @@ fn run(o: &Options) -> Result<(), Box<dyn std::error::Error>> {
          PRAGMA wal_autocheckpoint={CHECKPOINT_PAGES};"
     ))?;
     let epoch_ms = now_ms()?;
-    let mut w = Writer {
-        keys: Keys(0x9e37_79b9_7f4a_7c15 ^ epoch_ms.unsigned_abs()),
-        doc: "x".repeat(o.doc_bytes),
-        seqs: vec![epoch_ms; usize::try_from(ACCOUNTS)?],
-        written: 0,
-    };
+    let mut w = Writer::new(o, epoch_ms);
     let mut filled = 0;
     while filled < o.prefill {
         let n = PREFILL_BATCH.min(o.prefill - filled);
@@ -241,11 +260,7 @@ fn run(o: &Options) -> Result<(), Box<dyn std::error::Error>> {
     }
     conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
 
-    let per_commit = match o.rate {
-        Some(rate) => (u128::from(rate) * o.spacing.as_millis() / 1_000).max(1),
-        None => u128::from(o.per_commit),
-    };
-    let per_commit = u64::try_from(per_commit)?;
+    let per_commit = o.per_commit();
     let (start, cpu0, paid0) = (Instant::now(), thread_cpu_ns(), w.written);
     let mut commits = 0u64;
     let mut next = start;
@@ -417,12 +432,7 @@ fn run_postgres(o: &Options, url: &str) -> Result<(), Box<dyn std::error::Error>
             .await?
             .get(0);
         let epoch_ms = now_ms()?;
-        let mut w = Writer {
-            keys: Keys(0x9e37_79b9_7f4a_7c15 ^ epoch_ms.unsigned_abs()),
-            doc: "x".repeat(o.doc_bytes),
-            seqs: vec![epoch_ms; usize::try_from(ACCOUNTS)?],
-            written: 0,
-        };
+        let mut w = Writer::new(o, epoch_ms);
         let mut filled = 0;
         while filled < o.prefill {
             let n = PREFILL_BATCH.min(o.prefill - filled);
@@ -438,10 +448,7 @@ fn run_postgres(o: &Options, url: &str) -> Result<(), Box<dyn std::error::Error>
         }
         client.batch_execute("CHECKPOINT").await?;
 
-        let per_commit = match o.rate {
-            Some(rate) => u64::try_from((u128::from(rate) * o.spacing.as_millis() / 1_000).max(1))?,
-            None => o.per_commit,
-        };
+        let per_commit = o.per_commit();
         let pids = postgres_processes(u32::try_from(backend)?);
         let (start, pg0, own0, paid0) = (Instant::now(), ticks(&pids), thread_cpu_ns(), w.written);
         let mut commits = 0u64;
