@@ -15,6 +15,7 @@
 #   scripts/bench.sh --serve postgres|sqlite [--out DIR]
 #   scripts/bench.sh --closed-loop [--runs N] [--duration-s S] [--out DIR]
 #   scripts/bench.sh --budgets [--runs N] [--out DIR]
+#   scripts/bench.sh --floors [--runs N] [--out DIR]
 #
 # --quick  one round, short steps (factor 1.5), 10 s resources and half-max runs, a 60 s RSS
 #          run, no criterion benches (target: <= 7 minutes after the build). Full mode: 3 rounds,
@@ -30,6 +31,12 @@
 #          500/s for 10 s; CPU µs per payment of the gateway, PostgreSQL (all its processes)
 #          and Redis, and the group commit's efficiency (payments per commit against arrival
 #          rate x mean commit time). Writes DIR/budgets.md.
+# --floors  the least work under those budgets on this machine, each N times (default 3):
+#          `store_floor` (benches/src/bin) on SQLite and on the stack's PostgreSQL at 1000/s and
+#          at saturation; nginx in front of channel-sim's `GET /channels` at 1000/s (one HTTP
+#          exchange in, one upstream round trip: CPU of nginx and of channel-sim per request);
+#          a five-command Lua script in a Redis of its own at saturation (redis-benchmark -c 32).
+#          Writes DIR/floors.md.
 # --serve  start one stack (release build), write its pids, URLs, Redis address, PostgreSQL
 #          port and manifest path to DIR/stack.env and keep it up until interrupted: for
 #          profiling (perf record -p $GW_PID) and hand-run loadtest commands against the same
@@ -51,6 +58,7 @@ WRITE_DOC=1
 SERVE=
 BUDGETS=0
 BUDGET_RUNS=3
+FLOORS=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
@@ -58,6 +66,7 @@ while [ $# -gt 0 ]; do
     --no-doc) WRITE_DOC=0 ;;
     --serve) SERVE=$2; shift ;;
     --budgets) BUDGETS=1 ;;
+    --floors) FLOORS=1 ;;
     --runs) BUDGET_RUNS=$2; shift ;;
     --closed-loop) shift; exec "$ROOT/scripts/closed-loop.sh" "$@" ;;
     -h|--help) print_help "$0"; exit 0 ;;
@@ -133,6 +142,10 @@ command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || need+
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
 command -v jq >/dev/null 2>&1 || need+=(jq)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+if [ "$FLOORS" = 1 ]; then
+  [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+  command -v redis-benchmark >/dev/null 2>&1 || need+=(redis-tools)
+fi
 install_missing "${need[@]}"
 REDIS_SERVER=$(command -v redis-server || echo /usr/bin/redis-server)
 PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
@@ -472,6 +485,129 @@ if [ "$BUDGETS" = 1 ]; then
     echo "| --- | --- | --- | --- | --- | --- | --- |"
     printf '%s\n' "${BUDGET_ROWS[@]}"
   } | tee "$OUT/budgets.md"
+  exit 0
+fi
+
+# ---- floors (issue 14) ------------------------------------------------------------------------
+# The least work under each budget, measured on this machine (docs/PERFORMANCE.md, "Another
+# machine kind, and the floors"): a bar below its floor is out of reach here.
+FLOOR_RATE=1000
+FLOOR_NGINX_RUN=(--duration-s 10 --warmup-s 2 --settle-wait-s 1)
+# The least a balance payment asks of Redis: its idempotency record with the expiry, the
+# account read and written, the order id, the document (authorize.lua does these and more).
+FLOOR_SCRIPT='local i = redis.call("SET", KEYS[1], ARGV[1], "NX", "EX", 86400)
+if not i then return 0 end
+redis.call("HMGET", KEYS[2], "bal", "seq")
+redis.call("HSET", KEYS[2], "bal", ARGV[2], "seq", ARGV[2])
+redis.call("HSETNX", KEYS[3], ARGV[1], ARGV[3])
+redis.call("HSET", KEYS[4], ARGV[3], ARGV[4])
+return 1'
+if [ "$FLOORS" = 1 ]; then
+  log "cargo build --release -p benches --bin store_floor"
+  cargo build --release -p benches --bin store_floor
+  FLOOR_ROWS=()
+  # floor_runs LABEL ARGS...: BUDGET_RUNS runs of store_floor, each a row of floors.md.
+  floor_runs() {
+    local label=$1 r line; shift
+    for r in $(seq "$BUDGET_RUNS"); do
+      if line=$("$BIN/store_floor" "$@" 2>&1); then
+        log "$label, run $r: $line"
+        local shown=${*//$TMP/<tmp>}
+        [ -n "${floor_url:-}" ] && shown=${shown//$floor_url/<the stack\'s PostgreSQL>/floor}
+        FLOOR_ROWS+=("| $label | $line | \`store_floor $shown\` |")
+      else
+        log "$label, run $r failed: $line"
+      fi
+    done
+  }
+  floor_runs "SQLite store, $FLOOR_RATE/s" --dir "$TMP" --rate "$FLOOR_RATE"
+  floor_runs "SQLite store, saturation" --dir "$TMP" --saturate
+  start_stack postgres
+  "$PGBIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -q -c 'CREATE DATABASE floor'
+  floor_url="postgres://postgres@127.0.0.1:$PG_PORT/floor"
+  floor_runs "PostgreSQL store, $FLOOR_RATE/s" --postgres "$floor_url" --rate "$FLOOR_RATE"
+  floor_runs "PostgreSQL store, saturation" --postgres "$floor_url" --saturate
+
+  # nginx, one worker, in front of channel-sim's admin API: every request becomes GET /channels.
+  nport=$(free_port)
+  sim_admin=$(jq -r .sim_admin_url "$MANIFEST")
+  mkdir -p "$TMP/nginx"
+  cat >"$TMP/nginx/nginx.conf" <<EOF
+worker_processes 1;
+pid $TMP/nginx/nginx.pid;
+error_log $TMP/nginx/error.log warn;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path $TMP/nginx;
+  proxy_temp_path $TMP/nginx;
+  fastcgi_temp_path $TMP/nginx;
+  uwsgi_temp_path $TMP/nginx;
+  scgi_temp_path $TMP/nginx;
+  upstream sim { server ${sim_admin#http://}; keepalive 32; }
+  server {
+    listen 127.0.0.1:$nport;
+    location / {
+      rewrite ^ /channels break;
+      proxy_method GET;
+      proxy_pass_request_body off;
+      proxy_set_header Content-Length "";
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_pass http://sim;
+    }
+  }
+}
+EOF
+  /usr/sbin/nginx -c "$TMP/nginx/nginx.conf" -g 'daemon off;' >"$OUT/floor-nginx.log" 2>&1 &
+  NGINX_PID=$!; PIDS+=("$NGINX_PID")
+  wait_for 10 nginx curl -sf -o /dev/null -X POST -d '{}' "http://127.0.0.1:$nport/v1/orders"
+  nginx_worker=$(pgrep -P "$NGINX_PID" | head -1)
+  for r in $(seq "$BUDGET_RUNS"); do
+    f=$OUT/floor-nginx-$r.json
+    "$LOADTEST" run --scenario checkout --target baseline --baseline-url "http://127.0.0.1:$nport" \
+      --rate "$FLOOR_RATE" "${FLOOR_NGINX_RUN[@]}" --manifest "$MANIFEST" \
+      --pid "nginx=$nginx_worker" --pid "channel-sim=$SIM_PID" --out "$f" >"${f%.json}.txt" 2>&1 \
+      || log "nginx run $r exited non-zero (see ${f%.json}.txt)"
+    line=$(jq -r '[.cpu[] | select(.name == "nginx" or .name == "channel-sim")
+      | "\(.name) \(.us_per_request | round) µs"] | join(", ")' "$f" 2>/dev/null || echo "?")
+    log "nginx at $FLOOR_RATE/s, run $r: $line per request"
+    FLOOR_ROWS+=("| one proxied HTTP request, $FLOOR_RATE/s | $line per request (nginx: the exchange in and the upstream round trip; channel-sim: a trivial GET) | \`loadtest run --scenario checkout --target baseline --baseline-url <nginx> --rate $FLOOR_RATE\` |")
+  done
+  stop_pid "$NGINX_PID"
+  stop_stack
+
+  # A Redis of its own (AOF off, as the closed loop's), the script at saturation.
+  rport=$(free_port)
+  mkdir -p "$TMP/floor-redis"
+  "$REDIS_SERVER" --port "$rport" --bind 127.0.0.1 --save '' --appendonly no \
+    --maxmemory-policy noeviction "${REDIS_TUNING[@]}" --dir "$TMP/floor-redis" \
+    >"$OUT/floor-redis.log" 2>&1 &
+  PIDS+=("$!")
+  wait_for 10 "redis-server" redis-cli -p "$rport" ping
+  sha=$(redis-cli -p "$rport" script load "$FLOOR_SCRIPT")
+  redis_cpu() {
+    redis-cli -p "$rport" info cpu \
+      | awk -F: '/^used_cpu_(sys|user):/ {s += $2} END {printf "%.6f", s}'
+  }
+  doc=$(printf '{"doc":"%0900d"}' 0)
+  for r in $(seq "$BUDGET_RUNS"); do
+    c0=$(redis_cpu)
+    redis-benchmark -p "$rport" -n 100000 -c 32 -r 100000000 -q evalsha "$sha" 4 \
+      'i:{t__rand_int__}:k__rand_int__' 'a:{t__rand_int__}' 'o:{t__rand_int__}' \
+      'pd:{t__rand_int__}' 'key__rand_int__' 1000 'pay__rand_int__' "$doc" >/dev/null 2>&1
+    c1=$(redis_cpu)
+    us=$(awk -v a="$c0" -v b="$c1" 'BEGIN { printf "%.0f", (b - a) * 1e6 / 100000 }')
+    log "Redis, a five-command script, run $r: $us µs per call"
+    FLOOR_ROWS+=("| the least Redis script per balance payment, saturation | Redis $us µs per call | \`redis-benchmark -c 32 evalsha\` (FLOOR_SCRIPT in scripts/bench.sh) |")
+  done
+  {
+    echo "Floors, $(date -u +'%Y-%m-%d %H:%M') UTC, commit \`$(git rev-parse --short HEAD)\`: \`scripts/bench.sh --floors --runs $BUDGET_RUNS\`."
+    echo
+    echo "| the least work of | measured | command |"
+    echo "| --- | --- | --- |"
+    printf '%s\n' "${FLOOR_ROWS[@]}"
+  } | tee "$OUT/floors.md"
   exit 0
 fi
 
