@@ -33,7 +33,7 @@
 #          rate x mean commit time). Writes DIR/budgets.md.
 # --floors  the least work under those budgets on this machine, each N times (default 3):
 #          `store_floor` (benches/src/bin) on SQLite and on the stack's PostgreSQL at 1000/s and
-#          at saturation; nginx in front of channel-sim's `GET /channels` at 1000/s (one HTTP
+#          at saturation, and SQLite's checkouts at 500/s; nginx in front of channel-sim's `GET /channels` at 1000/s (one HTTP
 #          exchange in, one upstream round trip: CPU of nginx and of channel-sim per request);
 #          a five-command Lua script in a Redis of its own at saturation (redis-benchmark -c 32).
 #          Writes DIR/floors.md.
@@ -522,6 +522,8 @@ if [ "$FLOORS" = 1 ]; then
   }
   floor_runs "SQLite store, $FLOOR_RATE/s" --dir "$TMP" --rate "$FLOOR_RATE"
   floor_runs "SQLite store, saturation" --dir "$TMP" --saturate
+  floor_runs "SQLite store, checkouts at $BUDGET_CHECKOUT_RATE/s" --dir "$TMP" --checkout \
+    --rate "$BUDGET_CHECKOUT_RATE"
   start_stack postgres
   "$PGBIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -q -c 'CREATE DATABASE floor'
   floor_url="postgres://postgres@127.0.0.1:$PG_PORT/floor"

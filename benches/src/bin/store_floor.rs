@@ -11,6 +11,12 @@
 //! durability rule cost. Prints the thread's CPU (user + system, from
 //! `/proc/thread-self/schedstat`) per payment.
 //!
+//! With `--checkout` (SQLite) each unit is a checkout through a supplier channel instead, in
+//! its steady state: a commit holds the new checkouts' intents (the payment pending with its
+//! hold and next status check, the first attempt sent) and the previous commit's settlements
+//! (the attempt accepted, then succeeded; the payment succeeded; the capture transfer), the
+//! rows of the two commits a checkout waits on and of the one it does not.
+//!
 //! With `--postgres URL` the same rows go to that PostgreSQL instead (its schema by the
 //! gateway's migrations): per commit one `INSERT … SELECT FROM UNNEST` per table, pipelined
 //! with `BEGIN` and `COMMIT` on one connection, as the gateway's writer does; printed: the CPU
@@ -20,7 +26,7 @@
 //! ```text
 //! cargo run --release -p benches --bin store_floor -- [--rate N | --saturate] [--per-commit N]
 //!     [--spacing-ms N] [--prefill N] [--seconds N] [--doc-bytes N] [--dir DIR]
-//!     [--postgres URL]
+//!     [--checkout | --postgres URL]
 //! ```
 //!
 //! `--rate N` (default 1000) commits every `--spacing-ms` (default 5, the gateway's
@@ -53,18 +59,40 @@ struct Options {
     doc_bytes: usize,
     dir: Option<PathBuf>,
     postgres: Option<String>,
+    checkout: bool,
 }
 
 impl Options {
-    /// Payments per commit: those arriving within one spacing at the rate, or the set number.
-    fn per_commit(&self) -> u64 {
+    /// Payments per commit, on average: those arriving within one spacing at the rate, or the
+    /// set number.
+    fn per_commit(&self) -> f64 {
         match self.rate {
-            Some(rate) => {
-                let n = u128::from(rate) * self.spacing.as_millis() / 1_000;
-                u64::try_from(n).unwrap_or(u64::MAX).max(1)
-            }
-            None => self.per_commit,
+            Some(rate) => rate as f64 * self.spacing.as_secs_f64(),
+            None => self.per_commit as f64,
         }
+    }
+}
+
+/// Whole payments per commit from an average that may be fractional (2.5 at 500/s every 5 ms):
+/// each commit takes what has arrived, the remainder waits for the next one.
+struct Arrivals {
+    per_commit: f64,
+    owed: f64,
+}
+
+impl Arrivals {
+    fn new(per_commit: f64) -> Self {
+        Self {
+            per_commit,
+            owed: 0.0,
+        }
+    }
+
+    fn next(&mut self) -> u64 {
+        self.owed += self.per_commit;
+        let n = self.owed.floor();
+        self.owed -= n;
+        n as u64
     }
 }
 
@@ -78,11 +106,16 @@ fn options() -> Result<Options, String> {
         doc_bytes: 300,
         dir: None,
         postgres: None,
+        checkout: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         if flag == "--saturate" {
             o.rate = None;
+            continue;
+        }
+        if flag == "--checkout" {
+            o.checkout = true;
             continue;
         }
         let value = args.next().ok_or(format!("{flag} needs a value"))?;
@@ -152,6 +185,8 @@ struct Writer {
     /// database never hand out the same one (a run adds far fewer per account than 10 000).
     seqs: Vec<i64>,
     written: u64,
+    /// Checkouts whose intent the previous commit held: this one settles them.
+    in_flight: Vec<(String, usize)>,
 }
 
 impl Writer {
@@ -163,6 +198,7 @@ impl Writer {
             doc: "x".repeat(o.doc_bytes),
             seqs: vec![epoch_ms; accounts],
             written: 0,
+            in_flight: Vec::new(),
         }
     }
 
@@ -203,6 +239,93 @@ impl Writer {
         Ok(())
     }
 
+    /// A checkout's intent with its first attempt: the payment pending with its hold and its
+    /// next status check, the attempt sent to the supplier channel.
+    fn intent(&mut self, conn: &Connection, now_ms: i64) -> rusqlite::Result<()> {
+        let id = format!("pay_{now_ms:012x}{:08x}", self.written);
+        let account = usize::try_from(self.keys.next() % ACCOUNTS).unwrap_or(0);
+        let account_id = format!("lt-{account:03}");
+        let scope = format!("m_alpha/{account_id}");
+        let (key, order) = (self.keys.key(), self.keys.key());
+        conn.prepare_cached(
+            "INSERT INTO payments (id, merchant_id, account_id, scope_tag, merchant_order_id, \
+             amount_minor, currency, method, purpose, status, held_minor, hold_expires_at_ms, \
+             created_at_ms, expires_at_ms, updated_at_ms, doc, next_check_at_ms, \
+             idempotency_key, request_hash) VALUES \
+             (?1, 'm_alpha', ?2, ?3, ?4, 100, 'CNY', 'supplier', 'payment', 'pending', 100, \
+             ?5 + 900000, ?5, ?5 + 900000, ?5, ?6, ?5 + 5000, ?7, ?8)",
+        )?
+        .execute(params![
+            id, account_id, scope, order, now_ms, self.doc, key, HASH
+        ])?;
+        conn.prepare_cached(
+            "INSERT INTO attempts (payment_id, attempt, channel_id, channel_order_id, outcome, \
+             created_at_ms, updated_at_ms) VALUES (?1, 1, 'supplier-main', ?1, 'sent', ?2, ?2)",
+        )?
+        .execute(params![id, now_ms])?;
+        self.in_flight.push((id, account));
+        self.written += 1;
+        Ok(())
+    }
+
+    /// A checkout the channel accepted and then paid: the attempt accepted, then succeeded with
+    /// the channel's transaction id, the payment succeeded (its hold and check gone), the
+    /// capture transfer with the account's next sequence.
+    fn settle(
+        &mut self,
+        conn: &Connection,
+        id: &str,
+        account: usize,
+        now_ms: i64,
+    ) -> rusqlite::Result<()> {
+        self.seqs[account] += 1;
+        let account_id = format!("lt-{account:03}");
+        conn.prepare_cached(
+            "UPDATE attempts SET outcome = ?2, channel_txn_id = ?3, updated_at_ms = ?4 \
+             WHERE payment_id = ?1 AND attempt = 1",
+        )?
+        .execute(params![id, "accepted", Option::<&str>::None, now_ms])?;
+        conn.prepare_cached(
+            "UPDATE payments SET status = 'succeeded', held_minor = 0, \
+             hold_expires_at_ms = NULL, next_check_at_ms = NULL, updated_at_ms = ?2 WHERE id = ?1",
+        )?
+        .execute(params![id, now_ms])?;
+        conn.prepare_cached(
+            "UPDATE attempts SET outcome = ?2, channel_txn_id = ?3, updated_at_ms = ?4 \
+             WHERE payment_id = ?1 AND attempt = 1",
+        )?
+        .execute(params![id, "succeeded", id, now_ms])?;
+        conn.prepare_cached(
+            "INSERT INTO transfers (payment_id, kind, sequence, debit_ledger, credit_ledger, \
+             amount_minor, currency, merchant_id, account_id, account_seq, channel_id, \
+             channel_txn_id, fee_minor, settled_at_ms, content_hash) VALUES \
+             (?1, 'capture', 1, ?2, 'sales', 100, 'CNY', 'm_alpha', ?3, ?4, 'supplier-main', \
+             ?1, 0, ?5, ?6)",
+        )?
+        .execute(params![
+            id,
+            format!("account:m_alpha/{account_id}"),
+            account_id,
+            self.seqs[account],
+            now_ms,
+            HASH
+        ])?;
+        Ok(())
+    }
+
+    /// One commit of checkouts in their steady state: the settlements of the previous commit's
+    /// intents (the channel answered and called back meanwhile) and `n` new intents.
+    fn commit_checkouts(&mut self, conn: &Connection, n: u64, now_ms: i64) -> rusqlite::Result<()> {
+        conn.execute_batch("BEGIN")?;
+        for (id, account) in std::mem::take(&mut self.in_flight) {
+            self.settle(conn, &id, account, now_ms)?;
+        }
+        for _ in 0..n {
+            self.intent(conn, now_ms)?;
+        }
+        conn.execute_batch("COMMIT")
+    }
+
     fn commit(&mut self, conn: &Connection, n: u64, now_ms: i64) -> rusqlite::Result<()> {
         conn.execute_batch("BEGIN")?;
         for _ in 0..n {
@@ -224,6 +347,7 @@ fn main() {
         }
     };
     let result = match o.postgres.clone() {
+        Some(_) if o.checkout => Err("--checkout is SQLite only".into()),
         Some(url) => run_postgres(&o, &url),
         None => run(&o),
     };
@@ -261,13 +385,18 @@ fn run(o: &Options) -> Result<(), Box<dyn std::error::Error>> {
     conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
 
     let per_commit = o.per_commit();
+    let mut arrivals = Arrivals::new(per_commit);
     let (start, cpu0, paid0) = (Instant::now(), thread_cpu_ns(), w.written);
     let mut commits = 0u64;
     let mut next = start;
     while start.elapsed() < Duration::from_secs(o.seconds) {
         let now_ms =
             epoch_ms + i64::try_from(o.prefill)? + i64::try_from(start.elapsed().as_millis())?;
-        w.commit(&conn, per_commit, now_ms)?;
+        if o.checkout {
+            w.commit_checkouts(&conn, arrivals.next(), now_ms)?;
+        } else {
+            w.commit(&conn, arrivals.next(), now_ms)?;
+        }
         commits += 1;
         if o.rate.is_some() {
             next += o.spacing;
@@ -278,9 +407,10 @@ fn run(o: &Options) -> Result<(), Box<dyn std::error::Error>> {
     }
     let (cpu, paid) = (thread_cpu_ns() - cpu0, w.written - paid0);
     let wall = start.elapsed().as_secs_f64();
+    let unit = if o.checkout { "checkout" } else { "payment" };
     println!(
-        "{} payments in {commits} commits ({per_commit} per commit, {:.0}/s): {:.1} µs of CPU per payment",
-        paid,
+        "{paid} {unit}s in {commits} commits ({per_commit:.1} per commit, {:.0}/s): {:.1} µs of CPU \
+         per {unit}",
         paid as f64 / wall,
         cpu as f64 / 1_000.0 / paid as f64
     );
@@ -449,6 +579,7 @@ fn run_postgres(o: &Options, url: &str) -> Result<(), Box<dyn std::error::Error>
         client.batch_execute("CHECKPOINT").await?;
 
         let per_commit = o.per_commit();
+        let mut arrivals = Arrivals::new(per_commit);
         let pids = postgres_processes(u32::try_from(backend)?);
         let (start, pg0, own0, paid0) = (Instant::now(), ticks(&pids), thread_cpu_ns(), w.written);
         let mut commits = 0u64;
@@ -456,7 +587,7 @@ fn run_postgres(o: &Options, url: &str) -> Result<(), Box<dyn std::error::Error>
         while start.elapsed() < Duration::from_secs(o.seconds) {
             let now_ms =
                 epoch_ms + i64::try_from(o.prefill)? + i64::try_from(start.elapsed().as_millis())?;
-            commit_postgres(&client, &statements, &mut w, per_commit, now_ms).await?;
+            commit_postgres(&client, &statements, &mut w, arrivals.next(), now_ms).await?;
             commits += 1;
             if o.rate.is_some() {
                 next += o.spacing;
@@ -472,7 +603,7 @@ fn run_postgres(o: &Options, url: &str) -> Result<(), Box<dyn std::error::Error>
         // /proc/<pid>/stat counts in clock ticks of 10 ms (USER_HZ = 100 on Linux).
         let pg_us = pg as f64 * 10_000.0 / paid as f64;
         println!(
-            "{paid} payments in {commits} commits ({per_commit} per commit, {:.0}/s): PostgreSQL \
+            "{paid} payments in {commits} commits ({per_commit:.1} per commit, {:.0}/s): PostgreSQL \
              {pg_us:.1} µs of CPU per payment ({} processes), this client {:.1} µs",
             paid as f64 / wall,
             pids.len(),
