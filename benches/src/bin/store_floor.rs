@@ -612,3 +612,20 @@ fn run_postgres(o: &Options, url: &str) -> Result<(), Box<dyn std::error::Error>
         Ok(())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Arrivals;
+
+    #[test]
+    fn arrivals_carry_the_fraction_to_the_next_commit() {
+        let mut a = Arrivals::new(2.5);
+        let taken: Vec<u64> = (0..6).map(|_| a.next()).collect();
+        assert_eq!(taken, vec![2, 3, 2, 3, 2, 3]);
+        let mut whole = Arrivals::new(16.0);
+        assert!((0..100).all(|_| whole.next() == 16));
+        // Below one per commit: some commits take none, none is lost.
+        let mut slow = Arrivals::new(0.25);
+        assert_eq!((0..8).map(|_| slow.next()).sum::<u64>(), 2);
+    }
+}
