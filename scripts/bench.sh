@@ -33,8 +33,9 @@
 #          rate x mean commit time). Writes DIR/budgets.md.
 # --floors  the least work under those budgets on this machine, each N times (default 3):
 #          `store_floor` (benches/src/bin) on SQLite and on the stack's PostgreSQL at 1000/s and
-#          at saturation, and SQLite's checkouts at 500/s; nginx in front of channel-sim's `GET /channels` at 1000/s (one HTTP
-#          exchange in, one upstream round trip: CPU of nginx and of channel-sim per request);
+#          at saturation, and SQLite's checkouts at 500/s; nginx in front of channel-sim's
+#          `GET /channels` at 1000/s (one HTTP exchange in, one upstream round trip: CPU of nginx
+#          and of channel-sim per request);
 #          a five-command Lua script in a Redis of its own at saturation (redis-benchmark -c 32).
 #          Writes DIR/floors.md.
 # --serve  start one stack (release build), write its pids, URLs, Redis address, PostgreSQL
@@ -530,37 +531,12 @@ if [ "$FLOORS" = 1 ]; then
   floor_runs "PostgreSQL store, $FLOOR_RATE/s" --postgres "$floor_url" --rate "$FLOOR_RATE"
   floor_runs "PostgreSQL store, saturation" --postgres "$floor_url" --saturate
 
-  # nginx, one worker, in front of channel-sim's admin API: every request becomes GET /channels.
+  # nginx in front of channel-sim's admin API: every request becomes GET /channels.
   nport=$(free_port)
   sim_admin=$(jq -r .sim_admin_url "$MANIFEST")
-  mkdir -p "$TMP/nginx"
-  cat >"$TMP/nginx/nginx.conf" <<EOF
-worker_processes 1;
-pid $TMP/nginx/nginx.pid;
-error_log $TMP/nginx/error.log warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  client_body_temp_path $TMP/nginx;
-  proxy_temp_path $TMP/nginx;
-  fastcgi_temp_path $TMP/nginx;
-  uwsgi_temp_path $TMP/nginx;
-  scgi_temp_path $TMP/nginx;
-  upstream sim { server ${sim_admin#http://}; keepalive 32; }
-  server {
-    listen 127.0.0.1:$nport;
-    location / {
-      rewrite ^ /channels break;
-      proxy_method GET;
-      proxy_pass_request_body off;
-      proxy_set_header Content-Length "";
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_pass http://sim;
-    }
-  }
-}
-EOF
+  nginx_conf "$TMP/nginx" "$nport" "${sim_admin#http://}" 'rewrite ^ /channels break;
+      proxy_method GET; proxy_pass_request_body off; proxy_set_header Content-Length "";
+      proxy_http_version 1.1; proxy_set_header Connection ""; proxy_pass http://sim;'
   /usr/sbin/nginx -c "$TMP/nginx/nginx.conf" -g 'daemon off;' >"$OUT/floor-nginx.log" 2>&1 &
   NGINX_PID=$!; PIDS+=("$NGINX_PID")
   wait_for 10 nginx curl -sf -o /dev/null -X POST -d '{}' "http://127.0.0.1:$nport/v1/orders"

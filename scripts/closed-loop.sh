@@ -93,28 +93,10 @@ GW_PID=$!; PIDS+=("$GW_PID")
 wait_for 60 "the gateway" curl -sf -o /dev/null "$GW_URL/readyz"
 SIM_ADMIN=$(jq -r .sim_admin_url "$TMP/gw/sandbox.json")
 
-# nginx in front of channel-sim's admin API, one worker (as the gateway: one process).
+# nginx in front of channel-sim's admin API.
 nport=$(free_port)
-mkdir -p "$TMP/nginx"
-cat >"$TMP/nginx/nginx.conf" <<EOF
-worker_processes 1;
-pid $TMP/nginx/nginx.pid;
-error_log $TMP/nginx/error.log warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  client_body_temp_path $TMP/nginx;
-  proxy_temp_path $TMP/nginx;
-  fastcgi_temp_path $TMP/nginx;
-  uwsgi_temp_path $TMP/nginx;
-  scgi_temp_path $TMP/nginx;
-  upstream sim { server ${SIM_ADMIN#http://}; keepalive 32; }
-  server {
-    listen 127.0.0.1:$nport;
-    location / { proxy_pass http://sim; proxy_http_version 1.1; proxy_set_header Connection ""; }
-  }
-}
-EOF
+nginx_conf "$TMP/nginx" "$nport" "${SIM_ADMIN#http://}" \
+  'proxy_pass http://sim; proxy_http_version 1.1; proxy_set_header Connection "";'
 /usr/sbin/nginx -c "$TMP/nginx/nginx.conf" -g 'daemon off;' >"$OUT/closed-loop-nginx.log" 2>&1 &
 NGINX_PID=$!; PIDS+=("$NGINX_PID")
 wait_for 10 nginx curl -sf -o /dev/null "http://127.0.0.1:$nport/channels"

@@ -21,6 +21,33 @@ install_missing() {
 # bench starts (each on its own port and temp dir, with its own persistence flags).
 REDIS_TUNING=(--hash-max-listpack-entries 32)
 
+# nginx_conf DIR PORT UPSTREAM LOCATION: writes DIR/nginx.conf, one worker (as the gateway: one
+# process), listening on 127.0.0.1:PORT, its temp files and pid in DIR, with `location / {
+# LOCATION }` in front of the upstream `sim` at UPSTREAM (host:port, 32 keep-alive connections).
+nginx_conf() {
+  local dir=$1 port=$2 upstream=$3 location=$4
+  mkdir -p "$dir"
+  cat >"$dir/nginx.conf" <<EOF
+worker_processes 1;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path $dir;
+  proxy_temp_path $dir;
+  fastcgi_temp_path $dir;
+  uwsgi_temp_path $dir;
+  scgi_temp_path $dir;
+  upstream sim { server $upstream; keepalive 32; }
+  server {
+    listen 127.0.0.1:$port;
+    location / { $location }
+  }
+}
+EOF
+}
+
 # A free TCP port on loopback.
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
