@@ -433,9 +433,9 @@ fi
 BUDGET_AUTHORIZE_RATE=1000
 BUDGET_CHECKOUT_RATE=500
 BUDGET_RUN=(--duration-s 10 --warmup-s 2 --settle-wait-s 10)
-# budget_figures FILE: "gateway postgres(all) redis payments_per_commit efficiency_bar" of one
-# run report, per payment (per settled payment for checkout); efficiency_bar = 0.8 x arrival
-# rate x mean commit time (the window's).
+# budget_figures FILE: "gateway postgres(all) redis payments_per_commit sqlite_thread" of one
+# run report, per payment (per settled payment for checkout); sqlite_thread is the gateway's
+# `sqlite` thread (the SQLite store, "-" on PostgreSQL), to set beside `--floors`.
 budget_figures() {
   jq -r '
     def unit: if .settlement != null then .us_per_settled else .us_per_request end;
@@ -444,8 +444,10 @@ budget_figures() {
     (cpu(. == "gateway")) as $gw
     | (cpu(. == "postgres" or test("^pg[0-9]+$"))) as $pg
     | (cpu(. == "redis")) as $rd
+    | ([.cpu[] | select(.name == "gateway") | .threads[]? | select(.name == "sqlite") | unit]
+       | first // null) as $st
     | (.gateway_metrics.store_commits.by_op.commit_writes // 0) as $commits
-    | "\($gw | round) \($pg | round) \($rd | round) \(if $commits > 0 then (payments / $commits * 100 | round / 100) else 0 end)"' "$1"
+    | "\($gw | round) \($pg | round) \($rd | round) \(if $commits > 0 then (payments / $commits * 100 | round / 100) else 0 end) \(if $st == null then "-" else ($st | round) end)"' "$1"
 }
 if [ "$BUDGETS" = 1 ]; then
   BUDGET_ROWS=()
@@ -460,22 +462,23 @@ if [ "$BUDGETS" = 1 ]; then
       || log "$be: warm-up exited non-zero"
     for sc in authorize checkout; do
       rate_var=BUDGET_${sc^^}_RATE
-      gws=(); pgs=(); rds=(); ppcs=(); bars=()
+      gws=(); pgs=(); rds=(); ppcs=(); bars=(); sts=()
       for r in $(seq "$BUDGET_RUNS"); do
         read -r cs0 cc0 <<<"$(commit_sum_count)"
         resources_run "$be" "$sc" "${!rate_var}" "budget$r" "${BUDGET_RUN[@]}"
         read -r cs1 cc1 <<<"$(commit_sum_count)"
         f=$OUT/budget$r-$sc-$be.json
         [ -s "$f" ] || { log "$be: $sc run $r wrote no report"; continue; }
-        read -r gw pg rd ppc <<<"$(budget_figures "$f")"
+        read -r gw pg rd ppc st <<<"$(budget_figures "$f")"
         # Mean commit time over the run (set-up and settle wait included: a bound).
         bar=$(awk -v s0="$cs0" -v s1="$cs1" -v c0="$cc0" -v c1="$cc1" -v rate="${!rate_var}" \
           'BEGIN { if (c1 > c0) printf "%.2f", 0.8 * rate * (s1 - s0) / (c1 - c0); else print 0 }')
         gws+=("$gw"); pgs+=("$pg"); rds+=("$rd"); ppcs+=("$ppc"); bars+=("$bar")
-        log "$be $sc run $r: gateway $gw µs, postgres $pg µs, redis $rd µs per payment; $ppc payments per commit (bar $bar)"
+        [ "$st" = - ] || sts+=("$st")
+        log "$be $sc run $r: gateway $gw µs (sqlite thread $st), postgres $pg µs, redis $rd µs per payment; $ppc payments per commit (bar $bar)"
       done
       [ ${#gws[@]} -gt 0 ] || continue
-      BUDGET_ROWS+=("| $be | $sc at ${!rate_var}/s | $(median "${gws[@]}") µs | $(if [ "$be" = postgres ]; then echo "$(median "${pgs[@]}") µs"; else echo "— (in the gateway)"; fi) | $(median "${rds[@]}") µs | $(median "${ppcs[@]}") (≥ $(median "${bars[@]}")) | ${gws[*]} |")
+      BUDGET_ROWS+=("| $be | $sc at ${!rate_var}/s | $(median "${gws[@]}") µs$([ ${#sts[@]} -gt 0 ] && echo " (\`sqlite\` thread $(median "${sts[@]}") µs)" || true) | $(if [ "$be" = postgres ]; then echo "$(median "${pgs[@]}") µs"; else echo "— (in the gateway)"; fi) | $(median "${rds[@]}") µs | $(median "${ppcs[@]}") (≥ $(median "${bars[@]}")) | ${gws[*]} |")
     done
     stop_stack
   done

@@ -3,10 +3,14 @@
 //! resident set size of a process (`VmRSS` of `/proc/PID/status`), sampled during the window
 //! by [`crate::resources`].
 //!
+//! Each process's CPU is also split by thread name (`/proc/PID/task/TID/comm`): the gateway's
+//! `sqlite` store thread apart from its `tokio-rt-worker`s, to set beside the store's floor.
+//!
 //! Clock ticks are `USER_HZ`, which Linux fixes at 100 per second on every architecture it
 //! exposes to user space (the kernel's own `HZ` may differ; `/proc` converts). So a reading
 //! has 10 ms resolution: over a measured window of 10 s or more, well under 1 % of a core.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::time::Duration;
 
@@ -73,6 +77,39 @@ impl ProcessSpec {
             )
         })?;
         Ok(ticks_to_duration(ticks))
+    }
+}
+
+/// Threads read per process at most (a runaway process must not make a reading unbounded).
+pub const MAX_THREADS: usize = 4_096;
+
+impl ProcessSpec {
+    fn task_dir(&self) -> String {
+        match self.pid {
+            Some(pid) => format!("/proc/{pid}/task"),
+            None => "/proc/self/task".to_owned(),
+        }
+    }
+
+    /// CPU time used so far by each thread name (user + system; threads of one name, like a
+    /// runtime's workers, added up). A thread that ends while it is read is left out.
+    pub fn thread_cpu(&self) -> io::Result<BTreeMap<String, Duration>> {
+        let mut by_name = BTreeMap::new();
+        for entry in std::fs::read_dir(self.task_dir())?.take(MAX_THREADS) {
+            let dir = entry?.path();
+            let (Ok(comm), Ok(stat)) = (
+                std::fs::read_to_string(dir.join("comm")),
+                std::fs::read_to_string(dir.join("stat")),
+            ) else {
+                continue;
+            };
+            if let Some(ticks) = parse_cpu_ticks(&stat) {
+                *by_name
+                    .entry(comm.trim().to_owned())
+                    .or_insert(Duration::ZERO) += ticks_to_duration(ticks);
+            }
+        }
+        Ok(by_name)
     }
 }
 
@@ -144,17 +181,61 @@ pub struct ProcessCpu {
     pub us_per_settled: Option<f64>,
     /// Why the process could not be measured (it exited, no permission).
     pub error: Option<String>,
+    /// The same by thread name, largest first (threads of a name that were all gone by the
+    /// window's end are not counted: their share of the process's figure is in no row).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub threads: Vec<ThreadCpu>,
 }
 
-/// Readings taken at the start of the window.
+/// The CPU of one process's threads of one name over the measured window.
+#[derive(Debug, Clone, Serialize)]
+pub struct ThreadCpu {
+    pub name: String,
+    pub cpu_seconds: f64,
+    pub us_per_request: Option<f64>,
+    pub us_per_settled: Option<f64>,
+}
+
+/// Per thread name, `after - before` (a name new in the window counts from zero), largest
+/// first.
+fn thread_deltas(
+    before: &BTreeMap<String, Duration>,
+    after: &BTreeMap<String, Duration>,
+    per: impl Fn(Duration) -> (Option<f64>, Option<f64>),
+) -> Vec<ThreadCpu> {
+    let mut out: Vec<ThreadCpu> = after
+        .iter()
+        .map(|(name, &cpu)| {
+            let cpu = cpu.saturating_sub(before.get(name).copied().unwrap_or(Duration::ZERO));
+            let (us_per_request, us_per_settled) = per(cpu);
+            ThreadCpu {
+                name: name.clone(),
+                cpu_seconds: cpu.as_secs_f64(),
+                us_per_request,
+                us_per_settled,
+            }
+        })
+        .filter(|t| t.cpu_seconds > 0.0)
+        .collect();
+    out.sort_by(|a, b| b.cpu_seconds.total_cmp(&a.cpu_seconds));
+    out
+}
+
+/// Readings taken at the start of the window: each process's CPU, and by thread name.
 #[derive(Debug)]
-pub struct Readings(Vec<(ProcessSpec, io::Result<Duration>)>);
+pub struct Readings(
+    Vec<(
+        ProcessSpec,
+        io::Result<Duration>,
+        BTreeMap<String, Duration>,
+    )>,
+);
 
 pub fn read_all(processes: &[ProcessSpec]) -> Readings {
     Readings(
         processes
             .iter()
-            .map(|p| (p.clone(), p.cpu_time()))
+            .map(|p| (p.clone(), p.cpu_time(), p.thread_cpu().unwrap_or_default()))
             .collect(),
     )
 }
@@ -171,38 +252,45 @@ impl Readings {
         self.0
             .into_iter()
             .zip(now.0)
-            .map(|((spec, before), (_, after))| {
-                let per = |count: u64, cpu: Duration| {
-                    (count > 0).then(|| cpu.as_secs_f64() * 1e6 / count as f64)
-                };
-                match (before, after) {
-                    (Ok(before), Ok(after)) => {
-                        let cpu = after.saturating_sub(before);
-                        ProcessCpu {
+            .map(
+                |((spec, before, threads_before), (_, after, threads_after))| {
+                    let per = |count: u64, cpu: Duration| {
+                        (count > 0).then(|| cpu.as_secs_f64() * 1e6 / count as f64)
+                    };
+                    match (before, after) {
+                        (Ok(before), Ok(after)) => {
+                            let cpu = after.saturating_sub(before);
+                            let threads = thread_deltas(&threads_before, &threads_after, |cpu| {
+                                (per(answered, cpu), settled.and_then(|s| per(s, cpu)))
+                            });
+                            ProcessCpu {
+                                name: spec.name,
+                                pid: spec.pid,
+                                cpu_seconds: cpu.as_secs_f64(),
+                                cores: if window.is_zero() {
+                                    0.0
+                                } else {
+                                    cpu.as_secs_f64() / window.as_secs_f64()
+                                },
+                                us_per_request: per(answered, cpu),
+                                us_per_settled: settled.and_then(|s| per(s, cpu)),
+                                error: None,
+                                threads,
+                            }
+                        }
+                        (Err(e), _) | (_, Err(e)) => ProcessCpu {
                             name: spec.name,
                             pid: spec.pid,
-                            cpu_seconds: cpu.as_secs_f64(),
-                            cores: if window.is_zero() {
-                                0.0
-                            } else {
-                                cpu.as_secs_f64() / window.as_secs_f64()
-                            },
-                            us_per_request: per(answered, cpu),
-                            us_per_settled: settled.and_then(|s| per(s, cpu)),
-                            error: None,
-                        }
+                            cpu_seconds: 0.0,
+                            cores: 0.0,
+                            us_per_request: None,
+                            us_per_settled: None,
+                            error: Some(e.to_string()),
+                            threads: Vec::new(),
+                        },
                     }
-                    (Err(e), _) | (_, Err(e)) => ProcessCpu {
-                        name: spec.name,
-                        pid: spec.pid,
-                        cpu_seconds: 0.0,
-                        cores: 0.0,
-                        us_per_request: None,
-                        us_per_settled: None,
-                        error: Some(e.to_string()),
-                    },
-                }
-            })
+                },
+            )
             .collect()
     }
 }
@@ -278,19 +366,79 @@ mod tests {
     #[test]
     fn usage_per_request_is_cpu_over_count() {
         let spec = ProcessSpec::this_process();
-        let before = Readings(vec![(spec.clone(), Ok(Duration::from_millis(1_000)))]);
-        let after = Readings(vec![(spec, Ok(Duration::from_millis(3_000)))]);
+        let threads = |worker_ms: u64, store_ms: u64| {
+            BTreeMap::from([
+                ("worker".to_owned(), Duration::from_millis(worker_ms)),
+                ("store".to_owned(), Duration::from_millis(store_ms)),
+            ])
+        };
+        let before = Readings(vec![(
+            spec.clone(),
+            Ok(Duration::from_millis(1_000)),
+            threads(600, 400),
+        )]);
+        let after = Readings(vec![(
+            spec,
+            Ok(Duration::from_millis(3_000)),
+            threads(2_100, 900),
+        )]);
         let cpu = before.since(after, Duration::from_secs(4), 10_000, Some(4_000));
         assert_eq!(cpu[0].cpu_seconds, 2.0);
         assert_eq!(cpu[0].cores, 0.5);
         assert_eq!(cpu[0].us_per_request, Some(200.0));
         assert_eq!(cpu[0].us_per_settled, Some(500.0));
+        // By thread, largest first: 1.5 s and 0.5 s of the 2.
+        let names: Vec<&str> = cpu[0].threads.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["worker", "store"]);
+        assert_eq!(cpu[0].threads[0].us_per_request, Some(150.0));
+        assert_eq!(cpu[0].threads[1].us_per_settled, Some(125.0));
         let gone = Readings(vec![(
             ProcessSpec::this_process(),
             Err(io::Error::from(io::ErrorKind::NotFound)),
+            BTreeMap::new(),
         )]);
-        let before = Readings(vec![(ProcessSpec::this_process(), Ok(Duration::ZERO))]);
+        let before = Readings(vec![(
+            ProcessSpec::this_process(),
+            Ok(Duration::ZERO),
+            BTreeMap::new(),
+        )]);
         let cpu = before.since(gone, Duration::from_secs(1), 1, None);
         assert!(cpu[0].error.is_some());
+        assert!(cpu[0].threads.is_empty());
+    }
+
+    #[test]
+    fn thread_deltas_count_new_names_from_zero_and_drop_idle_ones() {
+        let before = BTreeMap::from([
+            ("idle".to_owned(), Duration::from_millis(50)),
+            ("gone".to_owned(), Duration::from_millis(70)),
+        ]);
+        let after = BTreeMap::from([
+            ("idle".to_owned(), Duration::from_millis(50)),
+            ("born".to_owned(), Duration::from_millis(30)),
+        ]);
+        let out = thread_deltas(&before, &after, |_| (None, None));
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0].name, "born");
+        assert_eq!(out[0].cpu_seconds, 0.03);
+    }
+
+    #[test]
+    fn this_process_threads_are_read_by_name() {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let (ready, started) = std::sync::mpsc::channel::<()>();
+        let named = std::thread::Builder::new()
+            .name("lt-procstat".into())
+            .spawn(move || {
+                // The new thread names itself when it starts: read only after that.
+                ready.send(()).unwrap();
+                let _ = stopped.recv();
+            })
+            .unwrap();
+        started.recv().unwrap();
+        let threads = ProcessSpec::this_process().thread_cpu().unwrap();
+        stop.send(()).unwrap();
+        named.join().unwrap();
+        assert!(threads.contains_key("lt-procstat"), "{threads:?}");
     }
 }

@@ -293,6 +293,22 @@ impl Report {
                         let _ = write!(out, "  {v:.0} µs/settled");
                     }
                     out.push('\n');
+                    // By thread name, when the process has more than one.
+                    if cpu.threads.len() > 1 {
+                        for t in &cpu.threads {
+                            let _ = write!(
+                                out,
+                                "    thread {:<20} {} µs/request",
+                                t.name,
+                                t.us_per_request
+                                    .map_or("-".to_owned(), |v| format!("{v:.0}"))
+                            );
+                            if let Some(v) = t.us_per_settled {
+                                let _ = write!(out, "  {v:.0} µs/settled");
+                            }
+                            out.push('\n');
+                        }
+                    }
                 }
             }
         }

@@ -557,6 +557,7 @@ mod tests {
             us_per_request: None,
             us_per_settled: None,
             error: None,
+            threads: Vec::new(),
         }
     }
 
