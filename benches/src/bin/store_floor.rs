@@ -29,8 +29,9 @@
 //!     [--checkout | --postgres URL]
 //! ```
 //!
-//! `--rate N` (default 1000) commits every `--spacing-ms` (default 5, the gateway's
-//! `store.commit_spacing_us`) the payments that arrived meanwhile; `--saturate` commits
+//! `--rate N` (default 1000) waits `--spacing-ms` (default 5, the gateway's
+//! `store.commit_spacing_us`) after each commit, as the gateway's writer does, and commits the
+//! payments that arrived since the previous one began; `--saturate` commits
 //! `--per-commit` (default 16, the gateway's `store.commit_spacing_rows`) at a time with no
 //! pause. `--prefill` payments (default 60000, about what a bench stack holds after its runs)
 //! are written first so the indexes have their working size; keys are random as clients'
@@ -62,37 +63,36 @@ struct Options {
     checkout: bool,
 }
 
-impl Options {
-    /// Payments per commit, on average: those arriving within one spacing at the rate, or the
-    /// set number.
-    fn per_commit(&self) -> f64 {
-        match self.rate {
-            Some(rate) => rate as f64 * self.spacing.as_secs_f64(),
-            None => self.per_commit as f64,
-        }
-    }
-}
-
-/// Whole payments per commit from an average that may be fractional (2.5 at 500/s every 5 ms):
-/// each commit takes what has arrived, the remainder waits for the next one.
-struct Arrivals {
-    per_commit: f64,
-    owed: f64,
+/// Payments per commit: at a rate, those that arrived since the previous commit began (its own
+/// time and the spacing after it, as the gateway's writer waits `store.commit_spacing_us`
+/// after each commit), the fraction carried to the next one; at saturation, a set number.
+enum Arrivals {
+    Rate { per_second: f64, owed: f64 },
+    Fixed(u64),
 }
 
 impl Arrivals {
-    fn new(per_commit: f64) -> Self {
-        Self {
-            per_commit,
-            owed: 0.0,
+    fn of(o: &Options) -> Self {
+        match o.rate {
+            Some(rate) => Arrivals::Rate {
+                per_second: rate as f64,
+                owed: 0.0,
+            },
+            None => Arrivals::Fixed(o.per_commit),
         }
     }
 
-    fn next(&mut self) -> u64 {
-        self.owed += self.per_commit;
-        let n = self.owed.floor();
-        self.owed -= n;
-        n as u64
+    /// The payments of the next commit, `elapsed` after the previous one began.
+    fn take(&mut self, elapsed: Duration) -> u64 {
+        match self {
+            Arrivals::Rate { per_second, owed } => {
+                *owed += *per_second * elapsed.as_secs_f64();
+                let n = owed.floor();
+                *owed -= n;
+                n as u64
+            }
+            Arrivals::Fixed(n) => *n,
+        }
     }
 }
 
@@ -384,30 +384,30 @@ fn run(o: &Options) -> Result<(), Box<dyn std::error::Error>> {
     }
     conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
 
-    let per_commit = o.per_commit();
-    let mut arrivals = Arrivals::new(per_commit);
+    let mut arrivals = Arrivals::of(o);
     let (start, cpu0, paid0) = (Instant::now(), thread_cpu_ns(), w.written);
     let mut commits = 0u64;
-    let mut next = start;
+    let mut began = start;
     while start.elapsed() < Duration::from_secs(o.seconds) {
+        if o.rate.is_some() {
+            std::thread::sleep(o.spacing);
+        }
+        let now = Instant::now();
+        let n = arrivals.take(now - began);
+        began = now;
         let now_ms =
             epoch_ms + i64::try_from(o.prefill)? + i64::try_from(start.elapsed().as_millis())?;
         if o.checkout {
-            w.commit_checkouts(&conn, arrivals.next(), now_ms)?;
+            w.commit_checkouts(&conn, n, now_ms)?;
         } else {
-            w.commit(&conn, arrivals.next(), now_ms)?;
+            w.commit(&conn, n, now_ms)?;
         }
         commits += 1;
-        if o.rate.is_some() {
-            next += o.spacing;
-            if let Some(wait) = next.checked_duration_since(Instant::now()) {
-                std::thread::sleep(wait);
-            }
-        }
     }
     let (cpu, paid) = (thread_cpu_ns() - cpu0, w.written - paid0);
     let wall = start.elapsed().as_secs_f64();
     let unit = if o.checkout { "checkout" } else { "payment" };
+    let per_commit = paid as f64 / commits.max(1) as f64;
     println!(
         "{paid} {unit}s in {commits} commits ({per_commit:.1} per commit, {:.0}/s): {:.1} µs of CPU \
          per {unit}",
@@ -578,21 +578,22 @@ fn run_postgres(o: &Options, url: &str) -> Result<(), Box<dyn std::error::Error>
         }
         client.batch_execute("CHECKPOINT").await?;
 
-        let per_commit = o.per_commit();
-        let mut arrivals = Arrivals::new(per_commit);
+        let mut arrivals = Arrivals::of(o);
         let pids = postgres_processes(u32::try_from(backend)?);
         let (start, pg0, own0, paid0) = (Instant::now(), ticks(&pids), thread_cpu_ns(), w.written);
         let mut commits = 0u64;
-        let mut next = tokio::time::Instant::now();
+        let mut began = start;
         while start.elapsed() < Duration::from_secs(o.seconds) {
+            if o.rate.is_some() {
+                tokio::time::sleep(o.spacing).await;
+            }
+            let now = Instant::now();
+            let n = arrivals.take(now - began);
+            began = now;
             let now_ms =
                 epoch_ms + i64::try_from(o.prefill)? + i64::try_from(start.elapsed().as_millis())?;
-            commit_postgres(&client, &statements, &mut w, arrivals.next(), now_ms).await?;
+            commit_postgres(&client, &statements, &mut w, n, now_ms).await?;
             commits += 1;
-            if o.rate.is_some() {
-                next += o.spacing;
-                tokio::time::sleep_until(next).await;
-            }
         }
         let (pg, own, paid) = (
             ticks(&pids) - pg0,
@@ -600,6 +601,7 @@ fn run_postgres(o: &Options, url: &str) -> Result<(), Box<dyn std::error::Error>
             w.written - paid0,
         );
         let wall = start.elapsed().as_secs_f64();
+        let per_commit = paid as f64 / commits.max(1) as f64;
         // /proc/<pid>/stat counts in clock ticks of 10 ms (USER_HZ = 100 on Linux).
         let pg_us = pg as f64 * 10_000.0 / paid as f64;
         println!(
@@ -616,16 +618,27 @@ fn run_postgres(o: &Options, url: &str) -> Result<(), Box<dyn std::error::Error>
 #[cfg(test)]
 mod tests {
     use super::Arrivals;
+    use std::time::Duration;
 
     #[test]
-    fn arrivals_carry_the_fraction_to_the_next_commit() {
-        let mut a = Arrivals::new(2.5);
-        let taken: Vec<u64> = (0..6).map(|_| a.next()).collect();
+    fn arrivals_are_what_came_since_the_last_commit_fraction_carried() {
+        // 500/s, a commit every 5 ms: 2.5 each, taken as 2, 3, 2, 3…
+        let mut a = Arrivals::Rate {
+            per_second: 500.0,
+            owed: 0.0,
+        };
+        let taken: Vec<u64> = (0..6).map(|_| a.take(Duration::from_millis(5))).collect();
         assert_eq!(taken, vec![2, 3, 2, 3, 2, 3]);
-        let mut whole = Arrivals::new(16.0);
-        assert!((0..100).all(|_| whole.next() == 16));
+        // A longer gap (the commit's own time beside the spacing) brings more.
+        assert_eq!(a.take(Duration::from_micros(6_500)), 3);
+        let mut fixed = Arrivals::Fixed(16);
+        assert!((0..100).all(|_| fixed.take(Duration::from_millis(5)) == 16));
         // Below one per commit: some commits take none, none is lost.
-        let mut slow = Arrivals::new(0.25);
-        assert_eq!((0..8).map(|_| slow.next()).sum::<u64>(), 2);
+        let mut slow = Arrivals::Rate {
+            per_second: 50.0,
+            owed: 0.0,
+        };
+        let sum: u64 = (0..8).map(|_| slow.take(Duration::from_millis(5))).sum();
+        assert_eq!(sum, 2);
     }
 }
