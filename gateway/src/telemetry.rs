@@ -40,6 +40,8 @@ pub const CHANNEL_CALLS_TOTAL: &str = "gateway_channel_calls_total";
 pub const RESOLUTIONS_TOTAL: &str = "gateway_resolutions_total";
 pub const ROUTING_TOTAL: &str = "gateway_routing_total";
 pub const CALLBACKS_TOTAL: &str = "gateway_callbacks_total";
+pub const CHANNEL_HTTP_REQUESTS_TOTAL: &str = "gateway_channel_http_requests_total";
+pub const CHANNEL_HTTP_SECONDS: &str = "gateway_channel_http_request_duration_seconds";
 pub const REFUNDS_TOTAL: &str = "gateway_refunds_total";
 pub const UNSETTLED_RECORDS: &str = "gateway_unsettled_records";
 pub const FLAGGED_PAYMENTS: &str = "gateway_flagged_payments";
@@ -85,12 +87,26 @@ struct Hot {
     /// By route pattern: the latency histogram, and the counters by method and status.
     http: Handles<Box<str>, std::sync::Arc<HttpRoute>>,
     store_calls: Handles<(&'static str, StoreOp), StoreCall>,
+    /// By channel id (configured ids, and `unknown` for a callback to none of them).
+    channels: Handles<Box<str>, std::sync::Arc<ChannelHandles>>,
+    routing: Handles<&'static str, Counter>,
     queue_depth: Gauge,
     batch_rows: Histogram,
     commit_seconds: Histogram,
     commits_ok: Counter,
     commits_error: Counter,
     sqlite_wal_bytes: Counter,
+}
+
+/// One channel's series: its calls by operation and result, its callbacks by result, its HTTP
+/// exchanges by outcome and their duration.
+struct ChannelHandles {
+    calls: Handles<(&'static str, &'static str), Counter>,
+    callbacks: Handles<&'static str, Counter>,
+    http_requests: Handles<&'static str, Counter>,
+    /// Registered on the first exchange (a series appears when first recorded, as before: the
+    /// `unknown` channel of a stray callback never gets one).
+    http_seconds: OnceLock<Histogram>,
 }
 
 struct HttpRoute {
@@ -114,6 +130,8 @@ impl Hot {
             redis_round_trips: Handles::default(),
             http: Handles::default(),
             store_calls: Handles::default(),
+            channels: Handles::default(),
+            routing: Handles::default(),
             queue_depth: metrics::gauge!(SETTLEMENT_QUEUE_DEPTH),
             batch_rows: metrics::histogram!(SETTLEMENT_BATCH_ROWS),
             commit_seconds: metrics::histogram!(SETTLEMENT_COMMIT_SECONDS),
@@ -488,13 +506,64 @@ pub fn breaker_transition(channel: &str, to: &'static str, state_value: u8) {
 /// One call to a channel: `op` is create, query, close or refund; `result` is `ok` or the
 /// error's label.
 pub fn channel_call(channel: &str, op: &'static str, result: &'static str) {
-    metrics::counter!(CHANNEL_CALLS_TOTAL, "channel" => channel.to_owned(), "op" => op, "result" => result)
-        .increment(1);
+    let register = || metrics::counter!(CHANNEL_CALLS_TOTAL, "channel" => channel.to_owned(), "op" => op, "result" => result);
+    match channel_handles(channel) {
+        Some(c) => c.calls.get(&(op, result), || (op, result), register),
+        None => register(),
+    }
+    .increment(1);
+}
+
+/// One HTTP exchange with a channel (`outcome`: ok, or the error's label) and how long it took.
+pub fn channel_http(channel: &str, outcome: &'static str, elapsed: Duration) {
+    let requests = || metrics::counter!(CHANNEL_HTTP_REQUESTS_TOTAL, "channel" => channel.to_owned(), "outcome" => outcome);
+    let seconds = elapsed.as_secs_f64();
+    match channel_handles(channel) {
+        Some(c) => {
+            c.http_requests
+                .get(&outcome, || outcome, requests)
+                .increment(1);
+            c.http_seconds
+                .get_or_init(seconds_of(channel))
+                .record(seconds);
+        }
+        None => {
+            requests().increment(1);
+            seconds_of(channel)().record(seconds);
+        }
+    }
+}
+
+/// Registers the duration histogram of `channel`'s HTTP exchanges.
+fn seconds_of(channel: &str) -> impl FnOnce() -> Histogram + '_ {
+    move || metrics::histogram!(CHANNEL_HTTP_SECONDS, "channel" => channel.to_owned())
+}
+
+/// The kept handles of `channel` (`None` before the recorder is installed).
+fn channel_handles(channel: &str) -> Option<std::sync::Arc<ChannelHandles>> {
+    let hot = HOT.get()?;
+    Some(hot.channels.get(
+        channel,
+        || channel.into(),
+        || {
+            std::sync::Arc::new(ChannelHandles {
+                calls: Handles::default(),
+                callbacks: Handles::default(),
+                http_requests: Handles::default(),
+                http_seconds: OnceLock::new(),
+            })
+        },
+    ))
 }
 
 /// How a channel payment's create call ended: accepted, unknown, paid, no_channel.
 pub fn routing(result: &'static str) {
-    metrics::counter!(ROUTING_TOTAL, "result" => result).increment(1);
+    let register = || metrics::counter!(ROUTING_TOTAL, "result" => result);
+    match HOT.get() {
+        Some(hot) => hot.routing.get(&result, || result, register),
+        None => register(),
+    }
+    .increment(1);
 }
 
 /// What the resolution loop (or a cancel) did to a pending channel payment.
@@ -521,8 +590,13 @@ pub fn refund(result: &'static str) {
 /// or why it was refused (bad_signature, stale, wrong_account, malformed, unknown_order,
 /// unknown_channel, amount_mismatch).
 pub fn callback(channel: &str, result: &'static str) {
-    metrics::counter!(CALLBACKS_TOTAL, "channel" => channel.to_owned(), "result" => result)
-        .increment(1);
+    let register =
+        || metrics::counter!(CALLBACKS_TOTAL, "channel" => channel.to_owned(), "result" => result);
+    match channel_handles(channel) {
+        Some(c) => c.callbacks.get(&result, || result, register),
+        None => register(),
+    }
+    .increment(1);
 }
 
 // ---- merchant webhooks (crate::webhooks) ----
@@ -588,6 +662,39 @@ mod tests {
         assert!(
             !text.contains("gateway_store_commits_total{backend=\"probe\",op=\"kept_read\"}"),
             "a read commits nothing"
+        );
+    }
+
+    /// A channel's series (calls, HTTP exchanges and their duration, callbacks) and the routing
+    /// outcomes, through the kept handles; a callback to no channel gets no HTTP histogram.
+    #[test]
+    fn channel_handles_record_into_the_named_series() {
+        let handle = prometheus();
+        for _ in 0..2 {
+            channel_call("kept-probe-channel", "create", "ok");
+            channel_http("kept-probe-channel", "ok", Duration::from_millis(2));
+            callback("kept-probe-channel", "processed");
+            routing("kept_probe_routing");
+        }
+        channel_call("kept-probe-channel", "query", "timeout");
+        channel_http("kept-probe-channel", "timeout", Duration::from_millis(3));
+        callback("kept-probe-nowhere", "unknown_channel");
+        let text = handle.render();
+        for sample in [
+            "gateway_channel_calls_total{channel=\"kept-probe-channel\",op=\"create\",result=\"ok\"} 2",
+            "gateway_channel_calls_total{channel=\"kept-probe-channel\",op=\"query\",result=\"timeout\"} 1",
+            "gateway_channel_http_requests_total{channel=\"kept-probe-channel\",outcome=\"ok\"} 2",
+            "gateway_channel_http_requests_total{channel=\"kept-probe-channel\",outcome=\"timeout\"} 1",
+            "gateway_channel_http_request_duration_seconds_count{channel=\"kept-probe-channel\"} 3",
+            "gateway_callbacks_total{channel=\"kept-probe-channel\",result=\"processed\"} 2",
+            "gateway_callbacks_total{channel=\"kept-probe-nowhere\",result=\"unknown_channel\"} 1",
+            "gateway_routing_total{result=\"kept_probe_routing\"} 2",
+        ] {
+            assert!(text.lines().any(|l| l == sample), "{sample} in:\n{text}");
+        }
+        assert!(
+            !text.contains("gateway_channel_http_request_duration_seconds_count{channel=\"kept-probe-nowhere\"}"),
+            "a channel with only a callback has no HTTP histogram"
         );
     }
 }

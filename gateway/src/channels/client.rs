@@ -160,17 +160,7 @@ impl HttpClient {
             Ok(_) => "ok",
             Err(e) => e.label(),
         };
-        metrics::counter!(
-            "gateway_channel_http_requests_total",
-            "channel" => self.channel_id.to_string(),
-            "outcome" => outcome,
-        )
-        .increment(1);
-        metrics::histogram!(
-            "gateway_channel_http_request_duration_seconds",
-            "channel" => self.channel_id.to_string(),
-        )
-        .record(started.elapsed().as_secs_f64());
+        crate::telemetry::channel_http(&self.channel_id, outcome, started.elapsed());
         if let Err(e) = &result {
             tracing::debug!(channel = %self.channel_id, error = %e, "channel call failed");
         }
