@@ -282,31 +282,13 @@ impl Report {
                     let _ = writeln!(out, "cpu {who}: not measured: {e}");
                 }
                 None => {
-                    let _ = write!(
-                        out,
-                        "cpu {who:<24} {:.2} cores  {} µs/request",
-                        cpu.cores,
-                        cpu.us_per_request
-                            .map_or("-".to_owned(), |v| format!("{v:.0}"))
-                    );
-                    if let Some(v) = cpu.us_per_settled {
-                        let _ = write!(out, "  {v:.0} µs/settled");
-                    }
-                    out.push('\n');
+                    let head = format!("cpu {who:<24} {:.2} cores ", cpu.cores);
+                    cpu_line(&mut out, &head, cpu.us_per_request, cpu.us_per_settled);
                     // By thread name, when the process has more than one.
                     if cpu.threads.len() > 1 {
                         for t in &cpu.threads {
-                            let _ = write!(
-                                out,
-                                "    thread {:<20} {} µs/request",
-                                t.name,
-                                t.us_per_request
-                                    .map_or("-".to_owned(), |v| format!("{v:.0}"))
-                            );
-                            if let Some(v) = t.us_per_settled {
-                                let _ = write!(out, "  {v:.0} µs/settled");
-                            }
-                            out.push('\n');
+                            let head = format!("    thread {:<20}", t.name);
+                            cpu_line(&mut out, &head, t.us_per_request, t.us_per_settled);
                         }
                     }
                 }
@@ -409,6 +391,18 @@ fn row(p: &Percentiles) -> String {
         ms(p.p999_us),
         ms(p.max_us)
     )
+}
+
+/// `head`, then the CPU per request (`-` when nothing was answered) and per settled payment
+/// when there is one, and a newline.
+fn cpu_line(out: &mut String, head: &str, per_request: Option<f64>, per_settled: Option<f64>) {
+    use std::fmt::Write as _;
+    let per_request = per_request.map_or("-".to_owned(), |v| format!("{v:.0}"));
+    let _ = write!(out, "{head} {per_request} µs/request");
+    if let Some(v) = per_settled {
+        let _ = write!(out, "  {v:.0} µs/settled");
+    }
+    out.push('\n');
 }
 
 #[cfg(test)]
