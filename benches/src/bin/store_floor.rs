@@ -202,15 +202,35 @@ impl Writer {
         }
     }
 
+    /// The next payment: its id (time-sorted, as the gateway's), a random account of the
+    /// `ACCOUNTS`, and a random idempotency key and order id.
+    fn draw(&mut self, now_ms: i64) -> Drawn {
+        let id = format!("pay_{now_ms:012x}{:08x}", self.written);
+        self.written += 1;
+        let account = usize::try_from(self.keys.next() % ACCOUNTS).unwrap_or(0);
+        let account_id = format!("lt-{account:03}");
+        Drawn {
+            id,
+            account,
+            scope: format!("m_alpha/{account_id}"),
+            account_id,
+            key: self.keys.key(),
+            order: self.keys.key(),
+        }
+    }
+
     /// One balance payment's rows: the payment (succeeded, its key and order id) and its
     /// capture transfer (the account's next sequence).
     fn payment(&mut self, conn: &Connection, now_ms: i64) -> rusqlite::Result<()> {
-        let id = format!("pay_{now_ms:012x}{:08x}", self.written);
-        let account = usize::try_from(self.keys.next() % ACCOUNTS).unwrap_or(0);
+        let Drawn {
+            id,
+            account,
+            account_id,
+            scope,
+            key,
+            order,
+        } = self.draw(now_ms);
         self.seqs[account] += 1;
-        let account_id = format!("lt-{account:03}");
-        let scope = format!("m_alpha/{account_id}");
-        let (key, order) = (self.keys.key(), self.keys.key());
         conn.prepare_cached(
             "INSERT INTO payments (id, merchant_id, account_id, scope_tag, merchant_order_id, \
              amount_minor, currency, method, purpose, status, held_minor, created_at_ms, \
@@ -235,18 +255,20 @@ impl Writer {
             now_ms,
             HASH
         ])?;
-        self.written += 1;
         Ok(())
     }
 
     /// A checkout's intent with its first attempt: the payment pending with its hold and its
     /// next status check, the attempt sent to the supplier channel.
     fn intent(&mut self, conn: &Connection, now_ms: i64) -> rusqlite::Result<()> {
-        let id = format!("pay_{now_ms:012x}{:08x}", self.written);
-        let account = usize::try_from(self.keys.next() % ACCOUNTS).unwrap_or(0);
-        let account_id = format!("lt-{account:03}");
-        let scope = format!("m_alpha/{account_id}");
-        let (key, order) = (self.keys.key(), self.keys.key());
+        let Drawn {
+            id,
+            account,
+            account_id,
+            scope,
+            key,
+            order,
+        } = self.draw(now_ms);
         conn.prepare_cached(
             "INSERT INTO payments (id, merchant_id, account_id, scope_tag, merchant_order_id, \
              amount_minor, currency, method, purpose, status, held_minor, hold_expires_at_ms, \
@@ -264,7 +286,6 @@ impl Writer {
         )?
         .execute(params![id, now_ms])?;
         self.in_flight.push((id, account));
-        self.written += 1;
         Ok(())
     }
 
@@ -333,6 +354,17 @@ impl Writer {
         }
         conn.execute_batch("COMMIT")
     }
+}
+
+/// One payment's identity as [`Writer::draw`] picks it.
+struct Drawn {
+    id: String,
+    /// Index into the writer's sequences.
+    account: usize,
+    account_id: String,
+    scope: String,
+    key: String,
+    order: String,
 }
 
 /// A SHA-256 in hex, as the request hash and the content hash are.
@@ -492,18 +524,15 @@ impl Writer {
     fn batch(&mut self, n: u64, now_ms: i64) -> Batch {
         let mut b = Batch::default();
         for _ in 0..n {
-            let account = usize::try_from(self.keys.next() % ACCOUNTS).unwrap_or(0);
-            self.seqs[account] += 1;
-            let account_id = format!("lt-{account:03}");
-            let scope = format!("m_alpha/{account_id}");
-            b.ids.push(format!("pay_{now_ms:012x}{:08x}", self.written));
-            b.ledgers.push(format!("account:{scope}"));
-            b.scopes.push(scope);
-            b.accounts.push(account_id);
-            b.orders.push(self.keys.key());
-            b.keys.push(self.keys.key());
-            b.seqs.push(self.seqs[account]);
-            self.written += 1;
+            let d = self.draw(now_ms);
+            self.seqs[d.account] += 1;
+            b.ids.push(d.id);
+            b.ledgers.push(format!("account:{}", d.scope));
+            b.scopes.push(d.scope);
+            b.accounts.push(d.account_id);
+            b.orders.push(d.order);
+            b.keys.push(d.key);
+            b.seqs.push(self.seqs[d.account]);
         }
         b
     }
