@@ -192,7 +192,10 @@ fn encode_base62(mut value: u64, out: &mut [u8]) {
 /// `perf stat` at 1000 payments/s). The bytes are the OS generator's, used once each.
 const RANDOM_POOL_BYTES: usize = 256;
 
-fn random_u64() -> u64 {
+/// A random number from this thread's pool of the OS generator's bytes (see
+/// [`RANDOM_POOL_BYTES`]): for ids, and for whatever else draws one per payment (a channel
+/// ranking's tie-break, a request nonce) without a system call each.
+pub(crate) fn random_u64() -> u64 {
     use std::cell::RefCell;
     thread_local! {
         static POOL: RefCell<([u8; RANDOM_POOL_BYTES], usize)> =

@@ -138,7 +138,8 @@ pub(crate) fn now_unix_ms() -> u64 {
 /// 32 random hex digits (upper case): request nonces.
 pub(crate) fn random_nonce() -> String {
     let mut bytes = [0u8; 16];
-    getrandom::fill(&mut bytes).expect("the operating system's random generator failed");
+    bytes[..8].copy_from_slice(&crate::ids::random_u64().to_le_bytes());
+    bytes[8..].copy_from_slice(&crate::ids::random_u64().to_le_bytes());
     hex::encode_upper(bytes)
 }
 

@@ -58,7 +58,7 @@ impl Route {
             currency: doc.currency.code(),
             amount_minor: doc.amount_minor,
         };
-        let random = getrandom::u64().unwrap_or_else(|_| telemetry::now_ms());
+        let random = crate::ids::random_u64();
         let order = state.channels.rank(&request, Instant::now(), random);
         let mut route = Route { order, next: 0 };
         let first = route.reserve_next(state);
