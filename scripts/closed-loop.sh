@@ -153,7 +153,14 @@ M_RATE=(); M_GW=(); M_RD=(); M_ROWS=(); M_ENTRIES=(); M_WAL=()
 for r in $(seq "$RUNS"); do
   read -r rows0 entries0 <<<"$(btree_counts)"
   wal0=$(wal_bytes)
+  redis-cli -p "$rport" config resetstat >/dev/null
   read -r req bad gw rd <<<"$(run_wrk "pay-$r" "$GW_URL/v1/payments" scripts/closed-loop.lua "$GW_PID" "$REDIS_PID")"
+  # What Redis ran per payment, by command (the commands inside scripts count under their own
+  # names, and again inside evalsha's time): calls and µs per payment, from INFO commandstats.
+  redis-cli -p "$rport" info commandstats | tr -d '\r' | awk -F'[:,=]' -v n="$req" '
+    /^cmdstat_/ { sub(/^cmdstat_/, "", $1)
+                  printf "%-12s %6.2f calls %7.2f us per payment\n", $1, $3 / n, $5 / n }' \
+    | sort -k4 -nr >"$OUT/closed-loop-redis-commands-$r.txt"
   if [ "$bad" != 0 ]; then
     echo "closed-loop.sh: run $r: $bad answers were not 2xx (see $OUT/closed-loop-pay-$r.txt)" >&2
     exit 1
