@@ -14,6 +14,8 @@
 # (which tick on wall-clock time) are reported per second and left out of the per-payment
 # figure. Valgrind's CPU has no SHA extensions: SHA-256 is counted in its portable form, about
 # five times what the hardware path costs. Installs valgrind and wrk with apt-get when missing.
+# GATEWAY_BIN=PATH counts that gateway binary instead of the one just built (two builds
+# compared on the same load).
 # Writes DIR/instructions.md (default target/bench) and prints it.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -83,7 +85,7 @@ GW_URL=http://127.0.0.1:$gport
 env GATEWAY__REDIS__URL="redis://127.0.0.1:$rport" GATEWAY__TELEMETRY__LOG_FILTER=warn \
     GATEWAY__SANDBOX__AUTO_PAY=false \
     valgrind --tool=callgrind --callgrind-out-file="$TMP/callgrind.out" \
-    "$BIN/gateway" serve --sandbox --data-dir "$TMP/gw" --listen "127.0.0.1:$gport" \
+    "${GATEWAY_BIN:-$BIN/gateway}" serve --sandbox --data-dir "$TMP/gw" --listen "127.0.0.1:$gport" \
     >"$OUT/instructions-gateway.log" 2>&1 &
 GW_PID=$!; PIDS+=("$GW_PID")
 wait_for 300 "the gateway under callgrind" curl -sf -o /dev/null "$GW_URL/readyz"

@@ -448,15 +448,42 @@ impl RedisStore {
         keys: &[&str],
         args: &[&str],
     ) -> Result<Reply, StoreError> {
-        let mut invocation = script.prepare_invoke();
-        for key in keys {
-            invocation.key(*key);
-        }
-        for arg in args {
-            invocation.arg(*arg);
-        }
+        self.eval(op, script, keys, args).await
+    }
+
+    /// Calls `script` with `keys` and `args`: one `EVALSHA` packed straight into one buffer
+    /// (the redis crate's `ScriptInvocation` first copies each key and argument into a vector
+    /// of its own, 26 allocations for an `authorize`), and, when Redis does not have the
+    /// script (a restart, `SCRIPT FLUSH`), `SCRIPT LOAD` and the same call again, inside the
+    /// same bound.
+    async fn eval<T: ::redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        script: &Script,
+        keys: &[&str],
+        args: &[&str],
+    ) -> Result<T, StoreError> {
+        let bytes = keys.iter().chain(args).map(|a| a.len()).sum::<usize>();
+        let mut cmd = ::redis::Cmd::with_capacity(3 + keys.len() + args.len(), 64 + bytes);
+        cmd.arg("EVALSHA")
+            .arg(script.get_hash())
+            .arg(keys.len())
+            .arg(keys)
+            .arg(args);
         let mut conn = self.connection();
-        self.bounded(op, invocation.invoke_async(&mut conn)).await
+        self.bounded(op, async {
+            match cmd.query_async(&mut conn).await {
+                Err(err)
+                    if err.kind()
+                        == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) =>
+                {
+                    script.load_async(&mut conn).await?;
+                    cmd.query_async(&mut conn).await
+                }
+                other => other,
+            }
+        })
+        .await
     }
 }
 
@@ -1112,15 +1139,18 @@ impl BalanceStore for RedisStore {
         }
         // One script call: one round trip, one EVALSHA, for a whole commit's worth of
         // movements (bounded by `store.batch_max_rows`).
-        let mut invocation = self.scripts.settled.prepare_invoke();
-        for mark in marks {
-            invocation
-                .key(Keys::unsettled(mark.tag))
-                .key(Keys::idempotency(mark.tag, &mark.idempotency_key))
-                .arg(&mark.id);
-        }
-        let mut conn = self.connection();
-        self.bounded("mark_settled", invocation.invoke_async::<i64>(&mut conn))
+        let keys: Vec<String> = marks
+            .iter()
+            .flat_map(|mark| {
+                [
+                    Keys::unsettled(mark.tag),
+                    Keys::idempotency(mark.tag, &mark.idempotency_key),
+                ]
+            })
+            .collect();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let ids: Vec<&str> = marks.iter().map(|mark| mark.id.as_str()).collect();
+        self.eval::<i64>("mark_settled", &self.scripts.settled, &keys, &ids)
             .await
             .map(|_| ())
     }
@@ -1132,17 +1162,15 @@ impl BalanceStore for RedisStore {
     ) -> Result<(), StoreError> {
         let k = Keys::of(mark.tag);
         let json = serde_json::to_string(accepted).expect("an acceptance serializes");
-        let mut invocation = self.scripts.accept.prepare_invoke();
-        invocation
-            .key(&k.docs)
-            .key(&k.unsettled)
-            .key(Keys::idempotency(mark.tag, &mark.idempotency_key))
-            .arg(&mark.id)
-            .arg(json);
-        let mut conn = self.connection();
-        self.bounded("accept", invocation.invoke_async::<i64>(&mut conn))
-            .await
-            .map(|_| ())
+        let idempotency = Keys::idempotency(mark.tag, &mark.idempotency_key);
+        self.eval::<i64>(
+            "accept",
+            &self.scripts.accept,
+            &[&k.docs, &k.unsettled, &idempotency],
+            &[&mark.id, &json],
+        )
+        .await
+        .map(|_| ())
     }
 
     async fn abandon(

@@ -340,6 +340,48 @@ async fn the_outbox_record_of_a_real_balance_payment_is_compact_and_recovers() {
     assert!(!left);
 }
 
+/// Scripts Redis no longer holds (a restart without its data, `SCRIPT FLUSH`) are loaded again
+/// by the call that finds them missing: the payment goes through, its commit's batched mark
+/// forgets its outbox record and lets its key replay, and nothing is done twice.
+#[tokio::test]
+async fn scripts_redis_lost_are_loaded_again_by_their_next_call() {
+    let app = spawn_app(Backend::Redis).await;
+    app.funded_account(ALPHA, "alpha", "acc", "100.00", "0.00")
+        .await;
+    let redis = app.redis.as_ref().unwrap();
+    let mut conn = redis.connection().await;
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let body = balance_payment("o-flush", "acc", "10.00");
+    let paid = app.pay(ALPHA, "k-flush", body.clone()).await;
+    assert_eq!(paid.status, 201, "{:?}", paid.body);
+    let id = paid.body["id"].as_str().unwrap().to_owned();
+    let tag = alpha_acc().tag;
+    let mut settled = false;
+    for _ in 0..100 {
+        let pending: bool = conn.hexists(format!("u:{{{tag}}}"), &id).await.unwrap();
+        if !pending {
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(settled, "the outbox record was never forgotten");
+    let replay = app.pay(ALPHA, "k-flush", body).await;
+    assert_eq!(
+        (replay.status, replay.body["id"].as_str()),
+        (201, Some(id.as_str())),
+        "{:?}",
+        replay.body
+    );
+    app.assert_account(ALPHA, "acc", "90.00", "0.00", "90.00")
+        .await;
+}
+
 /// Finished payments leave Redis one second after they were written; the sweeper runs every
 /// 50 ms and recovery prunes its index every 100 ms.
 const SHORT_RETENTION: &[(&str, &str)] = &[
