@@ -16,7 +16,8 @@
 # five times what the hardware path costs. Installs valgrind and wrk with apt-get when missing.
 # GATEWAY_BIN=PATH counts that gateway binary instead of the one just built (two builds
 # compared on the same load).
-# Writes DIR/instructions.md (default target/bench) and prints it.
+# Writes DIR/instructions.md (default target/bench) and prints it; the counts themselves stay
+# in DIR/callgrind.out (covering the measured load only).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -108,6 +109,8 @@ if [ -n "$non2xx" ] && [ "$non2xx" != 0 ]; then
   exit 1
 fi
 dump=$(ls "$TMP"/callgrind.out.* | head -1)
+# Kept for callgrind_annotate (by function, exclusive or inclusive) after the temp dir goes.
+cp "$dump" "$OUT/callgrind.out"
 callgrind_annotate --inclusive=yes --threshold=100 "$dump" >"$TMP/inclusive.txt" 2>/dev/null
 
 # count NAME: the inclusive count of the first line naming NAME (0 when absent).
