@@ -38,6 +38,16 @@ fn alpha_acc() -> AccountKey {
     )
 }
 
+/// A replayed create answers what the first one did: `201` with the same payment.
+fn assert_replays(replay: &Reply, id: &str) {
+    assert_eq!(
+        (replay.status, replay.body["id"].as_str()),
+        (201, Some(id)),
+        "{:?}",
+        replay.body
+    );
+}
+
 async fn redis_store(url: &str) -> Arc<dyn BalanceStore> {
     let config = test_config(&[("GATEWAY__REDIS__URL", url)]);
     Arc::new(RedisStore::connect(&config.settings.redis).await.unwrap())
@@ -322,12 +332,7 @@ async fn the_outbox_record_of_a_real_balance_payment_is_compact_and_recovers() {
     // Startup recovery settles it before the new process serves.
     let app = spawn_app_with(Backend::Memory, &second_run).await;
     let replay = app.pay(ALPHA, &key, body).await;
-    assert_eq!(
-        (replay.status, replay.body["id"].as_str()),
-        (201, Some(id.as_str())),
-        "{:?}",
-        replay.body
-    );
+    assert_replays(&replay, &id);
     app.assert_account(ALPHA, "acc", "89.00", "0.00", "89.00")
         .await;
     let disk = gateway::settlement::postgres::PostgresStore::connect(&pg_url, 2, 2_000)
@@ -372,12 +377,7 @@ async fn scripts_redis_lost_are_loaded_again_by_their_next_call() {
     }
     assert!(settled, "the outbox record was never forgotten");
     let replay = app.pay(ALPHA, "k-flush", body).await;
-    assert_eq!(
-        (replay.status, replay.body["id"].as_str()),
-        (201, Some(id.as_str())),
-        "{:?}",
-        replay.body
-    );
+    assert_replays(&replay, &id);
     app.assert_account(ALPHA, "acc", "90.00", "0.00", "90.00")
         .await;
 }
@@ -581,12 +581,7 @@ async fn an_evicted_payment_is_read_refunded_and_replayed_from_the_store() {
     );
     // Its key replays it (the store decides): no second charge.
     let replay = app.pay(ALPHA, "k-evicted", body).await;
-    assert_eq!(
-        (replay.status, replay.body["id"].as_str()),
-        (201, Some(id.as_str())),
-        "{:?}",
-        replay.body
-    );
+    assert_replays(&replay, &id);
     app.assert_account(ALPHA, "acc", "90.00", "0.00", "90.00")
         .await;
     // Its order id is still taken (the store's live order index).
