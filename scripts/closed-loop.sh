@@ -15,8 +15,9 @@
 # non-2xx answer fails. Each run also counts what the store wrote per payment: rows and B-tree
 # entries (tables and indexes, from SQLite's dbstat: leaf cells of rowid tables, every cell of
 # indexes and WITHOUT ROWID tables) and WAL bytes (the gateway's gateway_sqlite_wal_bytes_total).
-# The last rows are the medians of the runs. Installs wrk, nginx-light and sqlite3 with apt-get
-# when missing (root).
+# The last rows are the medians of the runs. What Redis ran per payment, by command (INFO
+# commandstats, reset before each run), goes to DIR/closed-loop-redis-commands-N.txt.
+# Installs wrk, nginx-light and sqlite3 with apt-get when missing (root).
 # Writes DIR/closed-loop.md (default target/bench) and prints it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
