@@ -122,6 +122,14 @@ const CONNECT_TIMEOUT_MS: i64 = 1_000;
 /// an earlier manifest reserved).
 const EXTRA_PORT_TRIES: usize = 16;
 
+/// The external simulator's ports are drawn from `[QUIET_PORTS_FROM, start of the kernel's
+/// ephemeral range)`: above the well-known services, below the ports `bind(0)` and outgoing
+/// connections are given (Linux: `/proc/sys/net/ipv4/ip_local_port_range`, 32768 by default).
+const QUIET_PORTS_FROM: u16 = 10_000;
+
+/// Random ports tried in the quiet range per port wanted before falling back to `bind(0)`.
+const QUIET_PORT_TRIES: usize = 64;
+
 /// The target of the log events of `keys` and `manifest`: the module's, where they were
 /// written before the split, kept so log filters and readers see no change.
 const LOG_TARGET: &str = "gateway::sandbox";
@@ -593,10 +601,28 @@ fn choose_external_ports(
 /// `count` distinct ports that were free on `ip` a moment ago, none of them in `avoid` (all
 /// listeners are held until every port is chosen, so they differ from each other). The
 /// external simulator binds them later: another process could take one in between, which
-/// `channel-sim serve` then reports.
+/// `channel-sim serve` then reports. To make that rare they come from below the kernel's
+/// ephemeral range ([`QUIET_PORTS_FROM`]), which no `bind(0)` and no outgoing connection of
+/// another process draws from; where that range is unknown, from `bind(0)`.
 fn free_ports(ip: IpAddr, count: usize, avoid: &BTreeSet<u16>) -> Result<Vec<u16>, SandboxError> {
     let mut held = Vec::new();
     let mut ports = Vec::new();
+    if let Some(end) = ephemeral_start().filter(|end| *end > QUIET_PORTS_FROM) {
+        let span = u64::from(end - QUIET_PORTS_FROM);
+        for _ in 0..count * QUIET_PORT_TRIES {
+            if ports.len() == count {
+                return Ok(ports);
+            }
+            let port = QUIET_PORTS_FROM + (crate::ids::random_u64() % span) as u16;
+            if avoid.contains(&port) || ports.contains(&port) {
+                continue;
+            }
+            if let Ok(listener) = std::net::TcpListener::bind(SocketAddr::new(ip, port)) {
+                ports.push(port);
+                held.push(listener);
+            }
+        }
+    }
     let path = PathBuf::from(SocketAddr::new(ip, 0).to_string());
     for _ in 0..count + EXTRA_PORT_TRIES {
         if ports.len() == count {
@@ -605,7 +631,7 @@ fn free_ports(ip: IpAddr, count: usize, avoid: &BTreeSet<u16>) -> Result<Vec<u16
         let listener =
             std::net::TcpListener::bind(SocketAddr::new(ip, 0)).map_err(io_error(&path))?;
         let port = listener.local_addr().map_err(io_error(&path))?.port();
-        if !avoid.contains(&port) {
+        if !avoid.contains(&port) && !ports.contains(&port) {
             ports.push(port);
         }
         held.push(listener);
@@ -617,6 +643,12 @@ fn free_ports(ip: IpAddr, count: usize, avoid: &BTreeSet<u16>) -> Result<Vec<u16
         });
     }
     Ok(ports)
+}
+
+/// The first port of the kernel's ephemeral range, where the system says (Linux).
+fn ephemeral_start() -> Option<u16> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    range.split_whitespace().next()?.parse().ok()
 }
 
 impl Sandbox {
@@ -739,6 +771,28 @@ mod test_support {
 mod tests {
     use super::test_support::*;
     use super::*;
+
+    /// The external simulator's ports are distinct, free, outside what the caller reserved,
+    /// and below the ephemeral range, so no other process's `bind(0)` or outgoing connection
+    /// takes one before `channel-sim` binds it.
+    #[test]
+    fn free_ports_come_from_below_the_ephemeral_range() {
+        let ip = IpAddr::from([127, 0, 0, 1]);
+        let avoid: BTreeSet<u16> = (QUIET_PORTS_FROM..QUIET_PORTS_FROM + 2_000).collect();
+        let ports = free_ports(ip, 6, &avoid).unwrap();
+        assert_eq!(ports.len(), 6);
+        assert_eq!(ports.iter().collect::<BTreeSet<_>>().len(), 6, "{ports:?}");
+        let end = ephemeral_start().expect("a Linux test machine tells its ephemeral range");
+        for port in &ports {
+            assert!(!avoid.contains(port), "{port} was reserved");
+            assert!(
+                (QUIET_PORTS_FROM..end).contains(port),
+                "{port} not below {end}"
+            );
+            std::net::TcpListener::bind(SocketAddr::new(ip, *port))
+                .unwrap_or_else(|e| panic!("{port} is not free: {e}"));
+        }
+    }
 
     /// The key halves are where each side looks for them: the gateway's own adapters, built
     /// from the added settings, create orders the in-process simulator accepts and read back
