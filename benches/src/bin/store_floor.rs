@@ -222,15 +222,8 @@ impl Writer {
     /// One balance payment's rows: the payment (succeeded, its key and order id) and its
     /// capture transfer (the account's next sequence).
     fn payment(&mut self, conn: &Connection, now_ms: i64) -> rusqlite::Result<()> {
-        let Drawn {
-            id,
-            account,
-            account_id,
-            scope,
-            key,
-            order,
-        } = self.draw(now_ms);
-        self.seqs[account] += 1;
+        let d = self.draw(now_ms);
+        self.seqs[d.account] += 1;
         conn.prepare_cached(
             "INSERT INTO payments (id, merchant_id, account_id, scope_tag, merchant_order_id, \
              amount_minor, currency, method, purpose, status, held_minor, created_at_ms, \
@@ -239,7 +232,14 @@ impl Writer {
              ?5, ?5, ?6, ?7, ?8)",
         )?
         .execute(params![
-            id, account_id, scope, order, now_ms, self.doc, key, HASH
+            d.id,
+            d.account_id,
+            d.scope,
+            d.order,
+            now_ms,
+            self.doc,
+            d.key,
+            HASH
         ])?;
         conn.prepare_cached(
             "INSERT INTO transfers (payment_id, kind, sequence, debit_ledger, credit_ledger, \
@@ -248,10 +248,10 @@ impl Writer {
              (?1, 'capture', 1, ?2, 'sales', 100, 'CNY', 'm_alpha', ?3, ?4, 0, ?5, ?6)",
         )?
         .execute(params![
-            id,
-            format!("account:{scope}"),
-            account_id,
-            self.seqs[account],
+            d.id,
+            format!("account:{}", d.scope),
+            d.account_id,
+            self.seqs[d.account],
             now_ms,
             HASH
         ])?;
@@ -261,14 +261,7 @@ impl Writer {
     /// A checkout's intent with its first attempt: the payment pending with its hold and its
     /// next status check, the attempt sent to the supplier channel.
     fn intent(&mut self, conn: &Connection, now_ms: i64) -> rusqlite::Result<()> {
-        let Drawn {
-            id,
-            account,
-            account_id,
-            scope,
-            key,
-            order,
-        } = self.draw(now_ms);
+        let d = self.draw(now_ms);
         conn.prepare_cached(
             "INSERT INTO payments (id, merchant_id, account_id, scope_tag, merchant_order_id, \
              amount_minor, currency, method, purpose, status, held_minor, hold_expires_at_ms, \
@@ -278,14 +271,21 @@ impl Writer {
              ?5 + 900000, ?5, ?5 + 900000, ?5, ?6, ?5 + 5000, ?7, ?8)",
         )?
         .execute(params![
-            id, account_id, scope, order, now_ms, self.doc, key, HASH
+            d.id,
+            d.account_id,
+            d.scope,
+            d.order,
+            now_ms,
+            self.doc,
+            d.key,
+            HASH
         ])?;
         conn.prepare_cached(
             "INSERT INTO attempts (payment_id, attempt, channel_id, channel_order_id, outcome, \
              created_at_ms, updated_at_ms) VALUES (?1, 1, 'supplier-main', ?1, 'sent', ?2, ?2)",
         )?
-        .execute(params![id, now_ms])?;
-        self.in_flight.push((id, account));
+        .execute(params![d.id, now_ms])?;
+        self.in_flight.push((d.id, d.account));
         Ok(())
     }
 
